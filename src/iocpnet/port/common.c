@@ -1,0 +1,342 @@
+/*
+ * common.c -- the part of the port that is the same for every backend: choosing a
+ * backend, forwarding calls to it, error names, and strands.
+ *
+ * Strands.  Several threads may reap completions from one port, but the completions of
+ * one owner (a session) must be handled one at a time and in order.  Ordering is decided
+ * where completions are reaped: the backend calls port__deliver() in completion order
+ * while it holds the lock that defines that order.  A completion whose strand is free,
+ * or already held by the batch being filled, goes into that batch; otherwise it waits in
+ * the strand's queue for the thread holding the strand, which takes it with
+ * port_strand_next() when it has finished the earlier ones.  Queued completions are
+ * always later than the ones in the holder's batch (the holder reaped its batch before
+ * anyone else could reap these), so the order is kept.  With a single worker thread the
+ * queue is never used and nothing is allocated.
+ */
+#include "port_int.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#if !defined(PORT_HAVE_IO_URING) && !defined(PORT_HAVE_EPOLL) && !defined(PORT_HAVE_IOCP)
+#  if defined(__linux__)
+#    define PORT_HAVE_IO_URING 1
+#    define PORT_HAVE_EPOLL 1
+#  elif defined(_WIN32)
+#    define PORT_HAVE_IOCP 1
+#  else
+#    error "iocpnet: no completion-port backend for this platform"
+#  endif
+#endif
+
+static const port_vtable_t *const backends[] = {
+#ifdef PORT_HAVE_IO_URING
+    &port__io_uring_vtable,
+#endif
+#ifdef PORT_HAVE_EPOLL
+    &port__epoll_vtable,
+#endif
+#ifdef PORT_HAVE_IOCP
+    &port__iocp_vtable,
+#endif
+    NULL,
+};
+
+static const char *const backend_names[] = {
+#ifdef PORT_HAVE_IO_URING
+    "io_uring",
+#endif
+#ifdef PORT_HAVE_EPOLL
+    "epoll",
+#endif
+#ifdef PORT_HAVE_IOCP
+    "iocp",
+#endif
+    NULL,
+};
+
+const char *const *port_backends(void) { return backend_names; }
+
+/* ---- errors --------------------------------------------------------------------------- */
+
+const char *port_strerror(int err) {
+    switch (err) {
+    case PORT_OK: return "success";
+#define PORT__ERR_MSG(code, name, msg) case code: return msg;
+    PORT_ERRNO_MAP(PORT__ERR_MSG)
+#undef PORT__ERR_MSG
+    }
+    return "unknown error";
+}
+
+const char *port_errname(int err) {
+    switch (err) {
+    case PORT_OK: return "OK";
+#define PORT__ERR_NAME(code, name, msg) case code: return #name;
+    PORT_ERRNO_MAP(PORT__ERR_NAME)
+#undef PORT__ERR_NAME
+    }
+    return "EUNKNOWN";
+}
+
+void port__set_err(char *errbuf, size_t errlen, const char *fmt, ...) {
+    va_list ap;
+    if (errbuf == NULL || errlen == 0)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(errbuf, errlen, fmt, ap);
+    va_end(ap);
+}
+
+/* ---- the port ------------------------------------------------------------------------- */
+
+static const port_vtable_t *find_backend(const char *name) {
+    int i;
+    for (i = 0; backends[i] != NULL; i++)
+        if (strcmp(backends[i]->name, name) == 0)
+            return backends[i];
+    return NULL;
+}
+
+void port__init_common(port_t *p, const port_vtable_t *vt, const port_options_t *opts) {
+    memset(p, 0, sizeof(*p));
+    p->vt = vt;
+    p->opts.recv_buffer_size = 16 * 1024;
+    p->opts.recv_buffer_count = 4096;
+    p->opts.queue_depth = 4096;
+    if (opts != NULL) {
+        if (opts->recv_buffer_size)
+            p->opts.recv_buffer_size = opts->recv_buffer_size;
+        if (opts->recv_buffer_count)
+            p->opts.recv_buffer_count = opts->recv_buffer_count;
+        if (opts->queue_depth)
+            p->opts.queue_depth = opts->queue_depth;
+    }
+}
+
+int port_backend_probe(const char *backend, char *errbuf, size_t errlen) {
+    const port_vtable_t *vt = find_backend(backend);
+    if (vt == NULL) {
+        port__set_err(errbuf, errlen, "backend '%s' is not part of this build", backend);
+        return PORT_EUNAVAIL;
+    }
+    return vt->probe(errbuf, errlen);
+}
+
+int port_create(port_t **out, const char *backend, const port_options_t *opts,
+                char *errbuf, size_t errlen) {
+    int i, rc = PORT_EUNAVAIL;
+    *out = NULL;
+    if (backend != NULL && backend[0] != '\0') {
+        const port_vtable_t *vt = find_backend(backend);
+        if (vt == NULL) {
+            port__set_err(errbuf, errlen, "backend '%s' is not part of this build", backend);
+            return PORT_EUNAVAIL;
+        }
+        return vt->create(out, opts, errbuf, errlen);
+    }
+    /* The best available: a backend that is merely unavailable here (blocked by seccomp,
+     * disabled by sysctl, too old) gives way to the next; a real failure (out of memory)
+     * is reported, not papered over. */
+    for (i = 0; backends[i] != NULL; i++) {
+        rc = backends[i]->create(out, opts, errbuf, errlen);
+        if (rc != PORT_EUNAVAIL)
+            return rc;
+    }
+    return rc;
+}
+
+const char *port_backend(const port_t *p) { return p->vt->name; }
+
+void port_shutdown(port_t *p) { p->vt->shutdown(p); }
+void port_destroy(port_t *p) {
+    if (p != NULL)
+        p->vt->destroy(p);
+}
+
+int port_wait(port_t *p, port_cqe_t *out, int max, int timeout_ms) {
+    return p->vt->wait(p, out, max, timeout_ms);
+}
+void port_batch_end(port_t *p) { p->vt->batch_end(p); }
+
+void port_get_stats(port_t *p, port_stats_t *out) {
+    out->submitted = (uint64_t)port_atomic_load64(&p->submitted);
+    out->completed = (uint64_t)port_atomic_load64(&p->completed);
+    out->in_flight = (int64_t)(out->submitted - out->completed);
+    out->waits = (uint64_t)port_atomic_load64(&p->waits);
+    out->recv_buffers = (uint64_t)port_atomic_load64(&p->recv_buffers);
+    out->recv_buffers_out = (uint64_t)port_atomic_load64(&p->recv_buffers_out);
+}
+
+void port_op_init(port_op_t *op, port_op_type type, void *owner, port_strand_t *strand) {
+    memset(op, 0, sizeof(*op));
+    op->type = (uint8_t)type;
+    op->owner = owner;
+    op->strand = strand;
+    op->sock = PORT_INVALID_SOCK;
+}
+
+/* A record may carry one operation at a time, and only of its own kind: both mistakes
+ * would corrupt the backend's state for the operation already in flight. */
+static int check_op(port_t *p, port_op_t *op, port_op_type type) {
+    if (op == NULL || op->in_flight || op->type != type)
+        return PORT_EINVAL;
+    if (port_atomic_load32(&p->closed))
+        return PORT_ECLOSED;
+    op->cancel_requested = 0;
+    return 0;
+}
+
+int port_accept(port_t *p, port_op_t *op, port_sock_t listener) {
+    int rc = check_op(p, op, PORT_OP_ACCEPT);
+    return rc ? rc : p->vt->accept(p, op, listener);
+}
+int port_connect(port_t *p, port_op_t *op, const port_addr_t *addr) {
+    int rc = check_op(p, op, PORT_OP_CONNECT);
+    if (rc == 0 && (addr == NULL || addr->len <= 0))
+        rc = PORT_EINVAL;
+    return rc ? rc : p->vt->connect(p, op, addr);
+}
+int port_recv(port_t *p, port_op_t *op, port_sock_t sock) {
+    int rc = check_op(p, op, PORT_OP_RECV);
+    return rc ? rc : p->vt->recv(p, op, sock);
+}
+void port_recv_release(port_t *p, const port_cqe_t *cqe) {
+    if (cqe->flags & PORT_CQE_BUFFER) {
+        port_atomic_add64(&p->recv_buffers_out, -1);
+        p->vt->recv_release(p, cqe->buf_id);
+    }
+}
+int port_send(port_t *p, port_op_t *op, port_sock_t sock, const port_buf_t *bufs, int nbufs) {
+    int rc = check_op(p, op, PORT_OP_SEND);
+    if (rc == 0 && (bufs == NULL || nbufs <= 0))
+        rc = PORT_EINVAL;
+    return rc ? rc : p->vt->send(p, op, sock, bufs, nbufs);
+}
+int port_close(port_t *p, port_op_t *op, port_sock_t sock, int flags) {
+    int rc = check_op(p, op, PORT_OP_CLOSE);
+    return rc ? rc : p->vt->close(p, op, sock, flags);
+}
+int port_cancel(port_t *p, port_op_t *target) {
+    if (target == NULL || !target->in_flight)
+        return 0;
+    if (port_atomic_load32(&p->closed))
+        return PORT_ECLOSED;
+    port_atomic_store32(&target->cancel_requested, 1);
+    return p->vt->cancel(p, target);
+}
+int port_post(port_t *p, port_op_t *op, int64_t value) {
+    int rc = check_op(p, op, PORT_OP_POST);
+    if (rc == 0 && value < 0)
+        rc = PORT_EINVAL;
+    return rc ? rc : p->vt->post(p, op, value);
+}
+int port_timer(port_t *p, port_op_t *op, uint64_t ms) {
+    int rc = check_op(p, op, PORT_OP_TIMER);
+    return rc ? rc : p->vt->timer(p, op, ms);
+}
+
+int port_listen(port_t *p, const port_addr_t *addr, int backlog, int flags, port_sock_t *out) {
+    if (port_atomic_load32(&p->closed))
+        return PORT_ECLOSED;
+    return p->vt->listen(p, addr, backlog, flags, out);
+}
+int port_sock_close(port_t *p, port_sock_t s, int flags) { return p->vt->sock_close(p, s, flags); }
+
+/* ---- strands -------------------------------------------------------------------------- */
+
+struct port_strand_node {
+    port_strand_node_t *next;
+    port_cqe_t cqe;
+};
+
+void port_strand_init(port_strand_t *s) { memset(s, 0, sizeof(*s)); }
+
+int port__deliver(port_t *p, void *token, port_cqe_t *out, int n, const port_cqe_t *c) {
+    port_strand_t *s = c->op->strand;
+    port_strand_node_t *node;
+    PORT_UNUSED(p);
+    if (s == NULL) {
+        out[n] = *c;
+        return n + 1;
+    }
+    port_spin_lock(&s->lock);
+    if (s->held == 0 || s->token == token) {
+        s->held++;
+        s->token = token;
+        port_spin_unlock(&s->lock);
+        out[n] = *c;
+        return n + 1;
+    }
+    port_spin_unlock(&s->lock);
+    /* Another batch holds the strand: queue it for that batch's thread.  Allocate outside
+     * the lock; the strand cannot be released meanwhile without us re-checking. */
+    for (;;) {
+        node = (port_strand_node_t *)malloc(sizeof(*node));
+        if (node != NULL)
+            break;
+        port_thread_yield();  /* a completion must never be dropped: wait for memory */
+    }
+    node->next = NULL;
+    node->cqe = *c;
+    port_spin_lock(&s->lock);
+    if (s->held == 0) {
+        /* Released while we allocated: take it for this batch after all. */
+        s->held = 1;
+        s->token = token;
+        port_spin_unlock(&s->lock);
+        free(node);
+        out[n] = *c;
+        return n + 1;
+    }
+    if (s->tail)
+        s->tail->next = node;
+    else
+        s->head = node;
+    s->tail = node;
+    port_spin_unlock(&s->lock);
+    return n;
+}
+
+int port_strand_next(port_t *p, port_strand_t *s, port_cqe_t *out) {
+    port_strand_node_t *node = NULL;
+    PORT_UNUSED(p);
+    port_spin_lock(&s->lock);
+    if (--s->held > 0) {
+        /* More of this batch's completions for the strand are still ahead in the batch. */
+        port_spin_unlock(&s->lock);
+        return 0;
+    }
+    node = s->head;
+    if (node != NULL) {
+        s->head = node->next;
+        if (s->head == NULL)
+            s->tail = NULL;
+        s->held = 1;
+    } else {
+        s->token = NULL;
+    }
+    port_spin_unlock(&s->lock);
+    if (node == NULL)
+        return 0;
+    *out = node->cqe;
+    free(node);
+    return 1;
+}
+
+void port_strand_discard(port_t *p, port_strand_t *s) {
+    port_strand_node_t *node, *next;
+    port_spin_lock(&s->lock);
+    node = s->head;
+    s->head = s->tail = NULL;
+    s->held = 0;
+    s->token = NULL;
+    port_spin_unlock(&s->lock);
+    for (; node != NULL; node = next) {
+        next = node->next;
+        if (p != NULL)
+            port_recv_release(p, &node->cqe);
+        free(node);
+    }
+}

@@ -1,0 +1,950 @@
+/*
+ * io_uring.c -- the Linux completion port.
+ *
+ * How io_uring fits the IOCP model
+ * --------------------------------
+ * io_uring is a true completion port: we describe an operation in a submission queue
+ * entry (SQE) whose user_data is the address of our port_op_t, the kernel performs it,
+ * and a completion queue entry (CQE) carrying the same user_data and the result appears
+ * in a ring we share with the kernel.  That is IOCP's OVERLAPPED round trip, with two
+ * differences this file has to bridge:
+ *
+ *   - Submission is a ring too, and it is single-producer.  Any thread may submit here,
+ *     so SQE slots are claimed under sq_lock.  To keep to one system call per batch, a
+ *     thread that is dispatching a batch (between port_wait returning and its next
+ *     port_wait or port_batch_end) only writes SQEs; its next port_wait hands them to
+ *     the kernel in the same io_uring_enter that waits.  Any other thread submits at once.
+ *   - Several threads may wait.  They all sleep in io_uring_enter(GETEVENTS); whoever
+ *     wakes reaps a batch under cq_lock, and a thread that finds the ring already
+ *     emptied by another goes back to sleep until its deadline.
+ *
+ * Receives use a provided-buffer ring (IORING_REGISTER_PBUF_RING) and multishot recv: a
+ * connection holds no buffer while idle, the kernel picks one only when bytes arrive,
+ * and one SQE keeps receiving until EOF or error.  The ring starts with few buffers and
+ * grows when the kernel runs out (ENOBUFS), so the memory touched follows the peak of
+ * data in flight, not the number of connections.  Where multishot recv is missing
+ * (kernels before 6.0) the port re-arms a single-shot recv after each completion, which
+ * keeps the "armed until EOF" contract of port.h.
+ *
+ * Operations that complete without the kernel doing I/O (close, post, and an op that
+ * failed before it reached the kernel) are a NOP SQE whose user_data is tagged: the
+ * result was stored in the op beforehand.  That keeps one path for every completion and
+ * wakes a sleeping waiter like any other completion.
+ *
+ * Invariants
+ *   - user_data is a port_op_t pointer (8-byte aligned), possibly tagged in its low bits,
+ *     or one of the two reserved values below; nothing else.
+ *   - Lock order: cq_lock, then sq_lock or br_lock; strand locks are taken last.
+ *   - Each op has exactly one final completion; it is counted (port__completed) when it
+ *     is reaped, before it is handed to the caller.
+ *
+ * Required kernel: 5.19 (provided-buffer rings), EXT_ARG waits (5.11) and NODROP.
+ * Anything less, and io_uring_setup failing with EPERM/ENOSYS/EINVAL (seccomp, the
+ * kernel.io_uring_disabled sysctl, gVisor), is reported as PORT_EUNAVAIL so that
+ * port_create falls back to epoll.
+ */
+#if defined(__linux__)
+#include "port_int.h"
+
+#include <errno.h>
+#include <linux/io_uring.h>
+#include <linux/time_types.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef __NR_io_uring_setup
+#  define __NR_io_uring_setup 425
+#endif
+#ifndef __NR_io_uring_enter
+#  define __NR_io_uring_enter 426
+#endif
+#ifndef __NR_io_uring_register
+#  define __NR_io_uring_register 427
+#endif
+
+#define UD_IGNORE 0u          /* internal SQEs (cancels): their CQEs are dropped */
+#define UD_WAKE 8u            /* port_shutdown's wake-ups */
+#define UD_TAG_IMM 1u         /* a NOP carrying a result stored in the op */
+#define UD_TAG_MASK 7u
+
+#define BGID 0                /* our single buffer group */
+#define INITIAL_BUFFERS 64u
+
+/* What an op keeps while in flight, inside port_op_t.priv. */
+typedef struct uring_op {
+    union {
+        struct msghdr msg;           /* sendmsg: the kernel reads it until completion */
+        struct __kernel_timespec ts; /* timer */
+        struct sockaddr_in6 sa;      /* connect: a copy, so the caller's may go away */
+    } u;
+    int64_t imm_res;                 /* result carried by an immediate completion */
+    port_op_t *rearm_next;           /* recvs waiting for receive buffers */
+} uring_op_t;
+
+PORT_STATIC_ASSERT(sizeof(uring_op_t) <= sizeof(((port_op_t *)0)->priv), uring_op_fits);
+PORT_STATIC_ASSERT(sizeof(port_buf_t) == sizeof(struct iovec), iovec_size);
+PORT_STATIC_ASSERT(offsetof(port_buf_t, base) == offsetof(struct iovec, iov_base), iovec_base);
+PORT_STATIC_ASSERT(offsetof(port_buf_t, len) == offsetof(struct iovec, iov_len), iovec_len);
+
+#define OP_PRIV(op) ((uring_op_t *)(void *)(op)->priv)
+
+typedef struct uring_port {
+    port_t base;
+    int ring_fd;
+    unsigned features;
+
+    /* submission ring */
+    unsigned *sq_khead, *sq_ktail, *sq_kflags;
+    unsigned sq_mask, sq_entries;
+    unsigned sq_tail;                  /* our tail, under sq_lock */
+    struct io_uring_sqe *sqes;
+    volatile int32_t sq_lock;
+
+    /* completion ring */
+    unsigned *cq_khead, *cq_ktail;
+    unsigned cq_mask;
+    struct io_uring_cqe *cqes;
+    volatile int32_t cq_lock;
+
+    void *sq_ring, *cq_ring;
+    size_t sq_ring_sz, cq_ring_sz, sqes_sz;
+
+    /* provided receive buffers */
+    struct io_uring_buf_ring *br;
+    size_t br_sz;
+    unsigned br_mask;
+    uint16_t br_tail;                  /* under br_lock */
+    char *bufs;
+    size_t bufs_sz;
+    unsigned buf_size, buf_max, buf_made;
+    volatile int32_t br_lock;
+    port_op_t *rearm_head;             /* under br_lock */
+    volatile int32_t multishot;        /* 1 yes, 0 no (kernel < 6.0), -1 not known yet */
+
+    volatile int32_t waiters;
+} uring_port_t;
+
+/* The port whose batch this thread is dispatching: its submissions are deferred. */
+static PORT_THREAD_LOCAL uring_port_t *tls_batch;
+
+static int sys_setup(unsigned entries, struct io_uring_params *p) {
+    return (int)syscall(__NR_io_uring_setup, entries, p);
+}
+static int sys_enter(int fd, unsigned to_submit, unsigned min_complete, unsigned flags,
+                     void *arg, size_t argsz) {
+    return (int)syscall(__NR_io_uring_enter, fd, to_submit, min_complete, flags, arg, argsz);
+}
+static int sys_register(int fd, unsigned opcode, void *arg, unsigned nr) {
+    return (int)syscall(__NR_io_uring_register, fd, opcode, arg, nr);
+}
+
+#define LOAD_ACQ(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define STORE_REL(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+
+/* ---- submission ----------------------------------------------------------------------- */
+
+static unsigned sq_pending(uring_port_t *p) {
+    return LOAD_ACQ(p->sq_ktail) - LOAD_ACQ(p->sq_khead);
+}
+
+/* Hand every written SQE to the kernel now. */
+static void submit_now(uring_port_t *p) {
+    int tries = 0;
+    for (;;) {
+        unsigned n = sq_pending(p);
+        if (n == 0)
+            return;
+        if (sys_enter(p->ring_fd, n, 0, 0, NULL, 0) >= 0)
+            return;
+        /* EBUSY/EAGAIN: the kernel is short of room for completions; it frees up as
+         * waiters reap, so retry briefly rather than lose the submission. */
+        if ((errno != EINTR && errno != EAGAIN && errno != EBUSY) || ++tries > 1000)
+            return;
+        port_thread_yield();
+    }
+}
+
+/* Claim an SQE; the caller holds sq_lock and fills it, then calls sqe_commit. */
+static struct io_uring_sqe *sqe_get(uring_port_t *p) {
+    struct io_uring_sqe *sqe;
+    while (p->sq_tail - LOAD_ACQ(p->sq_khead) >= p->sq_entries) {
+        /* Full (a batch that sent to thousands of sessions): push them out now. */
+        submit_now(p);
+        if (p->sq_tail - LOAD_ACQ(p->sq_khead) >= p->sq_entries)
+            port_thread_yield();
+    }
+    sqe = &p->sqes[p->sq_tail & p->sq_mask];
+    memset(sqe, 0, sizeof(*sqe));
+    return sqe;
+}
+
+static void sqe_commit(uring_port_t *p) {
+    p->sq_tail++;
+    STORE_REL(p->sq_ktail, p->sq_tail);
+}
+
+/* After an SQE was committed: defer it to the batch's next wait, or submit now. */
+static void after_submit(uring_port_t *p) {
+    if (tls_batch != p)
+        submit_now(p);
+}
+
+static void prep_recv(uring_port_t *p, struct io_uring_sqe *sqe, port_op_t *op) {
+    sqe->opcode = IORING_OP_RECV;
+    sqe->fd = op->sock;
+    sqe->flags = IOSQE_BUFFER_SELECT;
+    sqe->buf_group = BGID;
+    sqe->len = 0;   /* the buffer's own size */
+    if (LOAD_ACQ(&p->multishot) != 0)
+        sqe->ioprio = IORING_RECV_MULTISHOT;
+    sqe->user_data = (uint64_t)(uintptr_t)op;
+}
+
+/* Arm (or re-arm, after ENOBUFS or a single-shot completion) a receive.  The cancel
+ * flag is read under sq_lock: port_cancel sets it before queueing its ASYNC_CANCEL under
+ * the same lock, so either we see the flag, or our SQE is ahead of the cancel in the
+ * ring and the kernel finds the receive to cancel. */
+static void resubmit_recv(uring_port_t *p, port_op_t *op) {
+    struct io_uring_sqe *sqe;
+    port_spin_lock(&p->sq_lock);
+    sqe = sqe_get(p);
+    if (LOAD_ACQ(&op->cancel_requested)) {
+        OP_PRIV(op)->imm_res = PORT_ECANCELED;
+        sqe->opcode = IORING_OP_NOP;
+        sqe->user_data = (uint64_t)(uintptr_t)op | UD_TAG_IMM;
+    } else {
+        prep_recv(p, sqe, op);
+    }
+    sqe_commit(p);
+    port_spin_unlock(&p->sq_lock);
+}
+
+/* Complete op with res without doing I/O (see the top of the file). */
+static void submit_imm(uring_port_t *p, port_op_t *op, int64_t res) {
+    struct io_uring_sqe *sqe;
+    OP_PRIV(op)->imm_res = res;
+    port_spin_lock(&p->sq_lock);
+    sqe = sqe_get(p);
+    sqe->opcode = IORING_OP_NOP;
+    sqe->user_data = (uint64_t)(uintptr_t)op | UD_TAG_IMM;
+    sqe_commit(p);
+    port_spin_unlock(&p->sq_lock);
+}
+
+static void post_wake(uring_port_t *p) {
+    struct io_uring_sqe *sqe;
+    port_spin_lock(&p->sq_lock);
+    sqe = sqe_get(p);
+    sqe->opcode = IORING_OP_NOP;
+    sqe->user_data = UD_WAKE;
+    sqe_commit(p);
+    port_spin_unlock(&p->sq_lock);
+    submit_now(p);
+}
+
+/* ---- receive buffers ------------------------------------------------------------------ */
+
+static void br_add(uring_port_t *p, unsigned bid) {
+    /* Write the fields one by one: the ring's tail lives in the `resv` field of entry 0. */
+    struct io_uring_buf *b = &p->br->bufs[p->br_tail & p->br_mask];
+    b->addr = (uint64_t)(uintptr_t)(p->bufs + (size_t)bid * p->buf_size);
+    b->len = p->buf_size;
+    b->bid = (uint16_t)bid;
+    p->br_tail++;
+}
+
+static void br_publish(uring_port_t *p) { STORE_REL(&p->br->tail, p->br_tail); }
+
+/* Make `count` more buffers (under br_lock).  Returns how many were made. */
+static unsigned br_grow(uring_port_t *p, unsigned count) {
+    unsigned i, made;
+    if (count > p->buf_max - p->buf_made)
+        count = p->buf_max - p->buf_made;
+    for (i = 0; i < count; i++)
+        br_add(p, p->buf_made + i);
+    made = count;
+    p->buf_made += made;
+    if (made) {
+        br_publish(p);
+        port_atomic_add64(&p->base.recv_buffers, made);
+    }
+    return made;
+}
+
+static void uring_recv_release(port_t *bp, uint32_t bid) {
+    uring_port_t *p = (uring_port_t *)bp;
+    port_op_t *rearm;
+    port_spin_lock(&p->br_lock);
+    br_add(p, bid);
+    br_publish(p);
+    rearm = p->rearm_head;
+    p->rearm_head = NULL;
+    port_spin_unlock(&p->br_lock);
+    if (rearm == NULL)
+        return;
+    while (rearm != NULL) {
+        port_op_t *next = OP_PRIV(rearm)->rearm_next;
+        resubmit_recv(p, rearm);
+        rearm = next;
+    }
+    after_submit(p);
+}
+
+/* The kernel ran out of buffers for op's receive (called while reaping). */
+static void recv_out_of_buffers(uring_port_t *p, port_op_t *op) {
+    int now = 0;
+    port_spin_lock(&p->br_lock);
+    if (br_grow(p, p->buf_made) > 0 || port_atomic_load64(&p->base.recv_buffers_out) == 0) {
+        /* Room again (or every buffer is back in the ring already): re-arm now. */
+        now = 1;
+    } else {
+        /* All buffers are with the dispatchers; the next release re-arms this one. */
+        OP_PRIV(op)->rearm_next = p->rearm_head;
+        p->rearm_head = op;
+    }
+    port_spin_unlock(&p->br_lock);
+    if (now)
+        resubmit_recv(p, op);
+}
+
+/* ---- completions ---------------------------------------------------------------------- */
+
+/* Turn one CQE into at most one port completion; returns the new batch size. */
+static int handle_cqe(uring_port_t *p, port_cqe_t *out, int n, uint64_t ud, int32_t res,
+                      uint32_t flags) {
+    port_cqe_t c;
+    port_op_t *op = (port_op_t *)(uintptr_t)(ud & ~(uint64_t)UD_TAG_MASK);
+
+    c.op = op;
+    c.flags = 0;
+    c.buf_id = 0;
+    c.buf = NULL;
+
+    if (ud & UD_TAG_IMM) {
+        c.res = OP_PRIV(op)->imm_res;
+        goto final;
+    }
+
+    switch (op->type) {
+    case PORT_OP_RECV:
+        if (flags & IORING_CQE_F_BUFFER) {
+            c.buf_id = flags >> IORING_CQE_BUFFER_SHIFT;
+            c.buf = p->bufs + (size_t)c.buf_id * p->buf_size;
+            c.flags |= PORT_CQE_BUFFER;
+            port_atomic_add64(&p->base.recv_buffers_out, 1);
+        }
+        if (res > 0) {
+            c.res = res;
+            c.flags |= PORT_CQE_MORE;
+            if (flags & IORING_CQE_F_MORE) {
+                if (p->multishot < 0)
+                    port_atomic_store32(&p->multishot, 1);
+            } else {
+                /* Single-shot, or the kernel ended the multishot: stay armed (or, with a
+                 * cancel pending, deliver the data and then the cancel). */
+                resubmit_recv(p, op);
+            }
+            return port__deliver(&p->base, out, out, n, &c);
+        }
+        if (res == -ENOBUFS && !LOAD_ACQ(&op->cancel_requested)) {
+            recv_out_of_buffers(p, op);
+            return n;
+        }
+        if (res == -EINVAL && p->multishot < 0) {
+            /* A kernel without multishot recv rejects the flag: fall back for good. */
+            port_atomic_store32(&p->multishot, 0);
+            resubmit_recv(p, op);
+            return n;
+        }
+        c.res = res == 0 ? 0 : (res == -ENOBUFS ? PORT_ECANCELED : port_err_from_os(-res));
+        goto final;
+    case PORT_OP_TIMER:
+        c.res = (res == -ETIME || res >= 0) ? 0 : port_err_from_os(-res);
+        goto final;
+    default:
+        c.res = res >= 0 ? res : port_err_from_os(-res);
+        goto final;
+    }
+
+final:
+    port__completed(&p->base, op);
+    return port__deliver(&p->base, out, out, n, &c);
+}
+
+static int reap(uring_port_t *p, port_cqe_t *out, int max, int *woke) {
+    unsigned head, tail;
+    int n = 0;
+    if (LOAD_ACQ(p->cq_ktail) == LOAD_ACQ(p->cq_khead))
+        return 0;
+    port_spin_lock(&p->cq_lock);
+    head = *p->cq_khead;
+    tail = LOAD_ACQ(p->cq_ktail);
+    while (head != tail && n < max) {
+        struct io_uring_cqe *cqe = &p->cqes[head & p->cq_mask];
+        uint64_t ud = cqe->user_data;
+        int32_t res = cqe->res;
+        uint32_t flags = cqe->flags;
+        head++;
+        if (ud == UD_IGNORE)
+            continue;
+        if (ud == UD_WAKE) {
+            *woke = 1;
+            continue;
+        }
+        n = handle_cqe(p, out, n, ud, res, flags);
+    }
+    STORE_REL(p->cq_khead, head);
+    port_spin_unlock(&p->cq_lock);
+    return n;
+}
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static int uring_wait(port_t *bp, port_cqe_t *out, int max, int timeout_ms) {
+    uring_port_t *p = (uring_port_t *)bp;
+    int n = 0, woke = 0, entered = 0, err = 0;
+    int64_t deadline = timeout_ms > 0 ? now_ns() + (int64_t)timeout_ms * 1000000 : 0;
+
+    tls_batch = NULL;
+    if (port_atomic_load32(&p->base.closed))
+        return PORT_ECLOSED;
+    port_atomic_add32(&p->waiters, 1);
+    for (;;) {
+        struct io_uring_getevents_arg arg;
+        struct __kernel_timespec ts;
+        unsigned flags = IORING_ENTER_GETEVENTS;
+        void *argp = NULL;
+        size_t argsz = 0;
+        int rc;
+
+        if (port_atomic_load32(&p->base.closed))
+            break;
+        n = reap(p, out, max, &woke);
+        if (n > 0)
+            break;
+        if (timeout_ms == 0) {
+            submit_now(p);
+            n = reap(p, out, max, &woke);
+            entered = 1;
+            break;
+        }
+        if (timeout_ms > 0) {
+            int64_t left = deadline - now_ns();
+            if (left <= 0)
+                break;
+            ts.tv_sec = left / 1000000000;
+            ts.tv_nsec = left % 1000000000;
+            memset(&arg, 0, sizeof(arg));
+            arg.sigmask_sz = _NSIG / 8;
+            arg.ts = (uint64_t)(uintptr_t)&ts;
+            flags |= IORING_ENTER_EXT_ARG;
+            argp = &arg;
+            argsz = sizeof(arg);
+        }
+        /* Flush this thread's deferred submissions and wait, in one call. */
+        rc = sys_enter(p->ring_fd, sq_pending(p), 1, flags, argp, argsz);
+        entered = 1;
+        port_atomic_add64(&p->base.waits, 1);
+        if (rc < 0 && errno != ETIME && errno != EINTR && errno != EAGAIN && errno != EBUSY) {
+            err = port_err_from_os(errno);
+            break;
+        }
+    }
+    /* Completions were waiting already, so nothing flushed what this thread deferred. */
+    if (!entered && sq_pending(p))
+        submit_now(p);
+    if (port_atomic_add32(&p->waiters, -1) > 0 && port_atomic_load32(&p->base.closed))
+        post_wake(p);  /* pass the shutdown on to the next sleeper */
+    if (n > 0) {
+        tls_batch = p;
+        return n;
+    }
+    if (port_atomic_load32(&p->base.closed))
+        return PORT_ECLOSED;
+    return err;
+}
+
+static void uring_batch_end(port_t *bp) {
+    PORT_UNUSED(bp);
+    tls_batch = NULL;
+}
+
+/* ---- operations ----------------------------------------------------------------------- */
+
+static int uring_accept(port_t *bp, port_op_t *op, port_sock_t listener) {
+    uring_port_t *p = (uring_port_t *)bp;
+    struct io_uring_sqe *sqe;
+    op->sock = listener;
+    port__submitted(bp, op);
+    port_spin_lock(&p->sq_lock);
+    sqe = sqe_get(p);
+    sqe->opcode = IORING_OP_ACCEPT;
+    sqe->fd = listener;
+    sqe->accept_flags = SOCK_NONBLOCK | SOCK_CLOEXEC;
+    sqe->user_data = (uint64_t)(uintptr_t)op;
+    sqe_commit(p);
+    port_spin_unlock(&p->sq_lock);
+    after_submit(p);
+    return 0;
+}
+
+static int uring_connect(port_t *bp, port_op_t *op, const port_addr_t *addr) {
+    uring_port_t *p = (uring_port_t *)bp;
+    struct io_uring_sqe *sqe;
+    int fd = socket(addr->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_TCP);
+    port__submitted(bp, op);
+    op->sock = fd;
+    if (fd < 0) {
+        submit_imm(p, op, port_err_from_os(errno));
+        after_submit(p);
+        return 0;
+    }
+    if ((size_t)addr->len > sizeof(OP_PRIV(op)->u.sa)) {
+        submit_imm(p, op, PORT_EAFNOSUPPORT);
+        after_submit(p);
+        return 0;
+    }
+    memcpy(&OP_PRIV(op)->u.sa, &addr->ss, (size_t)addr->len);
+    port_spin_lock(&p->sq_lock);
+    sqe = sqe_get(p);
+    sqe->opcode = IORING_OP_CONNECT;
+    sqe->fd = fd;
+    sqe->addr = (uint64_t)(uintptr_t)&OP_PRIV(op)->u.sa;
+    sqe->off = (uint64_t)addr->len;
+    sqe->user_data = (uint64_t)(uintptr_t)op;
+    sqe_commit(p);
+    port_spin_unlock(&p->sq_lock);
+    after_submit(p);
+    return 0;
+}
+
+static int uring_recv(port_t *bp, port_op_t *op, port_sock_t sock) {
+    uring_port_t *p = (uring_port_t *)bp;
+    op->sock = sock;
+    port__submitted(bp, op);
+    resubmit_recv(p, op);
+    after_submit(p);
+    return 0;
+}
+
+static int uring_send(port_t *bp, port_op_t *op, port_sock_t sock, const port_buf_t *bufs,
+                      int nbufs) {
+    uring_port_t *p = (uring_port_t *)bp;
+    struct io_uring_sqe *sqe;
+    op->sock = sock;
+    port__submitted(bp, op);
+    port_spin_lock(&p->sq_lock);
+    sqe = sqe_get(p);
+    sqe->fd = sock;
+    sqe->msg_flags = MSG_NOSIGNAL;
+    sqe->user_data = (uint64_t)(uintptr_t)op;
+    if (nbufs == 1) {
+        sqe->opcode = IORING_OP_SEND;
+        sqe->addr = (uint64_t)(uintptr_t)bufs[0].base;
+        sqe->len = (uint32_t)(bufs[0].len > 0x7fffffffu ? 0x7fffffffu : bufs[0].len);
+    } else {
+        struct msghdr *m = &OP_PRIV(op)->u.msg;
+        memset(m, 0, sizeof(*m));
+        m->msg_iov = (struct iovec *)(void *)bufs;
+        m->msg_iovlen = (size_t)nbufs;
+        sqe->opcode = IORING_OP_SENDMSG;
+        sqe->addr = (uint64_t)(uintptr_t)m;
+        sqe->len = 1;
+    }
+    sqe_commit(p);
+    port_spin_unlock(&p->sq_lock);
+    after_submit(p);
+    return 0;
+}
+
+static int uring_close(port_t *bp, port_op_t *op, port_sock_t sock, int flags) {
+    uring_port_t *p = (uring_port_t *)bp;
+    /* close() itself is quick; operations still pending on the socket hold their own
+     * reference to it in the kernel and end when their cancel (already queued by the
+     * caller, ahead of this) is processed. */
+    int rc = port__posix_close(sock, flags);
+    op->sock = sock;
+    port__submitted(bp, op);
+    submit_imm(p, op, rc);
+    after_submit(p);
+    return 0;
+}
+
+static int uring_cancel(port_t *bp, port_op_t *target) {
+    uring_port_t *p = (uring_port_t *)bp;
+    struct io_uring_sqe *sqe;
+    port_op_t **pp;
+    int parked = 0;
+
+    /* A receive parked for buffers is not in the kernel: finish it here. */
+    if (target->type == PORT_OP_RECV) {
+        port_spin_lock(&p->br_lock);
+        for (pp = &p->rearm_head; *pp != NULL; pp = &OP_PRIV(*pp)->rearm_next) {
+            if (*pp == target) {
+                *pp = OP_PRIV(target)->rearm_next;
+                parked = 1;
+                break;
+            }
+        }
+        port_spin_unlock(&p->br_lock);
+        if (parked) {
+            submit_imm(p, target, PORT_ECANCELED);
+            after_submit(p);
+            return 0;
+        }
+    }
+    port_spin_lock(&p->sq_lock);
+    sqe = sqe_get(p);
+    sqe->opcode = IORING_OP_ASYNC_CANCEL;
+    sqe->addr = (uint64_t)(uintptr_t)target;
+    sqe->user_data = UD_IGNORE;
+    sqe_commit(p);
+    port_spin_unlock(&p->sq_lock);
+    after_submit(p);
+    return 0;
+}
+
+static int uring_post(port_t *bp, port_op_t *op, int64_t value) {
+    uring_port_t *p = (uring_port_t *)bp;
+    port__submitted(bp, op);
+    submit_imm(p, op, value);
+    after_submit(p);
+    return 0;
+}
+
+static int uring_timer(port_t *bp, port_op_t *op, uint64_t ms) {
+    uring_port_t *p = (uring_port_t *)bp;
+    struct io_uring_sqe *sqe;
+    struct __kernel_timespec *ts = &OP_PRIV(op)->u.ts;
+    ts->tv_sec = (long long)(ms / 1000);
+    ts->tv_nsec = (long long)(ms % 1000) * 1000000;
+    port__submitted(bp, op);
+    port_spin_lock(&p->sq_lock);
+    sqe = sqe_get(p);
+    sqe->opcode = IORING_OP_TIMEOUT;
+    sqe->addr = (uint64_t)(uintptr_t)ts;
+    sqe->len = 1;
+    sqe->off = 0;   /* a pure timer: not satisfied by other completions */
+    sqe->user_data = (uint64_t)(uintptr_t)op;
+    sqe_commit(p);
+    port_spin_unlock(&p->sq_lock);
+    after_submit(p);
+    return 0;
+}
+
+static int uring_listen(port_t *bp, const port_addr_t *addr, int backlog, int flags,
+                        port_sock_t *out) {
+    PORT_UNUSED(bp);
+    return port__posix_listen_socket(addr, backlog, flags, out);
+}
+
+static int uring_sock_close(port_t *bp, port_sock_t s, int flags) {
+    PORT_UNUSED(bp);
+    return port__posix_close(s, flags);
+}
+
+/* ---- setup ---------------------------------------------------------------------------- */
+
+static void uring_free(uring_port_t *p) {
+    if (p->bufs)
+        munmap(p->bufs, p->bufs_sz);
+    if (p->br)
+        munmap(p->br, p->br_sz);
+    if (p->sqes)
+        munmap(p->sqes, p->sqes_sz);
+    if (p->cq_ring && p->cq_ring != p->sq_ring)
+        munmap(p->cq_ring, p->cq_ring_sz);
+    if (p->sq_ring)
+        munmap(p->sq_ring, p->sq_ring_sz);
+    if (p->ring_fd >= 0)
+        close(p->ring_fd);
+    free(p);
+}
+
+static int setup_error(int e, char *errbuf, size_t errlen) {
+    switch (e) {
+    case EPERM:
+    case EACCES:
+        port__set_err(errbuf, errlen,
+                      "io_uring_setup: operation not permitted (blocked by a seccomp profile, "
+                      "as in Docker's default, or disabled by the kernel.io_uring_disabled "
+                      "sysctl)");
+        return PORT_EUNAVAIL;
+    case ENOSYS:
+        port__set_err(errbuf, errlen,
+                      "io_uring_setup: not implemented by this kernel (or sandbox, e.g. gVisor)");
+        return PORT_EUNAVAIL;
+    case EINVAL:
+        port__set_err(errbuf, errlen,
+                      "io_uring_setup: parameters rejected (kernel too old for iocpnet's "
+                      "io_uring backend)");
+        return PORT_EUNAVAIL;
+    case ENOMEM:
+        port__set_err(errbuf, errlen,
+                      "io_uring_setup: out of memory; on kernels before 5.12 rings are "
+                      "charged to RLIMIT_MEMLOCK, raise it with `ulimit -l`");
+        return PORT_ENOMEM;
+    case EMFILE:
+    case ENFILE:
+        port__set_err(errbuf, errlen, "io_uring_setup: too many open files");
+        return port_err_from_os(e);
+    }
+    port__set_err(errbuf, errlen, "io_uring_setup failed: errno %d", e);
+    return port_err_from_os(e);
+}
+
+/* The opcodes this file uses; a kernel lacking any of them gets the epoll backend. */
+static const struct {
+    int op;
+    const char *name;
+} required_ops[] = {
+    {IORING_OP_NOP, "NOP"},           {IORING_OP_ACCEPT, "ACCEPT"},
+    {IORING_OP_CONNECT, "CONNECT"},   {IORING_OP_RECV, "RECV"},
+    {IORING_OP_SEND, "SEND"},         {IORING_OP_SENDMSG, "SENDMSG"},
+    {IORING_OP_ASYNC_CANCEL, "ASYNC_CANCEL"}, {IORING_OP_TIMEOUT, "TIMEOUT"},
+};
+
+static int check_ops(int fd, char *errbuf, size_t errlen) {
+    size_t sz = sizeof(struct io_uring_probe) + 256 * sizeof(struct io_uring_probe_op);
+    struct io_uring_probe *probe = (struct io_uring_probe *)calloc(1, sz);
+    size_t i;
+    int rc = 0;
+    if (probe == NULL)
+        return PORT_ENOMEM;
+    if (sys_register(fd, IORING_REGISTER_PROBE, probe, 256) < 0) {
+        port__set_err(errbuf, errlen, "io_uring: IORING_REGISTER_PROBE failed (kernel < 5.6)");
+        free(probe);
+        return PORT_EUNAVAIL;
+    }
+    for (i = 0; i < sizeof(required_ops) / sizeof(required_ops[0]); i++) {
+        int op = required_ops[i].op;
+        if (op > probe->last_op || !(probe->ops[op].flags & IO_URING_OP_SUPPORTED)) {
+            port__set_err(errbuf, errlen, "io_uring: the kernel lacks IORING_OP_%s",
+                          required_ops[i].name);
+            rc = PORT_EUNAVAIL;
+            break;
+        }
+    }
+    free(probe);
+    return rc;
+}
+
+static int uring_create_ex(uring_port_t **out, const port_options_t *opts, int with_buffers,
+                           char *errbuf, size_t errlen) {
+    struct io_uring_params params;
+    uring_port_t *p;
+    unsigned entries, i;
+    int rc, e;
+
+    *out = NULL;
+    p = (uring_port_t *)calloc(1, sizeof(*p));
+    if (p == NULL)
+        return PORT_ENOMEM;
+    port__init_common(&p->base, &port__io_uring_vtable, opts);
+    p->ring_fd = -1;
+    p->multishot = -1;
+    entries = p->base.opts.queue_depth;
+
+    memset(&params, 0, sizeof(params));
+    /* A completion ring four times the submission ring: a batch of sends to many
+     * sessions plus the receives that answer them must not overflow it. */
+    params.flags = IORING_SETUP_CQSIZE | IORING_SETUP_SUBMIT_ALL;
+    params.cq_entries = entries * 4;
+    p->ring_fd = sys_setup(entries, &params);
+    if (p->ring_fd < 0 && errno == EINVAL) {
+        memset(&params, 0, sizeof(params));
+        params.flags = IORING_SETUP_CQSIZE;
+        params.cq_entries = entries * 4;
+        p->ring_fd = sys_setup(entries, &params);
+    }
+    if (p->ring_fd < 0) {
+        e = errno;
+        rc = setup_error(e, errbuf, errlen);
+        goto fail;
+    }
+    p->features = params.features;
+    if (!(params.features & IORING_FEAT_EXT_ARG) || !(params.features & IORING_FEAT_NODROP)) {
+        port__set_err(errbuf, errlen,
+                      "io_uring: the kernel lacks EXT_ARG waits or NODROP (needs 5.11+)");
+        rc = PORT_EUNAVAIL;
+        goto fail;
+    }
+    rc = check_ops(p->ring_fd, errbuf, errlen);
+    if (rc)
+        goto fail;
+
+    /* Map the rings.  With SINGLE_MMAP (5.4+) one mapping holds both. */
+    p->sq_ring_sz = params.sq_off.array + params.sq_entries * sizeof(unsigned);
+    p->cq_ring_sz = params.cq_off.cqes + params.cq_entries * sizeof(struct io_uring_cqe);
+    if (params.features & IORING_FEAT_SINGLE_MMAP) {
+        if (p->cq_ring_sz > p->sq_ring_sz)
+            p->sq_ring_sz = p->cq_ring_sz;
+        p->cq_ring_sz = p->sq_ring_sz;
+    }
+    p->sq_ring = mmap(NULL, p->sq_ring_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+                      p->ring_fd, IORING_OFF_SQ_RING);
+    if (p->sq_ring == MAP_FAILED) {
+        p->sq_ring = NULL;
+        goto fail_errno;
+    }
+    if (params.features & IORING_FEAT_SINGLE_MMAP) {
+        p->cq_ring = p->sq_ring;
+    } else {
+        p->cq_ring = mmap(NULL, p->cq_ring_sz, PROT_READ | PROT_WRITE,
+                          MAP_SHARED | MAP_POPULATE, p->ring_fd, IORING_OFF_CQ_RING);
+        if (p->cq_ring == MAP_FAILED) {
+            p->cq_ring = NULL;
+            goto fail_errno;
+        }
+    }
+    p->sqes_sz = params.sq_entries * sizeof(struct io_uring_sqe);
+    p->sqes = (struct io_uring_sqe *)mmap(NULL, p->sqes_sz, PROT_READ | PROT_WRITE,
+                                          MAP_SHARED | MAP_POPULATE, p->ring_fd,
+                                          IORING_OFF_SQES);
+    if (p->sqes == MAP_FAILED) {
+        p->sqes = NULL;
+        goto fail_errno;
+    }
+    p->sq_khead = (unsigned *)((char *)p->sq_ring + params.sq_off.head);
+    p->sq_ktail = (unsigned *)((char *)p->sq_ring + params.sq_off.tail);
+    p->sq_kflags = (unsigned *)((char *)p->sq_ring + params.sq_off.flags);
+    p->sq_mask = *(unsigned *)((char *)p->sq_ring + params.sq_off.ring_mask);
+    p->sq_entries = *(unsigned *)((char *)p->sq_ring + params.sq_off.ring_entries);
+    p->sq_tail = *p->sq_ktail;
+    {
+        /* The SQ index array maps ring slots to SQEs; we keep it the identity. */
+        unsigned *array = (unsigned *)((char *)p->sq_ring + params.sq_off.array);
+        for (i = 0; i < p->sq_entries; i++)
+            array[i] = i;
+    }
+    p->cq_khead = (unsigned *)((char *)p->cq_ring + params.cq_off.head);
+    p->cq_ktail = (unsigned *)((char *)p->cq_ring + params.cq_off.tail);
+    p->cq_mask = *(unsigned *)((char *)p->cq_ring + params.cq_off.ring_mask);
+    p->cqes = (struct io_uring_cqe *)((char *)p->cq_ring + params.cq_off.cqes);
+
+    if (with_buffers) {
+        struct io_uring_buf_reg reg;
+        unsigned ring_entries = 1;
+        p->buf_size = p->base.opts.recv_buffer_size;
+        p->buf_max = p->base.opts.recv_buffer_count;
+        if (p->buf_max > 32768)
+            p->buf_max = 32768;     /* the ring's limit, and bid is 16 bits */
+        while (ring_entries < p->buf_max)
+            ring_entries <<= 1;
+        p->br_mask = ring_entries - 1;
+        p->br_sz = ring_entries * sizeof(struct io_uring_buf);
+        p->br = (struct io_uring_buf_ring *)mmap(NULL, p->br_sz, PROT_READ | PROT_WRITE,
+                                                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p->br == MAP_FAILED) {
+            p->br = NULL;
+            goto fail_errno;
+        }
+        /* Address space for every buffer the pool may ever make; a page costs memory only
+         * once data is written to it. */
+        p->bufs_sz = (size_t)p->buf_max * p->buf_size;
+        p->bufs = (char *)mmap(NULL, p->bufs_sz, PROT_READ | PROT_WRITE,
+                               MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p->bufs == MAP_FAILED) {
+            p->bufs = NULL;
+            goto fail_errno;
+        }
+        memset(&reg, 0, sizeof(reg));
+        reg.ring_addr = (uint64_t)(uintptr_t)p->br;
+        reg.ring_entries = ring_entries;
+        reg.bgid = BGID;
+        if (sys_register(p->ring_fd, IORING_REGISTER_PBUF_RING, &reg, 1) < 0) {
+            e = errno;
+            if (e == ENOMEM) {
+                rc = PORT_ENOMEM;
+                port__set_err(errbuf, errlen, "io_uring: out of memory registering buffers");
+            } else {
+                rc = PORT_EUNAVAIL;
+                port__set_err(errbuf, errlen,
+                              "io_uring: provided-buffer rings unsupported (kernel < 5.19)");
+            }
+            goto fail;
+        }
+        p->br_tail = 0;
+        br_grow(p, p->buf_max < INITIAL_BUFFERS ? p->buf_max : INITIAL_BUFFERS);
+    }
+    *out = p;
+    return 0;
+
+fail_errno:
+    e = errno;
+    rc = e == ENOMEM ? PORT_ENOMEM : port_err_from_os(e);
+    port__set_err(errbuf, errlen, "io_uring: mapping the rings failed: errno %d", e);
+fail:
+    uring_free(p);
+    return rc;
+}
+
+static int uring_probe(char *errbuf, size_t errlen) {
+    port_options_t small;
+    uring_port_t *p;
+    int rc;
+    memset(&small, 0, sizeof(small));
+    small.queue_depth = 4;
+    small.recv_buffer_count = 1;
+    small.recv_buffer_size = 4096;
+    rc = uring_create_ex(&p, &small, 1, errbuf, errlen);
+    if (rc == 0)
+        uring_free(p);
+    return rc;
+}
+
+static int uring_create(port_t **out, const port_options_t *opts, char *errbuf, size_t errlen) {
+    uring_port_t *p;
+    int rc = uring_create_ex(&p, opts, 1, errbuf, errlen);
+    *out = rc == 0 ? &p->base : NULL;
+    return rc;
+}
+
+static void uring_shutdown(port_t *bp) {
+    uring_port_t *p = (uring_port_t *)bp;
+    int32_t i, n;
+    if (port_atomic_xchg32(&p->base.closed, 1))
+        return;
+    n = port_atomic_load32(&p->waiters);
+    for (i = 0; i < (n > 0 ? n : 1); i++)
+        post_wake(p);
+}
+
+static void uring_destroy(port_t *bp) {
+    uring_port_t *p = (uring_port_t *)bp;
+    port_atomic_store32(&p->base.closed, 1);
+    if (tls_batch == p)
+        tls_batch = NULL;
+    uring_free(p);
+}
+
+const port_vtable_t port__io_uring_vtable = {
+    "io_uring",
+    uring_probe,
+    uring_create,
+    uring_shutdown,
+    uring_destroy,
+    uring_wait,
+    uring_batch_end,
+    uring_accept,
+    uring_connect,
+    uring_recv,
+    uring_recv_release,
+    uring_send,
+    uring_close,
+    uring_cancel,
+    uring_post,
+    uring_timer,
+    uring_listen,
+    uring_sock_close,
+};
+#endif /* __linux__ */

@@ -1,0 +1,292 @@
+/*
+ * port.h -- iocpnet's completion port: one portable API, one file per backend.
+ *
+ * The model is Windows IOCP, as in the C++ "ServerCore" this project follows:
+ *
+ *   - The caller owns every operation record (port_op_t), usually embedded in the object
+ *     that owns the operation (a Session embeds its recv, send and close operations; a
+ *     Listener owns one accept operation per posted accept). `op->owner` is an opaque
+ *     pointer for the caller; this layer never looks at it (it never touches Python).
+ *   - A submission (port_accept, port_recv, port_send, ...) that returns 0 produces exactly
+ *     one *final* completion later, whatever happens: success, error, cancellation. Errors
+ *     found while submitting are reported through that completion too, so the caller has a
+ *     single place to handle them. A submission that returns a negative error produced
+ *     nothing (the port is closed, or the arguments are invalid).
+ *   - A receive stays armed: it completes many times, each completion carrying
+ *     PORT_CQE_MORE, until the peer closes (res == 0), an error, or a cancel ends it with a
+ *     final completion (no PORT_CQE_MORE). Data lives in a buffer owned by the port
+ *     (io_uring's provided-buffer ring, or the epoll/IOCP backends' pool), so an idle
+ *     connection pins no receive buffer; the caller hands each buffer back with
+ *     port_recv_release() once it has consumed or copied it.
+ *   - port_wait() returns a *batch* of completions. Several threads may wait on one port
+ *     at once; any thread may submit at any time.
+ *   - Completions of operations that share a strand (port_strand_t, one per session) are
+ *     handed out one at a time and in the order they completed: if a completion arrives
+ *     for a strand another thread is working through, it is queued on the strand and the
+ *     thread holding the strand picks it up with port_strand_next(). This is what lets
+ *     several worker threads dispatch while each session sees its events in order.
+ *   - Every function returns 0 (or a count, or a socket) on success and a negative
+ *     PORT_E* code on failure; completion results use the same codes.
+ *
+ * Backends: io_uring (Linux, default), epoll (Linux fallback, completions emulated the
+ * way a reactor does: try now, park until ready, complete), IOCP (Windows).
+ */
+#ifndef IOCPNET_PORT_H
+#define IOCPNET_PORT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef _WIN32
+#  ifndef WIN32_LEAN_AND_MEAN
+#    define WIN32_LEAN_AND_MEAN
+#  endif
+#  include <winsock2.h>
+#  include <ws2tcpip.h>
+#  include <windows.h>
+typedef SOCKET port_sock_t;
+#  define PORT_INVALID_SOCK INVALID_SOCKET
+#else
+#  include <sys/socket.h>
+#  include <netinet/in.h>
+typedef int port_sock_t;
+#  define PORT_INVALID_SOCK (-1)
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ------------------------------------------------------------------------------------ */
+/* Errors: one map, shared by every backend.  The name is the POSIX errno name where one
+ * exists, so the Python layer can turn a code into the right OSError subclass.          */
+
+#define PORT_ERRNO_MAP(XX)                                                          \
+    XX(-1, ECLOSED, "completion port is closed")                                    \
+    XX(-2, ECANCELED, "operation canceled")                                         \
+    XX(-3, ECONNRESET, "connection reset by peer")                                  \
+    XX(-4, ECONNREFUSED, "connection refused")                                      \
+    XX(-5, ECONNABORTED, "connection aborted")                                      \
+    XX(-6, ETIMEDOUT, "connection timed out")                                       \
+    XX(-7, EPIPE, "broken pipe")                                                    \
+    XX(-8, ENOTCONN, "socket is not connected")                                     \
+    XX(-9, ENETUNREACH, "network is unreachable")                                   \
+    XX(-10, EHOSTUNREACH, "no route to host")                                       \
+    XX(-11, ENETDOWN, "network is down")                                            \
+    XX(-12, EADDRINUSE, "address already in use")                                   \
+    XX(-13, EADDRNOTAVAIL, "cannot assign requested address")                       \
+    XX(-14, EAFNOSUPPORT, "address family not supported")                           \
+    XX(-15, EMFILE, "too many open files")                                          \
+    XX(-16, ENFILE, "too many open files in system")                                \
+    XX(-17, ENOBUFS, "no buffer space available")                                   \
+    XX(-18, ENOMEM, "out of memory")                                                \
+    XX(-19, EINVAL, "invalid argument")                                             \
+    XX(-20, EBADF, "bad socket")                                                    \
+    XX(-21, EAGAIN, "resource temporarily unavailable")                             \
+    XX(-22, EACCES, "permission denied")                                            \
+    XX(-23, EPERM, "operation not permitted")                                       \
+    XX(-24, ENOSYS, "function not implemented")                                     \
+    XX(-25, EBUSY, "resource busy")                                                 \
+    XX(-26, EIO, "input/output error")                                              \
+    XX(-27, ENONAME, "name or service not known")                                   \
+    XX(-28, EUNAVAIL, "backend not available on this system")                       \
+    XX(-29, EINTR, "interrupted")                                                   \
+    XX(-30, EMSGSIZE, "message too long")                                           \
+    XX(-31, EOPNOTSUPP, "operation not supported")                                  \
+    XX(-32, EUNKNOWN, "unknown error")
+
+enum port_err {
+    PORT_OK = 0,
+#define PORT__ERR_ENUM(code, name, msg) PORT_##name = code,
+    PORT_ERRNO_MAP(PORT__ERR_ENUM)
+#undef PORT__ERR_ENUM
+};
+
+/* Message and errno-style name ("ECONNRESET") for a code; never NULL. */
+const char *port_strerror(int err);
+const char *port_errname(int err);
+/* The portable code for an OS error number (errno on POSIX, WSA/Win32 codes on Windows). */
+int port_err_from_os(int oserr);
+
+/* ------------------------------------------------------------------------------------ */
+/* Types                                                                                  */
+
+typedef struct port port_t;
+typedef struct port_op port_op_t;
+typedef struct port_strand port_strand_t;
+
+typedef enum port_op_type {
+    PORT_OP_NONE = 0,
+    PORT_OP_ACCEPT,
+    PORT_OP_CONNECT,
+    PORT_OP_RECV,
+    PORT_OP_SEND,
+    PORT_OP_CLOSE,
+    PORT_OP_POST,
+    PORT_OP_TIMER
+} port_op_type;
+
+/* One buffer of a gather send. */
+typedef struct port_buf {
+    const char *base;
+    size_t len;
+} port_buf_t;
+
+/* A socket address of any family, as resolved or as reported by the OS. */
+typedef struct port_addr {
+    struct sockaddr_storage ss;
+    int len;
+} port_addr_t;
+
+/* Room for what a backend keeps per operation while it is in flight (a msghdr for
+ * io_uring's sendmsg, list links for epoll, AcceptEx's address buffer on Windows).  Each
+ * backend checks at compile time that its state fits. */
+#ifdef _WIN32
+#  define PORT_OP_PRIV_WORDS 16
+#else
+#  define PORT_OP_PRIV_WORDS 9
+#endif
+
+struct port_op {
+#ifdef _WIN32
+    OVERLAPPED ov;          /* first member: the kernel hands back &op->ov */
+#endif
+    void *owner;            /* the caller's object; opaque to the port */
+    port_strand_t *strand;  /* completions serialised through this strand, or NULL */
+    port_sock_t sock;       /* the socket the operation runs on (connect: created here) */
+    uint8_t type;           /* port_op_type */
+    uint8_t in_flight;      /* 1 from a successful submission until its final completion */
+    uint16_t user_flags;    /* free for the caller */
+    volatile int32_t cancel_requested;  /* set by port_cancel; read by backends that re-arm */
+    uint64_t priv[PORT_OP_PRIV_WORDS];   /* backend state; do not touch */
+};
+
+/* Completion flags. */
+#define PORT_CQE_MORE   0x1u  /* the operation is still armed: more completions follow */
+#define PORT_CQE_BUFFER 0x2u  /* buf/res hold received data: give it back with port_recv_release */
+
+/* One completion, as returned by port_wait() and port_strand_next(). */
+typedef struct port_cqe {
+    port_op_t *op;
+    int64_t res;            /* >= 0: bytes / new socket / posted value; < 0: PORT_E* */
+    uint32_t flags;         /* PORT_CQE_* */
+    uint32_t buf_id;        /* backend's id of the receive buffer (with PORT_CQE_BUFFER) */
+    char *buf;              /* received bytes (with PORT_CQE_BUFFER), res of them */
+} port_cqe_t;
+
+/* Strand: serialises the completions of one owner across threads (see the top).  Embed
+ * one per session; initialise before the first operation that uses it. */
+typedef struct port_strand_node port_strand_node_t;
+struct port_strand {
+    volatile int32_t lock;
+    int32_t held;                 /* completions handed out and not yet finished */
+    void *token;                  /* the batch that holds the strand */
+    port_strand_node_t *head, *tail;
+};
+
+typedef struct port_options {
+    uint32_t recv_buffer_size;    /* bytes per receive buffer (default 16 KiB) */
+    uint32_t recv_buffer_count;   /* most receive buffers the port may use (default 4096) */
+    uint32_t queue_depth;         /* io_uring submission queue entries (default 4096) */
+} port_options_t;
+
+typedef struct port_stats {
+    uint64_t submitted;           /* operations accepted by a submit call */
+    uint64_t completed;           /* final completions reaped from the OS */
+    int64_t in_flight;            /* submitted - completed */
+    uint64_t waits;               /* port_wait calls that entered the kernel */
+    uint64_t recv_buffers;        /* receive buffers the pool has made so far */
+    uint64_t recv_buffers_out;    /* receive buffers delivered and not yet released */
+} port_stats_t;
+
+/* ------------------------------------------------------------------------------------ */
+/* The port                                                                              */
+
+/* Create a port.  backend: "io_uring", "epoll", "iocp" or NULL for the best available.
+ * On failure returns a PORT_E* code and writes a human-readable reason into errbuf
+ * (e.g. why io_uring cannot run here).  opts may be NULL for the defaults. */
+int port_create(port_t **out, const char *backend, const port_options_t *opts,
+                char *errbuf, size_t errlen);
+/* 0 if `backend` can run on this machine, else a PORT_E* code and the reason. */
+int port_backend_probe(const char *backend, char *errbuf, size_t errlen);
+/* The backends this build contains, best first, NULL-terminated. */
+const char *const *port_backends(void);
+const char *port_backend(const port_t *p);
+
+/* Wake every thread in port_wait; from then on port_wait returns PORT_ECLOSED and
+ * submissions fail with PORT_ECLOSED.  Idempotent, any thread. */
+void port_shutdown(port_t *p);
+/* Free the port.  No thread may be inside any port call.  Operations still in flight are
+ * abandoned (their completions never come); drain them first. */
+void port_destroy(port_t *p);
+
+/* Wait up to timeout_ms (-1: forever, 0: poll) for completions and return how many were
+ * stored in out[0..max-1]: 0 on timeout, PORT_ECLOSED after port_shutdown.
+ * Submissions made by this thread between two port_wait calls are flushed by the next
+ * one, together with the wait (one system call per batch); port_batch_end() ends that
+ * deferral early (the thread will not wait again soon). */
+int port_wait(port_t *p, port_cqe_t *out, int max, int timeout_ms);
+void port_batch_end(port_t *p);
+/* After dispatching a completion whose op has a strand: fetch the strand's next queued
+ * completion into *out and return 1, or release the strand and return 0. */
+int port_strand_next(port_t *p, port_strand_t *s, port_cqe_t *out);
+void port_strand_init(port_strand_t *s);
+/* Free completions still queued on a strand that will never be dispatched (for an owner
+ * being destroyed); receive buffers they hold go back to the port. */
+void port_strand_discard(port_t *p, port_strand_t *s);
+
+void port_get_stats(port_t *p, port_stats_t *out);
+
+/* ------------------------------------------------------------------------------------ */
+/* Operations.  Each op record may be in flight once at a time.                          */
+
+void port_op_init(port_op_t *op, port_op_type type, void *owner, port_strand_t *strand);
+
+/* Accept one connection on a listening socket: res = the new socket (non-blocking,
+ * close-on-exec, associated with this port). */
+int port_accept(port_t *p, port_op_t *op, port_sock_t listener);
+/* Create a socket for addr's family, associate it, and connect: op->sock is set before
+ * this returns (so the caller can close it); res = 0 once connected.  addr is copied. */
+int port_connect(port_t *p, port_op_t *op, const port_addr_t *addr);
+/* Arm a receive (see the top).  Each completion with res > 0 carries PORT_CQE_BUFFER. */
+int port_recv(port_t *p, port_op_t *op, port_sock_t sock);
+/* Give back the buffer of a receive completion.  Exactly once per PORT_CQE_BUFFER. */
+void port_recv_release(port_t *p, const port_cqe_t *cqe);
+/* Send the buffers in order in one system call: res = bytes sent, which may be fewer than
+ * asked (the caller continues from there).  bufs must stay valid until the completion. */
+int port_send(port_t *p, port_op_t *op, port_sock_t sock, const port_buf_t *bufs, int nbufs);
+/* Close a socket (PORT_CLOSE_RESET: abortive, the peer sees a reset).  Cancel the
+ * socket's pending operations with port_cancel first; they complete with
+ * PORT_ECANCELED.  res = 0. */
+#define PORT_CLOSE_RESET 0x1
+int port_close(port_t *p, port_op_t *op, port_sock_t sock, int flags);
+/* Ask for `target` to end early: it completes with PORT_ECANCELED, or with its own result
+ * if it finished first.  Harmless if it is not in flight. */
+int port_cancel(port_t *p, port_op_t *target);
+/* Queue a completion from any thread (PostQueuedCompletionStatus): res = value >= 0. */
+int port_post(port_t *p, port_op_t *op, int64_t value);
+/* Complete after ms milliseconds (res = 0), or with PORT_ECANCELED if cancelled. */
+int port_timer(port_t *p, port_op_t *op, uint64_t ms);
+
+/* ------------------------------------------------------------------------------------ */
+/* Sockets: synchronous helpers                                                          */
+
+/* Resolve host (numeric or a name; NULL or "" = any address when passive) and port. */
+int port_resolve(const char *host, int portnum, int passive, port_addr_t *out);
+#define PORT_LISTEN_REUSEPORT 0x1   /* several processes share the port */
+#define PORT_LISTEN_V6ONLY    0x2   /* an IPv6 listener that does not take IPv4 */
+/* Create, bind and listen; the socket is associated with the port. */
+int port_listen(port_t *p, const port_addr_t *addr, int backlog, int flags,
+                port_sock_t *out);
+int port_sockname(port_sock_t s, port_addr_t *out);
+int port_peername(port_sock_t s, port_addr_t *out);
+/* host as text (an IPv4-mapped IPv6 address is shown as IPv4), and the port. */
+int port_addr_format(const port_addr_t *addr, char *host, size_t hostlen, int *portnum);
+int port_set_nodelay(port_sock_t s, int on);
+/* Close a socket that has no operation in flight (e.g. one refused over a limit). */
+int port_sock_close(port_t *p, port_sock_t s, int flags);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* IOCPNET_PORT_H */

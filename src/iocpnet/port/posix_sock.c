@@ -1,0 +1,213 @@
+/*
+ * posix_sock.c -- socket helpers shared by the POSIX backends (io_uring and epoll):
+ * errno mapping, name resolution, listening sockets, addresses.  Nothing here waits.
+ */
+#ifndef _WIN32
+#include "port_int.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <unistd.h>
+
+int port_err_from_os(int e) {
+    switch (e) {
+    case 0: return PORT_OK;
+    case ECANCELED: return PORT_ECANCELED;
+    case ECONNRESET: return PORT_ECONNRESET;
+    case ECONNREFUSED: return PORT_ECONNREFUSED;
+    case ECONNABORTED: return PORT_ECONNABORTED;
+    case ETIMEDOUT: return PORT_ETIMEDOUT;
+    case EPIPE: return PORT_EPIPE;
+    case ENOTCONN: return PORT_ENOTCONN;
+    case ENETUNREACH: return PORT_ENETUNREACH;
+    case EHOSTUNREACH: return PORT_EHOSTUNREACH;
+    case ENETDOWN: return PORT_ENETDOWN;
+    case EADDRINUSE: return PORT_EADDRINUSE;
+    case EADDRNOTAVAIL: return PORT_EADDRNOTAVAIL;
+    case EAFNOSUPPORT: return PORT_EAFNOSUPPORT;
+    case EMFILE: return PORT_EMFILE;
+    case ENFILE: return PORT_ENFILE;
+    case ENOBUFS: return PORT_ENOBUFS;
+    case ENOMEM: return PORT_ENOMEM;
+    case EINVAL: return PORT_EINVAL;
+    case EBADF: case ENOTSOCK: return PORT_EBADF;
+#if EWOULDBLOCK != EAGAIN
+    case EWOULDBLOCK:
+#endif
+    case EAGAIN: return PORT_EAGAIN;
+    case EACCES: return PORT_EACCES;
+    case EPERM: return PORT_EPERM;
+    case ENOSYS: return PORT_ENOSYS;
+    case EBUSY: return PORT_EBUSY;
+    case EIO: return PORT_EIO;
+    case EINTR: return PORT_EINTR;
+    case EMSGSIZE: return PORT_EMSGSIZE;
+    case EOPNOTSUPP: return PORT_EOPNOTSUPP;
+    /* The kernel reports a peer that vanished mid-connect or a dead route this way. */
+    case EHOSTDOWN: return PORT_EHOSTUNREACH;
+    case ENONET: return PORT_ENETUNREACH;
+    case EPROTO: return PORT_ECONNABORTED;
+    }
+    return PORT_EUNKNOWN;
+}
+
+int port_resolve(const char *host, int portnum, int passive, port_addr_t *out) {
+    struct addrinfo hints, *res = NULL;
+    char service[16];
+    int rc;
+
+    if (portnum < 0 || portnum > 65535)
+        return PORT_EINVAL;
+    memset(out, 0, sizeof(*out));
+    if (host == NULL || host[0] == '\0') {
+        if (!passive)
+            return PORT_EINVAL;
+        /* "All interfaces": an IPv6 wildcard that also takes IPv4 (dual stack) where the
+         * host has IPv6, else the IPv4 wildcard. */
+        int probe = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (probe >= 0) {
+            struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&out->ss;
+            close(probe);
+            a6->sin6_family = AF_INET6;
+            a6->sin6_addr = in6addr_any;
+            a6->sin6_port = htons((uint16_t)portnum);
+            out->len = (int)sizeof(*a6);
+        } else {
+            struct sockaddr_in *a4 = (struct sockaddr_in *)&out->ss;
+            a4->sin_family = AF_INET;
+            a4->sin_addr.s_addr = htonl(INADDR_ANY);
+            a4->sin_port = htons((uint16_t)portnum);
+            out->len = (int)sizeof(*a4);
+        }
+        return 0;
+    }
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_protocol = IPPROTO_TCP;
+    hints.ai_flags = passive ? AI_PASSIVE : 0;
+    snprintf(service, sizeof(service), "%d", portnum);
+    rc = getaddrinfo(host, service, &hints, &res);
+    if (rc != 0) {
+        if (rc == EAI_SYSTEM)
+            return port_err_from_os(errno);
+        if (rc == EAI_MEMORY)
+            return PORT_ENOMEM;
+        if (rc == EAI_FAMILY)
+            return PORT_EAFNOSUPPORT;
+        return PORT_ENONAME;
+    }
+    if (res == NULL || res->ai_addrlen > sizeof(out->ss)) {
+        if (res)
+            freeaddrinfo(res);
+        return PORT_ENONAME;
+    }
+    memcpy(&out->ss, res->ai_addr, res->ai_addrlen);
+    out->len = (int)res->ai_addrlen;
+    freeaddrinfo(res);
+    return 0;
+}
+
+int port__posix_listen_socket(const port_addr_t *addr, int backlog, int flags, int *out) {
+    int fd, one = 1, e;
+    int family = addr->ss.ss_family;
+
+    fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_TCP);
+    if (fd < 0)
+        return port_err_from_os(errno);
+    /* SO_REUSEADDR so a restarted server binds at once despite TIME_WAIT sockets. */
+    if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) < 0)
+        goto fail;
+#ifdef SO_REUSEPORT
+    if ((flags & PORT_LISTEN_REUSEPORT) &&
+        setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) < 0)
+        goto fail;
+#else
+    if (flags & PORT_LISTEN_REUSEPORT) {
+        close(fd);
+        return PORT_EOPNOTSUPP;
+    }
+#endif
+    if (family == AF_INET6) {
+        int v6only = (flags & PORT_LISTEN_V6ONLY) ? 1 : 0;
+        if (setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof(v6only)) < 0)
+            goto fail;
+    }
+    if (bind(fd, (const struct sockaddr *)&addr->ss, (socklen_t)addr->len) < 0)
+        goto fail;
+    if (listen(fd, backlog) < 0)
+        goto fail;
+    *out = fd;
+    return 0;
+fail:
+    e = errno;
+    close(fd);
+    return port_err_from_os(e);
+}
+
+int port__posix_close(int fd, int flags) {
+    if (fd < 0)
+        return PORT_EBADF;
+    if (flags & PORT_CLOSE_RESET) {
+        /* Linger with a zero timeout: close() discards unsent data and sends a reset. */
+        struct linger lg;
+        lg.l_onoff = 1;
+        lg.l_linger = 0;
+        (void)setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+    }
+    /* Linux always releases the descriptor, even when close() reports EINTR. */
+    if (close(fd) < 0 && errno != EINTR)
+        return port_err_from_os(errno);
+    return 0;
+}
+
+int port_sockname(port_sock_t s, port_addr_t *out) {
+    socklen_t len = sizeof(out->ss);
+    if (getsockname(s, (struct sockaddr *)&out->ss, &len) < 0)
+        return port_err_from_os(errno);
+    out->len = (int)len;
+    return 0;
+}
+
+int port_peername(port_sock_t s, port_addr_t *out) {
+    socklen_t len = sizeof(out->ss);
+    if (getpeername(s, (struct sockaddr *)&out->ss, &len) < 0)
+        return port_err_from_os(errno);
+    out->len = (int)len;
+    return 0;
+}
+
+int port_addr_format(const port_addr_t *addr, char *host, size_t hostlen, int *portnum) {
+    if (addr->ss.ss_family == AF_INET) {
+        const struct sockaddr_in *a4 = (const struct sockaddr_in *)&addr->ss;
+        if (inet_ntop(AF_INET, &a4->sin_addr, host, (socklen_t)hostlen) == NULL)
+            return port_err_from_os(errno);
+        *portnum = ntohs(a4->sin_port);
+        return 0;
+    }
+    if (addr->ss.ss_family == AF_INET6) {
+        const struct sockaddr_in6 *a6 = (const struct sockaddr_in6 *)&addr->ss;
+        /* A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d; show them as IPv4,
+         * which is what the user connected with. */
+        if (IN6_IS_ADDR_V4MAPPED(&a6->sin6_addr)) {
+            if (inet_ntop(AF_INET, &a6->sin6_addr.s6_addr[12], host, (socklen_t)hostlen) == NULL)
+                return port_err_from_os(errno);
+        } else if (inet_ntop(AF_INET6, &a6->sin6_addr, host, (socklen_t)hostlen) == NULL) {
+            return port_err_from_os(errno);
+        }
+        *portnum = ntohs(a6->sin6_port);
+        return 0;
+    }
+    return PORT_EAFNOSUPPORT;
+}
+
+int port_set_nodelay(port_sock_t s, int on) {
+    if (setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on)) < 0)
+        return port_err_from_os(errno);
+    return 0;
+}
+#endif /* !_WIN32 */
