@@ -454,7 +454,11 @@ static int uring_wait(port_t *bp, port_cqe_t *out, int max, int timeout_ms) {
         rc = sys_enter(p->ring_fd, sq_pending(p), 1, flags, argp, argsz);
         entered = 1;
         port_atomic_add64(&p->base.waits, 1);
-        if (rc < 0 && errno != ETIME && errno != EINTR && errno != EAGAIN && errno != EBUSY) {
+        if (rc < 0 && errno == EINTR) {
+            err = PORT_EINTR;
+            break;
+        }
+        if (rc < 0 && errno != ETIME && errno != EAGAIN && errno != EBUSY) {
             err = port_err_from_os(errno);
             break;
         }

@@ -221,7 +221,9 @@ void port_shutdown(port_t *p);
 void port_destroy(port_t *p);
 
 /* Wait up to timeout_ms (-1: forever, 0: poll) for completions and return how many were
- * stored in out[0..max-1]: 0 on timeout, PORT_ECLOSED after port_shutdown.
+ * stored in out[0..max-1]: 0 on timeout, PORT_ECLOSED after port_shutdown, PORT_EINTR
+ * when a signal interrupted the wait (the caller runs its signal handlers, then waits
+ * again: this is how Ctrl-C reaches a thread blocked here).
  * Submissions made by this thread between two port_wait calls are flushed by the next
  * one, together with the wait (one system call per batch); port_batch_end() ends that
  * deferral early (the thread will not wait again soon). */

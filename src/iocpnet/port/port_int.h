@@ -2,9 +2,7 @@
  * port_int.h -- what the backends share: the port's common head, the backend table,
  * strands, and the few synchronisation primitives the layer needs.
  *
- * Atomics and locks are spelled out here (gcc/clang builtins, or MSVC intrinsics) rather
- * than with <stdatomic.h>, because the Windows build uses MSVC, whose C11 atomics are
- * still experimental.  These are platform differences, not backend ones.
+ * Atomics and locks live in port_sync.h (the Cython core uses them too).
  */
 #ifndef IOCPNET_PORT_INT_H
 #define IOCPNET_PORT_INT_H
@@ -13,101 +11,10 @@
 
 #include <string.h>
 
-#if defined(_MSC_VER)
-#  include <intrin.h>
-#  define PORT_THREAD_LOCAL __declspec(thread)
-#else
-#  define PORT_THREAD_LOCAL __thread
-#endif
-
-#if !defined(_WIN32)
-#  include <pthread.h>
-#  include <sched.h>
-#endif
+#include "port_sync.h"
 
 #define PORT_UNUSED(x) ((void)(x))
 #define PORT_STATIC_ASSERT(cond, name) typedef char port__static_assert_##name[(cond) ? 1 : -1]
-
-/* ---- atomics -------------------------------------------------------------------------- */
-#if defined(_MSC_VER)
-static __inline int32_t port_atomic_load32(volatile int32_t *p) {
-    return _InterlockedCompareExchange((volatile long *)p, 0, 0);
-}
-static __inline void port_atomic_store32(volatile int32_t *p, int32_t v) {
-    _InterlockedExchange((volatile long *)p, v);
-}
-static __inline int32_t port_atomic_add32(volatile int32_t *p, int32_t v) {
-    return _InterlockedExchangeAdd((volatile long *)p, v) + v;
-}
-static __inline int64_t port_atomic_add64(volatile int64_t *p, int64_t v) {
-    return _InterlockedExchangeAdd64((volatile __int64 *)p, v) + v;
-}
-static __inline int64_t port_atomic_load64(volatile int64_t *p) {
-    return _InterlockedCompareExchange64((volatile __int64 *)p, 0, 0);
-}
-static __inline int32_t port_atomic_xchg32(volatile int32_t *p, int32_t v) {
-    return _InterlockedExchange((volatile long *)p, v);
-}
-static __inline int port_atomic_cas32(volatile int32_t *p, int32_t expect, int32_t v) {
-    return _InterlockedCompareExchange((volatile long *)p, v, expect) == expect;
-}
-static __inline void port_cpu_relax(void) { _mm_pause(); }
-#else
-#  define port_atomic_load32(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
-#  define port_atomic_store32(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
-#  define port_atomic_add32(p, v) __atomic_add_fetch((p), (v), __ATOMIC_ACQ_REL)
-#  define port_atomic_add64(p, v) __atomic_add_fetch((p), (v), __ATOMIC_ACQ_REL)
-#  define port_atomic_load64(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
-#  define port_atomic_xchg32(p, v) __atomic_exchange_n((p), (v), __ATOMIC_ACQ_REL)
-static inline int port_atomic_cas32(volatile int32_t *p, int32_t expect, int32_t v) {
-    return __atomic_compare_exchange_n(p, &expect, v, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
-}
-#  if defined(__x86_64__) || defined(__i386__)
-static inline void port_cpu_relax(void) { __builtin_ia32_pause(); }
-#  else
-static inline void port_cpu_relax(void) { __asm__ __volatile__("" ::: "memory"); }
-#  endif
-#endif
-
-static inline void port_thread_yield(void) {
-#ifdef _WIN32
-    SwitchToThread();
-#else
-    sched_yield();
-#endif
-}
-
-/* A spin lock for the tiny critical sections of the hot path (a strand's queue, the
- * receive-buffer ring's tail).  It yields after a short spin, because on a 2-core machine
- * running 5+ workers the holder is often preempted, and spinning then only burns the
- * core the holder needs. */
-static inline void port_spin_lock(volatile int32_t *l) {
-    int spins = 0;
-    while (port_atomic_xchg32(l, 1) != 0) {
-        while (port_atomic_load32(l) != 0) {
-            if (++spins < 64)
-                port_cpu_relax();
-            else
-                port_thread_yield();
-        }
-    }
-}
-static inline void port_spin_unlock(volatile int32_t *l) { port_atomic_store32(l, 0); }
-
-/* A sleeping mutex for longer or rarer sections. */
-#ifdef _WIN32
-typedef SRWLOCK port_mutex_t;
-#  define port_mutex_init(m) InitializeSRWLock(m)
-#  define port_mutex_destroy(m) ((void)(m))
-#  define port_mutex_lock(m) AcquireSRWLockExclusive(m)
-#  define port_mutex_unlock(m) ReleaseSRWLockExclusive(m)
-#else
-typedef pthread_mutex_t port_mutex_t;
-#  define port_mutex_init(m) pthread_mutex_init((m), NULL)
-#  define port_mutex_destroy(m) pthread_mutex_destroy(m)
-#  define port_mutex_lock(m) pthread_mutex_lock(m)
-#  define port_mutex_unlock(m) pthread_mutex_unlock(m)
-#endif
 
 /* ---- the port's common head and the backend table ----------------------------------- */
 
