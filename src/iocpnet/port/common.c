@@ -251,7 +251,10 @@ struct port_strand_node {
     port_cqe_t cqe;
 };
 
-void port_strand_init(port_strand_t *s) { memset(s, 0, sizeof(*s)); }
+void port_strand_init(port_strand_t *s, void *owner) {
+    memset(s, 0, sizeof(*s));
+    s->owner = owner;
+}
 
 int port__deliver(port_t *p, void *token, port_cqe_t *out, int n, const port_cqe_t *c) {
     port_strand_t *s = c->op->strand;

@@ -178,6 +178,7 @@ typedef struct port_cqe {
  * one per session; initialise before the first operation that uses it. */
 typedef struct port_strand_node port_strand_node_t;
 struct port_strand {
+    void *owner;                  /* the caller's object the strand belongs to; opaque */
     volatile int32_t lock;
     int32_t held;                 /* completions handed out and not yet finished */
     void *token;                  /* the batch that holds the strand */
@@ -232,7 +233,7 @@ void port_batch_end(port_t *p);
 /* After dispatching a completion whose op has a strand: fetch the strand's next queued
  * completion into *out and return 1, or release the strand and return 0. */
 int port_strand_next(port_t *p, port_strand_t *s, port_cqe_t *out);
-void port_strand_init(port_strand_t *s);
+void port_strand_init(port_strand_t *s, void *owner);
 /* Free completions still queued on a strand that will never be dispatched (for an owner
  * being destroyed); receive buffers they hold go back to the port. */
 void port_strand_discard(port_t *p, port_strand_t *s);
