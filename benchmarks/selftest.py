@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Checks the checker: the load generator must fail loudly on a broken echo.
+
+A benchmark that counts wrong echoes as round-trips would flatter a buggy
+server, so this runs the load generator against deliberately broken servers
+(corrupting, replaying stale data, dropping the connection) and expects the
+documented exit codes: 0 ok, 2 connection error, 3 data mismatch.
+
+usage: python benchmarks/selftest.py      (about 10 seconds; builds loadgen if needed)
+"""
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import run  # noqa: E402  (reuses the build step)
+
+
+class BadServer(threading.Thread):
+    """Tiny blocking echo server, one thread per connection, with a defect."""
+
+    def __init__(self, defect):
+        super().__init__(daemon=True)
+        self.defect = defect
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.port = self.sock.getsockname()[1]
+
+    def run(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(c,), daemon=True).start()
+
+    def serve(self, c):
+        total, prev = 0, b""
+        try:
+            while True:
+                d = c.recv(65536)
+                if not d:
+                    return
+                out = d
+                if self.defect == "corrupt" and total <= 1000 < total + len(d):
+                    i = 1000 - total
+                    out = d[:i] + bytes([d[i] ^ 0x01]) + d[i + 1:]
+                elif self.defect == "stale" and prev and len(prev) == len(d):
+                    out = prev  # the previous message again, same length
+                elif self.defect == "close" and total > 5000:
+                    return
+                elif self.defect == "extra" and total > 3000:
+                    out = d + b"x"
+                prev = d
+                total += len(d)
+                c.sendall(out)
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+
+def loadgen(port, *args):
+    p = subprocess.run([run.LOADGEN, "-p", str(port), "-w", "0.1", "-t", "0.4", *args],
+                       capture_output=True, text=True, timeout=30)
+    return p.returncode, p.stderr.strip()
+
+
+def main():
+    if run.build_c().get("loadgen"):
+        sys.exit("cannot build loadgen")
+    cases = [
+        ("none", ["-m", "pingpong", "-c", "4", "-s", "100"], 0),
+        ("none", ["-m", "pipeline", "-c", "4", "-d", "8", "-s", "1000"], 0),
+        ("none", ["-m", "connect", "-c", "8"], 0),
+        ("none", ["-m", "idle", "-n", "50", "-i", "0.2"], 0),
+        ("corrupt", ["-m", "pingpong", "-s", "64"], 3),
+        ("corrupt", ["-m", "pipeline", "-d", "16", "-s", "1024"], 3),
+        ("stale", ["-m", "pingpong", "-s", "64"], 3),
+        ("extra", ["-m", "pingpong", "-s", "64"], 3),
+        ("close", ["-m", "pingpong", "-s", "64"], 2),
+    ]
+    failed = 0
+    for defect, args, want in cases:
+        srv = BadServer(defect)
+        srv.start()
+        rc, err = loadgen(srv.port, *args)
+        srv.sock.close()
+        ok = rc == want
+        failed += not ok
+        print(f"{'ok ' if ok else 'BAD'} defect={defect:8} {' '.join(args):32} exit {rc} "
+              f"(want {want}) {err.splitlines()[-1] if err else ''}")
+    # the safety guard: never load anything but loopback
+    rc, err = subprocess.run([run.LOADGEN, "-a", "10.0.0.1", "-p", "9"], capture_output=True,
+                             text=True).returncode, ""
+    ok = rc == 1
+    failed += not ok
+    print(f"{'ok ' if ok else 'BAD'} non-loopback address refused (exit {rc})")
+    print(f"{len(cases) + 1 - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
