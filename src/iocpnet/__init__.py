@@ -1,0 +1,55 @@
+"""iocpnet: game-style TCP servers and clients built the way Windows IOCP servers are.
+
+A completion port (io_uring or epoll on Linux, IOCP on Windows), worker threads that wait
+on it with the GIL released, and each completion routed to the object that owns it.
+User code subclasses ``Session`` and overrides ``OnConnected``, ``OnRecv``, ``OnSend``
+and ``OnDisconnected``::
+
+    import iocpnet
+
+    class GameSession(iocpnet.Session):
+        def OnRecv(self, data):
+            self.Send(data)          # echo
+
+    service = iocpnet.Service(iocpnet.IocpCore(), iocpnet.Listener(11021), GameSession, 100)
+    service.Run(workers=5)
+"""
+import logging as _logging
+
+from iocpnet._core import (
+    BackendUnavailableError,
+    ClientService,
+    IocpCore,
+    IocpObject,
+    Listener,
+    ServerService,
+    Service,
+    Session,
+    Timer,
+    available_backends,
+    backend_unavailable_reason,
+    compiled_backends,
+    debug_counters,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "ClientService",
+    "IocpCore",
+    "IocpObject",
+    "Listener",
+    "ServerService",
+    "Service",
+    "Session",
+    "Timer",
+    "available_backends",
+    "backend_unavailable_reason",
+    "compiled_backends",
+    "debug_counters",
+    "__version__",
+]
+
+# A library logs; the application decides where it goes.
+_logging.getLogger("iocpnet").addHandler(_logging.NullHandler())
