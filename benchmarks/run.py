@@ -218,7 +218,11 @@ def machine_info():
         except Exception:
             return None
     commit = version_of(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"])
+    # results from a work tree with uncommitted library changes must say so
+    dirty = version_of(["git", "-C", ROOT, "status", "--porcelain", "--", "src", "setup.py",
+                        "pyproject.toml"])
     return {
+        "git_dirty": bool(dirty),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "kernel": platform.release(),
         "cpu_model": cpu,
@@ -228,6 +232,16 @@ def machine_info():
         "gcc": version_of(["gcc", "--version"]),
         "git_commit": commit,
     }
+
+
+def _die_with_parent():
+    # Runs in the child between fork and exec: if this script dies without a
+    # chance to clean up (SIGKILL), the kernel kills the child too.
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
 
 
 # --------------------------------------------------------------------------
@@ -252,12 +266,45 @@ def build_c():
 
 def pip_install(what, timeout=900):
     log(f"installing {what} with pip ...")
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", what],
-                       capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0:
-        return (r.stderr or r.stdout).strip()[-1500:] or f"pip exited {r.returncode}"
+    # own process group: on Ctrl-C or a timeout the whole build (pip starts
+    # a build backend, which starts compilers) goes, not just pip itself
+    p = subprocess.Popen([sys.executable, "-m", "pip", "install", "-q", what],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True, preexec_fn=_die_with_parent)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except BaseException:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
+        raise
+    if p.returncode != 0:
+        return out.strip()[-1500:] or f"pip exited {p.returncode}"
     importlib.invalidate_caches()
     return None
+
+
+def snapshot_tree(dest):
+    """Copy the files git would consider part of the tree (tracked, plus new
+    files that are not ignored) to dest; fall back to a filtered copy."""
+    try:
+        files = subprocess.run(["git", "-C", ROOT, "ls-files", "-z", "--cached", "--others",
+                                "--exclude-standard"], capture_output=True, check=True,
+                               timeout=60).stdout.decode().split("\0")
+    except (OSError, subprocess.SubprocessError):
+        shutil.copytree(ROOT, dest, symlinks=True, ignore=shutil.ignore_patterns(
+            ".git", "build", "dist", "*.egg-info", "__pycache__", ".venv*", "*.so"))
+        return
+    for rel in files:
+        if not rel or rel.startswith("benchmarks/"):
+            continue
+        src = os.path.join(ROOT, rel)
+        if not os.path.isfile(src):  # deleted in the work tree
+            continue
+        os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
+        shutil.copy2(src, os.path.join(dest, rel))
 
 
 def try_import(name):
@@ -291,11 +338,18 @@ def ensure_iocpnet(force_reinstall):
     if not any(os.path.exists(os.path.join(ROOT, f)) for f in ("pyproject.toml", "setup.py")):
         return None, (f"import iocpnet failed ({err}) and the repo has no pyproject.toml or "
                       "setup.py yet, so it cannot be built")
-    log(f"import iocpnet failed ({err}); building it: pip install -q {ROOT}")
-    try:
-        perr = pip_install(ROOT)
-    except subprocess.TimeoutExpired:
-        return None, "pip install of iocpnet timed out"
+    log(f"import iocpnet failed ({err}); building it: pip install -q {ROOT} (from a copy)")
+    # Build from a snapshot in a temporary directory: an in-place build would
+    # write build/, *.egg-info and generated C into a tree that others are
+    # editing and building at the same time.
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="iocpnet-bench-") as tmp:
+        snap = os.path.join(tmp, "iocpnet")
+        snapshot_tree(snap)
+        try:
+            perr = pip_install(snap)
+        except subprocess.TimeoutExpired:
+            return None, "pip install of iocpnet timed out"
     if perr:
         last = [ln for ln in perr.splitlines() if ln.strip()][-1:] or ["?"]
         return None, f"pip install of the repo failed: {last[0].strip()}\n{perr}"
@@ -351,16 +405,6 @@ def free_port(start):
         finally:
             s.close()
     raise RuntimeError("no free port")
-
-
-def _die_with_parent():
-    # Runs in the child between fork and exec: if this script dies without a
-    # chance to clean up (SIGKILL), the kernel kills the child too.
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
 
 
 def pin(cpu, argv):
@@ -676,7 +720,8 @@ def markdown(meta, config, cases, results, servers, warnings):
     m = meta
     L.append(f"Run {m['date_utc']} · Linux {m['kernel']} · {m['cpu_model']} ({m['cpus']} CPUs) · "
              f"Python {m['python']} · {m['gcc'] or 'gcc ?'} · uvloop {m.get('uvloop') or 'n/a'} · "
-             f"iocpnet {m.get('iocpnet') or 'n/a'} · commit {m['git_commit'] or '?'}")
+             f"iocpnet {m.get('iocpnet') or 'n/a'} · commit {m['git_commit'] or '?'}"
+             + (" + uncommitted changes in src/" if m.get("git_dirty") else ""))
     L.append("")
     L.append(f"Settings: {config['rounds']} round(s) × {config['slice']} s slices (+{config['warmup']} s "
              f"warm-up each), servers interleaved; server on CPU {SERVER_CPU}, load generator on "
@@ -773,6 +818,13 @@ def markdown(meta, config, cases, results, servers, warnings):
     return "\n".join(L) + "\n"
 
 
+# fixed colours, so a server looks the same in every panel and every run;
+# iocpnet in blues, the C references in greys
+COLORS = {"iocpnet-uring": "#1f77b4", "iocpnet-epoll": "#6baed6", "asyncio-protocol": "#2ca02c",
+          "asyncio-streams": "#98df8a", "uvloop-protocol": "#9467bd", "c-uring": "#555555",
+          "c-epoll": "#aaaaaa"}
+
+
 def chart(cases, results, servers, path):
     try:
         import matplotlib
@@ -787,6 +839,12 @@ def chart(cases, results, servers, path):
         return f"matplotlib unusable: {e}"
     traffic = [c for c in cases if c.mode != "idle" and c.name in results]
     idle = [c for c in cases if c.mode == "idle" and c.name in results]
+    # only servers that produced numbers get a bar slot and a legend entry
+    servers = [s for s in servers
+               if any(results[c.name][s.key].get("agg") or results[c.name][s.key]["slices"]
+                      for c in traffic + idle)]
+    if not servers:
+        return "no server produced results"
     panels = [("Throughput, ratio to C io_uring (same case, same round)", "ratio"),
               ("Round-trips per server CPU-second, ratio to C io_uring", "cpu_ratio")]
     nrows = (2 if traffic else 0) + (1 if idle else 0)
@@ -808,7 +866,7 @@ def chart(cases, results, servers, path):
                     if v is not None:
                         xs.append(j + (i - (len(servers) - 1) / 2) * width)
                         ys.append(v)
-                ax.bar(xs, ys, width, label=s.label)
+                ax.bar(xs, ys, width, label=s.label, color=COLORS.get(s.key))
             ax.axhline(1.0, color="black", linewidth=0.8)
             ax.set_xticks(range(len(traffic)))
             ax.set_xticklabels([c.label.replace(", ", "\n") for c in traffic], fontsize=7)
@@ -817,13 +875,14 @@ def chart(cases, results, servers, path):
         axes[0].legend(fontsize=7, ncol=4)
     for c in idle:
         ax = axes[ai]
-        labels, ys = [], []
+        labels, ys, cs = [], [], []
         for s in servers:
             rec = results[c.name][s.key]
             if rec["slices"]:
                 labels.append(s.label)
                 ys.append(rec["slices"][0]["bytes_per_conn"] / 1024)
-        ax.bar(labels, ys, color="tab:gray")
+                cs.append(COLORS.get(s.key))
+        ax.bar(labels, ys, color=cs)
         ax.set_ylabel("KiB")
         ax.set_title(f"Server memory per idle connection ({c.idle_count:,} held)", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
@@ -945,6 +1004,9 @@ def main(argv=None):
         raise SystemExit(f"stopped by signal {signum}")
     signal.signal(signal.SIGTERM, _bail)
     signal.signal(signal.SIGHUP, _bail)
+    # Ctrl-C must clean up even when started from a shell that ignores SIGINT
+    # for background jobs (Python keeps an inherited SIG_IGN otherwise)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     meta = machine_info()
     failed_builds = build_c()
@@ -1059,5 +1121,8 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         sys.exit(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted: servers stopped, nothing written", file=sys.stderr)
+        sys.exit(130)
     finally:
         stop_all()
