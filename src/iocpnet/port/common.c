@@ -9,9 +9,12 @@
  * or already held by the batch being filled, goes into that batch; otherwise it waits in
  * the strand's queue for the thread holding the strand, which takes it with
  * port_strand_next() when it has finished the earlier ones.  Queued completions are
- * always later than the ones in the holder's batch (the holder reaped its batch before
- * anyone else could reap these), so the order is kept.  With a single worker thread the
- * queue is never used and nothing is allocated.
+ * always later than the ones in the holder's batch (the holder reaped them before anyone
+ * else could reap these), so the order is kept.  A backend may fill one batch in several
+ * steps (epoll reads sockets one at a time, and other threads deliver in between), so
+ * once the queue holds something, later completions join the queue even when they come
+ * from the holder's own batch: they must not overtake what is queued.  With a single
+ * worker thread the queue is never used and nothing is allocated.
  */
 #include "port_int.h"
 
@@ -112,6 +115,7 @@ void port__init_common(port_t *p, const port_vtable_t *vt, const port_options_t 
             p->opts.recv_buffer_count = opts->recv_buffer_count;
         if (opts->queue_depth)
             p->opts.queue_depth = opts->queue_depth;
+        p->opts.flags = opts->flags;
     }
 }
 
@@ -265,7 +269,7 @@ int port__deliver(port_t *p, void *token, port_cqe_t *out, int n, const port_cqe
         return n + 1;
     }
     port_spin_lock(&s->lock);
-    if (s->held == 0 || s->token == token) {
+    if (s->held == 0 || (s->token == token && s->head == NULL)) {
         s->held++;
         s->token = token;
         port_spin_unlock(&s->lock);

@@ -18,13 +18,17 @@
  *     wakes reaps a batch under cq_lock, and a thread that finds the ring already
  *     emptied by another goes back to sleep until its deadline.
  *
- * Receives use a provided-buffer ring (IORING_REGISTER_PBUF_RING) and multishot recv: a
- * connection holds no buffer while idle, the kernel picks one only when bytes arrive,
- * and one SQE keeps receiving until EOF or error.  The ring starts with few buffers and
- * grows when the kernel runs out (ENOBUFS), so the memory touched follows the peak of
- * data in flight, not the number of connections.  Where multishot recv is missing
- * (kernels before 6.0) the port re-arms a single-shot recv after each completion, which
- * keeps the "armed until EOF" contract of port.h.
+ * Receives use a provided-buffer ring (IORING_REGISTER_PBUF_RING): a connection holds
+ * no buffer while idle, the kernel picks one only when bytes arrive.  The ring starts
+ * with few buffers and grows when the kernel runs out (ENOBUFS), so the memory touched
+ * follows the peak of data in flight, not the number of connections.  A receive is a
+ * single-shot recv, posted again by the caller once it has handled the data, so the
+ * kernel never reads more than one buffer ahead of the application per connection.
+ * When the previous read on an op did not fill its buffer, the next one asks the
+ * kernel to poll first (the socket is then most likely empty, and a recv attempt would
+ * only fail with EAGAIN).  Multishot recv (PORT_OPT_RECV_MULTISHOT) saves the
+ * submission but reads ahead without bound while the application is busy; it is
+ * optional, and falls back to re-arming single-shot receives on kernels before 6.0.
  *
  * Operations that complete without the kernel doing I/O (close, post, and an op that
  * failed before it reached the kernel) are a NOP SQE whose user_data is tagged: the
@@ -81,6 +85,7 @@ typedef struct uring_op {
         struct msghdr msg;           /* sendmsg: the kernel reads it until completion */
         struct __kernel_timespec ts; /* timer */
         struct sockaddr_in6 sa;      /* connect: a copy, so the caller's may go away */
+        uint32_t short_read;         /* recv: the last read did not fill its buffer */
     } u;
     int64_t imm_res;                 /* result carried by an immediate completion */
     port_op_t *rearm_next;           /* recvs waiting for receive buffers */
@@ -124,7 +129,7 @@ typedef struct uring_port {
     unsigned buf_size, buf_max, buf_made;
     volatile int32_t br_lock;
     port_op_t *rearm_head;             /* under br_lock */
-    volatile int32_t multishot;        /* 1 yes, 0 no (kernel < 6.0), -1 not known yet */
+    volatile int32_t multishot;        /* asked for: 1 works, -1 not known yet; 0 off */
 
     volatile int32_t waiters;
 } uring_port_t;
@@ -194,7 +199,7 @@ static void after_submit(uring_port_t *p) {
         submit_now(p);
 }
 
-static void prep_recv(uring_port_t *p, struct io_uring_sqe *sqe, port_op_t *op) {
+static void prep_recv(uring_port_t *p, struct io_uring_sqe *sqe, port_op_t *op, int poll_first) {
     sqe->opcode = IORING_OP_RECV;
     sqe->fd = op->sock;
     sqe->flags = IOSQE_BUFFER_SELECT;
@@ -202,6 +207,8 @@ static void prep_recv(uring_port_t *p, struct io_uring_sqe *sqe, port_op_t *op) 
     sqe->len = 0;   /* the buffer's own size */
     if (LOAD_ACQ(&p->multishot) != 0)
         sqe->ioprio = IORING_RECV_MULTISHOT;
+    else if (poll_first)
+        sqe->ioprio = IORING_RECVSEND_POLL_FIRST;
     sqe->user_data = (uint64_t)(uintptr_t)op;
 }
 
@@ -209,7 +216,7 @@ static void prep_recv(uring_port_t *p, struct io_uring_sqe *sqe, port_op_t *op) 
  * flag is read under sq_lock: port_cancel sets it before queueing its ASYNC_CANCEL under
  * the same lock, so either we see the flag, or our SQE is ahead of the cancel in the
  * ring and the kernel finds the receive to cancel. */
-static void resubmit_recv(uring_port_t *p, port_op_t *op) {
+static void resubmit_recv(uring_port_t *p, port_op_t *op, int poll_first) {
     struct io_uring_sqe *sqe;
     port_spin_lock(&p->sq_lock);
     sqe = sqe_get(p);
@@ -218,7 +225,7 @@ static void resubmit_recv(uring_port_t *p, port_op_t *op) {
         sqe->opcode = IORING_OP_NOP;
         sqe->user_data = (uint64_t)(uintptr_t)op | UD_TAG_IMM;
     } else {
-        prep_recv(p, sqe, op);
+        prep_recv(p, sqe, op, poll_first);
     }
     sqe_commit(p);
     port_spin_unlock(&p->sq_lock);
@@ -289,7 +296,7 @@ static void uring_recv_release(port_t *bp, uint32_t bid) {
         return;
     while (rearm != NULL) {
         port_op_t *next = OP_PRIV(rearm)->rearm_next;
-        resubmit_recv(p, rearm);
+        resubmit_recv(p, rearm, 0);
         rearm = next;
     }
     after_submit(p);
@@ -309,7 +316,7 @@ static void recv_out_of_buffers(uring_port_t *p, port_op_t *op) {
     }
     port_spin_unlock(&p->br_lock);
     if (now)
-        resubmit_recv(p, op);
+        resubmit_recv(p, op, 0);
 }
 
 /* ---- completions ---------------------------------------------------------------------- */
@@ -340,14 +347,17 @@ static int handle_cqe(uring_port_t *p, port_cqe_t *out, int n, uint64_t ud, int3
         }
         if (res > 0) {
             c.res = res;
+            OP_PRIV(op)->u.short_read = (uint32_t)res < p->buf_size;
+            if (p->multishot == 0)
+                goto final;                  /* the usual one-shot receive */
             c.flags |= PORT_CQE_MORE;
             if (flags & IORING_CQE_F_MORE) {
                 if (p->multishot < 0)
                     port_atomic_store32(&p->multishot, 1);
             } else {
-                /* Single-shot, or the kernel ended the multishot: stay armed (or, with a
+                /* The kernel ended the multishot with data: stay armed (or, with a
                  * cancel pending, deliver the data and then the cancel). */
-                resubmit_recv(p, op);
+                resubmit_recv(p, op, (int)OP_PRIV(op)->u.short_read);
             }
             return port__deliver(&p->base, out, out, n, &c);
         }
@@ -358,7 +368,7 @@ static int handle_cqe(uring_port_t *p, port_cqe_t *out, int n, uint64_t ud, int3
         if (res == -EINVAL && p->multishot < 0) {
             /* A kernel without multishot recv rejects the flag: fall back for good. */
             port_atomic_store32(&p->multishot, 0);
-            resubmit_recv(p, op);
+            resubmit_recv(p, op, 0);
             return n;
         }
         c.res = res == 0 ? 0 : (res == -ENOBUFS ? PORT_ECANCELED : port_err_from_os(-res));
@@ -535,7 +545,7 @@ static int uring_recv(port_t *bp, port_op_t *op, port_sock_t sock) {
     uring_port_t *p = (uring_port_t *)bp;
     op->sock = sock;
     port__submitted(bp, op);
-    resubmit_recv(p, op);
+    resubmit_recv(p, op, (int)OP_PRIV(op)->u.short_read);
     after_submit(p);
     return 0;
 }
@@ -755,7 +765,7 @@ static int uring_create_ex(uring_port_t **out, const port_options_t *opts, int w
         return PORT_ENOMEM;
     port__init_common(&p->base, &port__io_uring_vtable, opts);
     p->ring_fd = -1;
-    p->multishot = -1;
+    p->multishot = (p->base.opts.flags & PORT_OPT_RECV_MULTISHOT) ? -1 : 0;
     entries = p->base.opts.queue_depth;
 
     memset(&params, 0, sizeof(params));

@@ -12,12 +12,17 @@
  *     found while submitting are reported through that completion too, so the caller has a
  *     single place to handle them. A submission that returns a negative error produced
  *     nothing (the port is closed, or the arguments are invalid).
- *   - A receive stays armed: it completes many times, each completion carrying
- *     PORT_CQE_MORE, until the peer closes (res == 0), an error, or a cancel ends it with a
- *     final completion (no PORT_CQE_MORE). Data lives in a buffer owned by the port
- *     (io_uring's provided-buffer ring, or the epoll/IOCP backends' pool), so an idle
- *     connection pins no receive buffer; the caller hands each buffer back with
- *     port_recv_release() once it has consumed or copied it.
+ *   - A receive completes once, like a WSARecv: with data (res > 0), at the peer's
+ *     close (res == 0), or with an error; the caller posts the next receive when it has
+ *     dealt with this one.  So the port never reads ahead of the application by more
+ *     than one buffer per connection, and a session applies backpressure to a peer that
+ *     sends faster than it reads simply by not posting.  (io_uring can be asked for
+ *     multishot receives, PORT_OPT_RECV_MULTISHOT: completions then carry
+ *     PORT_CQE_MORE while the receive stays armed, until a final one without it.)
+ *     Data lives in a buffer owned by the port (io_uring's provided-buffer ring, or the
+ *     epoll/IOCP backends' pool), so an idle connection pins no receive buffer; the
+ *     caller hands each buffer back with port_recv_release() once it has consumed or
+ *     copied it.
  *   - port_wait() returns a *batch* of completions. Several threads may wait on one port
  *     at once; any thread may submit at any time.
  *   - Completions of operations that share a strand (port_strand_t, one per session) are
@@ -189,7 +194,14 @@ typedef struct port_options {
     uint32_t recv_buffer_size;    /* bytes per receive buffer (default 16 KiB) */
     uint32_t recv_buffer_count;   /* most receive buffers the port may use (default 4096) */
     uint32_t queue_depth;         /* io_uring submission queue entries (default 4096) */
+    uint32_t flags;               /* PORT_OPT_* */
 } port_options_t;
+
+/* io_uring: keep receives armed with multishot recv instead of re-arming one receive per
+ * completion.  Fewer submissions, but the kernel then reads ahead without bound while
+ * the application is busy (up to the whole buffer pool), which defeats backpressure;
+ * off by default, measured in benchmarks/. */
+#define PORT_OPT_RECV_MULTISHOT 0x1u
 
 typedef struct port_stats {
     uint64_t submitted;           /* operations accepted by a submit call */
@@ -251,7 +263,7 @@ int port_accept(port_t *p, port_op_t *op, port_sock_t listener);
 /* Create a socket for addr's family, associate it, and connect: op->sock is set before
  * this returns (so the caller can close it); res = 0 once connected.  addr is copied. */
 int port_connect(port_t *p, port_op_t *op, const port_addr_t *addr);
-/* Arm a receive (see the top).  Each completion with res > 0 carries PORT_CQE_BUFFER. */
+/* Post a receive (see the top).  A completion with res > 0 carries PORT_CQE_BUFFER. */
 int port_recv(port_t *p, port_op_t *op, port_sock_t sock);
 /* Give back the buffer of a receive completion.  Exactly once per PORT_CQE_BUFFER. */
 void port_recv_release(port_t *p, const port_cqe_t *cqe);
