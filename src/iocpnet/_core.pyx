@@ -32,6 +32,7 @@ import logging
 import os
 import threading
 import time as _time
+import traceback as _traceback
 
 logger = logging.getLogger("iocpnet")
 
@@ -172,6 +173,7 @@ cdef class IocpCore:
     cdef volatile int32_t _closed
     cdef volatile int32_t _dispatchers
     cdef int64_t _now_ms
+    cdef bint _recv_multishot
     cdef object _lock
     cdef list _close_callbacks
     cdef set _timers
@@ -180,7 +182,7 @@ cdef class IocpCore:
     cdef object __weakref__
 
     def __cinit__(self, backend=None, *, int recv_buffer_size=0, int recv_buffer_count=0,
-                  int queue_depth=0):
+                  int queue_depth=0, bint recv_multishot=False):
         cdef port_options_t opts
         cdef char err[512]
         cdef int rc
@@ -198,6 +200,8 @@ cdef class IocpCore:
         opts.recv_buffer_size = recv_buffer_size if recv_buffer_size > 0 else 0
         opts.recv_buffer_count = recv_buffer_count if recv_buffer_count > 0 else 0
         opts.queue_depth = queue_depth if queue_depth > 0 else 0
+        opts.flags = PORT_OPT_RECV_MULTISHOT if recv_multishot else 0
+        self._recv_multishot = recv_multishot
         rc = port_create(&self.port, cname, &opts, err, sizeof(err))
         reason = err.decode("utf-8", "replace")
         if rc != 0:
@@ -404,7 +408,11 @@ cdef class IocpCore:
                 self._flush_watch[s] = deadline_ms
                 start = self._housekeeping is None and not self._closing
                 if start:
-                    self._housekeeping = self._start_timer(0.1, 0.1, self._sweep_flush, ())
+                    self._housekeeping = True      # claimed; the timer is made below
+            if start:
+                t = self._start_timer(0.1, 0.1, self._sweep_flush, ())
+                with self._lock:
+                    self._housekeeping = t
         except Exception:
             logger.exception("iocpnet: watching a flushing session failed")
             s._close_now("flush watch failed", True)
@@ -420,7 +428,7 @@ cdef class IocpCore:
                 elif now >= deadline:
                     del self._flush_watch[s]
                     overdue.append(s)
-            if not self._flush_watch and self._housekeeping is not None:
+            if not self._flush_watch and isinstance(self._housekeeping, Timer):
                 self._housekeeping.Cancel()
                 self._housekeeping = None
         for s in overdue:
@@ -486,7 +494,7 @@ cdef class _Job(IocpObject):
         try:
             func(*args)
         except BaseException:
-            logger.exception("iocpnet: job %r raised", func)
+            logger.exception("iocpnet: job %s raised", repr(func))
 
 
 @cython.final
@@ -534,7 +542,7 @@ cdef class Timer(IocpObject):
             try:
                 self.func(*self.args)
             except BaseException:
-                logger.exception("iocpnet: timer callback %r raised", self.func)
+                logger.exception("iocpnet: timer callback %s raised", repr(self.func))
             if self.interval > 0 and not self._cancelled and not self.core._closing:
                 try:
                     self._arm(self.interval)
@@ -679,6 +687,7 @@ cdef class Session(IocpObject):
     cdef int _state
     cdef int _ops                 # operations in flight (under _lock)
     cdef bint _recv_armed
+    cdef bint _recv_paused        # backpressure: not receiving while the peer lags
     cdef bint _send_busy
     cdef bint _close_started
     cdef bint _counted_connected
@@ -869,6 +878,14 @@ cdef class Session(IocpObject):
             rc = self._submit_send_locked()
         else:
             rc = 0
+        if queued >= (limit >> 2) and not self._recv_paused:
+            # Backpressure: the peer reads slower than it makes us write (an echo, a
+            # request flood).  Stop reading from it until the queue drains, so that its
+            # own sends block in TCP instead of our queue reaching the limit.  A one-shot
+            # receive is simply not posted again; a multishot one must be cancelled.
+            self._recv_paused = True
+            if self._recv_armed and self.core._recv_multishot:
+                port_cancel(self.core.port, &self._recv_op)
         port_spin_unlock(&self._lock)
         if rc != 0:
             self._close_now(f"cannot send: {port_reason(rc)}", False)
@@ -930,11 +947,18 @@ cdef class Session(IocpObject):
         self._arm_recv()
 
     cdef void _arm_recv(self) noexcept:
+        cdef int rc
+        port_spin_lock(&self._lock)
+        rc = self._arm_recv_locked()
+        port_spin_unlock(&self._lock)
+        if rc != 0:
+            self._close_now(f"cannot receive: {port_reason(rc)}", False)
+
+    cdef int _arm_recv_locked(self) noexcept:
         # Submissions and the close happen under _lock, so no operation can reach a
         # socket after it was closed (its number may already belong to a new one).
         cdef int rc = 0
-        port_spin_lock(&self._lock)
-        if self._state == S_CONNECTED and not self._recv_armed:
+        if self._state == S_CONNECTED and not self._recv_armed and not self._recv_paused:
             _incref(<PyObject *>self)
             rc = port_recv(self.core.port, &self._recv_op, self._sock)
             if rc == 0:
@@ -942,9 +966,7 @@ cdef class Session(IocpObject):
                 self._ops += 1
             else:
                 _decref(<PyObject *>self)
-        port_spin_unlock(&self._lock)
-        if rc != 0:
-            self._close_now(f"cannot receive: {port_reason(rc)}", False)
+        return rc
 
     cdef int _start_connect(self, port_addr_t *addr) except -1:
         cdef int rc
@@ -994,12 +1016,13 @@ cdef class Session(IocpObject):
             try:
                 self._hooks.on_connect_failed(self, reason)
             except BaseException:
-                logger.exception("iocpnet: OnConnectFailed of %r raised", self)
+                logger.exception("iocpnet: OnConnectFailed of %s raised", repr(self))
         self._close_now(reason, False)
         self._maybe_finish()
 
     cdef void _process_recv(self, port_cqe_t *cqe) noexcept:
         cdef int64_t res = cqe.res
+        cdef int rc
         if cqe.flags & PORT_CQE_BUFFER:
             if self._state == S_CONNECTED:
                 self._last_recv_ms = self.core._now_ms
@@ -1008,14 +1031,22 @@ cdef class Session(IocpObject):
                 port_recv_release(self.core.port, cqe)
         if cqe.flags & PORT_CQE_MORE:
             return
+        rc = 0
         port_spin_lock(&self._lock)
         self._recv_armed = False
         self._ops -= 1
+        if (res > 0 or res == PORT_ECANCELED) and self._state == S_CONNECTED:
+            # Post the next receive (the original's RegisterRecv after ProcessRecv),
+            # unless paused for backpressure: then the send path posts it once the queue
+            # drains.  (ECANCELED here: a multishot receive paused, maybe resumed since.)
+            rc = self._arm_recv_locked()
         port_spin_unlock(&self._lock)
         if res == 0:
             self._begin_disconnect("peer closed the connection", True)
-        elif res != PORT_ECANCELED:
+        elif res < 0 and res != PORT_ECANCELED:
             self._close_now(port_reason(<int>res), False)
+        elif rc != 0:
+            self._close_now(f"cannot receive: {port_reason(rc)}", False)
         self._maybe_finish()
 
     cdef void _deliver(self, port_cqe_t *cqe) noexcept:
@@ -1178,9 +1209,13 @@ cdef class Session(IocpObject):
                     free(self._iov)
                     self._iov = self._iov_inline
         busy = self._send_busy
+        if self._recv_paused and self._sq_bytes <= (self._hooks.send_queue_limit >> 4):
+            self._recv_paused = False
+            if rc == 0:
+                rc = self._arm_recv_locked()
         port_spin_unlock(&self._lock)
         if rc != 0:
-            self._close_now(f"cannot send: {port_reason(rc)}", False)
+            self._close_now(f"cannot send or receive: {port_reason(rc)}", False)
         if sent > 0 and self._hooks.on_send is not None:
             try:
                 self._hooks.on_send(self, sent)
@@ -1339,12 +1374,17 @@ cdef class Session(IocpObject):
             try:
                 self._hooks.on_disconnected(self, self._reason)
             except BaseException:
-                logger.exception("iocpnet: OnDisconnected of %r raised", self)
+                logger.exception("iocpnet: OnDisconnected of %s raised", repr(self))
 
     cdef void _hook_failed(self, str hook, BaseException e) noexcept:
-        logger.error("iocpnet: %s of %r raised; disconnecting it", hook, self,
+        # Log the repr, not the session: a handler keeping the record must not keep it alive.
+        logger.error("iocpnet: %s of %s raised; disconnecting it", hook, repr(self),
                      exc_info=(type(e), e, e.__traceback__))
-        self._close_now(f"exception in {hook}: {_describe_exc(e)}", True)
+        # The traceback's frames hold the hook's locals (OnRecv's memoryview among
+        # them) for as long as a handler keeps the record; let them go now.
+        _traceback.clear_frames(e.__traceback__)
+        # Our bug, not the peer's: close with a FIN, without waiting to flush.
+        self._close_now(f"exception in {hook}: {_describe_exc(e)}", False)
 
 
 # ---------------------------------------------------------------------------------------

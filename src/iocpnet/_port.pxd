@@ -69,6 +69,9 @@ cdef extern from "port/port.h" nogil:
         uint32_t recv_buffer_size
         uint32_t recv_buffer_count
         uint32_t queue_depth
+        uint32_t flags
+    enum:
+        PORT_OPT_RECV_MULTISHOT
 
     ctypedef struct port_stats_t:
         uint64_t submitted

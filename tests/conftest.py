@@ -1,0 +1,174 @@
+"""Shared fixtures: every test runs once per backend this machine can run, against real
+sockets on 127.0.0.1, and every test ends with the leak counters balanced."""
+import contextlib
+import gc
+import logging
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+import iocpnet
+
+BACKENDS = iocpnet.available_backends()
+
+
+def pytest_report_header(config):
+    return (f"iocpnet {iocpnet.__version__} from {os.path.dirname(iocpnet.__file__)}; "
+            f"backends: {', '.join(BACKENDS)}")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """The completion-port backend under test (the suite runs once per backend)."""
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """After each test: no session objects left, nothing in flight."""
+    gc.collect()
+    before = iocpnet.debug_counters()
+    yield
+    deadline = time.monotonic() + 5
+    while True:
+        gc.collect()
+        after = iocpnet.debug_counters()
+        if after == before or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert after == before, f"leaked: before the test {before}, after {after}"
+
+
+class Server:
+    """A Service on 127.0.0.1 with worker threads, stopped and checked on exit."""
+
+    def __init__(self, session_cls, backend, workers=2, accepts=16, **service_kw):
+        self.core = iocpnet.IocpCore(backend)
+        self.listener = iocpnet.Listener(("127.0.0.1", 0))
+        self.service = iocpnet.Service(self.core, self.listener, session_cls, accepts,
+                                       **service_kw)
+        self.workers = workers
+        self.threads = []
+        self.worker_errors = []
+
+    @property
+    def port(self):
+        return self.listener.port
+
+    @property
+    def address(self):
+        return ("127.0.0.1", self.listener.port)
+
+    def _worker(self):
+        try:
+            while self.core.Dispatch() >= 0:
+                pass
+        except BaseException as e:  # surfaced by stop()
+            self.worker_errors.append(e)
+
+    def start(self):
+        self.service.Start()
+        for i in range(self.workers):
+            t = threading.Thread(target=self._worker, name=f"test-worker-{i}", daemon=True)
+            t.start()
+            self.threads.append(t)
+        return self
+
+    def stop(self, timeout=10):
+        self.service.Stop(timeout)
+        self.core.Close(timeout)
+        for t in self.threads:
+            t.join(timeout)
+        alive = [t.name for t in self.threads if t.is_alive()]
+        assert not alive, f"worker threads did not end: {alive}"
+        assert not self.worker_errors, f"a worker failed: {self.worker_errors!r}"
+        stats = self.core.stats()
+        assert stats["in_flight"] == 0, f"operations left in flight: {stats}"
+        assert stats["recv_buffers_out"] == 0, f"receive buffers not given back: {stats}"
+
+
+@pytest.fixture
+def server(backend):
+    """server(SessionClass, workers=2, accepts=16, **service_kw) -> a started Server."""
+    made = []
+
+    def make(session_cls, **kw):
+        s = Server(session_cls, backend, **kw).start()
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.stop()
+    made.clear()
+
+
+def connect(address, timeout=10):
+    s = socket.create_connection(address, timeout=timeout)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def recv_exactly(sock, n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_until_eof(sock):
+    buf = bytearray()
+    while True:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+
+
+def wait_for(predicate, timeout=10, message="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {message}")
+        time.sleep(0.005)
+
+
+class Recorder:
+    """Thread-safe record of hook calls, shared by a test's session class."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.events = []
+        self.disconnected = []
+        self.disconnect_event = threading.Event()
+
+    def add(self, *event):
+        with self.lock:
+            self.events.append(event)
+
+    def on_disconnected(self, session, reason):
+        # Keep the reason, not the session: holding it would look like a leak.
+        with self.lock:
+            self.disconnected.append((type(session).__name__, reason))
+        self.disconnect_event.set()
+
+    def wait_disconnects(self, n, timeout=10):
+        wait_for(lambda: len(self.disconnected) >= n, timeout,
+                 f"{n} OnDisconnected calls (got {len(self.disconnected)})")
+
+
+@pytest.fixture
+def recorder():
+    return Recorder()
+
+
+@pytest.fixture
+def caplog_iocpnet(caplog):
+    caplog.set_level(logging.INFO, logger="iocpnet")
+    return caplog

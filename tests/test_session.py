@@ -1,0 +1,440 @@
+"""Session semantics: hooks, Send, Disconnect, limits, errors, threads."""
+import asyncio
+import logging
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+import iocpnet
+
+from conftest import connect, recv_exactly, recv_until_eof, wait_for
+
+
+class Echo(iocpnet.Session):
+    def OnRecv(self, data):
+        self.Send(data)
+
+
+def make_echo(recorder):
+    class RecordingEcho(Echo):
+        def OnConnected(self):
+            recorder.add("connected", self.address)
+
+        def OnDisconnected(self, reason):
+            recorder.on_disconnected(self, reason)
+
+    return RecordingEcho
+
+
+def test_200_concurrent_clients(server):
+    srv = server(Echo, workers=2, accepts=64)
+
+    async def client(i):
+        reader, writer = await asyncio.open_connection(*srv.address)
+        for k in range(5):
+            msg = f"client {i} message {k} ".encode() * (i % 7 + 1)
+            writer.write(msg)
+            assert await reader.readexactly(len(msg)) == msg
+        writer.close()
+        await writer.wait_closed()
+
+    async def main():
+        await asyncio.wait_for(asyncio.gather(*(client(i) for i in range(200))), 60)
+
+    asyncio.run(main())
+    wait_for(lambda: srv.service.session_count == 0, message="all sessions to end")
+    assert srv.service.total_sessions == 200
+
+
+@pytest.mark.parametrize("size", [1, 1000, 64 * 1024 + 3, 1024 * 1024, 4 * 1024 * 1024])
+def test_message_sizes(server, size):
+    """From 1 byte to 4 MiB: receives arrive in pieces, sends complete partially."""
+    srv = server(Echo)
+    payload = bytes((i * 7 + size) & 0xFF for i in range(min(size, 65536)))
+    payload = (payload * (size // len(payload) + 1))[:size]
+    with connect(srv.address, timeout=30) as c:
+        sender = threading.Thread(target=c.sendall, args=(payload,))
+        sender.start()
+        echoed = recv_exactly(c, size)
+        sender.join()
+    assert echoed == payload
+
+
+class LineSession(iocpnet.Session):
+    """Consumes only complete lines; the rest must be shown again with the next bytes."""
+    lines = None
+
+    def OnRecv(self, data):
+        raw = bytes(data)
+        end = raw.rfind(b"\n")
+        if end < 0:
+            return 0
+        for line in raw[:end].split(b"\n"):
+            self.lines.append(line)
+            self.Send(line.upper() + b"\n")
+        return end + 1
+
+
+def test_onrecv_partial_consumption_across_dribbled_writes(server):
+    lines = []
+    cls = type("Lines", (LineSession,), {"lines": lines})
+    srv = server(cls)
+    text = b"first line\nsecond\nthe third one is longer\n"
+    with connect(srv.address) as c:
+        for i in range(len(text)):         # one byte at a time
+            c.sendall(text[i:i + 1])
+            time.sleep(0.001)
+        assert recv_exactly(c, len(text)) == text.upper()
+    assert lines == [b"first line", b"second", b"the third one is longer"]
+
+
+def test_send_from_a_non_worker_thread(server):
+    sessions = []
+    ready = threading.Event()
+
+    class Pusher(iocpnet.Session):
+        def OnConnected(self):
+            sessions.append(self)
+            ready.set()
+
+    srv = server(Pusher)
+    with connect(srv.address) as c:
+        assert ready.wait(10)
+        s = sessions.pop()
+        expected = b"".join(b"%06d" % i for i in range(2000))
+
+        def push():
+            for i in range(2000):
+                assert s.Send(b"%06d" % i)
+
+        threads = [threading.Thread(target=push)]
+        threads[0].start()
+        threads[0].join()
+        assert recv_exactly(c, len(expected)) == expected
+        del s
+
+
+def test_server_side_disconnect(server, recorder):
+    class Quitter(Echo):
+        def OnRecv(self, data):
+            if bytes(data).strip() == b"quit":
+                self.Send(b"bye\n")
+                assert self.Disconnect("client asked to quit")
+                assert not self.Disconnect("again")          # idempotent
+                assert not self.Send(b"late")               # nothing after Disconnect
+                return None
+            self.Send(data)
+
+        def OnDisconnected(self, reason):
+            recorder.on_disconnected(self, reason)
+
+    srv = server(Quitter)
+    with connect(srv.address) as c:
+        c.sendall(b"hello\n")
+        assert recv_exactly(c, 6) == b"hello\n"
+        c.sendall(b"quit\n")
+        assert recv_until_eof(c) == b"bye\n"      # queued data flushed, then EOF
+    recorder.wait_disconnects(1)
+    assert recorder.disconnected == [("Quitter", "client asked to quit")]
+
+
+def test_disconnect_from_another_thread(server, recorder):
+    sessions = []
+
+    class Held(Echo):
+        def OnConnected(self):
+            sessions.append(self)
+
+        def OnDisconnected(self, reason):
+            recorder.on_disconnected(self, reason)
+
+    srv = server(Held)
+    with connect(srv.address) as c:
+        wait_for(lambda: sessions, message="the session")
+        s = sessions.pop()
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(s.Disconnect("kicked")))
+                   for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results.count(True) == 1
+        assert recv_until_eof(c) == b""
+        del s
+    recorder.wait_disconnects(1)
+    assert recorder.disconnected == [("Held", "kicked")]
+
+
+def test_peer_close_gives_one_ondisconnected(server, recorder):
+    srv = server(make_echo(recorder))
+    for _ in range(3):
+        with connect(srv.address) as c:
+            c.sendall(b"x")
+            assert recv_exactly(c, 1) == b"x"
+    recorder.wait_disconnects(3)
+    time.sleep(0.1)
+    assert [r for _, r in recorder.disconnected] == ["peer closed the connection"] * 3
+
+
+def test_peer_reset_gives_one_ondisconnected(server, recorder):
+    srv = server(make_echo(recorder))
+    c = connect(srv.address)
+    c.sendall(b"x")
+    assert recv_exactly(c, 1) == b"x"
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()                                  # RST
+    recorder.wait_disconnects(1)
+    time.sleep(0.1)
+    assert len(recorder.disconnected) == 1
+    assert recorder.disconnected[0][1] == "connection reset by peer"
+
+
+def test_half_close_flushes_queued_data(server, recorder):
+    """The peer shuts down its side: what Send queued still goes out, then EOF."""
+    srv = server(make_echo(recorder))
+    with connect(srv.address) as c:
+        payload = b"0123456789" * 100_000          # 1 MB, more than the socket buffers
+        sender = threading.Thread(target=lambda: (c.sendall(payload),
+                                                  c.shutdown(socket.SHUT_WR)))
+        sender.start()
+        echoed = recv_until_eof(c)
+        sender.join()
+    assert echoed == payload
+    recorder.wait_disconnects(1)
+    assert recorder.disconnected[0][1] == "peer closed the connection"
+
+
+def test_raising_hook_closes_only_its_session(server, recorder, caplog_iocpnet):
+    class Fragile(Echo):
+        def OnRecv(self, data):
+            if bytes(data) == b"boom":
+                raise ValueError("bad packet")
+            self.Send(data)
+
+        def OnDisconnected(self, reason):
+            recorder.on_disconnected(self, reason)
+
+    srv = server(Fragile)
+    with connect(srv.address) as good, connect(srv.address) as bad:
+        good.sendall(b"ok")
+        assert recv_exactly(good, 2) == b"ok"
+        bad.sendall(b"boom")
+        assert recv_until_eof(bad) == b""
+        recorder.wait_disconnects(1)
+        good.sendall(b"still here")
+        assert recv_exactly(good, 10) == b"still here"
+    assert recorder.disconnected[0] == ("Fragile", "exception in OnRecv: ValueError: bad packet")
+    logged = [r for r in caplog_iocpnet.records if "OnRecv" in r.getMessage()]
+    assert logged and logged[0].exc_info and logged[0].levelno == logging.ERROR
+
+
+def test_onrecv_bad_return_value_disconnects(server, recorder):
+    class Liar(Echo):
+        def OnRecv(self, data):
+            return len(data) + 5
+
+        def OnDisconnected(self, reason):
+            recorder.on_disconnected(self, reason)
+
+    srv = server(Liar)
+    with connect(srv.address) as c:
+        c.sendall(b"abc")
+        assert recv_until_eof(c) == b""
+    recorder.wait_disconnects(1)
+    assert "OnRecv returned 8, but it was given 3 bytes" in recorder.disconnected[0][1]
+
+
+def test_send_queue_limit_disconnects_a_peer_that_does_not_read(server, recorder):
+    class Flood(iocpnet.Session):
+        send_queue_limit = 256 * 1024
+
+        def OnConnected(self):
+            chunk = b"z" * 16384
+            while self.Send(chunk):
+                pass
+
+        def OnDisconnected(self, reason):
+            recorder.on_disconnected(self, reason)
+
+    srv = server(Flood)
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # before the handshake
+    c.connect(srv.address)                                    # and never read
+    recorder.wait_disconnects(1)
+    reason = recorder.disconnected[0][1]
+    assert reason.startswith("send queue limit exceeded")
+    assert "send_queue_limit is 262144" in reason
+    c.close()
+
+
+def test_recv_buffer_limit_disconnects_a_hook_that_never_consumes(server, recorder):
+    class Hoarder(iocpnet.Session):
+        recv_buffer_limit = 8192
+
+        def OnRecv(self, data):
+            return 0
+
+        def OnDisconnected(self, reason):
+            recorder.on_disconnected(self, reason)
+
+    srv = server(Hoarder)
+    with connect(srv.address) as c:
+        try:
+            c.sendall(b"a" * 100_000)
+        except OSError:
+            pass
+        recorder.wait_disconnects(1)
+    assert recorder.disconnected[0][1].startswith("receive buffer full")
+
+
+def test_kept_memoryview_stays_valid(server):
+    """A hook that keeps the memoryview it was given never sees reused memory."""
+    kept = []
+
+    class Keeper(iocpnet.Session):
+        def OnRecv(self, data):
+            kept.append(data)                 # keep the view itself
+            self.Send(b"k")
+
+    srv = server(Keeper)
+    with connect(srv.address) as c:
+        for i in range(20):
+            c.sendall(bytes([65 + i]) * 1000)
+            assert recv_exactly(c, 1) == b"k"
+    joined = b"".join(bytes(v) for v in kept)
+    assert joined == b"".join(bytes([65 + i]) * 1000 for i in range(20))
+    kept.clear()
+
+
+def test_five_workers(server):
+    srv = server(Echo, workers=5, accepts=32)
+    seen_threads = set()
+
+    async def client(i):
+        reader, writer = await asyncio.open_connection(*srv.address)
+        for k in range(20):
+            msg = b"%d:%d;" % (i, k)
+            writer.write(msg)
+            assert await reader.readexactly(len(msg)) == msg
+        writer.close()
+        await writer.wait_closed()
+
+    async def main():
+        await asyncio.gather(*(client(i) for i in range(50)))
+
+    asyncio.run(main())
+    assert all(t.is_alive() for t in srv.threads)
+
+
+def test_one_session_hooks_never_overlap(server):
+    """Completions of one session are handled one at a time, whatever the workers."""
+    overlap = []
+
+    class Checked(iocpnet.Session):
+        busy = False
+
+        def _enter(self):
+            if self.busy:
+                overlap.append(True)
+            self.busy = True
+
+        def OnRecv(self, data):
+            self._enter()
+            time.sleep(0.0005)
+            self.Send(data)
+            self.busy = False
+
+        def OnSend(self, n):
+            self._enter()
+            time.sleep(0.0005)
+            self.busy = False
+
+    srv = server(Checked, workers=5)
+    with connect(srv.address) as c:
+        for i in range(200):
+            c.sendall(b"m%d" % i)
+        expected = b"".join(b"m%d" % i for i in range(200))
+        assert recv_exactly(c, len(expected)) == expected
+    assert not overlap
+
+
+def test_stop_with_io_in_flight_ends_workers(backend, recorder):
+    from conftest import Server
+
+    srv = Server(make_echo(recorder), backend, workers=3).start()
+    clients = [connect(srv.address) for _ in range(20)]
+    stop = threading.Event()
+
+    def blast(c):
+        try:
+            while not stop.is_set():
+                c.sendall(b"y" * 4096)
+        except OSError:
+            pass
+
+    def drain(c):
+        try:
+            while c.recv(65536):
+                pass
+        except OSError:
+            pass
+
+    threads = [threading.Thread(target=f, args=(c,)) for c in clients for f in (blast, drain)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: srv.service.session_count == 20, message="20 sessions")
+    time.sleep(0.2)
+    srv.stop()                     # asserts workers ended, nothing in flight
+    stop.set()
+    for c in clients:
+        c.close()
+    for t in threads:
+        t.join(10)
+    assert len(recorder.disconnected) == 20
+    assert {r for _, r in recorder.disconnected} <= {
+        "server shutdown", "server shutdown (its queued data was not flushed in time)"}
+
+
+def test_address_and_connected(server):
+    info = {}
+
+    class Inspect(iocpnet.Session):
+        def OnConnected(self):
+            info["address"] = self.address
+            info["connected"] = self.connected
+
+        def OnDisconnected(self, reason):
+            info["after"] = self.connected
+
+    srv = server(Inspect)
+    with connect(srv.address) as c:
+        local = c.getsockname()
+        wait_for(lambda: "address" in info, message="OnConnected")
+    wait_for(lambda: "after" in info, message="OnDisconnected")
+    assert info == {"address": ("127.0.0.1", local[1]), "connected": True, "after": False}
+
+
+def test_session_factory_must_make_sessions(backend):
+    core = iocpnet.IocpCore(backend)
+    with pytest.raises(TypeError):
+        iocpnet.Service(core, iocpnet.Listener(0), 42, 10)
+    core.Close()
+
+
+def test_listener_port_zero_picks_a_free_port(backend):
+    core = iocpnet.IocpCore(backend)
+    service = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0)), Echo, 4)
+    service.Start()
+    try:
+        assert 1024 <= service.listener.port <= 65535
+        with pytest.raises(OSError):     # the port is taken now
+            other = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", service.listener.port)),
+                                    Echo, 4)
+            other.Start()
+    finally:
+        service.Stop()
+        core.Close()
