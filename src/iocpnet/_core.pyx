@@ -224,10 +224,10 @@ cdef class IocpCore:
         if self.backend not in _logged_backends:
             _logged_backends.add(self.backend)
             if backend is None and reason and self.backend != compiled_backends()[0]:
-                logger.info("iocpnet: %s unavailable (%s); using the %s backend",
+                logger.info("%s unavailable (%s); using the %s backend",
                             compiled_backends()[0], reason, self.backend)
             else:
-                logger.info("iocpnet: using the %s backend", self.backend)
+                logger.info("using the %s backend", self.backend)
 
     def __dealloc__(self):
         if self.port != NULL:
@@ -314,7 +314,7 @@ cdef class IocpCore:
                 try:
                     cb()
                 except Exception:
-                    logger.exception("iocpnet: a close callback raised")
+                    logger.exception("a close callback raised")
             for t in timers:
                 (<Timer>t).Cancel()
         if in_worker:
@@ -325,7 +325,7 @@ cdef class IocpCore:
             if st.in_flight <= 0:
                 break
             if _time.monotonic() >= deadline:
-                logger.warning("iocpnet: %d operation(s) still in flight after %.1f s; "
+                logger.warning("%d operation(s) still in flight after %.1f s; "
                                "closing the port anyway (their owners are abandoned)",
                                st.in_flight, timeout)
                 break
@@ -414,7 +414,7 @@ cdef class IocpCore:
                 with self._lock:
                     self._housekeeping = t
         except Exception:
-            logger.exception("iocpnet: watching a flushing session failed")
+            logger.exception("watching a flushing session failed")
             s._close_now("flush watch failed", True)
 
     def _sweep_flush(self):
@@ -494,7 +494,7 @@ cdef class _Job(IocpObject):
         try:
             func(*args)
         except BaseException:
-            logger.exception("iocpnet: job %s raised", repr(func))
+            logger.exception("job %s raised", repr(func))
 
 
 @cython.final
@@ -542,13 +542,13 @@ cdef class Timer(IocpObject):
             try:
                 self.func(*self.args)
             except BaseException:
-                logger.exception("iocpnet: timer callback %s raised", repr(self.func))
+                logger.exception("timer callback %s raised", repr(self.func))
             if self.interval > 0 and not self._cancelled and not self.core._closing:
                 try:
                     self._arm(self.interval)
                     return
                 except Exception:
-                    logger.exception("iocpnet: re-arming a repeating timer failed")
+                    logger.exception("re-arming a repeating timer failed")
         self._done = True
         self.core._timer_done(self)
         self.func = None
@@ -1016,7 +1016,7 @@ cdef class Session(IocpObject):
             try:
                 self._hooks.on_connect_failed(self, reason)
             except BaseException:
-                logger.exception("iocpnet: OnConnectFailed of %s raised", repr(self))
+                logger.exception("OnConnectFailed of %s raised", repr(self))
         self._close_now(reason, False)
         self._maybe_finish()
 
@@ -1374,11 +1374,11 @@ cdef class Session(IocpObject):
             try:
                 self._hooks.on_disconnected(self, self._reason)
             except BaseException:
-                logger.exception("iocpnet: OnDisconnected of %s raised", repr(self))
+                logger.exception("OnDisconnected of %s raised", repr(self))
 
     cdef void _hook_failed(self, str hook, BaseException e) noexcept:
         # Log the repr, not the session: a handler keeping the record must not keep it alive.
-        logger.error("iocpnet: %s of %s raised; disconnecting it", hook, repr(self),
+        logger.error("%s of %s raised; disconnecting it", hook, repr(self),
                      exc_info=(type(e), e, e.__traceback__))
         # The traceback's frames hold the hook's locals (OnRecv's memoryview among
         # them) for as long as a handler keeps the record; let them go now.
@@ -1514,7 +1514,7 @@ cdef class Listener(IocpObject):
             try:
                 session = self._service._new_session()
             except BaseException:
-                logger.exception("iocpnet: the session factory raised; accept slot %d "
+                logger.exception("the session factory raised; accept slot %d "
                                  "stays empty", i)
                 self._pending[i] = None
                 return
@@ -1532,7 +1532,7 @@ cdef class Listener(IocpObject):
             self._pending[i] = None
             session._state = S_NEW
             if rc != PORT_ECLOSED:
-                logger.error("iocpnet: posting an accept failed: %s", port_reason(rc))
+                logger.error("posting an accept failed: %s", port_reason(rc))
 
     cdef void _dispatch(self, port_cqe_t *cqe) noexcept:
         cdef int i = <int>(cqe.op - self._ops)
@@ -1569,15 +1569,15 @@ cdef class Listener(IocpObject):
             self._starved.append((i, session))
             if self._backoff_timer is None:
                 self._backoff_ms = min(max(self._backoff_ms * 2, 50), 1000)
-                logger.warning("iocpnet: accept failed on %s: %s; pausing accepts for %d ms",
+                logger.warning("accept failed on %s: %s; pausing accepts for %d ms",
                                self.address, port_reason(<int>res), self._backoff_ms)
                 try:
                     self._backoff_timer = self.core.CallLater(
                         self._backoff_ms / 1000.0, self._resume)
                 except Exception:
-                    logger.exception("iocpnet: cannot schedule the accept back-off")
+                    logger.exception("cannot schedule the accept back-off")
             return
-        logger.warning("iocpnet: accept failed on %s: %s", self.address,
+        logger.warning("accept failed on %s: %s", self.address,
                        port_reason(<int>res))
         self._post(i, session)
 
@@ -1735,7 +1735,7 @@ cdef class Service:
             try:
                 self.listener.Close()
             except Exception:
-                logger.exception("iocpnet: closing the listener failed")
+                logger.exception("closing the listener failed")
         for s in sessions:
             (<Session>s)._begin_disconnect(reason, True)
         self._stop_event.set()
@@ -1752,7 +1752,7 @@ cdef class Service:
         while len(self._sessions) > 0 or (self.listener is not None and
                                           self.listener.accepts_posted > 0):
             if _time.monotonic() >= deadline:
-                logger.warning("iocpnet: %d session(s) still open after %.1f s of shutdown",
+                logger.warning("%d session(s) still open after %.1f s of shutdown",
                                len(self._sessions), timeout)
                 break
             if self.core._dispatchers > 0:
@@ -1791,7 +1791,7 @@ cdef class Service:
                     pass
             except BaseException as e:
                 errors.append(e)
-                logger.exception("iocpnet: worker thread failed")
+                logger.exception("worker thread failed")
                 self._stop_event.set()
 
         threads = [threading.Thread(target=worker, name=f"iocpnet-worker-{i}", daemon=True)
@@ -1801,7 +1801,7 @@ cdef class Service:
         old_handlers = {}
         if threading.current_thread() is threading.main_thread():
             def on_signal(signum, frame):
-                logger.info("iocpnet: %s received; shutting down",
+                logger.info("%s received; shutting down",
                             signal.Signals(signum).name)
                 self._stop_event.set()
             for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
