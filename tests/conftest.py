@@ -14,6 +14,12 @@ import iocpnet
 
 BACKENDS = iocpnet.available_backends()
 
+# In CI the suite must test the installed wheel, not the source tree.
+if os.environ.get("CI"):
+    _src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    assert not os.path.abspath(iocpnet.__file__).startswith(_src + os.sep), (
+        f"CI must test the installed package, but iocpnet comes from {iocpnet.__file__}")
+
 
 def pytest_report_header(config):
     return (f"iocpnet {iocpnet.__version__} from {os.path.dirname(iocpnet.__file__)}; "
