@@ -221,9 +221,12 @@ cdef class IocpCore:
         self._flush_watch = {}
         self._housekeeping = None
         self._now_ms = port_monotonic_ms()
-        if self.backend not in _logged_backends:
-            _logged_backends.add(self.backend)
-            if backend is None and reason and self.backend != compiled_backends()[0]:
+        # Say once which backend runs, and why it is not the first choice if it is not.
+        fell_back = backend is None and reason and self.backend != compiled_backends()[0]
+        key = (self.backend, reason if fell_back else None)
+        if key not in _logged_backends:
+            _logged_backends.add(key)
+            if fell_back:
                 logger.info("%s unavailable (%s); using the %s backend",
                             compiled_backends()[0], reason, self.backend)
             else:
