@@ -1,0 +1,2236 @@
+/*
+ * contract.c -- the contract of port.h, written once and run against every backend.
+ *
+ *   contract [BACKEND [CASE]]      BACKEND: io_uring, epoll, iocp (default: $IOCPNET_BACKEND,
+ *                                  else the build's best); CASE: run only that case.
+ *
+ * Each case drives the port the way the Cython core will (ops embedded in the caller's
+ * records, batches from port_wait, strands released with port_strand_next) and uses plain
+ * BSD sockets / Winsock for the peers.  It prints one line per case and a summary
+ *
+ *   contract[<backend>]: N passed, M failed
+ *
+ * and exits 0 only when nothing failed (77 when the backend cannot run on this machine).
+ * A watchdog aborts the whole run after CONTRACT_WATCHDOG seconds (default 60), so a
+ * backend that loses a completion fails instead of hanging; every wait inside the cases
+ * has its own timeout too, so one lost completion fails one case, not the run.
+ *
+ * Portable C: gcc on Linux, x86_64-w64-mingw32-gcc for Windows (run under Wine or on
+ * Windows).  Threads, clocks, sleeps and atomics have small wrappers below.
+ */
+#include "port.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _WIN32
+#  include <process.h>
+typedef HANDLE thr_t;
+typedef int sock_len_t;
+#  define plain_closesocket closesocket
+#else
+#  include <arpa/inet.h>
+#  include <errno.h>
+#  include <netinet/tcp.h>
+#  include <poll.h>
+#  include <pthread.h>
+#  include <sched.h>
+#  include <signal.h>
+#  include <time.h>
+#  include <unistd.h>
+typedef pthread_t thr_t;
+typedef socklen_t sock_len_t;
+#  define plain_closesocket close
+#endif
+
+/* ---- small platform layer ------------------------------------------------------------ */
+
+#if defined(_MSC_VER)
+#  include <intrin.h>
+#  define A_LOAD(p) _InterlockedCompareExchange((volatile long *)(p), 0, 0)
+#  define A_STORE(p, v) _InterlockedExchange((volatile long *)(p), (v))
+#  define A_ADD(p, v) (_InterlockedExchangeAdd((volatile long *)(p), (v)) + (v))
+#  define A_XCHG(p, v) _InterlockedExchange((volatile long *)(p), (v))
+#else
+#  define A_LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
+#  define A_STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
+#  define A_ADD(p, v) __atomic_add_fetch((p), (v), __ATOMIC_SEQ_CST)
+#  define A_XCHG(p, v) __atomic_exchange_n((p), (v), __ATOMIC_SEQ_CST)
+#endif
+
+typedef void (*thr_fn)(void *);
+typedef struct thr_start_args {
+    thr_fn fn;
+    void *arg;
+} thr_start_args;
+
+#ifdef _WIN32
+static unsigned __stdcall thr_trampoline(void *a) {
+    thr_start_args s = *(thr_start_args *)a;
+    free(a);
+    s.fn(s.arg);
+    return 0;
+}
+#else
+static void *thr_trampoline(void *a) {
+    thr_start_args s = *(thr_start_args *)a;
+    free(a);
+    s.fn(s.arg);
+    return NULL;
+}
+#endif
+
+static int thr_start(thr_t *t, thr_fn fn, void *arg) {
+    thr_start_args *a = (thr_start_args *)malloc(sizeof(*a));
+    if (a == NULL)
+        return -1;
+    a->fn = fn;
+    a->arg = arg;
+#ifdef _WIN32
+    *t = (HANDLE)_beginthreadex(NULL, 0, thr_trampoline, a, 0, NULL);
+    if (*t == 0) {
+        free(a);
+        return -1;
+    }
+#else
+    if (pthread_create(t, NULL, thr_trampoline, a) != 0) {
+        free(a);
+        return -1;
+    }
+#endif
+    return 0;
+}
+
+static void thr_join(thr_t t) {
+#ifdef _WIN32
+    WaitForSingleObject(t, INFINITE);
+    CloseHandle(t);
+#else
+    pthread_join(t, NULL);
+#endif
+}
+
+static void sleep_ms(int ms) {
+#ifdef _WIN32
+    Sleep((DWORD)ms);
+#else
+    struct timespec ts;
+    ts.tv_sec = ms / 1000;
+    ts.tv_nsec = (long)(ms % 1000) * 1000000L;
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
+#endif
+}
+
+static void yield_now(void) {
+#ifdef _WIN32
+    SwitchToThread();
+#else
+    sched_yield();
+#endif
+}
+
+/* Milliseconds of a monotonic clock, with a fraction. */
+static double now_ms(void) {
+#ifdef _WIN32
+    static LARGE_INTEGER freq;
+    LARGE_INTEGER c;
+    if (freq.QuadPart == 0)
+        QueryPerformanceFrequency(&freq);
+    QueryPerformanceCounter(&c);
+    return (double)c.QuadPart * 1000.0 / (double)freq.QuadPart;
+#else
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6;
+#endif
+}
+
+/* A mutex for the harness's own bookkeeping (failure messages from worker threads). */
+#ifdef _WIN32
+static SRWLOCK g_lock = SRWLOCK_INIT;
+#  define HLOCK() AcquireSRWLockExclusive(&g_lock)
+#  define HUNLOCK() ReleaseSRWLockExclusive(&g_lock)
+#else
+static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
+#  define HLOCK() pthread_mutex_lock(&g_lock)
+#  define HUNLOCK() pthread_mutex_unlock(&g_lock)
+#endif
+
+/* ---- the harness ---------------------------------------------------------------------- */
+
+static const char *g_backend;
+static const char *volatile g_case_name = "(setup)";
+static volatile long g_case_failures;
+static long g_checks;
+
+static void check_failed(const char *file, int line, const char *expr, const char *fmt, ...) {
+    va_list ap;
+    HLOCK();
+    fprintf(stderr, "%s:%d: [%s/%s] CHECK failed: %s", file, line, g_backend, g_case_name, expr);
+    if (fmt != NULL && fmt[0] != '\0') {
+        fputs(" -- ", stderr);
+        va_start(ap, fmt);
+        vfprintf(stderr, fmt, ap);
+        va_end(ap);
+    }
+    fputc('\n', stderr);
+    fflush(stderr);
+    HUNLOCK();
+    A_ADD(&g_case_failures, 1);
+}
+
+/* CHECK records a failure and goes on; REQUIRE also leaves the case (goto done). */
+#define CHECK(cond)                                                              \
+    do {                                                                         \
+        A_ADD(&g_checks, 1);                                                     \
+        if (!(cond))                                                             \
+            check_failed(__FILE__, __LINE__, #cond, NULL);                       \
+    } while (0)
+#define CHECKF(cond, ...)                                                        \
+    do {                                                                         \
+        A_ADD(&g_checks, 1);                                                     \
+        if (!(cond))                                                             \
+            check_failed(__FILE__, __LINE__, #cond, __VA_ARGS__);                \
+    } while (0)
+#define CHECK_EQ(a, b)                                                           \
+    do {                                                                         \
+        long long a_ = (long long)(a), b_ = (long long)(b);                      \
+        A_ADD(&g_checks, 1);                                                     \
+        if (a_ != b_)                                                            \
+            check_failed(__FILE__, __LINE__, #a " == " #b, "%lld != %lld%s%s",   \
+                         a_, b_, a_ < 0 ? " " : "", a_ < 0 ? port_errname((int)a_) : ""); \
+    } while (0)
+#define REQUIRE(cond)                                                            \
+    do {                                                                         \
+        A_ADD(&g_checks, 1);                                                     \
+        if (!(cond)) {                                                           \
+            check_failed(__FILE__, __LINE__, #cond, "(case stops here)");        \
+            goto done;                                                           \
+        }                                                                        \
+    } while (0)
+#define REQUIREF(cond, ...)                                                      \
+    do {                                                                         \
+        A_ADD(&g_checks, 1);                                                     \
+        if (!(cond)) {                                                           \
+            check_failed(__FILE__, __LINE__, #cond, __VA_ARGS__);                \
+            goto done;                                                           \
+        }                                                                        \
+    } while (0)
+
+static void note(const char *fmt, ...) {
+    va_list ap;
+    if (getenv("CONTRACT_VERBOSE") == NULL)
+        return;
+    HLOCK();
+    fprintf(stderr, "    [%s] ", g_case_name);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    HUNLOCK();
+}
+
+/* ---- watchdog ------------------------------------------------------------------------- */
+
+static int g_watchdog_s = 60;
+
+static void watchdog_fire(void) {
+    char msg[256];
+    int len = snprintf(msg, sizeof(msg),
+                       "contract[%s]: WATCHDOG: still running after %d s (in case %s); aborting\n",
+                       g_backend, g_watchdog_s, g_case_name);
+#ifdef _WIN32
+    fwrite(msg, 1, (size_t)len, stderr);
+    fflush(stderr);
+    ExitProcess(124);
+#else
+    if (write(2, msg, (size_t)len) < 0) {
+    }
+    _exit(124);
+#endif
+}
+
+#ifdef _WIN32
+static void watchdog_thread(void *arg) {
+    (void)arg;
+    Sleep((DWORD)g_watchdog_s * 1000);
+    watchdog_fire();
+}
+static void watchdog_start(void) {
+    thr_t t;
+    if (thr_start(&t, watchdog_thread, NULL) == 0)
+        CloseHandle(t);
+}
+#else
+static void on_alarm(int sig) {
+    (void)sig;
+    watchdog_fire();
+}
+static void watchdog_start(void) {
+    signal(SIGALRM, on_alarm);
+    alarm((unsigned)g_watchdog_s);
+}
+#endif
+
+/* ---- plain sockets for the peers ------------------------------------------------------ */
+
+static void plain_set_timeout(port_sock_t s, int ms) {
+#ifdef _WIN32
+    DWORD t = (DWORD)ms;
+    setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, (const char *)&t, sizeof(t));
+    setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, (const char *)&t, sizeof(t));
+#else
+    struct timeval tv;
+    tv.tv_sec = ms / 1000;
+    tv.tv_usec = (ms % 1000) * 1000;
+    setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+#endif
+}
+
+static void plain_close(port_sock_t s) {
+    if (s != PORT_INVALID_SOCK)
+        plain_closesocket(s);
+}
+
+/* Abortive close: the peer sees a reset. */
+static void plain_reset_close(port_sock_t s) {
+    struct linger lg;
+    lg.l_onoff = 1;
+    lg.l_linger = 0;
+    setsockopt(s, SOL_SOCKET, SO_LINGER, (const char *)&lg, sizeof(lg));
+    plain_closesocket(s);
+}
+
+/* EINTR from a plain call: the io_uring backend's task work interrupts blocking socket
+ * calls of the thread that submitted (the kernel notifies it like a signal), so blocking
+ * peers in the test retry, as Python's socket module does (PEP 475). */
+static int plain_eintr(void) {
+#ifdef _WIN32
+    return WSAGetLastError() == WSAEINTR;
+#else
+    return errno == EINTR;
+#endif
+}
+
+static port_sock_t plain_connect(const port_addr_t *a) {
+    port_sock_t s = socket(a->ss.ss_family, SOCK_STREAM, IPPROTO_TCP);
+    if (s == PORT_INVALID_SOCK)
+        return s;
+    if (connect(s, (const struct sockaddr *)&a->ss, (sock_len_t)a->len) != 0) {
+#ifndef _WIN32
+        /* Interrupted: the connection goes on; wait for it and read its outcome. */
+        if (errno == EINTR) {
+            struct pollfd pfd;
+            int e = 0, r;
+            socklen_t el = sizeof(e);
+            pfd.fd = s;
+            pfd.events = POLLOUT;
+            do
+                r = poll(&pfd, 1, 10000);
+            while (r < 0 && errno == EINTR);
+            if (r == 1 && getsockopt(s, SOL_SOCKET, SO_ERROR, &e, &el) == 0 && e == 0) {
+                plain_set_timeout(s, 10000);
+                return s;
+            }
+        }
+#endif
+        plain_closesocket(s);
+        return PORT_INVALID_SOCK;
+    }
+    plain_set_timeout(s, 10000);
+    return s;
+}
+
+/* A plain listener on 127.0.0.1, any port; *bound gets its address. */
+static port_sock_t plain_listen(port_addr_t *bound) {
+    struct sockaddr_in a;
+    sock_len_t len = sizeof(bound->ss);
+    port_sock_t s = socket(AF_INET, SOCK_STREAM, IPPROTO_TCP);
+    if (s == PORT_INVALID_SOCK)
+        return s;
+    memset(&a, 0, sizeof(a));
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(0x7f000001);
+    if (bind(s, (struct sockaddr *)&a, sizeof(a)) != 0 || listen(s, 16) != 0 ||
+        getsockname(s, (struct sockaddr *)&bound->ss, &len) != 0) {
+        plain_closesocket(s);
+        return PORT_INVALID_SOCK;
+    }
+    bound->len = (int)len;
+    return s;
+}
+
+/* accept() that gives up after ms (so a backend that never connects fails, not hangs). */
+static port_sock_t plain_accept(port_sock_t l, int ms) {
+    fd_set rd;
+    struct timeval tv;
+    port_sock_t s;
+    FD_ZERO(&rd);
+    FD_SET(l, &rd);
+    tv.tv_sec = ms / 1000;
+    tv.tv_usec = (ms % 1000) * 1000;
+    if (select((int)l + 1, &rd, NULL, NULL, &tv) <= 0)
+        return PORT_INVALID_SOCK;
+    do
+        s = accept(l, NULL, NULL);
+    while (s == PORT_INVALID_SOCK && plain_eintr());
+    if (s != PORT_INVALID_SOCK)
+        plain_set_timeout(s, 10000);
+    return s;
+}
+
+static int plain_send_all(port_sock_t s, const char *b, size_t len) {
+    size_t off = 0;
+    while (off < len) {
+        size_t chunk = len - off > 65536 ? 65536 : len - off;
+        int r = (int)send(s, b + off, (int)chunk, 0);
+        if (r < 0 && plain_eintr())
+            continue;
+        if (r <= 0)
+            return -1;
+        off += (size_t)r;
+    }
+    return 0;
+}
+
+/* Read exactly len bytes (fewer only on EOF, error or timeout): returns bytes read. */
+static size_t plain_recv_all(port_sock_t s, char *b, size_t len) {
+    size_t off = 0;
+    while (off < len) {
+        size_t chunk = len - off > 65536 ? 65536 : len - off;
+        int r = (int)recv(s, b + off, (int)chunk, 0);
+        if (r < 0 && plain_eintr())
+            continue;
+        if (r <= 0)
+            break;
+        off += (size_t)r;
+    }
+    return off;
+}
+
+static int addr_port(const port_addr_t *a) {
+    char host[64];
+    int pn = -1;
+    if (port_addr_format(a, host, sizeof(host), &pn) != 0)
+        return -1;
+    return pn;
+}
+
+/* ---- port helpers --------------------------------------------------------------------- */
+
+static port_t *new_port_opts(const port_options_t *opts) {
+    port_t *p = NULL;
+    char err[256] = "";
+    int rc = port_create(&p, g_backend, opts, err, sizeof(err));
+    CHECKF(rc == 0 && p != NULL, "port_create(%s): %s: %s", g_backend, port_errname(rc), err);
+    if (p != NULL)
+        CHECKF(strcmp(port_backend(p), g_backend) == 0, "backend %s", port_backend(p));
+    return p;
+}
+static port_t *new_port(void) { return new_port_opts(NULL); }
+
+/* Every case ends here: nothing may be left in flight or held. */
+static void end_port(port_t *p) {
+    port_stats_t st;
+    if (p == NULL)
+        return;
+    port_get_stats(p, &st);
+    CHECKF(st.in_flight == 0, "in_flight %lld at end of case (submitted %llu, completed %llu)",
+           (long long)st.in_flight, (unsigned long long)st.submitted,
+           (unsigned long long)st.completed);
+    CHECKF(st.recv_buffers_out == 0, "recv_buffers_out %llu at end of case",
+           (unsigned long long)st.recv_buffers_out);
+    port_shutdown(p);
+    port_destroy(p);
+}
+
+/* One thread's view of the completions: port_wait batches, handed out one at a time.
+ * Submissions made while holding completions are not deferred (port_batch_end), because
+ * the single-threaded cases block on plain sockets right after submitting. */
+typedef struct waiter {
+    port_t *p;
+    port_cqe_t q[64];
+    int head, n;
+} waiter_t;
+
+static void waiter_init(waiter_t *w, port_t *p) {
+    memset(w, 0, sizeof(*w));
+    w->p = p;
+}
+
+/* 1: *out holds the next completion; 0: none within timeout_ms; < 0: a port error. */
+static int next_cqe(waiter_t *w, port_cqe_t *out, int timeout_ms) {
+    double deadline = now_ms() + timeout_ms;
+    while (w->n == 0) {
+        int left = (int)(deadline - now_ms() + 0.999);
+        int rc;
+        if (left < 0)
+            left = 0;
+        rc = port_wait(w->p, w->q, 64, left);
+        port_batch_end(w->p);
+        if (rc == PORT_EINTR)
+            continue;
+        if (rc < 0)
+            return rc;
+        if (rc == 0 && now_ms() >= deadline)
+            return 0;
+        w->head = 0;
+        w->n = rc;
+    }
+    *out = w->q[w->head++];
+    w->n--;
+    return 1;
+}
+
+/* The next completion, which must be for `op`; fails the check otherwise. */
+static int expect_cqe(waiter_t *w, port_op_t *op, port_cqe_t *out, int timeout_ms,
+                      const char *what) {
+    int rc = next_cqe(w, out, timeout_ms);
+    CHECKF(rc == 1, "%s: no completion within %d ms (rc %d)", what, timeout_ms, rc);
+    if (rc != 1)
+        return 0;
+    CHECKF(out->op == op, "%s: completion for another op (type %d, res %lld)", what,
+           out->op ? out->op->type : -1, (long long)out->res);
+    return out->op == op;
+}
+
+/* Nothing may complete within ms. */
+static void expect_quiet(waiter_t *w, int ms, const char *what) {
+    port_cqe_t c;
+    int rc = next_cqe(w, &c, ms);
+    CHECKF(rc == 0, "%s: unexpected completion (type %d, res %lld %s)", what,
+           rc == 1 && c.op ? c.op->type : -1, rc == 1 ? (long long)c.res : (long long)rc,
+           rc == 1 && c.res < 0 ? port_errname((int)c.res) : "");
+    if (rc == 1 && (c.flags & PORT_CQE_BUFFER))
+        port_recv_release(w->p, &c);
+}
+
+static int loopback(port_addr_t *a) { return port_resolve("127.0.0.1", 0, 1, a); }
+
+/* A connected pair: *srv accepted through the port, *cli a plain socket. */
+static int make_pair(waiter_t *w, port_sock_t *srv, port_sock_t *cli) {
+    port_addr_t a, bound;
+    port_sock_t ls = PORT_INVALID_SOCK;
+    port_op_t acc;
+    port_cqe_t c;
+    int ok = 0;
+    *srv = *cli = PORT_INVALID_SOCK;
+    if (loopback(&a) != 0 || port_listen(w->p, &a, 16, 0, &ls) != 0 ||
+        port_sockname(ls, &bound) != 0) {
+        CHECKF(0, "make_pair: cannot listen on 127.0.0.1");
+        goto out;
+    }
+    port_op_init(&acc, PORT_OP_ACCEPT, NULL, NULL);
+    if (port_accept(w->p, &acc, ls) != 0) {
+        CHECKF(0, "make_pair: port_accept failed");
+        goto out;
+    }
+    *cli = plain_connect(&bound);
+    CHECKF(*cli != PORT_INVALID_SOCK, "make_pair: plain connect failed");
+    if (!expect_cqe(w, &acc, &c, 5000, "make_pair accept"))
+        goto out;
+    CHECKF(c.res >= 0, "make_pair: accept res %lld %s", (long long)c.res,
+           c.res < 0 ? port_errname((int)c.res) : "");
+    if (c.res >= 0 && *cli != PORT_INVALID_SOCK) {
+        *srv = (port_sock_t)c.res;
+        ok = 1;
+    }
+out:
+    if (ls != PORT_INVALID_SOCK)
+        port_sock_close(w->p, ls, 0);
+    if (!ok) {
+        plain_close(*cli);
+        *cli = PORT_INVALID_SOCK;
+    }
+    return ok;
+}
+
+/* Close a port socket through a close operation and check its completion. */
+static void close_op(waiter_t *w, port_sock_t s, int flags) {
+    port_op_t cl;
+    port_cqe_t c;
+    port_op_init(&cl, PORT_OP_CLOSE, NULL, NULL);
+    CHECK_EQ(port_close(w->p, &cl, s, flags), 0);
+    if (expect_cqe(w, &cl, &c, 5000, "close"))
+        CHECK_EQ(c.res, 0);
+}
+
+/* Cancel an armed receive and drain it to its final completion, releasing buffers. */
+static void cancel_recv(waiter_t *w, port_op_t *rv) {
+    port_cqe_t c;
+    if (!rv->in_flight)
+        return;
+    CHECK_EQ(port_cancel(w->p, rv), 0);
+    for (;;) {
+        if (!expect_cqe(w, rv, &c, 5000, "cancel recv"))
+            return;
+        port_recv_release(w->p, &c);
+        if (!(c.flags & PORT_CQE_MORE))
+            break;
+    }
+}
+
+static unsigned char pattern(size_t msg, size_t j) {
+    return (unsigned char)(j * 7u + msg * 13u + (j >> 8) + (j >> 16));
+}
+
+/* ====================================================================================== */
+/* Cases                                                                                  */
+/* ====================================================================================== */
+
+/* Several accepts posted up front (as the Listener does), each completing with its own
+ * socket; the op record is reusable after its completion. */
+static void case_accept_several(void) {
+    enum { N = 4 };
+    port_t *P = new_port();
+    waiter_t w;
+    port_addr_t a, bound;
+    port_sock_t ls = PORT_INVALID_SOCK, cli[N + 1], srv[N + 1];
+    port_op_t acc[N];
+    int got[N], matched[N + 1];
+    int i, k;
+    for (i = 0; i <= N; i++)
+        cli[i] = srv[i] = PORT_INVALID_SOCK;
+    REQUIRE(P != NULL);
+    waiter_init(&w, P);
+    REQUIRE(loopback(&a) == 0);
+    REQUIRE(port_listen(P, &a, 16, 0, &ls) == 0);
+    REQUIRE(port_sockname(ls, &bound) == 0);
+    for (i = 0; i < N; i++) {
+        port_op_init(&acc[i], PORT_OP_ACCEPT, &acc[i], NULL);
+        CHECK_EQ(port_accept(P, &acc[i], ls), 0);
+        CHECK(acc[i].in_flight);
+        got[i] = 0;
+    }
+    /* A record carries one operation at a time. */
+    CHECK_EQ(port_accept(P, &acc[0], ls), PORT_EINVAL);
+    for (i = 0; i < N; i++) {
+        cli[i] = plain_connect(&bound);
+        CHECK(cli[i] != PORT_INVALID_SOCK);
+    }
+    for (k = 0; k < N; k++) {
+        port_cqe_t c;
+        int rc = next_cqe(&w, &c, 5000);
+        REQUIREF(rc == 1, "accept %d of %d: rc %d", k, N, rc);
+        i = (int)(c.op - acc);
+        REQUIREF(i >= 0 && i < N, "completion for an unknown op");
+        CHECK(c.op->owner == &acc[i]);
+        CHECKF(!got[i], "accept op %d completed twice", i);
+        got[i] = 1;
+        CHECKF(c.res >= 0, "accept res %lld %s", (long long)c.res, port_errname((int)c.res));
+        CHECK(!(c.flags & PORT_CQE_MORE));
+        CHECK(!acc[i].in_flight);
+        srv[i] = c.res >= 0 ? (port_sock_t)c.res : PORT_INVALID_SOCK;
+    }
+    /* Each accepted socket is one of the clients: its peer is a client's local address. */
+    for (i = 0; i <= N; i++)
+        matched[i] = 0;
+    for (i = 0; i < N; i++) {
+        port_addr_t peer, local;
+        char host[64];
+        int pn = 0, j, found = 0;
+        if (srv[i] == PORT_INVALID_SOCK)
+            continue;
+        CHECK_EQ(port_peername(srv[i], &peer), 0);
+        CHECK_EQ(port_addr_format(&peer, host, sizeof(host), &pn), 0);
+        CHECKF(strcmp(host, "127.0.0.1") == 0, "peer host %s", host);
+        CHECK_EQ(port_sockname(srv[i], &local), 0);
+        CHECK_EQ(addr_port(&local), addr_port(&bound));
+        for (j = 0; j < N; j++) {
+            port_addr_t cl;
+            if (cli[j] == PORT_INVALID_SOCK || port_sockname(cli[j], &cl) != 0)
+                continue;
+            if (addr_port(&cl) == pn) {
+                CHECKF(!matched[j], "two accepted sockets for client %d", j);
+                matched[j] = 1;
+                found = 1;
+            }
+        }
+        CHECKF(found, "accepted socket %d has no client (peer port %d)", i, pn);
+    }
+    /* Reuse a completed record for one more accept. */
+    CHECK_EQ(port_accept(P, &acc[0], ls), 0);
+    cli[N] = plain_connect(&bound);
+    {
+        port_cqe_t c;
+        if (expect_cqe(&w, &acc[0], &c, 5000, "reused accept")) {
+            CHECK(c.res >= 0);
+            srv[N] = c.res >= 0 ? (port_sock_t)c.res : PORT_INVALID_SOCK;
+        }
+    }
+    expect_quiet(&w, 20, "after accepts");
+done:
+    for (i = 0; i <= N; i++) {
+        plain_close(cli[i]);
+        if (srv[i] != PORT_INVALID_SOCK)
+            port_sock_close(P, srv[i], 0);
+    }
+    if (ls != PORT_INVALID_SOCK)
+        port_sock_close(P, ls, 0);
+    end_port(P);
+}
+
+/* port_connect: a socket made and connected by the port; data both ways; refused. */
+static void case_connect(void) {
+    port_t *P = new_port();
+    waiter_t w;
+    port_addr_t bound, a;
+    port_sock_t pl = PORT_INVALID_SOCK, as = PORT_INVALID_SOCK, dead;
+    port_op_t co, rv, sd, co2;
+    port_cqe_t c;
+    port_buf_t b;
+    char buf[16];
+    int refused_port;
+    int connected = 0;
+    port_op_init(&co, PORT_OP_CONNECT, NULL, NULL);
+    port_op_init(&co2, PORT_OP_CONNECT, NULL, NULL);
+    port_op_init(&rv, PORT_OP_RECV, NULL, NULL);
+    port_op_init(&sd, PORT_OP_SEND, NULL, NULL);
+    REQUIRE(P != NULL);
+    waiter_init(&w, P);
+    pl = plain_listen(&bound);
+    REQUIRE(pl != PORT_INVALID_SOCK);
+    CHECK_EQ(port_connect(P, &co, &bound), 0);
+    CHECK(co.sock != PORT_INVALID_SOCK);
+    as = plain_accept(pl, 5000);
+    CHECK(as != PORT_INVALID_SOCK);
+    REQUIRE(expect_cqe(&w, &co, &c, 5000, "connect"));
+    CHECK_EQ(c.res, 0);
+    CHECK(!co.in_flight);
+    REQUIRE(c.res == 0 && as != PORT_INVALID_SOCK);
+    connected = 1;
+    {
+        port_addr_t peer, local, asp;
+        sock_len_t len = sizeof(asp.ss);
+        CHECK_EQ(port_peername(co.sock, &peer), 0);
+        CHECK_EQ(addr_port(&peer), addr_port(&bound));
+        CHECK_EQ(port_sockname(co.sock, &local), 0);
+        CHECK(getpeername(as, (struct sockaddr *)&asp.ss, &len) == 0);
+        asp.len = (int)len;
+        CHECK_EQ(addr_port(&local), addr_port(&asp));
+    }
+    CHECK_EQ(port_set_nodelay(co.sock, 1), 0);
+    /* plain -> port */
+    CHECK(plain_send_all(as, "hello", 5) == 0);
+    CHECK_EQ(port_recv(P, &rv, co.sock), 0);
+    if (expect_cqe(&w, &rv, &c, 5000, "recv")) {
+        CHECK_EQ(c.res, 5);
+        CHECK(c.flags & PORT_CQE_MORE);
+        CHECK(c.flags & PORT_CQE_BUFFER);
+        CHECK(c.res == 5 && c.buf != NULL && memcmp(c.buf, "hello", 5) == 0);
+        port_recv_release(P, &c);
+    }
+    /* port -> plain */
+    b.base = "world";
+    b.len = 5;
+    CHECK_EQ(port_send(P, &sd, co.sock, &b, 1), 0);
+    if (expect_cqe(&w, &sd, &c, 5000, "send"))
+        CHECK_EQ(c.res, 5);
+    memset(buf, 0, sizeof(buf));
+    CHECK_EQ(plain_recv_all(as, buf, 5), 5);
+    CHECK(memcmp(buf, "world", 5) == 0);
+    cancel_recv(&w, &rv);
+    close_op(&w, co.sock, 0);
+    co.sock = PORT_INVALID_SOCK;
+
+    /* Refused: a port nobody listens on any more. */
+    dead = plain_listen(&a);
+    REQUIRE(dead != PORT_INVALID_SOCK);
+    refused_port = addr_port(&a);
+    plain_close(dead);
+    CHECK(refused_port > 0);
+    CHECK_EQ(port_connect(P, &co2, &a), 0);
+    if (expect_cqe(&w, &co2, &c, 10000, "refused connect"))
+        CHECK_EQ(c.res, PORT_ECONNREFUSED);
+    if (co2.sock != PORT_INVALID_SOCK)
+        port_sock_close(P, co2.sock, 0);
+    co2.sock = PORT_INVALID_SOCK;
+done:
+    if (!connected && co.sock != PORT_INVALID_SOCK && !co.in_flight)
+        port_sock_close(P, co.sock, 0);
+    plain_close(as);
+    plain_close(pl);
+    end_port(P);
+}
+
+/* ---- echo: 1 byte to 4 MiB ------------------------------------------------------------ */
+
+static const size_t echo_sizes[] = {1, 2, 3, 100, 1460, 4096, 16383, 16384, 16385,
+                                    65536, 100000, 1u << 20, 4u << 20};
+#define ECHO_MSGS (sizeof(echo_sizes) / sizeof(echo_sizes[0]))
+
+typedef struct echo_peer {
+    port_sock_t s;
+    volatile long echoed;     /* messages whose echo the reader verified */
+    volatile long failed;
+    volatile long reader_done;
+    char *expect;
+} echo_peer_t;
+
+static void echo_writer(void *arg) {
+    echo_peer_t *e = (echo_peer_t *)arg;
+    size_t i, j;
+    char *msg = (char *)malloc(4u << 20);
+    if (msg == NULL) {
+        A_STORE(&e->failed, 1);
+        return;
+    }
+    for (i = 0; i < ECHO_MSGS; i++) {
+        double t0 = now_ms();
+        /* One message at a time: the 1-byte one travels alone. */
+        while (A_LOAD(&e->echoed) < (long)i && !A_LOAD(&e->failed)) {
+            if (now_ms() - t0 > 30000) {
+                A_STORE(&e->failed, 2);
+                break;
+            }
+            sleep_ms(1);
+        }
+        if (A_LOAD(&e->failed))
+            break;
+        for (j = 0; j < echo_sizes[i]; j++)
+            msg[j] = (char)pattern(i, j);
+        if (plain_send_all(e->s, msg, echo_sizes[i]) != 0) {
+            A_STORE(&e->failed, 3);
+            break;
+        }
+    }
+    free(msg);
+}
+
+static void echo_reader(void *arg) {
+    echo_peer_t *e = (echo_peer_t *)arg;
+    size_t i, j;
+    char *buf = (char *)malloc(4u << 20);
+    if (buf == NULL) {
+        A_STORE(&e->failed, 1);
+        A_STORE(&e->reader_done, 1);
+        return;
+    }
+    for (i = 0; i < ECHO_MSGS; i++) {
+        size_t got = plain_recv_all(e->s, buf, echo_sizes[i]);
+        if (got != echo_sizes[i]) {
+            fprintf(stderr, "echo: message %u (%u bytes): echo gave %u bytes\n", (unsigned)i,
+                    (unsigned)echo_sizes[i], (unsigned)got);
+            A_STORE(&e->failed, 4);
+            break;
+        }
+        for (j = 0; j < echo_sizes[i]; j++) {
+            if ((unsigned char)buf[j] != pattern(i, j)) {
+                fprintf(stderr, "echo: message %u byte %u differs\n", (unsigned)i, (unsigned)j);
+                A_STORE(&e->failed, 5);
+                break;
+            }
+        }
+        if (A_LOAD(&e->failed))
+            break;
+        A_STORE(&e->echoed, (long)i + 1);
+    }
+    free(buf);
+    /* All echoed: close, so the server sees a graceful end. */
+    plain_closesocket(e->s);
+    A_STORE(&e->reader_done, 1);
+}
+
+typedef struct echo_srv {
+    port_t *P;
+    port_sock_t s;
+    port_op_t rv, sd, cl;
+    char *out;
+    size_t len, cap, sent, asked;
+    int sending, eof, closing, closed;
+    long recvs, sends, partial_sends;
+    size_t max_piece;
+} echo_srv_t;
+
+static void echo_kick(echo_srv_t *e) {
+    port_buf_t b;
+    if (e->sending || e->sent == e->len)
+        return;
+    b.base = e->out + e->sent;
+    b.len = e->len - e->sent;
+    e->asked = b.len;
+    if (port_send(e->P, &e->sd, e->s, &b, 1) == 0)
+        e->sending = 1;
+    else
+        CHECKF(0, "echo: port_send refused");
+}
+
+static void echo_dispatch(echo_srv_t *e, const port_cqe_t *c) {
+    if (c->op == &e->rv) {
+        if (c->res > 0) {
+            CHECK(c->flags & PORT_CQE_MORE);
+            CHECK(c->flags & PORT_CQE_BUFFER);
+            /* Fixed room: an in-flight send points into e->out, so it never moves.  The
+             * writer sends one message at a time, so 4 MiB is all that is ever pending. */
+            if (e->len + (size_t)c->res > e->cap) {
+                CHECKF(0, "echo: more than %u bytes pending", (unsigned)e->cap);
+                port_recv_release(e->P, c);
+                return;
+            }
+            memcpy(e->out + e->len, c->buf, (size_t)c->res);
+            e->len += (size_t)c->res;
+            if ((size_t)c->res > e->max_piece)
+                e->max_piece = (size_t)c->res;
+            e->recvs++;
+            port_recv_release(e->P, c);
+            echo_kick(e);
+        } else {
+            CHECK(!(c->flags & PORT_CQE_MORE));
+            CHECKF(c->res == 0, "echo: recv ended with %s", port_errname((int)c->res));
+            port_recv_release(e->P, c);
+            e->eof = 1;
+        }
+    } else if (c->op == &e->sd) {
+        e->sending = 0;
+        e->sends++;
+        CHECKF(c->res > 0, "echo: send res %lld %s", (long long)c->res,
+               c->res < 0 ? port_errname((int)c->res) : "");
+        if (c->res > 0) {
+            CHECK((size_t)c->res <= e->asked);
+            if ((size_t)c->res < e->asked)
+                e->partial_sends++;   /* continue from where it stopped */
+            e->sent += (size_t)c->res;
+            if (e->sent == e->len)
+                e->sent = e->len = 0;
+            echo_kick(e);
+        } else {
+            e->sent = e->len = 0;
+        }
+    } else if (c->op == &e->cl) {
+        CHECK_EQ(c->res, 0);
+        e->closed = 1;
+    } else {
+        CHECKF(0, "echo: completion for an unknown op");
+    }
+    if (e->eof && !e->sending && e->len == 0 && !e->closing) {
+        e->closing = 1;
+        CHECK_EQ(port_close(e->P, &e->cl, e->s, 0), 0);
+    }
+}
+
+static void case_echo(void) {
+    port_t *P = new_port();
+    waiter_t w;
+    echo_srv_t e;
+    echo_peer_t peer;
+    thr_t tw, tr;
+    int started = 0;
+    double t0;
+    port_sock_t cli = PORT_INVALID_SOCK;
+    memset(&e, 0, sizeof(e));
+    memset(&peer, 0, sizeof(peer));
+    REQUIRE(P != NULL);
+    waiter_init(&w, P);
+    e.P = P;
+    e.cap = 4u << 20;
+    e.out = (char *)malloc(e.cap);
+    REQUIRE(e.out != NULL);
+    REQUIRE(make_pair(&w, &e.s, &cli));
+    peer.s = cli;
+    port_op_init(&e.rv, PORT_OP_RECV, &e, NULL);
+    port_op_init(&e.sd, PORT_OP_SEND, &e, NULL);
+    port_op_init(&e.cl, PORT_OP_CLOSE, &e, NULL);
+    CHECK_EQ(port_recv(P, &e.rv, e.s), 0);
+    REQUIRE(thr_start(&tw, echo_writer, &peer) == 0);
+    if (thr_start(&tr, echo_reader, &peer) != 0) {
+        A_STORE(&peer.failed, 9);
+        thr_join(tw);
+        REQUIRE(0);
+    }
+    started = 1;
+    /* The port side: a plain batch loop.  Sends made while dispatching a batch are
+     * flushed by the next port_wait (the deferral port.h describes). */
+    t0 = now_ms();
+    while (!e.closed) {
+        port_cqe_t out[32];
+        int i, n;
+        if (now_ms() - t0 > 40000) {
+            CHECKF(0, "echo: not finished after 40 s (echoed %ld of %u messages)",
+                   A_LOAD(&peer.echoed), (unsigned)ECHO_MSGS);
+            break;
+        }
+        if (A_LOAD(&peer.failed) && !e.eof)
+            break;
+        n = port_wait(P, out, 32, 100);
+        if (n == PORT_EINTR)
+            continue;
+        CHECKF(n >= 0, "port_wait: %s", port_errname(n));
+        if (n < 0)
+            break;
+        for (i = 0; i < n; i++)
+            echo_dispatch(&e, &out[i]);
+    }
+    port_batch_end(P);
+done:
+    if (started) {
+        if (!e.closed)
+            A_STORE(&peer.failed, 10);
+        thr_join(tw);
+        thr_join(tr);
+        CHECKF(A_LOAD(&peer.failed) == 0, "echo peer failed (%ld)", A_LOAD(&peer.failed));
+        CHECK_EQ(A_LOAD(&peer.echoed), (long)ECHO_MSGS);
+        CHECKF(e.recvs > (long)ECHO_MSGS, "receives did not come in pieces (%ld)", e.recvs);
+        CHECKF(e.max_piece <= 16384, "a receive piece (%u) exceeds the buffer size",
+               (unsigned)e.max_piece);
+        note("%ld receive completions, %ld sends (%ld partial)", e.recvs, e.sends,
+             e.partial_sends);
+    } else {
+        plain_close(cli);
+    }
+    if (!e.closed && e.s != PORT_INVALID_SOCK && P != NULL) {
+        /* A failure left operations armed: cancel and drain so the port can go. */
+        if (e.rv.in_flight)
+            cancel_recv(&w, &e.rv);
+        if (e.sd.in_flight) {
+            port_cqe_t c;
+            port_cancel(P, &e.sd);
+            expect_cqe(&w, &e.sd, &c, 5000, "drain send");
+        }
+        if (!e.closing)
+            port_sock_close(P, e.s, 0);
+        else if (e.cl.in_flight) {
+            port_cqe_t c;
+            expect_cqe(&w, &e.cl, &c, 5000, "drain close");
+        }
+    }
+    free(e.out);
+    end_port(P);
+}
+
+/* ---- gather send ------------------------------------------------------------------------ */
+
+typedef struct reader_args {
+    port_sock_t s;
+    char *buf;
+    size_t want, got;
+} reader_args_t;
+
+static void reader_thread(void *arg) {
+    reader_args_t *r = (reader_args_t *)arg;
+    r->got = plain_recv_all(r->s, r->buf, r->want);
+}
+
+/* Send bufs[0..n) completely with as many port_send calls as it takes (each may complete
+ * partially; continue from where it stopped).  Returns the number of port_send calls. */
+static int send_all_gather(waiter_t *w, port_op_t *sd, port_sock_t s, port_buf_t *bufs,
+                           int n, size_t *partials) {
+    int calls = 0, first = 0;
+    port_buf_t *v = (port_buf_t *)malloc(sizeof(port_buf_t) * (size_t)n);
+    if (v == NULL)
+        return -1;
+    memcpy(v, bufs, sizeof(port_buf_t) * (size_t)n);
+    while (first < n) {
+        port_cqe_t c;
+        size_t asked = 0, left;
+        int i;
+        for (i = first; i < n; i++)
+            asked += v[i].len;
+        CHECK_EQ(port_send(w->p, sd, s, v + first, n - first), 0);
+        calls++;
+        if (!expect_cqe(w, sd, &c, 10000, "gather send")) {
+            calls = -1;
+            break;
+        }
+        CHECKF(c.res > 0, "gather send res %lld %s", (long long)c.res,
+               c.res < 0 ? port_errname((int)c.res) : "");
+        if (c.res <= 0) {
+            calls = -1;
+            break;
+        }
+        CHECK((size_t)c.res <= asked);
+        if ((size_t)c.res < asked)
+            (*partials)++;
+        left = (size_t)c.res;
+        while (first < n && left >= v[first].len) {
+            left -= v[first].len;
+            first++;
+        }
+        if (first < n) {
+            v[first].base += left;
+            v[first].len -= left;
+        }
+    }
+    free(v);
+    return calls;
+}
+
+static void case_gather_send(void) {
+    static const size_t sizes[] = {1, 3, 1000, 65536, 7, 200000, 2};
+    enum { NB = sizeof(sizes) / sizeof(sizes[0]), NSMALL = 200 };
+    port_t *P = new_port();
+    waiter_t w;
+    port_sock_t srv = PORT_INVALID_SOCK, cli = PORT_INVALID_SOCK;
+    port_op_t sd;
+    port_buf_t bufs[NSMALL];
+    char *data[NB];
+    char small[NSMALL];
+    size_t total = 0, off, partials = 0, i, j;
+    reader_args_t r;
+    thr_t t;
+    int calls;
+    memset(data, 0, sizeof(data));
+    memset(&r, 0, sizeof(r));
+    REQUIRE(P != NULL);
+    waiter_init(&w, P);
+    REQUIRE(make_pair(&w, &srv, &cli));
+    port_op_init(&sd, PORT_OP_SEND, NULL, NULL);
+    for (i = 0; i < NB; i++) {
+        data[i] = (char *)malloc(sizes[i]);
+        REQUIRE(data[i] != NULL);
+        for (j = 0; j < sizes[i]; j++)
+            data[i][j] = (char)pattern(i + 100, j);
+        bufs[i].base = data[i];
+        bufs[i].len = sizes[i];
+        total += sizes[i];
+    }
+    r.s = cli;
+    r.want = total;
+    r.buf = (char *)malloc(total);
+    REQUIRE(r.buf != NULL);
+    REQUIRE(thr_start(&t, reader_thread, &r) == 0);
+    calls = send_all_gather(&w, &sd, srv, bufs, NB, &partials);
+    thr_join(t);
+    CHECK(calls >= 1);
+    CHECK_EQ(r.got, total);
+    off = 0;
+    for (i = 0; i < NB && r.got == total; i++) {
+        CHECKF(memcmp(r.buf + off, data[i], sizes[i]) == 0, "buffer %u out of order",
+               (unsigned)i);
+        off += sizes[i];
+    }
+    note("%u bytes in %d port_send calls (%u partial)", (unsigned)total, calls,
+         (unsigned)partials);
+
+    /* Many tiny buffers in one call: a backend may send fewer buffers than asked (a
+     * partial completion), never reorder them. */
+    for (i = 0; i < NSMALL; i++) {
+        small[i] = (char)(i * 3 + 1);
+        bufs[i].base = &small[i];
+        bufs[i].len = 1;
+    }
+    partials = 0;
+    calls = send_all_gather(&w, &sd, srv, bufs, NSMALL, &partials);
+    CHECK(calls >= 1);
+    {
+        char got[NSMALL];
+        CHECK_EQ(plain_recv_all(cli, got, NSMALL), NSMALL);
+        CHECK(memcmp(got, small, NSMALL) == 0);
+    }
+    close_op(&w, srv, 0);
+    srv = PORT_INVALID_SOCK;
+done:
+    for (i = 0; i < NB; i++)
+        free(data[i]);
+    free(r.buf);
+    plain_close(cli);
+    if (srv != PORT_INVALID_SOCK)
+        port_sock_close(P, srv, 0);
+    end_port(P);
+}
+
+/* ---- graceful close and reset ---------------------------------------------------------- */
+
+static void case_graceful_close(void) {
+    port_t *P = new_port();
+    waiter_t w;
+    port_sock_t srv = PORT_INVALID_SOCK, cli = PORT_INVALID_SOCK;
+    port_op_t rv;
+    port_cqe_t c;
+    char got[16];
+    size_t n = 0;
+    int final_seen = 0;
+    port_op_init(&rv, PORT_OP_RECV, NULL, NULL);
+    REQUIRE(P != NULL);
+    waiter_init(&w, P);
+    REQUIRE(make_pair(&w, &srv, &cli));
+    CHECK_EQ(port_recv(P, &rv, srv), 0);
+    expect_quiet(&w, 30, "idle recv");
+    CHECK(plain_send_all(cli, "bye", 3) == 0);
+    plain_close(cli);
+    cli = PORT_INVALID_SOCK;
+    while (!final_seen) {
+        if (!expect_cqe(&w, &rv, &c, 5000, "recv until EOF"))
+            break;
+        if (c.res > 0) {
+            CHECK(c.flags & PORT_CQE_MORE);
+            CHECK(c.flags & PORT_CQE_BUFFER);
+            if (n + (size_t)c.res <= sizeof(got))
+                memcpy(got + n, c.buf, (size_t)c.res);
+            n += (size_t)c.res;
+            port_recv_release(P, &c);
+        } else {
+            final_seen = 1;
+            CHECKF(c.res == 0, "final res %lld %s, expected 0", (long long)c.res,
+                   port_errname((int)c.res));
+            CHECK(!(c.flags & PORT_CQE_MORE));
+            CHECK(!(c.flags & PORT_CQE_BUFFER));
+            port_recv_release(P, &c);
+        }
+    }
+    CHECK(final_seen);
+    CHECK(!rv.in_flight);
+    CHECK_EQ(n, 3);
+    CHECK(n == 3 && memcmp(got, "bye", 3) == 0);
+    expect_quiet(&w, 20, "after EOF");
+    close_op(&w, srv, 0);
+    srv = PORT_INVALID_SOCK;
+done:
+    if (rv.in_flight)
+        cancel_recv(&w, &rv);
+    plain_close(cli);
+    if (srv != PORT_INVALID_SOCK)
+        port_sock_close(P, srv, 0);
+    end_port(P);
+}
+
+/* The peer resets (SO_LINGER 0): the armed receive ends with PORT_ECONNRESET on every
+ * backend (IOCP reports ERROR_NETNAME_DELETED / WSAECONNRESET, Linux ECONNRESET). */
+static void case_peer_reset(void) {
+    port_t *P = new_port();
+    waiter_t w;
+    port_sock_t srv = PORT_INVALID_SOCK, cli = PORT_INVALID_SOCK;
+    port_op_t rv, sd;
+    port_cqe_t c;
+    port_buf_t b;
+    port_op_init(&rv, PORT_OP_RECV, NULL, NULL);
+    port_op_init(&sd, PORT_OP_SEND, NULL, NULL);
+    REQUIRE(P != NULL);
+    waiter_init(&w, P);
+    REQUIRE(make_pair(&w, &srv, &cli));
+    CHECK_EQ(port_recv(P, &rv, srv), 0);
+    expect_quiet(&w, 30, "idle recv");
+    plain_reset_close(cli);
+    cli = PORT_INVALID_SOCK;
+    if (expect_cqe(&w, &rv, &c, 5000, "recv after reset")) {
+        CHECKF(c.res == PORT_ECONNRESET, "res %lld %s, expected ECONNRESET", (long long)c.res,
+               port_errname((int)c.res));
+        CHECK(!(c.flags & PORT_CQE_MORE));
+        port_recv_release(P, &c);
+    }
+    CHECK(!rv.in_flight);
+    /* A send on the reset connection fails (which code is the OS's choice). */
+    b.base = "x";
+    b.len = 1;
+    CHECK_EQ(port_send(P, &sd, srv, &b, 1), 0);
+    if (expect_cqe(&w, &sd, &c, 5000, "send after reset"))
+        CHECKF(c.res == PORT_ECONNRESET || c.res == PORT_EPIPE || c.res == PORT_ECONNABORTED,
+               "send after reset: res %lld %s", (long long)c.res,
+               c.res < 0 ? port_errname((int)c.res) : "");
+    close_op(&w, srv, 0);
+    srv = PORT_INVALID_SOCK;
+done:
+    if (rv.in_flight)
+        cancel_recv(&w, &rv);
+    plain_close(cli);
+    if (srv != PORT_INVALID_SOCK)
+        port_sock_close(P, srv, 0);
+    end_port(P);
+}
+
+/* ---- cancel ---------------------------------------------------------------------------- */
+
+static void case_cancel_recv(void) {
+    port_t *P = new_port();
+    waiter_t w;
+    port_sock_t srv = PORT_INVALID_SOCK, cli = PORT_INVALID_SOCK, ls = PORT_INVALID_SOCK;
+    port_sock_t acc_sock = PORT_INVALID_SOCK, cli2 = PORT_INVALID_SOCK;
+    port_op_t rv, acc;
+    port_cqe_t c;
+    port_addr_t a, bound;
+    char got[8];
+    size_t n;
+    int i;
+    port_op_init(&rv, PORT_OP_RECV, NULL, NULL);
+    port_op_init(&acc, PORT_OP_ACCEPT, NULL, NULL);
+    REQUIRE(P != NULL);
+    waiter_init(&w, P);
+    REQUIRE(make_pair(&w, &srv, &cli));
+
+    /* A pending receive: cancel gives one final PORT_ECANCELED. */
+    CHECK_EQ(port_recv(P, &rv, srv), 0);
+    expect_quiet(&w, 50, "idle recv");
+    CHECK_EQ(port_cancel(P, &rv), 0);
+    if (expect_cqe(&w, &rv, &c, 5000, "cancelled recv")) {
+        CHECK_EQ(c.res, PORT_ECANCELED);
+        CHECK(!(c.flags & PORT_CQE_MORE));
+        CHECK(!(c.flags & PORT_CQE_BUFFER));
+    }
+    CHECK(!rv.in_flight);
+    /* Cancelling what is not in flight is harmless and produces nothing. */
+    CHECK_EQ(port_cancel(P, &rv), 0);
+    expect_quiet(&w, 30, "cancel of an idle op");
+
+    /* The record is reusable. */
+    CHECK_EQ(port_recv(P, &rv, srv), 0);
+    CHECK(plain_send_all(cli, "again", 5) == 0);
+    if (expect_cqe(&w, &rv, &c, 5000, "recv after re-arm")) {
+        CHECK_EQ(c.res, 5);
+        CHECK(c.res == 5 && memcmp(c.buf, "again", 5) == 0);
+        CHECK(c.flags & PORT_CQE_MORE);
+        port_recv_release(P, &c);
+    }
+    cancel_recv(&w, &rv);
+    CHECK(!rv.in_flight);
+
+    /* Cancel racing with arriving data: whatever was delivered before the final
+     * PORT_ECANCELED plus what a new receive gets is exactly what was sent. */
+    for (i = 0; i < 3; i++) {
+        n = 0;
+        CHECK_EQ(port_recv(P, &rv, srv), 0);
+        CHECK(plain_send_all(cli, "zz", 2) == 0);
+        if (i > 0)
+            sleep_ms(i * 5);
+        CHECK_EQ(port_cancel(P, &rv), 0);
+        for (;;) {
+            if (!expect_cqe(&w, &rv, &c, 5000, "racing cancel"))
+                break;
+            if (c.flags & PORT_CQE_MORE) {
+                CHECK(c.res > 0);
+                if (c.res > 0 && n + (size_t)c.res <= sizeof(got))
+                    memcpy(got + n, c.buf, (size_t)c.res);
+                n += (size_t)c.res;
+                port_recv_release(P, &c);
+                continue;
+            }
+            CHECKF(c.res == PORT_ECANCELED, "racing cancel: final %lld %s", (long long)c.res,
+                   port_errname((int)c.res));
+            port_recv_release(P, &c);
+            break;
+        }
+        if (n < 2) {
+            CHECK_EQ(port_recv(P, &rv, srv), 0);
+            while (n < 2) {
+                if (!expect_cqe(&w, &rv, &c, 5000, "rest after cancel"))
+                    break;
+                CHECK(c.res > 0);
+                if (c.res <= 0)
+                    break;
+                if (n + (size_t)c.res <= sizeof(got))
+                    memcpy(got + n, c.buf, (size_t)c.res);
+                n += (size_t)c.res;
+                port_recv_release(P, &c);
+            }
+            cancel_recv(&w, &rv);
+        }
+        CHECK_EQ(n, 2);
+        CHECK(n == 2 && memcmp(got, "zz", 2) == 0);
+    }
+
+    /* A pending accept is cancellable too, and its record reusable. */
+    REQUIRE(loopback(&a) == 0);
+    REQUIRE(port_listen(P, &a, 16, 0, &ls) == 0);
+    REQUIRE(port_sockname(ls, &bound) == 0);
+    CHECK_EQ(port_accept(P, &acc, ls), 0);
+    expect_quiet(&w, 30, "idle accept");
+    CHECK_EQ(port_cancel(P, &acc), 0);
+    if (expect_cqe(&w, &acc, &c, 5000, "cancelled accept"))
+        CHECK_EQ(c.res, PORT_ECANCELED);
+    CHECK_EQ(port_accept(P, &acc, ls), 0);
+    cli2 = plain_connect(&bound);
+    if (expect_cqe(&w, &acc, &c, 5000, "accept after cancel")) {
+        CHECK(c.res >= 0);
+        if (c.res >= 0)
+            acc_sock = (port_sock_t)c.res;
+    }
+    close_op(&w, srv, 0);
+    srv = PORT_INVALID_SOCK;
+done:
+    if (rv.in_flight)
+        cancel_recv(&w, &rv);
+    plain_close(cli);
+    plain_close(cli2);
+    if (acc_sock != PORT_INVALID_SOCK)
+        port_sock_close(P, acc_sock, 0);
+    if (ls != PORT_INVALID_SOCK)
+        port_sock_close(P, ls, 0);
+    if (srv != PORT_INVALID_SOCK)
+        port_sock_close(P, srv, 0);
+    end_port(P);
+}
+
+/* ---- post --------------------------------------------------------------------------------- */
+
+typedef struct poster {
+    port_t *P;
+    port_op_t *ops;
+    const int64_t *values;
+    int n, delay_ms;
+    volatile long errors;
+} poster_t;
+
+static void poster_thread(void *arg) {
+    poster_t *t = (poster_t *)arg;
+    int i;
+    if (t->delay_ms)
+        sleep_ms(t->delay_ms);
+    for (i = 0; i < t->n; i++)
+        if (port_post(t->P, &t->ops[i], t->values[i]) != 0)
+            A_ADD(&t->errors, 1);
+}
+
+static void case_post_thread(void) {
+    static const int64_t values[] = {0, 42, (int64_t)1 << 40};
+    enum { N = 3 };
+    port_t *P = new_port();
+    waiter_t w;
+    port_op_t ops[N], bad;
+    poster_t t;
+    thr_t th;
+    int seen[N] = {0, 0, 0};
+    int i, k;
+    double t0;
+    REQUIRE(P != NULL);
+    waiter_init(&w, P);
+    for (i = 0; i < N; i++)
+        port_op_init(&ops[i], PORT_OP_POST, &ops[i], NULL);
+    /* The poster starts while we are asleep in port_wait: a post must wake it. */
+    memset(&t, 0, sizeof(t));
+    t.P = P;
+    t.ops = ops;
+    t.values = values;
+    t.n = 1;
+    t.delay_ms = 80;
+    REQUIRE(thr_start(&th, poster_thread, &t) == 0);
+    t0 = now_ms();
+    {
+        port_cqe_t c;
+        int rc = next_cqe(&w, &c, 5000);
+        double el = now_ms() - t0;
+        CHECKF(rc == 1, "no completion from the posting thread (rc %d)", rc);
+        if (rc == 1) {
+            CHECK(c.op == &ops[0]);
+            CHECK_EQ(c.res, values[0]);
+            CHECK(!(c.flags & (PORT_CQE_MORE | PORT_CQE_BUFFER)));
+            seen[0] = 1;
+        }
+        CHECKF(el >= 60 && el < 3000, "woke after %.1f ms", el);
+    }
+    thr_join(th);
+    CHECK_EQ(A_LOAD(&t.errors), 0);
+    /* Then the rest from another thread at once. */
+    t.ops = ops + 1;
+    t.values = values + 1;
+    t.n = N - 1;
+    t.delay_ms = 0;
+    REQUIRE(thr_start(&th, poster_thread, &t) == 0);
+    thr_join(th);
+    CHECK_EQ(A_LOAD(&t.errors), 0);
+    for (k = 1; k < N; k++) {
+        port_cqe_t c;
+        if (next_cqe(&w, &c, 5000) != 1) {
+            CHECKF(0, "post %d never completed", k);
+            break;
+        }
+        i = (int)(c.op - ops);
+        REQUIRE(i >= 0 && i < N);
+        CHECKF(!seen[i], "post %d completed twice", i);
+        seen[i] = 1;
+        CHECK_EQ(c.res, values[i]);
+        CHECK(c.op->owner == &ops[i]);
+    }
+    for (i = 0; i < N; i++)
+        CHECK(seen[i]);
+    /* A negative value is refused at once and produces nothing. */
+    port_op_init(&bad, PORT_OP_POST, NULL, NULL);
+    CHECK_EQ(port_post(P, &bad, -1), PORT_EINVAL);
+    CHECK(!bad.in_flight);
+    expect_quiet(&w, 30, "after a refused post");
+done:
+    end_port(P);
+}
+
+/* ---- two waiters share a batch stream ---------------------------------------------------- */
+
+enum { BW_N = 2000, BW_FIRST = 600 };
+
+typedef struct bw {
+    port_t *P;
+    port_op_t *ops;
+    volatile long seen[BW_N];
+    volatile long total;
+    volatile long dup, bad;
+    volatile long per_thread[2];
+    volatile long max_batch;
+    volatile long go;
+} bw_t;
+
+typedef struct bw_arg {
+    bw_t *b;
+    int idx;
+} bw_arg_t;
+
+static void bw_thread(void *arg) {
+    bw_arg_t *a = (bw_arg_t *)arg;
+    bw_t *b = a->b;
+    double t0 = now_ms();
+    while (!A_LOAD(&b->go))
+        sleep_ms(1);
+    while (A_LOAD(&b->total) < BW_N && now_ms() - t0 < 20000) {
+        port_cqe_t out[32];
+        int i, n = port_wait(b->P, out, 32, 50);
+        if (n == PORT_EINTR || n == 0)
+            continue;
+        if (n < 0) {
+            A_ADD(&b->bad, 1);
+            break;
+        }
+        if (n > A_LOAD(&b->max_batch))
+            A_STORE(&b->max_batch, n);
+        for (i = 0; i < n; i++) {
+            long k = (long)(out[i].op - b->ops);
+            if (k < 0 || k >= BW_N || out[i].res != k) {
+                A_ADD(&b->bad, 1);
+                continue;
+            }
+            if (A_XCHG(&b->seen[k], 1) != 0)
+                A_ADD(&b->dup, 1);
+            A_ADD(&b->per_thread[a->idx], 1);
+            A_ADD(&b->total, 1);
+        }
+        /* "Dispatching" takes a while, so the other waiter gets its turn. */
+        sleep_ms(1);
+    }
+    port_batch_end(b->P);
+}
+
+static void case_batch_two_waiters(void) {
+    port_t *P = new_port();
+    bw_t *b = (bw_t *)calloc(1, sizeof(bw_t));
+    port_op_t *ops = (port_op_t *)calloc(BW_N, sizeof(port_op_t));
+    bw_arg_t args[2];
+    thr_t th[2];
+    int i, started = 0;
+    REQUIRE(P != NULL && b != NULL && ops != NULL);
+    b->P = P;
+    b->ops = ops;
+    for (i = 0; i < BW_N; i++)
+        port_op_init(&ops[i], PORT_OP_POST, NULL, NULL);
+    /* Some completions are queued before anyone waits (the first wait gets a batch)... */
+    for (i = 0; i < BW_FIRST; i++)
+        CHECK_EQ(port_post(P, &ops[i], i), 0);
+    for (i = 0; i < 2; i++) {
+        args[i].b = b;
+        args[i].idx = i;
+        if (thr_start(&th[i], bw_thread, &args[i]) == 0)
+            started++;
+    }
+    REQUIRE(started == 2);
+    A_STORE(&b->go, 1);
+    /* ...the rest arrive while both wait. */
+    for (i = BW_FIRST; i < BW_N; i++) {
+        CHECK_EQ(port_post(P, &ops[i], i), 0);
+        if (i % 50 == 0)
+            sleep_ms(2);
+    }
+    for (i = 0; i < 2; i++)
+        thr_join(th[i]);
+    started = 0;
+    CHECK_EQ(A_LOAD(&b->total), BW_N);
+    CHECK_EQ(A_LOAD(&b->dup), 0);
+    CHECK_EQ(A_LOAD(&b->bad), 0);
+    for (i = 0; i < BW_N; i++)
+        if (!b->seen[i]) {
+            CHECKF(0, "post %d lost", i);
+            break;
+        }
+    CHECKF(A_LOAD(&b->per_thread[0]) > 0 && A_LOAD(&b->per_thread[1]) > 0,
+           "completions not split: %ld / %ld", A_LOAD(&b->per_thread[0]),
+           A_LOAD(&b->per_thread[1]));
+    CHECKF(A_LOAD(&b->max_batch) > 1, "never more than one completion per wait");
+    note("split %ld / %ld, largest batch %ld", A_LOAD(&b->per_thread[0]),
+         A_LOAD(&b->per_thread[1]), A_LOAD(&b->max_batch));
+done:
+    if (started == 1)
+        thr_join(th[0]);
+    end_port(P);
+    free(b);
+    free(ops);
+}
+
+/* ---- wait timeout ------------------------------------------------------------------------ */
+
+/* How early a timed wait may return: "roughly the timeout", never early by more than this. */
+#define EARLY_SLACK_MS 2.0
+
+static void case_wait_timeout(void) {
+    port_t *P = new_port();
+    port_cqe_t out[4];
+    double t0, el;
+    int rc, i;
+    REQUIRE(P != NULL);
+    t0 = now_ms();
+    rc = port_wait(P, out, 4, 0);
+    el = now_ms() - t0;
+    CHECK_EQ(rc, 0);
+    CHECKF(el < 200, "a poll took %.1f ms", el);
+    t0 = now_ms();
+    do
+        rc = port_wait(P, out, 4, 250);
+    while (rc == PORT_EINTR);
+    el = now_ms() - t0;
+    CHECK_EQ(rc, 0);
+    CHECKF(el >= 250 - EARLY_SLACK_MS, "returned early: %.1f ms for 250", el);
+    CHECKF(el < 250 + 1500, "returned late: %.1f ms for 250", el);
+    for (i = 0; i < 5; i++) {
+        t0 = now_ms();
+        rc = port_wait(P, out, 4, 20);
+        el = now_ms() - t0;
+        if (rc == PORT_EINTR)
+            continue;
+        CHECK_EQ(rc, 0);
+        CHECKF(el >= 20 - EARLY_SLACK_MS, "returned early: %.2f ms for 20", el);
+        CHECKF(el < 20 + 1000, "returned late: %.1f ms for 20", el);
+    }
+    port_batch_end(P);
+done:
+    end_port(P);
+}
+
+/* ---- timers ------------------------------------------------------------------------------ */
+
+static void case_timers(void) {
+    static const int ms[] = {90, 30, 60, 45, 0};   /* [3] is cancelled */
+    enum { N = 5, CANCELLED = 3 };
+    port_t *P = new_port();
+    waiter_t w;
+    port_op_t t[N];
+    double armed[N], t0;
+    int order[N], norder = 0, i, k, cancelled_pos = -1;
+    port_cqe_t c;
+    REQUIRE(P != NULL);
+    waiter_init(&w, P);
+    for (i = 0; i < N; i++)
+        port_op_init(&t[i], PORT_OP_TIMER, NULL, NULL);
+    for (i = 0; i < N; i++) {
+        armed[i] = now_ms();
+        CHECK_EQ(port_timer(P, &t[i], (uint64_t)ms[i]), 0);
+    }
+    CHECK_EQ(port_cancel(P, &t[CANCELLED]), 0);
+    for (k = 0; k < N; k++) {
+        double at;
+        if (next_cqe(&w, &c, 5000) != 1) {
+            CHECKF(0, "timer completion %d of %d missing", k, N);
+            break;
+        }
+        at = now_ms();
+        i = (int)(c.op - t);
+        REQUIRE(i >= 0 && i < N);
+        if (i == CANCELLED) {
+            CHECKF(c.res == PORT_ECANCELED, "cancelled timer res %lld", (long long)c.res);
+            cancelled_pos = k;
+            continue;
+        }
+        CHECKF(c.res == 0, "timer %d ms: res %lld %s", ms[i], (long long)c.res,
+               port_errname((int)c.res));
+        CHECKF(at - armed[i] >= ms[i] - EARLY_SLACK_MS, "timer %d ms fired after %.1f ms",
+               ms[i], at - armed[i]);
+        CHECKF(at - armed[i] < ms[i] + 1000, "timer %d ms fired after %.1f ms", ms[i],
+               at - armed[i]);
+        order[norder++] = ms[i];
+    }
+    for (k = 1; k < norder; k++)
+        CHECKF(order[k - 1] <= order[k], "timers out of order: %d ms before %d ms",
+               order[k - 1], order[k]);
+    CHECK_EQ(norder, N - 1);
+    /* The cancel is immediate: it comes before the 30 ms timer. */
+    CHECKF(cancelled_pos >= 0 && cancelled_pos <= 1, "cancelled timer at position %d",
+           cancelled_pos);
+    /* A cancelled timer's record is reusable; cancelling a fired one is harmless. */
+    t0 = now_ms();
+    CHECK_EQ(port_timer(P, &t[CANCELLED], 15), 0);
+    if (expect_cqe(&w, &t[CANCELLED], &c, 5000, "re-armed timer")) {
+        CHECK_EQ(c.res, 0);
+        CHECK(now_ms() - t0 >= 15 - EARLY_SLACK_MS);
+    }
+    CHECK_EQ(port_cancel(P, &t[CANCELLED]), 0);
+    expect_quiet(&w, 30, "cancel of a fired timer");
+    /* Many timers with one deadline all fire, once each. */
+    {
+        port_op_t many[50];
+        int seen[50], got = 0;
+        memset(seen, 0, sizeof(seen));
+        for (i = 0; i < 50; i++) {
+            port_op_init(&many[i], PORT_OP_TIMER, NULL, NULL);
+            CHECK_EQ(port_timer(P, &many[i], 10), 0);
+        }
+        while (got < 50) {
+            if (next_cqe(&w, &c, 5000) != 1)
+                break;
+            i = (int)(c.op - many);
+            REQUIRE(i >= 0 && i < 50);
+            CHECK(!seen[i]);
+            seen[i] = 1;
+            CHECK_EQ(c.res, 0);
+            got++;
+        }
+        CHECK_EQ(got, 50);
+    }
+done:
+    end_port(P);
+}
+
+/* ---- operations on a closed socket ------------------------------------------------------- */
+
+static void case_closed_socket(void) {
+    port_t *P = new_port();
+    waiter_t w;
+    port_addr_t a;
+    port_sock_t dead = PORT_INVALID_SOCK;
+    port_op_t rv, sd, acc, cl;
+    port_cqe_t c;
+    port_buf_t b;
+    port_op_init(&rv, PORT_OP_RECV, NULL, NULL);
+    port_op_init(&sd, PORT_OP_SEND, NULL, NULL);
+    port_op_init(&acc, PORT_OP_ACCEPT, NULL, NULL);
+    port_op_init(&cl, PORT_OP_CLOSE, NULL, NULL);
+    REQUIRE(P != NULL);
+    waiter_init(&w, P);
+    REQUIRE(loopback(&a) == 0);
+    REQUIRE(port_listen(P, &a, 16, 0, &dead) == 0);
+    CHECK_EQ(port_sock_close(P, dead, 0), 0);
+    /* `dead` is now a closed socket; nothing in this process opens another meanwhile. */
+    CHECK_EQ(port_recv(P, &rv, dead), 0);
+    if (expect_cqe(&w, &rv, &c, 5000, "recv on a closed socket")) {
+        CHECK_EQ(c.res, PORT_EBADF);
+        CHECK(!(c.flags & PORT_CQE_MORE));
+        port_recv_release(P, &c);
+    }
+    b.base = "x";
+    b.len = 1;
+    CHECK_EQ(port_send(P, &sd, dead, &b, 1), 0);
+    if (expect_cqe(&w, &sd, &c, 5000, "send on a closed socket"))
+        CHECK_EQ(c.res, PORT_EBADF);
+    CHECK_EQ(port_accept(P, &acc, dead), 0);
+    if (expect_cqe(&w, &acc, &c, 5000, "accept on a closed socket"))
+        CHECK_EQ(c.res, PORT_EBADF);
+    CHECK_EQ(port_close(P, &cl, dead, 0), 0);
+    if (expect_cqe(&w, &cl, &c, 5000, "close of a closed socket"))
+        CHECK_EQ(c.res, PORT_EBADF);
+    CHECK_EQ(port_sock_close(P, dead, 0), PORT_EBADF);
+    expect_quiet(&w, 20, "after the failures");
+done:
+    end_port(P);
+}
+
+/* ---- strands ------------------------------------------------------------------------------ */
+
+enum { ST_POSTS = 400, ST_FREE = 200, ST_THREADS = 3, ST_BYTES = 512 * 1024 };
+
+typedef struct st {
+    port_t *P;
+    port_strand_t strand;
+    port_op_t posts[ST_POSTS], frees[ST_FREE], rv;
+    volatile long inside;          /* a thread is inside the strand */
+    volatile long overlap;         /* times two threads were */
+    long next_post;                /* strand state: touched only inside the strand */
+    long order_errors;
+    size_t recv_off;
+    long recv_errors, recv_pieces;
+    int recv_final;
+    int64_t recv_final_res;
+    volatile long frees_seen;
+    volatile long done;
+    volatile long wait_errors;
+    volatile long per_thread[ST_THREADS];
+} st_t;
+
+static void st_dispatch(st_t *s, const port_cqe_t *c, int tid) {
+    if (c->op->strand == NULL) {
+        A_ADD(&s->frees_seen, 1);
+        return;
+    }
+    if (A_XCHG(&s->inside, 1) != 0)
+        A_ADD(&s->overlap, 1);
+    A_ADD(&s->per_thread[tid], 1);
+    if (c->op == &s->rv) {
+        if (c->res > 0) {
+            long k;
+            for (k = 0; k < c->res; k++)
+                if ((unsigned char)c->buf[k] != pattern(7, s->recv_off + (size_t)k)) {
+                    s->recv_errors++;
+                    break;
+                }
+            s->recv_off += (size_t)c->res;
+            s->recv_pieces++;
+            port_recv_release(s->P, c);
+        } else {
+            s->recv_final = 1;
+            s->recv_final_res = c->res;
+        }
+    } else {
+        long k = (long)(c->op - s->posts);
+        if (k != s->next_post || c->res != k)
+            s->order_errors++;
+        s->next_post = k + 1;
+    }
+    /* Dispatch takes a little while, sometimes long enough to be preempted. */
+    if ((s->recv_pieces + s->next_post) % 16 == 0)
+        sleep_ms(1);
+    else
+        yield_now();
+    A_STORE(&s->inside, 0);
+}
+
+static void st_worker_body(st_t *s, int tid) {
+    double t0 = now_ms();
+    int run = 0;
+    while (!A_LOAD(&s->done) && now_ms() - t0 < 30000) {
+        port_cqe_t out[8];
+        int i, n = port_wait(s->P, out, 8, 20);
+        if (n == PORT_EINTR || n == 0)
+            continue;
+        if (n < 0) {
+            A_ADD(&s->wait_errors, 1);
+            break;
+        }
+        for (i = 0; i < n; i++) {
+            port_cqe_t c = out[i];
+            port_strand_t *strand = c.op->strand;
+            st_dispatch(s, &c, tid);
+            if (strand != NULL) {
+                run++;
+                while (port_strand_next(s->P, strand, &c)) {
+                    st_dispatch(s, &c, tid);
+                    run++;
+                }
+            }
+        }
+        /* A thread that has had the strand for a long run steps aside for a moment, so
+         * the strand moves between threads (what this case is about). */
+        if (run >= 40) {
+            port_batch_end(s->P);
+            sleep_ms(10);
+            run = 0;
+        }
+    }
+    port_batch_end(s->P);
+}
+
+typedef struct st_arg {
+    st_t *s;
+    int tid;
+} st_arg_t;
+
+static void st_worker(void *arg) {
+    st_arg_t *a = (st_arg_t *)arg;
+    st_worker_body(a->s, a->tid);
+}
+
+typedef struct st_peer {
+    port_sock_t s;
+    volatile long failed;
+} st_peer_t;
+
+static void st_peer_thread(void *arg) {
+    st_peer_t *p = (st_peer_t *)arg;
+    char chunk[4096];
+    size_t off = 0, j;
+    while (off < ST_BYTES) {
+        size_t len = sizeof(chunk) - (off % 1000);
+        if (len > ST_BYTES - off)
+            len = ST_BYTES - off;
+        for (j = 0; j < len; j++)
+            chunk[j] = (char)pattern(7, off + j);
+        if (plain_send_all(p->s, chunk, len) != 0) {
+            A_STORE(&p->failed, 1);
+            break;
+        }
+        off += len;
+        if ((off / len) % 8 == 0)
+            sleep_ms(1);
+    }
+    plain_closesocket(p->s);
+}
+
+static void case_strands(void) {
+    port_t *P = new_port();
+    waiter_t w;
+    st_t *s = (st_t *)calloc(1, sizeof(st_t));
+    st_arg_t args[ST_THREADS];
+    thr_t th[ST_THREADS], pt;
+    st_peer_t peer;
+    port_sock_t srv = PORT_INVALID_SOCK, cli = PORT_INVALID_SOCK;
+    int i, nthreads = 0, peer_started = 0;
+    double t0;
+    memset(&peer, 0, sizeof(peer));
+    REQUIRE(P != NULL && s != NULL);
+    waiter_init(&w, P);
+    s->P = P;
+    port_strand_init(&s->strand, s);
+    CHECK(s->strand.owner == s);
+    for (i = 0; i < ST_POSTS; i++)
+        port_op_init(&s->posts[i], PORT_OP_POST, s, &s->strand);
+    for (i = 0; i < ST_FREE; i++)
+        port_op_init(&s->frees[i], PORT_OP_POST, s, NULL);
+    port_op_init(&s->rv, PORT_OP_RECV, s, &s->strand);
+    REQUIRE(make_pair(&w, &srv, &cli));
+    CHECK_EQ(port_recv(P, &s->rv, srv), 0);
+    for (i = 0; i < ST_THREADS; i++) {
+        args[i].s = s;
+        args[i].tid = i;
+        if (thr_start(&th[i], st_worker, &args[i]) == 0)
+            nthreads++;
+    }
+    REQUIRE(nthreads == ST_THREADS);
+    peer.s = cli;
+    if (thr_start(&pt, st_peer_thread, &peer) == 0) {
+        peer_started = 1;
+        cli = PORT_INVALID_SOCK;   /* the peer thread closes it */
+    }
+    CHECK(peer_started);
+    /* Posts on the strand, in order, in bursts, mixed with posts on no strand. */
+    for (i = 0; i < ST_POSTS; i++) {
+        CHECK_EQ(port_post(P, &s->posts[i], i), 0);
+        if (i < ST_FREE)
+            CHECK_EQ(port_post(P, &s->frees[i], i), 0);
+        if (i % 10 == 9)
+            sleep_ms(3);
+    }
+    t0 = now_ms();
+    while (now_ms() - t0 < 25000) {
+        /* Strand state is read here only once the strand is quiet and everything came. */
+        if (A_LOAD(&s->frees_seen) == ST_FREE && A_LOAD(&s->inside) == 0) {
+            long posts = (long)A_LOAD(&s->next_post);
+            int fin = (int)A_LOAD(&s->recv_final);
+            if (posts == ST_POSTS && fin)
+                break;
+        }
+        sleep_ms(5);
+    }
+    A_STORE(&s->done, 1);
+    for (i = 0; i < nthreads; i++)
+        thr_join(th[i]);
+    nthreads = 0;
+    if (peer_started)
+        thr_join(pt);
+    CHECK_EQ(A_LOAD(&s->overlap), 0);
+    CHECK_EQ(s->order_errors, 0);
+    CHECK_EQ(s->next_post, ST_POSTS);
+    CHECK_EQ(A_LOAD(&s->frees_seen), ST_FREE);
+    CHECK_EQ(A_LOAD(&s->wait_errors), 0);
+    CHECK_EQ(peer.failed, 0);
+    CHECK_EQ(s->recv_errors, 0);
+    CHECK_EQ(s->recv_off, ST_BYTES);
+    CHECK(s->recv_final);
+    CHECK_EQ(s->recv_final_res, 0);
+    CHECK(s->strand.head == NULL && s->strand.held == 0);
+    {
+        int busy = 0;
+        for (i = 0; i < ST_THREADS; i++)
+            busy += A_LOAD(&s->per_thread[i]) > 0;
+        note("strand completions per thread: %ld %ld %ld; %ld receive pieces",
+             A_LOAD(&s->per_thread[0]), A_LOAD(&s->per_thread[1]),
+             A_LOAD(&s->per_thread[2]), s->recv_pieces);
+        CHECKF(busy >= 2, "only one thread ever held the strand (the case proves nothing)");
+    }
+    close_op(&w, srv, 0);
+    srv = PORT_INVALID_SOCK;
+done:
+    if (s != NULL) {
+        A_STORE(&s->done, 1);
+        for (i = 0; i < nthreads; i++)
+            thr_join(th[i]);
+        if (s->rv.in_flight)
+            cancel_recv(&w, &s->rv);
+    }
+    plain_close(cli);
+    if (srv != PORT_INVALID_SOCK)
+        port_sock_close(P, srv, 0);
+    end_port(P);
+    free(s);
+}
+
+/* ---- shutdown ----------------------------------------------------------------------------- */
+
+typedef struct sd_waiter {
+    port_t *P;
+    int rc;
+    double elapsed;
+} sd_waiter_t;
+
+static void sd_thread(void *arg) {
+    sd_waiter_t *s = (sd_waiter_t *)arg;
+    port_cqe_t out[4];
+    double t0 = now_ms();
+    do
+        s->rc = port_wait(s->P, out, 4, 10000);
+    while (s->rc == PORT_EINTR || s->rc == 0);
+    s->elapsed = now_ms() - t0;
+}
+
+static void case_shutdown(void) {
+    enum { N = 3 };
+    port_t *P = new_port();
+    sd_waiter_t ws[N];
+    thr_t th[N];
+    port_op_t op;
+    port_cqe_t out[4];
+    int i, started = 0;
+    double t0;
+    REQUIRE(P != NULL);
+    for (i = 0; i < N; i++) {
+        ws[i].P = P;
+        ws[i].rc = 1;
+        ws[i].elapsed = 0;
+        if (thr_start(&th[i], sd_thread, &ws[i]) == 0)
+            started++;
+    }
+    REQUIRE(started == N);
+    sleep_ms(150);
+    t0 = now_ms();
+    port_shutdown(P);
+    for (i = 0; i < N; i++)
+        thr_join(th[i]);
+    CHECKF(now_ms() - t0 < 3000, "waiters took %.0f ms to wake", now_ms() - t0);
+    for (i = 0; i < N; i++) {
+        CHECKF(ws[i].rc == PORT_ECLOSED, "waiter %d: rc %d %s", i, ws[i].rc,
+               port_errname(ws[i].rc));
+        CHECKF(ws[i].elapsed < 5000, "waiter %d waited %.0f ms", i, ws[i].elapsed);
+    }
+    CHECK_EQ(port_wait(P, out, 4, 0), PORT_ECLOSED);
+    t0 = now_ms();
+    CHECK_EQ(port_wait(P, out, 4, 1000), PORT_ECLOSED);
+    CHECK(now_ms() - t0 < 500);
+    port_op_init(&op, PORT_OP_POST, NULL, NULL);
+    CHECK_EQ(port_post(P, &op, 1), PORT_ECLOSED);
+    CHECK(!op.in_flight);
+    port_shutdown(P);   /* idempotent */
+    CHECK_EQ(port_wait(P, out, 4, 0), PORT_ECLOSED);
+done:
+    end_port(P);
+}
+
+/* ---- stats -------------------------------------------------------------------------------- */
+
+static void case_stats_balance(void) {
+    port_t *P = new_port();
+    waiter_t w;
+    port_stats_t st;
+    port_op_t posts[5], rv;
+    port_sock_t srv = PORT_INVALID_SOCK, cli = PORT_INVALID_SOCK;
+    port_cqe_t c, held;
+    int i;
+    uint64_t sub0;
+    port_op_init(&rv, PORT_OP_RECV, NULL, NULL);
+    REQUIRE(P != NULL);
+    waiter_init(&w, P);
+    port_get_stats(P, &st);
+    CHECK_EQ(st.submitted, 0);
+    CHECK_EQ(st.completed, 0);
+    CHECK_EQ(st.in_flight, 0);
+    CHECK_EQ(st.recv_buffers_out, 0);
+    for (i = 0; i < 5; i++) {
+        port_op_init(&posts[i], PORT_OP_POST, NULL, NULL);
+        CHECK_EQ(port_post(P, &posts[i], i), 0);
+    }
+    port_get_stats(P, &st);
+    CHECK_EQ(st.submitted, 5);
+    CHECK_EQ(st.in_flight, 5);
+    for (i = 0; i < 5; i++)
+        if (next_cqe(&w, &c, 5000) != 1)
+            CHECKF(0, "post %d missing", i);
+    port_get_stats(P, &st);
+    CHECK_EQ(st.completed, 5);
+    CHECK_EQ(st.in_flight, 0);
+    REQUIRE(make_pair(&w, &srv, &cli));
+    port_get_stats(P, &st);
+    sub0 = st.submitted;
+    CHECK_EQ(st.in_flight, 0);
+    CHECK_EQ(port_recv(P, &rv, srv), 0);
+    CHECK(plain_send_all(cli, "abcd", 4) == 0);
+    port_get_stats(P, &st);
+    CHECK_EQ(st.submitted, sub0 + 1);
+    CHECK_EQ(st.in_flight, 1);
+    if (expect_cqe(&w, &rv, &held, 5000, "recv")) {
+        CHECK(held.flags & PORT_CQE_BUFFER);
+        port_get_stats(P, &st);
+        CHECK_EQ(st.recv_buffers_out, 1);   /* held by us */
+        CHECK(st.recv_buffers >= 1);
+        CHECK_EQ(st.in_flight, 1);          /* the receive stays armed */
+        port_recv_release(P, &held);
+        port_get_stats(P, &st);
+        CHECK_EQ(st.recv_buffers_out, 0);
+    }
+    cancel_recv(&w, &rv);
+    port_get_stats(P, &st);
+    CHECK_EQ(st.in_flight, 0);
+    CHECK_EQ(st.submitted, st.completed);
+    close_op(&w, srv, 0);
+    srv = PORT_INVALID_SOCK;
+done:
+    if (rv.in_flight)
+        cancel_recv(&w, &rv);
+    plain_close(cli);
+    if (srv != PORT_INVALID_SOCK)
+        port_sock_close(P, srv, 0);
+    end_port(P);
+}
+
+/* ---- the receive pool under pressure ------------------------------------------------------ */
+
+/* Buffers held by the caller are not reused; when all are out, the receive waits for a
+ * release (no data lost, no error), and resumes after it. */
+static void case_recv_pool_backpressure(void) {
+    enum { NBUF = 4, BUFSZ = 1024, TOTAL = 64 * 1024 };
+    port_options_t o;
+    port_t *P;
+    waiter_t w;
+    port_sock_t srv = PORT_INVALID_SOCK, cli = PORT_INVALID_SOCK;
+    port_op_t rv;
+    port_cqe_t held[NBUF], c;
+    int nheld = 0, i;
+    size_t got = 0, j;
+    char *data = (char *)malloc(TOTAL);
+    int bad = 0;
+    memset(&o, 0, sizeof(o));
+    o.recv_buffer_count = NBUF;
+    o.recv_buffer_size = BUFSZ;
+    P = new_port_opts(&o);
+    port_op_init(&rv, PORT_OP_RECV, NULL, NULL);
+    REQUIRE(P != NULL && data != NULL);
+    waiter_init(&w, P);
+    REQUIRE(make_pair(&w, &srv, &cli));
+    for (j = 0; j < TOTAL; j++)
+        data[j] = (char)pattern(3, j);
+    CHECK(plain_send_all(cli, data, TOTAL) == 0);
+    CHECK_EQ(port_recv(P, &rv, srv), 0);
+    /* Hold every buffer. */
+    while (nheld < NBUF) {
+        if (!expect_cqe(&w, &rv, &held[nheld], 5000, "recv into the pool"))
+            break;
+        CHECK(held[nheld].res > 0 && held[nheld].res <= BUFSZ);
+        CHECK(held[nheld].flags & PORT_CQE_MORE);
+        if (held[nheld].res <= 0)
+            break;
+        nheld++;
+    }
+    REQUIRE(nheld == NBUF);
+    for (i = 0; i < NBUF; i++)
+        for (j = i + 1; j < NBUF; j++)
+            CHECK(held[i].buf != held[j].buf);
+    /* Out of buffers: nothing more until one comes back. */
+    expect_quiet(&w, 60, "all buffers held");
+    for (i = 0; i < NBUF; i++) {
+        if (memcmp(held[i].buf, data + got, (size_t)held[i].res) != 0)
+            bad++;
+        got += (size_t)held[i].res;
+        port_recv_release(P, &held[i]);
+    }
+    /* The rest arrives, in order, after the releases. */
+    while (got < TOTAL) {
+        if (!expect_cqe(&w, &rv, &c, 5000, "recv after release"))
+            break;
+        CHECK(c.res > 0);
+        if (c.res <= 0)
+            break;
+        if (got + (size_t)c.res > TOTAL || memcmp(c.buf, data + got, (size_t)c.res) != 0)
+            bad++;
+        got += (size_t)c.res;
+        port_recv_release(P, &c);
+    }
+    CHECK_EQ(got, TOTAL);
+    CHECK_EQ(bad, 0);
+    {
+        port_stats_t st;
+        port_get_stats(P, &st);
+        CHECKF(st.recv_buffers <= NBUF, "the pool made %llu buffers, limit %d",
+               (unsigned long long)st.recv_buffers, NBUF);
+    }
+    cancel_recv(&w, &rv);
+    close_op(&w, srv, 0);
+    srv = PORT_INVALID_SOCK;
+done:
+    while (nheld > 0 && nheld < NBUF)
+        port_recv_release(P, &held[--nheld]);
+    if (rv.in_flight)
+        cancel_recv(&w, &rv);
+    plain_close(cli);
+    if (srv != PORT_INVALID_SOCK)
+        port_sock_close(P, srv, 0);
+    free(data);
+    end_port(P);
+}
+
+/* ====================================================================================== */
+
+typedef struct test_case {
+    const char *name;
+    void (*fn)(void);
+} test_case_t;
+
+static const test_case_t cases[] = {
+    {"accept_several", case_accept_several},
+    {"connect", case_connect},
+    {"echo_1B_to_4MiB", case_echo},
+    {"gather_send_order", case_gather_send},
+    {"graceful_close", case_graceful_close},
+    {"peer_reset", case_peer_reset},
+    {"cancel_recv", case_cancel_recv},
+    {"post_from_thread", case_post_thread},
+    {"batch_two_waiters", case_batch_two_waiters},
+    {"wait_timeout", case_wait_timeout},
+    {"timers", case_timers},
+    {"closed_socket_ops", case_closed_socket},
+    {"strands", case_strands},
+    {"shutdown_wakes_waiters", case_shutdown},
+    {"stats_balance", case_stats_balance},
+    {"recv_pool_backpressure", case_recv_pool_backpressure},
+};
+
+int main(int argc, char **argv) {
+    const char *only = NULL;
+    const char *env;
+    char err[256] = "";
+    int rc, passed = 0, failed = 0;
+    size_t i;
+#ifdef _WIN32
+    WSADATA wsa;
+    WSAStartup(MAKEWORD(2, 2), &wsa);
+#else
+    signal(SIGPIPE, SIG_IGN);
+#endif
+    setvbuf(stdout, NULL, _IONBF, 0);
+    g_backend = argc > 1 ? argv[1] : getenv("IOCPNET_BACKEND");
+    if (g_backend == NULL || g_backend[0] == '\0')
+        g_backend = port_backends()[0];
+    if (g_backend == NULL) {
+        fprintf(stderr, "contract: this build has no backend\n");
+        return 2;
+    }
+    if (argc > 2)
+        only = argv[2];
+    env = getenv("CONTRACT_WATCHDOG");
+    if (env != NULL && atoi(env) > 0)
+        g_watchdog_s = atoi(env);
+
+    rc = port_backend_probe(g_backend, err, sizeof(err));
+    if (rc != 0) {
+        printf("contract[%s]: skipped: %s (%s)\n", g_backend, err, port_errname(rc));
+        return rc == PORT_EUNAVAIL ? 77 : 1;
+    }
+    watchdog_start();
+    for (i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        double t0;
+        if (only != NULL && strcmp(only, cases[i].name) != 0)
+            continue;
+        g_case_name = cases[i].name;
+        A_STORE(&g_case_failures, 0);
+        t0 = now_ms();
+        cases[i].fn();
+        if (A_LOAD(&g_case_failures) == 0) {
+            passed++;
+            printf("  ok    %-26s %7.0f ms\n", cases[i].name, now_ms() - t0);
+        } else {
+            failed++;
+            printf("  FAIL  %-26s %7.0f ms  (%ld checks failed)\n", cases[i].name,
+                   now_ms() - t0, A_LOAD(&g_case_failures));
+        }
+    }
+    g_case_name = "(done)";
+    printf("contract[%s]: %d passed, %d failed\n", g_backend, passed, failed);
+    return failed ? 1 : 0;
+}
