@@ -77,6 +77,19 @@ int port__posix_listen_socket(const port_addr_t *addr, int backlog, int flags, i
 int port__posix_close(int fd, int flags);
 #endif
 
+/* Windows socket helpers shared with the IOCP backend (win_sock.c). */
+#ifdef _WIN32
+#  include <mswsock.h>
+int port__win_init(void);                       /* WSAStartup and extension functions, once */
+LPFN_ACCEPTEX port__win_acceptex(int family);
+LPFN_CONNECTEX port__win_connectex(int family);
+int port__win_status(LONG ntstatus);            /* a completed I/O's status -> PORT_E* */
+SOCKET port__win_socket(int family);            /* overlapped, not inherited */
+int port__win_nonblock(SOCKET s);
+int port__win_listen_socket(const port_addr_t *addr, int backlog, int flags, SOCKET *out);
+int port__win_close(SOCKET s, int flags);
+#endif
+
 /* Backends compiled into this build (common.c lists them). */
 extern const port_vtable_t port__io_uring_vtable;
 extern const port_vtable_t port__epoll_vtable;
