@@ -22,6 +22,8 @@ from iocpnet._core import (
     IocpCore,
     IocpObject,
     Listener,
+    PacketSession,
+    Reconnect,
     ServerService,
     Service,
     Session,
@@ -31,6 +33,7 @@ from iocpnet._core import (
     compiled_backends,
     debug_counters,
 )
+from iocpnet.packet import PACKET_HEADER_SIZE, PACKET_SIZE_MAX, PacketHandler, make_packet
 
 __version__ = "0.1.0"
 
@@ -40,6 +43,11 @@ __all__ = [
     "IocpCore",
     "IocpObject",
     "Listener",
+    "PACKET_HEADER_SIZE",
+    "PACKET_SIZE_MAX",
+    "PacketHandler",
+    "PacketSession",
+    "Reconnect",
     "ServerService",
     "Service",
     "Session",
@@ -48,6 +56,7 @@ __all__ = [
     "backend_unavailable_reason",
     "compiled_backends",
     "debug_counters",
+    "make_packet",
     "__version__",
 ]
 

@@ -18,7 +18,7 @@ which is what makes it safe next to the GIL.
 cimport cython
 from cpython.ref cimport PyObject
 from cpython.buffer cimport PyBuffer_FillInfo
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.memoryview cimport PyMemoryView_FromObject
 from libc.stdint cimport int32_t, int64_t, uint64_t
@@ -67,6 +67,12 @@ cdef enum:
     S_CLOSING = 5         # close submitted; waiting for the operations to end
     S_DONE = 6            # OnDisconnected has run
 
+cdef enum:
+    PKT_HEADER = 4                # [size: u16 LE][id: u16 LE], size counts the header
+    PKT_MAX = 0xFFFF
+
+PACKET_HEADER_SIZE = PKT_HEADER
+PACKET_SIZE_MAX = PKT_MAX
 DEFAULT_SEND_QUEUE_LIMIT = 4 * 1024 * 1024
 DEFAULT_RECV_BUFFER_LIMIT = 256 * 1024
 DEFAULT_FLUSH_TIMEOUT = 5.0
@@ -75,6 +81,7 @@ DEFAULT_FLUSH_TIMEOUT = 5.0
 cdef volatile int64_t _sessions_alive = 0
 cdef volatile int64_t _sessions_connected = 0
 cdef volatile int64_t _views_detached = 0
+cdef volatile int64_t _cores_alive = 0
 
 
 class BackendUnavailableError(RuntimeError):
@@ -137,6 +144,7 @@ def debug_counters():
         "sessions_alive": _sessions_alive,
         "sessions_connected": _sessions_connected,
         "views_detached": _views_detached,
+        "cores_alive": _cores_alive,
     }
 
 
@@ -215,6 +223,7 @@ cdef class IocpCore:
                     f" (available: {', '.join(available_backends()) or 'none'})")
             raise port_error(rc, reason or "creating the completion port")
         self.backend = port_backend(self.port).decode("ascii")
+        port_atomic_add64(&_cores_alive, 1)
         self._lock = threading.Lock()
         self._close_callbacks = []
         self._timers = set()
@@ -236,6 +245,7 @@ cdef class IocpCore:
         if self.port != NULL:
             port_destroy(self.port)
             self.port = NULL
+            port_atomic_add64(&_cores_alive, -1)
 
     def __repr__(self):
         state = "closed" if self._closed else ("closing" if self._closing else "open")
@@ -340,6 +350,10 @@ cdef class IocpCore:
             if not self._closed:
                 self._closed = 1
                 port_shutdown(self.port)
+            # Nothing can complete any more: drop what still refers to sessions.
+            self._flush_watch.clear()
+            self._housekeeping = None
+            self._close_callbacks = []
 
     def stats(self):
         """Counters of the port: submitted, completed, in_flight, waits, receive buffers."""
@@ -419,6 +433,10 @@ cdef class IocpCore:
         except Exception:
             logger.exception("watching a flushing session failed")
             s._close_now("flush watch failed", True)
+
+    cdef void _unwatch_flush(self, Session s) noexcept:
+        with self._lock:
+            self._flush_watch.pop(s, None)
 
     def _sweep_flush(self):
         cdef int64_t now = port_monotonic_ms()
@@ -614,9 +632,12 @@ cdef class _Hooks:
     cdef object on_disconnected
     cdef object on_connect_failed
     cdef object on_recv_packet
+    cdef bint packet_mode         # a PacketSession whose OnRecv is not overridden
+    cdef Py_ssize_t max_packet_size
     cdef Py_ssize_t send_queue_limit
     cdef Py_ssize_t recv_buffer_limit
     cdef double flush_timeout
+    cdef double idle_timeout
 
 
 cdef dict _hooks_cache = {}
@@ -647,12 +668,20 @@ cdef _Hooks _hooks_for(type cls):
     h.on_disconnected = _overridden(cls, "OnDisconnected", Session)
     h.on_connect_failed = _overridden(cls, "OnConnectFailed", Session)
     h.on_recv_packet = getattr(cls, "OnRecvPacket", None)
+    h.packet_mode = issubclass(cls, PacketSession) and h.on_recv is None
+    h.max_packet_size = _class_int(cls, "max_packet_size", PKT_MAX)
     h.send_queue_limit = _class_int(cls, "send_queue_limit", DEFAULT_SEND_QUEUE_LIMIT)
     h.recv_buffer_limit = _class_int(cls, "recv_buffer_limit", DEFAULT_RECV_BUFFER_LIMIT)
     h.flush_timeout = _class_int(cls, "flush_timeout", DEFAULT_FLUSH_TIMEOUT)
+    h.idle_timeout = _class_int(cls, "idle_timeout", 0)
     if h.send_queue_limit <= 0 or h.recv_buffer_limit <= 0:
         raise ValueError(f"{cls.__name__}: send_queue_limit and recv_buffer_limit must be "
                          f"positive")
+    if not PKT_HEADER <= h.max_packet_size <= PKT_MAX:
+        raise ValueError(f"{cls.__name__}: max_packet_size must be between "
+                         f"{PKT_HEADER} and {PKT_MAX}")
+    if h.idle_timeout < 0:
+        raise ValueError(f"{cls.__name__}: idle_timeout must be >= 0 (0: none)")
     _hooks_cache[cls] = h
     return h
 
@@ -694,6 +723,7 @@ cdef class Session(IocpObject):
     cdef bint _send_busy
     cdef bint _close_started
     cdef bint _counted_connected
+    cdef bint _was_connected
     cdef object _reason
     cdef object _address
     cdef int64_t _last_recv_ms
@@ -937,6 +967,7 @@ cdef class Session(IocpObject):
         self._state = S_CONNECTED
         port_spin_unlock(&self._lock)
         self._counted_connected = True
+        self._was_connected = True
         port_atomic_add64(&_sessions_connected, 1)
         if self._service is not None:
             ok = self._service._session_connected(self)
@@ -1045,7 +1076,12 @@ cdef class Session(IocpObject):
             rc = self._arm_recv_locked()
         port_spin_unlock(&self._lock)
         if res == 0:
-            self._begin_disconnect("peer closed the connection", True)
+            if self._rlen > self._rpos:
+                self._begin_disconnect(
+                    f"peer closed the connection ({self._rlen - self._rpos} bytes of an "
+                    f"unfinished message left)", True)
+            else:
+                self._begin_disconnect("peer closed the connection", True)
         elif res < 0 and res != PORT_ECANCELED:
             self._close_now(port_reason(<int>res), False)
         elif rc != 0:
@@ -1123,6 +1159,8 @@ cdef class Session(IocpObject):
         cdef _RecvView view
         cdef Py_ssize_t used = n
         cdef object mv
+        if self._hooks.packet_mode:
+            return self._parse_packets(<const unsigned char *>ptr, n)
         if self._hooks.on_recv is None:
             return n
         view = self._view
@@ -1170,6 +1208,40 @@ cdef class Session(IocpObject):
         if port_atomic_load32(&view.exports) == 0:
             view._free()         # released meanwhile by another thread
         return used
+
+    cdef Py_ssize_t _parse_packets(self, const unsigned char *ptr, Py_ssize_t n) noexcept:
+        """PacketSession: call OnRecvPacket once per whole packet in ptr[0:n]; returns
+        the bytes consumed (a partial packet waits for the rest), or -1 after a bad size
+        or a failed hook (the session is closing)."""
+        cdef Py_ssize_t pos = 0, size, limit = self._hooks.max_packet_size
+        cdef unsigned int pid
+        cdef object hook = self._hooks.on_recv_packet
+        while n - pos >= PKT_HEADER:
+            size = ptr[pos] | (ptr[pos + 1] << 8)
+            pid = ptr[pos + 2] | (ptr[pos + 3] << 8)
+            if size < PKT_HEADER or size > limit:
+                if size < PKT_HEADER:
+                    why = (f"bad packet: size {size} is smaller than the "
+                           f"{PKT_HEADER}-byte header (packet id {pid})")
+                else:
+                    why = (f"bad packet: size {size} exceeds max_packet_size {limit} "
+                           f"(packet id {pid})")
+                logger.warning("disconnecting %s: %s", repr(self), why)
+                self._close_now(why, True)
+                return -1
+            if n - pos < size:
+                break
+            payload = PyBytes_FromStringAndSize(<char *>ptr + pos + PKT_HEADER,
+                                                size - PKT_HEADER)
+            pos += size
+            try:
+                hook(self, pid, payload)
+            except BaseException as e:
+                self._hook_failed("OnRecvPacket", e)
+                return -1
+            if self._state != S_CONNECTED:
+                break            # the hook disconnected us: leave the rest
+        return pos
 
     cdef void _process_send(self, port_cqe_t *cqe) noexcept:
         cdef int64_t res = cqe.res
@@ -1368,6 +1440,7 @@ cdef class Session(IocpObject):
         """Every operation has ended: release everything, then OnDisconnected."""
         self._release_buffers()
         self._view = None
+        self.core._unwatch_flush(self)
         if self._counted_connected:
             self._counted_connected = False
             port_atomic_add64(&_sessions_connected, -1)
@@ -1388,6 +1461,69 @@ cdef class Session(IocpObject):
         _traceback.clear_frames(e.__traceback__)
         # Our bug, not the peer's: close with a FIN, without waiting to flush.
         self._close_now(f"exception in {hook}: {_describe_exc(e)}", False)
+
+
+# ---------------------------------------------------------------------------------------
+# Packets: [size: u16 LE][id: u16 LE][payload], size counting the 4-byte header
+
+def make_packet(int packet_id, payload=b""):
+    """Build one packet as bytes: build it once, send it to many (Broadcast)."""
+    cdef Py_ssize_t n
+    cdef bytes out
+    cdef unsigned char *p
+    cdef const unsigned char[:] view
+    if not 0 <= packet_id <= 0xFFFF:
+        raise ValueError(f"packet id {packet_id} out of range 0..65535")
+    if isinstance(payload, str):
+        raise TypeError("payload must be bytes-like, not str (encode it first)")
+    view = memoryview(payload).cast("B") if not isinstance(payload, bytes) else payload
+    n = view.shape[0]
+    if n + PKT_HEADER > PKT_MAX:
+        raise ValueError(f"payload of {n} bytes is too large for a packet "
+                         f"(at most {PKT_MAX - PKT_HEADER})")
+    out = PyBytes_FromStringAndSize(NULL, n + PKT_HEADER)
+    p = <unsigned char *>PyBytes_AS_STRING(out)
+    p[0] = (n + PKT_HEADER) & 0xFF
+    p[1] = (n + PKT_HEADER) >> 8
+    p[2] = packet_id & 0xFF
+    p[3] = packet_id >> 8
+    if n:
+        memcpy(p + PKT_HEADER, &view[0], n)
+    return out
+
+
+cdef class PacketSession(Session):
+    """A Session that speaks packets: ``[size: u16][id: u16][payload]``, little-endian,
+    ``size`` counting the 4-byte header.
+
+    Override ``OnRecvPacket(packet_id, payload)`` (called once per whole packet, in
+    order; ``payload`` is bytes), or set the class attribute ``handler`` to a
+    ``PacketHandler`` that routes ids to functions.  ``max_packet_size`` (class
+    attribute, at most 65535) bounds what a peer may announce: a size below 4 or above
+    it disconnects the session with the reason logged.
+    """
+
+    @property
+    def max_packet_size(self):
+        return self._hooks.max_packet_size
+
+    def SendPacket(self, int packet_id, payload=b""):
+        """Send one packet (from any thread); returns as Send does."""
+        return self.Send(make_packet(packet_id, payload))
+
+    def OnRecvPacket(self, packet_id, payload):
+        """Called once per packet.  The default routes it through the class's
+        ``handler`` (a PacketHandler); without one, the packet is unknown."""
+        handler = getattr(type(self), "handler", None)
+        if handler is not None:
+            return handler.dispatch(self, packet_id, payload)
+        self.OnUnknownPacket(packet_id, payload)
+
+    def OnUnknownPacket(self, packet_id, payload):
+        """A packet nobody handles: logged, and the session is disconnected."""
+        logger.warning("disconnecting %s: unknown packet id %d (%d-byte payload)",
+                       repr(self), packet_id, len(payload))
+        self.Disconnect(f"unknown packet id {packet_id}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -1638,8 +1774,10 @@ cdef class Service:
     cdef bint _started
     cdef bint _stopping
     cdef object _close_cb
+    cdef object _idle_timer
     cdef readonly uint64_t rejected
     cdef readonly uint64_t total_sessions
+    cdef readonly uint64_t idle_disconnects
     cdef object __weakref__
 
     def __init__(self, IocpCore core, listener, session_factory, int max_session_count=100,
@@ -1708,7 +1846,38 @@ cdef class Service:
         if stopping:
             s._close_now("server shutdown", False)
             return False
+        self._watch_idle(s)
         return True
+
+    cdef void _watch_idle(self, Session s) noexcept:
+        """Start the idle sweep the first time a session with an idle_timeout connects."""
+        cdef double idle = s._hooks.idle_timeout
+        if idle <= 0 or self._idle_timer is not None:
+            return
+        with self._lock:
+            if self._idle_timer is not None or self._stopping:
+                return
+            self._idle_timer = True       # claimed; made below, outside the lock
+        try:
+            t = self.core.CallEvery(max(0.05, min(1.0, idle / 4.0)), self._sweep_idle)
+        except Exception:
+            logger.exception("cannot start the idle-timeout sweep")
+            t = None
+        with self._lock:
+            self._idle_timer = t
+
+    def _sweep_idle(self):
+        """Disconnect sessions that received nothing for their idle_timeout."""
+        cdef Session s
+        cdef int64_t now = port_monotonic_ms()
+        cdef double idle
+        for s in self.sessions:
+            idle = s._hooks.idle_timeout
+            if idle > 0 and s._state == S_CONNECTED and \
+                    now - s._last_recv_ms >= <int64_t>(idle * 1000):
+                if s._begin_disconnect(f"idle timeout: nothing received for {idle:g} s",
+                                       True):
+                    self.idle_disconnects += 1
 
     cdef void _session_done(self, Session s) noexcept:
         with self._lock:
@@ -1734,6 +1903,10 @@ cdef class Service:
                 return
             self._stopping = True
             sessions = list(self._sessions)
+            idle_timer = self._idle_timer
+            self._idle_timer = None
+        if isinstance(idle_timer, Timer):
+            idle_timer.Cancel()
         if self.listener is not None:
             try:
                 self.listener.Close()
@@ -1829,23 +2002,68 @@ cdef class ServerService(Service):
     """A Service that accepts connections (the same as ``Service``)."""
 
 
+class Reconnect:
+    """A ClientService's reconnect policy: when a session ends (or cannot connect), a new
+    one is opened after ``initial`` seconds, the delay growing by ``factor`` up to
+    ``max_delay`` while attempts keep failing; after ``max_attempts`` failures in a row
+    (None: no limit) the service stops trying.  A connection that came up resets it."""
+
+    def __init__(self, initial=0.5, max_delay=30.0, factor=2.0, max_attempts=None):
+        if initial < 0 or max_delay < 0 or factor < 1:
+            raise ValueError("initial and max_delay must be >= 0 and factor >= 1")
+        self.initial = float(initial)
+        self.max_delay = float(max_delay)
+        self.factor = float(factor)
+        self.max_attempts = max_attempts
+
+    def delay(self, failures):
+        """Seconds to wait after `failures` failed attempts in a row (0 after a drop)."""
+        return min(self.max_delay, self.initial * self.factor ** max(failures - 1, 0))
+
+    def __repr__(self):
+        return (f"Reconnect(initial={self.initial}, max_delay={self.max_delay}, "
+                f"factor={self.factor}, max_attempts={self.max_attempts})")
+
+
 cdef class ClientService(Service):
     """Connects ``count`` client sessions to ``address`` (dummy clients, server to
-    server links).  Each session gets the usual hooks; a connection that cannot be made
-    gets ``OnConnectFailed(reason)`` then ``OnDisconnected(reason)``.
+    server links), IPv4 or IPv6.  Each session gets the usual hooks; a connection that
+    cannot be made gets ``OnConnectFailed(reason)`` then ``OnDisconnected(reason)``.
+    With ``reconnect`` (True, or a ``Reconnect`` policy) every session that ends is
+    replaced by a new connection after the policy's delay, until ``Stop()``.
     """
     cdef object _address
+    cdef port_addr_t _addr
     cdef readonly int count
+    cdef readonly object reconnect
+    cdef int _failures
+    cdef set _retry_timers
     cdef readonly uint64_t connect_failures
 
-    def __init__(self, IocpCore core, address, session_factory, int count=1):
+    def __init__(self, IocpCore core, address, session_factory, int count=1, *,
+                 reconnect=None):
+        cdef int rc
         if isinstance(address, int):
             address = ("127.0.0.1", address)
         if not (isinstance(address, (tuple, list)) and len(address) == 2):
             raise TypeError("address must be a (host, port) tuple")
+        if count < 0:
+            raise ValueError("count must be >= 0")
         super().__init__(core, None, session_factory, max(count, 1))
         self._address = (str(address[0]), int(address[1]))
         self.count = count
+        if reconnect is True:
+            reconnect = Reconnect()
+        elif reconnect is False:
+            reconnect = None
+        if reconnect is not None and not hasattr(reconnect, "delay"):
+            raise TypeError("reconnect must be True or a Reconnect policy")
+        self.reconnect = reconnect
+        self._retry_timers = set()
+        host = self._address[0].encode("idna")
+        rc = port_resolve(host, self._address[1], 0, &self._addr)
+        if rc != 0:
+            raise port_error(rc, f"resolving {self._address[0]!r}")
 
     @property
     def address(self):
@@ -1862,23 +2080,18 @@ cdef class ClientService(Service):
             self.Connect()
 
     def Connect(self, session=None):
-        """Open one more connection, with `session` or a new one from the factory."""
-        cdef port_addr_t addr
+        """Open one more connection, with `session` or a new one from the factory;
+        returns the session (connecting)."""
         cdef Session s
-        cdef int rc
         if self._stopping:
             raise RuntimeError("the service is stopping")
         s = self._new_session() if session is None else session
-        host = self._address[0].encode("idna")
-        rc = port_resolve(host, self._address[1], 0, &addr)
-        if rc != 0:
-            raise port_error(rc, f"resolving {self._address[0]!r}")
         s._attach(self.core, self)
         with self._lock:
             self._sessions.add(s)
             self.total_sessions += 1
         try:
-            s._start_connect(&addr)
+            s._start_connect(&self._addr)
         except BaseException:
             with self._lock:
                 self._sessions.discard(s)
@@ -1890,10 +2103,56 @@ cdef class ClientService(Service):
         if self._stopping:
             s._close_now("client shutdown", False)
             return False
+        self._failures = 0
+        self._watch_idle(s)
         return True
 
-    def Stop(self, double timeout=5.0):
-        Service.Stop(self, timeout)
+    cdef void _session_done(self, Session s) noexcept:
+        Service._session_done(self, s)
+        if not s._was_connected:
+            self.connect_failures += 1
+            self._failures += 1
+        if self.reconnect is not None and not self._stopping:
+            self._schedule_retry()
+
+    cdef void _schedule_retry(self) noexcept:
+        limit = self.reconnect.max_attempts
+        if limit is not None and self._failures >= limit:
+            logger.warning("giving up on %s:%d after %d failed connection attempts",
+                           self._address[0], self._address[1], self._failures)
+            return
+        try:
+            delay = float(self.reconnect.delay(self._failures))
+            holder = []
+            t = self.core.CallLater(delay, self._retry, holder)
+            holder.append(t)
+            with self._lock:
+                self._retry_timers.add(t)
+        except Exception:
+            if not self.core._closing:
+                logger.exception("cannot schedule a reconnect")
+
+    def _retry(self, holder):
+        with self._lock:
+            self._retry_timers.discard(holder[0])
+        if self._stopping:
+            return
+        try:
+            self.Connect()
+        except Exception as e:
+            logger.warning("reconnecting to %s:%d failed: %s", self._address[0],
+                           self._address[1], e)
+            self.connect_failures += 1
+            self._failures += 1
+            self._schedule_retry()
+
+    cdef void _begin_stop(self, str reason) noexcept:
+        Service._begin_stop(self, reason)
+        with self._lock:
+            timers = list(self._retry_timers)
+            self._retry_timers.clear()
+        for t in timers:
+            t.Cancel()
 
     def _on_core_close(self):
         self._begin_stop("client shutdown")
