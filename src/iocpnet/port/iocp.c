@@ -27,20 +27,22 @@
  *   - Keys: KEY_IO for every associated socket, KEY_IMM for our immediate completions
  *     (lpOverlapped = the op), KEY_WAKE with no OVERLAPPED to wake the waiter.
  *
- * Receives.  port.h wants a receive that stays armed and that pins no buffer while the
- * connection is idle.  The IOCP idiom: a zero-byte WSARecv completes when data is there
- * (or at EOF, or with the error), without consuming anything; then a non-blocking recv()
- * copies what arrived into a buffer taken from the port's pool at that moment, the data
- * completion (PORT_CQE_MORE | PORT_CQE_BUFFER) is delivered, and the zero-byte WSARecv
- * is posted again.  recv() == 0 is EOF (the final res 0); WSAEWOULDBLOCK (nothing there
- * after all) just re-arms.  The pool reserves address space for recv_buffer_count
- * buffers and commits each one the first time it is used, so memory follows the peak of
- * data being dispatched, as io_uring's provided buffers do.  When every buffer is out,
- * the receive is parked (no I/O posted) and the next port_recv_release re-arms it: the
- * data waits in the kernel's socket buffer, which is TCP's flow control doing its job.
- *   Re-arming honours port_cancel: the cancel flag is read and the zero-byte WSARecv
+ * Receives.  A port.h receive is one-shot, like a WSARecv (it completes once: data,
+ * EOF or error; the caller posts the next), and pins no buffer while the connection is
+ * idle.  The IOCP idiom: a zero-byte WSARecv completes when data is there (or at EOF, or
+ * with the error) without consuming anything; then a non-blocking recv() copies what
+ * arrived into a buffer taken from the port's pool at that moment, and that is the
+ * receive's completion (PORT_CQE_BUFFER).  recv() == 0 is EOF (res 0); WSAEWOULDBLOCK
+ * (nothing there after all) posts the zero-byte WSARecv again.  The pool reserves
+ * address space for recv_buffer_count buffers and commits each one the first time it is
+ * used, so memory follows the peak of data being dispatched, as io_uring's provided
+ * buffers do.  When every buffer is out, the receive is parked (no I/O posted) and the
+ * next port_recv_release posts its zero-byte WSARecv again: the data waits in the
+ * kernel's socket buffer, which is TCP's flow control doing its job.
+ * PORT_OPT_RECV_MULTISHOT (an io_uring option) is ignored: receives stay one-shot.
+ *   Re-posting honours port_cancel: the cancel flag is read and the zero-byte WSARecv
  * posted under the op's spin lock, and port_cancel takes that lock around CancelIoEx, so
- * either the re-arm sees the flag (and completes the receive with PORT_ECANCELED), or
+ * either the re-post sees the flag (and completes the receive with PORT_ECANCELED), or
  * CancelIoEx finds the WSARecv.  The same lock guards the recv() after a zero-byte
  * completion, so a caller that cancels and then closes the socket (what port.h asks)
  * never has recv() run on a closed handle.
@@ -258,7 +260,8 @@ static void iocp_recv_release(port_t *bp, uint32_t id) {
 /* ---- issuing I/O ------------------------------------------------------------------------ */
 
 /* Post the zero-byte WSARecv that waits for data (or complete with PORT_ECANCELED when a
- * cancel came first: see the top). */
+ * cancel came first: see the top).  Also used again when a receive resumes after
+ * waiting for a pool buffer, or after a wake-up that found no data. */
 static void arm_recv(iocp_port_t *p, port_op_t *op) {
     iocp_op_t *o = OP_PRIV(op);
     WSABUF none;
@@ -679,14 +682,12 @@ static int recv_ready(iocp_port_t *p, port_op_t *op, port_cqe_t *out, int n) {
     port_spin_unlock(&o->lock);
     if (r > 0) {
         cqe_init(&c, op, r);
-        c.flags = PORT_CQE_MORE | PORT_CQE_BUFFER;
+        c.flags = PORT_CQE_BUFFER;
         c.buf_id = id;
         c.buf = pool_buf(p, id);
         port_atomic_add64(&p->base.recv_buffers_out, 1);
-        n = port__deliver(&p->base, out, out, n, &c);
-        /* Delivered first, re-armed after: the next piece cannot overtake this one. */
-        arm_recv(p, op);
-        return n;
+        port__completed(&p->base, op);
+        return port__deliver(&p->base, out, out, n, &c);
     }
     iocp_recv_release(&p->base, id);
     if (r < 0 && e == WSAEWOULDBLOCK) {
@@ -697,6 +698,7 @@ static int recv_ready(iocp_port_t *p, port_op_t *op, port_cqe_t *out, int n) {
     port__completed(&p->base, op);
     return port__deliver(&p->base, out, out, n, &c);
 }
+
 
 /* Turn one dequeued packet into at most one completion; returns the new batch size. */
 static int handle_entry(iocp_port_t *p, const OVERLAPPED_ENTRY *ent, port_cqe_t *out, int n) {
