@@ -50,15 +50,17 @@
  * Ordering and several waiters.  GetQueuedCompletionStatusEx is safe from many threads,
  * but two threads that each dequeue a batch at the same moment deliver them in an order
  * nobody can tell, and strands (common.c) need every completion handed to port__deliver
- * in the order the port queued it: a session's data pieces must not swap.  So one
- * waiter at a time, the *leader*, dequeues and delivers; the others sleep on a condition
- * variable until the leader leaves port_wait with its batch, and the next one takes
- * over.  This is io_uring.c's cq_lock, held across the kernel wait, with the condition
- * variable standing in for "everyone sleeps in the kernel".  Dispatching (the expensive
- * part, with the GIL) still runs on all workers at once; only dequeuing is serial, and
- * it costs one batch per turn.  Because only the leader is ever inside
- * GetQueuedCompletionStatusEx, the port's concurrency value (0: one running thread per
- * CPU) only decides when the leader is let go while other workers are busy.
+ * in the order the port queued it: a session's posts, its receive and its send must reach
+ * it in that order (without this, the contract's strands case sees posts overtake each
+ * other under Wine).  So one waiter at a time, the *leader*, dequeues and delivers; the
+ * others sleep on a condition variable until the leader leaves port_wait with its batch,
+ * and the next one takes over.  This is io_uring.c's cq_lock, held across the kernel
+ * wait, with the condition variable standing in for "everyone sleeps in the
+ * kernel".  Dispatching (the expensive part, with the GIL) still runs on all workers at
+ * once; only dequeuing is serial, and it costs one batch per turn.  Because only the
+ * leader is ever inside GetQueuedCompletionStatusEx, the port's concurrency value (0: one
+ * running thread per CPU) only decides when the leader is let go while other workers are
+ * busy.
  *
  * Timers are a binary min-heap of ops ordered by (deadline, arming sequence), kept in
  * the port, and the leader clamps its GetQueuedCompletionStatusEx timeout to the earliest

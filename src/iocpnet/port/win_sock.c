@@ -17,6 +17,10 @@
 #include <mswsock.h>
 #include <stdio.h>
 
+#ifdef _MSC_VER
+#  pragma comment(lib, "ws2_32.lib")   /* the build need not name it (mingw: -lws2_32) */
+#endif
+
 #ifndef WSA_FLAG_NO_HANDLE_INHERIT
 #  define WSA_FLAG_NO_HANDLE_INHERIT 0x80
 #endif
