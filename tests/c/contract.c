@@ -2261,6 +2261,57 @@ done:
     end_port(P);
 }
 
+/* ---- addresses ----------------------------------------------------------------------------- */
+
+/* The "any address" listener of port_resolve(NULL) takes IPv4 clients too (dual stack,
+ * which Windows does not do by default), and their addresses read as plain IPv4. */
+static void case_dual_stack_listener(void) {
+    port_t *P = new_port();
+    waiter_t w;
+    port_addr_t any, to, peer;
+    port_sock_t ls = PORT_INVALID_SOCK, cli = PORT_INVALID_SOCK, srv = PORT_INVALID_SOCK;
+    port_op_t acc;
+    port_cqe_t c;
+    char host[64];
+    int pn = 0;
+    port_op_init(&acc, PORT_OP_ACCEPT, NULL, NULL);
+    REQUIRE(P != NULL);
+    waiter_init(&w, P);
+    REQUIRE(port_resolve(NULL, 0, 1, &any) == 0);
+    CHECK_EQ(port_resolve(NULL, 0, 0, &to), PORT_EINVAL);   /* no wildcard to connect to */
+    CHECK_EQ(port_resolve("127.0.0.1", 70000, 0, &to), PORT_EINVAL);
+    REQUIRE(port_listen(P, &any, 16, 0, &ls) == 0);
+    REQUIRE(port_sockname(ls, &to) == 0);
+    note("wildcard listener family %s", any.ss.ss_family == AF_INET6 ? "IPv6" : "IPv4");
+    pn = addr_port(&to);
+    REQUIRE(port_resolve("127.0.0.1", pn, 0, &to) == 0);
+    CHECK_EQ(port_accept(P, &acc, ls), 0);
+    cli = plain_connect(&to);
+    CHECKF(cli != PORT_INVALID_SOCK, "an IPv4 client cannot reach the wildcard listener");
+    if (expect_cqe(&w, &acc, &c, 5000, "accept on the wildcard listener")) {
+        CHECKF(c.res >= 0, "accept res %lld %s", (long long)c.res,
+               c.res < 0 ? port_errname((int)c.res) : "");
+        if (c.res >= 0) {
+            srv = (port_sock_t)c.res;
+            CHECK_EQ(port_peername(srv, &peer), 0);
+            CHECK_EQ(port_addr_format(&peer, host, sizeof(host), &pn), 0);
+            CHECKF(strcmp(host, "127.0.0.1") == 0, "IPv4 peer shown as %s", host);
+        }
+    }
+done:
+    if (acc.in_flight) {
+        port_cancel(P, &acc);
+        if (expect_cqe(&w, &acc, &c, 5000, "drain accept") && c.res >= 0)
+            port_sock_close(P, (port_sock_t)c.res, 0);
+    }
+    plain_close(cli);
+    if (srv != PORT_INVALID_SOCK)
+        port_sock_close(P, srv, 0);
+    if (ls != PORT_INVALID_SOCK)
+        port_sock_close(P, ls, 0);
+    end_port(P);
+}
+
 /* ====================================================================================== */
 
 typedef struct test_case {
@@ -2286,6 +2337,7 @@ static const test_case_t cases[] = {
     {"stats_balance", case_stats_balance},
     {"recv_pool_backpressure", case_recv_pool_backpressure},
     {"recv_parked_cancel", case_recv_parked_cancel},
+    {"dual_stack_listener", case_dual_stack_listener},
 };
 
 /* Is `name` one of the comma-separated names in `list`? */
