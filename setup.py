@@ -13,7 +13,7 @@ PORT = "src/iocpnet/port"
 
 if sys.platform == "win32":
     # Windows: the real IOCP backend.
-    port_sources = ["common.c", "iocp.c"]
+    port_sources = ["common.c", "win_sock.c", "iocp.c"]
     macros = [("PORT_HAVE_IOCP", "1"), ("WIN32_LEAN_AND_MEAN", "1"),
               ("_WIN32_WINNT", "0x0601")]
     libraries = ["ws2_32", "mswsock"]

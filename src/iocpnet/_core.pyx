@@ -51,6 +51,16 @@ cdef extern from *:
     void *iocpnet_get_tls_core() nogil
     void iocpnet_set_tls_core(void *c) nogil
 
+cdef extern from "port/packet.h" nogil:
+    ctypedef enum packet_status:
+        PACKET_OK
+        PACKET_PARTIAL
+        PACKET_TOO_SMALL
+        PACKET_TOO_LARGE
+    packet_status packet_scan(const unsigned char *p, size_t n, size_t max_size,
+                              size_t *size, unsigned *id)
+    size_t packet_header(unsigned char *out, unsigned id, size_t payload_len)
+
 cdef enum:
     BATCH = 128           # completions taken per wait
     IOV_INLINE = 4        # gather entries kept inside the session
@@ -1213,14 +1223,17 @@ cdef class Session(IocpObject):
         """PacketSession: call OnRecvPacket once per whole packet in ptr[0:n]; returns
         the bytes consumed (a partial packet waits for the rest), or -1 after a bad size
         or a failed hook (the session is closing)."""
-        cdef Py_ssize_t pos = 0, size, limit = self._hooks.max_packet_size
-        cdef unsigned int pid
+        cdef Py_ssize_t pos = 0
+        cdef size_t size = 0, limit = <size_t>self._hooks.max_packet_size
+        cdef unsigned int pid = 0
+        cdef packet_status st
         cdef object hook = self._hooks.on_recv_packet
-        while n - pos >= PKT_HEADER:
-            size = ptr[pos] | (ptr[pos + 1] << 8)
-            pid = ptr[pos + 2] | (ptr[pos + 3] << 8)
-            if size < PKT_HEADER or size > limit:
-                if size < PKT_HEADER:
+        while True:
+            st = packet_scan(ptr + pos, <size_t>(n - pos), limit, &size, &pid)
+            if st == PACKET_PARTIAL:
+                break
+            if st != PACKET_OK:
+                if st == PACKET_TOO_SMALL:
                     why = (f"bad packet: size {size} is smaller than the "
                            f"{PKT_HEADER}-byte header (packet id {pid})")
                 else:
@@ -1229,10 +1242,8 @@ cdef class Session(IocpObject):
                 logger.warning("disconnecting %s: %s", repr(self), why)
                 self._close_now(why, True)
                 return -1
-            if n - pos < size:
-                break
             payload = PyBytes_FromStringAndSize(<char *>ptr + pos + PKT_HEADER,
-                                                size - PKT_HEADER)
+                                                <Py_ssize_t>size - PKT_HEADER)
             pos += size
             try:
                 hook(self, pid, payload)
@@ -1483,10 +1494,7 @@ def make_packet(int packet_id, payload=b""):
                          f"(at most {PKT_MAX - PKT_HEADER})")
     out = PyBytes_FromStringAndSize(NULL, n + PKT_HEADER)
     p = <unsigned char *>PyBytes_AS_STRING(out)
-    p[0] = (n + PKT_HEADER) & 0xFF
-    p[1] = (n + PKT_HEADER) >> 8
-    p[2] = packet_id & 0xFF
-    p[3] = packet_id >> 8
+    packet_header(p, packet_id, n)
     if n:
         memcpy(p + PKT_HEADER, &view[0], n)
     return out

@@ -263,7 +263,9 @@ int port_accept(port_t *p, port_op_t *op, port_sock_t listener);
 /* Create a socket for addr's family, associate it, and connect: op->sock is set before
  * this returns (so the caller can close it); res = 0 once connected.  addr is copied. */
 int port_connect(port_t *p, port_op_t *op, const port_addr_t *addr);
-/* Post a receive (see the top).  A completion with res > 0 carries PORT_CQE_BUFFER. */
+/* Post a receive (see the top).  A completion with res > 0 carries PORT_CQE_BUFFER;
+ * res == 0 is the peer's orderly close; a peer's reset is PORT_ECONNRESET on every
+ * backend (never 0). */
 int port_recv(port_t *p, port_op_t *op, port_sock_t sock);
 /* Give back the buffer of a receive completion.  Exactly once per PORT_CQE_BUFFER. */
 void port_recv_release(port_t *p, const port_cqe_t *cqe);
