@@ -12,11 +12,12 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out=${1:-/tmp/iocpnet-dev}
 py=${PYTHON:-python3}
 mkdir -p "$out/tree"
-# Copy only what the build reads; keep the previous build directory for speed.
-rsync -a --delete --exclude '*.so' --exclude '_core.c' \
-    "$root/setup.py" "$root/pyproject.toml" "$root/README.md" "$out/tree/"
-rsync -a --delete --exclude '*.so' --exclude '_core.c' --exclude '__pycache__' \
-    "$root/src/" "$out/tree/src/"
+# Copy only what the build reads; keep the previous build/ directory for speed.
+cp "$root/setup.py" "$root/pyproject.toml" "$root/README.md" "$out/tree/"
+rm -rf "$out/tree/src"
+cp -a "$root/src" "$out/tree/src"
+find "$out/tree/src" \( -name '*.so' -o -name '_core.c' -o -name '__pycache__' \) -prune \
+    -exec rm -rf {} +
 (cd "$out/tree" && "$py" setup.py -q build_ext --inplace >"$out/build.log" 2>&1) || {
     tail -n 40 "$out/build.log" >&2
     exit 1
