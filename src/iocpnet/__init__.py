@@ -33,7 +33,8 @@ from iocpnet._core import (
     compiled_backends,
     debug_counters,
 )
-from iocpnet.packet import PACKET_HEADER_SIZE, PACKET_SIZE_MAX, PacketHandler, make_packet
+from iocpnet.packet import (PACKET_HEADER_SIZE, PACKET_SIZE_MAX, PacketHandler, make_packet,
+                            scan_packets)
 
 __version__ = "0.1.0"
 
@@ -57,6 +58,7 @@ __all__ = [
     "compiled_backends",
     "debug_counters",
     "make_packet",
+    "scan_packets",
     "__version__",
 ]
 

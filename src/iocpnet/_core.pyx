@@ -1233,12 +1233,7 @@ cdef class Session(IocpObject):
             if st == PACKET_PARTIAL:
                 break
             if st != PACKET_OK:
-                if st == PACKET_TOO_SMALL:
-                    why = (f"bad packet: size {size} is smaller than the "
-                           f"{PKT_HEADER}-byte header (packet id {pid})")
-                else:
-                    why = (f"bad packet: size {size} exceeds max_packet_size {limit} "
-                           f"(packet id {pid})")
+                why = _bad_packet_reason(st, size, pid, limit)
                 logger.warning("disconnecting %s: %s", repr(self), why)
                 self._close_now(why, True)
                 return -1
@@ -1476,6 +1471,41 @@ cdef class Session(IocpObject):
 
 # ---------------------------------------------------------------------------------------
 # Packets: [size: u16 LE][id: u16 LE][payload], size counting the 4-byte header
+
+cdef str _bad_packet_reason(packet_status st, size_t size, unsigned pid, size_t limit):
+    if st == PACKET_TOO_SMALL:
+        return (f"bad packet: size {size} is smaller than the {PKT_HEADER}-byte header "
+                f"(packet id {pid})")
+    return f"bad packet: size {size} exceeds max_packet_size {limit} (packet id {pid})"
+
+
+def scan_packets(data, int max_packet_size=PKT_MAX):
+    """Run PacketSession's framing over ``data`` (bytes-like) without a connection.
+
+    Returns ``(packets, consumed, error)``: the whole packets found as
+    ``(packet_id, payload)`` tuples, how many bytes they used (the rest is an
+    unfinished packet), and None or the reason a session would be disconnected for.
+    Used by tests and tools; the session's own loop uses the same C framing."""
+    cdef const unsigned char[:] view = memoryview(data).cast("B")
+    cdef Py_ssize_t n = view.shape[0], pos = 0
+    cdef size_t size = 0
+    cdef unsigned pid = 0
+    cdef packet_status st
+    cdef const unsigned char *base
+    cdef unsigned char empty = 0
+    if not PKT_HEADER <= max_packet_size <= PKT_MAX:
+        raise ValueError(f"max_packet_size must be between {PKT_HEADER} and {PKT_MAX}")
+    base = &view[0] if n > 0 else &empty
+    packets = []
+    while True:
+        st = packet_scan(base + pos, <size_t>(n - pos), <size_t>max_packet_size, &size, &pid)
+        if st == PACKET_PARTIAL:
+            return packets, pos, None
+        if st != PACKET_OK:
+            return packets, pos, _bad_packet_reason(st, size, pid, <size_t>max_packet_size)
+        packets.append((pid, PyBytes_FromStringAndSize(<const char *>base + pos + PKT_HEADER,
+                                                       <Py_ssize_t>size - PKT_HEADER)))
+        pos += <Py_ssize_t>size
 
 def make_packet(int packet_id, payload=b""):
     """Build one packet as bytes: build it once, send it to many (Broadcast)."""

@@ -15,9 +15,10 @@ subclass, or pass ``unknown=`` a function): by default the session is told
 """
 import threading
 
-from iocpnet._core import PACKET_HEADER_SIZE, PACKET_SIZE_MAX, make_packet
+from iocpnet._core import PACKET_HEADER_SIZE, PACKET_SIZE_MAX, make_packet, scan_packets
 
-__all__ = ["PacketHandler", "make_packet", "PACKET_HEADER_SIZE", "PACKET_SIZE_MAX"]
+__all__ = ["PacketHandler", "make_packet", "scan_packets", "PACKET_HEADER_SIZE",
+           "PACKET_SIZE_MAX"]
 
 
 class PacketHandler:
