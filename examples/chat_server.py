@@ -1,0 +1,259 @@
+"""A chat server with rooms: PacketSession, a PacketHandler and Broadcast.
+
+    python examples/chat_server.py --port 11022
+    python examples/chat_client.py --port 11022 --join lobby
+
+Clients take a nick, join and leave rooms, say things in them, and ask for the room
+list or who is in a room.  The protocol (packet ids and payloads) is defined and
+documented in one module, ``iocpnet.chat_protocol``, shared by this server, the client
+and ``python -m iocpnet dummy-client --protocol chat``.
+
+What to look at:
+
+- ``handler = iocpnet.PacketHandler()`` and ``@handler.route(C_SAY)``: each packet id
+  goes to one function; unknown ids disconnect the sender (the handler's default).
+- ``Room.broadcast``: a packet is built once (``make_packet``) and queued to every
+  member by reference with ``service.Broadcast(packet, sessions=members)``.  It runs
+  under the room's lock, so every member sees one and the same order of the room's
+  messages, whichever worker thread handled each sender.
+- ``OnDisconnected`` takes the session out of its rooms: nothing keeps a session
+  after it ends.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import sys
+import threading
+from typing import Dict, Iterable, Optional, Sequence, Set
+
+import iocpnet
+from iocpnet import chat_protocol as proto
+
+log = logging.getLogger("chat_server")
+
+handler = iocpnet.PacketHandler()
+
+
+class Room:
+    """A named set of sessions.  Its lock orders its broadcasts."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lock = threading.Lock()
+        # A dict as an ordered set: members are listed in the order they joined.
+        self.members: Dict[ChatSession, None] = {}
+
+    def broadcast(self, packet: bytes, via: ChatSession) -> int:
+        """Queue `packet` (built once) to every member, through the service of `via`
+        (the session acting); call with `lock` held."""
+        return via.broadcast(packet, self.members)
+
+
+class ChatServer:
+    """The state shared by all sessions of one server: rooms and nicks."""
+
+    def __init__(self) -> None:
+        # Lock order: this lock first, then a room's.  Join, leave and nick changes take
+        # both; saying something takes only the room's, so rooms talk in parallel.
+        self.lock = threading.Lock()
+        self.rooms: Dict[str, Room] = {}
+        self.nicks: Dict[str, ChatSession] = {}
+        self._guests = itertools.count(1)
+
+    def session_factory(self) -> ChatSession:
+        return ChatSession(self)
+
+    def new_guest(self, session: ChatSession) -> str:
+        with self.lock:
+            while True:
+                name = f"guest-{next(self._guests)}"
+                if name not in self.nicks:
+                    self.nicks[name] = session
+                    return name
+
+    def rename(self, session: ChatSession, new: str) -> Optional[str]:
+        """Give `session` the nick `new`; returns a reason if it cannot have it."""
+        if not proto.valid_name(new):
+            return f"invalid nick {new!r} (1 to {proto.MAX_NAME_BYTES} bytes, no spaces)"
+        with self.lock:
+            old = session.nick
+            if new == old:
+                return None
+            if new in self.nicks:
+                return f"the nick {new!r} is taken"
+            del self.nicks[old]
+            self.nicks[new] = session
+            session.nick = new
+            # Everyone who shares a room with the session hears it once, and so does it.
+            told: Dict[ChatSession, None] = {session: None}
+            for name in session.rooms:
+                told.update(self.rooms[name].members)
+            session.broadcast(proto.nick_changed(old, new), told)
+        log.info("%s is now %s", old, new)
+        return None
+
+    def join(self, session: ChatSession, name: str) -> Optional[str]:
+        if not proto.valid_name(name):
+            return f"invalid room name {name!r} (1 to {proto.MAX_NAME_BYTES} bytes, no spaces)"
+        with self.lock:
+            if name in session.rooms:
+                return f"you are already in {name}"
+            room = self.rooms.get(name)
+            if room is None:
+                room = self.rooms[name] = Room(name)
+            with room.lock:
+                room.members[session] = None
+                session.rooms.add(name)
+                room.broadcast(proto.joined(name, session.nick), session)
+                session.Send(proto.who_list(name, [m.nick for m in room.members]))
+        log.info("%s joined %s", session.nick, name)
+        return None
+
+    def leave(self, session: ChatSession, name: str) -> Optional[str]:
+        with self.lock:
+            room = self.rooms.get(name)
+            if room is None or name not in session.rooms:
+                return f"you are not in {name}"
+            with room.lock:
+                # The leaver hears it too (a session that has ended just does not take it).
+                room.broadcast(proto.left(name, session.nick), session)
+                del room.members[session]
+                session.rooms.discard(name)
+                if not room.members:
+                    del self.rooms[name]
+        log.info("%s left %s", session.nick, name)
+        return None
+
+    def say(self, session: ChatSession, name: str, message: str) -> Optional[str]:
+        room = self.rooms.get(name)
+        if room is None or name not in session.rooms:
+            return f"you are not in {name}"
+        if len(message.encode("utf-8")) > proto.MAX_TEXT_BYTES:
+            return f"message too long (at most {proto.MAX_TEXT_BYTES} bytes)"
+        packet = proto.said(name, session.nick, message)     # built once for the room
+        with room.lock:
+            room.broadcast(packet, session)
+        return None
+
+    def room_list(self) -> bytes:
+        with self.lock:
+            entries = [(r.name, len(r.members)) for r in self.rooms.values()]
+        return proto.room_list(sorted(entries))
+
+    def who(self, name: str) -> bytes:
+        with self.lock:
+            room = self.rooms.get(name)
+            names = [m.nick for m in room.members] if room is not None else []
+        return proto.who_list(name, names)
+
+    def gone(self, session: ChatSession) -> None:
+        """The session ended: out of every room, and its nick is free again."""
+        for name in sorted(session.rooms):
+            self.leave(session, name)
+        with self.lock:
+            if self.nicks.get(session.nick) is session:
+                del self.nicks[session.nick]
+
+
+class ChatSession(iocpnet.PacketSession):
+    handler = handler
+    idle_timeout = 300.0           # a client silent for 5 minutes is gone
+
+    def __init__(self, server: ChatServer) -> None:
+        self.server = server
+        self.nick = ""
+        self.rooms: Set[str] = set()
+
+    def OnConnected(self) -> None:
+        self.nick = self.server.new_guest(self)
+        self.Send(proto.welcome(self.nick))
+        log.info("%s connected from %s", self.nick, self.address)
+
+    def OnRecvPacket(self, packet_id: int, payload: bytes) -> None:
+        try:
+            handler.dispatch(self, packet_id, payload)
+        except proto.ProtocolError as e:
+            # A client bug, not ours: say why and drop it, without a traceback.
+            log.warning("%s sent a malformed packet %d: %s", self.nick, packet_id, e)
+            self.Disconnect(f"protocol error in packet {packet_id}: {e}")
+
+    def OnDisconnected(self, reason: str) -> None:
+        if self.nick:
+            self.server.gone(self)
+        log.info("%s disconnected: %s", self.nick or self.address, reason)
+
+    def broadcast(self, packet: bytes, sessions: Iterable[ChatSession]) -> int:
+        """Queue one packet, by reference, to each of `sessions`."""
+        service = self.service
+        if service is None:           # not attached yet: nobody to reach
+            return 0
+        return int(service.Broadcast(packet, sessions=sessions))
+
+    def reply_error(self, reason: Optional[str]) -> None:
+        if reason is not None:
+            self.Send(proto.error(reason))
+
+
+@handler.route(proto.C_NICK)
+def on_nick(session: ChatSession, payload: bytes) -> None:
+    session.reply_error(session.server.rename(session, proto.Reader(payload).text()))
+
+
+@handler.route(proto.C_JOIN)
+def on_join(session: ChatSession, payload: bytes) -> None:
+    session.reply_error(session.server.join(session, proto.Reader(payload).text()))
+
+
+@handler.route(proto.C_LEAVE)
+def on_leave(session: ChatSession, payload: bytes) -> None:
+    session.reply_error(session.server.leave(session, proto.Reader(payload).text()))
+
+
+@handler.route(proto.C_SAY)
+def on_say(session: ChatSession, payload: bytes) -> None:
+    r = proto.Reader(payload)
+    room = r.str8()
+    session.reply_error(session.server.say(session, room, r.text()))
+
+
+@handler.route(proto.C_ROOMS)
+def on_rooms(session: ChatSession, payload: bytes) -> None:
+    proto.Reader(payload).end()
+    session.Send(session.server.room_list())
+
+
+@handler.route(proto.C_WHO)
+def on_who(session: ChatSession, payload: bytes) -> None:
+    session.Send(session.server.who(proto.Reader(payload).text()))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=11022, help="0: any free port")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--max-sessions", type=int, default=None,
+                   help="refuse connections beyond this many live sessions")
+    p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    server = ChatServer()
+    core = iocpnet.IocpCore()
+    listener = iocpnet.Listener((args.host, args.port))
+    service = iocpnet.Service(core, listener, server.session_factory, 100,
+                              max_sessions=args.max_sessions)
+    service.Start()
+    # The port line goes to stdout, flushed, so that a script (or a test) can read the
+    # port that --port 0 picked.
+    print(f"chat server on {listener.address[0]}:{listener.port} ({core.backend}, "
+          f"{args.workers} workers); Ctrl-C to stop", flush=True)
+    service.Run(workers=args.workers)          # returns after Ctrl-C or SIGTERM
+    print(f"stopped after {service.total_sessions} sessions", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
