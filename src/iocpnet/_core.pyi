@@ -1,0 +1,490 @@
+"""Type stub of iocpnet._core, the Cython extension: IocpCore.Dispatch, Listener, Session,
+Service, jobs and timers.
+
+Kept by hand next to _core.pyx.  scripts/check_types.sh holds it to the compiled module
+with mypy's stubtest, and to what user code writes with mypy --strict on examples/ and
+tests/typecheck/; tests/test_packaging.py checks that it ships in the wheel.
+"""
+import logging
+from collections.abc import Callable, Iterable
+from typing import Protocol, final
+
+from typing_extensions import TypeVarTuple, Unpack
+
+_Ts = TypeVarTuple("_Ts")
+
+# What Send, Broadcast, make_packet and scan_packets take: bytes are queued by
+# reference, the others are copied.
+_Bytes = bytes | bytearray | memoryview
+
+logger: logging.Logger
+
+PACKET_HEADER_SIZE: int
+"""4: ``[size: u16 LE][id: u16 LE]``, ``size`` counting the header."""
+PACKET_SIZE_MAX: int
+"""65535: the largest packet, header included."""
+DEFAULT_SEND_QUEUE_LIMIT: int
+"""4 MiB: ``Session.send_queue_limit`` unless a subclass sets it."""
+DEFAULT_RECV_BUFFER_LIMIT: int
+"""256 KiB: ``Session.recv_buffer_limit`` unless a subclass sets it."""
+DEFAULT_FLUSH_TIMEOUT: float
+"""5 s: ``Session.flush_timeout`` unless a subclass sets it."""
+
+class BackendUnavailableError(RuntimeError):
+    """The requested completion-port backend cannot run on this machine."""
+
+def available_backends() -> list[str]:
+    """The completion-port backends that can run on this machine, best first."""
+
+def compiled_backends() -> list[str]:
+    """The backends this build contains (available or not), best first."""
+
+def backend_unavailable_reason(backend: str) -> str | None:
+    """Why `backend` cannot run here, or None if it can."""
+
+def debug_counters() -> dict[str, int]:
+    """Live objects and operations, for leak checks: every value returns to 0.
+
+    Keys: ``sessions_alive``, ``sessions_connected``, ``views_detached``,
+    ``cores_alive``."""
+
+def scan_packets(
+    data: _Bytes, max_packet_size: int = 65535
+) -> tuple[list[tuple[int, bytes]], int, str | None]:
+    """Run PacketSession's framing over ``data`` (bytes-like) without a connection.
+
+    Returns ``(packets, consumed, error)``: the whole packets found as
+    ``(packet_id, payload)`` tuples, how many bytes they used (the rest is an
+    unfinished packet), and None or the reason a session would be disconnected for.
+    Used by tests and tools; the session's own loop uses the same C framing."""
+
+def make_packet(packet_id: int, payload: _Bytes = b"") -> bytes:
+    """Build one packet as bytes: build it once, send it to many (Broadcast)."""
+
+class IocpObject:
+    """An owner of port operations: the Listener, a Session, a job or a timer.
+
+    The original's ``IocpObject::Dispatch(iocpEvent, numOfBytes)``: each completion is
+    routed to the object that submitted the operation.
+    """
+
+@final
+class IocpCore:
+    """The completion port: worker threads call ``Dispatch`` to wait for completions and
+    route each one to its owner.
+
+    ``IocpCore(backend=None)`` picks the best backend this machine can run (io_uring,
+    else epoll; IOCP on Windows); ``backend="epoll"`` or the ``IOCPNET_BACKEND``
+    environment variable forces one.
+    """
+
+    # The arguments go to __cinit__, hence __new__ here.
+    def __new__(
+        cls,
+        backend: str | None = None,
+        *,
+        recv_buffer_size: int = 0,
+        recv_buffer_count: int = 0,
+        queue_depth: int = 0,
+        recv_multishot: bool = False,
+    ) -> IocpCore:
+        """Create the port.  Raises BackendUnavailableError when the requested backend
+        (or, with none requested, every backend) cannot run here.
+
+        ``recv_buffer_size`` (bytes per receive buffer, default 16 KiB),
+        ``recv_buffer_count`` (most receive buffers, default 4096), ``queue_depth``
+        (io_uring submission entries, default 4096): 0 keeps the default.
+        ``recv_multishot``: io_uring multishot receives (fewer submissions, but the
+        kernel reads ahead without bound; off by default)."""
+
+    @property
+    def backend(self) -> str:
+        """The backend that runs: "io_uring", "epoll" or "iocp"."""
+
+    @property
+    def closed(self) -> bool:
+        """True once ``Close()`` has shut the port down."""
+
+    def Dispatch(self, timeout_ms: int = -1) -> int:
+        """Wait up to ``timeout_ms`` (-1: forever) for completions, with the GIL released,
+        then dispatch the whole batch to the owners under one GIL hold.
+
+        Returns the number of completions handled: 0 on timeout, -1 at once after
+        ``Close()``.  Operations submitted by hooks during the batch are handed to the
+        kernel with this thread's next ``Dispatch`` (one system call per batch).
+        """
+
+    def Close(self, timeout: float = 5.0) -> None:
+        """Stop: disconnect the services using this core, cancel timers, wait (up to
+        ``timeout`` seconds) for every operation in flight to complete, then wake every
+        thread in ``Dispatch`` (they return -1).  Idempotent, any thread.
+
+        Called from a worker thread (inside a hook or job) it does not wait: the last
+        completion ends the port.
+        """
+
+    def stats(self) -> dict[str, int]:
+        """Counters of the port: submitted, completed, in_flight, waits, receive buffers
+        (``recv_buffers``, ``recv_buffers_out``).  Empty once the port is gone."""
+
+    def Post(self, func: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]) -> None:
+        """Run ``func(*args)`` on a worker thread (any thread may post).  Exceptions are
+        logged; workers go on."""
+
+    def CallLater(
+        self, delay: float, func: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]
+    ) -> Timer:
+        """Run ``func(*args)`` on a worker thread after ``delay`` seconds; returns a
+        ``Timer`` whose ``Cancel()`` stops it."""
+
+    def CallEvery(
+        self, interval: float, func: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]
+    ) -> Timer:
+        """Run ``func(*args)`` on a worker thread every ``interval`` seconds (a game
+        tick) until the returned ``Timer`` is cancelled or the core closes."""
+
+@final
+class Timer(IocpObject):
+    """A pending call made by ``IocpCore.CallLater`` or ``CallEvery``."""
+
+    @property
+    def cancelled(self) -> bool:
+        """``Cancel()`` was called."""
+
+    @property
+    def active(self) -> bool:
+        """The call is still due (or, for ``CallEvery``, will come again)."""
+
+    def Cancel(self) -> None:
+        """Stop the timer (any thread).  A call already running finishes."""
+
+class Session(IocpObject):
+    """One connection.  Subclass it and override the hooks:
+
+    - ``OnConnected()``: once, after accept or connect.
+    - ``OnRecv(data) -> int | None``: ``data`` is a read-only memoryview of the bytes
+      received and not yet consumed; return how many you consumed (None: all).  The rest
+      is shown again, with the next bytes, on the next call.
+    - ``OnSend(num_bytes)``: after each completed send.
+    - ``OnDisconnected(reason)``: exactly once, whatever ended the session.
+
+    ``Send(data)`` and ``Disconnect(reason)`` may be called from any thread.  Limits are
+    class attributes: ``send_queue_limit`` (bytes queued and not yet sent before the
+    peer is judged not to be reading), ``recv_buffer_limit`` (bytes OnRecv may leave
+    unconsumed), ``flush_timeout`` (seconds to flush queued data when closing), and
+    ``idle_timeout`` (seconds without receiving anything before the service disconnects
+    the session; 0 or unset: never).  They are read once per class.
+    """
+
+    def __init__(self) -> None:
+        """A session for one connection (made by the service's factory)."""
+
+    # ---- hooks (the defaults do nothing) ----
+
+    def OnConnected(self) -> None:
+        """Called once when the connection is up."""
+
+    def OnRecv(self, data: memoryview) -> int | None:
+        """Called with the received bytes not yet consumed; return the number consumed
+        (None: all)."""
+
+    def OnSend(self, num_bytes: int) -> None:
+        """Called after each completed send with the bytes it sent."""
+
+    def OnDisconnected(self, reason: str) -> None:
+        """Called exactly once when the session ends."""
+
+    def OnConnectFailed(self, reason: str) -> None:
+        """Client sessions: the connection could not be made (OnDisconnected follows)."""
+
+    # ---- state ----
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """The peer's (host, port), or None before the connection."""
+
+    @property
+    def connected(self) -> bool:
+        """True from OnConnected until the session starts closing."""
+
+    @property
+    def disconnect_reason(self) -> str | None:
+        """Why the session ended (or is ending), else None."""
+
+    @property
+    def service(self) -> Service | None:
+        """The service the session belongs to (None before it is attached)."""
+
+    def GetService(self) -> Service | None:
+        """The original's ``GetService()``: the same as ``service``."""
+
+    @property
+    def send_queue_limit(self) -> int:
+        """Most bytes queued and not yet sent (class attribute; default 4 MiB).
+        Receiving pauses at a quarter of it; past it the session is aborted."""
+
+    @property
+    def recv_buffer_limit(self) -> int:
+        """Most bytes OnRecv may leave unconsumed (class attribute; default 256 KiB)."""
+
+    @property
+    def flush_timeout(self) -> float:
+        """Seconds to flush queued data after Disconnect or the peer's close (class
+        attribute; default 5)."""
+
+    @property
+    def send_queue_bytes(self) -> int:
+        """Bytes queued by Send and not yet acknowledged by a send completion."""
+
+    # ---- actions ----
+
+    def Send(self, data: _Bytes) -> bool:
+        """Queue ``data`` to be sent, in order, from any thread.
+
+        ``bytes`` are queued by reference (a packet broadcast to many sessions is built
+        once); other buffers are copied.  Returns False if the session is not connected
+        (or is closing).  Past ``send_queue_limit`` unsent bytes the peer is judged not to
+        be reading: the session is disconnected and False returned.
+        """
+
+    def Disconnect(self, reason: str = "disconnected") -> bool:
+        """End the session (idempotent, any thread): no more OnRecv; what Send already
+        queued is still sent (up to ``flush_timeout`` seconds), then the socket closes
+        and OnDisconnected(reason) runs.  Returns True if this call started it."""
+
+    def Abort(self, reason: str = "aborted") -> bool:
+        """End the session at once: queued data is dropped and the peer sees a reset."""
+
+class PacketSession(Session):
+    """A Session that speaks packets: ``[size: u16][id: u16][payload]``, little-endian,
+    ``size`` counting the 4-byte header.
+
+    Override ``OnRecvPacket(packet_id, payload)`` (called once per whole packet, in
+    order; ``payload`` is bytes), or set the class attribute ``handler`` to a
+    ``PacketHandler`` that routes ids to functions.  ``max_packet_size`` (class
+    attribute, at most 65535) bounds what a peer may announce: a size below 4 or above
+    it disconnects the session with the reason logged.
+    """
+
+    @property
+    def max_packet_size(self) -> int:
+        """The largest packet a peer may announce (class attribute; default 65535)."""
+
+    def SendPacket(self, packet_id: int, payload: _Bytes = b"") -> bool:
+        """Send one packet (from any thread); returns as Send does."""
+
+    def OnRecvPacket(self, packet_id: int, payload: bytes) -> object:
+        """Called once per packet.  The default routes it through the class's
+        ``handler`` (a PacketHandler); without one, the packet is unknown."""
+
+    def OnUnknownPacket(self, packet_id: int, payload: bytes) -> object:
+        """A packet nobody handles: logged, and the session is disconnected."""
+
+@final
+class Listener(IocpObject):
+    """Accepts connections: binds, listens, and keeps ``max_session_count`` accepts
+    posted, each with a session made by the service's factory, re-posting each one as
+    it completes (the original's AcceptEx pattern).
+
+    ``address``: an int port (all interfaces) or a ``(host, port)`` tuple; port 0 picks
+    a free port, readable as ``.port`` after ``Start()``.
+    """
+
+    def __init__(
+        self,
+        address: int | tuple[str | None, int] | list[str | int | None],
+        *,
+        backlog: int = 1024,
+        reuse_port: bool = False,
+        ipv6_only: bool = False,
+    ) -> None:
+        """``reuse_port``: SO_REUSEPORT, several processes share the port.
+        ``ipv6_only``: an IPv6 listener that does not take IPv4 (a wildcard listener is
+        dual-stack otherwise)."""
+
+    @property
+    def backlog(self) -> int:
+        """The listen() backlog."""
+
+    @property
+    def accepted(self) -> int:
+        """Connections accepted so far."""
+
+    @property
+    def accept_errors(self) -> int:
+        """Accepts that failed (the listener goes on)."""
+
+    @property
+    def port(self) -> int:
+        """The bound port (after Start)."""
+
+    @property
+    def address(self) -> tuple[str | None, int]:
+        """The bound (host, port) after Start; before, the address given."""
+
+    @property
+    def accepts_posted(self) -> int:
+        """Accepts in flight."""
+
+    def Close(self) -> None:
+        """Stop accepting: cancel the posted accepts and close the listening socket."""
+
+class Service:
+    """The original's Service: an IocpCore, a Listener, a session factory and the number
+    of accepts kept posted (``max_session_count``, which is not a cap on sessions: use
+    ``max_sessions`` for that).
+
+    ``Start()`` binds, listens and posts the accepts; worker threads then loop
+    ``service.GetIocpCore().Dispatch()``.  ``Run(workers=5)`` does all of it and returns
+    after ``Stop()``, SIGINT or SIGTERM, with a graceful shutdown.
+    """
+
+    def __init__(
+        self,
+        core: IocpCore,
+        listener: Listener,
+        session_factory: Callable[[], Session],
+        max_session_count: int = 100,
+        *,
+        max_sessions: int | None = None,
+    ) -> None:
+        """``session_factory``: a Session subclass, or any callable returning a new
+        Session.  ``max_sessions``: refuse connections beyond this many live sessions
+        (None: no cap)."""
+
+    @property
+    def core(self) -> IocpCore:
+        """The completion port this service runs on."""
+
+    @property
+    def listener(self) -> Listener:
+        """The Listener (a ClientService has none: there it is None)."""
+
+    @property
+    def max_session_count(self) -> int:
+        """Accepts kept posted (the original's maxSessionCount)."""
+
+    @property
+    def max_sessions(self) -> int | None:
+        """The cap on live sessions, or None."""
+
+    @property
+    def rejected(self) -> int:
+        """Connections refused over ``max_sessions``."""
+
+    @property
+    def total_sessions(self) -> int:
+        """Sessions that have connected (or, for a client, started connecting)."""
+
+    @property
+    def idle_disconnects(self) -> int:
+        """Sessions disconnected by their ``idle_timeout``."""
+
+    @property
+    def session_count(self) -> int:
+        """Live sessions (connected, or closing and not yet disconnected)."""
+
+    @property
+    def sessions(self) -> list[Session]:
+        """A snapshot of the live sessions."""
+
+    def GetIocpCore(self) -> IocpCore:
+        """The original's ``GetIocpCore()``: the same as ``core``."""
+
+    def CreateSession(self) -> Session:
+        """A new session from the factory (the original's ``CreateSession()``)."""
+
+    def Start(self) -> None:
+        """Bind, listen and post the accepts."""
+
+    def Stop(self, timeout: float = 5.0) -> None:
+        """Graceful shutdown (any thread): stop accepting, disconnect every session
+        (their queued data is flushed), and wait up to ``timeout`` seconds for them to
+        finish.  From a worker thread it does not wait.  Under ``Run`` it also makes
+        ``Run`` return."""
+
+    def Broadcast(self, data: _Bytes, sessions: Iterable[Session] | None = None) -> int:
+        """Send the same bytes to every live session (or to ``sessions``), queued by
+        reference: the packet is built once.  Returns how many sessions took it."""
+
+    def Run(self, workers: int = 5, *, shutdown_timeout: float = 5.0) -> None:
+        """Start, run ``workers`` threads looping Dispatch, and return after ``Stop()``,
+        SIGINT or SIGTERM, with a graceful shutdown: stop accepting, disconnect the
+        sessions, drain the operations, join the workers, close the core."""
+
+class ServerService(Service):
+    """A Service that accepts connections (the same as ``Service``)."""
+
+class _ReconnectPolicy(Protocol):
+    """What ClientService needs of a reconnect policy (``Reconnect`` is one)."""
+
+    @property
+    def max_attempts(self) -> int | None: ...
+    def delay(self, failures: int, /) -> float: ...
+
+class Reconnect:
+    """A ClientService's reconnect policy: when a session ends (or cannot connect), a new
+    one is opened after ``initial`` seconds, the delay growing by ``factor`` up to
+    ``max_delay`` while attempts keep failing; after ``max_attempts`` failures in a row
+    (None: no limit) the service stops trying.  A connection that came up resets it."""
+
+    initial: float
+    max_delay: float
+    factor: float
+    max_attempts: int | None
+
+    def __init__(
+        self,
+        initial: float = 0.5,
+        max_delay: float = 30.0,
+        factor: float = 2.0,
+        max_attempts: int | None = None,
+    ) -> None: ...
+    def delay(self, failures: int) -> float:
+        """Seconds to wait after `failures` failed attempts in a row (0 after a drop)."""
+
+class ClientService(Service):
+    """Connects ``count`` client sessions to ``address`` (dummy clients, server to
+    server links), IPv4 or IPv6.  Each session gets the usual hooks; a connection that
+    cannot be made gets ``OnConnectFailed(reason)`` then ``OnDisconnected(reason)``.
+    With ``reconnect`` (True, or a ``Reconnect`` policy) every session that ends is
+    replaced by a new connection after the policy's delay, until ``Stop()``.
+    """
+
+    def __init__(
+        self,
+        core: IocpCore,
+        address: int | tuple[str, int] | list[str | int],
+        session_factory: Callable[[], Session],
+        count: int = 1,
+        *,
+        reconnect: bool | _ReconnectPolicy | None = None,
+    ) -> None:
+        """``address``: ``(host, port)``, or a port on 127.0.0.1."""
+
+    @property
+    def listener(self) -> None:  # type: ignore[override]
+        """A client service has no Listener."""
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The server's (host, port)."""
+
+    @property
+    def count(self) -> int:
+        """Connections opened by ``Start()``."""
+
+    @property
+    def reconnect(self) -> _ReconnectPolicy | None:
+        """The reconnect policy, or None."""
+
+    @property
+    def connect_failures(self) -> int:
+        """Connection attempts that failed."""
+
+    def Start(self) -> None:
+        """Open the connections."""
+
+    def Connect(self, session: Session | None = None) -> Session:
+        """Open one more connection, with `session` or a new one from the factory;
+        returns the session (connecting)."""
