@@ -1,0 +1,602 @@
+"""Hostile and broken peers, each one while a fleet of 50 well-behaved clients keeps
+echoing: the fleet must see every byte come back unchanged, no error, and no round trip
+slower than FLEET_RTT_BOUND, while the server deals with resets, half-closes, slowloris,
+peers that never read, malformed packets, connect floods and idle connections.
+
+The fleet runs on its own asyncio loop in a thread; the hostile peers are plain blocking
+(or non-blocking) sockets driven by the test thread.  Server sessions record what
+happened to them by a serial number given in OnConnected (never by keeping the session,
+which would look like a leak to the no_leaks fixture).
+"""
+import asyncio
+import collections
+import itertools
+import os
+import random
+import select
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+import iocpnet
+
+import packet_reference as ref
+from conftest import connect, recv_exactly, wait_for
+
+FLEET_SIZE = 50
+# A round trip of the fleet may take this long at most.  Generous on purpose: the
+# machine is a noisy 2-core VM shared by the server's workers, the fleet's loop and
+# the hostile peers, all in one process; a stalled worker shows up as 5 s, not 50 ms.
+FLEET_RTT_BOUND = 5.0
+
+
+def rss_bytes(pid="self"):
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_close(sock):
+    """Close with an RST instead of a FIN (SO_LINGER with a zero timeout)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
+# ---------------------------------------------------------------------------------------
+# What the server's sessions did
+
+class Log:
+    """Thread-safe record of the server side, keyed by a serial per session."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.serials = itertools.count(1)
+        self.address = {}                              # serial -> peer (host, port)
+        self.reasons = collections.defaultdict(list)   # serial -> [reason, ...]
+        self.packets = collections.defaultdict(list)   # serial -> [(id, payload), ...]
+        self.max_live = 0
+        self.values = {}
+
+    def connected(self, session, live=None):
+        serial = next(self.serials)
+        session.serial = serial
+        with self.lock:
+            self.address[serial] = session.address
+            if live is not None:
+                self.max_live = max(self.max_live, live)
+        return serial
+
+    def disconnected(self, session, reason):
+        with self.lock:
+            self.reasons[getattr(session, "serial", 0)].append(reason)
+
+    def by_port(self, port):
+        """The serials of the sessions whose peer used local port `port`."""
+        with self.lock:
+            return [s for s, a in self.address.items() if a and a[1] == port]
+
+    def reasons_of(self, port):
+        serials = self.by_port(port)
+        with self.lock:
+            return [r for s in serials for r in self.reasons.get(s, [])]
+
+    def check_exactly_once(self, service):
+        """Once every session has ended: each one that connected got exactly one
+        OnDisconnected."""
+        wait_for(lambda: service.session_count == 0, 10,
+                 f"every session to end ({service.session_count} left)")
+        with self.lock:
+            bad = {s: self.reasons.get(s, []) for s in self.address
+                   if len(self.reasons.get(s, [])) != 1}
+            stray = set(self.reasons) - set(self.address)
+        assert not bad, f"sessions without exactly one OnDisconnected: {bad}"
+        assert not stray, f"OnDisconnected for sessions that never connected: {stray}"
+
+
+def echo_class(log, base=iocpnet.Session, **attrs):
+    """A server session that echoes every byte and reports to `log`."""
+
+    def OnConnected(self):
+        log.connected(self, self.service.session_count if self.service else None)
+
+    def OnRecv(self, data):
+        self.Send(data)
+
+    def OnDisconnected(self, reason):
+        log.disconnected(self, reason)
+
+    ns = {"OnConnected": OnConnected, "OnRecv": OnRecv, "OnDisconnected": OnDisconnected}
+    ns.update(attrs)
+    return type("HarnessEcho", (base,), ns)
+
+
+def packet_echo_class(log, **attrs):
+    """A PacketSession that echoes every packet and records it."""
+
+    def OnConnected(self):
+        log.connected(self)
+
+    def OnRecvPacket(self, packet_id, payload):
+        with log.lock:
+            log.packets[self.serial].append((packet_id, payload))
+        self.SendPacket(packet_id, payload)
+
+    def OnDisconnected(self, reason):
+        log.disconnected(self, reason)
+
+    ns = {"OnConnected": OnConnected, "OnRecvPacket": OnRecvPacket,
+          "OnDisconnected": OnDisconnected}
+    ns.update(attrs)
+    return type("HarnessPacketEcho", (iocpnet.PacketSession,), ns)
+
+
+# ---------------------------------------------------------------------------------------
+# The well-behaved fleet
+
+class Fleet:
+    """FLEET_SIZE clients echoing on an asyncio loop in a thread, every echo checked
+    byte for byte against what was sent.
+
+    ``packets=True`` frames each message as a packet (for a packet-echo server, the
+    echo of a packet is the same bytes).  Use as a context manager around the hostile
+    part: entering waits until every client has completed a round trip; leaving stops
+    them (each finishes its round and closes) and checks them.
+    """
+
+    def __init__(self, address, packets=False, n=FLEET_SIZE, max_payload=16384):
+        self.address = address
+        self.packets = packets
+        self.n = n
+        self.max_payload = max_payload
+        self.rounds = [0] * n
+        self.bytes = [0] * n
+        self.max_rtt = 0.0
+        self.errors = []
+        self.ready = threading.Event()
+        self._stop = False
+        self._thread = None
+        self._mark = None
+
+    def _message(self, rng, i, k):
+        size = min(rng.choice((1, 7, 100, 1000, 3000, 16384)), self.max_payload)
+        body = (b"c%02d.m%06d|" % (i, k) + bytes(rng.getrandbits(8) for _ in range(64)))
+        body = (body * (size // len(body) + 1))[:size]
+        if self.packets:
+            return ref.encode(k & 0xFFFF, body)
+        return body
+
+    async def _client(self, i, started):
+        rng = random.Random(i)
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(*self.address), FLEET_RTT_BOUND)
+        except Exception as e:
+            self.errors.append(f"client {i}: connect failed: {e!r}")
+            started()
+            return
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        k = 0
+        try:
+            while not self._stop:
+                msg = self._message(rng, i, k)
+                t0 = time.monotonic()
+                writer.write(msg)
+                try:
+                    got = await asyncio.wait_for(reader.readexactly(len(msg)),
+                                                 FLEET_RTT_BOUND)
+                except asyncio.TimeoutError:
+                    self.errors.append(f"client {i} round {k}: no echo of {len(msg)} bytes "
+                                       f"within {FLEET_RTT_BOUND} s")
+                    return
+                rtt = time.monotonic() - t0
+                self.max_rtt = max(self.max_rtt, rtt)
+                if got != msg:
+                    at = next(j for j in range(len(msg)) if got[j] != msg[j])
+                    self.errors.append(f"client {i} round {k}: echo differs at byte {at}")
+                    return
+                self.rounds[i] += 1
+                self.bytes[i] += len(msg)
+                if k == 0:
+                    started()
+                k += 1
+        except Exception as e:
+            self.errors.append(f"client {i} round {k}: {e!r}")
+        finally:
+            if k == 0:
+                started()
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except Exception:
+                pass
+
+    def _run(self):
+        async def main():
+            left = [self.n]
+
+            def started():
+                left[0] -= 1
+                if left[0] == 0:
+                    self.ready.set()
+
+            await asyncio.gather(*(self._client(i, started) for i in range(self.n)))
+
+        try:
+            asyncio.run(main())
+        except Exception as e:          # pragma: no cover - shows up in check()
+            self.errors.append(f"fleet loop: {e!r}")
+        finally:
+            self.ready.set()
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, name="fleet", daemon=True)
+        self._thread.start()
+        assert self.ready.wait(30), "the fleet did not start within 30 s"
+        assert not self.errors, f"the fleet failed to start: {self.errors[:5]}"
+        self._mark = list(self.rounds)
+        self._t0 = time.monotonic()
+        return self
+
+    def __exit__(self, *exc):
+        # Keep the fleet going a little longer, so that it overlaps the server's
+        # handling of whatever the hostile peer did last.
+        time.sleep(0.2)
+        self.window = time.monotonic() - self._t0
+        self._stop = True
+        self._thread.join(FLEET_RTT_BOUND * 3)
+        assert not self._thread.is_alive(), "the fleet did not stop"
+        if exc[0] is None:
+            self.check()
+        return False
+
+    def check(self):
+        assert not self.errors, (f"{len(self.errors)} well-behaved client error(s) while "
+                                 f"the hostile peer ran: {self.errors[:5]}")
+        stalled = [i for i in range(self.n) if self.rounds[i] <= self._mark[i]]
+        assert not stalled, (f"well-behaved clients {stalled} made no round trip during "
+                             f"the {self.window:.1f} s hostile window")
+        assert self.max_rtt < FLEET_RTT_BOUND, (
+            f"a well-behaved client waited {self.max_rtt:.2f} s for an echo (bound: "
+            f"{FLEET_RTT_BOUND} s)")
+
+
+# ---------------------------------------------------------------------------------------
+# Resets in the middle of a large transfer
+
+def _send_for(sock, total, seconds):
+    """Send up to `total` bytes without blocking longer than `seconds`; returns sent."""
+    sock.setblocking(False)
+    chunk = bytes(range(256)) * 256
+    sent = 0
+    deadline = time.monotonic() + seconds
+    while sent < total and time.monotonic() < deadline:
+        _, w, _ = select.select([], [sock], [], 0.05)
+        if w:
+            try:
+                sent += sock.send(chunk[:total - sent])
+            except BlockingIOError:
+                pass
+    return sent
+
+
+@pytest.mark.parametrize("direction", ["send", "receive"])
+def test_reset_in_the_middle_of_a_large_transfer(server, direction):
+    """A peer resets while it is sending us 8 MiB ("send"), or while we are sending it
+    the echo of 4 MiB and it has read only part of it ("receive")."""
+    log = Log()
+    srv = server(echo_class(log), accepts=32)
+    ports = []
+    with Fleet(srv.address):
+        for _ in range(6):
+            c = connect(srv.address)
+            ports.append(c.getsockname()[1])
+            if direction == "send":
+                # It never reads, so the server's echo backs up and it stops reading
+                # us: we are cut off in the middle of our own send.
+                sent = _send_for(c, 8 << 20, 0.5)
+                assert sent > 0
+            else:
+                payload = os.urandom(4 << 20)
+                sender = threading.Thread(target=_send_for, args=(c.dup(), len(payload), 2))
+                c.settimeout(10)
+                sender.start()
+                got = bytearray()
+                while len(got) < 300_000:
+                    got += c.recv(65536)
+                c.setblocking(True)
+                sender.join()
+            reset_close(c)
+        wait_for(lambda: all(log.reasons_of(p) for p in ports), 10,
+                 "the reset sessions to end")
+    for p in ports:
+        reasons = log.reasons_of(p)
+        assert len(reasons) == 1, reasons
+        assert reasons[0] in ("connection reset by peer", "broken pipe",
+                              "peer closed the connection"), reasons
+    log.check_exactly_once(srv.service)
+
+
+def test_half_close_still_gets_its_echo(server):
+    """Peers that shut down their sending side (FIN) after a large message still get
+    the whole echo, then EOF."""
+    log = Log()
+    srv = server(echo_class(log), accepts=32)
+    results = {}
+
+    def half_closer(n):
+        payload = os.urandom(256 * 1024 + n)
+        with connect(srv.address, timeout=20) as c:
+            port = c.getsockname()[1]
+            sender = threading.Thread(target=lambda: (c.sendall(payload),
+                                                      c.shutdown(socket.SHUT_WR)))
+            sender.start()
+            got = bytearray()
+            while True:
+                chunk = c.recv(1 << 16)
+                if not chunk:
+                    break
+                got += chunk
+            sender.join()
+            results[port] = got == payload
+
+    with Fleet(srv.address):
+        threads = [threading.Thread(target=half_closer, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert len(results) == 8 and all(results.values()), results
+    wait_for(lambda: all(log.reasons_of(p) for p in results), 10, "the sessions to end")
+    for p in results:
+        assert log.reasons_of(p) == ["peer closed the connection"]
+
+
+# ---------------------------------------------------------------------------------------
+# Slowloris: a byte every 100 ms
+
+def test_slowloris_one_byte_every_100ms(server):
+    """Peers that dribble two packets a byte every 100 ms hold only their own session:
+    the fleet is served meanwhile, and each slow packet is delivered once, whole, when
+    its last byte arrives."""
+    log = Log()
+    srv = server(packet_echo_class(log), accepts=32)
+    slow = []
+    for n in range(8):
+        wire = ref.encode(100 + n, b"slow%d" % n) + ref.encode(200 + n, b"x" * n)
+        c = connect(srv.address, timeout=10)
+        slow.append((c, wire))
+    with Fleet(srv.address, packets=True, max_payload=8192):
+        longest = max(len(w) for _, w in slow)
+        for i in range(longest):
+            for c, wire in slow:
+                if i < len(wire):
+                    c.sendall(wire[i:i + 1])
+            time.sleep(0.1)
+        for c, wire in slow:
+            assert recv_exactly(c, len(wire)) == wire
+    for n, (c, wire) in enumerate(slow):
+        port = c.getsockname()[1]
+        (serial,) = log.by_port(port)
+        assert log.packets[serial] == [(100 + n, b"slow%d" % n), (200 + n, b"x" * n)]
+        assert not log.reasons_of(port), "a slow but live peer was disconnected"
+        c.close()
+    log.check_exactly_once(srv.service)
+
+
+# ---------------------------------------------------------------------------------------
+# A peer that never reads
+
+def test_peer_that_never_reads_hits_the_send_queue_limit(server):
+    """The server pushes 64 KiB every 5 ms (a game tick) to peers that never read: each
+    is disconnected at send_queue_limit, its queue never grows past the limit, and the
+    process's memory stays bounded."""
+    log = Log()
+    limit = 1 << 20
+    peak = [0]
+
+    def OnRecv(self, data):
+        if bytes(data[:5]) == b"FLOOD" and getattr(self, "tick", None) is None:
+            self.tick = self.service.core.CallEvery(0.005, self.push)
+            return None
+        self.Send(data)
+
+    def push(self):
+        if not self.connected:
+            return
+        self.Send(b"w" * 65536)                  # a fresh buffer each tick
+        peak[0] = max(peak[0], self.send_queue_bytes)
+
+    def OnDisconnected(self, reason):
+        t = getattr(self, "tick", None)
+        if t is not None:
+            t.Cancel()
+            self.tick = None                     # the timer refers to us: let it go
+        log.disconnected(self, reason)
+
+    cls = echo_class(log, send_queue_limit=limit, OnRecv=OnRecv, push=push,
+                     OnDisconnected=OnDisconnected)
+    srv = server(cls, accepts=32)
+    gc_rss = rss_bytes()
+    peers = []
+    with Fleet(srv.address):
+        for _ in range(6):
+            c = socket.socket()
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # before connecting
+            c.connect(srv.address)
+            c.sendall(b"FLOOD")
+            peers.append(c)
+        ports = [c.getsockname()[1] for c in peers]
+        rss_peak = gc_rss
+        deadline = time.monotonic() + 30
+        while not all(log.reasons_of(p) for p in ports):
+            assert time.monotonic() < deadline, "peers that never read were not cut off"
+            rss_peak = max(rss_peak, rss_bytes())
+            time.sleep(0.05)
+    for p in ports:
+        (reason,) = log.reasons_of(p)
+        assert reason.startswith("send queue limit exceeded"), reason
+        assert f"send_queue_limit is {limit}" in reason
+    assert peak[0] <= limit, f"a send queue reached {peak[0]} bytes, over its {limit} limit"
+    # Six queues of at most 1 MiB, plus the fleet's traffic; an unbounded queue would
+    # grow by ~13 MB/s per peer.
+    growth = rss_peak - gc_rss
+    assert growth < 64 << 20, f"RSS grew by {growth >> 20} MiB while peers did not read"
+    for c in peers:
+        c.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Garbage and malformed packets
+
+MAX_PACKET = 1024
+
+
+def _malformed_cases():
+    rng = random.Random(7)
+    cases = {}
+    for size in range(4):
+        cases[f"size {size}"] = (struct.pack("<HH", size, 9) + b"junk", True)
+    cases["size over the limit"] = (struct.pack("<HH", MAX_PACKET + 1, 3) + b"a" * 64, True)
+    cases["size 65535"] = (struct.pack("<HH", 0xFFFF, 3) + b"a" * 64, True)
+    cases["good then size 2"] = (ref.encode(5, b"fine") + struct.pack("<HH", 2, 6), True)
+    cases["truncated header then close"] = (b"\x10\x00", False)
+    cases["truncated body then close"] = (struct.pack("<HH", 100, 1) + b"b" * 50, False)
+    for n in range(6):
+        cases[f"garbage {n}"] = (bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 3000))),
+                                 False)
+    return cases
+
+
+def test_garbage_and_malformed_packets(server, caplog_iocpnet):
+    """Each malformed stream ends its own session with the reason the reference parser
+    predicts (packets before the bad one are delivered); the fleet of packet clients
+    is not disturbed."""
+    log = Log()
+    srv = server(packet_echo_class(log, max_packet_size=MAX_PACKET), accepts=32)
+    cases = _malformed_cases()
+    ports = {}
+    with Fleet(srv.address, packets=True, max_payload=MAX_PACKET - 4):
+        socks = []
+        for name, (wire, _) in cases.items():
+            c = connect(srv.address)
+            ports[name] = c.getsockname()[1]
+            c.sendall(wire)
+            socks.append(c)
+        for c in socks:
+            c.shutdown(socket.SHUT_WR)      # then close: what is left is unfinished
+        for c in socks:
+            c.settimeout(10)
+            try:
+                while c.recv(65536):
+                    pass                   # the echo of valid packets, then the end
+            except ConnectionResetError:
+                pass                       # a bad packet ends the session with a reset
+            c.close()
+        wait_for(lambda: all(log.reasons_of(p) for p in ports.values()), 10,
+                 "the malformed sessions to end")
+    for name, (wire, _) in cases.items():
+        port = ports[name]
+        packets, consumed, bad = ref.parse(wire, MAX_PACKET)
+        (serial,) = log.by_port(port)
+        (reason,) = log.reasons_of(port)
+        assert log.packets.get(serial, []) == packets, name
+        if bad is not None:
+            assert bad.matches(reason), f"{name}: expected {bad}, got {reason!r}"
+        elif consumed < len(wire):
+            assert reason == (f"peer closed the connection ({len(wire) - consumed} bytes "
+                              f"of an unfinished message left)"), (name, reason)
+        else:
+            assert reason == "peer closed the connection", (name, reason)
+    warned = [r.getMessage() for r in caplog_iocpnet.records if "bad packet" in r.getMessage()]
+    expected_bad = sum(1 for w, _ in cases.values() if ref.parse(w, MAX_PACKET)[2])
+    assert len(warned) == expected_bad, warned
+    log.check_exactly_once(srv.service)
+
+
+# ---------------------------------------------------------------------------------------
+# A connect flood above the session cap
+
+def test_connect_flood_above_the_session_cap(server):
+    """With max_sessions=60 and the fleet's 50 connected, a flood of 150 connects gets
+    10 served and the rest refused at once (a reset); live sessions never exceed the
+    cap; after the flood leaves, new connections are served again."""
+    cap = 60
+    log = Log()
+    srv = server(echo_class(log), accepts=64, max_sessions=cap)
+    with Fleet(srv.address):
+        flood = []
+
+        def connect_many(n):
+            for _ in range(n):
+                try:
+                    flood.append(connect(srv.address, timeout=10))
+                except OSError:
+                    pass                          # refused before connect() returned
+
+        # From three threads at once, so that accepts complete on both workers together.
+        threads = [threading.Thread(target=connect_many, args=(50,)) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        served = refused = 0
+        for c in flood:
+            try:
+                c.sendall(b"are you there?")
+                if recv_exactly(c, 14) == b"are you there?":
+                    served += 1
+            except (ConnectionError, OSError):
+                refused += 1
+        assert served == cap - FLEET_SIZE, (served, refused)
+        assert srv.service.rejected >= refused
+        assert log.max_live <= cap, (f"{log.max_live} live sessions seen in OnConnected "
+                                     f"with max_sessions={cap}")
+        for c in flood:
+            c.close()
+        wait_for(lambda: srv.service.session_count <= FLEET_SIZE, 10,
+                 "the flood's sessions to end")
+        with connect(srv.address) as c:
+            c.sendall(b"after")
+            assert recv_exactly(c, 5) == b"after"
+    log.check_exactly_once(srv.service)
+
+
+# ---------------------------------------------------------------------------------------
+# Connect and send nothing
+
+def test_idle_connections_are_closed_after_idle_timeout(server):
+    """Peers that connect and send nothing (or one byte, then nothing) are closed
+    idle_timeout after the last byte they sent, with a FIN; the fleet, which keeps
+    talking, is never touched."""
+    idle = 1.5
+    log = Log()
+    srv = server(echo_class(log, idle_timeout=idle), accepts=32)
+    with Fleet(srv.address):
+        idlers = []
+        for n in range(10):
+            c = connect(srv.address)
+            if n % 2:
+                c.sendall(b"!")
+                assert recv_exactly(c, 1) == b"!"
+            idlers.append((c, time.monotonic()))
+        for c, t0 in idlers:
+            c.settimeout(idle + 10)
+            assert c.recv(10) == b""             # EOF: a graceful close
+            waited = time.monotonic() - t0
+            assert idle - 0.05 <= waited, f"closed after {waited:.2f} s, before {idle} s"
+            assert waited < idle + 5, (f"closed {waited:.2f} s after its last byte "
+                                       f"(idle_timeout {idle} s, bound {idle + 5} s)")
+        ports = [c.getsockname()[1] for c, _ in idlers]
+        wait_for(lambda: all(log.reasons_of(p) for p in ports), 5, "idle sessions to end")
+        for c, _ in idlers:
+            c.close()
+    for p in ports:
+        assert log.reasons_of(p) == [f"idle timeout: nothing received for {idle:g} s"]
+    assert srv.service.idle_disconnects == 10
+    log.check_exactly_once(srv.service)
