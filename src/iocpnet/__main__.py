@@ -1,115 +1,238 @@
 """Command line: ``python -m iocpnet {echo,demo,dummy-client} ...``.
 
-- ``echo``: the C++ original's echo server, until Ctrl-C.
+- ``echo``: the C++ original's echo server, until Ctrl-C or SIGTERM.  With
+  ``--processes N``, N server processes share the port (SO_REUSEPORT; the kernel
+  spreads connections over them) under a parent that restarts one that dies and stops
+  them all on Ctrl-C or SIGTERM.
 - ``demo``: an echo server and dummy clients in one process, live figures once a
   second, a summary at the end (the newcomer's first command).
-- ``dummy-client``: dummy clients that load any echo server, with live figures.
+- ``dummy-client``: dummy clients that load an echo server or the chat example server
+  (``--protocol chat``), check every answer, show live figures and a summary, and exit
+  non-zero on any error.
 """
+from __future__ import annotations
+
 import argparse
 import logging
+import os
+import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
+from types import FrameType
+from typing import Dict, List, Optional, Sequence
 
 import iocpnet
-from iocpnet._load import LoadRun, format_ms, format_rate
+from iocpnet._load import PROTOCOLS, LoadRun, Progress, Stats, summarize
+
+log = logging.getLogger("iocpnet.cli")
 
 
 class EchoSession(iocpnet.Session):
     """The original's GameSession: send back whatever arrives."""
 
-    def OnRecv(self, data):
+    def OnRecv(self, data: memoryview) -> Optional[int]:
         self.Send(data)
+        return None
 
 
-def _print(*args, **kw):
-    print(*args, **kw, flush=True)
+def _print(*args: object) -> None:
+    print(*args, file=sys.stderr, flush=True)
 
 
-def cmd_echo(args):
+# ---- echo ----
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    if args.processes > 1:
+        return _supervise(args)
     core = iocpnet.IocpCore(args.backend)
     listener = iocpnet.Listener((args.host, args.port), reuse_port=args.reuse_port)
     service = iocpnet.Service(core, listener, EchoSession, args.accepts)
     service.Start()
+    pid = os.getpid()
     _print(f"iocpnet echo server on {listener.address[0]}:{listener.port} "
-           f"({core.backend}, {args.workers} workers); Ctrl-C to stop", file=sys.stderr)
+           f"({core.backend}, {args.workers} workers, pid {pid}); Ctrl-C to stop")
+    if args.parent_pid:
+        _watch_parent(args.parent_pid, service)
     service.Run(workers=args.workers)
-    _print(f"stopped after {service.total_sessions} sessions", file=sys.stderr)
+    _print(f"pid {pid}: stopped after {service.total_sessions} sessions")
     return 0
 
 
-def _run_load(core, address, args, server=None):
-    run = LoadRun(core, address, args.clients, args.size)
+def _watch_parent(parent: int, service: iocpnet.Service) -> None:
+    """A child of ``--processes``: stop if the parent is gone (killed without a chance
+    to stop us), instead of serving on as an orphan."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        log.warning("the supervising process %d is gone; stopping", parent)
+        service.Stop(5.0)
 
-    def tick(t, msgs, nbytes):
-        sessions = server.session_count if server is not None else run.service.session_count
-        _print(f"[{t:5.1f}s] sessions {sessions:5d} | {format_rate(msgs):>10} msg/s | "
-               f"{nbytes / 1e6:8.2f} MB/s")
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
-    total, elapsed = run.run(args.seconds, tick)
-    p50 = total.hist.percentile(50)
-    p99 = total.hist.percentile(99)
-    _print("-" * 72)
-    _print(f"summary: {args.clients} clients x {args.size} B messages for {elapsed:.1f} s "
-           f"({core.backend})")
-    _print(f"  messages  {total.messages:,} echoed and checked "
-           f"({format_rate(total.messages / elapsed)} msg/s)")
-    _print(f"  bytes     {total.bytes / 1e6:,.1f} MB each way "
-           f"({total.bytes / elapsed / 1e6:.2f} MB/s)")
-    _print(f"  latency   p50 {format_ms(p50)}, p99 {format_ms(p99)}, "
-           f"max {format_ms(total.hist.max if total.hist.total else None)}")
-    _print(f"  errors    {len(total.errors)}")
-    for e in total.errors[:10]:
-        _print(f"    {e}")
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (without listening) a SO_REUSEPORT socket: it makes --port 0 pick one port
+    for every child, and keeps the port ours while children restart.  A socket that
+    does not listen never receives a connection."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind((host, port))
+    return s
+
+
+def _supervise(args: argparse.Namespace) -> int:
+    if not hasattr(socket, "SO_REUSEPORT"):
+        _print("iocpnet: --processes needs SO_REUSEPORT, which this platform lacks")
+        return 2
+    try:
+        reserved = _reserve_port(args.host, args.port)
+    except OSError as e:
+        _print(f"iocpnet: cannot use port {args.port} on {args.host}: {e}")
+        return 2
+    port = reserved.getsockname()[1]
+    child_argv = [sys.executable, "-m", "iocpnet"]
+    if args.backend:
+        child_argv += ["--backend", args.backend]
+    if args.verbose:
+        child_argv.append("-v")
+    child_argv += ["echo", "--host", args.host, "--port", str(port),
+                   "--workers", str(args.workers), "--accepts", str(args.accepts),
+                   "--reuse-port", "--parent-pid", str(os.getpid())]
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Optional[FrameType]) -> None:
+        stop.set()
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def spawn() -> subprocess.Popen[bytes]:
+        # A session of its own: a terminal's Ctrl-C reaches only this parent, which
+        # then stops the children in order (and they are not hit twice).
+        return subprocess.Popen(child_argv, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+
+    children: Dict[int, subprocess.Popen[bytes]] = {}
+    restarts: List[float] = []
+    status = 0
+    try:
+        for i in range(args.processes):
+            children[i] = spawn()
+        _print(f"iocpnet echo: {args.processes} processes sharing {args.host}:{port} "
+               f"(SO_REUSEPORT), pids {' '.join(str(c.pid) for c in children.values())}; "
+               f"Ctrl-C to stop")
+        while not stop.wait(0.2):
+            for i, child in list(children.items()):
+                code = child.poll()
+                if code is None:
+                    continue
+                now = time.monotonic()
+                restarts[:] = [t for t in restarts if now - t < 10.0]
+                if len(restarts) >= 5:
+                    _print(f"iocpnet echo: process {child.pid} exited ({code}); "
+                           f"too many restarts in 10 s, stopping")
+                    status = 1
+                    stop.set()
+                    break
+                restarts.append(now)
+                children[i] = spawn()
+                _print(f"iocpnet echo: process {child.pid} exited ({code}); "
+                       f"restarted as {children[i].pid}")
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + args.shutdown_timeout + 5.0
+        for child in children.values():
+            try:
+                child.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _print(f"iocpnet echo: process {child.pid} did not stop; killing it")
+                child.kill()
+                child.wait()
+                status = 1
+        reserved.close()
+    _print(f"iocpnet echo: all {len(children)} processes stopped")
+    return status
+
+
+# ---- load: demo and dummy-client ----
+
+def _load(core: iocpnet.IocpCore, address: tuple[str, int], args: argparse.Namespace,
+          server: Optional[iocpnet.Service] = None) -> Stats:
+    run = LoadRun(core, address, args.clients, args.size,
+                  protocol=getattr(args, "protocol", "echo"),
+                  room_size=getattr(args, "room_size", 10))
+    progress = Progress(args.seconds, sys.stdout,
+                        (lambda: server.session_count) if server is not None else None)
+    try:
+        total, elapsed = run.run(args.seconds, progress, interval=args.interval)
+    finally:
+        progress.done()
+    summarize(total, elapsed, run, sys.stdout)
     return total
 
 
-def cmd_demo(args):
+def _start_workers(core: iocpnet.IocpCore, n: int) -> List[threading.Thread]:
+    def work() -> None:
+        while core.Dispatch() >= 0:
+            pass
+
+    threads = [threading.Thread(target=work, name=f"iocpnet-worker-{i}", daemon=True)
+               for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def _ok(total: Stats) -> int:
+    return 0 if not total.errors and total.messages > 0 else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
     core = iocpnet.IocpCore(args.backend)
     server = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0)), EchoSession,
                              max(16, min(args.clients, 1000)))
     server.Start()
-    workers = [threading.Thread(target=_worker, args=(core,), name=f"iocpnet-worker-{i}",
-                                daemon=True) for i in range(args.workers)]
-    for t in workers:
-        t.start()
-    _print(f"iocpnet demo: echo server on 127.0.0.1:{server.listener.port} "
-           f"({core.backend} backend, {args.workers} worker threads), "
-           f"{args.clients} dummy clients for {args.seconds:g} s")
+    workers = _start_workers(core, args.workers)
+    print(f"iocpnet demo: echo server on 127.0.0.1:{server.listener.port} "
+          f"({core.backend} backend, {args.workers} worker threads), "
+          f"{args.clients} dummy clients for {args.seconds:g} s", flush=True)
     try:
-        total = _run_load(core, ("127.0.0.1", server.listener.port), args, server)
+        total = _load(core, ("127.0.0.1", server.listener.port), args, server)
     finally:
         server.Stop(5.0)
         core.Close(5.0)
         for t in workers:
             t.join(5.0)
-    ok = not total.errors and total.messages > 0
-    return 0 if ok else 1
+    return _ok(total)
 
 
-def cmd_dummy_client(args):
+def cmd_dummy_client(args: argparse.Namespace) -> int:
     core = iocpnet.IocpCore(args.backend)
-    workers = [threading.Thread(target=_worker, args=(core,), daemon=True)
-               for _ in range(args.workers)]
-    for t in workers:
-        t.start()
-    _print(f"iocpnet dummy-client: {args.clients} clients -> {args.host}:{args.port}, "
-           f"{args.size} B messages, {args.seconds:g} s ({core.backend})")
+    workers = _start_workers(core, args.workers)
+    print(f"iocpnet dummy-client: {args.clients} {args.protocol} clients -> "
+          f"{args.host}:{args.port}, {args.size} B messages, {args.seconds:g} s "
+          f"({core.backend})", flush=True)
     try:
-        total = _run_load(core, (args.host, args.port), args)
+        total = _load(core, (args.host, args.port), args)
     finally:
         core.Close(5.0)
         for t in workers:
             t.join(5.0)
-    return 0 if not total.errors and total.messages > 0 else 1
+    return _ok(total)
 
 
-def _worker(core):
-    while core.Dispatch() >= 0:
-        pass
+# ---- the parser ----
 
-
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m iocpnet", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"iocpnet {iocpnet.__version__}")
@@ -121,12 +244,16 @@ def build_parser():
 
     e = sub.add_parser("echo", help="run the echo server until Ctrl-C")
     e.add_argument("--host", default="0.0.0.0")
-    e.add_argument("--port", type=int, default=11021)
+    e.add_argument("--port", type=int, default=11021, help="0: any free port")
     e.add_argument("--workers", type=int, default=5)
     e.add_argument("--accepts", type=int, default=100,
                    help="accepts kept posted (the original's max_session_count)")
+    e.add_argument("--processes", type=int, default=1,
+                   help="run N server processes sharing the port (SO_REUSEPORT)")
     e.add_argument("--reuse-port", action="store_true",
                    help="SO_REUSEPORT: let several processes share the port")
+    e.add_argument("--shutdown-timeout", type=float, default=5.0, help=argparse.SUPPRESS)
+    e.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     e.set_defaults(func=cmd_echo)
 
     d = sub.add_parser("demo", help="echo server + dummy clients in one process")
@@ -134,31 +261,46 @@ def build_parser():
     d.add_argument("--seconds", type=float, default=5.0)
     d.add_argument("--size", type=int, default=64, help="message size in bytes")
     d.add_argument("--workers", type=int, default=2)
+    d.add_argument("--interval", type=float, default=1.0,
+                   help="seconds between figures")
     d.set_defaults(func=cmd_demo)
 
-    c = sub.add_parser("dummy-client", help="load an echo server with dummy clients")
+    c = sub.add_parser("dummy-client", help="load a server with checking dummy clients")
     c.add_argument("--host", default="127.0.0.1")
     c.add_argument("--port", type=int, default=11021)
     c.add_argument("--clients", type=int, default=100)
     c.add_argument("--seconds", type=float, default=5.0)
     c.add_argument("--size", type=int, default=64, help="message size in bytes")
+    c.add_argument("--protocol", choices=PROTOCOLS, default="echo",
+                   help="echo: any echo server; chat: examples/chat_server.py")
+    c.add_argument("--room-size", type=int, default=10,
+                   help="chat: clients per room")
     c.add_argument("--workers", type=int, default=2)
+    c.add_argument("--interval", type=float, default=1.0,
+                   help="seconds between figures")
     c.set_defaults(func=cmd_dummy_client)
     return p
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    for name in ("clients", "seconds", "size", "workers"):
+    for name in ("clients", "seconds", "size", "workers", "interval", "room_size",
+                 "processes", "accepts"):
         if getattr(args, name, 1) <= 0:
-            build_parser().error(f"--{name} must be positive")
+            parser.error(f"--{name.replace('_', '-')} must be positive")
     try:
-        return args.func(args)
+        return int(args.func(args))
     except iocpnet.BackendUnavailableError as e:
-        print(f"iocpnet: {e}", file=sys.stderr)
+        _print(f"iocpnet: {e}")
+        return 2
+    except (OSError, ValueError) as e:
+        # A port in use, a name that does not resolve, a size the protocol refuses:
+        # say it in one line, not a traceback.
+        _print(f"iocpnet: {e}")
         return 2
     except KeyboardInterrupt:
         return 130

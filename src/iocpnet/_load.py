@@ -1,33 +1,52 @@
-"""Dummy clients that load an echo server and measure it (used by ``demo`` and
+"""Dummy clients that load a server and check every answer (``demo`` and
 ``dummy-client``).
 
-Each client session sends a message, waits for the whole echo, checks every byte, and
-sends the next one (ping-pong).  Message contents change with every message (a counter
-in the first bytes), so a stale or misrouted echo is caught.  Figures are kept per
-session and summed by the reporter once a second, so the hot path takes no shared lock.
+Two protocols:
+
+- ``echo``: each client session sends a message, waits for the whole echo, checks every
+  byte, and sends the next one (ping-pong).  Contents change with every message (a
+  counter in the first bytes), so a stale or misrouted echo is caught.
+- ``chat`` (``iocpnet.chat_protocol``, examples/chat_server.py): clients join rooms of
+  ``room_size`` and each says numbered messages, one at a time; the round trip is its
+  own message coming back in the room's broadcast.  Every message heard, its own and
+  the others', is checked for content and order (numbers from one sender go up by one).
+
+Figures are kept per session and summed by the reporter, so the hot path takes no
+shared lock.  Any error (a connection refused, a mismatch, a session ended by the
+server, an answer that never came) is recorded; the tool exits non-zero on any.
 """
+from __future__ import annotations
+
 import math
 import struct
+import sys
 import threading
 import time
+from typing import Callable, Dict, List, Optional, TextIO, Tuple, Type
 
 import iocpnet
+from iocpnet import chat_protocol as proto
 
 _COUNTER = struct.Struct("<Q")
 
+PROTOCOLS = ("echo", "chat")
+
+# Reasons our own clients end with: none of them is an error.
+_OUR_REASONS = ("load finished", "client shutdown")
+
 
 class Histogram:
-    """Round-trip times in log-spaced buckets (about 2 % wide), merged across sessions."""
+    """Round-trip times in log-spaced buckets (about 2 % wide), mergeable."""
 
     __slots__ = ("counts", "total", "max")
     BUCKETS_PER_OCTAVE = 32
 
-    def __init__(self):
-        self.counts = {}
+    def __init__(self) -> None:
+        self.counts: Dict[int, int] = {}
         self.total = 0
         self.max = 0.0
 
-    def add(self, seconds):
+    def add(self, seconds: float) -> None:
         us = seconds * 1e6
         b = int(math.log2(us) * self.BUCKETS_PER_OCTAVE) if us >= 1 else 0
         self.counts[b] = self.counts.get(b, 0) + 1
@@ -35,13 +54,29 @@ class Histogram:
         if seconds > self.max:
             self.max = seconds
 
-    def merge(self, other):
-        for b, n in other.counts.items():
+    def merge(self, other: Histogram) -> None:
+        # dict(...) copies in one step: another thread may be adding to `other`.
+        for b, n in dict(other.counts).items():
             self.counts[b] = self.counts.get(b, 0) + n
         self.total += other.total
         self.max = max(self.max, other.max)
 
-    def percentile(self, q):
+    def since(self, earlier: Histogram) -> Histogram:
+        """What was added after `earlier` (a previous copy of the same figures)."""
+        h = Histogram()
+        for b, n in self.counts.items():
+            d = n - earlier.counts.get(b, 0)
+            if d > 0:
+                h.counts[b] = d
+                h.total += d
+        if h.counts:
+            h.max = min(self.max, self._upper(max(h.counts)))
+        return h
+
+    def _upper(self, b: int) -> float:
+        return float(2 ** ((b + 1) / self.BUCKETS_PER_OCTAVE) / 1e6)
+
+    def percentile(self, q: float) -> Optional[float]:
         """The q-th percentile in seconds (upper edge of its bucket), or None if empty."""
         if not self.total:
             return None
@@ -50,149 +85,384 @@ class Histogram:
         for b in sorted(self.counts):
             seen += self.counts[b]
             if seen >= rank:
-                return min(2 ** ((b + 1) / self.BUCKETS_PER_OCTAVE) / 1e6, self.max)
+                return min(self._upper(b), self.max)
         return self.max
 
 
 class Stats:
-    """What one client session (or a sum of them) measured."""
+    """What one client session measured (or a sum of them)."""
 
-    __slots__ = ("messages", "bytes", "errors", "hist")
+    __slots__ = ("messages", "packets", "bytes", "errors", "hist", "connected", "ended")
 
-    def __init__(self):
-        self.messages = 0
-        self.bytes = 0
-        self.errors = []
+    def __init__(self) -> None:
+        self.messages = 0          # round trips completed and checked
+        self.packets = 0           # messages received (chat: the others' too)
+        self.bytes = 0             # bytes received
+        self.errors: List[str] = []
         self.hist = Histogram()
+        self.connected = False
+        self.ended = False
 
-    def merge(self, other):
+    def add(self, other: Stats, with_hist: bool = True) -> None:
         self.messages += other.messages
+        self.packets += other.packets
         self.bytes += other.bytes
         self.errors.extend(other.errors)
-        self.hist.merge(other.hist)
+        if with_hist:
+            self.hist.merge(other.hist)
 
 
-def make_client_class(size, stop_event, finished):
-    """A Session class that ping-pongs `size`-byte messages until `stop_event` is set;
-    each session's Stats go to `finished` (a list) when it disconnects."""
-    if size < _COUNTER.size:
-        size = _COUNTER.size
+class _Shared:
+    """What a run's sessions share: the stop flag and the list of their Stats."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.stats: List[Stats] = []
+        self.made = 0
+
+    def register(self) -> Tuple[int, Stats]:
+        st = Stats()
+        with self.lock:
+            index = self.made
+            self.made += 1
+            self.stats.append(st)
+        return index, st
+
+
+def make_echo_client(size: int, shared: _Shared) -> Type[iocpnet.Session]:
+    """A Session class that ping-pongs `size`-byte messages until the run stops."""
+    size = max(size, _COUNTER.size)
     pad = bytes((i * 31 + 7) & 0xFF for i in range(size - _COUNTER.size))
+    stop = shared.stop
 
-    class LoadClient(iocpnet.Session):
-        def __init__(self):
-            self.stats = Stats()
+    class EchoLoadClient(iocpnet.Session):
+        def __init__(self) -> None:
+            self.index, self.stats = shared.register()
             self.counter = 0
             self.expect = b""
             self.sent_at = 0.0
 
-        def _send_next(self):
+        def _send_next(self) -> None:
             self.counter += 1
             self.expect = _COUNTER.pack(self.counter) + pad
             self.sent_at = time.perf_counter()
             self.Send(self.expect)
 
-        def OnConnected(self):
+        def OnConnected(self) -> None:
+            self.stats.connected = True
             self._send_next()
 
-        def OnRecv(self, data):
+        def OnRecv(self, data: memoryview) -> Optional[int]:
             if len(data) < size:
                 return 0                          # wait for the whole echo
             now = time.perf_counter()
             st = self.stats
             if data[:size] != self.expect:
-                st.errors.append(f"echo mismatch on message {self.counter} of "
-                                 f"{self.address}")
+                st.errors.append(f"echo mismatch on message {self.counter} of client "
+                                 f"{self.index}")
                 self.Disconnect("echo mismatch")
                 return None
             st.messages += 1
+            st.packets += 1
             st.bytes += size
             st.hist.add(now - self.sent_at)
-            if stop_event.is_set():
+            if len(data) > size:
+                st.errors.append(f"client {self.index} received {len(data) - size} bytes "
+                                 f"nobody asked for")
+                self.Disconnect("unexpected bytes")
+                return None
+            if stop.is_set():
                 self.Disconnect("load finished")
                 return size
             self._send_next()
             return size
 
-        def OnConnectFailed(self, reason):
-            self.stats.errors.append(reason)
+        def OnConnectFailed(self, reason: str) -> None:
+            self.stats.errors.append(f"client {self.index}: {reason}")
 
-        def OnDisconnected(self, reason):
-            if reason not in ("load finished", "client shutdown", "echo mismatch") and \
-                    not stop_event.is_set():
-                self.stats.errors.append(f"disconnected during the load: {reason}")
-            finished.append(self.stats)
+        def OnDisconnected(self, reason: str) -> None:
+            st = self.stats
+            if st.connected and reason not in _OUR_REASONS and \
+                    not reason.startswith("echo mismatch") and reason != "unexpected bytes":
+                st.errors.append(f"client {self.index} disconnected during the load: "
+                                 f"{reason}")
+            st.connected = False
+            st.ended = True
 
-    return LoadClient
+        def pending(self) -> Optional[str]:
+            return f"message {self.counter}" if self.stats.connected else None
+
+    return EchoLoadClient
+
+
+def chat_text(seq: int, size: int) -> str:
+    """Message `seq` of a chat load client: its number, then filler up to `size` bytes."""
+    head = f"{seq:010d}|"
+    fill = "abcdefghijklmnopqrstuvwxyz0123456789"[seq % 36] * max(0, size - len(head))
+    return head + fill
+
+
+def make_chat_client(size: int, room_size: int,
+                     shared: _Shared) -> Type[iocpnet.PacketSession]:
+    """A PacketSession class that joins room ``load-<index // room_size>`` and says
+    numbered messages, each after its previous one came back, until the run stops."""
+    size = max(size, 11)
+    stop = shared.stop
+
+    class ChatLoadClient(iocpnet.PacketSession):
+        def __init__(self) -> None:
+            self.index, self.stats = shared.register()
+            self.room = f"load-{self.index // room_size}"
+            self.nick = ""
+            self.counter = 0
+            self.expect = ""
+            self.sent_at = 0.0
+            self.joined = False
+            self.last_seen: Dict[str, int] = {}
+
+        def _fail(self, what: str) -> None:
+            self.stats.errors.append(f"client {self.index} ({self.nick}): {what}")
+            self.Disconnect("chat mismatch")
+
+        def _say_next(self) -> None:
+            self.counter += 1
+            self.expect = chat_text(self.counter, size)
+            self.sent_at = time.perf_counter()
+            self.Send(proto.say(self.room, self.expect))
+
+        def OnConnected(self) -> None:
+            self.stats.connected = True
+
+        def OnRecvPacket(self, packet_id: int, payload: bytes) -> None:
+            st = self.stats
+            if packet_id == proto.S_SAID:
+                now = time.perf_counter()
+                r = proto.Reader(payload)
+                room, nick, text = r.str8(), r.str8(), r.text()
+                st.packets += 1
+                st.bytes += len(payload) + iocpnet.PACKET_HEADER_SIZE
+                if room != self.room:
+                    self._fail(f"a message for room {room!r} in {self.room!r}")
+                    return
+                if nick == self.nick:
+                    if text != self.expect:
+                        self._fail(f"own message {self.counter} came back as "
+                                          f"{text[:24]!r}...")
+                        return
+                    st.messages += 1
+                    st.hist.add(now - self.sent_at)
+                    if stop.is_set():
+                        self.Disconnect("load finished")
+                    else:
+                        self._say_next()
+                    return
+                try:
+                    seq = int(text[:10])
+                except ValueError:
+                    self._fail(f"unnumbered message from {nick}: {text[:24]!r}")
+                    return
+                last = self.last_seen.get(nick)
+                if last is not None and seq != last + 1:
+                    self._fail(f"message {seq} from {nick} after {last}")
+                    return
+                if text != chat_text(seq, size):
+                    self._fail(f"message {seq} from {nick} has wrong content")
+                    return
+                self.last_seen[nick] = seq
+            elif packet_id == proto.S_WELCOME:
+                self.nick = proto.Reader(payload).str8()
+                self.Send(proto.join(self.room))
+            elif packet_id == proto.S_WHO:
+                if not self.joined:
+                    self.joined = True       # the answer to our join: start talking
+                    self._say_next()
+            elif packet_id == proto.S_ERROR:
+                self._fail(f"the server said: {proto.Reader(payload).text()}")
+            elif packet_id not in (proto.S_JOINED, proto.S_LEFT, proto.S_NICK):
+                self._fail(f"unexpected packet id {packet_id}")
+
+        def OnConnectFailed(self, reason: str) -> None:
+            self.stats.errors.append(f"client {self.index}: {reason}")
+
+        def OnDisconnected(self, reason: str) -> None:
+            st = self.stats
+            if st.connected and reason not in _OUR_REASONS and reason != "chat mismatch":
+                st.errors.append(f"client {self.index} ({self.nick}) disconnected during "
+                                 f"the load: {reason}")
+            st.connected = False
+            st.ended = True
+
+        def pending(self) -> Optional[str]:
+            if not self.stats.connected:
+                return None
+            return f"message {self.counter}" if self.joined else "joining its room"
+
+    return ChatLoadClient
+
+
+class Tick:
+    """The figures of one reporting interval."""
+
+    __slots__ = ("elapsed", "sessions", "packets_per_s", "bytes_per_s", "p50", "p99",
+                 "errors")
+
+    def __init__(self, elapsed: float, sessions: int, packets_per_s: float,
+                 bytes_per_s: float, p50: Optional[float], p99: Optional[float],
+                 errors: int) -> None:
+        self.elapsed = elapsed
+        self.sessions = sessions
+        self.packets_per_s = packets_per_s
+        self.bytes_per_s = bytes_per_s
+        self.p50 = p50
+        self.p99 = p99
+        self.errors = errors
 
 
 class LoadRun:
-    """N ping-pong clients against `address` on `core`, with live figures."""
+    """N checking clients against `address` on `core`, with figures every interval."""
 
-    def __init__(self, core, address, clients, size, out=None):
+    def __init__(self, core: iocpnet.IocpCore, address: Tuple[str, int], clients: int,
+                 size: int, protocol: str = "echo", room_size: int = 10) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
+        if protocol == "chat" and size > proto.MAX_TEXT_BYTES:
+            raise ValueError(f"chat messages are at most {proto.MAX_TEXT_BYTES} bytes")
         self.core = core
         self.address = address
         self.clients = clients
         self.size = size
-        self.stop_event = threading.Event()
-        self.finished = []
-        self.cls = make_client_class(size, self.stop_event, self.finished)
-        self.service = iocpnet.ClientService(core, address, self.cls, clients)
-        self.out = out
+        self.protocol = protocol
+        self.shared = _Shared()
+        cls: Callable[[], iocpnet.Session]
+        if protocol == "chat":
+            cls = make_chat_client(size, room_size, self.shared)
+        else:
+            cls = make_echo_client(size, self.shared)
+        self.service = iocpnet.ClientService(core, address, cls, clients)
+        self.errors: List[str] = []        # the run's own findings (stalls)
 
-    def snapshot(self):
+    def snapshot(self) -> Tuple[Stats, int]:
+        """Summed figures so far (histograms too), and the sessions connected now."""
         total = Stats()
-        for s in self.service.sessions:
-            st = getattr(s, "stats", None)
-            if st is not None:
-                total.messages += st.messages
-                total.bytes += st.bytes
-        for st in list(self.finished):
-            total.messages += st.messages
-            total.bytes += st.bytes
-        return total
+        connected = 0
+        with self.shared.lock:
+            stats = list(self.shared.stats)
+        for st in stats:
+            total.add(st)
+            connected += st.connected
+        total.errors.extend(self.errors)
+        return total, connected
 
-    def summary(self):
-        total = Stats()
-        for s in self.service.sessions:
-            st = getattr(s, "stats", None)
-            if st is not None:
-                total.merge(st)
-        for st in list(self.finished):
-            total.merge(st)
-        return total
-
-    def run(self, seconds, on_tick=None, server_sessions=None):
-        """Start the clients, tick once a second for `seconds`, stop them; returns the
-        summed Stats and the elapsed time."""
+    def run(self, seconds: float, on_tick: Optional[Callable[[Tick], None]] = None,
+            interval: float = 1.0, grace: float = 3.0) -> Tuple[Stats, float]:
+        """Start the clients, report every `interval` for `seconds`, then stop them: each
+        finishes the round trip it is in (up to `grace` seconds; one that does not is an
+        error).  Returns the summed Stats and the elapsed time."""
         self.service.Start()
         start = time.perf_counter()
-        last_t, last = start, self.snapshot()
-        next_tick = start + 1.0
+        last_t = start
+        last, _ = self.snapshot()
+        next_tick = start + interval
         deadline = start + seconds
         while True:
             now = time.perf_counter()
             if now >= deadline:
                 break
-            time.sleep(max(0.0, min(next_tick, deadline) - now))
+            if not self.service.session_count:
+                break            # every client has ended (refused, or dropped): no load
+            time.sleep(max(0.0, min(next_tick, deadline, now + 0.1) - now))
             now = time.perf_counter()
             if now >= next_tick or now >= deadline:
-                cur = self.snapshot()
+                cur, connected = self.snapshot()
                 if on_tick is not None:
-                    dt = now - last_t
-                    on_tick(now - start, (cur.messages - last.messages) / dt,
-                            (cur.bytes - last.bytes) / dt)
+                    dt = max(now - last_t, 1e-9)
+                    h = cur.hist.since(last.hist)
+                    on_tick(Tick(now - start, connected, (cur.packets - last.packets) / dt,
+                                 (cur.bytes - last.bytes) / dt, h.percentile(50),
+                                 h.percentile(99), len(cur.errors)))
                 last_t, last = now, cur
-                next_tick += 1.0
+                while next_tick <= now:
+                    next_tick += interval
         elapsed = time.perf_counter() - start
-        self.stop_event.set()
+        self.shared.stop.set()
+        # Let every client finish the round trip it is in and leave by itself, so that
+        # no answer is cut off (which a server sees as a reset); one that gets no answer
+        # within the grace time is an error.
+        wait_until = time.monotonic() + grace
+        while self.service.session_count and time.monotonic() < wait_until:
+            time.sleep(0.01)
+        for s in self.service.sessions:
+            pending = getattr(s, "pending", None)
+            what = pending() if pending is not None else None
+            if what is not None:
+                self.errors.append(f"client {getattr(s, 'index', '?')}: no answer to its "
+                                   f"{what} within {grace:g} s of the end")
         self.service.Stop(5.0)
-        return self.summary(), elapsed
+        total, _ = self.snapshot()
+        return total, elapsed
 
 
-def format_rate(n):
+def format_rate(n: float) -> str:
     return f"{n:,.0f}"
 
 
-def format_ms(seconds):
+def format_ms(seconds: Optional[float]) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.2f} ms"
+
+
+class Progress:
+    """Prints ticks: on a terminal one line rewritten in place (``\\r``), otherwise one
+    line per interval."""
+
+    def __init__(self, seconds: float, out: TextIO, sessions_of: Optional[
+            Callable[[], int]] = None) -> None:
+        self.seconds = seconds
+        self.out = out
+        self.tty = hasattr(out, "isatty") and out.isatty()
+        self.sessions_of = sessions_of
+        self.width = 0
+
+    def __call__(self, t: Tick) -> None:
+        sessions = self.sessions_of() if self.sessions_of is not None else t.sessions
+        line = (f"[{t.elapsed:6.1f}/{self.seconds:g} s] sessions {sessions:5d} | "
+                f"{format_rate(t.packets_per_s):>9} packets/s | "
+                f"{t.bytes_per_s / 1e6:7.2f} MB/s | "
+                f"rtt p50 {format_ms(t.p50)} p99 {format_ms(t.p99)} | errors {t.errors}")
+        if self.tty:
+            self.out.write("\r" + line.ljust(self.width))
+            self.width = len(line)
+        else:
+            self.out.write(line + "\n")
+        self.out.flush()
+
+    def done(self) -> None:
+        if self.tty and self.width:
+            self.out.write("\n")
+            self.out.flush()
+
+
+def summarize(total: Stats, elapsed: float, run: LoadRun, out: TextIO) -> None:
+    failed = run.service.connect_failures
+    lines = [
+        "-" * 78,
+        f"summary: {run.clients} {run.protocol} clients x {run.size} B messages -> "
+        f"{run.address[0]}:{run.address[1]} for {elapsed:.1f} s ({run.core.backend})",
+        f"  sessions     {run.clients - failed} connected, {failed} failed to connect",
+        f"  round trips  {total.messages:,} checked "
+        f"({format_rate(total.messages / elapsed)}/s)",
+        f"  packets      {total.packets:,} received "
+        f"({format_rate(total.packets / elapsed)}/s)",
+        f"  bytes        {total.bytes / 1e6:,.1f} MB received "
+        f"({total.bytes / elapsed / 1e6:.2f} MB/s)",
+        f"  round trip   p50 {format_ms(total.hist.percentile(50))}, "
+        f"p99 {format_ms(total.hist.percentile(99))}, "
+        f"max {format_ms(total.hist.max if total.hist.total else None)}",
+        f"  errors       {len(total.errors)}",
+    ]
+    for e in total.errors[:10]:
+        lines.append(f"    {e}")
+    if len(total.errors) > 10:
+        lines.append(f"    ... and {len(total.errors) - 10} more")
+    out.write("\n".join(lines) + "\n")
+    out.flush()
