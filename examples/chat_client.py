@@ -192,10 +192,13 @@ class ChatClient:
     def __init__(self, host: str, port: int, out: TextIO) -> None:
         self.state = ChatState(out)
         self.core = iocpnet.IocpCore()
-        self.service = iocpnet.ClientService(self.core, (host, port),
-                                             lambda: ChatClientSession(self.state), 1)
-        self.worker = threading.Thread(target=self._work, name="chat-worker", daemon=True)
         self.session: Optional[ChatClientSession] = None
+        self.service = iocpnet.ClientService(self.core, (host, port), self._make_session, 1)
+        self.worker = threading.Thread(target=self._work, name="chat-worker", daemon=True)
+
+    def _make_session(self) -> ChatClientSession:
+        self.session = ChatClientSession(self.state)
+        return self.session
 
     def _work(self) -> None:
         while self.core.Dispatch() >= 0:
@@ -204,8 +207,6 @@ class ChatClient:
     def connect(self, timeout: float) -> None:
         self.worker.start()
         self.service.Start()
-        sessions = self.service.sessions
-        self.session = sessions[0] if sessions else None
         self.state.wait(lambda: self.state.nick is not None, timeout, "the welcome")
 
     def send(self, packet: bytes) -> None:
