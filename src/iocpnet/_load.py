@@ -31,8 +31,9 @@ _COUNTER = struct.Struct("<Q")
 
 PROTOCOLS = ("echo", "chat")
 
-# Reasons our own clients end with: none of them is an error.
-_OUR_REASONS = ("load finished", "client shutdown")
+# Reasons our own clients end with: none of them is an error.  (A ClientService's
+# Stop() says "server shutdown"; a server going away shows as "peer closed ...".)
+_OUR_REASONS = ("load finished", "client shutdown", "server shutdown")
 
 
 class Histogram:

@@ -1,0 +1,443 @@
+"""Services and the core's jobs and timers: ClientService (against a server, a closed
+port, a restarting server), jobs posted from any thread, timers, the live-session cap,
+the idle timeout, and IPv6."""
+import logging
+import socket
+import threading
+import time
+
+import pytest
+
+import iocpnet
+
+from conftest import Server, connect, recv_exactly, wait_for
+
+
+class Echo(iocpnet.Session):
+    def OnRecv(self, data):
+        self.Send(data)
+
+
+class ServerAt(Server):
+    """conftest's Server, on a chosen host and port (a restart on the same port, ::1)."""
+
+    def __init__(self, session_cls, backend, host="127.0.0.1", port=0, **service_kw):
+        super().__init__(session_cls, backend)
+        self.listener = iocpnet.Listener((host, port))
+        self.service = iocpnet.Service(self.core, self.listener, session_cls, 16,
+                                       **service_kw)
+        self.host = host
+
+    @property
+    def address(self):
+        return (self.host, self.listener.port)
+
+
+class ClientCore:
+    """A core with worker threads for client sessions, checked when closed."""
+
+    def __init__(self, backend, workers=2):
+        self.core = iocpnet.IocpCore(backend)
+        self.threads = [threading.Thread(target=self._work, name=f"client-worker-{i}",
+                                         daemon=True) for i in range(workers)]
+        for t in self.threads:
+            t.start()
+
+    def _work(self):
+        while self.core.Dispatch() >= 0:
+            pass
+
+    def close(self):
+        self.core.Close(10)
+        for t in self.threads:
+            t.join(10)
+        assert not any(t.is_alive() for t in self.threads), "client workers did not end"
+        assert self.core.stats()["in_flight"] == 0
+        # pytest keeps fixture values until after the leak check: keep no core alive.
+        self.core = None
+
+
+@pytest.fixture
+def client_core(backend):
+    """A ClientCore (``.core``: an IocpCore with 2 worker threads)."""
+    cc = ClientCore(backend)
+    yield cc
+    cc.close()
+
+
+def free_port(host="127.0.0.1"):
+    """A port nothing listens on (bound for a moment by us, then released)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def has_ipv6_loopback():
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def closed_at_once(sock, timeout=5):
+    """The server closed this connection (EOF or reset) without answering."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
+def pinging_client(events, message=b"ping"):
+    """A client Session class: sends `message` when connected, records every hook."""
+
+    class Pinger(iocpnet.Session):
+        def OnConnected(self):
+            events.add("connected", self.address)
+            self.Send(message)
+
+        def OnRecv(self, data):
+            if len(data) < len(message):
+                return 0
+            events.add("echo", bytes(data[:len(message)]))
+            return len(message)
+
+        def OnConnectFailed(self, reason):
+            events.add("connect failed", reason)
+
+        def OnDisconnected(self, reason):
+            events.on_disconnected(self, reason)
+
+    return Pinger
+
+
+def count(recorder, kind):
+    with recorder.lock:
+        return sum(1 for e in recorder.events if e[0] == kind)
+
+
+# ---- ClientService ----
+
+def test_client_service_connects_n_sessions_and_stops(server, client_core, recorder):
+    srv = server(Echo)
+    n = 50
+    clients = iocpnet.ClientService(client_core.core, srv.address, pinging_client(recorder), n)
+    try:
+        clients.Start()
+        wait_for(lambda: count(recorder, "echo") == n, message=f"{n} echoes")
+        assert count(recorder, "connected") == n
+        assert clients.session_count == n
+        assert clients.connect_failures == 0
+        wait_for(lambda: srv.service.session_count == n, message="n server sessions")
+    finally:
+        clients.Stop(10)
+    assert clients.session_count == 0
+    recorder.wait_disconnects(n)
+    wait_for(lambda: srv.service.session_count == 0, message="the server sessions to end")
+    # (No core left referenced from this frame: a failure below must not look like a
+    # leak in the next test.)
+    del clients, srv
+    # A client stopping its own sessions is not a server shutting down.
+    assert {r for _, r in recorder.disconnected} == {"client shutdown"}
+
+
+def test_client_session_address_is_the_server(server, client_core, recorder):
+    """``Session.address`` is "the peer's (host, port)": for a client session, from
+    OnConnected on, that is the server it connected to."""
+    srv = server(Echo)
+    clients = iocpnet.ClientService(client_core.core, srv.address, pinging_client(recorder), 2)
+    try:
+        clients.Start()
+        wait_for(lambda: count(recorder, "echo") == 2, message="2 echoes")
+    finally:
+        clients.Stop(10)
+    expected = [srv.address] * 2
+    del clients, srv
+    assert [e[1] for e in recorder.events if e[0] == "connected"] == expected
+
+
+def test_client_service_against_a_closed_port(client_core, recorder):
+    port = free_port()
+    clients = iocpnet.ClientService(client_core.core, ("127.0.0.1", port),
+                                    pinging_client(recorder), 3)
+    clients.Start()
+    recorder.wait_disconnects(3)
+    wait_for(lambda: clients.session_count == 0, message="the failed sessions to go")
+    failed = [e[1] for e in recorder.events if e[0] == "connect failed"]
+    assert len(failed) == 3
+    for reason in failed:
+        assert "connection refused" in reason, reason
+    # OnDisconnected follows OnConnectFailed, with the same reason; never OnConnected.
+    assert sorted(r for _, r in recorder.disconnected) == sorted(failed)
+    assert count(recorder, "connected") == 0
+    assert clients.connect_failures == 3
+    clients.Stop()
+
+
+def test_reconnect_after_the_server_restarts_on_the_same_port(backend, client_core,
+                                                              recorder):
+    first = Server(Echo, backend).start()
+    port = first.port
+    servers = [first]
+    clients = iocpnet.ClientService(
+        client_core.core, ("127.0.0.1", port), pinging_client(recorder), 5,
+        reconnect=iocpnet.Reconnect(initial=0.05, max_delay=0.2))
+    try:
+        clients.Start()
+        wait_for(lambda: count(recorder, "echo") == 5, message="5 first echoes")
+        servers.pop().stop()                   # the server goes away...
+        recorder.wait_disconnects(5)
+        time.sleep(0.3)                        # ...long enough for refused retries
+        reasons = [r for _, r in recorder.disconnected]
+        assert reasons.count("peer closed the connection") == 5, reasons
+        assert set(reasons) == {"peer closed the connection",
+                                "connect failed: connection refused"}, reasons
+        assert clients.connect_failures == len(reasons) - 5 >= 1
+        second = ServerAt(Echo, backend, port=port).start()     # ...and comes back
+        servers.append(second)
+        wait_for(lambda: count(recorder, "echo") == 10, message="5 echoes after it")
+        assert count(recorder, "connected") == 10
+        wait_for(lambda: second.service.session_count == 5, message="5 sessions back")
+        assert clients.session_count == 5
+    finally:
+        clients.Stop(10)
+        for s in servers:
+            s.stop()
+
+
+def test_reconnect_honours_max_attempts(client_core, recorder, caplog_iocpnet):
+    port = free_port()
+    clients = iocpnet.ClientService(
+        client_core.core, ("127.0.0.1", port), pinging_client(recorder), 1,
+        reconnect=iocpnet.Reconnect(initial=0.01, max_delay=0.02, max_attempts=3))
+    clients.Start()
+    recorder.wait_disconnects(3)
+    time.sleep(0.3)                 # several retry delays: no fourth attempt comes
+    assert clients.connect_failures == 3
+    assert count(recorder, "connect failed") == 3
+    assert clients.session_count == 0
+    assert any("giving up" in r.getMessage() for r in caplog_iocpnet.records)
+    clients.Stop()
+
+
+def test_reconnect_policy_delays():
+    policy = iocpnet.Reconnect(initial=0.5, max_delay=3.0, factor=2.0)
+    assert [policy.delay(n) for n in (0, 1, 2, 3, 4, 5)] == [0.5, 0.5, 1.0, 2.0, 3.0, 3.0]
+    with pytest.raises(ValueError):
+        iocpnet.Reconnect(factor=0.5)
+
+
+# ---- jobs and timers ----
+
+def test_post_from_many_threads_runs_each_job_once_on_a_worker(server):
+    srv = server(Echo, workers=3)
+    ran = []
+    lock = threading.Lock()
+
+    def job(thread_no, i):
+        with lock:
+            ran.append((thread_no, i, threading.current_thread().name))
+
+    def poster(thread_no):
+        for i in range(250):
+            srv.core.Post(job, thread_no, i)
+
+    threads = [threading.Thread(target=poster, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wait_for(lambda: len(ran) >= 2000, message="2000 jobs")
+    time.sleep(0.05)
+    assert len(ran) == 2000
+    assert sorted((k, i) for k, i, _ in ran) == [(k, i) for k in range(8) for i in range(250)]
+    assert {name for _, _, name in ran} <= {t.name for t in srv.threads}
+    # Each poster's jobs were posted in order; one worker takes them from the port in
+    # that order, but several workers run them in parallel, so no order is asserted.
+
+
+def test_call_later_runs_roughly_by_deadline(server):
+    srv = server(Echo)
+    fired = []
+    start = time.monotonic()
+    delays = [0.25, 0.05, 0.2, 0.0, 0.1, 0.15]
+    timers = [srv.core.CallLater(d, lambda d=d: fired.append(
+        (d, time.monotonic() - start, threading.current_thread().name))) for d in delays]
+    wait_for(lambda: len(fired) == len(delays), message="every timer")
+    assert [d for d, _, _ in fired] == sorted(delays)
+    for d, at, name in fired:
+        assert at >= d - 0.005, f"the {d} s timer fired after {at:.3f} s"
+        assert name in {t.name for t in srv.threads}
+    wait_for(lambda: not any(t.active for t in timers), message="timers to finish")
+    assert not any(t.cancelled for t in timers)
+
+
+def test_call_every_repeats_until_cancelled(server):
+    srv = server(Echo)
+    ticks = []
+    timer = srv.core.CallEvery(0.02, lambda: ticks.append(time.monotonic()))
+    wait_for(lambda: len(ticks) >= 5, message="5 ticks")
+    timer.Cancel()
+    assert timer.cancelled
+    wait_for(lambda: not timer.active, message="the timer to end")
+    n = len(ticks)
+    time.sleep(0.1)
+    assert len(ticks) == n, "a cancelled timer kept firing"
+    with pytest.raises(ValueError):
+        srv.core.CallEvery(0, lambda: None)
+
+
+def test_cancel_from_another_thread(server):
+    srv = server(Echo)
+    fired = []
+    timers = [srv.core.CallLater(0.2, fired.append, i) for i in range(10)]
+    canceller = threading.Thread(target=lambda: [t.Cancel() for t in timers[::2]])
+    canceller.start()
+    canceller.join()
+    wait_for(lambda: not any(t.active for t in timers), message="every timer to end")
+    assert sorted(fired) == [1, 3, 5, 7, 9]
+    assert [t.cancelled for t in timers] == [i % 2 == 0 for i in range(10)]
+
+
+def test_job_and_timer_exceptions_are_logged_and_workers_go_on(server, caplog_iocpnet):
+    srv = server(Echo)
+    ticks = []
+
+    def bad_job():
+        raise RuntimeError("job failed")
+
+    def bad_tick():
+        ticks.append(1)
+        raise KeyError("tick failed")
+
+    srv.core.Post(bad_job)
+    srv.core.CallLater(0.0, bad_job)
+    timer = srv.core.CallEvery(0.02, bad_tick)
+    wait_for(lambda: len(ticks) >= 3, message="a raising repeating timer to go on")
+    timer.Cancel()
+    done = threading.Event()
+    srv.core.Post(done.set)
+    assert done.wait(5), "a job after the failing ones did not run"
+    assert all(t.is_alive() for t in srv.threads)
+    errors = [r for r in caplog_iocpnet.records if r.levelno == logging.ERROR]
+    assert any("job" in r.getMessage() and r.exc_info and r.exc_info[0] is RuntimeError
+               for r in errors)
+    assert any("timer" in r.getMessage() and r.exc_info and r.exc_info[0] is RuntimeError
+               for r in errors)
+    assert any(r.exc_info and r.exc_info[0] is KeyError for r in errors)
+    with connect(srv.address) as c:             # and the server still serves
+        c.sendall(b"alive")
+        assert recv_exactly(c, 5) == b"alive"
+
+
+# ---- limits ----
+
+def test_max_sessions_refuses_extras_and_counts_them(server, recorder):
+    class Counted(Echo):
+        def OnConnected(self):
+            recorder.add("connected")
+
+    k = 3
+    srv = server(Counted, max_sessions=k)
+    first = [connect(srv.address) for _ in range(k)]
+    try:
+        for i, c in enumerate(first):
+            c.sendall(b"hi %d" % i)
+            assert recv_exactly(c, 4) == b"hi %d" % i
+        assert srv.service.session_count == k
+        for _ in range(2):
+            try:
+                c = connect(srv.address)
+            except ConnectionResetError:
+                continue            # the server's reset beat connect() back to us
+            with c:
+                assert closed_at_once(c), "a connection over the cap was served"
+        assert srv.service.rejected == 2
+        assert count(recorder, "connected") == k
+        for i, c in enumerate(first):               # the first K keep working
+            c.sendall(b"ok %d" % i)
+            assert recv_exactly(c, 4) == b"ok %d" % i
+        first.pop().close()                         # a place frees up...
+        wait_for(lambda: srv.service.session_count == k - 1, message="a session to end")
+        with connect(srv.address) as c:             # ...and is taken again
+            c.sendall(b"again")
+            assert recv_exactly(c, 5) == b"again"
+        assert srv.service.rejected == 2
+    finally:
+        for c in first:
+            c.close()
+
+
+def test_idle_timeout_closes_a_silent_client_only(server, recorder):
+    class Idle(Echo):
+        idle_timeout = 0.3
+
+        def OnDisconnected(self, reason):
+            recorder.on_disconnected(self, reason)
+
+    srv = server(Idle)
+    with connect(srv.address) as silent, connect(srv.address) as active:
+        t0 = time.monotonic()
+        deadline = t0 + 1.2                  # four idle timeouts
+        while time.monotonic() < deadline:
+            active.sendall(b"x")
+            assert recv_exactly(active, 1) == b"x"
+            time.sleep(0.05)
+        assert closed_at_once(silent, timeout=5)
+        active.sendall(b"still here")
+        assert recv_exactly(active, 10) == b"still here"
+        assert len(recorder.disconnected) == 1
+    recorder.wait_disconnects(2)
+    reason = recorder.disconnected[0][1]
+    assert reason.startswith("idle timeout"), reason
+    assert "0.3 s" in reason
+    assert srv.service.idle_disconnects == 1
+
+
+# ---- IPv6 ----
+
+needs_ipv6 = pytest.mark.skipif(not has_ipv6_loopback(),
+                                reason="this host has no IPv6 loopback (::1)")
+
+
+@needs_ipv6
+def test_ipv6_listen_and_connect(backend, client_core, recorder):
+    seen = []
+
+    class Where(Echo):
+        def OnConnected(self):
+            seen.append(self.address)
+
+    srv = ServerAt(Where, backend, host="::1").start()
+    try:
+        assert srv.listener.address[0] == "::1"
+        with socket.create_connection(("::1", srv.port), timeout=10) as c:
+            c.sendall(b"over ipv6")
+            assert recv_exactly(c, 9) == b"over ipv6"
+            assert seen == [("::1", c.getsockname()[1])]
+        clients = iocpnet.ClientService(client_core.core, ("::1", srv.port),
+                                        pinging_client(recorder), 2)
+        try:
+            clients.Start()
+            wait_for(lambda: count(recorder, "echo") == 2, message="2 echoes over IPv6")
+        finally:
+            clients.Stop(10)
+        assert len(seen) == 3 and all(host == "::1" for host, _ in seen)
+    finally:
+        srv.stop()
+
+
+@needs_ipv6
+def test_ipv6_connect_refused(client_core, recorder):
+    clients = iocpnet.ClientService(client_core.core, ("::1", free_port("::1")),
+                                    pinging_client(recorder), 1)
+    clients.Start()
+    recorder.wait_disconnects(1)
+    assert "connection refused" in recorder.disconnected[0][1]
+    assert clients.connect_failures == 1
+    clients.Stop()
