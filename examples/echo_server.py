@@ -31,11 +31,20 @@ from typing import List, Optional, Sequence
 import iocpnet
 
 
+# Hooks run on five worker threads at once: one lock keeps each printed line whole.
+_print_lock = threading.Lock()
+
+
+def say(line: str) -> None:
+    with _print_lock:
+        print(line, flush=True)
+
+
 class GameSession(iocpnet.Session):
     """The original's GameSession: print the connection, echo what arrives."""
 
     def OnConnected(self) -> None:
-        print(f"connected: {self.address}", flush=True)
+        say(f"connected: {self.address}")
 
     def OnRecv(self, data: memoryview) -> Optional[int]:
         self.Send(data)         # echo (copied: the view is only valid during the call)
@@ -45,7 +54,7 @@ class GameSession(iocpnet.Session):
         pass                    # the original's OnSend: nothing to do for an echo
 
     def OnDisconnected(self, reason: str) -> None:
-        print(f"disconnected: {self.address}: {reason}", flush=True)
+        say(f"disconnected: {self.address}: {reason}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -173,7 +173,8 @@ def _load(core: iocpnet.IocpCore, address: tuple[str, int], args: argparse.Names
     progress = Progress(args.seconds, sys.stdout,
                         (lambda: server.session_count) if server is not None else None)
     try:
-        total, elapsed = run.run(args.seconds, progress, interval=args.interval)
+        total, elapsed = run.run(args.seconds, progress, interval=args.interval,
+                                 grace=getattr(args, "grace", 3.0))
     finally:
         progress.done()
     summarize(total, elapsed, run, sys.stdout)
@@ -278,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--workers", type=int, default=2)
     c.add_argument("--interval", type=float, default=1.0,
                    help="seconds between figures")
+    c.add_argument("--grace", type=float, default=3.0,
+                   help="seconds each client may wait for its last answer at the end "
+                        "(no answer by then is an error)")
     c.set_defaults(func=cmd_dummy_client)
     return p
 
@@ -289,7 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     for name in ("clients", "seconds", "size", "workers", "interval", "room_size",
-                 "processes", "accepts"):
+                 "processes", "accepts", "grace"):
         if getattr(args, name, 1) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     try:
