@@ -62,12 +62,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--port", type=int, default=11021, help="0: any free port")
     args = p.parse_args(argv)
 
+    # Ctrl-C and SIGTERM only set a flag, from the start: the main thread then stops
+    # the service in order (a KeyboardInterrupt could hit it anywhere, even before
+    # the workers are all running, and leave them running).
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Optional[FrameType]) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
     service = iocpnet.Service(iocpnet.IocpCore(), iocpnet.Listener(args.port),
                               GameSession, 100)
     service.Start()
     core = service.GetIocpCore()
-    print(f"echo server on port {service.listener.port} ({core.backend}); "
-          f"Ctrl-C to stop", flush=True)
 
     def worker() -> None:
         while core.Dispatch() >= 0:
@@ -77,15 +86,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for i in range(5):
         threads.append(threading.Thread(target=worker, name=f"worker-{i}"))
         threads[-1].start()
+    say(f"echo server on port {service.listener.port} ({core.backend}); Ctrl-C to stop")
 
-    # The main thread only waits for a signal; the workers do all the work.
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: Optional[FrameType]) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    # The main thread only waits for the signal; the workers do all the work.
     while not stop.wait(0.5):
         pass
 
@@ -93,7 +96,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     core.Close()                # drain what is in flight; Dispatch returns -1
     for t in threads:
         t.join()
-    print(f"stopped after {service.total_sessions} sessions", flush=True)
+    say(f"stopped after {service.total_sessions} sessions")
     return 0
 
 

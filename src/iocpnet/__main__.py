@@ -47,28 +47,48 @@ def _print(*args: object) -> None:
 def cmd_echo(args: argparse.Namespace) -> int:
     if args.processes > 1:
         return _supervise(args)
-    core = iocpnet.IocpCore(args.backend)
-    listener = iocpnet.Listener((args.host, args.port), reuse_port=args.reuse_port)
-    service = iocpnet.Service(core, listener, EchoSession, args.accepts)
-    service.Start()
-    pid = os.getpid()
-    _print(f"iocpnet echo server on {listener.address[0]}:{listener.port} "
-           f"({core.backend}, {args.workers} workers, pid {pid}); Ctrl-C to stop")
-    if args.parent_pid:
-        _watch_parent(args.parent_pid, service)
-    service.Run(workers=args.workers)
+    # Signals only set a flag, from the very start: a SIGTERM that comes while the
+    # server is still starting stops it cleanly too (Service.Run would install its
+    # handlers only once running, and the line below tells scripts we are ready).
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Optional[FrameType]) -> None:
+        log.info("%s received; shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        core = iocpnet.IocpCore(args.backend)
+        listener = iocpnet.Listener((args.host, args.port), reuse_port=args.reuse_port)
+        service = iocpnet.Service(core, listener, EchoSession, args.accepts)
+        service.Start()
+        workers = _start_workers(core, args.workers)
+        pid = os.getpid()
+        _print(f"iocpnet echo server on {listener.address[0]}:{listener.port} "
+               f"({core.backend}, {args.workers} workers, pid {pid}); Ctrl-C to stop")
+        if args.parent_pid:
+            _watch_parent(args.parent_pid, stop)
+        while not stop.wait(0.25):
+            pass
+        service.Stop(args.shutdown_timeout)
+        core.Close(args.shutdown_timeout)
+        for t in workers:
+            t.join(args.shutdown_timeout)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
     _print(f"pid {pid}: stopped after {service.total_sessions} sessions")
     return 0
 
 
-def _watch_parent(parent: int, service: iocpnet.Service) -> None:
+def _watch_parent(parent: int, stop: threading.Event) -> None:
     """A child of ``--processes``: stop if the parent is gone (killed without a chance
     to stop us), instead of serving on as an orphan."""
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)
         log.warning("the supervising process %d is gone; stopping", parent)
-        service.Stop(5.0)
+        stop.set()
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
