@@ -120,7 +120,7 @@ EOF
 )
 (cd "$work" && "$work/fresh/bin/python" -m iocpnet demo --clients 20 --seconds 1 \
     >"$work/demo.log" 2>&1) || { cat "$work/demo.log" >&2; fail "the demo failed"; }
-grep -E '^(summary| +messages| +errors)' "$work/demo.log"
+grep -E '^(summary| +round trips| +errors)' "$work/demo.log"
 
 if [ "$(uname -s)" = Linux ]; then
     step "auditwheel show $(basename "$fresh_wheel")"
