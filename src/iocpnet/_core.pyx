@@ -325,9 +325,10 @@ cdef class IocpCore:
         kernel with this thread's next ``Dispatch`` (one system call per batch).
         """
         cdef port_cqe_t batch[BATCH]
-        cdef int n, i
+        cdef int n, i, wait_ms = timeout_ms
         cdef port_t *port = self.port
         cdef void *prev
+        cdef int64_t deadline = port_monotonic_ms() + timeout_ms if timeout_ms > 0 else 0
         if port == NULL or self._closed:
             return -1
         port_atomic_add32(&self._dispatchers, 1)
@@ -335,9 +336,14 @@ cdef class IocpCore:
         try:
             while True:
                 with nogil:
-                    n = port_wait(port, batch, BATCH, timeout_ms)
+                    n = port_wait(port, batch, BATCH, wait_ms)
                 if n == PORT_EINTR:
                     PyErr_CheckSignals()     # Ctrl-C on the main thread ends up here
+                    if timeout_ms > 0:
+                        wait_ms = <int>(deadline - port_monotonic_ms())
+                        if wait_ms <= 0:
+                            n = 0
+                            break
                     continue
                 break
             if n < 0:
@@ -1059,15 +1065,20 @@ cdef class Session(IocpObject):
 
     cdef void _on_accepted(self, port_sock_t sock) noexcept:
         """The Listener accepted a connection for us (we hold our strand)."""
+        self._sock = sock
+        port_set_nodelay(sock, 1)
+        self._fill_address()
+        self._connected()
+
+    cdef void _fill_address(self) noexcept:
+        """Remember the peer's (host, port): it is still known after the socket closes
+        (OnDisconnected may want to log it)."""
         cdef port_addr_t addr
         cdef char host[64]
         cdef int portnum = 0
-        self._sock = sock
-        port_set_nodelay(sock, 1)
-        if port_peername(sock, &addr) == 0 and \
+        if port_peername(self._sock, &addr) == 0 and \
                 port_addr_format(&addr, host, sizeof(host), &portnum) == 0:
             self._address = (host.decode("ascii"), portnum)
-        self._connected()
 
     cdef void _connected(self) noexcept:
         cdef bint ok = True
@@ -1149,6 +1160,7 @@ cdef class Session(IocpObject):
         port_op_init(&self._recv_op, PORT_OP_RECV, <void *>self, &self._strand)
         if res == 0 and self._state == S_CONNECTING:
             port_set_nodelay(self._sock, 1)
+            self._fill_address()
             self._connected()
             return
         if res == 0 or res == PORT_ECANCELED:
@@ -1401,7 +1413,7 @@ cdef class Session(IocpObject):
             if cqe.res != PORT_ECANCELED:
                 self._close_now(port_reason(<int>cqe.res), False)
         elif not busy and self._state == S_FLUSHING:
-            self._start_close(False)
+            self._close_if_flushed()
         self._maybe_finish()
 
     cdef int _sq_grow(self) noexcept:
@@ -1496,11 +1508,13 @@ cdef class Session(IocpObject):
         self._maybe_finish()
         return True
 
-    cdef void _start_close(self, bint reset) noexcept:
-        """The flush is done: close now."""
+    cdef void _close_if_flushed(self) noexcept:
+        """Graceful close: once the send queue has drained, close.  Checked again under
+        the lock: a Send accepted just before Disconnect may have started another send
+        since the caller looked (while OnSend ran, say), and it must go out first."""
         port_spin_lock(&self._lock)
-        if self._state >= S_CONNECTING and self._state < S_CLOSING:
-            self._close_locked(reset)
+        if self._state == S_FLUSHING and not self._send_busy and self._sq_count == 0:
+            self._close_locked(False)
         port_spin_unlock(&self._lock)
         self._maybe_finish()
 
@@ -1909,6 +1923,7 @@ cdef class Service:
     cdef bint _stopping
     cdef object _close_cb
     cdef object _idle_timer
+    cdef str _shutdown_reason         # what Stop() tells the sessions
     cdef readonly uint64_t rejected
     cdef readonly uint64_t total_sessions
     cdef readonly uint64_t idle_disconnects
@@ -1934,6 +1949,7 @@ cdef class Service:
         self._sessions = set()
         self._lock = threading.Lock()
         self._stop_event = threading.Event()
+        self._shutdown_reason = "server shutdown"
 
     def __repr__(self):
         return (f"<{type(self).__name__} {self.listener!r} sessions={len(self._sessions)} "
@@ -1978,7 +1994,7 @@ cdef class Service:
             self.total_sessions += 1
             stopping = self._stopping
         if stopping:
-            s._close_now("server shutdown", False)
+            s._close_now(self._shutdown_reason, False)
             return False
         self._watch_idle(s)
         return True
@@ -2029,7 +2045,7 @@ cdef class Service:
         (<Listener>self.listener)._start(self.core, self, self.max_session_count)
 
     def _on_core_close(self):
-        self._begin_stop("server shutdown")
+        self._begin_stop(self._shutdown_reason)
 
     cdef void _begin_stop(self, str reason) noexcept:
         with self._lock:
@@ -2055,7 +2071,7 @@ cdef class Service:
         (their queued data is flushed), and wait up to ``timeout`` seconds for them to
         finish.  From a worker thread it does not wait.  Under ``Run`` it also makes
         ``Run`` return."""
-        self._begin_stop("server shutdown")
+        self._begin_stop(self._shutdown_reason)
         if iocpnet_get_tls_core() == <void *>self.core:
             return
         deadline = _time.monotonic() + timeout
@@ -2184,6 +2200,7 @@ cdef class ClientService(Service):
         if count < 0:
             raise ValueError("count must be >= 0")
         super().__init__(core, None, session_factory, max(count, 1))
+        self._shutdown_reason = "client shutdown"
         self._address = (str(address[0]), int(address[1]))
         self.count = count
         if reconnect is True:
@@ -2235,7 +2252,7 @@ cdef class ClientService(Service):
     cdef bint _session_connected(self, Session s) noexcept:
         # Already in the set since the connect started.
         if self._stopping:
-            s._close_now("client shutdown", False)
+            s._close_now(self._shutdown_reason, False)
             return False
         self._failures = 0
         self._watch_idle(s)
@@ -2289,4 +2306,4 @@ cdef class ClientService(Service):
             t.Cancel()
 
     def _on_core_close(self):
-        self._begin_stop("client shutdown")
+        self._begin_stop(self._shutdown_reason)
