@@ -1,6 +1,7 @@
 """Run a program (an example, the CLI) as a child process and watch its output, for
 test_examples.py and test_cli.py.  Every wait is bounded; a child still running when
 the test ends is killed, so no test leaves a server behind."""
+import importlib.util
 import os
 import re
 import signal
@@ -12,6 +13,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
+
+
+def load_example(name):
+    """Import examples/<name>.py as a module (the examples are scripts, not a package)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 class Proc:

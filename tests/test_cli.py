@@ -4,8 +4,6 @@ import os
 import re
 import signal
 import socket
-import sys
-import time
 
 import pytest
 
@@ -13,8 +11,7 @@ import iocpnet
 import iocpnet.__main__ as cli
 
 from conftest import connect, recv_exactly, wait_for
-from subproc import Proc
-from test_examples import load_example
+from subproc import Proc, load_example
 
 
 def iocpnet_cli(backend, *args):

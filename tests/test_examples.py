@@ -1,11 +1,8 @@
 """The examples run as a user runs them: the original's echo server, and the chat
 server with three scripted clients; the chat server's rules in-process; the chat
 protocol's encodings."""
-import importlib.util
 import re
 import signal
-import socket
-import sys
 import types
 
 import pytest
@@ -15,18 +12,7 @@ from iocpnet import chat_protocol as proto
 import packet_reference as ref
 
 from conftest import connect, recv_exactly, recv_until_eof, wait_for
-from subproc import EXAMPLES, Proc
-
-
-def load_example(name):
-    """Import examples/<name>.py as a module (the examples are scripts, not a package)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from subproc import EXAMPLES, Proc, load_example
 
 
 def read_packets(sock, n):

@@ -11,7 +11,7 @@ import pytest
 import iocpnet
 import packet_reference as ref
 
-from conftest import connect, recv_exactly, recv_until_eof, wait_for
+from conftest import connect, recv_exactly, recv_until_eof
 
 SYNC = 0xFFFE           # the tests' "tell me you got everything so far" packet
 

@@ -141,7 +141,7 @@ def test_client_service_connects_n_sessions_and_stops(server, client_core, recor
     wait_for(lambda: srv.service.session_count == 0, message="the server sessions to end")
     # (No core left referenced from this frame: a failure below must not look like a
     # leak in the next test.)
-    del clients, srv
+    clients = srv = None
     # A client stopping its own sessions is not a server shutting down.
     assert {r for _, r in recorder.disconnected} == {"client shutdown"}
 
@@ -157,7 +157,7 @@ def test_client_session_address_is_the_server(server, client_core, recorder):
     finally:
         clients.Stop(10)
     expected = [srv.address] * 2
-    del clients, srv
+    clients = srv = None
     assert [e[1] for e in recorder.events if e[0] == "connected"] == expected
 
 

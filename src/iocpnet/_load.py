@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import struct
-import sys
 import threading
 import time
 from typing import Callable, Dict, List, Optional, TextIO, Tuple, Type
@@ -249,7 +248,7 @@ def make_chat_client(size: int, room_size: int,
                 if nick == self.nick:
                     if text != self.expect:
                         self._fail(f"own message {self.counter} came back as "
-                                          f"{text[:24]!r}...")
+                                   f"{text[:24]!r}...")
                         return
                     st.messages += 1
                     st.hist.add(now - self.sent_at)
