@@ -30,9 +30,9 @@ _COUNTER = struct.Struct("<Q")
 
 PROTOCOLS = ("echo", "chat")
 
-# Reasons our own clients end with: none of them is an error.  (A ClientService's
-# Stop() says "server shutdown"; a server going away shows as "peer closed ...".)
-_OUR_REASONS = ("load finished", "client shutdown", "server shutdown")
+# Reasons our own clients end with (their Disconnect, the ClientService's Stop): none
+# of them is an error.  A server going away shows as "peer closed the connection".
+_OUR_REASONS = ("load finished", "client shutdown")
 
 
 class Histogram:
