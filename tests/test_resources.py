@@ -157,7 +157,8 @@ def test_churn_without_leaks(backend):
     figures = json.loads(p.stdout.strip().splitlines()[-1])
     assert not figures["failures"]
     assert figures["connected"] == figures["disconnected"] == CHURN_CYCLES + figures["warmup"]
-    assert figures["rss_growth_mb"] <= 8.0
+    if figures["rss_checked"]:           # not under ASan (its quarantine holds memory)
+        assert figures["rss_growth_mb"] <= 8.0
     assert figures["in_flight_after_close"] == 0
     assert not any(figures["debug_counters"].values())
     assert figures["session_objects_left"] == 0
@@ -213,14 +214,14 @@ def test_stop_under_load_with_timers_and_jobs_pending(backend):
         writer.close()
         results.append((i, end, len(got), bytes(got) == bytes(sent[:len(got)])))
 
+    flowing = set()
+
     def run_clients():
         async def main():
-            seen = set()
-
             def up_for(i):
                 def up():
-                    seen.add(i)
-                    if len(seen) == n_clients:
+                    flowing.add(i)
+                    if len(flowing) == n_clients:
                         started.set()
                 return up
 
@@ -232,7 +233,8 @@ def test_stop_under_load_with_timers_and_jobs_pending(backend):
     t = threading.Thread(target=run_clients, daemon=True)
     try:
         t.start()
-        assert started.wait(30), "the 200 clients did not all get data flowing"
+        assert started.wait(60), (f"only {len(flowing)} of the {n_clients} clients got "
+                                  f"data flowing within 60 s; results so far: {results[:5]}")
         time.sleep(0.3)
         rc, final, err = srv.stop(timeout=30)
         t.join(30)
@@ -252,3 +254,23 @@ def test_stop_under_load_with_timers_and_jobs_pending(backend):
     assert len(results) == n_clients
     corrupt = [r for r in results if not r[3]]
     assert not corrupt, f"echo not a prefix of what was sent: {corrupt[:5]}"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "core bug (issue 7 report): IocpCore.Close() cancels every timer, including the "
+    "internal flush sweep, so a session still flushing to a peer that does not read is "
+    "never closed at its flush_timeout; Close then abandons its send (OnDisconnected "
+    "never runs, the session and the core leak).  Remove this marker once fixed."))
+def test_close_ends_a_session_still_flushing_at_its_flush_timeout(backend):
+    """Stop(1.0) gives up before a session's 2 s flush_timeout, to a peer that never
+    reads; Close(5.0) must still end that session when its flush deadline passes: one
+    OnDisconnected, nothing in flight, and Close returns well before its own 5 s."""
+    p = subprocess.run([sys.executable, os.path.join(STRESS, "close_while_flushing.py"),
+                        "--backend", backend], capture_output=True, text=True, timeout=60)
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    assert len(result["reasons"]) == 1, result
+    assert result["reasons"][0].startswith("server shutdown"), result
+    assert result["in_flight"] == 0, result
+    assert not any(result["debug_counters"].values()), result
+    assert result["close_seconds"] < 4.5, result
+    assert p.returncode == 0, p.stderr[-3000:]
