@@ -30,11 +30,36 @@ else:
     raise SystemExit(f"iocpnet: no completion-port backend for {sys.platform} yet "
                      f"(Linux: io_uring/epoll, Windows: IOCP)")
 
-# Keep only the port files that exist, so a checkout without a backend in progress
-# still builds the others; common.c refuses to build with no backend at all.
-port_sources = [f"{PORT}/{name}" for name in port_sources if os.path.exists(f"{PORT}/{name}")]
-if sys.platform.startswith("linux") and f"{PORT}/epoll.c" not in port_sources:
-    macros = [m for m in macros if m[0] != "PORT_HAVE_EPOLL"]
+port_sources = [f"{PORT}/{name}" for name in port_sources]
+
+
+def io_uring_headers_ok():
+    """Can this system's <linux/io_uring.h> compile port/io_uring.c?  It defines itself
+    what came after Linux 5.13, so only older headers fail.  The test is io_uring.c
+    itself, with the build's flags."""
+    import shlex
+    import subprocess
+    import sysconfig
+    cc = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+    cmd = cc + ["-fsyntax-only", "-Isrc/iocpnet"] + \
+        [f"-D{k}={v}" for k, v in macros] + [f"{PORT}/io_uring.c"]
+    try:
+        return subprocess.run(cmd, capture_output=True).returncode == 0
+    except OSError:
+        return True          # no compiler to ask: let the build itself say what is wrong
+
+
+# With kernel headers too old for io_uring.c, build epoll only rather than fail: the
+# package still works everywhere (epoll is the fallback anyway).
+# IOCPNET_REQUIRE_IO_URING=1 (set for the published wheels) makes that an error.
+if f"{PORT}/io_uring.c" in port_sources and not io_uring_headers_ok():
+    if os.environ.get("IOCPNET_REQUIRE_IO_URING"):
+        raise SystemExit("iocpnet: <linux/io_uring.h> is too old for port/io_uring.c "
+                         "(Linux 5.13 UAPI headers needed)")
+    print("iocpnet: <linux/io_uring.h> is older than Linux 5.13: building without the "
+          "io_uring backend (epoll only)", file=sys.stderr)
+    port_sources.remove(f"{PORT}/io_uring.c")
+    macros = [m for m in macros if m[0] != "PORT_HAVE_IO_URING"]
 
 if os.environ.get("IOCPNET_SANITIZE") and sys.platform != "win32":
     flags = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g", "-O1"]

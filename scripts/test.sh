@@ -24,7 +24,14 @@ mkdir -p "$work"
 "$py" -m venv "$venv"
 vpy="$venv/bin/python"
 "$vpy" -m pip install -q --disable-pip-version-check --upgrade pip build
-"$vpy" -m build -q --wheel --outdir "$work/dist" "$root" >&2
+# Build from a copy of the tree (a shared work tree never gets build outputs), and
+# through the sdist: the wheel under test is built from what we ship.
+rm -rf "$work/src"
+mkdir -p "$work/src"
+(cd "$root" && git ls-files -z --cached --others --exclude-standard |
+    while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done |
+    xargs -0 cp --parents -t "$work/src")
+"$vpy" -m build -q --outdir "$work/dist" "$work/src" >&2
 wheel=$(ls "$work"/dist/iocpnet-*.whl)
 "$vpy" -m pip install -q --disable-pip-version-check "${wheel}[test]"
 

@@ -64,6 +64,47 @@
 #include <time.h>
 #include <unistd.h>
 
+/* Kernel headers older than the kernel: Ubuntu 22.04 ships 5.15's, RHEL 9 5.14's, while
+ * the machines often run newer kernels.  What this file uses from after 5.13 is plain
+ * ABI (flag bits, a register opcode, three small structs), defined here when the header
+ * lacks it; the probe at start-up asks the running kernel whether it has them.  Headers
+ * before 5.13 are too old to build this file (setup.py then builds epoll only). */
+#ifndef IORING_SETUP_SUBMIT_ALL
+#  define IORING_SETUP_SUBMIT_ALL (1U << 7)            /* 5.18 */
+#endif
+#ifndef IORING_RECV_MULTISHOT
+#  define IORING_RECV_MULTISHOT (1U << 1)              /* 6.0 */
+#endif
+#ifndef IORING_RECVSEND_POLL_FIRST
+/* 5.19: the provided-buffer ring came in the same release. */
+#  define IORING_RECVSEND_POLL_FIRST (1U << 0)
+#  define IORING_REGISTER_PBUF_RING 22
+struct io_uring_buf {
+    __u64 addr;
+    __u32 len;
+    __u16 bid;
+    __u16 resv;
+};
+struct io_uring_buf_ring {
+    union {
+        struct {
+            __u64 resv1;
+            __u32 resv2;
+            __u16 resv3;
+            __u16 tail;
+        };
+        struct io_uring_buf bufs[0];
+    };
+};
+struct io_uring_buf_reg {
+    __u64 ring_addr;
+    __u32 ring_entries;
+    __u16 bgid;
+    __u16 pad;
+    __u64 resv[3];
+};
+#endif
+
 #ifndef __NR_io_uring_setup
 #  define __NR_io_uring_setup 425
 #endif
