@@ -256,11 +256,6 @@ def test_stop_under_load_with_timers_and_jobs_pending(backend):
     assert not corrupt, f"echo not a prefix of what was sent: {corrupt[:5]}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug (issue 7 report): IocpCore.Close() cancels every timer, including the "
-    "internal flush sweep, so a session still flushing to a peer that does not read is "
-    "never closed at its flush_timeout; Close then abandons its send (OnDisconnected "
-    "never runs, the session and the core leak).  Remove this marker once fixed."))
 def test_close_ends_a_session_still_flushing_at_its_flush_timeout(backend):
     """Stop(1.0) gives up before a session's 2 s flush_timeout, to a peer that never
     reads; Close(5.0) must still end that session when its flush deadline passes: one

@@ -429,7 +429,10 @@ cdef class IocpCore:
                 except Exception:
                     logger.exception("a close callback raised")
             for t in timers:
-                (<Timer>t).Cancel()
+                # The user's timers stop; the core's own (the flush deadline sweep) go
+                # on, so that sessions still flushing are closed at their deadline.
+                if not (<Timer>t)._internal:
+                    (<Timer>t).Cancel()
         if in_worker:
             return
         deadline = _time.monotonic() + timeout
@@ -498,7 +501,8 @@ cdef class IocpCore:
             raise ValueError("interval must be positive")
         return self._start_timer(interval, interval, func, args)
 
-    cdef Timer _start_timer(self, double delay, double interval, func, tuple args):
+    cdef Timer _start_timer(self, double delay, double interval, func, tuple args,
+                            bint internal=False):
         cdef Timer t = Timer.__new__(Timer)
         if not callable(func):
             raise TypeError("func must be callable")
@@ -508,9 +512,10 @@ cdef class IocpCore:
         t.func = func
         t.args = args
         t.interval = interval
+        t._internal = internal
         port_op_init(&t.op, PORT_OP_TIMER, <void *>t, NULL)
         with self._lock:
-            if self._closing:
+            if self._closed or (self._closing and not internal):
                 raise RuntimeError("the IocpCore is closed")
             self._timers.add(t)
         t._arm(delay)
@@ -523,11 +528,11 @@ cdef class IocpCore:
         try:
             with self._lock:
                 self._flush_watch[s] = deadline_ms
-                start = self._housekeeping is None and not self._closing
+                start = self._housekeeping is None and not self._closed
                 if start:
                     self._housekeeping = True      # claimed; the timer is made below
             if start:
-                t = self._start_timer(0.1, 0.1, self._sweep_flush, ())
+                t = self._start_timer(0.1, 0.1, self._sweep_flush, (), True)
                 with self._lock:
                     self._housekeeping = t
         except Exception:
@@ -627,6 +632,7 @@ cdef class Timer(IocpObject):
     cdef double interval
     cdef volatile int32_t _cancelled
     cdef bint _done
+    cdef bint _internal           # the core's own: not cancelled by Close
     cdef object __weakref__
 
     def __repr__(self):
@@ -664,7 +670,8 @@ cdef class Timer(IocpObject):
                 self.func(*self.args)
             except BaseException:
                 logger.exception("timer callback %s raised", repr(self.func))
-            if self.interval > 0 and not self._cancelled and not self.core._closing:
+            if self.interval > 0 and not self._cancelled and \
+                    (self._internal or not self.core._closing) and not self.core._closed:
                 try:
                     self._arm(self.interval)
                     return
