@@ -302,15 +302,17 @@ def test_reset_in_the_middle_of_a_large_transfer(server, direction):
                 sent = _send_for(c, 8 << 20, 0.5)
                 assert sent > 0
             else:
-                payload = os.urandom(4 << 20)
-                sender = threading.Thread(target=_send_for, args=(c.dup(), len(payload), 2))
+                # A second descriptor for the sending thread: its non-blocking mode
+                # must not change this thread's receives.
+                d = c.dup()
+                sender = threading.Thread(target=_send_for, args=(d, 4 << 20, 2))
                 c.settimeout(10)
                 sender.start()
                 got = bytearray()
                 while len(got) < 300_000:
                     got += c.recv(65536)
-                c.setblocking(True)
                 sender.join()
+                d.close()                  # the reset comes with the last descriptor
             reset_close(c)
         wait_for(lambda: all(log.reasons_of(p) for p in ports), 10,
                  "the reset sessions to end")
@@ -422,7 +424,7 @@ def test_peer_that_never_reads_hits_the_send_queue_limit(server):
     cls = echo_class(log, send_queue_limit=limit, OnRecv=OnRecv, push=push,
                      OnDisconnected=OnDisconnected)
     srv = server(cls, accepts=32)
-    gc_rss = rss_bytes()
+    rss0 = rss_bytes()
     peers = []
     with Fleet(srv.address):
         for _ in range(6):
@@ -432,7 +434,7 @@ def test_peer_that_never_reads_hits_the_send_queue_limit(server):
             c.sendall(b"FLOOD")
             peers.append(c)
         ports = [c.getsockname()[1] for c in peers]
-        rss_peak = gc_rss
+        rss_peak = rss0
         deadline = time.monotonic() + 30
         while not all(log.reasons_of(p) for p in ports):
             assert time.monotonic() < deadline, "peers that never read were not cut off"
@@ -445,7 +447,7 @@ def test_peer_that_never_reads_hits_the_send_queue_limit(server):
     assert peak[0] <= limit, f"a send queue reached {peak[0]} bytes, over its {limit} limit"
     # Six queues of at most 1 MiB, plus the fleet's traffic; an unbounded queue would
     # grow by ~13 MB/s per peer.
-    growth = rss_peak - gc_rss
+    growth = rss_peak - rss0
     assert growth < 64 << 20, f"RSS grew by {growth >> 20} MiB while peers did not read"
     for c in peers:
         c.close()

@@ -17,11 +17,16 @@ import time
 import iocpnet
 
 from conftest import connect, wait_for
-from test_hostile import reset_close
 
 THREADS = 8
 RECORD = struct.Struct("<BBIH")        # magic, thread, seq, payload length
 MAGIC = 0xA5
+
+
+def reset_close(sock):
+    """Close with an RST instead of a FIN (SO_LINGER with a zero timeout)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 def record(t, seq):
