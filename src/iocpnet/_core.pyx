@@ -1045,6 +1045,7 @@ cdef class Session(IocpObject):
         if rc != 0:
             self._close_now(f"cannot send: {port_reason(rc)}", False)
             self._maybe_finish()
+            return False
         return True
 
     def Disconnect(self, reason="disconnected"):
