@@ -13,7 +13,18 @@
  *     so SQE slots are claimed under sq_lock.  To keep to one system call per batch, a
  *     thread that is dispatching a batch (between port_wait returning and its next
  *     port_wait or port_batch_end) only writes SQEs; its next port_wait hands them to
- *     the kernel in the same io_uring_enter that waits.  Any other thread submits at once.
+ *     the kernel in the same io_uring_enter that waits.
+ *   - A request belongs to the thread whose io_uring_enter submitted it: the kernel
+ *     runs its completion work in that thread (interrupting the thread's blocking
+ *     system calls to do so, which they see as EINTR), and when the thread exits, its
+ *     requests that still wait for readiness complete with -ECANCELED.  So a thread
+ *     that is not a worker (a user thread calling Send, the thread that started a
+ *     server) should own nothing.  While a worker is waiting in the kernel, such a
+ *     thread only writes its SQE and rings a doorbell (an eventfd under a multishot
+ *     poll that the port keeps armed); the woken leader's next enter submits it.  With
+ *     no worker waiting it submits itself, so that the operation starts at once, as
+ *     on IOCP.  Either way, a -ECANCELED nobody asked for (the submitter exited) is not
+ *     reported: the operation is submitted again by the thread that reaped it.
  *   - Several threads may wait, but the kernel wakes *every* thread sleeping in
  *     io_uring_enter for each completion (measured: 4 sleepers, 100 posts, 400
  *     wake-ups).  So only one thread, the leader, sleeps in the kernel; the others wait
@@ -58,6 +69,8 @@
 #include <linux/time_types.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <poll.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -71,6 +84,9 @@
  * before 5.13 are too old to build this file (setup.py then builds epoll only). */
 #ifndef IORING_SETUP_SUBMIT_ALL
 #  define IORING_SETUP_SUBMIT_ALL (1U << 7)            /* 5.18 */
+#endif
+#ifndef IORING_POLL_ADD_MULTI
+#  define IORING_POLL_ADD_MULTI (1U << 0)              /* 5.13 */
 #endif
 #ifndef IORING_RECV_MULTISHOT
 #  define IORING_RECV_MULTISHOT (1U << 1)              /* 6.0 */
@@ -117,6 +133,7 @@ struct io_uring_buf_reg {
 
 #define UD_IGNORE 0u          /* internal SQEs (cancels): their CQEs are dropped */
 #define UD_WAKE 8u            /* port_shutdown's wake-ups */
+#define UD_DOORBELL 16u       /* the doorbell's multishot poll */
 #define UD_TAG_IMM 1u         /* a NOP carrying a result stored in the op */
 #define UD_TAG_MASK 7u
 
@@ -177,10 +194,14 @@ typedef struct uring_port {
 
     volatile int32_t waiters;
 
+    /* The doorbell: other threads' SQEs wait for a worker to submit them. */
+    int bell_fd;
+    volatile int32_t bell_rung;        /* written and not yet answered */
+
     /* Leader/follower: one thread sleeps in the kernel, the others here. */
     pthread_mutex_t room;
     pthread_cond_t room_cv;
-    int leader;                        /* under room */
+    int leader;                        /* written under room; read by after_submit */
 } uring_port_t;
 
 /* The port whose batch this thread is dispatching: its submissions are deferred. */
@@ -242,9 +263,28 @@ static void sqe_commit(uring_port_t *p) {
     STORE_REL(p->sq_ktail, p->sq_tail);
 }
 
-/* After an SQE was committed: defer it to the batch's next wait, or submit now. */
+static void arm_doorbell(uring_port_t *p);
+
+/* Wake the leader so that it submits what other threads wrote (see the top). */
+static void ring_doorbell(uring_port_t *p) {
+    if (port_atomic_xchg32(&p->bell_rung, 1) == 0) {
+        uint64_t one = 1;
+        ssize_t w;
+        do
+            w = write(p->bell_fd, &one, sizeof(one));
+        while (w < 0 && errno == EINTR);
+    }
+}
+
+/* After an SQE was committed: a dispatching thread's goes with its next wait; any
+ * other thread's is submitted by the leader, woken by the doorbell, or at once if no
+ * worker is waiting (see the top). */
 static void after_submit(uring_port_t *p) {
-    if (tls_batch != p)
+    if (tls_batch == p)
+        return;
+    if (__atomic_load_n(&p->leader, __ATOMIC_ACQUIRE))
+        ring_doorbell(p);
+    else
         submit_now(p);
 }
 
@@ -258,6 +298,39 @@ static void prep_recv(uring_port_t *p, struct io_uring_sqe *sqe, port_op_t *op, 
         sqe->ioprio = IORING_RECV_MULTISHOT;
     else if (poll_first)
         sqe->ioprio = IORING_RECVSEND_POLL_FIRST;
+    sqe->user_data = (uint64_t)(uintptr_t)op;
+}
+
+static void prep_accept(struct io_uring_sqe *sqe, port_op_t *op) {
+    sqe->opcode = IORING_OP_ACCEPT;
+    sqe->fd = op->sock;
+    sqe->accept_flags = SOCK_NONBLOCK | SOCK_CLOEXEC;
+    sqe->user_data = (uint64_t)(uintptr_t)op;
+}
+
+static void prep_send(struct io_uring_sqe *sqe, port_op_t *op) {
+    struct msghdr *m = &OP_PRIV(op)->u.msg;
+    sqe->fd = op->sock;
+    sqe->msg_flags = MSG_NOSIGNAL;
+    sqe->user_data = (uint64_t)(uintptr_t)op;
+    if (m->msg_iovlen == 1) {
+        /* One buffer: plain send, cheaper for the kernel than sendmsg. */
+        size_t len = m->msg_iov[0].iov_len;
+        sqe->opcode = IORING_OP_SEND;
+        sqe->addr = (uint64_t)(uintptr_t)m->msg_iov[0].iov_base;
+        sqe->len = (uint32_t)(len > 0x7fffffffu ? 0x7fffffffu : len);
+    } else {
+        sqe->opcode = IORING_OP_SENDMSG;
+        sqe->addr = (uint64_t)(uintptr_t)m;
+        sqe->len = 1;
+    }
+}
+
+static void prep_timer(struct io_uring_sqe *sqe, port_op_t *op) {
+    sqe->opcode = IORING_OP_TIMEOUT;
+    sqe->addr = (uint64_t)(uintptr_t)&OP_PRIV(op)->u.ts;
+    sqe->len = 1;
+    sqe->off = 0;   /* a pure timer: not satisfied by other completions */
     sqe->user_data = (uint64_t)(uintptr_t)op;
 }
 
@@ -288,6 +361,20 @@ static void submit_imm(uring_port_t *p, port_op_t *op, int64_t res) {
     sqe = sqe_get(p);
     sqe->opcode = IORING_OP_NOP;
     sqe->user_data = (uint64_t)(uintptr_t)op | UD_TAG_IMM;
+    sqe_commit(p);
+    port_spin_unlock(&p->sq_lock);
+}
+
+/* (Re-)arm the doorbell's multishot poll; called by the thread reaping its end. */
+static void arm_doorbell(uring_port_t *p) {
+    struct io_uring_sqe *sqe;
+    port_spin_lock(&p->sq_lock);
+    sqe = sqe_get(p);
+    sqe->opcode = IORING_OP_POLL_ADD;
+    sqe->fd = p->bell_fd;
+    sqe->poll32_events = POLLIN;
+    sqe->len = IORING_POLL_ADD_MULTI;
+    sqe->user_data = UD_DOORBELL;
     sqe_commit(p);
     port_spin_unlock(&p->sq_lock);
 }
@@ -370,6 +457,42 @@ static void recv_out_of_buffers(uring_port_t *p, port_op_t *op) {
 
 /* ---- completions ---------------------------------------------------------------------- */
 
+/* An operation ended with -ECANCELED that nobody asked for: the worker that submitted
+ * it exited while it waited (see the top).  Submit it again from this thread if it can
+ * simply be repeated; returns 1 if so.  A connect cannot (the attempt may have gone on
+ * in the kernel): it is reported. */
+static int resubmit_orphan(uring_port_t *p, port_op_t *op) {
+    struct io_uring_sqe *sqe;
+    switch (op->type) {
+    case PORT_OP_RECV:
+        resubmit_recv(p, op, (int)OP_PRIV(op)->u.short_read);
+        return 1;
+    case PORT_OP_ACCEPT:
+    case PORT_OP_SEND:
+    case PORT_OP_TIMER:
+        break;
+    default:
+        return 0;
+    }
+    port_spin_lock(&p->sq_lock);
+    sqe = sqe_get(p);
+    if (LOAD_ACQ(&op->cancel_requested)) {
+        /* A real cancel came meanwhile: honour it. */
+        OP_PRIV(op)->imm_res = PORT_ECANCELED;
+        sqe->opcode = IORING_OP_NOP;
+        sqe->user_data = (uint64_t)(uintptr_t)op | UD_TAG_IMM;
+    } else if (op->type == PORT_OP_ACCEPT) {
+        prep_accept(sqe, op);
+    } else if (op->type == PORT_OP_SEND) {
+        prep_send(sqe, op);
+    } else {
+        prep_timer(sqe, op);
+    }
+    sqe_commit(p);
+    port_spin_unlock(&p->sq_lock);
+    return 1;
+}
+
 /* Turn one CQE into at most one port completion; returns the new batch size. */
 static int handle_cqe(uring_port_t *p, port_cqe_t *out, int n, uint64_t ud, int32_t res,
                       uint32_t flags) {
@@ -385,6 +508,9 @@ static int handle_cqe(uring_port_t *p, port_cqe_t *out, int n, uint64_t ud, int3
         c.res = OP_PRIV(op)->imm_res;
         goto final;
     }
+
+    if (res == -ECANCELED && !LOAD_ACQ(&op->cancel_requested) && resubmit_orphan(p, op))
+        return n;      /* its submitter exited; it runs again, now owned by this thread */
 
     switch (op->type) {
     case PORT_OP_RECV:
@@ -455,6 +581,17 @@ static int reap(uring_port_t *p, port_cqe_t *out, int max, int *woke) {
             *woke = 1;
             continue;
         }
+        if (ud == UD_DOORBELL) {
+            uint64_t count;
+            /* Answered: the caller's next enter submits what was written before the
+             * bell rang (the exchange orders it before our read of the ring's tail). */
+            port_atomic_xchg32(&p->bell_rung, 0);
+            while (read(p->bell_fd, &count, sizeof(count)) < 0 && errno == EINTR)
+                ;
+            if (!(flags & IORING_CQE_F_MORE))
+                arm_doorbell(p);     /* ended (its submitter exited, say): re-arm */
+            continue;
+        }
         n = handle_cqe(p, out, n, ud, res, flags);
     }
     STORE_REL(p->cq_khead, head);
@@ -503,14 +640,14 @@ static int become_leader(uring_port_t *p, int64_t deadline) {
         }
     }
     if (rc == 0)
-        p->leader = 1;
+        __atomic_store_n(&p->leader, 1, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&p->room);
     return rc;
 }
 
 static void leave_leader(uring_port_t *p) {
     pthread_mutex_lock(&p->room);
-    p->leader = 0;
+    __atomic_store_n(&p->leader, 0, __ATOMIC_RELEASE);
     pthread_cond_signal(&p->room_cv);
     pthread_mutex_unlock(&p->room);
 }
@@ -605,10 +742,7 @@ static int uring_accept(port_t *bp, port_op_t *op, port_sock_t listener) {
     port__submitted(bp, op);
     port_spin_lock(&p->sq_lock);
     sqe = sqe_get(p);
-    sqe->opcode = IORING_OP_ACCEPT;
-    sqe->fd = listener;
-    sqe->accept_flags = SOCK_NONBLOCK | SOCK_CLOEXEC;
-    sqe->user_data = (uint64_t)(uintptr_t)op;
+    prep_accept(sqe, op);
     sqe_commit(p);
     port_spin_unlock(&p->sq_lock);
     after_submit(p);
@@ -660,24 +794,16 @@ static int uring_send(port_t *bp, port_op_t *op, port_sock_t sock, const port_bu
     struct io_uring_sqe *sqe;
     op->sock = sock;
     port__submitted(bp, op);
-    port_spin_lock(&p->sq_lock);
-    sqe = sqe_get(p);
-    sqe->fd = sock;
-    sqe->msg_flags = MSG_NOSIGNAL;
-    sqe->user_data = (uint64_t)(uintptr_t)op;
-    if (nbufs == 1) {
-        sqe->opcode = IORING_OP_SEND;
-        sqe->addr = (uint64_t)(uintptr_t)bufs[0].base;
-        sqe->len = (uint32_t)(bufs[0].len > 0x7fffffffu ? 0x7fffffffu : bufs[0].len);
-    } else {
+    {
+        /* Kept in the op: a resubmission (resubmit_orphan) needs it again. */
         struct msghdr *m = &OP_PRIV(op)->u.msg;
         memset(m, 0, sizeof(*m));
         m->msg_iov = (struct iovec *)(void *)bufs;
         m->msg_iovlen = (size_t)nbufs;
-        sqe->opcode = IORING_OP_SENDMSG;
-        sqe->addr = (uint64_t)(uintptr_t)m;
-        sqe->len = 1;
     }
+    port_spin_lock(&p->sq_lock);
+    sqe = sqe_get(p);
+    prep_send(sqe, op);
     sqe_commit(p);
     port_spin_unlock(&p->sq_lock);
     after_submit(p);
@@ -748,11 +874,7 @@ static int uring_timer(port_t *bp, port_op_t *op, uint64_t ms) {
     port__submitted(bp, op);
     port_spin_lock(&p->sq_lock);
     sqe = sqe_get(p);
-    sqe->opcode = IORING_OP_TIMEOUT;
-    sqe->addr = (uint64_t)(uintptr_t)ts;
-    sqe->len = 1;
-    sqe->off = 0;   /* a pure timer: not satisfied by other completions */
-    sqe->user_data = (uint64_t)(uintptr_t)op;
+    prep_timer(sqe, op);
     sqe_commit(p);
     port_spin_unlock(&p->sq_lock);
     after_submit(p);
@@ -785,6 +907,8 @@ static void uring_free(uring_port_t *p) {
         munmap(p->sq_ring, p->sq_ring_sz);
     if (p->ring_fd >= 0)
         close(p->ring_fd);
+    if (p->bell_fd >= 0)
+        close(p->bell_fd);
     pthread_cond_destroy(&p->room_cv);
     pthread_mutex_destroy(&p->room);
     free(p);
@@ -831,6 +955,7 @@ static const struct {
     {IORING_OP_CONNECT, "CONNECT"},   {IORING_OP_RECV, "RECV"},
     {IORING_OP_SEND, "SEND"},         {IORING_OP_SENDMSG, "SENDMSG"},
     {IORING_OP_ASYNC_CANCEL, "ASYNC_CANCEL"}, {IORING_OP_TIMEOUT, "TIMEOUT"},
+    {IORING_OP_POLL_ADD, "POLL_ADD"},
 };
 
 static int check_ops(int fd, char *errbuf, size_t errlen) {
@@ -871,6 +996,7 @@ static int uring_create_ex(uring_port_t **out, const port_options_t *opts, int w
         return PORT_ENOMEM;
     port__init_common(&p->base, &port__io_uring_vtable, opts);
     p->ring_fd = -1;
+    p->bell_fd = -1;
     p->multishot = (p->base.opts.flags & PORT_OPT_RECV_MULTISHOT) ? -1 : 0;
     {
         pthread_condattr_t ca;
@@ -1004,6 +1130,11 @@ static int uring_create_ex(uring_port_t **out, const port_options_t *opts, int w
         p->br_tail = 0;
         br_grow(p, p->buf_max < INITIAL_BUFFERS ? p->buf_max : INITIAL_BUFFERS);
     }
+    p->bell_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (p->bell_fd < 0)
+        goto fail_errno;
+    arm_doorbell(p);
+    submit_now(p);
     *out = p;
     return 0;
 
