@@ -1132,6 +1132,10 @@ cdef class Session(IocpObject):
 
     cdef int _start_connect(self, port_addr_t *addr) except -1:
         cdef int rc
+        # Under the lock: the completion may be dispatched by another worker as soon
+        # as the connect is submitted, and it must find the socket stored (its first
+        # step takes this lock).
+        port_spin_lock(&self._lock)
         self._state = S_CONNECTING
         port_op_init(&self._recv_op, PORT_OP_CONNECT, <void *>self, &self._strand)
         self._ops += 1
@@ -1142,6 +1146,8 @@ cdef class Session(IocpObject):
             _decref(<PyObject *>self)
             self._ops -= 1
             self._state = S_NEW
+        port_spin_unlock(&self._lock)
+        if rc != 0:
             raise port_error(rc, "connect")
         return 0
 
