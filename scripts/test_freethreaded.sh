@@ -12,8 +12,9 @@
 # module that re-enables it would make every test pass while the workers take turns.
 #
 # Environment: IOCPNET_FT_PREFIX (interpreter prefix, see build_freethreaded_python.sh),
-# IOCPNET_TEST_DIR (work directory, default .ci/out; the venv and wheel go to
-# venv-ft-*/ and dist-ft/ so that scripts/test.sh's own are left alone).
+# IOCPNET_TEST_DIR (work directory, default .ci/out; the venv, the copy of the tree and
+# the wheel go to venv-ft-*/, src-ft/ and dist-ft/, so that scripts/test.sh's own are
+# left alone).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -40,7 +41,15 @@ mkdir -p "$work"
 "$py" -m venv "$venv"
 vpy="$venv/bin/python"
 "$vpy" -m pip install -q --upgrade pip build
-"$vpy" -m build -q --wheel --outdir "$dist" "$root" >&2
+# As scripts/test.sh does: build from a copy of the tree (a shared work tree never gets
+# build outputs), through the sdist, so the wheel under test is built from what we ship.
+src="$work/src-ft"
+rm -rf "$src"
+mkdir -p "$src"
+(cd "$root" && git ls-files -z --cached --others --exclude-standard |
+    while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done |
+    xargs -0 cp --parents -t "$src")
+"$vpy" -m build -q --outdir "$dist" "$src" >&2
 wheel=$(ls "$dist"/iocpnet-*.whl)
 "$vpy" -m pip install -q "${wheel}[test]"
 
