@@ -62,11 +62,6 @@ KNOWN_BUGS = {
         "core bug: Listener._inflight (accepts_posted) and Listener.accepted are plain C "
         "ints that every worker completing an accept updates (_core.pyx Listener._post, "
         "Listener._dispatch); only the GIL made += atomic"),
-    "connect-sock-race": (
-        "core bug: Session._start_connect stores self._sock only after port_connect has "
-        "submitted the connect, whose completion a worker may already be dispatching "
-        "(it then sets TCP_NODELAY on and posts its receive to socket -1: 'bad socket'); "
-        "the GIL kept the worker out until the store"),
 }
 
 
@@ -707,11 +702,10 @@ class Echo(iocpnet.Session):
         self.Send(data)
 
 
-def test_client_connects_completing_on_busy_workers(server, backend, request):
+def test_client_connects_completing_on_busy_workers(server, backend):
     """ClientService sessions whose connect completes at once, on a worker, while the
     thread that started the connect is still inside Connect(): every one comes up and
     echoes (none fails with 'bad socket' for using its socket before it was known)."""
-    known_bug(request, "connect-sock-race", when=FREE_THREADED)
     failure = failure_of(_client_connects, server, backend)
     assert failure is None, failure
 
