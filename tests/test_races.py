@@ -22,9 +22,6 @@ What a game server relies on, and what is checked for every session of every rou
 - The listener's counters stay exact under a connect storm (every connection counted
   once, the number of accepts kept posted does not drift), Stop() during a storm
   leaves nothing behind, and accepts posted by a thread that has ended keep working.
-
-Tests that show a known core bug carry an ``xfail`` marker naming it (see KNOWN_BUGS);
-remove the marker with the fix.
 """
 import logging
 import os
@@ -37,7 +34,6 @@ import sysconfig
 import threading
 import time
 
-import pytest
 
 import iocpnet
 
@@ -57,19 +53,6 @@ FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 # Core bugs that tests here show (reported to the owner of the core).  A test marks
 # itself xfail only where its bug bites, so the suite stays green and the bug stays in
 # its summary; delete the entry with the fix (a strict one then fails as XPASS).
-KNOWN_BUGS = {
-    "listener-counters": (
-        "core bug: Listener._inflight (accepts_posted) and Listener.accepted are plain C "
-        "ints that every worker completing an accept updates (_core.pyx Listener._post, "
-        "Listener._dispatch); only the GIL made += atomic"),
-}
-
-
-def known_bug(request, key, when=True, strict=False):
-    if when:
-        request.applymarker(pytest.mark.xfail(reason=KNOWN_BUGS[key], strict=strict))
-
-
 def failure_of(body, *args):
     """Run a test's body and return why it failed, or None.  The test then asserts on
     that text alone: a traceback through frames that hold a server would keep its core
@@ -599,11 +582,10 @@ def _connect_storm(address, stop, counts, errors, threads=4):
     return ts
 
 
-def test_accept_counters_stay_exact_under_a_connect_storm(server, request):
+def test_accept_counters_stay_exact_under_a_connect_storm(server):
     """Accepts complete on several workers at once; `accepted` counts each connection
     once and `accepts_posted` stays at the number of accepts the service keeps posted
     (a lost update there makes Stop() wait for an accept that does not exist)."""
-    known_bug(request, "listener-counters", when=FREE_THREADED)
     failure = failure_of(_accept_counters, server)
     assert failure is None, failure
 
@@ -634,11 +616,10 @@ def _accept_counters(server):
         f"{ACCEPTS} accepts posted")
 
 
-def test_stop_during_a_connect_storm_leaves_nothing_in_flight(backend, caplog, request):
+def test_stop_during_a_connect_storm_leaves_nothing_in_flight(backend, caplog):
     """Stop() while accepts complete on every worker: the listener closes, no accept is
     re-posted behind its back, and Stop/Close finish without waiting out a timeout for
     an operation that can never complete."""
-    known_bug(request, "listener-counters", when=FREE_THREADED)
     caplog.set_level(logging.WARNING, logger="iocpnet")
     failure = failure_of(_stop_during_storm, backend, caplog)
     assert failure is None, failure

@@ -316,13 +316,17 @@ cdef class IocpCore:
     def closed(self):
         return bool(self._closed)
 
-    def Dispatch(self, int timeout_ms=-1):
+    def Dispatch(self, int timeout_ms=-1, int max_batch=BATCH):
         """Wait up to ``timeout_ms`` (-1: forever) for completions, with the GIL released,
         then dispatch the whole batch to the owners under one GIL hold.
 
         Returns the number of completions handled: 0 on timeout, -1 at once after
         ``Close()``.  Operations submitted by hooks during the batch are handed to the
         kernel with this thread's next ``Dispatch`` (one system call per batch).
+
+        A worker handles the batch it took in order, so a hook that blocks delays the
+        rest of its batch whatever the number of workers; ``max_batch`` (1 to 128)
+        bounds that, at some cost in throughput.
         """
         cdef port_cqe_t batch[BATCH]
         cdef int n, i, wait_ms = timeout_ms
@@ -331,12 +335,14 @@ cdef class IocpCore:
         cdef int64_t deadline = port_monotonic_ms() + timeout_ms if timeout_ms > 0 else 0
         if port == NULL or self._closed:
             return -1
+        if max_batch < 1 or max_batch > BATCH:
+            max_batch = BATCH
         port_atomic_add32(&self._dispatchers, 1)
         prev = iocpnet_get_tls_core()
         try:
             while True:
                 with nogil:
-                    n = port_wait(port, batch, BATCH, wait_ms)
+                    n = port_wait(port, batch, max_batch, wait_ms)
                 if n == PORT_EINTR:
                     PyErr_CheckSignals()     # Ctrl-C on the main thread ends up here
                     if timeout_ms > 0:
@@ -558,7 +564,8 @@ cdef class IocpCore:
                 self._housekeeping.Cancel()
                 self._housekeeping = None
         for s in overdue:
-            s._close_now(f"{s._reason} (its queued data was not flushed in time)", True)
+            s._close_now(f"{s._get_reason()} (its queued data was not flushed in time)",
+                         True)
 
     def _add_close_callback(self, cb):
         with self._lock:
@@ -698,7 +705,7 @@ cdef class _RecvView:
     cdef char *ptr
     cdef Py_ssize_t length
     cdef volatile int32_t exports
-    cdef bint detached
+    cdef volatile int32_t state  # 0 in use, 1 detached (owns memory), 2 freed
     cdef IocpCore core          # to give back a port buffer
     cdef port_cqe_t held        # that buffer
     cdef bint holds_port_buffer
@@ -709,7 +716,21 @@ cdef class _RecvView:
         port_atomic_add32(&self.exports, 1)
 
     def __releasebuffer__(self, Py_buffer *buffer):
-        if port_atomic_add32(&self.exports, -1) == 0 and self.detached:
+        if port_atomic_add32(&self.exports, -1) == 0:
+            self._free_if_detached()
+
+    cdef void _detached(self) noexcept:
+        """The worker has handed the memory over (held/owned are set): publish it, and
+        free it at once if the last export ended meanwhile."""
+        port_atomic_add64(&_views_detached, 1)
+        port_atomic_xchg32(&self.state, 1)
+        if port_atomic_load32(&self.exports) == 0:
+            self._free_if_detached()
+
+    cdef void _free_if_detached(self) noexcept:
+        # The worker (after publishing) and the thread ending the last export may both
+        # get here: the exchange lets exactly one of them free.
+        if port_atomic_cas32(&self.state, 1, 2):
             self._free()
 
     cdef void _free(self) noexcept:
@@ -720,12 +741,11 @@ cdef class _RecvView:
         if self.owned != NULL:
             free(self.owned)
             self.owned = NULL
-        if self.detached:
-            self.detached = False
-            port_atomic_add64(&_views_detached, -1)
+        port_atomic_add64(&_views_detached, -1)
 
     def __dealloc__(self):
-        self._free()
+        if self.state == 1:
+            self._free()
 
 
 # ---------------------------------------------------------------------------------------
@@ -966,7 +986,15 @@ cdef class Session(IocpObject):
     @property
     def disconnect_reason(self):
         """Why the session ended (or is ending), else None."""
-        return self._reason
+        return self._get_reason()
+
+    cdef object _get_reason(self):
+        # Under the lock: another thread may be replacing it (and releasing the old
+        # string) at this moment; without the GIL that read could see freed memory.
+        port_spin_lock(&self._lock)
+        r = self._reason
+        port_spin_unlock(&self._lock)
+        return r
 
     @property
     def service(self):
@@ -1178,7 +1206,7 @@ cdef class Session(IocpObject):
             self._connected()
             return
         if res == 0 or res == PORT_ECANCELED:
-            reason = self._reason or "connect cancelled"
+            reason = self._get_reason() or "connect cancelled"
         else:
             reason = f"connect failed: {port_reason(<int>res)}"
         if self._hooks.on_connect_failed is not None and res != PORT_ECANCELED:
@@ -1319,8 +1347,6 @@ cdef class Session(IocpObject):
         view = <_RecvView>iocpnet_mv_base(mv)
         mv = None
         view.core = self.core
-        port_atomic_add64(&_views_detached, 1)
-        view.detached = True
         if cqe != NULL:
             view.held = cqe[0]
             view.holds_port_buffer = True
@@ -1336,8 +1362,7 @@ cdef class Session(IocpObject):
                     used = -1
                 else:
                     used = 0
-        if port_atomic_load32(&view.exports) == 0:
-            view._free()         # released meanwhile by another thread
+        view._detached()
         return used
 
     cdef Py_ssize_t _parse_packets(self, const unsigned char *ptr, Py_ssize_t n) noexcept:
@@ -1710,14 +1735,17 @@ cdef class Listener(IocpObject):
     cdef port_op_t *_ops
     cdef list _pending
     cdef int _count
-    cdef int _inflight
+    # Accept completions of different slots run on several workers at once (each on
+    # its own session's strand): the counters are atomic, the back-off state locked.
+    cdef volatile int32_t _inflight
+    cdef volatile int64_t _accepted
+    cdef volatile int64_t _accept_errors
     cdef Service _service
     cdef bint _closing
+    cdef object _backoff_lock
     cdef list _starved
     cdef object _backoff_timer
     cdef int _backoff_ms
-    cdef readonly uint64_t accepted
-    cdef readonly uint64_t accept_errors
 
     def __init__(self, address, *, int backlog=1024, bint reuse_port=False,
                  bint ipv6_only=False):
@@ -1736,6 +1764,7 @@ cdef class Listener(IocpObject):
         self._sock = PORT_INVALID_SOCK
         self._starved = []
         self._backoff_ms = 0
+        self._backoff_lock = threading.Lock()
 
     def __cinit__(self, *args, **kwargs):
         self._ops = NULL
@@ -1824,12 +1853,12 @@ cdef class Listener(IocpObject):
         # The accept completes on the new session's strand, so OnConnected runs before
         # any completion of the session's own operations.
         port_op_init(&self._ops[i], PORT_OP_ACCEPT, <void *>self, &session._strand)
-        self._inflight += 1
+        port_atomic_add32(&self._inflight, 1)
         _incref(<PyObject *>self)
         rc = port_accept(self.core.port, &self._ops[i], self._sock)
         if rc != 0:
             _decref(<PyObject *>self)
-            self._inflight -= 1
+            port_atomic_add32(&self._inflight, -1)
             self._pending[i] = None
             session._state = S_NEW
             if rc != PORT_ECLOSED:
@@ -1840,10 +1869,10 @@ cdef class Listener(IocpObject):
         cdef Session session = <Session>self._pending[i]
         cdef int64_t res = cqe.res
         cdef Service service = self._service
-        self._inflight -= 1
+        port_atomic_add32(&self._inflight, -1)
         self._pending[i] = None
         if res >= 0:
-            self.accepted += 1
+            port_atomic_add64(&self._accepted, 1)
             self._backoff_ms = 0
             if self._closing:
                 port_sock_close(self.core.port, <port_sock_t>res, 0)
@@ -1860,32 +1889,44 @@ cdef class Listener(IocpObject):
             session._on_accepted(<port_sock_t>res)
             return
         session._state = S_NEW
-        if res == PORT_ECANCELED or self._closing:
+        if self._closing:
             return
-        self.accept_errors += 1
+        if res == PORT_ECANCELED:
+            # Not ours (we only cancel when closing): keep the slot, post it again.
+            self._post(i, session)
+            return
+        port_atomic_add64(&self._accept_errors, 1)
         if res == PORT_EMFILE or res == PORT_ENFILE or res == PORT_ENOBUFS or \
                 res == PORT_ENOMEM:
             # Out of descriptors or memory: retrying at once would spin a core on a
             # listener that stays readable.  Back off, then try again.
-            self._starved.append((i, session))
-            if self._backoff_timer is None:
-                self._backoff_ms = min(max(self._backoff_ms * 2, 50), 1000)
+            with self._backoff_lock:
+                self._starved.append((i, session))
+                start = self._backoff_timer is None
+                if start:
+                    self._backoff_ms = min(max(self._backoff_ms * 2, 50), 1000)
+                    self._backoff_timer = True       # claimed; made below
+                delay_ms = self._backoff_ms
+            if start:
                 logger.warning("accept failed on %s: %s; pausing accepts for %d ms",
-                               self.address, port_reason(<int>res), self._backoff_ms)
+                               self.address, port_reason(<int>res), delay_ms)
                 try:
-                    self._backoff_timer = self.core.CallLater(
-                        self._backoff_ms / 1000.0, self._resume)
+                    t = self.core.CallLater(delay_ms / 1000.0, self._resume)
                 except Exception:
                     logger.exception("cannot schedule the accept back-off")
+                    t = None
+                with self._backoff_lock:
+                    self._backoff_timer = t
             return
         logger.warning("accept failed on %s: %s", self.address,
                        port_reason(<int>res))
         self._post(i, session)
 
     def _resume(self):
-        starved = self._starved
-        self._starved = []
-        self._backoff_timer = None
+        with self._backoff_lock:
+            starved = self._starved
+            self._starved = []
+            self._backoff_timer = None
         for i, session in starved:
             self._post(i, session)
 
@@ -1895,10 +1936,12 @@ cdef class Listener(IocpObject):
         if self._closing:
             return
         self._closing = True
-        if self._backoff_timer is not None:
-            self._backoff_timer.Cancel()
+        with self._backoff_lock:
+            timer = self._backoff_timer
             self._backoff_timer = None
-        self._starved = []
+            self._starved = []
+        if isinstance(timer, Timer):
+            timer.Cancel()
         if self._ops != NULL:
             for i in range(self._count):
                 if self._ops[i].in_flight:
@@ -1909,7 +1952,18 @@ cdef class Listener(IocpObject):
 
     @property
     def accepts_posted(self):
-        return self._inflight
+        """Accepts posted and not completed yet."""
+        return port_atomic_load32(&self._inflight)
+
+    @property
+    def accepted(self):
+        """Connections accepted so far (including those refused over the cap)."""
+        return port_atomic_load64(&self._accepted)
+
+    @property
+    def accept_errors(self):
+        """Accepts that failed (out of descriptors, aborted connections...)."""
+        return port_atomic_load64(&self._accept_errors)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1938,6 +1992,7 @@ cdef class Service:
     cdef object _close_cb
     cdef object _idle_timer
     cdef str _shutdown_reason         # what Stop() tells the sessions
+    cdef Py_ssize_t _admitting        # accepted, admitted, not yet in _sessions
     cdef readonly uint64_t rejected
     cdef readonly uint64_t total_sessions
     cdef readonly uint64_t idle_disconnects
@@ -1994,17 +2049,23 @@ cdef class Service:
         return <Session>s
 
     cdef bint _admit(self) noexcept:
-        """May one more session start? (the live-session cap)"""
-        if self._cap < 0 or self._stopping:
-            return not self._stopping
-        if len(self._sessions) >= self._cap:
-            self.rejected += 1
-            return False
-        return True
+        """May one more session start?  (the live-session cap)  A yes reserves its place
+        until _session_connected: accepts complete on several workers at once, and two
+        of them must not both take the last place."""
+        with self._lock:
+            if self._stopping:
+                return False
+            if self._cap >= 0 and len(self._sessions) + self._admitting >= self._cap:
+                self.rejected += 1
+                return False
+            self._admitting += 1
+            return True
 
     cdef bint _session_connected(self, Session s) noexcept:
         with self._lock:
             self._sessions.add(s)
+            if self._admitting > 0:
+                self._admitting -= 1
             self.total_sessions += 1
             stopping = self._stopping
         if stopping:
@@ -2268,15 +2329,17 @@ cdef class ClientService(Service):
         if self._stopping:
             s._close_now(self._shutdown_reason, False)
             return False
-        self._failures = 0
+        with self._lock:
+            self._failures = 0
         self._watch_idle(s)
         return True
 
     cdef void _session_done(self, Session s) noexcept:
         Service._session_done(self, s)
         if not s._was_connected:
-            self.connect_failures += 1
-            self._failures += 1
+            with self._lock:
+                self.connect_failures += 1
+                self._failures += 1
         if self.reconnect is not None and not self._stopping:
             self._schedule_retry()
 
@@ -2307,8 +2370,9 @@ cdef class ClientService(Service):
         except Exception as e:
             logger.warning("reconnecting to %s:%d failed: %s", self._address[0],
                            self._address[1], e)
-            self.connect_failures += 1
-            self._failures += 1
+            with self._lock:
+                self.connect_failures += 1
+                self._failures += 1
             self._schedule_retry()
 
     cdef void _begin_stop(self, str reason) noexcept:

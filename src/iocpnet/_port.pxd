@@ -123,6 +123,8 @@ cdef extern from "port/port.h" nogil:
 cdef extern from "port/port_sync.h" nogil:
     int32_t port_atomic_load32(volatile int32_t *p)
     int32_t port_atomic_add32(volatile int32_t *p, int32_t v)
+    int32_t port_atomic_xchg32(volatile int32_t *p, int32_t v)
+    bint port_atomic_cas32(volatile int32_t *p, int32_t expect, int32_t v)
     int64_t port_atomic_add64(volatile int64_t *p, int64_t v)
     int64_t port_atomic_load64(volatile int64_t *p)
     void port_spin_lock(volatile int32_t *l)
