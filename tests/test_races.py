@@ -50,9 +50,7 @@ ROUND_BUDGET = float(os.environ.get("IOCPNET_RACES_SECONDS", "20"))
 
 FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 
-# Core bugs that tests here show (reported to the owner of the core).  A test marks
-# itself xfail only where its bug bites, so the suite stays green and the bug stays in
-# its summary; delete the entry with the fix (a strict one then fails as XPASS).
+
 def failure_of(body, *args):
     """Run a test's body and return why it failed, or None.  The test then asserts on
     that text alone: a traceback through frames that hold a server would keep its core
