@@ -87,7 +87,8 @@ wheel=$(ls "$work"/dist/iocpnet-*.whl)
 
 if ! skipped dist; then
     step "4. what we ship: sdist contents, auditwheel, the wheel's smoke test"
-    CHECK_DIST_DIR="$work/check-dist" PYTHON="$py" \
+    # (Its work directory must be outside the tree it copies.)
+    CHECK_DIST_DIR="${TMPDIR:-/tmp}/iocpnet-ci-check-dist" PYTHON="$py" \
         bash "$root/scripts/check_dist.sh" --dist "$work/dist"
 fi
 
@@ -98,7 +99,8 @@ step "5. pytest against the installed package"
 
 if ! skipped types; then
     step "6. types: mypy --strict, stubtest"
-    CHECK_TYPES_DIR="$work/check-types" bash "$root/scripts/check_types.sh" --venv "$vpy"
+    CHECK_TYPES_DIR="${TMPDIR:-/tmp}/iocpnet-ci-check-types" \
+        bash "$root/scripts/check_types.sh" --venv "$vpy"
 fi
 
 if ! skipped sanitize; then
