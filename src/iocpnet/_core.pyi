@@ -105,13 +105,17 @@ class IocpCore:
     def closed(self) -> bool:
         """True once ``Close()`` has shut the port down."""
 
-    def Dispatch(self, timeout_ms: int = -1) -> int:
+    def Dispatch(self, timeout_ms: int = -1, max_batch: int = 128) -> int:
         """Wait up to ``timeout_ms`` (-1: forever) for completions, with the GIL released,
         then dispatch the whole batch to the owners under one GIL hold.
 
         Returns the number of completions handled: 0 on timeout, -1 at once after
         ``Close()``.  Operations submitted by hooks during the batch are handed to the
         kernel with this thread's next ``Dispatch`` (one system call per batch).
+
+        A worker handles the batch it took in order, so a hook that blocks delays the
+        rest of its batch whatever the number of workers; ``max_batch`` (1 to 128)
+        bounds that, at some cost in throughput.
         """
 
     def Close(self, timeout: float = 5.0) -> None:
