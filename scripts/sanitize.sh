@@ -48,7 +48,7 @@ print(" ".join(m for m in need if importlib.util.find_spec(m) is None))
 PYEOF
 )
 if [ -n "$missing" ]; then
-    echo "sanitize.sh: $py lacks: $missing (pip install Cython setuptools pytest pytest-timeout hypothesis)" >&2
+    echo "sanitize.sh: $py lacks: $missing (pip install 'Cython>=3.1' 'setuptools>=77' pytest pytest-timeout hypothesis)" >&2
     exit 2
 fi
 

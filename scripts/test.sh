@@ -105,7 +105,17 @@ fi
 
 if ! skipped sanitize; then
     step "7. the suite against an ASan + UBSan build (io_uring)"
-    "$vpy" -m pip install -q --disable-pip-version-check Cython setuptools
+    # The build requirements exactly as pyproject.toml states them: a venv's bundled
+    # setuptools may predate the SPDX `license` string and refuse the file.
+    build_reqs=$("$vpy" - "$root/pyproject.toml" <<'PYEOF'
+import re, sys
+text = open(sys.argv[1]).read()
+block = re.search(r"^\[build-system\].*?^requires\s*=\s*\[(.*?)\]", text, re.M | re.S)
+print("\n".join(re.findall(r'"([^"]+)"', block.group(1))))
+PYEOF
+)
+    mapfile -t build_reqs <<<"$build_reqs"
+    "$vpy" -m pip install -q --disable-pip-version-check --upgrade "${build_reqs[@]}"
     IOCPNET_TEST_BACKENDS=io_uring IOCPNET_RACES_SECONDS=${IOCPNET_RACES_SECONDS:-8} \
         PYTHON="$vpy" IOCPNET_SANITIZE_DIR="$work/sanitize" bash "$root/scripts/sanitize.sh"
 fi
