@@ -106,7 +106,7 @@ def test_accept_starved_of_descriptors_backs_off_and_recovers(backend):
         _ping_all(clients)
         served = _collect_echoes(clients, 5, quiet=1.0)
         waiting = [c for c in clients if c not in served]
-        assert 1 <= len(served) <= 8, f"{len(served)} served with room for 8 descriptors"
+        assert served and len(served) <= 8, f"{len(served)} served with room for 8 descriptors"
         assert len(waiting) >= 12
 
         # Starved: accepts fail with EMFILE while the backlog is not empty.
