@@ -558,14 +558,22 @@ def _send_racing_disconnect(server):
         "\n  ".join(problems[:10])
 
 
-def _connect_storm(address, stop, counts, errors, threads=4):
+def _connect_storm(address, stop, counts, errors, threads=4, greeted=False):
     """Connect and close (with a reset, so no TIME_WAIT piles up) as fast as possible
-    from several threads until `stop` is set; failures to connect go to `errors`."""
+    from several threads until `stop` is set; failures to connect go to `errors`.
+
+    With `greeted`, a connection counts only once the server's greeting (one byte its
+    session sends from OnConnected) has arrived: a finished handshake alone does not
+    prove the server will ever accept it.  When the accept queue is full the kernel
+    drops the handshake's last ACK (TcpExtListenOverflows), the client believes it is
+    connected, and its reset then removes a connection no accept will ever return."""
     def run():
         n = 0
         while not stop.is_set():
             try:
                 c = socket.create_connection(address, timeout=5)
+                if greeted and c.recv(1) != b"!":
+                    raise ConnectionError("the server closed before its greeting")
             except OSError as e:
                 errors.append(e)
                 break
@@ -592,12 +600,17 @@ def _accept_counters(server):
     ends = []
 
     class Short(iocpnet.Session):
+        def OnConnected(self):
+            self.Send(b"!")
+
         def OnDisconnected(self, reason):
             ends.append(reason)
 
     srv = server(Short, workers=WORKERS, accepts=ACCEPTS)
     stop, counts, errors = threading.Event(), [], []
-    threads = _connect_storm(srv.address, stop, counts, errors)
+    # As many connecting threads as workers, so accepts still complete on all of them.
+    threads = _connect_storm(srv.address, stop, counts, errors, threads=WORKERS,
+                             greeted=True)
     time.sleep(min(2.0, ROUND_BUDGET / 10))
     stop.set()
     for t in threads:
