@@ -2261,6 +2261,75 @@ done:
     end_port(P);
 }
 
+/* A stream of completions that fills every batch must not starve a socket: once its
+ * data is there, a receive completes within a few batches.  (The epoll backend once
+ * returned queued completions without polling whenever they alone filled the batch.) */
+static void case_recv_not_starved(void) {
+    enum { NPOST = 16, MAXB = 4, MAX_WAITS = 2 * NPOST / MAXB + 4 };
+    port_t *P = new_port();
+    waiter_t w;
+    port_sock_t srv = PORT_INVALID_SOCK, cli = PORT_INVALID_SOCK;
+    port_op_t rv, posts[NPOST];
+    port_cqe_t q[MAXB];
+    int i, k, waits = 0, got = 0, busy;
+    double deadline;
+    port_op_init(&rv, PORT_OP_RECV, NULL, NULL);
+    for (i = 0; i < NPOST; i++)
+        port_op_init(&posts[i], PORT_OP_POST, NULL, NULL);
+    REQUIRE(P != NULL);
+    waiter_init(&w, P);
+    REQUIRE(make_pair(&w, &srv, &cli));
+    CHECK_EQ(recv_post(P, &rv, srv), 0);
+    expect_quiet(&w, 20, "recv with no data yet");   /* parked, waiting for data */
+    for (i = 0; i < NPOST; i++)
+        CHECK_EQ(port_post(P, &posts[i], i), 0);
+    CHECK(plain_send_all(cli, "x", 1) == 0);
+    deadline = now_ms() + 5000;
+    while (!got && now_ms() < deadline) {
+        int n = port_wait(P, q, MAXB, 100);
+        port_batch_end(P);
+        if (n == PORT_EINTR)
+            continue;
+        REQUIRE(n >= 0);
+        waits++;
+        for (k = 0; k < n; k++) {
+            recv_consumed(&q[k]);
+            if (q[k].op == &rv) {
+                CHECK(q[k].res == 1 && q[k].buf != NULL && q[k].buf[0] == 'x');
+                port_recv_release(P, &q[k]);
+                got = 1;
+            } else if (q[k].op->type == PORT_OP_POST && !got) {
+                CHECK_EQ(port_post(P, q[k].op, 0), 0);   /* keep every batch full */
+            }
+        }
+    }
+    CHECKF(got, "the receive never completed in %d batches filled by posts", waits);
+    CHECKF(waits <= MAX_WAITS, "the receive took %d batches (bound %d)", waits, MAX_WAITS);
+done:
+    /* Let the posts still queued come out before the receive is cancelled. */
+    deadline = now_ms() + 5000;
+    do {
+        busy = 0;
+        for (i = 0; i < NPOST; i++)
+            busy |= posts[i].in_flight;
+        if (busy) {
+            int n = port_wait(P, q, MAXB, 100);
+            port_batch_end(P);
+            for (k = 0; k < n; k++) {
+                recv_consumed(&q[k]);
+                if (q[k].flags & PORT_CQE_BUFFER)
+                    port_recv_release(P, &q[k]);
+            }
+        }
+    } while (busy && now_ms() < deadline);
+    CHECKF(!busy, "posts still in flight after 5 s");
+    cancel_recv(&w, &rv);
+    plain_close(cli);
+    if (srv != PORT_INVALID_SOCK)
+        port_sock_close(P, srv, 0);
+    end_port(P);
+}
+
 /* ---- addresses ----------------------------------------------------------------------------- */
 
 /* The "any address" listener of port_resolve(NULL) takes IPv4 clients too (dual stack,
@@ -2337,6 +2406,7 @@ static const test_case_t cases[] = {
     {"stats_balance", case_stats_balance},
     {"recv_pool_backpressure", case_recv_pool_backpressure},
     {"recv_parked_cancel", case_recv_parked_cancel},
+    {"recv_not_starved", case_recv_not_starved},
     {"dual_stack_listener", case_dual_stack_listener},
 };
 

@@ -237,6 +237,9 @@ static PORT_THREAD_LOCAL ep_port_t *tls_batch;
 static PORT_THREAD_LOCAL ep_port_t *tls_owed;
 /* This thread's last wait on the port returned queued work without polling epoll. */
 static PORT_THREAD_LOCAL ep_port_t *tls_skipped;
+/* This thread's last batch was filled by queued completions while descriptors waited in
+ * the ready queue: they go first in its next one. */
+static PORT_THREAD_LOCAL ep_port_t *tls_ready_first;
 
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -887,11 +890,26 @@ static int run_timers(ep_port_t *p, port_cqe_t *out, int n, int max) {
 /* ---- waiting -------------------------------------------------------------------------- */
 
 /* with_ready is 0 right after processing events: a descriptor they left with more to
- * read was queued for a later visit, not a second one in the same batch. */
+ * read was queued for a later visit, not a second one in the same batch.
+ *
+ * The completion queue and the ready queue take turns going first whenever the one that
+ * went first filled the batch: either can stay non-empty for as long as the load lasts
+ * (sends completed at once, posts; descriptors re-queued for fairness), and the other
+ * must not wait for that to end.  Their order is free: one operation's completions all
+ * come from one of them, and an operation cancelled from one leaves the other. */
 static int collect(ep_port_t *p, port_cqe_t *out, int n, int max, int with_ready) {
     n = run_timers(p, out, n, max);
+    if (with_ready && tls_ready_first == p) {
+        tls_ready_first = NULL;
+        n = run_ready(p, out, n, max);
+        return drain_cq(p, out, n, max);
+    }
     n = drain_cq(p, out, n, max);
-    return with_ready ? run_ready(p, out, n, max) : n;
+    if (!with_ready)
+        return n;
+    if (n >= max && __atomic_load_n(&p->rq_head, __ATOMIC_ACQUIRE) != NULL)
+        tls_ready_first = p;
+    return run_ready(p, out, n, max);
 }
 
 static int ep_wait(port_t *bp, port_cqe_t *out, int max, int timeout_ms) {
@@ -913,11 +931,11 @@ static int ep_wait(port_t *bp, port_cqe_t *out, int max, int timeout_ms) {
         if (port_atomic_load32(&p->base.closed))
             break;
         n = collect(p, out, n, max, 1);
-        if (n >= max)
-            break;
         /* Queued work is ready: return it without a system call, unless this thread's
-         * previous batch already skipped epoll (then poll too, so that a steady stream
-         * of queued completions cannot starve socket events). */
+         * previous batch already skipped epoll.  Then poll too, even when the queues
+         * alone filled the batch: under load they can fill every batch (descriptors
+         * re-queued for fairness, sends completed at once), and a receive parked until
+         * its socket's next edge would wait for as long as that lasts. */
         if (n > 0 && (polled || tls_skipped != p))
             break;
         if (n > 0 || timeout_ms == 0) {
@@ -948,8 +966,8 @@ static int ep_wait(port_t *bp, port_cqe_t *out, int max, int timeout_ms) {
             }
         }
         room = max - n;
-        if (room > EV_BATCH)
-            room = EV_BATCH;
+        if (room > EV_BATCH || room < 1)
+            room = EV_BATCH;   /* events past the batch's room wait in the ready queue */
         k = epoll_wait(p->epfd, evs, room, tmo);
         if (sleeping)
             __atomic_sub_fetch(&p->sleepers, 1, __ATOMIC_SEQ_CST);
