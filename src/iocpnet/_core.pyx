@@ -77,6 +77,17 @@ cdef extern from *:
     static PyObject *iocpnet_mv_base(PyObject *o) {
         return ((PyMemoryViewObject *)o)->mbuf->master.obj;
     }
+    /* Let a worker that holds reaped completions and waits for the GIL take it first
+     * (see IocpCore.Dispatch).  Returns at once on free-threaded builds. */
+    static void iocpnet_let_batch_in(volatile int32_t *waiting) {
+    #ifndef Py_GIL_DISABLED
+        int i;
+        for (i = 0; i < 2000 && port_atomic_load32(waiting) > 0; i++)
+            port_thread_yield();
+    #else
+        (void)waiting;
+    #endif
+    }
     /* bytes(mv) for a C-contiguous memoryview, without the buffer protocol's round
      * trip (Send's hot path: echoing OnRecv's view); NULL with no error otherwise. */
     static PyObject *iocpnet_mv_to_bytes(PyObject *o) {
@@ -93,6 +104,7 @@ cdef extern from *:
     void iocpnet_mv_repoint(object mv, char *buf, Py_ssize_t length)
     PyObject *iocpnet_mv_base(object mv)
     PyObject *iocpnet_mv_to_bytes(object mv) except? NULL
+    void iocpnet_let_batch_in(volatile int32_t *waiting) nogil
 
 cdef extern from "port/packet.h" nogil:
     ctypedef enum packet_status:
@@ -234,6 +246,7 @@ cdef class IocpCore:
     cdef volatile int32_t _closing
     cdef volatile int32_t _closed
     cdef volatile int32_t _dispatchers
+    cdef volatile int32_t _batches_waiting   # workers holding completions, waiting for the GIL
     cdef int64_t _now_ms
     cdef bint _recv_multishot
     cdef volatile int32_t _view_lock
@@ -340,9 +353,22 @@ cdef class IocpCore:
         port_atomic_add32(&self._dispatchers, 1)
         prev = iocpnet_get_tls_core()
         try:
+            # With a GIL, a worker that reaped completions can wait for the GIL for a whole
+            # switch interval (5 ms) per try: the worker dispatching drops it, finds more
+            # queued work without sleeping and takes it back before the other one has even
+            # woken up.  Its completions (other sessions' messages) would wait 10-30 ms
+            # while this thread keeps serving its own.  So a worker that sees another one
+            # waiting with a batch lets it in before waiting again.
+            if port_atomic_load32(&self._batches_waiting) > 0:
+                with nogil:
+                    iocpnet_let_batch_in(&self._batches_waiting)
             while True:
                 with nogil:
                     n = port_wait(port, batch, max_batch, wait_ms)
+                    if n > 0:
+                        port_atomic_add32(&self._batches_waiting, 1)
+                if n > 0:
+                    port_atomic_add32(&self._batches_waiting, -1)
                 if n == PORT_EINTR:
                     PyErr_CheckSignals()     # Ctrl-C on the main thread ends up here
                     if timeout_ms > 0:
