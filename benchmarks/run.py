@@ -862,6 +862,15 @@ COLORS = {"iocpnet-uring": "#1f77b4", "iocpnet-epoll": "#6baed6", "asyncio-proto
           "c-epoll": "#aaaaaa"}
 
 
+def tick_label(label):
+    """'ping-pong 64 B × 1' -> 'ping-pong\n64 B × 1': lines short enough for a bar group."""
+    lines = []
+    for part in label.split(", "):
+        head, _, rest = part.partition(" ")
+        lines += [head, rest] if len(part) > 12 and rest else [part]
+    return "\n".join(lines)
+
+
 def chart(cases, results, servers, path):
     try:
         import matplotlib
@@ -906,7 +915,7 @@ def chart(cases, results, servers, path):
                 ax.bar(xs, ys, width, label=s.label, color=COLORS.get(s.key))
             ax.axhline(1.0, color="black", linewidth=0.8)
             ax.set_xticks(range(len(traffic)))
-            ax.set_xticklabels([c.label.replace(", ", "\n") for c in traffic], fontsize=7)
+            ax.set_xticklabels([tick_label(c.label) for c in traffic], fontsize=7)
             ax.set_title(title, fontsize=10)
             ax.grid(axis="y", alpha=0.3)
         axes[0].legend(fontsize=7, ncol=4)
@@ -929,6 +938,34 @@ def chart(cases, results, servers, path):
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return None
+
+
+def publish_docs(md, cases, results, servers):
+    """docs/benchmarks.md (between the markers) and the chart next to it."""
+    cerr = chart(cases, results, servers, DOCS_PNG)
+    body = md
+    if cerr:
+        warn(f"no chart: {cerr}")
+    else:
+        body = "![ratios to C io_uring](benchmarks.png)\n\n" + md
+    write_docs(body)
+    log(f"wrote {os.path.relpath(DOCS_MD, ROOT)}" + ("" if cerr else
+                                                     f" and {os.path.relpath(DOCS_PNG, ROOT)}"))
+
+
+def render(path):
+    """Rewrite the docs and the chart from a saved run, measuring nothing."""
+    with open(path) as f:
+        raw = json.load(f)
+    keep = ("name", "mode", "size", "conns", "depth", "idle_count")
+    cases = [Case(**{k: c[k] for k in keep}) for c in raw["cases"]]
+    results = {c["name"]: c["servers"] for c in raw["cases"]}
+    servers = [s for s in SERVERS if s.key in raw["servers"]]
+    for s in servers:
+        s.unavailable = raw["servers"][s.key].get("unavailable")
+    md = markdown(raw["meta"], raw["config"], cases, results, servers, raw["warnings"])
+    publish_docs(md, cases, results, servers)
+    return 0
 
 
 def write_docs(md_block):
@@ -971,6 +1008,9 @@ def plan_seconds(cases, servers, args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Run the iocpnet benchmark matrix.")
+    p.add_argument("--render", metavar="JSON",
+                   help="measure nothing: rewrite docs/benchmarks.md and the chart from a "
+                        "saved run (e.g. benchmarks/results/latest.json)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: one case per mode, one round, short slices")
     p.add_argument("--servers", help="comma-separated server keys (see --list)")
@@ -1021,6 +1061,8 @@ def select(items, spec, key, what):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.render:
+        return render(args.render)
     cases_all = quick_matrix(args.idle_count) if args.quick else full_matrix(args.idle_count)
     if args.list:
         log("servers: " + ", ".join(s.key for s in SERVERS))
@@ -1158,15 +1200,7 @@ def main(argv=None):
         f.write("\n")
     log(f"raw results: {os.path.relpath(out_json, ROOT)}")
     if publish:
-        cerr = chart(cases, results, servers, DOCS_PNG)
-        body = md
-        if cerr:
-            warn(f"no chart: {cerr}")
-        else:
-            body = "![ratios to C io_uring](benchmarks.png)\n\n" + md
-        write_docs(body)
-        log(f"wrote {os.path.relpath(DOCS_MD, ROOT)}" + ("" if cerr else
-                                                         f" and {os.path.relpath(DOCS_PNG, ROOT)}"))
+        publish_docs(md, cases, results, servers)
     else:
         log("quick/filtered run: docs/ and results/latest.json left alone (use --write-docs)")
     return 0
