@@ -33,16 +33,16 @@ skip=" ${IOCPNET_SKIP:-} "
 mkdir -p "$work"
 
 timings=()
-step_start=0
+step_start=-1   # SECONDS is 0 when the first step starts
 step() {
-    [ "$step_start" = 0 ] || timings+=("$(printf '%4d s  %s' $((SECONDS - step_start)) "$step_name")")
+    [ "$step_start" = -1 ] || timings+=("$(printf '%4d s  %s' $((SECONDS - step_start)) "$step_name")")
     step_name=$*
     step_start=$SECONDS
     printf '\n== %s\n' "$*" >&2
 }
 skipped() { case "$skip" in *" $1 "*) return 0 ;; esac; return 1; }
 summary() {
-    [ "$step_start" = 0 ] || timings+=("$(printf '%4d s  %s' $((SECONDS - step_start)) "$step_name")")
+    [ "$step_start" = -1 ] || timings+=("$(printf '%4d s  %s' $((SECONDS - step_start)) "$step_name")")
     printf '\n== time per step\n' >&2
     printf '  %s\n' "${timings[@]}" >&2
     printf '  %4d s  in all\n' "$SECONDS" >&2
