@@ -19,7 +19,7 @@ import pytest
 
 import iocpnet
 
-from conftest import connect, recv_exactly
+from conftest import connect, recv_exactly, wait_for
 
 FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 
@@ -90,9 +90,12 @@ def test_two_sessions_hooks_run_at_the_same_time(server):
     still off once they have run."""
     barrier = threading.Barrier(2, timeout=10)
     first_in = threading.Event()
-    results = []
+    results, connected = [], []
 
     class Meet(iocpnet.Session):
+        def OnConnected(self):
+            connected.append(self)
+
         def OnRecv(self, data):
             if bytes(data) == b"a":
                 first_in.set()
@@ -105,6 +108,10 @@ def test_two_sessions_hooks_run_at_the_same_time(server):
 
     srv = server(Meet, workers=4)
     with connect(srv.address) as a, connect(srv.address) as b:
+        # Both sessions accepted first: b's accept completing in the same batch as a's
+        # data, behind the hook that waits for b, would hold b back for good.
+        wait_for(lambda: len(connected) == 2, message="both sessions connected")
+        connected.clear()
         a.sendall(b"a")
         assert first_in.wait(10), "the first OnRecv never ran"
         b.sendall(b"b")
