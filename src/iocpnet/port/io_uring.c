@@ -334,6 +334,13 @@ static void prep_timer(struct io_uring_sqe *sqe, port_op_t *op) {
     sqe->user_data = (uint64_t)(uintptr_t)op;
 }
 
+/* A NOP that completes op with res (see the top of the file). */
+static void prep_imm(struct io_uring_sqe *sqe, port_op_t *op, int64_t res) {
+    OP_PRIV(op)->imm_res = res;
+    sqe->opcode = IORING_OP_NOP;
+    sqe->user_data = (uint64_t)(uintptr_t)op | UD_TAG_IMM;
+}
+
 /* Arm (or re-arm, after ENOBUFS or a single-shot completion) a receive.  The cancel
  * flag is read under sq_lock: port_cancel sets it before queueing its ASYNC_CANCEL under
  * the same lock, so either we see the flag, or our SQE is ahead of the cancel in the
@@ -343,9 +350,7 @@ static void resubmit_recv(uring_port_t *p, port_op_t *op, int poll_first) {
     port_spin_lock(&p->sq_lock);
     sqe = sqe_get(p);
     if (LOAD_ACQ(&op->cancel_requested)) {
-        OP_PRIV(op)->imm_res = PORT_ECANCELED;
-        sqe->opcode = IORING_OP_NOP;
-        sqe->user_data = (uint64_t)(uintptr_t)op | UD_TAG_IMM;
+        prep_imm(sqe, op, PORT_ECANCELED);
     } else {
         prep_recv(p, sqe, op, poll_first);
     }
@@ -356,11 +361,9 @@ static void resubmit_recv(uring_port_t *p, port_op_t *op, int poll_first) {
 /* Complete op with res without doing I/O (see the top of the file). */
 static void submit_imm(uring_port_t *p, port_op_t *op, int64_t res) {
     struct io_uring_sqe *sqe;
-    OP_PRIV(op)->imm_res = res;
     port_spin_lock(&p->sq_lock);
     sqe = sqe_get(p);
-    sqe->opcode = IORING_OP_NOP;
-    sqe->user_data = (uint64_t)(uintptr_t)op | UD_TAG_IMM;
+    prep_imm(sqe, op, res);
     sqe_commit(p);
     port_spin_unlock(&p->sq_lock);
 }
@@ -478,9 +481,7 @@ static int resubmit_orphan(uring_port_t *p, port_op_t *op) {
     sqe = sqe_get(p);
     if (LOAD_ACQ(&op->cancel_requested)) {
         /* A real cancel came meanwhile: honour it. */
-        OP_PRIV(op)->imm_res = PORT_ECANCELED;
-        sqe->opcode = IORING_OP_NOP;
-        sqe->user_data = (uint64_t)(uintptr_t)op | UD_TAG_IMM;
+        prep_imm(sqe, op, PORT_ECANCELED);
     } else if (op->type == PORT_OP_ACCEPT) {
         prep_accept(sqe, op);
     } else if (op->type == PORT_OP_SEND) {
