@@ -49,6 +49,8 @@ import subprocess
 import sys
 import time
 
+from run import free_port   # benchmarks/run.py, next to this script
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BUILD = os.path.join(HERE, "build")
@@ -198,19 +200,6 @@ def build_iocpnet(python, tag):
     if r.returncode != 0:
         sys.exit(f"building iocpnet for {tag} failed:\n{r.stderr[-3000:]}")
     return vpy, r.stdout.strip().splitlines()[-1]
-
-
-def free_port(start):
-    port = start
-    while True:
-        s = socket.socket()
-        try:
-            s.bind(("127.0.0.1", port))
-            return port
-        except OSError:
-            port += 1
-        finally:
-            s.close()
 
 
 def proc_cpu_s(pid):
