@@ -1,0 +1,252 @@
+# core/listener.pxi: the Listener: posted accepts, back-off, the session cap.
+# Included by _core.pyx (one extension module, one file per concern).
+
+
+@cython.final
+cdef class Listener(IocpObject):
+    """Accepts connections: binds, listens, and keeps ``max_session_count`` accepts
+    posted, each with a session made by the service's factory, re-posting each one as
+    it completes (the original's AcceptEx pattern).
+
+    ``address``: an int port (all interfaces) or a ``(host, port)`` tuple; port 0 picks
+    a free port, readable as ``.port`` after ``Start()``.
+    """
+    cdef object _address_arg
+    cdef readonly int backlog
+    cdef bint _reuse_port
+    cdef bint _ipv6_only
+    cdef port_sock_t _sock
+    cdef int _port
+    cdef str _host
+    cdef port_op_t *_ops
+    cdef list _pending
+    cdef int _count
+    # Accept completions of different slots run on several workers at once (each on
+    # its own session's strand): the counters are atomic, the back-off state locked.
+    cdef volatile int32_t _inflight
+    cdef volatile int64_t _accepted
+    cdef volatile int64_t _accept_errors
+    cdef Service _service
+    cdef bint _closing
+    cdef object _backoff_lock
+    cdef list _starved
+    cdef object _backoff_timer
+    cdef int _backoff_ms
+
+    def __init__(self, address, *, int backlog=1024, bint reuse_port=False,
+                 bint ipv6_only=False):
+        if isinstance(address, int):
+            address = (None, address)
+        elif isinstance(address, (tuple, list)) and len(address) == 2:
+            address = (address[0] or None, int(address[1]))
+        else:
+            raise TypeError("address must be a port number or a (host, port) tuple")
+        if not 0 <= address[1] <= 65535:
+            raise ValueError(f"port out of range: {address[1]}")
+        self._address_arg = address
+        self.backlog = backlog
+        self._reuse_port = reuse_port
+        self._ipv6_only = ipv6_only
+        self._sock = PORT_INVALID_SOCK
+        self._starved = []
+        self._backoff_ms = 0
+        self._backoff_lock = threading.Lock()
+
+    def __cinit__(self, *args, **kwargs):
+        self._ops = NULL
+        self._sock = PORT_INVALID_SOCK
+
+    def __dealloc__(self):
+        if self._sock != PORT_INVALID_SOCK and self.core is not None and self.core.port != NULL:
+            port_sock_close(self.core.port, self._sock, 0)
+        if self._ops != NULL:
+            free(self._ops)
+            self._ops = NULL
+
+    def __repr__(self):
+        return f"<Listener {self.address}>"
+
+    @property
+    def port(self):
+        """The bound port (after Start)."""
+        return self._port if self._sock != PORT_INVALID_SOCK or self._port else \
+            self._address_arg[1]
+
+    @property
+    def address(self):
+        if self._host is not None:
+            return (self._host, self._port)
+        return self._address_arg
+
+    cdef int _start(self, IocpCore core, Service service, int count) except -1:
+        cdef port_addr_t addr
+        cdef port_addr_t bound
+        cdef char host[64]
+        cdef int portnum = 0, rc, flags = 0, i
+        cdef const char *chost = NULL
+        if self._ops != NULL:
+            raise RuntimeError("the Listener is already started")
+        if count <= 0:
+            raise ValueError("max_session_count must be positive")
+        hostarg = self._address_arg[0]
+        if hostarg is not None:
+            hb = str(hostarg).encode("idna")
+            chost = hb
+        rc = port_resolve(chost, self._address_arg[1], 1, &addr)
+        if rc != 0:
+            raise port_error(rc, f"resolving {hostarg!r}")
+        if self._reuse_port:
+            flags |= PORT_LISTEN_REUSEPORT
+        if self._ipv6_only:
+            flags |= PORT_LISTEN_V6ONLY
+        rc = port_listen(core.port, &addr, self.backlog, flags, &self._sock)
+        if rc != 0:
+            self._sock = PORT_INVALID_SOCK
+            raise port_error(rc, f"listening on {self._address_arg}")
+        if port_sockname(self._sock, &bound) == 0 and \
+                port_addr_format(&bound, host, sizeof(host), &portnum) == 0:
+            self._host = host.decode("ascii")
+            self._port = portnum
+        self.core = core
+        self._service = service
+        self._ops = <port_op_t *>malloc(count * sizeof(port_op_t))
+        if self._ops == NULL:
+            raise MemoryError()
+        self._count = count
+        self._pending = [None] * count
+        for i in range(count):
+            port_op_init(&self._ops[i], PORT_OP_ACCEPT, <void *>self, NULL)
+        for i in range(count):
+            self._post(i, None)
+        return 0
+
+    cdef void _post(self, int i, Session session) noexcept:
+        """(Re)post accept slot i with `session`, or a new one from the factory."""
+        cdef int rc
+        if self._closing:
+            self._pending[i] = None
+            return
+        if session is None:
+            try:
+                session = self._service._new_session()
+            except BaseException:
+                logger.exception("the session factory raised; accept slot %d "
+                                 "stays empty", i)
+                self._pending[i] = None
+                return
+        session._state = S_ACCEPTING
+        self._pending[i] = session
+        # The accept completes on the new session's strand, so OnConnected runs before
+        # any completion of the session's own operations.
+        port_op_init(&self._ops[i], PORT_OP_ACCEPT, <void *>self, &session._strand)
+        port_atomic_add32(&self._inflight, 1)
+        _incref(<PyObject *>self)
+        rc = port_accept(self.core.port, &self._ops[i], self._sock)
+        if rc != 0:
+            _decref(<PyObject *>self)
+            port_atomic_add32(&self._inflight, -1)
+            self._pending[i] = None
+            session._state = S_NEW
+            if rc != PORT_ECLOSED:
+                logger.error("posting an accept failed: %s", port_reason(rc))
+
+    cdef void _dispatch(self, port_cqe_t *cqe) noexcept:
+        cdef int i = <int>(cqe.op - self._ops)
+        cdef Session session = <Session>self._pending[i]
+        cdef int64_t res = cqe.res
+        cdef Service service = self._service
+        port_atomic_add32(&self._inflight, -1)
+        self._pending[i] = None
+        if res >= 0:
+            port_atomic_add64(&self._accepted, 1)
+            self._backoff_ms = 0
+            if self._closing:
+                port_sock_close(self.core.port, <port_sock_t>res, 0)
+                session._state = S_NEW
+                return
+            if not service._admit():
+                # Over the live-session cap: refuse this one at once, keep accepting.
+                port_sock_close(self.core.port, <port_sock_t>res, PORT_CLOSE_RESET)
+                session._state = S_NEW
+                self._post(i, session)
+                return
+            self._post(i, None)       # keep accepting while this one starts
+            session._attach_accepted(self.core, service)
+            session._on_accepted(<port_sock_t>res)
+            return
+        session._state = S_NEW
+        if self._closing:
+            return
+        if res == PORT_ECANCELED:
+            # Not ours (we only cancel when closing): keep the slot, post it again.
+            self._post(i, session)
+            return
+        port_atomic_add64(&self._accept_errors, 1)
+        if res == PORT_EMFILE or res == PORT_ENFILE or res == PORT_ENOBUFS or \
+                res == PORT_ENOMEM:
+            # Out of descriptors or memory: retrying at once would spin a core on a
+            # listener that stays readable.  Back off, then try again.
+            with self._backoff_lock:
+                self._starved.append((i, session))
+                start = self._backoff_timer is None
+                if start:
+                    self._backoff_ms = min(max(self._backoff_ms * 2, 50), 1000)
+                    self._backoff_timer = True       # claimed; made below
+                delay_ms = self._backoff_ms
+            if start:
+                logger.warning("accept failed on %s: %s; pausing accepts for %d ms",
+                               self.address, port_reason(<int>res), delay_ms)
+                try:
+                    t = self.core.CallLater(delay_ms / 1000.0, self._resume)
+                except Exception:
+                    logger.exception("cannot schedule the accept back-off")
+                    t = None
+                with self._backoff_lock:
+                    self._backoff_timer = t
+            return
+        logger.warning("accept failed on %s: %s", self.address,
+                       port_reason(<int>res))
+        self._post(i, session)
+
+    def _resume(self):
+        with self._backoff_lock:
+            starved = self._starved
+            self._starved = []
+            self._backoff_timer = None
+        for i, session in starved:
+            self._post(i, session)
+
+    def Close(self):
+        """Stop accepting: cancel the posted accepts and close the listening socket."""
+        cdef int i
+        if self._closing:
+            return
+        self._closing = True
+        with self._backoff_lock:
+            timer = self._backoff_timer
+            self._backoff_timer = None
+            self._starved = []
+        if isinstance(timer, Timer):
+            timer.Cancel()
+        if self._ops != NULL:
+            for i in range(self._count):
+                if self._ops[i].in_flight:
+                    port_cancel(self.core.port, &self._ops[i])
+        if self._sock != PORT_INVALID_SOCK and self.core is not None:
+            port_sock_close(self.core.port, self._sock, 0)
+            self._sock = PORT_INVALID_SOCK
+
+    @property
+    def accepts_posted(self):
+        """Accepts posted and not completed yet."""
+        return port_atomic_load32(&self._inflight)
+
+    @property
+    def accepted(self):
+        """Connections accepted so far (including those refused over the cap)."""
+        return port_atomic_load64(&self._accepted)
+
+    @property
+    def accept_errors(self):
+        """Accepts that failed (out of descriptors, aborted connections...)."""
+        return port_atomic_load64(&self._accept_errors)

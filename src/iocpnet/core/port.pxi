@@ -1,0 +1,418 @@
+# core/port.pxi: IocpObject, IocpCore (the completion port and Dispatch) and _complete.
+# Included by _core.pyx (one extension module, one file per concern).
+
+
+cdef class IocpObject:
+    """An owner of port operations: the Listener, a Session, a job or a timer.
+
+    The original's ``IocpObject::Dispatch(iocpEvent, numOfBytes)``: each completion is
+    routed to the object that submitted the operation.
+    """
+    cdef IocpCore core
+
+    cdef void _dispatch(self, port_cqe_t *cqe) noexcept:
+        pass
+
+
+@cython.final
+cdef class IocpCore:
+    """The completion port: worker threads call ``Dispatch`` to wait for completions and
+    route each one to its owner.
+
+    ``IocpCore(backend=None)`` picks the best backend this machine can run (io_uring,
+    else epoll; IOCP on Windows); ``backend="epoll"`` or the ``IOCPNET_BACKEND``
+    environment variable forces one.
+    """
+    cdef port_t *port
+    cdef readonly str backend
+    cdef volatile int32_t _closing
+    cdef volatile int32_t _closed
+    cdef volatile int32_t _dispatchers
+    cdef volatile int32_t _batches_waiting   # workers holding completions, waiting for the GIL
+    cdef int64_t _now_ms
+    cdef bint _recv_multishot
+    cdef volatile int32_t _view_lock
+    cdef int _view_count
+    cdef PyObject *_views[VIEW_POOL]
+    cdef object _lock
+    cdef list _close_callbacks
+    cdef set _timers
+    cdef dict _flush_watch
+    cdef object _housekeeping
+    cdef object __weakref__
+
+    def __cinit__(self, backend=None, *, int recv_buffer_size=0, int recv_buffer_count=0,
+                  int queue_depth=0, bint recv_multishot=False):
+        cdef port_options_t opts
+        cdef char err[512]
+        cdef int rc
+        cdef const char *cname = NULL
+        err[0] = 0
+        self.port = NULL
+        if backend is None:
+            backend = os.environ.get("IOCPNET_BACKEND") or None
+        if backend is not None:
+            backend = str(backend).strip().lower().replace("-", "_")
+            if backend == "iouring":
+                backend = "io_uring"
+            bname = backend.encode("ascii")
+            cname = bname
+        opts.recv_buffer_size = recv_buffer_size if recv_buffer_size > 0 else 0
+        opts.recv_buffer_count = recv_buffer_count if recv_buffer_count > 0 else 0
+        opts.queue_depth = queue_depth if queue_depth > 0 else 0
+        opts.flags = PORT_OPT_RECV_MULTISHOT if recv_multishot else 0
+        self._recv_multishot = recv_multishot
+        rc = port_create(&self.port, cname, &opts, err, sizeof(err))
+        reason = err.decode("utf-8", "replace")
+        if rc != 0:
+            self.port = NULL
+            if rc == PORT_EUNAVAIL:
+                if backend is None:
+                    raise BackendUnavailableError(
+                        f"no completion-port backend can run here: {reason}")
+                raise BackendUnavailableError(
+                    f"the {backend!r} backend cannot run here: {reason or 'unavailable'}"
+                    f" (available: {', '.join(available_backends()) or 'none'})")
+            raise port_error(rc, reason or "creating the completion port")
+        self.backend = port_backend(self.port).decode("ascii")
+        port_atomic_add64(&_cores_alive, 1)
+        self._lock = threading.Lock()
+        self._close_callbacks = []
+        self._timers = set()
+        self._flush_watch = {}
+        self._housekeeping = None
+        self._now_ms = port_monotonic_ms()
+        # Say once which backend runs, and why it is not the first choice if it is not.
+        fell_back = backend is None and reason and self.backend != compiled_backends()[0]
+        key = (self.backend, reason if fell_back else None)
+        if key not in _logged_backends:
+            _logged_backends.add(key)
+            if fell_back:
+                logger.info("%s unavailable (%s); using the %s backend",
+                            compiled_backends()[0], reason, self.backend)
+            else:
+                logger.info("using the %s backend", self.backend)
+
+    def __dealloc__(self):
+        cdef int i
+        for i in range(self._view_count):
+            _decref(self._views[i])
+        self._view_count = 0
+        if self.port != NULL:
+            port_destroy(self.port)
+            self.port = NULL
+            port_atomic_add64(&_cores_alive, -1)
+
+    def __repr__(self):
+        state = "closed" if self._closed else ("closing" if self._closing else "open")
+        return f"<IocpCore backend={self.backend} {state}>"
+
+    @property
+    def closed(self):
+        return bool(self._closed)
+
+    def Dispatch(self, int timeout_ms=-1, int max_batch=BATCH):
+        """Wait up to ``timeout_ms`` (-1: forever) for completions, with the GIL released,
+        then dispatch the whole batch to the owners under one GIL hold.
+
+        Returns the number of completions handled: 0 on timeout, -1 at once after
+        ``Close()``.  Operations submitted by hooks during the batch are handed to the
+        kernel with this thread's next ``Dispatch`` (one system call per batch).
+
+        A worker handles the batch it took in order, so a hook that blocks delays the
+        rest of its batch whatever the number of workers; ``max_batch`` (1 to 128)
+        bounds that, at some cost in throughput.
+        """
+        cdef port_cqe_t batch[BATCH]
+        cdef int n, i, wait_ms = timeout_ms
+        cdef port_t *port = self.port
+        cdef void *prev
+        cdef int64_t deadline = port_monotonic_ms() + timeout_ms if timeout_ms > 0 else 0
+        if port == NULL or self._closed:
+            return -1
+        if max_batch < 1 or max_batch > BATCH:
+            max_batch = BATCH
+        port_atomic_add32(&self._dispatchers, 1)
+        prev = iocpnet_get_tls_core()
+        try:
+            # With a GIL, a worker that reaped completions can wait for the GIL for a whole
+            # switch interval (5 ms) per try: the worker dispatching drops it, finds more
+            # queued work without sleeping and takes it back before the other one has even
+            # woken up.  Its completions (other sessions' messages) would wait 10-30 ms
+            # while this thread keeps serving its own.  So a worker that sees another one
+            # waiting with a batch lets it in before waiting again.
+            if port_atomic_load32(&self._batches_waiting) > 0:
+                with nogil:
+                    iocpnet_let_batch_in(&self._batches_waiting)
+            while True:
+                with nogil:
+                    n = port_wait(port, batch, max_batch, wait_ms)
+                    if n > 0:
+                        port_atomic_add32(&self._batches_waiting, 1)
+                if n > 0:
+                    port_atomic_add32(&self._batches_waiting, -1)
+                if n == PORT_EINTR:
+                    PyErr_CheckSignals()     # Ctrl-C on the main thread ends up here
+                    if timeout_ms > 0:
+                        wait_ms = <int>(deadline - port_monotonic_ms())
+                        if wait_ms <= 0:
+                            n = 0
+                            break
+                    continue
+                break
+            if n < 0:
+                if n == PORT_ECLOSED:
+                    return -1
+                raise port_error(n, "waiting for completions")
+            self._now_ms = port_monotonic_ms()
+            iocpnet_set_tls_core(<void *>self)
+            for i in range(n):
+                _complete(self, &batch[i])
+            port_batch_end(port)
+            return n
+        finally:
+            iocpnet_set_tls_core(prev)
+            port_atomic_add32(&self._dispatchers, -1)
+            if self._closing and not self._closed:
+                self._maybe_shutdown()
+
+    cdef object _take_view(self, char *ptr, Py_ssize_t n):
+        """A read-only memoryview of ptr[0:n] for OnRecv: a recycled one if the pool has
+        one (no allocation in the steady state), else a new one over a _RecvView."""
+        cdef PyObject *o = NULL
+        cdef _RecvView view
+        port_spin_lock(&self._view_lock)
+        if self._view_count > 0:
+            self._view_count -= 1
+            o = self._views[self._view_count]
+        port_spin_unlock(&self._view_lock)
+        if o != NULL:
+            mv = <object>o
+            _decref(o)                  # `mv` holds the pool's reference now
+            iocpnet_mv_repoint(mv, ptr, n)
+            return mv
+        view = _RecvView.__new__(_RecvView)
+        view.ptr = ptr
+        view.length = n
+        return PyMemoryView_FromObject(view)
+
+    cdef bint _give_back_view(self, object mv) noexcept:
+        """After the hook: keep `mv` for the next receive if nobody else holds it or
+        anything derived from it.  False: the hook kept it (the caller detaches)."""
+        if not iocpnet_mv_unshared(mv):
+            return False
+        port_spin_lock(&self._view_lock)
+        if self._view_count < VIEW_POOL:
+            _incref(<PyObject *>mv)
+            self._views[self._view_count] = <PyObject *>mv
+            self._view_count += 1
+        port_spin_unlock(&self._view_lock)
+        return True
+
+    cdef void _maybe_shutdown(self) noexcept:
+        cdef port_stats_t st
+        port_get_stats(self.port, &st)
+        if st.in_flight <= 0 and not self._closed:
+            self._closed = 1
+            port_shutdown(self.port)
+
+    def Close(self, double timeout=5.0):
+        """Stop: disconnect the services using this core, cancel timers, wait (up to
+        ``timeout`` seconds) for every operation in flight to complete, then wake every
+        thread in ``Dispatch`` (they return -1).  Idempotent, any thread.
+
+        Called from a worker thread (inside a hook or job) it does not wait: the last
+        completion ends the port.
+        """
+        cdef port_stats_t st
+        cdef bint in_worker = iocpnet_get_tls_core() == <void *>self
+        if self.port == NULL:
+            return
+        with self._lock:
+            if self._closing:
+                first = False
+            else:
+                self._closing = 1
+                first = True
+            callbacks = list(self._close_callbacks)
+            timers = list(self._timers)
+        if first:
+            for cb in callbacks:
+                try:
+                    cb()
+                except Exception:
+                    logger.exception("a close callback raised")
+            for t in timers:
+                # The user's timers stop; the core's own (the flush deadline sweep) go
+                # on, so that sessions still flushing are closed at their deadline.
+                if not (<Timer>t)._internal:
+                    (<Timer>t).Cancel()
+        if in_worker:
+            return
+        deadline = _time.monotonic() + timeout
+        while not self._closed:
+            port_get_stats(self.port, &st)
+            if st.in_flight <= 0:
+                break
+            if _time.monotonic() >= deadline:
+                logger.warning("%d operation(s) still in flight after %.1f s; "
+                               "closing the port anyway (their owners are abandoned)",
+                               st.in_flight, timeout)
+                break
+            if self._dispatchers > 0:
+                _time.sleep(0.002)       # the workers drain it
+            else:
+                self.Dispatch(20)        # nobody else is dispatching: drain it here
+        with self._lock:
+            if not self._closed:
+                self._closed = 1
+                port_shutdown(self.port)
+            # Nothing can complete any more: drop what still refers to sessions.
+            self._flush_watch.clear()
+            self._housekeeping = None
+            self._close_callbacks = []
+
+    def stats(self):
+        """Counters of the port: submitted, completed, in_flight, waits, receive buffers."""
+        cdef port_stats_t st
+        if self.port == NULL:
+            return {}
+        port_get_stats(self.port, &st)
+        return {
+            "submitted": st.submitted,
+            "completed": st.completed,
+            "in_flight": st.in_flight,
+            "waits": st.waits,
+            "recv_buffers": st.recv_buffers,
+            "recv_buffers_out": st.recv_buffers_out,
+        }
+
+    # ---- jobs and timers (the PostQueuedCompletionStatus idiom) ----
+
+    def Post(self, func, *args):
+        """Run ``func(*args)`` on a worker thread (any thread may post).  Exceptions are
+        logged; workers go on."""
+        cdef _Job job = _Job.__new__(_Job)
+        job.core = self
+        job.func = func
+        job.args = args
+        port_op_init(&job.op, PORT_OP_POST, <void *>job, NULL)
+        _incref(<PyObject *>job)
+        rc = port_post(self.port, &job.op, 0)
+        if rc != 0:
+            _decref(<PyObject *>job)
+            raise port_error(rc, "Post")
+
+    def CallLater(self, double delay, func, *args):
+        """Run ``func(*args)`` on a worker thread after ``delay`` seconds; returns a
+        ``Timer`` whose ``Cancel()`` stops it."""
+        return self._start_timer(delay, 0.0, func, args)
+
+    def CallEvery(self, double interval, func, *args):
+        """Run ``func(*args)`` on a worker thread every ``interval`` seconds (a game
+        tick) until the returned ``Timer`` is cancelled or the core closes."""
+        if interval <= 0:
+            raise ValueError("interval must be positive")
+        return self._start_timer(interval, interval, func, args)
+
+    cdef Timer _start_timer(self, double delay, double interval, func, tuple args,
+                            bint internal=False):
+        cdef Timer t = Timer.__new__(Timer)
+        if not callable(func):
+            raise TypeError("func must be callable")
+        if delay < 0:
+            delay = 0
+        t.core = self
+        t.func = func
+        t.args = args
+        t.interval = interval
+        t._internal = internal
+        port_op_init(&t.op, PORT_OP_TIMER, <void *>t, NULL)
+        with self._lock:
+            if self._closed or (self._closing and not internal):
+                raise RuntimeError("the IocpCore is closed")
+            self._timers.add(t)
+        t._arm(delay)
+        return t
+
+    # ---- bookkeeping used by sessions and services ----
+
+    cdef void _watch_flush(self, Session s, int64_t deadline_ms) noexcept:
+        """Close `s` if its send queue has not drained by the deadline."""
+        try:
+            with self._lock:
+                self._flush_watch[s] = deadline_ms
+                start = self._housekeeping is None and not self._closed
+                if start:
+                    self._housekeeping = True      # claimed; the timer is made below
+            if start:
+                t = self._start_timer(0.1, 0.1, self._sweep_flush, (), True)
+                with self._lock:
+                    self._housekeeping = t
+        except Exception:
+            logger.exception("watching a flushing session failed")
+            s._close_now("flush watch failed", True)
+
+    cdef void _unwatch_flush(self, Session s) noexcept:
+        with self._lock:
+            self._flush_watch.pop(s, None)
+
+    def _sweep_flush(self):
+        cdef int64_t now = port_monotonic_ms()
+        cdef Session s
+        overdue = []
+        with self._lock:
+            for s, deadline in list(self._flush_watch.items()):
+                if s._state != S_FLUSHING:
+                    del self._flush_watch[s]
+                elif now >= deadline:
+                    del self._flush_watch[s]
+                    overdue.append(s)
+            if not self._flush_watch and isinstance(self._housekeeping, Timer):
+                self._housekeeping.Cancel()
+                self._housekeeping = None
+        for s in overdue:
+            s._close_now(f"{s._get_reason()} (its queued data was not flushed in time)",
+                         True)
+
+    def _add_close_callback(self, cb):
+        with self._lock:
+            self._close_callbacks.append(cb)
+
+    def _remove_close_callback(self, cb):
+        with self._lock:
+            try:
+                self._close_callbacks.remove(cb)
+            except ValueError:
+                pass
+
+    cdef void _timer_done(self, Timer t) noexcept:
+        with self._lock:
+            self._timers.discard(t)
+
+
+cdef inline void _complete(IocpCore core, port_cqe_t *cqe) noexcept:
+    """Route one completion to its owner, then whatever its strand queued meanwhile."""
+    cdef port_cqe_t nxt
+    cdef port_strand_t *strand = cqe.op.strand
+    cdef PyObject *owner = <PyObject *>cqe.op.owner
+    cdef PyObject *strand_owner = NULL
+    cdef PyObject *o
+    # Keep the owner (and the object holding the strand) alive until we are done with
+    # them: the operation's own reference is dropped below, and the strand lives inside
+    # its session.
+    _incref(owner)
+    if strand != NULL:
+        strand_owner = <PyObject *>strand.owner
+        _incref(strand_owner)
+    (<IocpObject>owner)._dispatch(cqe)
+    if not (cqe.flags & PORT_CQE_MORE):
+        _decref(owner)            # the operation's reference
+    if strand != NULL:
+        while port_strand_next(core.port, strand, &nxt):
+            o = <PyObject *>nxt.op.owner
+            (<IocpObject>o)._dispatch(&nxt)
+            if not (nxt.flags & PORT_CQE_MORE):
+                _decref(o)
+        _decref(strand_owner)
+    _decref(owner)

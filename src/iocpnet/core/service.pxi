@@ -1,0 +1,420 @@
+# core/service.pxi: Service, ServerService, Reconnect, ClientService.
+# Included by _core.pyx (one extension module, one file per concern).
+
+
+cdef class Service:
+    """The original's Service: an IocpCore, a Listener, a session factory and the number
+    of accepts kept posted (``max_session_count``, which is not a cap on sessions: use
+    ``max_sessions`` for that).
+
+    ``Start()`` binds, listens and posts the accepts; worker threads then loop
+    ``service.GetIocpCore().Dispatch()``.  ``Run(workers=5)`` does all of it and returns
+    after ``Stop()``, SIGINT or SIGTERM, with a graceful shutdown.
+    """
+    cdef readonly IocpCore core
+    cdef readonly object listener
+    cdef object _factory
+    cdef readonly int max_session_count
+    cdef readonly object max_sessions
+    cdef Py_ssize_t _cap
+    cdef set _sessions
+    cdef object _lock
+    cdef object _stop_event
+    cdef bint _started
+    cdef bint _stopping
+    cdef object _close_cb
+    cdef object _idle_timer
+    cdef str _shutdown_reason         # what Stop() tells the sessions
+    cdef Py_ssize_t _admitting        # accepted, admitted, not yet in _sessions
+    cdef readonly uint64_t rejected
+    cdef readonly uint64_t total_sessions
+    cdef readonly uint64_t idle_disconnects
+    cdef object __weakref__
+
+    def __init__(self, IocpCore core, listener, session_factory, int max_session_count=100,
+                 *, max_sessions=None):
+        if core is None:
+            raise TypeError("core must be an IocpCore")
+        if not callable(session_factory):
+            raise TypeError("session_factory must be a Session subclass or a callable "
+                            "returning a Session")
+        if max_session_count <= 0:
+            raise ValueError("max_session_count must be positive")
+        self.core = core
+        self.listener = listener
+        self._factory = session_factory
+        self.max_session_count = max_session_count
+        self.max_sessions = max_sessions
+        self._cap = -1 if max_sessions is None else int(max_sessions)
+        if max_sessions is not None and self._cap < 0:
+            raise ValueError("max_sessions must be >= 0")
+        self._sessions = set()
+        self._lock = threading.Lock()
+        self._stop_event = threading.Event()
+        self._shutdown_reason = "server shutdown"
+
+    def __repr__(self):
+        return (f"<{type(self).__name__} {self.listener!r} sessions={len(self._sessions)} "
+                f"backend={self.core.backend}>")
+
+    def GetIocpCore(self):
+        return self.core
+
+    @property
+    def session_count(self):
+        """Live sessions (connected, or closing and not yet disconnected)."""
+        return len(self._sessions)
+
+    @property
+    def sessions(self):
+        """A snapshot of the live sessions."""
+        with self._lock:
+            return list(self._sessions)
+
+    def CreateSession(self):
+        return self._new_session()
+
+    cdef Session _new_session(self):
+        s = self._factory()
+        if not isinstance(s, Session):
+            raise TypeError(f"the session factory returned {type(s).__name__}, "
+                            f"not a Session")
+        return <Session>s
+
+    cdef bint _admit(self) noexcept:
+        """May one more session start?  (the live-session cap)  A yes reserves its place
+        until _session_connected: accepts complete on several workers at once, and two
+        of them must not both take the last place."""
+        with self._lock:
+            if self._stopping:
+                return False
+            if self._cap >= 0 and len(self._sessions) + self._admitting >= self._cap:
+                self.rejected += 1
+                return False
+            self._admitting += 1
+            return True
+
+    cdef bint _session_connected(self, Session s) noexcept:
+        with self._lock:
+            self._sessions.add(s)
+            if self._admitting > 0:
+                self._admitting -= 1
+            self.total_sessions += 1
+            stopping = self._stopping
+        if stopping:
+            s._close_now(self._shutdown_reason, False)
+            return False
+        self._watch_idle(s)
+        return True
+
+    cdef void _watch_idle(self, Session s) noexcept:
+        """Start the idle sweep the first time a session with an idle_timeout connects."""
+        cdef double idle = s._hooks.idle_timeout
+        if idle <= 0 or self._idle_timer is not None:
+            return
+        with self._lock:
+            if self._idle_timer is not None or self._stopping:
+                return
+            self._idle_timer = True       # claimed; made below, outside the lock
+        try:
+            t = self.core.CallEvery(max(0.05, min(1.0, idle / 4.0)), self._sweep_idle)
+        except Exception:
+            logger.exception("cannot start the idle-timeout sweep")
+            t = None
+        with self._lock:
+            self._idle_timer = t
+
+    def _sweep_idle(self):
+        """Disconnect sessions that received nothing for their idle_timeout."""
+        cdef Session s
+        cdef int64_t now = port_monotonic_ms()
+        cdef double idle
+        for s in self.sessions:
+            idle = s._hooks.idle_timeout
+            if idle > 0 and s._state == S_CONNECTED and \
+                    now - s._last_recv_ms >= <int64_t>(idle * 1000):
+                if s._begin_disconnect(f"idle timeout: nothing received for {idle:g} s",
+                                       True):
+                    self.idle_disconnects += 1
+
+    cdef void _session_done(self, Session s) noexcept:
+        with self._lock:
+            self._sessions.discard(s)
+
+    def Start(self):
+        """Bind, listen and post the accepts."""
+        if self._started:
+            raise RuntimeError("the service is already started")
+        if self.listener is None:
+            raise RuntimeError("this service has no Listener")
+        self._started = True
+        self._close_cb = self._on_core_close
+        self.core._add_close_callback(self._close_cb)
+        (<Listener>self.listener)._start(self.core, self, self.max_session_count)
+
+    def _on_core_close(self):
+        self._begin_stop(self._shutdown_reason)
+
+    cdef void _begin_stop(self, str reason) noexcept:
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+            sessions = list(self._sessions)
+            idle_timer = self._idle_timer
+            self._idle_timer = None
+        if isinstance(idle_timer, Timer):
+            idle_timer.Cancel()
+        if self.listener is not None:
+            try:
+                self.listener.Close()
+            except Exception:
+                logger.exception("closing the listener failed")
+        for s in sessions:
+            (<Session>s)._begin_disconnect(reason, True)
+        self._stop_event.set()
+
+    def Stop(self, double timeout=5.0):
+        """Graceful shutdown (any thread): stop accepting, disconnect every session
+        (their queued data is flushed), and wait up to ``timeout`` seconds for them to
+        finish.  From a worker thread it does not wait.  Under ``Run`` it also makes
+        ``Run`` return."""
+        self._begin_stop(self._shutdown_reason)
+        if iocpnet_get_tls_core() == <void *>self.core:
+            return
+        deadline = _time.monotonic() + timeout
+        while len(self._sessions) > 0 or (self.listener is not None and
+                                          self.listener.accepts_posted > 0):
+            if _time.monotonic() >= deadline:
+                logger.warning("%d session(s) still open after %.1f s of shutdown",
+                               len(self._sessions), timeout)
+                break
+            if self.core._dispatchers > 0:
+                _time.sleep(0.002)
+            else:
+                if self.core.Dispatch(20) < 0:
+                    break
+
+    def Broadcast(self, data, sessions=None):
+        """Send the same bytes to every live session (or to ``sessions``), queued by
+        reference: the packet is built once.  Returns how many sessions took it."""
+        if type(data) is not bytes:
+            data = bytes(data)
+        targets = self.sessions if sessions is None else sessions
+        n = 0
+        for s in targets:
+            if (<Session>s).Send(data):
+                n += 1
+        return n
+
+    def Run(self, int workers=5, *, double shutdown_timeout=5.0):
+        """Start, run ``workers`` threads looping Dispatch, and return after ``Stop()``,
+        SIGINT or SIGTERM, with a graceful shutdown: stop accepting, disconnect the
+        sessions, drain the operations, join the workers, close the core."""
+        import signal
+        if workers <= 0:
+            raise ValueError("workers must be positive")
+        if not self._started:
+            self.Start()
+        core = self.core
+        errors = []
+
+        def worker():
+            try:
+                while core.Dispatch() >= 0:
+                    pass
+            except BaseException as e:
+                errors.append(e)
+                logger.exception("worker thread failed")
+                self._stop_event.set()
+
+        threads = [threading.Thread(target=worker, name=f"iocpnet-worker-{i}", daemon=True)
+                   for i in range(workers)]
+        for t in threads:
+            t.start()
+        old_handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            def on_signal(signum, frame):
+                logger.info("%s received; shutting down",
+                            signal.Signals(signum).name)
+                self._stop_event.set()
+            for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
+                if sig is not None:
+                    old_handlers[sig] = signal.signal(sig, on_signal)
+        try:
+            while not self._stop_event.wait(0.25):
+                pass
+        finally:
+            for sig, h in old_handlers.items():
+                signal.signal(sig, h)
+            self.Stop(shutdown_timeout)
+            core.Close(shutdown_timeout)
+            for t in threads:
+                t.join(shutdown_timeout)
+            self.core._remove_close_callback(self._close_cb)
+        if errors:
+            raise errors[0]
+
+
+cdef class ServerService(Service):
+    """A Service that accepts connections (the same as ``Service``)."""
+
+
+class Reconnect:
+    """A ClientService's reconnect policy: when a session ends (or cannot connect), a new
+    one is opened after ``initial`` seconds, the delay growing by ``factor`` up to
+    ``max_delay`` while attempts keep failing; after ``max_attempts`` failures in a row
+    (None: no limit) the service stops trying.  A connection that came up resets it."""
+
+    def __init__(self, initial=0.5, max_delay=30.0, factor=2.0, max_attempts=None):
+        if initial < 0 or max_delay < 0 or factor < 1:
+            raise ValueError("initial and max_delay must be >= 0 and factor >= 1")
+        self.initial = float(initial)
+        self.max_delay = float(max_delay)
+        self.factor = float(factor)
+        self.max_attempts = max_attempts
+
+    def delay(self, failures):
+        """Seconds to wait after `failures` failed attempts in a row (0 after a drop)."""
+        return min(self.max_delay, self.initial * self.factor ** max(failures - 1, 0))
+
+    def __repr__(self):
+        return (f"Reconnect(initial={self.initial}, max_delay={self.max_delay}, "
+                f"factor={self.factor}, max_attempts={self.max_attempts})")
+
+
+cdef class ClientService(Service):
+    """Connects ``count`` client sessions to ``address`` (dummy clients, server to
+    server links), IPv4 or IPv6.  Each session gets the usual hooks; a connection that
+    cannot be made gets ``OnConnectFailed(reason)`` then ``OnDisconnected(reason)``.
+    With ``reconnect`` (True, or a ``Reconnect`` policy) every session that ends is
+    replaced by a new connection after the policy's delay, until ``Stop()``.
+    """
+    cdef object _address
+    cdef port_addr_t _addr
+    cdef readonly int count
+    cdef readonly object reconnect
+    cdef int _failures
+    cdef set _retry_timers
+    cdef readonly uint64_t connect_failures
+
+    def __init__(self, IocpCore core, address, session_factory, int count=1, *,
+                 reconnect=None):
+        cdef int rc
+        if isinstance(address, int):
+            address = ("127.0.0.1", address)
+        if not (isinstance(address, (tuple, list)) and len(address) == 2):
+            raise TypeError("address must be a (host, port) tuple")
+        if count < 0:
+            raise ValueError("count must be >= 0")
+        super().__init__(core, None, session_factory, max(count, 1))
+        self._shutdown_reason = "client shutdown"
+        self._address = (str(address[0]), int(address[1]))
+        self.count = count
+        if reconnect is True:
+            reconnect = Reconnect()
+        elif reconnect is False:
+            reconnect = None
+        if reconnect is not None and not hasattr(reconnect, "delay"):
+            raise TypeError("reconnect must be True or a Reconnect policy")
+        self.reconnect = reconnect
+        self._retry_timers = set()
+        host = self._address[0].encode("idna")
+        rc = port_resolve(host, self._address[1], 0, &self._addr)
+        if rc != 0:
+            raise port_error(rc, f"resolving {self._address[0]!r}")
+
+    @property
+    def address(self):
+        return self._address
+
+    def Start(self):
+        """Open the connections."""
+        if self._started:
+            raise RuntimeError("the service is already started")
+        self._started = True
+        self._close_cb = self._on_core_close
+        self.core._add_close_callback(self._close_cb)
+        for _ in range(self.count):
+            self.Connect()
+
+    def Connect(self, session=None):
+        """Open one more connection, with `session` or a new one from the factory;
+        returns the session (connecting)."""
+        cdef Session s
+        if self._stopping:
+            raise RuntimeError("the service is stopping")
+        s = self._new_session() if session is None else session
+        s._attach(self.core, self)
+        with self._lock:
+            self._sessions.add(s)
+            self.total_sessions += 1
+        try:
+            s._start_connect(&self._addr)
+        except BaseException:
+            with self._lock:
+                self._sessions.discard(s)
+            raise
+        return s
+
+    cdef bint _session_connected(self, Session s) noexcept:
+        # Already in the set since the connect started.
+        if self._stopping:
+            s._close_now(self._shutdown_reason, False)
+            return False
+        with self._lock:
+            self._failures = 0
+        self._watch_idle(s)
+        return True
+
+    cdef void _session_done(self, Session s) noexcept:
+        Service._session_done(self, s)
+        if not s._was_connected:
+            with self._lock:
+                self.connect_failures += 1
+                self._failures += 1
+        if self.reconnect is not None and not self._stopping:
+            self._schedule_retry()
+
+    cdef void _schedule_retry(self) noexcept:
+        limit = self.reconnect.max_attempts
+        if limit is not None and self._failures >= limit:
+            logger.warning("giving up on %s:%d after %d failed connection attempts",
+                           self._address[0], self._address[1], self._failures)
+            return
+        try:
+            delay = float(self.reconnect.delay(self._failures))
+            holder = []
+            t = self.core.CallLater(delay, self._retry, holder)
+            holder.append(t)
+            with self._lock:
+                self._retry_timers.add(t)
+        except Exception:
+            if not self.core._closing:
+                logger.exception("cannot schedule a reconnect")
+
+    def _retry(self, holder):
+        with self._lock:
+            self._retry_timers.discard(holder[0])
+        if self._stopping:
+            return
+        try:
+            self.Connect()
+        except Exception as e:
+            logger.warning("reconnecting to %s:%d failed: %s", self._address[0],
+                           self._address[1], e)
+            with self._lock:
+                self.connect_failures += 1
+                self._failures += 1
+            self._schedule_retry()
+
+    cdef void _begin_stop(self, str reason) noexcept:
+        Service._begin_stop(self, reason)
+        with self._lock:
+            timers = list(self._retry_timers)
+            self._retry_timers.clear()
+        for t in timers:
+            t.Cancel()
+
+    def _on_core_close(self):
+        self._begin_stop(self._shutdown_reason)

@@ -1,0 +1,79 @@
+# core/timers.pxi: jobs (IocpCore.Post) and timers (CallLater, CallEvery).
+# Included by _core.pyx (one extension module, one file per concern).
+
+
+@cython.final
+cdef class _Job(IocpObject):
+    cdef port_op_t op
+    cdef object func
+    cdef tuple args
+
+    cdef void _dispatch(self, port_cqe_t *cqe) noexcept:
+        func = self.func
+        args = self.args
+        self.func = None
+        self.args = None
+        try:
+            func(*args)
+        except BaseException:
+            logger.exception("job %s raised", repr(func))
+
+
+@cython.final
+cdef class Timer(IocpObject):
+    """A pending call made by ``IocpCore.CallLater`` or ``CallEvery``."""
+    cdef port_op_t op
+    cdef object func
+    cdef tuple args
+    cdef double interval
+    cdef volatile int32_t _cancelled
+    cdef bint _done
+    cdef bint _internal           # the core's own: not cancelled by Close
+    cdef object __weakref__
+
+    def __repr__(self):
+        kind = f"every {self.interval:g}s" if self.interval else "once"
+        state = "cancelled" if self._cancelled else ("done" if self._done else "pending")
+        return f"<Timer {kind} {self.func!r} {state}>"
+
+    @property
+    def cancelled(self):
+        return bool(self._cancelled)
+
+    @property
+    def active(self):
+        return not self._done
+
+    cdef void _arm(self, double delay) except *:
+        cdef uint64_t ms = <uint64_t>(delay * 1000.0 + 0.5)
+        _incref(<PyObject *>self)
+        rc = port_timer(self.core.port, &self.op, ms)
+        if rc != 0:
+            _decref(<PyObject *>self)
+            self._done = True
+            self.core._timer_done(self)
+            raise port_error(rc, "arming a timer")
+
+    def Cancel(self):
+        """Stop the timer (any thread).  A call already running finishes."""
+        self._cancelled = 1
+        if self.op.in_flight:
+            port_cancel(self.core.port, &self.op)
+
+    cdef void _dispatch(self, port_cqe_t *cqe) noexcept:
+        if cqe.res == 0 and not self._cancelled:
+            try:
+                self.func(*self.args)
+            except BaseException:
+                logger.exception("timer callback %s raised", repr(self.func))
+            if self.interval > 0 and not self._cancelled and \
+                    (self._internal or not self.core._closing) and not self.core._closed:
+                try:
+                    self._arm(self.interval)
+                    return
+                except Exception:
+                    logger.exception("re-arming a repeating timer failed")
+        self._done = True
+        self.core._timer_done(self)
+        self.func = None
+        self.args = None
