@@ -16,6 +16,8 @@
 #   IOCPNET_FT_PREFIX      default install prefix
 #   IOCPNET_DEBIAN_MIRROR  Debian mirror URL for the trixie deb-src line
 #                          (default: the one this machine's apt already uses)
+#   IOCPNET_APT_IGNORE_VALID_UNTIL=1  accept an expired Release file (a snapshot
+#                          archive as the mirror)
 #   IOCPNET_FT_JOBS        make -j value (default: nproc)
 set -euo pipefail
 
@@ -189,8 +191,8 @@ install_build_deps() {
 
 # --- fetch the source -----------------------------------------------------
 
-# Use the mirror this machine's apt already uses: the host may be a proxy or
-# local mirror and deb.debian.org itself may be unreachable.
+# Use the mirror this machine's apt already uses (a proxy, a local mirror...): the
+# script names no host of its own, so it works behind any mirror.
 detect_debian_mirror() {
     local codename="" uri=""
     # shellcheck disable=SC1091
@@ -230,11 +232,13 @@ detect_debian_mirror() {
             }' "$f")"
         [ -n "$uri" ] && { printf '%s\n' "$uri"; return 0; }
     done
-    printf '%s\n' "http://deb.debian.org/debian"
+    return 1
 }
 
 fetch_source() {
-    local mirror="${IOCPNET_DEBIAN_MIRROR:-$(detect_debian_mirror)}"
+    local mirror="${IOCPNET_DEBIAN_MIRROR:-}"
+    [ -n "$mirror" ] || mirror="$(detect_debian_mirror)" \
+        || die "no Debian mirror found in /etc/apt/sources.list(.d) for this release; set IOCPNET_DEBIAN_MIRROR"
     mirror="${mirror%/}"
     stage "fetching $SRC_PACKAGE source from $mirror ($SRC_SUITE, deb-src)"
 
@@ -260,10 +264,11 @@ fetch_source() {
         -o "Dir::Cache=$aptdir/cache"
         -o "APT::Get::List-Cleanup=false"
     )
-    # snapshot.debian.org serves Release files whose Valid-Until has passed.
-    case "$mirror" in
-        *snapshot.debian.org*) aptopts+=(-o "Acquire::Check-Valid-Until=false") ;;
-    esac
+    # A snapshot archive serves Release files whose Valid-Until has passed: say so with
+    # IOCPNET_APT_IGNORE_VALID_UNTIL=1 (the files stay signature-checked).
+    if [ -n "${IOCPNET_APT_IGNORE_VALID_UNTIL:-}" ]; then
+        aptopts+=(-o "Acquire::Check-Valid-Until=false")
+    fi
     run_logged apt-get "${aptopts[@]}" update \
         || die "apt-get update of the private $SRC_SUITE deb-src list failed (mirror $mirror)"
     (cd "$WORK/download" && run_logged apt-get "${aptopts[@]}" source --download-only "$SRC_PACKAGE") \
