@@ -1,9 +1,40 @@
 /*
  * loadgen: iocpnet's own TCP echo load generator.
  *
- * One thread, one epoll instance, non-blocking sockets. It is deliberately
- * simple so that its own cost per message is small and predictable: the
- * servers under test get one core, this gets the other one.
+ * One thread, pinned by the caller to a core of its own. Its job is to keep
+ * the server under test busy while costing less per round trip than any
+ * server does, so that a benchmark cell measures the server, not this
+ * program; and to say, in every run, how close it came to being the limit.
+ *
+ * Engines (-e):
+ *   uring       (default for pingpong/pipeline) io_uring with
+ *               SINGLE_ISSUER | DEFER_TASKRUN | TASKRUN_FLAG, a multishot
+ *               receive per connection into a provided-buffer ring, one send
+ *               in flight per connection, every send of a pass over the
+ *               completions submitted with one io_uring_enter. It never
+ *               sleeps: it spins in user space on the completion ring and
+ *               the ring's "task work pending" flag and enters the kernel
+ *               only when there is something to submit or to run. Falls
+ *               back to epoll-busy when the kernel refuses the ring.
+ *   epoll-busy  (default for connect) non-blocking sockets, epoll_wait with
+ *               a zero timeout in a loop.
+ *   epoll       epoll_wait that sleeps: the original engine, for callers
+ *               that need the load generator's core to be free when it has
+ *               nothing to do (benchmarks/freethreading.py gives the server
+ *               both cores). Default for idle.
+ *
+ * How busy it was. A busy-poller is always at 100 % CPU, so its CPU time
+ * says nothing. Every pass of the loop is timed: a pass that reaped no
+ * completion/event and submitted nothing is idle, everything else is work.
+ *   loadgen_busy = 1 - (time in idle passes) / window
+ * is the fraction of its core the load generator needed; above 0.9 it was
+ * (close to) the limit and the cell does not compare servers. Idle passes
+ * are short (a few ns of reading the rings for uring, one epoll_wait for
+ * epoll-busy), so the count of passes that found work ("polls_with_work",
+ * also reported) is much lower than the time share and is NOT the measure.
+ * Anything else that runs on the core (interrupts, other processes) lands
+ * in work passes, so the busy figure errs on the side of "it was the limit".
+ * For the sleeping engine, busy is its CPU time over the window.
  *
  * Modes (-m):
  *   pingpong  every connection keeps exactly one message in flight
@@ -14,7 +45,7 @@
  * Every echoed byte is checked against what was sent. Message content is a
  * function of (connection id, message number), so a stale, duplicated,
  * reordered or truncated echo is a mismatch, not a silently counted
- * round-trip.
+ * round-trip (benchmarks/selftest.py proves it, on every engine).
  *
  * Output: one JSON object on stdout. Diagnostics on stderr.
  * Exit codes: 0 ok, 1 usage, 2 connection/setup error, 3 data mismatch.
@@ -25,6 +56,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <linux/io_uring.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <signal.h>
@@ -34,18 +66,29 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
 enum { M_PINGPONG, M_PIPELINE, M_CONNECT, M_IDLE };
 static const char *mode_names[] = {"pingpong", "pipeline", "connect", "idle"};
+enum { E_DEFAULT = -1, E_URING, E_EPOLL_BUSY, E_EPOLL };
+static const char *engine_names[] = {"uring", "epoll-busy", "epoll"};
 
 #define MAX_MSG (256u * 1024u)
 #define POOL_SIZE (1u << 20)
 #define HDR 8u
 #define RXBUF (256u * 1024u)
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
 
 /* ---------- small helpers ---------- */
 
@@ -89,35 +132,60 @@ static double cpu_self_s(void)
 
 static int server_pid;
 
-/* CPU time of the whole server process. /proc/<pid>/task/<tid>/schedstat
- * is in nanoseconds (stat's utime+stime has 10 ms ticks, too coarse for 1 s
- * slices); summing over tasks covers multi-threaded servers. A thread that
- * exits mid-window would lose its time, so the tick-based figure is kept
- * as well and the caller can compare. */
-static double server_cpu_sched_s(void)
+/* CPU time of the whole server process, and the time its threads were
+ * runnable but waiting for a CPU (run delay: another task had their core;
+ * the cleanest sign that a slice was disturbed). /proc/<pid>/task/<tid>/
+ * schedstat is "run_ns delay_ns timeslices", in nanoseconds (stat's
+ * utime+stime has 10 ms ticks, too coarse for 1 s slices); summing over
+ * tasks covers multi-threaded servers. A thread that exits mid-window would
+ * lose its time, so the tick-based figure is kept as well. */
+struct sched { double run_s, delay_s; };
+
+static int read_schedstat(const char *path, struct sched *acc)
 {
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    unsigned long long run = 0, delay = 0;
+    int ok = fscanf(f, "%llu %llu", &run, &delay) == 2;
+    fclose(f);
+    if (!ok)
+        return -1;
+    acc->run_s += run / 1e9;
+    acc->delay_s += delay / 1e9;
+    return 0;
+}
+
+static struct sched server_sched(void)
+{
+    struct sched s = {-1, -1};
     char path[64];
     snprintf(path, sizeof path, "/proc/%d/task", server_pid);
     DIR *d = opendir(path);
     if (!d)
-        return -1;
-    double total = 0;
+        return s;
+    s.run_s = s.delay_s = 0;
     struct dirent *de;
     while ((de = readdir(d))) {
         if (de->d_name[0] == '.')
             continue;
         char p2[300];
         snprintf(p2, sizeof p2, "/proc/%d/task/%s/schedstat", server_pid, de->d_name);
-        FILE *f = fopen(p2, "r");
-        if (!f)
-            continue;
-        unsigned long long run = 0;
-        if (fscanf(f, "%llu", &run) == 1)
-            total += run / 1e9;
-        fclose(f);
+        read_schedstat(p2, &s);
     }
     closedir(d);
-    return total;
+    return s;
+}
+
+static double server_cpu_sched_s(void) { return server_sched().run_s; }
+
+/* this (single) thread's run delay: time another task held our core */
+static double self_delay_s(void)
+{
+    struct sched s = {0, 0};
+    if (read_schedstat("/proc/thread-self/schedstat", &s) < 0)
+        return -1;
+    return s.delay_s;
 }
 
 static double server_cpu_ticks_s(void)
@@ -233,7 +301,7 @@ static double hist_pct(const struct hist *h, double p)
 static struct {
     struct sockaddr_in addr;
     const char *host;
-    int port, mode, conns, size, depth, idle_count, setup_conc;
+    int port, mode, conns, size, depth, idle_count, setup_conc, engine;
     double warmup, duration, idle_hold, setup_timeout;
 } o;
 
@@ -257,11 +325,11 @@ static inline void msg_make(struct msgref *r, uint32_t id, uint64_t m)
 
 /* ---------- connections ---------- */
 
-enum { S_FREE, S_CONNECTING, S_ACTIVE, S_IDLE };
+enum { S_FREE, S_CONNECTING, S_READY, S_ACTIVE, S_IDLE };
 
 struct conn {
     int fd, state;
-    uint32_t id;
+    uint32_t id, idx;
     uint64_t tx_msg, rx_msg; /* next message to queue / message being received */
     uint32_t rx_off;         /* bytes of rx_msg already received and checked */
     struct msgref rx_ref;
@@ -270,9 +338,12 @@ struct conn {
     uint32_t events;   /* current epoll interest */
     uint64_t *sent_ns; /* [depth] queue time of in-flight messages */
     uint64_t t_start;  /* connect mode: when connect() was called */
+    uint8_t send_busy; /* uring: a send is in flight (at most one, for order) */
+    uint8_t recv_armed; /* uring: the multishot receive is armed */
 };
 
-static int ep;
+static int ep = -1;
+static int engine; /* the engine actually used */
 static struct conn *conns;
 static int nconns; /* slots */
 static uint8_t *rxbuf;
@@ -283,6 +354,16 @@ static uint64_t total_msgs;
 static uint32_t next_id;
 static int open_count; /* sockets currently open (connecting or better) */
 static int established; /* connections that completed their first round-trip */
+static int ready_count; /* uring set-up: connections whose connect() completed */
+
+/* busy accounting, reset at the start of the measured window */
+static struct {
+    uint64_t idle_ns;    /* time in passes that found nothing to do */
+    uint64_t passes;     /* loop passes (polls) */
+    uint64_t work_passes; /* passes that reaped or submitted something */
+    uint64_t enters;     /* io_uring_enter / epoll_wait calls */
+    uint64_t rearms, enobufs, short_sends;
+} busy_acct;
 
 static void set_interest(struct conn *c, uint32_t ev)
 {
@@ -320,6 +401,7 @@ static void start_connect(struct conn *c)
     c->tx_msg = c->rx_msg = 0;
     c->rx_off = 0;
     c->txlen = c->txpos = 0;
+    c->send_busy = c->recv_armed = 0;
     c->t_start = now_ns();
     msg_make(&c->rx_ref, c->id, 0);
     open_count++;
@@ -335,30 +417,14 @@ static void start_connect(struct conn *c)
 
 static int depth_for_mode(void) { return o.mode == M_PIPELINE ? o.depth : 1; }
 
-static void do_write(struct conn *c)
-{
-    while (c->txpos < c->txlen) {
-        ssize_t n = send(c->fd, c->txbuf + c->txpos, c->txlen - c->txpos, MSG_NOSIGNAL);
-        if (n > 0) {
-            c->txpos += (uint32_t)n;
-            continue;
-        }
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0 && errno == EAGAIN) {
-            set_interest(c, EPOLLIN | EPOLLOUT);
-            return;
-        }
-        die(2, "send on conn %u: %s", c->id, n < 0 ? strerror(errno) : "returned 0");
-    }
-    set_interest(c, EPOLLIN);
-}
+static void do_write(struct conn *c);
+static void uring_send(struct conn *c);
 
 /* Queue as many new messages as the window allows, but only once the
  * previous batch has been fully written: the buffer is then reused from 0. */
 static void refill_and_send(struct conn *c)
 {
-    if (c->txpos < c->txlen)
+    if (c->txpos < c->txlen || c->send_busy)
         return;
     c->txpos = c->txlen = 0;
     uint64_t limit = (o.mode == M_PINGPONG || o.mode == M_PIPELINE) ? UINT64_MAX : 1;
@@ -376,7 +442,11 @@ static void refill_and_send(struct conn *c)
         c->txlen += o.size;
         c->tx_msg++;
     }
-    if (c->txlen)
+    if (!c->txlen)
+        return;
+    if (engine == E_URING)
+        uring_send(c);
+    else
         do_write(c);
 }
 
@@ -404,9 +474,9 @@ static uint32_t verify_chunk(struct conn *c, const uint8_t *p, uint32_t n)
     return k;
 }
 
-/* Completion time of the messages in the current recv() batch: one clock read
- * per batch instead of per message keeps the generator's own cost down in
- * pipelined runs; the error is the time to check one batch (microseconds). */
+/* Completion time of the messages in the current receive batch: one clock
+ * read per batch instead of per message keeps the generator's own cost down
+ * in pipelined runs; the error is the time to check one batch (microseconds). */
 static uint64_t t_batch;
 
 /* returns 1 if the connection was closed here (connect mode) */
@@ -440,27 +510,57 @@ static int message_done(struct conn *c)
     return 0;
 }
 
+/* Check and count n received bytes. Returns 1 if the connection was closed
+ * (connect mode: its one message is done). Anything that is not exactly the
+ * next expected bytes ends the run with exit code 3. */
+static int consume(struct conn *c, const uint8_t *buf, uint32_t n)
+{
+    uint32_t pos = 0;
+    while (pos < n) {
+        if (c->rx_msg >= c->tx_msg)
+            die(3, "conn %u received %u bytes nobody sent (stale or duplicated echo)", c->id,
+                n - pos);
+        uint32_t k = verify_chunk(c, buf + pos, n - pos);
+        c->rx_off += k;
+        pos += k;
+        if (c->rx_off == (uint32_t)o.size && message_done(c)) {
+            if (pos < n)
+                die(3, "conn %u received %u bytes after its last message", c->id, n - pos);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* ---------- epoll engines (sleeping, or busy with a zero timeout) ---------- */
+
+static void do_write(struct conn *c)
+{
+    while (c->txpos < c->txlen) {
+        ssize_t n = send(c->fd, c->txbuf + c->txpos, c->txlen - c->txpos, MSG_NOSIGNAL);
+        if (n > 0) {
+            c->txpos += (uint32_t)n;
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN) {
+            set_interest(c, EPOLLIN | EPOLLOUT);
+            return;
+        }
+        die(2, "send on conn %u: %s", c->id, n < 0 ? strerror(errno) : "returned 0");
+    }
+    set_interest(c, EPOLLIN);
+}
+
 static void do_read(struct conn *c)
 {
     for (;;) {
         ssize_t n = recv(c->fd, rxbuf, RXBUF, 0);
         if (n > 0) {
             t_batch = now_ns();
-            uint32_t pos = 0;
-            while (pos < (uint32_t)n) {
-                if (c->rx_msg >= c->tx_msg)
-                    die(3, "conn %u received %u bytes nobody sent (stale or duplicated echo)",
-                        c->id, (uint32_t)n - pos);
-                uint32_t k = verify_chunk(c, rxbuf + pos, (uint32_t)n - pos);
-                c->rx_off += k;
-                pos += k;
-                if (c->rx_off == (uint32_t)o.size && message_done(c)) {
-                    if (pos < (uint32_t)n)
-                        die(3, "conn %u received %u bytes after its last message", c->id,
-                            (uint32_t)n - pos);
-                    return;
-                }
-            }
+            if (consume(c, rxbuf, (uint32_t)n))
+                return;
             if (n == (ssize_t)RXBUF)
                 continue; /* maybe more queued */
             break;
@@ -485,6 +585,13 @@ static void on_connected(struct conn *c)
     getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
     if (err)
         die(2, "connect to %s:%d: %s", o.host, o.port, strerror(err));
+    if (engine == E_URING) {
+        /* set-up only: the traffic goes through the ring once all are up */
+        c->state = S_READY;
+        ready_count++;
+        set_interest(c, 0);
+        return;
+    }
     c->state = S_ACTIVE;
     set_interest(c, EPOLLIN);
     refill_and_send(c);
@@ -511,6 +618,8 @@ static void handle_event(struct epoll_event *e)
             die(2, "idle conn %u: %s", c->id, strerror(errno));
         return;
     }
+    if (c->state == S_READY)
+        return;
     if (e->events & (EPOLLIN | EPOLLERR | EPOLLHUP))
         do_read(c);
     if (c->state == S_ACTIVE && (e->events & EPOLLOUT)) {
@@ -520,10 +629,15 @@ static void handle_event(struct epoll_event *e)
     }
 }
 
-static int poll_events(int timeout_ms)
+/* One pass: wait up to timeout_ms (0 for the busy engine, whatever the
+ * caller asks), handle what came. */
+static int poll_events(int timeout_ms, int busy)
 {
     static struct epoll_event evs[1024];
-    int n = epoll_wait(ep, evs, 1024, timeout_ms);
+    uint64_t t0 = busy ? now_ns() : 0;
+    int n = epoll_wait(ep, evs, 1024, busy ? 0 : timeout_ms);
+    busy_acct.enters++;
+    busy_acct.passes++;
     if (n < 0) {
         if (errno == EINTR)
             return 0;
@@ -531,6 +645,12 @@ static int poll_events(int timeout_ms)
     }
     for (int i = 0; i < n; i++)
         handle_event(&evs[i]);
+    if (n > 0)
+        busy_acct.work_passes++;
+    else if (busy) {
+        busy_acct.idle_ns += now_ns() - t0;
+        cpu_relax();
+    }
     return n;
 }
 
@@ -542,20 +662,321 @@ static int ms_until(uint64_t deadline)
     return (int)((deadline - t + 999999) / 1000000);
 }
 
+/* ---------- io_uring engine (busy-polling) ----------
+ * Raw syscalls, no liburing. One ring, owned by this (only) thread:
+ * SINGLE_ISSUER | DEFER_TASKRUN means completions are produced only when we
+ * enter the kernel and ask, so nobody interrupts the spinning thread, and a
+ * server's send that makes our socket readable costs it no wake-up (we are
+ * never asleep). TASKRUN_FLAG makes the kernel raise IORING_SQ_TASKRUN in
+ * the shared ring when such deferred work is waiting, so the spin reads two
+ * words in user space and enters the kernel only when there is work. */
+
+#define U_SQ 1024
+#define U_CQ 16384
+#define U_BGID 7
+#define U_NBUF 256u          /* power of two */
+#define U_BUFSZ (16u * 1024u)
+enum { OP_RECV = 1, OP_SEND = 2 };
+
+static struct {
+    int fd, enter_fd;
+    unsigned enter_flags;
+    int taskrun_flag; /* IORING_SQ_TASKRUN can be trusted: spin without entering */
+    unsigned setup_flags;
+    unsigned *sq_head, *sq_tail, *sq_mask, *sq_array, *sq_flags, sq_entries;
+    struct io_uring_sqe *sqes;
+    unsigned *cq_head, *cq_tail, *cq_mask;
+    struct io_uring_cqe *cqes;
+    unsigned sq_local_tail;
+    struct io_uring_buf_ring *br;
+    uint8_t *bufs;
+    uint16_t br_tail;
+    struct conn **rearm; /* connections whose multishot receive ended */
+    int nrearm;
+} U;
+
+static int u_enter(unsigned to_submit, unsigned min_complete, unsigned flags)
+{
+    busy_acct.enters++;
+    return (int)syscall(__NR_io_uring_enter, U.enter_fd, to_submit, min_complete,
+                        flags | U.enter_flags, NULL, 0);
+}
+
+static void u_buf_give(uint16_t bid)
+{
+    struct io_uring_buf *b = &U.br->bufs[U.br_tail & (U_NBUF - 1)];
+    b->addr = (uintptr_t)(U.bufs + (size_t)bid * U_BUFSZ);
+    b->len = U_BUFSZ;
+    b->bid = bid;
+    U.br_tail++;
+}
+
+static void u_buf_publish(void) { __atomic_store_n(&U.br->tail, U.br_tail, __ATOMIC_RELEASE); }
+
+/* Returns 0 on success, or a reason the ring cannot be used (the caller
+ * falls back to epoll-busy). */
+static const char *uring_init(void)
+{
+    struct io_uring_params p;
+    /* newest flags first; each fallback drops what an older kernel lacks */
+    static const struct { unsigned flags; int taskrun_flag; } sets[] = {
+        {IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG, 1},
+        {IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN, 0},
+        {IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG, 1},
+        {0, 0},
+    };
+    int fd = -1;
+    for (unsigned i = 0; i < sizeof sets / sizeof sets[0]; i++) {
+        memset(&p, 0, sizeof p);
+        p.flags = sets[i].flags | IORING_SETUP_CQSIZE | IORING_SETUP_SUBMIT_ALL;
+        p.cq_entries = U_CQ;
+        fd = (int)syscall(__NR_io_uring_setup, U_SQ, &p);
+        if (fd >= 0) {
+            U.taskrun_flag = sets[i].taskrun_flag;
+            U.setup_flags = sets[i].flags;
+            break;
+        }
+    }
+    if (fd < 0)
+        return "io_uring_setup failed";
+    if (!(p.features & IORING_FEAT_SINGLE_MMAP) || !(p.features & IORING_FEAT_NODROP)) {
+        close(fd);
+        return "kernel too old (no single mmap / nodrop)";
+    }
+    U.fd = U.enter_fd = fd;
+    size_t sq_sz = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+    size_t cq_sz = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+    size_t sz = sq_sz > cq_sz ? sq_sz : cq_sz;
+    uint8_t *ring = mmap(NULL, sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd,
+                         IORING_OFF_SQ_RING);
+    U.sqes = mmap(NULL, p.sq_entries * sizeof(struct io_uring_sqe), PROT_READ | PROT_WRITE,
+                  MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQES);
+    if (ring == MAP_FAILED || U.sqes == MAP_FAILED)
+        return "mmap of the ring failed";
+    U.sq_head = (unsigned *)(ring + p.sq_off.head);
+    U.sq_tail = (unsigned *)(ring + p.sq_off.tail);
+    U.sq_mask = (unsigned *)(ring + p.sq_off.ring_mask);
+    U.sq_array = (unsigned *)(ring + p.sq_off.array);
+    U.sq_flags = (unsigned *)(ring + p.sq_off.flags);
+    U.sq_entries = p.sq_entries;
+    U.cq_head = (unsigned *)(ring + p.cq_off.head);
+    U.cq_tail = (unsigned *)(ring + p.cq_off.tail);
+    U.cq_mask = (unsigned *)(ring + p.cq_off.ring_mask);
+    U.cqes = (struct io_uring_cqe *)(ring + p.cq_off.cqes);
+    for (unsigned i = 0; i < p.sq_entries; i++)
+        U.sq_array[i] = i;
+    U.sq_local_tail = *U.sq_tail;
+
+    /* a registered ring descriptor saves the fd lookup on every enter */
+    struct io_uring_rsrc_update up = {.offset = -1U, .data = (uint64_t)fd};
+    if (syscall(__NR_io_uring_register, fd, IORING_REGISTER_RING_FDS, &up, 1) == 1) {
+        U.enter_fd = (int)up.offset;
+        U.enter_flags = IORING_ENTER_REGISTERED_RING;
+    }
+
+    /* provided-buffer ring for the multishot receives */
+    size_t ring_bytes = U_NBUF * sizeof(struct io_uring_buf);
+    U.br = mmap(NULL, ring_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    U.bufs = mmap(NULL, (size_t)U_NBUF * U_BUFSZ, PROT_READ | PROT_WRITE,
+                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    if (U.br == MAP_FAILED || U.bufs == MAP_FAILED)
+        return "out of memory for the buffer ring";
+    struct io_uring_buf_reg reg = {.ring_addr = (uintptr_t)U.br, .ring_entries = U_NBUF,
+                                   .bgid = U_BGID};
+    if (syscall(__NR_io_uring_register, fd, IORING_REGISTER_PBUF_RING, &reg, 1) != 0)
+        return "no provided-buffer rings (IORING_REGISTER_PBUF_RING)";
+    U.br_tail = 0;
+    for (unsigned i = 0; i < U_NBUF; i++)
+        u_buf_give((uint16_t)i);
+    u_buf_publish();
+    return NULL;
+}
+
+static unsigned u_pending(void)
+{
+    return U.sq_local_tail - __atomic_load_n(U.sq_head, __ATOMIC_ACQUIRE);
+}
+
+static void u_publish(void) { __atomic_store_n(U.sq_tail, U.sq_local_tail, __ATOMIC_RELEASE); }
+
+static void u_flush(void)
+{
+    u_publish();
+    unsigned n = u_pending();
+    while (n) {
+        int r = u_enter(n, 0, IORING_ENTER_GETEVENTS);
+        if (r < 0 && errno != EINTR && errno != EAGAIN && errno != EBUSY)
+            die(2, "io_uring_enter: %s", strerror(errno));
+        n = u_pending();
+    }
+}
+
+static struct io_uring_sqe *u_sqe(void)
+{
+    if (U.sq_local_tail - __atomic_load_n(U.sq_head, __ATOMIC_ACQUIRE) >= U.sq_entries)
+        u_flush();
+    struct io_uring_sqe *sqe = &U.sqes[U.sq_local_tail & *U.sq_mask];
+    U.sq_local_tail++;
+    memset(sqe, 0, sizeof *sqe);
+    return sqe;
+}
+
+static void uring_arm_recv(struct conn *c)
+{
+    struct io_uring_sqe *sqe = u_sqe();
+    sqe->opcode = IORING_OP_RECV;
+    sqe->fd = c->fd;
+    sqe->ioprio = IORING_RECV_MULTISHOT;
+    sqe->flags = IOSQE_BUFFER_SELECT;
+    sqe->buf_group = U_BGID;
+    sqe->user_data = ((uint64_t)c->idx << 8) | OP_RECV;
+    c->recv_armed = 1;
+}
+
+/* One send in flight per connection: a second one could overtake the rest
+ * of a first that went short, and the bytes would arrive out of order.
+ * MSG_WAITALL has the kernel finish a short send itself. */
+static void uring_send(struct conn *c)
+{
+    struct io_uring_sqe *sqe = u_sqe();
+    sqe->opcode = IORING_OP_SEND;
+    sqe->fd = c->fd;
+    sqe->addr = (uintptr_t)(c->txbuf + c->txpos);
+    sqe->len = c->txlen - c->txpos;
+    sqe->msg_flags = MSG_NOSIGNAL | MSG_WAITALL;
+    sqe->user_data = ((uint64_t)c->idx << 8) | OP_SEND;
+    c->send_busy = 1;
+}
+
+static void uring_cqe(uint64_t ud, int res, unsigned flags)
+{
+    struct conn *c = &conns[ud >> 8];
+    if ((ud & 0xff) == OP_SEND) {
+        c->send_busy = 0;
+        if (res < 0)
+            die(2, "send on conn %u: %s", c->id, strerror(-res));
+        c->txpos += (uint32_t)res;
+        if (c->txpos < c->txlen) {
+            busy_acct.short_sends++;
+            uring_send(c);
+        } else {
+            refill_and_send(c); /* the window may have opened meanwhile */
+        }
+        return;
+    }
+    if (!(flags & IORING_CQE_F_MORE)) {
+        c->recv_armed = 0;
+        U.rearm[U.nrearm++] = c;
+    }
+    if (res > 0) {
+        if (!(flags & IORING_CQE_F_BUFFER))
+            die(2, "receive without a buffer on conn %u", c->id);
+        uint16_t bid = (uint16_t)(flags >> IORING_CQE_BUFFER_SHIFT);
+        consume(c, U.bufs + (size_t)bid * U_BUFSZ, (uint32_t)res);
+        u_buf_give(bid); /* checked: back to the kernel */
+        refill_and_send(c);
+        return;
+    }
+    if (res == -ENOBUFS) { /* ring ran dry: re-armed below, once buffers are back */
+        busy_acct.enobufs++;
+        return;
+    }
+    if (res == 0)
+        die(2, "server closed conn %u (after %llu messages)", c->id, (unsigned long long)c->rx_msg);
+    die(2, "recv on conn %u: %s", c->id, strerror(-res));
+}
+
+/* Reap everything in the completion ring; returns how many. */
+static unsigned uring_reap(void)
+{
+    unsigned head = *U.cq_head, n = 0;
+    unsigned tail = __atomic_load_n(U.cq_tail, __ATOMIC_ACQUIRE);
+    if (head == tail)
+        return 0;
+    t_batch = now_ns();
+    while (head != tail) {
+        struct io_uring_cqe *cqe = &U.cqes[head & *U.cq_mask];
+        uint64_t ud = cqe->user_data;
+        int res = cqe->res;
+        unsigned fl = cqe->flags;
+        head++;
+        n++;
+        __atomic_store_n(U.cq_head, head, __ATOMIC_RELEASE);
+        uring_cqe(ud, res, fl);
+        if (head == tail)
+            tail = __atomic_load_n(U.cq_tail, __ATOMIC_ACQUIRE);
+    }
+    u_buf_publish();
+    for (int i = 0; i < U.nrearm; i++)
+        if (!U.rearm[i]->recv_armed) {
+            busy_acct.rearms++;
+            uring_arm_recv(U.rearm[i]);
+        }
+    U.nrearm = 0;
+    return n;
+}
+
+/* Spin until the deadline. */
+static void uring_run(uint64_t deadline)
+{
+    uint64_t t = now_ns();
+    while (t < deadline) {
+        u_publish();
+        unsigned pending = u_pending();
+        unsigned sqf = __atomic_load_n(U.sq_flags, __ATOMIC_ACQUIRE);
+        int enter = pending || !U.taskrun_flag ||
+                    (sqf & (IORING_SQ_TASKRUN | IORING_SQ_CQ_OVERFLOW));
+        if (enter) {
+            int r = u_enter(pending, 0, IORING_ENTER_GETEVENTS);
+            if (r < 0 && errno != EINTR && errno != EAGAIN && errno != EBUSY)
+                die(2, "io_uring_enter: %s", strerror(errno));
+        }
+        unsigned got = uring_reap();
+        uint64_t t2 = now_ns();
+        busy_acct.passes++;
+        if (got || pending) {
+            busy_acct.work_passes++;
+        } else {
+            busy_acct.idle_ns += t2 - t;
+            cpu_relax();
+        }
+        t = t2;
+    }
+}
+
+/* Connections are set up with (sleeping) epoll, then handed to the ring:
+ * the receive armed and the first messages sent. */
+static void uring_start_traffic(void)
+{
+    U.rearm = calloc((size_t)nconns, sizeof *U.rearm);
+    if (!U.rearm)
+        die(2, "out of memory");
+    for (int i = 0; i < nconns; i++) {
+        struct conn *c = &conns[i];
+        epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+        c->state = S_ACTIVE;
+        uring_arm_recv(c);
+        refill_and_send(c);
+    }
+}
+
 /* ---------- modes ---------- */
 
 struct window {
     uint64_t t0, t1;
-    double lg_cpu0, lg_cpu1, sv_sched0, sv_sched1, sv_tick0, sv_tick1;
+    double lg_cpu0, lg_cpu1, lg_delay0, lg_delay1, sv_tick0, sv_tick1;
+    struct sched sv0, sv1;
 };
 
 static void window_begin(struct window *w)
 {
     measuring = 1;
+    memset(&busy_acct, 0, sizeof busy_acct);
     w->t0 = now_ns();
     w->lg_cpu0 = cpu_self_s();
+    w->lg_delay0 = self_delay_s();
     if (server_pid) {
-        w->sv_sched0 = server_cpu_sched_s();
+        w->sv0 = server_sched();
         w->sv_tick0 = server_cpu_ticks_s();
     }
 }
@@ -565,8 +986,9 @@ static void window_end(struct window *w)
     measuring = 0;
     w->t1 = now_ns();
     w->lg_cpu1 = cpu_self_s();
+    w->lg_delay1 = self_delay_s();
     if (server_pid) {
-        w->sv_sched1 = server_cpu_sched_s();
+        w->sv1 = server_sched();
         w->sv_tick1 = server_cpu_ticks_s();
     }
 }
@@ -574,12 +996,34 @@ static void window_end(struct window *w)
 static void print_common(const struct window *w)
 {
     double secs = (w->t1 - w->t0) / 1e9;
-    printf("\"window_s\": %.6f, \"loadgen_cpu_s\": %.6f", secs, w->lg_cpu1 - w->lg_cpu0);
+    double cpu = w->lg_cpu1 - w->lg_cpu0;
+    /* see the essay at the top: a busy-poller's CPU time is always ~100 %,
+     * the share of its time that found work is what says it was the limit */
+    double busy = engine == E_EPOLL ? cpu / secs : 1.0 - (busy_acct.idle_ns / 1e9) / secs;
+    if (busy < 0)
+        busy = 0;
+    printf("\"engine\": \"%s\", \"window_s\": %.6f, \"loadgen_cpu_s\": %.6f, "
+           "\"loadgen_busy\": %.4f, \"loadgen_idle_s\": %.6f, \"loadgen_polls\": %llu, "
+           "\"loadgen_polls_with_work\": %llu, \"loadgen_kernel_calls\": %llu",
+           engine_names[engine], secs, cpu, busy, busy_acct.idle_ns / 1e9,
+           (unsigned long long)busy_acct.passes, (unsigned long long)busy_acct.work_passes,
+           (unsigned long long)busy_acct.enters);
+    if (engine == E_URING)
+        printf(", \"uring\": {\"setup_flags\": %u, \"taskrun_flag\": %d, \"registered_ring\": %d, "
+               "\"recv_rearms\": %llu, \"enobufs\": %llu, \"short_sends\": %llu}",
+               U.setup_flags, U.taskrun_flag, U.enter_flags != 0,
+               (unsigned long long)busy_acct.rearms, (unsigned long long)busy_acct.enobufs,
+               (unsigned long long)busy_acct.short_sends);
+    if (w->lg_delay0 >= 0 && w->lg_delay1 >= 0)
+        printf(", \"loadgen_run_delay_s\": %.6f", w->lg_delay1 - w->lg_delay0);
     if (server_pid) {
-        double sched = (w->sv_sched0 >= 0 && w->sv_sched1 >= 0) ? w->sv_sched1 - w->sv_sched0 : -1;
+        int ok = w->sv0.run_s >= 0 && w->sv1.run_s >= 0;
+        double sched = ok ? w->sv1.run_s - w->sv0.run_s : -1;
         double tick = (w->sv_tick0 >= 0 && w->sv_tick1 >= 0) ? w->sv_tick1 - w->sv_tick0 : -1;
-        printf(", \"server_cpu_s\": %.6f, \"server_cpu_ticks_s\": %.3f",
-               sched >= 0 ? sched : tick, tick);
+        printf(", \"server_cpu_s\": %.6f, \"server_cpu_ticks_s\": %.3f, \"server_rss_kb\": %ld",
+               sched >= 0 ? sched : tick, tick, server_rss_kb());
+        if (ok)
+            printf(", \"server_run_delay_s\": %.6f", w->sv1.delay_s - w->sv0.delay_s);
     }
 }
 
@@ -600,11 +1044,24 @@ static void alloc_conns(int n, int depth)
         die(2, "out of memory");
     for (int i = 0; i < n; i++) {
         conns[i].fd = -1;
+        conns[i].idx = (uint32_t)i;
         conns[i].txbuf = malloc((size_t)depth * (size_t)o.size);
         conns[i].sent_ns = calloc((size_t)depth, sizeof(uint64_t));
         if (!conns[i].txbuf || !conns[i].sent_ns)
             die(2, "out of memory");
     }
+}
+
+/* Run the current engine until the deadline. */
+static void run_until(uint64_t deadline)
+{
+    if (engine == E_URING) {
+        uring_run(deadline);
+        return;
+    }
+    int busy = engine == E_EPOLL_BUSY;
+    while (now_ns() < deadline)
+        poll_events(ms_until(deadline), busy);
 }
 
 /* pingpong / pipeline: connect everything, warm up, measure */
@@ -615,22 +1072,21 @@ static void run_traffic(void)
      * a small listen backlog and stall on 1 s SYN retransmits */
     uint64_t setup_deadline = now_ns() + (uint64_t)(o.setup_timeout * 1e9);
     int started = 0;
-    while (established < o.conns) {
-        while (started < o.conns && open_count - established < o.setup_conc)
+    int *done = engine == E_URING ? &ready_count : &established;
+    while (*done < o.conns) {
+        while (started < o.conns && open_count - *done < o.setup_conc)
             start_connect(&conns[started++]);
-        poll_events(ms_until(setup_deadline));
+        poll_events(ms_until(setup_deadline), 0);
         if (now_ns() >= setup_deadline)
-            die(2, "only %d of %d connections established within %.0f s", established,
-                o.conns, o.setup_timeout);
+            die(2, "only %d of %d connections established within %.0f s", *done, o.conns,
+                o.setup_timeout);
     }
-    uint64_t t_warm_end = now_ns() + (uint64_t)(o.warmup * 1e9);
-    while (now_ns() < t_warm_end)
-        poll_events(ms_until(t_warm_end));
+    if (engine == E_URING)
+        uring_start_traffic();
+    run_until(now_ns() + (uint64_t)(o.warmup * 1e9));
     struct window w;
     window_begin(&w);
-    uint64_t t_end = w.t0 + (uint64_t)(o.duration * 1e9);
-    while (now_ns() < t_end)
-        poll_events(ms_until(t_end));
+    run_until(w.t0 + (uint64_t)(o.duration * 1e9));
     window_end(&w);
 
     double secs = (w.t1 - w.t0) / 1e9;
@@ -642,6 +1098,7 @@ static void run_traffic(void)
     printf(", ");
     print_latency();
     printf(", \"errors\": 0}\n");
+    fflush(stdout);
     if (measured_msgs == 0)
         die(2, "no round-trip completed in the measured window");
     for (int i = 0; i < nconns; i++)
@@ -652,6 +1109,7 @@ static void run_traffic(void)
 static void run_connect(void)
 {
     alloc_conns(o.conns, 1);
+    int busy = engine == E_EPOLL_BUSY;
     uint64_t t_warm_end = now_ns() + (uint64_t)(o.warmup * 1e9);
     uint64_t t_end = t_warm_end + (uint64_t)(o.duration * 1e9);
     struct window w;
@@ -667,7 +1125,7 @@ static void run_connect(void)
         for (int i = 0; i < nconns; i++)
             if (conns[i].state == S_FREE)
                 start_connect(&conns[i]);
-        poll_events(ms_until(in_window ? t_end : t_warm_end));
+        poll_events(ms_until(in_window ? t_end : t_warm_end), busy);
     }
     window_end(&w);
     double secs = (w.t1 - w.t0) / 1e9;
@@ -679,6 +1137,7 @@ static void run_connect(void)
     printf(", ");
     print_latency();
     printf(", \"errors\": 0}\n");
+    fflush(stdout);
     if (measured_conns == 0)
         die(2, "no connection completed in the measured window");
     for (int i = 0; i < nconns; i++)
@@ -693,11 +1152,12 @@ static void run_idle(void)
     uint64_t t0 = now_ns();
     uint64_t setup_deadline = t0 + (uint64_t)(o.setup_timeout * 1e9);
     int started = 0;
+    int busy = engine == E_EPOLL_BUSY;
     measuring = 1; /* latency of the single round-trips is still informative */
     while (established < o.idle_count) {
         while (started < o.idle_count && open_count - established < o.setup_conc)
             start_connect(&conns[started++]);
-        poll_events(ms_until(setup_deadline));
+        poll_events(ms_until(setup_deadline), busy);
         if (now_ns() >= setup_deadline)
             die(2, "only %d of %d idle connections established within %.0f s", established,
                 o.idle_count, o.setup_timeout);
@@ -718,7 +1178,7 @@ static void run_idle(void)
             next_sample += 250000000ull;
         }
         uint64_t until = next_sample < t_end ? next_sample : t_end;
-        poll_events(ms_until(until));
+        poll_events(ms_until(until), busy);
     }
     if (server_pid) {
         rss_last = server_rss_kb();
@@ -727,9 +1187,9 @@ static void run_idle(void)
     }
     double cpu1 = server_pid ? server_cpu_sched_s() : 0;
     double hold_s = (now_ns() - t_hold) / 1e9;
-    printf("{\"mode\": \"idle\", \"idle_count\": %d, \"size\": %d, \"setup_s\": %.3f, "
-           "\"hold_s\": %.3f, ",
-           o.idle_count, o.size, setup_s, hold_s);
+    printf("{\"mode\": \"idle\", \"engine\": \"%s\", \"idle_count\": %d, \"size\": %d, "
+           "\"setup_s\": %.3f, \"hold_s\": %.3f, ",
+           engine_names[engine], o.idle_count, o.size, setup_s, hold_s);
     printf("\"server_rss_before_kb\": %ld, \"server_rss_held_kb\": %ld, "
            "\"server_rss_held_max_kb\": %ld, \"server_cpu_during_hold_s\": %.6f, ",
            rss_before, rss_last, rss_max, cpu1 - cpu0);
@@ -750,6 +1210,9 @@ static void usage(FILE *f)
             "  -a ADDR    IPv4 loopback address of the server (127.0.0.1)\n"
             "  -p PORT    server port (required)\n"
             "  -m MODE    pingpong | pipeline | connect | idle (pingpong)\n"
+            "  -e ENGINE  uring | epoll-busy | epoll (uring for pingpong/pipeline,\n"
+            "             epoll-busy for connect, epoll for idle; uring applies to\n"
+            "             pingpong/pipeline only)\n"
             "  -c N       connections (pingpong/pipeline: 1; connect: in flight, 50)\n"
             "  -s BYTES   message size (64, max %u)\n"
             "  -d N       pipeline depth per connection (16)\n"
@@ -759,7 +1222,7 @@ static void usage(FILE *f)
             "  -i SECS    idle: how long to hold them (5)\n"
             "  -C N       connects in progress at once during set-up (64)\n"
             "  -T SECS    set-up timeout (60)\n"
-            "  -P PID     server pid: report its CPU time (and RSS in idle mode)\n",
+            "  -P PID     server pid: report its CPU time (and RSS)\n",
             MAX_MSG);
 }
 
@@ -785,10 +1248,20 @@ static long parse_int(const char *s, long lo, long hi)
     return v;
 }
 
+static int lookup(const char *what, const char *s, const char **names, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (strcmp(s, names[i]) == 0)
+            return i;
+    fprintf(stderr, "loadgen: unknown %s '%s'\n", what, s);
+    exit(1);
+}
+
 int main(int argc, char **argv)
 {
     o.host = "127.0.0.1";
     o.mode = M_PINGPONG;
+    o.engine = E_DEFAULT;
     o.conns = -1;
     o.size = 64;
     o.depth = 16;
@@ -799,22 +1272,12 @@ int main(int argc, char **argv)
     o.setup_conc = 64;
     o.setup_timeout = 60;
     int opt;
-    while ((opt = getopt(argc, argv, "a:p:m:c:s:d:w:t:n:i:C:T:P:h")) != -1) {
+    while ((opt = getopt(argc, argv, "a:p:m:e:c:s:d:w:t:n:i:C:T:P:h")) != -1) {
         switch (opt) {
         case 'a': o.host = optarg; break;
         case 'p': o.port = (int)parse_int(optarg, 1, 65535); break;
-        case 'm': {
-            int found = -1;
-            for (int i = 0; i < 4; i++)
-                if (strcmp(optarg, mode_names[i]) == 0)
-                    found = i;
-            if (found < 0) {
-                fprintf(stderr, "loadgen: unknown mode '%s'\n", optarg);
-                return 1;
-            }
-            o.mode = found;
-            break;
-        }
+        case 'm': o.mode = lookup("mode", optarg, mode_names, 4); break;
+        case 'e': o.engine = lookup("engine", optarg, engine_names, 3); break;
         case 'c': o.conns = (int)parse_int(optarg, 1, 1000000); break;
         case 's': o.size = (int)parse_int(optarg, 1, MAX_MSG); break;
         case 'd': o.depth = (int)parse_int(optarg, 1, 4096); break;
@@ -835,6 +1298,8 @@ int main(int argc, char **argv)
     }
     if (o.conns < 0)
         o.conns = o.mode == M_CONNECT ? 50 : 1;
+    if (o.mode == M_PIPELINE && (uint64_t)o.depth * (uint64_t)o.size > 64u * 1024u * 1024u)
+        die(1, "pipeline depth x size above 64 MiB per connection");
 
     /* This tool generates load: refuse anything but the loopback network so
      * a typo can never point it at another machine. */
@@ -874,6 +1339,21 @@ int main(int argc, char **argv)
     ep = epoll_create1(EPOLL_CLOEXEC);
     if (ep < 0)
         die(2, "epoll_create1: %s", strerror(errno));
+
+    /* the engine: uring drives traffic only; connect and idle use epoll */
+    int traffic = o.mode == M_PINGPONG || o.mode == M_PIPELINE;
+    engine = o.engine;
+    if (engine == E_DEFAULT)
+        engine = traffic ? E_URING : (o.mode == M_CONNECT ? E_EPOLL_BUSY : E_EPOLL);
+    if (engine == E_URING && !traffic)
+        engine = o.mode == M_CONNECT ? E_EPOLL_BUSY : E_EPOLL;
+    if (engine == E_URING) {
+        const char *why = uring_init();
+        if (why) {
+            fprintf(stderr, "loadgen: io_uring engine unavailable (%s); using epoll-busy\n", why);
+            engine = E_EPOLL_BUSY;
+        }
+    }
 
     switch (o.mode) {
     case M_PINGPONG:

@@ -13,8 +13,9 @@ Design notes (the why):
   Ratios to the C io_uring server are taken per round (the closest slices in
   time), then the median over rounds.
 - The server is pinned to CPU 0 and the load generator to CPU 1, so each has
-  a core; the load generator reports its own CPU use, which shows when it,
-  not the server, is the bottleneck.
+  a core. The load generator busy-polls and reports the share of its core
+  it needed (not its CPU time, always 100 % for a busy-poller); a cell where
+  that share is above 90 % is marked as not comparing servers.
 - Every process this script starts gets its own process group and is killed
   at the end, on error and on Ctrl-C alike.
 """
@@ -23,6 +24,7 @@ import datetime
 import fnmatch
 import importlib
 import json
+import math
 import os
 import platform
 import re
@@ -60,10 +62,11 @@ C_PROGRAMS = {
 # servers and cases
 
 class Server:
-    def __init__(self, key, label, argv, needs=None, c_binary=None):
+    def __init__(self, key, label, argv, needs=(), c_binary=None, default=True):
         self.key, self.label, self._argv = key, label, argv
-        self.needs = needs  # python module that must import, or None
+        self.needs = tuple(needs)  # python modules that must import
         self.c_binary = c_binary
+        self.default = default  # in the matrix unless --servers/--only names it
         self.unavailable = None  # reason, when it cannot run at all
 
     def argv(self, port, args):
@@ -84,11 +87,15 @@ def _c(name):
 
 
 SERVERS = [
-    Server("iocpnet-uring", "iocpnet io_uring", _iocpnet("io_uring"), needs="iocpnet"),
-    Server("iocpnet-epoll", "iocpnet epoll", _iocpnet("epoll"), needs="iocpnet"),
+    Server("iocpnet-uring", "iocpnet io_uring", _iocpnet("io_uring"), needs=["iocpnet"]),
+    Server("iocpnet-epoll", "iocpnet epoll", _iocpnet("epoll"), needs=["iocpnet"]),
+    Server("uvloop-protocol", "uvloop Protocol", _py("uvloop_protocol.py"), needs=["uvloop"]),
+    Server("aiofastnet-uvloop", "aiofastnet on uvloop", _py("aiofastnet_uvloop.py"),
+           needs=["uvloop", "aiofastnet"]),
     Server("asyncio-protocol", "asyncio Protocol", _py("asyncio_protocol.py")),
-    Server("asyncio-streams", "asyncio streams", _py("asyncio_streams.py")),
-    Server("uvloop-protocol", "uvloop Protocol", _py("uvloop_protocol.py"), needs="uvloop"),
+    # the style most asyncio application code is written in, but far behind
+    # the rest: measured only when asked for (--servers / --only)
+    Server("asyncio-streams", "asyncio streams", _py("asyncio_streams.py"), default=False),
     Server("c-uring", "C io_uring", _c("c_uring_echo"), c_binary="c_uring_echo"),
     Server("c-epoll", "C epoll", _c("c_epoll_echo"), c_binary="c_epoll_echo"),
 ]
@@ -174,6 +181,18 @@ def proc_rss_kb(pid):
                         return int(line.split()[1])
         except OSError:
             continue
+    return None
+
+
+def proc_hwm_kb(pid):
+    """Peak resident set of a process since it started (VmHWM)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
     return None
 
 
@@ -316,14 +335,15 @@ def try_import(name):
         return None, f"{type(e).__name__}: {e}"
 
 
-def ensure_uvloop():
-    mod, err = try_import("uvloop")
+def ensure_module(name):
+    """Import a peer's library (uvloop, aiofastnet); pip-install it once if missing."""
+    mod, err = try_import(name)
     if mod:
         return mod, None
-    perr = pip_install("uvloop")
+    perr = pip_install(name)
     if perr:
-        return None, f"uvloop missing and pip install failed: {perr}"
-    return try_import("uvloop")
+        return None, f"{name} missing and pip install failed: {perr}"
+    return try_import(name)
 
 
 def ensure_iocpnet(force_reinstall):
@@ -513,6 +533,8 @@ def slice_argv(case, r, args):
             "-w", str(args.warmup), "-t", str(args.slice), "-P", str(r.pid)]
     if case.mode == "pipeline":
         argv += ["-d", str(case.depth)]
+    if args.engine and case.mode in ("pingpong", "pipeline"):
+        argv += ["-e", args.engine]
     return argv
 
 
@@ -538,10 +560,32 @@ def run_slice(case, r, others, args):
         res["other_load_cores"] = max(0.0, busy - srv - kids - bystanders) / wall
         res["bystander_cpu_s"] = bystanders
         res["bystanders"] = {k: round(v / wall, 4) for k, v in per.items() if v > 0}
+        res["disturbed"] = disturbance(res)
     return res, err
 
 
 DISTURBED = 0.25  # cores of "other load" above which a slice is considered disturbed
+# Run delay (time a thread was runnable while another task held its core)
+# as a share of the window, above which a slice is considered disturbed: the
+# load generator is alone on its core, so any delay there is someone else;
+# the server's threads may delay each other a little (iocpnet's workers).
+LG_DELAY_MAX, SERVER_DELAY_MAX = 0.02, 0.05
+LG_LIMIT = 0.90  # load generator busy above this: the cell does not compare servers
+
+
+def disturbance(res):
+    """Why a slice does not measure what it should (another process had a
+    core), or None."""
+    w = res["window_s"]
+    why = []
+    if res.get("loadgen_run_delay_s", 0) / w > LG_DELAY_MAX:
+        why.append(f"load generator waited {res['loadgen_run_delay_s'] / w:.0%} of the window "
+                   "for its core")
+    if res.get("server_run_delay_s", 0) / w > SERVER_DELAY_MAX:
+        why.append(f"server waited {res['server_run_delay_s'] / w:.0%} of the window for its core")
+    if res["other_load_cores"] > DISTURBED:
+        why.append(f"other processes used {res['other_load_cores']:.2f} cores")
+    return "; ".join(why) or None
 
 
 class RetryBudget:
@@ -559,17 +603,22 @@ def measure(case, r, others, args, progress, rnd):
     res, err = run_slice(case, r, others, args)
     budget = args.retry_budget
     cost = args.warmup + args.slice + SLICE_OVERHEAD
-    if err or res["other_load_cores"] <= DISTURBED or budget.left < cost:
+    if err or not res["disturbed"] or budget.left < cost:
         return res, err
-    progress.line(f"{case.name} round {rnd + 1}/{args.rounds} {r.server.label}: other processes "
-                  f"used {res['other_load_cores']:.2f} cores; measuring again")
+    progress.line(f"{case.name} round {rnd + 1}/{args.rounds} {r.server.label}: disturbed "
+                  f"({res['disturbed']}); measuring again")
     budget.left -= cost
     budget.retried += 1
     time.sleep(0.3)
     res2, err2 = run_slice(case, r, others, args)
     if err2:
         return res2, err2
-    best = res2 if res2["other_load_cores"] < res["other_load_cores"] else res
+
+    def badness(x):
+        w = x["window_s"]
+        return (x.get("loadgen_run_delay_s", 0) / w + x.get("server_run_delay_s", 0) / w
+                + x["other_load_cores"])
+    best = res2 if badness(res2) < badness(res) else res
     best["retried"] = True
     return best, None
 
@@ -632,12 +681,18 @@ def run_traffic_case(case, servers, args, progress, record):
                 res["round"] = rnd
                 record[r.server.key]["slices"].append(res)
                 rate = res["conn_per_s"] if case.mode == "connect" else res["rt_per_s"]
+                count = res["connections"] if case.mode == "connect" else res["roundtrips"]
                 cpu = res.get("server_cpu_s", 0) / res["window_s"]
-                lgc = res["loadgen_cpu_s"] / res["window_s"]
-                progress.line(f"{case.name} round {rnd + 1}/{args.rounds} {r.server.label:17} "
-                              f"{human(rate):>7} {case.unit}  server {cpu:4.2f} cores  "
-                              f"loadgen {lgc:4.2f}  other {res['other_load_cores']:4.2f}")
+                per = res.get("server_cpu_s", 0) / count * 1e6 if count else 0.0
+                flag = "  DISTURBED" if res["disturbed"] else ""
+                progress.line(f"{case.name} round {rnd + 1}/{args.rounds} {r.server.label:20} "
+                              f"{human(rate):>7} {case.unit}  server {cpu:4.2f} cores "
+                              f"{per:6.2f} µs each  loadgen busy {res['loadgen_busy']:4.0%}"
+                              f"{flag}")
     finally:
+        for r in running:  # the peak resident set over the whole case
+            if not r.failed and r.proc.poll() is None:
+                record[r.server.key]["peak_rss_kb"] = proc_hwm_kb(r.pid)
         notes = stop_servers(running)
         for r in running:
             if notes.get(r):
@@ -701,25 +756,44 @@ def human(v):
     return f"{v:.3g}"
 
 
+def keys_for(case):
+    return (("conn_per_s", "connections") if case.mode == "connect"
+            else ("rt_per_s", "roundtrips"))
+
+
 def aggregate(case, record):
-    rate_key = "conn_per_s" if case.mode == "connect" else "rt_per_s"
-    count_key = "connections" if case.mode == "connect" else "roundtrips"
+    """Per server: medians over slices, CPU per round trip over all slices,
+    whether the load generator was the limit, and ratios to C io_uring
+    taken round by round (the slices closest in time), median over rounds."""
+    rate_key, count_key = keys_for(case)
     for key, rec in record.items():
         sl = rec["slices"]
         if case.mode == "idle" or not sl:
             continue
         cpu_total = sum(s.get("server_cpu_s", 0) for s in sl)
+        count = sum(s[count_key] for s in sl)
+        busy = [s.get("loadgen_busy", s["loadgen_cpu_s"] / s["window_s"]) for s in sl]
+        lg_busy = statistics.median(busy)
         rec["agg"] = {
             "rate_median": statistics.median(s[rate_key] for s in sl),
             "rate_min": min(s[rate_key] for s in sl),
             "rate_max": max(s[rate_key] for s in sl),
-            "per_cpu_s": sum(s[count_key] for s in sl) / cpu_total if cpu_total > 0 else None,
+            "per_cpu_s": count / cpu_total if cpu_total > 0 else None,
+            "server_us": cpu_total / count * 1e6 if count else None,
             "server_cores": statistics.median(s.get("server_cpu_s", 0) / s["window_s"] for s in sl),
+            "loadgen_busy": lg_busy,
+            "loadgen_busy_max": max(busy),
             "loadgen_cores": statistics.median(s["loadgen_cpu_s"] / s["window_s"] for s in sl),
+            # the measure that says whether the load generator was the limit:
+            # see loadgen.c; above LG_LIMIT this cell does not compare servers
+            "does_not_compare_servers": lg_busy > LG_LIMIT,
             "other_load_cores": statistics.median(s["other_load_cores"] for s in sl),
+            "disturbed_slices": sum(1 for s in sl if s.get("disturbed")),
             "mb_per_s": statistics.median(s.get("mb_per_s", 0) for s in sl),
             "lat_us": {p: statistics.median(s["lat_us"][p] for s in sl)
                        for p in ("p50", "p99", "p999")},
+            "rss_kb": max(s.get("server_rss_kb", 0) for s in sl),
+            "engine": sl[0].get("engine"),
             "slices": len(sl),
         }
     ref = record.get(REF)
@@ -739,6 +813,11 @@ def aggregate(case, record):
         rec["agg"]["cpu_ratio"] = statistics.median(cr) if cr else None
 
 
+def geomean(xs):
+    xs = [x for x in xs if x]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
 # --------------------------------------------------------------------------
 # reporting
 
@@ -747,30 +826,45 @@ def cell_status(rec):
         return "n/a"
     if rec["status"] == "failed":
         return "FAILED"
+    if "agg" not in rec and not rec.get("slices"):
+        return "–"
     return None
+
+
+LIMIT_MARK = "‡"
 
 
 def markdown(meta, config, cases, results, servers, warnings):
     L = []
     m = meta
+    versions = " · ".join(f"{name} {m[name]}" for name in ("uvloop", "aiofastnet") if m.get(name))
     L.append(f"Run {m['date_utc']} · Linux {m['kernel']} · {m['cpu_model']} ({m['cpus']} CPUs) · "
-             f"Python {m['python']} · {m['gcc'] or 'gcc ?'} · uvloop {m.get('uvloop') or 'n/a'} · "
+             f"Python {m['python']} · {m['gcc'] or 'gcc ?'} · {versions} · "
              f"iocpnet {m.get('iocpnet') or 'n/a'} · commit {m['git_commit'] or '?'}"
-             + (" + uncommitted changes in src/" if m.get("git_dirty") else ""))
+             + (" + uncommitted changes in src/" if m.get("git_dirty") else "")
+             + (f" · {m['elapsed_s'] / 60:.1f} min" if m.get("elapsed_s") else ""))
     L.append("")
     L.append(f"Settings: {config['rounds']} round(s) × {config['slice']} s slices (+{config['warmup']} s "
-             f"warm-up each), servers interleaved; server on CPU {SERVER_CPU}, load generator on "
-             f"CPU {LOADGEN_CPU}; iocpnet workers={config['workers']}."
-             + (" **Quick smoke run: not representative.**" if config["quick"] else ""))
+             f"warm-up each), all servers of a case started together and measured in rotating "
+             f"order; server on CPU {SERVER_CPU}, load generator on CPU {LOADGEN_CPU} "
+             f"(engine: {config.get('engine') or 'uring'} busy-poll for ping-pong and pipelined, "
+             f"epoll busy-poll for the storm); iocpnet workers={config['workers']}."
+             + (" **Quick smoke run: not representative.**" if config["quick"] else "")
+             + (f" Filter: {config['only']}." if config.get("only") else ""))
     L.append("")
-    L.append("Cells: median over slices; the ratio in parentheses is to C io_uring in the same "
-             "case and round (median over rounds; higher is better).")
-    cols = [s for s in servers]
-    header = "| case | " + " | ".join(s.label for s in cols) + " |"
-    sep = "|---|" + "---|" * len(cols)
+    L.append("Each cell is the median over slices; in parentheses the ratio to C io_uring in the "
+             "same case and round (median over rounds; higher is better). "
+             f"{LIMIT_MARK} = the load generator was busy more than {LG_LIMIT * 100:.0f} % of the time "
+             "(it was the limit): that cell **does not compare servers**, only the server's CPU "
+             "per round trip does.")
+    cols = list(servers)
     traffic = [c for c in cases if c.mode != "idle" and c.name in results]
+    pingpong = [c for c in traffic if c.mode == "pingpong"]
 
-    def table(title, fn, extra_col=None, note=None):
+    def agg(c, s):
+        return results[c.name][s.key].get("agg")
+
+    def table(title, fn, note=None, geo=None):
         if not traffic:
             return
         L.append("")
@@ -779,37 +873,66 @@ def markdown(meta, config, cases, results, servers, warnings):
             L.append("")
             L.append(note)
         L.append("")
-        L.append(header[:-1] + (f"| {extra_col[0]} |" if extra_col else "|"))
-        L.append(sep + ("---|" if extra_col else ""))
+        L.append("| case | " + " | ".join(s.label for s in cols) + " |")
+        L.append("|---|" + "---|" * len(cols))
         for c in traffic:
             row = [c.label]
             for s in cols:
                 rec = results[c.name][s.key]
-                row.append(cell_status(rec) or fn(c, rec))
-            if extra_col:
-                row.append(extra_col[1](c, results[c.name]))
+                row.append(cell_status(rec) or fn(c, rec["agg"]))
+            L.append("| " + " | ".join(row) + " |")
+        if geo and len(pingpong) > 1:
+            row = [f"geomean of the {len(pingpong)} ping-pong cases"]
+            for s in cols:
+                g = geomean([(agg(c, s) or {}).get(geo) for c in pingpong])
+                n = sum(1 for c in pingpong if (agg(c, s) or {}).get(geo))
+                row.append(f"**{g:.2f}**" + ("" if n == len(pingpong) else f" ({n} cases)")
+                           if g else "–")
             L.append("| " + " | ".join(row) + " |")
 
     def ratio(x):
         return f" ({x:.2f})" if x is not None else ""
 
-    def lg_busy(c, recs):
-        v = [r["agg"]["loadgen_cores"] for r in recs.values() if "agg" in r]
-        o = [x.get("other_load_cores", 0) for r in recs.values() for x in r["slices"]]
-        return (f"{max(v) * 100:.0f} % / {max(o):.2f}") if v else "–"
+    def mark(a):
+        return f" {LIMIT_MARK}" if a.get("does_not_compare_servers") else ""
 
-    table("Throughput (round-trips/s; connect storm: connections/s)",
-          lambda c, r: f"{human(r['agg']['rate_median'])}{ratio(r['agg'].get('ratio'))}",
-          extra_col=("load generator busy / other load, cores (max)", lg_busy),
-          note="When the load generator is near 100 % busy, the case measures it, not the "
-               "server: compare the next table instead. Other load is CPU used by processes "
-               "other than the benchmark's during a slice: above 0.25 the slice was disturbed.")
-    table("Round-trips per server CPU-second (the figure to compare where the load generator saturates)",
-          lambda c, r: f"{human(r['agg']['per_cpu_s'])}{ratio(r['agg'].get('cpu_ratio'))}")
-    table("Server CPU use during the slices (cores)",
-          lambda c, r: f"{r['agg']['server_cores']:.2f}")
+    table("Throughput (round trips/s; connect storm: connections/s)",
+          lambda c, a: f"{human(a['rate_median'])}{ratio(a.get('ratio'))}{mark(a)}",
+          geo="ratio")
+    table("Server CPU per round trip (µs; storm: per connection)",
+          lambda c, a: (f"{a['server_us']:.2f}{ratio(a.get('cpu_ratio'))}"
+                        if a.get("server_us") else "–"),
+          note="All the server's threads, user + system (loopback TCP processing included: the "
+               "kernel charges it to the task that sends). In parentheses: C io_uring's CPU per "
+               "round trip divided by this one, i.e. round trips per server CPU-second relative "
+               "to C io_uring (higher is better). This compares servers even where the load "
+               "generator was the limit.",
+          geo="cpu_ratio")
+    table("Load generator busy / server CPU (cores)",
+          lambda c, a: f"{a['loadgen_busy'] * 100:.0f} % / {a['server_cores']:.2f}",
+          note="Load generator busy: the share of its core it spent working (1 − time in polls "
+               "that found nothing / window). It busy-polls, so its CPU time is always 100 % and "
+               f"says nothing; this share does. Above {LG_LIMIT * 100:.0f} % it was the limit. A server "
+               "at 1.00 cores was the limit.")
     table("Latency p50 / p99 / p99.9 (µs)",
-          lambda c, r: " / ".join(f"{r['agg']['lat_us'][p]:.0f}" for p in ("p50", "p99", "p999")))
+          lambda c, a: " / ".join(f"{a['lat_us'][p]:.0f}" for p in ("p50", "p99", "p999")),
+          note="From the write of a message to the arrival of its whole echo (storm: from "
+               "`connect()`). At 100 connections this is mostly queueing, not the cost of one echo.")
+    L.append("")
+    L.append("### Peak server memory per case (MiB)")
+    L.append("")
+    L.append("Peak resident set (VmHWM) of each server process over the whole case (its start-up "
+             "included; every case starts fresh servers).")
+    L.append("")
+    L.append("| case | " + " | ".join(s.label for s in cols) + " |")
+    L.append("|---|" + "---|" * len(cols))
+    for c in traffic:
+        row = [c.label]
+        for s in cols:
+            rec = results[c.name][s.key]
+            kb = rec.get("peak_rss_kb")
+            row.append(cell_status(rec) or (f"{kb / 1024:.1f}" if kb else "–"))
+        L.append("| " + " | ".join(row) + " |")
 
     idle = [c for c in cases if c.mode == "idle" and c.name in results]
     for c in idle:
@@ -817,7 +940,7 @@ def markdown(meta, config, cases, results, servers, warnings):
         L.append(f"### {c.idle_count:,} idle connections: server memory")
         L.append("")
         L.append("Per connection = (RSS holding them − RSS after start and one warm-up "
-                 "connection) / count.")
+                 "connection) / count. One server at a time.")
         L.append("")
         L.append("| server | RSS baseline | RSS holding | per connection | RSS after close | set-up time |")
         L.append("|---|---|---|---|---|---|")
@@ -834,7 +957,15 @@ def markdown(meta, config, cases, results, servers, warnings):
                      f"{x['server_rss_held_kb'] / 1024:.1f} MiB | "
                      f"{x['bytes_per_conn'] / 1024:.2f} KiB | {after_s} | "
                      f"{x['setup_s']:.2f} s |")
+    targets_md(L, cases, results, servers)
     notes = []
+    limited_ref = [c.label for c in traffic
+                   if (results[c.name].get(REF, {}).get("agg") or {}).get("does_not_compare_servers")]
+    if limited_ref:
+        notes.append("The load generator was the limit against C io_uring in: "
+                     + ", ".join(limited_ref) + ". There C io_uring's throughput is the load "
+                     "generator's ceiling, so the other servers' throughput ratios are upper "
+                     "bounds; the CPU-per-round-trip ratios still compare servers.")
     for s in cols:
         for c in cases:
             rec = results.get(c.name, {}).get(s.key)
@@ -855,11 +986,90 @@ def markdown(meta, config, cases, results, servers, warnings):
     return "\n".join(L) + "\n"
 
 
+def targets_md(L, cases, results, servers):
+    """Issue 14's targets, checked against this run (only what it measured)."""
+    keys = {s.key for s in servers}
+    if not {"iocpnet-uring", "iocpnet-epoll"} & keys:
+        return
+    rows = []
+
+    def a(c, key):
+        return (results[c.name].get(key) or {}).get("agg") or {}
+
+    traffic = [c for c in cases if c.mode != "idle" and c.name in results]
+    pp = [c for c in traffic if c.mode == "pingpong"]
+    # 1. CPU per round trip: io_uring <= epoll <= uvloop, every traffic cell
+    if {"iocpnet-uring", "iocpnet-epoll", "uvloop-protocol"} <= keys and traffic:
+        bad = []
+        for c in traffic:
+            u, e, v = (a(c, k).get("server_us") for k in ("iocpnet-uring", "iocpnet-epoll",
+                                                          "uvloop-protocol"))
+            if None in (u, e, v):
+                bad.append(f"{c.label}: missing")
+                continue
+            if u > e or u > v or e > v:
+                bad.append(f"{c.label}: {u:.2f} / {e:.2f} / {v:.2f}")
+        rows.append(("server CPU per round trip: io_uring ≤ epoll ≤ uvloop, every cell",
+                     f"{len(traffic) - len(bad)} of {len(traffic)} cells"
+                     + (" (io_uring / epoll / uvloop µs where not: " + "; ".join(bad) + ")"
+                        if bad else ""), not bad))
+    # 2. geomean throughput of the ping-pong cells
+    for key, want in (("iocpnet-uring", 0.92), ("iocpnet-epoll", 0.90)):
+        if key in keys and pp:
+            g = geomean([a(c, key).get("ratio") for c in pp])
+            if g:
+                rows.append((f"{key}: ping-pong geomean throughput ≥ {want:.2f} of C io_uring",
+                             f"{g:.3f}", g >= want))
+    # 3. peak RSS at 16 KiB x 100 <= uvloop
+    c16 = next((c for c in traffic if c.mode == "pingpong" and c.size == 16384 and c.conns == 100),
+               None)
+    if c16 and "uvloop-protocol" in keys:
+        v = results[c16.name]["uvloop-protocol"].get("peak_rss_kb")
+        for key in ("iocpnet-uring", "iocpnet-epoll"):
+            x = results[c16.name].get(key, {}).get("peak_rss_kb")
+            if key in keys and x and v:
+                rows.append((f"{key}: peak RSS at 16 KiB × 100 ≤ uvloop's",
+                             f"{x / 1024:.1f} vs {v / 1024:.1f} MiB", x <= v))
+    # 4. idle memory
+    for c in (c for c in cases if c.mode == "idle" and c.name in results):
+        for key in ("iocpnet-uring", "iocpnet-epoll"):
+            rec = results[c.name].get(key)
+            if key in keys and rec and rec.get("slices"):
+                b = rec["slices"][0]["bytes_per_conn"]
+                rows.append((f"{key}: {c.idle_count:,} idle connections ≤ 1 KiB each",
+                             f"{b / 1024:.2f} KiB", b <= 1024))
+    # 5. connect storm >= uvloop
+    for c in (c for c in traffic if c.mode == "connect"):
+        v = a(c, "uvloop-protocol").get("rate_median")
+        for key in ("iocpnet-uring", "iocpnet-epoll"):
+            x = a(c, key).get("rate_median")
+            if key in keys and x and v:
+                rows.append((f"{key}: connect storm ≥ uvloop's", f"{x / v:.2f} of uvloop", x >= v))
+    # 6. pipelined: round trips per server CPU-second >= 0.95 of C io_uring
+    for key in ("iocpnet-uring", "iocpnet-epoll"):
+        pl = [(c, a(c, key).get("cpu_ratio")) for c in traffic if c.mode == "pipeline"]
+        pl = [(c, r) for c, r in pl if r is not None]
+        if key in keys and pl:
+            worst = min(r for _, r in pl)
+            rows.append((f"{key}: pipelined, round trips per server CPU-second ≥ 0.95 of "
+                         "C io_uring, every cell", ", ".join(f"{r:.2f}" for _, r in pl),
+                         worst >= 0.95))
+    if not rows:
+        return
+    L.append("")
+    L.append("### Issue 14 targets, checked against this run")
+    L.append("")
+    L.append("| target | this run | met? |")
+    L.append("|---|---|---|")
+    for what, got, ok in rows:
+        L.append(f"| {what} | {got} | {'yes' if ok else '**no**'} |")
+
+
 # fixed colours, so a server looks the same in every panel and every run;
 # iocpnet in blues, the C references in greys
 COLORS = {"iocpnet-uring": "#1f77b4", "iocpnet-epoll": "#6baed6", "asyncio-protocol": "#2ca02c",
-          "asyncio-streams": "#98df8a", "uvloop-protocol": "#9467bd", "c-uring": "#555555",
-          "c-epoll": "#aaaaaa"}
+          "asyncio-streams": "#98df8a", "uvloop-protocol": "#9467bd",
+          "aiofastnet-uvloop": "#e377c2", "c-uring": "#555555", "c-epoll": "#aaaaaa"}
 
 
 def tick_label(label):
@@ -891,12 +1101,14 @@ def chart(cases, results, servers, path):
                       for c in traffic + idle)]
     if not servers:
         return "no server produced results"
-    panels = [("Throughput, ratio to C io_uring (same case, same round)", "ratio"),
-              ("Round-trips per server CPU-second, ratio to C io_uring", "cpu_ratio")]
+    panels = [("Throughput, ratio to C io_uring (same case, same round); hatched: the load "
+               "generator was the limit, the bar does not compare servers", "ratio"),
+              ("Round trips per server CPU-second (= 1 / CPU per round trip), ratio to "
+               "C io_uring", "cpu_ratio")]
     nrows = (2 if traffic else 0) + (1 if idle else 0)
     if nrows == 0:
         return "nothing to draw"
-    fig, axes = plt.subplots(nrows, 1, figsize=(13, 4.2 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, 1, figsize=(14, 4.4 * nrows), squeeze=False)
     axes = [a[0] for a in axes]
     width = 0.8 / max(1, len(servers))
     ai = 0
@@ -905,14 +1117,19 @@ def chart(cases, results, servers, path):
             ax = axes[ai]
             ai += 1
             for i, s in enumerate(servers):
-                xs, ys = [], []
+                xs, ys, hatch = [], [], []
                 for j, c in enumerate(traffic):
-                    rec = results[c.name][s.key]
-                    v = rec.get("agg", {}).get(key)
+                    a = results[c.name][s.key].get("agg", {})
+                    v = a.get(key)
                     if v is not None:
                         xs.append(j + (i - (len(servers) - 1) / 2) * width)
                         ys.append(v)
-                ax.bar(xs, ys, width, label=s.label, color=COLORS.get(s.key))
+                        hatch.append(key == "ratio" and a.get("does_not_compare_servers"))
+                bars = ax.bar(xs, ys, width, label=s.label, color=COLORS.get(s.key))
+                for b, h in zip(bars, hatch):
+                    if h:
+                        b.set_hatch("///")
+                        b.set_edgecolor("white")
             ax.axhline(1.0, color="black", linewidth=0.8)
             ax.set_xticks(range(len(traffic)))
             ax.set_xticklabels([tick_label(c.label) for c in traffic], fontsize=7)
@@ -953,19 +1170,53 @@ def publish_docs(md, cases, results, servers):
                                                      f" and {os.path.relpath(DOCS_PNG, ROOT)}"))
 
 
-def render(path):
-    """Rewrite the docs and the chart from a saved run, measuring nothing."""
+def load_saved(path):
+    """A saved run (summary or full JSON) back into cases, results, servers."""
     with open(path) as f:
         raw = json.load(f)
     keep = ("name", "mode", "size", "conns", "depth", "idle_count")
     cases = [Case(**{k: c[k] for k in keep}) for c in raw["cases"]]
     results = {c["name"]: c["servers"] for c in raw["cases"]}
+    for c in cases:  # a run saved before the current aggregates existed
+        recs = results[c.name]
+        if c.mode != "idle" and any("agg" in r and "server_us" not in r["agg"] for r in recs.values()):
+            aggregate(c, recs)
     servers = [s for s in SERVERS if s.key in raw["servers"]]
     for s in servers:
         s.unavailable = raw["servers"][s.key].get("unavailable")
+    return raw, cases, results, servers
+
+
+def render(path):
+    """Rewrite the docs and the chart from a saved run, measuring nothing."""
+    raw, cases, results, servers = load_saved(path)
     md = markdown(raw["meta"], raw["config"], cases, results, servers, raw["warnings"])
     publish_docs(md, cases, results, servers)
     return 0
+
+
+def summarize(raw):
+    """The part of a run worth keeping in git: aggregates, the few figures of
+    each slice that the ratios come from, the idle records; not the full
+    per-slice dumps (those stay in benchmarks/build/)."""
+    out = {k: raw[k] for k in ("meta", "config", "servers", "warnings")}
+    out["cases"] = []
+    slim = ("round", "rt_per_s", "conn_per_s", "roundtrips", "connections", "window_s",
+            "server_cpu_s", "loadgen_busy", "loadgen_cpu_s", "other_load_cores", "disturbed")
+    for c in raw["cases"]:
+        cc = {k: v for k, v in c.items() if k != "servers"}
+        cc["servers"] = {}
+        for key, rec in c["servers"].items():
+            r = {k: v for k, v in rec.items() if k not in ("slices", "error")}
+            if rec.get("error"):
+                r["error"] = "\n".join(rec["error"].strip().splitlines()[:3])
+            if c["mode"] == "idle":
+                r["slices"] = rec["slices"]
+            else:
+                r["slices"] = [{k: s[k] for k in slim if k in s} for s in rec["slices"]]
+            cc["servers"][key] = r
+        out["cases"].append(cc)
+    return out
 
 
 def write_docs(md_block):
@@ -1011,10 +1262,20 @@ def parse_args(argv=None):
     p.add_argument("--render", metavar="JSON",
                    help="measure nothing: rewrite docs/benchmarks.md and the chart from a "
                         "saved run (e.g. benchmarks/results/latest.json)")
+    p.add_argument("--report", metavar="JSON",
+                   help="measure nothing: print the Markdown report of a saved run")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: one case per mode, one round, short slices")
-    p.add_argument("--servers", help="comma-separated server keys (see --list)")
+    p.add_argument("--only", help="comma-separated globs, each matched against case names and "
+                   "server keys: e.g. 'pp-*-c10,pl16-*,iocpnet-*,c-uring' runs those cases on "
+                   "those servers (a kind not named is not filtered)")
+    p.add_argument("--servers", help="comma-separated server keys or globs (see --list)")
     p.add_argument("--cases", help="comma-separated case names or globs, e.g. 'pp-*,storm*,idle*'")
+    p.add_argument("--engine", choices=("uring", "epoll-busy", "epoll"),
+                   help="load generator engine for ping-pong and pipelined cases (default uring)")
+    p.add_argument("--out", metavar="NAME",
+                   help="save the summary as benchmarks/results/NAME.json (default: latest for "
+                        "a full run, quick or partial otherwise)")
     p.add_argument("--rounds", type=int, help="interleaved rounds per case (default 5, quick 1)")
     p.add_argument("--slice", type=float, help="measured seconds per slice (default 1.0, quick 0.5)")
     p.add_argument("--warmup", type=float, help="warm-up seconds before each slice (default 0.3)")
@@ -1047,32 +1308,53 @@ def select(items, spec, key, what):
     if not spec:
         return list(items)
     pats = [x.strip() for x in spec.split(",") if x.strip()]
-    out = []
-    for it in items:
-        k = key(it)
-        for pat in pats:
-            if fnmatch.fnmatch(k, pat):  # a name without wildcards matches itself only
-                out.append(it)
-                break
+    out = [it for it in items if any(fnmatch.fnmatch(key(it), pat) for pat in pats)]
     if not out:
         sys.exit(f"no {what} matches {spec!r}; see --list")
     return out
+
+
+def select_only(spec, cases, servers):
+    """--only: every glob must match a case name or a server key; the cases
+    (servers) named filter the cases (servers); a kind not named is kept."""
+    pats = [x.strip() for x in spec.split(",") if x.strip()]
+    case_pats = [p for p in pats if any(fnmatch.fnmatch(c.name, p) for c in cases)]
+    server_pats = [p for p in pats if any(fnmatch.fnmatch(s.key, p) for s in servers)]
+    unknown = [p for p in pats if p not in case_pats and p not in server_pats]
+    if unknown:
+        sys.exit(f"--only: {', '.join(unknown)} matches no case and no server; see --list")
+    if case_pats:
+        cases = [c for c in cases if any(fnmatch.fnmatch(c.name, p) for p in case_pats)]
+    if server_pats:
+        servers = [s for s in servers if any(fnmatch.fnmatch(s.key, p) for p in server_pats)]
+    return cases, servers, bool(server_pats)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.render:
         return render(args.render)
+    if args.report:
+        raw, cases, results, servers = load_saved(args.report)
+        log(markdown(raw["meta"], raw["config"], cases, results, servers, raw["warnings"]))
+        return 0
     cases_all = quick_matrix(args.idle_count) if args.quick else full_matrix(args.idle_count)
     if args.list:
-        log("servers: " + ", ".join(s.key for s in SERVERS))
+        log("servers: " + ", ".join(s.key + ("" if s.default else " (only on request)")
+                                      for s in SERVERS))
         log("cases:   " + ", ".join(c.name for c in cases_all))
         return 0
     if not sys.platform.startswith("linux"):
         sys.exit("these benchmarks need Linux (io_uring, epoll, /proc)")
     cases = select(cases_all, args.cases, lambda c: c.name, "case")
     servers = select(SERVERS, args.servers, lambda s: s.key, "server")
-    full_run = not (args.quick or args.cases or args.servers)
+    named = bool(args.servers)
+    if args.only:
+        cases, servers, named_here = select_only(args.only, cases, servers)
+        named = named or named_here
+    if not named:  # servers measured only on request stay out of the default matrix
+        servers = [s for s in servers if s.default]
+    full_run = not (args.quick or args.cases or args.servers or args.only)
 
     # Children inherit this: 10,000 idle connections need 10,000+ descriptors
     # in the server and in the load generator alike.
@@ -1099,19 +1381,20 @@ def main(argv=None):
             s.unavailable = "build failed: " + failed_builds[s.c_binary]
     if not shutil.which("taskset"):
         warn("taskset not found: processes are not pinned to CPUs")
-    needs = {s.needs for s in servers if s.needs}
-    if "uvloop" in needs:
-        mod, err = ensure_uvloop()
-        meta["uvloop"] = getattr(mod, "__version__", None) if mod else None
+    needs = {n for s in servers for n in s.needs}
+    for name in sorted(needs - {"iocpnet"}):
+        mod, err = ensure_module(name)
+        meta[name] = getattr(mod, "__version__", None) if mod else None
         for s in servers:
-            if s.needs == "uvloop" and err:
+            if name in s.needs and err and not s.unavailable:
                 s.unavailable = err
+                log(f"{s.label}: unavailable, skipped: {err.splitlines()[0]}")
     if "iocpnet" in needs:
         mod, err = ensure_iocpnet(args.reinstall_iocpnet)
         meta["iocpnet"] = (getattr(mod, "__version__", None) or "installed") if mod else None
         meta["iocpnet_file"] = getattr(mod, "__file__", None) if mod else None
         for s in servers:
-            if s.needs == "iocpnet" and err:
+            if "iocpnet" in s.needs and err:
                 s.unavailable = err
                 log(f"{s.label}: unavailable, skipped: {err.splitlines()[0]}")
     runnable = [s for s in servers if not s.unavailable]
@@ -1160,15 +1443,16 @@ def main(argv=None):
     idle_burn = {}
     for c in cases:
         sl = [x for s in runnable for x in results[c.name][s.key]["slices"] if "window_s" in x]
-        bad = sum(1 for x in sl if x.get("other_load_cores", 0) > DISTURBED)
+        bad = sum(1 for x in sl if x.get("disturbed"))
         if bad:
             noisy.append(f"{c.name} {bad}/{len(sl)}")
         for x in sl:
             for key, cores in x.get("bystanders", {}).items():
                 idle_burn[key] = max(idle_burn.get(key, 0.0), cores)
     if noisy:
-        warnings.append("slices disturbed by other processes (more than "
-                        f"{DISTURBED} cores of other load, after {args.retry_budget.retried} "
+        warnings.append("slices disturbed by other processes (a core taken from the server or "
+                        "the load generator, or more than "
+                        f"{DISTURBED} cores of other load; after {args.retry_budget.retried} "
                         "re-measurements): " + ", ".join(noisy) + ". Those figures are noisy; "
                         "re-run on a quiet machine if they matter.")
     for key, cores in idle_burn.items():
@@ -1178,7 +1462,7 @@ def main(argv=None):
                             "servers' slices (busy-polling?): it slows its neighbours")
     meta["elapsed_s"] = round(elapsed, 1)
     config = {k: getattr(args, k) for k in ("rounds", "slice", "warmup", "idle_count", "idle_hold",
-                                            "workers", "quick")}
+                                            "workers", "quick", "engine", "only")}
     config.update(cases_filter=args.cases, servers_filter=args.servers, full_run=full_run)
     md = markdown(meta, config, cases, results, servers, warnings)
     log("")
@@ -1191,18 +1475,26 @@ def main(argv=None):
            "warnings": warnings}
     if args.no_write:
         return 0
-    os.makedirs(RESULTS, exist_ok=True)
     publish = full_run or args.write_docs
-    out_json = os.path.join(RESULTS, "latest.json" if publish else
-                            ("quick.json" if args.quick else "partial.json"))
-    with open(out_json, "w") as f:
+    name = args.out or ("latest" if publish else ("quick" if args.quick else "partial"))
+    # everything, every slice: kept out of git (benchmarks/build/ is ignored)
+    os.makedirs(os.path.join(BUILD, "results"), exist_ok=True)
+    full_json = os.path.join(BUILD, "results", f"{name}.full.json")
+    with open(full_json, "w") as f:
         json.dump(raw, f, indent=1)
         f.write("\n")
-    log(f"raw results: {os.path.relpath(out_json, ROOT)}")
+    # the summary: what the report and the chart are made of, small enough for git
+    os.makedirs(RESULTS, exist_ok=True)
+    out_json = os.path.join(RESULTS, f"{name}.json")
+    with open(out_json, "w") as f:
+        json.dump(summarize(raw), f, indent=None, separators=(",", ":"))
+        f.write("\n")
+    log(f"results: {os.path.relpath(out_json, ROOT)} ({os.path.getsize(out_json) // 1024} KiB; "
+        f"every slice in {os.path.relpath(full_json, ROOT)})")
     if publish:
         publish_docs(md, cases, results, servers)
     else:
-        log("quick/filtered run: docs/ and results/latest.json left alone (use --write-docs)")
+        log("quick/filtered run: docs/ left alone (use --write-docs)")
     return 0
 
 

@@ -6,7 +6,7 @@ server, so this runs the load generator against deliberately broken servers
 (corrupting, replaying stale data, dropping the connection) and expects the
 documented exit codes: 0 ok, 2 connection error, 3 data mismatch.
 
-usage: python benchmarks/selftest.py      (about 10 seconds; builds loadgen if needed)
+usage: python benchmarks/selftest.py      (about 20 seconds; builds loadgen if needed)
 """
 import os
 import socket
@@ -74,16 +74,23 @@ def loadgen(port, *args):
 def main():
     if run.build_c().get("loadgen"):
         sys.exit("cannot build loadgen")
-    cases = [
+    traffic = [
         ("none", ["-m", "pingpong", "-c", "4", "-s", "100"], 0),
         ("none", ["-m", "pipeline", "-c", "4", "-d", "8", "-s", "1000"], 0),
-        ("none", ["-m", "connect", "-c", "8"], 0),
-        ("none", ["-m", "idle", "-n", "50", "-i", "0.2"], 0),
+        ("none", ["-m", "pipeline", "-c", "2", "-d", "4", "-s", "40000"], 0),
         ("corrupt", ["-m", "pingpong", "-s", "64"], 3),
         ("corrupt", ["-m", "pipeline", "-d", "16", "-s", "1024"], 3),
         ("stale", ["-m", "pingpong", "-s", "64"], 3),
         ("extra", ["-m", "pingpong", "-s", "64"], 3),
         ("close", ["-m", "pingpong", "-s", "64"], 2),
+    ]
+    # every engine that drives ping-pong and pipelined traffic gets every defect
+    cases = [(d, a + ["-e", e], want) for e in ("uring", "epoll-busy", "epoll")
+             for d, a, want in traffic]
+    cases += [
+        ("none", ["-m", "connect", "-c", "8"], 0),
+        ("none", ["-m", "idle", "-n", "50", "-i", "0.2"], 0),
+        ("corrupt", ["-m", "connect", "-c", "8", "-s", "2000"], 3),
     ]
     failed = 0
     for defect, args, want in cases:
@@ -93,7 +100,7 @@ def main():
         srv.sock.close()
         ok = rc == want
         failed += not ok
-        print(f"{'ok ' if ok else 'BAD'} defect={defect:8} {' '.join(args):32} exit {rc} "
+        print(f"{'ok ' if ok else 'BAD'} defect={defect:8} {' '.join(args):45} exit {rc} "
               f"(want {want}) {err.splitlines()[-1] if err else ''}")
     # the safety guard: never load anything but loopback
     rc, err = subprocess.run([run.LOADGEN, "-a", "10.0.0.1", "-p", "9"], capture_output=True,
