@@ -441,3 +441,17 @@ def test_listener_port_zero_picks_a_free_port(backend):
     finally:
         service.Stop()
         core.Close()
+
+
+def test_a_bad_class_attribute_raises_and_leaks_nothing():
+    """A limit that makes no sense fails the session's creation with ValueError, and
+    the half-made session is not counted as gone twice (the no_leaks fixture)."""
+    class NoQueue(iocpnet.Session):
+        send_queue_limit = 0
+
+    class Negative(iocpnet.Session):
+        idle_timeout = -1
+
+    for cls in (NoQueue, Negative):
+        with pytest.raises(ValueError):
+            cls()

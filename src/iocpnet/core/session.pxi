@@ -144,6 +144,9 @@ cdef class Session(IocpObject):
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
+        # Counted first: __dealloc__ runs (and uncounts) even when a bad class
+        # attribute makes _hooks_for raise below.
+        port_atomic_add64(&_sessions_alive, 1)
         self._hooks = _hooks_for(type(self))
         self._sock = PORT_INVALID_SOCK
         self._state = S_NEW
@@ -154,7 +157,6 @@ cdef class Session(IocpObject):
         port_op_init(&self._recv_op, PORT_OP_RECV, <void *>self, &self._strand)
         port_op_init(&self._send_op, PORT_OP_SEND, <void *>self, &self._strand)
         port_op_init(&self._close_op, PORT_OP_CLOSE, <void *>self, &self._strand)
-        port_atomic_add64(&_sessions_alive, 1)
 
     def __dealloc__(self):
         cdef Py_ssize_t i
