@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every test, the way CI runs them (.ci/run is this script).  Needs only Python, pip and
 # a C compiler; everything else is installed as needed (packages from Debian's archive
-# with apt-get when root: mingw-w64 and Wine, valgrind, clang, the free-threaded
+# with apt-get when root: mingw-w64 and Wine, valgrind, clang, openssl, the free-threaded
 # interpreter's build dependencies).
 #
 #   bash scripts/test.sh [pytest args for the main suite...]
@@ -60,6 +60,14 @@ fi
 if ! skipped fuzz; then
     step "2. libFuzzer on the packet framing"
     IOCPNET_FUZZ_OUT="$work/fuzz" bash "$root/tests/fuzz/run.sh" "${IOCPNET_FUZZ_SECONDS:-20}"
+fi
+
+# The openssl command: the TLS tests make their certificates with it and talk to the
+# server with its s_client.  Installed here, before the interpreter build's own apt use.
+if ! command -v openssl >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { DEBIAN_FRONTEND=noninteractive apt-get update -q &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssl; } >"$work/apt-openssl.log" 2>&1 ||
+        echo "test.sh: installing openssl failed (see $work/apt-openssl.log)" >&2
 fi
 
 if ! skipped freethreaded; then

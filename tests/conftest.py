@@ -61,9 +61,9 @@ def no_leaks(caplog):
 class Server:
     """A Service on 127.0.0.1 with worker threads, stopped and checked on exit."""
 
-    def __init__(self, session_cls, backend, workers=2, accepts=16, **service_kw):
+    def __init__(self, session_cls, backend, workers=2, accepts=16, ssl=None, **service_kw):
         self.core = iocpnet.IocpCore(backend)
-        self.listener = iocpnet.Listener(("127.0.0.1", 0))
+        self.listener = iocpnet.Listener(("127.0.0.1", 0), ssl=ssl)
         self.service = iocpnet.Service(self.core, self.listener, session_cls, accepts,
                                        **service_kw)
         self.workers = workers
@@ -108,7 +108,8 @@ class Server:
 
 @pytest.fixture
 def server(backend):
-    """server(SessionClass, workers=2, accepts=16, **service_kw) -> a started Server."""
+    """server(SessionClass, workers=2, accepts=16, ssl=None, **service_kw) -> a started
+    Server (``ssl``: the Listener's server-side ssl.SSLContext)."""
     made = []
 
     def make(session_cls, **kw):

@@ -6,7 +6,9 @@ with mypy's stubtest, and to what user code writes with mypy --strict on example
 tests/typecheck/; tests/test_packaging.py checks that it ships in the wheel.
 """
 import logging
+import ssl as _ssl
 from collections.abc import Callable, Iterable
+from typing import Any
 from typing import Protocol, final
 
 from typing_extensions import TypeVarTuple, Unpack
@@ -29,6 +31,8 @@ DEFAULT_RECV_BUFFER_LIMIT: int
 """256 KiB: ``Session.recv_buffer_limit`` unless a subclass sets it."""
 DEFAULT_FLUSH_TIMEOUT: float
 """5 s: ``Session.flush_timeout`` unless a subclass sets it."""
+DEFAULT_TLS_HANDSHAKE_TIMEOUT: float
+"""10 s: ``Session.tls_handshake_timeout`` unless a subclass sets it."""
 
 class BackendUnavailableError(RuntimeError):
     """The requested completion-port backend cannot run on this machine."""
@@ -177,7 +181,13 @@ class Session(IocpObject):
     peer is judged not to be reading), ``recv_buffer_limit`` (bytes OnRecv may leave
     unconsumed), ``flush_timeout`` (seconds to flush queued data when closing), and
     ``idle_timeout`` (seconds without receiving anything before the service disconnects
-    the session; 0 or unset: never).  They are read once per class.
+    the session; 0 or unset: never), and ``tls_handshake_timeout`` (seconds a TLS
+    session has to finish its handshake; default 10, 0: no deadline).  They are read
+    once per class.
+
+    With TLS (``Listener(ssl=)``, ``ClientService(ssl=)``) the hooks see plaintext,
+    OnConnected runs once the handshake is done, ``OnSend`` and the limits count
+    plaintext, and a graceful close sends close_notify.
     """
 
     def __init__(self) -> None:
@@ -215,6 +225,29 @@ class Session(IocpObject):
     def disconnect_reason(self) -> str | None:
         """Why the session ended (or is ending), else None."""
 
+    # ---- TLS: None without TLS, and until the handshake is done ----
+
+    @property
+    def tls_version(self) -> str | None:
+        """The TLS version negotiated ("TLSv1.2", "TLSv1.3")."""
+
+    @property
+    def tls_alpn(self) -> str | None:
+        """The ALPN protocol agreed on, or None if none was."""
+
+    @property
+    def tls_cipher(self) -> tuple[str, str, int] | None:
+        """(name, protocol, secret bits) of the cipher in use."""
+
+    @property
+    def tls_peer_certificate(self) -> dict[str, Any] | None:
+        """The peer's certificate as ``ssl.SSLSocket.getpeercert()`` gives it (a dict,
+        when the context verified it), or None."""
+
+    @property
+    def tls_peer_certificate_der(self) -> bytes | None:
+        """The peer's certificate in DER (bytes), verified or not, or None."""
+
     @property
     def service(self) -> Service | None:
         """The service the session belongs to (None before it is attached)."""
@@ -238,7 +271,8 @@ class Session(IocpObject):
 
     @property
     def send_queue_bytes(self) -> int:
-        """Bytes queued by Send and not yet acknowledged by a send completion."""
+        """Bytes queued by Send and not yet acknowledged by a send completion (with TLS:
+        plaintext bytes whose records are not all sent)."""
 
     # ---- actions ----
 
@@ -291,7 +325,9 @@ class Listener(IocpObject):
     it completes (the original's AcceptEx pattern).
 
     ``address``: an int port (all interfaces) or a ``(host, port)`` tuple; port 0 picks
-    a free port, readable as ``.port`` after ``Start()``.
+    a free port, readable as ``.port`` after ``Start()``.  ``ssl``: an
+    ``ssl.SSLContext`` (server side): every connection speaks TLS, and the sessions'
+    hooks see plaintext (OnConnected once the handshake is done).
     """
 
     def __init__(
@@ -301,6 +337,7 @@ class Listener(IocpObject):
         backlog: int = 1024,
         reuse_port: bool = False,
         ipv6_only: bool = False,
+        ssl: _ssl.SSLContext | None = None,
     ) -> None:
         """``reuse_port``: SO_REUSEPORT, several processes share the port.
         ``ipv6_only``: an IPv6 listener that does not take IPv4 (a wildcard listener is
@@ -309,6 +346,10 @@ class Listener(IocpObject):
     @property
     def backlog(self) -> int:
         """The listen() backlog."""
+
+    @property
+    def ssl(self) -> _ssl.SSLContext | None:
+        """The server-side TLS context, or None."""
 
     @property
     def accepted(self) -> int:
@@ -453,6 +494,9 @@ class ClientService(Service):
     cannot be made gets ``OnConnectFailed(reason)`` then ``OnDisconnected(reason)``.
     With ``reconnect`` (True, or a ``Reconnect`` policy) every session that ends is
     replaced by a new connection after the policy's delay, until ``Stop()``.
+    ``ssl``: an ``ssl.SSLContext`` (client side): the sessions speak TLS, sending
+    ``server_hostname`` (default: the address's host) for SNI and certificate checks;
+    a failed handshake is a failed connection (OnConnectFailed).
     """
 
     def __init__(
@@ -463,8 +507,18 @@ class ClientService(Service):
         count: int = 1,
         *,
         reconnect: bool | _ReconnectPolicy | None = None,
+        ssl: _ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         """``address``: ``(host, port)``, or a port on 127.0.0.1."""
+
+    @property
+    def ssl(self) -> _ssl.SSLContext | None:
+        """The client-side TLS context, or None."""
+
+    @property
+    def server_hostname(self) -> str | None:
+        """The name sent for SNI and checked against the certificate (TLS only)."""
 
     @property
     def listener(self) -> None:  # type: ignore[override]

@@ -22,6 +22,9 @@ from cpython.buffer cimport (PyBuffer_FillInfo, PyBuffer_Release, PyObject_GetBu
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.memoryview cimport PyMemoryView_FromObject
+from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
+                               PyThread_acquire_lock, PyThread_release_lock, WAIT_LOCK,
+                               NOWAIT_LOCK)
 from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.stdlib cimport malloc, free, realloc
 from libc.string cimport memcpy, memmove
@@ -34,6 +37,7 @@ import os
 import threading
 import time as _time
 import traceback as _traceback
+import weakref as _weakref
 
 logger = logging.getLogger("iocpnet")
 
@@ -221,6 +225,7 @@ include "core/port.pxi"
 include "core/timers.pxi"
 include "core/recv_view.pxi"
 include "core/session.pxi"
+include "core/tls.pxi"
 include "core/packets.pxi"
 include "core/listener.pxi"
 include "core/service.pxi"

@@ -9,7 +9,9 @@ cdef class Listener(IocpObject):
     it completes (the original's AcceptEx pattern).
 
     ``address``: an int port (all interfaces) or a ``(host, port)`` tuple; port 0 picks
-    a free port, readable as ``.port`` after ``Start()``.
+    a free port, readable as ``.port`` after ``Start()``.  ``ssl``: an
+    ``ssl.SSLContext`` (server side): every connection speaks TLS, and the sessions'
+    hooks see plaintext (OnConnected once the handshake is done).
     """
     cdef object _address_arg
     cdef readonly int backlog
@@ -32,9 +34,10 @@ cdef class Listener(IocpObject):
     cdef list _starved
     cdef object _backoff_timer
     cdef int _backoff_ms
+    cdef readonly object ssl
 
     def __init__(self, address, *, int backlog=1024, bint reuse_port=False,
-                 bint ipv6_only=False):
+                 bint ipv6_only=False, ssl=None):
         if isinstance(address, int):
             address = (None, address)
         elif isinstance(address, (tuple, list)) and len(address) == 2:
@@ -51,6 +54,7 @@ cdef class Listener(IocpObject):
         self._starved = []
         self._backoff_ms = 0
         self._backoff_lock = threading.Lock()
+        self.ssl = _tls_context(ssl)
 
     def __cinit__(self, *args, **kwargs):
         self._ops = NULL
@@ -171,6 +175,8 @@ cdef class Listener(IocpObject):
                 self._post(i, session)
                 return
             self._post(i, None)       # keep accepting while this one starts
+            if self.ssl is not None:
+                session._tls = _Tls.create(self.ssl, True, None)
             session._attach_accepted(self.core, service)
             session._on_accepted(<port_sock_t>res)
             return

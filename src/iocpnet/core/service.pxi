@@ -289,6 +289,9 @@ cdef class ClientService(Service):
     cannot be made gets ``OnConnectFailed(reason)`` then ``OnDisconnected(reason)``.
     With ``reconnect`` (True, or a ``Reconnect`` policy) every session that ends is
     replaced by a new connection after the policy's delay, until ``Stop()``.
+    ``ssl``: an ``ssl.SSLContext`` (client side): the sessions speak TLS, sending
+    ``server_hostname`` (default: the address's host) for SNI and certificate checks;
+    a failed handshake is a failed connection (OnConnectFailed).
     """
     cdef object _address
     cdef port_addr_t _addr
@@ -297,9 +300,11 @@ cdef class ClientService(Service):
     cdef int _failures
     cdef set _retry_timers
     cdef readonly uint64_t connect_failures
+    cdef readonly object ssl
+    cdef readonly object server_hostname
 
     def __init__(self, IocpCore core, address, session_factory, int count=1, *,
-                 reconnect=None):
+                 reconnect=None, ssl=None, server_hostname=None):
         cdef int rc
         if isinstance(address, int):
             address = ("127.0.0.1", address)
@@ -319,6 +324,10 @@ cdef class ClientService(Service):
             raise TypeError("reconnect must be True or a Reconnect policy")
         self.reconnect = reconnect
         self._retry_timers = set()
+        self.ssl = _tls_context(ssl)
+        if server_hostname is None and self.ssl is not None:
+            server_hostname = self._address[0]
+        self.server_hostname = server_hostname or None
         host = self._address[0].encode("idna")
         rc = port_resolve(host, self._address[1], 0, &self._addr)
         if rc != 0:
@@ -346,6 +355,8 @@ cdef class ClientService(Service):
             raise RuntimeError("the service is stopping")
         s = self._new_session() if session is None else session
         s._attach(self.core, self)
+        if self.ssl is not None:
+            s._tls = _Tls.create(self.ssl, False, self.server_hostname)
         with self._lock:
             self._sessions.add(s)
             self.total_sessions += 1
@@ -362,10 +373,15 @@ cdef class ClientService(Service):
         if self._stopping:
             s._close_now(self._shutdown_reason, False)
             return False
-        with self._lock:
-            self._failures = 0
+        if s._tls is None:
+            self._session_ready()
         self._watch_idle(s)
         return True
+
+    cdef void _session_ready(self) noexcept:
+        """A connection came up (with TLS: its handshake is done): the policy resets."""
+        with self._lock:
+            self._failures = 0
 
     cdef void _session_done(self, Session s) noexcept:
         Service._session_done(self, s)

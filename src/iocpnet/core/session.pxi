@@ -16,6 +16,7 @@ cdef class _Hooks:
     cdef Py_ssize_t recv_buffer_limit
     cdef double flush_timeout
     cdef double idle_timeout
+    cdef double tls_handshake_timeout
 
 
 cdef dict _hooks_cache = {}
@@ -52,14 +53,17 @@ cdef _Hooks _hooks_for(type cls):
     h.recv_buffer_limit = _class_int(cls, "recv_buffer_limit", DEFAULT_RECV_BUFFER_LIMIT)
     h.flush_timeout = _class_int(cls, "flush_timeout", DEFAULT_FLUSH_TIMEOUT)
     h.idle_timeout = _class_int(cls, "idle_timeout", 0)
+    h.tls_handshake_timeout = _class_int(cls, "tls_handshake_timeout",
+                                         DEFAULT_TLS_HANDSHAKE_TIMEOUT)
     if h.send_queue_limit <= 0 or h.recv_buffer_limit <= 0:
         raise ValueError(f"{cls.__name__}: send_queue_limit and recv_buffer_limit must be "
                          f"positive")
     if not PKT_HEADER <= h.max_packet_size <= PKT_MAX:
         raise ValueError(f"{cls.__name__}: max_packet_size must be between "
                          f"{PKT_HEADER} and {PKT_MAX}")
-    if h.idle_timeout < 0:
-        raise ValueError(f"{cls.__name__}: idle_timeout must be >= 0 (0: none)")
+    if h.idle_timeout < 0 or h.tls_handshake_timeout < 0:
+        raise ValueError(f"{cls.__name__}: idle_timeout and tls_handshake_timeout must be "
+                         f">= 0 (0: none)")
     _hooks_cache[cls] = h
     return h
 
@@ -141,6 +145,7 @@ cdef class Session(IocpObject):
     cdef port_buf_t *_iov
     cdef port_buf_t _iov_inline[IOV_INLINE]
     cdef int _iov_n
+    cdef object _tls              # a _Tls stream filter (core/tls.pxi), or None
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
@@ -234,7 +239,8 @@ cdef class Session(IocpObject):
     @property
     def connected(self):
         """True from OnConnected until the session starts closing."""
-        return self._state == S_CONNECTED
+        return self._state == S_CONNECTED and (self._tls is None or
+                                               (<_Tls>self._tls).state == T_OPEN)
 
     @property
     def disconnect_reason(self):
@@ -248,6 +254,33 @@ cdef class Session(IocpObject):
         r = self._reason
         port_spin_unlock(&self._lock)
         return r
+
+    # TLS (core/tls.pxi): None without TLS, and until the handshake is done.
+    @property
+    def tls_version(self):
+        """The TLS version negotiated ("TLSv1.2", "TLSv1.3")."""
+        return None if self._tls is None else (<_Tls>self._tls).version
+
+    @property
+    def tls_alpn(self):
+        """The ALPN protocol agreed on, or None if none was."""
+        return None if self._tls is None else (<_Tls>self._tls).alpn
+
+    @property
+    def tls_cipher(self):
+        """(name, protocol, secret bits) of the cipher in use."""
+        return None if self._tls is None else (<_Tls>self._tls).cipher
+
+    @property
+    def tls_peer_certificate(self):
+        """The peer's certificate as ``ssl.SSLSocket.getpeercert()`` gives it (a dict,
+        when the context verified it), or None."""
+        return None if self._tls is None else (<_Tls>self._tls).peercert
+
+    @property
+    def tls_peer_certificate_der(self):
+        """The peer's certificate in DER (bytes), verified or not, or None."""
+        return None if self._tls is None else (<_Tls>self._tls).peercert_der
 
     @property
     def service(self):
@@ -270,8 +303,9 @@ cdef class Session(IocpObject):
 
     @property
     def send_queue_bytes(self):
-        """Bytes queued by Send and not yet acknowledged by a send completion."""
-        return self._sq_bytes
+        """Bytes queued by Send and not yet acknowledged by a send completion (with TLS:
+        plaintext bytes whose records are not all sent)."""
+        return self._sq_bytes if self._tls is None else (<_Tls>self._tls).plain_pending
 
     def Send(self, data):
         """Queue ``data`` to be sent, in order, from any thread.
@@ -281,10 +315,15 @@ cdef class Session(IocpObject):
         (or is closing).  Past ``send_queue_limit`` unsent bytes the peer is judged not to
         be reading: the session is disconnected and False returned.
         """
-        cdef bytes b
+        if self._tls is not None:
+            return (<_Tls>self._tls).send(self, data)
+        return self._queue_send(data if type(data) is bytes else _copy_to_bytes(data), True)
+
+    cdef bint _queue_send(self, bytes b, bint check_limit) except? False:
+        """Send's body: queue `b` and start a send if none is in flight.  The TLS filter
+        queues its records here with check_limit False (it counts plaintext itself)."""
         cdef Py_ssize_t n, limit, queued
         cdef int rc
-        b = data if type(data) is bytes else _copy_to_bytes(data)
         n = PyBytes_GET_SIZE(b)
         if n == 0:
             return self._state == S_CONNECTED
@@ -294,7 +333,7 @@ cdef class Session(IocpObject):
             port_spin_unlock(&self._lock)
             return False
         queued = self._sq_bytes + n
-        if queued > limit:
+        if check_limit and queued > limit:
             port_spin_unlock(&self._lock)
             self._close_now(
                 f"send queue limit exceeded: {queued} bytes queued, send_queue_limit is "
@@ -382,12 +421,20 @@ cdef class Session(IocpObject):
             ok = self._service._session_connected(self)
         if not ok:
             return
+        if self._tls is not None:
+            self._was_connected = False
+            (<_Tls>self._tls).start(self)     # OnConnected once the handshake is done
+        else:
+            self._call_connected()
+        self._arm_recv()
+
+    cdef void _call_connected(self) noexcept:
+        """The byte stream is up (after the TLS handshake, with TLS): OnConnected."""
         if self._hooks.on_connected is not None:
             try:
                 self._hooks.on_connected(self)
             except BaseException as e:
                 self._hook_failed("OnConnected", e)
-        self._arm_recv()
 
     cdef void _arm_recv(self) noexcept:
         cdef int rc
@@ -492,14 +539,17 @@ cdef class Session(IocpObject):
             rc = self._arm_recv_locked()
         port_spin_unlock(&self._lock)
         if res == 0:
-            if self._rlen > self._rpos:
+            if self._tls is not None and (<_Tls>self._tls).eof(self):
+                pass                    # the handshake was cut: the filter closed us
+            elif self._rlen > self._rpos:
                 self._begin_disconnect(
                     f"peer closed the connection ({self._rlen - self._rpos} bytes of an "
                     f"unfinished message left)", True)
             else:
                 self._begin_disconnect("peer closed the connection", True)
         elif res < 0 and res != PORT_ECANCELED:
-            self._close_now(port_reason(<int>res), False)
+            self._close_now(port_reason(<int>res) if self._tls is None else
+                            (<_Tls>self._tls).reason(port_reason(<int>res)), False)
         elif rc != 0:
             self._close_now(f"cannot receive: {port_reason(rc)}", False)
         self._maybe_finish()
@@ -507,8 +557,11 @@ cdef class Session(IocpObject):
     cdef void _deliver(self, port_cqe_t *cqe) noexcept:
         """Show received bytes to the hook; keep what it did not consume."""
         cdef Py_ssize_t n = cqe.res
-        cdef Py_ssize_t used, left
+        cdef Py_ssize_t used
         cdef bint released = False
+        if self._tls is not None:
+            (<_Tls>self._tls).feed(self, cqe)    # plaintext into the RecvBuffer, then shown
+            return
         if self._rlen == self._rpos:
             # Nothing pending: show the port's buffer itself (no copy).
             used = self._call_recv(cqe.buf, n, cqe)
@@ -518,21 +571,30 @@ cdef class Session(IocpObject):
             if used >= 0 and used < n and self._state == S_CONNECTED:
                 if self._rbuf_append(cqe.buf + used, n - used) < 0:
                     self._close_now("out of memory for the receive buffer", True)
-        else:
-            if self._rbuf_append(cqe.buf, n) < 0:
-                self._close_now("out of memory for the receive buffer", True)
+            if not released:
                 port_recv_release(self.core.port, cqe)
-                return
+            self._recv_kept()
+            return
+        if self._rbuf_append(cqe.buf, n) < 0:
+            self._close_now("out of memory for the receive buffer", True)
             port_recv_release(self.core.port, cqe)
-            released = True
-            used = self._call_recv(self._rbuf + self._rpos, self._rlen - self._rpos, NULL)
-            if used == -2:
-                used = self._last_used
-            if used >= 0:
-                self._rpos += used
-        if not released:
-            port_recv_release(self.core.port, cqe)
-        left = self._rlen - self._rpos
+            return
+        port_recv_release(self.core.port, cqe)
+        self._deliver_buffered()
+
+    cdef void _deliver_buffered(self) noexcept:
+        """Show the RecvBuffer (new bytes were just appended to it) to the hook."""
+        cdef Py_ssize_t used
+        used = self._call_recv(self._rbuf + self._rpos, self._rlen - self._rpos, NULL)
+        if used == -2:
+            used = self._last_used
+        if used >= 0:
+            self._rpos += used
+        self._recv_kept()
+
+    cdef void _recv_kept(self) noexcept:
+        """After the hook: free an empty RecvBuffer, or check what it left in it."""
+        cdef Py_ssize_t left = self._rlen - self._rpos
         if left == 0:
             self._rpos = self._rlen = 0
             if self._rbuf != NULL:
@@ -545,6 +607,14 @@ cdef class Session(IocpObject):
                 f"(recv_buffer_limit is {self._hooks.recv_buffer_limit})", True)
 
     cdef int _rbuf_append(self, const char *data, Py_ssize_t n) noexcept:
+        if self._rbuf_reserve(n) < 0:
+            return -1
+        memcpy(self._rbuf + self._rlen, data, n)
+        self._rlen += n
+        return 0
+
+    cdef int _rbuf_reserve(self, Py_ssize_t n) noexcept:
+        """Make room for n more bytes at _rbuf + _rlen."""
         cdef Py_ssize_t need, cap
         cdef char *nb
         if self._rpos > 0 and self._rlen + n > self._rcap:
@@ -562,8 +632,6 @@ cdef class Session(IocpObject):
                 return -1
             self._rbuf = nb
             self._rcap = cap
-        memcpy(self._rbuf + self._rlen, data, n)
-        self._rlen += n
         return 0
 
     cdef Py_ssize_t _call_recv(self, char *ptr, Py_ssize_t n, port_cqe_t *cqe) noexcept:
@@ -696,6 +764,8 @@ cdef class Session(IocpObject):
         port_spin_unlock(&self._lock)
         if rc != 0:
             self._close_now(f"cannot send or receive: {port_reason(rc)}", False)
+        if sent > 0 and self._tls is not None:
+            sent = (<_Tls>self._tls).acked(sent)      # OnSend counts plaintext
         if sent > 0 and self._hooks.on_send is not None:
             try:
                 self._hooks.on_send(self, sent)
@@ -766,6 +836,8 @@ cdef class Session(IocpObject):
     cdef bint _begin_disconnect(self, str reason, bint flush) noexcept:
         """Graceful: stop receiving, flush the send queue (bounded), then close."""
         cdef IocpCore core
+        if self._tls is not None and flush:
+            (<_Tls>self._tls).close_notify(self)      # queued before the flush below
         port_spin_lock(&self._lock)
         if self._state != S_CONNECTED and self._state != S_CONNECTING:
             port_spin_unlock(&self._lock)
@@ -852,6 +924,8 @@ cdef class Session(IocpObject):
         if self._counted_connected:
             self._counted_connected = False
             port_atomic_add64(&_sessions_connected, -1)
+        if self._tls is not None:
+            (<_Tls>self._tls).finished(self)          # OnConnectFailed after a bad handshake
         if self._service is not None:
             self._service._session_done(self)
         if self._hooks.on_disconnected is not None:

@@ -1,0 +1,628 @@
+"""TLS: Listener(ssl=ctx) and ClientService(ssl=ctx), against clients nobody here wrote
+(Python's ssl module, openssl s_client) and hostile ones, on every backend.  Hooks see
+plaintext; order, limits, Disconnect and OnDisconnected keep their meaning.
+
+Certificates are made when the tests run (tests/tls_certs.py)."""
+import hashlib
+import os
+import socket
+import ssl
+import struct
+import subprocess
+import threading
+import time
+
+import pytest
+
+import iocpnet
+from conftest import connect, recv_exactly, wait_for
+from test_services import ClientCore
+from tls_certs import OPENSSL, make_pki
+
+# The certificates are made with the openssl command (scripts/test.sh installs it).
+pytestmark = pytest.mark.skipif(OPENSSL is None, reason="the openssl command is missing")
+
+VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def server_context(pki, *, alpn=None, client_ca=None, version=None):
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(pki["server"], pki["server_key"])
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    if client_ca:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(client_ca)
+    if version:
+        ctx.minimum_version = ctx.maximum_version = VERSIONS[version]
+    return ctx
+
+
+def client_context(pki, *, cafile=None, version=None, alpn=None, cert=None):
+    ctx = ssl.create_default_context(cafile=cafile or pki["ca"])
+    if version:
+        ctx.minimum_version = ctx.maximum_version = VERSIONS[version]
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    if cert:
+        ctx.load_cert_chain(*cert)
+    return ctx
+
+
+def tls_connect(address, ctx, server_hostname="localhost", timeout=10):
+    raw = connect(address, timeout)
+    try:
+        return ctx.wrap_socket(raw, server_hostname=server_hostname,
+                               suppress_ragged_eofs=False)
+    except BaseException:
+        raw.close()
+        raise
+
+
+def recv_all(sock, n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+def client_hello():
+    """The bytes of a real ClientHello (made by the ssl module into a memory BIO)."""
+    ctx = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    hello = outgoing.read()
+    assert hello[0] == 0x16 and len(hello) > 100     # a handshake record
+    return hello
+
+
+class Events:
+    """What the sessions of one test saw, thread-safe; keeps no session alive."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.log = []
+
+    def add(self, *event):
+        with self.lock:
+            self.log.append(event)
+
+    def of(self, kind):
+        with self.lock:
+            return [e[1:] for e in self.log if e[0] == kind]
+
+    def wait(self, kind, n=1, timeout=10):
+        wait_for(lambda: len(self.of(kind)) >= n, timeout,
+                 f"{n} {kind} event(s), have {self.log!r}")
+        return self.of(kind)
+
+
+def echo_session(events, **attrs):
+    class TlsEcho(iocpnet.Session):
+        def OnConnected(self):
+            events.add("connected", self.tls_version, self.tls_alpn)
+
+        def OnRecv(self, data):
+            events.add("recv", len(data))
+            self.Send(data)
+
+        def OnDisconnected(self, reason):
+            events.add("disconnected", reason)
+
+    for k, v in attrs.items():
+        setattr(TlsEcho, k, v)
+    return TlsEcho
+
+
+def assert_good_client_works(address, pki, payload=b"still here"):
+    with tls_connect(address, client_context(pki)) as c:
+        c.sendall(payload)
+        assert recv_all(c, len(payload)) == payload
+
+
+# ---- clients nobody here wrote ----
+
+@pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
+def test_python_ssl_client_8_mib_each_way_byte_exact(server, pki, version):
+    """8 MiB of random bytes to the server and back through TLS: the server's digest of
+    what it received and the client's copy of the echo match what was sent."""
+    digest = hashlib.sha256()
+    got = []
+    events = Events()
+
+    class Hashing(iocpnet.Session):
+        send_queue_limit = 32 << 20
+
+        def OnConnected(self):
+            events.add("connected", self.tls_version)
+
+        def OnRecv(self, data):
+            digest.update(data)
+            got.append(len(data))
+            self.Send(data)
+
+        def OnDisconnected(self, reason):
+            events.add("disconnected", reason)
+
+    srv = server(Hashing, ssl=server_context(pki))
+    payload = os.urandom(8 << 20)
+    echoed = bytearray()
+    with tls_connect(srv.address, client_context(pki, version=version)) as c:
+        assert c.version() == version
+        # One thread per socket (an SSLSocket must not be read and written at once):
+        # write 64 KiB, read back all but the last 256 KiB sent, so both directions
+        # carry data the whole time.
+        chunk = 64 << 10
+        for pos in range(0, len(payload), chunk):
+            c.sendall(payload[pos:pos + chunk])
+            while len(echoed) < pos + chunk - (256 << 10):
+                echoed += c.recv(1 << 20)
+        while len(echoed) < len(payload):
+            data = c.recv(1 << 20)
+            assert data, f"closed after {len(echoed)} bytes"
+            echoed += data
+        assert bytes(echoed) == payload
+        c.unwrap()                   # our close_notify; the server answers with its own
+    events.wait("disconnected")
+    assert events.of("connected") == [(version,)]
+    assert events.of("disconnected") == [("peer closed the connection",)]
+    assert sum(got) == len(payload)
+    assert digest.digest() == hashlib.sha256(payload).digest()
+
+
+def test_fifty_python_clients_at_once(server, pki):
+    events = Events()
+    srv = server(echo_session(events), ssl=server_context(pki), accepts=8)
+    errors = []
+
+    def client(i):
+        try:
+            data = os.urandom(64 << 10) + str(i).encode()
+            with tls_connect(srv.address, client_context(pki)) as c:
+                c.sendall(data)
+                assert recv_all(c, len(data)) == data
+        except BaseException as e:      # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:3]
+    events.wait("disconnected", 50)
+    assert len(events.of("connected")) == 50
+
+
+@pytest.mark.parametrize("flag,version", [("-tls1_2", "TLSv1.2"), ("-tls1_3", "TLSv1.3")])
+def test_openssl_s_client_with_sni_and_alpn(server, pki, flag, version):
+    """openssl s_client: the echo comes back, the server saw the SNI name and the ALPN
+    protocol, and Disconnect ends s_client with a close_notify (it exits by itself)."""
+    events = Events()
+    names = []
+    ctx = server_context(pki, alpn=["game/1"])
+    ctx.sni_callback = lambda obj, name, c: names.append(name)
+
+    class Quitting(iocpnet.Session):
+        def OnConnected(self):
+            events.add("connected", self.tls_version, self.tls_alpn)
+
+        def OnRecv(self, data):
+            self.Send(data)
+            if b"quit" in bytes(data):
+                self.Disconnect("quit")
+
+        def OnDisconnected(self, reason):
+            events.add("disconnected", reason)
+
+    srv = server(Quitting, ssl=ctx)
+    proc = subprocess.Popen(
+        [OPENSSL, "s_client", "-connect", f"127.0.0.1:{srv.port}", flag,
+         "-servername", "game.test", "-alpn", "game/1", "-CAfile", pki["ca"],
+         "-verify_return_error", "-ign_eof"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        out, _ = proc.communicate(b"hello over tls\nquit\n", timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = out.decode("utf-8", "replace")
+    assert "hello over tls" in text and "quit" in text, text
+    assert "Verify return code: 0 (ok)" in text, text
+    assert "ALPN protocol: game/1" in text, text
+    assert version in text, text
+    assert events.of("connected") == [(version, "game/1")]
+    events.wait("disconnected")
+    assert events.of("disconnected") == [("quit",)]
+    assert names == ["game.test"]
+
+
+# ---- hostile and broken peers; a good client beside them loses nothing ----
+
+def test_plaintext_sent_to_a_tls_port(server, pki, caplog_iocpnet):
+    events = Events()
+    srv = server(echo_session(events), ssl=server_context(pki))
+    with tls_connect(srv.address, client_context(pki)) as good:
+        good.sendall(b"before")
+        assert recv_all(good, 6) == b"before"
+        with connect(srv.address) as bad:
+            bad.sendall(b"GET / HTTP/1.1\r\nHost: game.test\r\n\r\n")
+            answer = b""
+            try:
+                while True:
+                    chunk = bad.recv(4096)
+                    if not chunk:
+                        break
+                    answer += chunk
+            except ConnectionResetError:
+                pass
+        assert b"HTTP" not in answer          # nothing but (maybe) a TLS alert
+        (reason,), = events.wait("disconnected")
+        assert reason.startswith("TLS handshake failed: "), reason
+        assert "http request" in reason.lower() or "wrong version" in reason.lower(), reason
+        assert any("TLS handshake failed" in r.getMessage() for r in caplog_iocpnet.records)
+        good.sendall(b"after")
+        assert recv_all(good, 5) == b"after"
+    assert len(events.of("connected")) == 1          # the good client only
+
+
+@pytest.mark.parametrize("how", ["fin", "reset"])
+def test_cut_client_hello(server, pki, how):
+    events = Events()
+    srv = server(echo_session(events), ssl=server_context(pki))
+    hello = client_hello()
+    with tls_connect(srv.address, client_context(pki)) as good:
+        bad = connect(srv.address)
+        bad.sendall(hello[:len(hello) // 2])
+        time.sleep(0.1)
+        if how == "reset":
+            bad.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        bad.close()
+        (reason,), = events.wait("disconnected")
+        if how == "fin":
+            assert reason == ("TLS handshake failed: peer closed the connection during the "
+                              "handshake"), reason
+        else:
+            assert reason.startswith("TLS handshake failed: ") and "reset" in reason, reason
+        good.sendall(b"unharmed")
+        assert recv_all(good, 8) == b"unharmed"
+    assert len(events.of("connected")) == 1
+
+
+def test_handshake_deadline(server, pki):
+    """A client that connects and stalls (silent, or half a ClientHello) is cut at
+    tls_handshake_timeout; the session never saw OnConnected."""
+    events = Events()
+    srv = server(echo_session(events, tls_handshake_timeout=0.5), ssl=server_context(pki))
+    silent = connect(srv.address)
+    stalled = connect(srv.address)
+    stalled.sendall(client_hello()[:20])
+    start = time.monotonic()
+    try:
+        assert_good_client_works(srv.address, pki)
+        for s in (silent, stalled):
+            s.settimeout(10)
+            try:
+                assert s.recv(4096) == b""
+            except ConnectionResetError:
+                pass
+        assert time.monotonic() - start < 8
+        reasons = [r for (r,) in events.wait("disconnected", 3)]
+        assert reasons.count("TLS handshake failed: not completed within 0.5 s") == 2, reasons
+    finally:
+        silent.close()
+        stalled.close()
+    assert len(events.of("connected")) == 1
+
+
+def test_tls_handshake_timeout_must_not_be_negative(server, pki):
+    class Bad(iocpnet.Session):
+        tls_handshake_timeout = -1
+
+    with pytest.raises(ValueError, match="tls_handshake_timeout"):
+        Bad()
+
+
+def test_ssl_argument_must_be_a_context():
+    with pytest.raises(TypeError, match="SSLContext"):
+        iocpnet.Listener(("127.0.0.1", 0), ssl="cert.pem")
+
+
+@pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
+def test_client_certificates_when_the_server_asks(server, pki, version):
+    events = Events()
+
+    class Checking(iocpnet.Session):
+        def OnConnected(self):
+            cert = self.tls_peer_certificate
+            cn = dict(x[0] for x in cert["subject"])["commonName"]
+            events.add("connected", cn, len(self.tls_peer_certificate_der) > 100)
+
+        def OnRecv(self, data):
+            self.Send(data)
+
+        def OnDisconnected(self, reason):
+            events.add("disconnected", reason)
+
+    srv = server(Checking, ssl=server_context(pki, client_ca=pki["ca"], version=version))
+    # A good certificate: through, and the server sees who it is.
+    ctx = client_context(pki, cert=(pki["client"], pki["client_key"]))
+    with tls_connect(srv.address, ctx) as c:
+        c.sendall(b"id")
+        assert recv_all(c, 2) == b"id"
+    assert events.wait("connected") == [("player1", True)]
+    # A certificate from another CA, and none at all: refused, each with its reason.
+    for cert in ((pki["rogue_client"], pki["rogue_client_key"]), None):
+        ctx = client_context(pki, cert=cert)
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            with tls_connect(srv.address, ctx) as c:
+                # TLS 1.3: the client finishes before the server has judged its
+                # certificate; the refusal comes with the first read.
+                c.sendall(b"x")
+                c.recv(1)
+    reasons = [r for (r,) in events.wait("disconnected", 3)][1:]
+    assert len(reasons) == 2
+    assert "certificate verify failed" in reasons[0].lower(), reasons
+    assert "did not return a certificate" in reasons[1].lower() or \
+        "certificate required" in reasons[1].lower(), reasons
+    assert all(r.startswith("TLS handshake failed: ") for r in reasons), reasons
+    assert len(events.of("connected")) == 1
+
+
+def test_sni_picks_the_certificate_and_alpn_is_agreed(server, pki):
+    events = Events()
+    other = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    other.load_cert_chain(pki["sni"], pki["sni_key"])
+    other.set_alpn_protocols(["game/1"])
+    ctx = server_context(pki, alpn=["game/2", "game/1"])
+    seen = []
+
+    def pick(obj, name, c):
+        seen.append(name)
+        if name == "b.test":
+            obj.context = other
+
+    ctx.sni_callback = pick
+    srv = server(echo_session(events), ssl=ctx)
+    cctx = client_context(pki, alpn=["game/1"])
+    # b.test is only in the second certificate: verifying it proves the server used it.
+    with tls_connect(srv.address, cctx, server_hostname="b.test") as c:
+        assert c.selected_alpn_protocol() == "game/1"
+        c.sendall(b"sni")
+        assert recv_all(c, 3) == b"sni"
+    with tls_connect(srv.address, cctx, server_hostname="game.test") as c:
+        c.sendall(b"sni")
+        assert recv_all(c, 3) == b"sni"
+    assert seen == ["b.test", "game.test"]
+    assert [a for (_, a) in events.wait("connected", 2)] == ["game/1", "game/1"]
+
+
+# ---- the session's semantics through TLS ----
+
+def test_disconnect_flushes_then_sends_close_notify(server, pki):
+    """What Send queued before Disconnect arrives whole, then a close_notify: Python's
+    client reads a clean end (b""), not a ragged EOF.  Abort sends none."""
+    events = Events()
+    big = os.urandom(3 << 20)
+
+    class Sender(iocpnet.Session):
+        def OnConnected(self):
+            events.add("connected")
+
+        def OnRecv(self, data):
+            if bytes(data) == b"bye":
+                for i in range(0, len(big), 1 << 16):
+                    self.Send(big[i:i + (1 << 16)])
+                self.Disconnect("done")
+            else:
+                self.Abort("aborted")
+
+        def OnDisconnected(self, reason):
+            events.add("disconnected", reason)
+
+    srv = server(Sender, ssl=server_context(pki))
+    with tls_connect(srv.address, client_context(pki)) as c:
+        c.sendall(b"bye")
+        time.sleep(0.2)                   # the queue fills while we do not read
+        assert recv_all(c, len(big)) == big
+        assert c.recv(100) == b""         # close_notify (a ragged EOF would raise)
+    with tls_connect(srv.address, client_context(pki)) as c:
+        c.sendall(b"abort")
+        with pytest.raises((ssl.SSLEOFError, ConnectionResetError, ssl.SSLError)):
+            c.recv(100)
+    assert sorted(r for (r,) in events.wait("disconnected", 2)) == ["aborted", "done"]
+
+
+def test_send_before_the_handshake_and_stop_during_it(server, pki):
+    """A session whose handshake has not finished is not `connected`, refuses Send,
+    and ends with the server's reason when the server stops; OnConnected never ran."""
+    events = Events()
+    srv = server(echo_session(events), ssl=server_context(pki))
+    raw = connect(srv.address)
+    try:
+        wait_for(lambda: srv.service.session_count == 1, message="the raw connection")
+        s = srv.service.sessions[0]
+        assert not s.connected
+        assert s.Send(b"too early") is False
+        assert s.tls_version is None
+        s = None
+        srv.service.Stop(5)
+        (reason,), = events.wait("disconnected")
+        assert reason == "server shutdown"
+    finally:
+        raw.close()
+    assert events.of("connected") == []
+
+
+def test_peer_close_notify_is_answered(server, pki):
+    events = Events()
+    srv = server(echo_session(events), ssl=server_context(pki))
+    c = tls_connect(srv.address, client_context(pki))
+    try:
+        c.sendall(b"x")
+        assert recv_all(c, 1) == b"x"
+        plain = c.unwrap()               # returns once the server's close_notify came
+        assert plain.recv(10) == b""     # then the server closed TCP
+        plain.close()
+    finally:
+        c.close()
+    assert events.wait("disconnected") == [("peer closed the connection",)]
+
+
+def test_send_queue_limit_counts_plaintext(server, pki):
+    """A peer that never reads: the session ends with the usual reason once the
+    *plaintext* it could not take exceeds send_queue_limit (64-byte messages make
+    records 35% larger than their data: a ciphertext count would stop far earlier)."""
+    events = Events()
+    accepted = []
+
+    class Flooder(iocpnet.Session):
+        send_queue_limit = 1 << 20
+
+        def OnConnected(self):
+            n = 0
+            msg = b"m" * 64
+            while self.Send(msg):
+                n += 64
+                if n > 64 << 20:
+                    break
+            accepted.append(n)
+
+        def OnDisconnected(self, reason):
+            events.add("disconnected", reason)
+
+    srv = server(Flooder, ssl=server_context(pki))
+    with tls_connect(srv.address, client_context(pki)) as c:
+        (reason,), = events.wait("disconnected")
+    assert reason.startswith("send queue limit exceeded: ") and \
+        "send_queue_limit is 1048576" in reason, reason
+    assert accepted and (1 << 20) - 64 <= accepted[0] < 64 << 20, accepted
+
+
+@pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
+def test_iocpnet_client_and_server_packets_over_tls(server, backend, pki, version):
+    """ClientService(ssl=) to Listener(ssl=), PacketSession on both ends: every packet
+    arrives in order, OnSend counts plaintext, send_queue_bytes drains to 0."""
+    events = Events()
+    n_packets = 2000
+
+    class Server(iocpnet.PacketSession):
+        def OnConnected(self):
+            events.add("server connected", self.tls_version, self.tls_alpn)
+
+        def OnRecvPacket(self, pid, payload):
+            self.SendPacket(pid, payload)
+
+    class Client(iocpnet.PacketSession):
+        def __init__(self):
+            self.next = 0
+            self.sent = 0
+            self.expected = 0
+
+        def OnConnected(self):
+            events.add("client connected", self.tls_version, self.tls_alpn,
+                       self.tls_peer_certificate["subject"])
+            for i in range(n_packets):
+                packet = iocpnet.make_packet(i % 65536, b"p" * (i % 300))
+                self.expected += len(packet)
+                assert self.Send(packet)
+
+        def OnSend(self, num_bytes):
+            self.sent += num_bytes
+
+        def OnRecvPacket(self, pid, payload):
+            assert pid == self.next % 65536 and payload == b"p" * (self.next % 300)
+            self.next += 1
+            if self.next == n_packets:
+                wait_for(lambda: self.send_queue_bytes == 0, message="the queue drained")
+                events.add("client done", self.sent, self.expected)
+                self.Disconnect("finished")
+
+        def OnDisconnected(self, reason):
+            events.add("client disconnected", reason)
+
+    srv = server(Server, ssl=server_context(pki, alpn=["game/1"], version=version))
+    cc = ClientCore(backend)
+    try:
+        clients = iocpnet.ClientService(cc.core, srv.address, Client, 2,
+                                        ssl=client_context(pki, alpn=["game/1"]),
+                                        server_hostname="game.test")
+        clients.Start()
+        done = events.wait("client done", 2, timeout=30)
+        assert all(sent == expected for sent, expected in done), done
+        assert events.wait("client disconnected", 2) == [("finished",)] * 2
+        cn = (("commonName", "localhost"),)
+        assert events.of("client connected") == [(version, "game/1", (cn,))] * 2
+        assert events.of("server connected") == [(version, "game/1")] * 2
+        clients.Stop()
+        assert clients.connect_failures == 0
+    finally:
+        cc.close()
+
+
+def test_client_refuses_an_untrusted_server(server, backend, pki):
+    events = Events()
+
+    class Client(iocpnet.Session):
+        def OnConnected(self):
+            events.add("connected")
+
+        def OnConnectFailed(self, reason):
+            events.add("failed", reason)
+
+        def OnDisconnected(self, reason):
+            events.add("disconnected", reason)
+
+    srv = server(echo_session(Events()), ssl=server_context(pki))
+    cc = ClientCore(backend)
+    try:
+        clients = iocpnet.ClientService(cc.core, srv.address, Client, 1,
+                                        ssl=client_context(pki, cafile=pki["rogue_ca"]))
+        clients.Start()
+        (reason,), = events.wait("disconnected")
+        assert reason.startswith("TLS handshake failed: ") and \
+            "certificate verify failed" in reason, reason
+        assert events.of("failed") == [(reason,)]
+        assert [e[0] for e in events.log] == ["failed", "disconnected"]
+        wait_for(lambda: clients.connect_failures == 1, message="the failure counted")
+        clients.Stop()
+    finally:
+        cc.close()
+
+
+def test_client_sni_defaults_to_the_host_and_can_be_set(server, backend, pki):
+    seen = []
+    ctx = server_context(pki)
+    ctx.sni_callback = lambda obj, name, c: seen.append(name)
+    srv = server(echo_session(Events()), ssl=ctx)
+    events = Events()
+
+    class Client(iocpnet.Session):
+        def OnConnected(self):
+            events.add("connected")
+            self.Disconnect("enough")
+
+    cc = ClientCore(backend)
+    try:
+        for name in ("localhost", "game.test"):
+            kw = {} if name == "localhost" else {"server_hostname": name}
+            clients = iocpnet.ClientService(cc.core, ("localhost", srv.port), Client, 1,
+                                            ssl=client_context(pki), **kw)
+            assert clients.server_hostname == name
+            clients.Start()
+            events.wait("connected", len(seen) + 1)
+            clients.Stop()
+    finally:
+        cc.close()
+    assert seen == ["localhost", "game.test"]
