@@ -292,6 +292,58 @@ def test_call_every_repeats_until_cancelled(server):
         srv.core.CallEvery(0, lambda: None)
 
 
+def test_call_every_keeps_a_fixed_rate(server):
+    """CallEvery(0.020) with 5 ms of work in the callback ticks 50 times a second: the
+    next deadline is the previous one plus the period, not the end of the callback plus
+    the period.  Ticks the workers could not run in time (a loaded machine) are skipped
+    and counted, so runs plus skipped ticks always account for the elapsed periods."""
+    srv = server(Echo)
+    runs = []
+
+    def tick():
+        runs.append(time.monotonic())
+        time.sleep(0.005)
+
+    timer = srv.core.CallEvery(0.020, tick)
+    t0 = time.monotonic()
+    time.sleep(2.0)
+    timer.Cancel()
+    wait_for(lambda: not timer.active, message="the timer to end")
+    elapsed = runs[-1] - t0
+    periods = round(elapsed / 0.020)
+    # Drifting by the callback's 5 ms would give 80 runs in 2 s, not 100.
+    assert abs(len(runs) + timer.skipped - periods) <= 2, (
+        f"{len(runs)} runs + {timer.skipped} skipped in {elapsed:.2f} s: "
+        f"{periods} periods of 20 ms")
+    assert len(runs) >= periods // 2, (len(runs), timer.skipped, periods)
+
+
+def test_call_every_skips_the_ticks_a_slow_callback_misses(server):
+    """A 50 ms callback on a 20 ms CallEvery: the ticks it overruns are skipped, not run
+    back to back to catch up, and counted on the Timer."""
+    srv = server(Echo)
+    runs = []
+
+    def slow_tick():
+        runs.append(time.monotonic())
+        time.sleep(0.050)
+
+    timer = srv.core.CallEvery(0.020, slow_tick)
+    t0 = time.monotonic()
+    time.sleep(1.5)
+    timer.Cancel()
+    wait_for(lambda: not timer.active, message="the timer to end")
+    elapsed = runs[-1] - t0
+    periods = round(elapsed / 0.020)
+    assert timer.skipped >= 2 * (len(runs) - 1), (len(runs), timer.skipped)
+    assert abs(len(runs) + timer.skipped - periods) <= 2, (len(runs), timer.skipped,
+                                                           periods)
+    # No catching up: each run starts at least 2 periods after the previous one.
+    gaps = [b - a for a, b in zip(runs, runs[1:])]
+    assert min(gaps) >= 0.050, f"runs {min(gaps) * 1000:.1f} ms apart: a burst"
+    assert "skipped" in repr(timer)
+
+
 def test_cancel_from_another_thread(server):
     srv = server(Echo)
     fired = []

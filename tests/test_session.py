@@ -455,3 +455,35 @@ def test_a_bad_class_attribute_raises_and_leaks_nothing():
     for cls in (NoQueue, Negative):
         with pytest.raises(ValueError):
             cls()
+
+
+@pytest.mark.parametrize("bad", ["some text", 5, [1, 2], None])
+def test_one_wording_for_data_that_is_not_bytes(server, bad):
+    """Send, Broadcast, SendPacket and make_packet refuse the same mistake with the
+    same words (what was given, what is wanted, and for text how to fix it), and send
+    nothing: Broadcast(5) must not send five zero bytes."""
+    class Packets(iocpnet.PacketSession):
+        pass
+
+    srv = server(Packets)
+    with connect(srv.address) as c:
+        wait_for(lambda: srv.service.session_count == 1, message="the session")
+        (s,) = srv.service.sessions
+        kind = type(bad).__name__
+        calls = {
+            "Send": ("data", lambda: s.Send(bad)),
+            "Broadcast": ("data", lambda: srv.service.Broadcast(bad)),
+            "SendPacket": ("payload", lambda: s.SendPacket(1, bad)),
+            "make_packet": ("payload", lambda: iocpnet.make_packet(1, bad)),
+        }
+        for name, (arg, call) in calls.items():
+            with pytest.raises(TypeError) as e:
+                call()
+            msg = str(e.value)
+            assert msg.startswith(f"{name}: {arg} must be a bytes-like object (bytes, "
+                                  f"bytearray, memoryview), not {kind}"), msg
+            assert ("encode the text first" in msg) == isinstance(bad, str), msg
+        del s
+        c.settimeout(0.3)
+        with pytest.raises(socket.timeout):       # nothing sent, still connected
+            c.recv(100)

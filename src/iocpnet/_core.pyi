@@ -149,11 +149,22 @@ class IocpCore:
         self, interval: float, func: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]
     ) -> Timer:
         """Run ``func(*args)`` on a worker thread every ``interval`` seconds (a game
-        tick) until the returned ``Timer`` is cancelled or the core closes."""
+        tick) until the returned ``Timer`` is cancelled or the core closes.  A fixed
+        rate: ticks whose deadline passed while the callback ran are skipped and counted
+        in ``Timer.skipped``."""
 
 @final
 class Timer(IocpObject):
-    """A pending call made by ``IocpCore.CallLater`` or ``CallEvery``."""
+    """A pending call made by ``IocpCore.CallLater`` or ``CallEvery``.
+
+    A repeating timer keeps a fixed rate: each deadline is the previous one plus the
+    interval, wherever the callback ended.  Deadlines that passed while the callback ran
+    (or while every worker was busy) are skipped, never run back to back to catch up,
+    and counted in ``skipped``."""
+
+    @property
+    def skipped(self) -> int:
+        """Ticks of a repeating timer skipped because their deadline had passed."""
 
     @property
     def cancelled(self) -> bool:
@@ -440,7 +451,9 @@ class Service:
         """A new session from the factory (the original's ``CreateSession()``)."""
 
     def Start(self) -> None:
-        """Bind, listen and post the accepts."""
+        """Make one session with the factory (its exception, if it raises, is Start's),
+        then bind, listen and post the accepts.  A stopped service cannot start again
+        (RuntimeError)."""
 
     def Stop(self, timeout: float = 5.0) -> None:
         """Graceful shutdown (any thread): stop accepting, disconnect every session

@@ -17,8 +17,8 @@ which is what makes it safe next to the GIL.
 """
 cimport cython
 from cpython.ref cimport PyObject
-from cpython.buffer cimport (PyBuffer_FillInfo, PyBuffer_Release, PyObject_GetBuffer,
-                             PyBUF_SIMPLE)
+from cpython.buffer cimport (PyBuffer_FillInfo, PyBuffer_Release, PyObject_CheckBuffer,
+                             PyObject_GetBuffer, PyBUF_SIMPLE)
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.memoryview cimport PyMemoryView_FromObject

@@ -82,7 +82,8 @@ cdef class Listener(IocpObject):
             return (self._host, self._port)
         return self._address_arg
 
-    cdef int _start(self, IocpCore core, Service service, int count) except -1:
+    cdef int _start(self, IocpCore core, Service service, int count,
+                    Session first) except -1:
         cdef port_addr_t addr
         cdef port_addr_t bound
         cdef char host[64]
@@ -120,7 +121,8 @@ cdef class Listener(IocpObject):
         self._pending = [None] * count
         for i in range(count):
             port_op_init(&self._ops[i], PORT_OP_ACCEPT, <void *>self, NULL)
-        for i in range(count):
+        self._post(0, first)
+        for i in range(1, count):
             self._post(i, None)
         return 0
 

@@ -39,14 +39,18 @@ def scan_packets(data, int max_packet_size=PKT_MAX):
 
 def make_packet(int packet_id, payload=b""):
     """Build one packet as bytes: build it once, send it to many (Broadcast)."""
+    return _make_packet(packet_id, payload, "make_packet")
+
+
+cdef bytes _make_packet(int packet_id, payload, str where):
     cdef Py_ssize_t n
     cdef bytes out
     cdef unsigned char *p
     cdef const unsigned char[:] view
     if not 0 <= packet_id <= 0xFFFF:
         raise ValueError(f"packet id {packet_id} out of range 0..65535")
-    if isinstance(payload, str):
-        raise TypeError("payload must be bytes-like, not str (encode it first)")
+    if not isinstance(payload, bytes) and not PyObject_CheckBuffer(payload):
+        raise _not_bytes(where, "payload", payload)
     view = memoryview(payload).cast("B") if not isinstance(payload, bytes) else payload
     n = view.shape[0]
     if n + PKT_HEADER > PKT_MAX:
@@ -77,7 +81,7 @@ cdef class PacketSession(Session):
 
     def SendPacket(self, int packet_id, payload=b""):
         """Send one packet (from any thread); returns as Send does."""
-        return self.Send(make_packet(packet_id, payload))
+        return self.Send(_make_packet(packet_id, payload, "SendPacket"))
 
     def OnRecvPacket(self, packet_id, payload):
         """Called once per packet.  The default routes it through the class's

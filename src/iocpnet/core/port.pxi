@@ -310,7 +310,9 @@ cdef class IocpCore:
 
     def CallEvery(self, double interval, func, *args):
         """Run ``func(*args)`` on a worker thread every ``interval`` seconds (a game
-        tick) until the returned ``Timer`` is cancelled or the core closes."""
+        tick) until the returned ``Timer`` is cancelled or the core closes.  A fixed
+        rate: ticks whose deadline passed while the callback ran are skipped and counted
+        in ``Timer.skipped``."""
         if interval <= 0:
             raise ValueError("interval must be positive")
         return self._start_timer(interval, interval, func, args)
@@ -326,6 +328,7 @@ cdef class IocpCore:
         t.func = func
         t.args = args
         t.interval = interval
+        t._deadline_ms = <double>port_monotonic_ms() + delay * 1000.0
         t._internal = internal
         port_op_init(&t.op, PORT_OP_TIMER, <void *>t, NULL)
         with self._lock:

@@ -141,16 +141,34 @@ cdef class Service:
         with self._lock:
             self._sessions.discard(s)
 
-    def Start(self):
-        """Bind, listen and post the accepts."""
+    cdef int _check_startable(self) except -1:
+        if self._stopping:
+            raise RuntimeError("this service was stopped, and a stopped service cannot "
+                               "start again: make a new one")
         if self._started:
             raise RuntimeError("the service is already started")
+        return 0
+
+    def Start(self):
+        """Make one session with the factory (its exception, if it raises, is Start's),
+        then bind, listen and post the accepts.  A stopped service cannot start again
+        (RuntimeError)."""
+        self._check_startable()
         if self.listener is None:
             raise RuntimeError("this service has no Listener")
+        # Before listening: a factory that cannot make a session fails Start here, with
+        # its own exception, instead of leaving every accept slot empty.
+        first = self._new_session()
         self._started = True
         self._close_cb = self._on_core_close
         self.core._add_close_callback(self._close_cb)
-        (<Listener>self.listener)._start(self.core, self, self.max_session_count)
+        try:
+            (<Listener>self.listener)._start(self.core, self, self.max_session_count,
+                                             first)
+        except BaseException:
+            self.core._remove_close_callback(self._close_cb)
+            self._started = False
+            raise
 
     def _on_core_close(self):
         self._begin_stop(self._shutdown_reason)
@@ -198,8 +216,7 @@ cdef class Service:
     def Broadcast(self, data, sessions=None):
         """Send the same bytes to every live session (or to ``sessions``), queued by
         reference: the packet is built once.  Returns how many sessions took it."""
-        if type(data) is not bytes:
-            data = bytes(data)
+        data = _bytes_arg(data, "Broadcast", "data")
         targets = self.sessions if sessions is None else sessions
         n = 0
         for s in targets:
@@ -214,7 +231,7 @@ cdef class Service:
         import signal
         if workers <= 0:
             raise ValueError("workers must be positive")
-        if not self._started:
+        if self._stopping or not self._started:
             self.Start()
         core = self.core
         errors = []
@@ -339,8 +356,7 @@ cdef class ClientService(Service):
 
     def Start(self):
         """Open the connections."""
-        if self._started:
-            raise RuntimeError("the service is already started")
+        self._check_startable()
         self._started = True
         self._close_cb = self._on_core_close
         self.core._add_close_callback(self._close_cb)

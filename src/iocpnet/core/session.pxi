@@ -87,6 +87,26 @@ cdef bytes _copy_to_bytes(object data):
         PyBuffer_Release(&buf)
 
 
+cdef object _not_bytes(str where, str arg, object data):
+    """The one TypeError for data that is not bytes-like, whoever was given it (Send,
+    Broadcast, SendPacket, make_packet): what was given, what is wanted."""
+    msg = (f"{where}: {arg} must be a bytes-like object (bytes, bytearray, memoryview), "
+           f"not {type(data).__name__}")
+    if isinstance(data, str):
+        msg += "; encode the text first, e.g. text.encode()"
+    return TypeError(msg)
+
+
+cdef bytes _bytes_arg(object data, str where, str arg):
+    """`data` as bytes: bytes as they are (queued by reference), other buffers copied,
+    anything else _not_bytes."""
+    if type(data) is bytes:
+        return <bytes>data
+    if not PyObject_CheckBuffer(data):
+        raise _not_bytes(where, arg, data)
+    return _copy_to_bytes(data)
+
+
 cdef str _describe_exc(BaseException e):
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
@@ -315,6 +335,8 @@ cdef class Session(IocpObject):
         (or is closing).  Past ``send_queue_limit`` unsent bytes the peer is judged not to
         be reading: the session is disconnected and False returned.
         """
+        if type(data) is not bytes and not PyObject_CheckBuffer(data):
+            raise _not_bytes("Send", "data", data)
         if self._tls is not None:
             return (<_Tls>self._tls).send(self, data)
         return self._queue_send(data if type(data) is bytes else _copy_to_bytes(data), True)

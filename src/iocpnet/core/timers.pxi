@@ -21,11 +21,18 @@ cdef class _Job(IocpObject):
 
 @cython.final
 cdef class Timer(IocpObject):
-    """A pending call made by ``IocpCore.CallLater`` or ``CallEvery``."""
+    """A pending call made by ``IocpCore.CallLater`` or ``CallEvery``.
+
+    A repeating timer keeps a fixed rate: each deadline is the previous one plus the
+    interval, wherever the callback ended.  Deadlines that passed while the callback ran
+    (or while every worker was busy) are skipped, never run back to back to catch up,
+    and counted in ``skipped``."""
     cdef port_op_t op
     cdef object func
     cdef tuple args
     cdef double interval
+    cdef double _deadline_ms      # a repeating timer's current deadline (monotonic ms)
+    cdef readonly uint64_t skipped
     cdef volatile int32_t _cancelled
     cdef bint _done
     cdef bint _internal           # the core's own: not cancelled by Close
@@ -34,6 +41,8 @@ cdef class Timer(IocpObject):
     def __repr__(self):
         kind = f"every {self.interval:g}s" if self.interval else "once"
         state = "cancelled" if self._cancelled else ("done" if self._done else "pending")
+        if self.interval:
+            state += f", {self.skipped} skipped"
         return f"<Timer {kind} {self.func!r} {state}>"
 
     @property
@@ -54,6 +63,20 @@ cdef class Timer(IocpObject):
             self.core._timer_done(self)
             raise port_error(rc, "arming a timer")
 
+    cdef double _next_delay(self) noexcept:
+        """Fixed rate: the next deadline is the previous one plus the interval; those
+        already past are skipped (and counted), not run in a burst."""
+        cdef double period = self.interval * 1000.0
+        cdef double now = <double>port_monotonic_ms()
+        cdef double nxt = self._deadline_ms + period
+        cdef double missed
+        if nxt < now:
+            missed = <double>(<int64_t>((now - nxt) / period)) + 1.0
+            self.skipped += <uint64_t>missed
+            nxt += missed * period
+        self._deadline_ms = nxt
+        return (nxt - now) / 1000.0
+
     def Cancel(self):
         """Stop the timer (any thread).  A call already running finishes."""
         self._cancelled = 1
@@ -69,7 +92,7 @@ cdef class Timer(IocpObject):
             if self.interval > 0 and not self._cancelled and \
                     (self._internal or not self.core._closing) and not self.core._closed:
                 try:
-                    self._arm(self.interval)
+                    self._arm(self._next_delay())
                     return
                 except Exception:
                     logger.exception("re-arming a repeating timer failed")
