@@ -454,6 +454,61 @@ def test_peer_that_never_reads_hits_the_send_queue_limit(server):
 
 
 # ---------------------------------------------------------------------------------------
+# A session factory that fails for a while
+
+def test_failing_session_factory_recovers_and_answers_every_later_client(
+        server, caplog_iocpnet):
+    """The session factory fails 12 times in a row (raising, or returning a
+    non-Session) with 5 accept slots: every slot goes empty, and clients that connect
+    meanwhile wait in the backlog.  The slots are re-posted with a growing back-off;
+    once the factory works again every one of those clients is served, the burst is
+    logged once (one traceback, one line with the count), and
+    service.factory_failures counts it.  The fleet's sessions go on throughout."""
+    log = Log()
+    echo = echo_class(log)
+    failing = [0]
+    lock = threading.Lock()
+
+    class PoolExhausted(Exception):
+        pass
+
+    def factory():
+        with lock:
+            left = failing[0]
+            if left > 0:
+                failing[0] -= 1
+        if left > 0 and left % 2:
+            raise PoolExhausted("the session pool is empty")
+        if left > 0:
+            return None                           # not a Session
+        return echo()
+
+    burst = 12
+    srv = server(factory, accepts=5)
+    with Fleet(srv.address):
+        with lock:
+            failing[0] = burst
+        clients = [connect(srv.address, timeout=15) for _ in range(10)]
+        for i, c in enumerate(clients):
+            c.sendall(b"later client %d" % i)
+        for i, c in enumerate(clients):
+            want = b"later client %d" % i
+            assert recv_exactly(c, len(want)) == want
+        wait_for(lambda: srv.listener.accepts_posted == 5, 10, "every slot posted again")
+        for c in clients:
+            c.close()
+    assert failing[0] == 0
+    assert srv.service.factory_failures == burst
+    records = [r for r in caplog_iocpnet.records if "session factory" in r.getMessage()]
+    with_traceback = [r for r in records if r.exc_info]
+    assert len(with_traceback) == 1, [r.getMessage() for r in records]
+    counted = [r for r in records if f"{burst} failures" in r.getMessage()]
+    assert len(counted) == 1, [r.getMessage() for r in records]
+    assert len(records) == 2, [r.getMessage() for r in records]
+    log.check_exactly_once(srv.service)
+
+
+# ---------------------------------------------------------------------------------------
 # Garbage and malformed packets
 
 MAX_PACKET = 1024

@@ -437,6 +437,11 @@ class Service:
         """Sessions disconnected by their ``idle_timeout``."""
 
     @property
+    def factory_failures(self) -> int:
+        """Calls of the session factory that raised or returned a non-Session while
+        refilling an accept slot (the slot is retried with a growing back-off)."""
+
+    @property
     def session_count(self) -> int:
         """Live sessions (connected, or closing and not yet disconnected)."""
 

@@ -1,5 +1,12 @@
 # core/listener.pxi: the Listener: posted accepts, back-off, the session cap.
 # Included by _core.pyx (one extension module, one file per concern).
+#
+# Two back-offs keep an accept slot from being lost or spinning.  Out of descriptors or
+# memory, a failed accept waits in _starved for _resume.  A session factory that raises
+# (or returns a non-Session) leaves its slot in _unfed: one timer retries the factory
+# (50 ms, doubling up to 1 s while it keeps failing) and refills every waiting slot
+# once it works.  Both lists, their timers and the burst figures are under
+# _backoff_lock; _burst is also read without it (atomic), on the path that posts.
 
 
 @cython.final
@@ -35,6 +42,12 @@ cdef class Listener(IocpObject):
     cdef object _backoff_timer
     cdef int _backoff_ms
     cdef readonly object ssl
+    cdef list _unfed                  # slots waiting for the factory to work again
+    cdef object _factory_timer
+    cdef int _factory_backoff_ms
+    cdef volatile int32_t _burst      # factory failures in a row
+    cdef int64_t _burst_start_ms
+    cdef int64_t _burst_logged_ms
 
     def __init__(self, address, *, int backlog=1024, bint reuse_port=False,
                  bint ipv6_only=False, ssl=None):
@@ -55,6 +68,7 @@ cdef class Listener(IocpObject):
         self._backoff_ms = 0
         self._backoff_lock = threading.Lock()
         self.ssl = _tls_context(ssl)
+        self._unfed = []
 
     def __cinit__(self, *args, **kwargs):
         self._ops = NULL
@@ -133,12 +147,9 @@ cdef class Listener(IocpObject):
             self._pending[i] = None
             return
         if session is None:
-            try:
-                session = self._service._new_session()
-            except BaseException:
-                logger.exception("the session factory raised; accept slot %d "
-                                 "stays empty", i)
-                self._pending[i] = None
+            self._pending[i] = None
+            session = self._feed([i])
+            if session is None:
                 return
         session._state = S_ACCEPTING
         self._pending[i] = session
@@ -216,6 +227,93 @@ cdef class Listener(IocpObject):
                        port_reason(<int>res))
         self._post(i, session)
 
+    cdef Session _feed(self, list slots):
+        """A session from the factory for slots[0], or None: then every slot in `slots`
+        waits in _unfed for the factory's back-off timer."""
+        cdef int64_t now
+        cdef bint first, remind, start
+        cdef int delay_ms = 0, n
+        try:
+            s = self._service._new_session()
+        except BaseException as e:
+            now = port_monotonic_ms()
+            with self._backoff_lock:
+                self._unfed.extend(slots)
+                n = port_atomic_add32(&self._burst, 1)
+                self._service.factory_failures += 1
+                first = n == 1
+                if first:
+                    self._burst_start_ms = self._burst_logged_ms = now
+                remind = not first and now - self._burst_logged_ms >= 60000
+                if remind:
+                    self._burst_logged_ms = now
+                start = self._factory_timer is None and not self._closing
+                if start:
+                    self._factory_backoff_ms = min(max(self._factory_backoff_ms * 2, 50),
+                                                   1000)
+                    self._factory_timer = True       # claimed; made below
+                    delay_ms = self._factory_backoff_ms
+            # One line when a burst of failures starts (with the traceback), one when
+            # it ends (with the count), and a reminder a minute while it lasts: never a
+            # traceback per slot.
+            if first:
+                logger.error("the session factory failed; accept slots wait for it, "
+                             "retried with a growing back-off (50 ms up to 1 s)",
+                             exc_info=(type(e), e, e.__traceback__))
+                _traceback.clear_frames(e.__traceback__)
+            elif remind:
+                logger.error("the session factory is still failing: %d failures in a "
+                             "row over %.0f s (the last: %s)", n,
+                             (now - self._burst_start_ms) / 1000.0, _describe_exc(e))
+            if start:
+                try:
+                    t = self.core.CallLater(delay_ms / 1000.0, self._retry_factory)
+                except Exception:
+                    if not self.core._closing:
+                        logger.exception("cannot schedule the session factory's retry")
+                    t = None
+                with self._backoff_lock:
+                    self._factory_timer = t
+            return None
+        if port_atomic_load32(&self._burst) > 0:
+            self._factory_recovered()
+        return <Session>s
+
+    cdef void _factory_recovered(self) noexcept:
+        """The factory worked after failing: log the burst, refill the waiting slots."""
+        cdef int i, n
+        now = port_monotonic_ms()
+        with self._backoff_lock:
+            n = port_atomic_xchg32(&self._burst, 0)
+            if n == 0:
+                return
+            self._factory_backoff_ms = 0
+            unfed = self._unfed
+            self._unfed = []
+            timer = self._factory_timer
+            if isinstance(timer, Timer):
+                self._factory_timer = None
+        logger.warning("the session factory works again after %d failures in %.1f s",
+                       n, (now - self._burst_start_ms) / 1000.0)
+        if isinstance(timer, Timer):
+            timer.Cancel()
+        for i in unfed:
+            self._post(i, None)
+
+    def _retry_factory(self):
+        cdef int k
+        with self._backoff_lock:
+            unfed = self._unfed
+            self._unfed = []
+            self._factory_timer = None
+        for k in range(len(unfed)):
+            if self._closing:
+                return
+            s = self._feed(unfed[k:])
+            if s is None:
+                return              # still failing: the rest wait for the next retry
+            self._post(unfed[k], s)
+
     def _resume(self):
         with self._backoff_lock:
             starved = self._starved
@@ -234,8 +332,13 @@ cdef class Listener(IocpObject):
             timer = self._backoff_timer
             self._backoff_timer = None
             self._starved = []
+            factory_timer = self._factory_timer
+            self._factory_timer = None
+            self._unfed = []
         if isinstance(timer, Timer):
             timer.Cancel()
+        if isinstance(factory_timer, Timer):
+            factory_timer.Cancel()
         if self._ops != NULL:
             for i in range(self._count):
                 if self._ops[i].in_flight:

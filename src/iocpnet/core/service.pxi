@@ -29,6 +29,7 @@ cdef class Service:
     cdef readonly uint64_t rejected
     cdef readonly uint64_t total_sessions
     cdef readonly uint64_t idle_disconnects
+    cdef readonly uint64_t factory_failures   # the session factory raised (Listener)
     cdef object __weakref__
 
     def __init__(self, IocpCore core, listener, session_factory, int max_session_count=100,
