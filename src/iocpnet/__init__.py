@@ -12,7 +12,7 @@ and ``OnDisconnected``::
             self.Send(data)          # echo
 
     service = iocpnet.Service(iocpnet.IocpCore(), iocpnet.Listener(11021), GameSession, 100)
-    service.Run(workers=5)
+    service.Run()
 """
 import logging as _logging
 
@@ -32,6 +32,7 @@ from iocpnet._core import (
     backend_unavailable_reason,
     compiled_backends,
     debug_counters,
+    default_workers,
 )
 from iocpnet.packet import (PACKET_HEADER_SIZE, PACKET_SIZE_MAX, PacketHandler, make_packet,
                             scan_packets)
@@ -57,6 +58,7 @@ __all__ = [
     "backend_unavailable_reason",
     "compiled_backends",
     "debug_counters",
+    "default_workers",
     "make_packet",
     "scan_packets",
     "__version__",

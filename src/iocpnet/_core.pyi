@@ -46,6 +46,11 @@ def compiled_backends() -> list[str]:
 def backend_unavailable_reason(backend: str) -> str | None:
     """Why `backend` cannot run here, or None if it can."""
 
+def default_workers() -> int:
+    """The worker threads ``Run()`` starts when not told: 1 with a GIL, one per core (at
+    most 8) on free-threaded Python."""
+    ...
+
 def debug_counters() -> dict[str, int]:
     """Live objects and operations, for leak checks: every value returns to 0.
 
@@ -90,7 +95,7 @@ class IocpCore:
         recv_buffer_size: int = 0,
         recv_buffer_count: int = 0,
         queue_depth: int = 0,
-        recv_multishot: bool = False,
+        recv_multishot: bool | None = None,
     ) -> IocpCore:
         """Create the port.  Raises BackendUnavailableError when the requested backend
         (or, with none requested, every backend) cannot run here.
@@ -98,8 +103,10 @@ class IocpCore:
         ``recv_buffer_size`` (bytes per receive buffer, default 16 KiB),
         ``recv_buffer_count`` (most receive buffers, default 4096), ``queue_depth``
         (io_uring submission entries, default 4096): 0 keeps the default.
-        ``recv_multishot``: io_uring multishot receives (fewer submissions, but the
-        kernel reads ahead without bound; off by default)."""
+        ``recv_multishot``: keep each receive armed instead of posting one per message
+        (None: on for io_uring, where each arming reads at most 64 KiB ahead on kernels
+        that can bound it, 6.16+, and receives stay one-shot on older ones; off for
+        epoll, whose emulation has no bound)."""
 
     @property
     def backend(self) -> str:
@@ -391,7 +398,7 @@ class Service:
     ``max_sessions`` for that).
 
     ``Start()`` binds, listens and posts the accepts; worker threads then loop
-    ``service.GetIocpCore().Dispatch()``.  ``Run(workers=5)`` does all of it and returns
+    ``service.GetIocpCore().Dispatch()``.  ``Run()`` does all of it and returns
     after ``Stop()``, SIGINT or SIGTERM, with a graceful shutdown.
     """
 
@@ -470,10 +477,11 @@ class Service:
         """Send the same bytes to every live session (or to ``sessions``), queued by
         reference: the packet is built once.  Returns how many sessions took it."""
 
-    def Run(self, workers: int = 5, *, shutdown_timeout: float = 5.0) -> None:
+    def Run(self, workers: int | None = None, *, shutdown_timeout: float = 5.0) -> None:
         """Start, run ``workers`` threads looping Dispatch, and return after ``Stop()``,
         SIGINT or SIGTERM, with a graceful shutdown: stop accepting, disconnect the
-        sessions, drain the operations, join the workers, close the core."""
+        sessions, drain the operations, join the workers, close the core.
+        ``workers=None``: ``default_workers()``."""
 
 class ServerService(Service):
     """A Service that accepts connections (the same as ``Service``)."""

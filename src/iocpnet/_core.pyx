@@ -36,6 +36,7 @@ import logging
 import os
 import threading
 import time as _time
+import sys as _sys
 import traceback as _traceback
 import weakref as _weakref
 
@@ -216,6 +217,21 @@ def debug_counters():
         "views_detached": _views_detached,
         "cores_alive": _cores_alive,
     }
+
+
+def default_workers():
+    """The worker threads ``Run()`` starts when not told: 1 with a GIL, where more
+    threads only take turns at the GIL and hand the port back and forth (measured slower
+    per message); on free-threaded Python one per core, at most 8, since hooks then run
+    in parallel."""
+    gil = getattr(_sys, "_is_gil_enabled", None)
+    if gil is None or gil():
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
 
 
 _logged_backends = set()

@@ -2381,6 +2381,166 @@ done:
     end_port(P);
 }
 
+/* ---- send_now -------------------------------------------------------------------------- */
+
+/* port_send_now sends at once and completes nothing; it reports a full socket as 0 and a
+ * reset peer as an error.  (IOCP cannot send outside an operation: always 0.) */
+static void case_send_now(void) {
+    port_t *P = new_port();
+    waiter_t w;
+    port_sock_t srv = PORT_INVALID_SOCK, cli = PORT_INVALID_SOCK;
+    port_stats_t before, after;
+    port_buf_t b[2];
+    char got[16];
+    static char big[65536];
+    int64_t r;
+    int i, inline_ok = strcmp(g_backend, "iocp") != 0;
+    REQUIRE(P != NULL);
+    waiter_init(&w, P);
+    REQUIRE(make_pair(&w, &srv, &cli));
+    port_get_stats(P, &before);
+    b[0].base = "hello";
+    b[0].len = 5;
+    b[1].base = " world";
+    b[1].len = 6;
+    r = port_send_now(P, srv, b, 2);
+    CHECK_EQ(port_send_now(P, srv, b, 0), PORT_EINVAL);
+    if (!inline_ok) {
+        CHECK_EQ(r, 0);
+        goto done;
+    }
+    CHECK_EQ(r, 11);
+    plain_set_timeout(cli, 5000);
+    CHECK_EQ(plain_recv_all(cli, got, 11), 11);
+    CHECK(memcmp(got, "hello world", 11) == 0);
+    expect_quiet(&w, 30, "after port_send_now");
+    port_get_stats(P, &after);
+    CHECK_EQ(after.submitted, before.submitted);
+    CHECK_EQ(after.completed, before.completed);
+    /* The peer does not read: the socket fills, and then takes nothing. */
+    memset(big, 'x', sizeof(big));
+    b[0].base = big;
+    b[0].len = sizeof(big);
+    for (i = 0; i < 4096; i++) {
+        r = port_send_now(P, srv, b, 1);
+        CHECKF(r >= 0, "filling: %lld %s", (long long)r, r < 0 ? port_errname((int)r) : "");
+        if (r <= 0)
+            break;
+    }
+    CHECKF(r == 0, "the socket never filled (%d sends)", i);
+    /* The peer resets: a send now fails (which code is the OS's choice). */
+    plain_reset_close(cli);
+    cli = PORT_INVALID_SOCK;
+    for (i = 0; i < 500; i++) {
+        r = port_send_now(P, srv, b, 1);
+        if (r < 0)
+            break;
+        sleep_ms(2);
+    }
+    CHECKF(r == PORT_ECONNRESET || r == PORT_EPIPE || r == PORT_ECONNABORTED,
+           "send_now after reset: %lld %s", (long long)r, r < 0 ? port_errname((int)r) : "");
+    expect_quiet(&w, 30, "after failed port_send_now");
+done:
+    plain_close(cli);
+    if (srv != PORT_INVALID_SOCK)
+        close_op(&w, srv, 0);
+    end_port(P);
+}
+
+/* ---- recv_bounded_readahead -------------------------------------------------------------- */
+
+typedef struct bulk_sender {
+    port_sock_t s;
+    int ok;
+} bulk_sender_t;
+
+static void bulk_send_thread(void *arg) {
+    bulk_sender_t *b = (bulk_sender_t *)arg;
+    static char chunk[65536];
+    int k;
+    memset(chunk, 'r', sizeof(chunk));
+    b->ok = 1;
+    for (k = 0; k < 16 && b->ok; k++)
+        b->ok = plain_send_all(b->s, chunk, sizeof(chunk)) == 0;
+}
+
+/* A receive kept armed (PORT_OPT_RECV_MULTISHOT) does not take the whole pool while its
+ * caller sits on what it got: the peer sends 1 MiB, the caller keeps every buffer it is
+ * given, and the port lends it a bounded number (io_uring: 4 buffers' worth per arming,
+ * where the kernel can bound it).  The data is all there once the caller gives them back. */
+static void case_recv_bounded_readahead(void) {
+    port_options_t o;
+    if (strcmp(g_backend, "io_uring") != 0) {
+        /* epoll's multishot emulation reads ahead without a bound (the core does not ask
+         * for it there); IOCP receives are one-shot. */
+        note("skipped: only io_uring bounds a receive kept armed");
+        return;
+    }
+    {
+    port_t *P;
+    waiter_t w;
+    port_sock_t srv = PORT_INVALID_SOCK, cli = PORT_INVALID_SOCK;
+    port_op_t rv;
+    port_cqe_t c, held[64];
+    int nheld = 0, k;
+    size_t total = 0, want = 1u << 20;
+    bulk_sender_t bs;
+    thr_t sender;
+    int started = 0;
+    memset(&o, 0, sizeof(o));
+    o.recv_buffer_size = 4096;
+    o.recv_buffer_count = 1024;
+    o.flags = PORT_OPT_RECV_MULTISHOT;
+    P = new_port_opts(&o);
+    port_op_init(&rv, PORT_OP_RECV, NULL, NULL);
+    REQUIRE(P != NULL);
+    waiter_init(&w, P);
+    REQUIRE(make_pair(&w, &srv, &cli));
+    CHECK_EQ(recv_post(P, &rv, srv), 0);
+    bs.s = cli;
+    bs.ok = 0;
+    REQUIRE(thr_start(&sender, bulk_send_thread, &bs) == 0);
+    started = 1;
+    /* Keep what arrives for a while, without giving anything back. */
+    while (nheld < 64 && next_cqe(&w, &c, 200) == 1) {
+        CHECK(c.op == &rv);
+        if (c.flags & PORT_CQE_BUFFER) {
+            total += (size_t)c.res;
+            held[nheld++] = c;
+        }
+        if (!(c.flags & PORT_CQE_MORE))
+            break;
+    }
+    note("held %d buffers (%zu bytes) before the port stopped lending", nheld, total);
+    CHECKF(nheld <= 8, "the port lent %d buffers to one receive without bound", nheld);
+    for (k = 0; k < nheld; k++)
+        port_recv_release(P, &held[k]);
+    /* The rest arrives, whole, once the caller consumes. */
+    while (total < want) {
+        if (!(rv.user_flags & ARMED))
+            CHECK_EQ(recv_post(P, &rv, srv), 0);
+        if (!expect_cqe(&w, &rv, &c, 5000, "the rest of 1 MiB"))
+            break;
+        CHECKF(c.res > 0, "res %lld", (long long)c.res);
+        if (c.res <= 0)
+            break;
+        total += (size_t)c.res;
+        port_recv_release(P, &c);
+    }
+    CHECK_EQ(total, want);
+done:
+    if (started) {
+        thr_join(sender);
+        CHECK(bs.ok);
+    }
+    cancel_recv(&w, &rv);
+    plain_close(cli);
+    if (srv != PORT_INVALID_SOCK)
+        close_op(&w, srv, 0);
+    end_port(P);
+    }
+}
+
 /* ====================================================================================== */
 
 typedef struct test_case {
@@ -2408,6 +2568,8 @@ static const test_case_t cases[] = {
     {"recv_parked_cancel", case_recv_parked_cancel},
     {"recv_not_starved", case_recv_not_starved},
     {"dual_stack_listener", case_dual_stack_listener},
+    {"send_now", case_send_now},
+    {"recv_bounded_readahead", case_recv_bounded_readahead},
 };
 
 /* Is `name` one of the comma-separated names in `list`? */

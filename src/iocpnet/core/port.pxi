@@ -42,7 +42,7 @@ cdef class IocpCore:
     cdef object __weakref__
 
     def __cinit__(self, backend=None, *, int recv_buffer_size=0, int recv_buffer_count=0,
-                  int queue_depth=0, bint recv_multishot=False):
+                  int queue_depth=0, recv_multishot=None):
         cdef port_options_t opts
         cdef char err[512]
         cdef int rc
@@ -61,8 +61,18 @@ cdef class IocpCore:
         opts.recv_buffer_count = recv_buffer_count if recv_buffer_count > 0 else 0
         opts.queue_depth = queue_depth if queue_depth > 0 else 0
         opts.flags = PORT_OPT_RECV_MULTISHOT if recv_multishot else 0
-        self._recv_multishot = recv_multishot
-        rc = port_create(&self.port, cname, &opts, err, sizeof(err))
+        rc = PORT_EUNAVAIL
+        if recv_multishot is None and (backend is None or backend == "io_uring"):
+            # io_uring keeps receives armed by default (bounded multishot: one submission
+            # per 64 KiB read instead of one per message); the epoll backend's
+            # emulation is not bounded, so it stays one-shot unless asked.
+            opts.flags = PORT_OPT_RECV_MULTISHOT
+            rc = port_create(&self.port, b"io_uring", &opts, err, sizeof(err))
+            if rc != 0:
+                opts.flags = 0
+                err[0] = 0
+        if rc != 0:
+            rc = port_create(&self.port, cname, &opts, err, sizeof(err))
         reason = err.decode("utf-8", "replace")
         if rc != 0:
             self.port = NULL
@@ -75,6 +85,9 @@ cdef class IocpCore:
                     f" (available: {', '.join(available_backends()) or 'none'})")
             raise port_error(rc, reason or "creating the completion port")
         self.backend = port_backend(self.port).decode("ascii")
+        # A session that pauses for backpressure cancels a receive kept armed, rather
+        # than just not posting the next one.
+        self._recv_multishot = (opts.flags & PORT_OPT_RECV_MULTISHOT) != 0
         port_atomic_add64(&_cores_alive, 1)
         self._lock = threading.Lock()
         self._close_callbacks = []
@@ -116,22 +129,41 @@ cdef class IocpCore:
         then dispatch the whole batch to the owners under one GIL hold.
 
         Returns the number of completions handled: 0 on timeout, -1 at once after
-        ``Close()``.  Operations submitted by hooks during the batch are handed to the
-        kernel with this thread's next ``Dispatch`` (one system call per batch).
+        ``Close()``.  A reply a hook sends leaves before the next hook of the batch runs
+        (at once when the socket takes it); whatever else the hooks submitted reaches the
+        kernel before ``Dispatch`` returns, so a loop polling ``Dispatch(0)`` once per
+        frame reads a message and sends its reply in the same frame.
 
         A worker handles the batch it took in order, so a hook that blocks delays the
         rest of its batch whatever the number of workers; ``max_batch`` (1 to 128)
         bounds that, at some cost in throughput.
         """
+        if self.port == NULL or self._closed:
+            return -1
+        if max_batch < 1 or max_batch > BATCH:
+            max_batch = BATCH
+        return self._dispatch(timeout_ms, max_batch, True)
+
+    def _work(self):
+        """A worker thread's loop (``Run``): ``Dispatch()`` until the core closes, with
+        the submissions of one batch going to the kernel together with the next wait
+        (one system call per batch), which ``Dispatch`` cannot do since its caller may
+        not wait again soon."""
+        if self.port == NULL:
+            return
+        while self._dispatch(-1, BATCH, False) >= 0:
+            pass
+
+    cdef int _dispatch(self, int timeout_ms, int max_batch, bint end_batch) except -2:
         cdef port_cqe_t batch[BATCH]
         cdef int n, i, wait_ms = timeout_ms
         cdef port_t *port = self.port
         cdef void *prev
         cdef int64_t deadline = port_monotonic_ms() + timeout_ms if timeout_ms > 0 else 0
         if port == NULL or self._closed:
+            if not end_batch and port != NULL:
+                port_batch_end(port)
             return -1
-        if max_batch < 1 or max_batch > BATCH:
-            max_batch = BATCH
         port_atomic_add32(&self._dispatchers, 1)
         prev = iocpnet_get_tls_core()
         try:
@@ -160,6 +192,8 @@ cdef class IocpCore:
                             break
                     continue
                 break
+            if n <= 0 and not end_batch:
+                port_batch_end(port)      # the worker is leaving, or not dispatching
             if n < 0:
                 if n == PORT_ECLOSED:
                     return -1
@@ -168,7 +202,11 @@ cdef class IocpCore:
             iocpnet_set_tls_core(<void *>self)
             for i in range(n):
                 _complete(self, &batch[i])
-            port_batch_end(port)
+                # A reply queued on the port (not sent at once) goes to the kernel
+                # before the next hook, which may block, runs.
+                port_flush_sends(port)
+            if end_batch:
+                port_batch_end(port)
             return n
         finally:
             iocpnet_set_tls_core(prev)

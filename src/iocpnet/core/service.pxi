@@ -8,7 +8,7 @@ cdef class Service:
     ``max_sessions`` for that).
 
     ``Start()`` binds, listens and posts the accepts; worker threads then loop
-    ``service.GetIocpCore().Dispatch()``.  ``Run(workers=5)`` does all of it and returns
+    ``service.GetIocpCore().Dispatch()``.  ``Run()`` does all of it and returns
     after ``Stop()``, SIGINT or SIGTERM, with a graceful shutdown.
     """
     cdef readonly IocpCore core
@@ -225,11 +225,19 @@ cdef class Service:
                 n += 1
         return n
 
-    def Run(self, int workers=5, *, double shutdown_timeout=5.0):
+    def Run(self, workers=None, *, double shutdown_timeout=5.0):
         """Start, run ``workers`` threads looping Dispatch, and return after ``Stop()``,
         SIGINT or SIGTERM, with a graceful shutdown: stop accepting, disconnect the
-        sessions, drain the operations, join the workers, close the core."""
+        sessions, drain the operations, join the workers, close the core.
+
+        ``workers=None`` picks ``default_workers()``: 1 with a GIL (more threads only
+        take turns at the GIL and hand the port back and forth), one per core up to 8
+        on free-threaded Python (hooks then run in parallel).  Hooks that block need
+        more workers than that."""
         import signal
+        if workers is None:
+            workers = default_workers()
+        workers = int(workers)
         if workers <= 0:
             raise ValueError("workers must be positive")
         if self._stopping or not self._started:
@@ -239,8 +247,7 @@ cdef class Service:
 
         def worker():
             try:
-                while core.Dispatch() >= 0:
-                    pass
+                core._work()
             except BaseException as e:
                 errors.append(e)
                 logger.exception("worker thread failed")

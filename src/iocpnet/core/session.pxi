@@ -330,31 +330,92 @@ cdef class Session(IocpObject):
     def Send(self, data):
         """Queue ``data`` to be sent, in order, from any thread.
 
-        ``bytes`` are queued by reference (a packet broadcast to many sessions is built
-        once); other buffers are copied.  Returns False if the session is not connected
-        (or is closing).  Past ``send_queue_limit`` unsent bytes the peer is judged not to
+        When nothing is queued the bytes go to the socket at once, straight from
+        ``data`` (one system call, as a reactor writes); what the socket does not take
+        is queued: ``bytes`` by reference (a packet broadcast to many sessions is built
+        once), other buffers copied.  Returns False if the session is not connected (or
+        is closing).  Past ``send_queue_limit`` unsent bytes the peer is judged not to
         be reading: the session is disconnected and False returned.
         """
+        cdef bytes b = None
+        cdef Py_buffer buf
+        cdef const char *ptr
+        cdef Py_ssize_t n, sent = 0
+        cdef int64_t r
+        cdef port_buf_t one
+        cdef bint have_buf = False
         if type(data) is not bytes and not PyObject_CheckBuffer(data):
             raise _not_bytes("Send", "data", data)
         if self._tls is not None:
             return (<_Tls>self._tls).send(self, data)
-        return self._queue_send(data if type(data) is bytes else _copy_to_bytes(data), True)
+        if type(data) is bytes:
+            b = <bytes>data
+            ptr = PyBytes_AS_STRING(b)
+            n = PyBytes_GET_SIZE(b)
+        else:
+            try:
+                PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
+            except BufferError:
+                b = _copy_to_bytes(data)      # not contiguous: gather it first
+                ptr = PyBytes_AS_STRING(b)
+                n = PyBytes_GET_SIZE(b)
+            else:
+                have_buf = True
+                ptr = <const char *>buf.buf
+                n = buf.len
+        try:
+            if n == 0:
+                return self._state == S_CONNECTED
+            port_spin_lock(&self._lock)
+            if self._state != S_CONNECTED:
+                port_spin_unlock(&self._lock)
+                return False
+            if not self._send_busy and self._sq_count == 0 and self._hooks.on_send is None:
+                # Nothing ahead of these bytes: hand them to the socket now.  No
+                # completion follows (nobody waits for OnSend), so a reply costs one
+                # system call and leaves before any other hook runs.  Under the lock:
+                # the socket cannot be closed meanwhile.
+                one.base = ptr
+                one.len = <size_t>n
+                r = port_send_now(self.core.port, self._sock, &one, 1)
+                if r < 0:
+                    port_spin_unlock(&self._lock)
+                    self._close_now(port_reason(<int>r), False)
+                    self._maybe_finish()
+                    return False
+                sent = <Py_ssize_t>r
+                if sent == n:
+                    port_spin_unlock(&self._lock)
+                    return True
+            if b is None:
+                # A copy of what is left (a bytes allocation runs no Python code).
+                b = PyBytes_FromStringAndSize(ptr + sent, n - sent)
+                sent = 0
+            return self._queue_locked(b, sent, True)
+        finally:
+            if have_buf:
+                PyBuffer_Release(&buf)
 
     cdef bint _queue_send(self, bytes b, bint check_limit) except? False:
-        """Send's body: queue `b` and start a send if none is in flight.  The TLS filter
-        queues its records here with check_limit False (it counts plaintext itself)."""
-        cdef Py_ssize_t n, limit, queued
-        cdef int rc
-        n = PyBytes_GET_SIZE(b)
-        if n == 0:
+        """Queue `b` and start a send if none is in flight.  The TLS filter queues its
+        records here with check_limit False (it counts plaintext itself)."""
+        if PyBytes_GET_SIZE(b) == 0:
             return self._state == S_CONNECTED
-        limit = self._hooks.send_queue_limit
         port_spin_lock(&self._lock)
         if self._state != S_CONNECTED:
             port_spin_unlock(&self._lock)
             return False
-        queued = self._sq_bytes + n
+        return self._queue_locked(b, 0, check_limit)
+
+    cdef bint _queue_locked(self, bytes b, Py_ssize_t offset,
+                            bint check_limit) except? False:
+        """Queue b[offset:] (called under _lock, which it releases; the socket already
+        took b[:offset], and nothing is queued then) and start a send if none is in
+        flight."""
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(b) - offset
+        cdef Py_ssize_t limit = self._hooks.send_queue_limit
+        cdef Py_ssize_t queued = self._sq_bytes + n
+        cdef int rc
         if check_limit and queued > limit:
             port_spin_unlock(&self._lock)
             self._close_now(
@@ -366,6 +427,8 @@ cdef class Session(IocpObject):
             raise MemoryError("growing the send queue")
         self._sq[(self._sq_head + self._sq_count) % self._sq_cap] = <PyObject *>b
         _incref(<PyObject *>b)
+        if self._sq_count == 0:
+            self._sq_offset = offset
         self._sq_count += 1
         self._sq_bytes = queued
         if not self._send_busy:
@@ -379,7 +442,7 @@ cdef class Session(IocpObject):
             # Backpressure: the peer reads slower than it makes us write (an echo, a
             # request flood).  Stop reading from it until the queue drains, so that its
             # own sends block in TCP instead of our queue reaching the limit.  A one-shot
-            # receive is simply not posted again; a multishot one must be cancelled.
+            # receive is simply not posted again; one kept armed must be cancelled.
             self._recv_paused = True
             if self._recv_armed and self.core._recv_multishot:
                 port_cancel(self.core.port, &self._recv_op)

@@ -218,6 +218,17 @@ int port_send(port_t *p, port_op_t *op, port_sock_t sock, const port_buf_t *bufs
         rc = PORT_EINVAL;
     return rc ? rc : p->vt->send(p, op, sock, bufs, nbufs);
 }
+int64_t port_send_now(port_t *p, port_sock_t sock, const port_buf_t *bufs, int nbufs) {
+    if (bufs == NULL || nbufs <= 0)
+        return PORT_EINVAL;
+    if (port_atomic_load32(&p->closed))
+        return PORT_ECLOSED;
+    return p->vt->send_now != NULL ? p->vt->send_now(p, sock, bufs, nbufs) : 0;
+}
+void port_flush_sends(port_t *p) {
+    if (p->vt->flush_sends != NULL)
+        p->vt->flush_sends(p);
+}
 int port_close(port_t *p, port_op_t *op, port_sock_t sock, int flags) {
     int rc = check_op(p, op, PORT_OP_CLOSE);
     return rc ? rc : p->vt->close(p, op, sock, flags);

@@ -1123,6 +1123,22 @@ static int ep_send(port_t *bp, port_op_t *op, port_sock_t sock, const port_buf_t
     return 0;
 }
 
+/* port_send_now: the same attempt ep_send makes first, without an operation.  Nothing
+ * is parked on the socket's write side (the caller has no send in flight) unless a
+ * connect is; a socket known to be full is not tried. */
+static int64_t ep_send_now(port_t *bp, port_sock_t sock, const port_buf_t *bufs, int nbufs) {
+    ep_port_t *p = (ep_port_t *)bp;
+    ep_fd_t *f = fd_find(p, sock);
+    int64_t res = 0;
+    if (f == NULL)
+        return port__posix_send_now(sock, bufs, nbufs);
+    port_spin_lock(&f->lock);
+    if (f->whead == NULL && !f->write_blocked)
+        res = port__posix_send_now(f->fd, bufs, nbufs);
+    port_spin_unlock(&f->lock);
+    return res;
+}
+
 /* Cancel what is parked on sock and forget its state before its number can be reused. */
 static int forget_sock(ep_port_t *p, port_sock_t sock) {
     int k = 0;
@@ -1428,5 +1444,7 @@ const port_vtable_t port__epoll_vtable = {
     ep_timer,
     ep_listen,
     ep_sock_close,
+    ep_send_now,
+    NULL,
 };
 #endif /* __linux__ */

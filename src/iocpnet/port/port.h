@@ -16,9 +16,10 @@
  *     close (res == 0), or with an error; the caller posts the next receive when it has
  *     dealt with this one.  So the port never reads ahead of the application by more
  *     than one buffer per connection, and a session applies backpressure to a peer that
- *     sends faster than it reads simply by not posting.  (io_uring can be asked for
- *     multishot receives, PORT_OPT_RECV_MULTISHOT: completions then carry
- *     PORT_CQE_MORE while the receive stays armed, until a final one without it.)
+ *     sends faster than it reads simply by not posting.  (Receives can be kept armed,
+ *     PORT_OPT_RECV_MULTISHOT: completions then carry PORT_CQE_MORE while the receive
+ *     stays armed, until a final one without it, which may carry data: io_uring ends
+ *     each arming after a bounded amount of data, and the caller posts the next.)
  *     Data lives in a buffer owned by the port (io_uring's provided-buffer ring, or the
  *     epoll/IOCP backends' pool), so an idle connection pins no receive buffer; the
  *     caller hands each buffer back with port_recv_release() once it has consumed or
@@ -197,10 +198,9 @@ typedef struct port_options {
     uint32_t flags;               /* PORT_OPT_* */
 } port_options_t;
 
-/* io_uring: keep receives armed with multishot recv instead of re-arming one receive per
- * completion.  Fewer submissions, but the kernel then reads ahead without bound while
- * the application is busy (up to the whole buffer pool), which defeats backpressure;
- * off by default, measured in benchmarks/. */
+/* Keep receives armed instead of posting one per completion.  io_uring: multishot recv,
+ * each arming ending after 4 buffers' worth of data (kernel 6.16+; one-shot receives on
+ * older kernels), so read-ahead stays bounded.  epoll: emulated, without a bound. */
 #define PORT_OPT_RECV_MULTISHOT 0x1u
 
 typedef struct port_stats {
@@ -242,6 +242,9 @@ void port_destroy(port_t *p);
  * deferral early (the thread will not wait again soon). */
 int port_wait(port_t *p, port_cqe_t *out, int max, int timeout_ms);
 void port_batch_end(port_t *p);
+/* Hand this thread's deferred submissions to the kernel now if they include a send, so
+ * that a reply written by one hook does not wait behind the next hooks of the batch. */
+void port_flush_sends(port_t *p);
 /* After dispatching a completion whose op has a strand: fetch the strand's next queued
  * completion into *out and return 1, or release the strand and return 0. */
 int port_strand_next(port_t *p, port_strand_t *s, port_cqe_t *out);
@@ -272,6 +275,13 @@ void port_recv_release(port_t *p, const port_cqe_t *cqe);
 /* Send the buffers in order in one system call: res = bytes sent, which may be fewer than
  * asked (the caller continues from there).  bufs must stay valid until the completion. */
 int port_send(port_t *p, port_op_t *op, port_sock_t sock, const port_buf_t *bufs, int nbufs);
+/* Send what the socket takes now, outside any operation: returns the bytes sent (0 when
+ * the socket is full, or when the backend cannot send outside an operation: IOCP), or a
+ * negative PORT_E* error.  Nothing completes later.  This is how a reply leaves at once,
+ * as a reactor writes it (one system call, no completion to dispatch); the caller queues
+ * the rest and sends it with port_send.  The caller must have no port_send in flight on
+ * sock (the bytes would overtake it) and keep sock open during the call. */
+int64_t port_send_now(port_t *p, port_sock_t sock, const port_buf_t *bufs, int nbufs);
 /* Close a socket (PORT_CLOSE_RESET: abortive, the peer sees a reset).  Cancel the
  * socket's pending operations with port_cancel first; they complete with
  * PORT_ECANCELED.  res = 0. */

@@ -37,6 +37,9 @@ typedef struct port_vtable {
     int (*timer)(port_t *p, port_op_t *op, uint64_t ms);
     int (*listen)(port_t *p, const port_addr_t *addr, int backlog, int flags, port_sock_t *out);
     int (*sock_close)(port_t *p, port_sock_t s, int flags);
+    /* Optional (NULL: port_send_now sends nothing, port_flush_sends does nothing). */
+    int64_t (*send_now)(port_t *p, port_sock_t sock, const port_buf_t *bufs, int n);
+    void (*flush_sends)(port_t *p);
 } port_vtable_t;
 
 struct port {
@@ -75,6 +78,8 @@ void port__set_err(char *errbuf, size_t errlen, const char *fmt, ...);
 #ifndef _WIN32
 int port__posix_listen_socket(const port_addr_t *addr, int backlog, int flags, int *out);
 int port__posix_close(int fd, int flags);
+/* One non-blocking sendmsg: bytes sent, 0 if the socket is full, or a PORT_E* error. */
+int64_t port__posix_send_now(int fd, const port_buf_t *bufs, int nbufs);
 #endif
 
 /* Windows socket helpers shared with the IOCP backend (win_sock.c). */

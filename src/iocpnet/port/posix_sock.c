@@ -11,7 +11,14 @@
 #include <netdb.h>
 #include <netinet/tcp.h>
 #include <stdio.h>
+#include <limits.h>
+#include <string.h>
+#include <sys/uio.h>
 #include <unistd.h>
+
+#ifndef IOV_MAX
+#  define IOV_MAX 1024
+#endif
 
 int port_err_from_os(int e) {
     switch (e) {
@@ -163,6 +170,23 @@ int port__posix_close(int fd, int flags) {
     if (close(fd) < 0 && errno != EINTR)
         return port_err_from_os(errno);
     return 0;
+}
+
+int64_t port__posix_send_now(int fd, const port_buf_t *bufs, int nbufs) {
+    struct msghdr m;
+    ssize_t r;
+    memset(&m, 0, sizeof(m));
+    m.msg_iov = (struct iovec *)(void *)bufs;
+    /* Past IOV_MAX the kernel refuses the whole call: send the first IOV_MAX buffers. */
+    m.msg_iovlen = (size_t)(nbufs > IOV_MAX ? IOV_MAX : nbufs);
+    do
+        r = sendmsg(fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+    while (r < 0 && errno == EINTR);
+    if (r >= 0)
+        return (int64_t)r;
+    if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS)
+        return 0;
+    return port_err_from_os(errno);
 }
 
 int port_sockname(port_sock_t s, port_addr_t *out) {
