@@ -842,7 +842,9 @@ def markdown(meta, config, cases, results, servers, warnings):
              f"Python {m['python']} · {m['gcc'] or 'gcc ?'} · {versions} · "
              f"iocpnet {m.get('iocpnet') or 'n/a'} · commit {m['git_commit'] or '?'}"
              + (" + uncommitted changes in src/" if m.get("git_dirty") else "")
-             + (f" · {m['elapsed_s'] / 60:.1f} min" if m.get("elapsed_s") else ""))
+             + (f" · {m['elapsed_s'] / 60:.1f} min" if m.get("elapsed_s") else "")
+             + (f" · 1-minute load at start {m['loadavg_at_start']:.2f}"
+                if m.get("loadavg_at_start") is not None else ""))
     L.append("")
     L.append(f"Settings: {config['rounds']} round(s) × {config['slice']} s slices (+{config['warmup']} s "
              f"warm-up each), all servers of a case started together and measured in rotating "
@@ -1105,7 +1107,7 @@ def chart(cases, results, servers, path):
                "generator was the limit, the bar does not compare servers", "ratio"),
               ("Round trips per server CPU-second (= 1 / CPU per round trip), ratio to "
                "C io_uring", "cpu_ratio")]
-    nrows = (2 if traffic else 0) + (1 if idle else 0)
+    nrows = (3 if traffic else 0) + (1 if idle else 0)
     if nrows == 0:
         return "nothing to draw"
     fig, axes = plt.subplots(nrows, 1, figsize=(14, 4.4 * nrows), squeeze=False)
@@ -1136,6 +1138,21 @@ def chart(cases, results, servers, path):
             ax.set_title(title, fontsize=10)
             ax.grid(axis="y", alpha=0.3)
         axes[0].legend(fontsize=7, ncol=4)
+        ax = axes[ai]
+        ai += 1
+        for i, s in enumerate(servers):
+            xs, ys = [], []
+            for j, c in enumerate(traffic):
+                kb = results[c.name][s.key].get("peak_rss_kb")
+                if kb:
+                    xs.append(j + (i - (len(servers) - 1) / 2) * width)
+                    ys.append(kb / 1024)
+            ax.bar(xs, ys, width, label=s.label, color=COLORS.get(s.key))
+        ax.set_xticks(range(len(traffic)))
+        ax.set_xticklabels([tick_label(c.label) for c in traffic], fontsize=7)
+        ax.set_ylabel("MiB")
+        ax.set_title("Peak server memory (VmHWM) over each case", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
     for c in idle:
         ax = axes[ai]
         labels, ys, cs = [], [], []
@@ -1257,6 +1274,28 @@ def plan_seconds(cases, servers, args):
     return total
 
 
+def wait_quiet(spec):
+    """Wait until the 1-minute load average drops below the threshold, or
+    the time limit passes. Returns a sentence for the report."""
+    load_s, _, minutes_s = spec.partition(":")
+    limit, minutes = float(load_s), float(minutes_s or 30)
+    t0 = time.monotonic()
+    last = 0.0
+    while True:
+        load = os.getloadavg()[0]
+        waited = time.monotonic() - t0
+        if load < limit:
+            return f"started at load {load:.2f} after waiting {waited / 60:.1f} min"
+        if waited >= minutes * 60:
+            warn(f"load still {load:.2f} after {minutes:g} min: measuring anyway")
+            return f"load still {load:.2f} after waiting {minutes:g} min: measured anyway"
+        if waited - last >= 60 or last == 0.0:
+            log(f"waiting for a quiet machine: 1-minute load {load:.2f} (want < {limit:g}; "
+                f"{waited / 60:.0f}/{minutes:g} min)")
+            last = waited or 1e-9
+        time.sleep(5)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Run the iocpnet benchmark matrix.")
     p.add_argument("--render", metavar="JSON",
@@ -1281,6 +1320,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=float, help="warm-up seconds before each slice (default 0.3)")
     p.add_argument("--idle-count", type=int, help="idle connections (default 10000, quick 2000)")
     p.add_argument("--idle-hold", type=float, help="seconds to hold them (default 2, quick 1)")
+    p.add_argument("--wait-quiet", metavar="LOAD[:MINUTES]",
+                   help="before measuring, wait until the 1-minute load average is below LOAD "
+                        "(at most MINUTES, default 30; then run anyway and say so), e.g. 0.7")
     p.add_argument("--no-retry", action="store_true",
                    help="keep slices disturbed by other processes instead of re-measuring them")
     p.add_argument("--workers", type=int, default=1, help="iocpnet worker threads (default 1)")
@@ -1401,6 +1443,9 @@ def main(argv=None):
     if not runnable:
         sys.exit("no server can run")
 
+    if args.wait_quiet:
+        meta["waited_for_quiet"] = wait_quiet(args.wait_quiet)
+    meta["loadavg_at_start"] = os.getloadavg()[0]
     planned = plan_seconds(cases, runnable, args)
     log(f"iocpnet benchmarks · {meta['date_utc']} · Linux {meta['kernel']} · {meta['cpu_model']} · "
         f"Python {meta['python']}")
@@ -1461,6 +1506,7 @@ def main(argv=None):
             warnings.append(f"{label} used up to {cores:.2f} cores while idle, during other "
                             "servers' slices (busy-polling?): it slows its neighbours")
     meta["elapsed_s"] = round(elapsed, 1)
+    meta["loadavg_at_end"] = os.getloadavg()[0]
     config = {k: getattr(args, k) for k in ("rounds", "slice", "warmup", "idle_count", "idle_hold",
                                             "workers", "quick", "engine", "only")}
     config.update(cases_filter=args.cases, servers_filter=args.servers, full_run=full_run)
