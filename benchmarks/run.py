@@ -842,9 +842,17 @@ def markdown(meta, config, cases, results, servers, warnings):
              f"Python {m['python']} · {m['gcc'] or 'gcc ?'} · {versions} · "
              f"iocpnet {m.get('iocpnet') or 'n/a'} · commit {m['git_commit'] or '?'}"
              + (" + uncommitted changes in src/" if m.get("git_dirty") else "")
+             + (f" (iocpnet imported from {m['iocpnet_file']})"
+                if m.get("iocpnet_file") and not m["iocpnet_file"].startswith(ROOT) else "")
              + (f" · {m['elapsed_s'] / 60:.1f} min" if m.get("elapsed_s") else "")
              + (f" · 1-minute load at start {m['loadavg_at_start']:.2f}"
                 if m.get("loadavg_at_start") is not None else ""))
+    if m.get("note"):
+        L.append("")
+        L.append(f"**{m['note']}**")
+    if m.get("waited_for_quiet"):
+        L.append("")
+        L.append(f"Waited for a quiet machine: {m['waited_for_quiet']}.")
     L.append("")
     L.append(f"Settings: {config['rounds']} round(s) × {config['slice']} s slices (+{config['warmup']} s "
              f"warm-up each), all servers of a case started together and measured in rotating "
@@ -1320,6 +1328,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=float, help="warm-up seconds before each slice (default 0.3)")
     p.add_argument("--idle-count", type=int, help="idle connections (default 10000, quick 2000)")
     p.add_argument("--idle-hold", type=float, help="seconds to hold them (default 2, quick 1)")
+    p.add_argument("--note", help="a sentence for the report's header, e.g. which commit the "
+                   "iocpnet on PYTHONPATH was built from")
     p.add_argument("--wait-quiet", metavar="LOAD[:MINUTES]",
                    help="before measuring, wait until the 1-minute load average is below LOAD "
                         "(at most MINUTES, default 30; then run anyway and say so), e.g. 0.7")
@@ -1443,6 +1453,8 @@ def main(argv=None):
     if not runnable:
         sys.exit("no server can run")
 
+    if args.note:
+        meta["note"] = args.note
     if args.wait_quiet:
         meta["waited_for_quiet"] = wait_quiet(args.wait_quiet)
     meta["loadavg_at_start"] = os.getloadavg()[0]
