@@ -9,7 +9,7 @@ import logging
 import ssl as _ssl
 from collections.abc import Callable, Iterable
 from typing import Any
-from typing import Protocol, final
+from typing import Protocol, TypedDict, final
 
 from typing_extensions import TypeVarTuple, Unpack
 
@@ -200,8 +200,12 @@ class Session(IocpObject):
     unconsumed), ``flush_timeout`` (seconds to flush queued data when closing), and
     ``idle_timeout`` (seconds without receiving anything before the service disconnects
     the session; 0 or unset: never), and ``tls_handshake_timeout`` (seconds a TLS
-    session has to finish its handshake; default 10, 0: no deadline).  They are read
-    once per class.
+    session has to finish its handshake; default 10, 0: no deadline).  Flood
+    protection, off unless set: ``recv_messages_per_second`` / ``recv_messages_burst``
+    and ``recv_bytes_per_second`` / ``recv_bytes_burst`` (token buckets; a message is
+    one receive, or one packet for a PacketSession; over a limit the session is reset
+    with a ``rate limit: ...`` reason).  ``measure_hooks = True`` records each hook's
+    time in ``service.stats()``.  They are read once per class.
 
     With TLS (``Listener(ssl=)``, ``ClientService(ssl=)``) the hooks see plaintext,
     OnConnected runs once the handshake is done, ``OnSend`` and the limits count
@@ -392,6 +396,72 @@ class Listener(IocpObject):
     def Close(self) -> None:
         """Stop accepting: cancel the posted accepts and close the listening socket."""
 
+class _SessionFigures(TypedDict):
+    live: int
+    total: int
+
+class _RefusedFigures(TypedDict):
+    max_sessions: int
+    max_sessions_per_address: int
+    connect_rate_per_address: int
+    shutdown: int
+
+class _DisconnectFigures(TypedDict):
+    closed: int
+    peer_closed: int
+    reset: int
+    timeout: int
+    limit: int
+    protocol: int
+    hook_error: int
+    error: int
+    shutdown: int
+    connect_failed: int
+
+class _HookFigures(TypedDict):
+    count: int
+    seconds: float
+    seconds_max: float
+
+class _DispatchFigures(TypedDict):
+    batches: int
+    completions: int
+    batch_max: int
+    batch_sizes: dict[int, int]
+    seconds: float
+    seconds_max: float
+
+class _AddressTableFigures(TypedDict):
+    live: int
+    recent: int
+    evictions: int
+
+class _ServiceFigures(TypedDict, total=False):
+    backend: str
+    sessions: _SessionFigures
+    accepts: int
+    accept_errors: int
+    factory_failures: int
+    refused: _RefusedFigures
+    disconnects: _DisconnectFigures
+    bytes_in: int
+    bytes_out: int
+    messages_in: int
+    messages_out: int
+    send_queue_bytes: int
+    send_queue_bytes_max: int
+    hooks: dict[str, _HookFigures]
+    dispatch: _DispatchFigures
+    address_table: _AddressTableFigures
+    connect_failures: int
+
+class _MetricsServer(Protocol):
+    """What ServeMetrics returns (iocpnet.metrics.MetricsServer)."""
+
+    @property
+    def port(self) -> int: ...
+    def Close(self) -> None: ...
+
 class Service:
     """The original's Service: an IocpCore, a Listener, a session factory and the number
     of accepts kept posted (``max_session_count``, which is not a cap on sessions: use
@@ -410,10 +480,18 @@ class Service:
         max_session_count: int = 100,
         *,
         max_sessions: int | None = None,
+        max_sessions_per_address: int | None = None,
+        connect_rate_per_address: float | None = None,
+        connect_burst_per_address: float | None = None,
+        address_table_size: int = 16384,
     ) -> None:
         """``session_factory``: a Session subclass, or any callable returning a new
         Session.  ``max_sessions``: refuse connections beyond this many live sessions
-        (None: no cap)."""
+        (None: no cap).  Per remote address: ``max_sessions_per_address`` live sessions,
+        ``connect_rate_per_address`` new connections per second (a token bucket of
+        ``connect_burst_per_address``, default one second's worth); the rate table
+        remembers at most ``address_table_size`` addresses.  A connection over a limit
+        is closed with a reset before any hook runs."""
 
     @property
     def core(self) -> IocpCore:
@@ -472,6 +550,17 @@ class Service:
         (their queued data is flushed), and wait up to ``timeout`` seconds for them to
         finish.  From a worker thread it does not wait.  Under ``Run`` it also makes
         ``Run`` return."""
+
+    def stats(self) -> _ServiceFigures:
+        """The service's figures: sessions, accepts, refusals and disconnects by reason,
+        bytes and messages in and out, send-queue bytes, hook time (``measure_hooks``
+        classes), dispatch batches of the core.  O(live sessions): call it every few
+        seconds, not per message."""
+
+    def ServeMetrics(self, port: int = 0, host: str = "127.0.0.1", *,
+                     name: str | None = None) -> _MetricsServer:
+        """Serve stats() over HTTP for Prometheus (needs ``iocpnet[metrics]``); returns
+        the server (``.port``, ``.Close()``), closed by ``Stop()``."""
 
     def Broadcast(self, data: _Bytes, sessions: Iterable[Session] | None = None) -> int:
         """Send the same bytes to every live session (or to ``sessions``), queued by

@@ -237,6 +237,8 @@ def default_workers():
 _logged_backends = set()
 
 
+include "core/limits.pxi"
+include "core/stats.pxi"
 include "core/port.pxi"
 include "core/timers.pxi"
 include "core/recv_view.pxi"

@@ -19,6 +19,9 @@ class Echo(iocpnet.Session):
     recv_buffer_limit = 64 * 1024
     flush_timeout = 2.0
     idle_timeout = 30.0
+    recv_messages_per_second = 100      # flood protection (off unless set)
+    recv_bytes_per_second = 64 * 1024
+    measure_hooks = True                # hook times in service.stats()
 
     def OnConnected(self) -> None:
         peer: Optional[Tuple[str, int]] = self.address
@@ -85,7 +88,9 @@ def server() -> int:
     core = iocpnet.IocpCore(backend=None, recv_buffer_size=16384)
     backend: str = core.backend
     listener = iocpnet.Listener(("127.0.0.1", 0), backlog=128, reuse_port=False)
-    service = iocpnet.Service(core, listener, Echo, 16, max_sessions=1000)
+    service = iocpnet.Service(core, listener, Echo, 16, max_sessions=1000,
+                              max_sessions_per_address=8, connect_rate_per_address=5.0,
+                              connect_burst_per_address=10, address_table_size=4096)
     service.Start()
     port: int = service.listener.port
     assert port == listener.port and listener.accepts_posted >= 0
@@ -117,6 +122,16 @@ def server() -> int:
     counters: Dict[str, int] = iocpnet.debug_counters()
     print(n, stats["in_flight"], counters["sessions_alive"], service.session_count,
           service.total_sessions, service.rejected, service.idle_disconnects)
+    figures = service.stats()
+    live: int = figures["sessions"]["live"]
+    refused: int = figures["refused"]["connect_rate_per_address"]
+    on_recv: float = figures["hooks"]["OnRecv"]["seconds_max"] if figures["hooks"] else 0.0
+    sizes: Dict[int, int] = figures["dispatch"]["batch_sizes"]
+    print(live, refused, on_recv, sizes, figures["bytes_in"], figures["send_queue_bytes_max"])
+    figures["sessions"]["idle"]  # type: ignore[typeddict-item]
+    metrics = service.ServeMetrics(0, "127.0.0.1", name="game")
+    metrics_port: int = metrics.port
+    print(metrics_port)
     service.Stop(timeout=5.0)
     core.Close(5.0)
     for t in threads:

@@ -181,7 +181,7 @@ cdef class Listener(IocpObject):
                 port_sock_close(self.core.port, <port_sock_t>res, 0)
                 session._state = S_NEW
                 return
-            if not service._admit():
+            if not service._admit(<port_sock_t>res, session):
                 # Over the live-session cap: refuse this one at once, keep accepting.
                 port_sock_close(self.core.port, <port_sock_t>res, PORT_CLOSE_RESET)
                 session._state = S_NEW

@@ -30,6 +30,7 @@ cdef class IocpCore:
     cdef volatile int32_t _dispatchers
     cdef volatile int32_t _batches_waiting   # workers holding completions, waiting for the GIL
     cdef int64_t _now_ms
+    cdef _BatchStats _batches         # stats.pxi
     cdef bint _recv_multishot
     cdef volatile int32_t _view_lock
     cdef int _view_count
@@ -157,6 +158,7 @@ cdef class IocpCore:
     cdef int _dispatch(self, int timeout_ms, int max_batch, bint end_batch) except -2:
         cdef port_cqe_t batch[BATCH]
         cdef int n, i, wait_ms = timeout_ms
+        cdef int64_t t0
         cdef port_t *port = self.port
         cdef void *prev
         cdef int64_t deadline = port_monotonic_ms() + timeout_ms if timeout_ms > 0 else 0
@@ -200,6 +202,7 @@ cdef class IocpCore:
                 raise port_error(n, "waiting for completions")
             self._now_ms = port_monotonic_ms()
             iocpnet_set_tls_core(<void *>self)
+            t0 = iocpnet_clock_ns()
             for i in range(n):
                 _complete(self, &batch[i])
                 # A reply queued on the port (not sent at once) goes to the kernel
@@ -207,6 +210,8 @@ cdef class IocpCore:
                 port_flush_sends(port)
             if end_batch:
                 port_batch_end(port)
+            if n > 0:
+                _batch_done(self, n, t0)
             return n
         finally:
             iocpnet_set_tls_core(prev)

@@ -30,10 +30,14 @@ cdef class Service:
     cdef readonly uint64_t total_sessions
     cdef readonly uint64_t idle_disconnects
     cdef readonly uint64_t factory_failures   # the session factory raised (Listener)
+    cdef _ServiceLimits _lim          # per-address accept limits (limits.pxi)
+    cdef _ServiceStats _st            # figures (stats.pxi)
     cdef object __weakref__
 
     def __init__(self, IocpCore core, listener, session_factory, int max_session_count=100,
-                 *, max_sessions=None):
+                 *, max_sessions=None, max_sessions_per_address=None,
+                 connect_rate_per_address=None, connect_burst_per_address=None,
+                 int address_table_size=16384):
         if core is None:
             raise TypeError("core must be an IocpCore")
         if not callable(session_factory):
@@ -49,6 +53,9 @@ cdef class Service:
         self._cap = -1 if max_sessions is None else int(max_sessions)
         if max_sessions is not None and self._cap < 0:
             raise ValueError("max_sessions must be >= 0")
+        self._lim = _ServiceLimits(max_sessions_per_address, connect_rate_per_address,
+                                   connect_burst_per_address, address_table_size)
+        self._st = _ServiceStats()
         self._sessions = set()
         self._lock = threading.Lock()
         self._stop_event = threading.Event()
@@ -82,18 +89,9 @@ cdef class Service:
                             f"not a Session")
         return <Session>s
 
-    cdef bint _admit(self) noexcept:
-        """May one more session start?  (the live-session cap)  A yes reserves its place
-        until _session_connected: accepts complete on several workers at once, and two
-        of them must not both take the last place."""
-        with self._lock:
-            if self._stopping:
-                return False
-            if self._cap >= 0 and len(self._sessions) + self._admitting >= self._cap:
-                self.rejected += 1
-                return False
-            self._admitting += 1
-            return True
+    cdef bint _admit(self, port_sock_t sock, Session s) noexcept:
+        """May one more session start?  (max_sessions, the per-address limits)"""
+        return _admit_connection(self, sock, s)
 
     cdef bint _session_connected(self, Session s) noexcept:
         with self._lock:
@@ -141,6 +139,7 @@ cdef class Service:
     cdef void _session_done(self, Session s) noexcept:
         with self._lock:
             self._sessions.discard(s)
+            _stats_session_done(self, s)
 
     cdef int _check_startable(self) except -1:
         if self._stopping:
@@ -184,6 +183,8 @@ cdef class Service:
             self._idle_timer = None
         if isinstance(idle_timer, Timer):
             idle_timer.Cancel()
+        _limits_stopping(self)
+        _stats_stopping(self)
         if self.listener is not None:
             try:
                 self.listener.Close()
@@ -213,6 +214,15 @@ cdef class Service:
             else:
                 if self.core.Dispatch(20) < 0:
                     break
+
+    def stats(self):
+        """The service's figures as a dict (see the README's Metrics section)."""
+        return _service_stats(self)
+
+    def ServeMetrics(self, int port=0, str host="127.0.0.1", *, name=None):
+        """Serve stats() over HTTP for Prometheus (needs ``iocpnet[metrics]``); returns
+        the server (``.port``, ``.Close()``), closed by ``Stop()``."""
+        return _serve_metrics(self, port, host, name)
 
     def Broadcast(self, data, sessions=None):
         """Send the same bytes to every live session (or to ``sessions``), queued by

@@ -17,6 +17,7 @@ cdef class _Hooks:
     cdef double flush_timeout
     cdef double idle_timeout
     cdef double tls_handshake_timeout
+    cdef _RecvLimits lim          # flood protection (limits.pxi)
 
 
 cdef dict _hooks_cache = {}
@@ -64,6 +65,8 @@ cdef _Hooks _hooks_for(type cls):
     if h.idle_timeout < 0 or h.tls_handshake_timeout < 0:
         raise ValueError(f"{cls.__name__}: idle_timeout and tls_handshake_timeout must be "
                          f">= 0 (0: none)")
+    h.lim = _recv_limits_for(cls, h.packet_mode)
+    _hooks_measure(cls, h)
     _hooks_cache[cls] = h
     return h
 
@@ -166,6 +169,9 @@ cdef class Session(IocpObject):
     cdef port_buf_t _iov_inline[IOV_INLINE]
     cdef int _iov_n
     cdef object _tls              # a _Tls stream filter (core/tls.pxi), or None
+    cdef _RateState *_rate        # flood protection (limits.pxi); NULL until used
+    cdef object _addr_key         # the host the per-address accept limits counted
+    cdef _Counters _cnt           # bytes and messages in and out (stats.pxi)
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
@@ -193,6 +199,7 @@ cdef class Session(IocpObject):
         if self.core is not None and self.core.port != NULL:
             port_strand_discard(self.core.port, &self._strand)
         self._release_buffers()
+        _rate_free(self)
         if self._counted_connected:
             port_atomic_add64(&_sessions_connected, -1)
         port_atomic_add64(&_sessions_alive, -1)
@@ -384,7 +391,9 @@ cdef class Session(IocpObject):
                     self._maybe_finish()
                     return False
                 sent = <Py_ssize_t>r
+                _cnt_add(&self._cnt.bytes_out, sent)     # stats.pxi
                 if sent == n:
+                    _cnt_add(&self._cnt.msgs_out, 1)
                     port_spin_unlock(&self._lock)
                     return True
             if b is None:
@@ -431,6 +440,8 @@ cdef class Session(IocpObject):
             self._sq_offset = offset
         self._sq_count += 1
         self._sq_bytes = queued
+        if check_limit:                  # a Send (a TLS session's are counted in tls.pxi)
+            _cnt_add(&self._cnt.msgs_out, 1)
         if not self._send_busy:
             self._send_busy = True
             self._ops += 1
@@ -606,7 +617,7 @@ cdef class Session(IocpObject):
         cdef int64_t res = cqe.res
         cdef int rc
         if cqe.flags & PORT_CQE_BUFFER:
-            if self._state == S_CONNECTED:
+            if self._state == S_CONNECTED and _recv_counted(self, cqe.res):
                 self._last_recv_ms = self.core._now_ms
                 self._deliver(cqe)
             else:
@@ -789,6 +800,8 @@ cdef class Session(IocpObject):
                 logger.warning("disconnecting %s: %s", repr(self), why)
                 self._close_now(why, True)
                 return -1
+            if not _message_counted(self, size):
+                return -1
             payload = PyBytes_FromStringAndSize(<char *>ptr + pos + PKT_HEADER,
                                                 <Py_ssize_t>size - PKT_HEADER)
             pos += size
@@ -811,6 +824,7 @@ cdef class Session(IocpObject):
         if res > 0:
             sent = <Py_ssize_t>res
             self._sq_bytes -= sent
+            _cnt_add(&self._cnt.bytes_out, sent)
             while res > 0 and self._sq_count > 0:
                 o = self._sq[self._sq_head]
                 avail = PyBytes_GET_SIZE(<object>o) - self._sq_offset

@@ -244,6 +244,7 @@ cdef class _Tls:
                     if self._write(data) != n:   # a MemoryBIO never pushes back
                         raise RuntimeError("TLS: SSLObject.write took part of the data")
                     ok = self._flush(s, n)
+                    _cnt_add(&s._cnt.msgs_out, 1)        # stats.pxi: one Send
         except BaseException as e:
             err = e
         finally:

@@ -1,0 +1,155 @@
+"""What the figures and the flood protection cost per message in the echo path.
+
+A benchmark, not a test: run it only on a quiet machine (1-min load under ~0.7).
+
+The same one-worker echo server runs in up to four variants, each in its own process
+pinned to CPU 0, with the load generator (loadgen.c) pinned to CPU 1; each variant is
+measured in short slices, in rotating order, for several rounds:
+
+  base    iocpnet from --baseline (a build of a commit before the figures existed)
+  stats   this tree: the counters that are always on (per session, per batch)
+  hooks   this tree, the session class with measure_hooks = True
+  limits  this tree, recv_messages_per_second and recv_bytes_per_second set (never hit)
+
+For each it prints round trips per second, the server's CPU time per round trip (the
+load generator reads it from /proc), and the difference to `base` in nanoseconds per
+round trip (one round trip = one OnRecv and one Send), medians over the rounds.
+
+    python benchmarks/stats_cost.py --baseline /tmp/iocp-main/tree/src
+    python benchmarks/stats_cost.py --baseline ... --mode pipeline -c 100 -d 16
+
+(`scripts/devbuild.sh DIR` builds a tree's extension and prints the path to give.)
+"""
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+LOADGEN = os.path.join(HERE, "build", "loadgen")
+
+
+def serve(variant, port):
+    import iocpnet
+
+    class Echo(iocpnet.Session):
+        def OnRecv(self, data):
+            self.Send(data)
+
+    if variant == "hooks":
+        Echo.measure_hooks = True
+    elif variant == "limits":
+        Echo.recv_messages_per_second = 1e9
+        Echo.recv_bytes_per_second = 1e12
+    core = iocpnet.IocpCore(backend=os.environ.get("IOCPNET_BACKEND") or None)
+    service = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", port)), Echo, 100)
+    print("READY", flush=True)
+    service.Run(workers=1)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_echo(port, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                s.sendall(b"ping")
+                if s.recv(4) == b"ping":
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"the server on {port} does not echo")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--serve", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--baseline", help="PYTHONPATH of the iocpnet to compare with")
+    p.add_argument("--variants", default="base,stats,hooks,limits")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--slice", type=float, default=1.0)
+    p.add_argument("--warmup", type=float, default=0.3)
+    p.add_argument("--mode", default="pingpong", choices=("pingpong", "pipeline"))
+    p.add_argument("-c", "--conns", type=int, default=1)
+    p.add_argument("-d", "--depth", type=int, default=16)
+    p.add_argument("-s", "--size", type=int, default=64)
+    args = p.parse_args()
+    if args.serve:
+        serve(args.serve, args.port)
+        return
+    variants = args.variants.split(",")
+    if "base" in variants and not args.baseline:
+        sys.exit("--baseline PATH is needed for the base variant (or leave it out)")
+    if not os.path.exists(LOADGEN):
+        os.makedirs(os.path.dirname(LOADGEN), exist_ok=True)
+        subprocess.run(["gcc", "-O2", "-o", LOADGEN, os.path.join(HERE, "loadgen.c"), "-lm"],
+                       check=True)
+    with open("/proc/loadavg") as f:
+        print(f"load before: {f.read().split()[0]}  (quiet: under ~0.7)")
+    procs = {}
+    try:
+        for v in variants:
+            env = dict(os.environ)
+            if v == "base":
+                env["PYTHONPATH"] = args.baseline
+            port = free_port()
+            procs[v] = (subprocess.Popen(
+                ["taskset", "-c", "0", sys.executable, os.path.abspath(__file__),
+                 "--serve", v, "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                start_new_session=True), port)
+        for v, (proc, port) in procs.items():
+            wait_echo(port)
+        results = {v: [] for v in variants}
+        for r in range(args.rounds):
+            order = variants[r % len(variants):] + variants[:r % len(variants)]
+            for v in order:
+                proc, port = procs[v]
+                argv = ["taskset", "-c", "1", LOADGEN, "-p", str(port), "-m", args.mode,
+                        "-c", str(args.conns), "-s", str(args.size), "-w", str(args.warmup),
+                        "-t", str(args.slice), "-P", str(proc.pid)]
+                if args.mode == "pipeline":
+                    argv += ["-d", str(args.depth)]
+                out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+                res = json.loads(out)
+                rts = res["roundtrips"]
+                results[v].append((res["rt_per_s"], res["server_cpu_s"] * 1e9 / max(rts, 1)))
+        with open("/proc/loadavg") as f:
+            print(f"load after: {f.read().split()[0]}")
+        print(f"\n{args.mode} -c {args.conns} -s {args.size}"
+              + (f" -d {args.depth}" if args.mode == "pipeline" else "")
+              + f", {args.rounds} rounds of {args.slice} s, server on CPU 0, loadgen on CPU 1\n")
+        print(f"{'variant':8} {'round trips/s':>14} {'server ns/rt':>13} {'vs base':>9}")
+        base = statistics.median(c for _, c in results["base"]) if "base" in results else None
+        for v in variants:
+            rate = statistics.median(x for x, _ in results[v])
+            cost = statistics.median(c for _, c in results[v])
+            delta = f"{cost - base:+9.0f}" if base is not None else ""
+            print(f"{v:8} {rate:14.0f} {cost:13.0f} {delta}")
+    finally:
+        for proc, _ in procs.values():
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for proc, _ in procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,336 @@
+"""service.stats() on every backend: figures that match what the test did (exact where
+they can be), disconnects put in their buckets, hook times for a measure_hooks class,
+and the Prometheus exposition scraped over HTTP with a plain client and parsed."""
+import os
+import socket
+import struct
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+import iocpnet
+
+from conftest import connect, recv_exactly, wait_for
+
+if os.environ.get("CI"):
+    import prometheus_client  # noqa: F401  (the test extra must bring it: never skip in CI)
+
+
+def packet(pid, payload):
+    return struct.pack("<HH", len(payload) + 4, pid) + payload
+
+
+class Echo(iocpnet.PacketSession):
+    measure_hooks = True
+
+    def OnConnected(self):
+        pass
+
+    def OnRecvPacket(self, packet_id, payload):
+        self.SendPacket(packet_id, payload)
+
+    def OnDisconnected(self, reason):
+        pass
+
+
+CLIENTS, PACKETS, PAYLOAD = 5, 20, 100
+
+
+def run_echo_clients(address):
+    for c in range(CLIENTS):
+        with connect(address) as s:
+            for k in range(PACKETS):
+                p = packet(k, bytes([c]) * PAYLOAD)
+                s.sendall(p)
+                assert recv_exactly(s, len(p)) == p
+
+
+def test_figures_match_what_the_clients_did(server):
+    srv = server(Echo, accepts=8)
+    run_echo_clients(srv.address)
+    wait_for(lambda: srv.service.session_count == 0, 10, "every session to end")
+    st = srv.service.stats()
+    size = PAYLOAD + 4
+    assert st["backend"] == srv.core.backend
+    assert st["sessions"] == {"live": 0, "total": CLIENTS}
+    assert st["accepts"] == CLIENTS and st["accept_errors"] == 0
+    assert st["factory_failures"] == 0
+    assert st["bytes_in"] == st["bytes_out"] == CLIENTS * PACKETS * size
+    assert st["messages_in"] == st["messages_out"] == CLIENTS * PACKETS
+    assert st["send_queue_bytes"] == st["send_queue_bytes_max"] == 0
+    assert st["refused"] == dict.fromkeys(
+        ["max_sessions", "max_sessions_per_address", "connect_rate_per_address",
+         "shutdown"], 0)
+    assert st["disconnects"]["peer_closed"] == CLIENTS
+    assert sum(st["disconnects"].values()) == CLIENTS
+    hooks = st["hooks"]
+    assert hooks["OnRecvPacket"]["count"] == CLIENTS * PACKETS
+    assert hooks["OnConnected"]["count"] == hooks["OnDisconnected"]["count"] == CLIENTS
+    for h in hooks.values():
+        assert 0 < h["seconds_max"] <= h["seconds"]
+    d = st["dispatch"]
+    assert sum(d["batch_sizes"].values()) == d["batches"] > 0
+    assert d["completions"] >= CLIENTS * PACKETS         # a receive each (replies may
+                                                         # leave with no completion)
+    assert 1 <= d["batch_max"] <= 128
+    assert 0 < d["seconds_max"] <= d["seconds"]
+
+
+def test_hooks_are_not_measured_unless_asked(server):
+    class Plain(iocpnet.PacketSession):
+        def OnRecvPacket(self, packet_id, payload):
+            self.SendPacket(packet_id, payload)
+
+    srv = server(Plain)
+    with connect(srv.address) as s:
+        s.sendall(packet(1, b"x"))
+        recv_exactly(s, 5)
+    assert srv.service.stats()["hooks"] == {}
+    assert srv.service.stats()["messages_in"] == 1
+
+
+def test_measured_on_recv_still_recycles_its_view(server):
+    """measure_hooks wraps OnRecv; the memoryview it passes through is still given back
+    (no_leaks counts kept views) and every call is counted."""
+
+    class Timed(iocpnet.Session):
+        measure_hooks = True
+
+        def OnRecv(self, data):
+            self.Send(data)
+
+    srv = server(Timed)
+    with connect(srv.address) as s:
+        for k in range(50):
+            msg = b"m%03d" % k
+            s.sendall(msg)
+            assert recv_exactly(s, 4) == msg
+    wait_for(lambda: srv.service.session_count == 0, 10, "the session to end")
+    st = srv.service.stats()
+    assert st["hooks"]["OnRecv"]["count"] == st["messages_in"] == 50
+    assert list(st["hooks"]) == ["OnRecv"]
+
+
+def test_send_queue_figures(server):
+    """A client that does not read: what the server queued and the kernel did not take
+    shows as send-queue bytes, all of it in one session (the largest); read, it is 0."""
+    big = b"q" * (24 << 20)          # more than the kernel buffers (4 MiB + the peer's)
+
+    class Pusher(iocpnet.Session):
+        send_queue_limit = 64 << 20
+
+        def OnConnected(self):
+            self.Send(big)
+
+    srv = server(Pusher)
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(10)
+        s.connect(srv.address)
+        wait_for(lambda: srv.service.stats()["messages_out"] == 1, 10, "the Send")
+        time.sleep(0.2)
+        st = srv.service.stats()
+        assert 16 << 20 < st["send_queue_bytes"] == st["send_queue_bytes_max"] <= len(big)
+        assert recv_exactly(s, len(big)) == big
+        wait_for(lambda: srv.service.stats()["send_queue_bytes"] == 0, 10, "the queue to drain")
+        assert srv.service.stats()["bytes_out"] == len(big)
+
+
+def test_disconnects_are_bucketed(server):
+    """One session ended each way lands in its bucket; nothing else is counted."""
+
+    class Kinds(iocpnet.Session):
+        recv_buffer_limit = 1024
+
+        def OnRecv(self, data):
+            cmd = bytes(data[:1])
+            if cmd == b"d":
+                self.Disconnect("the application says bye")
+            elif cmd == b"e":
+                raise RuntimeError("boom")
+            elif cmd == b"l":
+                return 0                 # keep everything: the receive buffer fills
+            return None
+
+    srv = server(Kinds)
+    expect = {"closed": 1, "hook_error": 1, "limit": 1, "reset": 1, "peer_closed": 1,
+              "shutdown": 1}
+    with connect(srv.address) as s:
+        s.sendall(b"d")
+        assert s.recv(10) == b""
+    with connect(srv.address) as s:
+        s.sendall(b"e")
+        assert s.recv(10) == b""
+    with connect(srv.address) as s:
+        try:
+            s.sendall(b"l" * 4096)
+            s.recv(10)
+        except ConnectionResetError:
+            pass
+    s = connect(srv.address)
+    wait_for(lambda: srv.service.session_count == 1, 10, "the session")
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()                            # a reset
+    with connect(srv.address):
+        pass                             # peer closed
+    wait_for(lambda: srv.service.session_count == 0, 10, "every session to end")
+    shut = connect(srv.address)
+    wait_for(lambda: srv.service.session_count == 1, 10, "the last session")
+    srv.service.Stop()
+    shut.close()
+    st = srv.service.stats()
+    assert {k: v for k, v in st["disconnects"].items() if v} == expect
+
+
+@pytest.mark.parametrize("reason, bucket", [
+    ("peer closed the connection", "peer_closed"),
+    ("peer closed the connection (3 bytes of an unfinished message left)", "peer_closed"),
+    ("connection reset by peer", "reset"),
+    ("broken pipe", "reset"),
+    ("connection timed out", "timeout"),
+    ("idle timeout: nothing received for 30 s", "timeout"),
+    ("peer closed the connection (its queued data was not flushed in time)", "timeout"),
+    ("send queue limit exceeded: 5 bytes queued, send_queue_limit is 4", "limit"),
+    ("receive buffer full: 9 bytes received", "limit"),
+    ("rate limit: 12 messages/s over recv_messages_per_second 10", "limit"),
+    ("bad packet: size 2 is smaller than the 4-byte header (packet id 77)", "protocol"),
+    ("unknown packet id 9", "protocol"),
+    ("exception in OnRecv: ValueError", "hook_error"),
+    ("cannot send: bad socket", "error"),
+    ("server shutdown", "shutdown"),
+    ("TLS handshake failed: not completed within 10 s", "timeout"),
+    ("TLS handshake failed: [SSL: WRONG_VERSION_NUMBER] wrong version number", "protocol"),
+    ("anything the application said", "closed"),
+    ("rate limit" + "x" * 10000, "limit"),
+])
+def test_reason_buckets(reason, bucket):
+    assert iocpnet._core._disconnect_bucket(reason) == bucket
+
+
+def test_client_service_figures(server, backend):
+    """A ClientService counts its own side: connects that failed, bytes both ways."""
+
+    class Greeter(iocpnet.Session):
+        def OnConnected(self):
+            self.Send(b"hello")
+
+    class Client(iocpnet.Session):
+        def OnRecv(self, data):
+            self.Disconnect("done")
+
+    srv = server(Greeter)
+    core = iocpnet.IocpCore(backend)
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        dead_port = unused.getsockname()[1]
+    clients = iocpnet.ClientService(core, srv.address, Client, 3)
+    dead = iocpnet.ClientService(core, ("127.0.0.1", dead_port), Client, 2)
+    stop = threading.Event()
+    worker = threading.Thread(target=lambda: [core.Dispatch(50) for _ in iter(stop.is_set, True)])
+    worker.start()
+    try:
+        clients.Start()
+        dead.Start()
+        wait_for(lambda: clients.session_count == 0 and dead.session_count == 0, 10,
+                 "the clients to end")
+        st = clients.stats()
+        assert st["bytes_in"] == 15 and st["messages_out"] == 0
+        assert st["disconnects"]["closed"] == 3 and st["accepts"] == 0
+        assert st["connect_failures"] == 0
+        st = dead.stats()
+        assert st["disconnects"]["connect_failed"] == 2 == st["connect_failures"]
+    finally:
+        stop.set()
+        worker.join(10)
+        clients.Stop()
+        dead.Stop()
+        core.Close()
+
+
+# ---------------------------------------------------------------------------------------
+# Prometheus
+
+def scrape(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/plain")
+        return r.read().decode()
+
+
+def samples(text):
+    from prometheus_client.parser import text_string_to_metric_families
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_prometheus_scrape(server):
+    pytest.importorskip("prometheus_client")
+    srv = server(Echo, accepts=8)
+    metrics = srv.service.ServeMetrics(0, name="game")
+    run_echo_clients(srv.address)
+    wait_for(lambda: srv.service.session_count == 0, 10, "every session to end")
+    got = samples(scrape(metrics.port))
+    st = srv.service.stats()
+    lab = (("backend", srv.core.backend), ("service", "game"))
+    assert got[("iocpnet_sessions", lab)] == 0
+    assert got[("iocpnet_sessions_started_total", lab)] == CLIENTS
+    assert got[("iocpnet_accepts_total", lab)] == CLIENTS
+    assert got[("iocpnet_received_bytes_total", lab)] == st["bytes_in"] == \
+        CLIENTS * PACKETS * (PAYLOAD + 4)
+    assert got[("iocpnet_sent_messages_total", lab)] == CLIENTS * PACKETS
+    assert got[("iocpnet_disconnects_total", tuple(sorted(lab + (("reason", "peer_closed"),))))] \
+        == CLIENTS
+    assert got[("iocpnet_refused_connections_total",
+                tuple(sorted(lab + (("reason", "max_sessions"),))))] == 0
+    hook = tuple(sorted(lab + (("hook", "OnRecvPacket"),)))
+    assert got[("iocpnet_hook_seconds_count", hook)] == CLIENTS * PACKETS
+    assert got[("iocpnet_hook_seconds_sum", hook)] > 0
+    # The batch-size histogram: cumulative buckets ending at +Inf = the batch count.
+    inf = tuple(sorted(lab + (("le", "+Inf"),)))
+    assert got[("iocpnet_dispatch_batch_size_bucket", inf)] == \
+        got[("iocpnet_dispatch_batch_size_count", lab)] >= st["dispatch"]["batches"] > 0
+    # Stop() closes the server and frees its port.
+    srv.service.Stop()
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        scrape(metrics.port)
+
+
+def test_serve_metrics_is_closed_by_hand_too(server):
+    pytest.importorskip("prometheus_client")
+    srv = server(Echo)
+    with srv.service.ServeMetrics(0) as m:
+        assert "iocpnet_sessions{" in scrape(m.port)
+    m.Close()
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        scrape(m.port)
+
+
+def test_tls_figures(server, tmp_path_factory):
+    """Over TLS a message out is still one Send (not one record), and bytes are what
+    crossed the socket: the ciphertext, handshake included, more than the plaintext."""
+    tls = pytest.importorskip("test_tls")
+    if tls.OPENSSL is None:
+        pytest.skip("the openssl command is missing")
+    pki = tls.make_pki(tmp_path_factory.mktemp("stats-pki"))
+
+    class TlsEcho(iocpnet.Session):
+        def OnRecv(self, data):
+            self.Send(data)
+            self.Send(b"!")
+
+    srv = server(TlsEcho, ssl=tls.server_context(pki))
+    with tls.tls_connect(srv.address, tls.client_context(pki)) as c:
+        for k in range(10):
+            msg = b"m%02d" % k
+            c.sendall(msg)
+            assert tls.recv_all(c, 4) == msg + b"!"
+    wait_for(lambda: srv.service.session_count == 0, 10, "the session to end")
+    st = srv.service.stats()
+    assert st["messages_out"] == 20
+    assert st["bytes_in"] > 10 * 3 + 200 and st["bytes_out"] > 10 * 4 + 200
