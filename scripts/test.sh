@@ -8,7 +8,7 @@
 #
 #  1. the C contract test of the port layer: io_uring and epoll natively, with ASan +
 #     UBSan and under valgrind; IOCP cross-compiled with mingw-w64, run under Wine
-#  2. libFuzzer on the packet framing (a bounded run)
+#  2. libFuzzer on the packet framing and the WebSocket frame parser (bounded runs)
 #  3. the sdist, and a wheel built from it, from a copy of the tree (nothing is written
 #     into the tree); the wheel installed into a fresh venv with the test extras
 #  4. what we ship: the sdist's contents, auditwheel, a smoke test of the wheel
@@ -58,7 +58,7 @@ if ! skipped contract; then
     bash "$root/tests/c/run_contract.sh"
 fi
 if ! skipped fuzz; then
-    step "2. libFuzzer on the packet framing"
+    step "2. libFuzzer on the packet framing and the WebSocket frame parser"
     IOCPNET_FUZZ_OUT="$work/fuzz" bash "$root/tests/fuzz/run.sh" "${IOCPNET_FUZZ_SECONDS:-20}"
 fi
 

@@ -188,3 +188,104 @@ def test_sessions_frame_a_split_stream_like_the_reference(server):
             assert reason == "peer closed the connection"
 
     one_connection()
+
+
+# ---- the WebSocket frame parser ----------------------------------------------------------
+# iocpnet.parse_websocket_frames runs the C parser every WebSocket session runs; it is
+# compared with tests/ws_reference.py (written from RFC 6455 alone), whole and fed in
+# pieces, and a few examples go through real sessions.  libFuzzer: tests/fuzz/ws_fuzz.c.
+
+import ws_reference as wsref  # noqa: E402
+from ws_raw import frame as ws_frame, close_payload  # noqa: E402
+
+_WS_TEXT = st.text(max_size=40).map(lambda t: t.encode("utf-8"))
+
+
+def _ws_frames(server):
+    mask = st.just(server)
+    ok_data = st.builds(lambda op, p, fin, m: ws_frame(op, p, fin=fin, mask=m),
+                        st.sampled_from([0, 1, 2]), st.one_of(_WS_TEXT, st.binary(max_size=300)),
+                        st.booleans(), mask)
+    control = st.builds(lambda op, p, m: ws_frame(op, p, mask=m), st.sampled_from([9, 10]),
+                        st.binary(max_size=125), mask)
+    close = st.builds(lambda code, r, m: ws_frame(8, close_payload(code, r), mask=m),
+                      st.one_of(st.sampled_from([1000, 1001, 1008, 3000, 4999]),
+                                st.integers(0, 5100)),
+                      st.one_of(_WS_TEXT, st.binary(max_size=10)), mask)
+    bad = st.one_of(
+        st.builds(lambda op, p, rsv, fin, m: ws_frame(op, p, fin=fin, rsv=rsv, mask=m),
+                  st.integers(0, 15), st.binary(max_size=130), st.integers(0, 7),
+                  st.booleans(), st.booleans()),
+        st.binary(min_size=1, max_size=20),
+        st.builds(lambda n, m: ws_frame(2, b"", mask=m, length=n)[:14],
+                  st.integers(126, 1 << 21), mask),
+    )
+    return st.one_of(ok_data, ok_data, ok_data, control, close, bad)
+
+
+@st.composite
+def ws_streams(draw):
+    server = draw(st.booleans())
+    max_message = draw(st.sampled_from([0, 1, 125, 300, 1000, 1 << 20]))
+    data = b"".join(draw(st.lists(_ws_frames(server), max_size=10)))
+    cuts = sorted(set(draw(st.lists(st.integers(0, len(data)), max_size=8))))
+    pieces = [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
+    return server, max_message, data, [p for p in pieces if p]
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(ws_streams())
+def test_websocket_parser_matches_the_reference(case):
+    server, max_message, data, pieces = case
+    want, want_error = wsref.parse(data, server, max_message)
+    got, error = iocpnet.parse_websocket_frames(data, server, max_message)
+    assert got == want
+    assert (error[0] if error else None) == want_error, error
+    assert iocpnet.parse_websocket_frames(memoryview(data), server, max_message) == \
+        (got, error)
+
+
+def test_websocket_parser_edges():
+    f = iocpnet.parse_websocket_frames
+    assert f(b"") == ([], None)
+    assert f(ws_frame(1, b"")) == ([("text", "")], None)
+    assert f(ws_frame(8, b"")) == ([("close", 1005, "")], None)
+    assert f(ws_frame(2, b"x" * 11), max_message_size=10)[1][0] == 1009
+    assert f(ws_frame(2, b"x" * 10), max_message_size=10) == ([("binary", b"x" * 10)], None)
+    assert f(ws_frame(1, b"hi", mask=False), server=False) == ([("text", "hi")], None)
+    assert f(ws_frame(1, b"hi"), server=False)[1] == (1002, "masked frame from a server")
+    # A control frame between fragments, and a message cut short: nothing yet.
+    data = ws_frame(1, b"a", fin=False) + ws_frame(9, b"p") + ws_frame(0, b"b")
+    assert f(data) == ([("ping", b"p"), ("text", "ab")], None)
+    assert f(data[:-1]) == ([("ping", b"p")], None)
+    with pytest.raises(ValueError):
+        f(b"", max_message_size=-1)
+
+
+def test_http_upgrade_parser_bounds():
+    req = (b"GET /x HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    r, used = iocpnet.parse_http_request(req + b"\x81\x80")
+    assert used == len(req) and r.path == "/x" and r.is_websocket
+    assert iocpnet.parse_http_request(req[:-2]) == (None, 0)
+    with pytest.raises(ValueError, match="^431"):
+        iocpnet.parse_http_request(b"GET / HTTP/1.1\r\nX: " + b"a" * 9000)
+    with pytest.raises(ValueError, match="^431"):
+        iocpnet.parse_http_request(req.replace(b"\r\n\r\n", b"\r\n" + b"X: y\r\n" * 70 +
+                                               b"\r\n"))
+    assert iocpnet.websocket_accept_key("dGhlIHNhbXBsZSBub25jZQ==") == \
+        "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="        # the example of RFC 6455 1.3
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.binary(max_size=600), st.integers(64, 700), st.integers(1, 20))
+def test_http_upgrade_parser_never_fails_unexpectedly(data, max_size, max_headers):
+    """Arbitrary bytes: a request, 'not yet', or a ValueError with a 4xx status;
+    never another exception, never more than max_size bytes used."""
+    try:
+        r, used = iocpnet.parse_http_request(data, max_size, max_headers)
+    except ValueError as e:
+        assert str(e)[:3] in ("400", "431")
+        return
+    assert used <= max_size
+    assert (r is None) == (used == 0)

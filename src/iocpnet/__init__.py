@@ -19,6 +19,7 @@ import logging as _logging
 from iocpnet._core import (
     BackendUnavailableError,
     ClientService,
+    HttpResponse,
     IocpCore,
     IocpObject,
     Listener,
@@ -28,11 +29,16 @@ from iocpnet._core import (
     Service,
     Session,
     Timer,
+    WebSocketRequest,
+    WebSocketSession,
     available_backends,
     backend_unavailable_reason,
     compiled_backends,
     debug_counters,
     default_workers,
+    parse_http_request,
+    parse_websocket_frames,
+    websocket_accept_key,
 )
 from iocpnet.packet import (PACKET_HEADER_SIZE, PACKET_SIZE_MAX, PacketHandler, make_packet,
                             scan_packets)
@@ -42,6 +48,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "ClientService",
+    "HttpResponse",
     "IocpCore",
     "IocpObject",
     "Listener",
@@ -54,13 +61,18 @@ __all__ = [
     "Service",
     "Session",
     "Timer",
+    "WebSocketRequest",
+    "WebSocketSession",
     "available_backends",
     "backend_unavailable_reason",
     "compiled_backends",
     "debug_counters",
     "default_workers",
     "make_packet",
+    "parse_http_request",
+    "parse_websocket_frames",
     "scan_packets",
+    "websocket_accept_key",
     "__version__",
 ]
 

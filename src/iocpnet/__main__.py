@@ -38,6 +38,13 @@ class EchoSession(iocpnet.Session):
         return None
 
 
+class WsEchoSession(iocpnet.WebSocketSession):
+    """The echo server over WebSocket: each message back, with its type."""
+
+    def OnMessage(self, data: object, binary: bool) -> None:
+        self.SendMessage(data)  # type: ignore[arg-type]
+
+
 def _print(*args: object) -> None:
     print(*args, file=sys.stderr, flush=True)
 
@@ -60,11 +67,13 @@ def cmd_echo(args: argparse.Namespace) -> int:
     try:
         core = iocpnet.IocpCore(args.backend)
         listener = iocpnet.Listener((args.host, args.port), reuse_port=args.reuse_port)
-        service = iocpnet.Service(core, listener, EchoSession, args.accepts)
+        session_cls = WsEchoSession if args.websocket else EchoSession
+        service = iocpnet.Service(core, listener, session_cls, args.accepts)
         service.Start()
         workers = _start_workers(core, args.workers)
         pid = os.getpid()
-        _print(f"iocpnet echo server on {listener.address[0]}:{listener.port} "
+        kind = "WebSocket echo" if args.websocket else "echo"
+        _print(f"iocpnet {kind} server on {listener.address[0]}:{listener.port} "
                f"({core.backend}, {args.workers} workers, pid {pid}); Ctrl-C to stop")
         if args.parent_pid:
             _watch_parent(args.parent_pid, stop)
@@ -123,6 +132,8 @@ def _supervise(args: argparse.Namespace) -> int:
     child_argv += ["echo", "--host", args.host, "--port", str(port),
                    "--workers", str(args.workers), "--accepts", str(args.accepts),
                    "--reuse-port", "--parent-pid", str(os.getpid())]
+    if args.websocket:
+        child_argv.append("--websocket")
 
     stop = threading.Event()
 
@@ -189,7 +200,8 @@ def _load(core: iocpnet.IocpCore, address: tuple[str, int], args: argparse.Names
           server: Optional[iocpnet.Service] = None) -> Stats:
     run = LoadRun(core, address, args.clients, args.size,
                   protocol=getattr(args, "protocol", "echo"),
-                  room_size=getattr(args, "room_size", 10))
+                  room_size=getattr(args, "room_size", 10),
+                  websocket=getattr(args, "websocket", False))
     progress = Progress(args.seconds, sys.stdout,
                         (lambda: server.session_count) if server is not None else None)
     try:
@@ -239,7 +251,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_dummy_client(args: argparse.Namespace) -> int:
     core = iocpnet.IocpCore(args.backend)
     workers = _start_workers(core, args.workers)
-    print(f"iocpnet dummy-client: {args.clients} {args.protocol} clients -> "
+    over = " over WebSocket" if args.websocket else ""
+    print(f"iocpnet dummy-client: {args.clients} {args.protocol} clients{over} -> "
           f"{args.host}:{args.port}, {args.size} B messages, {args.seconds:g} s "
           f"({core.backend})", flush=True)
     try:
@@ -273,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run N server processes sharing the port (SO_REUSEPORT)")
     e.add_argument("--reuse-port", action="store_true",
                    help="SO_REUSEPORT: let several processes share the port")
+    e.add_argument("--websocket", action="store_true",
+                   help="a WebSocket echo server: each message back with its type")
     e.add_argument("--shutdown-timeout", type=float, default=5.0, help=argparse.SUPPRESS)
     e.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     e.set_defaults(func=cmd_echo)
@@ -296,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="echo: any echo server; chat: examples/chat_server.py")
     c.add_argument("--room-size", type=int, default=10,
                    help="chat: clients per room")
+    c.add_argument("--websocket", action="store_true",
+                   help="connect over WebSocket (ws://HOST:PORT/): echo sends binary "
+                        "messages, chat sends its packets in binary messages")
     c.add_argument("--workers", type=int, default=2)
     c.add_argument("--interval", type=float, default=1.0,
                    help="seconds between figures")

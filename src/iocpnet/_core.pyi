@@ -33,6 +33,8 @@ DEFAULT_FLUSH_TIMEOUT: float
 """5 s: ``Session.flush_timeout`` unless a subclass sets it."""
 DEFAULT_TLS_HANDSHAKE_TIMEOUT: float
 """10 s: ``Session.tls_handshake_timeout`` unless a subclass sets it."""
+DEFAULT_MAX_MESSAGE_SIZE: int
+"""1 MiB: ``WebSocketSession.max_message_size`` unless a subclass sets it."""
 
 class BackendUnavailableError(RuntimeError):
     """The requested completion-port backend cannot run on this machine."""
@@ -360,10 +362,16 @@ class Listener(IocpObject):
         reuse_port: bool = False,
         ipv6_only: bool = False,
         ssl: _ssl.SSLContext | None = None,
+        websocket: bool = False,
     ) -> None:
         """``reuse_port``: SO_REUSEPORT, several processes share the port.
         ``ipv6_only``: an IPv6 listener that does not take IPv4 (a wildcard listener is
-        dual-stack otherwise)."""
+        dual-stack otherwise).  ``websocket``: every session accepted here speaks
+        WebSocket (a PacketSession's packets then travel in binary messages)."""
+
+    @property
+    def websocket(self) -> bool:
+        """Whether sessions accepted here speak WebSocket."""
 
     @property
     def backlog(self) -> int:
@@ -617,7 +625,7 @@ class ClientService(Service):
     def __init__(
         self,
         core: IocpCore,
-        address: int | tuple[str, int] | list[str | int],
+        address: str | int | tuple[str, int] | list[str | int],
         session_factory: Callable[[], Session],
         count: int = 1,
         *,
@@ -625,7 +633,8 @@ class ClientService(Service):
         ssl: _ssl.SSLContext | None = None,
         server_hostname: str | None = None,
     ) -> None:
-        """``address``: ``(host, port)``, or a port on 127.0.0.1."""
+        """``address``: ``(host, port)``, a port on 127.0.0.1, or a ``ws://`` URL (the
+        sessions then speak WebSocket as clients)."""
 
     @property
     def ssl(self) -> _ssl.SSLContext | None:
@@ -661,3 +670,109 @@ class ClientService(Service):
     def Connect(self, session: Session | None = None) -> Session:
         """Open one more connection, with `session` or a new one from the factory;
         returns the session (connecting)."""
+
+def websocket_accept_key(key: str | bytes) -> str:
+    """The Sec-WebSocket-Accept value for a Sec-WebSocket-Key (RFC 6455 4.2.2)."""
+
+class HttpResponse:
+    """An HTTP answer instead of the WebSocket upgrade.  ``OnUpgrade`` returns one to
+    refuse a request (403, 404...) or to answer a plain HTTP request (200 and a page);
+    the connection closes once it is sent."""
+
+    status: int
+    body: bytes
+    content_type: str
+    headers: dict[str, str]
+
+    def __init__(
+        self,
+        status: int,
+        body: bytes | str = b"",
+        content_type: str = "text/plain; charset=utf-8",
+        headers: dict[str, str] | None = None,
+    ) -> None: ...
+
+class WebSocketRequest:
+    """The HTTP request of a WebSocket upgrade (or any HTTP request the server got), as
+    ``OnUpgrade`` sees it.  ``headers`` maps lower-case names to values (a repeated
+    header's values joined with ", ")."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+
+    def __init__(self, method: str, path: str, headers: dict[str, str]) -> None: ...
+    @property
+    def host(self) -> str | None: ...
+    @property
+    def origin(self) -> str | None: ...
+    @property
+    def subprotocols(self) -> list[str]:
+        """The subprotocols the client offers, in its order of preference."""
+    @property
+    def is_websocket(self) -> bool:
+        """Whether this is a WebSocket upgrade request at all (Upgrade: websocket and
+        Connection: upgrade); a plain HTTP request is not."""
+
+def parse_http_request(
+    data: _Bytes, max_header_size: int = 8192, max_headers: int = 64
+) -> tuple[WebSocketRequest | None, int]:
+    """Parse the HTTP upgrade request at the start of ``data`` the way a WebSocket
+    server does.  Returns ``(request, used)``: a ``WebSocketRequest`` (None if the head
+    is not complete yet) and the bytes it used.  Raises ``ValueError("<status>
+    <reason>")`` for what a server answers with 400 or 431."""
+
+class WebSocketSession(Session):
+    """A WebSocket (RFC 6455) endpoint: a server session once its upgrade succeeded, or
+    a client session of a ``ClientService`` given a ``ws://`` URL.
+
+    Hooks: ``OnConnected()`` (after the handshake), ``OnMessage(data, binary)``,
+    ``OnDisconnected(reason)`` and, on a server, ``OnUpgrade(request)``.  Settings are
+    class attributes: ``max_message_size`` (1 MiB), ``ping_interval`` and
+    ``ping_timeout`` (20 s; 0 turns the keepalive off), ``close_timeout`` (5 s),
+    ``handshake_timeout`` (10 s), ``max_header_size`` (8192), ``max_headers`` (64),
+    ``subprotocols``, ``origins`` (server) and ``origin`` (client).
+    """
+
+    def OnMessage(self, data: str | bytes, binary: bool) -> object:
+        """Called once per whole message, in order: ``str`` for text, ``bytes`` for
+        binary."""
+
+    def OnUpgrade(self, request: WebSocketRequest) -> str | HttpResponse | None:
+        """Server: None accepts the upgrade, a str accepts it with that subprotocol,
+        an ``HttpResponse`` answers the request instead (403, or 200 with a page)."""
+
+    def SendMessage(self, data: str | _Bytes) -> bool:
+        """Send one message (any thread): text for a ``str``, binary for bytes-like.
+        False if the WebSocket is not open."""
+
+    def Close(self, code: int = 1000, reason: str = "") -> bool:
+        """Start the close handshake (any thread); False if one is already under way."""
+
+    @property
+    def subprotocol(self) -> str | None:
+        """The subprotocol agreed in the handshake, or None."""
+
+    @property
+    def request(self) -> WebSocketRequest | None:
+        """Server: the upgrade request once it has arrived."""
+
+    @property
+    def close_code(self) -> int:
+        """The code of the close frame received (1005: it had none; 1006: none came)."""
+
+    @property
+    def close_reason(self) -> str | None:
+        """The reason of the close frame received, or None."""
+
+    @property
+    def max_message_size(self) -> int:
+        """The largest message accepted (class attribute; default 1 MiB)."""
+
+def parse_websocket_frames(
+    data: _Bytes, server: bool = True, max_message_size: int = ...
+) -> tuple[list[tuple[object, ...]], tuple[int, str] | None]:
+    """Run the WebSocket frame parser over ``data`` without a connection, as a server
+    (frames must be masked) or a client would.  Returns ``(events, error)``: events
+    ``("text", str)``, ``("binary", bytes)``, ``("ping", bytes)``, ``("pong", bytes)``,
+    ``("close", code, reason)``; error None or ``(close_code, reason)``."""

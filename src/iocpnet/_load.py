@@ -196,6 +196,41 @@ def make_echo_client(size: int, shared: _Shared) -> Type[iocpnet.Session]:
     return EchoLoadClient
 
 
+def make_ws_echo_client(size: int, shared: _Shared) -> Type[iocpnet.Session]:
+    """The echo client over WebSocket: each round trip is one binary message, checked
+    whole (a WebSocket echo server sends each message back with its type)."""
+    base = make_echo_client(size, shared)
+
+    class WsEchoLoadClient(iocpnet.WebSocketSession):
+        ping_interval = 0             # a load run is never idle
+        __init__ = base.__init__      # type: ignore[assignment]
+        _send_next = base._send_next
+        OnConnected = base.OnConnected
+        OnConnectFailed = base.OnConnectFailed
+        OnDisconnected = base.OnDisconnected
+        pending = base.pending
+
+        def OnMessage(self, data: object, binary: bool) -> None:
+            now = time.perf_counter()
+            st = self.stats
+            if not binary or data != self.expect:
+                st.errors.append(f"echo mismatch on message {self.counter} of client "
+                                 f"{self.index}")
+                self.Disconnect("echo mismatch")
+                return
+            st.messages += 1
+            st.packets += 1
+            st.bytes += len(self.expect)
+            st.hist.add(now - self.sent_at)
+            if stop.is_set():
+                self.Disconnect("load finished")
+                return
+            self._send_next()
+
+    stop = shared.stop
+    return WsEchoLoadClient
+
+
 def chat_text(seq: int, size: int) -> str:
     """Message `seq` of a chat load client: its number, then filler up to `size` bytes."""
     head = f"{seq:010d}|"
@@ -323,7 +358,8 @@ class LoadRun:
     """N checking clients against `address` on `core`, with figures every interval."""
 
     def __init__(self, core: iocpnet.IocpCore, address: Tuple[str, int], clients: int,
-                 size: int, protocol: str = "echo", room_size: int = 10) -> None:
+                 size: int, protocol: str = "echo", room_size: int = 10,
+                 websocket: bool = False) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
         if protocol == "chat" and size > proto.MAX_TEXT_BYTES:
@@ -337,9 +373,16 @@ class LoadRun:
         cls: Callable[[], iocpnet.Session]
         if protocol == "chat":
             cls = make_chat_client(size, room_size, self.shared)
+        elif websocket:
+            cls = make_ws_echo_client(size, self.shared)
         else:
             cls = make_echo_client(size, self.shared)
-        self.service = iocpnet.ClientService(core, address, cls, clients)
+        # Over WebSocket the chat client is unchanged: its packets go in binary messages.
+        target: object = address
+        if websocket:
+            host = f"[{address[0]}]" if ":" in address[0] else address[0]
+            target = f"ws://{host}:{address[1]}/"
+        self.service = iocpnet.ClientService(core, target, cls, clients)  # type: ignore[arg-type]
         self.errors: List[str] = []        # the run's own findings (stalls)
 
     def snapshot(self) -> Tuple[Stats, int]:
@@ -398,6 +441,11 @@ class LoadRun:
             if what is not None:
                 self.errors.append(f"client {getattr(s, 'index', '?')}: no answer to its "
                                    f"{what} within {grace:g} s of the end")
+            st = getattr(s, "stats", None)
+            if what is None and st is not None and not st.connected and not st.ended:
+                # Still connecting, or its WebSocket handshake never finished.
+                self.errors.append(f"client {getattr(s, 'index', '?')}: never came up "
+                                   f"(connection or handshake unfinished at the end)")
         self.service.Stop(5.0)
         total, _ = self.snapshot()
         return total, elapsed

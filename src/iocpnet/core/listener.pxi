@@ -48,9 +48,10 @@ cdef class Listener(IocpObject):
     cdef volatile int32_t _burst      # factory failures in a row
     cdef int64_t _burst_start_ms
     cdef int64_t _burst_logged_ms
+    cdef readonly bint websocket  # sessions accepted here speak WebSocket (websocket.pxi)
 
     def __init__(self, address, *, int backlog=1024, bint reuse_port=False,
-                 bint ipv6_only=False, ssl=None):
+                 bint ipv6_only=False, ssl=None, bint websocket=False):
         if isinstance(address, int):
             address = (None, address)
         elif isinstance(address, (tuple, list)) and len(address) == 2:
@@ -63,6 +64,7 @@ cdef class Listener(IocpObject):
         self.backlog = backlog
         self._reuse_port = reuse_port
         self._ipv6_only = ipv6_only
+        self.websocket = websocket
         self._sock = PORT_INVALID_SOCK
         self._starved = []
         self._backoff_ms = 0
@@ -191,6 +193,9 @@ cdef class Listener(IocpObject):
             if self.ssl is not None:
                 session._tls = _Tls.create(self.ssl, True, None)
             session._attach_accepted(self.core, service)
+            if self.websocket and _ws_accepting(session) < 0:
+                port_sock_close(self.core.port, <port_sock_t>res, PORT_CLOSE_RESET)
+                return
             session._on_accepted(<port_sock_t>res)
             return
         session._state = S_NEW

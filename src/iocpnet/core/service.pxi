@@ -337,10 +337,13 @@ cdef class ClientService(Service):
     cdef readonly uint64_t connect_failures
     cdef readonly object ssl
     cdef readonly object server_hostname
+    cdef tuple _ws_target         # (Host header, path) for a ws:// URL (websocket.pxi)
 
     def __init__(self, IocpCore core, address, session_factory, int count=1, *,
                  reconnect=None, ssl=None, server_hostname=None):
         cdef int rc
+        if isinstance(address, str):
+            address, self._ws_target, ssl = _ws_parse_url(address, ssl)
         if isinstance(address, int):
             address = ("127.0.0.1", address)
         if not (isinstance(address, (tuple, list)) and len(address) == 2):
@@ -391,6 +394,9 @@ cdef class ClientService(Service):
         s._attach(self.core, self)
         if self.ssl is not None:
             s._tls = _Tls.create(self.ssl, False, self.server_hostname)
+        if self._ws_target is not None or s._ws is not None:
+            target = self._ws_target or _ws_default_target(self._address)
+            _ws_enable(s, True, target[0], target[1])
         with self._lock:
             self._sessions.add(s)
             self.total_sessions += 1

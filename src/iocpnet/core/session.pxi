@@ -172,6 +172,7 @@ cdef class Session(IocpObject):
     cdef _RateState *_rate        # flood protection (limits.pxi); NULL until used
     cdef object _addr_key         # the host the per-address accept limits counted
     cdef _Counters _cnt           # bytes and messages in and out (stats.pxi)
+    cdef object _ws               # a _WebSocket when it speaks WebSocket (websocket.pxi)
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
@@ -344,6 +345,18 @@ cdef class Session(IocpObject):
         is closing).  Past ``send_queue_limit`` unsent bytes the peer is judged not to
         be reading: the session is disconnected and False returned.
         """
+        if type(data) is not bytes and not PyObject_CheckBuffer(data):
+            raise _not_bytes("Send", "data", data)
+        if self._ws is not None:
+            # One binary message (websocket.pxi), sent as below (through TLS if any).
+            data = _ws_wrap(self, data if type(data) is bytes else _copy_to_bytes(data))
+            if data is None:
+                return False
+        return self._send_bytes(data)
+
+    cdef object _send_bytes(self, object data):
+        """Send's body, below the WebSocket layer (which sends its own frames and the
+        HTTP upgrade through here too)."""
         cdef bytes b = None
         cdef Py_buffer buf
         cdef const char *ptr
@@ -351,8 +364,6 @@ cdef class Session(IocpObject):
         cdef int64_t r
         cdef port_buf_t one
         cdef bint have_buf = False
-        if type(data) is not bytes and not PyObject_CheckBuffer(data):
-            raise _not_bytes("Send", "data", data)
         if self._tls is not None:
             return (<_Tls>self._tls).send(self, data)
         if type(data) is bytes:
@@ -525,8 +536,11 @@ cdef class Session(IocpObject):
         self._arm_recv()
 
     cdef void _call_connected(self) noexcept:
-        """The byte stream is up (after the TLS handshake, with TLS): OnConnected."""
-        if self._hooks.on_connected is not None:
+        """The byte stream is up (after the TLS handshake, with TLS): OnConnected (with
+        WebSocket: the upgrade first, OnConnected once it is done)."""
+        if self._ws is not None:
+            _ws_connected(self)
+        elif self._hooks.on_connected is not None:
             try:
                 self._hooks.on_connected(self)
             except BaseException as e:
@@ -739,6 +753,8 @@ cdef class Session(IocpObject):
         cdef _RecvView view
         cdef Py_ssize_t used = n
         cdef object mv
+        if self._ws is not None:
+            return _ws_recv(self, <unsigned char *>ptr, n)
         if self._hooks.packet_mode:
             return self._parse_packets(<const unsigned char *>ptr, n)
         if self._hooks.on_recv is None:
@@ -935,6 +951,8 @@ cdef class Session(IocpObject):
     cdef bint _begin_disconnect(self, str reason, bint flush) noexcept:
         """Graceful: stop receiving, flush the send queue (bounded), then close."""
         cdef IocpCore core
+        if self._ws is not None and self._state == S_CONNECTED:
+            _ws_goodbye(self, reason)    # a close frame first (websocket.pxi)
         if self._tls is not None and flush:
             (<_Tls>self._tls).close_notify(self)      # queued before the flush below
         port_spin_lock(&self._lock)
@@ -1019,6 +1037,8 @@ cdef class Session(IocpObject):
     cdef void _finish(self) noexcept:
         """Every operation has ended: release everything, then OnDisconnected."""
         self._release_buffers()
+        if self._ws is not None:
+            _ws_finish(self)
         self.core._unwatch_flush(self)
         if self._counted_connected:
             self._counted_connected = False

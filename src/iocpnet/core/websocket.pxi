@@ -1,0 +1,1087 @@
+# core/websocket.pxi: WebSocket (RFC 6455) over a Session: the HTTP/1.1 upgrade (server
+# and client), messages, control frames, the close handshake and keepalive pings.
+# Included by _core.pyx (one extension module, one file per concern).
+#
+# What it owns.  A session speaks WebSocket when it has a _WebSocket (Session._ws): a
+# WebSocketSession always does; a PacketSession or a plain Session does when it was
+# accepted on a Listener(..., websocket=True) or connected by a ClientService given a
+# ws:// URL.  The layer sits between the port and the hooks: the bytes received go to
+# the C frame parser (port/ws_frame.h) instead of OnRecv, and what the session sends goes
+# out inside frames.  Over WebSocket:
+#
+#   - a WebSocketSession sees OnMessage(data, binary) and sends with SendMessage (text
+#     for str, binary for bytes-like) or Send (binary);
+#   - a PacketSession's packets travel in binary messages (each message holds whole
+#     packets); OnRecvPacket, SendPacket and Service.Broadcast are unchanged, so native
+#     TCP clients and browsers share the same rooms;
+#   - a plain Session's OnRecv gets each binary message whole (it must consume it all).
+#
+# The handshake comes first: OnConnected runs only once the upgrade has succeeded (a
+# session whose upgrade fails gets OnDisconnected only; a client also gets
+# OnConnectFailed).  On a server the upgrade request goes through the OnUpgrade hook
+# (path, Origin, subprotocol), which may also answer a plain HTTP request (the chat
+# example serves its web page that way).
+#
+# Threads and locks.  The parser, the message being assembled and the handshake state
+# are touched only by the session's receive path, which runs on its strand (one
+# completion at a time): no lock.  Frames are sent from any thread through the session's
+# send queue (its own lock).  `_phase` (handshake, open, closing) and `_close_sent` are
+# atomics: SendMessage and Close read them from any thread, and exactly one close frame
+# goes out whoever sends it (the peer's close answered, Close(), Disconnect, an error).
+# The keepalive and handshake timers run on any worker and only read atomics, send a
+# ping, or close.
+#
+# Not offered: permessage-deflate (RFC 7692) and other extensions; a client asking for
+# them is answered without them, as the RFC allows.
+
+import base64 as _base64
+import hashlib as _hashlib
+
+cdef extern from "port/ws_frame.h" nogil:
+    ctypedef enum ws_event_type:
+        WS_EV_MORE
+        WS_EV_DATA
+        WS_EV_PING
+        WS_EV_PONG
+        WS_EV_CLOSE
+        WS_EV_ERROR
+    ctypedef struct ws_event:
+        ws_event_type type
+        const unsigned char *data
+        size_t len
+        int first
+        int last
+        int text
+        unsigned code
+        const char *reason
+        uint64_t detail
+    ctypedef struct ws_parser:
+        pass
+    ctypedef struct ws_utf8:
+        pass
+    void ws_parser_init(ws_parser *p, uint64_t max_message, int expect_mask)
+    size_t ws_parse(ws_parser *p, unsigned char *buf, size_t n, ws_event *ev)
+    size_t ws_frame_header(unsigned char *out, unsigned opcode, int fin, uint64_t length,
+                           const unsigned char *mask)
+    unsigned ws_mask(unsigned char *dst, const unsigned char *src, size_t n,
+                     const unsigned char *mask, unsigned pos)
+    int ws_close_code_valid(unsigned code)
+    void ws_utf8_init(ws_utf8 *u)
+    int ws_utf8_feed(ws_utf8 *u, const unsigned char *s, size_t n)
+    int ws_utf8_complete(const ws_utf8 *u)
+    enum:
+        WS_OP_CONT
+        WS_OP_TEXT
+        WS_OP_BINARY
+        WS_OP_CLOSE
+        WS_OP_PING
+        WS_OP_PONG
+
+cdef extern from "Python.h":
+    object PyUnicode_DecodeUTF8(const char *s, Py_ssize_t size, const char *errors)
+
+cdef extern from *:
+    """
+    #include "port/port_sync.h"
+    static int64_t iocpnet_ws_xchg64(volatile int64_t *p, int64_t v) {
+    #if defined(_MSC_VER)
+        return InterlockedExchange64((volatile LONG64 *)p, v);
+    #else
+        return __atomic_exchange_n(p, v, __ATOMIC_ACQ_REL);
+    #endif
+    }
+    """
+    int64_t _ws_xchg64 "iocpnet_ws_xchg64"(volatile int64_t *p, int64_t v) nogil
+
+cdef enum:
+    WS_HANDSHAKE = 0      # waiting for the upgrade request (server) or response (client)
+    WS_OPEN = 1
+    WS_CLOSING = 2        # a close frame was sent or received: no more messages
+    WS_MODE_MESSAGES = 0  # WebSocketSession: OnMessage
+    WS_MODE_PACKETS = 1   # PacketSession: packets in binary messages
+    WS_MODE_RECV = 2      # Session with OnRecv: each binary message whole
+
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
+_WS_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
+                      b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_HTTP_REASONS = {101: "Switching Protocols", 200: "OK", 400: "Bad Request",
+                 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+                 408: "Request Timeout", 426: "Upgrade Required",
+                 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+                 503: "Service Unavailable"}
+
+# Masking keys for our client's frames: splitmix64 over a counter seeded from the OS's
+# random source (one atomic add per frame, no system call).
+cdef volatile int64_t _ws_mask_counter = <int64_t>int.from_bytes(os.urandom(8), "little",
+                                                                 signed=True)
+
+cdef inline uint64_t _ws_mask_key() noexcept nogil:
+    cdef uint64_t z = <uint64_t>port_atomic_add64(&_ws_mask_counter,
+                                                  <int64_t>0x9E3779B97F4A7C15)
+    z = (z ^ (z >> 30)) * <uint64_t>0xBF58476D1CE4E5B9
+    z = (z ^ (z >> 27)) * <uint64_t>0x94D049BB133111EB
+    return z ^ (z >> 31)
+
+
+def websocket_accept_key(key):
+    """The Sec-WebSocket-Accept value for a Sec-WebSocket-Key (RFC 6455 4.2.2)."""
+    if isinstance(key, str):
+        key = key.encode("ascii")
+    return _base64.b64encode(_hashlib.sha1(bytes(key) + _WS_GUID).digest()).decode("ascii")
+
+
+cdef bytes _ws_frame(unsigned opcode, const unsigned char *data, Py_ssize_t n, bint client):
+    """One whole frame as bytes (a server's unmasked, a client's masked)."""
+    cdef unsigned char hdr[14]
+    cdef uint64_t key
+    cdef size_t h
+    cdef bytes out
+    cdef unsigned char *p
+    if client:
+        key = _ws_mask_key()
+        h = ws_frame_header(hdr, opcode, 1, <uint64_t>n, <unsigned char *>&key)
+    else:
+        h = ws_frame_header(hdr, opcode, 1, <uint64_t>n, NULL)
+    out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>h + n)
+    p = <unsigned char *>PyBytes_AS_STRING(out)
+    memcpy(p, hdr, h)
+    if n > 0:
+        if client:
+            ws_mask(p + h, data, <size_t>n, <unsigned char *>&key, 0)
+        else:
+            memcpy(p + h, data, <size_t>n)
+    return out
+
+
+cdef bytes _ws_close_payload(unsigned code, str reason):
+    """A close frame's payload: the code, then the reason cut to fit 125 bytes (on a
+    character boundary)."""
+    if code == 1005:
+        return b""
+    r = reason.encode("utf-8")
+    if len(r) > 123:
+        r = r[:123].decode("utf-8", "ignore").encode("utf-8")
+    return bytes(((code >> 8) & 0xFF, code & 0xFF)) + r
+
+
+class HttpResponse:
+    """An HTTP answer instead of the WebSocket upgrade.  ``OnUpgrade`` returns one to
+    refuse a request (403, 404...) or to answer a plain HTTP request (200 and a page);
+    the connection closes once it is sent."""
+
+    def __init__(self, int status, body=b"", str content_type="text/plain; charset=utf-8",
+                 headers=None):
+        if not 200 <= status <= 599:
+            raise ValueError(f"HTTP status {status} out of range 200..599")
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        self.status = status
+        self.body = bytes(body)
+        self.content_type = content_type
+        self.headers = dict(headers or {})
+
+    def __repr__(self):
+        return f"HttpResponse({self.status}, {len(self.body)} bytes)"
+
+    def _encode(self):
+        lines = [f"HTTP/1.1 {self.status} {_HTTP_REASONS.get(self.status, 'Status')}",
+                 f"Content-Type: {self.content_type}",
+                 f"Content-Length: {len(self.body)}",
+                 "Connection: close"]
+        for k, v in self.headers.items():
+            lines.append(f"{k}: {v}")
+        head = "\r\n".join(lines) + "\r\n\r\n"
+        for ch in head:
+            if ch == "\0":
+                raise ValueError("NUL in an HTTP header")
+        return head.encode("latin-1") + self.body
+
+
+class WebSocketRequest:
+    """The HTTP request of a WebSocket upgrade (or any HTTP request the server got), as
+    ``OnUpgrade`` sees it.  ``headers`` maps lower-case names to values (a repeated
+    header's values joined with ", ")."""
+
+    def __init__(self, method, path, headers):
+        self.method = method
+        self.path = path
+        self.headers = headers
+
+    @property
+    def host(self):
+        return self.headers.get("host")
+
+    @property
+    def origin(self):
+        return self.headers.get("origin")
+
+    @property
+    def subprotocols(self):
+        """The subprotocols the client offers, in its order of preference."""
+        v = self.headers.get("sec-websocket-protocol", "")
+        return [p.strip() for p in v.split(",") if p.strip()]
+
+    @property
+    def is_websocket(self):
+        """Whether this is a WebSocket upgrade request at all (Upgrade: websocket and
+        Connection: upgrade); a plain HTTP request is not."""
+        up = self.headers.get("upgrade", "").lower()
+        conn = [t.strip() for t in self.headers.get("connection", "").lower().split(",")]
+        return "websocket" in [t.strip() for t in up.split(",")] and "upgrade" in conn
+
+    def __repr__(self):
+        return f"<WebSocketRequest {self.method} {self.path}>"
+
+
+class _HttpError(Exception):
+    def __init__(self, status, reason):
+        Exception.__init__(self, reason)
+        self.status = status
+        self.reason = reason
+
+
+cdef Py_ssize_t _find_head_end(const unsigned char *p, Py_ssize_t n) noexcept:
+    """The length of the HTTP head (through its blank line) in p[0:n], or -1."""
+    cdef Py_ssize_t i
+    for i in range(3, n):
+        if p[i] == 10 and p[i - 1] == 13 and p[i - 2] == 10 and p[i - 3] == 13:
+            return i + 1
+    return -1
+
+
+@cython.wraparound(True)
+def _parse_http_head(bytes head, bint request, int max_headers):
+    """Parse an HTTP/1.1 request or response head (ending with the blank line).
+    Returns (start-line fields, headers dict); raises _HttpError(400 or 431, reason)."""
+    text = head.decode("latin-1")
+    lines = text.split("\r\n")
+    if len(lines) < 3 or lines[-1] != "" or lines[-2] != "":
+        raise _HttpError(400, "malformed HTTP head")
+    lines = lines[:-2]
+    start = lines[0]
+    parts = start.split(" ", 2)
+    if request:
+        if len(parts) != 3 or not parts[0] or not parts[1]:
+            raise _HttpError(400, f"malformed request line {start[:80]!r}")
+        if parts[2] != "HTTP/1.1":
+            raise _HttpError(400, f"not an HTTP/1.1 request: {parts[2][:20]!r}")
+        if not all(ord(c) in _WS_TOKEN for c in parts[0]):
+            raise _HttpError(400, "malformed method")
+        for c in parts[1]:
+            if ord(c) <= 32 or ord(c) >= 127:
+                raise _HttpError(400, "malformed request target")
+    else:
+        if len(parts) < 2 or parts[0] != "HTTP/1.1" or len(parts[1]) != 3 or \
+                not parts[1].isdigit():
+            raise _HttpError(400, f"malformed status line {start[:80]!r}")
+    if len(lines) - 1 > max_headers:
+        raise _HttpError(431, f"more than {max_headers} header fields")
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not name or not all(ord(c) in _WS_TOKEN for c in name):
+            raise _HttpError(400, f"malformed header line {line[:80]!r}")
+        value = value.strip(" \t")
+        for c in value:
+            if (ord(c) < 32 and c != "\t") or c == "\x7f":
+                raise _HttpError(400, f"control character in header {name[:40]!r}")
+        key = name.lower()
+        if key in headers:
+            headers[key] = headers[key] + ", " + value
+        else:
+            headers[key] = value
+    return parts, headers
+
+
+def parse_http_request(data, int max_header_size=8192, int max_headers=64):
+    """Parse the HTTP upgrade request at the start of ``data`` the way a WebSocket
+    server does.  Returns ``(request, used)``: a ``WebSocketRequest`` (None if the head
+    is not complete yet) and the bytes it used.  Raises ``ValueError("<status>
+    <reason>")`` for what a server answers with 400 or 431.  Used by tests and tools."""
+    cdef const unsigned char[:] view = memoryview(data).cast("B")
+    cdef Py_ssize_t n = view.shape[0], end
+    cdef unsigned char empty = 0
+    if n == 0:
+        return None, 0
+    end = _find_head_end(&view[0], min(n, max_header_size))
+    if end < 0:
+        if n >= max_header_size:
+            raise ValueError(f"431 request head larger than {max_header_size} bytes")
+        return None, 0
+    try:
+        parts, headers = _parse_http_head(bytes(view[:end]), True, max_headers)
+    except _HttpError as e:
+        raise ValueError(f"{e.status} {e.reason}") from None
+    return WebSocketRequest(parts[0], parts[1], headers), end
+
+
+# ---------------------------------------------------------------------------------------
+# Per-class settings and hooks
+
+@cython.final
+cdef class _WsHooks:
+    cdef int mode
+    cdef object on_message
+    cdef object on_upgrade
+    cdef object on_recv
+    cdef uint64_t max_message_size
+    cdef double ping_interval
+    cdef double ping_timeout
+    cdef double close_timeout
+    cdef double handshake_timeout
+    cdef int max_header_size
+    cdef int max_headers
+    cdef tuple subprotocols
+    cdef object origins
+    cdef object origin
+
+
+cdef dict _ws_hooks_cache = {}
+
+
+cdef _WsHooks _ws_hooks_for(type cls):
+    cdef _WsHooks h = _ws_hooks_cache.get(cls)
+    if h is not None:
+        return h
+    h = _WsHooks.__new__(_WsHooks)
+    if issubclass(cls, WebSocketSession):
+        h.mode = WS_MODE_MESSAGES
+        h.on_message = getattr(cls, "OnMessage")
+    elif issubclass(cls, PacketSession) and _overridden(cls, "OnRecv", Session) is None:
+        h.mode = WS_MODE_PACKETS
+    else:
+        h.mode = WS_MODE_RECV
+        h.on_recv = _overridden(cls, "OnRecv", Session)
+    h.on_upgrade = getattr(cls, "OnUpgrade", None) or _default_on_upgrade
+    size = _class_int(cls, "max_message_size", DEFAULT_MAX_MESSAGE_SIZE)
+    if size <= 0:
+        raise ValueError(f"{cls.__name__}: max_message_size must be positive")
+    h.max_message_size = size
+    h.ping_interval = _class_int(cls, "ping_interval", 20.0)
+    h.ping_timeout = _class_int(cls, "ping_timeout", 20.0)
+    h.close_timeout = _class_int(cls, "close_timeout", 5.0)
+    h.handshake_timeout = _class_int(cls, "handshake_timeout", 10.0)
+    h.max_header_size = _class_int(cls, "max_header_size", 8192)
+    h.max_headers = _class_int(cls, "max_headers", 64)
+    if h.ping_interval < 0 or h.ping_timeout < 0 or h.close_timeout <= 0 or \
+            h.handshake_timeout <= 0 or h.max_header_size < 64 or h.max_headers < 1:
+        raise ValueError(f"{cls.__name__}: bad WebSocket settings (ping_interval and "
+                         f"ping_timeout >= 0, close_timeout and handshake_timeout > 0, "
+                         f"max_header_size >= 64, max_headers >= 1)")
+    subs = getattr(cls, "subprotocols", ())
+    if isinstance(subs, str):
+        subs = (subs,)
+    h.subprotocols = tuple(str(s) for s in subs or ())
+    origins = getattr(cls, "origins", None)
+    if isinstance(origins, str):
+        origins = (origins,)
+    h.origins = None if origins is None else frozenset(str(o) for o in origins)
+    origin = getattr(cls, "origin", None)
+    h.origin = origin if isinstance(origin, str) else None
+    _ws_hooks_cache[cls] = h
+    return h
+
+
+def _default_on_upgrade(session, request):
+    """The default upgrade policy: any path; the Origin must be in the class's
+    ``origins`` when that is set (403 otherwise); the first subprotocol the client offers
+    that is in the class's ``subprotocols`` is chosen (none if no match)."""
+    cdef _WsHooks h = _ws_hooks_for(type(session))
+    if h.origins is not None and request.origin not in h.origins:
+        return HttpResponse(403, f"origin {request.origin!r} is not allowed\n")
+    for p in request.subprotocols:
+        if p in h.subprotocols:
+            return p
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# The per-session state
+
+@cython.final
+cdef class _WebSocket:
+    cdef _WsHooks hooks
+    cdef ws_parser parser
+    cdef bint client
+    cdef volatile int32_t phase          # WS_HANDSHAKE, WS_OPEN, WS_CLOSING
+    cdef volatile int32_t close_sent
+    cdef volatile int64_t ping_sent_ms   # 0: no ping outstanding
+    # The message being assembled from several chunks (freed once delivered).
+    cdef unsigned char *mbuf
+    cdef size_t mlen
+    cdef size_t mcap
+    # Client: where to connect and what we asked.
+    cdef str host_header
+    cdef str path
+    cdef str key
+    # The result of the handshake, and of the close handshake.
+    cdef readonly object request
+    cdef readonly str subprotocol
+    cdef int close_code                   # the peer's close frame (1006: none came)
+    cdef str close_reason
+    cdef int sent_code                    # ours
+    cdef str sent_reason
+    cdef object hs_timer
+    cdef object ka_timer
+    cdef object close_timer
+
+    def __dealloc__(self):
+        if self.mbuf != NULL:
+            free(self.mbuf)
+            self.mbuf = NULL
+
+    cdef int append(self, const unsigned char *d, size_t n) noexcept:
+        cdef size_t cap
+        cdef unsigned char *nb
+        if self.mlen + n > self.mcap:
+            cap = self.mcap if self.mcap else 4096
+            while cap < self.mlen + n:
+                cap *= 2
+            nb = <unsigned char *>realloc(self.mbuf, cap)
+            if nb == NULL:
+                return -1
+            self.mbuf = nb
+            self.mcap = cap
+        memcpy(self.mbuf + self.mlen, d, n)
+        self.mlen += n
+        return 0
+
+    cdef void drop_message(self) noexcept:
+        if self.mbuf != NULL:
+            free(self.mbuf)
+        self.mbuf = NULL
+        self.mlen = self.mcap = 0
+
+
+cdef _WebSocket _ws_new(Session s, bint client):
+    cdef _WebSocket ws = _WebSocket.__new__(_WebSocket)
+    ws.hooks = _ws_hooks_for(type(s))
+    ws.client = client
+    ws.close_code = 1006
+    ws_parser_init(&ws.parser, ws.hooks.max_message_size, 0 if client else 1)
+    return ws
+
+
+cdef int _ws_enable(Session s, bint client, str host_header=None, str path=None) except -1:
+    """Make s speak WebSocket (before it connects): a server waits for the upgrade
+    request; a client sends one for `path` with Host: `host_header`."""
+    cdef _WebSocket ws
+    if s._ws is None:
+        s._ws = _ws_new(s, client)
+    ws = <_WebSocket>s._ws
+    if ws.client != client:
+        ws.client = client
+        ws_parser_init(&ws.parser, ws.hooks.max_message_size, 0 if client else 1)
+    if client:
+        ws.host_header = host_header
+        ws.path = path or "/"
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# Called by the Session (core/session.pxi) where a WebSocket session differs
+
+cdef void _ws_connected(Session s) noexcept:
+    """The TCP connection is up: a client sends its upgrade request; both start the
+    handshake deadline.  OnConnected waits for the handshake to succeed."""
+    cdef _WebSocket ws = <_WebSocket>s._ws
+    try:
+        ws.hs_timer = s.core.CallLater(ws.hooks.handshake_timeout, _ws_handshake_deadline, s)
+        if ws.client:
+            ws.key = _base64.b64encode(os.urandom(16)).decode("ascii")
+            lines = [f"GET {ws.path} HTTP/1.1", f"Host: {ws.host_header}",
+                     "Upgrade: websocket", "Connection: Upgrade",
+                     f"Sec-WebSocket-Key: {ws.key}", "Sec-WebSocket-Version: 13"]
+            if ws.hooks.origin is not None:
+                lines.append(f"Origin: {ws.hooks.origin}")
+            if ws.hooks.subprotocols:
+                lines.append("Sec-WebSocket-Protocol: " + ", ".join(ws.hooks.subprotocols))
+            s._send_bytes(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    except BaseException as e:
+        s._hook_failed("the WebSocket handshake", e)
+
+
+def _ws_handshake_deadline(Session s):
+    cdef _WebSocket ws = <_WebSocket>s._ws
+    ws.hs_timer = None
+    if port_atomic_load32(&ws.phase) == WS_HANDSHAKE and s._state == S_CONNECTED:
+        reason = (f"WebSocket handshake timed out after {ws.hooks.handshake_timeout:g} s")
+        logger.info("disconnecting %s: %s", repr(s), reason)
+        if ws.client:
+            _ws_connect_failed(s, reason)
+        s._close_now(reason, False)
+
+
+cdef void _ws_connect_failed(Session s, str reason) noexcept:
+    if s._hooks.on_connect_failed is not None:
+        try:
+            s._hooks.on_connect_failed(s, reason)
+        except BaseException:
+            logger.exception("OnConnectFailed of %s raised", repr(s))
+
+
+cdef void _ws_finish(Session s) noexcept:
+    """The session has ended: stop the timers, free the message being assembled."""
+    cdef _WebSocket ws = <_WebSocket>s._ws
+    port_atomic_xchg32(&ws.phase, WS_CLOSING)
+    for t in (ws.hs_timer, ws.ka_timer, ws.close_timer):
+        if t is not None:
+            (<Timer>t).Cancel()
+    ws.hs_timer = ws.ka_timer = ws.close_timer = None
+    ws.drop_message()
+
+
+cdef object _ws_wrap(Session s, bytes b):
+    """Session.Send over WebSocket: the bytes as one binary message, or None when no
+    message may be sent (the handshake is not done, or the close has begun)."""
+    cdef _WebSocket ws = <_WebSocket>s._ws
+    if port_atomic_load32(&ws.phase) != WS_OPEN:
+        return None
+    return _ws_frame(WS_OP_BINARY, <const unsigned char *>PyBytes_AS_STRING(b),
+                     PyBytes_GET_SIZE(b), ws.client)
+
+
+cdef bint _ws_send_close(Session s, unsigned code, str reason) noexcept:
+    """Send our one close frame (from any thread); False if one was already sent or
+    the handshake never completed."""
+    cdef _WebSocket ws = <_WebSocket>s._ws
+    cdef bytes payload
+    if port_atomic_load32(&ws.phase) == WS_HANDSHAKE:
+        return False
+    if not port_atomic_cas32(&ws.close_sent, 0, 1):
+        return False
+    port_atomic_xchg32(&ws.phase, WS_CLOSING)
+    ws.sent_code = code
+    ws.sent_reason = reason
+    try:
+        payload = _ws_close_payload(code, reason)
+        s._send_bytes(_ws_frame(WS_OP_CLOSE, <const unsigned char *>PyBytes_AS_STRING(payload),
+                              PyBytes_GET_SIZE(payload), ws.client))
+    except BaseException:
+        logger.exception("sending a WebSocket close frame to %s failed", repr(s))
+    return True
+
+
+cdef void _ws_goodbye(Session s, str reason) noexcept:
+    """Disconnect on an open WebSocket: say goodbye with a close frame first (1001
+    when the service shuts down, else 1000 with the reason)."""
+    cdef unsigned code = 1000
+    if reason == "server shutdown" or reason == "client shutdown":
+        code = 1001
+    _ws_send_close(s, code, reason)
+
+
+cdef Py_ssize_t _ws_recv(Session s, unsigned char *ptr, Py_ssize_t n) noexcept:
+    """Received bytes on a WebSocket session: the handshake, then frames.  Returns the
+    bytes consumed (the handshake leaves an unfinished head in the receive buffer), or
+    -1 when the session is closing."""
+    cdef _WebSocket ws = <_WebSocket>s._ws
+    cdef Py_ssize_t used = 0, pos = 0
+    cdef size_t k
+    cdef ws_event ev
+    if port_atomic_load32(&ws.phase) == WS_HANDSHAKE:
+        used = _ws_handshake(s, ws, ptr, n)
+        if used <= 0 or s._state != S_CONNECTED:
+            return used
+        pos = used
+    while pos < n:
+        k = ws_parse(&ws.parser, ptr + pos, <size_t>(n - pos), &ev)
+        pos += <Py_ssize_t>k
+        if ev.type == WS_EV_MORE:
+            break
+        if _ws_event(s, ws, &ev) < 0 or s._state != S_CONNECTED:
+            return -1
+    return n
+
+
+cdef int _ws_event(Session s, _WebSocket ws, ws_event *ev) noexcept:
+    """One event of the parser; -1 when the session is closing."""
+    cdef str why
+    if ev.type == WS_EV_DATA:
+        if port_atomic_load32(&ws.phase) != WS_OPEN:
+            return 0                # after a close frame: data is discarded (RFC 7.1.3)
+        if ev.first and ev.last:
+            return _ws_deliver(s, ws, ev.data, <Py_ssize_t>ev.len, ev.text)
+        if ws.append(ev.data, ev.len) < 0:
+            s._close_now("out of memory for a WebSocket message", True)
+            return -1
+        if ev.last:
+            r = _ws_deliver(s, ws, ws.mbuf, <Py_ssize_t>ws.mlen, ev.text)
+            ws.drop_message()
+            return r
+        return 0
+    if ev.type == WS_EV_PING:
+        if port_atomic_load32(&ws.phase) == WS_OPEN:
+            try:
+                s._send_bytes(_ws_frame(WS_OP_PONG, ev.data, <Py_ssize_t>ev.len, ws.client))
+            except BaseException as e:
+                s._hook_failed("the WebSocket pong", e)
+                return -1
+        return 0
+    if ev.type == WS_EV_PONG:
+        _ws_xchg64(&ws.ping_sent_ms, 0)
+        return 0
+    if ev.type == WS_EV_CLOSE:
+        ws.close_code = ev.code
+        ws.close_reason = PyUnicode_DecodeUTF8(<const char *>ev.data, <Py_ssize_t>ev.len,
+                                               "replace")
+        if _ws_send_close(s, ev.code, ""):
+            why = f"WebSocket closed by the peer ({ev.code}" + \
+                (f" {ws.close_reason})" if ws.close_reason else ")")
+        else:
+            why = f"WebSocket closed ({ws.sent_code}" + \
+                (f" {ws.sent_reason})" if ws.sent_reason else ")")
+        s._begin_disconnect(why, True)
+        return -1
+    # WS_EV_ERROR
+    why = _ws_error_reason(ws, ev)
+    logger.warning("disconnecting %s: %s", repr(s), why)
+    _ws_send_close(s, ev.code, why.split(": ", 1)[1])
+    s._begin_disconnect(why, True)
+    return -1
+
+
+cdef str _ws_error_reason(_WebSocket ws, ws_event *ev):
+    what = ev.reason.decode("ascii")
+    if ev.code == 1009:
+        return (f"WebSocket error {ev.code}: message too big: {ev.detail} bytes, "
+                f"max_message_size is {ws.hooks.max_message_size}")
+    if what == "reserved opcode":
+        return f"WebSocket error {ev.code}: reserved opcode {ev.detail:#x}"
+    if what == "invalid close code":
+        return f"WebSocket error {ev.code}: invalid close code {ev.detail}"
+    return f"WebSocket error {ev.code}: {what}"
+
+
+cdef int _ws_deliver(Session s, _WebSocket ws, const unsigned char *d, Py_ssize_t n,
+                     bint text) noexcept:
+    """A whole message: to OnMessage, or as packets, or to OnRecv."""
+    cdef int mode = ws.hooks.mode
+    cdef Py_ssize_t used
+    if mode == WS_MODE_MESSAGES:
+        try:
+            if text:
+                data = PyUnicode_DecodeUTF8(<const char *>d, n, NULL)
+            else:
+                data = PyBytes_FromStringAndSize(<const char *>d, n)
+            ws.hooks.on_message(s, data, not text)
+        except BaseException as e:
+            s._hook_failed("OnMessage", e)
+            return -1
+        return 0
+    if text:
+        why = ("WebSocket error 1003: text message refused (this endpoint takes binary "
+               "messages)")
+        logger.warning("disconnecting %s: %s", repr(s), why)
+        _ws_send_close(s, 1003, "binary messages only")
+        s._begin_disconnect(why, True)
+        return -1
+    if mode == WS_MODE_PACKETS:
+        used = s._parse_packets(d, n)
+        if used < 0:
+            return -1
+        if used != n and s._state == S_CONNECTED:
+            why = (f"WebSocket error 1008: a binary message must hold whole packets "
+                   f"({n - used} bytes of an unfinished packet at its end)")
+            logger.warning("disconnecting %s: %s", repr(s), why)
+            _ws_send_close(s, 1008, "a message must hold whole packets")
+            s._begin_disconnect(why, True)
+            return -1
+        return 0
+    if ws.hooks.on_recv is None:
+        return 0
+    try:
+        r = ws.hooks.on_recv(s, PyBytes_FromStringAndSize(<const char *>d, n))
+        if r is not None and r != n:
+            raise ValueError(f"OnRecv returned {r}: over WebSocket each message must be "
+                             f"consumed whole ({n} bytes)")
+    except BaseException as e:
+        s._hook_failed("OnRecv", e)
+        return -1
+    return 0
+
+
+# ---- the handshake ----
+
+cdef Py_ssize_t _ws_handshake(Session s, _WebSocket ws, unsigned char *ptr,
+                              Py_ssize_t n) noexcept:
+    """Look for the whole HTTP head in ptr[0:n] and act on it.  Returns its length once
+    the handshake succeeded, 0 while it is incomplete, -1 after a failure (the session
+    is closing)."""
+    cdef Py_ssize_t end, limit = ws.hooks.max_header_size
+    end = _find_head_end(ptr, n if n < limit else limit)
+    if end < 0:
+        if n >= limit:
+            _ws_refuse(s, ws, 431, f"HTTP head larger than max_header_size "
+                                   f"({limit} bytes)")
+            return -1
+        return 0
+    try:
+        head = PyBytes_FromStringAndSize(<const char *>ptr, end)
+        if ws.client:
+            ok = _ws_client_response(s, ws, head)
+        else:
+            ok = _ws_server_request(s, ws, head)
+    except BaseException as e:
+        s._hook_failed("the WebSocket handshake", e)
+        return -1
+    if not ok:
+        return -1
+    _ws_opened(s, ws)
+    return end if s._state == S_CONNECTED else -1
+
+
+cdef void _ws_opened(Session s, _WebSocket ws) noexcept:
+    """The handshake succeeded: OnConnected, and the keepalive."""
+    if ws.hs_timer is not None:
+        (<Timer>ws.hs_timer).Cancel()
+        ws.hs_timer = None
+    port_atomic_xchg32(&ws.phase, WS_OPEN)
+    if ws.hooks.ping_interval > 0:
+        try:
+            ws.ka_timer = s.core.CallEvery(ws.hooks.ping_interval, _ws_keepalive, s)
+        except BaseException:
+            logger.exception("cannot start the WebSocket keepalive of %s", repr(s))
+    if s._hooks.on_connected is not None:
+        try:
+            s._hooks.on_connected(s)
+        except BaseException as e:
+            s._hook_failed("OnConnected", e)
+
+
+def _ws_keepalive(Session s):
+    """Every ping_interval: ping a peer that sent nothing for that long; end one whose
+    ping went unanswered (and that sent nothing else) for ping_timeout."""
+    cdef _WebSocket ws = <_WebSocket>s._ws
+    cdef int64_t now = port_monotonic_ms(), sent
+    cdef uint64_t token
+    if port_atomic_load32(&ws.phase) != WS_OPEN or s._state != S_CONNECTED:
+        return
+    sent = port_atomic_load64(&ws.ping_sent_ms)
+    if sent != 0:
+        if s._last_recv_ms >= sent:
+            _ws_xchg64(&ws.ping_sent_ms, 0)     # it said something: alive
+        elif ws.hooks.ping_timeout > 0 and now - sent >= <int64_t>(ws.hooks.ping_timeout * 1000):
+            why = (f"WebSocket keepalive: no answer to a ping for "
+                   f"{ws.hooks.ping_timeout:g} s")
+            logger.info("disconnecting %s: %s", repr(s), why)
+            _ws_send_close(s, 1011, "keepalive ping timeout")
+            s._begin_disconnect(why, True)
+            return
+        else:
+            return
+    if now - s._last_recv_ms >= <int64_t>(ws.hooks.ping_interval * 1000) - 50:
+        token = _ws_mask_key()
+        _ws_xchg64(&ws.ping_sent_ms, now)
+        s._send_bytes(_ws_frame(WS_OP_PING, <const unsigned char *>&token, 8, ws.client))
+
+
+cdef void _ws_refuse(Session s, _WebSocket ws, int status, str reason,
+                     object response=None) noexcept:
+    """Server: answer the request with an HTTP error (or the hook's response) and close
+    once it is sent."""
+    cdef str why
+    try:
+        if response is None:
+            extra = {"Sec-WebSocket-Version": "13"} if status == 426 else None
+            if status == 426:
+                extra["Upgrade"] = "websocket"
+            response = HttpResponse(status, reason + "\n", headers=extra)
+        s._send_bytes((<object>response)._encode())
+    except BaseException:
+        logger.exception("answering the HTTP request of %s failed", repr(s))
+    if response is not None and response.status < 400:
+        why = f"HTTP request answered with {response.status}"
+        logger.debug("%s: %s", repr(s), why)
+    else:
+        why = f"WebSocket upgrade refused: {status} {reason}"
+        logger.warning("disconnecting %s: %s", repr(s), why)
+    s._begin_disconnect(why, True)
+
+
+cdef bint _ws_server_request(Session s, _WebSocket ws, bytes head) except? -1:
+    try:
+        parts, headers = _parse_http_head(head, True, ws.hooks.max_headers)
+    except _HttpError as e:
+        _ws_refuse(s, ws, e.status, e.reason)
+        return False
+    request = WebSocketRequest(parts[0], parts[1], headers)
+    ws.request = request
+    if request.method != "GET":
+        _ws_refuse(s, ws, 405, f"method {request.method} not allowed (GET only)")
+        return False
+    try:
+        decision = ws.hooks.on_upgrade(s, request)
+    except BaseException as e:
+        logger.error("OnUpgrade of %s raised", repr(s),
+                     exc_info=(type(e), e, e.__traceback__))
+        _ws_refuse(s, ws, 500, f"OnUpgrade raised {type(e).__name__}")
+        return False
+    if isinstance(decision, HttpResponse):
+        _ws_refuse(s, ws, decision.status, decision.body.decode("utf-8", "replace").strip(),
+                   decision)
+        return False
+    if decision is not None and not isinstance(decision, str):
+        _ws_refuse(s, ws, 500, "OnUpgrade returned neither None, a str nor an HttpResponse")
+        return False
+    if not request.is_websocket:
+        _ws_refuse(s, ws, 426, "this is a WebSocket endpoint: send Upgrade: websocket "
+                               "and Connection: Upgrade")
+        return False
+    if headers.get("sec-websocket-version") != "13":
+        _ws_refuse(s, ws, 426, "unsupported Sec-WebSocket-Version (13 only)")
+        return False
+    key = headers.get("sec-websocket-key", "")
+    try:
+        raw = _base64.b64decode(key.encode("ascii"), validate=True)
+    except Exception:
+        raw = b""
+    if len(raw) != 16:
+        _ws_refuse(s, ws, 400, "missing or malformed Sec-WebSocket-Key")
+        return False
+    if decision is not None and decision not in request.subprotocols:
+        _ws_refuse(s, ws, 500, f"OnUpgrade chose subprotocol {decision!r}, which the "
+                               f"client did not offer")
+        return False
+    ws.subprotocol = decision
+    lines = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket",
+             "Connection: Upgrade", f"Sec-WebSocket-Accept: {websocket_accept_key(key)}"]
+    if decision is not None:
+        lines.append(f"Sec-WebSocket-Protocol: {decision}")
+    s._send_bytes(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    return True
+
+
+cdef bint _ws_client_response(Session s, _WebSocket ws, bytes head) except? -1:
+    cdef str why = None
+    try:
+        parts, headers = _parse_http_head(head, False, ws.hooks.max_headers)
+    except _HttpError as e:
+        parts = headers = None
+        why = f"WebSocket handshake failed: {e.reason}"
+    if why is None:
+        if parts[1] != "101":
+            why = (f"WebSocket handshake refused: HTTP {parts[1]}"
+                   + (f" {parts[2]}" if len(parts) > 2 else ""))
+        elif headers.get("upgrade", "").lower() != "websocket" or "upgrade" not in \
+                [t.strip() for t in headers.get("connection", "").lower().split(",")]:
+            why = "WebSocket handshake failed: no Upgrade: websocket in the response"
+        elif headers.get("sec-websocket-accept") != websocket_accept_key(ws.key):
+            why = "WebSocket handshake failed: wrong Sec-WebSocket-Accept"
+        elif headers.get("sec-websocket-extensions"):
+            why = "WebSocket handshake failed: the server chose an extension we did not offer"
+        else:
+            sub = headers.get("sec-websocket-protocol")
+            if sub is not None and sub not in ws.hooks.subprotocols:
+                why = f"WebSocket handshake failed: subprotocol {sub!r} was not offered"
+            ws.subprotocol = sub
+    if why is not None:
+        logger.warning("disconnecting %s: %s", repr(s), why)
+        _ws_connect_failed(s, why)
+        s._close_now(why, False)
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------
+# The session class
+
+cdef class WebSocketSession(Session):
+    """A WebSocket (RFC 6455) endpoint: a server session once its upgrade succeeded, or
+    a client session of a ``ClientService`` given a ``ws://`` URL.
+
+    Hooks: ``OnConnected()`` (after the handshake), ``OnMessage(data, binary)`` (``data``
+    is ``str`` for a text message, ``bytes`` for a binary one), ``OnDisconnected(reason)``
+    and, on a server, ``OnUpgrade(request)`` (see its doc).  ``SendMessage(data)`` sends
+    text for a ``str`` and binary for a bytes-like object, from any thread; ``Send`` sends
+    binary.  ``Close(code, reason)`` starts the close handshake.
+
+    Settings (class attributes): ``max_message_size`` (bytes, default 1 MiB, checked on
+    each frame header before anything is buffered: 1009 beyond it), ``ping_interval`` and
+    ``ping_timeout`` (seconds, default 20 and 20; 0 turns the keepalive off),
+    ``close_timeout`` (5 s for the peer to answer our close), ``handshake_timeout``
+    (10 s), ``max_header_size`` (8192 bytes) and ``max_headers`` (64) for the HTTP head,
+    ``subprotocols`` (offered by a client, accepted by the default ``OnUpgrade``),
+    ``origins`` (server: the Origin values accepted; None: any) and ``origin`` (client:
+    the Origin header sent).  Every Session setting applies too.
+    """
+
+    def __cinit__(self, *args, **kwargs):
+        self._ws = _ws_new(self, False)
+
+    def OnMessage(self, data, binary):
+        """Called once per whole message, in order."""
+
+    def OnUpgrade(self, request):
+        """Server: decide the upgrade ``request`` (a ``WebSocketRequest``: ``path``,
+        ``headers``, ``origin``, ``subprotocols``).  Return None to accept it, a str to
+        accept it with that subprotocol (one the client offered), or an ``HttpResponse``
+        to answer it instead (403 to refuse, 200 with a page for a plain HTTP GET).  The
+        default accepts any path, checks ``origins`` and picks from ``subprotocols``."""
+        return _default_on_upgrade(self, request)
+
+    def SendMessage(self, data):
+        """Send one message (any thread): text for a ``str``, binary for bytes-like.
+        Returns False if the WebSocket is not open (before the handshake, after a close),
+        as Send does for a closed session."""
+        cdef _WebSocket ws = <_WebSocket>self._ws
+        cdef bytes b
+        cdef unsigned op = WS_OP_BINARY
+        if isinstance(data, str):
+            b = (<str>data).encode("utf-8")
+            op = WS_OP_TEXT
+        else:
+            b = data if type(data) is bytes else _copy_to_bytes(data)
+        if port_atomic_load32(&ws.phase) != WS_OPEN:
+            return False
+        return self._send_bytes(_ws_frame(op, <const unsigned char *>PyBytes_AS_STRING(b),
+                                        PyBytes_GET_SIZE(b), ws.client))
+
+    def Close(self, int code=1000, reason=""):
+        """Start the close handshake (any thread): send a close frame with ``code`` and
+        ``reason`` (at most 123 bytes of UTF-8), deliver no more messages, and end the
+        session when the peer answers (or after ``close_timeout``).  Returns False if a
+        close was already under way.  Before the handshake it just disconnects."""
+        cdef _WebSocket ws = <_WebSocket>self._ws
+        reason = str(reason)
+        if not ws_close_code_valid(code):
+            raise ValueError(f"close code {code} may not be sent (1000-1003, 1007-1014, "
+                             f"3000-4999)")
+        if len(reason.encode("utf-8")) > 123:
+            raise ValueError("a close reason holds at most 123 bytes of UTF-8")
+        if port_atomic_load32(&ws.phase) == WS_HANDSHAKE:
+            return self.Disconnect(f"closed before the WebSocket handshake ({code})")
+        if not _ws_send_close(self, code, reason):
+            return False
+        try:
+            ws.close_timer = self.core.CallLater(ws.hooks.close_timeout, _ws_close_deadline,
+                                                 self)
+        except Exception:
+            self.Disconnect(f"WebSocket closed ({code})")
+        return True
+
+    @property
+    def subprotocol(self):
+        """The subprotocol agreed in the handshake, or None."""
+        return (<_WebSocket>self._ws).subprotocol
+
+    @property
+    def request(self):
+        """Server: the upgrade request (a ``WebSocketRequest``) once it has arrived."""
+        return (<_WebSocket>self._ws).request
+
+    @property
+    def close_code(self):
+        """The code of the close frame received (1005: it had none; 1006: none came)."""
+        return (<_WebSocket>self._ws).close_code
+
+    @property
+    def close_reason(self):
+        """The reason of the close frame received, or None."""
+        return (<_WebSocket>self._ws).close_reason
+
+    @property
+    def max_message_size(self):
+        return (<_WebSocket>self._ws).hooks.max_message_size
+
+
+def _ws_close_deadline(Session s):
+    cdef _WebSocket ws = <_WebSocket>s._ws
+    ws.close_timer = None
+    if s._state == S_CONNECTED:
+        s._begin_disconnect(f"WebSocket closed ({ws.sent_code}); the peer did not answer "
+                            f"within {ws.hooks.close_timeout:g} s", True)
+
+
+# ---------------------------------------------------------------------------------------
+# Listener(..., websocket=True) and ClientService("ws://...")
+
+cdef int _ws_accepting(Session s) noexcept:
+    """A session accepted on a websocket Listener: make it a WebSocket server session.
+    -1 (logged) if its class's settings are wrong: the connection is then refused."""
+    try:
+        _ws_enable(s, False)
+    except BaseException:
+        logger.exception("cannot make %s a WebSocket session; refusing the connection",
+                         repr(s))
+        return -1
+    return 0
+
+
+def _ws_parse_url(str url, ssl_context=None):
+    """ws[s]://host[:port][/path][?query] -> ((host, port), (Host header, path), the
+    SSLContext to use: None for ws://, the one given or a default one for wss://)."""
+    from urllib.parse import urlsplit
+    u = urlsplit(url)
+    if u.scheme not in ("ws", "wss"):
+        raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
+    if not u.hostname:
+        raise ValueError(f"no host in {url!r}")
+    if u.username or u.password:
+        raise ValueError("user:password in a WebSocket URL is not supported")
+    if u.scheme == "ws" and ssl_context is not None:
+        raise ValueError("ssl= with a ws:// URL: use a wss:// URL for TLS")
+    if u.scheme == "wss" and ssl_context is None:
+        import ssl as _ssl_module
+        ssl_context = _ssl_module.create_default_context()
+    port = u.port or (443 if u.scheme == "wss" else 80)
+    path = u.path or "/"
+    if u.query:
+        path += "?" + u.query
+    host = u.hostname
+    host_header = f"[{host}]" if ":" in host else host
+    if u.port is not None:
+        host_header += f":{port}"
+    return (host, port), (host_header, path), ssl_context
+
+
+def _ws_default_target(address):
+    host, port = address
+    return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}", "/")
+
+
+def parse_websocket_frames(data, bint server=True, max_message_size=DEFAULT_MAX_MESSAGE_SIZE):
+    """Run the WebSocket frame parser over ``data`` (bytes-like) without a connection,
+    as a server (``server=True``: frames must be masked) or a client would.
+
+    Returns ``(events, error)``: the events in order, each ``("text", str)``,
+    ``("binary", bytes)``, ``("ping", bytes)``, ``("pong", bytes)`` or
+    ``("close", code, reason)``, and None or ``(close_code, reason)`` for the protocol
+    error a session would close with.  Bytes after an unfinished frame are simply
+    waiting for more.  Used by tests and tools; sessions run the same C parser."""
+    cdef ws_parser p
+    cdef ws_event ev
+    cdef bytearray buf = bytearray(data)
+    cdef Py_ssize_t n = len(buf), pos = 0
+    cdef size_t k
+    cdef unsigned char *base
+    cdef unsigned char empty = 0
+    cdef bytearray msg = bytearray()
+    if max_message_size is None or max_message_size < 0:
+        raise ValueError("max_message_size must be >= 0 (0: no limit)")
+    ws_parser_init(&p, <uint64_t>max_message_size, 1 if server else 0)
+    base = <unsigned char *>(<char *>buf) if n > 0 else &empty
+    events = []
+    while True:
+        k = ws_parse(&p, base + pos, <size_t>(n - pos), &ev)
+        pos += <Py_ssize_t>k
+        if ev.type == WS_EV_MORE:
+            return events, None
+        payload = PyBytes_FromStringAndSize(<const char *>ev.data, <Py_ssize_t>ev.len) \
+            if ev.len else b""
+        if ev.type == WS_EV_DATA:
+            if ev.first:
+                msg = bytearray()
+            msg += payload
+            if ev.last:
+                events.append(("text", bytes(msg).decode("utf-8")) if ev.text
+                              else ("binary", bytes(msg)))
+        elif ev.type == WS_EV_PING:
+            events.append(("ping", payload))
+        elif ev.type == WS_EV_PONG:
+            events.append(("pong", payload))
+        elif ev.type == WS_EV_CLOSE:
+            events.append(("close", ev.code, payload.decode("utf-8")))
+        else:
+            return events, (ev.code, ev.reason.decode("ascii"))

@@ -1,0 +1,786 @@
+"""WebSocket (RFC 6455): WebSocketSession against the `websockets` library's client and
+server (code nobody here wrote), raw frames for every protocol error (each earns its
+close code and a logged reason, and the server and its other clients go on), the HTTP
+upgrade's refusals, keepalive and close handshakes, and PacketSession's packets over
+WebSocket beside native TCP clients in one room.  Every test runs on every backend."""
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+websockets = pytest.importorskip("websockets")
+from websockets.sync.client import connect as ws_connect  # noqa: E402
+from websockets.exceptions import ConnectionClosed  # noqa: E402
+
+import iocpnet  # noqa: E402
+import packet_reference as ref  # noqa: E402
+import ws_raw  # noqa: E402
+from ws_raw import RawClient, close_payload, frame  # noqa: E402
+
+from conftest import connect, recv_exactly, wait_for  # noqa: E402
+
+
+class WsServer:
+    """A Service on 127.0.0.1 (its Listener speaking WebSocket when asked)."""
+
+    def __init__(self, session_cls, backend, websocket_listener=False, workers=2):
+        self.core = iocpnet.IocpCore(backend)
+        self.listener = iocpnet.Listener(("127.0.0.1", 0), websocket=websocket_listener)
+        self.service = iocpnet.Service(self.core, self.listener, session_cls, 16)
+        self.threads = []
+        self.stopped = False
+        self.service.Start()
+        for i in range(workers):
+            t = threading.Thread(target=self._work, daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _work(self):
+        while self.core.Dispatch() >= 0:
+            pass
+
+    @property
+    def address(self):
+        return ("127.0.0.1", self.listener.port)
+
+    @property
+    def url(self):
+        return f"ws://127.0.0.1:{self.listener.port}"
+
+    def stop(self):
+        if self.stopped:
+            return
+        self.stopped = True
+        self.service.Stop(10)
+        self.core.Close(10)
+        for t in self.threads:
+            t.join(10)
+        stats = self.core.stats()
+        assert stats["in_flight"] == 0 and stats["recv_buffers_out"] == 0, stats
+
+
+@pytest.fixture
+def stack():
+    with contextlib.ExitStack() as st:
+        yield st
+
+
+@pytest.fixture
+def ws_server(backend):
+    made = []
+
+    def make(session_cls, **kw):
+        s = WsServer(session_cls, backend, **kw)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.stop()
+    made.clear()
+
+
+def echo_class(recorder=None, **attrs):
+    class Echo(iocpnet.WebSocketSession):
+        def OnMessage(self, data, binary):
+            if recorder is not None:
+                recorder.add("message", type(data).__name__, len(data), binary)
+            self.SendMessage(data)
+
+        def OnDisconnected(self, reason):
+            if recorder is not None:
+                recorder.on_disconnected(self, reason)
+
+    for k, v in attrs.items():
+        setattr(Echo, k, v)
+    return Echo
+
+
+# ---- a library client: what a good client relies on ----------------------------------
+
+def test_websockets_client_text_binary_large_fragmented_ping(ws_server, recorder):
+    srv = ws_server(echo_class(recorder))
+    with ws_connect(srv.url + "/game?x=1", max_size=None) as ws:
+        ws.send("héllo, wörld ✓")
+        assert ws.recv() == "héllo, wörld ✓"
+        ws.send(b"\x00\xffbinary")
+        assert ws.recv() == b"\x00\xffbinary"
+        big = os.urandom(1024 * 1024)                    # exactly max_message_size
+        ws.send(big)
+        assert ws.recv() == big
+        ws.send(["frag", "mented ", "text"])             # three frames, one message
+        assert ws.recv() == "fragmented text"
+        ws.send([b"a" * 70000, b"b" * 5, b""])            # 64-bit length, empty final
+        assert ws.recv() == b"a" * 70000 + b"b" * 5
+        ws.send("")
+        assert ws.recv() == ""
+        assert ws.ping(b"are you there").wait(5)
+        for i in range(200):                             # many small, in order
+            ws.send(f"m{i}")
+        assert [ws.recv() for _ in range(200)] == [f"m{i}" for i in range(200)]
+    recorder.wait_disconnects(1)
+    assert recorder.disconnected == [("Echo", "WebSocket closed by the peer (1000)")]
+    kinds = {(e[1], e[3]) for e in recorder.events}
+    assert kinds == {("str", False), ("bytes", True)}
+
+
+@pytest.mark.parametrize("code,reason", [(1000, ""), (1001, "bye"), (4000, "app code"),
+                                         (3999, "é" * 40)])
+def test_client_close_codes_reach_the_session(ws_server, code, reason):
+    seen = []
+
+    class S(iocpnet.WebSocketSession):
+        def OnDisconnected(self, r):
+            seen.append((self.close_code, self.close_reason, r))
+
+    srv = ws_server(S)
+    with ws_connect(srv.url) as ws:
+        ws.close(code, reason)
+    wait_for(lambda: seen)
+    assert seen[0][:2] == (code, reason)
+    assert seen[0][2].startswith(f"WebSocket closed by the peer ({code}")
+
+
+@pytest.mark.parametrize("code,reason", [(1000, "done"), (1008, "policy"), (4321, "")])
+def test_server_close_reaches_the_client(ws_server, code, reason):
+    done = []
+
+    class S(iocpnet.WebSocketSession):
+        def OnMessage(self, data, binary):
+            assert self.Close(code, reason)
+            assert not self.Close(1000)                  # one close only
+            assert not self.SendMessage("after close")   # nothing after it
+
+        def OnDisconnected(self, r):
+            done.append(r)
+
+    srv = ws_server(S)
+    with ws_connect(srv.url) as ws:
+        ws.send("close please")
+        with pytest.raises(ConnectionClosed) as ei:
+            ws.recv()
+        assert ei.value.rcvd.code == code and ei.value.rcvd.reason == reason
+    wait_for(lambda: done)
+    assert done == [f"WebSocket closed ({code}" + (f" {reason})" if reason else ")")]
+
+
+def test_close_refuses_bad_codes(ws_server):
+    errors = []
+
+    class S(iocpnet.WebSocketSession):
+        def OnConnected(self):
+            for code in (999, 1005, 1006, 1015, 2000, 5000):
+                try:
+                    self.Close(code)
+                except ValueError:
+                    errors.append(code)
+            try:
+                self.Close(1000, "x" * 124)
+            except ValueError:
+                errors.append("long")
+
+    srv = ws_server(S)
+    with ws_connect(srv.url):
+        wait_for(lambda: len(errors) == 7)
+
+
+def test_disconnect_sends_1000_and_stop_sends_1001(backend):
+    class S(iocpnet.WebSocketSession):
+        def OnMessage(self, data, binary):
+            self.Disconnect("kicked")
+
+    srv = WsServer(S, backend)
+    try:
+        with ws_connect(srv.url) as ws:
+            ws.send("x")
+            with pytest.raises(ConnectionClosed) as ei:
+                ws.recv()
+            assert (ei.value.rcvd.code, ei.value.rcvd.reason) == (1000, "kicked")
+        with ws_connect(srv.url) as ws:
+            srv.stop()
+            with pytest.raises(ConnectionClosed) as ei:
+                ws.recv(timeout=5)
+            assert (ei.value.rcvd.code, ei.value.rcvd.reason) == (1001, "server shutdown")
+    finally:
+        srv.stop()
+
+
+def test_subprotocol_and_origin_policy(ws_server):
+    class S(iocpnet.WebSocketSession):
+        subprotocols = ("chat.v2", "chat.v1")
+        origins = ("https://game.example",)
+
+        def OnConnected(self):
+            self.SendMessage(f"{self.subprotocol} {self.request.path}")
+
+    srv = ws_server(S)
+    with ws_connect(srv.url + "/p", origin="https://game.example",
+                    subprotocols=["chat.v1", "other"]) as ws:
+        assert ws.subprotocol == "chat.v1"
+        assert ws.recv() == "chat.v1 /p"
+    with ws_connect(srv.url + "/q", origin="https://game.example") as ws:
+        assert ws.subprotocol is None
+        assert ws.recv() == "None /q"
+    with pytest.raises(websockets.exceptions.InvalidStatus) as ei:
+        ws_connect(srv.url, origin="https://evil.example")
+    assert ei.value.response.status_code == 403
+
+
+def test_on_upgrade_hook_decides_path_and_serves_pages(ws_server, caplog_iocpnet):
+    class S(iocpnet.WebSocketSession):
+        def OnUpgrade(self, request):
+            if request.path == "/":
+                return iocpnet.HttpResponse(200, "<h1>page</h1>", "text/html")
+            if request.path != "/ws":
+                return iocpnet.HttpResponse(404, "no such path")
+            return None
+
+        def OnMessage(self, data, binary):
+            self.SendMessage(data)
+
+    srv = ws_server(S)
+    s = connect(srv.address)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, headers, rest = ws_raw.read_head(s)
+    body = rest + recv_until_eof_or_reset(s)
+    assert status == 200 and headers["content-type"] == "text/html"
+    assert body == b"<h1>page</h1>"
+    s.close()
+    with pytest.raises(websockets.exceptions.InvalidStatus) as ei:
+        ws_connect(srv.url + "/nope")
+    assert ei.value.response.status_code == 404
+    with ws_connect(srv.url + "/ws") as ws:
+        ws.send("ok")
+        assert ws.recv() == "ok"
+
+
+def recv_until_eof_or_reset(sock):
+    buf = b""
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return buf
+            buf += chunk
+    except ConnectionResetError:
+        return buf
+
+
+# ---- the upgrade's refusals ------------------------------------------------------------
+
+GOOD_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+
+
+def _req(*lines):
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+BASE = ["Host: x", "Upgrade: websocket", "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {GOOD_KEY}", "Sec-WebSocket-Version: 13"]
+
+BAD_REQUESTS = [
+    (_req("GET / HTTP/1.1", "Host: x"), 426, "Upgrade: websocket"),
+    (_req("GET / HTTP/1.1", *BASE[:4], "Sec-WebSocket-Version: 8"), 426,
+     "Sec-WebSocket-Version"),
+    (_req("GET / HTTP/1.1", *BASE[:3], "Sec-WebSocket-Version: 13"), 400,
+     "Sec-WebSocket-Key"),
+    (_req("GET / HTTP/1.1", *BASE[:3], "Sec-WebSocket-Key: short",
+          "Sec-WebSocket-Version: 13"), 400, "Sec-WebSocket-Key"),
+    (_req("GET / HTTP/1.0", *BASE), 400, "HTTP/1.1"),
+    (_req("GET /", *BASE), 400, "request line"),
+    (_req("GET / HTTP/1.1", "Bad Header Name: x", *BASE), 400, "header line"),
+    (_req("GET / HTTP/1.1", " folded", *BASE), 400, "header line"),
+    (_req("GET / HTTP/1.1", "X: a\x01b", *BASE), 400, "control character"),
+    (_req("POST / HTTP/1.1", *BASE), 405, "GET only"),
+    (_req("GET / HTTP/1.1", *[f"X-{i}: {i}" for i in range(70)], *BASE), 431,
+     "header fields"),
+    (b"GET / HTTP/1.1\r\nX: " + b"a" * 9000, 431, "max_header_size"),
+]
+
+
+@pytest.mark.parametrize("request_bytes,status,why", BAD_REQUESTS,
+                         ids=[f"{s}-{w}" for _, s, w in BAD_REQUESTS])
+def test_bad_upgrade_gets_a_clear_answer_and_the_server_goes_on(
+        ws_server, recorder, caplog_iocpnet, stack, request_bytes, status, why):
+    srv = ws_server(echo_class(recorder))
+    good = stack.enter_context(ws_connect(srv.url))     # a good client, beside the bad one
+    s = connect(srv.address)
+    s.sendall(request_bytes)
+    got, headers, rest = ws_raw.read_head(s)
+    body = (rest + recv_until_eof_or_reset(s)).decode()
+    s.close()
+    assert got == status
+    assert why in body
+    if status == 426:
+        assert headers["sec-websocket-version"] == "13"
+    recorder.wait_disconnects(1)
+    assert recorder.disconnected[0][1].startswith(f"WebSocket upgrade refused: {status}")
+    assert any(f"WebSocket upgrade refused: {status}" in r.getMessage()
+               for r in caplog_iocpnet.records)
+    good.send("still here")
+    assert good.recv() == "still here"
+
+
+def test_handshake_timeout(ws_server, recorder):
+    srv = ws_server(echo_class(recorder, handshake_timeout=0.3))
+    s = connect(srv.address)
+    s.sendall(b"GET / HTTP/1.1\r\n")            # and nothing more
+    recorder.wait_disconnects(1)
+    assert recorder.disconnected[0][1] == "WebSocket handshake timed out after 0.3 s"
+    s.close()
+
+
+def test_frames_pipelined_behind_the_request(ws_server):
+    srv = ws_server(echo_class())
+    s = connect(srv.address)
+    req, key = ws_raw.upgrade_request()
+    s.sendall(req + frame(1, b"early") + frame(2, b"bird"))
+    c = RawClient.__new__(RawClient)
+    c.sock = s
+    c.status, c.headers, c.buf = ws_raw.read_head(s)
+    assert c.status == 101
+    assert c.read_frame() == (True, 1, b"early")
+    assert c.read_frame() == (True, 2, b"bird")
+    s.close()
+
+
+# ---- raw frames: every protocol error ----------------------------------------------------
+
+PROTOCOL_ERRORS = [
+    ("unmasked", frame(1, b"hi", mask=False), 1002, "unmasked frame from a client"),
+    ("rsv1", frame(1, b"hi", rsv=4), 1002, "reserved bits set"),
+    ("rsv3", frame(2, b"hi", rsv=1), 1002, "reserved bits set"),
+    ("opcode 3", frame(3, b""), 1002, "reserved opcode 0x3"),
+    ("opcode 0xB", frame(0xB, b""), 1002, "reserved opcode 0xb"),
+    ("fragmented ping", frame(9, b"", fin=False), 1002, "fragmented control frame"),
+    ("long ping", frame(9, b"p" * 126), 1002, "control frame longer than 125 bytes"),
+    ("lone continuation", frame(0, b"x"), 1002, "continuation frame with no message"),
+    ("data inside fragments", frame(1, b"a", fin=False) + frame(1, b"b"), 1002,
+     "new data frame inside a fragmented message"),
+    ("top bit length", bytes([0x82, 0xFF]) + b"\x80" + bytes(7) + b"abcd", 1002,
+     "frame length has its top bit set"),
+    ("bad UTF-8", frame(1, b"ok \xff"), 1007, "invalid UTF-8 in a text message"),
+    ("surrogate", frame(1, b"\xed\xa0\x80"), 1007, "invalid UTF-8 in a text message"),
+    ("UTF-8 cut at the end", frame(1, b"a", fin=False) + frame(0, b"\xc3"), 1007,
+     "invalid UTF-8 in a text message"),
+    ("bad UTF-8 across fragments", frame(1, b"\xe2\x82", fin=False) + frame(0, b"\x41"),
+     1007, "invalid UTF-8 in a text message"),
+    ("too big announced", frame(2, b"", length=1024 * 1024 + 1)[:14], 1009,
+     "message too big: 1048577 bytes"),
+    ("too big in fragments", frame(2, b"x" * 700000, fin=False) + frame(0, b"", length=400000),
+     1009, "message too big: 1100000 bytes"),
+    ("1-byte close", frame(8, b"\x03"), 1002, "close frame with a 1-byte payload"),
+    ("close code 1005", frame(8, close_payload(1005)), 1002, "invalid close code 1005"),
+    ("close code 999", frame(8, close_payload(999)), 1002, "invalid close code 999"),
+    ("close code 2000", frame(8, close_payload(2000)), 1002, "invalid close code 2000"),
+    ("close reason not UTF-8", frame(8, close_payload(1000, b"\xff")), 1007,
+     "invalid UTF-8 in a close reason"),
+]
+
+
+@pytest.mark.parametrize("data,code,why", [p[1:] for p in PROTOCOL_ERRORS],
+                         ids=[p[0] for p in PROTOCOL_ERRORS])
+def test_protocol_error_gets_its_close_code_and_the_server_goes_on(
+        ws_server, recorder, caplog_iocpnet, stack, data, code, why):
+    srv = ws_server(echo_class(recorder))
+    good = stack.enter_context(ws_connect(srv.url))
+    bad = RawClient(srv.address)
+    assert bad.status == 101
+    bad.send(frame(1, b"before"))
+    assert bad.read_frame() == (True, 1, b"before")
+    try:
+        bad.send(data)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    got_code, got_reason = bad.read_close()
+    assert got_code == code
+    assert why.split(":")[0] in got_reason
+    assert bad.at_eof()
+    bad.close()
+    recorder.wait_disconnects(1)
+    reason = recorder.disconnected[0][1]
+    assert reason.startswith(f"WebSocket error {code}: ") and why in reason, reason
+    assert any(why in r.getMessage() and r.levelno == logging.WARNING
+               for r in caplog_iocpnet.records)
+    good.send("still here")
+    assert good.recv() == "still here"
+
+
+def test_control_frames_between_fragments(ws_server):
+    srv = ws_server(echo_class())
+    c = RawClient(srv.address)
+    c.send(frame(1, b"frag", fin=False) + frame(9, b"ping1") + frame(0, b"men", fin=False)
+           + frame(10, b"unsolicited pong") + frame(9, b"") + frame(0, b"ted"))
+    assert c.read_frame() == (True, 10, b"ping1")
+    assert c.read_frame() == (True, 10, b"")
+    assert c.read_frame() == (True, 1, b"fragmented")
+    # One byte at a time: every header and payload split at every point.
+    data = frame(2, bytes(range(200)), fin=False) + frame(9, b"x") + frame(0, b"!" * 300)
+    for i in range(len(data)):
+        c.send(data[i:i + 1])
+    assert c.read_frame() == (True, 10, b"x")
+    assert c.read_frame() == (True, 2, bytes(range(200)) + b"!" * 300)
+    c.send(frame(8, close_payload(1000, b"bye")))
+    assert c.read_close() == (1000, "")
+    assert c.at_eof()
+    c.close()
+
+
+def test_max_message_size_is_the_classes(ws_server, recorder):
+    srv = ws_server(echo_class(recorder, max_message_size=100))
+    c = RawClient(srv.address)
+    c.send(frame(2, b"x" * 100))
+    assert c.read_frame() == (True, 2, b"x" * 100)
+    c.send(frame(2, b"y" * 60, fin=False))
+    c.send(frame(0, b"y" * 41)[:6])              # the header alone is enough
+    assert c.read_close()[0] == 1009
+    c.close()
+    recorder.wait_disconnects(1)
+    assert "max_message_size is 100" in recorder.disconnected[0][1]
+
+
+def test_keepalive_pings_and_ends_a_silent_peer(ws_server, recorder):
+    srv = ws_server(echo_class(recorder, ping_interval=0.2, ping_timeout=0.3))
+    with ws_connect(srv.url) as ws:              # answers pings: stays
+        silent = RawClient(srv.address)          # never answers
+        time.sleep(1.5)
+        ws.send("alive")
+        assert ws.recv() == "alive"
+        recorder.wait_disconnects(1)
+        assert recorder.disconnected[0][1] == \
+            "WebSocket keepalive: no answer to a ping for 0.3 s"
+        fin, op, payload = silent.read_frame()
+        assert op == 9 and len(payload) == 8
+        assert silent.read_close() == (1011, "keepalive ping timeout")
+        silent.close()
+
+
+def test_hook_exception_closes_only_that_session(ws_server, caplog_iocpnet):
+    class S(iocpnet.WebSocketSession):
+        def OnMessage(self, data, binary):
+            if data == "boom":
+                raise RuntimeError("boom")
+            self.SendMessage(data)
+
+    srv = ws_server(S)
+    with ws_connect(srv.url) as a, ws_connect(srv.url) as b:
+        a.send("boom")
+        with pytest.raises(ConnectionClosed):
+            a.recv(timeout=5)
+        b.send("fine")
+        assert b.recv() == "fine"
+    assert any("OnMessage" in r.getMessage() for r in caplog_iocpnet.records)
+
+
+def test_send_from_other_threads_keeps_each_message_whole(ws_server):
+    sessions = []
+
+    class S(iocpnet.WebSocketSession):
+        def OnConnected(self):
+            sessions.append(self)
+
+    srv = ws_server(S)
+    with ws_connect(srv.url, max_size=None) as ws:
+        wait_for(lambda: sessions)
+        s = sessions[0]
+
+        def blast(tag):
+            for i in range(300):
+                assert s.SendMessage(f"{tag}:{i}:" + tag * (i % 50))
+                assert s.Send(bytes([ord(tag)]) * (i % 700))
+
+        threads = [threading.Thread(target=blast, args=(t,)) for t in "abc"]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        last = {}
+        got_bin = 0
+        for _ in range(1800):
+            m = ws.recv(timeout=10)
+            if isinstance(m, str):
+                tag, i, pad = m.split(":")
+                assert pad == tag * (int(i) % 50)
+                assert int(i) == last.get(tag, -1) + 1
+                last[tag] = int(i)
+            else:
+                assert len(set(m)) <= 1
+                got_bin += 1
+        assert last == {"a": 299, "b": 299, "c": 299} and got_bin == 900
+    sessions.clear()
+
+
+# ---- our client ---------------------------------------------------------------------------
+
+class _AsyncWsServer:
+    """A `websockets` (asyncio) echo server in a thread: the peer for our client."""
+
+    def __init__(self, handler=None, **kw):
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.handler = handler or self._echo
+        self.kw = kw
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(10)
+
+    @staticmethod
+    async def _echo(ws):
+        async for m in ws:
+            await ws.send(m)
+
+    def _run(self):
+        from websockets.asyncio.server import serve
+
+        async def main():
+            self.stop_event = asyncio.Event()
+            async with serve(self.handler, "127.0.0.1", 0, **self.kw) as server:
+                self.port = server.sockets[0].getsockname()[1]
+                self.ready.set()
+                await self.stop_event.wait()
+
+        self.loop.run_until_complete(main())
+
+    def stop(self):
+        self.loop.call_soon_threadsafe(self.stop_event.set)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def test_our_client_against_a_websockets_server(backend):
+    peer = _AsyncWsServer(max_size=None, subprotocols=["b", "a"])
+    got = []
+    done = threading.Event()
+    big = os.urandom(300000)
+
+    class Client(iocpnet.WebSocketSession):
+        subprotocols = ("a",)
+        ping_interval = 0
+
+        def OnConnected(self):
+            got.append(("proto", self.subprotocol))
+            self.SendMessage("hello ✓")
+            self.SendMessage(b"\x00\x01")
+            self.SendMessage(big)
+            self.SendMessage("")
+
+        def OnMessage(self, data, binary):
+            got.append((binary, data))
+            if len(got) == 5:
+                self.Close(1000, "thanks")
+
+        def OnDisconnected(self, reason):
+            got.append(("end", reason))
+            done.set()
+
+    core = iocpnet.IocpCore(backend)
+    try:
+        svc = iocpnet.ClientService(core, f"ws://127.0.0.1:{peer.port}/echo?a=1", Client, 1)
+        svc.Start()
+        deadline = time.monotonic() + 15
+        while not done.is_set() and time.monotonic() < deadline:
+            core.Dispatch(50)
+        assert got == [("proto", "a"), (False, "hello ✓"), (True, b"\x00\x01"), (True, big),
+                       (False, ""), ("end", "WebSocket closed (1000 thanks)")]
+        svc.Stop(5)
+    finally:
+        core.Close(5)
+        peer.stop()
+
+
+def test_our_client_sees_a_refused_handshake(backend):
+    async def refuse(conn, request):
+        return conn.respond(403, "go away\n")
+
+    peer = _AsyncWsServer(process_request=refuse)
+    events = []
+    done = threading.Event()
+
+    class Client(iocpnet.WebSocketSession):
+        def OnConnected(self):
+            events.append("connected")
+
+        def OnConnectFailed(self, reason):
+            events.append(("failed", reason))
+
+        def OnDisconnected(self, reason):
+            events.append(("end", reason))
+            done.set()
+
+    core = iocpnet.IocpCore(backend)
+    try:
+        svc = iocpnet.ClientService(core, f"ws://127.0.0.1:{peer.port}/", Client, 1)
+        svc.Start()
+        deadline = time.monotonic() + 10
+        while not done.is_set() and time.monotonic() < deadline:
+            core.Dispatch(50)
+        why = "WebSocket handshake refused: HTTP 403 Forbidden"
+        assert events == [("failed", why), ("end", why)]
+        assert svc.connect_failures == 0 or svc.connect_failures == 1
+        svc.Stop(5)
+    finally:
+        core.Close(5)
+        peer.stop()
+
+
+def test_our_client_masks_and_a_server_checks_it(ws_server):
+    """Our client against our server: masking on one side, required on the other."""
+    srv = ws_server(echo_class())
+    got = []
+
+    class Client(iocpnet.WebSocketSession):
+        def OnConnected(self):
+            self.n = 0
+            for i in range(50):
+                self.SendMessage(bytes([i]) * (i * 997))
+
+        def OnMessage(self, data, binary):
+            got.append(data)
+            self.n += 1
+            if self.n == 50:
+                self.Close()
+
+    svc = iocpnet.ClientService(srv.core, srv.url + "/", Client, 3)
+    svc.Start()
+    wait_for(lambda: len(got) == 150 and svc.session_count == 0, timeout=20)
+    for i in range(50):
+        assert got.count(bytes([i]) * (i * 997)) == 3
+    svc.Stop(5)
+
+
+@pytest.mark.parametrize("url,kw,error", [("http://x/", {}, "not a ws:// or wss:// URL"),
+                                          ("ws://x/", {"ssl": True}, "use a wss:// URL"),
+                                          ("ws:///p", {}, "no host")])
+def test_client_url_errors(url, kw, error):
+    import ssl
+    if kw:
+        kw = {"ssl": ssl.create_default_context()}
+    core = iocpnet.IocpCore()
+    try:
+        with pytest.raises(ValueError, match=error):
+            iocpnet.ClientService(core, url, iocpnet.WebSocketSession, **kw)
+    finally:
+        core.Close()
+
+
+# ---- packets over WebSocket ------------------------------------------------------------------
+
+class Room:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.members = []
+
+
+def test_packets_over_websocket_share_a_room_with_native_clients(backend, stack):
+    room = Room()
+
+    class RoomSession(iocpnet.PacketSession):
+        def OnConnected(self):
+            with room.lock:
+                room.members.append(self)
+            self.SendPacket(1, b"welcome")
+
+        def OnRecvPacket(self, packet_id, payload):
+            with room.lock:
+                self.service.Broadcast(iocpnet.make_packet(packet_id, payload),
+                                       sessions=list(room.members))
+
+        def OnDisconnected(self, reason):
+            with room.lock:
+                if self in room.members:
+                    room.members.remove(self)
+
+    core = iocpnet.IocpCore(backend)
+    native = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0)), RoomSession, 8)
+    web = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0), websocket=True),
+                          RoomSession, 8)
+    native.Start()
+    web.Start()
+    threads = [threading.Thread(target=lambda: [0 for _ in iter(lambda: core.Dispatch() >= 0,
+                                                                 False)], daemon=True)
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        tcp = connect(("127.0.0.1", native.listener.port))
+        assert _read_packets(tcp, 1) == [(1, b"welcome")]
+        ws = stack.enter_context(ws_connect(f"ws://127.0.0.1:{web.listener.port}/"))
+        assert ws.recv() == ref.encode(1, b"welcome")
+        wait_for(lambda: len(room.members) == 2)
+        # Two packets in one message from the browser side; one from the native side.
+        ws.send(ref.encode(7, b"from web") + ref.encode(8, b""))
+        tcp.sendall(ref.encode(9, b"from tcp"))
+        want = {(7, b"from web"), (8, b""), (9, b"from tcp")}
+        assert set(_read_packets(tcp, 3)) == want
+        assert {_one_packet(ws.recv(timeout=5)) for _ in range(3)} == want
+        # A text message and a message ending inside a packet are refused.
+        with ws_connect(f"ws://127.0.0.1:{web.listener.port}/") as bad:
+            bad.recv()
+            bad.send("text")
+            with pytest.raises(ConnectionClosed) as ei:
+                bad.recv(timeout=5)
+            assert ei.value.rcvd.code == 1003
+        with ws_connect(f"ws://127.0.0.1:{web.listener.port}/") as bad:
+            bad.recv()
+            bad.send(ref.encode(5, b"whole") + ref.encode(6, b"cut")[:5])
+            assert _one_packet(bad.recv(timeout=5)) == (5, b"whole")
+            with pytest.raises(ConnectionClosed) as ei:
+                while True:
+                    bad.recv(timeout=5)
+            assert ei.value.rcvd.code == 1008
+        ws.close()
+        tcp.close()
+    finally:
+        native.Stop(5)
+        web.Stop(5)
+        core.Close(5)
+        for t in threads:
+            t.join(5)
+
+
+def test_packet_client_over_websocket(ws_server):
+    """A PacketSession bot through ClientService("ws://..."): SendPacket and
+    OnRecvPacket unchanged."""
+    class Server(iocpnet.PacketSession):
+        def OnRecvPacket(self, packet_id, payload):
+            self.SendPacket(packet_id + 1, payload[::-1])
+
+    srv = ws_server(Server, websocket_listener=True)
+    got = []
+
+    class Bot(iocpnet.PacketSession):
+        def OnConnected(self):
+            for i in range(20):
+                self.SendPacket(i, bytes(range(i)))
+
+        def OnRecvPacket(self, packet_id, payload):
+            got.append((packet_id, payload))
+            if len(got) == 20:
+                self.Disconnect("done")
+
+    svc = iocpnet.ClientService(srv.core, srv.url + "/", Bot, 1)
+    svc.Start()
+    wait_for(lambda: len(got) == 20 and svc.session_count == 0)
+    assert got == [(i + 1, bytes(range(i))[::-1]) for i in range(20)]
+    svc.Stop(5)
+
+
+def _read_packets(sock, n):
+    out = []
+    for _ in range(n):
+        h = recv_exactly(sock, 4)
+        size = h[0] | h[1] << 8
+        out.append((h[2] | h[3] << 8, recv_exactly(sock, size - 4)))
+    return out
+
+
+def _one_packet(message):
+    packets, used, err = iocpnet.scan_packets(message)
+    assert err is None and used == len(message) and len(packets) == 1
+    return packets[0]
