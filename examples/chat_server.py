@@ -1,7 +1,8 @@
 """A chat server with rooms: PacketSession, a PacketHandler and Broadcast.
 
-    python examples/chat_server.py --port 11022
+    python examples/chat_server.py --port 11022 --web-port 8080
     python examples/chat_client.py --port 11022 --join lobby
+    (and open http://127.0.0.1:8080/ in a browser)
 
 Clients take a nick, join and leave rooms, say things in them, and ask for the room
 list or who is in a room.  The protocol (packet ids and payloads) is defined and
@@ -18,6 +19,10 @@ What to look at:
   messages, whichever worker thread handled each sender.
 - ``OnDisconnected`` takes the session out of its rooms: nothing keeps a session
   after it ends.
+- ``--web-port``: the same ``ChatSession`` class on a second listener,
+  ``Listener(..., websocket=True)``: browsers get the page (chat_page.html) from
+  ``OnUpgrade`` and then send the same packets in binary WebSocket messages, to the
+  same rooms as the native clients.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import itertools
 import logging
 import sys
 import threading
+from pathlib import Path
 from typing import Dict, Iterable, Optional, Sequence, Set
 
 import iocpnet
@@ -34,6 +40,9 @@ from iocpnet import chat_protocol as proto
 log = logging.getLogger("chat_server")
 
 handler = iocpnet.PacketHandler()
+
+# The browser client, served on the --web-port listener.
+PAGE = (Path(__file__).resolve().parent / "chat_page.html").read_bytes()
 
 
 class Room:
@@ -166,6 +175,14 @@ class ChatSession(iocpnet.PacketSession):
         self.nick = ""
         self.rooms: Set[str] = set()
 
+    def OnUpgrade(self, request: iocpnet.WebSocketRequest) -> Optional[iocpnet.HttpResponse]:
+        """The --web-port listener: GET / is the page, /ws the chat over WebSocket."""
+        if request.path == "/ws":
+            return None
+        if request.path in ("/", "/index.html") and not request.is_websocket:
+            return iocpnet.HttpResponse(200, PAGE, "text/html; charset=utf-8")
+        return iocpnet.HttpResponse(404, "not found\n")
+
     def OnConnected(self) -> None:
         self.nick = self.server.new_guest(self)
         self.Send(proto.welcome(self.nick))
@@ -234,6 +251,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=11022, help="0: any free port")
     p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--web-port", type=int, default=None,
+                   help="also serve browsers on this port: the page at / and the chat "
+                        "over WebSocket at /ws (0: any free port)")
     p.add_argument("--max-sessions", type=int, default=None,
                    help="refuse connections beyond this many live sessions")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
@@ -246,10 +266,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     service = iocpnet.Service(core, listener, server.session_factory, 100,
                               max_sessions=args.max_sessions)
     service.Start()
+    web = None
+    if args.web_port is not None:
+        # Same sessions, same rooms; only the transport differs.  Closing the core
+        # (when Run returns) stops this service too.
+        web = iocpnet.Service(core, iocpnet.Listener((args.host, args.web_port),
+                                                     websocket=True),
+                              server.session_factory, 100, max_sessions=args.max_sessions)
+        web.Start()
     # The port line goes to stdout, flushed, so that a script (or a test) can read the
     # port that --port 0 picked.
     print(f"chat server on {listener.address[0]}:{listener.port} ({core.backend}, "
           f"{args.workers} workers); Ctrl-C to stop", flush=True)
+    if web is not None:
+        print(f"web client on http://{web.listener.address[0]}:{web.listener.port}/",
+              flush=True)
     service.Run(workers=args.workers)          # returns after Ctrl-C or SIGTERM
     print(f"stopped after {service.total_sessions} sessions", flush=True)
     return 0

@@ -70,6 +70,15 @@ if ! command -v openssl >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >
         echo "test.sh: installing openssl failed (see $work/apt-openssl.log)" >&2
 fi
 
+# Tools the main suite uses, installed before the interpreter build's own apt-get:
+# headless Chromium for the chat example's browser page (tests/test_chat_web.py).
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing chromium (log: $work/apt-chromium.log)" >&2
+    { DEBIAN_FRONTEND=noninteractive apt-get update -q &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } \
+        >"$work/apt-chromium.log" 2>&1 || echo "apt-get chromium failed (see $work/apt-chromium.log)" >&2
+fi
+
 if ! skipped freethreaded; then
     # The interpreter build is CPU-bound and the test steps mostly wait on sockets:
     # at the lowest priority it takes the idle time without slowing the suites.
