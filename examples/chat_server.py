@@ -176,8 +176,9 @@ class ChatSession(iocpnet.PacketSession):
         self.rooms: Set[str] = set()
 
     def OnUpgrade(self, request: iocpnet.WebSocketRequest) -> Optional[iocpnet.HttpResponse]:
-        """The --web-port listener: GET / is the page, /ws the chat over WebSocket."""
-        if request.path == "/ws":
+        """The --web-port listener: an upgrade (the page uses /ws) is the chat over
+        WebSocket; a plain GET / is the page."""
+        if request.is_websocket:
             return None
         if request.path in ("/", "/index.html") and not request.is_websocket:
             return iocpnet.HttpResponse(200, PAGE, "text/html; charset=utf-8")

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -66,14 +67,18 @@ def cmd_echo(args: argparse.Namespace) -> int:
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         core = iocpnet.IocpCore(args.backend)
-        listener = iocpnet.Listener((args.host, args.port), reuse_port=args.reuse_port)
+        ctx = _server_tls(args)
+        listener = iocpnet.Listener((args.host, args.port), reuse_port=args.reuse_port,
+                                    ssl=ctx)
         session_cls = WsEchoSession if args.websocket else EchoSession
         service = iocpnet.Service(core, listener, session_cls, args.accepts)
         service.Start()
         workers = _start_workers(core, args.workers)
         pid = os.getpid()
-        kind = "WebSocket echo" if args.websocket else "echo"
-        _print(f"iocpnet {kind} server on {listener.address[0]}:{listener.port} "
+        kind = "WebSocket echo server" if args.websocket else "echo server"
+        if ctx is not None:
+            kind += " (wss)" if args.websocket else " (TLS)"
+        _print(f"iocpnet {kind} on {listener.address[0]}:{listener.port} "
                f"({core.backend}, {args.workers} workers, pid {pid}); Ctrl-C to stop")
         if args.parent_pid:
             _watch_parent(args.parent_pid, stop)
@@ -88,6 +93,22 @@ def cmd_echo(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
     _print(f"pid {pid}: stopped after {service.total_sessions} sessions")
     return 0
+
+
+def _server_tls(args: argparse.Namespace) -> Optional[ssl.SSLContext]:
+    """--tls-cert/--tls-key: a server context (TLS, or wss with --websocket)."""
+    if not args.tls_cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    return ctx
+
+
+def _client_tls(args: argparse.Namespace) -> Optional[ssl.SSLContext]:
+    """--tls [--tls-ca FILE]: a client context that verifies the server."""
+    if not getattr(args, "tls", False):
+        return None
+    return ssl.create_default_context(cafile=args.tls_ca)
 
 
 def _watch_parent(parent: int, stop: threading.Event) -> None:
@@ -134,6 +155,8 @@ def _supervise(args: argparse.Namespace) -> int:
                    "--reuse-port", "--parent-pid", str(os.getpid())]
     if args.websocket:
         child_argv.append("--websocket")
+    if args.tls_cert:
+        child_argv += ["--tls-cert", args.tls_cert, "--tls-key", args.tls_key]
 
     stop = threading.Event()
 
@@ -201,7 +224,7 @@ def _load(core: iocpnet.IocpCore, address: tuple[str, int], args: argparse.Names
     run = LoadRun(core, address, args.clients, args.size,
                   protocol=getattr(args, "protocol", "echo"),
                   room_size=getattr(args, "room_size", 10),
-                  websocket=getattr(args, "websocket", False))
+                  websocket=getattr(args, "websocket", False), ssl=_client_tls(args))
     progress = Progress(args.seconds, sys.stdout,
                         (lambda: server.session_count) if server is not None else None)
     try:
@@ -288,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SO_REUSEPORT: let several processes share the port")
     e.add_argument("--websocket", action="store_true",
                    help="a WebSocket echo server: each message back with its type")
+    e.add_argument("--tls-cert", metavar="FILE",
+                   help="serve TLS (wss with --websocket) with this certificate (PEM)")
+    e.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
     e.add_argument("--shutdown-timeout", type=float, default=5.0, help=argparse.SUPPRESS)
     e.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     e.set_defaults(func=cmd_echo)
@@ -314,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--websocket", action="store_true",
                    help="connect over WebSocket (ws://HOST:PORT/): echo sends binary "
                         "messages, chat sends its packets in binary messages")
+    c.add_argument("--tls", action="store_true",
+                   help="connect with TLS (wss:// with --websocket), verifying the server")
+    c.add_argument("--tls-ca", metavar="FILE",
+                   help="with --tls: trust this CA (PEM) instead of the system's")
     c.add_argument("--workers", type=int, default=2)
     c.add_argument("--interval", type=float, default=1.0,
                    help="seconds between figures")
@@ -330,6 +360,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    if bool(getattr(args, "tls_cert", None)) != bool(getattr(args, "tls_key", None)):
+        parser.error("--tls-cert and --tls-key go together")
     for name in ("clients", "seconds", "size", "workers", "interval", "room_size",
                  "processes", "accepts", "grace"):
         if getattr(args, name, 1) <= 0:

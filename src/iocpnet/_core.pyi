@@ -633,8 +633,9 @@ class ClientService(Service):
         ssl: _ssl.SSLContext | None = None,
         server_hostname: str | None = None,
     ) -> None:
-        """``address``: ``(host, port)``, a port on 127.0.0.1, or a ``ws://`` URL (the
-        sessions then speak WebSocket as clients)."""
+        """``address``: ``(host, port)``, a port on 127.0.0.1, or a ``ws://`` or
+        ``wss://`` URL (the sessions then speak WebSocket as clients; wss without ``ssl``
+        verifies the server with the system's CAs)."""
 
     @property
     def ssl(self) -> _ssl.SSLContext | None:

@@ -18,6 +18,7 @@ server, an answer that never came) is recorded; the tool exits non-zero on any.
 from __future__ import annotations
 
 import math
+import ssl as _ssl
 import struct
 import threading
 import time
@@ -359,7 +360,7 @@ class LoadRun:
 
     def __init__(self, core: iocpnet.IocpCore, address: Tuple[str, int], clients: int,
                  size: int, protocol: str = "echo", room_size: int = 10,
-                 websocket: bool = False) -> None:
+                 websocket: bool = False, ssl: Optional[_ssl.SSLContext] = None) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
         if protocol == "chat" and size > proto.MAX_TEXT_BYTES:
@@ -381,8 +382,10 @@ class LoadRun:
         target: object = address
         if websocket:
             host = f"[{address[0]}]" if ":" in address[0] else address[0]
-            target = f"ws://{host}:{address[1]}/"
-        self.service = iocpnet.ClientService(core, target, cls, clients)  # type: ignore[arg-type]
+            scheme = "wss" if ssl is not None else "ws"
+            target = f"{scheme}://{host}:{address[1]}/"
+        self.service = iocpnet.ClientService(core, target, cls, clients,  # type: ignore[arg-type]
+                                             ssl=ssl)
         self.errors: List[str] = []        # the run's own findings (stalls)
 
     def snapshot(self) -> Tuple[Stats, int]:
