@@ -336,6 +336,24 @@ def test_handshake_timeout(ws_server, recorder):
     s.close()
 
 
+def test_request_sent_byte_by_byte(ws_server):
+    """A head that trickles in (each byte its own receive) is found once whole."""
+    srv = ws_server(echo_class())
+    s = connect(srv.address)
+    req, key = ws_raw.upgrade_request(extra=[f"X-Pad-{i}: {'p' * 50}" for i in range(20)])
+    for i in range(len(req)):
+        s.sendall(req[i:i + 1])
+        if i % 97 == 0:
+            time.sleep(0.002)
+    status, headers, rest = ws_raw.read_head(s)
+    assert status == 101 and headers["sec-websocket-accept"] == ws_raw.accept_key(key)
+    s.sendall(frame(1, b"slow but fine"))
+    c = RawClient.__new__(RawClient)
+    c.sock, c.buf = s, rest
+    assert c.read_frame() == (True, 1, b"slow but fine")
+    s.close()
+
+
 def test_frames_pipelined_behind_the_request(ws_server):
     srv = ws_server(echo_class())
     s = connect(srv.address)

@@ -241,10 +241,12 @@ class _HttpError(Exception):
         self.reason = reason
 
 
-cdef Py_ssize_t _find_head_end(const unsigned char *p, Py_ssize_t n) noexcept:
-    """The length of the HTTP head (through its blank line) in p[0:n], or -1."""
+cdef Py_ssize_t _find_head_end(const unsigned char *p, Py_ssize_t n,
+                               Py_ssize_t start=0) noexcept:
+    """The length of the HTTP head (through its blank line) in p[0:n], or -1; the
+    first `start` bytes are known not to end it."""
     cdef Py_ssize_t i
-    for i in range(3, n):
+    for i in range(max(3, start), n):
         if p[i] == 10 and p[i - 1] == 13 and p[i - 2] == 10 and p[i - 3] == 13:
             return i + 1
     return -1
@@ -415,6 +417,7 @@ cdef class _WebSocket:
     cdef str host_header
     cdef str path
     cdef str key
+    cdef Py_ssize_t hs_scanned           # head bytes already searched for its end
     # The result of the handshake, and of the close handshake.
     cdef readonly object request
     cdef readonly str subprotocol
@@ -710,7 +713,11 @@ cdef Py_ssize_t _ws_handshake(Session s, _WebSocket ws, unsigned char *ptr,
     the handshake succeeded, 0 while it is incomplete, -1 after a failure (the session
     is closing)."""
     cdef Py_ssize_t end, limit = ws.hooks.max_header_size
-    end = _find_head_end(ptr, n if n < limit else limit)
+    cdef Py_ssize_t upto = n if n < limit else limit
+    # Search only what is new (a head sent byte by byte costs linear time, not
+    # quadratic): the bytes stay in the receive buffer until the head is whole.
+    end = _find_head_end(ptr, upto, ws.hs_scanned)
+    ws.hs_scanned = upto
     if end < 0:
         if n >= limit:
             _ws_refuse(s, ws, 431, f"HTTP head larger than max_header_size "
