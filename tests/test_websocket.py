@@ -327,6 +327,25 @@ def test_bad_upgrade_gets_a_clear_answer_and_the_server_goes_on(
     assert good.recv() == "still here"
 
 
+def test_connected_only_after_the_upgrade(ws_server):
+    seen = []
+
+    class S(iocpnet.WebSocketSession):
+        def OnUpgrade(self, request):
+            seen.append(("upgrade", self.connected, self.Send(b"too early"),
+                         self.SendMessage("too early")))
+            return None
+
+        def OnConnected(self):
+            seen.append(("connected", self.connected))
+
+    srv = ws_server(S)
+    with ws_connect(srv.url) as ws:
+        wait_for(lambda: len(seen) == 2)
+        ws.send("x")
+    assert seen == [("upgrade", False, False, False), ("connected", True)]
+
+
 def test_handshake_timeout(ws_server, recorder):
     srv = ws_server(echo_class(recorder, handshake_timeout=0.3))
     s = connect(srv.address)
@@ -802,3 +821,27 @@ def _one_packet(message):
     packets, used, err = iocpnet.scan_packets(message)
     assert err is None and used == len(message) and len(packets) == 1
     return packets[0]
+
+
+def test_flood_limits_count_websocket_messages(ws_server, recorder, caplog_iocpnet):
+    """recv_messages_per_second counts WebSocket messages (and pings), not receives:
+    a flooder is cut, a client within the rate is served, and stats() counts each
+    message once."""
+    srv = ws_server(echo_class(recorder, recv_messages_per_second=20,
+                               recv_messages_burst=40))
+    with ws_connect(srv.url) as good:
+        for i in range(30):                       # within the burst
+            good.send(f"ok {i}")
+            assert good.recv() == f"ok {i}"
+        flooder = RawClient(srv.address)
+        flooder.send(b"".join(frame(2, b"x" * 10) for _ in range(300)))
+        recorder.wait_disconnects(1)
+        assert recorder.disconnected[0][1].startswith("rate limit: "), recorder.disconnected
+        assert "recv_messages_per_second 20" in recorder.disconnected[0][1]
+        flooder.close()
+        good.send("still served")
+        assert good.recv() == "still served"
+    recorder.wait_disconnects(2)
+    stats = srv.service.stats()
+    # 31 messages from the good client, up to the burst (40) from the flooder.
+    assert 31 + 40 <= stats["messages_in"] <= 31 + 42, stats

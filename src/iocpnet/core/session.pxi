@@ -268,7 +268,8 @@ cdef class Session(IocpObject):
     def connected(self):
         """True from OnConnected until the session starts closing."""
         return self._state == S_CONNECTED and (self._tls is None or
-                                               (<_Tls>self._tls).state == T_OPEN)
+                                               (<_Tls>self._tls).state == T_OPEN) and \
+            (self._ws is None or _ws_upgraded(self))
 
     @property
     def disconnect_reason(self):

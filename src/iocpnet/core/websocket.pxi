@@ -535,6 +535,11 @@ cdef void _ws_finish(Session s) noexcept:
     ws.drop_message()
 
 
+cdef bint _ws_upgraded(Session s) noexcept:
+    """Session.connected: not before the upgrade (OnConnected has not run yet)."""
+    return port_atomic_load32(&(<_WebSocket>s._ws).phase) != WS_HANDSHAKE
+
+
 cdef object _ws_wrap(Session s, bytes b):
     """Session.Send over WebSocket: the bytes as one binary message, or None when no
     message may be sent (the handshake is not done, or the close has begun)."""
@@ -615,6 +620,9 @@ cdef int _ws_event(Session s, _WebSocket ws, ws_event *ev) noexcept:
             return r
         return 0
     if ev.type == WS_EV_PING:
+        # A ping makes us send: it counts as a message against the flood limits.
+        if ws.hooks.mode != WS_MODE_RECV and not _message_counted(s, <Py_ssize_t>ev.len):
+            return -1
         if port_atomic_load32(&ws.phase) == WS_OPEN:
             try:
                 s._send_bytes(_ws_frame(WS_OP_PONG, ev.data, <Py_ssize_t>ev.len, ws.client))
@@ -663,6 +671,10 @@ cdef int _ws_deliver(Session s, _WebSocket ws, const unsigned char *d, Py_ssize_
     cdef int mode = ws.hooks.mode
     cdef Py_ssize_t used
     if mode == WS_MODE_MESSAGES:
+        # One message for the figures and recv_messages_per_second (limits.pxi); a
+        # PacketSession counts its packets instead, a plain Session its receives.
+        if not _message_counted(s, n):
+            return -1
         try:
             if text:
                 data = PyUnicode_DecodeUTF8(<const char *>d, n, NULL)
@@ -913,6 +925,9 @@ cdef class WebSocketSession(Session):
     ``origins`` (server: the Origin values accepted; None: any) and ``origin`` (client:
     the Origin header sent).  Every Session setting applies too.
     """
+
+    # limits.pxi: this layer counts its own messages (one per WebSocket message).
+    _counts_own_messages = True
 
     def __cinit__(self, *args, **kwargs):
         self._ws = _ws_new(self, False)
