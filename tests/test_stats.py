@@ -334,3 +334,46 @@ def test_tls_figures(server, tmp_path_factory):
     st = srv.service.stats()
     assert st["messages_out"] == 20
     assert st["bytes_in"] > 10 * 3 + 200 and st["bytes_out"] > 10 * 4 + 200
+
+
+def test_counts_are_exact_with_sends_from_many_threads(server):
+    """8 threads Send to one session at once (truly in parallel on 3.13t), while its
+    worker answers the peer: no count is lost, whatever path each Send took (straight
+    to the socket, or queued behind another)."""
+    THREADS, SENDS, SIZE = 8, 500, 100
+    ready = threading.Event()
+    holder = []
+
+    class Target(iocpnet.Session):
+        def OnConnected(self):
+            holder.append(self)
+            ready.set()
+
+        def OnRecv(self, data):
+            self.Send(data)
+
+    srv = server(Target, workers=2)
+    with connect(srv.address) as s:
+        assert ready.wait(10)
+        target = holder.pop()
+        go = threading.Barrier(THREADS)
+
+        def sender(i):
+            go.wait(10)
+            for _ in range(SENDS):
+                target.Send(bytes([i]) * SIZE)
+
+        threads = [threading.Thread(target=sender, args=(i,)) for i in range(THREADS)]
+        for t in threads:
+            t.start()
+        s.sendall(b"echo")
+        got = recv_exactly(s, THREADS * SENDS * SIZE + 4)
+        for t in threads:
+            t.join(30)
+        del target
+        assert sorted(got.replace(b"echo", b"", 1)) == sorted(
+            b"".join(bytes([i]) * SIZE * SENDS for i in range(THREADS)))
+        st = srv.service.stats()
+        assert st["messages_out"] == THREADS * SENDS + 1
+        assert st["bytes_out"] == THREADS * SENDS * SIZE + 4
+        assert st["messages_in"] >= 1 and st["bytes_in"] == 4
