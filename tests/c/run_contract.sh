@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # run_contract.sh -- build tests/c/contract.c against every backend and run it:
 #
-#   io_uring, epoll   gcc; gcc with ASan+UBSan; valgrind memcheck (io_uring also with
-#                     its optional multishot receives)
+#   io_uring, epoll   gcc; gcc with ASan+UBSan; gcc with TSan; valgrind memcheck
+#                     (io_uring also with its optional multishot receives)
 #   iocp              x86_64-w64-mingw32-gcc, run under Wine (headless, throw-away prefix)
 #
 # Usage: tests/c/run_contract.sh [--only io_uring|epoll|iocp]... [--no-sanitizers]
@@ -183,6 +183,18 @@ if [ ${#LINUX_BACKENDS[@]} -gt 0 ]; then
                 else
                     sed 's/^/   /' "$LOGS/build-$b-asan.log"
                     record FAIL "$b" asan+ubsan "build failed"
+                fi
+                echo
+                echo "== building contract-$b-tsan (gcc, ThreadSanitizer)"
+                # shellcheck disable=SC2086
+                if gcc $CFLAGS_COMMON -O1 -fsanitize=thread -Wno-tsan $DEFS "$SRC/common.c" \
+                        "$SRC/posix_sock.c" "$BSRC" "$TESTS/contract.c" -o "$OUT/contract-$b-tsan" \
+                        2>"$LOGS/build-$b-tsan.log"; then
+                    run "$b" tsan "$LOGS/$b-tsan.log" env TSAN_OPTIONS=halt_on_error=1 \
+                        "$OUT/contract-$b-tsan" "$b"
+                else
+                    sed 's/^/   /' "$LOGS/build-$b-tsan.log"
+                    record FAIL "$b" tsan "build failed"
                 fi
             fi
 
