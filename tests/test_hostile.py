@@ -13,6 +13,7 @@ import collections
 import itertools
 import os
 import random
+import re
 import select
 import socket
 import struct
@@ -61,6 +62,7 @@ class Log:
         self.packets = collections.defaultdict(list)   # serial -> [(id, payload), ...]
         self.max_live = 0
         self.values = {}
+        self.ended_at = {}                             # serial -> time.monotonic()
 
     def connected(self, session, live=None):
         serial = next(self.serials)
@@ -74,6 +76,7 @@ class Log:
     def disconnected(self, session, reason):
         with self.lock:
             self.reasons[getattr(session, "serial", 0)].append(reason)
+            self.ended_at.setdefault(getattr(session, "serial", 0), time.monotonic())
 
     def by_port(self, port):
         """The serials of the sessions whose peer used local port `port`."""
@@ -451,6 +454,130 @@ def test_peer_that_never_reads_hits_the_send_queue_limit(server):
     assert growth < 64 << 20, f"RSS grew by {growth >> 20} MiB while peers did not read"
     for c in peers:
         c.close()
+
+
+# ---------------------------------------------------------------------------------------
+# A peer that sends but never reads: the send queue makes no progress
+
+SEND_TIMEOUT = 2.0
+
+
+def _send_until_cut(sock, last, stop):
+    """Keep sending from a peer that never reads until the server cuts it (or `stop`);
+    last[0] is when the kernel last took a byte from us.  Returns the error that ended
+    the connection, or None."""
+    sock.setblocking(False)
+    chunk = bytes(range(256)) * 64
+    while not stop.is_set():
+        _, w, _ = select.select([], [sock], [], 0.05)
+        if not w:
+            continue
+        try:
+            sock.send(chunk)
+            last[0] = time.monotonic()
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            return e
+    return None
+
+
+def test_peer_that_sends_but_never_reads_is_cut_after_send_timeout(server):
+    """Peers that send to an echo and never read: the server's echo queue reaches the
+    backpressure mark, the server stops reading them and their send() blocks for good.
+    Each is cut (a reset) within send_timeout plus a second of the last byte it could
+    send, with a reason saying so, counted in service.send_timeouts; the fleet loses
+    nothing."""
+    log = Log()
+    cls = echo_class(log, send_queue_limit=1 << 20, send_timeout=SEND_TIMEOUT)
+    srv = server(cls, accepts=32)
+    peers = []
+    with Fleet(srv.address):
+        for _ in range(4):
+            c = socket.socket()
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # before connecting
+            c.connect(srv.address)
+            peers.append(c)
+        ports = [c.getsockname()[1] for c in peers]
+        stop = threading.Event()
+        lasts = [[time.monotonic()] for _ in peers]
+        ends = [None] * len(peers)
+
+        def run(k):
+            ends[k] = _send_until_cut(peers[k], lasts[k], stop)
+
+        threads = [threading.Thread(target=run, args=(k,), daemon=True)
+                   for k in range(len(peers))]
+        for t in threads:
+            t.start()
+        bound = SEND_TIMEOUT + 15
+        try:
+            wait_for(lambda: all(log.reasons_of(p) for p in ports), bound,
+                     f"peers that never read to be cut off ({bound} s)")
+            for t in threads:
+                t.join(5)                        # each sees the reset on its next send
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(5)
+    stalled = re.compile(rf"send stalled: (\d+) bytes queued, nothing sent for "
+                         rf"{SEND_TIMEOUT:g} s \(the peer is not reading\)")
+    for k, p in enumerate(ports):
+        (reason,) = log.reasons_of(p)
+        m = stalled.fullmatch(reason)
+        assert m and int(m.group(1)) > 0, reason
+        (serial,) = log.by_port(p)
+        late = log.ended_at[serial] - lasts[k][0]
+        assert late <= SEND_TIMEOUT + 1.0, (
+            f"cut {late:.2f} s after the peer's last byte was taken "
+            f"(send_timeout {SEND_TIMEOUT} s)")
+        assert isinstance(ends[k], (ConnectionResetError, BrokenPipeError)), ends[k]
+    assert srv.service.send_timeouts == len(peers)
+    for c in peers:
+        c.close()
+    log.check_exactly_once(srv.service)
+
+
+def test_slow_reader_that_keeps_draining_is_not_cut(server):
+    """Peers that read 4 KiB every 50 ms while the server has megabytes queued for
+    them make progress, however slowly: a send_timeout of 0.5 s never cuts them, and
+    every byte they read is the right one."""
+    log = Log()
+    blob = os.urandom(8 << 20)
+
+    def OnRecv(self, data):
+        if bytes(data) != b"PUSH":
+            self.Send(data)                      # the fleet's echo
+            return
+        self.Send(blob)
+
+    cls = echo_class(log, send_queue_limit=16 << 20, send_timeout=0.5, OnRecv=OnRecv)
+    srv = server(cls, accepts=32)
+    readers = []
+    with Fleet(srv.address):
+        for _ in range(2):
+            c = socket.socket()
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            c.connect(srv.address)
+            c.settimeout(10)
+            c.sendall(b"PUSH")
+            readers.append([c, bytearray()])
+        t_end = time.monotonic() + 4.0
+        while time.monotonic() < t_end:
+            for r in readers:
+                r[1] += r[0].recv(4096)
+            time.sleep(0.05)
+        ports = [r[0].getsockname()[1] for r in readers]
+        still = [s.send_queue_bytes for s in srv.service.sessions
+                 if s.address[1] in ports]
+        cut = {p: log.reasons_of(p) for p in ports}
+        assert not any(cut.values()), f"slow but draining readers were cut: {cut}"
+        assert len(still) == len(readers) and all(q > 0 for q in still), (
+            f"the readers' send queues drained ({still}): nothing was tested")
+        for c, got in readers:
+            assert len(got) > 0 and got == blob[:len(got)]
+            c.close()
+    log.check_exactly_once(srv.service)
 
 
 # ---------------------------------------------------------------------------------------

@@ -274,6 +274,56 @@ def test_send_queue_limit_disconnects_a_peer_that_does_not_read(server, recorder
     c.close()
 
 
+def test_send_timeout_zero_turns_the_stall_check_off(server, recorder):
+    """Two peers that never read, each sent 8 MiB (more than the kernel's buffers
+    take, so the send queue stays busy): the session whose class has send_timeout =
+    0.3 is cut for the stall; the one with send_timeout = 0 is still connected well
+    after; a negative send_timeout is refused when the class is first used."""
+    class Pusher(iocpnet.Session):
+        send_queue_limit = 16 << 20
+
+        def OnConnected(self):
+            self.Send(b"p" * (8 << 20))
+
+        def OnDisconnected(self, reason):
+            recorder.on_disconnected(self, reason)
+
+    class Strict(Pusher):
+        send_timeout = 0.3
+
+    class Off(Pusher):
+        send_timeout = 0
+
+    made = []
+
+    def factory():
+        made.append(len(made))
+        return Strict() if len(made) % 2 else Off()
+
+    srv = server(factory, accepts=1)
+    peers = []
+    for _ in range(2):
+        c = socket.socket()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        c.connect(srv.address)
+        peers.append(c)
+    recorder.wait_disconnects(1)
+    time.sleep(1.0)                               # three times the strict timeout
+    assert [r for _, r in recorder.disconnected] == [
+        "send stalled: %d bytes queued, nothing sent for 0.3 s (the peer is not reading)"
+        % int(recorder.disconnected[0][1].split()[2])]
+    assert recorder.disconnected[0][0] == "Strict"
+    assert srv.service.session_count == 1 and srv.service.send_timeouts == 1
+    for c in peers:
+        c.close()
+
+    class Negative(iocpnet.Session):
+        send_timeout = -1
+
+    with pytest.raises(ValueError, match="send_timeout must be >= 0"):
+        Negative()
+
+
 def test_recv_buffer_limit_disconnects_a_hook_that_never_consumes(server, recorder):
     class Hoarder(iocpnet.Session):
         recv_buffer_limit = 8192

@@ -31,6 +31,8 @@ DEFAULT_RECV_BUFFER_LIMIT: int
 """256 KiB: ``Session.recv_buffer_limit`` unless a subclass sets it."""
 DEFAULT_FLUSH_TIMEOUT: float
 """5 s: ``Session.flush_timeout`` unless a subclass sets it."""
+DEFAULT_SEND_TIMEOUT: float
+"""10 s: ``Session.send_timeout`` unless a subclass sets it."""
 DEFAULT_TLS_HANDSHAKE_TIMEOUT: float
 """10 s: ``Session.tls_handshake_timeout`` unless a subclass sets it."""
 DEFAULT_MAX_MESSAGE_SIZE: int
@@ -199,8 +201,9 @@ class Session(IocpObject):
     ``Send(data)`` and ``Disconnect(reason)`` may be called from any thread.  Limits are
     class attributes: ``send_queue_limit`` (bytes queued and not yet sent before the
     peer is judged not to be reading), ``recv_buffer_limit`` (bytes OnRecv may leave
-    unconsumed), ``flush_timeout`` (seconds to flush queued data when closing), and
-    ``idle_timeout`` (seconds without receiving anything before the service disconnects
+    unconsumed), ``flush_timeout`` (seconds to flush queued data when closing),
+    ``send_timeout`` (seconds a send queue may go without any progress before the peer
+    is judged not to be reading; default 10, 0: never), ``idle_timeout`` (seconds without receiving anything before the service disconnects
     the session; 0 or unset: never), and ``tls_handshake_timeout`` (seconds a TLS
     session has to finish its handshake; default 10, 0: no deadline).  Flood
     protection, off unless set: ``recv_messages_per_second`` / ``recv_messages_burst``
@@ -292,6 +295,11 @@ class Session(IocpObject):
     def flush_timeout(self) -> float:
         """Seconds to flush queued data after Disconnect or the peer's close (class
         attribute; default 5)."""
+
+    @property
+    def send_timeout(self) -> float:
+        """Seconds a send queue may go without progress before the session is ended
+        (class attribute; default 10; 0: never)."""
 
     @property
     def send_queue_bytes(self) -> int:
@@ -528,6 +536,11 @@ class Service:
     @property
     def idle_disconnects(self) -> int:
         """Sessions disconnected by their ``idle_timeout``."""
+
+    @property
+    def send_timeouts(self) -> int:
+        """Sessions ended by their ``send_timeout`` (a send queue that made no
+        progress: the peer is not reading)."""
 
     @property
     def factory_failures(self) -> int:

@@ -39,6 +39,7 @@ import time as _time
 import sys as _sys
 import traceback as _traceback
 import weakref as _weakref
+import weakref as _weakref
 
 logger = logging.getLogger("iocpnet")
 
@@ -147,6 +148,7 @@ PACKET_SIZE_MAX = PKT_MAX
 DEFAULT_SEND_QUEUE_LIMIT = 4 * 1024 * 1024
 DEFAULT_RECV_BUFFER_LIMIT = 256 * 1024
 DEFAULT_FLUSH_TIMEOUT = 5.0
+DEFAULT_SEND_TIMEOUT = 10.0
 
 # Debug counters (uvloop's habit): tests check that they balance.
 cdef volatile int64_t _sessions_alive = 0
@@ -248,3 +250,4 @@ include "core/packets.pxi"
 include "core/websocket.pxi"
 include "core/listener.pxi"
 include "core/service.pxi"
+include "core/stall.pxi"

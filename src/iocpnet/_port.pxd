@@ -119,11 +119,13 @@ cdef extern from "port/port.h" nogil:
     int port_peername(port_sock_t s, port_addr_t *out)
     int port_addr_format(const port_addr_t *addr, char *host, size_t hostlen, int *portnum)
     int port_set_nodelay(port_sock_t s, int on)
+    int port_sock_send_progress(port_sock_t s, uint64_t *mark)
     int port_sock_close(port_t *p, port_sock_t s, int flags)
 
 
 cdef extern from "port/port_sync.h" nogil:
     int32_t port_atomic_load32(volatile int32_t *p)
+    void port_atomic_store32(volatile int32_t *p, int32_t v)
     int32_t port_atomic_add32(volatile int32_t *p, int32_t v)
     int32_t port_atomic_xchg32(volatile int32_t *p, int32_t v)
     bint port_atomic_cas32(volatile int32_t *p, int32_t expect, int32_t v)

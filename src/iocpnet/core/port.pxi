@@ -40,6 +40,7 @@ cdef class IocpCore:
     cdef set _timers
     cdef dict _flush_watch
     cdef object _housekeeping
+    cdef object _stall_watch      # the send_timeout sweep (core/stall.pxi), made on demand
     cdef object __weakref__
 
     def __cinit__(self, backend=None, *, int recv_buffer_size=0, int recv_buffer_count=0,
@@ -313,6 +314,7 @@ cdef class IocpCore:
             # Nothing can complete any more: drop what still refers to sessions.
             self._flush_watch.clear()
             self._housekeeping = None
+            self._stall_watch = None
             self._close_callbacks = []
 
     def stats(self):

@@ -32,6 +32,9 @@ cdef class Service:
     cdef readonly uint64_t factory_failures   # the session factory raised (Listener)
     cdef _ServiceLimits _lim          # per-address accept limits (limits.pxi)
     cdef _ServiceStats _st            # figures (stats.pxi)
+    cdef readonly uint64_t send_timeouts      # sessions ended by send_timeout (stall.pxi)
+    cdef double _stall_timeout                # the shortest send_timeout watched, or 0
+    cdef object _stall_watch                  # its core's _StallWatch, once watched
     cdef object __weakref__
 
     def __init__(self, IocpCore core, listener, session_factory, int max_session_count=100,
@@ -104,6 +107,7 @@ cdef class Service:
             s._close_now(self._shutdown_reason, False)
             return False
         self._watch_idle(s)
+        _watch_stalls(self, s)
         return True
 
     cdef void _watch_idle(self, Session s) noexcept:
@@ -140,6 +144,9 @@ cdef class Service:
         with self._lock:
             self._sessions.discard(s)
             _stats_session_done(self, s)
+            empty = not self._sessions
+        if empty and self._stall_watch is not None:
+            _unwatch_stalls(self)
 
     cdef int _check_startable(self) except -1:
         if self._stopping:
@@ -416,6 +423,7 @@ cdef class ClientService(Service):
         if s._tls is None:
             self._session_ready()
         self._watch_idle(s)
+        _watch_stalls(self, s)
         return True
 
     cdef void _session_ready(self) noexcept:

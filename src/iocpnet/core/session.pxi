@@ -18,6 +18,7 @@ cdef class _Hooks:
     cdef double idle_timeout
     cdef double tls_handshake_timeout
     cdef _RecvLimits lim          # flood protection (limits.pxi)
+    cdef double send_timeout
 
 
 cdef dict _hooks_cache = {}
@@ -56,15 +57,16 @@ cdef _Hooks _hooks_for(type cls):
     h.idle_timeout = _class_int(cls, "idle_timeout", 0)
     h.tls_handshake_timeout = _class_int(cls, "tls_handshake_timeout",
                                          DEFAULT_TLS_HANDSHAKE_TIMEOUT)
+    h.send_timeout = _class_int(cls, "send_timeout", DEFAULT_SEND_TIMEOUT)
     if h.send_queue_limit <= 0 or h.recv_buffer_limit <= 0:
         raise ValueError(f"{cls.__name__}: send_queue_limit and recv_buffer_limit must be "
                          f"positive")
     if not PKT_HEADER <= h.max_packet_size <= PKT_MAX:
         raise ValueError(f"{cls.__name__}: max_packet_size must be between "
                          f"{PKT_HEADER} and {PKT_MAX}")
-    if h.idle_timeout < 0 or h.tls_handshake_timeout < 0:
-        raise ValueError(f"{cls.__name__}: idle_timeout and tls_handshake_timeout must be "
-                         f">= 0 (0: none)")
+    if h.idle_timeout < 0 or h.tls_handshake_timeout < 0 or h.send_timeout < 0:
+        raise ValueError(f"{cls.__name__}: idle_timeout, tls_handshake_timeout and "
+                         f"send_timeout must be >= 0 (0: none)")
     h.lim = _recv_limits_for(cls, h.packet_mode)
     _hooks_measure(cls, h)
     _hooks_cache[cls] = h
@@ -130,7 +132,9 @@ cdef class Session(IocpObject):
     ``Send(data)`` and ``Disconnect(reason)`` may be called from any thread.  Limits are
     class attributes: ``send_queue_limit`` (bytes queued and not yet sent before the
     peer is judged not to be reading), ``recv_buffer_limit`` (bytes OnRecv may leave
-    unconsumed), ``flush_timeout`` (seconds to flush queued data when closing).
+    unconsumed), ``flush_timeout`` (seconds to flush queued data when closing),
+    ``send_timeout`` (seconds a send queue may go without any progress before the peer
+    is judged not to be reading; 0: never).
     """
     cdef Service _service
     cdef _Hooks _hooks
@@ -151,6 +155,8 @@ cdef class Session(IocpObject):
     cdef object _reason
     cdef object _address
     cdef int64_t _last_recv_ms
+    cdef int64_t _send_progress_ms    # the send queue last moved (see core/stall.pxi)
+    cdef uint64_t _send_mark          # the kernel's progress mark + 1 (0: not looked)
     # RecvBuffer: unconsumed bytes are _rbuf[_rpos:_rlen]
     cdef char *_rbuf
     cdef Py_ssize_t _rcap
@@ -331,6 +337,10 @@ cdef class Session(IocpObject):
         return self._hooks.flush_timeout
 
     @property
+    def send_timeout(self):
+        return self._hooks.send_timeout
+
+    @property
     def send_queue_bytes(self):
         """Bytes queued by Send and not yet acknowledged by a send completion (with TLS:
         plaintext bytes whose records are not all sent)."""
@@ -456,6 +466,7 @@ cdef class Session(IocpObject):
             _cnt_add(&self._cnt.msgs_out, 1)
         if not self._send_busy:
             self._send_busy = True
+            self._send_progress_ms = port_monotonic_ms()
             self._ops += 1
             self._build_iov()
             rc = self._submit_send_locked()
@@ -840,6 +851,7 @@ cdef class Session(IocpObject):
         port_spin_lock(&self._lock)
         if res > 0:
             sent = <Py_ssize_t>res
+            self._send_progress_ms = self.core._now_ms
             self._sq_bytes -= sent
             _cnt_add(&self._cnt.bytes_out, sent)
             while res > 0 and self._sq_count > 0:

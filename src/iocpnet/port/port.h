@@ -310,6 +310,12 @@ int port_peername(port_sock_t s, port_addr_t *out);
 /* host as text (an IPv4-mapped IPv6 address is shown as IPv4), and the port. */
 int port_addr_format(const port_addr_t *addr, char *host, size_t hostlen, int *portnum);
 int port_set_nodelay(port_sock_t s, int on);
+/* A mark that changes whenever the peer acknowledges data sent on s, for telling a slow
+ * reader from one that reads nothing (the kernel reports room in a send buffer only once
+ * a good part of it has drained): Linux the bytes not yet acknowledged (SIOCOUTQ),
+ * Windows 10 1703+ the bytes sent and acknowledged (SIO_TCP_INFO).  PORT_EOPNOTSUPP
+ * where the system cannot tell. */
+int port_sock_send_progress(port_sock_t s, uint64_t *mark);
 /* Close a socket that has no operation in flight (e.g. one refused over a limit). */
 int port_sock_close(port_t *p, port_sock_t s, int flags);
 

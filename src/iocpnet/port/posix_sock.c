@@ -13,8 +13,12 @@
 #include <stdio.h>
 #include <limits.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/uio.h>
 #include <unistd.h>
+#ifdef __linux__
+#  include <linux/sockios.h>
+#endif
 
 #ifndef IOV_MAX
 #  define IOV_MAX 1024
@@ -232,6 +236,29 @@ int port_addr_format(const port_addr_t *addr, char *host, size_t hostlen, int *p
 int port_set_nodelay(port_sock_t s, int on) {
     if (setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on)) < 0)
         return port_err_from_os(errno);
+    return 0;
+}
+
+int port_sock_send_progress(port_sock_t s, uint64_t *mark) {
+    int n = 0;
+#if defined(SIOCOUTQ)
+    /* Bytes in the send queue not yet acknowledged: a zero-window probe carries no new
+     * data, so it stays put while the peer reads nothing. */
+    if (ioctl(s, SIOCOUTQ, &n) < 0)
+        return port_err_from_os(errno);
+#elif defined(FIONWRITE)
+    if (ioctl(s, FIONWRITE, &n) < 0)      /* FreeBSD: the same figure */
+        return port_err_from_os(errno);
+#elif defined(SO_NWRITE)
+    socklen_t len = sizeof(n);             /* macOS: the same figure */
+    if (getsockopt(s, SOL_SOCKET, SO_NWRITE, &n, &len) < 0)
+        return port_err_from_os(errno);
+#else
+    (void)s;
+    (void)mark;
+    return PORT_EOPNOTSUPP;
+#endif
+    *mark = (uint64_t)(unsigned)n;
     return 0;
 }
 #endif /* !_WIN32 */

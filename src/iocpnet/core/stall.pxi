@@ -1,0 +1,154 @@
+# core/stall.pxi: send_timeout, the sweep that ends sessions whose send queue stalls.
+# Included by _core.pyx (one extension module, one file per concern).
+#
+# A peer that sends but never reads fills our send queue to the backpressure mark; we
+# stop reading it, its own send() blocks, and without a deadline the session would hold
+# its slot, its queue and its socket buffers for good.  Backpressure bounds the memory;
+# send_timeout bounds the time: a session whose send queue has made no progress for
+# send_timeout seconds is ended with a reset and the reason
+# "send stalled: N bytes queued, nothing sent for T s (the peer is not reading)".
+#
+# Progress is stamped on the session (_send_progress_ms, under its lock): when a send
+# starts from an empty queue, and at each send completion that moved bytes.  A slow
+# reader that keeps draining, however slowly, moves it; one that reads nothing does not.
+# The kernel reports room in a socket only once a good part of its send buffer has
+# drained, so the sweep also asks the kernel how many bytes it still holds for the
+# socket (port_sock_unsent): if that number changed since the last look, the peer is
+# reading and the session made progress.
+#
+# One sweep per core, not a timer per session: the core's _StallWatch keeps the services
+# that have a session with a send_timeout (weakly: a service dropped by the user goes),
+# and one repeating timer looks at their sessions every send_timeout / 4 (between 50 ms
+# and 500 ms), so a stalled session is ended within send_timeout plus that period.  The
+# sweep runs only while those services have sessions: it stops when the last one ends
+# and the next connect starts it.  The watch's lock guards its service set, its timer
+# and `running`'s changes; each session is looked at under its own lock.
+
+
+@cython.final
+cdef class _StallWatch:
+    cdef IocpCore core
+    cdef object _lock
+    cdef object _services         # weakref.WeakSet of Service
+    cdef object _timer            # None, True (being made) or the sweep Timer
+    cdef double _period
+    cdef volatile int32_t running # the sweep is on (read without the lock on connect)
+
+    cdef void add(self, Service service, double timeout) noexcept:
+        """Watch `service`; start the sweep, or make it shorter for a shorter timeout."""
+        cdef double period = max(0.05, min(0.5, timeout / 4.0))
+        with self._lock:
+            self._services.add(service)
+            if self._timer is True or (self._timer is not None and period >= self._period):
+                return
+            old = self._timer
+            self._timer = True            # claimed; made below, outside the lock
+            self._period = period if old is None else min(period, self._period)
+            period = self._period
+            port_atomic_store32(&self.running, 1)
+        if isinstance(old, Timer):
+            (<Timer>old).Cancel()         # a shorter send_timeout wants a shorter period
+        try:
+            t = self.core.CallEvery(period, self._sweep)
+        except Exception:
+            if not self.core._closing:
+                logger.exception("cannot start the send_timeout sweep")
+            t = None
+        with self._lock:
+            self._timer = t
+            if t is None:
+                port_atomic_store32(&self.running, 0)
+
+    cdef void maybe_stop(self) noexcept:
+        """A watched service lost its last session: with no session left anywhere, stop
+        the sweep (an idle server keeps nothing but its accepts in flight); the next
+        connect starts it again.  `running` is cleared before looking, and a connect
+        adds its session before reading it, so one of the two always sees the other."""
+        cdef Service service
+        with self._lock:
+            if not isinstance(self._timer, Timer):
+                return
+            port_atomic_store32(&self.running, 0)
+            for service in list(self._services):
+                if service.sessions:
+                    port_atomic_store32(&self.running, 1)
+                    return
+            t = self._timer
+            self._timer = None
+        (<Timer>t).Cancel()
+
+    def _sweep(self):
+        cdef Service service
+        cdef Session s
+        cdef int64_t now = port_monotonic_ms()
+        cdef int64_t period_ms
+        with self._lock:
+            services = list(self._services)
+            period_ms = <int64_t>(self._period * 1000)
+        for service in services:
+            for s in service.sessions:
+                if s._send_busy:            # a first look without the lock
+                    _check_stall(service, s, now, period_ms)
+
+
+cdef void _check_stall(Service service, Session s, int64_t now,
+                       int64_t period_ms) noexcept:
+    cdef double timeout = s._hooks.send_timeout
+    cdef uint64_t mark
+    cdef Py_ssize_t queued
+    cdef bint stalled = False
+    if timeout <= 0:
+        return
+    port_spin_lock(&s._lock)
+    if s._state == S_CONNECTED and s._send_busy and \
+            now - s._send_progress_ms >= period_ms:
+        # No send completed for a sweep or more: has the peer taken anything from
+        # the kernel meanwhile?  (Under the lock: the socket cannot be closed under us.)
+        if port_sock_send_progress(s._sock, &mark) == 0:
+            if s._send_mark != 0 and s._send_mark != mark + 1:
+                s._send_progress_ms = now
+            s._send_mark = mark + 1
+        stalled = now - s._send_progress_ms >= <int64_t>(timeout * 1000)
+    queued = s._sq_bytes
+    port_spin_unlock(&s._lock)
+    if not stalled:
+        return
+    if s._close_now(f"send stalled: {queued} bytes queued, nothing sent for {timeout:g} s "
+                    f"(the peer is not reading)", True):
+        with service._lock:
+            service.send_timeouts += 1
+        logger.warning("disconnecting %s: send stalled: %d bytes queued, nothing sent for "
+                       "%g s (the peer is not reading)", repr(s), queued, timeout)
+
+
+cdef void _watch_stalls(Service service, Session s) noexcept:
+    """On each connect: a session with a send_timeout puts its service in its core's
+    sweep, and starts the sweep if it was stopped."""
+    cdef double timeout = s._hooks.send_timeout
+    cdef IocpCore core = service.core
+    cdef _StallWatch watch = <_StallWatch>service._stall_watch
+    if timeout <= 0:
+        return
+    if watch is not None and timeout >= service._stall_timeout and \
+            port_atomic_load32(&watch.running):
+        return                            # the common case: nothing to do
+    if watch is None:
+        with core._lock:
+            watch = <_StallWatch>core._stall_watch
+            if watch is None:
+                watch = _StallWatch.__new__(_StallWatch)
+                watch.core = core
+                watch._lock = threading.Lock()
+                watch._services = _weakref.WeakSet()
+                core._stall_watch = watch
+        service._stall_watch = watch
+    if service._stall_timeout <= 0 or timeout < service._stall_timeout:
+        service._stall_timeout = timeout
+    watch.add(service, timeout)
+
+
+cdef void _unwatch_stalls(Service service) noexcept:
+    """A service's last session ended."""
+    cdef _StallWatch watch = <_StallWatch>service._stall_watch
+    if watch is not None:
+        watch.maybe_stop()
