@@ -194,6 +194,8 @@ def test_disconnects_are_bucketed(server):
     ("idle timeout: nothing received for 30 s", "timeout"),
     ("peer closed the connection (its queued data was not flushed in time)", "timeout"),
     ("send queue limit exceeded: 5 bytes queued, send_queue_limit is 4", "limit"),
+    ("send stalled: 270336 bytes queued, nothing sent for 10 s (the peer is not reading)",
+     "timeout"),
     ("receive buffer full: 9 bytes received", "limit"),
     ("rate limit: 12 messages/s over recv_messages_per_second 10", "limit"),
     ("bad packet: size 2 is smaller than the 4-byte header (packet id 77)", "protocol"),

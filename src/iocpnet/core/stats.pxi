@@ -209,6 +209,7 @@ _DISCONNECT_PREFIXES = (
     ("peer closed the connection", DK_PEER_CLOSED),
     ("idle timeout", DK_TIMEOUT),
     ("send timeout", DK_TIMEOUT),
+    ("send stalled", DK_TIMEOUT),             # send_timeout (stall.pxi)
     ("send queue limit exceeded", DK_LIMIT),
     ("receive buffer full", DK_LIMIT),
     ("rate limit", DK_LIMIT),
