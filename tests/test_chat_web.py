@@ -33,6 +33,13 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None,
                                 reason="no chromium (scripts/test.sh installs it)")
 
 
+def _browser_env():
+    """The browser is not the code under test: under scripts/sanitize.sh it must not
+    inherit the sanitizer runtimes preloaded for our extension."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS", "LSAN_OPTIONS")}
+
+
 class Browser:
     """Headless Chromium and one DevTools connection to it (flattened sessions)."""
 
@@ -44,7 +51,7 @@ class Browser:
              "--remote-debugging-port=0", f"--user-data-dir={self.profile}",
              "--window-size=900,520", "about:blank"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True)
+            text=True, env=_browser_env())
         url = None
         deadline = time.monotonic() + 60
         while url is None and time.monotonic() < deadline:
