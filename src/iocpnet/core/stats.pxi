@@ -225,7 +225,18 @@ _DISCONNECT_PREFIXES = (
     ("TLS error", DK_PROTOCOL),
     ("server shutdown", DK_SHUTDOWN),
     ("client shutdown", DK_SHUTDOWN),
+    ("WebSocket closed by the peer", DK_PEER_CLOSED),
+    ("WebSocket closed", DK_CLOSED),
+    ("WebSocket handshake timed out", DK_TIMEOUT),
+    ("WebSocket keepalive", DK_TIMEOUT),
+    ("WebSocket error 1009", DK_LIMIT),          # message too big: max_message_size
+    ("WebSocket error", DK_PROTOCOL),
+    ("WebSocket handshake", DK_PROTOCOL),        # failed / refused
+    ("WebSocket upgrade refused", DK_PROTOCOL),
 )
+# Checked first, anywhere in the reason: a deadline that cut a graceful close.
+_DISCONNECT_TIMEOUTS = ("(its queued data was not flushed in time)",
+                        "the peer did not answer within")
 
 
 cdef dict _port_error_kinds():
@@ -251,8 +262,9 @@ cdef int _disconnect_kind(object reason, bint was_connected, str shutdown_reason
         return DK_CONNECT_FAILED
     if not isinstance(reason, str):
         return DK_CLOSED
-    if reason.endswith("(its queued data was not flushed in time)"):
-        return DK_TIMEOUT
+    for part in _DISCONNECT_TIMEOUTS:
+        if part in reason:
+            return DK_TIMEOUT
     if reason == shutdown_reason:
         return DK_SHUTDOWN
     k = _PORT_ERROR_KINDS.get(reason)
