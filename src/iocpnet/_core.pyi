@@ -458,6 +458,8 @@ class _ServiceFigures(TypedDict, total=False):
     accepts: int
     accept_errors: int
     factory_failures: int
+    idle_disconnects: int
+    send_timeouts: int
     refused: _RefusedFigures
     disconnects: _DisconnectFigures
     bytes_in: int

@@ -21,6 +21,7 @@ given, ``service``.  The families:
 ``iocpnet_accepts_total``              counter    connections accepted (refused ones too)
 ``iocpnet_accept_errors_total``        counter    accepts that failed
 ``iocpnet_factory_failures_total``     counter    session factory calls that raised
+``iocpnet_send_timeouts_total``        counter    sessions ended by send_timeout
 ``iocpnet_refused_connections_total``  counter    refused at accept, label ``reason``
 ``iocpnet_disconnects_total``          counter    ended sessions, label ``reason`` (a bucket)
 ``iocpnet_received_bytes_total``       counter    also ``_sent_bytes``, ``_received_messages``,
@@ -91,6 +92,9 @@ class ServiceCollector:
         yield counter("iocpnet_accept_errors", "Accepts that failed.", st["accept_errors"])
         yield counter("iocpnet_factory_failures", "Session factory calls that raised.",
                       st.get("factory_failures", 0))
+        yield counter("iocpnet_send_timeouts",
+                      "Sessions ended because their send queue made no progress.",
+                      st.get("send_timeouts", 0))
         yield by("iocpnet_refused_connections", "Connections refused at accept, by reason.",
                  "reason", st["refused"])
         yield by("iocpnet_disconnects", "Sessions ended, by reason.", "reason",

@@ -363,6 +363,8 @@ cdef dict _service_stats(Service svc):
         "accepts": listener.accepted if isinstance(listener, Listener) else 0,
         "accept_errors": listener.accept_errors if isinstance(listener, Listener) else 0,
         "factory_failures": svc.factory_failures,
+        "idle_disconnects": svc.idle_disconnects,
+        "send_timeouts": svc.send_timeouts,
         "refused": refused,
         "disconnects": disconnects,
         "bytes_in": b_in,
