@@ -626,3 +626,37 @@ def test_client_sni_defaults_to_the_host_and_can_be_set(server, backend, pki):
     finally:
         cc.close()
     assert seen == ["localhost", "game.test"]
+
+
+# ---- the command line ----
+
+def test_cli_echo_with_tls_and_the_dummy_client(backend, pki):
+    """``echo --tls-cert --tls-key`` serves TLS (Python's client and the dummy client
+    both get their echo); ``dummy-client --tls`` without the CA refuses the server
+    and says why, exit 1; a key without a certificate is a one-line error, exit 2."""
+    from subproc import Proc
+
+    def cli(*args):
+        return Proc.python("-m", "iocpnet", "--backend", backend, *map(str, args))
+
+    with cli("echo", "--host", "127.0.0.1", "--port", 0, "--workers", 2,
+             "--tls-cert", pki["server"], "--tls-key", pki["server_key"]) as echo:
+        port = echo.port(r"echo server \(TLS\) on 127\.0\.0\.1:(\d+)")
+        with tls_connect(("127.0.0.1", port), client_context(pki)) as c:
+            c.sendall(b"cli over tls")
+            assert recv_all(c, 12) == b"cli over tls"
+        good = cli("dummy-client", "--port", port, "--host", "localhost", "--tls",
+                   "--tls-ca", pki["ca"], "--clients", 10, "--seconds", 1.5,
+                   "--interval", 0.5, "--size", 1000)
+        assert good.wait(60) == 0, good.output
+        assert "10 connected, 0 failed to connect" in good.output
+        bad = cli("dummy-client", "--port", port, "--tls", "--tls-ca", pki["rogue_ca"],
+                  "--clients", 2, "--seconds", 1)
+        assert bad.wait(60) == 1, bad.output
+        assert "TLS handshake failed: " in bad.output and \
+            "certificate verify failed" in bad.output, bad.output
+        echo.signal()
+        assert echo.wait() == 0, echo.output
+    half = cli("echo", "--port", 0, "--tls-key", pki["server_key"])
+    assert half.wait() == 2
+    assert "--tls-cert and --tls-key go together" in half.output
