@@ -300,6 +300,46 @@ def test_cut_client_hello(server, pki, how):
     assert len(events.of("connected")) == 1
 
 
+def handshaken_raw(address, pki):
+    """A TLS client whose handshake is done by hand over a plain socket (a memory BIO),
+    so that the test can then send the server any bytes it likes."""
+    sock = connect(address)
+    ctx = client_context(pki)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    while True:
+        try:
+            obj.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+            data = sock.recv(65536)
+            assert data, "closed during the handshake"
+            incoming.write(data)
+    sock.sendall(outgoing.read())
+    return sock, obj
+
+
+@pytest.mark.parametrize("record", [
+    b"\x17\x03\x03\xea\x60" + b"x" * 100,          # a length no record may have
+    b"\x17\x03\x03\x00\x40" + os.urandom(64),       # a record that does not decrypt
+], ids=["too-long", "forged"])
+def test_bad_records_after_the_handshake(server, pki, record, caplog_iocpnet):
+    """After the handshake: a record too long to exist is refused at its header (not
+    after buffering 60 KB), a forged one at its tag; each ends that session only."""
+    events = Events()
+    srv = server(echo_session(events), ssl=server_context(pki))
+    with tls_connect(srv.address, client_context(pki)) as good:
+        bad, _ = handshaken_raw(srv.address, pki)
+        with bad:
+            events.wait("connected", 2)
+            bad.sendall(record)
+            (reason,), = events.wait("disconnected")
+            assert reason.startswith("TLS error: "), reason
+        good.sendall(b"fine")
+        assert recv_all(good, 4) == b"fine"
+
+
 def test_handshake_deadline(server, pki):
     """A client that connects and stalls (silent, or half a ClientHello) is cut at
     tls_handshake_timeout; the session never saw OnConnected."""

@@ -122,6 +122,12 @@ cdef class _Tls:
     cdef PyThread_type_lock mutex
     cdef int state
     cdef bint fed                 # any ciphertext received (a silent peer is no attack)
+    # Record boundaries of the ciphertext fed (see _track): the bytes of an unfinished
+    # record sit in the BIO, and reading them would only raise SSLWantReadError.
+    cdef unsigned char hdr[5]
+    cdef int hdr_have
+    cdef Py_ssize_t rec_left
+    cdef Py_ssize_t rec_fed
     cdef object timer
     # Plaintext accounting, under acct_lock: a ring of marks in queue order.
     cdef volatile int32_t acct_lock
@@ -352,6 +358,7 @@ cdef class _Tls:
             if cqe != NULL:
                 self.span.ptr = cqe.buf
                 self.span.length = <Py_ssize_t>cqe.res
+                self._track(<const unsigned char *>cqe.buf, <Py_ssize_t>cqe.res)
                 try:
                     self._in_write(self.span)
                 finally:
@@ -412,9 +419,10 @@ cdef class _Tls:
             return 0
         while True:
             # Whole records decrypt to fewer bytes than they take in the BIO, so this
-            # much room is enough; a partial record left over raises SSLWantReadError.
-            room = self.incoming.pending
-            if room == 0:
+            # much room is enough.  An unfinished record is not worth a call: it would
+            # raise SSLWantReadError (an exception costs more than decrypting 64 B).
+            room = self.incoming.pending - self.rec_fed
+            if room <= 0:
                 room = self.sslobj.pending()
                 if room == 0:
                     break
@@ -435,6 +443,38 @@ cdef class _Tls:
             st.got += n
         self._flush(s, 0)              # tickets, key updates
         return 0
+
+    cdef void _track(self, const unsigned char *p, Py_ssize_t n) noexcept:
+        """Follow the record layer's framing ([type][version: 2][length: 2][body]) over
+        the ciphertext fed, to know how many bytes of it end in an unfinished record.
+        The SSLObject reads the BIO record by record (no read-ahead), so whatever
+        precedes those bytes is whole records.  Garbage only misleads this hint until
+        the SSLObject fails the connection on it."""
+        cdef Py_ssize_t take
+        while n > 0:
+            if self.hdr_have < 5:
+                self.hdr[self.hdr_have] = p[0]
+                self.hdr_have += 1
+                self.rec_fed += 1
+                p += 1
+                n -= 1
+                if self.hdr_have == 5:
+                    self.rec_left = (<Py_ssize_t>self.hdr[3] << 8) | self.hdr[4]
+                    if self.rec_left == 0 or self.rec_left > 16384 + 2048:
+                        # (A length no record may have: let the SSLObject see it at
+                        # once, and fail the connection, rather than wait for it.)
+                        self.hdr_have = 0
+                        self.rec_fed = 0
+                        self.rec_left = 0
+                continue
+            take = n if n < self.rec_left else self.rec_left
+            self.rec_left -= take
+            self.rec_fed += take
+            p += take
+            n -= take
+            if self.rec_left == 0:
+                self.hdr_have = 0
+                self.rec_fed = 0
 
     cdef bint _flush(self, Session s, Py_ssize_t plain) except? False:
         """Under the mutex: queue what the SSLObject wrote, `plain` bytes of it data."""
