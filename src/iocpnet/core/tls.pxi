@@ -402,6 +402,7 @@ cdef class _Tls:
     cdef int _advance(self, Session s, _TlsStep *st) except -1:
         """Under the mutex: the handshake, then whatever plaintext is whole."""
         cdef Py_ssize_t room, n
+        cdef bint filled = False
         if self.state == T_HANDSHAKE:
             try:
                 self._handshake()
@@ -423,7 +424,9 @@ cdef class _Tls:
             # raise SSLWantReadError (an exception costs more than decrypting 64 B).
             room = self.incoming.pending - self.rec_fed
             if room <= 0:
-                room = self.sslobj.pending()
+                # Decrypted bytes left in the SSLObject: only after a read that filled
+                # all the room it had (the first, after the handshake, for one).
+                room = self.sslobj.pending() if filled or st.opened else 0
                 if room == 0:
                     break
             if s._rbuf_reserve(room) < 0:
@@ -441,6 +444,7 @@ cdef class _Tls:
                 break
             s._rlen += n
             st.got += n
+            filled = n == room
         self._flush(s, 0)              # tickets, key updates
         return 0
 
