@@ -427,16 +427,38 @@ cdef class Session(IocpObject):
             if have_buf:
                 PyBuffer_Release(&buf)
 
-    cdef bint _queue_send(self, bytes b, bint check_limit) except? False:
-        """Queue `b` and start a send if none is in flight.  The TLS filter queues its
-        records here with check_limit False (it counts plaintext itself)."""
-        if PyBytes_GET_SIZE(b) == 0:
+    cdef bint _queue_send(self, bytes b, bint check_limit,
+                          Py_ssize_t *now=NULL) except? False:
+        """Queue `b` and start a send if none is in flight.  With `now`, first hand it
+        to the socket, as Send does, when nothing is queued and nobody waits for OnSend
+        (*now: the bytes it took).  The TLS filter sends its records this way, with
+        check_limit False (it counts plaintext itself)."""
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(b), sent = 0
+        cdef int64_t r
+        cdef port_buf_t one
+        if n == 0:
             return self._state == S_CONNECTED
         port_spin_lock(&self._lock)
         if self._state != S_CONNECTED:
             port_spin_unlock(&self._lock)
             return False
-        return self._queue_locked(b, 0, check_limit)
+        if now != NULL and not self._send_busy and self._sq_count == 0 and \
+                self._hooks.on_send is None:
+            one.base = PyBytes_AS_STRING(b)
+            one.len = <size_t>n
+            r = port_send_now(self.core.port, self._sock, &one, 1)
+            if r < 0:
+                port_spin_unlock(&self._lock)
+                self._close_now(port_reason(<int>r), False)
+                self._maybe_finish()
+                return False
+            sent = <Py_ssize_t>r
+            now[0] = sent
+            _cnt_add(&self._cnt.bytes_out, sent)         # stats.pxi
+            if sent == n:
+                port_spin_unlock(&self._lock)
+                return True
+        return self._queue_locked(b, sent, check_limit)
 
     cdef bint _queue_locked(self, bytes b, Py_ssize_t offset,
                             bint check_limit) except? False:

@@ -483,11 +483,16 @@ cdef class _Tls:
     cdef bint _flush(self, Session s, Py_ssize_t plain) except? False:
         """Under the mutex: queue what the SSLObject wrote, `plain` bytes of it data."""
         cdef bytes data
+        cdef Py_ssize_t now = 0
+        cdef bint ok
         if self.outgoing.pending == 0:
             return True
         data = self._out_read()
         self._mark(PyBytes_GET_SIZE(data), plain)
-        return s._queue_send(data, False)
+        ok = s._queue_send(data, False, &now)
+        if now > 0:
+            self.acked(now)       # gone already: no completion will count it
+        return ok
 
     cdef int _mark(self, Py_ssize_t cipher, Py_ssize_t plain) except -1:
         cdef _TlsMark *ring
