@@ -125,8 +125,10 @@ class IocpCore:
         then dispatch the whole batch to the owners under one GIL hold.
 
         Returns the number of completions handled: 0 on timeout, -1 at once after
-        ``Close()``.  Operations submitted by hooks during the batch are handed to the
-        kernel with this thread's next ``Dispatch`` (one system call per batch).
+        ``Close()``.  A reply a hook sends leaves before the next hook of the batch runs
+        (at once when the socket takes it); whatever else the hooks submitted reaches the
+        kernel before ``Dispatch`` returns, so a loop polling ``Dispatch(0)`` once per
+        frame reads a message and sends its reply in the same frame.
 
         A worker handles the batch it took in order, so a hook that blocks delays the
         rest of its batch whatever the number of workers; ``max_batch`` (1 to 128)
