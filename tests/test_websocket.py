@@ -845,3 +845,21 @@ def test_flood_limits_count_websocket_messages(ws_server, recorder, caplog_iocpn
     stats = srv.service.stats()
     # 31 messages from the good client, up to the burst (40) from the flooder.
     assert 31 + 40 <= stats["messages_in"] <= 31 + 42, stats
+
+
+@pytest.mark.parametrize("opcode", [1, 2])
+@pytest.mark.parametrize("cut", [0.1, 0.5, 0.7, 0.999])
+def test_one_frame_message_over_two_receives(ws_server, opcode, cut):
+    """A one-frame message cut in two (more or less than half in the first receive:
+    straight into its bytes object, or the growing buffer): delivered whole."""
+    srv = ws_server(echo_class())
+    c = RawClient(srv.address)
+    payload = ("é" * 9000).encode() if opcode == 1 else os.urandom(20000)
+    data = frame(opcode, payload)
+    k = int(len(data) * cut)
+    c.send(data[:k])
+    time.sleep(0.02)
+    c.send(data[k:] + frame(opcode, payload[:10] if opcode == 2 else b"tail"))
+    assert c.read_frame() == (True, opcode, payload)
+    assert c.read_frame() == (True, opcode, payload[:10] if opcode == 2 else b"tail")
+    c.close()

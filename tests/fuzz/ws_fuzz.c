@@ -160,6 +160,9 @@ static void feed(ws_parser *p, uint8_t *buf, size_t n, event_log *l, uint64_t ma
         if (ev.type == WS_EV_DATA) {
             CHECK(ev.data >= buf && ev.data + ev.len <= buf + n);
             CHECK(ev.len > 0 || ev.last);
+            CHECK(!ev.last || (ev.frame_fin && ev.frame_left == 0));
+            CHECK(!ev.first || !ev.frame_fin || max_message == 0 ||
+                  ev.len + ev.frame_left <= max_message);
         }
         log_parser_event(l, &ev, max_message);
     }

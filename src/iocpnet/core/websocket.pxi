@@ -52,6 +52,8 @@ cdef extern from "port/ws_frame.h" nogil:
         int first
         int last
         int text
+        int frame_fin
+        uint64_t frame_left
         unsigned code
         const char *reason
         uint64_t detail
@@ -409,7 +411,10 @@ cdef class _WebSocket:
     cdef volatile int32_t phase          # WS_HANDSHAKE, WS_OPEN, WS_CLOSING
     cdef volatile int32_t close_sent
     cdef volatile int64_t ping_sent_ms   # 0: no ping outstanding
-    # The message being assembled from several chunks (freed once delivered).
+    # The message being assembled from several chunks (freed once delivered): straight
+    # into its bytes object when its size is known (one frame) and mostly here already,
+    # else in a growing buffer.
+    cdef bytes mobj
     cdef unsigned char *mbuf
     cdef size_t mlen
     cdef size_t mcap
@@ -455,6 +460,7 @@ cdef class _WebSocket:
             free(self.mbuf)
         self.mbuf = NULL
         self.mlen = self.mcap = 0
+        self.mobj = None
 
 
 cdef _WebSocket _ws_new(Session s, bint client):
@@ -611,6 +617,27 @@ cdef int _ws_event(Session s, _WebSocket ws, ws_event *ev) noexcept:
             return 0                # after a close frame: data is discarded (RFC 7.1.3)
         if ev.first and ev.last:
             return _ws_deliver(s, ws, ev.data, <Py_ssize_t>ev.len, ev.text)
+        if ev.first and ev.frame_fin and ev.len * 2 >= ev.len + ev.frame_left:
+            # One frame, more than half of it here: its final bytes object now (memory
+            # at most twice what arrived), filled as the rest comes, handed over whole.
+            try:
+                ws.mobj = PyBytes_FromStringAndSize(NULL,
+                                                    <Py_ssize_t>(ev.len + ev.frame_left))
+            except MemoryError:
+                s._close_now("out of memory for a WebSocket message", True)
+                return -1
+            memcpy(PyBytes_AS_STRING(ws.mobj), ev.data, ev.len)
+            ws.mlen = ev.len
+            return 0
+        if ws.mobj is not None:
+            memcpy(PyBytes_AS_STRING(ws.mobj) + ws.mlen, ev.data, ev.len)
+            ws.mlen += ev.len
+            if ev.last:
+                data = ws.mobj
+                ws.mobj = None
+                ws.mlen = 0
+                return _ws_deliver_bytes(s, ws, data, ev.text)
+            return 0
         if ws.append(ev.data, ev.len) < 0:
             s._close_now("out of memory for a WebSocket message", True)
             return -1
@@ -663,6 +690,21 @@ cdef str _ws_error_reason(_WebSocket ws, ws_event *ev):
     if what == "invalid close code":
         return f"WebSocket error {ev.code}: invalid close code {ev.detail}"
     return f"WebSocket error {ev.code}: {what}"
+
+
+cdef int _ws_deliver_bytes(Session s, _WebSocket ws, bytes b, bint text) noexcept:
+    """A whole message already in a bytes object (no copy for OnMessage's binary)."""
+    if ws.hooks.mode == WS_MODE_MESSAGES and not text:
+        if not _message_counted(s, PyBytes_GET_SIZE(b)):
+            return -1
+        try:
+            ws.hooks.on_message(s, b, True)
+        except BaseException as e:
+            s._hook_failed("OnMessage", e)
+            return -1
+        return 0
+    return _ws_deliver(s, ws, <const unsigned char *>PyBytes_AS_STRING(b),
+                       PyBytes_GET_SIZE(b), text)
 
 
 cdef int _ws_deliver(Session s, _WebSocket ws, const unsigned char *d, Py_ssize_t n,

@@ -71,6 +71,8 @@ typedef struct ws_event {
     int first;           /* DATA: the message's first chunk */
     int last;            /* DATA: the message's last chunk (the message is complete) */
     int text;            /* DATA: a text message (UTF-8 already checked) */
+    int frame_fin;       /* DATA: the chunk's frame is its message's final frame */
+    uint64_t frame_left; /* DATA: payload bytes of that frame still to come */
     unsigned code;       /* CLOSE: the peer's code; ERROR: the code to close with */
     const char *reason;  /* ERROR: a static string */
     uint64_t detail;     /* ERROR: a number for the reason (a size, an opcode, a code) */
@@ -401,6 +403,7 @@ static inline size_t ws_parse(ws_parser *p, uint8_t *buf, size_t n, ws_event *ev
                     ev->data = buf + i;
                     ev->first = p->msg_first;
                     ev->last = 1;
+                    ev->frame_fin = 1;
                     ev->text = p->msg_opcode == WS_OP_TEXT;
                     if (ev->text && !ws_utf8_complete(&p->utf8))
                         return ws__fail(p, ev, i, WS_CLOSE_INVALID_DATA,
@@ -439,6 +442,8 @@ static inline size_t ws_parse(ws_parser *p, uint8_t *buf, size_t n, ws_event *ev
             ev->len = k;
             ev->first = p->msg_first;
             ev->text = p->msg_opcode == WS_OP_TEXT;
+            ev->frame_fin = p->fin;
+            ev->frame_left = p->remaining;
             p->msg_first = 0;
             if (ev->text && ws_utf8_feed(&p->utf8, d, k) != 0)
                 return ws__fail(p, ev, i, WS_CLOSE_INVALID_DATA,
