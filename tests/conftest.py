@@ -61,8 +61,9 @@ def no_leaks(caplog):
 class Server:
     """A Service on 127.0.0.1 with worker threads, stopped and checked on exit."""
 
-    def __init__(self, session_cls, backend, workers=2, accepts=16, ssl=None, **service_kw):
-        self.core = iocpnet.IocpCore(backend)
+    def __init__(self, session_cls, backend, workers=2, accepts=16, ssl=None, core_kw=None,
+                 **service_kw):
+        self.core = iocpnet.IocpCore(backend, **(core_kw or {}))
         self.listener = iocpnet.Listener(("127.0.0.1", 0), ssl=ssl)
         self.service = iocpnet.Service(self.core, self.listener, session_cls, accepts,
                                        **service_kw)

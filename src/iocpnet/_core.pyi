@@ -146,7 +146,8 @@ class IocpCore:
 
     def stats(self) -> dict[str, int]:
         """Counters of the port: submitted, completed, in_flight, waits, receive buffers
-        (``recv_buffers``, ``recv_buffers_out``).  Empty once the port is gone."""
+        (``recv_buffers``, ``recv_buffers_out``, ``recv_buffers_detached``) and receives
+        waiting for one (``recv_waiting``).  Empty once the port is gone."""
 
     def Post(self, func: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]) -> None:
         """Run ``func(*args)`` on a worker thread (any thread may post).  Exceptions are

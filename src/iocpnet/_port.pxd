@@ -80,6 +80,8 @@ cdef extern from "port/port.h" nogil:
         uint64_t waits
         uint64_t recv_buffers
         uint64_t recv_buffers_out
+        uint64_t recv_buffers_detached
+        uint64_t recv_waiting
 
     int port_create(port_t **out, const char *backend, const port_options_t *opts,
                     char *errbuf, size_t errlen)
@@ -100,6 +102,8 @@ cdef extern from "port/port.h" nogil:
     int port_connect(port_t *p, port_op_t *op, const port_addr_t *addr)
     int port_recv(port_t *p, port_op_t *op, port_sock_t sock)
     void port_recv_release(port_t *p, const port_cqe_t *cqe)
+    int port_recv_detach(port_t *p, const port_cqe_t *cqe)
+    void port_buf_free(void *buf)
     int port_send(port_t *p, port_op_t *op, port_sock_t sock, const port_buf_t *bufs, int nbufs)
     int64_t port_send_now(port_t *p, port_sock_t sock, const port_buf_t *bufs, int nbufs)
     void port_flush_sends(port_t *p)

@@ -457,6 +457,8 @@ static void end_port(port_t *p) {
            (unsigned long long)st.completed);
     CHECKF(st.recv_buffers_out == 0, "recv_buffers_out %llu at end of case",
            (unsigned long long)st.recv_buffers_out);
+    CHECKF(st.recv_waiting == 0, "recv_waiting %llu at end of case",
+           (unsigned long long)st.recv_waiting);
     port_shutdown(p);
     port_destroy(p);
 }
@@ -2417,6 +2419,293 @@ done:
     end_port(P);
 }
 
+/* ---- descriptor lifetime ---------------------------------------------------------------- */
+
+/* Enter a batch: take one completion and do not end the batch, so that (on io_uring)
+ * what this thread submits now waits for its next port_wait, as a hook's does. */
+static int enter_batch(port_t *P, port_op_t *post) {
+    port_cqe_t q[4];
+    int n;
+    double deadline = now_ms() + 5000;
+    if (port_post(P, post, 7) != 0)
+        return 0;
+    do
+        n = port_wait(P, q, 4, 100);
+    while ((n == 0 || n == PORT_EINTR) && now_ms() < deadline);
+    return n == 1 && q[0].op == post;
+}
+
+/* A socket closed while operations submitted before the close have not reached the kernel
+ * yet (io_uring hands a dispatching thread's submissions over with its next wait): the
+ * close is ordered after them (port.h, "Descriptors").  Its number is reused at once by a
+ * new connection, which must see neither the old send's bytes nor lose its own first
+ * bytes to the old receive.  (A hook that calls Send then Abort, while another session's
+ * accept reuses the number, did exactly this.) */
+static void case_close_orders_after_ops(void) {
+    static const char secret[] = "OLD-SECRET";
+    port_t *P = new_port();
+    waiter_t w;
+    port_sock_t srv = PORT_INVALID_SOCK, cli = PORT_INVALID_SOCK, l2 = PORT_INVALID_SOCK;
+    port_sock_t c2 = PORT_INVALID_SOCK, a2 = PORT_INVALID_SOCK, old = PORT_INVALID_SOCK;
+    port_addr_t b2;
+    port_op_t post, sd, rv, cl;
+    port_buf_t b;
+    port_cqe_t c;
+    char got[32];
+    size_t k;
+    int pending = 3;
+    port_op_init(&post, PORT_OP_POST, NULL, NULL);
+    port_op_init(&sd, PORT_OP_SEND, NULL, NULL);
+    port_op_init(&rv, PORT_OP_RECV, NULL, NULL);
+    port_op_init(&cl, PORT_OP_CLOSE, NULL, NULL);
+    REQUIRE(P != NULL);
+    waiter_init(&w, P);
+    REQUIRE(make_pair(&w, &srv, &cli));
+    l2 = plain_listen(&b2);
+    REQUIRE(l2 != PORT_INVALID_SOCK);
+    REQUIRE(enter_batch(P, &post));
+    b.base = secret;
+    b.len = sizeof(secret) - 1;
+    CHECK_EQ(port_send(P, &sd, srv, &b, 1), 0);
+    CHECK_EQ(port_recv(P, &rv, srv), 0);
+    /* What a session's abort does: cancel what is in flight, then close. */
+    CHECK_EQ(port_cancel(P, &rv), 0);
+    CHECK_EQ(port_cancel(P, &sd), 0);
+    CHECK_EQ(port_close(P, &cl, srv, PORT_CLOSE_RESET), 0);
+    old = srv;
+    srv = PORT_INVALID_SOCK;
+    /* A new connection, made while the batch is still being dispatched: the lowest free
+     * number, the one just closed if the close already happened. */
+    c2 = plain_connect(&b2);
+    REQUIRE(c2 != PORT_INVALID_SOCK);
+    a2 = plain_accept(l2, 5000);
+    REQUIRE(a2 != PORT_INVALID_SOCK);
+    note("old socket %d, new client socket %d, new server socket %d", (int)old, (int)c2,
+         (int)a2);
+    CHECK(plain_send_all(a2, "NEW-FIRST", 9) == 0);
+    /* The next wait hands the batch's submissions to the kernel. */
+    while (pending > 0) {
+        if (next_cqe(&w, &c, 5000) != 1) {
+            CHECKF(0, "%d completion(s) missing after the close", pending);
+            break;
+        }
+        if (c.op == &sd || c.op == &rv || c.op == &cl)
+            pending--;
+        if (c.op == &rv)
+            CHECKF(c.res < 0 || c.res == 0, "the old receive read %lld bytes after its socket "
+                   "was closed: %.*s", (long long)c.res, (int)(c.res > 0 ? c.res : 0),
+                   c.res > 0 ? c.buf : "");
+        if (c.op == &cl)
+            CHECK_EQ(c.res, 0);
+        port_recv_release(P, &c);
+    }
+    /* The new connection's own first bytes are there, untouched. */
+    plain_set_timeout(c2, 1000);
+    k = plain_recv_all(c2, got, 9);
+    CHECKF(k == 9 && memcmp(got, "NEW-FIRST", 9) == 0,
+           "the new connection lost its first bytes: got %u: %.*s", (unsigned)k, (int)k, got);
+    /* ... and the first bytes its peer receives are its own, not the old send's. */
+    CHECK(plain_send_all(c2, "HELLO", 5) == 0);
+    plain_set_timeout(a2, 1000);
+    k = plain_recv_all(a2, got, 5);
+    CHECKF(k == 5 && memcmp(got, "HELLO", 5) == 0,
+           "bytes sent on the closed socket reached the new connection: %.*s", (int)k, got);
+done:
+    plain_close(c2);
+    plain_close(a2);
+    plain_close(l2);
+    plain_close(cli);
+    if (srv != PORT_INVALID_SOCK)
+        port_sock_close(P, srv, 0);
+    end_port(P);
+}
+
+/* The same rule for port_sock_close (a listener closed while its cancelled accept has not
+ * reached the kernel yet): a new listener that reuses the number keeps its connections. */
+static void case_sock_close_orders_after_ops(void) {
+    port_t *P = new_port();
+    waiter_t w;
+    port_sock_t l1 = PORT_INVALID_SOCK, l2 = PORT_INVALID_SOCK, c3 = PORT_INVALID_SOCK;
+    port_sock_t a3 = PORT_INVALID_SOCK, old = PORT_INVALID_SOCK;
+    port_addr_t a, b2;
+    port_op_t post, acc;
+    port_cqe_t c;
+    port_op_init(&post, PORT_OP_POST, NULL, NULL);
+    port_op_init(&acc, PORT_OP_ACCEPT, NULL, NULL);
+    REQUIRE(P != NULL);
+    waiter_init(&w, P);
+    REQUIRE(loopback(&a) == 0);
+    REQUIRE(port_listen(P, &a, 16, 0, &l1) == 0);
+    REQUIRE(enter_batch(P, &post));
+    CHECK_EQ(port_accept(P, &acc, l1), 0);
+    CHECK_EQ(port_cancel(P, &acc), 0);
+    CHECK_EQ(port_sock_close(P, l1, 0), 0);
+    old = l1;
+    l1 = PORT_INVALID_SOCK;
+    l2 = plain_listen(&b2);
+    REQUIRE(l2 != PORT_INVALID_SOCK);
+    note("old listener %d, new listener %d", (int)old, (int)l2);
+    c3 = plain_connect(&b2);
+    REQUIRE(c3 != PORT_INVALID_SOCK);
+    if (expect_cqe(&w, &acc, &c, 5000, "the cancelled accept")) {
+        CHECKF(c.res < 0, "the old accept took a connection of the listener that reused its "
+               "number (socket %lld)", (long long)c.res);
+        if (c.res >= 0)
+            port_sock_close(P, (port_sock_t)c.res, 0);
+    }
+    a3 = plain_accept(l2, 2000);
+    CHECKF(a3 != PORT_INVALID_SOCK, "the new listener lost its connection");
+done:
+    plain_close(a3);
+    plain_close(c3);
+    plain_close(l2);
+    if (l1 != PORT_INVALID_SOCK)
+        port_sock_close(P, l1, 0);
+    end_port(P);
+}
+
+/* ---- receive buffer waiters ----------------------------------------------------------- */
+
+/* Receives waiting for a pool buffer are served one per buffer given back, oldest first:
+ * no stampede of re-armed receives, and no newcomer served before older waiters. */
+static void case_recv_waiters_in_order(void) {
+    enum { NBUF = 2, BUFSZ = 512, NW = 4, NCONN = NBUF + NW };
+    port_options_t o;
+    port_t *P;
+    waiter_t w;
+    port_sock_t srv[NCONN], cli[NCONN];
+    port_op_t rv[NCONN];
+    port_cqe_t held[NBUF], c;
+    char msg[NCONN][16];
+    int nheld = 0, i, nconn = 0;
+    memset(&o, 0, sizeof(o));
+    o.recv_buffer_count = NBUF;
+    o.recv_buffer_size = BUFSZ;
+    for (i = 0; i < NCONN; i++) {
+        srv[i] = cli[i] = PORT_INVALID_SOCK;
+        port_op_init(&rv[i], PORT_OP_RECV, NULL, NULL);
+        snprintf(msg[i], sizeof(msg[i]), "conn %d", i);
+    }
+    P = new_port_opts(&o);
+    REQUIRE(P != NULL);
+    waiter_init(&w, P);
+    for (nconn = 0; nconn < NCONN; nconn++)
+        REQUIRE(make_pair(&w, &srv[nconn], &cli[nconn]));
+    for (i = 0; i < NBUF; i++) {
+        CHECK(plain_send_all(cli[i], msg[i], strlen(msg[i])) == 0);
+        REQUIRE(recv_next(&w, &rv[i], srv[i], &held[nheld], 5000, "take a buffer"));
+        nheld++;
+    }
+    /* The waiters, in this order, each with data and no buffer. */
+    for (i = NBUF; i < NCONN; i++) {
+        port_stats_t st;
+        CHECK(plain_send_all(cli[i], msg[i], strlen(msg[i])) == 0);
+        CHECK_EQ(recv_post(P, &rv[i], srv[i]), 0);
+        expect_quiet(&w, 40, "waiting for a buffer");
+        port_get_stats(P, &st);
+        CHECK_EQ(st.recv_waiting, i - NBUF + 1);
+    }
+    /* Each buffer given back serves exactly the oldest waiter. */
+    for (i = NBUF; i < NCONN; i++) {
+        port_recv_release(P, &held[0]);
+        held[0] = held[1];
+        nheld--;
+        if (next_cqe(&w, &c, 5000) != 1) {
+            CHECKF(0, "waiter %d was not served after a buffer was given back", i - NBUF);
+            break;
+        }
+        if (c.op != &rv[i]) {
+            CHECKF(0, "waiter %d was served before waiter %d", (int)(c.op - rv) - NBUF, i - NBUF);
+            port_recv_release(P, &c);
+            break;
+        }
+        CHECK(c.res == (int64_t)strlen(msg[i]) && memcmp(c.buf, msg[i], strlen(msg[i])) == 0);
+        held[nheld++] = c;
+        expect_quiet(&w, 30, "one waiter per buffer");
+    }
+done:
+    while (nheld > 0)
+        port_recv_release(P, &held[--nheld]);
+    for (i = 0; i < nconn; i++) {
+        cancel_recv(&w, &rv[i]);
+        plain_close(cli[i]);
+        if (srv[i] != PORT_INVALID_SOCK)
+            port_sock_close(P, srv[i], 0);
+    }
+    end_port(P);
+}
+
+/* A receive buffer kept for good (port_recv_detach) leaves the pool, which makes another
+ * in its place: a caller that keeps every message never runs a one-buffer pool dry, and
+ * what it kept stays valid and unchanged by later receives, also after the port is
+ * destroyed (port_buf_free frees it then). */
+static void case_recv_detach(void) {
+    enum { NBUF = 1, BUFSZ = 512, NMSG = 6, MAXKEPT = 64 };
+    port_options_t o;
+    port_t *P;
+    waiter_t w;
+    port_sock_t srv = PORT_INVALID_SOCK, cli = PORT_INVALID_SOCK;
+    port_op_t rv;
+    port_cqe_t c;
+    port_stats_t st;
+    char *kept[MAXKEPT];
+    size_t klen[MAXKEPT], kmsg[MAXKEPT], koff[MAXKEPT], j;
+    int nkept = 0, i, k;
+    memset(&o, 0, sizeof(o));
+    o.recv_buffer_count = NBUF;
+    o.recv_buffer_size = BUFSZ;
+    port_op_init(&rv, PORT_OP_RECV, NULL, NULL);
+    P = new_port_opts(&o);
+    REQUIRE(P != NULL);
+    waiter_init(&w, P);
+    REQUIRE(make_pair(&w, &srv, &cli));
+    for (i = 0; i < NMSG; i++) {
+        char msg[BUFSZ];
+        size_t len = 10 + (size_t)i * 50, got = 0;
+        for (j = 0; j < len; j++)
+            msg[j] = (char)pattern((size_t)i, j);
+        CHECK(plain_send_all(cli, msg, len) == 0);
+        while (got < len && nkept < MAXKEPT) {
+            if (!recv_next(&w, &rv, srv, &c, 5000, "recv with every buffer kept"))
+                goto done;
+            check_data_cqe(&c);
+            CHECK_EQ(port_recv_detach(P, &c), 0);
+            kept[nkept] = c.buf;
+            klen[nkept] = (size_t)c.res;
+            kmsg[nkept] = (size_t)i;
+            koff[nkept] = got;
+            nkept++;
+            got += (size_t)c.res;
+        }
+        CHECK_EQ(got, len);
+        port_get_stats(P, &st);
+        CHECK_EQ(st.recv_buffers_out, 0);
+    }
+    port_get_stats(P, &st);
+    CHECKF(st.recv_buffers <= NBUF, "the pool made %llu buffers, limit %d",
+           (unsigned long long)st.recv_buffers, NBUF);
+    CHECK_EQ(st.recv_buffers_detached, nkept);
+    for (k = 1; k < nkept; k++)
+        CHECK(kept[k] != kept[k - 1]);
+    /* Only a completion that carries a buffer can give it. */
+    c.flags = 0;
+    CHECK_EQ(port_recv_detach(P, &c), PORT_EINVAL);
+done:
+    cancel_recv(&w, &rv);
+    plain_close(cli);
+    if (srv != PORT_INVALID_SOCK)
+        port_sock_close(P, srv, 0);
+    end_port(P);
+    /* The port is gone; what was kept is intact. */
+    for (k = 0; k < nkept; k++) {
+        int same = 1;
+        for (j = 0; j < klen[k]; j++)
+            same &= (unsigned char)kept[k][j] == pattern(kmsg[k], koff[k] + j);
+        CHECKF(same, "kept piece %d (message %u) changed", k, (unsigned)kmsg[k]);
+        port_buf_free(kept[k]);
+    }
+}
+
 /* ---- addresses ----------------------------------------------------------------------------- */
 
 /* The "any address" listener of port_resolve(NULL) takes IPv4 clients too (dual stack,
@@ -2658,6 +2947,10 @@ static const test_case_t cases[] = {
     {"dual_stack_listener", case_dual_stack_listener},
     {"send_now", case_send_now},
     {"recv_bounded_readahead", case_recv_bounded_readahead},
+    {"close_orders_after_ops", case_close_orders_after_ops},
+    {"sock_close_orders_after_ops", case_sock_close_orders_after_ops},
+    {"recv_waiters_in_order", case_recv_waiters_in_order},
+    {"recv_detach", case_recv_detach},
 };
 
 /* Is `name` one of the comma-separated names in `list`? */

@@ -330,6 +330,8 @@ cdef class IocpCore:
             "waits": st.waits,
             "recv_buffers": st.recv_buffers,
             "recv_buffers_out": st.recv_buffers_out,
+            "recv_buffers_detached": st.recv_buffers_detached,
+            "recv_waiting": st.recv_waiting,
         }
 
     # ---- jobs and timers (the PostQueuedCompletionStatus idiom) ----

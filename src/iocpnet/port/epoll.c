@@ -50,14 +50,21 @@
  *     intrusive FIFO threaded through the operation records (no allocation).  Only final
  *     completions travel this way, so one op is never in it twice.
  *
- *   - Receive buffers come from the port's pool: `recv_buffer_count` slots of
- *     `recv_buffer_size` bytes in one reserved mapping whose pages are touched only when
- *     used; freed slots are reused last-in first-out, so the memory touched follows the
- *     peak of data in flight, not the number of connections, and an idle connection
- *     holds none.  A descriptor with data but no free buffer waits on the pool's FIFO;
- *     each buffer given back wakes one waiting descriptor (and a descriptor woken that
- *     no longer wants a buffer passes the wake on), so data is never dropped and nothing
- *     spins.
+ *   - Receive buffers come from the port's pool: up to `recv_buffer_count` heap blocks of
+ *     `recv_buffer_size` bytes, each made the first time it is needed; freed ones are
+ *     reused last-in first-out, so the memory touched follows the peak of data in
+ *     flight, not the number of connections, and an idle connection holds none.  One
+ *     the caller keeps for good (port_recv_detach) is replaced by a new block.  A
+ *     descriptor with data but no free buffer waits on the pool's FIFO; each buffer
+ *     given back wakes one waiting descriptor, oldest first, at once (not when the
+ *     releasing thread's batch ends: a hook later in that batch may block), and a
+ *     descriptor woken that no longer wants a buffer passes the wake on, so data is
+ *     never dropped and nothing spins.
+ *
+ *   - Descriptors.  Every operation on a socket runs under its descriptor's lock, and
+ *     a close first forgets the descriptor under that lock (parked operations end with
+ *     PORT_ECANCELED) and only then calls close(2): nothing submitted before the close
+ *     can run after it, on a number that may belong to a new socket by then.
  *
  *   - Timers live in a min-heap ordered by (deadline, submission order).  Waiters clamp
  *     their epoll_wait timeout to the earliest deadline; a new earliest timer wakes a
@@ -217,8 +224,7 @@ typedef struct ep_port {
 
     /* receive buffer pool */
     volatile int32_t pool_lock;
-    char *bufs;
-    size_t bufs_sz;
+    char **buf_addr;                  /* buffer id -> its memory (NULL: not made yet) */
     uint32_t buf_size, buf_max, buf_made;
     uint32_t *free_ids;               /* LIFO stack of free buffer ids */
     uint32_t nfree;
@@ -543,13 +549,15 @@ static ep_fd_t *pool_wait_pop(ep_port_t *p) {
         if (p->wait_head == NULL)
             p->wait_tail = NULL;
         w->buf_wait = 0;
+        port_atomic_add64(&p->base.recv_waiting, -1);
         __atomic_store_n(&w->buf_woken, 1, __ATOMIC_RELAXED);
     }
     return w;
 }
 
-/* A buffer for f's receive (1), or 0 with f queued to be woken by the next release. */
-static int pool_get(ep_port_t *p, ep_fd_t *f, uint32_t *id) {
+/* A buffer for f's receive (1, *id and *buf set), 0 with f queued to be woken by the
+ * next release, or -1 when memory for a new buffer cannot be had. */
+static int pool_get(ep_port_t *p, ep_fd_t *f, uint32_t *id, char **buf) {
     int got = 1;
     port_spin_lock(&p->pool_lock);
     __atomic_store_n(&f->buf_woken, 0, __ATOMIC_RELAXED);
@@ -562,6 +570,7 @@ static int pool_get(ep_port_t *p, ep_fd_t *f, uint32_t *id) {
         got = 0;
         if (!f->buf_wait) {
             f->buf_wait = 1;
+            port_atomic_add64(&p->base.recv_waiting, 1);
             f->wait_next = NULL;
             if (p->wait_tail != NULL)
                 p->wait_tail->wait_next = f;
@@ -571,21 +580,41 @@ static int pool_get(ep_port_t *p, ep_fd_t *f, uint32_t *id) {
         }
     }
     port_spin_unlock(&p->pool_lock);
+    if (got && p->buf_addr[*id] == NULL) {
+        /* Made now (or its memory was kept by the caller and the replacement failed):
+         * allocate outside the lock; the id is ours meanwhile. */
+        char *b = port__buf_alloc(p->buf_size);
+        if (b == NULL) {
+            port_spin_lock(&p->pool_lock);
+            p->free_ids[p->nfree++] = *id;
+            port_spin_unlock(&p->pool_lock);
+            return -1;
+        }
+        p->buf_addr[*id] = b;
+    }
+    if (got)
+        *buf = p->buf_addr[*id];
     return got;
 }
 
-static void pool_put(ep_port_t *p, uint32_t id) {
+static void pool_put(ep_port_t *p, uint32_t id, char *fresh) {
     ep_fd_t *w = NULL;
     port_spin_lock(&p->pool_lock);
     /* An id never made, or one more release than buffers made, is a caller's bug that
      * would corrupt the stack: ignore it. */
     if (id < p->buf_made && p->nfree < p->buf_made) {
+        if (fresh != NULL)
+            p->buf_addr[id] = fresh;    /* the caller kept the old memory */
         p->free_ids[p->nfree++] = id;
         w = pool_wait_pop(p);
+    } else if (fresh != NULL) {
+        port_buf_free(fresh);
     }
     port_spin_unlock(&p->pool_lock);
+    /* Now, not when this thread's batch ends: the waiter is another descriptor, and
+     * the rest of the batch may take long (a hook that blocks). */
     if (w != NULL && rq_push(p, w))
-        wake(p);
+        wake_now(p);
 }
 
 /* f was woken for a buffer but its visit did not take one (its receive was cancelled,
@@ -602,12 +631,14 @@ static void pool_pass(ep_port_t *p, ep_fd_t *f) {
             w = pool_wait_pop(p);
     }
     port_spin_unlock(&p->pool_lock);
+    /* Now, not when this thread's batch ends: the waiter is another descriptor, and
+     * the rest of the batch may take long (a hook that blocks). */
     if (w != NULL && rq_push(p, w))
-        wake(p);
+        wake_now(p);
 }
 
-static void ep_recv_release(port_t *bp, uint32_t id) {
-    pool_put((ep_port_t *)bp, id);
+static void ep_recv_release(port_t *bp, uint32_t id, char *fresh) {
+    pool_put((ep_port_t *)bp, id, fresh);
 }
 
 /* ---- performing parked operations (wait path, f->lock held) --------------------------- */
@@ -675,9 +706,14 @@ static int run_reads(ep_port_t *p, ep_fd_t *f, port_cqe_t *out, int n, int max, 
                 *more = 1;   /* fairness: come back on a later visit */
                 break;
             }
-            if (!pool_get(p, f, &id))
+            got = pool_get(p, f, &id, &buf);
+            if (got == 0)
                 break;       /* parked until a buffer is released */
-            buf = p->bufs + (size_t)id * p->buf_size;
+            if (got < 0) {
+                list_unlink(&f->rhead, &f->rtail, op);
+                n = deliver_final(p, op, PORT_ENOMEM, out, n);
+                continue;
+            }
             got = recv(f->fd, buf, p->buf_size, MSG_DONTWAIT);
             e = errno;   /* pool_put below may write the eventfd */
             if (got > 0) {
@@ -700,7 +736,7 @@ static int run_reads(ep_port_t *p, ep_fd_t *f, port_cqe_t *out, int n, int max, 
                 n = port__deliver(&p->base, out, out, n, &c);
                 continue;
             }
-            pool_put(p, id);
+            pool_put(p, id, NULL);
             if (got == 0) {
                 list_unlink(&f->rhead, &f->rtail, op);
                 n = deliver_final(p, op, 0, out, n);
@@ -1293,8 +1329,11 @@ static void ep_free(ep_port_t *p) {
     port_mutex_destroy(&p->fdt_mutex);
     free(p->heap);
     free(p->free_ids);
-    if (p->bufs != NULL)
-        munmap(p->bufs, p->bufs_sz);
+    if (p->buf_addr != NULL) {
+        for (i = 0; i < p->buf_made; i++)
+            port_buf_free(p->buf_addr[i]);   /* the pool's; kept ones were replaced */
+        free(p->buf_addr);
+    }
     if (p->efd >= 0)
         close(p->efd);
     if (p->epfd >= 0)
@@ -1376,16 +1415,11 @@ static int ep_create(port_t **out, const port_options_t *opts, char *errbuf, siz
     p->free_ids = (uint32_t *)malloc((size_t)p->buf_max * sizeof(uint32_t));
     if (p->free_ids == NULL)
         goto nomem;
-    /* Address space for every buffer the pool may make; a page costs memory only once
-     * data is written to it, and LIFO reuse keeps the touched pages few. */
-    p->bufs_sz = (size_t)p->buf_max * p->buf_size;
-    p->bufs = (char *)mmap(NULL, p->bufs_sz, PROT_READ | PROT_WRITE,
-                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p->bufs == MAP_FAILED) {
-        p->bufs = NULL;
-        rc = os_error(errno, "reserving the receive buffers (mmap)", errbuf, errlen);
-        goto fail;
-    }
+    /* Buffers are made on first use, so the memory follows the peak of data in flight,
+     * and LIFO reuse keeps the touched pages few. */
+    p->buf_addr = (char **)calloc(p->buf_max, sizeof(char *));
+    if (p->buf_addr == NULL)
+        goto nomem;
     *out = &p->base;
     return 0;
 

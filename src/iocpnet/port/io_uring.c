@@ -64,10 +64,34 @@
  * bound it (or lacks multishot) rejects the SQE with EINVAL: receives are then one-shot
  * for good.
  *
- * Operations that complete without the kernel doing I/O (close, post, and an op that
- * failed before it reached the kernel) are a NOP SQE whose user_data is tagged: the
- * result was stored in the op beforehand.  That keeps one path for every completion and
- * wakes a sleeping waiter like any other completion.
+ * When every buffer is out, the receives that found the ring empty wait on a FIFO and
+ * each buffer given back re-arms one of them, the oldest ("receive buffers" below).  A
+ * buffer the caller keeps for good (port_recv_detach) leaves the pool, which puts a new
+ * heap block under its id: what the application keeps never drains the ring.
+ *
+ * Descriptors.  A dispatching thread's SQEs reach the kernel with its next wait, and
+ * another thread's when the leader answers the doorbell, so a close(2) made at once
+ * could come first: the number, free again, goes to the next socket anyone opens, and a
+ * SEND or RECV still in the ring then runs on that socket (a client received another
+ * player's goodbye; an old receive ate a new connection's first bytes).  So a close is
+ * an SQE too, IORING_OP_CLOSE, queued behind everything already in the ring.  The
+ * kernel takes SQEs in ring order and resolves an SQE's descriptor when it issues it,
+ * inside the io_uring_enter that submits it (this file uses no links, IOSQE_ASYNC or
+ * drains, the cases that would defer that), so every earlier operation holds its own
+ * reference to the socket before the number is released; they end with their cancels,
+ * queued by the caller ahead of the close.  The alternatives: flushing the ring before
+ * close(2) costs a system call per close and needs every thread to be able to submit
+ * (a SINGLE_ISSUER ring forbids it); a CLOSE linked after the operations would wait
+ * for them to finish (for a send to a peer that does not read: forever); registered
+ * descriptors remove the question but move the descriptor table into the ring, a larger
+ * change left for when a profile asks for direct descriptors.  port_sock_close, which
+ * is synchronous (and rare: listeners, refused connections), hands the ring to the
+ * kernel first, then calls close(2).
+ *
+ * Operations that complete without the kernel doing I/O (post, and an op that failed
+ * before it reached the kernel) are a NOP SQE whose user_data is tagged: the result was
+ * stored in the op beforehand.  That keeps one path for every completion and wakes a
+ * sleeping waiter like any other completion.
  *
  * Invariants
  *   - user_data is a port_op_t pointer (8-byte aligned), possibly tagged in its low bits,
@@ -75,6 +99,7 @@
  *   - Lock order: cq_lock, then sq_lock or br_lock; strand locks are taken last.
  *   - Each op has exactly one final completion; it is counted (port__completed) when it
  *     is reaped, before it is handed to the caller.
+ *   - A socket is closed by an IORING_OP_CLOSE behind every SQE written before it.
  *
  * Required kernel: 5.19 (provided-buffer rings), EXT_ARG waits (5.11) and NODROP.
  * Anything less, and io_uring_setup failing with EPERM/ENOSYS/EINVAL (seccomp, the
@@ -174,7 +199,10 @@ typedef struct uring_op {
         struct msghdr msg;           /* sendmsg: the kernel reads it until completion */
         struct __kernel_timespec ts; /* timer */
         struct sockaddr_in6 sa;      /* connect: a copy, so the caller's may go away */
-        uint32_t short_read;         /* recv: the last read did not fill its buffer */
+        struct {
+            uint32_t short_read;     /* the last read did not fill its buffer */
+            uint32_t woken;          /* re-armed by a buffer given back (see below) */
+        } rv;                        /* recv */
     } u;
     int64_t imm_res;                 /* result carried by an immediate completion */
     port_op_t *rearm_next;           /* recvs waiting for receive buffers */
@@ -214,11 +242,12 @@ typedef struct uring_port {
     size_t br_sz;
     unsigned br_mask;
     uint16_t br_tail;                  /* under br_lock */
-    char *bufs;
-    size_t bufs_sz;
+    char **buf_addr;                   /* buffer id -> its memory (atomic entries) */
     unsigned buf_size, buf_max, buf_made;
     volatile int32_t br_lock;
-    port_op_t *rearm_head;             /* under br_lock */
+    port_op_t *rearm_head, *rearm_tail; /* receives waiting for a buffer; under br_lock */
+    uint32_t woken;                    /* of them, re-armed and not yet resolved; br_lock */
+    volatile int32_t br_free;          /* buffers in the ring not yet seen taken */
     volatile int32_t multishot;        /* 1 works, -1 not known yet, 0 off */
     volatile uint32_t mshot_limit;     /* bytes one multishot arming may read; 0: no bound */
 
@@ -238,6 +267,9 @@ typedef struct uring_port {
 static PORT_THREAD_LOCAL uring_port_t *tls_batch;
 /* This thread deferred a send during its batch: port_flush_sends hands it over. */
 static PORT_THREAD_LOCAL int tls_send_deferred;
+/* This thread re-armed a receive waiting for a buffer while reaping: submit before the
+ * batch is dispatched (see waiter_submit). */
+static PORT_THREAD_LOCAL uring_port_t *tls_waiter_rearmed;
 
 static int sys_setup(unsigned entries, struct io_uring_params *p) {
     return (int)syscall(__NR_io_uring_setup, entries, p);
@@ -292,6 +324,19 @@ static void submit_now(uring_port_t *p) {
             return;
         port_thread_yield();
     }
+}
+
+/* Hand every written SQE to the kernel, however long it takes (a close waits for it);
+ * 0 only when the ring itself fails. */
+static int submit_all(uring_port_t *p) {
+    while (sq_pending(p) > 0) {
+        if (sys_enter(p->ring_fd, sq_pending(p), 0, 0, NULL, 0) < 0 && errno != EINTR &&
+            errno != EAGAIN && errno != EBUSY)
+            return 0;
+        if (sq_pending(p) > 0)
+            port_thread_yield();
+    }
+    return 1;
 }
 
 /* Claim an SQE; the caller holds sq_lock and fills it, then calls sqe_commit. */
@@ -449,10 +494,24 @@ static void post_wake(uring_port_t *p) {
 
 /* ---- receive buffers ------------------------------------------------------------------ */
 
+/* Each buffer is a heap block of its own (buf_addr[id]), so that one the caller keeps
+ * (port_recv_detach) simply leaves the pool, which puts a fresh block under the same id.
+ *
+ * Waiters.  A receive that finds the ring empty completes with ENOBUFS; it is parked on
+ * a FIFO, and each buffer given back re-arms one waiter, the oldest (re-arming them all
+ * would cost one SQE and one ENOBUFS completion per waiter per release, and the newest
+ * would win).  br_free counts the buffers in the ring that no reaped completion has
+ * taken yet, `woken` the waiters re-armed for one of them whose outcome is not known
+ * yet: a waiter is woken only while br_free > woken.  A woken receive that completes
+ * without taking a buffer (cancelled, the peer closed) passes the wake on; one that
+ * lost its buffer to another receive goes back to the head of the queue.  br_free may
+ * run ahead of the ring for as long as a completion that took a buffer is not reaped,
+ * which at worst re-arms a receive that then waits again. */
+
 static void br_add(uring_port_t *p, unsigned bid) {
     /* Write the fields one by one: the ring's tail lives in the `resv` field of entry 0. */
     struct io_uring_buf *b = &p->br->bufs[p->br_tail & p->br_mask];
-    b->addr = (uint64_t)(uintptr_t)(p->bufs + (size_t)bid * p->buf_size);
+    b->addr = (uint64_t)(uintptr_t)LOAD_ACQ(&p->buf_addr[bid]);
     b->len = p->buf_size;
     b->bid = (uint16_t)bid;
     p->br_tail++;
@@ -460,56 +519,128 @@ static void br_add(uring_port_t *p, unsigned bid) {
 
 static void br_publish(uring_port_t *p) { STORE_REL(&p->br->tail, p->br_tail); }
 
-/* Make `count` more buffers (under br_lock).  Returns how many were made. */
+/* Make up to `count` more buffers (under br_lock).  Returns how many were made. */
 static unsigned br_grow(uring_port_t *p, unsigned count) {
-    unsigned i, made;
+    unsigned made = 0;
     if (count > p->buf_max - p->buf_made)
         count = p->buf_max - p->buf_made;
-    for (i = 0; i < count; i++)
-        br_add(p, p->buf_made + i);
-    made = count;
-    p->buf_made += made;
+    while (made < count) {
+        char *b = port__buf_alloc(p->buf_size);
+        if (b == NULL)
+            break;      /* out of memory: the pool stays smaller (receives wait) */
+        STORE_REL(&p->buf_addr[p->buf_made], b);
+        br_add(p, p->buf_made);
+        p->buf_made++;
+        made++;
+    }
     if (made) {
         br_publish(p);
+        port_atomic_add32(&p->br_free, (int32_t)made);
         port_atomic_add64(&p->base.recv_buffers, made);
     }
     return made;
 }
 
-static void uring_recv_release(port_t *bp, uint32_t bid) {
+/* The oldest waiter, if a buffer is free for it (under br_lock); the caller re-arms it. */
+static port_op_t *waiter_wake(uring_port_t *p) {
+    port_op_t *op = p->rearm_head;
+    if (op == NULL || port_atomic_load32(&p->br_free) <= (int32_t)p->woken)
+        return NULL;
+    p->rearm_head = OP_PRIV(op)->rearm_next;
+    if (p->rearm_head == NULL)
+        p->rearm_tail = NULL;
+    port_atomic_add64(&p->base.recv_waiting, -1);
+    __atomic_store_n(&OP_PRIV(op)->u.rv.woken, 1, __ATOMIC_RELAXED);
+    p->woken++;
+    return op;
+}
+
+/* A waiter just re-armed belongs to another session, and the rest of this thread's
+ * batch may take long (a hook that blocks holds every later completion of its batch):
+ * so its SQE goes to the kernel now, not with this thread's next wait.  While reaping,
+ * uring_wait does it before handing out the batch.  Rare: only when the pool is dry. */
+static void waiter_submit(uring_port_t *p, int reaping) {
+    if (reaping)
+        tls_waiter_rearmed = p;
+    else if (__atomic_load_n(&p->leader, __ATOMIC_ACQUIRE))
+        ring_doorbell(p);
+    else
+        submit_now(p);
+}
+
+/* A woken receive's outcome is known (under br_lock). */
+static void waiter_resolved(uring_port_t *p, port_op_t *op) {
+    __atomic_store_n(&OP_PRIV(op)->u.rv.woken, 0, __ATOMIC_RELAXED);
+    p->woken--;
+}
+
+static void uring_recv_release(port_t *bp, uint32_t bid, char *fresh) {
     uring_port_t *p = (uring_port_t *)bp;
-    port_op_t *rearm;
+    port_op_t *w;
     port_spin_lock(&p->br_lock);
+    if (fresh != NULL)
+        STORE_REL(&p->buf_addr[bid], fresh);   /* the caller kept the old block */
     br_add(p, bid);
     br_publish(p);
-    rearm = p->rearm_head;
-    p->rearm_head = NULL;
+    port_atomic_add32(&p->br_free, 1);
+    w = waiter_wake(p);
     port_spin_unlock(&p->br_lock);
-    if (rearm == NULL)
-        return;
-    while (rearm != NULL) {
-        port_op_t *next = OP_PRIV(rearm)->rearm_next;
-        resubmit_recv(p, rearm, 0);
-        rearm = next;
+    if (w != NULL) {
+        resubmit_recv(p, w, 0);
+        waiter_submit(p, 0);
     }
-    after_submit(p);
+}
+
+/* A receive that was woken for a buffer completed without ENOBUFS (called while
+ * reaping): it took the buffer, or it ended without one and passes the wake on. */
+static void recv_woken_done(uring_port_t *p, port_op_t *op) {
+    port_op_t *w;
+    port_spin_lock(&p->br_lock);
+    waiter_resolved(p, op);
+    w = waiter_wake(p);
+    port_spin_unlock(&p->br_lock);
+    if (w != NULL) {
+        resubmit_recv(p, w, 0);
+        waiter_submit(p, 1);
+    }
 }
 
 /* The kernel ran out of buffers for op's receive (called while reaping). */
 static void recv_out_of_buffers(uring_port_t *p, port_op_t *op) {
-    int now = 0;
+    int now = 0, woken;
     port_spin_lock(&p->br_lock);
-    if (br_grow(p, p->buf_made) > 0 || port_atomic_load64(&p->base.recv_buffers_out) == 0) {
-        /* Room again (or every buffer is back in the ring already): re-arm now. */
+    woken = (int)__atomic_load_n(&OP_PRIV(op)->u.rv.woken, __ATOMIC_RELAXED);
+    if (woken)
+        waiter_resolved(p, op);
+    if (br_grow(p, p->buf_made) > 0) {
+        now = 1;           /* room again */
+    } else if ((woken || p->rearm_head == NULL) &&
+               port_atomic_load32(&p->br_free) > (int32_t)p->woken) {
+        /* A buffer came back since the kernel looked, and nobody older waits for it. */
+        __atomic_store_n(&OP_PRIV(op)->u.rv.woken, 1, __ATOMIC_RELAXED);
+        p->woken++;
         now = 1;
-    } else {
-        /* All buffers are with the dispatchers; the next release re-arms this one. */
+    } else if (woken) {
+        /* Another receive took the buffer it was woken for: it stays the oldest. */
+        port_atomic_add64(&p->base.recv_waiting, 1);
         OP_PRIV(op)->rearm_next = p->rearm_head;
         p->rearm_head = op;
+        if (p->rearm_tail == NULL)
+            p->rearm_tail = op;
+    } else {
+        port_atomic_add64(&p->base.recv_waiting, 1);
+        OP_PRIV(op)->rearm_next = NULL;
+        if (p->rearm_tail != NULL)
+            OP_PRIV(p->rearm_tail)->rearm_next = op;
+        else
+            p->rearm_head = op;
+        p->rearm_tail = op;
     }
     port_spin_unlock(&p->br_lock);
-    if (now)
+    if (now) {
         resubmit_recv(p, op, 0);
+        waiter_submit(p, 1);
+    }
 }
 
 /* ---- completions ---------------------------------------------------------------------- */
@@ -522,7 +653,7 @@ static int resubmit_orphan(uring_port_t *p, port_op_t *op) {
     struct io_uring_sqe *sqe;
     switch (op->type) {
     case PORT_OP_RECV:
-        resubmit_recv(p, op, (int)OP_PRIV(op)->u.short_read);
+        resubmit_recv(p, op, (int)OP_PRIV(op)->u.rv.short_read);
         return 1;
     case PORT_OP_ACCEPT:
     case PORT_OP_SEND:
@@ -561,6 +692,8 @@ static int handle_cqe(uring_port_t *p, port_cqe_t *out, int n, uint64_t ud, int3
 
     if (ud & UD_TAG_IMM) {
         c.res = OP_PRIV(op)->imm_res;
+        if (op->type == PORT_OP_RECV && __atomic_load_n(&OP_PRIV(op)->u.rv.woken, __ATOMIC_RELAXED))
+            recv_woken_done(p, op);   /* cancelled before it took its buffer */
         goto final;
     }
 
@@ -571,13 +704,20 @@ static int handle_cqe(uring_port_t *p, port_cqe_t *out, int n, uint64_t ud, int3
     case PORT_OP_RECV:
         if (flags & IORING_CQE_F_BUFFER) {
             c.buf_id = flags >> IORING_CQE_BUFFER_SHIFT;
-            c.buf = p->bufs + (size_t)c.buf_id * p->buf_size;
+            c.buf = LOAD_ACQ(&p->buf_addr[c.buf_id]);
             c.flags |= PORT_CQE_BUFFER;
+            port_atomic_add32(&p->br_free, -1);
             port_atomic_add64(&p->base.recv_buffers_out, 1);
         }
+        if (res == -ENOBUFS && !LOAD_ACQ(&op->cancel_requested)) {
+            recv_out_of_buffers(p, op);
+            return n;
+        }
+        if (__atomic_load_n(&OP_PRIV(op)->u.rv.woken, __ATOMIC_RELAXED))
+            recv_woken_done(p, op);
         if (res > 0) {
             c.res = res;
-            OP_PRIV(op)->u.short_read = (uint32_t)res < p->buf_size;
+            OP_PRIV(op)->u.rv.short_read = (uint32_t)res < p->buf_size;
             if (p->multishot == 0 || !(flags & IORING_CQE_F_MORE)) {
                 /* A one-shot receive, or an arming that ended with data (its bound
                  * reached): final.  The caller posts the next receive once it has
@@ -588,10 +728,6 @@ static int handle_cqe(uring_port_t *p, port_cqe_t *out, int n, uint64_t ud, int3
                 port_atomic_store32(&p->multishot, 1);
             c.flags |= PORT_CQE_MORE;
             return port__deliver(&p->base, out, out, n, &c);
-        }
-        if (res == -ENOBUFS && !LOAD_ACQ(&op->cancel_requested)) {
-            recv_out_of_buffers(p, op);
-            return n;
         }
         if (res == -EINVAL && p->multishot < 0) {
             /* A kernel without multishot recv rejects the flag, one without the bound
@@ -719,6 +855,7 @@ static int uring_wait(port_t *bp, port_cqe_t *out, int max, int timeout_ms) {
      * thread's deferred submissions then, so do it here. */
     n = reap(p, out, max, &woke);
     if (n > 0 || timeout_ms == 0) {
+        tls_waiter_rearmed = NULL;
         if (n == 0 && (sq_pending(p) || taskrun_pending(p))) {
             /* A poll: submit, and run the completion work waiting for us, in one call. */
             (void)sys_enter(p->ring_fd, sq_pending(p), 0, IORING_ENTER_GETEVENTS, NULL, 0);
@@ -780,6 +917,10 @@ static int uring_wait(port_t *bp, port_cqe_t *out, int max, int timeout_ms) {
     }
     port_atomic_add32(&p->waiters, -1);
     leave_leader(p);    /* before dispatching: the next thread waits meanwhile */
+    if (tls_waiter_rearmed == p) {
+        tls_waiter_rearmed = NULL;
+        submit_now(p);
+    }
     if (n > 0) {
         tls_batch = p;
         return n;
@@ -863,7 +1004,7 @@ static int uring_recv(port_t *bp, port_op_t *op, port_sock_t sock) {
     uring_port_t *p = (uring_port_t *)bp;
     op->sock = sock;
     port__submitted(bp, op);
-    resubmit_recv(p, op, (int)OP_PRIV(op)->u.short_read);
+    resubmit_recv(p, op, (int)OP_PRIV(op)->u.rv.short_read);
     after_submit(p);
     return 0;
 }
@@ -892,15 +1033,35 @@ static int uring_send(port_t *bp, port_op_t *op, port_sock_t sock, const port_bu
     return 0;
 }
 
+/* Queue an IORING_OP_CLOSE behind everything already in the submission ring (see
+ * "Descriptors" at the top).  The abortive close's linger setting changes nothing about
+ * the number, so it is made at once. */
+static void prep_close_locked(uring_port_t *p, port_sock_t sock, int flags, port_op_t *op) {
+    struct io_uring_sqe *sqe;
+    if (flags & PORT_CLOSE_RESET) {
+        struct linger lg;
+        lg.l_onoff = 1;
+        lg.l_linger = 0;
+        (void)setsockopt(sock, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+    }
+    sqe = sqe_get(p);
+    sqe->opcode = IORING_OP_CLOSE;
+    sqe->fd = sock;
+    sqe->user_data = (uint64_t)(uintptr_t)op;
+    sqe_commit(p);
+}
+
 static int uring_close(port_t *bp, port_op_t *op, port_sock_t sock, int flags) {
     uring_port_t *p = (uring_port_t *)bp;
-    /* close() itself is quick; operations still pending on the socket hold their own
-     * reference to it in the kernel and end when their cancel (already queued by the
-     * caller, ahead of this) is processed. */
-    int rc = port__posix_close(sock, flags);
     op->sock = sock;
     port__submitted(bp, op);
-    submit_imm(p, op, rc);
+    if (sock < 0) {
+        submit_imm(p, op, PORT_EBADF);
+    } else {
+        port_spin_lock(&p->sq_lock);
+        prep_close_locked(p, sock, flags, op);
+        port_spin_unlock(&p->sq_lock);
+    }
     after_submit(p);
     return 0;
 }
@@ -913,10 +1074,14 @@ static int uring_cancel(port_t *bp, port_op_t *target) {
 
     /* A receive parked for buffers is not in the kernel: finish it here. */
     if (target->type == PORT_OP_RECV) {
+        port_op_t *prev = NULL;
         port_spin_lock(&p->br_lock);
-        for (pp = &p->rearm_head; *pp != NULL; pp = &OP_PRIV(*pp)->rearm_next) {
+        for (pp = &p->rearm_head; *pp != NULL; prev = *pp, pp = &OP_PRIV(*pp)->rearm_next) {
             if (*pp == target) {
                 *pp = OP_PRIV(target)->rearm_next;
+                if (p->rearm_tail == target)
+                    p->rearm_tail = prev;
+                port_atomic_add64(&p->base.recv_waiting, -1);
                 parked = 1;
                 break;
             }
@@ -970,15 +1135,25 @@ static int uring_listen(port_t *bp, const port_addr_t *addr, int backlog, int fl
 }
 
 static int uring_sock_close(port_t *bp, port_sock_t s, int flags) {
-    PORT_UNUSED(bp);
+    uring_port_t *p = (uring_port_t *)bp;
+    /* Done when this returns, with close(2)'s own result: so hand what the ring holds
+     * (operations on s among them) to the kernel first.  Nothing on s can be written
+     * after that: the caller submits nothing more on it, and a receive or accept that
+     * this port re-arms by itself reads its cancel flag first. */
+    if (!submit_all(p))
+        return PORT_EBUSY;   /* the ring cannot be submitted: better a leak than a cross */
     return port__posix_close(s, flags);
 }
 
 /* ---- setup ---------------------------------------------------------------------------- */
 
 static void uring_free(uring_port_t *p) {
-    if (p->bufs)
-        munmap(p->bufs, p->bufs_sz);
+    if (p->buf_addr) {
+        unsigned i;
+        for (i = 0; i < p->buf_made; i++)
+            port_buf_free(p->buf_addr[i]);   /* the pool's; kept ones were replaced */
+        free(p->buf_addr);
+    }
     if (p->br)
         munmap(p->br, p->br_sz);
     if (p->sqes)
@@ -1037,7 +1212,7 @@ static const struct {
     {IORING_OP_CONNECT, "CONNECT"},   {IORING_OP_RECV, "RECV"},
     {IORING_OP_SEND, "SEND"},         {IORING_OP_SENDMSG, "SENDMSG"},
     {IORING_OP_ASYNC_CANCEL, "ASYNC_CANCEL"}, {IORING_OP_TIMEOUT, "TIMEOUT"},
-    {IORING_OP_POLL_ADD, "POLL_ADD"},
+    {IORING_OP_POLL_ADD, "POLL_ADD"}, {IORING_OP_CLOSE, "CLOSE"},
 };
 
 static int check_ops(int fd, char *errbuf, size_t errlen) {
@@ -1199,14 +1374,11 @@ static int uring_create_ex(uring_port_t **out, const port_options_t *opts, int w
             p->br = NULL;
             goto fail_errno;
         }
-        /* Address space for every buffer the pool may ever make; a page costs memory only
-         * once data is written to it. */
-        p->bufs_sz = (size_t)p->buf_max * p->buf_size;
-        p->bufs = (char *)mmap(NULL, p->bufs_sz, PROT_READ | PROT_WRITE,
-                               MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-        if (p->bufs == MAP_FAILED) {
-            p->bufs = NULL;
-            goto fail_errno;
+        p->buf_addr = (char **)calloc(p->buf_max, sizeof(char *));
+        if (p->buf_addr == NULL) {
+            rc = PORT_ENOMEM;
+            port__set_err(errbuf, errlen, "io_uring: out of memory for the buffer table");
+            goto fail;
         }
         memset(&reg, 0, sizeof(reg));
         reg.ring_addr = (uint64_t)(uintptr_t)p->br;

@@ -33,12 +33,18 @@
  * with the error) without consuming anything; then a non-blocking recv() copies what
  * arrived into a buffer taken from the port's pool at that moment, and that is the
  * receive's completion (PORT_CQE_BUFFER).  recv() == 0 is EOF (res 0); WSAEWOULDBLOCK
- * (nothing there after all) posts the zero-byte WSARecv again.  The pool reserves
- * address space for recv_buffer_count buffers and commits each one the first time it is
- * used, so memory follows the peak of data being dispatched, as io_uring's provided
- * buffers do.  When every buffer is out, the receive is parked (no I/O posted) and the
- * next port_recv_release posts its zero-byte WSARecv again: the data waits in the
- * kernel's socket buffer, which is TCP's flow control doing its job.
+ * (nothing there after all) posts the zero-byte WSARecv again.  The pool makes up to
+ * recv_buffer_count buffers (heap blocks), each the first time it is needed, so memory
+ * follows the peak of data being dispatched, as io_uring's provided buffers do; one the
+ * caller keeps for good (port_recv_detach) is replaced by a new block.  When every
+ * buffer is out, the receive is parked (no I/O posted), in arrival order, and each
+ * buffer given back posts the zero-byte WSARecv of the oldest again (one that ends
+ * without taking a buffer passes the turn on): the data waits in the kernel's socket
+ * buffer, which is TCP's flow control doing its job.
+ *   Descriptors: every submission here is its own system call, made before the call
+ * returns, so port_close's closesocket comes after everything submitted before it, as
+ * port.h requires; the zero-byte WSARecv a released buffer re-posts reads the cancel
+ * flag first (below).
  * PORT_OPT_RECV_MULTISHOT (an io_uring option) is ignored: receives stay one-shot.
  *   Re-posting honours port_cancel: the cancel flag is read and the zero-byte WSARecv
  * posted under the op's spin lock, and port_cancel takes that lock around CancelIoEx, so
@@ -135,6 +141,7 @@ typedef struct iocp_op {
     int64_t imm_res;                       /* result carried by a KEY_IMM packet */
     port_op_t *parked_next;                /* receives waiting for a pool buffer */
     volatile int32_t lock;                 /* issue vs cancel (see the top) */
+    volatile int32_t woken;                /* re-armed for a buffer given back; pool_lock */
 } iocp_op_t;
 
 PORT_STATIC_ASSERT(sizeof(iocp_op_t) <= sizeof(((port_op_t *)0)->priv), iocp_op_fits);
@@ -161,10 +168,11 @@ typedef struct iocp_port {
 
     /* receive buffer pool */
     volatile int32_t pool_lock;
-    char *pool;                        /* reserved: buf_max * buf_size bytes */
+    char **buf_addr;                   /* buffer id -> its memory (a heap block) */
     uint32_t *free_ids;
     uint32_t free_n, made, buf_max, buf_size;
-    port_op_t *parked;                 /* under pool_lock */
+    port_op_t *parked_head, *parked_tail;  /* receives waiting for a buffer, FIFO */
+    uint32_t woken;                    /* parked receives re-armed, not yet resolved */
 } iocp_port_t;
 
 /* ---- clock ------------------------------------------------------------------------------ */
@@ -214,46 +222,79 @@ static int64_t fail_res(port_op_t *op, int rc) {
 /* ---- receive buffer pool -------------------------------------------------------------- */
 
 static char *pool_buf(iocp_port_t *p, uint32_t id) {
-    return p->pool + (size_t)id * p->buf_size;
+    return p->buf_addr[id];   /* read by the id's holder; set under pool_lock before */
 }
 
-/* A free buffer, or 0 when all are out (the caller parks). */
+/* A free buffer (1), 0 when all are out (the caller parks), -1 out of memory. */
 static int pool_get(iocp_port_t *p, uint32_t *id) {
-    int ok = 0, fresh = 0;
-    port_spin_lock(&p->pool_lock);
-    if (p->free_n > 0) {
-        *id = p->free_ids[--p->free_n];
-        ok = 1;
-    } else if (p->made < p->buf_max) {
-        *id = p->made++;
-        ok = fresh = 1;
-    }
-    port_spin_unlock(&p->pool_lock);
-    if (fresh) {
-        /* Commit the buffer's pages the first time it is used. */
-        if (VirtualAlloc(pool_buf(p, *id), p->buf_size, MEM_COMMIT, PAGE_READWRITE) == NULL) {
-            port_spin_lock(&p->pool_lock);
-            if (*id + 1 == p->made)
-                p->made--;
-            port_spin_unlock(&p->pool_lock);
-            return -1;
+    char *fresh = NULL;
+    int ok = 0, room;
+    for (;;) {
+        port_spin_lock(&p->pool_lock);
+        if (p->free_n > 0) {
+            *id = p->free_ids[--p->free_n];
+            ok = 1;
+        } else if (p->made < p->buf_max && fresh != NULL) {
+            *id = p->made++;
+            p->buf_addr[*id] = fresh;   /* made on first use */
+            fresh = NULL;
+            ok = 2;
         }
-        port_atomic_add64(&p->base.recv_buffers, 1);
+        room = p->made < p->buf_max;
+        port_spin_unlock(&p->pool_lock);
+        if (ok || fresh != NULL || !room)
+            break;
+        /* Room for one more: allocate outside the lock, then look again. */
+        fresh = port__buf_alloc(p->buf_size);
+        if (fresh == NULL)
+            return -1;
     }
-    return ok;
+    if (fresh != NULL)
+        port_buf_free(fresh);   /* another receive made one meanwhile, or gave one back */
+    if (ok == 2)
+        port_atomic_add64(&p->base.recv_buffers, 1);
+    return ok ? 1 : 0;
+}
+
+/* The oldest parked receive, when a free buffer is not already promised to a receive
+ * woken earlier (under pool_lock); the caller re-arms it. */
+static port_op_t *parked_wake(iocp_port_t *p) {
+    port_op_t *op = p->parked_head;
+    if (op == NULL || p->free_n <= p->woken)
+        return NULL;
+    p->parked_head = OP_PRIV(op)->parked_next;
+    if (p->parked_head == NULL)
+        p->parked_tail = NULL;
+    port_atomic_add64(&p->base.recv_waiting, -1);
+    port_atomic_store32(&OP_PRIV(op)->woken, 1);
+    p->woken++;
+    return op;
 }
 
 static void arm_recv(iocp_port_t *p, port_op_t *op);
 
-static void iocp_recv_release(port_t *bp, uint32_t id) {
+static void iocp_recv_release(port_t *bp, uint32_t id, char *fresh) {
     iocp_port_t *p = (iocp_port_t *)bp;
     port_op_t *rearm;
     port_spin_lock(&p->pool_lock);
+    if (fresh != NULL)
+        p->buf_addr[id] = fresh;   /* the caller kept the old block */
     p->free_ids[p->free_n++] = id;
-    /* One buffer back: one parked receive may go on. */
-    rearm = p->parked;
+    /* One buffer back: the oldest parked receive may go on. */
+    rearm = parked_wake(p);
+    port_spin_unlock(&p->pool_lock);
     if (rearm != NULL)
-        p->parked = OP_PRIV(rearm)->parked_next;
+        arm_recv(p, rearm);
+}
+
+/* A receive woken for a buffer ended without taking one (cancelled, failed): the wake
+ * goes to the next parked receive, or a free buffer could sit unused while they wait. */
+static void woken_done(iocp_port_t *p, port_op_t *op) {
+    port_op_t *rearm;
+    port_spin_lock(&p->pool_lock);
+    port_atomic_store32(&OP_PRIV(op)->woken, 0);
+    p->woken--;
+    rearm = parked_wake(p);
     port_spin_unlock(&p->pool_lock);
     if (rearm != NULL)
         arm_recv(p, rearm);
@@ -605,10 +646,14 @@ static int iocp_cancel(port_t *bp, port_op_t *target) {
         return 0;   /* already complete: their packet is queued */
     case PORT_OP_RECV:
         /* A receive parked for a buffer has no I/O to cancel: finish it here. */
+        port_op_t *prev = NULL;
         port_spin_lock(&p->pool_lock);
-        for (pp = &p->parked; *pp != NULL; pp = &OP_PRIV(*pp)->parked_next) {
+        for (pp = &p->parked_head; *pp != NULL; prev = *pp, pp = &OP_PRIV(*pp)->parked_next) {
             if (*pp == target) {
                 *pp = o->parked_next;
+                if (p->parked_tail == target)
+                    p->parked_tail = prev;
+                port_atomic_add64(&p->base.recv_waiting, -1);
                 found = 1;
                 break;
             }
@@ -645,15 +690,36 @@ static int recv_ready(iocp_port_t *p, port_op_t *op, port_cqe_t *out, int n) {
     iocp_op_t *o = OP_PRIV(op);
     port_cqe_t c;
     uint32_t id = 0;
-    int got, r, e = 0;
+    int got, r, e = 0, woken = 0;
 
+    if (port_atomic_load32(&o->woken)) {
+        /* Woken for a buffer: whether it gets one is decided just below. */
+        port_spin_lock(&p->pool_lock);
+        port_atomic_store32(&o->woken, 0);
+        p->woken--;
+        port_spin_unlock(&p->pool_lock);
+        woken = 1;
+    }
     got = pool_get(p, &id);
     if (got == 0) {
-        /* Every buffer is with the dispatchers: park until one comes back. */
+        /* Every buffer is with the dispatchers: park until one comes back, in arrival
+         * order (one woken that lost its buffer to another receive stays the oldest). */
         port_spin_lock(&p->pool_lock);
         if (p->free_n == 0 && !port_atomic_load32(&op->cancel_requested)) {
-            o->parked_next = p->parked;
-            p->parked = op;
+            port_atomic_add64(&p->base.recv_waiting, 1);
+            if (woken) {
+                o->parked_next = p->parked_head;
+                p->parked_head = op;
+                if (p->parked_tail == NULL)
+                    p->parked_tail = op;
+            } else {
+                o->parked_next = NULL;
+                if (p->parked_tail != NULL)
+                    OP_PRIV(p->parked_tail)->parked_next = op;
+                else
+                    p->parked_head = op;
+                p->parked_tail = op;
+            }
             port_spin_unlock(&p->pool_lock);
             return n;
         }
@@ -691,7 +757,7 @@ static int recv_ready(iocp_port_t *p, port_op_t *op, port_cqe_t *out, int n) {
         port__completed(&p->base, op);
         return port__deliver(&p->base, out, out, n, &c);
     }
-    iocp_recv_release(&p->base, id);
+    iocp_recv_release(&p->base, id, NULL);
     if (r < 0 && e == WSAEWOULDBLOCK) {
         arm_recv(p, op);   /* nothing there after all */
         return n;
@@ -716,6 +782,8 @@ static int handle_entry(iocp_port_t *p, const OVERLAPPED_ENTRY *ent, port_cqe_t 
     o = OP_PRIV(op);
     if (ent->lpCompletionKey == KEY_IMM) {
         cqe_init(&c, op, o->imm_res);
+        if (op->type == PORT_OP_RECV && port_atomic_load32(&o->woken))
+            woken_done(p, op);   /* cancelled before it could take its buffer */
         goto final;
     }
     rc = port__win_status((LONG)op->ov.Internal);
@@ -723,6 +791,8 @@ static int handle_entry(iocp_port_t *p, const OVERLAPPED_ENTRY *ent, port_cqe_t 
     case PORT_OP_RECV:
         if (rc == 0)
             return recv_ready(p, op, out, n);
+        if (port_atomic_load32(&o->woken))
+            woken_done(p, op);
         cqe_init(&c, op, fail_res(op, rc));
         goto final;
     case PORT_OP_SEND:
@@ -883,8 +953,12 @@ static int iocp_sock_close(port_t *bp, port_sock_t s, int flags) {
 static void iocp_free(iocp_port_t *p) {
     if (p->iocp != NULL)
         CloseHandle(p->iocp);
-    if (p->pool != NULL)
-        VirtualFree(p->pool, 0, MEM_RELEASE);
+    if (p->buf_addr != NULL) {
+        uint32_t i;
+        for (i = 0; i < p->made; i++)
+            port_buf_free(p->buf_addr[i]);   /* the pool's; kept ones were replaced */
+        free(p->buf_addr);
+    }
     free(p->free_ids);
     free(p->heap);
     port_mutex_destroy(&p->timer_lock);
@@ -912,7 +986,6 @@ static int iocp_probe(char *errbuf, size_t errlen) {
 
 static int iocp_create(port_t **out, const port_options_t *opts, char *errbuf, size_t errlen) {
     iocp_port_t *p;
-    size_t reserve;
     int rc;
 
     *out = NULL;
@@ -938,10 +1011,9 @@ static int iocp_create(port_t **out, const port_options_t *opts, char *errbuf, s
     p->buf_size = p->base.opts.recv_buffer_size;
     p->buf_max = p->base.opts.recv_buffer_count;
     p->free_ids = (uint32_t *)malloc(sizeof(uint32_t) * p->buf_max);
-    /* Address space for every buffer the pool may make; pages are committed on use. */
-    reserve = (size_t)p->buf_max * p->buf_size;
-    p->pool = (char *)VirtualAlloc(NULL, reserve, MEM_RESERVE, PAGE_NOACCESS);
-    if (p->free_ids == NULL || p->pool == NULL) {
+    /* Buffers are heap blocks made on first use: memory follows the peak in flight. */
+    p->buf_addr = (char **)calloc(p->buf_max, sizeof(char *));
+    if (p->free_ids == NULL || p->buf_addr == NULL) {
         port__set_err(errbuf, errlen, "iocp: out of memory for %u receive buffers of %u bytes",
                       (unsigned)p->buf_max, (unsigned)p->buf_size);
         rc = PORT_ENOMEM;

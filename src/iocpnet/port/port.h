@@ -34,6 +34,19 @@
  *   - Every function returns 0 (or a count, or a socket) on success and a negative
  *     PORT_E* code on failure; completion results use the same codes.
  *
+ * Descriptors.  No operation ever reaches a socket after it was closed: port_close and
+ * port_sock_close are ordered after every operation submitted on the socket before them
+ * (a backend that defers submissions hands those to the kernel first, or orders the
+ * close behind them), so the number the OS may hand to a new socket as soon as the
+ * close is done never receives an old operation's bytes, and an old receive never reads
+ * a new connection's.  The caller's part: cancel what is in flight on the socket, then
+ * close it, and submit nothing on it afterwards.
+ *
+ * Receive buffers.  Each PORT_CQE_BUFFER completion lends the caller one buffer of the
+ * port's pool; exactly one of port_recv_release (give it back) or port_recv_detach (keep
+ * its memory for good, the pool makes another) ends the loan.  When every buffer is out,
+ * receives with data wait, and each buffer given back serves one of them, oldest first.
+ *
  * Backends: io_uring (Linux, default), epoll (Linux fallback, completions emulated the
  * way a reactor does: try now, park until ready, complete), IOCP (Windows).
  */
@@ -210,6 +223,8 @@ typedef struct port_stats {
     uint64_t waits;               /* port_wait calls that entered the kernel */
     uint64_t recv_buffers;        /* receive buffers the pool has made so far */
     uint64_t recv_buffers_out;    /* receive buffers delivered and not yet released */
+    uint64_t recv_buffers_detached; /* buffers the caller kept (port_recv_detach) so far */
+    uint64_t recv_waiting;        /* receives with data waiting for a buffer now */
 } port_stats_t;
 
 /* ------------------------------------------------------------------------------------ */
@@ -270,8 +285,16 @@ int port_connect(port_t *p, port_op_t *op, const port_addr_t *addr);
  * res == 0 is the peer's orderly close; a peer's reset is PORT_ECONNRESET on every
  * backend (never 0). */
 int port_recv(port_t *p, port_op_t *op, port_sock_t sock);
-/* Give back the buffer of a receive completion.  Exactly once per PORT_CQE_BUFFER. */
+/* Give back the buffer of a receive completion.  Once per PORT_CQE_BUFFER (or detach). */
 void port_recv_release(port_t *p, const port_cqe_t *cqe);
+/* Keep the buffer of a receive completion instead of giving it back: from now on
+ * cqe->buf (room for recv_buffer_size bytes) is the caller's, to free with
+ * port_buf_free() from any thread, also after the port is destroyed; the pool puts a new
+ * buffer in its place, so memory the caller keeps never drains the pool.  Returns 0, or
+ * PORT_ENOMEM with nothing changed (the buffer is still lent: release it) or
+ * PORT_EINVAL (no buffer in this completion). */
+int port_recv_detach(port_t *p, const port_cqe_t *cqe);
+void port_buf_free(void *buf);
 /* Send the buffers in order in one system call: res = bytes sent, which may be fewer than
  * asked (the caller continues from there).  bufs must stay valid until the completion. */
 int port_send(port_t *p, port_op_t *op, port_sock_t sock, const port_buf_t *bufs, int nbufs);
@@ -284,7 +307,9 @@ int port_send(port_t *p, port_op_t *op, port_sock_t sock, const port_buf_t *bufs
 int64_t port_send_now(port_t *p, port_sock_t sock, const port_buf_t *bufs, int nbufs);
 /* Close a socket (PORT_CLOSE_RESET: abortive, the peer sees a reset).  Cancel the
  * socket's pending operations with port_cancel first; they complete with
- * PORT_ECANCELED.  res = 0. */
+ * PORT_ECANCELED (or with their own result if they finished first).  The close is
+ * ordered after every operation submitted on the socket before it (see "Descriptors"
+ * at the top); it may be done only when the completion comes.  res = 0. */
 #define PORT_CLOSE_RESET 0x1
 int port_close(port_t *p, port_op_t *op, port_sock_t sock, int flags);
 /* Ask for `target` to end early: it completes with PORT_ECANCELED, or with its own result
@@ -316,7 +341,9 @@ int port_set_nodelay(port_sock_t s, int on);
  * Windows 10 1703+ the bytes sent and acknowledged (SIO_TCP_INFO).  PORT_EOPNOTSUPP
  * where the system cannot tell. */
 int port_sock_send_progress(port_sock_t s, uint64_t *mark);
-/* Close a socket that has no operation in flight (e.g. one refused over a limit). */
+/* Close a socket that has no operation in flight, or only cancelled ones (a listener,
+ * one refused over a limit), without a completion: done when this returns, and ordered
+ * after what was submitted on it before, as port_close is. */
 int port_sock_close(port_t *p, port_sock_t s, int flags);
 
 #ifdef __cplusplus

@@ -29,7 +29,9 @@ typedef struct port_vtable {
     int (*accept)(port_t *p, port_op_t *op, port_sock_t listener);
     int (*connect)(port_t *p, port_op_t *op, const port_addr_t *addr);
     int (*recv)(port_t *p, port_op_t *op, port_sock_t sock);
-    void (*recv_release)(port_t *p, uint32_t buf_id);
+    /* Give buffer buf_id back to the pool; with `fresh`, that memory takes its place (the
+     * caller kept the old memory: port_recv_detach). */
+    void (*recv_release)(port_t *p, uint32_t buf_id, char *fresh);
     int (*send)(port_t *p, port_op_t *op, port_sock_t sock, const port_buf_t *bufs, int n);
     int (*close)(port_t *p, port_op_t *op, port_sock_t sock, int flags);
     int (*cancel)(port_t *p, port_op_t *target);
@@ -50,6 +52,8 @@ struct port {
     volatile int64_t waits;
     volatile int64_t recv_buffers;
     volatile int64_t recv_buffers_out;
+    volatile int64_t recv_buffers_detached;
+    volatile int64_t recv_waiting;
     port_options_t opts;
 };
 
@@ -70,6 +74,10 @@ static inline void port__completed(port_t *p, port_op_t *op) {
  * batch being filled; call this in completion order, under whatever lock makes that
  * order (the CQ lock for io_uring, the descriptor's lock for epoll). */
 int port__deliver(port_t *p, void *token, port_cqe_t *out, int n, const port_cqe_t *c);
+
+/* Memory of receive buffers: plain heap blocks, so that one the caller keeps
+ * (port_recv_detach) outlives the port and is freed with port_buf_free. */
+char *port__buf_alloc(size_t size);
 
 /* Errors */
 void port__set_err(char *errbuf, size_t errlen, const char *fmt, ...);
