@@ -46,7 +46,7 @@ class GameSession(iocpnet.Session):
     def OnConnected(self) -> None:
         say(f"connected: {self.address}")
 
-    def OnRecv(self, data: memoryview) -> Optional[int]:
+    def OnRecv(self, data: iocpnet.RecvView) -> Optional[int]:
         self.Send(data)         # echo (copied: the view is only valid during the call)
         return None             # all of it consumed
 

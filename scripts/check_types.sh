@@ -76,6 +76,9 @@ if [ "$mode" != src ]; then
     esac
     step "stubtest iocpnet._core (stub $where/_core.pyi against the compiled module)"
     flags=(--allowlist "$root/tests/typecheck/stubtest_allowlist.txt")
+    if "$vpy" -c 'import sys; sys.exit(sys.version_info >= (3, 12))'; then
+        flags+=(--allowlist "$root/tests/typecheck/stubtest_allowlist_pre312.txt")
+    fi
     # PEP 800 disjoint bases: every cdef class is one; the stub does not mark them (the
     # decorator is too new for the type checkers our users run).
     if "$vpy" -m mypy.stubtest --help | grep -q -- --ignore-disjoint-bases; then

@@ -756,7 +756,7 @@ def _client_connects(server, backend):
 
 
 def test_views_handed_to_another_thread_are_freed_once(server):
-    """OnRecv hands its memoryview, uncopied, to other threads that read it and let it
+    """OnRecv hands its view, uncopied, to other threads that read it and let it
     go, possibly while the worker is still handing the memory over to the view: the
     memory is released exactly once, by whichever side lets go last, and what the
     readers see is what was sent (a double release would hand one receive buffer to two

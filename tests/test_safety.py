@@ -1,20 +1,30 @@
 """Core safety: receive views and descriptors (issue 13), one test per way it broke.
 
-Each test is what a user, or a hostile peer, does in a few lines; each crossed bytes
-between connections or froze other sessions before the fix:
+Each test is what a user, or a hostile peer, does in a few lines; each crashed the server,
+crossed bytes between connections or froze other sessions before the fix:
 
+- ``with data:`` (or ``data.release()``) in OnRecv killed the process.
 - ``Send`` then ``Abort`` closed the socket while the send still waited to be submitted
   (io_uring): a socket opened next, with the same number, got the old session's bytes.
-- Running out of receive buffers re-armed every waiting receive, newest first, and a
-  waiter woken by a hook's release waited for the end of that hook's batch.
+- ``bytes(data.obj)`` showed another session's previous message.
+- A hook that keeps its messages pinned a whole pool buffer per message: a small pool
+  ran dry and an unrelated session was never served again.
+- Running out of receive buffers re-armed every waiting receive, newest first.
+- Fields that two threads touch (a Timer's callable, read by ``repr`` while it fires).
 """
 import socket
+import struct
+import sys
 import threading
 import time
 
+import pytest
+
+import pytest
+
 import iocpnet
 
-from conftest import connect, recv_exactly, wait_for
+from conftest import connect, recv_exactly, recv_until_eof, wait_for
 
 
 def _drain_quietly(sock, timeout):
@@ -30,6 +40,212 @@ def _drain_quietly(sock, timeout):
     except (socket.timeout, ConnectionError):
         pass
     return bytes(got)
+
+
+# ---- 1. a view the hook releases -----------------------------------------------------------
+
+class WithData(iocpnet.Session):
+    def OnRecv(self, data):
+        with data:                       # the memoryview idiom: release on exit
+            out = bytes(data)
+        self.Send(out)
+
+
+class ReleaseData(iocpnet.Session):
+    def OnRecv(self, data):
+        out = data.tobytes()
+        data.release()
+        data.release()                   # twice is harmless, as for a memoryview
+        self.Send(out)
+
+
+@pytest.mark.parametrize("cls", [WithData, ReleaseData])
+def test_view_released_in_hook(server, cls):
+    srv = server(cls)
+    with connect(srv.address) as c:
+        for i in range(50):
+            msg = b"message %d " % i * (1 + i % 7)
+            c.sendall(msg)
+            assert recv_exactly(c, len(msg)) == msg
+
+
+def _view_facts(data):
+    """What code written for a read-only memoryview asks of OnRecv's data."""
+    facts = {
+        "type_is_memoryview": isinstance(data, memoryview),
+        "len": len(data), "first": data[0], "last": data[-1], "slice": data[1:4],
+        "step": data[::2], "empty": data[5:2], "iter": list(data), "tobytes": data.tobytes(),
+        "bytes": bytes(data), "hex": data.hex(), "hex_sep": data.hex(":"),
+        "tolist": data.tolist(), "eq_bytes": data == bytes(data),
+        "eq_bytearray": data == bytearray(bytes(data)),
+        "eq_memoryview": data == memoryview(bytes(data)), "ne_other": data != b"other",
+        "eq_str": data == "text", "nbytes": data.nbytes, "readonly": data.readonly,
+        "format": data.format, "itemsize": data.itemsize, "ndim": data.ndim,
+        "shape": data.shape, "strides": data.strides, "obj_is_self": data.obj is data,
+        "cast": data.cast("B").tobytes(), "mv": memoryview(data).tobytes(),
+        "mv_readonly": memoryview(data).readonly, "unpack": struct.unpack_from("<H", data, 0),
+        "hash": hash(data) == hash(bytes(data)), "sizeof": sys.getsizeof(data) > 0,
+        "in_dict": {data: 1}.get(bytes(data)),
+    }
+    try:
+        data[len(data)]
+    except IndexError:
+        facts["index_error"] = True
+    try:
+        data[0] = 1
+    except TypeError:
+        facts["read_only"] = True
+    try:
+        memoryview(data)[0] = 1
+    except TypeError:
+        facts["mv_read_only"] = True
+    with memoryview(data) as m:
+        try:
+            data.release()                # an export is alive: refused, as for memoryview
+        except BufferError:
+            facts["release_refused"] = True
+        facts["after_refusal"] = m.tobytes()
+    data.release()
+    for what, op in (("len", len), ("bytes", bytes), ("getitem", lambda d: d[0]),
+                     ("mv", memoryview), ("tobytes", lambda d: d.tobytes())):
+        try:
+            op(data)
+        except ValueError:
+            facts["released_" + what] = True
+    facts["released_repr"] = repr(data)
+    facts["released_eq_self"] = data == data
+    return facts
+
+
+def test_view_behaves_like_a_readonly_memoryview(server):
+    got = []
+
+    class Inspect(iocpnet.Session):
+        def OnRecv(self, data):
+            got.append(_view_facts(data))
+            self.Send(b"k")
+
+    srv = server(Inspect)
+    msg = b"\x01\x02hello world"
+    with connect(srv.address) as c:
+        c.sendall(msg)
+        assert recv_exactly(c, 1) == b"k"
+    facts = got[0]
+    ref = memoryview(msg)
+    assert facts == {
+        "type_is_memoryview": False,
+        "len": len(msg), "first": ref[0], "last": ref[-1], "slice": ref[1:4].tobytes(),
+        "step": ref[::2].tobytes(), "empty": b"", "iter": list(ref), "tobytes": msg,
+        "bytes": msg, "hex": ref.hex(), "hex_sep": ref.hex(":"), "tolist": ref.tolist(),
+        "eq_bytes": True, "eq_bytearray": True, "eq_memoryview": True, "ne_other": True,
+        "eq_str": False, "nbytes": len(msg), "readonly": True, "format": "B", "itemsize": 1,
+        "ndim": 1, "shape": (len(msg),), "strides": (1,), "obj_is_self": True,
+        "cast": msg, "mv": msg, "mv_readonly": True, "unpack": struct.unpack_from("<H", msg),
+        "hash": True, "sizeof": True, "in_dict": 1, "index_error": True, "read_only": True,
+        "mv_read_only": True, "release_refused": True, "after_refusal": msg,
+        "released_len": True, "released_bytes": True, "released_getitem": True,
+        "released_mv": True, "released_tobytes": True,
+        "released_repr": "<released iocpnet.RecvView>", "released_eq_self": True,
+    }
+
+
+def test_send_of_a_view(server):
+    """Send(data) of OnRecv's view (the echo), of a slice, and of a released view."""
+    errors = []
+
+    class Echo(iocpnet.Session):
+        def OnRecv(self, data):
+            self.Send(data)
+            self.Send(data[:2])
+            data.release()
+            try:
+                self.Send(data)
+            except ValueError as e:
+                errors.append(str(e))
+
+    srv = server(Echo)
+    with connect(srv.address) as c:
+        c.sendall(b"abcdef")
+        assert recv_exactly(c, 8) == b"abcdefab"
+    wait_for(lambda: len(errors) == 1, 5, "Send of a released view to fail")
+    assert "released" in errors[0]
+
+
+# ---- kept views: valid, exact, and never a drain on the pool ------------------------------
+
+KEEP_FORMS = {
+    "view": lambda d: d,
+    "memoryview": memoryview,                   # an export pins the pointer
+    "cast": lambda d: d.cast("B"),
+    "obj": lambda d: d.obj,
+    "slice": lambda d: d[1:],
+}
+
+
+def _kept_bytes(form, kept):
+    return bytes(kept) if form != "slice" else kept
+
+
+@pytest.mark.parametrize("form", sorted(KEEP_FORMS))
+def test_kept_views_stay_exact(server, form):
+    """Each way of keeping what OnRecv gave (the view, memoryview(view), a cast, .obj, a
+    slice), for small and large messages, shown straight from a receive buffer or from
+    the RecvBuffer (bytes left over from an earlier call), on a core with 4 receive
+    buffers: every kept object reads back exactly what was sent, while later messages
+    arrive, after the session ended and after the server stopped, and the pool never
+    runs dry."""
+    kept = []
+    partial = []
+    msgs = []
+    for i in range(48):
+        size = (1, 2, 100, 9000, 16000, 3)[(i // 2) % 6]
+        msgs.append(bytes((i * 7 + j) & 0xFF for j in range(size)))
+    make = KEEP_FORMS[form]
+
+    class Keeper(iocpnet.Session):
+        def OnRecv(self, data):
+            if len(data) < 4:
+                return 0                  # wait for the length prefix
+            n = int.from_bytes(data[:4], "little")
+            if len(data) < 4 + n:
+                partial.append(make(data))
+                return 0
+            kept.append(make(data))
+            self.Send(b"k")
+            return 4 + n
+
+    srv = server(Keeper, core_kw={"recv_buffer_count": 4, "recv_buffer_size": 16384})
+    try:
+        frames = [len(m).to_bytes(4, "little") + m for m in msgs]
+        with connect(srv.address) as c:
+            for i, frame in enumerate(frames):
+                if i % 2:
+                    # Split the frame: its start waits in the RecvBuffer.
+                    c.sendall(frame[:3])
+                    time.sleep(0.002)
+                    c.sendall(frame[3:])
+                else:
+                    c.sendall(frame)
+                assert recv_exactly(c, 1) == b"k"
+        want = [f if form != "slice" else f[1:] for f in frames]
+
+        def check(when):
+            got = [_kept_bytes(form, k) for k in kept]
+            assert got == want, f"{form} views changed ({when})"
+            for p in partial:
+                b = _kept_bytes(form, p)
+                assert any(w.startswith(b) for w in want), f"a partial {form} changed ({when})"
+
+        check("after the session ended")
+        stats = srv.core.stats()
+        assert stats["recv_buffers"] <= 4
+        if form in ("memoryview", "cast"):
+            assert stats["recv_buffers_detached"] > 0      # exports pin the pointer
+        srv.stop()
+        check("after the server stopped")
+    finally:
+        kept.clear()
+        partial.clear()
 
 
 # ---- 2. descriptors: nothing reaches a socket after it was closed ---------------------------
@@ -137,6 +353,58 @@ def test_kick_during_connect_storm(server):
         t.join()
     assert served[0] > 50, f"only {served[0]} clients were served"
     assert crossed == [], f"{len(crossed)} of {served[0]} clients got another's bytes: {crossed[:3]}"
+
+
+# ---- 3. .obj never shows another message ---------------------------------------------------
+
+def test_view_obj_shows_only_this_message(server):
+    class ObjEcho(iocpnet.Session):
+        def OnRecv(self, data):
+            self.Send(bytes(data.obj))
+
+    srv = server(ObjEcho, workers=1)
+    with connect(srv.address) as alice, connect(srv.address) as bob:
+        alice.sendall(b"alice-password-123")
+        assert recv_exactly(alice, 18) == b"alice-password-123"
+        bob.sendall(b"bob")
+        assert recv_exactly(bob, 3) == b"bob"
+        bob.sendall(b"hi")
+        assert recv_exactly(bob, 2) == b"hi"
+
+
+# ---- 4. kept views never take buffers from other sessions ----------------------------------
+
+def test_hoarding_session_beside_echo(server):
+    """One session keeps every message (queued for a later tick, say) on a core with 8
+    receive buffers; an unrelated echo session is served throughout, and what was kept
+    stays byte-exact."""
+    kept = []
+
+    class Hoarder(iocpnet.Session):
+        def OnRecv(self, data):
+            if bytes(data[:4]) == b"ECHO":
+                self.Send(data)
+                return None
+            kept.append(data)
+            self.Send(b"k")
+
+    srv = server(Hoarder, core_kw={"recv_buffer_count": 8})
+    try:
+        with connect(srv.address) as hoarder, connect(srv.address) as echo:
+            sent = []
+            for i in range(200):
+                msg = b"%d" % (i % 10) if i % 3 else b"msg-%05d" % i
+                hoarder.sendall(msg)
+                assert recv_exactly(hoarder, 1) == b"k"
+                sent.append(msg)
+                if i % 20 == 0:
+                    echo.settimeout(5)
+                    echo.sendall(b"ECHO %d" % i)
+                    assert recv_exactly(echo, len(b"ECHO %d" % i)) == b"ECHO %d" % i
+            assert [bytes(v) for v in kept] == sent
+            assert srv.core.stats()["recv_buffers_out"] == 0
+    finally:
+        kept.clear()
 
 
 # ---- 5. buffer exhaustion: waiters served one per buffer, oldest first --------------------

@@ -9,7 +9,7 @@ from _common import parse_args
 
 class EchoSession(iocpnet.Session):
     def OnRecv(self, data):
-        # data is a memoryview of the unconsumed bytes; returning None means
+        # data is a RecvView of the unconsumed bytes; returning None means
         # all of it was consumed.
         self.Send(data)
 

@@ -34,7 +34,7 @@ log = logging.getLogger("iocpnet.cli")
 class EchoSession(iocpnet.Session):
     """The original's GameSession: send back whatever arrives."""
 
-    def OnRecv(self, data: memoryview) -> Optional[int]:
+    def OnRecv(self, data: iocpnet.RecvView) -> Optional[int]:
         self.Send(data)
         return None
 

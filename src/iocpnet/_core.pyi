@@ -7,17 +7,17 @@ tests/typecheck/; tests/test_packaging.py checks that it ships in the wheel.
 """
 import logging
 import ssl as _ssl
-from collections.abc import Callable, Iterable
-from typing import Any
-from typing import Protocol, TypedDict, final
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, SupportsIndex
+from typing import Protocol, TypedDict, final, overload
 
-from typing_extensions import TypeVarTuple, Unpack
+from typing_extensions import Self, TypeVarTuple, Unpack
 
 _Ts = TypeVarTuple("_Ts")
 
 # What Send, Broadcast, make_packet and scan_packets take: bytes are queued by
 # reference, the others are copied.
-_Bytes = bytes | bytearray | memoryview
+_Bytes = bytes | bytearray | memoryview | RecvView
 
 logger: logging.Logger
 
@@ -191,13 +191,92 @@ class Timer(IocpObject):
     def Cancel(self) -> None:
         """Stop the timer (any thread).  A call already running finishes."""
 
+@final
+class RecvView:
+    """The bytes OnRecv is given: read-only, valid for as long as you hold it.
+
+    It exports them through the buffer protocol (``memoryview(data)``, ``bytes(data)``,
+    ``struct.unpack_from``, ``socket.send``...) and behaves like a read-only memoryview
+    of format ``"B"``: ``len``, ``data[i]`` (an int), ``data[a:b]`` (a ``bytes`` copy),
+    iteration, ``tobytes()``, ``hex()``, ``tolist()``, ``==`` with any bytes-like object,
+    ``nbytes``, ``readonly``, ``format``, ``itemsize``, ``ndim``, ``shape``, ``strides``,
+    ``obj`` (the view itself), ``cast()``, ``release()`` and ``with data: ...``.  It is
+    not a ``memoryview`` subclass: ``isinstance(data, memoryview)`` is False (use
+    ``memoryview(data)`` where a real one is needed).
+
+    A view kept after OnRecv returns stays valid and byte-exact; a small message is then
+    copied into memory of its own size, so keeping many costs little.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        """Not for user code: the core makes them (TypeError)."""
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+    def __release_buffer__(self, buffer: memoryview, /) -> None: ...
+    def release(self) -> None:
+        """Let go of the bytes now (as ``memoryview.release``); later use raises
+        ValueError.  Raises BufferError while ``memoryview(view)`` or another export
+        of it is alive."""
+    def __enter__(self) -> Self: ...
+    def __exit__(self, *exc_info: object) -> bool: ...
+    def __len__(self) -> int: ...
+    def __bytes__(self) -> bytes: ...
+    def tobytes(self, order: str | None = None) -> bytes:
+        """The bytes, copied."""
+    def tolist(self) -> list[int]:
+        """The bytes as a list of ints."""
+    def hex(self, *args: str | bytes | int) -> str:
+        """The bytes as hexadecimal text (the arguments of ``bytes.hex``)."""
+    def toreadonly(self) -> Self:
+        """The view itself: it is read-only already."""
+    def cast(self, *args: Any) -> memoryview:
+        """A memoryview of these bytes cast to another format or shape (see
+        ``memoryview.cast``); it keeps the bytes alive."""
+    @overload
+    def __getitem__(self, index: SupportsIndex, /) -> int: ...
+    @overload
+    def __getitem__(self, index: slice, /) -> bytes: ...
+    def __setitem__(self, index: object, value: object, /) -> None: ...
+    def __iter__(self) -> Iterator[int]: ...
+    def __eq__(self, other: object, /) -> bool: ...
+    def __ne__(self, other: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+    def __sizeof__(self) -> int: ...
+    @property
+    def obj(self) -> RecvView:
+        """The object exporting the bytes: the view itself."""
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def readonly(self) -> bool: ...
+    @property
+    def format(self) -> str: ...
+    @property
+    def itemsize(self) -> int: ...
+    @property
+    def ndim(self) -> int: ...
+    @property
+    def shape(self) -> tuple[int]: ...
+    @property
+    def strides(self) -> tuple[int]: ...
+    @property
+    def suboffsets(self) -> tuple[()]: ...
+    @property
+    def c_contiguous(self) -> bool: ...
+    @property
+    def f_contiguous(self) -> bool: ...
+    @property
+    def contiguous(self) -> bool: ...
+    @property
+    def released(self) -> bool: ...
+
 class Session(IocpObject):
     """One connection.  Subclass it and override the hooks:
 
     - ``OnConnected()``: once, after accept or connect.
-    - ``OnRecv(data) -> int | None``: ``data`` is a read-only memoryview of the bytes
-      received and not yet consumed; return how many you consumed (None: all).  The rest
-      is shown again, with the next bytes, on the next call.
+    - ``OnRecv(data) -> int | None``: ``data`` is a read-only ``RecvView`` of the bytes
+      received and not yet consumed (it exports them like a memoryview, and stays valid
+      if kept); return how many you consumed (None: all).  The rest is shown again,
+      with the next bytes, on the next call.
     - ``OnSend(num_bytes)``: after each completed send.
     - ``OnDisconnected(reason)``: exactly once, whatever ended the session.
 
@@ -228,7 +307,7 @@ class Session(IocpObject):
     def OnConnected(self) -> None:
         """Called once when the connection is up."""
 
-    def OnRecv(self, data: memoryview) -> int | None:
+    def OnRecv(self, data: RecvView) -> int | None:
         """Called with the received bytes not yet consumed; return the number consumed
         (None: all)."""
 

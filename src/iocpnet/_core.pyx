@@ -16,16 +16,15 @@ only around plain C work and ``bytes`` releases: nothing under it can run Python
 which is what makes it safe next to the GIL.
 """
 cimport cython
-from cpython.ref cimport PyObject
+from cpython.ref cimport PyObject, Py_REFCNT
 from cpython.buffer cimport (PyBuffer_FillInfo, PyBuffer_Release, PyObject_CheckBuffer,
                              PyObject_GetBuffer, PyBUF_SIMPLE)
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_CheckSignals
-from cpython.memoryview cimport PyMemoryView_FromObject
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
                                PyThread_acquire_lock, PyThread_release_lock, WAIT_LOCK,
                                NOWAIT_LOCK)
-from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, free, realloc
 from libc.string cimport memcpy, memmove
 
@@ -62,27 +61,6 @@ cdef extern from *:
     static void *iocpnet_get_tls_core(void) { return iocpnet_tls_core; }
     static void iocpnet_set_tls_core(void *c) { iocpnet_tls_core = c; }
 
-    /* OnRecv's memoryview is recycled (see IocpCore._take_view): a memoryview nobody
-     * else refers to, with no derived view or export, is pointed at the next bytes.
-     * These touch CPython's memoryview internals, stable from 3.9 to 3.13. */
-    static int iocpnet_mv_unshared(PyObject *o) {
-        PyMemoryViewObject *mv = (PyMemoryViewObject *)o;
-        return Py_REFCNT(o) == 1 && mv->exports == 0 && mv->mbuf->exports == 1 &&
-               !(mv->flags & _Py_MEMORYVIEW_RELEASED) &&
-               !(mv->mbuf->flags & _Py_MANAGED_BUFFER_RELEASED);
-    }
-    static void iocpnet_mv_repoint(PyObject *o, char *buf, Py_ssize_t len) {
-        PyMemoryViewObject *mv = (PyMemoryViewObject *)o;
-        mv->view.buf = buf;
-        mv->view.len = len;
-        mv->view.shape[0] = len;
-        mv->mbuf->master.buf = buf;
-        mv->mbuf->master.len = len;
-        mv->hash = -1;           /* a read-only view caches its hash */
-    }
-    static PyObject *iocpnet_mv_base(PyObject *o) {
-        return ((PyMemoryViewObject *)o)->mbuf->master.obj;
-    }
     /* Let a worker that holds reaped completions and waits for the GIL take it first
      * (see IocpCore.Dispatch).  Returns at once on free-threaded builds. */
     static void iocpnet_let_batch_in(volatile int32_t *waiting) {
@@ -94,22 +72,9 @@ cdef extern from *:
         (void)waiting;
     #endif
     }
-    /* bytes(mv) for a C-contiguous memoryview, without the buffer protocol's round
-     * trip (Send's hot path: echoing OnRecv's view); NULL with no error otherwise. */
-    static PyObject *iocpnet_mv_to_bytes(PyObject *o) {
-        PyMemoryViewObject *mv = (PyMemoryViewObject *)o;
-        if ((mv->flags & _Py_MEMORYVIEW_RELEASED) || (mv->mbuf->flags & _Py_MANAGED_BUFFER_RELEASED)
-                || !(mv->flags & _Py_MEMORYVIEW_C))
-            return NULL;
-        return PyBytes_FromStringAndSize((const char *)mv->view.buf, mv->view.len);
-    }
     """
     void *iocpnet_get_tls_core() nogil
     void iocpnet_set_tls_core(void *c) nogil
-    bint iocpnet_mv_unshared(object mv)
-    void iocpnet_mv_repoint(object mv, char *buf, Py_ssize_t length)
-    PyObject *iocpnet_mv_base(object mv)
-    PyObject *iocpnet_mv_to_bytes(object mv) except? NULL
     void iocpnet_let_batch_in(volatile int32_t *waiting) nogil
 
 cdef extern from "port/packet.h" nogil:
@@ -124,7 +89,6 @@ cdef extern from "port/packet.h" nogil:
 
 cdef enum:
     BATCH = 128           # completions taken per wait
-    VIEW_POOL = 16        # recycled OnRecv memoryviews kept per core
     IOV_INLINE = 4        # gather entries kept inside the session
     IOV_MAX = 64          # most buffers in one gather send
     SQ_INLINE = 4         # send-queue slots kept inside the session

@@ -154,7 +154,7 @@ def make_echo_client(size: int, shared: _Shared) -> Type[iocpnet.Session]:
             self.stats.connected = True
             self._send_next()
 
-        def OnRecv(self, data: memoryview) -> Optional[int]:
+        def OnRecv(self, data: iocpnet.RecvView) -> Optional[int]:
             if len(data) < size:
                 return 0                          # wait for the whole echo
             now = time.perf_counter()

@@ -96,6 +96,7 @@ cdef extern from "port/port.h" nogil:
     void port_strand_init(port_strand_t *s, void *owner)
     void port_strand_discard(port_t *p, port_strand_t *s)
     void port_get_stats(port_t *p, port_stats_t *out)
+    uint32_t port_recv_buffer_size(const port_t *p)
 
     void port_op_init(port_op_t *op, port_op_type type, void *owner, port_strand_t *strand)
     int port_accept(port_t *p, port_op_t *op, port_sock_t listener)

@@ -27,7 +27,7 @@ class Echo(iocpnet.Session):
         peer: Optional[Tuple[str, int]] = self.address
         print("connected", peer, self.connected, self.send_queue_bytes)
 
-    def OnRecv(self, data: memoryview) -> Optional[int]:
+    def OnRecv(self, data: iocpnet.RecvView) -> Optional[int]:
         if len(data) < 4:
             return 0                      # wait for more
         sent: bool = self.Send(data)
@@ -43,10 +43,32 @@ class Echo(iocpnet.Session):
         print("gone", reason, why)
 
 
+class Viewer(iocpnet.Session):
+    """What OnRecv's RecvView offers, typed as user code uses it."""
+
+    kept: List[iocpnet.RecvView] = []
+
+    def OnRecv(self, data: iocpnet.RecvView) -> Optional[int]:
+        first: int = data[0]
+        rest: bytes = data[1:]
+        n: int = len(data) + data.nbytes + data.itemsize + data.ndim
+        shape: Tuple[int] = data.shape
+        mv: memoryview = memoryview(data)
+        as_bytes: bytes = bytes(data) + data.tobytes()
+        text: str = data.hex(":")
+        ints: List[int] = data.tolist() + list(data)
+        same: bool = data == b"abc" and data.obj is data and data.readonly
+        wrong: bytes = data[0]  # type: ignore[assignment]
+        with data:
+            self.Send(data)
+        print(first, rest, n, shape, mv.cast("B"), as_bytes, text, ints, same, wrong)
+        return None
+
+
 class Framed(iocpnet.Session):
     """A hook that always consumes everything may say so with -> None."""
 
-    def OnRecv(self, buf: memoryview) -> None:
+    def OnRecv(self, buf: iocpnet.RecvView) -> None:
         self.Send(bytes(buf))
 
 

@@ -32,9 +32,7 @@ cdef class IocpCore:
     cdef int64_t _now_ms
     cdef _BatchStats _batches         # stats.pxi
     cdef bint _recv_multishot
-    cdef volatile int32_t _view_lock
-    cdef int _view_count
-    cdef PyObject *_views[VIEW_POOL]
+    cdef Py_ssize_t _recv_buffer_size    # bytes per receive buffer of the port
     cdef object _lock
     cdef list _close_callbacks
     cdef set _timers
@@ -90,6 +88,7 @@ cdef class IocpCore:
         # A session that pauses for backpressure cancels a receive kept armed, rather
         # than just not posting the next one.
         self._recv_multishot = (opts.flags & PORT_OPT_RECV_MULTISHOT) != 0
+        self._recv_buffer_size = port_recv_buffer_size(self.port)
         port_atomic_add64(&_cores_alive, 1)
         self._lock = threading.Lock()
         self._close_callbacks = []
@@ -109,10 +108,6 @@ cdef class IocpCore:
                 logger.info("using the %s backend", self.backend)
 
     def __dealloc__(self):
-        cdef int i
-        for i in range(self._view_count):
-            _decref(self._views[i])
-        self._view_count = 0
         if self.port != NULL:
             port_destroy(self.port)
             self.port = NULL
@@ -219,39 +214,6 @@ cdef class IocpCore:
             port_atomic_add32(&self._dispatchers, -1)
             if self._closing and not self._closed:
                 self._maybe_shutdown()
-
-    cdef object _take_view(self, char *ptr, Py_ssize_t n):
-        """A read-only memoryview of ptr[0:n] for OnRecv: a recycled one if the pool has
-        one (no allocation in the steady state), else a new one over a _RecvView."""
-        cdef PyObject *o = NULL
-        cdef _RecvView view
-        port_spin_lock(&self._view_lock)
-        if self._view_count > 0:
-            self._view_count -= 1
-            o = self._views[self._view_count]
-        port_spin_unlock(&self._view_lock)
-        if o != NULL:
-            mv = <object>o
-            _decref(o)                  # `mv` holds the pool's reference now
-            iocpnet_mv_repoint(mv, ptr, n)
-            return mv
-        view = _RecvView.__new__(_RecvView)
-        view.ptr = ptr
-        view.length = n
-        return PyMemoryView_FromObject(view)
-
-    cdef bint _give_back_view(self, object mv) noexcept:
-        """After the hook: keep `mv` for the next receive if nobody else holds it or
-        anything derived from it.  False: the hook kept it (the caller detaches)."""
-        if not iocpnet_mv_unshared(mv):
-            return False
-        port_spin_lock(&self._view_lock)
-        if self._view_count < VIEW_POOL:
-            _incref(<PyObject *>mv)
-            self._views[self._view_count] = <PyObject *>mv
-            self._view_count += 1
-        port_spin_unlock(&self._view_lock)
-        return True
 
     cdef void _maybe_shutdown(self) noexcept:
         cdef port_stats_t st

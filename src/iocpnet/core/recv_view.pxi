@@ -1,57 +1,399 @@
-# core/recv_view.pxi: the object OnRecv's view exports its bytes from.
+# core/recv_view.pxi: RecvView, the object OnRecv gets.
 # Included by _core.pyx (one extension module, one file per concern).
+#
+# What OnRecv is given, and why it is an object of our own
+# --------------------------------------------------------
+# OnRecv sees the received bytes where they already are: in a receive buffer of the port's
+# pool, or in the session's RecvBuffer when earlier bytes were left unconsumed.  That
+# memory is the session's again as soon as the hook returns.  The hook gets a RecvView: a
+# small object that exports those bytes through the buffer protocol (read-only, format
+# "B") and offers what code written for a memoryview uses (len, indexing, slicing to
+# bytes, iteration, tobytes, hex, tolist, ==, nbytes, shape, obj, cast, release, `with`).
+# It is created fresh for every call and never reused, so nothing a user holds can ever
+# start showing another message; it reads no CPython internals, so it works the same on
+# every version (3.9 to 3.14, free-threaded included).  (The earlier design recycled
+# memoryviews and repointed them by writing CPython's private memoryview fields: a
+# released view crashed the server, and `.obj` showed other sessions' bytes.)
+#
+# After the hook the worker settles the view (RecvView._settle_*):
+#   - nobody else holds it (the usual case): it is simply dropped, the memory goes back;
+#   - the hook kept it, and no buffer export is outstanding: a message of up to half a
+#     receive buffer is copied into a block of its own size and the view repointed (no
+#     one can have seen the old pointer: every access goes through the object); a
+#     larger one keeps the port buffer itself, taken out of the pool for good
+#     (port_recv_detach: the pool makes a replacement, so what a hook keeps never
+#     drains the receive pool other sessions depend on);
+#   - an export is outstanding (the hook kept `memoryview(data)`, a cast, a NumPy array
+#     over it): the pointer is pinned, so the memory is handed over whole, a port buffer
+#     detached as above or the session's RecvBuffer itself (the session starts a new one).
+# A view the hook released (`with data:`, `data.release()`) needs nothing.  Memory kept is
+# thus proportional to the bytes kept, within a factor of two, and freed with the view.
+#
+# Costs: the object is small (no Python-object fields, so it is not tracked by the
+# garbage collector: about 64 bytes), made and freed once per OnRecv call, which costs
+# less than the call itself.  Session.Send(view) reads the pointer directly.
+#
+# Threads: a hook may hand the view to other threads, which may read it while the worker
+# settles it.  Every access to the pointer, the length, the state and the export count
+# is made inside `cython.critical_section(self)`: the object's own lock on free-threaded
+# builds, nothing at all where the GIL already serialises them.  Nothing inside the
+# critical sections runs Python code (copies, malloc, PyBytes_FromStringAndSize,
+# PyBuffer_FillInfo), so they are never suspended half-way.
+
+cdef enum:
+    RV_BORROWED = 0     # points into memory the session owns (during the hook)
+    RV_OWNED = 1        # _mem: a malloc'd block (a copy, or a RecvBuffer handed over)
+    RV_DETACHED = 2     # _mem: a receive buffer taken out of the port's pool
+    RV_HELD = 3         # a port buffer still lent (no memory for its replacement)
+    RV_RELEASED = 4
+
+cdef char _rv_empty[1]
 
 
 @cython.final
-cdef class _RecvView:
-    """What OnRecv's memoryview points at: received bytes, read-only.
+cdef class RecvView:
+    """The bytes OnRecv is given: read-only, valid for as long as you hold it.
 
-    Normally the view is gone when the hook returns and the memory goes straight back to
-    the port.  If the hook kept a reference (stored the memoryview or a slice of it), the
-    memory is handed over to this object instead and released only when the last export
-    ends, so a kept view never reads reused or freed memory.
+    It exports them through the buffer protocol (``memoryview(data)``, ``bytes(data)``,
+    ``struct.unpack_from``, ``socket.send``...) and behaves like a read-only memoryview
+    of format ``"B"``: ``len``, ``data[i]`` (an int), ``data[a:b]`` (a ``bytes`` copy),
+    iteration, ``tobytes()``, ``hex()``, ``tolist()``, ``==`` with any bytes-like object,
+    ``nbytes``, ``readonly``, ``format``, ``itemsize``, ``ndim``, ``shape``, ``strides``,
+    ``obj`` (the view itself), ``cast()``, ``release()`` and ``with data: ...``.  It is
+    not a ``memoryview`` subclass: ``isinstance(data, memoryview)`` is False (use
+    ``memoryview(data)`` where a real one is needed).
+
+    A view kept after OnRecv returns stays valid and byte-exact; a small message is then
+    copied into memory of its own size, so keeping many costs little.
     """
-    cdef char *ptr
-    cdef Py_ssize_t length
-    cdef volatile int32_t exports
-    cdef volatile int32_t state  # 0 in use, 1 detached (owns memory), 2 freed
-    cdef IocpCore core          # to give back a port buffer
-    cdef port_cqe_t held        # that buffer
-    cdef bint holds_port_buffer
-    cdef char *owned            # or a receive buffer taken over from the session
+    cdef char *_ptr
+    cdef Py_ssize_t _len
+    cdef char *_mem             # what the view owns (RV_OWNED, RV_DETACHED)
+    cdef PyObject *_core        # RV_HELD: the IocpCore whose buffer it holds (a reference)
+    cdef uint32_t _buf_id       # RV_HELD: that buffer
+    cdef int32_t _exports       # buffer exports outstanding
+    cdef int32_t _state
 
-    def __getbuffer__(self, Py_buffer *buffer, int flags):
-        PyBuffer_FillInfo(buffer, self, self.ptr, self.length, 1, flags)
-        port_atomic_add32(&self.exports, 1)
+    def __cinit__(self):
+        self._ptr = _rv_empty
+        self._state = RV_RELEASED
 
-    def __releasebuffer__(self, Py_buffer *buffer):
-        if port_atomic_add32(&self.exports, -1) == 0:
-            self._free_if_detached()
-
-    cdef void _detached(self) noexcept:
-        """The worker has handed the memory over (held/owned are set): publish it, and
-        free it at once if the last export ended meanwhile."""
-        port_atomic_add64(&_views_detached, 1)
-        port_atomic_xchg32(&self.state, 1)
-        if port_atomic_load32(&self.exports) == 0:
-            self._free_if_detached()
-
-    cdef void _free_if_detached(self) noexcept:
-        # The worker (after publishing) and the thread ending the last export may both
-        # get here: the exchange lets exactly one of them free.
-        if port_atomic_cas32(&self.state, 1, 2):
-            self._free()
-
-    cdef void _free(self) noexcept:
-        if self.holds_port_buffer:
-            self.holds_port_buffer = False
-            if self.core is not None and self.core.port != NULL:
-                port_recv_release(self.core.port, &self.held)
-        if self.owned != NULL:
-            free(self.owned)
-            self.owned = NULL
-        port_atomic_add64(&_views_detached, -1)
+    def __init__(self):
+        raise TypeError("RecvView objects are made by the core for OnRecv")
 
     def __dealloc__(self):
-        if self.state == 1:
-            self._free()
+        self._free_memory()
+
+    # ---- the worker's side ----
+
+    cdef inline void _free_memory(self) noexcept:
+        """Free what the view owns (no export outstanding, or the view is dying)."""
+        cdef port_cqe_t held
+        cdef int32_t state = self._state
+        self._state = RV_RELEASED
+        self._ptr = _rv_empty
+        self._len = 0
+        if state == RV_OWNED:
+            free(self._mem)
+        elif state == RV_DETACHED:
+            port_buf_free(self._mem)
+        elif state == RV_HELD:
+            held.flags = PORT_CQE_BUFFER
+            held.buf_id = self._buf_id
+            if (<IocpCore>self._core).port != NULL:
+                port_recv_release((<IocpCore>self._core).port, &held)
+            _decref(self._core)
+            self._core = NULL
+        else:
+            return
+        self._mem = NULL
+        port_atomic_add64(&_views_detached, -1)
+
+    cdef inline bint _copy_out(self) noexcept:
+        """Repoint the view at a copy of its bytes in a block of their size (inside the
+        critical section, no export outstanding).  False: out of memory."""
+        cdef char *mem = <char *>malloc(self._len if self._len > 0 else 1)
+        if mem == NULL:
+            return False
+        memcpy(mem, self._ptr, self._len)
+        self._ptr = self._mem = mem
+        self._state = RV_OWNED
+        port_atomic_add64(&_views_detached, 1)
+        return True
+
+    cdef bint _settle_port(self, IocpCore core, port_cqe_t *cqe) noexcept:
+        """The hook kept this view of a port buffer (cqe's): make the view independent of
+        it.  True if the view took the buffer (the caller must not give it back)."""
+        cdef bint took = False
+        with cython.critical_section(self):
+            if self._state == RV_BORROWED:
+                if self._exports == 0 and self._len * 2 <= core._recv_buffer_size and \
+                        self._copy_out():
+                    pass
+                elif port_recv_detach(core.port, cqe) == 0:
+                    self._mem = self._ptr            # the same memory, ours for good
+                    self._state = RV_DETACHED
+                    port_atomic_add64(&_views_detached, 1)
+                    took = True
+                elif self._exports == 0 and self._copy_out():
+                    pass
+                else:
+                    # No memory even for a replacement buffer, and the pointer is
+                    # pinned: keep the port's buffer, given back when the view goes.
+                    _incref(<PyObject *>core)
+                    self._core = <PyObject *>core
+                    self._buf_id = cqe.buf_id
+                    self._state = RV_HELD
+                    port_atomic_add64(&_views_detached, 1)
+                    took = True
+        return took
+
+    cdef bint _settle_copy(self) noexcept:
+        """The hook kept this view of the session's RecvBuffer: copy it out if no export
+        pins the pointer.  False: pinned (or out of memory), hand the buffer over."""
+        cdef bint done = True
+        with cython.critical_section(self):
+            if self._state == RV_BORROWED and not (self._exports == 0 and self._copy_out()):
+                done = False
+        return done
+
+    cdef void _adopt(self, char *mem) noexcept:
+        """Take over `mem` (a malloc'd block that holds the view's bytes): the session
+        handed its RecvBuffer over.  Freed at once if the view was released meanwhile."""
+        with cython.critical_section(self):
+            if self._state == RV_BORROWED:
+                self._mem = mem
+                self._state = RV_OWNED
+                port_atomic_add64(&_views_detached, 1)
+                mem = NULL
+        free(mem)
+
+    cdef bytes _to_bytes(self):
+        """bytes(view), straight from the pointer (Session.Send's fast path)."""
+        with cython.critical_section(self):
+            if self._state == RV_RELEASED:
+                b = None
+            else:
+                b = PyBytes_FromStringAndSize(self._ptr, self._len)
+        if b is None:
+            raise ValueError("operation forbidden on released RecvView object")
+        return <bytes>b
+
+    cdef inline int _check(self) except -1:
+        if self._state == RV_RELEASED:
+            raise ValueError("operation forbidden on released RecvView object")
+        return 0
+
+    # ---- the buffer protocol ----
+
+    def __getbuffer__(self, Py_buffer *buffer, int flags):
+        with cython.critical_section(self):
+            self._check()
+            PyBuffer_FillInfo(buffer, self, self._ptr, self._len, 1, flags)
+            self._exports += 1
+
+    def __releasebuffer__(self, Py_buffer *buffer):
+        with cython.critical_section(self):
+            self._exports -= 1
+
+    # ---- what a read-only memoryview offers ----
+
+    def release(self):
+        """Let go of the bytes now (as ``memoryview.release``); later use raises
+        ValueError.  Raises BufferError while ``memoryview(view)`` or another export
+        of it is alive."""
+        with cython.critical_section(self):
+            if self._exports > 0:
+                n = self._exports
+            else:
+                n = 0
+                self._free_memory()
+        if n:
+            raise BufferError(f"RecvView has {n} exported buffer{'s' if n > 1 else ''}")
+
+    def __enter__(self):
+        with cython.critical_section(self):
+            self._check()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()
+        return False
+
+    def __len__(self):
+        with cython.critical_section(self):
+            self._check()
+            n = self._len
+        return n
+
+    def __bytes__(self):
+        return self._to_bytes()
+
+    def tobytes(self, order=None):
+        """The bytes, copied."""
+        return self._to_bytes()
+
+    def tolist(self):
+        """The bytes as a list of ints."""
+        return list(self._to_bytes())
+
+    def hex(self, *args):
+        """The bytes as hexadecimal text (the arguments of ``bytes.hex``)."""
+        return self._to_bytes().hex(*args)
+
+    def toreadonly(self):
+        """The view itself: it is read-only already."""
+        with cython.critical_section(self):
+            self._check()
+        return self
+
+    def cast(self, *args):
+        """A memoryview of these bytes cast to another format or shape (see
+        ``memoryview.cast``); it keeps the bytes alive."""
+        return memoryview(self).cast(*args)
+
+    def __getitem__(self, index):
+        cdef Py_ssize_t i, n, start, stop, step
+        if isinstance(index, slice):
+            # The length changes only when the view is released (checked again below).
+            n = len(self)
+            start, stop, step = (<slice>index).indices(n)
+            if step != 1:
+                return self._to_bytes()[index]
+            with cython.critical_section(self):
+                self._check()
+                b = PyBytes_FromStringAndSize(self._ptr + start,
+                                              stop - start if stop > start else 0)
+            return b
+        try:
+            i = index
+        except (TypeError, OverflowError):
+            if isinstance(index, tuple):
+                raise TypeError("RecvView: invalid slice key") from None
+            raise TypeError(f"RecvView indices must be integers or slices, "
+                            f"not {type(index).__name__}") from None
+        with cython.critical_section(self):
+            self._check()
+            n = self._len
+            if i < 0:
+                i += n
+            if 0 <= i < n:
+                v = <unsigned char>self._ptr[i]
+            else:
+                v = None
+        if v is None:
+            raise IndexError("index out of bounds on dimension 1")
+        return v
+
+    def __setitem__(self, index, value):
+        raise TypeError("cannot modify read-only memory")
+
+    def __iter__(self):
+        return iter(self._to_bytes())
+
+    def __eq__(self, other):
+        if other is self:
+            return True              # as a memoryview, released or not
+        if type(other) is RecvView:
+            try:
+                return self._to_bytes() == (<RecvView>other)._to_bytes()
+            except ValueError:
+                return False
+        if not PyObject_CheckBuffer(other):
+            return NotImplemented
+        try:
+            mine = self._to_bytes()
+        except ValueError:
+            return False
+        return memoryview(other) == mine
+
+    def __ne__(self, other):
+        r = self.__eq__(other)
+        return r if r is NotImplemented else not r
+
+    def __hash__(self):
+        return hash(self._to_bytes())
+
+    def __repr__(self):
+        with cython.critical_section(self):
+            released = self._state == RV_RELEASED
+            n = self._len
+        if released:
+            return "<released iocpnet.RecvView>"
+        return f"<iocpnet.RecvView {n} byte{'' if n == 1 else 's'}>"
+
+    def __sizeof__(self):
+        with cython.critical_section(self):
+            owned = self._len if self._state == RV_OWNED else 0
+        return object.__sizeof__(self) + owned
+
+    @property
+    def obj(self):
+        """The object exporting the bytes: the view itself."""
+        with cython.critical_section(self):
+            self._check()
+        return self
+
+    @property
+    def nbytes(self):
+        return len(self)
+
+    @property
+    def readonly(self):
+        with cython.critical_section(self):
+            self._check()
+        return True
+
+    @property
+    def format(self):
+        with cython.critical_section(self):
+            self._check()
+        return "B"
+
+    @property
+    def itemsize(self):
+        with cython.critical_section(self):
+            self._check()
+        return 1
+
+    @property
+    def ndim(self):
+        with cython.critical_section(self):
+            self._check()
+        return 1
+
+    @property
+    def shape(self):
+        return (len(self),)
+
+    @property
+    def strides(self):
+        with cython.critical_section(self):
+            self._check()
+        return (1,)
+
+    @property
+    def suboffsets(self):
+        with cython.critical_section(self):
+            self._check()
+        return ()
+
+    @property
+    def c_contiguous(self):
+        with cython.critical_section(self):
+            self._check()
+        return True
+
+    @property
+    def f_contiguous(self):
+        return self.c_contiguous
+
+    @property
+    def contiguous(self):
+        return self.c_contiguous
+
+    @property
+    def released(self):
+        with cython.critical_section(self):
+            released = self._state == RV_RELEASED
+        return released

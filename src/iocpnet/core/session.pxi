@@ -74,14 +74,11 @@ cdef _Hooks _hooks_for(type cls):
 
 
 cdef bytes _copy_to_bytes(object data):
-    """A bytes copy of any contiguous buffer (OnRecv's memoryview, a bytearray), made
-    straight from the buffer: no call through the bytes type."""
+    """A bytes copy of any contiguous buffer (OnRecv's RecvView, a bytearray, a
+    memoryview), made straight from the buffer: no call through the bytes type."""
     cdef Py_buffer buf
-    cdef PyObject *fast
-    if type(data) is memoryview:
-        fast = iocpnet_mv_to_bytes(data)
-        if fast != NULL:
-            return <bytes>_steal(fast)
+    if type(data) is RecvView:
+        return (<RecvView>data)._to_bytes()      # its pointer, read directly
     try:
         PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
     except BufferError:
@@ -123,9 +120,10 @@ cdef class Session(IocpObject):
     """One connection.  Subclass it and override the hooks:
 
     - ``OnConnected()``: once, after accept or connect.
-    - ``OnRecv(data) -> int | None``: ``data`` is a read-only memoryview of the bytes
-      received and not yet consumed; return how many you consumed (None: all).  The rest
-      is shown again, with the next bytes, on the next call.
+    - ``OnRecv(data) -> int | None``: ``data`` is a read-only ``RecvView`` of the bytes
+      received and not yet consumed (it exports them like a memoryview, and stays valid
+      if kept); return how many you consumed (None: all).  The rest is shown again,
+      with the next bytes, on the next call.
     - ``OnSend(num_bytes)``: after each completed send.
     - ``OnDisconnected(reason)``: exactly once, whatever ended the session.
 
@@ -162,7 +160,7 @@ cdef class Session(IocpObject):
     cdef Py_ssize_t _rcap
     cdef Py_ssize_t _rpos
     cdef Py_ssize_t _rlen
-    cdef Py_ssize_t _last_used
+    cdef RecvView _kept_view      # the view OnRecv kept, until the caller settles it
     # Send queue: a ring of bytes objects, the first _sq_offset bytes of the head sent
     cdef PyObject **_sq
     cdef PyObject *_sq_inline[SQ_INLINE]
@@ -702,20 +700,23 @@ cdef class Session(IocpObject):
         """Show received bytes to the hook; keep what it did not consume."""
         cdef Py_ssize_t n = cqe.res
         cdef Py_ssize_t used
-        cdef bint released = False
+        cdef RecvView view
         if self._tls is not None:
             (<_Tls>self._tls).feed(self, cqe)    # plaintext into the RecvBuffer, then shown
             return
         if self._rlen == self._rpos:
             # Nothing pending: show the port's buffer itself (no copy).
-            used = self._call_recv(cqe.buf, n, cqe)
-            if used == -2:
-                released = True          # a view kept it; it goes back later
-                used = self._last_used
+            used = self._call_recv(cqe.buf, n)
             if used >= 0 and used < n and self._state == S_CONNECTED:
                 if self._rbuf_append(cqe.buf + used, n - used) < 0:
                     self._close_now("out of memory for the receive buffer", True)
-            if not released:
+            view = self._kept_view
+            if view is not None:
+                # The hook kept its view: the buffer goes back unless the view takes it.
+                self._kept_view = None
+                if view._settle_port(self.core, cqe):
+                    cqe = NULL
+            if cqe != NULL:
                 port_recv_release(self.core.port, cqe)
             self._recv_kept()
             return
@@ -728,13 +729,30 @@ cdef class Session(IocpObject):
 
     cdef void _deliver_buffered(self) noexcept:
         """Show the RecvBuffer (new bytes were just appended to it) to the hook."""
-        cdef Py_ssize_t used
-        used = self._call_recv(self._rbuf + self._rpos, self._rlen - self._rpos, NULL)
-        if used == -2:
-            used = self._last_used
+        cdef Py_ssize_t used, n = self._rlen - self._rpos
+        cdef char *ptr = self._rbuf + self._rpos
+        cdef RecvView view
+        used = self._call_recv(ptr, n)
+        view = self._kept_view
+        if view is not None:
+            self._kept_view = None
+            if not view._settle_copy():
+                # Its bytes are pinned (an export of the view is alive): the view takes
+                # the RecvBuffer, the unconsumed rest moves to a new one.
+                self._hand_rbuf_over(view, ptr, n, used)
+                used = 0
         if used >= 0:
             self._rpos += used
         self._recv_kept()
+
+    cdef void _hand_rbuf_over(self, RecvView view, char *ptr, Py_ssize_t n,
+                              Py_ssize_t used) noexcept:
+        cdef char *old = self._rbuf
+        self._rbuf = NULL
+        self._rcap = self._rpos = self._rlen = 0
+        if used >= 0 and used < n and self._rbuf_append(ptr + used, n - used) < 0:
+            self._close_now("out of memory for the receive buffer", True)
+        view._adopt(old)
 
     cdef void _recv_kept(self) noexcept:
         """After the hook: free an empty RecvBuffer, or check what it left in it."""
@@ -778,15 +796,13 @@ cdef class Session(IocpObject):
             self._rcap = cap
         return 0
 
-    cdef Py_ssize_t _call_recv(self, char *ptr, Py_ssize_t n, port_cqe_t *cqe) noexcept:
-        """Call OnRecv with a view of ptr[0:n]; returns the bytes consumed, -1 after an
-        error (the session is closing), or -2 when the hook kept the view of a port
-        buffer (the view now owns that buffer; _last_used holds the count).  When the
-        hook kept a view of the session's own buffer, the view takes that memory and the
-        unconsumed rest moves to a fresh buffer: the return value is then 0."""
-        cdef _RecvView view
+    cdef Py_ssize_t _call_recv(self, char *ptr, Py_ssize_t n) noexcept:
+        """Call OnRecv with a RecvView of ptr[0:n]; returns the bytes consumed, or -1 after
+        an error (the session is closing).  If the hook kept the view (anyone holds it
+        after the call), it is left in _kept_view: the caller settles it once it has
+        taken what it needs from ptr (recv_view.pxi)."""
+        cdef RecvView view
         cdef Py_ssize_t used = n
-        cdef object mv
         if self._ws is not None:
             return _ws_recv(self, <unsigned char *>ptr, n)
         if self._hooks.packet_mode:
@@ -794,12 +810,15 @@ cdef class Session(IocpObject):
         if self._hooks.on_recv is None:
             return n
         try:
-            mv = self.core._take_view(ptr, n)
+            view = RecvView.__new__(RecvView)
         except BaseException as e:
             self._hook_failed("OnRecv", e)
             return -1
+        view._ptr = ptr
+        view._len = n
+        view._state = RV_BORROWED
         try:
-            r = self._hooks.on_recv(self, mv)
+            r = self._hooks.on_recv(self, view)
             if r is not None:
                 used = r
                 if used < 0 or used > n:
@@ -807,29 +826,8 @@ cdef class Session(IocpObject):
         except BaseException as e:
             self._hook_failed("OnRecv", e)
             used = -1
-        if self.core._give_back_view(mv):
-            return used
-        # The hook kept the data (stored the memoryview or a slice): hand the memory to
-        # the view's exporter, which frees it when the last export ends (_RecvView).
-        view = <_RecvView>iocpnet_mv_base(mv)
-        mv = None
-        view.core = self.core
-        if cqe != NULL:
-            view.held = cqe[0]
-            view.holds_port_buffer = True
-            self._last_used = used
-            used = -2
-        else:
-            view.owned = self._rbuf
-            self._rbuf = NULL
-            self._rcap = self._rpos = self._rlen = 0
-            if used >= 0:
-                if used < n and self._rbuf_append(ptr + used, n - used) < 0:
-                    self._close_now("out of memory for the receive buffer", True)
-                    used = -1
-                else:
-                    used = 0
-        view._detached()
+        if Py_REFCNT(view) > 1:
+            self._kept_view = view
         return used
 
     cdef Py_ssize_t _parse_packets(self, const unsigned char *ptr, Py_ssize_t n) noexcept:

@@ -175,6 +175,8 @@ void port_get_stats(port_t *p, port_stats_t *out) {
     out->recv_waiting = (uint64_t)port_atomic_load64(&p->recv_waiting);
 }
 
+uint32_t port_recv_buffer_size(const port_t *p) { return p->opts.recv_buffer_size; }
+
 void port_op_init(port_op_t *op, port_op_type type, void *owner, port_strand_t *strand) {
     memset(op, 0, sizeof(*op));
     op->type = (uint8_t)type;

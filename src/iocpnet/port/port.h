@@ -269,6 +269,8 @@ void port_strand_init(port_strand_t *s, void *owner);
 void port_strand_discard(port_t *p, port_strand_t *s);
 
 void port_get_stats(port_t *p, port_stats_t *out);
+/* Bytes per receive buffer (recv_buffer_size, or its default). */
+uint32_t port_recv_buffer_size(const port_t *p);
 
 /* ------------------------------------------------------------------------------------ */
 /* Operations.  Each op record may be in flight once at a time.                          */
