@@ -168,6 +168,20 @@ cdef class RecvView:
                 mem = NULL
         free(mem)
 
+    cdef int _pin(self, const char **ptr, Py_ssize_t *n) except -1:
+        """The pointer and length, held valid until _unpin (an export without the
+        buffer protocol's round trip: Session.Send's fast path)."""
+        with cython.critical_section(self):
+            self._check()
+            ptr[0] = self._ptr
+            n[0] = self._len
+            self._exports += 1
+        return 0
+
+    cdef void _unpin(self) noexcept:
+        with cython.critical_section(self):
+            self._exports -= 1
+
     cdef bytes _to_bytes(self):
         """bytes(view), straight from the pointer (Session.Send's fast path)."""
         with cython.critical_section(self):

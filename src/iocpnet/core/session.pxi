@@ -372,13 +372,17 @@ cdef class Session(IocpObject):
         cdef Py_ssize_t n, sent = 0
         cdef int64_t r
         cdef port_buf_t one
-        cdef bint have_buf = False
+        cdef bint have_buf = False, pinned = False
         if self._tls is not None:
             return (<_Tls>self._tls).send(self, data)
         if type(data) is bytes:
             b = <bytes>data
             ptr = PyBytes_AS_STRING(b)
             n = PyBytes_GET_SIZE(b)
+        elif type(data) is RecvView:
+            # OnRecv's view (the echo): its pointer, read directly, pinned meanwhile.
+            (<RecvView>data)._pin(&ptr, &n)
+            pinned = True
         else:
             try:
                 PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
@@ -424,6 +428,8 @@ cdef class Session(IocpObject):
         finally:
             if have_buf:
                 PyBuffer_Release(&buf)
+            if pinned:
+                (<RecvView>data)._unpin()
 
     cdef bint _queue_send(self, bytes b, bint check_limit,
                           Py_ssize_t *now=NULL) except? False:
