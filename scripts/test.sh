@@ -53,6 +53,17 @@ trap cleanup EXIT
 
 # Steps 1 and 2 come first: they may install Debian packages, and apt must not run
 # at the same time as the interpreter build's own (which starts after them).
+# redis-server: tests/test_spawn.py awaits a real one (Spawn with redis.asyncio).
+if ! command -v redis-server >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        printf '\n== installing redis-server (for tests/test_spawn.py)\n' >&2
+        apt-get update -qq >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            redis-server >&2
+    else
+        echo "redis-server is missing and cannot be installed here (not root with apt)" >&2
+    fi
+fi
 if ! skipped contract; then
     step "1. C contract test of the port layer (every backend)"
     bash "$root/tests/c/run_contract.sh"

@@ -7,13 +7,15 @@ tests/typecheck/; tests/test_packaging.py checks that it ships in the wheel.
 """
 import logging
 import ssl as _ssl
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, SupportsIndex
-from typing import Protocol, TypedDict, final, overload
+from collections.abc import Callable, Coroutine, Iterable, Iterator
+from types import TracebackType
+from typing import Any, Generic, Protocol, SupportsIndex, TypedDict, TypeVar, final, overload
 
 from typing_extensions import Self, TypeVarTuple, Unpack
 
 _Ts = TypeVarTuple("_Ts")
+_T = TypeVar("_T")
+_T_co = TypeVar("_T_co", covariant=True)
 
 # What Send, Broadcast, make_packet and scan_packets take: bytes are queued by
 # reference, the others are copied.
@@ -37,6 +39,8 @@ DEFAULT_TLS_HANDSHAKE_TIMEOUT: float
 """10 s: ``Session.tls_handshake_timeout`` unless a subclass sets it."""
 DEFAULT_MAX_MESSAGE_SIZE: int
 """1 MiB: ``WebSocketSession.max_message_size`` unless a subclass sets it."""
+DEFAULT_SEND_QUEUE_HIGH: int
+"""64 KiB: ``Session.send_queue_high`` (or a quarter of ``send_queue_limit`` if less)."""
 
 class BackendUnavailableError(RuntimeError):
     """The requested completion-port backend cannot run on this machine."""
@@ -59,7 +63,9 @@ def debug_counters() -> dict[str, int]:
     """Live objects and operations, for leak checks: every value returns to 0.
 
     Keys: ``sessions_alive``, ``sessions_connected``, ``views_detached``,
-    ``cores_alive``."""
+    ``cores_alive``, ``groups_alive``, ``strand_jobs`` (session and group jobs posted
+    and not yet run or dropped), ``strand_timers`` (their pending timers), ``tasks``
+    (``Spawn`` tasks not yet delivered or dropped)."""
 
 def scan_packets(
     data: _Bytes, max_packet_size: int = 65535
@@ -166,6 +172,47 @@ class IocpCore:
         tick) until the returned ``Timer`` is cancelled or the core closes.  A fixed
         rate: ticks whose deadline passed while the callback ran are skipped and counted
         in ``Timer.skipped``."""
+
+    def Spawn(
+        self,
+        awaitable: Coroutine[Any, Any, _T],
+        callback: Callable[[Task[_T]], object] | None = None,
+    ) -> Task[_T]:
+        """Run ``awaitable`` (a coroutine) on this core's asyncio loop thread (started on
+        first use, uvloop when it is installed; stopped by ``Close``).  Its outcome
+        comes back on a worker: ``callback(task)``; without one an exception is
+        logged.  Returns the ``Task``."""
+
+@final
+class Task(IocpObject, Generic[_T_co]):
+    """An awaitable started by ``Spawn``, running on the core's asyncio loop thread.
+
+    Its outcome comes back on the owner's strand (the session's or group's; any worker
+    for ``IocpCore.Spawn``): ``callback(task)`` if one was given, else the owner's
+    ``OnTaskDone(task)`` hook if it defines one.  With neither, an exception is logged
+    like a hook's (a session is disconnected).  When the owner ends first, the awaitable
+    is cancelled and nothing is delivered.
+    """
+
+    @property
+    def owner(self) -> Session | Group | None:
+        """The Session or Group it belongs to (None for ``IocpCore.Spawn``), until its
+        outcome has been delivered."""
+
+    def done(self) -> bool:
+        """True once the awaitable has finished (or was cancelled)."""
+
+    def cancelled(self) -> bool: ...
+    def result(self) -> _T_co:
+        """The awaitable's result; raises its exception, or ``asyncio.CancelledError``
+        if it was cancelled, or RuntimeError if it has not finished."""
+
+    def exception(self) -> BaseException | None:
+        """The exception the awaitable raised, or None."""
+
+    def Cancel(self) -> None:
+        """Cancel the awaitable (any thread).  Its callback still runs, with a
+        cancelled task, unless the owner has ended."""
 
 @final
 class Timer(IocpObject):
@@ -320,6 +367,14 @@ class Session(IocpObject):
     def OnConnectFailed(self, reason: str) -> None:
         """Client sessions: the connection could not be made (OnDisconnected follows)."""
 
+    def OnSendQueue(self, high: bool) -> None:
+        """The send queue passed ``send_queue_high`` (True) or fell back to
+        ``send_queue_low`` (False): asyncio's pause_writing / resume_writing.  Runs on
+        the session's strand, shortly after the Send that crossed the mark."""
+
+    def OnTaskDone(self, task: Task[Any]) -> None:
+        """A task from ``Spawn`` without a callback has finished (on the strand)."""
+
     # ---- state ----
 
     @property
@@ -388,6 +443,20 @@ class Session(IocpObject):
         """Bytes queued by Send and not yet acknowledged by a send completion (with TLS:
         plaintext bytes whose records are not all sent)."""
 
+    @property
+    def send_queue_high(self) -> int:
+        """``OnSendQueue(True)`` at this many queued bytes (class attribute; default
+        64 KiB, or a quarter of ``send_queue_limit`` if less)."""
+
+    @property
+    def send_queue_low(self) -> int:
+        """``OnSendQueue(False)`` once the queue is down to this (class attribute;
+        default a quarter of ``send_queue_high``)."""
+
+    @property
+    def groups(self) -> list[Group]:
+        """A snapshot of the groups this session is in."""
+
     # ---- actions ----
 
     def Send(self, data: _Bytes) -> bool:
@@ -406,6 +475,115 @@ class Session(IocpObject):
 
     def Abort(self, reason: str = "aborted") -> bool:
         """End the session at once: queued data is dropped and the peer sees a reset."""
+
+    # ---- the session's strand ----
+
+    def Post(self, func: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]) -> bool:
+        """Run ``func(*args)`` on this session's strand: never at the same time as its
+        hooks, after what the strand already has (any thread may post).  Returns False
+        if the session has ended; a job still queued when it ends is dropped."""
+
+    def CallLater(
+        self, delay: float, func: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]
+    ) -> Timer:
+        """Run ``func(*args)`` on the session's strand after ``delay`` seconds; returns a
+        ``Timer``.  Cancelled when the session ends."""
+
+    def CallEvery(
+        self, interval: float, func: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]
+    ) -> Timer:
+        """Run ``func(*args)`` on the session's strand every ``interval`` seconds until
+        the Timer is cancelled or the session ends."""
+
+    def Spawn(
+        self,
+        awaitable: Coroutine[Any, Any, _T],
+        callback: Callable[[Task[_T]], object] | None = None,
+    ) -> Task[_T]:
+        """Run ``awaitable`` (a coroutine) on the core's asyncio loop thread, without
+        holding a worker; its outcome comes back on this session's strand:
+        ``callback(task)``, else the ``OnTaskDone(task)`` hook; with neither, an
+        exception is handled like a hook's.  Cancelled when the session ends (nothing
+        is delivered then).  Returns the ``Task``."""
+
+class Group(IocpObject):
+    """A set of sessions with a strand of its own: a room, a channel, a match.
+
+    ``Group(core_or_service, name=None)``.  ``Add(session)`` / ``Remove(session)`` from
+    any thread; a member is removed when its session ends; a session may be in many
+    groups.  ``Broadcast(data)`` queues one ``bytes`` object to every member, by
+    reference, in one total order per group.  ``len(group)``, ``session in group``,
+    iteration over a snapshot.
+
+    ``Post``, ``CallLater``, ``CallEvery`` and ``Spawn`` run on the group's strand: never
+    two at a time, in order, so room state touched only from there needs no lock.
+    ``Close()`` cancels them and removes every member.  Subclass it to give a room its
+    state and its ``OnTaskDone(task)`` hook.
+    """
+
+    def __init__(self, core: IocpCore | Service, name: object = None) -> None: ...
+    @property
+    def name(self) -> object:
+        """The name given (any object; None by default)."""
+
+    @property
+    def members(self) -> list[Session]:
+        """A snapshot of the members, in the order they joined."""
+
+    @property
+    def closed(self) -> bool: ...
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[Session]:
+        """Iterate over a snapshot: members may come and go meanwhile."""
+
+    def __contains__(self, session: object) -> bool: ...
+    def __bool__(self) -> bool: ...
+    def Add(self, session: Session) -> bool:
+        """Make `session` a member (any thread).  Returns True if it joined, False if it
+        was already a member or is not connected (it joins nothing after it ends)."""
+
+    def Remove(self, session: Session) -> bool:
+        """Take `session` out (any thread).  Returns True if it was a member."""
+
+    def Broadcast(
+        self, data: _Bytes, exclude: Session | None = None, *, droppable: bool = False
+    ) -> int:
+        """Queue ``data`` to every member (any thread), the same ``bytes`` object by
+        reference, in one order per group: every member hears the group's messages in
+        the same order.  ``exclude``: a session to skip (say, the sender).
+        ``droppable=True`` (a state update the next one replaces) skips members whose
+        send queue is above their ``send_queue_high`` mark, so a slow reader misses
+        updates instead of reaching its ``send_queue_limit``.  Returns how many members
+        took it (a member closing, or over its send-queue limit, does not)."""
+
+    def Post(self, func: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]) -> bool:
+        """Run ``func(*args)`` on the group's strand (any thread may post).  Returns False
+        if the group is closed (or the core is)."""
+
+    def CallLater(
+        self, delay: float, func: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]
+    ) -> Timer:
+        """Run ``func(*args)`` on the group's strand after ``delay`` seconds; returns a
+        ``Timer``.  Cancelled by ``Close``."""
+
+    def CallEvery(
+        self, interval: float, func: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]
+    ) -> Timer:
+        """Run ``func(*args)`` on the group's strand every ``interval`` seconds (a room's
+        tick) until the Timer is cancelled, the group closed or the core closed."""
+
+    def Spawn(
+        self,
+        awaitable: Coroutine[Any, Any, _T],
+        callback: Callable[[Task[_T]], object] | None = None,
+    ) -> Task[_T]:
+        """Run ``awaitable`` on the core's asyncio loop thread; its outcome comes back on
+        the group's strand (``callback(task)``, else the ``OnTaskDone(task)`` hook).
+        Cancelled by ``Close``."""
+
+    def Close(self) -> None:
+        """End the group (idempotent, any thread): every member is removed, its pending
+        timers and tasks are cancelled, and nothing more runs on its strand."""
 
 class PacketSession(Session):
     """A Session that speaks packets: ``[size: u16][id: u16][payload]``, little-endian,
@@ -645,10 +823,14 @@ class Service:
     def CreateSession(self) -> Session:
         """A new session from the factory (the original's ``CreateSession()``)."""
 
-    def Start(self) -> None:
+    def Start(self, workers: int = 0) -> RunHandle:
         """Make one session with the factory (its exception, if it raises, is Start's),
-        then bind, listen and post the accepts.  A stopped service cannot start again
-        (RuntimeError)."""
+        then bind, listen and post the accepts, and return a ``RunHandle`` at once (its
+        ``.port`` is the bound port, useful with ``Listener(0)``).  With ``workers=N``
+        it also starts N worker threads looping ``Dispatch``; ``handle.Stop()`` (or
+        leaving ``with service.Start(workers=2) as handle:``) shuts down as ``Run``
+        does.  With ``workers=0`` your own threads call ``Dispatch``.  A stopped service
+        cannot start again (RuntimeError)."""
 
     def Stop(self, timeout: float = 5.0) -> None:
         """Graceful shutdown (any thread): stop accepting, disconnect every session
@@ -671,11 +853,52 @@ class Service:
         """Send the same bytes to every live session (or to ``sessions``), queued by
         reference: the packet is built once.  Returns how many sessions took it."""
 
-    def Run(self, workers: int | None = None, *, shutdown_timeout: float = 5.0) -> None:
+    def Run(
+        self,
+        workers: int | None = None,
+        *,
+        seconds: float | None = None,
+        shutdown_timeout: float = 5.0,
+    ) -> None:
         """Start, run ``workers`` threads looping Dispatch, and return after ``Stop()``,
-        SIGINT or SIGTERM, with a graceful shutdown: stop accepting, disconnect the
-        sessions, drain the operations, join the workers, close the core.
-        ``workers=None``: ``default_workers()``."""
+        SIGINT or SIGTERM (or after ``seconds``, if given), with a graceful shutdown:
+        stop accepting, disconnect the sessions, drain the operations, join the workers,
+        close the core.  ``workers=None``: ``default_workers()``."""
+
+class RunHandle:
+    """A started service, returned at once by ``Service.Start()``: ``.port`` (the bound
+    port, for ``Listener(0)``), ``.address``, ``.Stop()``; a context manager that stops
+    on exit.  When it started worker threads (``Start(workers=N)``) they are its own:
+    ``Stop()`` shuts down as ``Run`` does (stop the service, close the core, join the
+    workers) and raises what a worker raised, if anything.  Without workers ``Stop()``
+    stops the service only."""
+
+    service: Service
+    core: IocpCore
+    workers: int
+    def __init__(self, service: Service, workers: int) -> None: ...
+    @property
+    def port(self) -> int | None:
+        """The listening port (None for a ClientService)."""
+
+    @property
+    def address(self) -> tuple[str | None, int]:
+        """The listening (host, port), or a ClientService's server address."""
+
+    @property
+    def running(self) -> bool: ...
+    def Stop(self, timeout: float = 5.0) -> None:
+        """Graceful shutdown (idempotent, any thread): the service stops (sessions are
+        disconnected, queued data flushed); with worker threads of its own, the core is
+        closed and they are joined."""
+
+    def __enter__(self) -> RunHandle: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool: ...
 
 class ServerService(Service):
     """A Service that accepts connections (the same as ``Service``)."""
@@ -723,7 +946,7 @@ class ClientService(Service):
         self,
         core: IocpCore,
         address: str | int | tuple[str, int] | list[str | int],
-        session_factory: Callable[[], Session],
+        session_factory: Callable[[], Session] | Callable[[int], Session],
         count: int = 1,
         *,
         reconnect: bool | _ReconnectPolicy | None = None,
@@ -762,12 +985,15 @@ class ClientService(Service):
     def connect_failures(self) -> int:
         """Connection attempts that failed."""
 
-    def Start(self) -> None:
-        """Open the connections."""
+    def Start(self, workers: int = 0) -> RunHandle:
+        """Open the connections; returns a ``RunHandle`` (``workers=N`` starts worker
+        threads, as ``Service.Start`` does)."""
 
     def Connect(self, session: Session | None = None) -> Session:
         """Open one more connection, with `session` or a new one from the factory;
-        returns the session (connecting)."""
+        returns the session (connecting).  A factory that takes one argument is given
+        the session's index: 0 to count-1 for the first ones, the next numbers after;
+        a reconnect keeps the index of the session it replaces."""
 
 def websocket_accept_key(key: str | bytes) -> str:
     """The Sec-WebSocket-Accept value for a Sec-WebSocket-Key (RFC 6455 4.2.2)."""

@@ -113,6 +113,7 @@ DEFAULT_SEND_QUEUE_LIMIT = 4 * 1024 * 1024
 DEFAULT_RECV_BUFFER_LIMIT = 256 * 1024
 DEFAULT_FLUSH_TIMEOUT = 5.0
 DEFAULT_SEND_TIMEOUT = 10.0
+DEFAULT_SEND_QUEUE_HIGH = 64 * 1024     # OnSendQueue(True) (asyncio's high-water mark)
 
 # Debug counters (uvloop's habit): tests check that they balance.
 cdef volatile int64_t _sessions_alive = 0
@@ -182,6 +183,10 @@ def debug_counters():
         "sessions_connected": _sessions_connected,
         "views_detached": _views_detached,
         "cores_alive": _cores_alive,
+        "groups_alive": _groups_alive,
+        "strand_jobs": _strand_jobs,
+        "strand_timers": _strand_timers,
+        "tasks": _tasks,
     }
 
 
@@ -210,6 +215,8 @@ include "core/timers.pxi"
 include "core/recv_view.pxi"
 include "core/session.pxi"
 include "core/tls.pxi"
+include "core/strand.pxi"
+include "core/group.pxi"
 include "core/packets.pxi"
 include "core/websocket.pxi"
 include "core/listener.pxi"

@@ -196,3 +196,52 @@ def backends() -> None:
         print(e)
     version: str = iocpnet.__version__
     print(version)
+
+
+def game_layer() -> None:
+    """Groups, strands, Spawn, OnSendQueue, the run handle."""
+
+    async def lookup(name: str) -> int:
+        return len(name)
+
+    class Room(iocpnet.Group):
+        def Tick(self) -> None:
+            self.Broadcast(b"state", exclude=None)
+
+        def OnTaskDone(self, task: iocpnet.Task[int]) -> None:
+            print(task.result())
+
+    class Player(iocpnet.Session):
+        def OnConnected(self) -> None:
+            self.Spawn(lookup("ann"), self.on_login)
+            self.Spawn(lookup("bob"))
+            ok: bool = self.Post(self.step, 1)
+            timer: iocpnet.Timer = self.CallEvery(0.05, self.step, 2)
+            self.Post(self.step, "one")  # type: ignore[arg-type]
+            print(ok, timer.active, self.groups, self.send_queue_high, self.send_queue_low)
+
+        def on_login(self, task: iocpnet.Task[int]) -> None:
+            level: int = task.result()
+            print(level, task.done(), task.cancelled(), task.exception(), task.owner)
+
+        def step(self, n: int) -> None:
+            print(n)
+
+        def OnSendQueue(self, high: bool) -> None:
+            print(high)
+
+    core = iocpnet.IocpCore()
+    service = iocpnet.Service(core, iocpnet.Listener(0), Player, 10)
+    room = Room(service, "lobby")
+    room.CallEvery(0.05, room.Tick)
+    with service.Start(workers=2) as run:
+        port: Optional[int] = run.port
+        for member in room:
+            print(member in room, len(room), room.members, port)
+        room.Post(room.Tick)
+        room.Close()
+    core.Spawn(lookup("x"), lambda t: print(t.result() + 1))
+    core.Spawn(42)  # type: ignore[arg-type]
+    bots = iocpnet.ClientService(core, 11021, lambda i: Player(), 3)
+    bots.Start(workers=1).Stop()
+    service.Run(workers=1, seconds=1.0)

@@ -39,6 +39,7 @@ cdef class IocpCore:
     cdef dict _flush_watch
     cdef object _housekeeping
     cdef object _stall_watch      # the send_timeout sweep (core/stall.pxi), made on demand
+    cdef object _aio              # the asyncio loop thread of Spawn (iocpnet.aio), or None
     cdef object __weakref__
 
     def __cinit__(self, backend=None, *, int recv_buffer_size=0, int recv_buffer_count=0,
@@ -327,7 +328,7 @@ cdef class IocpCore:
         return self._start_timer(interval, interval, func, args)
 
     cdef Timer _start_timer(self, double delay, double interval, func, tuple args,
-                            bint internal=False):
+                            bint internal=False, IocpObject owner=None):
         cdef Timer t = Timer.__new__(Timer)
         if not callable(func):
             raise TypeError("func must be callable")
@@ -339,13 +340,34 @@ cdef class IocpCore:
         t.interval = interval
         t._deadline_ms = <double>port_monotonic_ms() + delay * 1000.0
         t._internal = internal
-        port_op_init(&t.op, PORT_OP_TIMER, <void *>t, NULL)
+        # An owner's (Session, Group) timer completes on the owner's strand.
+        port_op_init(&t.op, PORT_OP_TIMER, <void *>t, _owner_strand(owner))
         with self._lock:
             if self._closed or (self._closing and not internal):
                 raise RuntimeError("the IocpCore is closed")
             self._timers.add(t)
+        if owner is not None:
+            # Registered before it is armed, so that the owner's end cancels it.
+            if not _own(owner, t):
+                t._cancelled = 1
+                t._finished()
+                return t
+            t._owner = owner
+            port_atomic_add64(&_strand_timers, 1)
         t._arm(delay)
         return t
+
+    def Spawn(self, awaitable, callback=None):
+        """Run ``awaitable`` (a coroutine) on this core's asyncio loop thread (started on
+        first use, uvloop when it is installed; stopped by ``Close``).  Its outcome
+        comes back on a worker: ``callback(task)``; without one an exception is
+        logged.  Returns the ``Task``."""
+        return _spawn(self, None, awaitable, callback)
+
+    def _aio_kind(self):
+        """The loop Spawn runs on: "uvloop" or "asyncio" (None before the first Spawn)."""
+        r = self._aio
+        return None if r is None else r.kind
 
     # ---- bookkeeping used by sessions and services ----
 

@@ -156,10 +156,16 @@ cdef class Service:
             raise RuntimeError("the service is already started")
         return 0
 
-    def Start(self):
+    def Start(self, int workers=0):
         """Make one session with the factory (its exception, if it raises, is Start's),
-        then bind, listen and post the accepts.  A stopped service cannot start again
-        (RuntimeError)."""
+        then bind, listen and post the accepts, and return a ``RunHandle`` at once (its
+        ``.port`` is the bound port, useful with ``Listener(0)``).  With ``workers=N``
+        it also starts N worker threads looping ``Dispatch``; ``handle.Stop()`` (or
+        leaving ``with service.Start(workers=2) as handle:``) shuts down as ``Run``
+        does.  With ``workers=0`` your own threads call ``Dispatch``.  A stopped service
+        cannot start again (RuntimeError)."""
+        if workers < 0:
+            raise ValueError("workers must be >= 0")
         self._check_startable()
         if self.listener is None:
             raise RuntimeError("this service has no Listener")
@@ -176,6 +182,7 @@ cdef class Service:
             self.core._remove_close_callback(self._close_cb)
             self._started = False
             raise
+        return RunHandle(self, workers)
 
     def _on_core_close(self):
         self._begin_stop(self._shutdown_reason)
@@ -242,10 +249,11 @@ cdef class Service:
                 n += 1
         return n
 
-    def Run(self, workers=None, *, double shutdown_timeout=5.0):
+    def Run(self, workers=None, *, seconds=None, double shutdown_timeout=5.0):
         """Start, run ``workers`` threads looping Dispatch, and return after ``Stop()``,
-        SIGINT or SIGTERM, with a graceful shutdown: stop accepting, disconnect the
-        sessions, drain the operations, join the workers, close the core.
+        SIGINT or SIGTERM (or after ``seconds``, if given), with a graceful shutdown:
+        stop accepting, disconnect the sessions, drain the operations, join the workers,
+        close the core.
 
         ``workers=None`` picks ``default_workers()``: 1 with a GIL (more threads only
         take turns at the GIL and hand the port back and forth), one per core up to 8
@@ -257,6 +265,7 @@ cdef class Service:
         workers = int(workers)
         if workers <= 0:
             raise ValueError("workers must be positive")
+        deadline = None if seconds is None else _time.monotonic() + float(seconds)
         if self._stopping or not self._started:
             self.Start()
         core = self.core
@@ -284,8 +293,10 @@ cdef class Service:
                 if sig is not None:
                     old_handlers[sig] = signal.signal(sig, on_signal)
         try:
-            while not self._stop_event.wait(0.25):
-                pass
+            while not self._stop_event.wait(0.25 if deadline is None else
+                                            max(0.0, min(0.25, deadline - _time.monotonic()))):
+                if deadline is not None and _time.monotonic() >= deadline:
+                    break
         finally:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
@@ -345,6 +356,9 @@ cdef class ClientService(Service):
     cdef readonly object ssl
     cdef readonly object server_hostname
     cdef tuple _ws_target         # (Host header, path) for a ws:// URL (websocket.pxi)
+    cdef bint _factory_takes_index    # factory(index): bot i of count
+    cdef dict _indexes                # session -> its index (kept across reconnects)
+    cdef int _next_index
 
     def __init__(self, IocpCore core, address, session_factory, int count=1, *,
                  reconnect=None, ssl=None, server_hostname=None):
@@ -373,6 +387,8 @@ cdef class ClientService(Service):
         if server_hostname is None and self.ssl is not None:
             server_hostname = self._address[0]
         self.server_hostname = server_hostname or None
+        self._indexes = {}
+        self._factory_takes_index = _takes_an_argument(session_factory)
         host = self._address[0].encode("idna")
         rc = port_resolve(host, self._address[1], 0, &self._addr)
         if rc != 0:
@@ -382,22 +398,46 @@ cdef class ClientService(Service):
     def address(self):
         return self._address
 
-    def Start(self):
-        """Open the connections."""
+    def Start(self, int workers=0):
+        """Open the connections; returns a ``RunHandle`` (``workers=N`` starts worker
+        threads, as ``Service.Start`` does)."""
+        if workers < 0:
+            raise ValueError("workers must be >= 0")
         self._check_startable()
         self._started = True
         self._close_cb = self._on_core_close
         self.core._add_close_callback(self._close_cb)
         for _ in range(self.count):
             self.Connect()
+        return RunHandle(self, workers)
 
     def Connect(self, session=None):
         """Open one more connection, with `session` or a new one from the factory;
-        returns the session (connecting)."""
+        returns the session (connecting).  A factory that takes one argument is given
+        the session's index: 0 to count-1 for the first ones, the next numbers after;
+        a reconnect keeps the index of the session it replaces."""
+        return self._connect(session, -1)
+
+    cdef Session _connect(self, object session, int index):
         cdef Session s
         if self._stopping:
             raise RuntimeError("the service is stopping")
-        s = self._new_session() if session is None else session
+        if session is None:
+            if index < 0:
+                with self._lock:
+                    index = self._next_index
+                    self._next_index += 1
+            if self._factory_takes_index:
+                made = self._factory(index)
+                if not isinstance(made, Session):
+                    raise TypeError(f"the session factory returned {type(made).__name__}, "
+                                    f"not a Session")
+                s = <Session>made
+            else:
+                s = self._new_session()
+        else:
+            s = session
+            index = -1
         s._attach(self.core, self)
         if self.ssl is not None:
             s._tls = _Tls.create(self.ssl, False, self.server_hostname)
@@ -407,11 +447,14 @@ cdef class ClientService(Service):
         with self._lock:
             self._sessions.add(s)
             self.total_sessions += 1
+            if index >= 0:
+                self._indexes[s] = index
         try:
             s._start_connect(&self._addr)
         except BaseException:
             with self._lock:
                 self._sessions.discard(s)
+                self._indexes.pop(s, None)
             raise
         return s
 
@@ -433,14 +476,16 @@ cdef class ClientService(Service):
 
     cdef void _session_done(self, Session s) noexcept:
         Service._session_done(self, s)
+        with self._lock:
+            index = self._indexes.pop(s, -1)
         if not s._was_connected:
             with self._lock:
                 self.connect_failures += 1
                 self._failures += 1
         if self.reconnect is not None and not self._stopping:
-            self._schedule_retry()
+            self._schedule_retry(index)
 
-    cdef void _schedule_retry(self) noexcept:
+    cdef void _schedule_retry(self, int index=-1) noexcept:
         limit = self.reconnect.max_attempts
         if limit is not None and self._failures >= limit:
             logger.warning("giving up on %s:%d after %d failed connection attempts",
@@ -449,7 +494,7 @@ cdef class ClientService(Service):
         try:
             delay = float(self.reconnect.delay(self._failures))
             holder = []
-            t = self.core.CallLater(delay, self._retry, holder)
+            t = self.core.CallLater(delay, self._retry, holder, index)
             holder.append(t)
             with self._lock:
                 self._retry_timers.add(t)
@@ -457,20 +502,20 @@ cdef class ClientService(Service):
             if not self.core._closing:
                 logger.exception("cannot schedule a reconnect")
 
-    def _retry(self, holder):
+    def _retry(self, holder, int index=-1):
         with self._lock:
             self._retry_timers.discard(holder[0])
         if self._stopping:
             return
         try:
-            self.Connect()
+            self._connect(None, index)
         except Exception as e:
             logger.warning("reconnecting to %s:%d failed: %s", self._address[0],
                            self._address[1], e)
             with self._lock:
                 self.connect_failures += 1
                 self._failures += 1
-            self._schedule_retry()
+            self._schedule_retry(index)
 
     cdef void _begin_stop(self, str reason) noexcept:
         Service._begin_stop(self, reason)
@@ -482,3 +527,95 @@ cdef class ClientService(Service):
 
     def _on_core_close(self):
         self._begin_stop(self._shutdown_reason)
+
+
+cdef bint _takes_an_argument(object factory):
+    """Does the session factory take one required positional argument (the index)?"""
+    import inspect
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return False
+    for p in sig.parameters.values():
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty:
+            return True
+    return False
+
+
+class RunHandle:
+    """A started service, returned at once by ``Service.Start()``: ``.port`` (the bound
+    port, for ``Listener(0)``), ``.address``, ``.Stop()``; a context manager that stops
+    on exit.  When it started worker threads (``Start(workers=N)``) they are its own:
+    ``Stop()`` shuts down as ``Run`` does (stop the service, close the core, join the
+    workers) and raises what a worker raised, if anything.  Without workers ``Stop()``
+    stops the service only."""
+
+    def __init__(self, service, int workers):
+        self.service = service
+        self.core = service.core
+        self.workers = workers
+        self._threads = []
+        self._errors = []
+        self._stopped = False
+        self._lock = threading.Lock()
+        for i in range(workers):
+            t = threading.Thread(target=self._worker, name=f"iocpnet-worker-{i}",
+                                 daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _worker(self):
+        core = self.core
+        try:
+            while core.Dispatch() >= 0:
+                pass
+        except BaseException as e:
+            self._errors.append(e)
+            logger.exception("worker thread failed")
+
+    def __repr__(self):
+        state = "stopped" if self._stopped else "running"
+        return f"<RunHandle {self.service!r} workers={self.workers} {state}>"
+
+    @property
+    def port(self):
+        """The listening port (None for a ClientService)."""
+        listener = self.service.listener
+        return listener.port if listener is not None else None
+
+    @property
+    def address(self):
+        """The listening (host, port), or a ClientService's server address."""
+        listener = self.service.listener
+        if listener is not None:
+            return listener.address
+        return self.service.address
+
+    @property
+    def running(self):
+        return not self._stopped
+
+    def Stop(self, double timeout=5.0):
+        """Graceful shutdown (idempotent, any thread): the service stops (sessions are
+        disconnected, queued data flushed); with worker threads of its own, the core is
+        closed and they are joined."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self.service.Stop(timeout)
+        if self._threads:
+            self.core.Close(timeout)
+            me = threading.current_thread()
+            for t in self._threads:
+                if t is not me:
+                    t.join(timeout)
+            if self._errors:
+                raise self._errors[0]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.Stop()
+        return False

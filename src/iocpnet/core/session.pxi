@@ -10,6 +10,11 @@ cdef class _Hooks:
     cdef object on_disconnected
     cdef object on_connect_failed
     cdef object on_recv_packet
+    cdef object on_send_queue     # game layer (strand.pxi): soft backpressure
+    cdef object on_task_done      # game layer: Spawn's outcome
+    cdef bint send_overridden     # Group.Broadcast calls a subclass's Send
+    cdef Py_ssize_t send_queue_high
+    cdef Py_ssize_t send_queue_low
     cdef bint packet_mode         # a PacketSession whose OnRecv is not overridden
     cdef Py_ssize_t max_packet_size
     cdef Py_ssize_t send_queue_limit
@@ -49,6 +54,9 @@ cdef _Hooks _hooks_for(type cls):
     h.on_disconnected = _overridden(cls, "OnDisconnected", Session)
     h.on_connect_failed = _overridden(cls, "OnConnectFailed", Session)
     h.on_recv_packet = getattr(cls, "OnRecvPacket", None)
+    h.on_send_queue = _overridden(cls, "OnSendQueue", Session)
+    h.on_task_done = _overridden(cls, "OnTaskDone", Session)
+    h.send_overridden = _overridden(cls, "Send", Session) is not None
     h.packet_mode = issubclass(cls, PacketSession) and h.on_recv is None
     h.max_packet_size = _class_int(cls, "max_packet_size", PKT_MAX)
     h.send_queue_limit = _class_int(cls, "send_queue_limit", DEFAULT_SEND_QUEUE_LIMIT)
@@ -69,6 +77,12 @@ cdef _Hooks _hooks_for(type cls):
                          f"send_timeout must be >= 0 (0: none)")
     h.lim = _recv_limits_for(cls, h.packet_mode)
     _hooks_measure(cls, h)
+    h.send_queue_high = _class_int(cls, "send_queue_high",
+                                   min(DEFAULT_SEND_QUEUE_HIGH, h.send_queue_limit // 4))
+    h.send_queue_low = _class_int(cls, "send_queue_low", h.send_queue_high // 4)
+    if not 0 <= h.send_queue_low < h.send_queue_high <= h.send_queue_limit:
+        raise ValueError(f"{cls.__name__}: need 0 <= send_queue_low < send_queue_high <= "
+                         f"send_queue_limit")
     _hooks_cache[cls] = h
     return h
 
@@ -177,6 +191,10 @@ cdef class Session(IocpObject):
     cdef object _addr_key         # the host the per-address accept limits counted
     cdef _Counters _cnt           # bytes and messages in and out (stats.pxi)
     cdef object _ws               # a _WebSocket when it speaks WebSocket (websocket.pxi)
+    # Game layer (strand.pxi, group.pxi): jobs, timers, tasks and groups; None until used.
+    cdef _Owned _x
+    cdef bint _sq_above           # OnSendQueue: the queue passed the high mark (under _lock)
+    cdef bint _sq_told            # OnSendQueue: what the hook was last told (strand only)
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
@@ -251,6 +269,14 @@ cdef class Session(IocpObject):
 
     def OnConnectFailed(self, reason):
         """Client sessions: the connection could not be made (OnDisconnected follows)."""
+
+    def OnSendQueue(self, high):
+        """The send queue passed ``send_queue_high`` (True) or fell back to
+        ``send_queue_low`` (False): asyncio's pause_writing / resume_writing.  Runs on
+        the session's strand, shortly after the Send that crossed the mark."""
+
+    def OnTaskDone(self, task):
+        """A task from ``Spawn`` without a callback has finished (on the strand)."""
 
     # ---- public API ----
 
@@ -354,6 +380,11 @@ cdef class Session(IocpObject):
         is closing).  Past ``send_queue_limit`` unsent bytes the peer is judged not to
         be reading: the session is disconnected and False returned.
         """
+        return self._send(data)
+
+    cdef object _send(self, object data):
+        """What Send does (Group.Broadcast calls it directly when the class does not
+        override Send): a WebSocket session's data becomes one binary message."""
         if type(data) is not bytes and not PyObject_CheckBuffer(data):
             raise _not_bytes("Send", "data", data)
         if self._ws is not None:
@@ -473,6 +504,7 @@ cdef class Session(IocpObject):
         cdef Py_ssize_t limit = self._hooks.send_queue_limit
         cdef Py_ssize_t queued = self._sq_bytes + n
         cdef int rc
+        cdef bint tell = False
         if check_limit and queued > limit:
             port_spin_unlock(&self._lock)
             self._close_now(
@@ -498,6 +530,10 @@ cdef class Session(IocpObject):
             rc = self._submit_send_locked()
         else:
             rc = 0
+        if queued >= self._hooks.send_queue_high and not self._sq_above and \
+                self._hooks.on_send_queue is not None:
+            self._sq_above = True
+            tell = True
         if queued >= (limit >> 2) and not self._recv_paused:
             # Backpressure: the peer reads slower than it makes us write (an echo, a
             # request flood).  Stop reading from it until the queue drains, so that its
@@ -511,6 +547,9 @@ cdef class Session(IocpObject):
             self._close_now(f"cannot send: {port_reason(rc)}", False)
             self._maybe_finish()
             return False
+        if tell:
+            # Send may run on any thread: the hook runs on the strand (a job).
+            _post_to(self, JOB_SEND_QUEUE, None, None)
         return True
 
     def Disconnect(self, reason="disconnected"):
@@ -911,6 +950,8 @@ cdef class Session(IocpObject):
                     free(self._iov)
                     self._iov = self._iov_inline
         busy = self._send_busy
+        if self._sq_above and self._sq_bytes <= self._hooks.send_queue_low:
+            self._sq_above = False
         if self._recv_paused and self._sq_bytes <= (self._hooks.send_queue_limit >> 4):
             self._recv_paused = False
             if rc == 0:
@@ -925,6 +966,8 @@ cdef class Session(IocpObject):
                 self._hooks.on_send(self, sent)
             except BaseException as e:
                 self._hook_failed("OnSend", e)
+        if self._sq_told != self._sq_above and self._state == S_CONNECTED:
+            self._tell_send_queue()
         if cqe.res < 0:
             if cqe.res != PORT_ECANCELED:
                 self._close_now(port_reason(<int>cqe.res), False)
@@ -1086,11 +1129,81 @@ cdef class Session(IocpObject):
             (<_Tls>self._tls).finished(self)          # OnConnectFailed after a bad handshake
         if self._service is not None:
             self._service._session_done(self)
+        if self._x is not None:
+            _session_ended(self)     # its timers and tasks cancelled, its groups left
         if self._hooks.on_disconnected is not None:
             try:
                 self._hooks.on_disconnected(self, self._reason)
             except BaseException:
                 logger.exception("OnDisconnected of %s raised", repr(self))
+
+    # ---- game layer: the session's strand (strand.pxi), its groups (group.pxi) ----
+
+    def Post(self, func, *args):
+        """Run ``func(*args)`` on this session's strand: never at the same time as its
+        hooks, after what the strand already has (any thread may post).  Returns False
+        if the session has ended; a job still queued when it ends is dropped."""
+        return _post_to(self, JOB_CALL, func, args)
+
+    def CallLater(self, double delay, func, *args):
+        """Run ``func(*args)`` on the session's strand after ``delay`` seconds; returns a
+        ``Timer``.  Cancelled when the session ends."""
+        return _owner_timer(self, delay, 0.0, func, args)
+
+    def CallEvery(self, double interval, func, *args):
+        """Run ``func(*args)`` on the session's strand every ``interval`` seconds until
+        the Timer is cancelled or the session ends."""
+        if interval <= 0:
+            raise ValueError("interval must be positive")
+        return _owner_timer(self, interval, interval, func, args)
+
+    def Spawn(self, awaitable, callback=None):
+        """Run ``awaitable`` (a coroutine) on the core's asyncio loop thread, without
+        holding a worker; its outcome comes back on this session's strand:
+        ``callback(task)``, else the ``OnTaskDone(task)`` hook; with neither, an
+        exception is handled like a hook's.  Cancelled when the session ends (nothing
+        is delivered then).  Returns the ``Task``."""
+        return _spawn(self.core, self, awaitable, callback)
+
+    @property
+    def groups(self):
+        """A snapshot of the groups this session is in."""
+        cdef _Owned x = self._x
+        if x is None:
+            return []
+        with x.lock:
+            return list(x.groups) if x.groups is not None else []
+
+    @property
+    def send_queue_high(self):
+        return self._hooks.send_queue_high
+
+    cdef inline bint _send_queue_above_high(self) noexcept:
+        """Is the queue above send_queue_high?  (What OnSendQueue(True) reports, but
+        kept for every session: a droppable broadcast asks it.)"""
+        return self._sq_bytes >= self._hooks.send_queue_high
+
+    @property
+    def send_queue_low(self):
+        return self._hooks.send_queue_low
+
+    cdef void _tell_send_queue(self) noexcept:
+        """On the strand: tell OnSendQueue where the queue is, if that changed since it
+        was last told (crossings in between fold into one call, never two alike in a
+        row)."""
+        cdef bint above
+        if self._hooks.on_send_queue is None:
+            return
+        port_spin_lock(&self._lock)
+        above = self._sq_above
+        port_spin_unlock(&self._lock)
+        if above == self._sq_told:
+            return
+        self._sq_told = above
+        try:
+            self._hooks.on_send_queue(self, above)
+        except BaseException as e:
+            self._hook_failed("OnSendQueue", e)
 
     cdef void _hook_failed(self, str hook, BaseException e) noexcept:
         # Log the repr, not the session: a handler keeping the record must not keep it alive.

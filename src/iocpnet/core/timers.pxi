@@ -36,6 +36,7 @@ cdef class Timer(IocpObject):
     cdef volatile int32_t _cancelled
     cdef bint _done
     cdef bint _internal           # the core's own: not cancelled by Close
+    cdef IocpObject _owner        # a Session or Group whose strand it runs on, or None
     cdef object __weakref__
 
     def __repr__(self):
@@ -59,8 +60,7 @@ cdef class Timer(IocpObject):
         rc = port_timer(self.core.port, &self.op, ms)
         if rc != 0:
             _decref(<PyObject *>self)
-            self._done = True
-            self.core._timer_done(self)
+            self._finished()
             raise port_error(rc, "arming a timer")
 
     cdef double _next_delay(self) noexcept:
@@ -84,19 +84,29 @@ cdef class Timer(IocpObject):
             port_cancel(self.core.port, &self.op)
 
     cdef void _dispatch(self, port_cqe_t *cqe) noexcept:
-        if cqe.res == 0 and not self._cancelled:
+        # An owner's timer runs on its strand, and not once the owner has ended.
+        if cqe.res == 0 and not self._cancelled and not _owner_ended(self._owner):
             try:
                 self.func(*self.args)
-            except BaseException:
-                logger.exception("timer callback %s raised", repr(self.func))
+            except BaseException as e:
+                _callback_failed(self._owner, "timer callback", self.func, e)
             if self.interval > 0 and not self._cancelled and \
+                    not _owner_ended(self._owner) and \
                     (self._internal or not self.core._closing) and not self.core._closed:
                 try:
                     self._arm(self._next_delay())
                     return
                 except Exception:
                     logger.exception("re-arming a repeating timer failed")
+        self._finished()
+
+    cdef void _finished(self) noexcept:
+        """The timer will not fire again: forget it (core, owner) and what it calls."""
         self._done = True
         self.core._timer_done(self)
+        if self._owner is not None:
+            _disown(self._owner, self)
+            port_atomic_add64(&_strand_timers, -1)
+            self._owner = None
         self.func = None
         self.args = None

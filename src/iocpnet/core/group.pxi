@@ -1,0 +1,262 @@
+# core/group.pxi: Group, a set of sessions (a room, a channel) with a strand of its own.
+# Included by _core.pyx (one extension module, one file per concern).
+#
+# What it owns.  The members (a tuple, replaced whole on each change, so that a reader
+# takes a snapshot by taking one reference), the group's strand (port_strand_t, as a
+# session has: group.Post, CallLater, CallEvery and Spawn results run there, one at a
+# time, in order, so room logic needs no lock of its own) and its pending timers and tasks
+# (an `_Owned` record, strand.pxi).
+#
+# Broadcast order.  Every member hears the group's messages in one order, whichever
+# worker or thread broadcast them: `_order_lock` is held for the whole fan-out, so two
+# broadcasts never interleave, and each member's Send queues in call order.  It is a
+# re-entrant lock because a member's Send may run Python (a subclass's Send, a filter),
+# and that code may broadcast to the same group again; such a nested message reaches
+# the members not yet served before the outer one (the one case where the order is
+# that of the nesting, not of the calls).  The fan-out queues the same `bytes` object to
+# every member by reference: one message built once, whatever the room's size.  Why a
+# lock and not the group's strand: posting each broadcast to the strand would cost a
+# port round trip (latency) and an allocation per message, and the strand's order is no
+# better than the lock's; the lock is held only while queueing, never while sending.
+#
+# Membership.  `_lock` (a threading.Lock: held around tuple replacement only) guards
+# `_members` and `_closed`.  A session keeps the list of its groups in its `_Owned`
+# record (under that record's lock), so that its end removes it from each.  Lock order:
+# a group's `_lock`, then the session's record lock; a session's end takes its groups'
+# locks only after letting go of its own.  Add refuses a session that is not connected:
+# a session that Add accepted is in the record before the session's end reads it, so it
+# is always removed at its end (no member outlives its session).  Group <-> member
+# references form a cycle on purpose; the session's end (or Close) breaks it.
+
+
+cdef volatile int64_t _groups_alive = 0
+
+
+cdef class Group(IocpObject):
+    """A set of sessions with a strand of its own: a room, a channel, a match.
+
+    ``Group(core_or_service, name=None)``.  ``Add(session)`` / ``Remove(session)`` from
+    any thread; a member is removed when its session ends; a session may be in many
+    groups.  ``Broadcast(data)`` queues one ``bytes`` object to every member, by
+    reference, in one total order per group.  ``len(group)``, ``session in group``,
+    iteration over a snapshot.
+
+    ``Post``, ``CallLater``, ``CallEvery`` and ``Spawn`` run on the group's strand: never
+    two at a time, in order, so room state touched only from there needs no lock.
+    ``Close()`` cancels them and removes every member.  Subclass it to give a room its
+    state and its ``OnTaskDone(task)`` hook.
+    """
+    cdef port_strand_t _strand
+    cdef object _lock             # guards _members, _closed
+    cdef object _order_lock       # held for a whole Broadcast: one order per group
+    cdef tuple _members
+    cdef bint _closed
+    cdef _Owned _x
+    cdef readonly object name
+    cdef object __weakref__
+
+    def __cinit__(self, *args, **kwargs):
+        port_strand_init(&self._strand, <void *>self)
+        self._members = ()
+        self._lock = threading.Lock()
+        self._order_lock = threading.RLock()
+        self._x = _Owned.__new__(_Owned)
+        port_atomic_add64(&_groups_alive, 1)
+
+    def __init__(self, core, name=None):
+        if isinstance(core, Service):
+            core = (<Service>core).core
+        if not isinstance(core, IocpCore):
+            raise TypeError("Group needs an IocpCore (or a Service)")
+        self.core = <IocpCore>core
+        self.name = name
+
+    def __dealloc__(self):
+        if self.core is not None and self.core.port != NULL:
+            port_strand_discard(self.core.port, &self._strand)
+        port_atomic_add64(&_groups_alive, -1)
+
+    def __repr__(self):
+        name = f" {self.name!r}" if self.name is not None else ""
+        state = " closed" if self._closed else ""
+        return f"<{type(self).__name__}{name} members={len(self._members)}{state}>"
+
+    cdef tuple _snapshot(self):
+        with self._lock:
+            return self._members
+
+    def __len__(self):
+        return len(self._snapshot())
+
+    def __iter__(self):
+        """Iterate over a snapshot: members may come and go meanwhile."""
+        return iter(self._snapshot())
+
+    def __contains__(self, session):
+        for s in self._snapshot():
+            if s is session:
+                return True
+        return False
+
+    def __bool__(self):
+        return True          # a group is a group, even empty (len() may be 0)
+
+    @property
+    def members(self):
+        """A snapshot of the members, in the order they joined."""
+        return list(self._snapshot())
+
+    @property
+    def closed(self):
+        return self._closed
+
+    cdef IocpCore _core(self):
+        if self.core is None:
+            raise RuntimeError(f"{type(self).__name__}.__init__ was not called")
+        return self.core
+
+    # ---- membership ----
+
+    def Add(self, Session session not None):
+        """Make `session` a member (any thread).  Returns True if it joined, False if it
+        was already a member or is not connected (it joins nothing after it ends)."""
+        cdef _Owned x
+        self._core()
+        if session.core is not self.core:
+            raise ValueError(f"{session!r} runs on another IocpCore than {self!r}")
+        x = _owned_of(session)
+        fresh = [self]
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{self!r} is closed")
+            for s in self._members:
+                if s is session:
+                    return False
+            with x.lock:
+                if x.ended or session._state != S_CONNECTED:
+                    return False
+                if x.groups is None:
+                    x.groups = fresh
+                else:
+                    x.groups.append(self)
+            self._members = self._members + (session,)
+        return True
+
+    def Remove(self, Session session not None):
+        """Take `session` out (any thread).  Returns True if it was a member."""
+        if not self._discard(session):
+            return False
+        _forget_group(session, self)
+        return True
+
+    cdef bint _discard(self, Session session) except -1:
+        """Drop `session` from the members (it ended, or Remove)."""
+        cdef Py_ssize_t i
+        with self._lock:
+            members = self._members
+            for i in range(len(members)):
+                if members[i] is session:
+                    self._members = members[:i] + members[i + 1:]
+                    return True
+        return False
+
+    # ---- messages ----
+
+    def Broadcast(self, data, exclude=None, *, bint droppable=False):
+        """Queue ``data`` to every member (any thread), the same ``bytes`` object by
+        reference, in one order per group: every member hears the group's messages in
+        the same order.  ``exclude``: a session to skip (say, the sender).
+        ``droppable=True`` (a state update the next one replaces) skips members whose
+        send queue is above their ``send_queue_high`` mark, so a slow reader misses
+        updates instead of reaching its ``send_queue_limit``.  Returns how many members
+        took it (a member closing, or over its send-queue limit, does not)."""
+        cdef bytes b = data if type(data) is bytes else _copy_to_bytes(data)
+        cdef Session s
+        cdef Py_ssize_t n = 0
+        with self._order_lock:
+            for s in self._snapshot():
+                if s is exclude:
+                    continue
+                if droppable and s._send_queue_above_high():
+                    continue
+                if s._hooks.send_overridden:
+                    if s.Send(b):
+                        n += 1
+                elif s._send(b):
+                    n += 1
+        return n
+
+    # ---- the group's strand ----
+
+    def Post(self, func, *args):
+        """Run ``func(*args)`` on the group's strand (any thread may post).  Returns False
+        if the group is closed (or the core is)."""
+        self._core()
+        return _post_to(self, JOB_CALL, func, args)
+
+    def CallLater(self, double delay, func, *args):
+        """Run ``func(*args)`` on the group's strand after ``delay`` seconds; returns a
+        ``Timer``.  Cancelled by ``Close``."""
+        self._core()
+        return _owner_timer(self, delay, 0.0, func, args)
+
+    def CallEvery(self, double interval, func, *args):
+        """Run ``func(*args)`` on the group's strand every ``interval`` seconds (a room's
+        tick) until the Timer is cancelled, the group closed or the core closed."""
+        if interval <= 0:
+            raise ValueError("interval must be positive")
+        self._core()
+        return _owner_timer(self, interval, interval, func, args)
+
+    def Spawn(self, awaitable, callback=None):
+        """Run ``awaitable`` on the core's asyncio loop thread; its outcome comes back on
+        the group's strand (``callback(task)``, else the ``OnTaskDone(task)`` hook).
+        Cancelled by ``Close``."""
+        return _spawn(self._core(), self, awaitable, callback)
+
+    def Close(self):
+        """End the group (idempotent, any thread): every member is removed, its pending
+        timers and tasks are cancelled, and nothing more runs on its strand."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            members = self._members
+            self._members = ()
+        for s in members:
+            _forget_group(<Session>s, self)
+        _end_owned(self._x)
+
+
+cdef void _forget_group(Session session, Group g) noexcept:
+    """Take `g` out of the session's list of groups."""
+    cdef _Owned x = session._x
+    cdef Py_ssize_t i
+    if x is None:
+        return
+    with x.lock:
+        groups = x.groups
+        if groups is not None:
+            for i in range(len(groups)):
+                if groups[i] is g:
+                    del groups[i]
+                    break
+
+
+cdef void _session_ended(Session s) noexcept:
+    """The session ends (before OnDisconnected, on its strand): cancel its timers and
+    tasks, leave its groups."""
+    cdef _Owned x
+    cdef Group g
+    port_spin_lock(&s._lock)
+    x = s._x
+    port_spin_unlock(&s._lock)
+    if x is None:
+        return
+    try:
+        groups = _end_owned(x)
+        if groups:
+            for g in groups:
+                g._discard(s)
+    except BaseException:
+        logger.exception("ending the timers, tasks and groups of %s failed", repr(s))

@@ -1,0 +1,108 @@
+"""The run handle (Service.Start(workers=N), a context manager with .port and .Stop()),
+Run(seconds=...), and ClientService factories given the session's index."""
+import threading
+import time
+
+import pytest
+
+import iocpnet
+from conftest import connect, recv_exactly, wait_for
+
+
+class Echo(iocpnet.Session):
+    def OnRecv(self, data):
+        self.Send(data)
+
+
+def _workers():
+    return [t for t in threading.enumerate() if t.name.startswith("iocpnet-worker")]
+
+
+def test_start_with_workers_returns_a_handle_at_once(backend):
+    core = iocpnet.IocpCore(backend)
+    service = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0)), Echo, 8)
+    with service.Start(workers=2) as run:
+        assert isinstance(run, iocpnet.RunHandle)
+        assert run.port == service.listener.port and run.port > 0
+        assert run.address == ("127.0.0.1", run.port)
+        assert run.running and run.workers == 2
+        assert len(_workers()) == 2
+        c = connect(("127.0.0.1", run.port))
+        c.sendall(b"ping")
+        assert recv_exactly(c, 4) == b"ping"
+        with pytest.raises(RuntimeError):
+            service.Start()
+    # Leaving the block: the service stopped, the core closed, the workers joined.
+    assert not run.running and core.closed
+    assert c.recv(1) == b""
+    assert _workers() == []
+    run.Stop()            # idempotent
+    c.close()
+
+
+def test_start_without_workers_leaves_the_core_to_the_caller(backend):
+    core = iocpnet.IocpCore(backend)
+    service = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0)), Echo, 8)
+    run = service.Start()
+    assert run.workers == 0 and run.port > 0
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set() and core.Dispatch(20) >= 0:
+            pass
+
+    t = threading.Thread(target=loop)
+    t.start()
+    c = connect(("127.0.0.1", run.port))
+    c.sendall(b"x")
+    assert recv_exactly(c, 1) == b"x"
+    run.Stop()
+    assert service.session_count == 0 and not core.closed
+    stop.set()
+    t.join()
+    core.Close()
+    c.close()
+    with pytest.raises(ValueError):
+        iocpnet.Service(core, iocpnet.Listener(0), Echo).Start(workers=-1)
+
+
+def test_run_for_some_seconds(backend):
+    core = iocpnet.IocpCore(backend)
+    service = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0)), Echo, 8)
+    t0 = time.monotonic()
+    service.Run(workers=1, seconds=0.3)
+    took = time.monotonic() - t0
+    assert 0.25 <= took < 5, took
+    assert core.closed and _workers() == []
+
+
+def test_client_factory_gets_the_session_index_kept_across_reconnects(backend):
+    seen = []
+
+    class Bot(iocpnet.Session):
+        def __init__(self, index):
+            self.index = index
+
+        def OnConnected(self):
+            seen.append(("up", self.index))
+            if self.index == 2 and sum(1 for e in seen if e == ("up", 2)) == 1:
+                self.Disconnect("drop once")     # replaced, with the same index
+
+    core = iocpnet.IocpCore(backend)
+    server = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0)), Echo, 16)
+    with server.Start(workers=2) as run:
+        bots = iocpnet.ClientService(core, ("127.0.0.1", run.port), Bot, 4,
+                                     reconnect=iocpnet.Reconnect(initial=0.01))
+        client_run = bots.Start()
+        assert client_run.port is None and client_run.address == ("127.0.0.1", run.port)
+        wait_for(lambda: len(seen) >= 5, message="four bots and one reconnect")
+        assert sorted(i for _, i in seen[:4]) == [0, 1, 2, 3]
+        assert seen.count(("up", 2)) == 2
+        extra = bots.Connect()
+        assert extra.index == 4
+        # A factory that takes no argument is called without one.
+        plain = iocpnet.ClientService(core, ("127.0.0.1", run.port), Echo, 1)
+        plain.Start()
+        wait_for(lambda: plain.session_count == 1 and plain.sessions[0].connected)
+        bots.Stop()
+        plain.Stop()
