@@ -1,6 +1,8 @@
 """Shared fixtures: every test runs once per backend this machine can run, against real
 sockets on 127.0.0.1, and every test ends with the leak counters balanced."""
 import contextlib
+import shutil
+import subprocess
 import gc
 import logging
 import os
@@ -190,3 +192,43 @@ def recorder():
 def caplog_iocpnet(caplog):
     caplog.set_level(logging.INFO, logger="iocpnet")
     return caplog
+
+
+# ---- a real redis-server (tests of Spawn and the game example) ----
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_port(tmp_path_factory):
+    """A redis-server of our own on 127.0.0.1 (for Spawn and the game example); its port."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed (scripts/test.sh installs it)")
+        pytest.skip("redis-server is not installed (scripts/test.sh installs it)")
+    for _ in range(5):
+        port = _free_port()
+        proc = subprocess.Popen(
+            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("redis"))],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
+                    c.sendall(b"PING\r\n")
+                    if c.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                time.sleep(0.05)
+        if proc.poll() is None:
+            break
+    else:
+        pytest.fail("redis-server would not start")
+    yield port
+    proc.terminate()
+    proc.wait(10)

@@ -12,6 +12,7 @@ import pytest
 
 import iocpnet
 from conftest import connect, recv_exactly, wait_for
+from test_tls import pki  # noqa: F401  (the fixture)
 
 FRAME = struct.Struct("<II")          # (sender, seq): 8 bytes
 
@@ -516,3 +517,33 @@ def test_send_queue_marks_are_checked(attrs):
     cls = type("Bad", (iocpnet.Session,), attrs)
     with pytest.raises(ValueError, match="send_queue_low"):
         cls()
+
+
+def test_broadcast_to_tls_members_goes_through_each_ones_filter(server, pki):
+    """Members on TLS get the group's messages encrypted for each of them (the one
+    bytes object is each member's plaintext), in the group's order."""
+    from test_tls import client_context, server_context, tls_connect
+
+    room = {}
+
+    class Member(iocpnet.Session):
+        def OnConnected(self):
+            room["g"].Add(self)
+            self.Send(b"J")
+
+        def OnRecv(self, data):
+            room["g"].Broadcast(bytes(data))
+
+    srv = server(Member, ssl=server_context(pki))
+    room["g"] = iocpnet.Group(srv.core)
+    socks = [tls_connect(srv.address, client_context(pki)) for _ in range(3)]
+    for s in socks:
+        assert recv_exactly(s, 1) == b"J"
+    for i in range(20):
+        socks[i % 3].sendall(b"m%02d" % i)
+        for s in socks:
+            assert recv_exactly(s, 3) == b"m%02d" % i
+    for s in socks:
+        s.close()
+    wait_for(lambda: len(room["g"]) == 0)
+    room.clear()

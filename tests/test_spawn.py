@@ -4,9 +4,6 @@ that the test starts (scripts/test.sh installs it; the `redis` package is in the
 extra)."""
 import asyncio
 import os
-import shutil
-import socket
-import subprocess
 import threading
 import time
 
@@ -32,43 +29,6 @@ def aio_loop(request, monkeypatch):
     """Each test once per loop the core's Spawn thread can run (uvloop where installed)."""
     monkeypatch.setenv("IOCPNET_AIO_LOOP", request.param)
     return request.param
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def redis_port(tmp_path_factory):
-    exe = shutil.which("redis-server")
-    if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is not installed (scripts/test.sh installs it)")
-        pytest.skip("redis-server is not installed (scripts/test.sh installs it)")
-    for _ in range(5):
-        port = _free_port()
-        proc = subprocess.Popen(
-            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("redis"))],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
-                    c.sendall(b"PING\r\n")
-                    if c.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                time.sleep(0.05)
-        if proc.poll() is None:
-            break
-    else:
-        pytest.fail("redis-server would not start")
-    yield port
-    proc.terminate()
-    proc.wait(10)
 
 
 async def lookup(port, key, delay_key=None, delay=0.0):

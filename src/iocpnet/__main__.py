@@ -6,9 +6,9 @@
   them all on Ctrl-C or SIGTERM.
 - ``demo``: an echo server and dummy clients in one process, live figures once a
   second, a summary at the end (the newcomer's first command).
-- ``dummy-client``: dummy clients that load an echo server or the chat example server
-  (``--protocol chat``), check every answer, show live figures and a summary, and exit
-  non-zero on any error.
+- ``dummy-client``: dummy clients that load an echo server, the chat example server
+  (``--protocol chat``) or the game example server (``--protocol game``), check every
+  answer, show live figures and a summary, and exit non-zero on any error.
 """
 from __future__ import annotations
 
@@ -334,9 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seconds", type=float, default=5.0)
     c.add_argument("--size", type=int, default=64, help="message size in bytes")
     c.add_argument("--protocol", choices=PROTOCOLS, default="echo",
-                   help="echo: any echo server; chat: examples/chat_server.py")
+                   help="echo: any echo server; chat: examples/chat_server.py; "
+                        "game: examples/game_server.py")
     c.add_argument("--room-size", type=int, default=10,
-                   help="chat: clients per room")
+                   help="chat and game: clients per room")
     c.add_argument("--websocket", action="store_true",
                    help="connect over WebSocket (ws://HOST:PORT/): echo sends binary "
                         "messages, chat sends its packets in binary messages")

@@ -1,7 +1,7 @@
 """Dummy clients that load a server and check every answer (``demo`` and
 ``dummy-client``).
 
-Two protocols:
+Three protocols:
 
 - ``echo``: each client session sends a message, waits for the whole echo, checks every
   byte, and sends the next one (ping-pong).  Contents change with every message (a
@@ -10,6 +10,13 @@ Two protocols:
   ``room_size`` and each says numbered messages, one at a time; the round trip is its
   own message coming back in the room's broadcast.  Every message heard, its own and
   the others', is checked for content and order (numbers from one sender go up by one).
+- ``game`` (``iocpnet.game_protocol``, examples/game_server.py): each bot logs in, joins
+  room ``room-<index // room_size>``, waits until the room is full, then sends a move,
+  waits for it to come back in a tick's ``S_MOVES`` (its round trip), sends the next,
+  and says a numbered chat line with each move.  Each bot checks its own moves come
+  back in order, once; at the end every chat line a sender saw come back must have been
+  heard exactly once by every member of its room, and every bot must have seen state
+  ticks at a quarter of the server's rate at least.
 
 Figures are kept per session and summed by the reporter, so the hot path takes no
 shared lock.  Any error (a connection refused, a mismatch, a session ended by the
@@ -22,14 +29,15 @@ import ssl as _ssl
 import struct
 import threading
 import time
-from typing import Callable, Dict, List, Optional, TextIO, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, TextIO, Tuple, Type
 
 import iocpnet
 from iocpnet import chat_protocol as proto
+from iocpnet import game_protocol as gproto
 
 _COUNTER = struct.Struct("<Q")
 
-PROTOCOLS = ("echo", "chat")
+PROTOCOLS = ("echo", "chat", "game")
 
 # Reasons our own clients end with (their Disconnect, the ClientService's Stop): none
 # of them is an error.  A server going away shows as "peer closed the connection".
@@ -337,6 +345,186 @@ def make_chat_client(size: int, room_size: int,
     return ChatLoadClient
 
 
+def make_game_client(clients: int, room_size: int, shared: _Shared,
+                     bots: List[Any]) -> Type[iocpnet.PacketSession]:
+    """A PacketSession class for the game example: see the module's docstring."""
+    stop = shared.stop
+    room_size = max(1, room_size)
+
+    class GameLoadClient(iocpnet.PacketSession):
+        def __init__(self) -> None:
+            self.index, self.stats = shared.register()
+            first = self.index - self.index % room_size
+            self.room = f"room-{self.index // room_size}"
+            self.room_members = min(room_size, clients - first)
+            self.name = f"bot{self.index}"
+            self.pid = 0
+            self.tick_hz = 0
+            self.members: set = set()
+            self.started = False
+            self.move_seq = 0          # the move in flight (0: none)
+            self.moved = 0             # moves that came back
+            self.sent_at = 0.0
+            self.chat_seq = 0
+            self.chat_waiting = False
+            self.heard: Dict[Tuple[int, int], int] = {}
+            self.confirmed: List[Tuple[int, int]] = []
+            self.ticks = 0
+            self.first_tick = 0.0
+            self.last_tick = 0.0
+            self.failed = False
+            with shared.lock:
+                bots.append(self)
+
+        def _fail(self, what: str) -> None:
+            if not self.failed:
+                self.failed = True
+                self.stats.errors.append(f"bot {self.index} ({self.room}): {what}")
+            self.Disconnect("game mismatch")
+
+        def OnConnected(self) -> None:
+            self.stats.connected = True
+            self.Send(iocpnet.make_packet(gproto.C_LOGIN, gproto.login(self.name, self.room)))
+
+        def _maybe_start(self) -> None:
+            if not self.started and self.pid and len(self.members) >= self.room_members:
+                self.started = True
+                self._next()
+
+        def _next(self) -> None:
+            if stop.is_set():
+                return
+            self.move_seq = self.moved + 1
+            self.sent_at = time.perf_counter()
+            self.Send(iocpnet.make_packet(gproto.C_MOVE, gproto.move(
+                self.move_seq, 1 + self.index % 3, -1)))
+            if not self.chat_waiting:
+                self.chat_seq += 1
+                self.chat_waiting = True
+                self.Send(iocpnet.make_packet(gproto.C_CHAT, gproto.chat(
+                    self.chat_seq, f"{self.name} says {self.chat_seq}")))
+
+        def OnRecvPacket(self, packet_id: int, payload: bytes) -> None:
+            st = self.stats
+            st.packets += 1
+            st.bytes += len(payload) + iocpnet.PACKET_HEADER_SIZE
+            try:
+                self._packet(packet_id, payload)
+            except gproto.ProtocolError as e:
+                self._fail(f"bad packet {packet_id}: {e}")
+
+        def _packet(self, packet_id: int, payload: bytes) -> None:
+            if packet_id == gproto.S_STATE:
+                now = time.perf_counter()
+                if not self.ticks:
+                    self.first_tick = now
+                self.ticks += 1
+                self.last_tick = now
+            elif packet_id == gproto.S_MOVES:
+                _, applied = gproto.parse_moves(payload)
+                for pid, seq, _x, _y in applied:
+                    if pid != self.pid:
+                        continue
+                    if seq != self.move_seq:
+                        self._fail(f"move {seq} came back, expected {self.move_seq}")
+                        return
+                    self.stats.messages += 1
+                    self.stats.hist.add(time.perf_counter() - self.sent_at)
+                    self.moved = seq
+                    self.move_seq = 0
+                    self._next()
+            elif packet_id == gproto.S_CHAT:
+                pid, seq, text = gproto.parse_chat_heard(payload)
+                key = (pid, seq)
+                n = self.heard[key] = self.heard.get(key, 0) + 1
+                if n > 1:
+                    self._fail(f"heard chat {seq} of player {pid} {n} times")
+                elif pid == self.pid:
+                    if seq != self.chat_seq or text != f"{self.name} says {seq}":
+                        self._fail(f"own chat {seq} came back as {text!r}")
+                        return
+                    self.chat_waiting = False
+                    self.confirmed.append(key)
+            elif packet_id == gproto.S_WELCOME:
+                self.pid, _level, self.tick_hz, _room = gproto.parse_welcome(payload)
+                self.members.add(self.pid)
+            elif packet_id == gproto.S_ROSTER:
+                self.members.update(gproto.parse_roster(payload))
+                self._maybe_start()
+            elif packet_id == gproto.S_JOINED:
+                self.members.add(gproto.parse_joined(payload)[0])
+                self._maybe_start()
+            elif packet_id == gproto.S_LEFT:
+                if not stop.is_set():
+                    self._fail("a member of the room left during the run")
+            elif packet_id == gproto.S_ERROR:
+                self._fail(f"the server said: {payload.decode('utf-8', 'replace')}")
+            else:
+                self._fail(f"unexpected packet id {packet_id}")
+
+        def OnConnectFailed(self, reason: str) -> None:
+            self.stats.errors.append(f"bot {self.index}: {reason}")
+
+        def OnDisconnected(self, reason: str) -> None:
+            st = self.stats
+            if st.connected and reason not in _OUR_REASONS and reason != "game mismatch":
+                st.errors.append(f"bot {self.index} ({self.room}) disconnected during "
+                                 f"the load: {reason}")
+            st.connected = False
+            st.ended = True
+
+        def pending(self) -> Optional[str]:
+            if not self.stats.connected:
+                return None
+            if not self.started:
+                return "waiting for its room to fill"
+            if self.move_seq:
+                return f"move {self.move_seq}"
+            if self.chat_waiting:
+                return f"chat {self.chat_seq}"
+            return None
+
+    return GameLoadClient
+
+
+def check_game(bots: List[Any], elapsed: float) -> Tuple[List[str], List[str]]:
+    """After a game run: every confirmed chat line heard once by every member of its
+    room; state ticks at a quarter of the server's rate at least.  Returns (errors,
+    summary lines)."""
+    errors: List[str] = []
+    rooms: Dict[str, List[Any]] = {}
+    for b in bots:
+        if b.stats.connected and not b.failed:
+            rooms.setdefault(b.room, []).append(b)
+    chats = 0
+    for room, members in sorted(rooms.items()):
+        said = [k for b in members for k in b.confirmed]
+        chats += len(said)
+        for b in members:
+            missing = [k for k in said if b.heard.get(k) != 1]
+            if missing:
+                errors.append(f"bot {b.index} ({room}) did not hear {len(missing)} chat "
+                              f"line(s) once, e.g. player {missing[0][0]}'s "
+                              f"#{missing[0][1]}")
+    rates = []
+    for b in bots:
+        if not b.stats.connected or b.failed:
+            continue
+        span = b.last_tick - b.first_tick
+        rate = (b.ticks - 1) / span if b.ticks > 1 and span > 0 else 0.0
+        rates.append(rate)
+        if b.tick_hz and elapsed >= 2 and rate < b.tick_hz / 4:
+            errors.append(f"bot {b.index} ({b.room}): {rate:.1f} state ticks/s, the "
+                          f"server ticks at {b.tick_hz} Hz")
+    lines = [
+        f"  rooms        {len(rooms)} ({sum(len(m) for m in rooms.values())} bots); "
+        f"{chats:,} chat lines, each heard once by every member of its room",
+        f"  state ticks  {min(rates) if rates else 0:.1f}-{max(rates) if rates else 0:.1f}"
+        f" per second per bot",
+    ]
+    return errors, lines
+
+
 class Tick:
     """The figures of one reporting interval."""
 
@@ -365,6 +553,8 @@ class LoadRun:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
         if protocol == "chat" and size > proto.MAX_TEXT_BYTES:
             raise ValueError(f"chat messages are at most {proto.MAX_TEXT_BYTES} bytes")
+        self.bots: List[Any] = []
+        self.extra_summary: List[str] = []
         self.core = core
         self.address = address
         self.clients = clients
@@ -374,6 +564,8 @@ class LoadRun:
         cls: Callable[[], iocpnet.Session]
         if protocol == "chat":
             cls = make_chat_client(size, room_size, self.shared)
+        elif protocol == "game":
+            cls = make_game_client(clients, room_size, self.shared, self.bots)
         elif websocket:
             cls = make_ws_echo_client(size, self.shared)
         else:
@@ -434,9 +626,18 @@ class LoadRun:
         self.shared.stop.set()
         # Let every client finish the round trip it is in and leave by itself, so that
         # no answer is cut off (which a server sees as a reset); one that gets no answer
-        # within the grace time is an error.
+        # within the grace time is an error.  Game bots stay until all are done and the
+        # last chat lines had time to reach every member, then the run checks them.
         wait_until = time.monotonic() + grace
-        while self.service.session_count and time.monotonic() < wait_until:
+        if self.protocol == "game":
+            while time.monotonic() < wait_until and any(
+                    s.pending() is not None for s in self.service.sessions):
+                time.sleep(0.01)
+            time.sleep(0.3)
+            errors, self.extra_summary = check_game(self.bots, elapsed)
+            self.errors.extend(errors)
+        while self.protocol != "game" and self.service.session_count and \
+                time.monotonic() < wait_until:
             time.sleep(0.01)
         for s in self.service.sessions:
             pending = getattr(s, "pending", None)
@@ -509,6 +710,9 @@ def summarize(total: Stats, elapsed: float, run: LoadRun, out: TextIO) -> None:
         f"  round trip   p50 {format_ms(total.hist.percentile(50))}, "
         f"p99 {format_ms(total.hist.percentile(99))}, "
         f"max {format_ms(total.hist.max if total.hist.total else None)}",
+    ]
+    lines.extend(run.extra_summary)
+    lines += [
         f"  errors       {len(total.errors)}",
     ]
     for e in total.errors[:10]:

@@ -1,0 +1,256 @@
+"""A game server with rooms, a 20 Hz tick, moves, chat and an awaited login.
+
+    python examples/game_server.py --port 11023 [--redis 127.0.0.1:6379]
+    python -m iocpnet dummy-client --protocol game --port 11023 --clients 50
+
+The protocol is documented in ``iocpnet.game_protocol``, shared with the load client.
+There is no lock in this file: every piece of state belongs to one strand.
+
+What to look at:
+
+- ``Player.OnRecvPacket(C_LOGIN)``: the login awaits a lookup with ``Spawn`` (in Redis
+  with ``--redis``, else in a small asynchronous stand-in for a database).  No worker
+  waits for it: the coroutine runs on the core's asyncio loop thread, and
+  ``Player.on_login`` runs later, back on the player's strand.
+- ``Room`` is an ``iocpnet.Group``: its members, its strand and its 20 Hz tick
+  (``CallEvery``).  A move is *posted* to the room (``room.Post(room.on_move, ...)``),
+  so the room's state (positions, pending moves) is only ever touched on the room's
+  strand: no lock.  The tick broadcasts the moves it applied (never dropped) and the
+  positions (``droppable=True``: a player whose send queue is backed up misses some).
+- Chat is broadcast straight from the sender's hook: ``Group.Broadcast`` may be called
+  from any thread, and every member hears the room's messages in one order.
+- ``OnSendQueue`` tells when a player stops keeping up, and when it has caught up.
+- A player who disconnects leaves its room by itself (before ``OnDisconnected``); the
+  room learns it on its strand from a posted job.
+- ``service.Start(workers=...)`` returns a run handle at once; the main thread waits
+  for Ctrl-C or SIGTERM, then ``handle.Stop()``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import itertools
+import logging
+import signal
+import sys
+import threading
+from types import FrameType
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import iocpnet
+from iocpnet import game_protocol as proto
+
+log = logging.getLogger("game_server")
+
+TICK_HZ = 20
+WORLD = 10_000                 # positions wrap at +-WORLD
+
+
+class Database:
+    """Where a login looks the player up: Redis (``redis.asyncio``) when an address is
+    given, else a stand-in that answers after a short await, as a real one would."""
+
+    def __init__(self, redis_address: Optional[Tuple[str, int]] = None) -> None:
+        self.redis_address = redis_address
+        self.fake: Dict[str, int] = {}
+        self._client: Any = None         # made on the loop thread, used only there
+
+    async def level_of(self, name: str) -> int:
+        if self.redis_address is None:
+            await asyncio.sleep(0.005)
+            return self.fake.setdefault(name, 1 + len(name) % 50)
+        if self._client is None:
+            # Imported only when asked for (the redis package is optional here).
+            redis_asyncio: Any = importlib.import_module("redis.asyncio")
+            host, port = self.redis_address
+            self._client = redis_asyncio.Redis(host=host, port=port)
+        key = f"player:{name}"
+        level = await self._client.hget(key, "level")
+        if level is None:
+            await self._client.hsetnx(key, "level", 1)
+            return 1
+        return int(level)
+
+
+class Room(iocpnet.Group):
+    """A room: members (the Group), positions and pending moves (on its strand only)."""
+
+    def __init__(self, core: iocpnet.IocpCore, name: str) -> None:
+        super().__init__(core, name)
+        self.tick = 0
+        self.positions: Dict[int, List[int]] = {}      # player id -> [x, y]
+        self.pending: List[Tuple[int, int, int, int]] = []
+        self.ticker = self.CallEvery(1.0 / TICK_HZ, self.on_tick)
+
+    # Everything below runs on the room's strand, one at a time.
+
+    def on_join(self, player: Player) -> None:
+        if not self.Add(player):
+            return                          # it disconnected meanwhile
+        self.positions[player.player_id] = [0, 0]
+        player.Send(iocpnet.make_packet(proto.S_ROSTER, proto.roster(
+            [pid for pid in self.positions if pid != player.player_id])))
+        self.Broadcast(iocpnet.make_packet(proto.S_JOINED,
+                                           proto.joined(player.player_id, player.name)))
+
+    def on_leave(self, player_id: int) -> None:
+        if self.positions.pop(player_id, None) is not None:
+            self.Broadcast(iocpnet.make_packet(proto.S_LEFT, proto.left(player_id)))
+
+    def on_move(self, player_id: int, seq: int, dx: int, dy: int) -> None:
+        self.pending.append((player_id, seq, dx, dy))
+
+    def on_tick(self) -> None:
+        self.tick += 1
+        applied = []
+        for pid, seq, dx, dy in self.pending:
+            pos = self.positions.get(pid)
+            if pos is None:
+                continue                    # left before this tick
+            pos[0] = (pos[0] + dx + WORLD) % (2 * WORLD) - WORLD
+            pos[1] = (pos[1] + dy + WORLD) % (2 * WORLD) - WORLD
+            applied.append((pid, seq, pos[0], pos[1]))
+        self.pending = []
+        if applied:
+            self.Broadcast(iocpnet.make_packet(proto.S_MOVES,
+                                               proto.moves(self.tick, applied)))
+        self.Broadcast(iocpnet.make_packet(proto.S_STATE, proto.state(
+            self.tick, [(pid, x, y) for pid, (x, y) in self.positions.items()])),
+            droppable=True)
+
+
+class World:
+    """The rooms, made on first use.  The dict is shared by every player's login (on
+    their own strands): one lock around it, held for a lookup."""
+
+    def __init__(self, core: iocpnet.IocpCore, db: Database) -> None:
+        self.core = core
+        self.db = db
+        self.rooms: Dict[str, Room] = {}
+        self.lock = threading.Lock()
+        self.ids = itertools.count(1)
+
+    def room(self, name: str) -> Room:
+        with self.lock:
+            room = self.rooms.get(name)
+            if room is None:
+                room = self.rooms[name] = Room(self.core, name)
+            return room
+
+    def close(self) -> None:
+        with self.lock:
+            rooms, self.rooms = list(self.rooms.values()), {}
+        for room in rooms:
+            room.Close()
+
+
+class Player(iocpnet.PacketSession):
+    """One connection: login, then moves and chat in its room."""
+
+    max_packet_size = 1024
+    send_queue_high = 256 * 1024
+    idle_timeout = 60.0
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.player_id = 0
+        self.name = ""
+        self.room: Optional[Room] = None
+        self.logging_in = False
+        self.behind = False
+
+    def OnRecvPacket(self, packet_id: int, payload: bytes) -> None:
+        try:
+            if packet_id == proto.C_LOGIN:
+                self.login(*proto.parse_login(payload))
+            elif packet_id == proto.C_MOVE:
+                seq, dx, dy = proto.parse_move(payload)
+                room = self.need_room()
+                room.Post(room.on_move, self.player_id, seq, dx, dy)
+            elif packet_id == proto.C_CHAT:
+                seq, text = proto.parse_chat(payload)
+                self.need_room().Broadcast(iocpnet.make_packet(
+                    proto.S_CHAT, proto.chat_heard(self.player_id, seq, text)))
+            else:
+                self.refuse(f"unknown packet id {packet_id}")
+        except proto.ProtocolError as e:
+            self.refuse(str(e))
+
+    def login(self, name: str, room: str) -> None:
+        if self.logging_in or self.room is not None:
+            self.refuse("already logged in")
+            return
+        self.logging_in = True
+        self.name = name
+        self.Spawn(self.world.db.level_of(name), lambda task: self.on_login(task, room))
+
+    def on_login(self, task: iocpnet.Task[int], room_name: str) -> None:
+        level = task.result()               # a lookup that failed ends the session
+        self.player_id = next(self.world.ids)
+        room = self.room = self.world.room(room_name)
+        self.Send(iocpnet.make_packet(proto.S_WELCOME, proto.welcome(
+            self.player_id, level, TICK_HZ, room_name)))
+        room.Post(room.on_join, self)
+
+    def need_room(self) -> Room:
+        if self.room is None:
+            raise proto.ProtocolError("not logged in")
+        return self.room
+
+    def refuse(self, why: str) -> None:
+        self.Send(iocpnet.make_packet(proto.S_ERROR, proto.error(why)))
+        self.Disconnect(f"protocol error: {why}")
+
+    def OnSendQueue(self, high: bool) -> None:
+        self.behind = high
+        log.info("%s %s", self.name or self, "falls behind" if high else "caught up")
+
+    def OnDisconnected(self, reason: str) -> None:
+        # Already out of the room (the Group took it out); the room's state is the
+        # room's: tell it on its strand.
+        if self.room is not None:
+            self.room.Post(self.room.on_leave, self.player_id)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=11023, help="0: any free port")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--redis", default=None, metavar="HOST:PORT",
+                   help="look players up in Redis (needs the redis package)")
+    p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    redis_address = None
+    if args.redis:
+        host, _, port = args.redis.rpartition(":")
+        redis_address = (host or "127.0.0.1", int(port))
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Optional[FrameType]) -> None:
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    core = iocpnet.IocpCore()
+    world = World(core, Database(redis_address))
+    service = iocpnet.Service(core, iocpnet.Listener((args.host, args.port)),
+                              lambda: Player(world), 100)
+    run = service.Start(workers=args.workers)
+    # The port line goes to stdout, flushed: a script (or a test) reads the port that
+    # --port 0 picked.
+    print(f"game server on {run.address[0]}:{run.port} ({core.backend}, "
+          f"{args.workers} workers, {TICK_HZ} Hz); Ctrl-C to stop", flush=True)
+    while not stop.wait(0.25):
+        pass
+    world.close()
+    run.Stop()
+    print(f"stopped after {service.total_sessions} sessions", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

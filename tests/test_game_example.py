@@ -1,0 +1,113 @@
+"""The game example (examples/game_server.py) as a user runs it, driven by
+``python -m iocpnet dummy-client --protocol game``, which checks what every bot sees;
+then its rules in-process: an awaited login against a real redis-server, moves echoed
+at the tick, chat to the room, a protocol error."""
+import re
+import signal
+import types
+
+import pytest
+
+import iocpnet
+from iocpnet import game_protocol as proto
+from conftest import connect, recv_exactly, wait_for
+from subproc import EXAMPLES, Proc, load_example
+
+
+def read_packet(sock):
+    header = recv_exactly(sock, 4)
+    size = header[0] | header[1] << 8
+    return header[2] | header[3] << 8, recv_exactly(sock, size - 4)
+
+
+def read_until(sock, packet_id, limit=200):
+    for _ in range(limit):
+        pid, payload = read_packet(sock)
+        if pid == packet_id:
+            return payload
+    raise AssertionError(f"no packet {packet_id} in {limit}")
+
+
+def test_game_server_under_the_game_dummy_client(backend):
+    with Proc.python(EXAMPLES / "game_server.py", "--host", "127.0.0.1", "--port", "0",
+                     "-q", backend=backend) as srv:
+        port = srv.port(r"game server on 127\.0\.0\.1:(\d+)")
+        bots = Proc.python("-m", "iocpnet", "dummy-client", "--protocol", "game",
+                           "--port", port, "--clients", "12", "--room-size", "4",
+                           "--seconds", "2", "--interval", "1", backend=backend)
+        try:
+            code = bots.wait(60)
+        finally:
+            bots.kill()
+        out = bots.output
+        assert code == 0, out
+        assert re.search(r"rooms\s+3 \(12 bots\); [\d,]+ chat lines, each heard once", out), out
+        moves = int(re.search(r"round trips\s+([\d,]+) checked", out).group(1).replace(",", ""))
+        assert moves > 12, out
+        assert re.search(r"errors\s+0$", out, re.M), out
+        srv.signal(signal.SIGTERM)
+        assert srv.wait() == 0, srv.output
+    assert "Traceback" not in srv.output
+    assert "stopped after 12 sessions" in srv.output
+
+
+@pytest.fixture
+def game(redis_port, backend):
+    """The example's server in-process, looking players up in our redis-server."""
+    mod = load_example("game_server")
+    core = iocpnet.IocpCore(backend)
+    world = mod.World(core, mod.Database(("127.0.0.1", redis_port)))
+    service = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0)),
+                              lambda: mod.Player(world), 16)
+    run = service.Start(workers=2)
+    view = types.SimpleNamespace(port=run.port)
+    yield view
+    world.close()
+    run.Stop()
+
+
+def login(run, name, room):
+    c = connect(("127.0.0.1", run.port))
+    c.sendall(iocpnet.make_packet(proto.C_LOGIN, proto.login(name, room)))
+    pid, level, hz, room_name = proto.parse_welcome(read_until(c, proto.S_WELCOME))
+    assert hz == 20 and room_name == room
+    return c, pid, level
+
+
+def test_game_login_moves_and_chat(game, redis_port):
+    a, pa, level = login(game, "ann", "r1")
+    assert level == 1                    # a new player, stored in redis by the lookup
+    assert proto.parse_roster(read_until(a, proto.S_ROSTER)) == []
+    assert proto.parse_joined(read_until(a, proto.S_JOINED)) == (pa, "ann")
+    b, pb, _ = login(game, "bob", "r1")
+    assert proto.parse_roster(read_until(b, proto.S_ROSTER)) == [pa]
+    assert proto.parse_joined(read_until(a, proto.S_JOINED)) == (pb, "bob")
+    # Moves come back at the tick, in order, to everyone in the room.
+    for seq in (1, 2, 3):
+        a.sendall(iocpnet.make_packet(proto.C_MOVE, proto.move(seq, 5, -1)))
+    seen = []
+    while len(seen) < 3:
+        _, applied = proto.parse_moves(read_until(b, proto.S_MOVES))
+        seen += [(seq, x, y) for pid, seq, x, y in applied if pid == pa]
+    assert seen == [(1, 5, -1), (2, 10, -2), (3, 15, -3)]
+    tick, positions = proto.parse_state(read_until(b, proto.S_STATE))
+    assert (pa, 15, -3) in positions and tick > 0
+    # Chat: everyone in the room, the sender too.
+    b.sendall(iocpnet.make_packet(proto.C_CHAT, proto.chat(1, "hi all")))
+    assert proto.parse_chat_heard(read_until(a, proto.S_CHAT)) == (pb, 1, "hi all")
+    assert proto.parse_chat_heard(read_until(b, proto.S_CHAT)) == (pb, 1, "hi all")
+    # A player who leaves: the room tells the others.
+    b.close()
+    assert read_until(a, proto.S_LEFT) == proto.left(pb)
+    # Protocol errors: moving before logging in.
+    c = connect(("127.0.0.1", game.port))
+    c.sendall(iocpnet.make_packet(proto.C_MOVE, proto.move(1, 0, 0)))
+    pid, payload = read_packet(c)
+    assert pid == proto.S_ERROR and payload == b"not logged in"
+    assert c.recv(1) == b""
+    a.close()
+    c.close()
+    # ann's level is in redis now: a second login finds it.
+    a2, _, level2 = login(game, "ann", "r2")
+    assert level2 == 1
+    a2.close()
