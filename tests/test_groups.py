@@ -161,6 +161,10 @@ def test_group_membership_snapshot_many_groups_and_auto_removal(server, recorder
     # Broadcast with exclude: a and not c... (c is in lobby, a is excluded)
     assert lobby.Broadcast(b"hi", exclude=a) == 1
     assert recv_exactly(socks[2], 2) == b"hi"
+    with pytest.raises(TypeError, match="Group.Broadcast: data must be a bytes-like"):
+        match.Broadcast("text")
+    with pytest.raises(TypeError):
+        match.Broadcast(5)
     assert match.Broadcast(bytearray(b"m!")) == 2
     assert recv_exactly(socks[0], 2) == b"m!"
     assert recv_exactly(socks[1], 2) == b"m!"

@@ -170,7 +170,8 @@ cdef class Group(IocpObject):
         send queue is above their ``send_queue_high`` mark, so a slow reader misses
         updates instead of reaching its ``send_queue_limit``.  Returns how many members
         took it (a member closing, or over its send-queue limit, does not)."""
-        cdef bytes b = data if type(data) is bytes else _copy_to_bytes(data)
+        cdef bytes b = data if type(data) is bytes else \
+            _bytes_arg(data, "Group.Broadcast", "data")
         cdef Session s
         cdef Py_ssize_t n = 0
         with self._order_lock:
