@@ -40,6 +40,12 @@ async def lookup(port, key, delay_key=None, delay=0.0):
         return await r.get(key)
 
 
+def blocked_clients(port):
+    import redis
+    with redis.Redis(port=port) as r:
+        return int(r.info("clients")["blocked_clients"])
+
+
 def redis_set(port, key, value):
     async def go():
         async with redis_asyncio.Redis(port=port) as r:
@@ -154,6 +160,9 @@ def test_spawn_cancelled_when_the_session_ends(backend, redis_port):
     with service.Start(workers=2) as run:
         c = connect(("127.0.0.1", run.port))
         assert started.wait(10)
+        # Disconnect once the BLPOP is really waiting on the server (not while the
+        # client is still connecting, where a cancellation may surface differently).
+        wait_for(lambda: blocked_clients(redis_port) >= 1, message="BLPOP blocked")
         assert iocpnet.debug_counters()["tasks"] == 1
         c.close()
         assert cancelled.wait(10), "the coroutine was not cancelled"
