@@ -22,6 +22,9 @@ What to look at:
 - ``OnSendQueue`` tells when a player stops keeping up, and when it has caught up.
 - A player who disconnects leaves its room by itself (before ``OnDisconnected``); the
   room learns it on its strand from a posted job.
+- Flood protection as class attributes (``recv_messages_per_second``...): a client
+  that floods is cut with a clear reason; ``--metrics-port`` serves ``service.stats()``
+  to Prometheus (``pip install iocpnet[metrics]``).
 - ``service.Start(workers=...)`` returns a run handle at once; the main thread waits
   for Ctrl-C or SIGTERM, then ``handle.Stop()``.
 """
@@ -151,6 +154,11 @@ class Player(iocpnet.PacketSession):
     max_packet_size = 1024
     send_queue_high = 256 * 1024
     idle_timeout = 60.0
+    # A player sends a few dozen packets a second; ten times that is a flood.
+    recv_messages_per_second = 400
+    recv_messages_burst = 800
+    recv_bytes_per_second = 64 * 1024
+    recv_bytes_burst = 128 * 1024
 
     def __init__(self, world: World) -> None:
         self.world = world
@@ -220,6 +228,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--redis", default=None, metavar="HOST:PORT",
                    help="look players up in Redis (needs the redis package)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on 127.0.0.1:PORT (iocpnet[metrics])")
+    p.add_argument("--max-per-address", type=int, default=None,
+                   help="live sessions per remote address at most")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
@@ -238,8 +250,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     core = iocpnet.IocpCore()
     world = World(core, Database(redis_address))
     service = iocpnet.Service(core, iocpnet.Listener((args.host, args.port)),
-                              lambda: Player(world), 100)
+                              lambda: Player(world), 100,
+                              max_sessions_per_address=args.max_per_address)
     run = service.Start(workers=args.workers)
+    if args.metrics_port is not None:
+        metrics = service.ServeMetrics(args.metrics_port)
+        print(f"metrics on http://127.0.0.1:{metrics.port}/metrics", flush=True)
     # The port line goes to stdout, flushed: a script (or a test) reads the port that
     # --port 0 picked.
     print(f"game server on {run.address[0]}:{run.port} ({core.backend}, "
@@ -248,7 +264,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pass
     world.close()
     run.Stop()
-    print(f"stopped after {service.total_sessions} sessions", flush=True)
+    stats = service.stats()
+    print(f"stopped after {service.total_sessions} sessions; "
+          f"{stats['messages_in']:,} messages in, {stats['messages_out']:,} out; "
+          f"disconnects: {stats['disconnects']}", flush=True)
     return 0
 
 

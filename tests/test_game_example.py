@@ -111,3 +111,24 @@ def test_game_login_moves_and_chat(game, redis_port):
     a2, _, level2 = login(game, "ann", "r2")
     assert level2 == 1
     a2.close()
+
+
+def test_game_server_cuts_a_flooder_and_the_room_goes_on(game):
+    good, pg, _ = login(game, "gus", "r3")
+    bad, pb, _ = login(game, "fay", "r3")
+    flood = iocpnet.make_packet(proto.C_MOVE, proto.move(1, 0, 0)) * 2000
+    try:
+        bad.sendall(flood)
+    except OSError:
+        pass                                # reset while we were still sending
+    bad.settimeout(10)
+    try:
+        while bad.recv(1 << 16):
+            pass
+    except OSError:
+        pass                                # the server resets a flooder
+    assert read_until(good, proto.S_LEFT) == proto.left(pb)
+    good.sendall(iocpnet.make_packet(proto.C_CHAT, proto.chat(1, "still here")))
+    assert proto.parse_chat_heard(read_until(good, proto.S_CHAT)) == (pg, 1, "still here")
+    good.close()
+    bad.close()
