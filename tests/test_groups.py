@@ -551,3 +551,45 @@ def test_broadcast_to_tls_members_goes_through_each_ones_filter(server, pki):
         s.close()
     wait_for(lambda: len(room["g"]) == 0)
     room.clear()
+
+
+def test_broadcast_reaches_websocket_and_tcp_members_alike(server):
+    """A WebSocket member hears the group's messages as binary messages, in the same
+    order as a plain TCP member beside it."""
+    pytest.importorskip("websockets")
+    from websockets.sync.client import connect as ws_connect
+
+    room = {}
+
+    class Tcp(iocpnet.Session):
+        def OnConnected(self):
+            room["g"].Add(self)
+
+    class Ws(iocpnet.WebSocketSession):
+        def OnConnected(self):
+            room["g"].Add(self)
+
+        def OnMessage(self, data, binary):
+            room["g"].Broadcast(bytes(data) if binary else data.encode())
+
+    tcp = server(Tcp)
+    core = tcp.core
+    room["g"] = iocpnet.Group(core)
+    ws_service = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0), websocket=True),
+                                 Ws, 4)
+    ws_service.Start()
+    try:
+        t = connect(tcp.address)
+        with ws_connect(f"ws://127.0.0.1:{ws_service.listener.port}") as w:
+            wait_for(lambda: len(room["g"]) == 2)
+            for i in range(10):
+                w.send(b"%02d" % i)
+            got_ws = [w.recv(timeout=10) for _ in range(10)]
+        got_tcp = recv_exactly(t, 20)
+        assert got_ws == [b"%02d" % i for i in range(10)]
+        assert got_tcp == b"".join(got_ws)
+        t.close()
+    finally:
+        ws_service.Stop()
+    wait_for(lambda: len(room["g"]) == 0)
+    room.clear()

@@ -14,7 +14,8 @@
 # and that code may broadcast to the same group again; such a nested message reaches
 # the members not yet served before the outer one (the one case where the order is
 # that of the nesting, not of the calls).  The fan-out queues the same `bytes` object to
-# every member by reference: one message built once, whatever the room's size.  Why a
+# every member by reference: one message built once, whatever the room's size (a member
+# on TLS or WebSocket gets it through its own layers: Session._send, as Send does).  Why a
 # lock and not the group's strand: posting each broadcast to the strand would cost a
 # port round trip (latency) and an allocation per message, and the strand's order is no
 # better than the lock's; the lock is held only while queueing, never while sending.
