@@ -145,7 +145,10 @@ def test_group_membership_snapshot_many_groups_and_auto_removal(server, recorder
     match = iocpnet.Group(srv.core, "match-1")
     socks = [connect(srv.address) for _ in range(3)]
     wait_for(lambda: len(sessions) == 3)
+    # Accepts complete on two workers: find each session's client by its port.
+    by_port = {s.getsockname()[1]: s for s in socks}
     a, b, c = sessions
+    socks = [by_port[x.address[1]] for x in (a, b, c)]
     assert lobby.Add(a) and lobby.Add(b) and lobby.Add(c)
     assert not lobby.Add(a), "a second Add of a member is a no-op"
     assert match.Add(a) and match.Add(b)
