@@ -430,9 +430,12 @@ cdef class _WebSocket:
     cdef str close_reason
     cdef int sent_code                    # ours
     cdef str sent_reason
+    # The timers: set and cleared under a critical section on this object (Close() runs
+    # on any thread; without the GIL two threads must not swap the same reference).
     cdef object hs_timer
     cdef object ka_timer
     cdef object close_timer
+    cdef bint finished
 
     def __dealloc__(self):
         if self.mbuf != NULL:
@@ -496,7 +499,9 @@ cdef void _ws_connected(Session s) noexcept:
     handshake deadline.  OnConnected waits for the handshake to succeed."""
     cdef _WebSocket ws = <_WebSocket>s._ws
     try:
-        ws.hs_timer = s.core.CallLater(ws.hooks.handshake_timeout, _ws_handshake_deadline, s)
+        t = s.core.CallLater(ws.hooks.handshake_timeout, _ws_handshake_deadline, s)
+        with cython.critical_section(ws):
+            ws.hs_timer = t
         if ws.client:
             ws.key = _base64.b64encode(os.urandom(16)).decode("ascii")
             lines = [f"GET {ws.path} HTTP/1.1", f"Host: {ws.host_header}",
@@ -513,7 +518,6 @@ cdef void _ws_connected(Session s) noexcept:
 
 def _ws_handshake_deadline(Session s):
     cdef _WebSocket ws = <_WebSocket>s._ws
-    ws.hs_timer = None
     if port_atomic_load32(&ws.phase) == WS_HANDSHAKE and s._state == S_CONNECTED:
         reason = (f"WebSocket handshake timed out after {ws.hooks.handshake_timeout:g} s")
         logger.info("disconnecting %s: %s", repr(s), reason)
@@ -534,10 +538,13 @@ cdef void _ws_finish(Session s) noexcept:
     """The session has ended: stop the timers, free the message being assembled."""
     cdef _WebSocket ws = <_WebSocket>s._ws
     port_atomic_xchg32(&ws.phase, WS_CLOSING)
-    for t in (ws.hs_timer, ws.ka_timer, ws.close_timer):
+    with cython.critical_section(ws):
+        timers = (ws.hs_timer, ws.ka_timer, ws.close_timer)
+        ws.hs_timer = ws.ka_timer = ws.close_timer = None
+        ws.finished = True
+    for t in timers:
         if t is not None:
             (<Timer>t).Cancel()
-    ws.hs_timer = ws.ka_timer = ws.close_timer = None
     ws.drop_message()
 
 
@@ -795,13 +802,17 @@ cdef Py_ssize_t _ws_handshake(Session s, _WebSocket ws, unsigned char *ptr,
 
 cdef void _ws_opened(Session s, _WebSocket ws) noexcept:
     """The handshake succeeded: OnConnected, and the keepalive."""
-    if ws.hs_timer is not None:
-        (<Timer>ws.hs_timer).Cancel()
+    with cython.critical_section(ws):
+        t = ws.hs_timer
         ws.hs_timer = None
+    if t is not None:
+        (<Timer>t).Cancel()
     port_atomic_xchg32(&ws.phase, WS_OPEN)
     if ws.hooks.ping_interval > 0:
         try:
-            ws.ka_timer = s.core.CallEvery(ws.hooks.ping_interval, _ws_keepalive, s)
+            t = s.core.CallEvery(ws.hooks.ping_interval, _ws_keepalive, s)
+            with cython.critical_section(ws):
+                ws.ka_timer = t
         except BaseException:
             logger.exception("cannot start the WebSocket keepalive of %s", repr(s))
     if s._hooks.on_connected is not None:
@@ -1019,10 +1030,16 @@ cdef class WebSocketSession(Session):
         if not _ws_send_close(self, code, reason):
             return False
         try:
-            ws.close_timer = self.core.CallLater(ws.hooks.close_timeout, _ws_close_deadline,
-                                                 self)
+            t = self.core.CallLater(ws.hooks.close_timeout, _ws_close_deadline, self)
         except Exception:
             self.Disconnect(f"WebSocket closed ({code})")
+            return True
+        with cython.critical_section(ws):
+            late = ws.finished           # the session ended meanwhile (another thread)
+            if not late:
+                ws.close_timer = t
+        if late:
+            t.Cancel()
         return True
 
     @property
@@ -1052,7 +1069,6 @@ cdef class WebSocketSession(Session):
 
 def _ws_close_deadline(Session s):
     cdef _WebSocket ws = <_WebSocket>s._ws
-    ws.close_timer = None
     if s._state == S_CONNECTED:
         s._begin_disconnect(f"WebSocket closed ({ws.sent_code}); the peer did not answer "
                             f"within {ws.hooks.close_timeout:g} s", True)
