@@ -248,6 +248,53 @@ def test_openssl_s_client_with_sni_and_alpn(server, pki, flag, version):
     assert names == ["game.test"]
 
 
+def test_openssl_key_update_mid_stream(server, pki):
+    """TLS 1.3 KeyUpdate from s_client ("K": and ask us to update ours; "k": only its
+    own): the server follows the new keys both ways, the echo goes on."""
+    events = Events()
+
+    class Quitting(iocpnet.Session):
+        def OnRecv(self, data):
+            self.Send(data)
+            if b"quit" in bytes(data):
+                self.Disconnect("quit")
+
+        def OnDisconnected(self, reason):
+            events.add("disconnected", reason)
+
+    srv = server(Quitting, ssl=server_context(pki))
+    # Without -ign_eof, so that s_client reads "K" and "k" as commands.
+    proc = subprocess.Popen(
+        [OPENSSL, "s_client", "-connect", f"127.0.0.1:{srv.port}", "-tls1_3",
+         "-CAfile", pki["ca"], "-verify_return_error"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout))
+    reader.start()
+
+    def seen(text, n=1):
+        return sum(text.encode() in line for line in list(lines)) >= n
+
+    try:
+        # Each line waits for the one before to be done: s_client drops what follows a
+        # command in the same read of its input.
+        for line, expect, n in (("before", "before", 1), ("K", "KEYUPDATE", 1),
+                                ("after-both", "after-both", 1), ("k", "KEYUPDATE", 2),
+                                ("after-own", "after-own", 1), ("quit", "quit", 1)):
+            proc.stdin.write(line.encode() + b"\n")
+            proc.stdin.flush()
+            wait_for(lambda: seen(expect, n), 10, f"{expect!r} from s_client")
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(10)
+        proc.stdin.close()
+        proc.stdout.close()
+    assert events.wait("disconnected") == [("quit",)]
+
+
 # ---- hostile and broken peers; a good client beside them loses nothing ----
 
 def test_plaintext_sent_to_a_tls_port(server, pki, caplog_iocpnet):

@@ -434,6 +434,8 @@ cdef class _Tls:
             self.span.ptr = s._rbuf + s._rlen
             self.span.length = room
             try:
+                # (A record with no data in it, a KeyUpdate or a session ticket, does not
+                # end the read: the ssl module's objects retry past it, AUTO_RETRY.)
                 n = self._read(room, self.span)
             except _SSLWantReadError:
                 break
