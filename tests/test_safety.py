@@ -9,7 +9,8 @@ crossed bytes between connections or froze other sessions before the fix:
 - ``bytes(data.obj)`` showed another session's previous message.
 - A hook that keeps its messages pinned a whole pool buffer per message: a small pool
   ran dry and an unrelated session was never served again.
-- Running out of receive buffers re-armed every waiting receive, newest first.
+- Running out of receive buffers re-armed every waiting receive, newest first, and a
+  waiter woken by a hook's release waited for the end of that hook's batch.
 - Fields that two threads touch (a Timer's callable, read by ``repr`` while it fires).
 """
 import socket
@@ -17,8 +18,6 @@ import struct
 import sys
 import threading
 import time
-
-import pytest
 
 import pytest
 
@@ -402,7 +401,9 @@ def test_hoarding_session_beside_echo(server):
                     echo.sendall(b"ECHO %d" % i)
                     assert recv_exactly(echo, len(b"ECHO %d" % i)) == b"ECHO %d" % i
             assert [bytes(v) for v in kept] == sent
-            assert srv.core.stats()["recv_buffers_out"] == 0
+            # The reply can leave before its hook returns: let the last hook finish.
+            wait_for(lambda: srv.core.stats()["recv_buffers_out"] == 0, 5,
+                     "every receive buffer back in the pool")
     finally:
         kept.clear()
 
@@ -458,3 +459,54 @@ def test_buffer_exhaustion_serves_waiters_in_order(server):
             g.set()
         for s in holders + waiters:
             s.close()
+
+
+# ---- 6. fields two threads touch -----------------------------------------------------------
+
+def test_timer_read_while_it_fires(backend):
+    """Other threads read a Timer (repr, active, skipped, cancelled) while a worker fires
+    it and drops its callable: without a GIL the reader must never take a reference to
+    a callable being freed (each timer's callable is a closure of its own, freed when the
+    timer is done)."""
+    core = iocpnet.IocpCore(backend)
+    stop = threading.Event()
+    fired = []
+    errors = []
+
+    def worker():
+        while core.Dispatch(50) >= 0 and not stop.is_set():
+            pass
+
+    def reader(timers):
+        while not stop.is_set():
+            for t in list(timers):
+                try:
+                    repr(t)
+                    t.active, t.skipped, t.cancelled
+                except Exception as e:           # nothing may raise, or crash
+                    errors.append(e)
+                    return
+
+    workers = [threading.Thread(target=worker) for _ in range(2)]
+    timers = []
+    readers = [threading.Thread(target=reader, args=(timers,)) for _ in range(2)]
+    try:
+        for t in workers + readers:
+            t.start()
+        for round_ in range(20):
+            batch = []
+            for i in range(100):
+                payload = [round_, i] * 8              # freed with the closure
+                batch.append(core.CallLater(0, lambda p=payload: fired.append(len(p))))
+            timers[:] = batch
+            wait_for(lambda: not any(t.active for t in batch), 10, "the timers to fire")
+        assert len(fired) == 2000 and not errors, errors
+    finally:
+        stop.set()
+        for t in readers:
+            t.join(10)
+        core.Close()
+        for t in workers:
+            t.join(10)
+        timers.clear()
+

@@ -1915,14 +1915,14 @@ static void st_dispatch(st_t *s, const port_cqe_t *c, int tid) {
             if (!(c->flags & PORT_CQE_MORE) && recv_post(s->P, &s->rv, s->srv) != 0)
                 s->recv_errors++;
         } else {
-            s->recv_final = 1;
             s->recv_final_res = c->res;
+            A_STORE(&s->recv_final, 1);    /* the main thread polls these two */
         }
     } else {
         long k = (long)(c->op - s->posts);
         if (k != s->next_post || c->res != k)
             s->order_errors++;
-        s->next_post = k + 1;
+        A_STORE(&s->next_post, k + 1);
     }
     /* Dispatch takes a little while, sometimes long enough to be preempted. */
     if ((s->recv_pieces + s->next_post) % 16 == 0)

@@ -1,5 +1,12 @@
 # core/timers.pxi: jobs (IocpCore.Post) and timers (CallLater, CallEvery).
 # Included by _core.pyx (one extension module, one file per concern).
+#
+# Threads: a job is touched by the thread that posts it, then by the one worker that runs
+# it.  A Timer is also read by any thread (repr, skipped, active, Cancel) while a worker
+# fires it and finally drops its callable: its object fields (func, args) and the state
+# a reader shows are read and written inside cython.critical_section(self), so that
+# without a GIL a reader never takes a reference to a callable the worker is freeing
+# (with a GIL the sections cost nothing).  The callable runs outside the section.
 
 
 @cython.final
@@ -32,7 +39,7 @@ cdef class Timer(IocpObject):
     cdef tuple args
     cdef double interval
     cdef double _deadline_ms      # a repeating timer's current deadline (monotonic ms)
-    cdef readonly uint64_t skipped
+    cdef uint64_t _skipped
     cdef volatile int32_t _cancelled
     cdef bint _done
     cdef bint _internal           # the core's own: not cancelled by Close
@@ -40,19 +47,36 @@ cdef class Timer(IocpObject):
     cdef object __weakref__
 
     def __repr__(self):
+        cdef uint64_t skipped
+        cdef bint done
+        with cython.critical_section(self):
+            func = self.func
+            skipped = self._skipped
+            done = self._done
         kind = f"every {self.interval:g}s" if self.interval else "once"
-        state = "cancelled" if self._cancelled else ("done" if self._done else "pending")
+        state = "cancelled" if self.cancelled else ("done" if done else "pending")
         if self.interval:
-            state += f", {self.skipped} skipped"
-        return f"<Timer {kind} {self.func!r} {state}>"
+            state += f", {skipped} skipped"
+        return f"<Timer {kind} {func!r} {state}>"
+
+    @property
+    def skipped(self):
+        """Ticks of a repeating timer skipped because their deadline had passed."""
+        cdef uint64_t skipped
+        with cython.critical_section(self):
+            skipped = self._skipped
+        return skipped
 
     @property
     def cancelled(self):
-        return bool(self._cancelled)
+        return bool(port_atomic_load32(&self._cancelled))
 
     @property
     def active(self):
-        return not self._done
+        cdef bint done
+        with cython.critical_section(self):
+            done = self._done
+        return not done
 
     cdef void _arm(self, double delay) except *:
         cdef uint64_t ms = <uint64_t>(delay * 1000.0 + 0.5)
@@ -72,25 +96,31 @@ cdef class Timer(IocpObject):
         cdef double missed
         if nxt < now:
             missed = <double>(<int64_t>((now - nxt) / period)) + 1.0
-            self.skipped += <uint64_t>missed
+            with cython.critical_section(self):
+                self._skipped += <uint64_t>missed
             nxt += missed * period
         self._deadline_ms = nxt
         return (nxt - now) / 1000.0
 
     def Cancel(self):
         """Stop the timer (any thread).  A call already running finishes."""
-        self._cancelled = 1
+        port_atomic_xchg32(&self._cancelled, 1)
         if self.op.in_flight:
             port_cancel(self.core.port, &self.op)
 
     cdef void _dispatch(self, port_cqe_t *cqe) noexcept:
         # An owner's timer runs on its strand, and not once the owner has ended.
-        if cqe.res == 0 and not self._cancelled and not _owner_ended(self._owner):
+        if cqe.res == 0 and not port_atomic_load32(&self._cancelled) and \
+                not _owner_ended(self._owner):
+            with cython.critical_section(self):
+                func = self.func
+                args = self.args
             try:
-                self.func(*self.args)
+                func(*args)
             except BaseException as e:
-                _callback_failed(self._owner, "timer callback", self.func, e)
-            if self.interval > 0 and not self._cancelled and \
+                _callback_failed(self._owner, "timer callback", func, e)
+            func = args = None
+            if self.interval > 0 and not port_atomic_load32(&self._cancelled) and \
                     not _owner_ended(self._owner) and \
                     (self._internal or not self.core._closing) and not self.core._closed:
                 try:
@@ -102,11 +132,15 @@ cdef class Timer(IocpObject):
 
     cdef void _finished(self) noexcept:
         """The timer will not fire again: forget it (core, owner) and what it calls."""
-        self._done = True
+        with cython.critical_section(self):
+            self._done = True
+            func = self.func
+            args = self.args
+            self.func = None
+            self.args = None
         self.core._timer_done(self)
         if self._owner is not None:
             _disown(self._owner, self)
             port_atomic_add64(&_strand_timers, -1)
             self._owner = None
-        self.func = None
-        self.args = None
+        func = args = None          # released outside the section (a __del__ may run)
