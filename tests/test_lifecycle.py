@@ -1,8 +1,26 @@
-"""A service's life: Start (and a session factory that fails on its first call), and
-Start after Stop."""
+"""A service's life: Start (and a session factory that fails on its first call), Stop
+and SIGINT/SIGTERM with a hook running (its reply must still reach the client), a hook
+that never returns (Stop and Run must not wait for it, and must say which session and
+hook hold them), a second signal, and Start after Stop.
+
+``Run()`` installs signal handlers, so those cases run a server in a subprocess
+(tests/stress/run_until_signal.py); the others run in this process."""
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+
 import pytest
 
 import iocpnet
+
+from conftest import connect, recv_until_eof
+from subproc import Proc
+
+STRESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stress")
 
 
 class Echo(iocpnet.Session):
@@ -66,3 +84,135 @@ def test_start_after_stop_says_a_stopped_service_cannot_start(backend):
             clients.Start()
     finally:
         core.Close(5)
+
+
+# ---- Stop with a hook running ----
+
+def test_stop_lets_a_running_hook_finish_and_flushes_its_reply(server):
+    """Stop() while OnRecv is busy: the hook finishes, the reply it sends (256 KiB)
+    reaches the client whole before the EOF, and no new hook starts for what the
+    client sent after Stop began."""
+    reply = os.urandom(256 << 10)
+    in_hook = threading.Event()
+    calls = []
+
+    class Slow(iocpnet.Session):
+        def OnRecv(self, data):
+            calls.append(bytes(data))
+            in_hook.set()
+            time.sleep(1.0)
+            calls.append(("Send", self.Send(reply)))
+
+    srv = server(Slow)
+    with connect(srv.address, timeout=20) as c:
+        c.sendall(b"work")
+        assert in_hook.wait(10)
+        c.sendall(b"more")                 # arrives while the hook runs
+        t0 = time.monotonic()
+        srv.service.Stop(10)
+        stopped_after = time.monotonic() - t0
+        got = recv_until_eof(c)
+    assert len(got) == len(reply) and got == reply, (
+        f"the client got {len(got)} of the {len(reply)} reply bytes")
+    assert calls == [b"work", ("Send", True)], calls
+    assert stopped_after < 10, f"Stop took {stopped_after:.1f} s"
+
+
+def test_stop_returns_in_time_and_names_a_stuck_hook(server, caplog_iocpnet):
+    """A hook that does not return: Stop(1.0) returns within its timeout plus a
+    second, and its warning names the session and the hook it is stuck in.  When the
+    hook returns at last, what it sends still goes out, then the session closes."""
+    release = threading.Event()
+    in_hook = threading.Event()
+
+    class Stuck(iocpnet.Session):
+        def OnRecv(self, data):
+            in_hook.set()
+            release.wait(30)
+            self.Send(b"late reply")
+
+    srv = server(Stuck)
+    with connect(srv.address, timeout=20) as c:
+        port = c.getsockname()[1]
+        c.sendall(b"x")
+        assert in_hook.wait(10)
+        t0 = time.monotonic()
+        srv.service.Stop(1.0)
+        took = time.monotonic() - t0
+        assert took < 2.0, f"Stop(1.0) returned after {took:.2f} s"
+        warnings = [r.getMessage() for r in caplog_iocpnet.records
+                    if r.levelno == logging.WARNING]
+        assert any(f"127.0.0.1:{port}" in m and "in OnRecv" in m for m in warnings), \
+            warnings
+        release.set()
+        assert recv_until_eof(c) == b"late reply"
+
+
+# ---- Run and signals (in a subprocess) ----
+
+def run_server(backend, *args):
+    return Proc.python(os.path.join(STRESS, "run_until_signal.py"), "--backend", backend,
+                       *args)
+
+
+def returned_at(p):
+    (m,) = p.wait_for_line(r"Run returned at ([\d.]+)", timeout=60)
+    return float(m.group(1))
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_with_a_hook_running_still_delivers_its_reply(backend, sig):
+    """SIGINT/SIGTERM while OnRecv is busy for a second: the hook finishes, its
+    256 KiB reply reaches the client whole, then the EOF; Run returns and the process
+    exits 0."""
+    size = 256 << 10
+    with run_server(backend, "--hook-seconds", 1.0, "--shutdown-timeout", 10,
+                    "--reply-bytes", size) as p:
+        port = p.port(r"listening on 127\.0\.0\.1:(\d+)")
+        with connect(("127.0.0.1", port), timeout=30) as c:
+            c.sendall(b"work")
+            p.wait_for_line(rf"in OnRecv {c.getsockname()[1]}")
+            p.signal(getattr(signal, sig))
+            got = recv_until_eof(c)
+        assert got == bytes(i & 0xFF for i in range(size)), (
+            f"the client got {len(got)} of the {size} reply bytes\n{p.output}")
+        returned_at(p)
+        assert p.wait(30) == 0, p.output
+        assert "reply queued True" in p.output
+
+
+def test_signal_with_a_stuck_hook_returns_within_shutdown_timeout(backend):
+    """SIGINT while a hook is stuck (for 60 s): Run returns within shutdown_timeout
+    (1 s) plus a second, and the warning names the session and the hook."""
+    with run_server(backend, "--hook-seconds", 60, "--shutdown-timeout", 1.0) as p:
+        port = p.port(r"listening on 127\.0\.0\.1:(\d+)")
+        with connect(("127.0.0.1", port), timeout=30) as c:
+            c.sendall(b"work")
+            client_port = c.getsockname()[1]
+            p.wait_for_line(rf"in OnRecv {client_port}")
+            sent = time.monotonic()
+            p.signal(signal.SIGINT)
+            took = returned_at(p) - sent
+            out = p.output
+            assert took < 2.0, f"Run returned {took:.2f} s after SIGINT\n{out}"
+            assert re.search(rf"WARNING .*127\.0\.0\.1:{client_port}.* in OnRecv", out), out
+        p.wait(30)
+
+
+def test_a_second_signal_stops_at_once(backend):
+    """SIGINT with a hook stuck and shutdown_timeout 30 s: the graceful shutdown would
+    wait; a second SIGINT makes Run return at once (well within 2 s, not 30)."""
+    with run_server(backend, "--hook-seconds", 60, "--shutdown-timeout", 30) as p:
+        port = p.port(r"listening on 127\.0\.0\.1:(\d+)")
+        with connect(("127.0.0.1", port), timeout=30) as c:
+            c.sendall(b"work")
+            p.wait_for_line(rf"in OnRecv {c.getsockname()[1]}")
+            p.signal(signal.SIGINT)
+            p.wait_for_line(r"SIGINT received")
+            time.sleep(0.3)
+            sent = time.monotonic()
+            p.signal(signal.SIGINT)
+            took = returned_at(p) - sent
+            assert took < 2.0, f"Run returned {took:.2f} s after the second SIGINT\n" \
+                               f"{p.output}"
+        p.wait(30)

@@ -833,10 +833,12 @@ class Service:
         cannot start again (RuntimeError)."""
 
     def Stop(self, timeout: float = 5.0) -> None:
-        """Graceful shutdown (any thread): stop accepting, disconnect every session
-        (their queued data is flushed), and wait up to ``timeout`` seconds for them to
-        finish.  From a worker thread it does not wait.  Under ``Run`` it also makes
-        ``Run`` return."""
+        """Graceful shutdown (any thread): stop accepting, let the hooks running finish
+        (what they send is flushed, as is everything queued, up to ``flush_timeout``),
+        start no new OnRecv, disconnect every session, and wait up to ``timeout``
+        seconds for them to finish, whatever a hook does; the warning then names each
+        session still open and the hook it is in.  From a worker thread it does not
+        wait.  Under ``Run`` it also makes ``Run`` return."""
 
     def stats(self) -> _ServiceFigures:
         """The service's figures: sessions, accepts, refusals and disconnects by reason,
@@ -863,7 +865,8 @@ class Service:
         """Start, run ``workers`` threads looping Dispatch, and return after ``Stop()``,
         SIGINT or SIGTERM (or after ``seconds``, if given), with a graceful shutdown:
         stop accepting, disconnect the sessions, drain the operations, join the workers,
-        close the core.  ``workers=None``: ``default_workers()``."""
+        close the core, all within ``shutdown_timeout`` seconds whatever a hook does.  A
+        second SIGINT/SIGTERM stops at once.  ``workers=None``: ``default_workers()``."""
 
 class RunHandle:
     """A started service, returned at once by ``Service.Start()``: ``.port`` (the bound

@@ -125,6 +125,7 @@ cdef extern from "port/port.h" nogil:
     int port_addr_format(const port_addr_t *addr, char *host, size_t hostlen, int *portnum)
     int port_set_nodelay(port_sock_t s, int on)
     int port_sock_send_progress(port_sock_t s, uint64_t *mark)
+    int64_t port_sock_drain(port_sock_t s)
     int port_sock_close(port_t *p, port_sock_t s, int flags)
 
 

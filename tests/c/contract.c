@@ -1380,6 +1380,49 @@ done:
     end_port(P);
 }
 
+/* port_sock_drain: unread input dropped before a graceful close turns what would be a
+ * reset into the FIN, and the peer reads our last bytes whole. */
+static void case_drain_before_close(void) {
+    port_t *P = new_port();
+    waiter_t w;
+    port_sock_t srv = PORT_INVALID_SOCK, cli = PORT_INVALID_SOCK;
+    char req[3000], reply[20000], got[20000];
+    size_t i, n = 0;
+    int64_t dropped = 0;
+    REQUIRE(P != NULL);
+    waiter_init(&w, P);
+    REQUIRE(make_pair(&w, &srv, &cli));
+    for (i = 0; i < sizeof(req); i++)
+        req[i] = (char)i;
+    for (i = 0; i < sizeof(reply); i++)
+        reply[i] = (char)pattern(7, i);
+    CHECK_EQ(send(cli, req, (int)sizeof(req), 0), (int)sizeof(req));   /* never read */
+    for (i = 0; i < 100 && dropped < (int64_t)sizeof(req); i++) {
+        int64_t d = port_sock_drain(srv);
+        CHECKF(d >= 0, "port_sock_drain: %s", port_errname((int)d));
+        if (d > 0)
+            dropped += d;
+        else
+            sleep_ms(10);
+    }
+    CHECK_EQ(dropped, (int64_t)sizeof(req));
+    CHECK_EQ(port_sock_drain(srv), 0);               /* nothing more: no waiting */
+    CHECK_EQ(send(srv, reply, (int)sizeof(reply), 0), (int)sizeof(reply));
+    close_op(&w, srv, 0);
+    srv = PORT_INVALID_SOCK;
+    /* The whole reply, then EOF: no reset. */
+    plain_set_timeout(cli, 5000);
+    n = plain_recv_all(cli, got, sizeof(got));
+    CHECK_EQ(n, sizeof(reply));
+    CHECK(memcmp(got, reply, n) == 0);
+    CHECK_EQ(recv(cli, got, 1, 0), 0);
+done:
+    plain_close(cli);
+    if (srv != PORT_INVALID_SOCK)
+        port_sock_close(P, srv, 0);
+    end_port(P);
+}
+
 /* ---- cancel ---------------------------------------------------------------------------- */
 
 static void case_cancel_recv(void) {
@@ -2932,6 +2975,7 @@ static const test_case_t cases[] = {
     {"graceful_close", case_graceful_close},
     {"peer_reset", case_peer_reset},
     {"send_progress", case_send_progress},
+    {"drain_before_close", case_drain_before_close},
     {"cancel_recv", case_cancel_recv},
     {"post_from_thread", case_post_thread},
     {"batch_two_waiters", case_batch_two_waiters},

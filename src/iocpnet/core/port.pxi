@@ -27,6 +27,7 @@ cdef class IocpCore:
     cdef readonly str backend
     cdef volatile int32_t _closing
     cdef volatile int32_t _closed
+    cdef volatile int32_t _abandon     # Close stops waiting at once (Run's second signal)
     cdef volatile int32_t _dispatchers
     cdef volatile int32_t _batches_waiting   # workers holding completions, waiting for the GIL
     cdef int64_t _now_ms
@@ -261,7 +262,8 @@ cdef class IocpCore:
             port_get_stats(self.port, &st)
             if st.in_flight <= 0:
                 break
-            if _time.monotonic() >= deadline:
+            PyErr_CheckSignals()         # Run's second signal, if this is the main thread
+            if _time.monotonic() >= deadline or port_atomic_load32(&self._abandon):
                 logger.warning("%d operation(s) still in flight after %.1f s; "
                                "closing the port anyway (their owners are abandoned)",
                                st.in_flight, timeout)

@@ -1,5 +1,55 @@
 # core/service.pxi: Service, ServerService, Reconnect, ClientService.
 # Included by _core.pyx (one extension module, one file per concern).
+#
+# Shutdown (Stop, Run's signals).  Each session is told to stop on its own strand (a
+# _StopOnStrand job posted there): a hook running when Stop arrives finishes first, and
+# what it sends is flushed (bounded by flush_timeout) like any other queued data; no
+# new OnRecv starts meanwhile (Session._stop_requested).  Stop waits until one deadline;
+# sessions still open then are named in the warning with the hook they are in.  Run
+# keeps its signal handler until the end: a second SIGINT/SIGTERM stops at once.
+
+
+@cython.final
+cdef class _StopOnStrand(IocpObject):
+    """One session's graceful disconnect at shutdown, run on the session's strand: after
+    the hook it may be in, never beside it."""
+    cdef port_op_t op
+    cdef Session session
+    cdef str reason
+
+    cdef void _dispatch(self, port_cqe_t *cqe) noexcept:
+        cdef Session s = self.session
+        self.session = None
+        s._begin_disconnect(self.reason, True)
+
+
+cdef void _stop_session(Session s, str reason) noexcept:
+    cdef _StopOnStrand job
+    cdef int rc = -1
+    port_atomic_store32(&s._stop_requested, 1)
+    if s.core is not None and s.core.port != NULL:
+        job = _StopOnStrand.__new__(_StopOnStrand)
+        job.core = s.core
+        job.session = s
+        job.reason = reason
+        port_op_init(&job.op, PORT_OP_POST, <void *>job, &s._strand)
+        _incref(<PyObject *>job)
+        rc = port_post(s.core.port, &job.op, 0)
+        if rc != 0:
+            _decref(<PyObject *>job)
+    if rc != 0:
+        s._begin_disconnect(reason, True)     # the port is shut: nothing runs there
+
+
+cdef str _describe_open(Session s, int64_t now):
+    """How a session still open at the shutdown deadline holds it up."""
+    cdef int32_t hook = port_atomic_load32(&s._hook)
+    if hook != H_NONE:
+        return (f"{s!r} in {_hook_name(s, hook)} for "
+                f"{max(0, now - s._hook_since_ms) / 1000.0:.1f} s")
+    if s._state == S_FLUSHING:
+        return f"{s!r} flushing {s._sq_bytes} bytes"
+    return repr(s)
 
 
 cdef class Service:
@@ -25,6 +75,7 @@ cdef class Service:
     cdef object _close_cb
     cdef object _idle_timer
     cdef str _shutdown_reason         # what Stop() tells the sessions
+    cdef bint _force                  # Run's second signal: stop at once
     cdef Py_ssize_t _admitting        # accepted, admitted, not yet in _sessions
     cdef readonly uint64_t rejected
     cdef readonly uint64_t total_sessions
@@ -205,29 +256,51 @@ cdef class Service:
             except Exception:
                 logger.exception("closing the listener failed")
         for s in sessions:
-            (<Session>s)._begin_disconnect(reason, True)
+            _stop_session(<Session>s, reason)
         self._stop_event.set()
 
     def Stop(self, double timeout=5.0):
-        """Graceful shutdown (any thread): stop accepting, disconnect every session
-        (their queued data is flushed), and wait up to ``timeout`` seconds for them to
-        finish.  From a worker thread it does not wait.  Under ``Run`` it also makes
-        ``Run`` return."""
+        """Graceful shutdown (any thread): stop accepting, let the hooks running finish
+        (what they send is flushed, as is everything queued, up to ``flush_timeout``),
+        start no new OnRecv, disconnect every session, and wait up to ``timeout``
+        seconds for them to finish, whatever a hook does; the warning then names each
+        session still open and the hook it is in.  From a worker thread it does not
+        wait.  Under ``Run`` it also makes ``Run`` return."""
         self._begin_stop(self._shutdown_reason)
         if iocpnet_get_tls_core() == <void *>self.core:
             return
-        deadline = _time.monotonic() + timeout
+        self._wait_stopped(_time.monotonic() + timeout, timeout)
+
+    cdef bint _wait_stopped(self, double deadline, double timeout) except? False:
+        """Wait for the sessions and accepts to end, until `deadline` (or at once after
+        Run's second signal); False if some are left (they are named in a warning)."""
+        cdef Session s
         while len(self._sessions) > 0 or (self.listener is not None and
                                           self.listener.accepts_posted > 0):
+            # Run's signal handler runs only when the main thread runs Python code or
+            # asks; this loop is C, and a signal may have woken another thread.
+            PyErr_CheckSignals()
+            if self._force:
+                return False
             if _time.monotonic() >= deadline:
-                logger.warning("%d session(s) still open after %.1f s of shutdown",
-                               len(self._sessions), timeout)
-                break
+                now = port_monotonic_ms()
+                left = self.sessions
+                named = "; ".join(_describe_open(s, now) for s in left[:10])
+                if len(left) > 10:
+                    named += f"; and {len(left) - 10} more"
+                logger.warning("%d session(s) still open after %.1f s of shutdown: %s",
+                               len(left), timeout, named or "(accepts in flight)")
+                return False
             if self.core._dispatchers > 0:
                 _time.sleep(0.002)
-            else:
-                if self.core.Dispatch(20) < 0:
-                    break
+            elif self.core.Dispatch(20) < 0:
+                return False
+        return True
+
+    def _stop_at_once(self):
+        """Run's second signal: stop waiting, reset what is still open."""
+        self._force = True
+        port_atomic_store32(&self.core._abandon, 1)
 
     def stats(self):
         """The service's figures as a dict (see the README's Metrics section)."""
@@ -253,7 +326,9 @@ cdef class Service:
         """Start, run ``workers`` threads looping Dispatch, and return after ``Stop()``,
         SIGINT or SIGTERM (or after ``seconds``, if given), with a graceful shutdown:
         stop accepting, disconnect the sessions, drain the operations, join the workers,
-        close the core.
+        close the core, all within ``shutdown_timeout`` seconds whatever a hook does
+        (Stop's warning names the sessions and hooks that held it up).  A second
+        SIGINT/SIGTERM stops at once: what is still open is reset, and Run returns.
 
         ``workers=None`` picks ``default_workers()``: 1 with a GIL (more threads only
         take turns at the GIL and hand the port back and forth), one per core up to 8
@@ -265,11 +340,10 @@ cdef class Service:
         workers = int(workers)
         if workers <= 0:
             raise ValueError("workers must be positive")
-        deadline = None if seconds is None else _time.monotonic() + float(seconds)
-        if self._stopping or not self._started:
-            self.Start()
+        until = None if seconds is None else _time.monotonic() + float(seconds)
         core = self.core
         errors = []
+        threads = []
 
         def worker():
             try:
@@ -279,34 +353,67 @@ cdef class Service:
                 logger.exception("worker thread failed")
                 self._stop_event.set()
 
-        threads = [threading.Thread(target=worker, name=f"iocpnet-worker-{i}", daemon=True)
-                   for i in range(workers)]
-        for t in threads:
-            t.start()
+        # The handlers first: a signal while the workers start is a graceful stop too.
         old_handlers = {}
         if threading.current_thread() is threading.main_thread():
             def on_signal(signum, frame):
-                logger.info("%s received; shutting down",
-                            signal.Signals(signum).name)
-                self._stop_event.set()
+                name = signal.Signals(signum).name
+                if self._stop_event.is_set():
+                    logger.warning("%s received again; stopping at once", name)
+                    self._stop_at_once()
+                else:
+                    logger.info("%s received; shutting down (within %g s; a second "
+                                "one stops at once)", name, shutdown_timeout)
+                    self._stop_event.set()
             for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
                 if sig is not None:
                     old_handlers[sig] = signal.signal(sig, on_signal)
         try:
-            while not self._stop_event.wait(0.25 if deadline is None else
-                                            max(0.0, min(0.25, deadline - _time.monotonic()))):
-                if deadline is not None and _time.monotonic() >= deadline:
+            if self._stopping or not self._started:
+                self.Start()
+            for i in range(workers):
+                t = threading.Thread(target=worker, name=f"iocpnet-worker-{i}",
+                                     daemon=True)
+                t.start()
+                threads.append(t)
+            while not self._stop_event.wait(
+                    0.25 if until is None else max(0.0, min(0.25, until - _time.monotonic()))):
+                if until is not None and _time.monotonic() >= until:
                     break
+            # The signal handler stays installed until the end, for a second signal.
+            self._shut_down(threads, shutdown_timeout)
         finally:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
-            self.Stop(shutdown_timeout)
-            core.Close(shutdown_timeout)
-            for t in threads:
-                t.join(shutdown_timeout)
             self.core._remove_close_callback(self._close_cb)
         if errors:
             raise errors[0]
+
+    def _shut_down(self, threads, double timeout):
+        """Run's (and a RunHandle's) shutdown, with one deadline for everything: the
+        sessions (Stop), the operations (Close), the worker threads (joined)."""
+        cdef double deadline = _time.monotonic() + timeout
+        core = self.core
+        self._begin_stop(self._shutdown_reason)
+        if iocpnet_get_tls_core() == <void *>core:
+            core.Close(timeout)           # from a worker: nothing to wait for here
+            return
+        self._wait_stopped(deadline, timeout)
+        if self._force:
+            for s in self.sessions:
+                (<Session>s)._close_now(f"{self._shutdown_reason} (stopped at once)", True)
+        core.Close(0.0 if self._force else max(0.0, deadline - _time.monotonic()))
+        # Workers not in a hook leave Dispatch as soon as the port is shut: a moment for
+        # them even past the deadline (or after a second signal).
+        joined_by = max(deadline if not self._force else 0.0, _time.monotonic() + 0.2)
+        me = threading.current_thread()
+        for t in threads:
+            while t is not me and t.is_alive() and _time.monotonic() < joined_by:
+                t.join(0.05)
+        stuck = [t.name for t in threads if t is not me and t.is_alive()]
+        if stuck:
+            logger.warning("returning with worker thread(s) %s still busy (in a hook)",
+                           ", ".join(stuck))
 
 
 cdef class ServerService(Service):
@@ -603,15 +710,12 @@ class RunHandle:
             if self._stopped:
                 return
             self._stopped = True
-        self.service.Stop(timeout)
-        if self._threads:
-            self.core.Close(timeout)
-            me = threading.current_thread()
-            for t in self._threads:
-                if t is not me:
-                    t.join(timeout)
-            if self._errors:
-                raise self._errors[0]
+        if not self._threads:
+            self.service.Stop(timeout)
+            return
+        self.service._shut_down(self._threads, timeout)
+        if self._errors:
+            raise self._errors[0]
 
     def __enter__(self):
         return self

@@ -123,6 +123,33 @@ cdef bytes _bytes_arg(object data, str where, str arg):
     return _copy_to_bytes(data)
 
 
+# The hook a session is in, for Stop's warning about sessions that hold it up.
+cdef enum:
+    H_NONE = 0
+    H_CONNECTED = 1
+    H_RECV = 2            # OnRecv, OnRecvPacket or OnMessage (whatever _deliver calls)
+    H_SEND = 3
+
+
+cdef inline void _enter_hook(Session s, int32_t hook) noexcept:
+    s._hook_since_ms = s.core._now_ms
+    port_atomic_store32(&s._hook, hook)
+
+
+cdef inline void _leave_hook(Session s) noexcept:
+    port_atomic_store32(&s._hook, H_NONE)
+
+
+cdef str _hook_name(Session s, int32_t hook):
+    if hook == H_CONNECTED:
+        return "OnConnected"
+    if hook == H_SEND:
+        return "OnSend"
+    if s._ws is not None:
+        return "OnMessage"
+    return "OnRecvPacket" if s._hooks.packet_mode else "OnRecv"
+
+
 cdef str _describe_exc(BaseException e):
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
@@ -169,6 +196,9 @@ cdef class Session(IocpObject):
     cdef int64_t _last_recv_ms
     cdef int64_t _send_progress_ms    # the send queue last moved (see core/stall.pxi)
     cdef uint64_t _send_mark          # the kernel's progress mark + 1 (0: not looked)
+    cdef volatile int32_t _hook       # H_* of the hook running now (service.pxi's Stop)
+    cdef int64_t _hook_since_ms
+    cdef volatile int32_t _stop_requested  # the service is stopping: no new OnRecv
     # RecvBuffer: unconsumed bytes are _rbuf[_rpos:_rlen]
     cdef char *_rbuf
     cdef Py_ssize_t _rcap
@@ -618,10 +648,12 @@ cdef class Session(IocpObject):
         if self._ws is not None:
             _ws_connected(self)
         elif self._hooks.on_connected is not None:
+            _enter_hook(self, H_CONNECTED)
             try:
                 self._hooks.on_connected(self)
             except BaseException as e:
                 self._hook_failed("OnConnected", e)
+            _leave_hook(self)
 
     cdef void _arm_recv(self) noexcept:
         cdef int rc
@@ -635,7 +667,11 @@ cdef class Session(IocpObject):
         # Submissions and the close happen under _lock, so no operation can reach a
         # socket after it was closed (its number may already belong to a new one).
         cdef int rc = 0
-        if self._state == S_CONNECTED and not self._recv_armed and not self._recv_paused:
+        # Flushing, we keep reading and drop what comes (backpressure or not): a socket
+        # closed with unread input sends a reset, and the peer's kernel then throws
+        # away the end of what we flushed to it.
+        if not self._recv_armed and (self._state == S_FLUSHING or
+                                     (self._state == S_CONNECTED and not self._recv_paused)):
             _incref(<PyObject *>self)
             rc = port_recv(self.core.port, &self._recv_op, self._sock)
             if rc == 0:
@@ -708,9 +744,14 @@ cdef class Session(IocpObject):
         cdef int64_t res = cqe.res
         cdef int rc
         if cqe.flags & PORT_CQE_BUFFER:
-            if self._state == S_CONNECTED and _recv_counted(self, cqe.res):
+            # Once the service is stopping no new OnRecv starts (what a running hook
+            # sends still goes out: the disconnect waits for it on our strand).
+            if self._state == S_CONNECTED and not self._stop_requested and \
+                    _recv_counted(self, cqe.res):
                 self._last_recv_ms = self.core._now_ms
+                _enter_hook(self, H_RECV)
                 self._deliver(cqe)
+                _leave_hook(self)
             else:
                 port_recv_release(self.core.port, cqe)
         if cqe.flags & PORT_CQE_MORE:
@@ -719,7 +760,8 @@ cdef class Session(IocpObject):
         port_spin_lock(&self._lock)
         self._recv_armed = False
         self._ops -= 1
-        if (res > 0 or res == PORT_ECANCELED) and self._state == S_CONNECTED:
+        if (res > 0 or res == PORT_ECANCELED) and \
+                (self._state == S_CONNECTED or self._state == S_FLUSHING):
             # Post the next receive (the original's RegisterRecv after ProcessRecv),
             # unless paused for backpressure: then the send path posts it once the queue
             # drains.  (ECANCELED here: a multishot receive paused, maybe resumed since.)
@@ -962,10 +1004,12 @@ cdef class Session(IocpObject):
         if sent > 0 and self._tls is not None:
             sent = (<_Tls>self._tls).acked(sent)      # OnSend counts plaintext
         if sent > 0 and self._hooks.on_send is not None:
+            _enter_hook(self, H_SEND)
             try:
                 self._hooks.on_send(self, sent)
             except BaseException as e:
                 self._hook_failed("OnSend", e)
+            _leave_hook(self)
         if self._sq_told != self._sq_above and self._state == S_CONNECTED:
             self._tell_send_queue()
         if cqe.res < 0:
@@ -1049,8 +1093,7 @@ cdef class Session(IocpObject):
             self._maybe_finish()
             return True
         self._state = S_FLUSHING
-        if self._recv_armed:
-            port_cancel(self.core.port, &self._recv_op)
+        self._arm_recv_locked()          # drain (and drop) the input while flushing
         port_spin_unlock(&self._lock)
         core = self.core
         core._watch_flush(self, port_monotonic_ms() + <int64_t>(self._hooks.flush_timeout * 1000))
@@ -1092,6 +1135,10 @@ cdef class Session(IocpObject):
             port_cancel(self.core.port, &self._recv_op)
         if self._send_busy:
             port_cancel(self.core.port, &self._send_op)
+        if not reset and not connecting:
+            # Unread input would turn our FIN into a reset, and the peer would lose
+            # the end of what we sent it (a reply flushed at shutdown, say).
+            port_sock_drain(self._sock)
         _incref(<PyObject *>self)
         rc = port_close(self.core.port, &self._close_op, self._sock, flags)
         if rc == 0:

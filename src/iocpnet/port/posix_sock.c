@@ -239,6 +239,24 @@ int port_set_nodelay(port_sock_t s, int on) {
     return 0;
 }
 
+int64_t port_sock_drain(port_sock_t s) {
+    char buf[16384];
+    int64_t total = 0;
+    while (total < ((int64_t)1 << 20)) {
+        ssize_t n = recv(s, buf, sizeof(buf), MSG_DONTWAIT);
+        if (n > 0) {
+            total += n;
+            continue;
+        }
+        if (n == 0 || errno == EAGAIN || errno == EWOULDBLOCK)
+            break;                /* the peer's FIN, or nothing more for now */
+        if (errno == EINTR)
+            continue;
+        return total > 0 ? total : port_err_from_os(errno);
+    }
+    return total;
+}
+
 int port_sock_send_progress(port_sock_t s, uint64_t *mark) {
     int n = 0;
 #if defined(SIOCOUTQ)

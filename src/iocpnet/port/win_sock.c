@@ -441,6 +441,25 @@ typedef struct port_tcp_info_v0 {
     UCHAR SynRetrans;
 } port_tcp_info_v0;
 
+int64_t port_sock_drain(port_sock_t s) {
+    char buf[16384];
+    int64_t total = 0;
+    while (total < ((int64_t)1 << 20)) {
+        u_long avail = 0;
+        int n;
+        /* Only what is there (FIONREAD), so that recv never blocks. */
+        if (ioctlsocket(s, FIONREAD, &avail) != 0)
+            return total > 0 ? total : port_err_from_os(WSAGetLastError());
+        if (avail == 0)
+            break;
+        n = recv(s, buf, (int)(avail < sizeof(buf) ? avail : sizeof(buf)), 0);
+        if (n <= 0)
+            break;
+        total += n;
+    }
+    return total;
+}
+
 int port_sock_send_progress(port_sock_t s, uint64_t *mark) {
     DWORD version = 0, got = 0;
     port_tcp_info_v0 info;
