@@ -499,3 +499,43 @@ def test_ipv6_connect_refused(client_core, recorder):
     assert "connection refused" in recorder.disconnected[0][1]
     assert clients.connect_failures == 1
     clients.Stop()
+
+
+def test_stop_returns_after_every_on_disconnected_has_returned(server):
+    """A server saves a player's state in OnDisconnected: Stop() (and so Run()) must not
+    return while one still runs, or the process exits with the save half done; and
+    session_count must not reach 0 before the hooks have returned."""
+    saved = []
+    started = threading.Event()
+
+    class Saver(iocpnet.Session):
+        def OnDisconnected(self, reason):
+            started.set()
+            time.sleep(0.3)                  # writing the player's state somewhere
+            saved.append(reason)
+
+    srv = server(Saver)
+    clients = [connect(srv.address) for _ in range(3)]
+    wait_for(lambda: srv.service.session_count == 3, message="3 sessions")
+    try:
+        srv.service.Stop(10)
+        assert len(saved) == 3, f"Stop() returned with {3 - len(saved)} OnDisconnected still running"
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_session_count_reaches_zero_only_after_on_disconnected(server):
+    saved = []
+
+    class Saver(iocpnet.Session):
+        def OnDisconnected(self, reason):
+            time.sleep(0.2)
+            saved.append(reason)
+
+    srv = server(Saver)
+    c = connect(srv.address)
+    wait_for(lambda: srv.service.session_count == 1, message="the session")
+    c.close()
+    wait_for(lambda: srv.service.session_count == 0, message="the session to end")
+    assert saved, "session_count was 0 while OnDisconnected still ran"

@@ -1174,8 +1174,6 @@ cdef class Session(IocpObject):
             port_atomic_add64(&_sessions_connected, -1)
         if self._tls is not None:
             (<_Tls>self._tls).finished(self)          # OnConnectFailed after a bad handshake
-        if self._service is not None:
-            self._service._session_done(self)
         if self._x is not None:
             _session_ended(self)     # its timers and tasks cancelled, its groups left
         if self._hooks.on_disconnected is not None:
@@ -1183,6 +1181,11 @@ cdef class Session(IocpObject):
                 self._hooks.on_disconnected(self, self._reason)
             except BaseException:
                 logger.exception("OnDisconnected of %s raised", repr(self))
+        # Only now does the service forget the session: Stop() (and Run()) wait for
+        # session_count to reach 0, and a server saving a player's state in
+        # OnDisconnected must not see the process exit while it writes.
+        if self._service is not None:
+            self._service._session_done(self)
 
     # ---- game layer: the session's strand (strand.pxi), its groups (group.pxi) ----
 
