@@ -81,7 +81,7 @@ if [ "$mode" != src ]; then
     fi
     # PEP 800 disjoint bases: every cdef class is one; the stub does not mark them (the
     # decorator is too new for the type checkers our users run).
-    if "$vpy" -m mypy.stubtest --help | grep -q -- --ignore-disjoint-bases; then
+    if grep -q -- --ignore-disjoint-bases <<<"$("$vpy" -m mypy.stubtest --help)"; then
         flags+=(--ignore-disjoint-bases)
     fi
     "$vpy" -m mypy.stubtest "${flags[@]}" iocpnet._core

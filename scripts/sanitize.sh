@@ -71,7 +71,7 @@ ubsan=$("$cc" -print-file-name=libubsan.so)
 for lib in "$asan" "$ubsan"; do
     [ -e "$lib" ] || { echo "sanitize.sh: $cc has no $(basename "$lib")" >&2; exit 2; }
 done
-ldd "$so" | grep -q libasan || { echo "sanitize.sh: $so is not built with ASan" >&2; exit 2; }
+grep -q libasan <<<"$(ldd "$so")" || { echo "sanitize.sh: $so is not built with ASan" >&2; exit 2; }
 echo "extension: $so" >&2
 echo "runtimes:  $asan $ubsan" >&2
 
