@@ -530,6 +530,32 @@ def test_disconnect_flushes_then_sends_close_notify(server, pki):
     assert sorted(r for (r,) in events.wait("disconnected", 2)) == ["aborted", "done"]
 
 
+def test_flush_timeout_bounds_a_disconnect_to_a_peer_that_never_reads(server, pki):
+    """Disconnect with more queued than the peer will ever read: closed anyway after
+    flush_timeout, with the usual reason, as without TLS."""
+    events = Events()
+
+    class Stuck(iocpnet.Session):
+        flush_timeout = 0.5
+        send_queue_limit = 64 << 20
+
+        def OnConnected(self):
+            chunk = b"z" * (1 << 16)
+            for _ in range(128):                # 8 MiB: more than the socket buffers
+                self.Send(chunk)
+            self.Disconnect("bye")
+
+        def OnDisconnected(self, reason):
+            events.add("disconnected", reason)
+
+    srv = server(Stuck, ssl=server_context(pki))
+    with tls_connect(srv.address, client_context(pki)):
+        start = time.monotonic()
+        (reason,), = events.wait("disconnected")
+        assert time.monotonic() - start < 5
+    assert reason == "bye (its queued data was not flushed in time)", reason
+
+
 def test_send_before_the_handshake_and_stop_during_it(server, pki):
     """A session whose handshake has not finished is not `connected`, refuses Send,
     and ends with the server's reason when the server stops; OnConnected never ran."""
