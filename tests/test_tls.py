@@ -295,6 +295,29 @@ def test_openssl_key_update_mid_stream(server, pki):
     assert events.wait("disconnected") == [("quit",)]
 
 
+def test_client_renegotiation_is_refused(server, pki):
+    """TLS 1.2 renegotiation asked by the client (s_client's "R"): refused, as OpenSSL
+    refuses it by default; that session ends with a reason, the others go on."""
+    events = Events()
+    srv = server(echo_session(events), ssl=server_context(pki, version="TLSv1.2"))
+    proc = subprocess.Popen(
+        [OPENSSL, "s_client", "-connect", f"127.0.0.1:{srv.port}", "-tls1_2",
+         "-CAfile", pki["ca"]],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        with tls_connect(srv.address, client_context(pki)) as good:
+            events.wait("connected", 2)
+            proc.stdin.write(b"R\n")
+            proc.stdin.flush()
+            (reason,), = events.wait("disconnected")
+            assert reason.startswith("TLS error: "), reason
+            good.sendall(b"unharmed")
+            assert recv_all(good, 8) == b"unharmed"
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
 # ---- hostile and broken peers; a good client beside them loses nothing ----
 
 def test_plaintext_sent_to_a_tls_port(server, pki, caplog_iocpnet):
