@@ -232,3 +232,90 @@ def redis_port(tmp_path_factory):
     yield port
     proc.terminate()
     proc.wait(10)
+
+
+class RedisServer:
+    """A redis-server of a test's own, on a free port of 127.0.0.1, that the test may
+    stop (SIGKILL: a crash, nothing saved) and start again on the same port.  Extra
+    arguments go to redis-server (``--requirepass``, TLS...)."""
+
+    def __init__(self, workdir, *args, port=None, tls=None):
+        self.exe = shutil.which("redis-server")
+        if self.exe is None:
+            if os.environ.get("CI"):
+                pytest.fail("redis-server is not installed (scripts/test.sh installs it)")
+            pytest.skip("redis-server is not installed (scripts/test.sh installs it)")
+        self.workdir = str(workdir)
+        self.args = [str(a) for a in args]
+        self.tls = tls                    # (cert, key) files: serve TLS on self.port
+        self.port = port or _free_port()
+        self.proc = None
+
+    def start(self, timeout=10):
+        assert self.proc is None
+        listen = (["--port", "0", "--tls-port", str(self.port), "--tls-cert-file",
+                   self.tls[0], "--tls-key-file", self.tls[1], "--tls-auth-clients", "no"]
+                  if self.tls else ["--port", str(self.port)])
+        self.proc = subprocess.Popen(
+            [self.exe, *listen, "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.workdir, *self.args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"redis-server exited with {self.proc.returncode}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise AssertionError("redis-server would not start")
+                time.sleep(0.05)
+
+    def stop(self):
+        """Kill it (SIGKILL): the clients see their connections reset."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+    def url(self, password=None, user=None, db=0):
+        auth = ""
+        if password is not None:
+            auth = f"{user or ''}:{password}@"
+        return f"{'rediss' if self.tls else 'redis'}://{auth}127.0.0.1:{self.port}/{db}"
+
+    def command(self, *args, password=None):
+        """One command through a plain socket (tests' own view of the server)."""
+        from iocpnet.resp import Parser, encode_command
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as c:
+            p = Parser()
+            out = []
+            if password is not None:
+                c.sendall(encode_command("AUTH", password))
+            c.sendall(encode_command(*args))
+            want = 2 if password is not None else 1
+            while len(out) < want:
+                data = c.recv(1 << 16)
+                if not data:
+                    raise ConnectionError("redis closed the connection")
+                p.feed(data)
+                out += p.replies()
+            return out[-1]
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """redis_server(*args, tls=None) -> a started RedisServer, killed at the end."""
+    made = []
+
+    def make(*args, tls=None):
+        d = tmp_path / f"redis{len(made)}"
+        d.mkdir()
+        r = RedisServer(d, *args, tls=tls).start()
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        r.stop()

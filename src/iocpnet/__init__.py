@@ -44,6 +44,7 @@ from iocpnet._core import (
     parse_websocket_frames,
     websocket_accept_key,
 )
+from iocpnet.backplane import RedisBackplane
 from iocpnet.packet import (PACKET_HEADER_SIZE, PACKET_SIZE_MAX, PacketHandler, make_packet,
                             scan_packets)
 
@@ -63,6 +64,7 @@ __all__ = [
     "PacketSession",
     "Reconnect",
     "RecvView",
+    "RedisBackplane",
     "RunHandle",
     "ServerService",
     "Service",

@@ -5,6 +5,7 @@ Kept by hand next to _core.pyx.  scripts/check_types.sh holds it to the compiled
 with mypy's stubtest, and to what user code writes with mypy --strict on examples/ and
 tests/typecheck/; tests/test_packaging.py checks that it ships in the wheel.
 """
+import concurrent.futures
 import logging
 import ssl as _ssl
 from collections.abc import Callable, Coroutine, Iterable, Iterator
@@ -12,6 +13,8 @@ from types import TracebackType
 from typing import Any, Generic, Protocol, SupportsIndex, TypedDict, TypeVar, final, overload
 
 from typing_extensions import Self, TypeVarTuple, Unpack
+
+from iocpnet.backplane import RedisBackplane
 
 _Ts = TypeVarTuple("_Ts")
 _T = TypeVar("_T")
@@ -509,11 +512,13 @@ class Session(IocpObject):
 class Group(IocpObject):
     """A set of sessions with a strand of its own: a room, a channel, a match.
 
-    ``Group(core_or_service, name=None)``.  ``Add(session)`` / ``Remove(session)`` from
-    any thread; a member is removed when its session ends; a session may be in many
-    groups.  ``Broadcast(data)`` queues one ``bytes`` object to every member, by
-    reference, in one total order per group.  ``len(group)``, ``session in group``,
-    iteration over a snapshot.
+    ``Group(core_or_service, name=None, *, backplane=None)``.  ``Add(session, name)`` /
+    ``Remove(session)`` from any thread; a member is removed when its session ends; a
+    session may be in many groups.  ``Broadcast(data)`` queues one ``bytes`` object to
+    every member, by reference, in one total order per group.  ``len(group)``,
+    ``session in group``, iteration over a snapshot.  With ``backplane`` (a
+    ``RedisBackplane``) the group is shared with every server on the same Redis: one
+    order for the members of all of them, and ``Who`` lists them all.
 
     ``Post``, ``CallLater``, ``CallEvery`` and ``Spawn`` run on the group's strand: never
     two at a time, in order, so room state touched only from there needs no lock.
@@ -521,10 +526,45 @@ class Group(IocpObject):
     state and its ``OnTaskDone(task)`` hook.
     """
 
-    def __init__(self, core: IocpCore | Service, name: object = None) -> None: ...
+    def __init__(
+        self,
+        core: IocpCore | Service,
+        name: object = None,
+        *,
+        backplane: RedisBackplane | None = None,
+    ) -> None: ...
     @property
     def name(self) -> object:
         """The name given (any object; None by default)."""
+
+    @property
+    def backplane(self) -> RedisBackplane | None:
+        """The RedisBackplane that shares this group, or None."""
+
+    @property
+    def names(self) -> list[str]:
+        """The names of the members here (this process), in the order they joined."""
+
+    def NameOf(self, session: Session) -> str | None:
+        """The name `session` was given when it joined (None if it is not a member)."""
+
+    def Rename(self, session: Session, name: str) -> bool:
+        """Change the name `session` is listed under (any thread).  Returns False if it
+        is not a member."""
+
+    def Who(
+        self, callback: Callable[[list[str]], object] | None = None
+    ) -> concurrent.futures.Future[list[str]]:
+        """Who is in the group, by name: a ``concurrent.futures.Future`` of the list.
+        A shared group asks Redis (every server's members; this server's only while
+        Redis is away); a local group answers with ``names``.  ``callback(names)``, if
+        given, runs on the group's strand."""
+
+    def _deliver(
+        self, data: bytes, exclude: Session | None = None, droppable: bool = False
+    ) -> int:
+        """The fan-out itself, for the backplane: a shared group's message, back from
+        Redis (or delivered here directly while Redis is away)."""
 
     @property
     def members(self) -> list[Session]:
@@ -538,9 +578,11 @@ class Group(IocpObject):
 
     def __contains__(self, session: object) -> bool: ...
     def __bool__(self) -> bool: ...
-    def Add(self, session: Session) -> bool:
+    def Add(self, session: Session, name: str | None = None) -> bool:
         """Make `session` a member (any thread).  Returns True if it joined, False if it
-        was already a member or is not connected (it joins nothing after it ends)."""
+        was already a member or is not connected (it joins nothing after it ends).
+        ``name``: what presence lists it as (``names``, ``Who``); default: its
+        address as ``host:port``."""
 
     def Remove(self, session: Session) -> bool:
         """Take `session` out (any thread).  Returns True if it was a member."""
@@ -554,7 +596,13 @@ class Group(IocpObject):
         ``droppable=True`` (a state update the next one replaces) skips members whose
         send queue is above their ``send_queue_high`` mark, so a slow reader misses
         updates instead of reaching its ``send_queue_limit``.  Returns how many members
-        took it (a member closing, or over its send-queue limit, does not)."""
+        took it (a member closing, or over its send-queue limit, does not).
+
+        A shared group (``backplane=``) publishes the message to Redis and delivers it
+        to the members here when it comes back on the group's channel, so that every
+        server's members hear one order, the sender's too; the return value is then the
+        number of members here it is meant for.  While Redis is away it is delivered
+        here at once."""
 
     def Post(self, func: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]) -> bool:
         """Run ``func(*args)`` on the group's strand (any thread may post).  Returns False
@@ -583,7 +631,8 @@ class Group(IocpObject):
 
     def Close(self) -> None:
         """End the group (idempotent, any thread): every member is removed, its pending
-        timers and tasks are cancelled, and nothing more runs on its strand."""
+        timers and tasks are cancelled, and nothing more runs on its strand.  A shared
+        group stops listening to its channel and takes its members out of presence."""
 
 class PacketSession(Session):
     """A Session that speaks packets: ``[size: u16][id: u16][payload]``, little-endian,

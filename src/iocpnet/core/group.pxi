@@ -27,7 +27,16 @@
 # locks only after letting go of its own.  Add refuses a session that is not connected:
 # a session that Add accepted is in the record before the session's end reads it, so it
 # is always removed at its end (no member outlives its session).  Group <-> member
-# references form a cycle on purpose; the session's end (or Close) breaks it.
+# references form a cycle on purpose; the session's end (or Close) breaks it.  `_names`
+# (under `_lock` too) holds the name the application gave each member (Add's `name`),
+# which presence lists.
+#
+# Sharing.  A group made with ``backplane=`` (a RedisBackplane, backplane.py) is shared
+# with every server on the same Redis: ``Broadcast`` hands the message to the backplane,
+# which publishes it and later delivers it here through ``_deliver`` (the same fan-out,
+# under the same order lock) when it comes back on the group's channel, so every
+# server's members hear one order.  Membership changes are told to the backplane after
+# the group's locks are let go (it takes its own lock, never while holding ours).
 
 
 cdef volatile int64_t _groups_alive = 0
@@ -51,26 +60,35 @@ cdef class Group(IocpObject):
     cdef object _lock             # guards _members, _closed
     cdef object _order_lock       # held for a whole Broadcast: one order per group
     cdef tuple _members
+    cdef dict _names              # member -> the name Add gave it (presence)
     cdef bint _closed
     cdef _Owned _x
     cdef readonly object name
+    cdef readonly object backplane    # a RedisBackplane when shared, else None
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
         port_strand_init(&self._strand, <void *>self)
         self._members = ()
+        self._names = {}
         self._lock = threading.Lock()
         self._order_lock = threading.RLock()
         self._x = _Owned.__new__(_Owned)
         port_atomic_add64(&_groups_alive, 1)
 
-    def __init__(self, core, name=None):
+    def __init__(self, core, name=None, *, backplane=None):
         if isinstance(core, Service):
             core = (<Service>core).core
         if not isinstance(core, IocpCore):
             raise TypeError("Group needs an IocpCore (or a Service)")
         self.core = <IocpCore>core
         self.name = name
+        if backplane is not None:
+            if not isinstance(name, str) or not name:
+                raise ValueError("a shared group needs a name (a non-empty str): "
+                                 "it names the group on every server")
+            backplane._share(self, self.core)   # raises if it cannot (closed, name taken)
+            self.backplane = backplane
 
     def __dealloc__(self):
         if self.core is not None and self.core.port != NULL:
@@ -80,7 +98,9 @@ cdef class Group(IocpObject):
     def __repr__(self):
         name = f" {self.name!r}" if self.name is not None else ""
         state = " closed" if self._closed else ""
-        return f"<{type(self).__name__}{name} members={len(self._members)}{state}>"
+        shared = " shared" if self.backplane is not None else ""
+        return (f"<{type(self).__name__}{name} members={len(self._members)}"
+                f"{shared}{state}>")
 
     cdef tuple _snapshot(self):
         with self._lock:
@@ -108,6 +128,22 @@ cdef class Group(IocpObject):
         return list(self._snapshot())
 
     @property
+    def names(self):
+        """The names of the members here (this process), in the order they joined."""
+        with self._lock:
+            members = self._members
+            names = self._names
+            return [names.get(s, "") for s in members]
+
+    def NameOf(self, Session session not None):
+        """The name `session` was given when it joined (None if it is not a member)."""
+        with self._lock:
+            for s in self._members:
+                if s is session:
+                    return self._names.get(session, "")
+        return None
+
+    @property
     def closed(self):
         return self._closed
 
@@ -118,11 +154,18 @@ cdef class Group(IocpObject):
 
     # ---- membership ----
 
-    def Add(self, Session session not None):
+    def Add(self, Session session not None, name=None):
         """Make `session` a member (any thread).  Returns True if it joined, False if it
-        was already a member or is not connected (it joins nothing after it ends)."""
+        was already a member or is not connected (it joins nothing after it ends).
+        ``name``: what presence lists it as (``names``, ``Who``); default: its
+        address as ``host:port``."""
         cdef _Owned x
         self._core()
+        if name is None:
+            addr = session.address
+            name = f"{addr[0]}:{addr[1]}" if addr else ""
+        elif not isinstance(name, str):
+            raise TypeError(f"name must be a str, not {type(name).__name__}")
         if session.core is not self.core:
             raise ValueError(f"{session!r} runs on another IocpCore than {self!r}")
         x = _owned_of(session)
@@ -141,6 +184,20 @@ cdef class Group(IocpObject):
                 else:
                     x.groups.append(self)
             self._members = self._members + (session,)
+            self._names[session] = name
+        if self.backplane is not None:
+            self.backplane._joined(self, session)
+        return True
+
+    def Rename(self, Session session not None, str name not None):
+        """Change the name `session` is listed under (any thread).  Returns False if it
+        is not a member."""
+        with self._lock:
+            if session not in self._names:
+                return False
+            self._names[session] = name
+        if self.backplane is not None:
+            self.backplane._joined(self, session)
         return True
 
     def Remove(self, Session session not None):
@@ -153,13 +210,18 @@ cdef class Group(IocpObject):
     cdef bint _discard(self, Session session) except -1:
         """Drop `session` from the members (it ended, or Remove)."""
         cdef Py_ssize_t i
+        cdef bint found = False
         with self._lock:
             members = self._members
             for i in range(len(members)):
                 if members[i] is session:
                     self._members = members[:i] + members[i + 1:]
-                    return True
-        return False
+                    self._names.pop(session, None)
+                    found = True
+                    break
+        if found and self.backplane is not None:
+            self.backplane._left(self, session)
+        return found
 
     # ---- messages ----
 
@@ -170,9 +232,25 @@ cdef class Group(IocpObject):
         ``droppable=True`` (a state update the next one replaces) skips members whose
         send queue is above their ``send_queue_high`` mark, so a slow reader misses
         updates instead of reaching its ``send_queue_limit``.  Returns how many members
-        took it (a member closing, or over its send-queue limit, does not)."""
+        took it (a member closing, or over its send-queue limit, does not).
+
+        A shared group (``backplane=``) publishes the message to Redis and delivers it
+        to the members here when it comes back on the group's channel, so that every
+        server's members hear one order, the sender's too; the return value is then the
+        number of members here it is meant for.  While Redis is away it is delivered
+        here at once."""
         cdef bytes b = data if type(data) is bytes else \
             _bytes_arg(data, "Group.Broadcast", "data")
+        if self.backplane is not None:
+            return self.backplane._publish(self, b, exclude, droppable)
+        return self._fan_out(b, exclude, droppable)
+
+    def _deliver(self, bytes data not None, exclude=None, bint droppable=False):
+        """The fan-out itself, for the backplane: a shared group's message, back from
+        Redis (or delivered here directly while Redis is away)."""
+        return self._fan_out(data, exclude, droppable)
+
+    cdef Py_ssize_t _fan_out(self, bytes b, object exclude, bint droppable) except -1:
         cdef Session s
         cdef Py_ssize_t n = 0
         with self._order_lock:
@@ -216,18 +294,37 @@ cdef class Group(IocpObject):
         Cancelled by ``Close``."""
         return _spawn(self._core(), self, awaitable, callback)
 
+    def Who(self, callback=None):
+        """Who is in the group, by name: a ``concurrent.futures.Future`` of the list.
+        A shared group asks Redis (every server's members; this server's only while
+        Redis is away); a local group answers with ``names``.  ``callback(names)``, if
+        given, runs on the group's strand."""
+        if self.backplane is not None:
+            return self.backplane._group_who(self, callback)
+        import concurrent.futures
+        fut = concurrent.futures.Future()
+        names = self.names
+        fut.set_result(names)
+        if callback is not None:
+            self.Post(callback, names)
+        return fut
+
     def Close(self):
         """End the group (idempotent, any thread): every member is removed, its pending
-        timers and tasks are cancelled, and nothing more runs on its strand."""
+        timers and tasks are cancelled, and nothing more runs on its strand.  A shared
+        group stops listening to its channel and takes its members out of presence."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             members = self._members
             self._members = ()
+            self._names = {}
         for s in members:
             _forget_group(<Session>s, self)
         _end_owned(self._x)
+        if self.backplane is not None:
+            self.backplane._unshare(self)
 
 
 cdef void _forget_group(Session session, Group g) noexcept:

@@ -1,0 +1,493 @@
+"""Groups shared through a real redis-server (iocpnet.backplane), in one process: two
+"servers" (two IocpCores, each with its listener, workers and RedisBackplane) and real
+client sockets.  The redis-server is the test's own (conftest.RedisServer), killed and
+started again where the test says.  The chat example over two processes is in
+test_chat_redis.py."""
+import logging
+import socket
+import threading
+import time
+
+import pytest
+
+import iocpnet
+from iocpnet.backplane import RedisBackplane, parse_redis_url
+
+from conftest import connect, wait_for
+from tls_certs import make_pki
+
+ROOM = "room"
+
+
+class Member(iocpnet.Session):
+    """Lines in: ``join NAME``, ``say TEXT``, ``sayx TEXT`` (not to myself), ``who``,
+    ``rename NAME``.  What the group broadcasts comes out as lines.  (A class of the
+    module's: hooks are resolved once per class and kept, so a class made per test
+    must not hold the test's objects.)"""
+
+    def __init__(self, node):
+        self.node = node
+
+    def OnRecv(self, data):
+        buf = bytes(data)
+        done = 0
+        while True:
+            i = buf.find(b"\n", done)
+            if i < 0:
+                return done
+            self.node.handle(self, buf[done:i].decode())
+            done = i + 1
+
+
+class Node:
+    """One server: a core, a line-protocol service, a backplane and a shared group."""
+
+    def __init__(self, backend, url, workers=2, **bp_kw):
+        self.core = iocpnet.IocpCore(backend)
+        self.bp = RedisBackplane(self.core, url, **bp_kw)
+        self.group = iocpnet.Group(self.core, ROOM, backplane=self.bp)
+        self.service = iocpnet.Service(self.core, iocpnet.Listener(("127.0.0.1", 0)),
+                                       self._member, 16)
+        self.service.Start()
+        self.bp.Start()
+        self.threads = [threading.Thread(target=self._work, daemon=True)
+                        for _ in range(workers)]
+        for t in self.threads:
+            t.start()
+
+    def _member(self):
+        return Member(self)
+
+    def _work(self):
+        while self.core.Dispatch() >= 0:
+            pass
+
+    def handle(self, session, line):
+        cmd, _, arg = line.partition(" ")
+        if cmd == "join":
+            self.group.Add(session, name=arg)
+            session.Send(b"joined\n")
+        elif cmd == "say":
+            self.group.Broadcast(f"{arg}\n".encode())
+        elif cmd == "sayx":
+            self.group.Broadcast(f"{arg}\n".encode(), exclude=session)
+        elif cmd == "who":
+            self.group.Who(lambda names: session.Send(
+                ("who " + ",".join(names) + "\n").encode()))
+        elif cmd == "rename":
+            self.group.Rename(session, arg)
+            session.Send(b"renamed\n")
+
+    @property
+    def address(self):
+        return ("127.0.0.1", self.service.listener.port)
+
+    def stop(self):
+        self.group.Close()
+        self.bp.Close()
+        self.service.Stop(5)
+        self.core.Close(5)
+        for t in self.threads:
+            t.join(5)
+
+
+class Client:
+    """A member's socket, reading lines."""
+
+    def __init__(self, node, name):
+        self.name = name
+        self.sock = connect(node.address)
+        self.buf = b""
+        self.sock.sendall(f"join {name}\n".encode())
+        assert self.line() == "joined"
+
+    def send(self, line):
+        self.sock.sendall(f"{line}\n".encode())
+
+    def line(self, timeout=10):
+        self.sock.settimeout(timeout)
+        while b"\n" not in self.buf:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed")
+            self.buf += data
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line.decode()
+
+    def lines(self, n, timeout=20):
+        return [self.line(timeout) for _ in range(n)]
+
+    def who(self):
+        """Ask WHO; lines broadcast meanwhile are skipped."""
+        self.send("who")
+        while True:
+            line = self.line()
+            if line.startswith("who "):
+                return line[4:].split(",") if line[4:] else []
+
+    def quiet(self, seconds=0.3):
+        """Nothing arrives for `seconds`."""
+        self.sock.settimeout(seconds)
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            return self.buf == b""
+        self.buf += data
+        return False
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def nodes(backend):
+    made = []
+
+    def make(url, n=2, **kw):
+        new = [Node(backend, url, **kw) for _ in range(n)]
+        made.extend(new)
+        return new
+
+    yield make
+    for n in made:
+        n.stop()
+    made.clear()          # pytest keeps the fixture's value past the leak check
+
+
+def sharing(*nodes, timeout=15):
+    wait_for(lambda: all(n.bp.sharing for n in nodes), timeout,
+             f"sharing on every node: {[n.bp.state for n in nodes]}")
+
+
+def test_parse_redis_url():
+    a = parse_redis_url("redis://127.0.0.1:6380/2")
+    assert (a.host, a.port, a.db, a.username, a.password, a.tls) == \
+        ("127.0.0.1", 6380, 2, None, None, False)
+    a = parse_redis_url("rediss://alice:p%40ss@cache.local")
+    assert (a.host, a.port, a.db, a.username, a.password, a.tls) == \
+        ("cache.local", 6379, 0, "alice", "p@ss", True)
+    assert parse_redis_url("redis://:secret@h/1").password == "secret"
+    assert parse_redis_url("redis://secret@h").password == "secret"
+    assert "secret" not in parse_redis_url("redis://:secret@h").display()
+    for bad in ("http://h", "redis://", "redis://h:x", "redis://h/abc"):
+        with pytest.raises(ValueError):
+            parse_redis_url(bad)
+
+
+def test_one_order_for_every_member_of_both_servers(backend, redis_server, nodes):
+    """Three members on each of two servers talk at once: every member hears every
+    message of both servers, the sender's own too, in one and the same order, and each
+    sender's in the order it sent them; WHO lists all six from either server."""
+    r = redis_server()
+    a, b = nodes(r.url())
+    sharing(a, b)
+    clients = [Client(a, f"a{i}") for i in range(3)] + [Client(b, f"b{i}") for i in range(3)]
+    try:
+        for c in clients:
+            assert sorted(c.who()) == sorted(x.name for x in clients)
+        n = 40
+        for k in range(n):
+            for c in clients:
+                c.send(f"say {c.name} {k}")
+        heard = [c.lines(n * len(clients)) for c in clients]
+        assert all(h == heard[0] for h in heard)
+        for c in clients:
+            assert [t for t in heard[0] if t.split()[0] == c.name] == \
+                [f"{c.name} {k}" for k in range(n)]
+        # exclude: everyone but the sender, still in one order.
+        clients[0].send("sayx only-others")
+        for c in clients[1:]:
+            assert c.line() == "only-others"
+        assert clients[0].quiet()
+        st = a.bp.stats()
+        assert st["published"] >= n * 3 and st["pending"] == 0 and st["state"] == "up"
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_presence_follows_joins_renames_leaves_and_closes(backend, redis_server, nodes):
+    r = redis_server()
+    a, b = nodes(r.url())
+    sharing(a, b)
+    ann, bob = Client(a, "ann"), Client(b, "bob")
+    try:
+        assert ann.who() == sorted(["ann", "bob"], key=lambda x: x) or \
+            sorted(ann.who()) == ["ann", "bob"]
+        bob.send("rename robert")
+        assert bob.line() == "renamed"
+        wait_for(lambda: sorted(a.bp.Who(ROOM).result(5)) == ["ann", "robert"],
+                 message="the rename seen from the other server")
+        bob.close()                          # leaves with its session
+        wait_for(lambda: a.bp.Who(ROOM).result(5) == ["ann"], message="bob gone")
+        carl = Client(b, "carl")
+        wait_for(lambda: sorted(a.bp.Who(ROOM).result(5)) == ["ann", "carl"],
+                 message="carl listed")
+        b.group.Close()                      # a closed group takes its members out
+        wait_for(lambda: a.bp.Who(ROOM).result(5) == ["ann"], message="b's group closed")
+        carl.close()
+        # The answer of a group's Who comes back on the group's strand.
+        got = []
+        a.group.Who(lambda names: got.append(names)).result(5)
+        wait_for(lambda: got == [["ann"]], message="the callback")
+    finally:
+        ann.close()
+
+
+def test_redis_outage_local_chat_goes_on_and_sharing_resumes(backend, redis_server,
+                                                            nodes, caplog):
+    """Redis killed mid-run: each server goes on delivering its own members' messages
+    at once, logs the outage once; Redis back on the same port: both servers
+    re-subscribe and register their members again within seconds."""
+    caplog.set_level(logging.INFO, logger="iocpnet")
+    r = redis_server()
+    a, b = nodes(r.url(), presence_ttl=1.0)
+    sharing(a, b)
+    a1, a2, b1 = Client(a, "a1"), Client(a, "a2"), Client(b, "b1")
+    try:
+        a1.send("say before")
+        assert [c.line() for c in (a1, a2, b1)] == ["before"] * 3
+        r.stop()
+        wait_for(lambda: not a.bp.sharing and not b.bp.sharing, message="outage seen")
+        for k in range(20):                  # local chat goes on, at once
+            a1.send(f"say during {k}")
+        assert a1.lines(20) == a2.lines(20) == [f"during {k}" for k in range(20)]
+        assert b1.quiet(0.5)                 # not shared meanwhile (documented)
+        assert sorted(a1.who()) == ["a1", "a2"]        # WHO: this server's own
+        time.sleep(1.0)                      # a few failed reconnects: logged once
+        r.start()
+        t0 = time.monotonic()
+        sharing(a, b, timeout=10)
+        resumed = time.monotonic() - t0
+        b1.send("say after")
+        assert [c.line() for c in (a1, a2, b1)] == ["after"] * 3
+        # Redis came back empty: presence was registered again by both servers.
+        wait_for(lambda: sorted(b1.who()) == ["a1", "a2", "b1"], message="WHO again")
+        outage = [rec for rec in caplog.records if "unreachable" in rec.getMessage()]
+        assert len(outage) == 2, [rec.getMessage() for rec in outage]   # once per node
+        again = [rec for rec in caplog.records if "sharing again" in rec.getMessage()]
+        assert len(again) == 2
+        assert a.bp.stats()["outages"] == 1
+        assert resumed < 8
+    finally:
+        for c in (a1, a2, b1):
+            c.close()
+
+
+def test_no_own_message_lost_or_doubled_across_an_outage(backend, redis_server, nodes):
+    """A server broadcasts numbered messages without pause while Redis is killed and
+    started again: its own members hear every one exactly once, in order (the ones
+    that did not come back from Redis are delivered here when the link is lost)."""
+    r = redis_server()
+    (a,) = nodes(r.url(), n=1)
+    sharing(a)
+    members = [Client(a, f"m{i}") for i in range(2)]
+    stop = threading.Event()
+    sent = []
+
+    def talk():
+        k = 0
+        while not stop.is_set() and k < 100000:
+            a.group.Broadcast(f"{k}\n".encode())
+            sent.append(k)
+            k += 1
+            if k % 10 == 0:
+                time.sleep(0.001)
+
+    t = threading.Thread(target=talk)
+    try:
+        t.start()
+        time.sleep(0.3)
+        r.stop()
+        wait_for(lambda: not a.bp.sharing, message="outage seen")
+        time.sleep(0.2)
+        r.start()
+        sharing(a, timeout=10)
+        resumed = a.bp.stats()["published"]
+        wait_for(lambda: a.bp.stats()["published"] > resumed + 200,
+                 message="publishing again")
+        stop.set()
+        t.join(10)
+        total = len(sent)
+        for m in members:
+            got = [int(x) for x in m.lines(total, timeout=30)]
+            assert got == list(range(total))
+            assert m.quiet()
+        st = a.bp.stats()
+        assert st["delivered_locally"] > 0 and st["outages"] == 1
+    finally:
+        stop.set()
+        t.join(10)
+        for m in members:
+            m.close()
+
+
+def test_auth_with_a_password_and_with_a_user(backend, redis_server, nodes, caplog):
+    caplog.set_level(logging.INFO, logger="iocpnet")
+    r = redis_server("--requirepass", "s3cret",
+                     "--user", "game", "on", ">g4me", "~iocpnet:*", "&iocpnet:*",
+                     "+@all")
+    a, b = nodes(r.url(password="s3cret"))
+    (c,) = nodes(r.url(password="g4me", user="game"), n=1)
+    sharing(a, b, c)
+    x, y, z = Client(a, "x"), Client(b, "y"), Client(c, "z")
+    try:
+        z.send("say hi")
+        assert [m.line() for m in (x, y, z)] == ["hi"] * 3
+        assert sorted(x.who()) == ["x", "y", "z"]
+    finally:
+        for m in (x, y, z):
+            m.close()
+    # A wrong password: said once, with its reason; the server goes on alone.
+    (bad,) = nodes(r.url(password="wrong"), n=1)
+    m = Client(bad, "m")
+    try:
+        time.sleep(1.0)
+        assert bad.bp.state == "down"
+        m.send("say alone")
+        assert m.line() == "alone"
+        refused = [rec.getMessage() for rec in caplog.records
+                   if "refused AUTH" in rec.getMessage()]
+        assert len(refused) == 1 and "WRONGPASS" in refused[0], refused
+    finally:
+        m.close()
+
+
+def test_rediss_through_the_core_tls(backend, redis_server, nodes, tmp_path):
+    """rediss:// to a redis-server serving TLS, with a context trusting its CA."""
+    import ssl
+    pki = make_pki(tmp_path / "pki")
+    r = redis_server(tls=(pki["server"], pki["server_key"]))
+    ctx = ssl.create_default_context(cafile=pki["ca"])
+    a, b = nodes(r.url(), ssl=ctx)
+    sharing(a, b)
+    x, y = Client(a, "x"), Client(b, "y")
+    try:
+        y.send("say over tls")
+        assert x.line() == y.line() == "over tls"
+        assert sorted(x.who()) == ["x", "y"]
+    finally:
+        x.close()
+        y.close()
+
+
+def _fake_redis(reply):
+    """A listener that answers every connection with `reply` (or nothing: None)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    conns = []
+
+    def serve():
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            conns.append(c)
+            if reply is not None:
+                try:
+                    c.recv(65536)
+                    c.sendall(reply)
+                except OSError:
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, conns
+
+
+@pytest.mark.parametrize("reply", [b"%3\r\nnot resp2\r\n", b"$99999999999\r\n",
+                                   b"+OK\r\n+OK\r\n+OK\r\n+OK\r\n+OK\r\n+OK\r\n", None])
+def test_a_peer_that_is_not_redis_is_a_fault_not_a_crash(backend, nodes, caplog, reply):
+    """Garbage, a huge length, replies nobody asked for, or silence: the link is
+    dropped with a reason and tried again; the server serves its own members."""
+    caplog.set_level(logging.INFO, logger="iocpnet")
+    srv, conns = _fake_redis(reply)
+    try:
+        (a,) = nodes(f"redis://127.0.0.1:{srv.getsockname()[1]}", n=1, presence_ttl=0.3,
+                     timeout=0.5)
+        m = Client(a, "m")
+        try:
+            m.send("say still here")
+            assert m.line() == "still here"
+            if reply is not None:
+                wait_for(lambda: any("not RESP2" in rec.getMessage()
+                                     for rec in caplog.records), message="the error")
+            else:
+                wait_for(lambda: len(conns) >= 3, message="silence declared dead, retried")
+            assert a.bp.state == "down"
+        finally:
+            m.close()
+    finally:
+        srv.close()
+        for c in conns:
+            c.close()
+
+
+def test_group_names_and_local_who_without_redis(backend, server):
+    """A local group: names and Who answer from this process alone."""
+    class S(iocpnet.Session):
+        pass
+
+    srv = server(S)
+    c = connect(srv.address)
+    try:
+        wait_for(lambda: srv.service.session_count == 1)
+        (s,) = srv.service.sessions
+        g = iocpnet.Group(srv.core, "g")
+        assert g.Add(s, name="ann") and g.names == ["ann"] and g.NameOf(s) == "ann"
+        assert g.Rename(s, "anna") and g.Who().result(5) == ["anna"]
+        with pytest.raises(TypeError):
+            g.Add(s, name=5)
+        with pytest.raises(ValueError):
+            iocpnet.Group(srv.core, None, backplane=object())
+        g.Close()
+        assert g.NameOf(s) is None
+    finally:
+        c.close()
+
+
+def test_sharing_rules(backend, server):
+    """One shared group per name per backplane; the backplane's own core; a closed
+    backplane shares nothing more, and its groups go on locally."""
+    class S(iocpnet.Session):
+        pass
+
+    srv = server(S)
+    other = iocpnet.IocpCore(backend)
+    bp = RedisBackplane(srv.core, "redis://127.0.0.1:1/0")      # never started
+    c = connect(srv.address)
+    try:
+        g = iocpnet.Group(srv.core, "lobby", backplane=bp)
+        assert g.backplane is bp and "shared" in repr(g)
+        with pytest.raises(ValueError, match="already shared"):
+            iocpnet.Group(srv.core, "lobby", backplane=bp)
+        with pytest.raises(ValueError, match="different IocpCores"):
+            iocpnet.Group(other, "x", backplane=bp)
+        with pytest.raises(ValueError, match="needs a name"):
+            iocpnet.Group(srv.core, "", backplane=bp)
+        with pytest.raises(ValueError, match="use rediss"):
+            import ssl
+            RedisBackplane(srv.core, "redis://h", ssl=ssl.create_default_context())
+        wait_for(lambda: srv.service.session_count == 1)
+        (s,) = srv.service.sessions
+        assert g.Add(s, name="solo")
+        assert g.Broadcast(b"local\n") == 1            # not sharing: here, at once
+        assert connect_recv(c) == b"local\n"
+        assert g.Who().result(5) == ["solo"]
+        bp.Close()
+        with pytest.raises(RuntimeError, match="closed"):
+            iocpnet.Group(srv.core, "later", backplane=bp)
+        assert g.Broadcast(b"still\n") == 1
+        assert connect_recv(c) == b"still\n"
+        g.Close()
+        h = iocpnet.Group(srv.core, "lobby")           # the name is free locally
+        h.Close()
+    finally:
+        c.close()
+        other.Close()
+
+
+def connect_recv(sock):
+    sock.settimeout(10)
+    return sock.recv(100)

@@ -1,0 +1,160 @@
+"""The RESP2 codec of the Redis backplane (iocpnet.resp), on its own: every reply type,
+any cut of the bytes, hostile input (lengths that lie, limits, garbage), and the
+subscriber's fast path agreeing with the general parser.  No sockets: it is sans-I/O."""
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from iocpnet.resp import Parser, ProtocolError, RespError, encode_command, parse_all
+
+
+def enc(value):
+    """A reference encoder of replies (what a Redis server sends)."""
+    if value is None:
+        return b"$-1\r\n"
+    if isinstance(value, RespError):
+        return b"-" + str(value).encode() + b"\r\n"
+    if isinstance(value, bool):
+        raise TypeError
+    if isinstance(value, int):
+        return b":%d\r\n" % value
+    if isinstance(value, str):
+        return b"+" + value.encode() + b"\r\n"
+    if isinstance(value, bytes):
+        return b"$%d\r\n%s\r\n" % (len(value), value)
+    return b"*%d\r\n" % len(value) + b"".join(enc(v) for v in value)
+
+
+def norm(value):
+    if isinstance(value, RespError):
+        return ("err", str(value))
+    if isinstance(value, list):
+        return [norm(v) for v in value]
+    return value
+
+
+simple = st.text(st.characters(blacklist_characters="\r\n", max_codepoint=0x2FF),
+                 max_size=20)
+leaf = st.one_of(st.none(), st.integers(-2**63, 2**63 - 1), simple,
+                 st.binary(max_size=40), simple.map(RespError))
+replies = st.recursive(leaf, lambda kids: st.lists(kids, max_size=5), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(replies, min_size=1, max_size=6), st.data())
+def test_any_cut_gives_the_same_replies(values, data):
+    wire = b"".join(enc(v) for v in values)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=6)))
+    p = Parser()
+    got = []
+    last = 0
+    for c in cuts + [len(wire)]:
+        p.feed(wire[last:c])
+        got += p.replies()
+        last = c
+    assert [norm(v) for v in got] == [norm(v) for v in values]
+    assert p.buffered == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(
+    st.tuples(st.binary(min_size=1, max_size=30), st.binary(max_size=300)),
+    st.sampled_from([["subscribe", 1], ["pong", b""], ["unsubscribe", 0]])),
+    min_size=1, max_size=8), st.data())
+def test_the_subscriber_fast_path_agrees(items, data):
+    def wire_of(item):
+        if isinstance(item, tuple):
+            return enc([b"message", item[0], item[1]])
+        return enc([item[0].encode() if isinstance(item[0], str) else item[0]] + item[1:])
+    wire = b"".join(wire_of(i) for i in items)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=5)))
+    p = Parser()
+    got = []
+    last = 0
+    for c in cuts + [len(wire)]:
+        p.feed(wire[last:c])
+        got += p.messages()
+        last = c
+    assert len(got) == len(items)
+    for (channel, value), item in zip(got, items):
+        if isinstance(item, tuple):
+            assert (channel, value) == item
+        else:
+            assert channel is None and value[0] == item[0].encode()
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=200))
+def test_garbage_is_a_protocol_error_or_waits(junk):
+    """Whatever the bytes: replies, a wait for more, or ProtocolError; nothing else."""
+    for method in ("replies", "messages"):
+        p = Parser(max_bulk=1000, max_elements=50, max_line=100, max_reply=4000)
+        try:
+            p.feed(junk)
+            getattr(p, method)()
+        except ProtocolError:
+            pass
+
+
+@pytest.mark.parametrize("wire, reason", [
+    (b"$5\r\nhello!!\r\n", "not ended by CRLF"),
+    (b"$1001\r\n", "bulk string of 1001"),
+    (b"*51\r\n", "array of 51"),
+    (b"$-5\r\n", "bulk string of -5"),
+    (b":12x\r\n", "bad integer"),
+    (b"$ 5\r\n", "bad bulk"),
+    (b"$5_0\r\n", "bad bulk"),
+    (b"%2\r\n", "unknown RESP2 type"),
+    (b"+" + b"x" * 200, "line over 100"),
+    (b"*1\r\n" * 9 + b":1\r\n", "nested deeper"),
+])
+def test_lies_and_limits_are_refused(wire, reason):
+    p = Parser(max_bulk=1000, max_elements=50, max_line=100, max_depth=8)
+    with pytest.raises(ProtocolError, match=reason):
+        p.feed(wire)
+        p.replies()
+
+
+def test_an_unfinished_reply_over_the_bound_is_refused():
+    """A reply that keeps growing (a huge array of small strings) stops at max_reply,
+    not at the machine's memory."""
+    p = Parser(max_reply=10_000, max_elements=1 << 20)
+    p.feed(b"*1000000\r\n")
+    with pytest.raises(ProtocolError, match="over 10000"):
+        for _ in range(2000):
+            p.feed(b"$3\r\nabc\r\n")
+            p.replies()
+
+
+def test_a_large_bulk_is_not_parsed_again_per_receive():
+    """A 1 MiB value arriving in 16 KiB pieces: each piece before the last costs a
+    length check, not a parse (the parser waits for `need` bytes)."""
+    value = bytes(range(256)) * 4096
+    wire = enc(value)
+    p = Parser()
+    calls = 0
+    original = p._value
+
+    def counting(*a):
+        nonlocal calls
+        calls += 1
+        return original(*a)
+    p._value = counting
+    got = []
+    for i in range(0, len(wire), 16384):
+        p.feed(wire[i:i + 16384])
+        got += p.replies()
+    assert got == [value] and calls == 2
+
+
+def test_encode_command():
+    assert encode_command("SET", "k\u00e9", b"\x00v", 7, 1.5) == (
+        b"*5\r\n$3\r\nSET\r\n$3\r\nk\xc3\xa9\r\n$2\r\n\x00v\r\n$1\r\n7\r\n$3\r\n1.5\r\n")
+    with pytest.raises(TypeError):
+        encode_command("SET", "k", True)
+    with pytest.raises(TypeError):
+        encode_command("SET", "k", None)
+    with pytest.raises(ValueError):
+        encode_command()
+    assert parse_all(b"+OK\r\n:1\r\n$2\r\nab") == (["OK", 1], 6)
+    assert RespError("WRONGPASS invalid").kind == "WRONGPASS"
