@@ -28,7 +28,7 @@ import argparse
 import sys
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Sequence, TextIO
+from typing import Callable, Dict, List, Optional, Sequence, Set, TextIO
 
 import iocpnet
 from iocpnet import chat_protocol as proto
@@ -43,6 +43,11 @@ class ChatState:
         self.out = out
         self.nick: Optional[str] = None
         self.members: Dict[str, List[str]] = {}       # rooms we are in -> who is there
+        # Rooms whose member list a WHO answer has set (later answers replace it).
+        self.listed: Set[str] = set()
+        # Joins heard in a room before our own S_JOINED or S_WHO for it: with rooms
+        # shared through Redis, the order of those three may vary.
+        self.early: Dict[str, List[str]] = {}
         self.heard: Dict[str, int] = {}               # room -> S_SAID packets heard
         self.errors: List[str] = []
         self.disconnected: Optional[str] = None
@@ -112,8 +117,15 @@ def on_joined(session: ChatClientSession, payload: bytes) -> None:
     room, name = r.str8(), r.str8()
 
     def change(st: ChatState) -> None:
-        if name != st.nick and room in st.members and name not in st.members[room]:
-            st.members[room].append(name)
+        if name == st.nick:
+            if room not in st.members:
+                st.members[room] = [name] + [n for n in st.early.pop(room, [])
+                                             if n != name]
+        elif room in st.members:
+            if name not in st.members[room]:
+                st.members[room].append(name)
+        elif name not in st.early.setdefault(room, []):
+            st.early[room].append(name)
     _update(session, change)
     session.state.show(f"[{room}] * {name} joined")
 
@@ -126,8 +138,12 @@ def on_left(session: ChatClientSession, payload: bytes) -> None:
     def change(st: ChatState) -> None:
         if name == st.nick:
             st.members.pop(room, None)
+            st.listed.discard(room)
+            st.early.pop(room, None)
         elif name in st.members.get(room, []):
             st.members[room].remove(name)
+        elif name in st.early.get(room, []):
+            st.early[room].remove(name)
     _update(session, change)
     session.state.show(f"[{room}] * {name} left")
 
@@ -173,8 +189,16 @@ def on_who(session: ChatClientSession, payload: bytes) -> None:
     st = session.state
 
     def change(st: ChatState) -> None:
-        if st.nick in names:                 # the answer to our join (or a /who)
-            st.members[room] = names
+        if st.nick not in names:
+            return
+        if room in st.listed:                # a /who: the list as it is now
+            st.members[room] = list(names)
+            return
+        # The answer to our join: with shared rooms, joins we heard before it may be
+        # missing from it.
+        st.listed.add(room)
+        known = st.members.get(room, []) + st.early.pop(room, [])
+        st.members[room] = list(names) + [n for n in known if n not in names]
     _update(session, change)
     st.show(f"[{room}] * here: {', '.join(names) or '(nobody)'}")
 

@@ -1,8 +1,15 @@
-"""A chat server with rooms: PacketSession, a PacketHandler and Broadcast.
+"""A chat server with rooms: PacketSession, a PacketHandler and Groups.
 
     python examples/chat_server.py --port 11022 --web-port 8080
     python examples/chat_client.py --port 11022 --join lobby
     (and open http://127.0.0.1:8080/ in a browser)
+
+Several servers, one set of rooms (through Redis):
+
+    python examples/chat_server.py --port 11022 --redis redis://127.0.0.1:6379
+    python examples/chat_server.py --port 11023 --redis redis://127.0.0.1:6379
+    (or the same --port with --reuse-port in each, as `python -m iocpnet echo
+    --processes N` does for the echo server)
 
 Clients take a nick, join and leave rooms, say things in them, and ask for the room
 list or who is in a room.  The protocol (packet ids and payloads) is defined and
@@ -13,12 +20,16 @@ What to look at:
 
 - ``handler = iocpnet.PacketHandler()`` and ``@handler.route(C_SAY)``: each packet id
   goes to one function; unknown ids disconnect the sender (the handler's default).
-- ``Room.broadcast``: a packet is built once (``make_packet``) and queued to every
-  member by reference with ``service.Broadcast(packet, sessions=members)``.  It runs
-  under the room's lock, so every member sees one and the same order of the room's
-  messages, whichever worker thread handled each sender.
-- ``OnDisconnected`` takes the session out of its rooms: nothing keeps a session
-  after it ends.
+- A room is an ``iocpnet.Group``: a packet is built once (``make_packet``) and
+  ``room.Broadcast`` queues it to every member by reference, in one order for every
+  member, whichever worker thread handled each sender.
+- ``--redis URL``: the rooms are shared (``Group(core, name, backplane=...)``): a
+  room's S_JOINED, S_LEFT, S_SAID (and S_NICK) reach its members on every server in
+  one order, and C_WHO lists them all.  S_ROOMS lists this server's rooms.  Nicks are
+  unique per server (guests get the server's tag).  If Redis goes away each server
+  goes on with its own members and shares again when it is back.
+- ``OnDisconnected`` tells the rooms the session left (the Groups took it out
+  already): nothing keeps a session after it ends.
 - ``--web-port``: the same ``ChatSession`` class on a second listener,
   ``Listener(..., websocket=True)``: browsers get the page (chat_page.html) from
   ``OnUpgrade`` and then send the same packets in binary WebSocket messages, to the
@@ -45,31 +56,27 @@ handler = iocpnet.PacketHandler()
 PAGE = (Path(__file__).resolve().parent / "chat_page.html").read_bytes()
 
 
-class Room:
-    """A named set of sessions.  Its lock orders its broadcasts."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.lock = threading.Lock()
-        # A dict as an ordered set: members are listed in the order they joined.
-        self.members: Dict[ChatSession, None] = {}
-
-    def broadcast(self, packet: bytes, via: ChatSession) -> int:
-        """Queue `packet` (built once) to every member, through the service of `via`
-        (the session acting); call with `lock` held."""
-        return via.broadcast(packet, self.members)
-
-
 class ChatServer:
-    """The state shared by all sessions of one server: rooms and nicks."""
+    """The state shared by all sessions of one server: rooms and nicks.
 
-    def __init__(self) -> None:
-        # Lock order: this lock first, then a room's.  Join, leave and nick changes take
-        # both; saying something takes only the room's, so rooms talk in parallel.
+    A room is an ``iocpnet.Group`` named after it, made on its first join here and
+    closed when its last member here leaves.  With a ``RedisBackplane`` the groups are
+    shared: every server on the same Redis hears a room's messages in one order, and
+    WHO lists the members of all of them.
+    """
+
+    def __init__(self, backplane: Optional[iocpnet.RedisBackplane] = None) -> None:
+        # Guards `rooms` and `nicks`.  Held around joins, leaves and nick changes (a
+        # room is made and closed under it); saying something takes no lock at all:
+        # Group.Broadcast keeps each room's order by itself.
         self.lock = threading.Lock()
-        self.rooms: Dict[str, Room] = {}
+        self.backplane = backplane
+        self.rooms: Dict[str, iocpnet.Group] = {}
         self.nicks: Dict[str, ChatSession] = {}
         self._guests = itertools.count(1)
+        # With Redis, nicks are unique per server only: guests get this server's tag,
+        # so that two servers never hand out the same guest name.
+        self._tag = f"-{backplane.server_id[:4]}" if backplane is not None else ""
 
     def session_factory(self) -> ChatSession:
         return ChatSession(self)
@@ -77,7 +84,7 @@ class ChatServer:
     def new_guest(self, session: ChatSession) -> str:
         with self.lock:
             while True:
-                name = f"guest-{next(self._guests)}"
+                name = f"guest-{next(self._guests)}{self._tag}"
                 if name not in self.nicks:
                     self.nicks[name] = session
                     return name
@@ -95,11 +102,23 @@ class ChatServer:
             del self.nicks[old]
             self.nicks[new] = session
             session.nick = new
-            # Everyone who shares a room with the session hears it once, and so does it.
-            told: Dict[ChatSession, None] = {session: None}
-            for name in session.rooms:
-                told.update(self.rooms[name].members)
-            session.broadcast(proto.nick_changed(old, new), told)
+            packet = proto.nick_changed(old, new)
+            rooms = [self.rooms[name] for name in sorted(session.rooms)]
+            for room in rooms:
+                room.Rename(session, new)
+            if self.backplane is None:
+                # Everyone who shares a room with the session hears it once, and so
+                # does it.
+                told: Dict[iocpnet.Session, None] = {session: None}
+                for room in rooms:
+                    told.update(dict.fromkeys(room))
+                session.broadcast(packet, told)
+            else:
+                # Shared rooms: each room hears it (a member of two of them, twice),
+                # the session once.
+                session.Send(packet)
+                for room in rooms:
+                    room.Broadcast(packet, exclude=session)
         log.info("%s is now %s", old, new)
         return None
 
@@ -111,12 +130,23 @@ class ChatServer:
                 return f"you are already in {name}"
             room = self.rooms.get(name)
             if room is None:
-                room = self.rooms[name] = Room(name)
-            with room.lock:
-                room.members[session] = None
-                session.rooms.add(name)
-                room.broadcast(proto.joined(name, session.nick), session)
-                session.Send(proto.who_list(name, [m.nick for m in room.members]))
+                service = session.service
+                assert service is not None          # a session in a hook has one
+                room = self.rooms[name] = iocpnet.Group(service, name,
+                                                        backplane=self.backplane)
+            if not room.Add(session, name=session.nick):
+                if not len(room):                 # ended meanwhile: nobody to tell
+                    room.Close()
+                    del self.rooms[name]
+                return "you are leaving"
+            session.rooms.add(name)
+            room.Broadcast(proto.joined(name, session.nick))
+            if room.backplane is None:
+                session.Send(proto.who_list(name, room.names))
+            else:
+                # Every server's members: answered when Redis has (after the S_JOINED
+                # of the members here, maybe before the echo of this one's own).
+                room.Who(lambda names: session.Send(proto.who_list(name, names)))
         log.info("%s joined %s", session.nick, name)
         return None
 
@@ -125,13 +155,20 @@ class ChatServer:
             room = self.rooms.get(name)
             if room is None or name not in session.rooms:
                 return f"you are not in {name}"
-            with room.lock:
-                # The leaver hears it too (a session that has ended just does not take it).
-                room.broadcast(proto.left(name, session.nick), session)
-                del room.members[session]
-                session.rooms.discard(name)
-                if not room.members:
-                    del self.rooms[name]
+            # The leaver hears it too (a session that has ended just does not take it).
+            packet = proto.left(name, session.nick)
+            if room.backplane is None:
+                room.Broadcast(packet)
+            else:
+                # The room's message comes back from Redis after the leaver is out:
+                # it gets its own copy now, after everything the room sent it so far.
+                session.Send(packet)
+                room.Broadcast(packet, exclude=session)
+            room.Remove(session)
+            session.rooms.discard(name)
+            if not len(room):
+                room.Close()
+                del self.rooms[name]
         log.info("%s left %s", session.nick, name)
         return None
 
@@ -141,21 +178,24 @@ class ChatServer:
             return f"you are not in {name}"
         if len(message.encode("utf-8")) > proto.MAX_TEXT_BYTES:
             return f"message too long (at most {proto.MAX_TEXT_BYTES} bytes)"
-        packet = proto.said(name, session.nick, message)     # built once for the room
-        with room.lock:
-            room.broadcast(packet, session)
+        room.Broadcast(proto.said(name, session.nick, message))    # built once
         return None
 
     def room_list(self) -> bytes:
+        """The rooms with members on this server (and how many here)."""
         with self.lock:
-            entries = [(r.name, len(r.members)) for r in self.rooms.values()]
+            entries = [(name, len(r)) for name, r in self.rooms.items()]
         return proto.room_list(sorted(entries))
 
-    def who(self, name: str) -> bytes:
+    def who(self, session: ChatSession, name: str) -> None:
+        """Answer `session` with who is in `name` (every server's members, with Redis)."""
+        if self.backplane is not None:
+            self.backplane.Who(name, lambda names: session.Send(proto.who_list(name, names)))
+            return
         with self.lock:
             room = self.rooms.get(name)
-            names = [m.nick for m in room.members] if room is not None else []
-        return proto.who_list(name, names)
+            names = room.names if room is not None else []
+        session.Send(proto.who_list(name, names))
 
     def gone(self, session: ChatSession) -> None:
         """The session ended: out of every room, and its nick is free again."""
@@ -202,7 +242,7 @@ class ChatSession(iocpnet.PacketSession):
             self.server.gone(self)
         log.info("%s disconnected: %s", self.nick or self.address, reason)
 
-    def broadcast(self, packet: bytes, sessions: Iterable[ChatSession]) -> int:
+    def broadcast(self, packet: bytes, sessions: Iterable[iocpnet.Session]) -> int:
         """Queue one packet, by reference, to each of `sessions`."""
         service = self.service
         if service is None:           # not attached yet: nobody to reach
@@ -244,7 +284,7 @@ def on_rooms(session: ChatSession, payload: bytes) -> None:
 
 @handler.route(proto.C_WHO)
 def on_who(session: ChatSession, payload: bytes) -> None:
-    session.Send(session.server.who(proto.Reader(payload).text()))
+    session.server.who(session, proto.Reader(payload).text())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -257,13 +297,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "over WebSocket at /ws (0: any free port)")
     p.add_argument("--max-sessions", type=int, default=None,
                    help="refuse connections beyond this many live sessions")
+    p.add_argument("--redis", metavar="URL", default=None,
+                   help="share rooms with every chat server on this Redis "
+                        "(redis://[[user]:password@]host:port/db, or rediss://)")
+    p.add_argument("--reuse-port", action="store_true",
+                   help="SO_REUSEPORT: several server processes share --port")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    server = ChatServer()
     core = iocpnet.IocpCore()
-    listener = iocpnet.Listener((args.host, args.port))
+    backplane = None
+    if args.redis:
+        backplane = iocpnet.RedisBackplane(core, args.redis)
+    server = ChatServer(backplane)
+    listener = iocpnet.Listener((args.host, args.port), reuse_port=args.reuse_port)
     service = iocpnet.Service(core, listener, server.session_factory, 100,
                               max_sessions=args.max_sessions)
     service.Start()
@@ -282,7 +330,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if web is not None:
         print(f"web client on http://{web.listener.address[0]}:{web.listener.port}/",
               flush=True)
+    if backplane is not None:
+        backplane.Start()              # connects in the background; local until it has
+        print(f"rooms shared through {backplane.address.display()} "
+              f"(server {backplane.server_id})", flush=True)
     service.Run(workers=args.workers)          # returns after Ctrl-C or SIGTERM
+    if backplane is not None:
+        backplane.Close()
     print(f"stopped after {service.total_sessions} sessions", flush=True)
     return 0
 
