@@ -53,10 +53,12 @@ trap cleanup EXIT
 
 # Steps 1 and 2 come first: they may install Debian packages, and apt must not run
 # at the same time as the interpreter build's own (which starts after them).
-# redis-server: tests/test_spawn.py awaits a real one (Spawn with redis.asyncio).
+# redis-server: tests/test_spawn.py awaits a real one (Spawn with redis.asyncio), and
+# tests/test_backplane.py and test_chat_redis.py share groups through one (with TLS too:
+# Debian's package serves it).
 if ! command -v redis-server >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        printf '\n== installing redis-server (for tests/test_spawn.py)\n' >&2
+        printf '\n== installing redis-server (for the Spawn and backplane tests)\n' >&2
         apt-get update -qq >&2
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
             redis-server >&2

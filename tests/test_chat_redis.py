@@ -3,6 +3,7 @@
 three raw protocol clients on each, one room.  One order for all six; WHO lists both
 servers' members; Redis killed and started again mid-run; a server killed with SIGKILL
 leaves WHO within the presence TTL; a password in the URL."""
+import signal
 import socket
 import time
 
@@ -121,6 +122,9 @@ def servers(backend):
 
     yield start
     for p in made:
+        if p.p.poll() is None:
+            p.signal(signal.SIGINT)           # Ctrl-C: a clean stop, redis or not
+            assert p.wait() == 0, p.output
         p.kill()
         assert "Traceback" not in p.output, p.output
 

@@ -3,7 +3,11 @@
 - ``echo``: the C++ original's echo server, until Ctrl-C or SIGTERM.  With
   ``--processes N``, N server processes share the port (SO_REUSEPORT; the kernel
   spreads connections over them) under a parent that restarts one that dies and stops
-  them all on Ctrl-C or SIGTERM.
+  them all on Ctrl-C or SIGTERM.  Echo has no rooms; a server with rooms runs the same
+  way, one process per core on one port, with its rooms shared through Redis: for the
+  chat example, in each of N shells (or under a supervisor)
+  ``python examples/chat_server.py --port 11022 --reuse-port --redis
+  redis://127.0.0.1:6379`` (README: "Scaling out").
 - ``demo``: an echo server and dummy clients in one process, live figures once a
   second, a summary at the end (the newcomer's first command).
 - ``dummy-client``: dummy clients that load an echo server, the chat example server
@@ -306,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--accepts", type=int, default=100,
                    help="accepts kept posted (the original's max_session_count)")
     e.add_argument("--processes", type=int, default=1,
-                   help="run N server processes sharing the port (SO_REUSEPORT)")
+                   help="run N server processes sharing the port (SO_REUSEPORT); "
+                        "rooms of a server with rooms span processes through Redis: "
+                        "examples/chat_server.py --reuse-port --redis URL in each")
     e.add_argument("--reuse-port", action="store_true",
                    help="SO_REUSEPORT: let several processes share the port")
     e.add_argument("--websocket", action="store_true",

@@ -90,7 +90,7 @@ import struct
 import threading
 import time
 from collections import deque
-from typing import (Any, Callable, Deque, Dict, List, NamedTuple, Optional, Tuple,
+from typing import (Any, Callable, Deque, Dict, List, NamedTuple, Optional, Set, Tuple,
                     Union)
 from urllib.parse import unquote, urlsplit
 
@@ -372,7 +372,7 @@ class RedisBackplane:
         self._sync_waiting = 0            # SUBSCRIBE confirmations the sync waits for
         self._down_since: Optional[float] = time.monotonic()
         self._outage_logged = False
-        self._errors_logged: set = set()
+        self._errors_logged: Set[str] = set()
         self._tick_timer: Any = None
         self._service: Optional[ClientService] = None
         # Figures.
@@ -710,7 +710,7 @@ class RedisBackplane:
     # ---- groups ----
 
     def _share(self, group: Group, core: IocpCore) -> None:
-        name = group.name
+        name = _name(group)
         if core is not self.core:
             raise ValueError("the group and the backplane run on different IocpCores")
         if len(name.encode("utf-8")) > 1024:
@@ -733,7 +733,7 @@ class RedisBackplane:
     def _unshare(self, group: Group) -> None:
         held: List[Tuple[bytes, Optional[Session], bool]] = []
         with self._lock:
-            share = self._shares.get(group.name)
+            share = self._shares.get(_name(group))
             if share is None or share.group is not group:
                 return
             del self._shares[share.name]
@@ -753,7 +753,7 @@ class RedisBackplane:
     def _publish(self, group: Group, data: bytes, exclude: Optional[Session],
                  droppable: bool) -> int:
         with self._lock:
-            share = self._shares.get(group.name)
+            share = self._shares.get(_name(group))
             state = self._state
             if share is not None and share.group is group:
                 if state == UP:
@@ -820,7 +820,7 @@ class RedisBackplane:
     def _joined(self, group: Group, session: Session) -> None:
         """`session` joined `group`, or was renamed in it."""
         with self._lock:
-            share = self._shares.get(group.name)
+            share = self._shares.get(_name(group))
             if share is None or share.group is not group:
                 return
             name = group.NameOf(session)
@@ -837,7 +837,7 @@ class RedisBackplane:
 
     def _left(self, group: Group, session: Session) -> None:
         with self._lock:
-            share = self._shares.get(group.name)
+            share = self._shares.get(_name(group))
             if share is None or share.group is not group:
                 return
             n = share.entries.pop(session, None)
@@ -846,12 +846,12 @@ class RedisBackplane:
                 cmd.call(None, "HDEL", share.key, self._field(n))
 
     def Who(self, name: str, callback: Optional[Callable[[List[str]], Any]] = None
-            ) -> concurrent.futures.Future:
+            ) -> concurrent.futures.Future[List[str]]:
         """Who is in the shared group `name` on every server: a Future of the names
         (sorted by server, then by when they joined).  While Redis is away: the names
         of this server's members only.  ``callback(names)`` runs on a worker (no
         strand: treat it as another thread)."""
-        fut: concurrent.futures.Future = concurrent.futures.Future()
+        fut: concurrent.futures.Future[List[str]] = concurrent.futures.Future()
 
         def done(names: List[str]) -> None:
             fut.set_result(names)
@@ -864,14 +864,14 @@ class RedisBackplane:
         return fut
 
     def _group_who(self, group: Group, callback: Optional[Callable[[List[str]], Any]]
-                   ) -> concurrent.futures.Future:
-        fut: concurrent.futures.Future = concurrent.futures.Future()
+                   ) -> concurrent.futures.Future[List[str]]:
+        fut: concurrent.futures.Future[List[str]] = concurrent.futures.Future()
 
         def done(names: List[str]) -> None:
             fut.set_result(names)
             if callback is not None:
                 group.Post(callback, names)
-        self._who(group.name, done)
+        self._who(_name(group), done)
         return fut
 
     def _who(self, name: str, done: Callable[[List[str]], None]) -> None:
@@ -882,7 +882,11 @@ class RedisBackplane:
                     lambda r: self._who_reply(name, r, done, True),
                     "EVALSHA", _WHO_SHA, 1, key, self._alive_key("")):
                 return
-        self.core.Post(done, self._local_names(name))
+        names = self._local_names(name)
+        try:
+            self.core.Post(done, names)
+        except Exception:
+            done(names)                       # the core is closing: answer here
 
     def _who_reply(self, name: str, reply: Any, done: Callable[[List[str]], None],
                    first: bool) -> None:
@@ -931,7 +935,7 @@ class RedisBackplane:
                              self._alive_key(inc), ttl_ms)
                     for share in self._shares.values():
                         if share.entries:
-                            cmd.call(lambda r, s=share: self._hash_reply(inc, r),
+                            cmd.call(lambda r: self._hash_reply(inc, r),
                                      "PEXPIRE", share.key, self._hash_ttl_ms())
                 if sub is not None and sub.ready and not sub.waiting:
                     sub.call(None, "PING")
@@ -969,6 +973,12 @@ class RedisBackplane:
                 "bad_messages": self.bad_messages, "groups": len(self._shares),
                 "pending": len(self._pending),
             }
+
+
+def _name(group: Group) -> str:
+    name = group.name
+    assert isinstance(name, str)          # a shared group's name is (Group checks)
+    return name
 
 
 def _local_count(group: Group, exclude: Optional[Session]) -> int:
