@@ -2678,6 +2678,62 @@ done:
     end_port(P);
 }
 
+/* Receives posted on idle connections while every buffer is out do not wait for one
+ * (io_uring: a receive that does not poll first fails with ENOBUFS before it even looks
+ * for data); only a receive with data waits, so a buffer given back goes to it and not
+ * to an idle connection that would strand it. */
+static void case_recv_idle_do_not_wait(void) {
+    enum { NIDLE = 4, NCONN = NIDLE + 2 };
+    port_options_t o;
+    port_t *P;
+    waiter_t w;
+    port_sock_t srv[NCONN], cli[NCONN];
+    port_op_t rv[NCONN];
+    port_cqe_t held, c;
+    port_stats_t st;
+    int i, nconn = 0, holding = 0;
+    memset(&o, 0, sizeof(o));
+    o.recv_buffer_count = 1;
+    o.recv_buffer_size = 512;
+    for (i = 0; i < NCONN; i++) {
+        srv[i] = cli[i] = PORT_INVALID_SOCK;
+        port_op_init(&rv[i], PORT_OP_RECV, NULL, NULL);
+    }
+    P = new_port_opts(&o);
+    REQUIRE(P != NULL);
+    waiter_init(&w, P);
+    for (nconn = 0; nconn < NCONN; nconn++)
+        REQUIRE(make_pair(&w, &srv[nconn], &cli[nconn]));
+    CHECK(plain_send_all(cli[0], "a", 1) == 0);
+    REQUIRE(recv_next(&w, &rv[0], srv[0], &held, 5000, "take the only buffer"));
+    holding = 1;
+    for (i = 1; i <= NIDLE; i++)
+        CHECK_EQ(recv_post(P, &rv[i], srv[i]), 0);
+    expect_quiet(&w, 40, "idle receives");
+    CHECK(plain_send_all(cli[NCONN - 1], "z", 1) == 0);
+    CHECK_EQ(recv_post(P, &rv[NCONN - 1], srv[NCONN - 1]), 0);
+    expect_quiet(&w, 40, "a receive with data and no buffer");
+    port_get_stats(P, &st);
+    CHECKF(st.recv_waiting == 1, "%llu receives wait for a buffer; only one has data",
+           (unsigned long long)st.recv_waiting);
+    port_recv_release(P, &held);
+    holding = 0;
+    if (expect_cqe(&w, &rv[NCONN - 1], &c, 5000, "the receive with data")) {
+        CHECK(c.res == 1 && c.buf != NULL && c.buf[0] == 'z');
+        port_recv_release(P, &c);
+    }
+done:
+    if (holding)
+        port_recv_release(P, &held);
+    for (i = 0; i < nconn; i++) {
+        cancel_recv(&w, &rv[i]);
+        plain_close(cli[i]);
+        if (srv[i] != PORT_INVALID_SOCK)
+            port_sock_close(P, srv[i], 0);
+    }
+    end_port(P);
+}
+
 /* A receive buffer kept for good (port_recv_detach) leaves the pool, which makes another
  * in its place: a caller that keeps every message never runs a one-buffer pool dry, and
  * what it kept stays valid and unchanged by later receives, also after the port is
@@ -2995,6 +3051,7 @@ static const test_case_t cases[] = {
     {"sock_close_orders_after_ops", case_sock_close_orders_after_ops},
     {"recv_waiters_in_order", case_recv_waiters_in_order},
     {"recv_detach", case_recv_detach},
+    {"recv_idle_do_not_wait", case_recv_idle_do_not_wait},
 };
 
 /* Is `name` one of the comma-separated names in `list`? */

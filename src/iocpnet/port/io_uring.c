@@ -201,7 +201,8 @@ typedef struct uring_op {
         struct sockaddr_in6 sa;      /* connect: a copy, so the caller's may go away */
         struct {
             uint32_t short_read;     /* the last read did not fill its buffer */
-            uint32_t woken;          /* re-armed by a buffer given back (see below) */
+            uint16_t woken;          /* re-armed by a buffer given back (see below) */
+            uint16_t polled;         /* armed to poll first: an ENOBUFS means data waits */
         } rv;                        /* recv */
     } u;
     int64_t imm_res;                 /* result carried by an immediate completion */
@@ -384,19 +385,33 @@ static void after_submit(uring_port_t *p) {
         submit_now(p);
 }
 
+/* poll_first: RECV_POLL_MAYBE polls first if this is a one-shot receive (the previous
+ * read came back short), RECV_POLL_ALWAYS makes a one-shot receive that polls first even
+ * where receives are multishot: it takes a buffer only once data is there (see
+ * "receive buffers" below). */
+#define RECV_POLL_MAYBE 1
+#define RECV_POLL_ALWAYS 2
+
 static void prep_recv(uring_port_t *p, struct io_uring_sqe *sqe, port_op_t *op, int poll_first) {
+    int polled = 0;
     sqe->opcode = IORING_OP_RECV;
     sqe->fd = op->sock;
     sqe->flags = IOSQE_BUFFER_SELECT;
     sqe->buf_group = BGID;
     sqe->len = 0;   /* the buffer's own size */
-    if (LOAD_ACQ(&p->multishot) != 0) {
+    if (poll_first == RECV_POLL_ALWAYS) {
+        sqe->ioprio = IORING_RECVSEND_POLL_FIRST;
+        polled = 1;
+    } else if (LOAD_ACQ(&p->multishot) != 0) {
         sqe->ioprio = IORING_RECV_MULTISHOT;
         /* sqe->optlen (6.16+; the file_index field of older headers): the arming ends,
          * with a final completion carrying data, after this many bytes. */
         sqe->file_index = LOAD_ACQ(&p->mshot_limit);
-    } else if (poll_first)
+    } else if (poll_first) {
         sqe->ioprio = IORING_RECVSEND_POLL_FIRST;
+        polled = 1;
+    }
+    __atomic_store_n(&OP_PRIV(op)->u.rv.polled, (uint16_t)polled, __ATOMIC_RELAXED);
     sqe->user_data = (uint64_t)(uintptr_t)op;
 }
 
@@ -497,10 +512,12 @@ static void post_wake(uring_port_t *p) {
 /* Each buffer is a heap block of its own (buf_addr[id]), so that one the caller keeps
  * (port_recv_detach) simply leaves the pool, which puts a fresh block under the same id.
  *
- * Waiters.  A receive that finds the ring empty completes with ENOBUFS; it is parked on
- * a FIFO, and each buffer given back re-arms one waiter, the oldest (re-arming them all
- * would cost one SQE and one ENOBUFS completion per waiter per release, and the newest
- * would win).  br_free counts the buffers in the ring that no reaped completion has
+ * Waiters.  A receive that finds the ring empty completes with ENOBUFS.  One that did
+ * not poll first picks its buffer before reading, so its ENOBUFS says nothing about data:
+ * it is re-armed to poll first.  One that polled first has data waiting: it is parked on
+ * a FIFO, and each buffer given back re-arms one waiter, the oldest, to poll first again
+ * (re-arming them all would cost one SQE and one ENOBUFS completion per waiter per
+ * release, and the newest would win; waking an idle connection would strand the buffer).  br_free counts the buffers in the ring that no reaped completion has
  * taken yet, `woken` the waiters re-armed for one of them whose outcome is not known
  * yet: a waiter is woken only while br_free > woken.  A woken receive that completes
  * without taking a buffer (cancelled, the peer closed) passes the wake on; one that
@@ -550,7 +567,7 @@ static port_op_t *waiter_wake(uring_port_t *p) {
     if (p->rearm_head == NULL)
         p->rearm_tail = NULL;
     port_atomic_add64(&p->base.recv_waiting, -1);
-    __atomic_store_n(&OP_PRIV(op)->u.rv.woken, 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&OP_PRIV(op)->u.rv.woken, (uint16_t)1, __ATOMIC_RELAXED);
     p->woken++;
     return op;
 }
@@ -570,7 +587,7 @@ static void waiter_submit(uring_port_t *p, int reaping) {
 
 /* A woken receive's outcome is known (under br_lock). */
 static void waiter_resolved(uring_port_t *p, port_op_t *op) {
-    __atomic_store_n(&OP_PRIV(op)->u.rv.woken, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&OP_PRIV(op)->u.rv.woken, (uint16_t)0, __ATOMIC_RELAXED);
     p->woken--;
 }
 
@@ -586,7 +603,7 @@ static void uring_recv_release(port_t *bp, uint32_t bid, char *fresh) {
     w = waiter_wake(p);
     port_spin_unlock(&p->br_lock);
     if (w != NULL) {
-        resubmit_recv(p, w, 0);
+        resubmit_recv(p, w, RECV_POLL_ALWAYS);
         waiter_submit(p, 0);
     }
 }
@@ -600,26 +617,35 @@ static void recv_woken_done(uring_port_t *p, port_op_t *op) {
     w = waiter_wake(p);
     port_spin_unlock(&p->br_lock);
     if (w != NULL) {
-        resubmit_recv(p, w, 0);
+        resubmit_recv(p, w, RECV_POLL_ALWAYS);
         waiter_submit(p, 1);
     }
 }
 
 /* The kernel ran out of buffers for op's receive (called while reaping). */
 static void recv_out_of_buffers(uring_port_t *p, port_op_t *op) {
-    int now = 0, woken;
+    int now = 0, mode = 0, woken;
     port_spin_lock(&p->br_lock);
     woken = (int)__atomic_load_n(&OP_PRIV(op)->u.rv.woken, __ATOMIC_RELAXED);
     if (woken)
         waiter_resolved(p, op);
     if (br_grow(p, p->buf_made) > 0) {
         now = 1;           /* room again */
+    } else if (!__atomic_load_n(&OP_PRIV(op)->u.rv.polled, __ATOMIC_RELAXED)) {
+        /* A receive that does not poll first picks its buffer before it reads: this
+         * ENOBUFS says nothing about data (an idle connection gets it too).  Re-arm it
+         * to poll first: it asks for a buffer, or comes back here, only once data is
+         * there, so the queue holds receives with data waiting, and a wake never goes
+         * to a connection with nothing to read. */
+        now = 1;
+        mode = RECV_POLL_ALWAYS;
     } else if ((woken || p->rearm_head == NULL) &&
                port_atomic_load32(&p->br_free) > (int32_t)p->woken) {
         /* A buffer came back since the kernel looked, and nobody older waits for it. */
-        __atomic_store_n(&OP_PRIV(op)->u.rv.woken, 1, __ATOMIC_RELAXED);
+        __atomic_store_n(&OP_PRIV(op)->u.rv.woken, (uint16_t)1, __ATOMIC_RELAXED);
         p->woken++;
         now = 1;
+        mode = RECV_POLL_ALWAYS;
     } else if (woken) {
         /* Another receive took the buffer it was woken for: it stays the oldest. */
         port_atomic_add64(&p->base.recv_waiting, 1);
@@ -638,7 +664,7 @@ static void recv_out_of_buffers(uring_port_t *p, port_op_t *op) {
     }
     port_spin_unlock(&p->br_lock);
     if (now) {
-        resubmit_recv(p, op, 0);
+        resubmit_recv(p, op, mode);
         waiter_submit(p, 1);
     }
 }
