@@ -18,7 +18,8 @@
 # After the hook the worker settles the view (RecvView._settle_*):
 #   - nobody else holds it (the usual case): it is simply dropped, the memory goes back;
 #   - the hook kept it, and no buffer export is outstanding: a message of up to half a
-#     receive buffer is copied into a block of its own size and the view repointed (no
+#     receive buffer is copied, into the view object itself up to 16 bytes (the size of
+#     most game input), else into a block of its own size, and the view repointed (no
 #     one can have seen the old pointer: every access goes through the object); a
 #     larger one keeps the port buffer itself, taken out of the pool for good
 #     (port_recv_detach: the pool makes a replacement, so what a hook keeps never
@@ -30,8 +31,9 @@
 # thus proportional to the bytes kept, within a factor of two, and freed with the view.
 #
 # Costs: the object is small (no Python-object fields, so it is not tracked by the
-# garbage collector: about 64 bytes), made and freed once per OnRecv call, which costs
-# less than the call itself.  Session.Send(view) reads the pointer directly.
+# garbage collector: 64 bytes with a GIL, 16 of them the inline copy), made and freed
+# once per OnRecv call, which costs less than the call itself.  Session.Send(view)
+# reads the pointer directly.
 #
 # Threads: a hook may hand the view to other threads, which may read it while the worker
 # settles it.  Every access to the pointer, the length, the state and the export count
@@ -42,10 +44,30 @@
 
 cdef enum:
     RV_BORROWED = 0     # points into memory the session owns (during the hook)
-    RV_OWNED = 1        # _mem: a malloc'd block (a copy, or a RecvBuffer handed over)
-    RV_DETACHED = 2     # _mem: a receive buffer taken out of the port's pool
+    RV_OWNED = 1        # _store.p.u.mem: a malloc'd block (a copy, or a RecvBuffer handed over)
+    RV_DETACHED = 2     # _store.p.u.mem: a receive buffer taken out of the port's pool
     RV_HELD = 3         # a port buffer still lent (no memory for its replacement)
-    RV_RELEASED = 4
+    RV_INLINE = 4       # a copy of up to RV_INLINE_MAX bytes inside the object itself
+    RV_RELEASED = 5
+    RV_INLINE_MAX = 16
+
+cdef extern from *:
+    """
+    /* What a RecvView owns: the memory to free (mem), or the core and the id of a port
+     * buffer it holds (core, buf_id), or a short message's bytes in place (most kept
+     * game messages are a few bytes: no second allocation for them). */
+    typedef struct { union { char *mem; uintptr_t buf_id; } u; PyObject *core; } iocpnet_rv_ptrs;
+    typedef union { char bytes[16]; iocpnet_rv_ptrs p; } iocpnet_rv_store;
+    """
+    ctypedef union iocpnet_rv_u:
+        char *mem
+        uintptr_t buf_id
+    ctypedef struct iocpnet_rv_ptrs:
+        iocpnet_rv_u u
+        PyObject *core
+    ctypedef union iocpnet_rv_store:
+        char bytes[16]
+        iocpnet_rv_ptrs p
 
 cdef char _rv_empty[1]
 
@@ -68,9 +90,8 @@ cdef class RecvView:
     """
     cdef char *_ptr
     cdef Py_ssize_t _len
-    cdef char *_mem             # what the view owns (RV_OWNED, RV_DETACHED)
-    cdef PyObject *_core        # RV_HELD: the IocpCore whose buffer it holds (a reference)
-    cdef uint32_t _buf_id       # RV_HELD: that buffer
+    cdef iocpnet_rv_store _store  # p.u.mem (OWNED, DETACHED), p.core + p.u.buf_id (HELD),
+                                  # bytes (INLINE)
     cdef int32_t _exports       # buffer exports outstanding
     cdef int32_t _state
 
@@ -94,30 +115,37 @@ cdef class RecvView:
         self._ptr = _rv_empty
         self._len = 0
         if state == RV_OWNED:
-            free(self._mem)
+            free(self._store.p.u.mem)
         elif state == RV_DETACHED:
-            port_buf_free(self._mem)
+            port_buf_free(self._store.p.u.mem)
         elif state == RV_HELD:
             held.flags = PORT_CQE_BUFFER
-            held.buf_id = self._buf_id
-            if (<IocpCore>self._core).port != NULL:
-                port_recv_release((<IocpCore>self._core).port, &held)
-            _decref(self._core)
-            self._core = NULL
-        else:
+            held.buf_id = <uint32_t>self._store.p.u.buf_id
+            if (<IocpCore>self._store.p.core).port != NULL:
+                port_recv_release((<IocpCore>self._store.p.core).port, &held)
+            _decref(self._store.p.core)
+        elif state != RV_INLINE:
             return
-        self._mem = NULL
+        self._store.p.u.mem = NULL
+        self._store.p.core = NULL
         port_atomic_add64(&_views_detached, -1)
 
     cdef inline bint _copy_out(self) noexcept:
-        """Repoint the view at a copy of its bytes in a block of their size (inside the
-        critical section, no export outstanding).  False: out of memory."""
-        cdef char *mem = <char *>malloc(self._len if self._len > 0 else 1)
-        if mem == NULL:
-            return False
-        memcpy(mem, self._ptr, self._len)
-        self._ptr = self._mem = mem
-        self._state = RV_OWNED
+        """Repoint the view at a copy of its bytes: inside the object for a short
+        message, else in a block of their size (inside the critical section, no export
+        outstanding).  False: out of memory."""
+        cdef char *mem
+        if self._len <= RV_INLINE_MAX:
+            memcpy(self._store.bytes, self._ptr, self._len)
+            self._ptr = self._store.bytes
+            self._state = RV_INLINE
+        else:
+            mem = <char *>malloc(self._len)
+            if mem == NULL:
+                return False
+            memcpy(mem, self._ptr, self._len)
+            self._ptr = self._store.p.u.mem = mem
+            self._state = RV_OWNED
         port_atomic_add64(&_views_detached, 1)
         return True
 
@@ -131,7 +159,7 @@ cdef class RecvView:
                         self._copy_out():
                     pass
                 elif port_recv_detach(core.port, cqe) == 0:
-                    self._mem = self._ptr            # the same memory, ours for good
+                    self._store.p.u.mem = self._ptr    # the same memory, ours for good
                     self._state = RV_DETACHED
                     port_atomic_add64(&_views_detached, 1)
                     took = True
@@ -141,8 +169,8 @@ cdef class RecvView:
                     # No memory even for a replacement buffer, and the pointer is
                     # pinned: keep the port's buffer, given back when the view goes.
                     _incref(<PyObject *>core)
-                    self._core = <PyObject *>core
-                    self._buf_id = cqe.buf_id
+                    self._store.p.core = <PyObject *>core
+                    self._store.p.u.buf_id = cqe.buf_id
                     self._state = RV_HELD
                     port_atomic_add64(&_views_detached, 1)
                     took = True
@@ -162,7 +190,7 @@ cdef class RecvView:
         handed its RecvBuffer over.  Freed at once if the view was released meanwhile."""
         with cython.critical_section(self):
             if self._state == RV_BORROWED:
-                self._mem = mem
+                self._store.p.u.mem = mem
                 self._state = RV_OWNED
                 port_atomic_add64(&_views_detached, 1)
                 mem = NULL
@@ -338,7 +366,7 @@ cdef class RecvView:
 
     def __sizeof__(self):
         with cython.critical_section(self):
-            owned = self._len if self._state == RV_OWNED else 0
+            owned = self._len if self._state == RV_OWNED or self._state == RV_DETACHED else 0
         return object.__sizeof__(self) + owned
 
     @property
