@@ -93,10 +93,10 @@ def main():
     variants = args.variants.split(",")
     if "base" in variants and not args.baseline:
         sys.exit("--baseline PATH is needed for the base variant (or leave it out)")
-    if not os.path.exists(LOADGEN):
+    src = os.path.join(HERE, "loadgen.c")
+    if not os.path.exists(LOADGEN) or os.path.getmtime(LOADGEN) < os.path.getmtime(src):
         os.makedirs(os.path.dirname(LOADGEN), exist_ok=True)
-        subprocess.run(["gcc", "-O2", "-o", LOADGEN, os.path.join(HERE, "loadgen.c"), "-lm"],
-                       check=True)
+        subprocess.run(["gcc", "-O2", "-Wall", "-o", LOADGEN, src], check=True)
     with open("/proc/loadavg") as f:
         print(f"load before: {f.read().split()[0]}  (quiet: under ~0.7)")
     procs = {}
