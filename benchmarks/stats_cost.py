@@ -18,6 +18,13 @@ round trip (one round trip = one OnRecv and one Send), medians over the rounds.
     python benchmarks/stats_cost.py --baseline /tmp/iocp-main/tree/src
     python benchmarks/stats_cost.py --baseline ... --mode pipeline -c 100 -d 16
 
+On a machine that is never quiet, `--instructions 2000,12000` counts instead the
+instructions the server's worker thread executes (valgrind's callgrind, epoll backend),
+for each variant, once with 2000 and once with 12000 ping-pong round trips of 64 bytes;
+the difference divided by 10000 is the instructions per round trip, which other load on
+the machine does not change.  (It does not see what a locked instruction or a cache miss
+costs in time; the timed mode does.)
+
 (`scripts/devbuild.sh DIR` builds a tree's extension and prints the path to give.)
 """
 import argparse
@@ -72,6 +79,67 @@ def wait_echo(port, timeout=20):
     raise RuntimeError(f"the server on {port} does not echo")
 
 
+def count_instructions(variant, env, rounds):
+    """Callgrind's instruction count of the server's threads other than the main one
+    (the worker: Dispatch and the hooks) for `rounds` ping-pong round trips."""
+    import glob
+    import re
+    import tempfile
+    out = tempfile.mkdtemp(prefix="stats-cost-cg-")
+    port = free_port()
+    env = dict(env, IOCPNET_BACKEND=os.environ.get("IOCPNET_BACKEND", "epoll"))
+    proc = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", "--separate-threads=yes",
+         f"--callgrind-out-file={out}/cg.out", sys.executable, os.path.abspath(__file__),
+         "--serve", variant, "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=open(f"{out}/valgrind.log", "w"),
+        start_new_session=True)
+    try:
+        wait_echo(port, timeout=300)
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            msg = b"x" * 64
+            for _ in range(rounds):
+                s.sendall(msg)
+                got = b""
+                while len(got) < 64:
+                    chunk = s.recv(64 - len(got))
+                    if not chunk:
+                        raise RuntimeError(f"the server closed the connection (see "
+                                           f"{out}/valgrind.log)")
+                    got += chunk
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(300)
+    total = 0
+    for path in glob.glob(f"{out}/cg.out*"):
+        if re.search(r"-0*1$", path):
+            continue                      # thread 1: the main thread, waiting in Run
+        with open(path) as f:
+            for line in f:
+                if line.startswith("summary:") or line.startswith("totals:"):
+                    total += int(line.split()[1])
+                    break
+    return total
+
+
+def instructions(args, variants):
+    n1, n2 = (int(x) for x in args.instructions.split(","))
+    print(f"instructions per ping-pong round trip (64 B, epoll, one worker): "
+          f"(I({n2}) - I({n1})) / {n2 - n1}, worker thread(s), callgrind\n")
+    print(f"{'variant':8} {'instr/rt':>9} {'vs base':>9}")
+    per = {}
+    for v in variants:
+        env = dict(os.environ)
+        if v == "base":
+            env["PYTHONPATH"] = args.baseline
+        a = count_instructions(v, env, n1)
+        b = count_instructions(v, env, n2)
+        per[v] = (b - a) / (n2 - n1)
+        delta = f"{per[v] - per['base']:+9.0f}" if "base" in per else ""
+        print(f"{v:8} {per[v]:9.0f} {delta}", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,6 +154,8 @@ def main():
     p.add_argument("-c", "--conns", type=int, default=1)
     p.add_argument("-d", "--depth", type=int, default=16)
     p.add_argument("-s", "--size", type=int, default=64)
+    p.add_argument("--instructions", metavar="N1,N2",
+                   help="count instructions under callgrind instead of timing")
     args = p.parse_args()
     if args.serve:
         serve(args.serve, args.port)
@@ -93,6 +163,9 @@ def main():
     variants = args.variants.split(",")
     if "base" in variants and not args.baseline:
         sys.exit("--baseline PATH is needed for the base variant (or leave it out)")
+    if args.instructions:
+        instructions(args, variants)
+        return
     src = os.path.join(HERE, "loadgen.c")
     if not os.path.exists(LOADGEN) or os.path.getmtime(LOADGEN) < os.path.getmtime(src):
         os.makedirs(os.path.dirname(LOADGEN), exist_ok=True)
