@@ -92,6 +92,9 @@ SERVERS = [
     Server("uvloop-protocol", "uvloop Protocol", _py("uvloop_protocol.py"), needs=["uvloop"]),
     Server("aiofastnet-uvloop", "aiofastnet on uvloop", _py("aiofastnet_uvloop.py"),
            needs=["uvloop", "aiofastnet"]),
+    # aiofastnet's own benchmark reads through a BufferedProtocol: measured on request
+    Server("aiofastnet-uvloop-buffered", "aiofastnet on uvloop, BufferedProtocol",
+           _py("aiofastnet_uvloop_buffered.py"), needs=["uvloop", "aiofastnet"], default=False),
     Server("asyncio-protocol", "asyncio Protocol", _py("asyncio_protocol.py")),
     # the style most asyncio application code is written in, but far behind
     # the rest: measured only when asked for (--servers / --only)
@@ -1079,7 +1082,7 @@ def targets_md(L, cases, results, servers):
 # iocpnet in blues, the C references in greys
 COLORS = {"iocpnet-uring": "#1f77b4", "iocpnet-epoll": "#6baed6", "asyncio-protocol": "#2ca02c",
           "asyncio-streams": "#98df8a", "uvloop-protocol": "#9467bd",
-          "aiofastnet-uvloop": "#e377c2", "c-uring": "#555555", "c-epoll": "#aaaaaa"}
+          "aiofastnet-uvloop": "#e377c2", "aiofastnet-uvloop-buffered": "#f7b6d2", "c-uring": "#555555", "c-epoll": "#aaaaaa"}
 
 
 def tick_label(label):
