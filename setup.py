@@ -10,10 +10,14 @@ import sys
 from setuptools import Extension, setup
 
 PORT = "src/iocpnet/port"
+# The port's sources (tests/c/run_contract.sh lists the same): what every backend links,
+# then the platform's socket helpers and each backend's own files.
+PORT_COMMON = ["common.c", "strand.c", "bufpool.c", "addr.c"]
+IO_URING = ["io_uring.c", "io_uring_setup.c", "io_uring_bufs.c"]
 
 if sys.platform == "win32":
     # Windows: the real IOCP backend.
-    port_sources = ["common.c", "win_sock.c", "iocp.c"]
+    port_sources = PORT_COMMON + ["win_sock.c", "iocp.c"]
     macros = [("PORT_HAVE_IOCP", "1"), ("WIN32_LEAN_AND_MEAN", "1"),
               ("_WIN32_WINNT", "0x0601")]
     libraries = ["ws2_32", "mswsock"]
@@ -21,7 +25,7 @@ if sys.platform == "win32":
     extra_link_args = []
 elif sys.platform.startswith("linux"):
     # Linux: io_uring first, epoll where io_uring is blocked or missing.
-    port_sources = ["common.c", "posix_sock.c", "io_uring.c", "epoll.c"]
+    port_sources = PORT_COMMON + ["posix_sock.c"] + IO_URING + ["epoll.c", "epoll_ops.c"]
     macros = [("PORT_HAVE_IO_URING", "1"), ("PORT_HAVE_EPOLL", "1"), ("_GNU_SOURCE", "1")]
     libraries = []
     extra_compile_args = ["-O2", "-fno-strict-aliasing", "-Wall", "-Wno-unused-function"]
@@ -34,15 +38,15 @@ port_sources = [f"{PORT}/{name}" for name in port_sources]
 
 
 def io_uring_headers_ok():
-    """Can this system's <linux/io_uring.h> compile port/io_uring.c?  It defines itself
-    what came after Linux 5.13, so only older headers fail.  The test is io_uring.c
-    itself, with the build's flags."""
+    """Can this system's <linux/io_uring.h> compile the io_uring backend?  io_uring_int.h
+    defines itself what came after Linux 5.13, so only older headers fail.  The test is
+    the backend's own files, with the build's flags."""
     import shlex
     import subprocess
     import sysconfig
     cc = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
     cmd = cc + ["-fsyntax-only", "-Isrc/iocpnet"] + \
-        [f"-D{k}={v}" for k, v in macros] + [f"{PORT}/io_uring.c"]
+        [f"-D{k}={v}" for k, v in macros] + [f"{PORT}/{name}" for name in IO_URING]
     try:
         return subprocess.run(cmd, capture_output=True).returncode == 0
     except OSError:
@@ -58,7 +62,7 @@ if f"{PORT}/io_uring.c" in port_sources and not io_uring_headers_ok():
                          "(Linux 5.13 UAPI headers needed)")
     print("iocpnet: <linux/io_uring.h> is older than Linux 5.13: building without the "
           "io_uring backend (epoll only)", file=sys.stderr)
-    port_sources.remove(f"{PORT}/io_uring.c")
+    port_sources = [p for p in port_sources if p not in {f"{PORT}/{n}" for n in IO_URING}]
     macros = [m for m in macros if m[0] != "PORT_HAVE_IO_URING"]
 
 if os.environ.get("IOCPNET_SANITIZE") and sys.platform != "win32":

@@ -83,9 +83,14 @@ required=(setup.py pyproject.toml README.md CHANGELOG.md MANIFEST.in
           src/iocpnet/py.typed src/iocpnet/__init__.py
           src/iocpnet/port/port.h src/iocpnet/port/port_int.h
           src/iocpnet/port/port_sync.h src/iocpnet/port/packet.h
-          src/iocpnet/port/common.c src/iocpnet/port/posix_sock.c
-          src/iocpnet/port/io_uring.c src/iocpnet/port/epoll.c
-          src/iocpnet/port/win_sock.c src/iocpnet/port/iocp.c
+          src/iocpnet/port/bufpool.h src/iocpnet/port/timer_heap.h
+          src/iocpnet/port/epoll_int.h src/iocpnet/port/io_uring_int.h
+          src/iocpnet/port/common.c src/iocpnet/port/strand.c
+          src/iocpnet/port/bufpool.c src/iocpnet/port/addr.c
+          src/iocpnet/port/posix_sock.c src/iocpnet/port/win_sock.c
+          src/iocpnet/port/io_uring.c src/iocpnet/port/io_uring_setup.c
+          src/iocpnet/port/io_uring_bufs.c src/iocpnet/port/epoll.c
+          src/iocpnet/port/epoll_ops.c src/iocpnet/port/iocp.c
           tests/conftest.py)
 # ... and every file of the package and the tests in the copy we built from.
 while IFS= read -r f; do required+=("$f"); done <"$work/sources.txt"

@@ -35,7 +35,7 @@ kver=${IOCPNET_KERNEL_VERSION:-6.6}
 compiles() {
     CPATH="$prefix/include${CPATH:+:$CPATH}" \
         gcc -fsyntax-only -D_GNU_SOURCE -DPORT_HAVE_IO_URING=1 -DPORT_HAVE_EPOLL=1 \
-        -I"$project/src/iocpnet" "$project/src/iocpnet/port/io_uring.c"
+        -I"$project/src/iocpnet" "$project"/src/iocpnet/port/io_uring*.c
 }
 
 mkdir -p "$prefix/include"      # CPATH points here either way

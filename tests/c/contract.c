@@ -21,6 +21,7 @@
  * Windows).  Threads, clocks, sleeps and atomics have small wrappers below.
  */
 #include "port.h"
+#include "port_int.h"   /* port__strand_idle: a strand's state is private to the port */
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -2118,7 +2119,7 @@ static void case_strands(void) {
     CHECK_EQ(s->recv_off, ST_BYTES);
     CHECK(s->recv_final);
     CHECK_EQ(s->recv_final_res, 0);
-    CHECK(s->strand.head == NULL && s->strand.held == 0);
+    CHECK(port__strand_idle(&s->strand));
     {
         int busy = 0;
         for (i = 0; i < ST_THREADS; i++)

@@ -124,6 +124,20 @@ run() {
 
 CFLAGS_COMMON="-std=gnu99 -g -Wall -Wextra -Wvla -pthread -I$SRC"
 
+# The port's sources, as setup.py lists them: what every backend links, the platform's
+# socket helpers, and each backend's own files.
+PORT_COMMON="common.c strand.c bufpool.c addr.c"
+sources() {   # sources BACKEND: sets BSRC to the port files of BACKEND's contract binary
+    local f files
+    case $1 in
+        io_uring) files="$PORT_COMMON posix_sock.c io_uring.c io_uring_bufs.c io_uring_setup.c" ;;
+        epoll) files="$PORT_COMMON posix_sock.c epoll.c epoll_ops.c" ;;
+        iocp) files="$PORT_COMMON win_sock.c iocp.c" ;;
+    esac
+    BSRC=()
+    for f in $files; do BSRC+=("$SRC/$f"); done
+}
+
 # ---- Linux backends ---------------------------------------------------------------------
 LINUX_BACKENDS=()
 want io_uring && LINUX_BACKENDS+=(io_uring)
@@ -148,13 +162,14 @@ if [ ${#LINUX_BACKENDS[@]} -gt 0 ]; then
         # build fails alone.
         for b in "${LINUX_BACKENDS[@]}"; do
             case $b in
-                io_uring) BSRC="$SRC/io_uring.c"; DEFS="-DPORT_HAVE_IO_URING=1" ;;
-                epoll) BSRC="$SRC/epoll.c"; DEFS="-DPORT_HAVE_EPOLL=1" ;;
+                io_uring) DEFS="-DPORT_HAVE_IO_URING=1" ;;
+                epoll) DEFS="-DPORT_HAVE_EPOLL=1" ;;
             esac
+            sources "$b"
             echo
             echo "== building contract-$b (gcc)"
             # shellcheck disable=SC2086
-            if gcc $CFLAGS_COMMON -O2 $DEFS "$SRC/common.c" "$SRC/posix_sock.c" "$BSRC" \
+            if gcc $CFLAGS_COMMON -O2 $DEFS "${BSRC[@]}" \
                     "$TESTS/contract.c" -o "$OUT/contract-$b" 2>"$LOGS/build-$b-gcc.log"; then
                 sed 's/^/   /' "$LOGS/build-$b-gcc.log"
                 run "$b" gcc "$LOGS/$b-gcc.log" "$OUT/contract-$b" "$b"
@@ -174,8 +189,8 @@ if [ ${#LINUX_BACKENDS[@]} -gt 0 ]; then
                 echo "== building contract-$b-asan (gcc, ASan + UBSan)"
                 # shellcheck disable=SC2086
                 if gcc $CFLAGS_COMMON -O1 -fsanitize=address,undefined -fno-omit-frame-pointer \
-                        -fno-sanitize-recover=undefined $DEFS "$SRC/common.c" "$SRC/posix_sock.c" \
-                        "$BSRC" "$TESTS/contract.c" -o "$OUT/contract-$b-asan" \
+                        -fno-sanitize-recover=undefined $DEFS "${BSRC[@]}" \
+                        "$TESTS/contract.c" -o "$OUT/contract-$b-asan" \
                         2>"$LOGS/build-$b-asan.log"; then
                     run "$b" asan+ubsan "$LOGS/$b-asan.log" \
                         env UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 ASAN_OPTIONS=detect_leaks=1 \
@@ -187,8 +202,8 @@ if [ ${#LINUX_BACKENDS[@]} -gt 0 ]; then
                 echo
                 echo "== building contract-$b-tsan (gcc, ThreadSanitizer)"
                 # shellcheck disable=SC2086
-                if gcc $CFLAGS_COMMON -O1 -fsanitize=thread -Wno-tsan $DEFS "$SRC/common.c" \
-                        "$SRC/posix_sock.c" "$BSRC" "$TESTS/contract.c" -o "$OUT/contract-$b-tsan" \
+                if gcc $CFLAGS_COMMON -O1 -fsanitize=thread -Wno-tsan $DEFS "${BSRC[@]}" \
+                        "$TESTS/contract.c" -o "$OUT/contract-$b-tsan" \
                         2>"$LOGS/build-$b-tsan.log"; then
                     run "$b" tsan "$LOGS/$b-tsan.log" env TSAN_OPTIONS=halt_on_error=1 \
                         "$OUT/contract-$b-tsan" "$b"
@@ -234,8 +249,9 @@ if want iocp; then
     else
         echo
         echo "== building contract.exe (x86_64-w64-mingw32-gcc)"
+        sources iocp
         if x86_64-w64-mingw32-gcc -std=gnu99 -g -O2 -Wall -Wextra -Wvla -Wdeclaration-after-statement \
-                -I"$SRC" "$SRC/common.c" "$SRC/win_sock.c" "$SRC/iocp.c" "$TESTS/contract.c" \
+                -I"$SRC" "${BSRC[@]}" "$TESTS/contract.c" \
                 -lws2_32 -lmswsock -o "$OUT/contract.exe" 2>"$LOGS/build-mingw.log"; then
             sed 's/^/   /' "$LOGS/build-mingw.log"
             if ! command -v wine >/dev/null; then

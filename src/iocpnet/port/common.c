@@ -1,26 +1,13 @@
 /*
  * common.c -- the part of the port that is the same for every backend: choosing a
- * backend, forwarding calls to it, error names, and strands.
- *
- * Strands.  Several threads may reap completions from one port, but the completions of
- * one owner (a session) must be handled one at a time and in order.  Ordering is decided
- * where completions are reaped: the backend calls port__deliver() in completion order
- * while it holds the lock that defines that order.  A completion whose strand is free,
- * or already held by the batch being filled, goes into that batch; otherwise it waits in
- * the strand's queue for the thread holding the strand, which takes it with
- * port_strand_next() when it has finished the earlier ones.  Queued completions are
- * always later than the ones in the holder's batch (the holder reaped them before anyone
- * else could reap these), so the order is kept.  A backend may fill one batch in several
- * steps (epoll reads sockets one at a time, and other threads deliver in between), so
- * once the queue holds something, later completions join the queue even when they come
- * from the holder's own batch: they must not overtake what is queued.  With a single
- * worker thread the queue is never used and nothing is allocated.
+ * backend, forwarding calls to it (after the checks every backend needs), error names,
+ * the port's counters.  Strands are in strand.c, the receive-buffer pool in bufpool.c,
+ * socket addresses in addr.c.
  */
 #include "port_int.h"
 
 #include <stdarg.h>
 #include <stdio.h>
-#include <stdlib.h>
 
 #if !defined(PORT_HAVE_IO_URING) && !defined(PORT_HAVE_EPOLL) && !defined(PORT_HAVE_IOCP)
 #  if defined(__linux__)
@@ -228,10 +215,6 @@ int port_recv_detach(port_t *p, const port_cqe_t *cqe) {
     p->vt->recv_release(p, cqe->buf_id, fresh);
     return 0;
 }
-/* calloc: a fresh block from the top of the heap costs no memset (and no memory until
- * written), and memory checkers then see the kernel's writes into it as defined. */
-char *port__buf_alloc(size_t size) { return (char *)calloc(1, size); }
-void port_buf_free(void *buf) { free(buf); }
 int port_send(port_t *p, port_op_t *op, port_sock_t sock, const port_buf_t *bufs, int nbufs) {
     int rc = check_op(p, op, PORT_OP_SEND);
     if (rc == 0 && (bufs == NULL || nbufs <= 0))
@@ -278,103 +261,3 @@ int port_listen(port_t *p, const port_addr_t *addr, int backlog, int flags, port
     return p->vt->listen(p, addr, backlog, flags, out);
 }
 int port_sock_close(port_t *p, port_sock_t s, int flags) { return p->vt->sock_close(p, s, flags); }
-
-/* ---- strands -------------------------------------------------------------------------- */
-
-struct port_strand_node {
-    port_strand_node_t *next;
-    port_cqe_t cqe;
-};
-
-void port_strand_init(port_strand_t *s, void *owner) {
-    memset(s, 0, sizeof(*s));
-    s->owner = owner;
-}
-
-int port__deliver(port_t *p, void *token, port_cqe_t *out, int n, const port_cqe_t *c) {
-    port_strand_t *s = c->op->strand;
-    port_strand_node_t *node;
-    PORT_UNUSED(p);
-    if (s == NULL) {
-        out[n] = *c;
-        return n + 1;
-    }
-    port_spin_lock(&s->lock);
-    if (s->held == 0 || (s->token == token && s->head == NULL)) {
-        s->held++;
-        s->token = token;
-        port_spin_unlock(&s->lock);
-        out[n] = *c;
-        return n + 1;
-    }
-    port_spin_unlock(&s->lock);
-    /* Another batch holds the strand: queue it for that batch's thread.  Allocate outside
-     * the lock; the strand cannot be released meanwhile without us re-checking. */
-    for (;;) {
-        node = (port_strand_node_t *)malloc(sizeof(*node));
-        if (node != NULL)
-            break;
-        port_thread_yield();  /* a completion must never be dropped: wait for memory */
-    }
-    node->next = NULL;
-    node->cqe = *c;
-    port_spin_lock(&s->lock);
-    if (s->held == 0) {
-        /* Released while we allocated: take it for this batch after all. */
-        s->held = 1;
-        s->token = token;
-        port_spin_unlock(&s->lock);
-        free(node);
-        out[n] = *c;
-        return n + 1;
-    }
-    if (s->tail)
-        s->tail->next = node;
-    else
-        s->head = node;
-    s->tail = node;
-    port_spin_unlock(&s->lock);
-    return n;
-}
-
-int port_strand_next(port_t *p, port_strand_t *s, port_cqe_t *out) {
-    port_strand_node_t *node = NULL;
-    PORT_UNUSED(p);
-    port_spin_lock(&s->lock);
-    if (--s->held > 0) {
-        /* More of this batch's completions for the strand are still ahead in the batch. */
-        port_spin_unlock(&s->lock);
-        return 0;
-    }
-    node = s->head;
-    if (node != NULL) {
-        s->head = node->next;
-        if (s->head == NULL)
-            s->tail = NULL;
-        s->held = 1;
-    } else {
-        s->token = NULL;
-    }
-    port_spin_unlock(&s->lock);
-    if (node == NULL)
-        return 0;
-    *out = node->cqe;
-    free(node);
-    return 1;
-}
-
-void port_strand_discard(port_t *p, port_strand_t *s) {
-    port_strand_node_t *node, *next;
-    port_spin_lock(&s->lock);
-    node = s->head;
-    s->head = s->tail = NULL;
-    s->held = 0;
-    s->token = NULL;
-    port_spin_unlock(&s->lock);
-    for (; node != NULL; node = next) {
-        next = node->next;
-        if (p != NULL)
-            port_recv_release(p, &node->cqe);
-        free(node);
-    }
-}

@@ -1,5 +1,7 @@
 /*
- * io_uring.c -- the Linux completion port.
+ * io_uring.c -- the Linux completion port: the hot path (submitting, reaping, waiting, the
+ * operations).  Making the ring and probing the kernel: io_uring_setup.c; the provided
+ * receive buffers: io_uring_bufs.c; what they share: io_uring_int.h.
  *
  * How io_uring fits the IOCP model
  * --------------------------------
@@ -65,7 +67,7 @@
  * for good.
  *
  * When every buffer is out, the receives that found the ring empty wait on a FIFO and
- * each buffer given back re-arms one of them, the oldest ("receive buffers" below).  A
+ * each buffer given back re-arms one of them, the oldest (io_uring_bufs.c).  A
  * buffer the caller keeps for good (port_recv_detach) leaves the pool, which puts a new
  * heap block under its id: what the application keeps never drains the ring.
  *
@@ -76,7 +78,7 @@
  * player's goodbye; an old receive ate a new connection's first bytes).  So a close is
  * an SQE too, IORING_OP_CLOSE, queued behind everything already in the ring.  The
  * kernel takes SQEs in ring order and resolves an SQE's descriptor when it issues it,
- * inside the io_uring_enter that submits it (this file uses no links, IOSQE_ASYNC or
+ * inside the io_uring_enter that submits it (the backend uses no links, IOSQE_ASYNC or
  * drains, the cases that would defer that), so every earlier operation holds its own
  * reference to the socket before the number is released; they end with their cancels,
  * queued by the caller ahead of the close.  The alternatives: flushing the ring before
@@ -107,181 +109,22 @@
  * port_create falls back to epoll.
  */
 #if defined(__linux__)
-#include "port_int.h"
+#include "io_uring_int.h"
 
 #include <errno.h>
-#include <linux/io_uring.h>
-#include <linux/time_types.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
-#include <poll.h>
-#include <sys/eventfd.h>
-#include <sys/mman.h>
-#include <sys/syscall.h>
-#include <sys/uio.h>
+#include <string.h>
 #include <time.h>
-#include <unistd.h>
-
-/* Kernel headers older than the kernel: Ubuntu 22.04 ships 5.15's, RHEL 9 5.14's, while
- * the machines often run newer kernels.  What this file uses from after 5.13 is plain
- * ABI (flag bits, a register opcode, three small structs), defined here when the header
- * lacks it; the probe at start-up asks the running kernel whether it has them.  Headers
- * before 5.13 are too old to build this file (setup.py then builds epoll only). */
-#ifndef IORING_SETUP_SUBMIT_ALL
-#  define IORING_SETUP_SUBMIT_ALL (1U << 7)            /* 5.18 */
-#endif
-#ifndef IORING_POLL_ADD_MULTI
-#  define IORING_POLL_ADD_MULTI (1U << 0)              /* 5.13 */
-#endif
-#ifndef IORING_RECV_MULTISHOT
-#  define IORING_RECV_MULTISHOT (1U << 1)              /* 6.0 */
-#endif
-#ifndef IORING_SETUP_COOP_TASKRUN
-#  define IORING_SETUP_COOP_TASKRUN (1U << 8)          /* 5.19 */
-#  define IORING_SETUP_TASKRUN_FLAG (1U << 9)
-#endif
-#ifndef IORING_SQ_TASKRUN
-#  define IORING_SQ_TASKRUN (1U << 1)                  /* 5.19 */
-#endif
-#ifndef IORING_RECVSEND_POLL_FIRST
-/* 5.19: the provided-buffer ring came in the same release. */
-#  define IORING_RECVSEND_POLL_FIRST (1U << 0)
-#  define IORING_REGISTER_PBUF_RING 22
-struct io_uring_buf {
-    __u64 addr;
-    __u32 len;
-    __u16 bid;
-    __u16 resv;
-};
-struct io_uring_buf_ring {
-    union {
-        struct {
-            __u64 resv1;
-            __u32 resv2;
-            __u16 resv3;
-            __u16 tail;
-        };
-        struct io_uring_buf bufs[0];
-    };
-};
-struct io_uring_buf_reg {
-    __u64 ring_addr;
-    __u32 ring_entries;
-    __u16 bgid;
-    __u16 pad;
-    __u64 resv[3];
-};
-#endif
-
-#ifndef __NR_io_uring_setup
-#  define __NR_io_uring_setup 425
-#endif
-#ifndef __NR_io_uring_enter
-#  define __NR_io_uring_enter 426
-#endif
-#ifndef __NR_io_uring_register
-#  define __NR_io_uring_register 427
-#endif
-
-#define UD_IGNORE 0u          /* internal SQEs (cancels): their CQEs are dropped */
-#define UD_WAKE 8u            /* port_shutdown's wake-ups */
-#define UD_DOORBELL 16u       /* the doorbell's multishot poll */
-#define UD_TAG_IMM 1u         /* a NOP carrying a result stored in the op */
-#define UD_TAG_MASK 7u
-
-#define BGID 0                /* our single buffer group */
-#define INITIAL_BUFFERS 64u
-#define MSHOT_BUFFERS 4u      /* read-ahead of one multishot arming, in buffers' worth */
-
-/* What an op keeps while in flight, inside port_op_t.priv. */
-typedef struct uring_op {
-    union {
-        struct msghdr msg;           /* sendmsg: the kernel reads it until completion */
-        struct __kernel_timespec ts; /* timer */
-        struct sockaddr_in6 sa;      /* connect: a copy, so the caller's may go away */
-        struct {
-            uint32_t short_read;     /* the last read did not fill its buffer */
-            uint16_t woken;          /* re-armed by a buffer given back (see below) */
-            uint16_t polled;         /* armed to poll first: an ENOBUFS means data waits */
-        } rv;                        /* recv */
-    } u;
-    int64_t imm_res;                 /* result carried by an immediate completion */
-    port_op_t *rearm_next;           /* recvs waiting for receive buffers */
-} uring_op_t;
-
-PORT_STATIC_ASSERT(sizeof(uring_op_t) <= sizeof(((port_op_t *)0)->priv), uring_op_fits);
-PORT_STATIC_ASSERT(sizeof(port_buf_t) == sizeof(struct iovec), iovec_size);
-PORT_STATIC_ASSERT(offsetof(port_buf_t, base) == offsetof(struct iovec, iov_base), iovec_base);
-PORT_STATIC_ASSERT(offsetof(port_buf_t, len) == offsetof(struct iovec, iov_len), iovec_len);
-
-#define OP_PRIV(op) ((uring_op_t *)(void *)(op)->priv)
-
-typedef struct uring_port {
-    port_t base;
-    int ring_fd;
-    unsigned features;
-    unsigned setup_flags;              /* IORING_SETUP_* the ring was made with */
-
-    /* submission ring */
-    unsigned *sq_khead, *sq_ktail, *sq_kflags;
-    unsigned sq_mask, sq_entries;
-    unsigned sq_tail;                  /* our tail, under sq_lock */
-    struct io_uring_sqe *sqes;
-    volatile int32_t sq_lock;
-
-    /* completion ring */
-    unsigned *cq_khead, *cq_ktail;
-    unsigned cq_mask;
-    struct io_uring_cqe *cqes;
-    volatile int32_t cq_lock;
-
-    void *sq_ring, *cq_ring;
-    size_t sq_ring_sz, cq_ring_sz, sqes_sz;
-
-    /* provided receive buffers */
-    struct io_uring_buf_ring *br;
-    size_t br_sz;
-    unsigned br_mask;
-    uint16_t br_tail;                  /* under br_lock */
-    char **buf_addr;                   /* buffer id -> its memory (atomic entries) */
-    unsigned buf_size, buf_max, buf_made;
-    volatile int32_t br_lock;
-    port_op_t *rearm_head, *rearm_tail; /* receives waiting for a buffer; under br_lock */
-    uint32_t woken;                    /* of them, re-armed and not yet resolved; br_lock */
-    volatile int32_t br_free;          /* buffers in the ring not yet seen taken */
-    volatile int32_t multishot;        /* 1 works, -1 not known yet, 0 off */
-    volatile uint32_t mshot_limit;     /* bytes one multishot arming may read; 0: no bound */
-
-    volatile int32_t waiters;
-
-    /* The doorbell: other threads' SQEs wait for a worker to submit them. */
-    int bell_fd;
-    volatile int32_t bell_rung;        /* written and not yet answered */
-
-    /* Leader/follower: one thread sleeps in the kernel, the others here. */
-    pthread_mutex_t room;
-    pthread_cond_t room_cv;
-    int leader;                        /* written under room; read by after_submit */
-} uring_port_t;
 
 /* The port whose batch this thread is dispatching: its submissions are deferred. */
 static PORT_THREAD_LOCAL uring_port_t *tls_batch;
 /* This thread deferred a send during its batch: port_flush_sends hands it over. */
 static PORT_THREAD_LOCAL int tls_send_deferred;
 /* This thread re-armed a receive waiting for a buffer while reaping: submit before the
- * batch is dispatched (see waiter_submit). */
+ * batch is dispatched (see port__uring_waiter_submit). */
 static PORT_THREAD_LOCAL uring_port_t *tls_waiter_rearmed;
-
-static int sys_setup(unsigned entries, struct io_uring_params *p) {
-    return (int)syscall(__NR_io_uring_setup, entries, p);
-}
-static int sys_enter(int fd, unsigned to_submit, unsigned min_complete, unsigned flags,
-                     void *arg, size_t argsz) {
-    return (int)syscall(__NR_io_uring_enter, fd, to_submit, min_complete, flags, arg, argsz);
-}
-static int sys_register(int fd, unsigned opcode, void *arg, unsigned nr) {
-    return (int)syscall(__NR_io_uring_register, fd, opcode, arg, nr);
-}
 
 /* ThreadSanitizer cannot see that the kernel orders an SQE's writes (the op record,
  * its stored result) before the CQE that a reaper reads: say so, on one address. */
@@ -294,9 +137,6 @@ void __tsan_release(void *addr);
 #  define TSAN_RELEASE(a) ((void)0)
 #  define TSAN_ACQUIRE(a) ((void)0)
 #endif
-
-#define LOAD_ACQ(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
-#define STORE_REL(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
 
 /* ---- submission ----------------------------------------------------------------------- */
 
@@ -311,7 +151,7 @@ static int taskrun_pending(uring_port_t *p) {
 }
 
 /* Hand every written SQE to the kernel now. */
-static void submit_now(uring_port_t *p) {
+void port__uring_submit_now(uring_port_t *p) {
     int tries = 0;
     for (;;) {
         unsigned n = sq_pending(p);
@@ -345,7 +185,7 @@ static struct io_uring_sqe *sqe_get(uring_port_t *p) {
     struct io_uring_sqe *sqe;
     while (p->sq_tail - LOAD_ACQ(p->sq_khead) >= p->sq_entries) {
         /* Full (a batch that sent to thousands of sessions): push them out now. */
-        submit_now(p);
+        port__uring_submit_now(p);
         if (p->sq_tail - LOAD_ACQ(p->sq_khead) >= p->sq_entries)
             port_thread_yield();
     }
@@ -360,7 +200,6 @@ static void sqe_commit(uring_port_t *p) {
     STORE_REL(p->sq_ktail, p->sq_tail);
 }
 
-static void arm_doorbell(uring_port_t *p);
 
 /* Wake the leader so that it submits what other threads wrote (see the top). */
 static void ring_doorbell(uring_port_t *p) {
@@ -382,16 +221,24 @@ static void after_submit(uring_port_t *p) {
     if (__atomic_load_n(&p->leader, __ATOMIC_ACQUIRE))
         ring_doorbell(p);
     else
-        submit_now(p);
+        port__uring_submit_now(p);
 }
 
-/* poll_first: RECV_POLL_MAYBE polls first if this is a one-shot receive (the previous
- * read came back short), RECV_POLL_ALWAYS makes a one-shot receive that polls first even
- * where receives are multishot: it takes a buffer only once data is there (see
- * "receive buffers" below). */
-#define RECV_POLL_MAYBE 1
-#define RECV_POLL_ALWAYS 2
+/* A receive re-armed for a buffer given back belongs to another session, and the rest of
+ * this thread's batch may take long (a hook that blocks holds every later completion of
+ * its batch): so its SQE goes to the kernel now, not with this thread's next wait.
+ * While reaping, uring_wait does it before handing out the batch.  Rare: only when the
+ * pool is dry. */
+void port__uring_waiter_submit(uring_port_t *p, int reaping) {
+    if (reaping)
+        tls_waiter_rearmed = p;
+    else if (__atomic_load_n(&p->leader, __ATOMIC_ACQUIRE))
+        ring_doorbell(p);
+    else
+        port__uring_submit_now(p);
+}
 
+/* poll_first: 0, RECV_POLL_MAYBE or RECV_POLL_ALWAYS (io_uring_int.h). */
 static void prep_recv(uring_port_t *p, struct io_uring_sqe *sqe, port_op_t *op, int poll_first) {
     int polled = 0;
     sqe->opcode = IORING_OP_RECV;
@@ -411,7 +258,7 @@ static void prep_recv(uring_port_t *p, struct io_uring_sqe *sqe, port_op_t *op, 
         sqe->ioprio = IORING_RECVSEND_POLL_FIRST;
         polled = 1;
     }
-    __atomic_store_n(&OP_PRIV(op)->u.rv.polled, (uint16_t)polled, __ATOMIC_RELAXED);
+    __atomic_store_n(&OP_PRIV(op)->u.rv.polled, (uint32_t)polled, __ATOMIC_RELAXED);
     sqe->user_data = (uint64_t)(uintptr_t)op;
 }
 
@@ -448,7 +295,7 @@ static void prep_timer(struct io_uring_sqe *sqe, port_op_t *op) {
     sqe->user_data = (uint64_t)(uintptr_t)op;
 }
 
-/* A NOP that completes op with res (see the top of the file). */
+/* A NOP that completes op with res (see the top). */
 static void prep_imm(struct io_uring_sqe *sqe, port_op_t *op, int64_t res) {
     OP_PRIV(op)->imm_res = res;
     sqe->opcode = IORING_OP_NOP;
@@ -459,7 +306,7 @@ static void prep_imm(struct io_uring_sqe *sqe, port_op_t *op, int64_t res) {
  * flag is read under sq_lock: port_cancel sets it before queueing its ASYNC_CANCEL under
  * the same lock, so either we see the flag, or our SQE is ahead of the cancel in the
  * ring and the kernel finds the receive to cancel. */
-static void resubmit_recv(uring_port_t *p, port_op_t *op, int poll_first) {
+void port__uring_resubmit_recv(uring_port_t *p, port_op_t *op, int poll_first) {
     struct io_uring_sqe *sqe;
     port_spin_lock(&p->sq_lock);
     sqe = sqe_get(p);
@@ -472,7 +319,7 @@ static void resubmit_recv(uring_port_t *p, port_op_t *op, int poll_first) {
     port_spin_unlock(&p->sq_lock);
 }
 
-/* Complete op with res without doing I/O (see the top of the file). */
+/* Complete op with res without doing I/O (see the top). */
 static void submit_imm(uring_port_t *p, port_op_t *op, int64_t res) {
     struct io_uring_sqe *sqe;
     port_spin_lock(&p->sq_lock);
@@ -483,7 +330,7 @@ static void submit_imm(uring_port_t *p, port_op_t *op, int64_t res) {
 }
 
 /* (Re-)arm the doorbell's multishot poll; called by the thread reaping its end. */
-static void arm_doorbell(uring_port_t *p) {
+void port__uring_arm_doorbell(uring_port_t *p) {
     struct io_uring_sqe *sqe;
     port_spin_lock(&p->sq_lock);
     sqe = sqe_get(p);
@@ -504,170 +351,9 @@ static void post_wake(uring_port_t *p) {
     sqe->user_data = UD_WAKE;
     sqe_commit(p);
     port_spin_unlock(&p->sq_lock);
-    submit_now(p);
+    port__uring_submit_now(p);
 }
 
-/* ---- receive buffers ------------------------------------------------------------------ */
-
-/* Each buffer is a heap block of its own (buf_addr[id]), so that one the caller keeps
- * (port_recv_detach) simply leaves the pool, which puts a fresh block under the same id.
- *
- * Waiters.  A receive that finds the ring empty completes with ENOBUFS.  One that did
- * not poll first picks its buffer before reading, so its ENOBUFS says nothing about data:
- * it is re-armed to poll first.  One that polled first has data waiting: it is parked on
- * a FIFO, and each buffer given back re-arms one waiter, the oldest, to poll first again
- * (re-arming them all would cost one SQE and one ENOBUFS completion per waiter per
- * release, and the newest would win; waking an idle connection would strand the buffer).  br_free counts the buffers in the ring that no reaped completion has
- * taken yet, `woken` the waiters re-armed for one of them whose outcome is not known
- * yet: a waiter is woken only while br_free > woken.  A woken receive that completes
- * without taking a buffer (cancelled, the peer closed) passes the wake on; one that
- * lost its buffer to another receive goes back to the head of the queue.  br_free may
- * run ahead of the ring for as long as a completion that took a buffer is not reaped,
- * which at worst re-arms a receive that then waits again. */
-
-static void br_add(uring_port_t *p, unsigned bid) {
-    /* Write the fields one by one: the ring's tail lives in the `resv` field of entry 0. */
-    struct io_uring_buf *b = &p->br->bufs[p->br_tail & p->br_mask];
-    b->addr = (uint64_t)(uintptr_t)LOAD_ACQ(&p->buf_addr[bid]);
-    b->len = p->buf_size;
-    b->bid = (uint16_t)bid;
-    p->br_tail++;
-}
-
-static void br_publish(uring_port_t *p) { STORE_REL(&p->br->tail, p->br_tail); }
-
-/* Make up to `count` more buffers (under br_lock).  Returns how many were made. */
-static unsigned br_grow(uring_port_t *p, unsigned count) {
-    unsigned made = 0;
-    if (count > p->buf_max - p->buf_made)
-        count = p->buf_max - p->buf_made;
-    while (made < count) {
-        char *b = port__buf_alloc(p->buf_size);
-        if (b == NULL)
-            break;      /* out of memory: the pool stays smaller (receives wait) */
-        STORE_REL(&p->buf_addr[p->buf_made], b);
-        br_add(p, p->buf_made);
-        p->buf_made++;
-        made++;
-    }
-    if (made) {
-        br_publish(p);
-        port_atomic_add32(&p->br_free, (int32_t)made);
-        port_atomic_add64(&p->base.recv_buffers, made);
-    }
-    return made;
-}
-
-/* The oldest waiter, if a buffer is free for it (under br_lock); the caller re-arms it. */
-static port_op_t *waiter_wake(uring_port_t *p) {
-    port_op_t *op = p->rearm_head;
-    if (op == NULL || port_atomic_load32(&p->br_free) <= (int32_t)p->woken)
-        return NULL;
-    p->rearm_head = OP_PRIV(op)->rearm_next;
-    if (p->rearm_head == NULL)
-        p->rearm_tail = NULL;
-    port_atomic_add64(&p->base.recv_waiting, -1);
-    __atomic_store_n(&OP_PRIV(op)->u.rv.woken, (uint16_t)1, __ATOMIC_RELAXED);
-    p->woken++;
-    return op;
-}
-
-/* A waiter just re-armed belongs to another session, and the rest of this thread's
- * batch may take long (a hook that blocks holds every later completion of its batch):
- * so its SQE goes to the kernel now, not with this thread's next wait.  While reaping,
- * uring_wait does it before handing out the batch.  Rare: only when the pool is dry. */
-static void waiter_submit(uring_port_t *p, int reaping) {
-    if (reaping)
-        tls_waiter_rearmed = p;
-    else if (__atomic_load_n(&p->leader, __ATOMIC_ACQUIRE))
-        ring_doorbell(p);
-    else
-        submit_now(p);
-}
-
-/* A woken receive's outcome is known (under br_lock). */
-static void waiter_resolved(uring_port_t *p, port_op_t *op) {
-    __atomic_store_n(&OP_PRIV(op)->u.rv.woken, (uint16_t)0, __ATOMIC_RELAXED);
-    p->woken--;
-}
-
-static void uring_recv_release(port_t *bp, uint32_t bid, char *fresh) {
-    uring_port_t *p = (uring_port_t *)bp;
-    port_op_t *w;
-    port_spin_lock(&p->br_lock);
-    if (fresh != NULL)
-        STORE_REL(&p->buf_addr[bid], fresh);   /* the caller kept the old block */
-    br_add(p, bid);
-    br_publish(p);
-    port_atomic_add32(&p->br_free, 1);
-    w = waiter_wake(p);
-    port_spin_unlock(&p->br_lock);
-    if (w != NULL) {
-        resubmit_recv(p, w, RECV_POLL_ALWAYS);
-        waiter_submit(p, 0);
-    }
-}
-
-/* A receive that was woken for a buffer completed without ENOBUFS (called while
- * reaping): it took the buffer, or it ended without one and passes the wake on. */
-static void recv_woken_done(uring_port_t *p, port_op_t *op) {
-    port_op_t *w;
-    port_spin_lock(&p->br_lock);
-    waiter_resolved(p, op);
-    w = waiter_wake(p);
-    port_spin_unlock(&p->br_lock);
-    if (w != NULL) {
-        resubmit_recv(p, w, RECV_POLL_ALWAYS);
-        waiter_submit(p, 1);
-    }
-}
-
-/* The kernel ran out of buffers for op's receive (called while reaping). */
-static void recv_out_of_buffers(uring_port_t *p, port_op_t *op) {
-    int now = 0, mode = 0, woken;
-    port_spin_lock(&p->br_lock);
-    woken = (int)__atomic_load_n(&OP_PRIV(op)->u.rv.woken, __ATOMIC_RELAXED);
-    if (woken)
-        waiter_resolved(p, op);
-    if (br_grow(p, p->buf_made) > 0) {
-        now = 1;           /* room again */
-    } else if (!__atomic_load_n(&OP_PRIV(op)->u.rv.polled, __ATOMIC_RELAXED)) {
-        /* A receive that does not poll first picks its buffer before it reads: this
-         * ENOBUFS says nothing about data (an idle connection gets it too).  Re-arm it
-         * to poll first: it asks for a buffer, or comes back here, only once data is
-         * there, so the queue holds receives with data waiting, and a wake never goes
-         * to a connection with nothing to read. */
-        now = 1;
-        mode = RECV_POLL_ALWAYS;
-    } else if ((woken || p->rearm_head == NULL) &&
-               port_atomic_load32(&p->br_free) > (int32_t)p->woken) {
-        /* A buffer came back since the kernel looked, and nobody older waits for it. */
-        __atomic_store_n(&OP_PRIV(op)->u.rv.woken, (uint16_t)1, __ATOMIC_RELAXED);
-        p->woken++;
-        now = 1;
-        mode = RECV_POLL_ALWAYS;
-    } else if (woken) {
-        /* Another receive took the buffer it was woken for: it stays the oldest. */
-        port_atomic_add64(&p->base.recv_waiting, 1);
-        OP_PRIV(op)->rearm_next = p->rearm_head;
-        p->rearm_head = op;
-        if (p->rearm_tail == NULL)
-            p->rearm_tail = op;
-    } else {
-        port_atomic_add64(&p->base.recv_waiting, 1);
-        OP_PRIV(op)->rearm_next = NULL;
-        if (p->rearm_tail != NULL)
-            OP_PRIV(p->rearm_tail)->rearm_next = op;
-        else
-            p->rearm_head = op;
-        p->rearm_tail = op;
-    }
-    port_spin_unlock(&p->br_lock);
-    if (now) {
-        resubmit_recv(p, op, mode);
-        waiter_submit(p, 1);
-    }
-}
 
 /* ---- completions ---------------------------------------------------------------------- */
 
@@ -679,7 +365,7 @@ static int resubmit_orphan(uring_port_t *p, port_op_t *op) {
     struct io_uring_sqe *sqe;
     switch (op->type) {
     case PORT_OP_RECV:
-        resubmit_recv(p, op, (int)OP_PRIV(op)->u.rv.short_read);
+        port__uring_resubmit_recv(p, op, (int)OP_PRIV(op)->u.rv.short_read);
         return 1;
     case PORT_OP_ACCEPT:
     case PORT_OP_SEND:
@@ -718,8 +404,8 @@ static int handle_cqe(uring_port_t *p, port_cqe_t *out, int n, uint64_t ud, int3
 
     if (ud & UD_TAG_IMM) {
         c.res = OP_PRIV(op)->imm_res;
-        if (op->type == PORT_OP_RECV && __atomic_load_n(&OP_PRIV(op)->u.rv.woken, __ATOMIC_RELAXED))
-            recv_woken_done(p, op);   /* cancelled before it took its buffer */
+        if (op->type == PORT_OP_RECV && port__bufwait_woken(&OP_PRIV(op)->u.rv.bufwait))
+            port__uring_recv_woken_done(p, op);   /* cancelled before it took its buffer */
         goto final;
     }
 
@@ -736,11 +422,11 @@ static int handle_cqe(uring_port_t *p, port_cqe_t *out, int n, uint64_t ud, int3
             port_atomic_add64(&p->base.recv_buffers_out, 1);
         }
         if (res == -ENOBUFS && !LOAD_ACQ(&op->cancel_requested)) {
-            recv_out_of_buffers(p, op);
+            port__uring_recv_out_of_buffers(p, op);
             return n;
         }
-        if (__atomic_load_n(&OP_PRIV(op)->u.rv.woken, __ATOMIC_RELAXED))
-            recv_woken_done(p, op);
+        if (port__bufwait_woken(&OP_PRIV(op)->u.rv.bufwait))
+            port__uring_recv_woken_done(p, op);
         if (res > 0) {
             c.res = res;
             OP_PRIV(op)->u.rv.short_read = (uint32_t)res < p->buf_size;
@@ -759,7 +445,7 @@ static int handle_cqe(uring_port_t *p, port_cqe_t *out, int n, uint64_t ud, int3
             /* A kernel without multishot recv rejects the flag, one without the bound
              * (before 6.16) the bound: fall back for good to single-shot receives. */
             port_atomic_store32(&p->multishot, 0);
-            resubmit_recv(p, op, 0);
+            port__uring_resubmit_recv(p, op, 0);
             return n;
         }
         c.res = res == 0 ? 0 : (res == -ENOBUFS ? PORT_ECANCELED : port_err_from_os(-res));
@@ -777,7 +463,7 @@ final:
     return port__deliver(&p->base, out, out, n, &c);
 }
 
-static int reap(uring_port_t *p, port_cqe_t *out, int max, int *woke) {
+static int reap(uring_port_t *p, port_cqe_t *out, int max) {
     unsigned head, tail;
     int n = 0;
     if (LOAD_ACQ(p->cq_ktail) == LOAD_ACQ(p->cq_khead))
@@ -792,12 +478,8 @@ static int reap(uring_port_t *p, port_cqe_t *out, int max, int *woke) {
         int32_t res = cqe->res;
         uint32_t flags = cqe->flags;
         head++;
-        if (ud == UD_IGNORE)
-            continue;
-        if (ud == UD_WAKE) {
-            *woke = 1;
-            continue;
-        }
+        if (ud == UD_IGNORE || ud == UD_WAKE)
+            continue;   /* a cancel's own result; a wake-up, done by arriving */
         if (ud == UD_DOORBELL) {
             uint64_t count;
             /* Answered: the caller's next enter submits what was written before the
@@ -806,7 +488,7 @@ static int reap(uring_port_t *p, port_cqe_t *out, int max, int *woke) {
             while (read(p->bell_fd, &count, sizeof(count)) < 0 && errno == EINTR)
                 ;
             if (!(flags & IORING_CQE_F_MORE))
-                arm_doorbell(p);     /* ended (its submitter exited, say): re-arm */
+                port__uring_arm_doorbell(p);     /* ended (its submitter exited, say): re-arm */
             continue;
         }
         n = handle_cqe(p, out, n, ud, res, flags);
@@ -814,12 +496,6 @@ static int reap(uring_port_t *p, port_cqe_t *out, int max, int *woke) {
     STORE_REL(p->cq_khead, head);
     port_spin_unlock(&p->cq_lock);
     return n;
-}
-
-static int64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
 static int is_main_thread(void) { return (pid_t)syscall(SYS_gettid) == getpid(); }
@@ -841,7 +517,7 @@ static int become_leader(uring_port_t *p, int64_t deadline) {
         if (main_thread < 0)
             main_thread = is_main_thread();
         if (main_thread) {
-            int64_t slice = now_ns() + 100 * 1000000LL;
+            int64_t slice = port__now_ns() + 100 * 1000000LL;
             if (until == 0 || slice < until)
                 until = slice;
         }
@@ -852,7 +528,7 @@ static int become_leader(uring_port_t *p, int64_t deadline) {
         ts.tv_sec = until / 1000000000;
         ts.tv_nsec = until % 1000000000;
         if (pthread_cond_timedwait(&p->room_cv, &p->room, &ts) == ETIMEDOUT && p->leader) {
-            rc = (deadline != 0 && now_ns() >= deadline) ? 1 : PORT_EINTR;
+            rc = (deadline != 0 && port__now_ns() >= deadline) ? 1 : PORT_EINTR;
             break;
         }
     }
@@ -871,26 +547,26 @@ static void leave_leader(uring_port_t *p) {
 
 static int uring_wait(port_t *bp, port_cqe_t *out, int max, int timeout_ms) {
     uring_port_t *p = (uring_port_t *)bp;
-    int n = 0, woke = 0, err = 0, rc;
-    int64_t deadline = timeout_ms > 0 ? now_ns() + (int64_t)timeout_ms * 1000000 : 0;
+    int n = 0, err = 0, rc;
+    int64_t deadline = timeout_ms > 0 ? port__now_ns() + (int64_t)timeout_ms * 1000000 : 0;
 
     tls_batch = NULL;
     if (port_atomic_load32(&p->base.closed))
         return PORT_ECLOSED;
     /* Completions already in the ring: take them at once.  Nothing flushed this
      * thread's deferred submissions then, so do it here. */
-    n = reap(p, out, max, &woke);
+    n = reap(p, out, max);
     if (n > 0 || timeout_ms == 0) {
         tls_waiter_rearmed = NULL;
         if (n == 0 && (sq_pending(p) || taskrun_pending(p))) {
             /* A poll: submit, and run the completion work waiting for us, in one call. */
             (void)sys_enter(p->ring_fd, sq_pending(p), 0, IORING_ENTER_GETEVENTS, NULL, 0);
         } else if (sq_pending(p)) {
-            submit_now(p);
+            port__uring_submit_now(p);
         }
         tls_send_deferred = 0;
         if (n == 0)
-            n = reap(p, out, max, &woke);
+            n = reap(p, out, max);
         if (n > 0)
             tls_batch = p;
         return n;
@@ -898,12 +574,11 @@ static int uring_wait(port_t *bp, port_cqe_t *out, int max, int timeout_ms) {
     /* The leader's enter submits whatever is in the ring when it starts; what this
      * thread deferred must not wait for the next leader. */
     if (sq_pending(p))
-        submit_now(p);
+        port__uring_submit_now(p);
     tls_send_deferred = 0;
     rc = become_leader(p, deadline);
     if (rc != 0)
         return rc == 1 ? 0 : rc;
-    port_atomic_add32(&p->waiters, 1);
     for (;;) {
         struct io_uring_getevents_arg arg;
         struct __kernel_timespec ts;
@@ -913,11 +588,11 @@ static int uring_wait(port_t *bp, port_cqe_t *out, int max, int timeout_ms) {
 
         if (port_atomic_load32(&p->base.closed))
             break;
-        n = reap(p, out, max, &woke);
+        n = reap(p, out, max);
         if (n > 0)
             break;
         if (timeout_ms > 0) {
-            int64_t left = deadline - now_ns();
+            int64_t left = deadline - port__now_ns();
             if (left <= 0)
                 break;
             ts.tv_sec = left / 1000000000;
@@ -941,11 +616,10 @@ static int uring_wait(port_t *bp, port_cqe_t *out, int max, int timeout_ms) {
             break;
         }
     }
-    port_atomic_add32(&p->waiters, -1);
     leave_leader(p);    /* before dispatching: the next thread waits meanwhile */
     if (tls_waiter_rearmed == p) {
         tls_waiter_rearmed = NULL;
-        submit_now(p);
+        port__uring_submit_now(p);
     }
     if (n > 0) {
         tls_batch = p;
@@ -963,7 +637,7 @@ static void uring_batch_end(port_t *bp) {
     /* This thread will not wait again soon (a game loop polling once per frame): what
      * its batch submitted must not wait for the next frame. */
     if (sq_pending(p))
-        submit_now(p);
+        port__uring_submit_now(p);
 }
 
 static void uring_flush_sends(port_t *bp) {
@@ -971,7 +645,7 @@ static void uring_flush_sends(port_t *bp) {
     if (tls_send_deferred && tls_batch == p) {
         tls_send_deferred = 0;
         if (sq_pending(p))
-            submit_now(p);
+            port__uring_submit_now(p);
     }
 }
 
@@ -1030,7 +704,7 @@ static int uring_recv(port_t *bp, port_op_t *op, port_sock_t sock) {
     uring_port_t *p = (uring_port_t *)bp;
     op->sock = sock;
     port__submitted(bp, op);
-    resubmit_recv(p, op, (int)OP_PRIV(op)->u.rv.short_read);
+    port__uring_resubmit_recv(p, op, (int)OP_PRIV(op)->u.rv.short_read);
     after_submit(p);
     return 0;
 }
@@ -1095,23 +769,12 @@ static int uring_close(port_t *bp, port_op_t *op, port_sock_t sock, int flags) {
 static int uring_cancel(port_t *bp, port_op_t *target) {
     uring_port_t *p = (uring_port_t *)bp;
     struct io_uring_sqe *sqe;
-    port_op_t **pp;
-    int parked = 0;
+    int parked;
 
     /* A receive parked for buffers is not in the kernel: finish it here. */
     if (target->type == PORT_OP_RECV) {
-        port_op_t *prev = NULL;
         port_spin_lock(&p->br_lock);
-        for (pp = &p->rearm_head; *pp != NULL; prev = *pp, pp = &OP_PRIV(*pp)->rearm_next) {
-            if (*pp == target) {
-                *pp = OP_PRIV(target)->rearm_next;
-                if (p->rearm_tail == target)
-                    p->rearm_tail = prev;
-                port_atomic_add64(&p->base.recv_waiting, -1);
-                parked = 1;
-                break;
-            }
-        }
+        parked = port__bufwaitq_remove(&p->waiters, &OP_PRIV(target)->u.rv.bufwait);
         port_spin_unlock(&p->br_lock);
         if (parked) {
             submit_imm(p, target, PORT_ECANCELED);
@@ -1171,297 +834,6 @@ static int uring_sock_close(port_t *bp, port_sock_t s, int flags) {
     return port__posix_close(s, flags);
 }
 
-/* ---- setup ---------------------------------------------------------------------------- */
-
-static void uring_free(uring_port_t *p) {
-    if (p->buf_addr) {
-        unsigned i;
-        for (i = 0; i < p->buf_made; i++)
-            port_buf_free(p->buf_addr[i]);   /* the pool's; kept ones were replaced */
-        free(p->buf_addr);
-    }
-    if (p->br)
-        munmap(p->br, p->br_sz);
-    if (p->sqes)
-        munmap(p->sqes, p->sqes_sz);
-    if (p->cq_ring && p->cq_ring != p->sq_ring)
-        munmap(p->cq_ring, p->cq_ring_sz);
-    if (p->sq_ring)
-        munmap(p->sq_ring, p->sq_ring_sz);
-    if (p->ring_fd >= 0)
-        close(p->ring_fd);
-    if (p->bell_fd >= 0)
-        close(p->bell_fd);
-    pthread_cond_destroy(&p->room_cv);
-    pthread_mutex_destroy(&p->room);
-    free(p);
-}
-
-static int setup_error(int e, char *errbuf, size_t errlen) {
-    switch (e) {
-    case EPERM:
-    case EACCES:
-        port__set_err(errbuf, errlen,
-                      "io_uring_setup: operation not permitted (blocked by a seccomp profile, "
-                      "as in Docker's default, or disabled by the kernel.io_uring_disabled "
-                      "sysctl)");
-        return PORT_EUNAVAIL;
-    case ENOSYS:
-        port__set_err(errbuf, errlen,
-                      "io_uring_setup: not implemented by this kernel (or sandbox, e.g. gVisor)");
-        return PORT_EUNAVAIL;
-    case EINVAL:
-        port__set_err(errbuf, errlen,
-                      "io_uring_setup: parameters rejected (kernel too old for iocpnet's "
-                      "io_uring backend)");
-        return PORT_EUNAVAIL;
-    case ENOMEM:
-        port__set_err(errbuf, errlen,
-                      "io_uring_setup: out of memory; on kernels before 5.12 rings are "
-                      "charged to RLIMIT_MEMLOCK, raise it with `ulimit -l`");
-        return PORT_ENOMEM;
-    case EMFILE:
-    case ENFILE:
-        port__set_err(errbuf, errlen, "io_uring_setup: too many open files");
-        return port_err_from_os(e);
-    }
-    port__set_err(errbuf, errlen, "io_uring_setup failed: errno %d", e);
-    return port_err_from_os(e);
-}
-
-/* The opcodes this file uses; a kernel lacking any of them gets the epoll backend. */
-static const struct {
-    int op;
-    const char *name;
-} required_ops[] = {
-    {IORING_OP_NOP, "NOP"},           {IORING_OP_ACCEPT, "ACCEPT"},
-    {IORING_OP_CONNECT, "CONNECT"},   {IORING_OP_RECV, "RECV"},
-    {IORING_OP_SEND, "SEND"},         {IORING_OP_SENDMSG, "SENDMSG"},
-    {IORING_OP_ASYNC_CANCEL, "ASYNC_CANCEL"}, {IORING_OP_TIMEOUT, "TIMEOUT"},
-    {IORING_OP_POLL_ADD, "POLL_ADD"}, {IORING_OP_CLOSE, "CLOSE"},
-};
-
-static int check_ops(int fd, char *errbuf, size_t errlen) {
-    size_t sz = sizeof(struct io_uring_probe) + 256 * sizeof(struct io_uring_probe_op);
-    struct io_uring_probe *probe = (struct io_uring_probe *)calloc(1, sz);
-    size_t i;
-    int rc = 0;
-    if (probe == NULL)
-        return PORT_ENOMEM;
-    if (sys_register(fd, IORING_REGISTER_PROBE, probe, 256) < 0) {
-        port__set_err(errbuf, errlen, "io_uring: IORING_REGISTER_PROBE failed (kernel < 5.6)");
-        free(probe);
-        return PORT_EUNAVAIL;
-    }
-    for (i = 0; i < sizeof(required_ops) / sizeof(required_ops[0]); i++) {
-        int op = required_ops[i].op;
-        if (op > probe->last_op || !(probe->ops[op].flags & IO_URING_OP_SUPPORTED)) {
-            port__set_err(errbuf, errlen, "io_uring: the kernel lacks IORING_OP_%s",
-                          required_ops[i].name);
-            rc = PORT_EUNAVAIL;
-            break;
-        }
-    }
-    free(probe);
-    return rc;
-}
-
-static int uring_create_ex(uring_port_t **out, const port_options_t *opts, int with_buffers,
-                           char *errbuf, size_t errlen) {
-    struct io_uring_params params;
-    uring_port_t *p;
-    unsigned entries, i;
-    int rc, e;
-
-    *out = NULL;
-    p = (uring_port_t *)calloc(1, sizeof(*p));
-    if (p == NULL)
-        return PORT_ENOMEM;
-    port__init_common(&p->base, &port__io_uring_vtable, opts);
-    p->ring_fd = -1;
-    p->bell_fd = -1;
-    /* Multishot receives when asked for, each arming bounded (see the top). */
-    p->multishot = (p->base.opts.flags & PORT_OPT_RECV_MULTISHOT) ? -1 : 0;
-    p->mshot_limit = MSHOT_BUFFERS * p->base.opts.recv_buffer_size;
-    {
-        pthread_condattr_t ca;
-        pthread_condattr_init(&ca);
-        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);   /* deadlines use it */
-        pthread_cond_init(&p->room_cv, &ca);
-        pthread_condattr_destroy(&ca);
-        pthread_mutex_init(&p->room, NULL);
-    }
-    entries = p->base.opts.queue_depth;
-
-    {
-        /* A completion ring four times the submission ring: a batch of sends to many
-         * sessions plus the receives that answer them must not overflow it.
-         * COOP_TASKRUN: completion work for a submitter that is running is done at its
-         * next entry into the kernel instead of interrupting it with an IPI (one per
-         * completion, measured: the largest io_uring-only cost per round trip);
-         * TASKRUN_FLAG tells us when such work waits, so a poll still runs it.  Each set
-         * is tried in turn: older kernels reject the newer flags with EINVAL. */
-        static const unsigned flag_sets[] = {
-            IORING_SETUP_CQSIZE | IORING_SETUP_SUBMIT_ALL | IORING_SETUP_COOP_TASKRUN |
-                IORING_SETUP_TASKRUN_FLAG,
-            IORING_SETUP_CQSIZE | IORING_SETUP_SUBMIT_ALL,
-            IORING_SETUP_CQSIZE,
-        };
-        size_t k;
-        for (k = 0; k < sizeof(flag_sets) / sizeof(flag_sets[0]); k++) {
-            memset(&params, 0, sizeof(params));
-            params.flags = flag_sets[k];
-            params.cq_entries = entries * 4;
-            p->ring_fd = sys_setup(entries, &params);
-            if (p->ring_fd >= 0 || errno != EINVAL)
-                break;
-        }
-        p->setup_flags = params.flags;
-    }
-    if (p->ring_fd < 0) {
-        e = errno;
-        rc = setup_error(e, errbuf, errlen);
-        goto fail;
-    }
-    p->features = params.features;
-    if (!(params.features & IORING_FEAT_EXT_ARG) || !(params.features & IORING_FEAT_NODROP)) {
-        port__set_err(errbuf, errlen,
-                      "io_uring: the kernel lacks EXT_ARG waits or NODROP (needs 5.11+)");
-        rc = PORT_EUNAVAIL;
-        goto fail;
-    }
-    rc = check_ops(p->ring_fd, errbuf, errlen);
-    if (rc)
-        goto fail;
-
-    /* Map the rings.  With SINGLE_MMAP (5.4+) one mapping holds both. */
-    p->sq_ring_sz = params.sq_off.array + params.sq_entries * sizeof(unsigned);
-    p->cq_ring_sz = params.cq_off.cqes + params.cq_entries * sizeof(struct io_uring_cqe);
-    if (params.features & IORING_FEAT_SINGLE_MMAP) {
-        if (p->cq_ring_sz > p->sq_ring_sz)
-            p->sq_ring_sz = p->cq_ring_sz;
-        p->cq_ring_sz = p->sq_ring_sz;
-    }
-    p->sq_ring = mmap(NULL, p->sq_ring_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
-                      p->ring_fd, IORING_OFF_SQ_RING);
-    if (p->sq_ring == MAP_FAILED) {
-        p->sq_ring = NULL;
-        goto fail_errno;
-    }
-    if (params.features & IORING_FEAT_SINGLE_MMAP) {
-        p->cq_ring = p->sq_ring;
-    } else {
-        p->cq_ring = mmap(NULL, p->cq_ring_sz, PROT_READ | PROT_WRITE,
-                          MAP_SHARED | MAP_POPULATE, p->ring_fd, IORING_OFF_CQ_RING);
-        if (p->cq_ring == MAP_FAILED) {
-            p->cq_ring = NULL;
-            goto fail_errno;
-        }
-    }
-    p->sqes_sz = params.sq_entries * sizeof(struct io_uring_sqe);
-    p->sqes = (struct io_uring_sqe *)mmap(NULL, p->sqes_sz, PROT_READ | PROT_WRITE,
-                                          MAP_SHARED | MAP_POPULATE, p->ring_fd,
-                                          IORING_OFF_SQES);
-    if (p->sqes == MAP_FAILED) {
-        p->sqes = NULL;
-        goto fail_errno;
-    }
-    p->sq_khead = (unsigned *)((char *)p->sq_ring + params.sq_off.head);
-    p->sq_ktail = (unsigned *)((char *)p->sq_ring + params.sq_off.tail);
-    p->sq_kflags = (unsigned *)((char *)p->sq_ring + params.sq_off.flags);
-    p->sq_mask = *(unsigned *)((char *)p->sq_ring + params.sq_off.ring_mask);
-    p->sq_entries = *(unsigned *)((char *)p->sq_ring + params.sq_off.ring_entries);
-    p->sq_tail = *p->sq_ktail;
-    {
-        /* The SQ index array maps ring slots to SQEs; we keep it the identity. */
-        unsigned *array = (unsigned *)((char *)p->sq_ring + params.sq_off.array);
-        for (i = 0; i < p->sq_entries; i++)
-            array[i] = i;
-    }
-    p->cq_khead = (unsigned *)((char *)p->cq_ring + params.cq_off.head);
-    p->cq_ktail = (unsigned *)((char *)p->cq_ring + params.cq_off.tail);
-    p->cq_mask = *(unsigned *)((char *)p->cq_ring + params.cq_off.ring_mask);
-    p->cqes = (struct io_uring_cqe *)((char *)p->cq_ring + params.cq_off.cqes);
-
-    if (with_buffers) {
-        struct io_uring_buf_reg reg;
-        unsigned ring_entries = 1;
-        p->buf_size = p->base.opts.recv_buffer_size;
-        p->buf_max = p->base.opts.recv_buffer_count;
-        if (p->buf_max > 32768)
-            p->buf_max = 32768;     /* the ring's limit, and bid is 16 bits */
-        while (ring_entries < p->buf_max)
-            ring_entries <<= 1;
-        p->br_mask = ring_entries - 1;
-        p->br_sz = ring_entries * sizeof(struct io_uring_buf);
-        p->br = (struct io_uring_buf_ring *)mmap(NULL, p->br_sz, PROT_READ | PROT_WRITE,
-                                                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (p->br == MAP_FAILED) {
-            p->br = NULL;
-            goto fail_errno;
-        }
-        p->buf_addr = (char **)calloc(p->buf_max, sizeof(char *));
-        if (p->buf_addr == NULL) {
-            rc = PORT_ENOMEM;
-            port__set_err(errbuf, errlen, "io_uring: out of memory for the buffer table");
-            goto fail;
-        }
-        memset(&reg, 0, sizeof(reg));
-        reg.ring_addr = (uint64_t)(uintptr_t)p->br;
-        reg.ring_entries = ring_entries;
-        reg.bgid = BGID;
-        if (sys_register(p->ring_fd, IORING_REGISTER_PBUF_RING, &reg, 1) < 0) {
-            e = errno;
-            if (e == ENOMEM) {
-                rc = PORT_ENOMEM;
-                port__set_err(errbuf, errlen, "io_uring: out of memory registering buffers");
-            } else {
-                rc = PORT_EUNAVAIL;
-                port__set_err(errbuf, errlen,
-                              "io_uring: provided-buffer rings unsupported (kernel < 5.19)");
-            }
-            goto fail;
-        }
-        p->br_tail = 0;
-        br_grow(p, p->buf_max < INITIAL_BUFFERS ? p->buf_max : INITIAL_BUFFERS);
-    }
-    p->bell_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (p->bell_fd < 0)
-        goto fail_errno;
-    arm_doorbell(p);
-    submit_now(p);
-    *out = p;
-    return 0;
-
-fail_errno:
-    e = errno;
-    rc = e == ENOMEM ? PORT_ENOMEM : port_err_from_os(e);
-    port__set_err(errbuf, errlen, "io_uring: mapping the rings failed: errno %d", e);
-fail:
-    uring_free(p);
-    return rc;
-}
-
-static int uring_probe(char *errbuf, size_t errlen) {
-    port_options_t small;
-    uring_port_t *p;
-    int rc;
-    memset(&small, 0, sizeof(small));
-    small.queue_depth = 4;
-    small.recv_buffer_count = 1;
-    small.recv_buffer_size = 4096;
-    rc = uring_create_ex(&p, &small, 1, errbuf, errlen);
-    if (rc == 0)
-        uring_free(p);
-    return rc;
-}
-
-static int uring_create(port_t **out, const port_options_t *opts, char *errbuf, size_t errlen) {
-    uring_port_t *p;
-    int rc = uring_create_ex(&p, opts, 1, errbuf, errlen);
-    *out = rc == 0 ? &p->base : NULL;
-    return rc;
-}
 
 static void uring_shutdown(port_t *bp) {
     uring_port_t *p = (uring_port_t *)bp;
@@ -1478,13 +850,13 @@ static void uring_destroy(port_t *bp) {
     port_atomic_store32(&p->base.closed, 1);
     if (tls_batch == p)
         tls_batch = NULL;
-    uring_free(p);
+    port__uring_free(p);
 }
 
 const port_vtable_t port__io_uring_vtable = {
     "io_uring",
-    uring_probe,
-    uring_create,
+    port__uring_probe,
+    port__uring_create,
     uring_shutdown,
     uring_destroy,
     uring_wait,
@@ -1492,7 +864,7 @@ const port_vtable_t port__io_uring_vtable = {
     uring_accept,
     uring_connect,
     uring_recv,
-    uring_recv_release,
+    port__uring_recv_release,
     uring_send,
     uring_close,
     uring_cancel,

@@ -104,6 +104,8 @@
  */
 #ifdef _WIN32
 #include "port_int.h"
+#include "bufpool.h"
+#include "timer_heap.h"
 
 #include <limits.h>
 #include <stdlib.h>
@@ -120,7 +122,6 @@
 #define SEND_INLINE 4          /* WSABUFs kept inside the op; more are allocated */
 #define SEND_MAX_BUFS 1024     /* a send of more buffers sends the first 1024 (partial) */
 #define ACCEPT_ADDR_LEN ((DWORD)(sizeof(struct sockaddr_in6) + 16))
-#define NOT_IN_HEAP 0xffffffffu
 
 /* What an op keeps while in flight, inside port_op_t.priv. */
 typedef struct iocp_op {
@@ -128,26 +129,24 @@ typedef struct iocp_op {
         char accept_addrs[2 * (sizeof(struct sockaddr_in6) + 16)];  /* AcceptEx writes here */
         struct sockaddr_in6 sa;            /* connect: the caller's address, copied */
         WSABUF inl[SEND_INLINE];           /* send: a short WSABUF array */
-        struct {
-            int64_t deadline_us;
-            uint64_t seq;
-            uint32_t heap_idx;
-        } timer;
+        port_tnode_t timer;                /* timer: its place in the heap (deadline in us) */
     } u;
     union {
         SOCKET accept_sock;                /* accept: the socket AcceptEx fills */
         WSABUF *heap_bufs;                 /* send: a long WSABUF array, freed at completion */
     } u2;
     int64_t imm_res;                       /* result carried by a KEY_IMM packet */
-    port_op_t *parked_next;                /* receives waiting for a pool buffer */
+    port_bufwait_t bufwait;                /* recv: waiting for a pool buffer (bufpool.h) */
     volatile int32_t lock;                 /* issue vs cancel (see the top) */
-    volatile int32_t woken;                /* re-armed for a buffer given back; pool_lock */
 } iocp_op_t;
 
 PORT_STATIC_ASSERT(sizeof(iocp_op_t) <= sizeof(((port_op_t *)0)->priv), iocp_op_fits);
 PORT_STATIC_ASSERT(offsetof(port_op_t, ov) == 0, ov_first);
 
 #define OP_PRIV(op) ((iocp_op_t *)(void *)(op)->priv)
+/* The receive operation waiting for a buffer that w belongs to. */
+#define OP_OF_BUFWAIT(w) \
+    ((port_op_t *)(void *)((char *)(w) - offsetof(port_op_t, priv) - offsetof(iocp_op_t, bufwait)))
 
 typedef struct iocp_port {
     port_t base;
@@ -159,20 +158,10 @@ typedef struct iocp_port {
     CONDITION_VARIABLE lead_cv;
     int leading;                       /* under lead_lock */
 
-    /* timers */
-    port_mutex_t timer_lock;
-    port_op_t **heap;
-    uint32_t heap_n, heap_cap;
-    uint64_t timer_seq;
+    port_timers_t timers;
     volatile int32_t wake_pending;     /* a KEY_WAKE for the timers is queued */
 
-    /* receive buffer pool */
-    volatile int32_t pool_lock;
-    char **buf_addr;                   /* buffer id -> its memory (a heap block) */
-    uint32_t *free_ids;
-    uint32_t free_n, made, buf_max, buf_size;
-    port_op_t *parked_head, *parked_tail;  /* receives waiting for a buffer, FIFO */
-    uint32_t woken;                    /* parked receives re-armed, not yet resolved */
+    port_bufpool_t pool;               /* receive buffers; waiters are receive ops */
 } iocp_port_t;
 
 /* ---- clock ------------------------------------------------------------------------------ */
@@ -219,85 +208,19 @@ static int64_t fail_res(port_op_t *op, int rc) {
     return rc;
 }
 
-/* ---- receive buffer pool -------------------------------------------------------------- */
-
-static char *pool_buf(iocp_port_t *p, uint32_t id) {
-    return p->buf_addr[id];   /* read by the id's holder; set under pool_lock before */
-}
-
-/* A free buffer (1), 0 when all are out (the caller parks), -1 out of memory. */
-static int pool_get(iocp_port_t *p, uint32_t *id) {
-    char *fresh = NULL;
-    int ok = 0, room;
-    for (;;) {
-        port_spin_lock(&p->pool_lock);
-        if (p->free_n > 0) {
-            *id = p->free_ids[--p->free_n];
-            ok = 1;
-        } else if (p->made < p->buf_max && fresh != NULL) {
-            *id = p->made++;
-            p->buf_addr[*id] = fresh;   /* made on first use */
-            fresh = NULL;
-            ok = 2;
-        }
-        room = p->made < p->buf_max;
-        port_spin_unlock(&p->pool_lock);
-        if (ok || fresh != NULL || !room)
-            break;
-        /* Room for one more: allocate outside the lock, then look again. */
-        fresh = port__buf_alloc(p->buf_size);
-        if (fresh == NULL)
-            return -1;
-    }
-    if (fresh != NULL)
-        port_buf_free(fresh);   /* another receive made one meanwhile, or gave one back */
-    if (ok == 2)
-        port_atomic_add64(&p->base.recv_buffers, 1);
-    return ok ? 1 : 0;
-}
-
-/* The oldest parked receive, when a free buffer is not already promised to a receive
- * woken earlier (under pool_lock); the caller re-arms it. */
-static port_op_t *parked_wake(iocp_port_t *p) {
-    port_op_t *op = p->parked_head;
-    if (op == NULL || p->free_n <= p->woken)
-        return NULL;
-    p->parked_head = OP_PRIV(op)->parked_next;
-    if (p->parked_head == NULL)
-        p->parked_tail = NULL;
-    port_atomic_add64(&p->base.recv_waiting, -1);
-    port_atomic_store32(&OP_PRIV(op)->woken, 1);
-    p->woken++;
-    return op;
-}
+/* ---- receive buffers (bufpool.c) ------------------------------------------------------ */
 
 static void arm_recv(iocp_port_t *p, port_op_t *op);
 
-static void iocp_recv_release(port_t *bp, uint32_t id, char *fresh) {
-    iocp_port_t *p = (iocp_port_t *)bp;
-    port_op_t *rearm;
-    port_spin_lock(&p->pool_lock);
-    if (fresh != NULL)
-        p->buf_addr[id] = fresh;   /* the caller kept the old block */
-    p->free_ids[p->free_n++] = id;
-    /* One buffer back: the oldest parked receive may go on. */
-    rearm = parked_wake(p);
-    port_spin_unlock(&p->pool_lock);
-    if (rearm != NULL)
-        arm_recv(p, rearm);
+/* A receive woken for a buffer given back: post its zero-byte WSARecv again now. */
+static void pool_wake(iocp_port_t *p, port_bufwait_t *w) {
+    if (w != NULL)
+        arm_recv(p, OP_OF_BUFWAIT(w));
 }
 
-/* A receive woken for a buffer ended without taking one (cancelled, failed): the wake
- * goes to the next parked receive, or a free buffer could sit unused while they wait. */
-static void woken_done(iocp_port_t *p, port_op_t *op) {
-    port_op_t *rearm;
-    port_spin_lock(&p->pool_lock);
-    port_atomic_store32(&OP_PRIV(op)->woken, 0);
-    p->woken--;
-    rearm = parked_wake(p);
-    port_spin_unlock(&p->pool_lock);
-    if (rearm != NULL)
-        arm_recv(p, rearm);
+static void iocp_recv_release(port_t *bp, uint32_t id, char *fresh) {
+    iocp_port_t *p = (iocp_port_t *)bp;
+    pool_wake(p, port__bufpool_put(&p->pool, id, fresh));
 }
 
 /* ---- issuing I/O ------------------------------------------------------------------------ */
@@ -330,7 +253,6 @@ static void arm_recv(iocp_port_t *p, port_op_t *op) {
 static int iocp_recv(port_t *bp, port_op_t *op, port_sock_t sock) {
     iocp_port_t *p = (iocp_port_t *)bp;
     op->sock = sock;
-    OP_PRIV(op)->parked_next = NULL;
     port__submitted(bp, op);
     arm_recv(p, op);
     return 0;
@@ -496,129 +418,20 @@ static int iocp_post(port_t *bp, port_op_t *op, int64_t value) {
     return 0;
 }
 
-/* ---- timers ----------------------------------------------------------------------------- */
-
-static int timer_less(port_op_t *a, port_op_t *b) {
-    iocp_op_t *x = OP_PRIV(a), *y = OP_PRIV(b);
-    if (x->u.timer.deadline_us != y->u.timer.deadline_us)
-        return x->u.timer.deadline_us < y->u.timer.deadline_us;
-    return x->u.timer.seq < y->u.timer.seq;
-}
-
-static void heap_set(iocp_port_t *p, uint32_t i, port_op_t *op) {
-    p->heap[i] = op;
-    OP_PRIV(op)->u.timer.heap_idx = i;
-}
-
-static void heap_up(iocp_port_t *p, uint32_t i) {
-    port_op_t *op = p->heap[i];
-    while (i > 0) {
-        uint32_t parent = (i - 1) / 2;
-        if (!timer_less(op, p->heap[parent]))
-            break;
-        heap_set(p, i, p->heap[parent]);
-        i = parent;
-    }
-    heap_set(p, i, op);
-}
-
-static void heap_down(iocp_port_t *p, uint32_t i) {
-    port_op_t *op = p->heap[i];
-    for (;;) {
-        uint32_t child = 2 * i + 1;
-        if (child >= p->heap_n)
-            break;
-        if (child + 1 < p->heap_n && timer_less(p->heap[child + 1], p->heap[child]))
-            child++;
-        if (!timer_less(p->heap[child], op))
-            break;
-        heap_set(p, i, p->heap[child]);
-        i = child;
-    }
-    heap_set(p, i, op);
-}
-
-/* Take p->heap[i] out (under timer_lock). */
-static void heap_remove(iocp_port_t *p, uint32_t i) {
-    port_op_t *op = p->heap[i];
-    port_op_t *last = p->heap[--p->heap_n];
-    OP_PRIV(op)->u.timer.heap_idx = NOT_IN_HEAP;
-    if (i == p->heap_n)
-        return;
-    heap_set(p, i, last);
-    if (i > 0 && timer_less(last, p->heap[(i - 1) / 2]))
-        heap_up(p, i);
-    else
-        heap_down(p, i);
-}
+/* ---- timers (timer_heap.h) ------------------------------------------------------------ */
 
 static int iocp_timer(port_t *bp, port_op_t *op, uint64_t ms) {
     iocp_port_t *p = (iocp_port_t *)bp;
-    iocp_op_t *o = OP_PRIV(op);
-    int earliest = 0, nomem = 0;
     uint64_t cap_ms = ms > (uint64_t)4000000000000ULL ? (uint64_t)4000000000000ULL : ms;
+    int rc;
 
     port__submitted(bp, op);
-    o->u.timer.deadline_us = now_us(p) + (int64_t)cap_ms * 1000;
-    o->u.timer.heap_idx = NOT_IN_HEAP;
-    port_mutex_lock(&p->timer_lock);
-    if (p->heap_n == p->heap_cap) {
-        uint32_t ncap = p->heap_cap ? p->heap_cap * 2 : 64;
-        port_op_t **nh = (port_op_t **)realloc(p->heap, sizeof(port_op_t *) * ncap);
-        if (nh == NULL) {
-            nomem = 1;
-        } else {
-            p->heap = nh;
-            p->heap_cap = ncap;
-        }
-    }
-    if (!nomem) {
-        o->u.timer.seq = p->timer_seq++;
-        p->heap[p->heap_n] = op;
-        heap_up(p, p->heap_n++);
-        earliest = p->heap[0] == op;
-    }
-    port_mutex_unlock(&p->timer_lock);
-    if (nomem)
-        post_imm(p, op, PORT_ENOMEM);
-    else if (earliest && port_atomic_xchg32(&p->wake_pending, 1) == 0)
+    rc = port__timers_add(&p->timers, &OP_PRIV(op)->u.timer, now_us(p) + (int64_t)cap_ms * 1000);
+    if (rc < 0)
+        post_imm(p, op, rc);
+    else if (rc == 1 && port_atomic_xchg32(&p->wake_pending, 1) == 0)
         post_wake(p);   /* a leader asleep for a later deadline must look again */
     return 0;
-}
-
-/* The earliest deadline, or INT64_MAX. */
-static int64_t timer_next(iocp_port_t *p) {
-    int64_t d = INT64_MAX;
-    port_mutex_lock(&p->timer_lock);
-    if (p->heap_n > 0)
-        d = OP_PRIV(p->heap[0])->u.timer.deadline_us;
-    port_mutex_unlock(&p->timer_lock);
-    return d;
-}
-
-/* Complete the due timers, earliest first, into the leader's batch. */
-static int fire_timers(iocp_port_t *p, port_cqe_t *out, int n, int max) {
-    int64_t now = now_us(p);
-    while (n < max) {
-        port_op_t *op = NULL;
-        port_cqe_t c;
-        port_mutex_lock(&p->timer_lock);
-        if (p->heap_n > 0 && OP_PRIV(p->heap[0])->u.timer.deadline_us <= now) {
-            op = p->heap[0];
-            heap_remove(p, 0);
-        }
-        port_mutex_unlock(&p->timer_lock);
-        if (op == NULL)
-            break;
-        c.op = op;
-        c.res = 0;
-        c.flags = 0;
-        c.buf_id = 0;
-        c.buf = NULL;
-        port__completed(&p->base, op);
-        n = port__deliver(&p->base, out, out, n, &c);
-    }
-    return n;
 }
 
 /* ---- cancel ----------------------------------------------------------------------------- */
@@ -626,19 +439,10 @@ static int fire_timers(iocp_port_t *p, port_cqe_t *out, int n, int max) {
 static int iocp_cancel(port_t *bp, port_op_t *target) {
     iocp_port_t *p = (iocp_port_t *)bp;
     iocp_op_t *o = OP_PRIV(target);
-    port_op_t **pp;
-    int found = 0;
 
     switch (target->type) {
     case PORT_OP_TIMER:
-        port_mutex_lock(&p->timer_lock);
-        if (o->u.timer.heap_idx != NOT_IN_HEAP && o->u.timer.heap_idx < p->heap_n &&
-            p->heap[o->u.timer.heap_idx] == target) {
-            heap_remove(p, o->u.timer.heap_idx);
-            found = 1;
-        }
-        port_mutex_unlock(&p->timer_lock);
-        if (found)
+        if (port__timers_cancel(&p->timers, &o->u.timer))
             post_imm(p, target, PORT_ECANCELED);
         return 0;
     case PORT_OP_POST:
@@ -646,20 +450,7 @@ static int iocp_cancel(port_t *bp, port_op_t *target) {
         return 0;   /* already complete: their packet is queued */
     case PORT_OP_RECV:
         /* A receive parked for a buffer has no I/O to cancel: finish it here. */
-        port_op_t *prev = NULL;
-        port_spin_lock(&p->pool_lock);
-        for (pp = &p->parked_head; *pp != NULL; prev = *pp, pp = &OP_PRIV(*pp)->parked_next) {
-            if (*pp == target) {
-                *pp = o->parked_next;
-                if (p->parked_tail == target)
-                    p->parked_tail = prev;
-                port_atomic_add64(&p->base.recv_waiting, -1);
-                found = 1;
-                break;
-            }
-        }
-        port_spin_unlock(&p->pool_lock);
-        if (found) {
+        if (port__bufpool_cancel(&p->pool, &o->bufwait)) {
             post_imm(p, target, PORT_ECANCELED);
             return 0;
         }
@@ -677,82 +468,39 @@ static int iocp_cancel(port_t *bp, port_op_t *target) {
 
 /* ---- completions ------------------------------------------------------------------------ */
 
-static void cqe_init(port_cqe_t *c, port_op_t *op, int64_t res) {
-    c->op = op;
-    c->res = res;
-    c->flags = 0;
-    c->buf_id = 0;
-    c->buf = NULL;
-}
-
 /* The zero-byte WSARecv of `op` completed successfully: read what arrived. */
 static int recv_ready(iocp_port_t *p, port_op_t *op, port_cqe_t *out, int n) {
     iocp_op_t *o = OP_PRIV(op);
     port_cqe_t c;
     uint32_t id = 0;
-    int got, r, e = 0, woken = 0;
+    char *buf = NULL;
+    int got, r, e = 0;
 
-    if (port_atomic_load32(&o->woken)) {
-        /* Woken for a buffer: whether it gets one is decided just below. */
-        port_spin_lock(&p->pool_lock);
-        port_atomic_store32(&o->woken, 0);
-        p->woken--;
-        port_spin_unlock(&p->pool_lock);
-        woken = 1;
-    }
-    got = pool_get(p, &id);
-    if (got == 0) {
-        /* Every buffer is with the dispatchers: park until one comes back, in arrival
-         * order (one woken that lost its buffer to another receive stays the oldest). */
-        port_spin_lock(&p->pool_lock);
-        if (p->free_n == 0 && !port_atomic_load32(&op->cancel_requested)) {
-            port_atomic_add64(&p->base.recv_waiting, 1);
-            if (woken) {
-                o->parked_next = p->parked_head;
-                p->parked_head = op;
-                if (p->parked_tail == NULL)
-                    p->parked_tail = op;
-            } else {
-                o->parked_next = NULL;
-                if (p->parked_tail != NULL)
-                    OP_PRIV(p->parked_tail)->parked_next = op;
-                else
-                    p->parked_head = op;
-                p->parked_tail = op;
-            }
-            port_spin_unlock(&p->pool_lock);
-            return n;
-        }
-        port_spin_unlock(&p->pool_lock);
-        if (port_atomic_load32(&op->cancel_requested)) {
-            cqe_init(&c, op, PORT_ECANCELED);
-            port__completed(&p->base, op);
-            return port__deliver(&p->base, out, out, n, &c);
-        }
-        arm_recv(p, op);   /* a buffer came back meanwhile */
+    /* A buffer, or (every buffer with the dispatchers) park until one comes back, in
+     * arrival order (one woken that lost its buffer to another receive stays the
+     * oldest); a receive cancelled meanwhile is not parked but ends here. */
+    got = port__bufpool_get(&p->pool, &o->bufwait, &op->cancel_requested, &id, &buf);
+    if (got == 0)
         return n;
-    }
-    if (got < 0) {
-        cqe_init(&c, op, PORT_ENOMEM);
-        port__completed(&p->base, op);
-        return port__deliver(&p->base, out, out, n, &c);
-    }
+    if (got < 0)
+        return port__deliver_final(&p->base, out, n, op, got);
     /* Under the op lock: a caller that cancels then closes waits for us here. */
     port_spin_lock(&o->lock);
     if (port_atomic_load32(&op->cancel_requested)) {
         r = -1;
         e = WSA_OPERATION_ABORTED;
     } else {
-        r = recv(op->sock, pool_buf(p, id), (int)p->buf_size, 0);
+        r = recv(op->sock, buf, (int)p->pool.size, 0);
         if (r < 0)
             e = WSAGetLastError();
     }
     port_spin_unlock(&o->lock);
     if (r > 0) {
-        cqe_init(&c, op, r);
+        c.op = op;
+        c.res = r;
         c.flags = PORT_CQE_BUFFER;
         c.buf_id = id;
-        c.buf = pool_buf(p, id);
+        c.buf = buf;
         port_atomic_add64(&p->base.recv_buffers_out, 1);
         port__completed(&p->base, op);
         return port__deliver(&p->base, out, out, n, &c);
@@ -762,17 +510,15 @@ static int recv_ready(iocp_port_t *p, port_op_t *op, port_cqe_t *out, int n) {
         arm_recv(p, op);   /* nothing there after all */
         return n;
     }
-    cqe_init(&c, op, r == 0 ? 0 : fail_res(op, port_err_from_os(e)));
-    port__completed(&p->base, op);
-    return port__deliver(&p->base, out, out, n, &c);
+    return port__deliver_final(&p->base, out, n, op,
+                               r == 0 ? 0 : fail_res(op, port_err_from_os(e)));
 }
-
 
 /* Turn one dequeued packet into at most one completion; returns the new batch size. */
 static int handle_entry(iocp_port_t *p, const OVERLAPPED_ENTRY *ent, port_cqe_t *out, int n) {
     port_op_t *op = (port_op_t *)(void *)ent->lpOverlapped;
     iocp_op_t *o;
-    port_cqe_t c;
+    int64_t res;
     int rc;
 
     if (ent->lpCompletionKey == KEY_WAKE || op == NULL) {
@@ -781,25 +527,23 @@ static int handle_entry(iocp_port_t *p, const OVERLAPPED_ENTRY *ent, port_cqe_t 
     }
     o = OP_PRIV(op);
     if (ent->lpCompletionKey == KEY_IMM) {
-        cqe_init(&c, op, o->imm_res);
-        if (op->type == PORT_OP_RECV && port_atomic_load32(&o->woken))
-            woken_done(p, op);   /* cancelled before it could take its buffer */
-        goto final;
+        if (op->type == PORT_OP_RECV)   /* cancelled before it could take its buffer */
+            pool_wake(p, port__bufpool_pass(&p->pool, &o->bufwait));
+        return port__deliver_final(&p->base, out, n, op, o->imm_res);
     }
     rc = port__win_status((LONG)op->ov.Internal);
     switch (op->type) {
     case PORT_OP_RECV:
         if (rc == 0)
             return recv_ready(p, op, out, n);
-        if (port_atomic_load32(&o->woken))
-            woken_done(p, op);
-        cqe_init(&c, op, fail_res(op, rc));
-        goto final;
+        pool_wake(p, port__bufpool_pass(&p->pool, &o->bufwait));
+        res = fail_res(op, rc);
+        break;
     case PORT_OP_SEND:
         free(o->u2.heap_bufs);
         o->u2.heap_bufs = NULL;
-        cqe_init(&c, op, rc == 0 ? (int64_t)ent->dwNumberOfBytesTransferred : fail_res(op, rc));
-        goto final;
+        res = rc == 0 ? (int64_t)ent->dwNumberOfBytesTransferred : fail_res(op, rc);
+        break;
     case PORT_OP_ACCEPT: {
         SOCKET as = o->u2.accept_sock, ls = op->sock;
         o->u2.accept_sock = INVALID_SOCKET;
@@ -811,26 +555,24 @@ static int handle_entry(iocp_port_t *p, const OVERLAPPED_ENTRY *ent, port_cqe_t 
         if (rc == 0)
             rc = port__win_nonblock(as);
         if (rc == 0) {
-            cqe_init(&c, op, (int64_t)as);
+            res = (int64_t)as;
         } else {
             closesocket(as);
-            cqe_init(&c, op, fail_res(op, rc));
+            res = fail_res(op, rc);
         }
-        goto final;
+        break;
     }
     case PORT_OP_CONNECT:
         if (rc == 0 &&
             setsockopt(op->sock, SOL_SOCKET, SO_UPDATE_CONNECT_CONTEXT, NULL, 0) != 0)
             rc = port_err_from_os(WSAGetLastError());
-        cqe_init(&c, op, rc == 0 ? 0 : fail_res(op, rc));
-        goto final;
+        res = rc == 0 ? 0 : fail_res(op, rc);
+        break;
     default:
-        cqe_init(&c, op, rc == 0 ? (int64_t)ent->dwNumberOfBytesTransferred : rc);
-        goto final;
+        res = rc == 0 ? (int64_t)ent->dwNumberOfBytesTransferred : rc;
+        break;
     }
-final:
-    port__completed(&p->base, op);
-    return port__deliver(&p->base, out, out, n, &c);
+    return port__deliver_final(&p->base, out, n, op, res);
 }
 
 static int iocp_wait(port_t *bp, port_cqe_t *out, int max, int timeout_ms) {
@@ -881,7 +623,7 @@ static int iocp_wait(port_t *bp, port_cqe_t *out, int max, int timeout_ms) {
         if (port_atomic_load32(&p->base.closed))
             break;
         now = now_us(p);
-        until = timer_next(p);
+        until = port__timers_next(&p->timers);
         if (timeout_ms == 0)
             ms = 0;
         else {
@@ -902,7 +644,7 @@ static int iocp_wait(port_t *bp, port_cqe_t *out, int max, int timeout_ms) {
         port_atomic_add64(&p->base.waits, 1);
         for (i = 0; i < got; i++)
             n = handle_entry(p, &ent[i], out, n);
-        n = fire_timers(p, out, n, max);
+        n = port__timers_run(&p->timers, &p->base, now_us(p), out, n, max);
         if (n > 0 || err != 0 || timeout_ms == 0)
             break;
         if (timeout_ms > 0 && now_us(p) >= deadline)
@@ -913,11 +655,7 @@ static int iocp_wait(port_t *bp, port_cqe_t *out, int max, int timeout_ms) {
     p->leading = 0;
     WakeConditionVariable(&p->lead_cv);
     ReleaseSRWLockExclusive(&p->lead_lock);
-    if (n > 0)
-        return n;
-    if (port_atomic_load32(&p->base.closed))
-        return PORT_ECLOSED;
-    return err;
+    return port__wait_result(&p->base, n, err);
 }
 
 static void iocp_batch_end(port_t *bp) {
@@ -953,15 +691,8 @@ static int iocp_sock_close(port_t *bp, port_sock_t s, int flags) {
 static void iocp_free(iocp_port_t *p) {
     if (p->iocp != NULL)
         CloseHandle(p->iocp);
-    if (p->buf_addr != NULL) {
-        uint32_t i;
-        for (i = 0; i < p->made; i++)
-            port_buf_free(p->buf_addr[i]);   /* the pool's; kept ones were replaced */
-        free(p->buf_addr);
-    }
-    free(p->free_ids);
-    free(p->heap);
-    port_mutex_destroy(&p->timer_lock);
+    port__bufpool_destroy(&p->pool);
+    port__timers_destroy(&p->timers);
     free(p);
 }
 
@@ -999,7 +730,7 @@ static int iocp_create(port_t **out, const port_options_t *opts, char *errbuf, s
     QueryPerformanceFrequency(&p->qpc_freq);
     InitializeSRWLock(&p->lead_lock);
     InitializeConditionVariable(&p->lead_cv);
-    port_mutex_init(&p->timer_lock);
+    port__timers_init(&p->timers, offsetof(port_op_t, priv) + offsetof(iocp_op_t, u.timer));
     /* Concurrency 0: one running thread per CPU (see the top on what it means here). */
     p->iocp = CreateIoCompletionPort(INVALID_HANDLE_VALUE, NULL, 0, 0);
     if (p->iocp == NULL) {
@@ -1008,17 +739,9 @@ static int iocp_create(port_t **out, const port_options_t *opts, char *errbuf, s
         rc = port_err_from_os((int)GetLastError());
         goto fail;
     }
-    p->buf_size = p->base.opts.recv_buffer_size;
-    p->buf_max = p->base.opts.recv_buffer_count;
-    p->free_ids = (uint32_t *)malloc(sizeof(uint32_t) * p->buf_max);
-    /* Buffers are heap blocks made on first use: memory follows the peak in flight. */
-    p->buf_addr = (char **)calloc(p->buf_max, sizeof(char *));
-    if (p->free_ids == NULL || p->buf_addr == NULL) {
-        port__set_err(errbuf, errlen, "iocp: out of memory for %u receive buffers of %u bytes",
-                      (unsigned)p->buf_max, (unsigned)p->buf_size);
-        rc = PORT_ENOMEM;
+    rc = port__bufpool_init(&p->pool, &p->base, "iocp", errbuf, errlen);
+    if (rc != 0)
         goto fail;
-    }
     *out = &p->base;
     return 0;
 fail:
@@ -1063,5 +786,7 @@ const port_vtable_t port__iocp_vtable = {
     iocp_timer,
     iocp_listen,
     iocp_sock_close,
+    NULL,   /* send_now: every send is an overlapped WSASend here */
+    NULL,   /* flush_sends: nothing is deferred */
 };
 #endif /* _WIN32 */

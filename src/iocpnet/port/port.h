@@ -194,14 +194,13 @@ typedef struct port_cqe {
 } port_cqe_t;
 
 /* Strand: serialises the completions of one owner across threads (see the top).  Embed
- * one per session; initialise before the first operation that uses it. */
-typedef struct port_strand_node port_strand_node_t;
+ * one per session; initialise before the first operation that uses it.  Only `owner` is
+ * the caller's; the rest is the port's (its layout is in strand.c, which checks at
+ * compile time that it fits here). */
+#define PORT_STRAND_PRIV_WORDS 4
 struct port_strand {
     void *owner;                  /* the caller's object the strand belongs to; opaque */
-    volatile int32_t lock;
-    int32_t held;                 /* completions handed out and not yet finished */
-    void *token;                  /* the batch that holds the strand */
-    port_strand_node_t *head, *tail;
+    uint64_t priv[PORT_STRAND_PRIV_WORDS];   /* the port's; do not touch */
 };
 
 typedef struct port_options {

@@ -1,6 +1,27 @@
 /*
  * port_int.h -- what the backends share: the port's common head, the backend table,
- * strands, and the few synchronisation primitives the layer needs.
+ * delivery into a batch, and the helpers every backend calls.  Private to the port
+ * layer (the Cython core includes port.h and port_sync.h only).
+ *
+ * The layout, as libuv's src/ and src/unix/:
+ *   port.h          the public API (one for every backend)
+ *   port_int.h      this file
+ *   port_sync.h     atomics and locks (shared with the Cython core)
+ *   common.c        backend choice, the public calls and their checks, error names
+ *   strand.c        strands (the strand's state is private to it)
+ *   bufpool.c/.h    receive buffers: the epoll/IOCP pool, the wait queue all three share
+ *   timer_heap.h    the timer heap of the backends that keep their own (epoll, IOCP)
+ *   addr.c          name resolution and address text (POSIX and Windows)
+ *   posix_sock.c    POSIX sockets: errno map, listen, close, sendmsg (io_uring, epoll)
+ *   win_sock.c      Winsock: error maps, start-up, AcceptEx/ConnectEx, listen, close
+ *   io_uring.c      the io_uring backend's hot path; io_uring_setup.c making the ring and
+ *                   probing the kernel; io_uring_bufs.c its provided receive buffers;
+ *                   io_uring_int.h what the three share
+ *   epoll.c         the epoll backend's reactor; epoll_ops.c its descriptor table and
+ *                   submissions; epoll_int.h what the two share
+ *   iocp.c          the IOCP backend (with win_sock.c, bufpool.c, timer_heap.h)
+ * Each backend file holds only its backend's model; what two backends need is here or
+ * in a file of its own.
  *
  * Atomics and locks live in port_sync.h (the Cython core uses them too).
  */
@@ -15,6 +36,9 @@
 
 #define PORT_UNUSED(x) ((void)(x))
 #define PORT_STATIC_ASSERT(cond, name) typedef char port__static_assert_##name[(cond) ? 1 : -1]
+/* The record of type `type` whose member `member` is at ptr. */
+#define PORT_CONTAINER_OF(ptr, type, member) \
+    ((type *)(void *)((char *)(ptr) - offsetof(type, member)))
 
 /* ---- the port's common head and the backend table ----------------------------------- */
 
@@ -74,8 +98,33 @@ static inline void port__completed(port_t *p, port_op_t *op) {
  * batch being filled; call this in completion order, under whatever lock makes that
  * order (the CQ lock for io_uring, the descriptor's lock for epoll). */
 int port__deliver(port_t *p, void *token, port_cqe_t *out, int n, const port_cqe_t *c);
+/* 1 when nobody holds the strand and nothing waits on it (the contract test's check). */
+int port__strand_idle(const port_strand_t *s);
 
-/* Memory of receive buffers: plain heap blocks, so that one the caller keeps
+/* Count op's final completion and put it (result res, no buffer) into the batch. */
+static inline int port__deliver_final(port_t *p, port_cqe_t *out, int n, port_op_t *op,
+                                      int64_t res) {
+    port_cqe_t c;
+    c.op = op;
+    c.res = res;
+    c.flags = 0;
+    c.buf_id = 0;
+    c.buf = NULL;
+    port__completed(p, op);
+    return port__deliver(p, out, out, n, &c);
+}
+
+/* What port_wait returns after its loop: the batch, else PORT_ECLOSED once the port is
+ * shut down, else the error that ended the wait (0: timed out). */
+static inline int port__wait_result(port_t *p, int n, int err) {
+    if (n > 0)
+        return n;
+    if (port_atomic_load32(&p->closed))
+        return PORT_ECLOSED;
+    return err;
+}
+
+/* Memory of receive buffers (bufpool.c): plain heap blocks, so that one the caller keeps
  * (port_recv_detach) outlives the port and is freed with port_buf_free. */
 char *port__buf_alloc(size_t size);
 
@@ -86,8 +135,17 @@ void port__set_err(char *errbuf, size_t errlen, const char *fmt, ...);
 #ifndef _WIN32
 int port__posix_listen_socket(const port_addr_t *addr, int backlog, int flags, int *out);
 int port__posix_close(int fd, int flags);
-/* One non-blocking sendmsg: bytes sent, 0 if the socket is full, or a PORT_E* error. */
+/* One non-blocking sendmsg of up to IOV_MAX buffers, retried on EINTR: sendmsg's own
+ * result, errno set on failure. */
+long port__posix_sendmsg(int fd, const port_buf_t *bufs, int nbufs);
+/* The same as port_send_now: bytes sent, 0 if the socket is full, or a PORT_E* error. */
 int64_t port__posix_send_now(int fd, const port_buf_t *bufs, int nbufs);
+/* CLOCK_MONOTONIC in nanoseconds (deadlines of waits and timers). */
+static inline int64_t port__now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
 #endif
 
 /* Windows socket helpers shared with the IOCP backend (win_sock.c). */

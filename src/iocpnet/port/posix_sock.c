@@ -1,16 +1,14 @@
 /*
  * posix_sock.c -- socket helpers shared by the POSIX backends (io_uring and epoll):
- * errno mapping, name resolution, listening sockets, addresses.  Nothing here waits.
+ * errno mapping, listening sockets, close, sendmsg, socket queries.  Nothing here waits
+ * and nothing keeps state.  (Name resolution and address text: addr.c.)
  */
 #ifndef _WIN32
 #include "port_int.h"
 
-#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <netdb.h>
 #include <netinet/tcp.h>
-#include <stdio.h>
 #include <limits.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -66,63 +64,6 @@ int port_err_from_os(int e) {
     return PORT_EUNKNOWN;
 }
 
-int port_resolve(const char *host, int portnum, int passive, port_addr_t *out) {
-    struct addrinfo hints, *res = NULL;
-    char service[16];
-    int rc;
-
-    if (portnum < 0 || portnum > 65535)
-        return PORT_EINVAL;
-    memset(out, 0, sizeof(*out));
-    if (host == NULL || host[0] == '\0') {
-        if (!passive)
-            return PORT_EINVAL;
-        /* "All interfaces": an IPv6 wildcard that also takes IPv4 (dual stack) where the
-         * host has IPv6, else the IPv4 wildcard. */
-        int probe = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        if (probe >= 0) {
-            struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&out->ss;
-            close(probe);
-            a6->sin6_family = AF_INET6;
-            a6->sin6_addr = in6addr_any;
-            a6->sin6_port = htons((uint16_t)portnum);
-            out->len = (int)sizeof(*a6);
-        } else {
-            struct sockaddr_in *a4 = (struct sockaddr_in *)&out->ss;
-            a4->sin_family = AF_INET;
-            a4->sin_addr.s_addr = htonl(INADDR_ANY);
-            a4->sin_port = htons((uint16_t)portnum);
-            out->len = (int)sizeof(*a4);
-        }
-        return 0;
-    }
-    memset(&hints, 0, sizeof(hints));
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_protocol = IPPROTO_TCP;
-    hints.ai_flags = passive ? AI_PASSIVE : 0;
-    snprintf(service, sizeof(service), "%d", portnum);
-    rc = getaddrinfo(host, service, &hints, &res);
-    if (rc != 0) {
-        if (rc == EAI_SYSTEM)
-            return port_err_from_os(errno);
-        if (rc == EAI_MEMORY)
-            return PORT_ENOMEM;
-        if (rc == EAI_FAMILY)
-            return PORT_EAFNOSUPPORT;
-        return PORT_ENONAME;
-    }
-    if (res == NULL || res->ai_addrlen > sizeof(out->ss)) {
-        if (res)
-            freeaddrinfo(res);
-        return PORT_ENONAME;
-    }
-    memcpy(&out->ss, res->ai_addr, res->ai_addrlen);
-    out->len = (int)res->ai_addrlen;
-    freeaddrinfo(res);
-    return 0;
-}
-
 int port__posix_listen_socket(const port_addr_t *addr, int backlog, int flags, int *out) {
     int fd, one = 1, e;
     int family = addr->ss.ss_family;
@@ -176,16 +117,22 @@ int port__posix_close(int fd, int flags) {
     return 0;
 }
 
-int64_t port__posix_send_now(int fd, const port_buf_t *bufs, int nbufs) {
+long port__posix_sendmsg(int fd, const port_buf_t *bufs, int nbufs) {
     struct msghdr m;
     ssize_t r;
     memset(&m, 0, sizeof(m));
     m.msg_iov = (struct iovec *)(void *)bufs;
-    /* Past IOV_MAX the kernel refuses the whole call: send the first IOV_MAX buffers. */
+    /* Past IOV_MAX the kernel refuses the whole call; sending the first IOV_MAX buffers
+     * is a partial send, which port.h allows (the caller continues from there). */
     m.msg_iovlen = (size_t)(nbufs > IOV_MAX ? IOV_MAX : nbufs);
     do
         r = sendmsg(fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
     while (r < 0 && errno == EINTR);
+    return (long)r;
+}
+
+int64_t port__posix_send_now(int fd, const port_buf_t *bufs, int nbufs) {
+    long r = port__posix_sendmsg(fd, bufs, nbufs);
     if (r >= 0)
         return (int64_t)r;
     if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS)
@@ -207,30 +154,6 @@ int port_peername(port_sock_t s, port_addr_t *out) {
         return port_err_from_os(errno);
     out->len = (int)len;
     return 0;
-}
-
-int port_addr_format(const port_addr_t *addr, char *host, size_t hostlen, int *portnum) {
-    if (addr->ss.ss_family == AF_INET) {
-        const struct sockaddr_in *a4 = (const struct sockaddr_in *)&addr->ss;
-        if (inet_ntop(AF_INET, &a4->sin_addr, host, (socklen_t)hostlen) == NULL)
-            return port_err_from_os(errno);
-        *portnum = ntohs(a4->sin_port);
-        return 0;
-    }
-    if (addr->ss.ss_family == AF_INET6) {
-        const struct sockaddr_in6 *a6 = (const struct sockaddr_in6 *)&addr->ss;
-        /* A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d; show them as IPv4,
-         * which is what the user connected with. */
-        if (IN6_IS_ADDR_V4MAPPED(&a6->sin6_addr)) {
-            if (inet_ntop(AF_INET, &a6->sin6_addr.s6_addr[12], host, (socklen_t)hostlen) == NULL)
-                return port_err_from_os(errno);
-        } else if (inet_ntop(AF_INET6, &a6->sin6_addr, host, (socklen_t)hostlen) == NULL) {
-            return port_err_from_os(errno);
-        }
-        *portnum = ntohs(a6->sin6_port);
-        return 0;
-    }
-    return PORT_EAFNOSUPPORT;
 }
 
 int port_set_nodelay(port_sock_t s, int on) {

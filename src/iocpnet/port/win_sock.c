@@ -1,8 +1,9 @@
 /*
  * win_sock.c -- socket helpers for the Windows backend (the twin of posix_sock.c):
- * Winsock start-up, error mapping, name resolution, listening sockets, addresses, and the
+ * Winsock start-up, error mapping, listening sockets, close, socket queries, and the
  * Microsoft extension functions (AcceptEx, ConnectEx) that iocp.c calls.  Nothing here
- * waits.
+ * waits.  (Name resolution and address text: addr.c.)  State: the extension functions,
+ * looked up once under an INIT_ONCE and read-only after.
  *
  * Error codes.  Windows reports socket errors in three vocabularies: WSA codes from
  * Winsock calls (WSAECONNRESET), Win32 codes from GetLastError (ERROR_NETNAME_DELETED,
@@ -15,7 +16,6 @@
 #include "port_int.h"
 
 #include <mswsock.h>
-#include <stdio.h>
 
 #ifdef _MSC_VER
 #  pragma comment(lib, "ws2_32.lib")   /* the build need not name it (mingw: -lws2_32) */
@@ -251,66 +251,6 @@ int port__win_nonblock(SOCKET s) {
     return 0;
 }
 
-int port_resolve(const char *host, int portnum, int passive, port_addr_t *out) {
-    struct addrinfo hints, *res = NULL;
-    char service[16];
-    int rc;
-
-    if (portnum < 0 || portnum > 65535)
-        return PORT_EINVAL;
-    rc = port__win_init();
-    if (rc != 0 && rc != PORT_EUNAVAIL)
-        return rc;
-    memset(out, 0, sizeof(*out));
-    if (host == NULL || host[0] == '\0') {
-        SOCKET probe;
-        if (!passive)
-            return PORT_EINVAL;
-        /* "All interfaces": the IPv6 wildcard (dual stack, see port__win_listen_socket)
-         * where the host has IPv6, else the IPv4 wildcard. */
-        probe = WSASocketW(AF_INET6, SOCK_STREAM, IPPROTO_TCP, NULL, 0, 0);
-        if (probe != INVALID_SOCKET) {
-            struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&out->ss;
-            closesocket(probe);
-            a6->sin6_family = AF_INET6;
-            a6->sin6_addr = in6addr_any;
-            a6->sin6_port = htons((u_short)portnum);
-            out->len = (int)sizeof(*a6);
-        } else {
-            struct sockaddr_in *a4 = (struct sockaddr_in *)&out->ss;
-            a4->sin_family = AF_INET;
-            a4->sin_addr.s_addr = htonl(INADDR_ANY);
-            a4->sin_port = htons((u_short)portnum);
-            out->len = (int)sizeof(*a4);
-        }
-        return 0;
-    }
-    memset(&hints, 0, sizeof(hints));
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_protocol = IPPROTO_TCP;
-    hints.ai_flags = passive ? AI_PASSIVE : 0;
-    snprintf(service, sizeof(service), "%d", portnum);
-    rc = getaddrinfo(host, service, &hints, &res);
-    if (rc != 0) {
-        /* getaddrinfo's EAI_* codes are WSA codes on Windows. */
-        if (rc == EAI_MEMORY)
-            return PORT_ENOMEM;
-        if (rc == EAI_FAMILY)
-            return PORT_EAFNOSUPPORT;
-        return PORT_ENONAME;
-    }
-    if (res == NULL || res->ai_addrlen > sizeof(out->ss)) {
-        if (res)
-            freeaddrinfo(res);
-        return PORT_ENONAME;
-    }
-    memcpy(&out->ss, res->ai_addr, res->ai_addrlen);
-    out->len = (int)res->ai_addrlen;
-    freeaddrinfo(res);
-    return 0;
-}
-
 int port__win_listen_socket(const port_addr_t *addr, int backlog, int flags, SOCKET *out) {
     int family = addr->ss.ss_family, e, one = 1;
     SOCKET s;
@@ -377,34 +317,6 @@ int port_peername(port_sock_t s, port_addr_t *out) {
         return port_err_from_os(WSAGetLastError());
     out->len = len;
     return 0;
-}
-
-static int is_v4mapped(const struct in6_addr *a) {
-    static const unsigned char prefix[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
-    return memcmp(a->s6_addr, prefix, sizeof(prefix)) == 0;
-}
-
-int port_addr_format(const port_addr_t *addr, char *host, size_t hostlen, int *portnum) {
-    if (addr->ss.ss_family == AF_INET) {
-        const struct sockaddr_in *a4 = (const struct sockaddr_in *)&addr->ss;
-        if (inet_ntop(AF_INET, (void *)&a4->sin_addr, host, hostlen) == NULL)
-            return port_err_from_os(WSAGetLastError());
-        *portnum = ntohs(a4->sin_port);
-        return 0;
-    }
-    if (addr->ss.ss_family == AF_INET6) {
-        const struct sockaddr_in6 *a6 = (const struct sockaddr_in6 *)&addr->ss;
-        /* A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d; show them as IPv4. */
-        if (is_v4mapped(&a6->sin6_addr)) {
-            if (inet_ntop(AF_INET, (void *)&a6->sin6_addr.s6_addr[12], host, hostlen) == NULL)
-                return port_err_from_os(WSAGetLastError());
-        } else if (inet_ntop(AF_INET6, (void *)&a6->sin6_addr, host, hostlen) == NULL) {
-            return port_err_from_os(WSAGetLastError());
-        }
-        *portnum = ntohs(a6->sin6_port);
-        return 0;
-    }
-    return PORT_EAFNOSUPPORT;
 }
 
 int port_set_nodelay(port_sock_t s, int on) {

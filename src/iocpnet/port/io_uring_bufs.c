@@ -1,0 +1,132 @@
+/*
+ * io_uring_bufs.c -- the io_uring backend's receive buffers: a provided-buffer ring
+ * (IORING_REGISTER_PBUF_RING) from which the kernel picks a buffer only when bytes
+ * arrive, so an idle connection holds none, and the receives waiting for one.
+ *
+ * Each buffer is a heap block of its own (buf_addr[id]), so that one the caller keeps
+ * (port_recv_detach) simply leaves the pool, which puts a fresh block under the same id.
+ * The ring starts with few buffers and grows when the kernel runs out (ENOBUFS), up to
+ * recv_buffer_count, so the memory touched follows the peak of data in flight.
+ *
+ * Waiters.  A receive that finds the ring empty completes with ENOBUFS.  One that did
+ * not poll first picks its buffer before reading, so its ENOBUFS says nothing about
+ * data (an idle connection gets it too): it is re-armed to poll first.  One that polled
+ * first has data waiting: it waits on the queue of bufpool.h, and each buffer given back
+ * re-arms one waiter, the oldest, to poll first again (re-arming them all would cost one
+ * SQE and one ENOBUFS completion per waiter per release, and the newest would win;
+ * waking an idle connection would strand the buffer).  So recv_waiting counts receives
+ * with data waiting.  br_free counts the buffers in the ring that no
+ * reaped completion has taken yet, and is what the queue compares its woken waiters
+ * with.  A woken receive that completes without taking a buffer (cancelled, the peer
+ * closed) passes the wake on; one that lost its buffer to another receive goes back to
+ * the head of the queue.  br_free may run ahead of the ring for as long as a completion
+ * that took a buffer is not reaped, which at worst re-arms a receive that then waits
+ * again.
+ *
+ * Lock: br_lock guards the ring's tail, the id table's entries and the queue; it is
+ * taken under cq_lock (reaping) and never with sq_lock (a re-armed receive is written
+ * after br_lock is released).
+ */
+#if defined(__linux__)
+#include "io_uring_int.h"
+
+static void br_add(uring_port_t *p, unsigned bid) {
+    /* Write the fields one by one: the ring's tail lives in the `resv` field of entry 0. */
+    struct io_uring_buf *b = &p->br->bufs[p->br_tail & p->br_mask];
+    b->addr = (uint64_t)(uintptr_t)LOAD_ACQ(&p->buf_addr[bid]);
+    b->len = p->buf_size;
+    b->bid = (uint16_t)bid;
+    p->br_tail++;
+}
+
+static void br_publish(uring_port_t *p) { STORE_REL(&p->br->tail, p->br_tail); }
+
+unsigned port__uring_br_grow(uring_port_t *p, unsigned count) {
+    unsigned made = 0;
+    if (count > p->buf_max - p->buf_made)
+        count = p->buf_max - p->buf_made;
+    while (made < count) {
+        char *b = port__buf_alloc(p->buf_size);
+        if (b == NULL)
+            break;      /* out of memory: the pool stays smaller (receives wait) */
+        STORE_REL(&p->buf_addr[p->buf_made], b);
+        br_add(p, p->buf_made);
+        p->buf_made++;
+        made++;
+    }
+    if (made) {
+        br_publish(p);
+        port_atomic_add32(&p->br_free, (int32_t)made);
+        port_atomic_add64(&p->base.recv_buffers, made);
+    }
+    return made;
+}
+
+/* The oldest waiter, if a buffer is free for it (under br_lock); the caller re-arms it. */
+static port_op_t *waiter_wake(uring_port_t *p) {
+    port_bufwait_t *w = port__bufwaitq_wake(&p->waiters, port_atomic_load32(&p->br_free));
+    return w != NULL ? OP_OF_BUFWAIT(w) : NULL;
+}
+
+/* Re-arm a waiter woken for a buffer (after br_lock is released): a one-shot receive
+ * that polls first, so that it takes a buffer only with data there. */
+static void waiter_rearm(uring_port_t *p, port_op_t *w, int mode, int reaping) {
+    if (w != NULL) {
+        port__uring_resubmit_recv(p, w, mode);
+        port__uring_waiter_submit(p, reaping);
+    }
+}
+
+void port__uring_recv_release(port_t *bp, uint32_t bid, char *fresh) {
+    uring_port_t *p = (uring_port_t *)bp;
+    port_op_t *w;
+    port_spin_lock(&p->br_lock);
+    if (fresh != NULL)
+        STORE_REL(&p->buf_addr[bid], fresh);   /* the caller kept the old block */
+    br_add(p, bid);
+    br_publish(p);
+    port_atomic_add32(&p->br_free, 1);
+    w = waiter_wake(p);
+    port_spin_unlock(&p->br_lock);
+    waiter_rearm(p, w, RECV_POLL_ALWAYS, 0);
+}
+
+/* It took the buffer it was woken for, or it ended without one and passes the wake on. */
+void port__uring_recv_woken_done(uring_port_t *p, port_op_t *op) {
+    port_op_t *w;
+    port_spin_lock(&p->br_lock);
+    port__bufwaitq_resolve(&p->waiters, &OP_PRIV(op)->u.rv.bufwait);
+    w = waiter_wake(p);
+    port_spin_unlock(&p->br_lock);
+    waiter_rearm(p, w, RECV_POLL_ALWAYS, 1);
+}
+
+void port__uring_recv_out_of_buffers(uring_port_t *p, port_op_t *op) {
+    port_bufwait_t *bw = &OP_PRIV(op)->u.rv.bufwait;
+    int now = 0, mode = 0, woken;
+    port_spin_lock(&p->br_lock);
+    woken = port__bufwaitq_resolve(&p->waiters, bw);
+    if (port__uring_br_grow(p, p->buf_made) > 0) {
+        now = 1;           /* room again */
+    } else if (!__atomic_load_n(&OP_PRIV(op)->u.rv.polled, __ATOMIC_RELAXED)) {
+        /* A receive that does not poll first picks its buffer before it reads: this
+         * ENOBUFS says nothing about data.  Re-arm it to poll first: it asks for a
+         * buffer, or comes back here, only once data is there, so the queue holds
+         * receives with data waiting, and a wake never goes to a connection with
+         * nothing to read. */
+        now = 1;
+        mode = RECV_POLL_ALWAYS;
+    } else if ((woken || p->waiters.head == NULL) &&
+               port_atomic_load32(&p->br_free) > (int32_t)p->waiters.woken) {
+        /* A buffer came back since the kernel looked, and nobody older waits for it. */
+        port__bufwaitq_claim(&p->waiters, bw);
+        now = 1;
+        mode = RECV_POLL_ALWAYS;
+    } else {
+        /* Wait; one woken that lost its buffer to another receive stays the oldest. */
+        port__bufwaitq_push(&p->waiters, bw, woken);
+    }
+    port_spin_unlock(&p->br_lock);
+    waiter_rearm(p, now ? op : NULL, mode, 1);
+}
+#endif /* __linux__ */
