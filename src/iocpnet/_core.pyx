@@ -38,7 +38,6 @@ import time as _time
 import sys as _sys
 import traceback as _traceback
 import weakref as _weakref
-import weakref as _weakref
 
 logger = logging.getLogger("iocpnet")
 
@@ -214,6 +213,9 @@ include "core/port.pxi"
 include "core/timers.pxi"
 include "core/recv_view.pxi"
 include "core/session.pxi"
+include "core/session_recv.pxi"
+include "core/session_send.pxi"
+include "core/session_close.pxi"
 include "core/tls.pxi"
 include "core/strand.pxi"
 include "core/group.pxi"

@@ -257,12 +257,12 @@ cdef class Group(IocpObject):
             for s in self._snapshot():
                 if s is exclude:
                     continue
-                if droppable and s._send_queue_above_high():
+                if droppable and _send_queue_above_high(s):
                     continue
                 if s._hooks.send_overridden:
                     if s.Send(b):
                         n += 1
-                elif s._send(b):
+                elif _send_data(s, b):
                     n += 1
         return n
 

@@ -195,7 +195,7 @@ cdef bint _rate_check(Session s, Py_ssize_t nbytes, int nmsgs) noexcept:
     if st == NULL:
         st = <_RateState *>malloc(sizeof(_RateState))
         if st == NULL:
-            s._close_now("out of memory for the rate limiter", True)
+            _close_now(s, "out of memory for the rate limiter", True)
             return False
         _bucket_init(&st.msgs, lim.msg_rate, lim.msg_burst, now)
         _bucket_init(&st.bytes, lim.byte_rate, lim.byte_burst, now)
@@ -215,7 +215,7 @@ cdef void _rate_exceeded(Session s, _Bucket *b, str unit, str attr, int64_t now)
               f"({b.taken:.0f} {unit} in {secs:.3f} s, burst {b.burst:g})")
     if s._state == S_CONNECTED:
         logger.warning("disconnecting %s: %s", repr(s), reason)
-    s._close_now(reason, True)
+    _close_now(s, reason, True)
 
 
 cdef void _rate_free(Session s) noexcept:

@@ -387,7 +387,7 @@ cdef class IocpCore:
                     self._housekeeping = t
         except Exception:
             logger.exception("watching a flushing session failed")
-            s._close_now("flush watch failed", True)
+            _close_now(s, "flush watch failed", True)
 
     cdef void _unwatch_flush(self, Session s) noexcept:
         with self._lock:
@@ -408,7 +408,7 @@ cdef class IocpCore:
                 self._housekeeping.Cancel()
                 self._housekeeping = None
         for s in overdue:
-            s._close_now(f"{s._get_reason()} (its queued data was not flushed in time)",
+            _close_now(s, f"{s._get_reason()} (its queued data was not flushed in time)",
                          True)
 
     def _add_close_callback(self, cb):

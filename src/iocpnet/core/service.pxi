@@ -20,7 +20,7 @@ cdef class _StopOnStrand(IocpObject):
     cdef void _dispatch(self, port_cqe_t *cqe) noexcept:
         cdef Session s = self.session
         self.session = None
-        s._begin_disconnect(self.reason, True)
+        _begin_disconnect(s, self.reason, True)
 
 
 cdef void _stop_session(Session s, str reason) noexcept:
@@ -38,7 +38,7 @@ cdef void _stop_session(Session s, str reason) noexcept:
         if rc != 0:
             _decref(<PyObject *>job)
     if rc != 0:
-        s._begin_disconnect(reason, True)     # the port is shut: nothing runs there
+        _begin_disconnect(s, reason, True)     # the port is shut: nothing runs there
 
 
 cdef str _describe_open(Session s, int64_t now):
@@ -155,7 +155,7 @@ cdef class Service:
             self.total_sessions += 1
             stopping = self._stopping
         if stopping:
-            s._close_now(self._shutdown_reason, False)
+            _close_now(s, self._shutdown_reason, False)
             return False
         self._watch_idle(s)
         _watch_stalls(self, s)
@@ -187,7 +187,7 @@ cdef class Service:
             idle = s._hooks.idle_timeout
             if idle > 0 and s._state == S_CONNECTED and \
                     now - s._last_recv_ms >= <int64_t>(idle * 1000):
-                if s._begin_disconnect(f"idle timeout: nothing received for {idle:g} s",
+                if _begin_disconnect(s, f"idle timeout: nothing received for {idle:g} s",
                                        True):
                     self.idle_disconnects += 1
 
@@ -401,7 +401,7 @@ cdef class Service:
         self._wait_stopped(deadline, timeout)
         if self._force:
             for s in self.sessions:
-                (<Session>s)._close_now(f"{self._shutdown_reason} (stopped at once)", True)
+                _close_now(<Session>s, f"{self._shutdown_reason} (stopped at once)", True)
         core.Close(0.0 if self._force else max(0.0, deadline - _time.monotonic()))
         # Workers not in a hook leave Dispatch as soon as the port is shut: a moment for
         # them even past the deadline (or after a second signal).
@@ -568,7 +568,7 @@ cdef class ClientService(Service):
     cdef bint _session_connected(self, Session s) noexcept:
         # Already in the set since the connect started.
         if self._stopping:
-            s._close_now(self._shutdown_reason, False)
+            _close_now(s, self._shutdown_reason, False)
             return False
         if s._tls is None:
             self._session_ready()

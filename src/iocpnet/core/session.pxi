@@ -1,5 +1,25 @@
-# core/session.pxi: hooks resolved once per class, and the Session.
+# core/session.pxi: the Session object, its hooks, and how a connection starts.
 # Included by _core.pyx (one extension module, one file per concern).
+#
+# What it owns.  The Session class itself: every field (so the whole state of a
+# connection reads in one place), the default hooks, the public API a user calls
+# (Send, Disconnect, Abort, the properties, the game layer's Post/CallLater/Spawn),
+# the hooks resolved once per class (_Hooks: no attribute lookup per completion), the
+# connection's start (accepted by a Listener, or connected by a ClientService), and
+# _dispatch, which routes each completion to the file that owns it:
+#   session_recv.pxi    the receive operation: RecvBuffer, OnRecv, packets
+#   session_send.pxi    the send operation: Send, the send queue, gather sends
+#   session_close.pxi   the close operation: Disconnect, flushing, OnDisconnected
+# Those files hold plain functions of a Session (direct C calls, no vtable).
+#
+# Locks.  Completions reach a session one at a time, in order, on its strand
+# (port_strand_t), so the hooks and everything only they touch (the RecvBuffer, the
+# kept view, what OnSendQueue was last told) need no lock.  What other threads touch
+# (Send, Disconnect and the service's sweeps run anywhere) is under ``_lock``, a spin
+# lock held only around plain C work and ``bytes`` releases, never around Python code:
+# the state, the operations in flight (_ops), the armed/paused/busy flags, the send
+# queue, the reason, and every submission and the close (so no operation can reach a
+# socket number after it was closed and reused).
 
 
 @cython.final
@@ -87,42 +107,6 @@ cdef _Hooks _hooks_for(type cls):
     return h
 
 
-cdef bytes _copy_to_bytes(object data):
-    """A bytes copy of any contiguous buffer (OnRecv's RecvView, a bytearray, a
-    memoryview), made straight from the buffer: no call through the bytes type."""
-    cdef Py_buffer buf
-    if type(data) is RecvView:
-        return (<RecvView>data)._to_bytes()      # its pointer, read directly
-    try:
-        PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
-    except BufferError:
-        return bytes(data)          # not contiguous: let bytes() gather it
-    try:
-        return PyBytes_FromStringAndSize(<char *>buf.buf, buf.len)
-    finally:
-        PyBuffer_Release(&buf)
-
-
-cdef object _not_bytes(str where, str arg, object data):
-    """The one TypeError for data that is not bytes-like, whoever was given it (Send,
-    Broadcast, SendPacket, make_packet): what was given, what is wanted."""
-    msg = (f"{where}: {arg} must be a bytes-like object (bytes, bytearray, memoryview), "
-           f"not {type(data).__name__}")
-    if isinstance(data, str):
-        msg += "; encode the text first, e.g. text.encode()"
-    return TypeError(msg)
-
-
-cdef bytes _bytes_arg(object data, str where, str arg):
-    """`data` as bytes: bytes as they are (queued by reference), other buffers copied,
-    anything else _not_bytes."""
-    if type(data) is bytes:
-        return <bytes>data
-    if not PyObject_CheckBuffer(data):
-        raise _not_bytes(where, arg, data)
-    return _copy_to_bytes(data)
-
-
 # The hook a session is in, for Stop's warning about sessions that hold it up.
 cdef enum:
     H_NONE = 0
@@ -152,6 +136,17 @@ cdef str _hook_name(Session s, int32_t hook):
 
 cdef str _describe_exc(BaseException e):
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+cdef void _hook_failed(Session s, str hook, BaseException e) noexcept:
+    # Log the repr, not the session: a handler keeping the record must not keep it alive.
+    logger.error("%s of %s raised; disconnecting it", hook, repr(s),
+                 exc_info=(type(e), e, e.__traceback__))
+    # The traceback's frames hold the hook's locals (OnRecv's memoryview among
+    # them) for as long as a handler keeps the record; let them go now.
+    _traceback.clear_frames(e.__traceback__)
+    # Our bug, not the peer's: close with a FIN, without waiting to flush.
+    _close_now(s, f"exception in {hook}: {_describe_exc(e)}", False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -188,7 +183,6 @@ cdef class Session(IocpObject):
     cdef bint _recv_armed
     cdef bint _recv_paused        # backpressure: not receiving while the peer lags
     cdef bint _send_busy
-    cdef bint _close_started
     cdef bint _counted_connected
     cdef bint _was_connected
     cdef object _reason
@@ -410,187 +404,17 @@ cdef class Session(IocpObject):
         is closing).  Past ``send_queue_limit`` unsent bytes the peer is judged not to
         be reading: the session is disconnected and False returned.
         """
-        return self._send(data)
-
-    cdef object _send(self, object data):
-        """What Send does (Group.Broadcast calls it directly when the class does not
-        override Send): a WebSocket session's data becomes one binary message."""
-        if type(data) is not bytes and not PyObject_CheckBuffer(data):
-            raise _not_bytes("Send", "data", data)
-        if self._ws is not None:
-            # One binary message (websocket.pxi), sent as below (through TLS if any).
-            data = _ws_wrap(self, data if type(data) is bytes else _copy_to_bytes(data))
-            if data is None:
-                return False
-        return self._send_bytes(data)
-
-    cdef object _send_bytes(self, object data):
-        """Send's body, below the WebSocket layer (which sends its own frames and the
-        HTTP upgrade through here too)."""
-        cdef bytes b = None
-        cdef Py_buffer buf
-        cdef const char *ptr
-        cdef Py_ssize_t n, sent = 0
-        cdef int64_t r
-        cdef port_buf_t one
-        cdef bint have_buf = False, pinned = False
-        if self._tls is not None:
-            return (<_Tls>self._tls).send(self, data)
-        if type(data) is bytes:
-            b = <bytes>data
-            ptr = PyBytes_AS_STRING(b)
-            n = PyBytes_GET_SIZE(b)
-        elif type(data) is RecvView:
-            # OnRecv's view (the echo): its pointer, read directly, pinned meanwhile.
-            (<RecvView>data)._pin(&ptr, &n)
-            pinned = True
-        else:
-            try:
-                PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
-            except BufferError:
-                b = _copy_to_bytes(data)      # not contiguous: gather it first
-                ptr = PyBytes_AS_STRING(b)
-                n = PyBytes_GET_SIZE(b)
-            else:
-                have_buf = True
-                ptr = <const char *>buf.buf
-                n = buf.len
-        try:
-            if n == 0:
-                return self._state == S_CONNECTED
-            port_spin_lock(&self._lock)
-            if self._state != S_CONNECTED:
-                port_spin_unlock(&self._lock)
-                return False
-            if not self._send_busy and self._sq_count == 0 and self._hooks.on_send is None:
-                # Nothing ahead of these bytes: hand them to the socket now.  No
-                # completion follows (nobody waits for OnSend), so a reply costs one
-                # system call and leaves before any other hook runs.  Under the lock:
-                # the socket cannot be closed meanwhile.
-                one.base = ptr
-                one.len = <size_t>n
-                r = port_send_now(self.core.port, self._sock, &one, 1)
-                if r < 0:
-                    port_spin_unlock(&self._lock)
-                    self._close_now(port_reason(<int>r), False)
-                    self._maybe_finish()
-                    return False
-                sent = <Py_ssize_t>r
-                _cnt_add(&self._cnt.bytes_out, sent)     # stats.pxi
-                if sent == n:
-                    _cnt_add(&self._cnt.msgs_out, 1)
-                    port_spin_unlock(&self._lock)
-                    return True
-            if b is None:
-                # A copy of what is left (a bytes allocation runs no Python code).
-                b = PyBytes_FromStringAndSize(ptr + sent, n - sent)
-                sent = 0
-            return self._queue_locked(b, sent, True)
-        finally:
-            if have_buf:
-                PyBuffer_Release(&buf)
-            if pinned:
-                (<RecvView>data)._unpin()
-
-    cdef bint _queue_send(self, bytes b, bint check_limit,
-                          Py_ssize_t *now=NULL) except? False:
-        """Queue `b` and start a send if none is in flight.  With `now`, first hand it
-        to the socket, as Send does, when nothing is queued and nobody waits for OnSend
-        (*now: the bytes it took).  The TLS filter sends its records this way, with
-        check_limit False (it counts plaintext itself)."""
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(b), sent = 0
-        cdef int64_t r
-        cdef port_buf_t one
-        if n == 0:
-            return self._state == S_CONNECTED
-        port_spin_lock(&self._lock)
-        if self._state != S_CONNECTED:
-            port_spin_unlock(&self._lock)
-            return False
-        if now != NULL and not self._send_busy and self._sq_count == 0 and \
-                self._hooks.on_send is None:
-            one.base = PyBytes_AS_STRING(b)
-            one.len = <size_t>n
-            r = port_send_now(self.core.port, self._sock, &one, 1)
-            if r < 0:
-                port_spin_unlock(&self._lock)
-                self._close_now(port_reason(<int>r), False)
-                self._maybe_finish()
-                return False
-            sent = <Py_ssize_t>r
-            now[0] = sent
-            _cnt_add(&self._cnt.bytes_out, sent)         # stats.pxi
-            if sent == n:
-                port_spin_unlock(&self._lock)
-                return True
-        return self._queue_locked(b, sent, check_limit)
-
-    cdef bint _queue_locked(self, bytes b, Py_ssize_t offset,
-                            bint check_limit) except? False:
-        """Queue b[offset:] (called under _lock, which it releases; the socket already
-        took b[:offset], and nothing is queued then) and start a send if none is in
-        flight."""
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(b) - offset
-        cdef Py_ssize_t limit = self._hooks.send_queue_limit
-        cdef Py_ssize_t queued = self._sq_bytes + n
-        cdef int rc
-        cdef bint tell = False
-        if check_limit and queued > limit:
-            port_spin_unlock(&self._lock)
-            self._close_now(
-                f"send queue limit exceeded: {queued} bytes queued, send_queue_limit is "
-                f"{limit} (the peer is not reading)", True)
-            return False
-        if self._sq_count == self._sq_cap and self._sq_grow() < 0:
-            port_spin_unlock(&self._lock)
-            raise MemoryError("growing the send queue")
-        self._sq[(self._sq_head + self._sq_count) % self._sq_cap] = <PyObject *>b
-        _incref(<PyObject *>b)
-        if self._sq_count == 0:
-            self._sq_offset = offset
-        self._sq_count += 1
-        self._sq_bytes = queued
-        if check_limit:                  # a Send (a TLS session's are counted in tls.pxi)
-            _cnt_add(&self._cnt.msgs_out, 1)
-        if not self._send_busy:
-            self._send_busy = True
-            self._send_progress_ms = port_monotonic_ms()
-            self._ops += 1
-            self._build_iov()
-            rc = self._submit_send_locked()
-        else:
-            rc = 0
-        if queued >= self._hooks.send_queue_high and not self._sq_above and \
-                self._hooks.on_send_queue is not None:
-            self._sq_above = True
-            tell = True
-        if queued >= (limit >> 2) and not self._recv_paused:
-            # Backpressure: the peer reads slower than it makes us write (an echo, a
-            # request flood).  Stop reading from it until the queue drains, so that its
-            # own sends block in TCP instead of our queue reaching the limit.  A one-shot
-            # receive is simply not posted again; one kept armed must be cancelled.
-            self._recv_paused = True
-            if self._recv_armed and self.core._recv_multishot:
-                port_cancel(self.core.port, &self._recv_op)
-        port_spin_unlock(&self._lock)
-        if rc != 0:
-            self._close_now(f"cannot send: {port_reason(rc)}", False)
-            self._maybe_finish()
-            return False
-        if tell:
-            # Send may run on any thread: the hook runs on the strand (a job).
-            _post_to(self, JOB_SEND_QUEUE, None, None)
-        return True
+        return _send_data(self, data)
 
     def Disconnect(self, reason="disconnected"):
         """End the session (idempotent, any thread): no more OnRecv; what Send already
         queued is still sent (up to ``flush_timeout`` seconds), then the socket closes
         and OnDisconnected(reason) runs.  Returns True if this call started it."""
-        return self._begin_disconnect(str(reason), True)
+        return _begin_disconnect(self, str(reason), True)
 
     def Abort(self, reason="aborted"):
         """End the session at once: queued data is dropped and the peer sees a reset."""
-        return self._close_now(str(reason), True)
+        return _close_now(self, str(reason), True)
 
     # ---- internals: connection set-up ----
 
@@ -640,7 +464,7 @@ cdef class Session(IocpObject):
             (<_Tls>self._tls).start(self)     # OnConnected once the handshake is done
         else:
             self._call_connected()
-        self._arm_recv()
+        _arm_recv(self)
 
     cdef void _call_connected(self) noexcept:
         """The byte stream is up (after the TLS handshake, with TLS): OnConnected (with
@@ -652,34 +476,8 @@ cdef class Session(IocpObject):
             try:
                 self._hooks.on_connected(self)
             except BaseException as e:
-                self._hook_failed("OnConnected", e)
+                _hook_failed(self, "OnConnected", e)
             _leave_hook(self)
-
-    cdef void _arm_recv(self) noexcept:
-        cdef int rc
-        port_spin_lock(&self._lock)
-        rc = self._arm_recv_locked()
-        port_spin_unlock(&self._lock)
-        if rc != 0:
-            self._close_now(f"cannot receive: {port_reason(rc)}", False)
-
-    cdef int _arm_recv_locked(self) noexcept:
-        # Submissions and the close happen under _lock, so no operation can reach a
-        # socket after it was closed (its number may already belong to a new one).
-        cdef int rc = 0
-        # Flushing, we keep reading and drop what comes (backpressure or not): a socket
-        # closed with unread input sends a reset, and the peer's kernel then throws
-        # away the end of what we flushed to it.
-        if not self._recv_armed and (self._state == S_FLUSHING or
-                                     (self._state == S_CONNECTED and not self._recv_paused)):
-            _incref(<PyObject *>self)
-            rc = port_recv(self.core.port, &self._recv_op, self._sock)
-            if rc == 0:
-                self._recv_armed = True
-                self._ops += 1
-            else:
-                _decref(<PyObject *>self)
-        return rc
 
     cdef int _start_connect(self, port_addr_t *addr) except -1:
         cdef int rc
@@ -708,13 +506,13 @@ cdef class Session(IocpObject):
         cdef port_op_t *op = cqe.op
         if op == &self._recv_op:
             if op.type == PORT_OP_RECV:
-                self._process_recv(cqe)
+                _process_recv(self, cqe)
             else:
                 self._process_connect(cqe)
         elif op == &self._send_op:
-            self._process_send(cqe)
+            _process_send(self, cqe)
         elif op == &self._close_op:
-            self._process_close(cqe)
+            _process_close(self, cqe)
 
     cdef void _process_connect(self, port_cqe_t *cqe) noexcept:
         cdef int64_t res = cqe.res
@@ -737,455 +535,8 @@ cdef class Session(IocpObject):
                 self._hooks.on_connect_failed(self, reason)
             except BaseException:
                 logger.exception("OnConnectFailed of %s raised", repr(self))
-        self._close_now(reason, False)
-        self._maybe_finish()
-
-    cdef void _process_recv(self, port_cqe_t *cqe) noexcept:
-        cdef int64_t res = cqe.res
-        cdef int rc
-        if cqe.flags & PORT_CQE_BUFFER:
-            # Once the service is stopping no new OnRecv starts (what a running hook
-            # sends still goes out: the disconnect waits for it on our strand).
-            if self._state == S_CONNECTED and not self._stop_requested and \
-                    _recv_counted(self, cqe.res):
-                self._last_recv_ms = self.core._now_ms
-                _enter_hook(self, H_RECV)
-                self._deliver(cqe)
-                _leave_hook(self)
-            else:
-                port_recv_release(self.core.port, cqe)
-        if cqe.flags & PORT_CQE_MORE:
-            return
-        rc = 0
-        port_spin_lock(&self._lock)
-        self._recv_armed = False
-        self._ops -= 1
-        if (res > 0 or res == PORT_ECANCELED) and \
-                (self._state == S_CONNECTED or self._state == S_FLUSHING):
-            # Post the next receive (the original's RegisterRecv after ProcessRecv),
-            # unless paused for backpressure: then the send path posts it once the queue
-            # drains.  (ECANCELED here: a multishot receive paused, maybe resumed since.)
-            rc = self._arm_recv_locked()
-        port_spin_unlock(&self._lock)
-        if res == 0:
-            if self._tls is not None and (<_Tls>self._tls).eof(self):
-                pass                    # the handshake was cut: the filter closed us
-            elif self._rlen > self._rpos:
-                self._begin_disconnect(
-                    f"peer closed the connection ({self._rlen - self._rpos} bytes of an "
-                    f"unfinished message left)", True)
-            else:
-                self._begin_disconnect("peer closed the connection", True)
-        elif res < 0 and res != PORT_ECANCELED:
-            self._close_now(port_reason(<int>res) if self._tls is None else
-                            (<_Tls>self._tls).reason(port_reason(<int>res)), False)
-        elif rc != 0:
-            self._close_now(f"cannot receive: {port_reason(rc)}", False)
-        self._maybe_finish()
-
-    cdef void _deliver(self, port_cqe_t *cqe) noexcept:
-        """Show received bytes to the hook; keep what it did not consume."""
-        cdef Py_ssize_t n = cqe.res
-        cdef Py_ssize_t used
-        cdef RecvView view
-        if self._tls is not None:
-            (<_Tls>self._tls).feed(self, cqe)    # plaintext into the RecvBuffer, then shown
-            return
-        if self._rlen == self._rpos:
-            # Nothing pending: show the port's buffer itself (no copy).
-            used = self._call_recv(cqe.buf, n)
-            if used >= 0 and used < n and self._state == S_CONNECTED:
-                if self._rbuf_append(cqe.buf + used, n - used) < 0:
-                    self._close_now("out of memory for the receive buffer", True)
-            view = self._kept_view
-            if view is not None:
-                # The hook kept its view: the buffer goes back unless the view takes it.
-                self._kept_view = None
-                if view._settle_port(self.core, cqe):
-                    cqe = NULL
-            if cqe != NULL:
-                port_recv_release(self.core.port, cqe)
-            self._recv_kept()
-            return
-        if self._rbuf_append(cqe.buf, n) < 0:
-            self._close_now("out of memory for the receive buffer", True)
-            port_recv_release(self.core.port, cqe)
-            return
-        port_recv_release(self.core.port, cqe)
-        self._deliver_buffered()
-
-    cdef void _deliver_buffered(self) noexcept:
-        """Show the RecvBuffer (new bytes were just appended to it) to the hook."""
-        cdef Py_ssize_t used, n = self._rlen - self._rpos
-        cdef char *ptr = self._rbuf + self._rpos
-        cdef RecvView view
-        used = self._call_recv(ptr, n)
-        view = self._kept_view
-        if view is not None:
-            self._kept_view = None
-            if not view._settle_copy():
-                # Its bytes are pinned (an export of the view is alive): the view takes
-                # the RecvBuffer, the unconsumed rest moves to a new one.
-                self._hand_rbuf_over(view, ptr, n, used)
-                used = 0
-        if used >= 0:
-            self._rpos += used
-        self._recv_kept()
-
-    cdef void _hand_rbuf_over(self, RecvView view, char *ptr, Py_ssize_t n,
-                              Py_ssize_t used) noexcept:
-        cdef char *old = self._rbuf
-        self._rbuf = NULL
-        self._rcap = self._rpos = self._rlen = 0
-        if used >= 0 and used < n and self._rbuf_append(ptr + used, n - used) < 0:
-            self._close_now("out of memory for the receive buffer", True)
-        view._adopt(old)
-
-    cdef void _recv_kept(self) noexcept:
-        """After the hook: free an empty RecvBuffer, or check what it left in it."""
-        cdef Py_ssize_t left = self._rlen - self._rpos
-        if left == 0:
-            self._rpos = self._rlen = 0
-            if self._rbuf != NULL:
-                free(self._rbuf)     # an idle connection pins no buffer
-                self._rbuf = NULL
-                self._rcap = 0
-        elif left >= self._hooks.recv_buffer_limit and self._state == S_CONNECTED:
-            self._close_now(
-                f"receive buffer full: {left} bytes received and not consumed by OnRecv "
-                f"(recv_buffer_limit is {self._hooks.recv_buffer_limit})", True)
-
-    cdef int _rbuf_append(self, const char *data, Py_ssize_t n) noexcept:
-        if self._rbuf_reserve(n) < 0:
-            return -1
-        memcpy(self._rbuf + self._rlen, data, n)
-        self._rlen += n
-        return 0
-
-    cdef int _rbuf_reserve(self, Py_ssize_t n) noexcept:
-        """Make room for n more bytes at _rbuf + _rlen."""
-        cdef Py_ssize_t need, cap
-        cdef char *nb
-        if self._rpos > 0 and self._rlen + n > self._rcap:
-            # Compact: move the unconsumed bytes to the front (the read cursor resets).
-            memmove(self._rbuf, self._rbuf + self._rpos, self._rlen - self._rpos)
-            self._rlen -= self._rpos
-            self._rpos = 0
-        need = self._rlen + n
-        if need > self._rcap:
-            cap = self._rcap if self._rcap > 0 else 4096
-            while cap < need:
-                cap *= 2
-            nb = <char *>realloc(self._rbuf, cap)
-            if nb == NULL:
-                return -1
-            self._rbuf = nb
-            self._rcap = cap
-        return 0
-
-    cdef Py_ssize_t _call_recv(self, char *ptr, Py_ssize_t n) noexcept:
-        """Call OnRecv with a RecvView of ptr[0:n]; returns the bytes consumed, or -1 after
-        an error (the session is closing).  If the hook kept the view (anyone holds it
-        after the call), it is left in _kept_view: the caller settles it once it has
-        taken what it needs from ptr (recv_view.pxi)."""
-        cdef RecvView view
-        cdef Py_ssize_t used = n
-        if self._ws is not None:
-            return _ws_recv(self, <unsigned char *>ptr, n)
-        if self._hooks.packet_mode:
-            return self._parse_packets(<const unsigned char *>ptr, n)
-        if self._hooks.on_recv is None:
-            return n
-        try:
-            view = RecvView.__new__(RecvView)
-        except BaseException as e:
-            self._hook_failed("OnRecv", e)
-            return -1
-        view._ptr = ptr
-        view._len = n
-        view._state = RV_BORROWED
-        try:
-            r = self._hooks.on_recv(self, view)
-            if r is not None:
-                used = r
-                if used < 0 or used > n:
-                    raise ValueError(f"OnRecv returned {r}, but it was given {n} bytes")
-        except BaseException as e:
-            self._hook_failed("OnRecv", e)
-            used = -1
-        if Py_REFCNT(view) > 1:
-            self._kept_view = view
-        return used
-
-    cdef Py_ssize_t _parse_packets(self, const unsigned char *ptr, Py_ssize_t n) noexcept:
-        """PacketSession: call OnRecvPacket once per whole packet in ptr[0:n]; returns
-        the bytes consumed (a partial packet waits for the rest), or -1 after a bad size
-        or a failed hook (the session is closing)."""
-        cdef Py_ssize_t pos = 0
-        cdef size_t size = 0, limit = <size_t>self._hooks.max_packet_size
-        cdef unsigned int pid = 0
-        cdef packet_status st
-        cdef object hook = self._hooks.on_recv_packet
-        while True:
-            st = packet_scan(ptr + pos, <size_t>(n - pos), limit, &size, &pid)
-            if st == PACKET_PARTIAL:
-                break
-            if st != PACKET_OK:
-                why = _bad_packet_reason(st, size, pid, limit)
-                logger.warning("disconnecting %s: %s", repr(self), why)
-                self._close_now(why, True)
-                return -1
-            if not _message_counted(self, size):
-                return -1
-            payload = PyBytes_FromStringAndSize(<char *>ptr + pos + PKT_HEADER,
-                                                <Py_ssize_t>size - PKT_HEADER)
-            pos += size
-            try:
-                hook(self, pid, payload)
-            except BaseException as e:
-                self._hook_failed("OnRecvPacket", e)
-                return -1
-            if self._state != S_CONNECTED:
-                break            # the hook disconnected us: leave the rest
-        return pos
-
-    cdef void _process_send(self, port_cqe_t *cqe) noexcept:
-        cdef int64_t res = cqe.res
-        cdef Py_ssize_t sent = 0, avail
-        cdef PyObject *o
-        cdef bint busy
-        cdef int rc
-        port_spin_lock(&self._lock)
-        if res > 0:
-            sent = <Py_ssize_t>res
-            self._send_progress_ms = self.core._now_ms
-            self._sq_bytes -= sent
-            _cnt_add(&self._cnt.bytes_out, sent)
-            while res > 0 and self._sq_count > 0:
-                o = self._sq[self._sq_head]
-                avail = PyBytes_GET_SIZE(<object>o) - self._sq_offset
-                if res >= avail:
-                    res -= avail
-                    self._sq[self._sq_head] = NULL
-                    self._sq_head = (self._sq_head + 1) % self._sq_cap
-                    self._sq_count -= 1
-                    self._sq_offset = 0
-                    _decref(o)           # a bytes object: its release runs no Python code
-                else:
-                    self._sq_offset += res
-                    res = 0
-        rc = 0
-        if cqe.res >= 0 and self._sq_count > 0 and \
-                (self._state == S_CONNECTED or self._state == S_FLUSHING):
-            self._build_iov()
-            rc = self._submit_send_locked()
-        else:
-            self._send_busy = False
-            self._ops -= 1
-            if self._sq_count == 0:
-                self._sq_head = 0
-                if self._sq != self._sq_inline:
-                    free(self._sq)
-                    self._sq = self._sq_inline
-                    self._sq_cap = SQ_INLINE
-                if self._iov != self._iov_inline:
-                    free(self._iov)
-                    self._iov = self._iov_inline
-        busy = self._send_busy
-        if self._sq_above and self._sq_bytes <= self._hooks.send_queue_low:
-            self._sq_above = False
-        if self._recv_paused and self._sq_bytes <= (self._hooks.send_queue_limit >> 4):
-            self._recv_paused = False
-            if rc == 0:
-                rc = self._arm_recv_locked()
-        port_spin_unlock(&self._lock)
-        if rc != 0:
-            self._close_now(f"cannot send or receive: {port_reason(rc)}", False)
-        if sent > 0 and self._tls is not None:
-            sent = (<_Tls>self._tls).acked(sent)      # OnSend counts plaintext
-        if sent > 0 and self._hooks.on_send is not None:
-            _enter_hook(self, H_SEND)
-            try:
-                self._hooks.on_send(self, sent)
-            except BaseException as e:
-                self._hook_failed("OnSend", e)
-            _leave_hook(self)
-        if self._sq_told != self._sq_above and self._state == S_CONNECTED:
-            self._tell_send_queue()
-        if cqe.res < 0:
-            if cqe.res != PORT_ECANCELED:
-                self._close_now(port_reason(<int>cqe.res), False)
-        elif not busy and self._state == S_FLUSHING:
-            self._close_if_flushed()
-        self._maybe_finish()
-
-    cdef int _sq_grow(self) noexcept:
-        """Double the send-queue ring (under _lock)."""
-        cdef Py_ssize_t cap = self._sq_cap * 2, i
-        cdef PyObject **ring = <PyObject **>malloc(cap * sizeof(PyObject *))
-        if ring == NULL:
-            return -1
-        for i in range(self._sq_count):
-            ring[i] = self._sq[(self._sq_head + i) % self._sq_cap]
-        if self._sq != self._sq_inline:
-            free(self._sq)
-        self._sq = ring
-        self._sq_cap = cap
-        self._sq_head = 0
-        return 0
-
-    cdef void _build_iov(self) noexcept:
-        """Point the gather list at the queued bytes (under _lock, no send in flight)."""
-        cdef Py_ssize_t k, cnt = self._sq_count
-        cdef PyObject *o
-        if cnt > IOV_MAX:
-            cnt = IOV_MAX
-        if cnt > IOV_INLINE and self._iov == self._iov_inline:
-            self._iov = <port_buf_t *>malloc(IOV_MAX * sizeof(port_buf_t))
-            if self._iov == NULL:
-                self._iov = self._iov_inline
-        if self._iov == self._iov_inline and cnt > IOV_INLINE:
-            cnt = IOV_INLINE
-        for k in range(cnt):
-            o = self._sq[(self._sq_head + k) % self._sq_cap]
-            self._iov[k].base = PyBytes_AS_STRING(<object>o)
-            self._iov[k].len = PyBytes_GET_SIZE(<object>o)
-        self._iov[0].base += self._sq_offset
-        self._iov[0].len -= self._sq_offset
-        self._iov_n = <int>cnt
-
-    cdef int _submit_send_locked(self) noexcept:
-        """Submit the gather list (under _lock, with _send_busy set and counted).  On
-        failure the send is undone and the error returned for the caller to close."""
-        cdef int rc
-        _incref(<PyObject *>self)
-        rc = port_send(self.core.port, &self._send_op, self._sock, self._iov, self._iov_n)
-        if rc != 0:
-            _decref(<PyObject *>self)
-            self._send_busy = False
-            self._ops -= 1
-        return rc
-
-    cdef void _process_close(self, port_cqe_t *cqe) noexcept:
-        port_spin_lock(&self._lock)
-        self._ops -= 1
-        port_spin_unlock(&self._lock)
-        self._maybe_finish()
-
-    # ---- closing ----
-
-    cdef bint _begin_disconnect(self, str reason, bint flush) noexcept:
-        """Graceful: stop receiving, flush the send queue (bounded), then close."""
-        cdef IocpCore core
-        if self._ws is not None and self._state == S_CONNECTED:
-            _ws_goodbye(self, reason)    # a close frame first (websocket.pxi)
-        if self._tls is not None and flush:
-            (<_Tls>self._tls).close_notify(self)      # queued before the flush below
-        port_spin_lock(&self._lock)
-        if self._state != S_CONNECTED and self._state != S_CONNECTING:
-            port_spin_unlock(&self._lock)
-            return False
-        self._reason = reason
-        if self._state == S_CONNECTING or not flush or \
-                not (self._send_busy or self._sq_count > 0):
-            self._close_locked(False)
-            port_spin_unlock(&self._lock)
-            self._maybe_finish()
-            return True
-        self._state = S_FLUSHING
-        self._arm_recv_locked()          # drain (and drop) the input while flushing
-        port_spin_unlock(&self._lock)
-        core = self.core
-        core._watch_flush(self, port_monotonic_ms() + <int64_t>(self._hooks.flush_timeout * 1000))
-        return True
-
-    cdef bint _close_now(self, str reason, bint reset) noexcept:
-        """Close at once (errors, limits, Abort, the flush deadline): queued data is
-        dropped.  The first reason is kept, except that a graceful close in progress
-        reports what interrupted it."""
-        port_spin_lock(&self._lock)
-        if self._state < S_CONNECTING or self._state >= S_CLOSING:
-            port_spin_unlock(&self._lock)
-            return False
-        if self._state != S_FLUSHING or reason is not None:
-            self._reason = reason
-        self._close_locked(reset)
-        port_spin_unlock(&self._lock)
-        self._maybe_finish()
-        return True
-
-    cdef void _close_if_flushed(self) noexcept:
-        """Graceful close: once the send queue has drained, close.  Checked again under
-        the lock: a Send accepted just before Disconnect may have started another send
-        since the caller looked (while OnSend ran, say), and it must go out first."""
-        port_spin_lock(&self._lock)
-        if self._state == S_FLUSHING and not self._send_busy and self._sq_count == 0:
-            self._close_locked(False)
-        port_spin_unlock(&self._lock)
-        self._maybe_finish()
-
-    cdef void _close_locked(self, bint reset) noexcept:
-        """Cancel what is in flight and close the socket (under _lock)."""
-        cdef int rc, flags = PORT_CLOSE_RESET if reset else 0
-        cdef bint connecting = self._state == S_CONNECTING
-        self._state = S_CLOSING
-        if self._reason is None:
-            self._reason = "disconnected"
-        if self._recv_armed or connecting:
-            port_cancel(self.core.port, &self._recv_op)
-        if self._send_busy:
-            port_cancel(self.core.port, &self._send_op)
-        if not reset and not connecting:
-            # Unread input would turn our FIN into a reset, and the peer would lose
-            # the end of what we sent it (a reply flushed at shutdown, say).
-            port_sock_drain(self._sock)
-        _incref(<PyObject *>self)
-        rc = port_close(self.core.port, &self._close_op, self._sock, flags)
-        if rc == 0:
-            self._ops += 1
-        else:
-            # The port is shut down: no completion will come for anything.  Close the
-            # socket here; _maybe_finish ends the session.
-            _decref(<PyObject *>self)
-            port_sock_close(self.core.port, self._sock, flags)
-            self._ops = 0
-        self._sock = PORT_INVALID_SOCK
-
-    cdef void _maybe_finish(self) noexcept:
-        cdef bint finish = False
-        if self._state != S_CLOSING:
-            return       # states only move forward; whoever sets CLOSING checks again
-        port_spin_lock(&self._lock)
-        if self._state == S_CLOSING and self._ops == 0:
-            self._state = S_DONE
-            finish = True
-        port_spin_unlock(&self._lock)
-        if finish:
-            self._finish()
-
-    cdef void _finish(self) noexcept:
-        """Every operation has ended: release everything, then OnDisconnected."""
-        self._release_buffers()
-        if self._ws is not None:
-            _ws_finish(self)
-        self.core._unwatch_flush(self)
-        if self._counted_connected:
-            self._counted_connected = False
-            port_atomic_add64(&_sessions_connected, -1)
-        if self._tls is not None:
-            (<_Tls>self._tls).finished(self)          # OnConnectFailed after a bad handshake
-        if self._x is not None:
-            _session_ended(self)     # its timers and tasks cancelled, its groups left
-        if self._hooks.on_disconnected is not None:
-            try:
-                self._hooks.on_disconnected(self, self._reason)
-            except BaseException:
-                logger.exception("OnDisconnected of %s raised", repr(self))
-        # Only now does the service forget the session: Stop() (and Run()) wait for
-        # session_count to reach 0, and a server saving a player's state in
-        # OnDisconnected must not see the process exit while it writes.
-        if self._service is not None:
-            self._service._session_done(self)
+        _close_now(self, reason, False)
+        _maybe_finish(self)
 
     # ---- game layer: the session's strand (strand.pxi), its groups (group.pxi) ----
 
@@ -1228,39 +579,6 @@ cdef class Session(IocpObject):
     def send_queue_high(self):
         return self._hooks.send_queue_high
 
-    cdef inline bint _send_queue_above_high(self) noexcept:
-        """Is the queue above send_queue_high?  (What OnSendQueue(True) reports, but
-        kept for every session: a droppable broadcast asks it.)"""
-        return self._sq_bytes >= self._hooks.send_queue_high
-
     @property
     def send_queue_low(self):
         return self._hooks.send_queue_low
-
-    cdef void _tell_send_queue(self) noexcept:
-        """On the strand: tell OnSendQueue where the queue is, if that changed since it
-        was last told (crossings in between fold into one call, never two alike in a
-        row)."""
-        cdef bint above
-        if self._hooks.on_send_queue is None:
-            return
-        port_spin_lock(&self._lock)
-        above = self._sq_above
-        port_spin_unlock(&self._lock)
-        if above == self._sq_told:
-            return
-        self._sq_told = above
-        try:
-            self._hooks.on_send_queue(self, above)
-        except BaseException as e:
-            self._hook_failed("OnSendQueue", e)
-
-    cdef void _hook_failed(self, str hook, BaseException e) noexcept:
-        # Log the repr, not the session: a handler keeping the record must not keep it alive.
-        logger.error("%s of %s raised; disconnecting it", hook, repr(self),
-                     exc_info=(type(e), e, e.__traceback__))
-        # The traceback's frames hold the hook's locals (OnRecv's memoryview among
-        # them) for as long as a handler keeps the record; let them go now.
-        _traceback.clear_frames(e.__traceback__)
-        # Our bug, not the peer's: close with a FIN, without waiting to flush.
-        self._close_now(f"exception in {hook}: {_describe_exc(e)}", False)

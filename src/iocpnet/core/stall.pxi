@@ -113,7 +113,7 @@ cdef void _check_stall(Service service, Session s, int64_t now,
     port_spin_unlock(&s._lock)
     if not stalled:
         return
-    if s._close_now(f"send stalled: {queued} bytes queued, nothing sent for {timeout:g} s "
+    if _close_now(s, f"send stalled: {queued} bytes queued, nothing sent for {timeout:g} s "
                     f"(the peer is not reading)", True):
         with service._lock:
             service.send_timeouts += 1

@@ -150,7 +150,7 @@ cdef void _callback_failed(IocpObject owner, str what, object func, BaseExceptio
     label = f"{what} {_callable_name(func)}" if func is not None else what
     try:
         if isinstance(owner, Session):
-            (<Session>owner)._hook_failed(label, e)
+            _hook_failed(<Session>owner, label, e)
             return
         if owner is None:
             logger.error("%s raised", label, exc_info=(type(e), e, e.__traceback__))
@@ -189,7 +189,7 @@ cdef class _StrandJob(IocpObject):
         if _owner_ended(owner):
             return              # the owner ended after the job was posted: dropped
         if self.kind == JOB_SEND_QUEUE:
-            (<Session>owner)._tell_send_queue()
+            _tell_send_queue(<Session>owner)
             return
         try:
             func(*args)

@@ -198,7 +198,7 @@ cdef class _Tls:
             err = e
         if err is not None:
             self.state = T_CLOSED
-            s._close_now(f"TLS handshake failed: {_tls_describe(err)}", True)
+            _close_now(s, f"TLS handshake failed: {_tls_describe(err)}", True)
             return
         if not self.server_side:
             self._step(s, NULL)       # the ClientHello
@@ -257,11 +257,11 @@ cdef class _Tls:
             self._unlock()
         if err is not None:
             if isinstance(err, _ssl_mod.SSLError):
-                s._close_now(f"TLS error: {_tls_describe(err)}", False)
+                _close_now(s, f"TLS error: {_tls_describe(err)}", False)
                 return False
             raise err
         if queued > limit:
-            s._close_now(
+            _close_now(s,
                 f"send queue limit exceeded: {queued} bytes queued, send_queue_limit is "
                 f"{limit} (the peer is not reading)", True)
         return ok
@@ -340,7 +340,7 @@ cdef class _Tls:
             logger.info("%s: %s", repr(s), reason)
         else:
             logger.warning("%s: %s", repr(s), reason)
-        s._close_now(reason, True)
+        _close_now(s, reason, True)
 
     cdef void _step(self, Session s, port_cqe_t *cqe) noexcept:
         """Feed `cqe`'s ciphertext (if any), advance the handshake or decrypt, queue what
@@ -381,7 +381,7 @@ cdef class _Tls:
             else:
                 reason = f"TLS error: {_tls_describe(err)}"
             logger.warning("%s: %s", repr(s), reason)
-            s._begin_disconnect(reason, True)
+            _begin_disconnect(s, reason, True)
         if st.opened:
             timer = self.timer
             self.timer = None
@@ -393,11 +393,11 @@ cdef class _Tls:
             if s._state == S_CONNECTED:
                 s._call_connected()
         if st.got > 0 and s._state == S_CONNECTED:
-            s._deliver_buffered()
+            _deliver_buffered(s)
         elif s._rlen == s._rpos:
-            s._recv_kept()          # frees a buffer reserved for nothing
+            _recv_kept(s)          # frees a buffer reserved for nothing
         if st.eof:
-            s._begin_disconnect("peer closed the connection", True)
+            _begin_disconnect(s, "peer closed the connection", True)
 
     cdef int _advance(self, Session s, _TlsStep *st) except -1:
         """Under the mutex: the handshake, then whatever plaintext is whole."""
@@ -429,7 +429,7 @@ cdef class _Tls:
                 room = self.sslobj.pending() if filled or st.opened else 0
                 if room == 0:
                     break
-            if s._rbuf_reserve(room) < 0:
+            if _rbuf_reserve(s, room) < 0:
                 raise MemoryError("TLS: no memory for the receive buffer")
             self.span.ptr = s._rbuf + s._rlen
             self.span.length = room
@@ -491,7 +491,7 @@ cdef class _Tls:
             return True
         data = self._out_read()
         self._mark(PyBytes_GET_SIZE(data), plain)
-        ok = s._queue_send(data, False, &now)
+        ok = _queue_send(s, data, False, &now)
         if now > 0:
             self.acked(now)       # gone already: no completion will count it
         return ok

@@ -511,9 +511,9 @@ cdef void _ws_connected(Session s) noexcept:
                 lines.append(f"Origin: {ws.hooks.origin}")
             if ws.hooks.subprotocols:
                 lines.append("Sec-WebSocket-Protocol: " + ", ".join(ws.hooks.subprotocols))
-            s._send_bytes(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            _send_bytes(s, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
     except BaseException as e:
-        s._hook_failed("the WebSocket handshake", e)
+        _hook_failed(s, "the WebSocket handshake", e)
 
 
 def _ws_handshake_deadline(Session s):
@@ -523,7 +523,7 @@ def _ws_handshake_deadline(Session s):
         logger.info("disconnecting %s: %s", repr(s), reason)
         if ws.client:
             _ws_connect_failed(s, reason)
-        s._close_now(reason, False)
+        _close_now(s, reason, False)
 
 
 cdef void _ws_connect_failed(Session s, str reason) noexcept:
@@ -577,7 +577,7 @@ cdef bint _ws_send_close(Session s, unsigned code, str reason) noexcept:
     ws.sent_reason = reason
     try:
         payload = _ws_close_payload(code, reason)
-        s._send_bytes(_ws_frame(WS_OP_CLOSE, <const unsigned char *>PyBytes_AS_STRING(payload),
+        _send_bytes(s, _ws_frame(WS_OP_CLOSE, <const unsigned char *>PyBytes_AS_STRING(payload),
                               PyBytes_GET_SIZE(payload), ws.client))
     except BaseException:
         logger.exception("sending a WebSocket close frame to %s failed", repr(s))
@@ -631,7 +631,7 @@ cdef int _ws_event(Session s, _WebSocket ws, ws_event *ev) noexcept:
                 ws.mobj = PyBytes_FromStringAndSize(NULL,
                                                     <Py_ssize_t>(ev.len + ev.frame_left))
             except MemoryError:
-                s._close_now("out of memory for a WebSocket message", True)
+                _close_now(s, "out of memory for a WebSocket message", True)
                 return -1
             memcpy(PyBytes_AS_STRING(ws.mobj), ev.data, ev.len)
             ws.mlen = ev.len
@@ -646,7 +646,7 @@ cdef int _ws_event(Session s, _WebSocket ws, ws_event *ev) noexcept:
                 return _ws_deliver_bytes(s, ws, data, ev.text)
             return 0
         if ws.append(ev.data, ev.len) < 0:
-            s._close_now("out of memory for a WebSocket message", True)
+            _close_now(s, "out of memory for a WebSocket message", True)
             return -1
         if ev.last:
             r = _ws_deliver(s, ws, ws.mbuf, <Py_ssize_t>ws.mlen, ev.text)
@@ -659,9 +659,9 @@ cdef int _ws_event(Session s, _WebSocket ws, ws_event *ev) noexcept:
             return -1
         if port_atomic_load32(&ws.phase) == WS_OPEN:
             try:
-                s._send_bytes(_ws_frame(WS_OP_PONG, ev.data, <Py_ssize_t>ev.len, ws.client))
+                _send_bytes(s, _ws_frame(WS_OP_PONG, ev.data, <Py_ssize_t>ev.len, ws.client))
             except BaseException as e:
-                s._hook_failed("the WebSocket pong", e)
+                _hook_failed(s, "the WebSocket pong", e)
                 return -1
         return 0
     if ev.type == WS_EV_PONG:
@@ -677,13 +677,13 @@ cdef int _ws_event(Session s, _WebSocket ws, ws_event *ev) noexcept:
         else:
             why = f"WebSocket closed ({ws.sent_code}" + \
                 (f" {ws.sent_reason})" if ws.sent_reason else ")")
-        s._begin_disconnect(why, True)
+        _begin_disconnect(s, why, True)
         return -1
     # WS_EV_ERROR
     why = _ws_error_reason(ws, ev)
     logger.warning("disconnecting %s: %s", repr(s), why)
     _ws_send_close(s, ev.code, why.split(": ", 1)[1])
-    s._begin_disconnect(why, True)
+    _begin_disconnect(s, why, True)
     return -1
 
 
@@ -707,7 +707,7 @@ cdef int _ws_deliver_bytes(Session s, _WebSocket ws, bytes b, bint text) noexcep
         try:
             ws.hooks.on_message(s, b, True)
         except BaseException as e:
-            s._hook_failed("OnMessage", e)
+            _hook_failed(s, "OnMessage", e)
             return -1
         return 0
     return _ws_deliver(s, ws, <const unsigned char *>PyBytes_AS_STRING(b),
@@ -731,7 +731,7 @@ cdef int _ws_deliver(Session s, _WebSocket ws, const unsigned char *d, Py_ssize_
                 data = PyBytes_FromStringAndSize(<const char *>d, n)
             ws.hooks.on_message(s, data, not text)
         except BaseException as e:
-            s._hook_failed("OnMessage", e)
+            _hook_failed(s, "OnMessage", e)
             return -1
         return 0
     if text:
@@ -739,10 +739,10 @@ cdef int _ws_deliver(Session s, _WebSocket ws, const unsigned char *d, Py_ssize_
                "messages)")
         logger.warning("disconnecting %s: %s", repr(s), why)
         _ws_send_close(s, 1003, "binary messages only")
-        s._begin_disconnect(why, True)
+        _begin_disconnect(s, why, True)
         return -1
     if mode == WS_MODE_PACKETS:
-        used = s._parse_packets(d, n)
+        used = _parse_packets(s, d, n)
         if used < 0:
             return -1
         if used != n and s._state == S_CONNECTED:
@@ -750,7 +750,7 @@ cdef int _ws_deliver(Session s, _WebSocket ws, const unsigned char *d, Py_ssize_
                    f"({n - used} bytes of an unfinished packet at its end)")
             logger.warning("disconnecting %s: %s", repr(s), why)
             _ws_send_close(s, 1008, "a message must hold whole packets")
-            s._begin_disconnect(why, True)
+            _begin_disconnect(s, why, True)
             return -1
         return 0
     if ws.hooks.on_recv is None:
@@ -761,7 +761,7 @@ cdef int _ws_deliver(Session s, _WebSocket ws, const unsigned char *d, Py_ssize_
             raise ValueError(f"OnRecv returned {r}: over WebSocket each message must be "
                              f"consumed whole ({n} bytes)")
     except BaseException as e:
-        s._hook_failed("OnRecv", e)
+        _hook_failed(s, "OnRecv", e)
         return -1
     return 0
 
@@ -792,7 +792,7 @@ cdef Py_ssize_t _ws_handshake(Session s, _WebSocket ws, unsigned char *ptr,
         else:
             ok = _ws_server_request(s, ws, head)
     except BaseException as e:
-        s._hook_failed("the WebSocket handshake", e)
+        _hook_failed(s, "the WebSocket handshake", e)
         return -1
     if not ok:
         return -1
@@ -819,7 +819,7 @@ cdef void _ws_opened(Session s, _WebSocket ws) noexcept:
         try:
             s._hooks.on_connected(s)
         except BaseException as e:
-            s._hook_failed("OnConnected", e)
+            _hook_failed(s, "OnConnected", e)
 
 
 def _ws_keepalive(Session s):
@@ -839,14 +839,14 @@ def _ws_keepalive(Session s):
                    f"{ws.hooks.ping_timeout:g} s")
             logger.info("disconnecting %s: %s", repr(s), why)
             _ws_send_close(s, 1011, "keepalive ping timeout")
-            s._begin_disconnect(why, True)
+            _begin_disconnect(s, why, True)
             return
         else:
             return
     if now - s._last_recv_ms >= <int64_t>(ws.hooks.ping_interval * 1000) - 50:
         token = _ws_mask_key()
         _ws_xchg64(&ws.ping_sent_ms, now)
-        s._send_bytes(_ws_frame(WS_OP_PING, <const unsigned char *>&token, 8, ws.client))
+        _send_bytes(s, _ws_frame(WS_OP_PING, <const unsigned char *>&token, 8, ws.client))
 
 
 cdef void _ws_refuse(Session s, _WebSocket ws, int status, str reason,
@@ -860,7 +860,7 @@ cdef void _ws_refuse(Session s, _WebSocket ws, int status, str reason,
             if status == 426:
                 extra["Upgrade"] = "websocket"
             response = HttpResponse(status, reason + "\n", headers=extra)
-        s._send_bytes((<object>response)._encode())
+        _send_bytes(s, (<object>response)._encode())
     except BaseException:
         logger.exception("answering the HTTP request of %s failed", repr(s))
     if response is not None and response.status < 400:
@@ -869,7 +869,7 @@ cdef void _ws_refuse(Session s, _WebSocket ws, int status, str reason,
     else:
         why = f"WebSocket upgrade refused: {status} {reason}"
         logger.warning("disconnecting %s: %s", repr(s), why)
-    s._begin_disconnect(why, True)
+    _begin_disconnect(s, why, True)
 
 
 cdef bint _ws_server_request(Session s, _WebSocket ws, bytes head) except? -1:
@@ -921,7 +921,7 @@ cdef bint _ws_server_request(Session s, _WebSocket ws, bytes head) except? -1:
              "Connection: Upgrade", f"Sec-WebSocket-Accept: {websocket_accept_key(key)}"]
     if decision is not None:
         lines.append(f"Sec-WebSocket-Protocol: {decision}")
-    s._send_bytes(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    _send_bytes(s, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
     return True
 
 
@@ -951,7 +951,7 @@ cdef bint _ws_client_response(Session s, _WebSocket ws, bytes head) except? -1:
     if why is not None:
         logger.warning("disconnecting %s: %s", repr(s), why)
         _ws_connect_failed(s, why)
-        s._close_now(why, False)
+        _close_now(s, why, False)
         return False
     return True
 
@@ -1010,7 +1010,7 @@ cdef class WebSocketSession(Session):
             b = data if type(data) is bytes else _copy_to_bytes(data)
         if port_atomic_load32(&ws.phase) != WS_OPEN:
             return False
-        return self._send_bytes(_ws_frame(op, <const unsigned char *>PyBytes_AS_STRING(b),
+        return _send_bytes(self, _ws_frame(op, <const unsigned char *>PyBytes_AS_STRING(b),
                                         PyBytes_GET_SIZE(b), ws.client))
 
     def Close(self, int code=1000, reason=""):
@@ -1070,7 +1070,7 @@ cdef class WebSocketSession(Session):
 def _ws_close_deadline(Session s):
     cdef _WebSocket ws = <_WebSocket>s._ws
     if s._state == S_CONNECTED:
-        s._begin_disconnect(f"WebSocket closed ({ws.sent_code}); the peer did not answer "
+        _begin_disconnect(s, f"WebSocket closed ({ws.sent_code}); the peer did not answer "
                             f"within {ws.hooks.close_timeout:g} s", True)
 
 

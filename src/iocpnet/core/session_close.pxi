@@ -1,0 +1,143 @@
+# core/session_close.pxi: how a session ends (Disconnect, Abort, OnDisconnected).
+# Included by _core.pyx (one extension module, one file per concern).
+#
+# What it owns.  The states past CONNECTED: a graceful Disconnect flushes what Send
+# queued (FLUSHING, bounded by flush_timeout, still reading and dropping input: unread
+# input would turn our FIN into a reset that loses the end of the flush), then closes;
+# _close_now closes at once (errors, limits, Abort, the flush deadline).  Closing
+# cancels what is in flight and submits the close operation (_close_op); once the
+# last operation has completed (_ops == 0) the session is DONE: its buffers are freed,
+# its layers told (WebSocket, TLS, the game layer's timers and groups), then
+# OnDisconnected runs exactly once, and only after it returned does the service forget
+# the session (Stop and Run wait for that).
+#
+# Locks.  Disconnect and Abort run on any thread: the state, the reason and the close
+# itself are under the session's ``_lock``, and states only move forward, so whoever
+# sets CLOSING checks _ops again and exactly one caller finishes.  OnDisconnected runs
+# outside the lock, on whichever thread ended the last operation.
+
+
+cdef void _process_close(Session s, port_cqe_t *cqe) noexcept:
+    port_spin_lock(&s._lock)
+    s._ops -= 1
+    port_spin_unlock(&s._lock)
+    _maybe_finish(s)
+
+
+cdef bint _begin_disconnect(Session s, str reason, bint flush) noexcept:
+    """Graceful: stop receiving, flush the send queue (bounded), then close."""
+    cdef IocpCore core
+    if s._ws is not None and s._state == S_CONNECTED:
+        _ws_goodbye(s, reason)    # a close frame first (websocket.pxi)
+    if s._tls is not None and flush:
+        (<_Tls>s._tls).close_notify(s)      # queued before the flush below
+    port_spin_lock(&s._lock)
+    if s._state != S_CONNECTED and s._state != S_CONNECTING:
+        port_spin_unlock(&s._lock)
+        return False
+    s._reason = reason
+    if s._state == S_CONNECTING or not flush or \
+            not (s._send_busy or s._sq_count > 0):
+        _close_locked(s, False)
+        port_spin_unlock(&s._lock)
+        _maybe_finish(s)
+        return True
+    s._state = S_FLUSHING
+    _arm_recv_locked(s)          # drain (and drop) the input while flushing
+    port_spin_unlock(&s._lock)
+    core = s.core
+    core._watch_flush(s, port_monotonic_ms() + <int64_t>(s._hooks.flush_timeout * 1000))
+    return True
+
+
+cdef bint _close_now(Session s, str reason, bint reset) noexcept:
+    """Close at once (errors, limits, Abort, the flush deadline): queued data is
+    dropped.  The first reason is kept, except that a graceful close in progress
+    reports what interrupted it."""
+    port_spin_lock(&s._lock)
+    if s._state < S_CONNECTING or s._state >= S_CLOSING:
+        port_spin_unlock(&s._lock)
+        return False
+    if s._state != S_FLUSHING or reason is not None:
+        s._reason = reason
+    _close_locked(s, reset)
+    port_spin_unlock(&s._lock)
+    _maybe_finish(s)
+    return True
+
+
+cdef void _close_if_flushed(Session s) noexcept:
+    """Graceful close: once the send queue has drained, close.  Checked again under
+    the lock: a Send accepted just before Disconnect may have started another send
+    since the caller looked (while OnSend ran, say), and it must go out first."""
+    port_spin_lock(&s._lock)
+    if s._state == S_FLUSHING and not s._send_busy and s._sq_count == 0:
+        _close_locked(s, False)
+    port_spin_unlock(&s._lock)
+    _maybe_finish(s)
+
+
+cdef void _close_locked(Session s, bint reset) noexcept:
+    """Cancel what is in flight and close the socket (under _lock)."""
+    cdef int rc, flags = PORT_CLOSE_RESET if reset else 0
+    cdef bint connecting = s._state == S_CONNECTING
+    s._state = S_CLOSING
+    if s._reason is None:
+        s._reason = "disconnected"
+    if s._recv_armed or connecting:
+        port_cancel(s.core.port, &s._recv_op)
+    if s._send_busy:
+        port_cancel(s.core.port, &s._send_op)
+    if not reset and not connecting:
+        # Unread input would turn our FIN into a reset, and the peer would lose
+        # the end of what we sent it (a reply flushed at shutdown, say).
+        port_sock_drain(s._sock)
+    _incref(<PyObject *>s)
+    rc = port_close(s.core.port, &s._close_op, s._sock, flags)
+    if rc == 0:
+        s._ops += 1
+    else:
+        # The port is shut down: no completion will come for anything.  Close the
+        # socket here; _maybe_finish ends the session.
+        _decref(<PyObject *>s)
+        port_sock_close(s.core.port, s._sock, flags)
+        s._ops = 0
+    s._sock = PORT_INVALID_SOCK
+
+
+cdef void _maybe_finish(Session s) noexcept:
+    cdef bint finish = False
+    if s._state != S_CLOSING:
+        return       # states only move forward; whoever sets CLOSING checks again
+    port_spin_lock(&s._lock)
+    if s._state == S_CLOSING and s._ops == 0:
+        s._state = S_DONE
+        finish = True
+    port_spin_unlock(&s._lock)
+    if finish:
+        _finish(s)
+
+
+cdef void _finish(Session s) noexcept:
+    """Every operation has ended: release everything, then OnDisconnected."""
+    s._release_buffers()
+    if s._ws is not None:
+        _ws_finish(s)
+    s.core._unwatch_flush(s)
+    if s._counted_connected:
+        s._counted_connected = False
+        port_atomic_add64(&_sessions_connected, -1)
+    if s._tls is not None:
+        (<_Tls>s._tls).finished(s)          # OnConnectFailed after a bad handshake
+    if s._x is not None:
+        _session_ended(s)     # its timers and tasks cancelled, its groups left
+    if s._hooks.on_disconnected is not None:
+        try:
+            s._hooks.on_disconnected(s, s._reason)
+        except BaseException:
+            logger.exception("OnDisconnected of %s raised", repr(s))
+    # Only now does the service forget the session: Stop() (and Run()) wait for
+    # session_count to reach 0, and a server saving a player's state in
+    # OnDisconnected must not see the process exit while it writes.
+    if s._service is not None:
+        s._service._session_done(s)

@@ -1,0 +1,373 @@
+# core/session_send.pxi: a session's send path (Send, the send queue, gather sends).
+# Included by _core.pyx (one extension module, one file per concern).
+#
+# What it owns.  What Send accepts (bytes-like data, the one TypeError otherwise), the
+# send queue (a ring of ``bytes`` objects, the first _sq_offset bytes of the head already
+# sent), the gather list pointed at it, the one send operation in flight (_send_op), its
+# completion (_process_send: OnSend, the next send), and the two marks above the
+# queue: backpressure (past a quarter of send_queue_limit the session stops receiving
+# until the queue drains to a sixteenth) and OnSendQueue (send_queue_high / _low).
+# When nothing is queued and nobody waits for OnSend, Send writes straight to the
+# socket (one system call, as a reactor does) and queues only what it did not take.
+# The WebSocket layer frames above _send_bytes, the TLS filter encrypts inside it.
+#
+# Locks.  Send runs on any thread: the queue, _send_busy, _sq_above, the byte counts
+# and the submission are under the session's ``_lock`` (a spin lock: nothing under it
+# runs Python code; a ``bytes`` object's release does not).  OnSend and OnSendQueue run
+# on the session's strand, outside the lock; _sq_told is the strand's alone.
+
+
+cdef bytes _copy_to_bytes(object data):
+    """A bytes copy of any contiguous buffer (OnRecv's RecvView, a bytearray, a
+    memoryview), made straight from the buffer: no call through the bytes type."""
+    cdef Py_buffer buf
+    if type(data) is RecvView:
+        return (<RecvView>data)._to_bytes()      # its pointer, read directly
+    try:
+        PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
+    except BufferError:
+        return bytes(data)          # not contiguous: let bytes() gather it
+    try:
+        return PyBytes_FromStringAndSize(<char *>buf.buf, buf.len)
+    finally:
+        PyBuffer_Release(&buf)
+
+
+cdef object _not_bytes(str where, str arg, object data):
+    """The one TypeError for data that is not bytes-like, whoever was given it (Send,
+    Broadcast, SendPacket, make_packet): what was given, what is wanted."""
+    msg = (f"{where}: {arg} must be a bytes-like object (bytes, bytearray, memoryview), "
+           f"not {type(data).__name__}")
+    if isinstance(data, str):
+        msg += "; encode the text first, e.g. text.encode()"
+    return TypeError(msg)
+
+
+cdef bytes _bytes_arg(object data, str where, str arg):
+    """`data` as bytes: bytes as they are (queued by reference), other buffers copied,
+    anything else _not_bytes."""
+    if type(data) is bytes:
+        return <bytes>data
+    if not PyObject_CheckBuffer(data):
+        raise _not_bytes(where, arg, data)
+    return _copy_to_bytes(data)
+
+
+cdef object _send_data(Session s, object data):
+    """What Send does (Group.Broadcast calls it directly when the class does not
+    override Send): a WebSocket session's data becomes one binary message."""
+    if type(data) is not bytes and not PyObject_CheckBuffer(data):
+        raise _not_bytes("Send", "data", data)
+    if s._ws is not None:
+        # One binary message (websocket.pxi), sent as below (through TLS if any).
+        data = _ws_wrap(s, data if type(data) is bytes else _copy_to_bytes(data))
+        if data is None:
+            return False
+    return _send_bytes(s, data)
+
+
+cdef object _send_bytes(Session s, object data):
+    """Send's body, below the WebSocket layer (which sends its own frames and the
+    HTTP upgrade through here too)."""
+    cdef bytes b = None
+    cdef Py_buffer buf
+    cdef const char *ptr
+    cdef Py_ssize_t n, sent = 0
+    cdef int64_t r
+    cdef port_buf_t one
+    cdef bint have_buf = False, pinned = False
+    if s._tls is not None:
+        return (<_Tls>s._tls).send(s, data)
+    if type(data) is bytes:
+        b = <bytes>data
+        ptr = PyBytes_AS_STRING(b)
+        n = PyBytes_GET_SIZE(b)
+    elif type(data) is RecvView:
+        # OnRecv's view (the echo): its pointer, read directly, pinned meanwhile.
+        (<RecvView>data)._pin(&ptr, &n)
+        pinned = True
+    else:
+        try:
+            PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
+        except BufferError:
+            b = _copy_to_bytes(data)      # not contiguous: gather it first
+            ptr = PyBytes_AS_STRING(b)
+            n = PyBytes_GET_SIZE(b)
+        else:
+            have_buf = True
+            ptr = <const char *>buf.buf
+            n = buf.len
+    try:
+        if n == 0:
+            return s._state == S_CONNECTED
+        port_spin_lock(&s._lock)
+        if s._state != S_CONNECTED:
+            port_spin_unlock(&s._lock)
+            return False
+        if not s._send_busy and s._sq_count == 0 and s._hooks.on_send is None:
+            # Nothing ahead of these bytes: hand them to the socket now.  No
+            # completion follows (nobody waits for OnSend), so a reply costs one
+            # system call and leaves before any other hook runs.  Under the lock:
+            # the socket cannot be closed meanwhile.
+            one.base = ptr
+            one.len = <size_t>n
+            r = port_send_now(s.core.port, s._sock, &one, 1)
+            if r < 0:
+                port_spin_unlock(&s._lock)
+                _close_now(s, port_reason(<int>r), False)
+                _maybe_finish(s)
+                return False
+            sent = <Py_ssize_t>r
+            _cnt_add(&s._cnt.bytes_out, sent)     # stats.pxi
+            if sent == n:
+                _cnt_add(&s._cnt.msgs_out, 1)
+                port_spin_unlock(&s._lock)
+                return True
+        if b is None:
+            # A copy of what is left (a bytes allocation runs no Python code).
+            b = PyBytes_FromStringAndSize(ptr + sent, n - sent)
+            sent = 0
+        return _queue_locked(s, b, sent, True)
+    finally:
+        if have_buf:
+            PyBuffer_Release(&buf)
+        if pinned:
+            (<RecvView>data)._unpin()
+
+
+cdef bint _queue_send(Session s, bytes b, bint check_limit,
+                      Py_ssize_t *now=NULL) except? False:
+    """Queue `b` and start a send if none is in flight.  With `now`, first hand it
+    to the socket, as Send does, when nothing is queued and nobody waits for OnSend
+    (*now: the bytes it took).  The TLS filter sends its records this way, with
+    check_limit False (it counts plaintext itself)."""
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(b), sent = 0
+    cdef int64_t r
+    cdef port_buf_t one
+    if n == 0:
+        return s._state == S_CONNECTED
+    port_spin_lock(&s._lock)
+    if s._state != S_CONNECTED:
+        port_spin_unlock(&s._lock)
+        return False
+    if now != NULL and not s._send_busy and s._sq_count == 0 and \
+            s._hooks.on_send is None:
+        one.base = PyBytes_AS_STRING(b)
+        one.len = <size_t>n
+        r = port_send_now(s.core.port, s._sock, &one, 1)
+        if r < 0:
+            port_spin_unlock(&s._lock)
+            _close_now(s, port_reason(<int>r), False)
+            _maybe_finish(s)
+            return False
+        sent = <Py_ssize_t>r
+        now[0] = sent
+        _cnt_add(&s._cnt.bytes_out, sent)         # stats.pxi
+        if sent == n:
+            port_spin_unlock(&s._lock)
+            return True
+    return _queue_locked(s, b, sent, check_limit)
+
+
+cdef bint _queue_locked(Session s, bytes b, Py_ssize_t offset,
+                        bint check_limit) except? False:
+    """Queue b[offset:] (called under _lock, which it releases; the socket already
+    took b[:offset], and nothing is queued then) and start a send if none is in
+    flight."""
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(b) - offset
+    cdef Py_ssize_t limit = s._hooks.send_queue_limit
+    cdef Py_ssize_t queued = s._sq_bytes + n
+    cdef int rc
+    cdef bint tell = False
+    if check_limit and queued > limit:
+        port_spin_unlock(&s._lock)
+        _close_now(s,
+            f"send queue limit exceeded: {queued} bytes queued, send_queue_limit is "
+            f"{limit} (the peer is not reading)", True)
+        return False
+    if s._sq_count == s._sq_cap and _sq_grow(s) < 0:
+        port_spin_unlock(&s._lock)
+        raise MemoryError("growing the send queue")
+    s._sq[(s._sq_head + s._sq_count) % s._sq_cap] = <PyObject *>b
+    _incref(<PyObject *>b)
+    if s._sq_count == 0:
+        s._sq_offset = offset
+    s._sq_count += 1
+    s._sq_bytes = queued
+    if check_limit:                  # a Send (a TLS session's are counted in tls.pxi)
+        _cnt_add(&s._cnt.msgs_out, 1)
+    if not s._send_busy:
+        s._send_busy = True
+        s._send_progress_ms = port_monotonic_ms()
+        s._ops += 1
+        _build_iov(s)
+        rc = _submit_send_locked(s)
+    else:
+        rc = 0
+    if queued >= s._hooks.send_queue_high and not s._sq_above and \
+            s._hooks.on_send_queue is not None:
+        s._sq_above = True
+        tell = True
+    if queued >= (limit >> 2) and not s._recv_paused:
+        # Backpressure: the peer reads slower than it makes us write (an echo, a
+        # request flood).  Stop reading from it until the queue drains, so that its
+        # own sends block in TCP instead of our queue reaching the limit.  A one-shot
+        # receive is simply not posted again; one kept armed must be cancelled.
+        s._recv_paused = True
+        if s._recv_armed and s.core._recv_multishot:
+            port_cancel(s.core.port, &s._recv_op)
+    port_spin_unlock(&s._lock)
+    if rc != 0:
+        _close_now(s, f"cannot send: {port_reason(rc)}", False)
+        _maybe_finish(s)
+        return False
+    if tell:
+        # Send may run on any thread: the hook runs on the strand (a job).
+        _post_to(s, JOB_SEND_QUEUE, None, None)
+    return True
+
+
+cdef void _process_send(Session s, port_cqe_t *cqe) noexcept:
+    cdef int64_t res = cqe.res
+    cdef Py_ssize_t sent = 0, avail
+    cdef PyObject *o
+    cdef bint busy
+    cdef int rc
+    port_spin_lock(&s._lock)
+    if res > 0:
+        sent = <Py_ssize_t>res
+        s._send_progress_ms = s.core._now_ms
+        s._sq_bytes -= sent
+        _cnt_add(&s._cnt.bytes_out, sent)
+        while res > 0 and s._sq_count > 0:
+            o = s._sq[s._sq_head]
+            avail = PyBytes_GET_SIZE(<object>o) - s._sq_offset
+            if res >= avail:
+                res -= avail
+                s._sq[s._sq_head] = NULL
+                s._sq_head = (s._sq_head + 1) % s._sq_cap
+                s._sq_count -= 1
+                s._sq_offset = 0
+                _decref(o)           # a bytes object: its release runs no Python code
+            else:
+                s._sq_offset += res
+                res = 0
+    rc = 0
+    if cqe.res >= 0 and s._sq_count > 0 and \
+            (s._state == S_CONNECTED or s._state == S_FLUSHING):
+        _build_iov(s)
+        rc = _submit_send_locked(s)
+    else:
+        s._send_busy = False
+        s._ops -= 1
+        if s._sq_count == 0:
+            s._sq_head = 0
+            if s._sq != s._sq_inline:
+                free(s._sq)
+                s._sq = s._sq_inline
+                s._sq_cap = SQ_INLINE
+            if s._iov != s._iov_inline:
+                free(s._iov)
+                s._iov = s._iov_inline
+    busy = s._send_busy
+    if s._sq_above and s._sq_bytes <= s._hooks.send_queue_low:
+        s._sq_above = False
+    if s._recv_paused and s._sq_bytes <= (s._hooks.send_queue_limit >> 4):
+        s._recv_paused = False
+        if rc == 0:
+            rc = _arm_recv_locked(s)
+    port_spin_unlock(&s._lock)
+    if rc != 0:
+        _close_now(s, f"cannot send or receive: {port_reason(rc)}", False)
+    if sent > 0 and s._tls is not None:
+        sent = (<_Tls>s._tls).acked(sent)      # OnSend counts plaintext
+    if sent > 0 and s._hooks.on_send is not None:
+        _enter_hook(s, H_SEND)
+        try:
+            s._hooks.on_send(s, sent)
+        except BaseException as e:
+            _hook_failed(s, "OnSend", e)
+        _leave_hook(s)
+    if s._sq_told != s._sq_above and s._state == S_CONNECTED:
+        _tell_send_queue(s)
+    if cqe.res < 0:
+        if cqe.res != PORT_ECANCELED:
+            _close_now(s, port_reason(<int>cqe.res), False)
+    elif not busy and s._state == S_FLUSHING:
+        _close_if_flushed(s)
+    _maybe_finish(s)
+
+
+cdef int _sq_grow(Session s) noexcept:
+    """Double the send-queue ring (under _lock)."""
+    cdef Py_ssize_t cap = s._sq_cap * 2, i
+    cdef PyObject **ring = <PyObject **>malloc(cap * sizeof(PyObject *))
+    if ring == NULL:
+        return -1
+    for i in range(s._sq_count):
+        ring[i] = s._sq[(s._sq_head + i) % s._sq_cap]
+    if s._sq != s._sq_inline:
+        free(s._sq)
+    s._sq = ring
+    s._sq_cap = cap
+    s._sq_head = 0
+    return 0
+
+
+cdef void _build_iov(Session s) noexcept:
+    """Point the gather list at the queued bytes (under _lock, no send in flight)."""
+    cdef Py_ssize_t k, cnt = s._sq_count
+    cdef PyObject *o
+    if cnt > IOV_MAX:
+        cnt = IOV_MAX
+    if cnt > IOV_INLINE and s._iov == s._iov_inline:
+        s._iov = <port_buf_t *>malloc(IOV_MAX * sizeof(port_buf_t))
+        if s._iov == NULL:
+            s._iov = s._iov_inline
+    if s._iov == s._iov_inline and cnt > IOV_INLINE:
+        cnt = IOV_INLINE
+    for k in range(cnt):
+        o = s._sq[(s._sq_head + k) % s._sq_cap]
+        s._iov[k].base = PyBytes_AS_STRING(<object>o)
+        s._iov[k].len = PyBytes_GET_SIZE(<object>o)
+    s._iov[0].base += s._sq_offset
+    s._iov[0].len -= s._sq_offset
+    s._iov_n = <int>cnt
+
+
+cdef int _submit_send_locked(Session s) noexcept:
+    """Submit the gather list (under _lock, with _send_busy set and counted).  On
+    failure the send is undone and the error returned for the caller to close."""
+    cdef int rc
+    _incref(<PyObject *>s)
+    rc = port_send(s.core.port, &s._send_op, s._sock, s._iov, s._iov_n)
+    if rc != 0:
+        _decref(<PyObject *>s)
+        s._send_busy = False
+        s._ops -= 1
+    return rc
+
+
+cdef inline bint _send_queue_above_high(Session s) noexcept:
+    """Is the queue above send_queue_high?  (What OnSendQueue(True) reports, but
+    kept for every session: a droppable broadcast asks it.)"""
+    return s._sq_bytes >= s._hooks.send_queue_high
+
+
+cdef void _tell_send_queue(Session s) noexcept:
+    """On the strand: tell OnSendQueue where the queue is, if that changed since it
+    was last told (crossings in between fold into one call, never two alike in a
+    row)."""
+    cdef bint above
+    if s._hooks.on_send_queue is None:
+        return
+    port_spin_lock(&s._lock)
+    above = s._sq_above
+    port_spin_unlock(&s._lock)
+    if above == s._sq_told:
+        return
+    s._sq_told = above
+    try:
+        s._hooks.on_send_queue(s, above)
+    except BaseException as e:
+        _hook_failed(s, "OnSendQueue", e)
