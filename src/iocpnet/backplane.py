@@ -28,15 +28,9 @@ SETNAME, PUBLISH, SUBSCRIBE, UNSUBSCRIBE, PING, SET, DEL, HSET, HDEL, PEXPIRE, M
 EXEC, EVALSHA/EVAL), RESP2 only (RESP3 gains nothing here), no Sentinel or Cluster.  An
 application that needs Redis for its own data uses redis-py through ``Spawn``.
 
-The two connections.  Index 0, the *command* connection, carries PUBLISH and the
-presence commands, pipelined: each command's callback waits in a FIFO that the replies
-pop in order (``_Link.waiting``; ``_Link.lock`` makes "append the callback, queue the
-bytes" one step, so the FIFO's order is the wire's).  Index 1, the *subscriber*
-connection, is in subscribe mode: it SUBSCRIBEs one channel per shared group and
-receives the messages, which it delivers with ``Group._deliver`` (the group's own
-fan-out under its order lock) on its strand, one at a time, in Redis's order.  A message
-is an envelope (``_HEADER``: version, flags, the origin server's id, its sequence
-number) and the bytes given to ``Broadcast``, queued to the members by reference.
+The connections (_backplane_link.py): index 0 carries the commands, pipelined;
+index 1 is the subscriber.  Presence (_backplane_presence.py): who is in each group,
+on every server.  This file holds the states below and the groups' traffic.
 
 States (``_state``, under ``_lock``):
 - ``DOWN``: no link (not yet connected, or lost).  ``Broadcast`` delivers here at once;
@@ -57,20 +51,6 @@ States (``_state``, under ``_lock``):
   servers published while the link was down is lost (Redis pub/sub keeps nothing).
 - ``CLOSED``: ``Close()`` was called; local delivery only.
 
-Presence.  Each registration is a field of the hash ``<prefix>:who:<group>``:
-``<incarnation>|<n>`` -> the member's name, where the incarnation is this server's id
-and a number that changes each time it (re)registers.  The incarnation is alive while
-the key ``<prefix>:alive:<incarnation>`` exists; it has a TTL (``presence_ttl``) that
-a timer refreshes three times per TTL.  WHO is one script call (``_WHO_SCRIPT``): the
-hash's fields, whose incarnations are alive (one EXISTS per server, not per member), and
-the fields of dead ones deleted on the way.  A server killed with SIGKILL stops
-refreshing; its alive key expires within the TTL, and WHO stops listing its members at
-that moment.  After a reconnect (Redis may have restarted empty, or WHO may have deleted
-our fields while we were away) the server registers everything again under a new
-incarnation, in one MULTI/EXEC that also deletes the old alive key, so that WHO never
-lists a member twice.  Each group's hash has a longer TTL, refreshed by every server
-that has members in it, so that a hash whose servers all died goes away too.
-
 Locks.  ``RedisBackplane._lock`` (a threading.Lock) guards the state, the links, the
 shares and their presence entries, ``_pending`` and the figures.  It is held while
 queueing commands (``_Link.call`` takes the link's lock inside it: order bp lock, then
@@ -81,68 +61,22 @@ themselves.
 """
 from __future__ import annotations
 
-import concurrent.futures
-import hashlib
-import logging
 import os
 import ssl as _ssl
 import struct
 import threading
 import time
 from collections import deque
-from typing import (Any, Callable, Deque, Dict, List, NamedTuple, Optional, Set, Tuple,
-                    Union)
-from urllib.parse import unquote, urlsplit
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
+from iocpnet._backplane_link import (_CMD, _ROLE, _SUB, RedisAddress, _Backoff, _Link,
+                                     _LinkDown, log, parse_redis_url)
+from iocpnet._backplane_presence import (CLOSED, DOWN, DRAINING, SYNCING, UP, _name,
+                                         _Presence, _Share)
 from iocpnet._core import ClientService, Group, IocpCore, Reconnect, Session
-from iocpnet.resp import Parser, ProtocolError, RespError, encode_command
+from iocpnet.resp import RespError
 
 __all__ = ["RedisBackplane", "RedisAddress", "parse_redis_url"]
-
-log = logging.getLogger("iocpnet")
-
-
-class RedisAddress(NamedTuple):
-    """What a ``redis://`` or ``rediss://`` URL says."""
-    host: str
-    port: int
-    db: int
-    username: Optional[str]
-    password: Optional[str]
-    tls: bool
-
-    def display(self) -> str:
-        """The URL without its password (for logs)."""
-        return f"{'rediss' if self.tls else 'redis'}://{self.host}:{self.port}/{self.db}"
-
-
-def parse_redis_url(url: str) -> RedisAddress:
-    """``redis://[[user]:password@]host[:port][/db]``, or ``rediss://`` for TLS.  The
-    user and password are percent-decoded; the db defaults to 0, the port to 6379."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss"):
-        raise ValueError(f"not a redis:// or rediss:// URL: {url!r}")
-    if not parts.hostname:
-        raise ValueError(f"no host in {url!r}")
-    try:
-        port = parts.port or 6379
-    except ValueError:
-        raise ValueError(f"bad port in {url!r}") from None
-    path = parts.path.strip("/")
-    if path:
-        if not path.isdigit():
-            raise ValueError(f"the database in {url!r} must be a number")
-        db = int(path)
-    else:
-        db = 0
-    username = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password is not None else None
-    if username is not None and password is None:
-        # redis://secret@host: a lone value is the password (AUTH secret), as redis-cli
-        # and redis-py read it.
-        username, password = None, username
-    return RedisAddress(parts.hostname, port, db, username, password,
-                        parts.scheme == "rediss")
 
 
 # Envelope of a shared message: version 1, flags (bit 0: droppable), the origin server's
@@ -151,161 +85,11 @@ _HEADER = struct.Struct("<BB8sQ")
 _VERSION = 1
 _DROPPABLE = 1
 
-# WHO: KEYS[1] the group's hash, ARGV[1] the alive-key prefix.  Returns field, name
-# pairs of live incarnations; deletes the fields of dead ones.
-_WHO_SCRIPT = b"""
-local h = redis.call('HGETALL', KEYS[1])
-local alive, out, dead = {}, {}, {}
-for i = 1, #h, 2 do
-  local f = h[i]
-  local inc = string.match(f, '^(.*)|') or ''
-  local a = alive[inc]
-  if a == nil then
-    a = redis.call('EXISTS', ARGV[1] .. inc) == 1
-    alive[inc] = a
-  end
-  if a then
-    out[#out + 1] = f
-    out[#out + 1] = h[i + 1]
-  else
-    dead[#dead + 1] = f
-  end
-end
-for i = 1, #dead, 1000 do
-  redis.call('HDEL', KEYS[1], unpack(dead, i, math.min(i + 999, #dead)))
-end
-return out
-"""
-_WHO_SHA = hashlib.sha1(_WHO_SCRIPT).hexdigest()
-
-DOWN, SYNCING, UP, DRAINING, CLOSED = "down", "syncing", "up", "draining", "closed"
-_CMD, _SUB = 0, 1
-_ROLE = ("command", "subscriber")
-
-
-class _LinkDown(Exception):
-    """What a command's callback gets when its link went away before the reply."""
-
-
-Callback = Optional[Callable[[Any], None]]
-
-
-class _Link(Session):
-    """One connection to Redis (index 0: commands; 1: subscriber)."""
-
-    def __init__(self, bp: RedisBackplane, index: int) -> None:
-        self.bp = bp
-        self.index = index
-        self.lock = threading.Lock()
-        self.waiting: Deque[Callback] = deque()
-        self.waiting_since = 0.0          # when the oldest unanswered command was sent
-        self.last_recv = time.monotonic()
-        self.parser = Parser(max_reply=bp.max_reply, max_bulk=bp.max_reply)
-        self.ready = False                # handshake done
-        self.counted = False              # its failure was counted (once per link)
-        self.failed = False               # its handshake failed: ignore what follows
-
-    def call(self, cb: Callback, *args: object) -> bool:
-        """Queue one command; `cb(reply)` runs on this link's strand with the reply
-        (a RespError for an error reply, a _LinkDown if the link ends first)."""
-        data = encode_command(*args)
-        with self.lock:
-            if not self.waiting:
-                self.waiting_since = time.monotonic()
-            self.waiting.append(cb)
-            if self.Send(data):
-                return True
-            self.waiting.pop()
-        return False
-
-    def OnConnected(self) -> None:
-        self.last_recv = time.monotonic()
-        self.bp._link_connected(self)
-
-    def OnRecv(self, data: Any) -> None:
-        self.last_recv = time.monotonic()
-        p = self.parser
-        try:
-            p.feed(data)
-            if self.index == _SUB:
-                for channel, value in p.messages():
-                    if channel is not None:
-                        self.bp._on_message(channel, value)
-                    else:
-                        self._reply(value)
-            else:
-                for value in p.replies():
-                    self._reply(value)
-        except ProtocolError as e:
-            self.bp._protocol_error(self, str(e))
-            self.Abort(f"redis protocol error: {e}")
-
-    def _reply(self, value: Any) -> None:
-        with self.lock:
-            if not self.waiting:
-                raise ProtocolError(f"a reply nobody asked for: {value!r:.80}")
-            cb = self.waiting.popleft()
-            self.waiting_since = time.monotonic()
-        if cb is not None:
-            cb(value)
-        elif isinstance(value, RespError):
-            self.bp._command_error(value)
-
-    def fail_waiting(self) -> None:
-        with self.lock:
-            callbacks = list(self.waiting)
-            self.waiting.clear()
-        err = _LinkDown("the connection to redis was lost")
-        for cb in callbacks:
-            if cb is not None:
-                try:
-                    cb(err)
-                except Exception:
-                    log.exception("a redis callback raised")
-
-    def OnConnectFailed(self, reason: str) -> None:
-        self.bp._link_failed(self, reason)
-
-    def OnDisconnected(self, reason: str) -> None:
-        self.bp._link_down(self, reason)
-
-
-class _Share:
-    """One shared group on this server."""
-
-    __slots__ = ("group", "name", "channel", "key", "subscribed", "held", "entries")
-
-    def __init__(self, group: Group, name: str, channel: bytes, key: bytes) -> None:
-        self.group = group
-        self.name = name
-        self.channel = channel
-        self.key = key
-        self.subscribed = False
-        # Broadcasts waiting for this group's SUBSCRIBE to be confirmed (UP only).
-        self.held: List[Tuple[bytes, Optional[Session], bool]] = []
-        # Presence: member -> its number (the field is "<incarnation>|<number>").
-        self.entries: Dict[Session, int] = {}
-
 
 _Pending = Tuple[int, _Share, bytes, Optional[Session], bool]
 
 
-class _Backoff:
-    """The Reconnect policy as the ClientService asks it, counting failed attempts of
-    the whole link (a connection that comes up but is refused AUTH failed too), and
-    reset only once sharing is back."""
-
-    max_attempts = None
-
-    def __init__(self, bp: RedisBackplane, policy: Any) -> None:
-        self.bp = bp
-        self.policy = policy
-
-    def delay(self, failures: int) -> float:
-        return float(self.policy.delay(max(self.bp._failures)))
-
-
-class RedisBackplane:
+class RedisBackplane(_Presence):
     """Shares Groups between server processes through Redis.
 
     ``RedisBackplane(core, url="redis://127.0.0.1:6379/0", *, ssl=None,
@@ -391,12 +175,6 @@ class RedisBackplane:
 
     def _channel(self, name: str) -> bytes:
         return f"{self.prefix}:{self.address.db}:ch:{name}".encode("utf-8")
-
-    def _who_key(self, name: str) -> bytes:
-        return f"{self.prefix}:who:{name}".encode("utf-8")
-
-    def _alive_key(self, incarnation: str) -> bytes:
-        return f"{self.prefix}:alive:{incarnation}".encode("utf-8")
 
     # ---- life ----
 
@@ -531,53 +309,6 @@ class RedisBackplane:
             self._sync_waiting += 1
             sub.call(self._subscribed_cb(share, sub), "SUBSCRIBE", share.channel)
         self._register_locked(cmd)
-
-    def _register_locked(self, cmd: _Link) -> None:
-        """(Re)register all presence under a new incarnation, atomically."""
-        old = self._incarnation
-        self._epoch += 1
-        inc = f"{self.server_id}.{self._epoch}"
-        self._incarnation = inc
-        ttl_ms = int(self.presence_ttl * 1000)
-        cmd.call(None, "MULTI")
-        if old is not None:
-            cmd.call(None, "DEL", self._alive_key(old))
-        cmd.call(None, "SET", self._alive_key(inc), b"1", "PX", ttl_ms)
-        for share in self._shares.values():
-            self._hset_all_locked(cmd, share)
-        cmd.call(lambda r: self._registered(inc, r), "EXEC")
-
-    def _hset_all_locked(self, cmd: _Link, share: _Share) -> None:
-        if not share.entries:
-            return
-        names = share.group.NameOf
-        args: List[object] = ["HSET", share.key]
-        for session, n in share.entries.items():
-            name = names(session)
-            if name is None:
-                continue
-            args += [self._field(n), name]
-        if len(args) > 2:
-            cmd.call(None, *args)
-            cmd.call(None, "PEXPIRE", share.key, self._hash_ttl_ms())
-
-    def _hash_ttl_ms(self) -> int:
-        return int(max(30.0, 10 * self.presence_ttl) * 1000)
-
-    def _field(self, n: int) -> str:
-        return f"{self._incarnation}|{n:08x}"
-
-    def _registered(self, inc: str, reply: Any) -> None:
-        if isinstance(reply, RespError) or (isinstance(reply, list) and any(
-                isinstance(r, RespError) for r in reply)):
-            self._command_error(reply if isinstance(reply, RespError)
-                                else next(r for r in reply if isinstance(r, RespError)))
-        if isinstance(reply, _LinkDown):
-            return
-        with self._lock:
-            if self._state != SYNCING or self._incarnation != inc:
-                return
-            self._sync_step_locked()
 
     def _subscribed_cb(self, share: _Share, link: _Link) -> Callable[[Any], None]:
         def done(reply: Any) -> None:
@@ -815,153 +546,6 @@ class RedisBackplane:
         if share is not None:
             share.group._deliver(payload[_HEADER.size:], exclude, droppable)
 
-    # ---- presence ----
-
-    def _joined(self, group: Group, session: Session) -> None:
-        """`session` joined `group`, or was renamed in it."""
-        with self._lock:
-            share = self._shares.get(_name(group))
-            if share is None or share.group is not group:
-                return
-            name = group.NameOf(session)
-            if name is None:
-                return                        # removed meanwhile
-            n = share.entries.get(session)
-            if n is None:
-                self._entry_seq += 1
-                n = share.entries[session] = self._entry_seq
-            cmd = self._links[_CMD]
-            if cmd is not None and self._incarnation is not None:
-                cmd.call(None, "HSET", share.key, self._field(n), name)
-                cmd.call(None, "PEXPIRE", share.key, self._hash_ttl_ms())
-
-    def _left(self, group: Group, session: Session) -> None:
-        with self._lock:
-            share = self._shares.get(_name(group))
-            if share is None or share.group is not group:
-                return
-            n = share.entries.pop(session, None)
-            cmd = self._links[_CMD]
-            if n is not None and cmd is not None and self._incarnation is not None:
-                cmd.call(None, "HDEL", share.key, self._field(n))
-
-    def Who(self, name: str, callback: Optional[Callable[[List[str]], Any]] = None
-            ) -> concurrent.futures.Future[List[str]]:
-        """Who is in the shared group `name` on every server: a Future of the names
-        (sorted by server, then by when they joined).  While Redis is away: the names
-        of this server's members only.  ``callback(names)`` runs on a worker (no
-        strand: treat it as another thread)."""
-        fut: concurrent.futures.Future[List[str]] = concurrent.futures.Future()
-
-        def done(names: List[str]) -> None:
-            fut.set_result(names)
-            if callback is not None:
-                try:
-                    callback(names)
-                except Exception:
-                    log.exception("a Who callback raised")
-        self._who(name, done)
-        return fut
-
-    def _group_who(self, group: Group, callback: Optional[Callable[[List[str]], Any]]
-                   ) -> concurrent.futures.Future[List[str]]:
-        fut: concurrent.futures.Future[List[str]] = concurrent.futures.Future()
-
-        def done(names: List[str]) -> None:
-            fut.set_result(names)
-            if callback is not None:
-                group.Post(callback, names)
-        self._who(_name(group), done)
-        return fut
-
-    def _who(self, name: str, done: Callable[[List[str]], None]) -> None:
-        key = self._who_key(name)
-        with self._lock:
-            cmd = self._links[_CMD]
-            if cmd is not None and self._incarnation is not None and cmd.call(
-                    lambda r: self._who_reply(name, r, done, True),
-                    "EVALSHA", _WHO_SHA, 1, key, self._alive_key("")):
-                return
-        names = self._local_names(name)
-        try:
-            self.core.Post(done, names)
-        except Exception:
-            done(names)                       # the core is closing: answer here
-
-    def _who_reply(self, name: str, reply: Any, done: Callable[[List[str]], None],
-                   first: bool) -> None:
-        if isinstance(reply, RespError) and reply.kind == "NOSCRIPT" and first:
-            with self._lock:
-                cmd = self._links[_CMD]
-                if cmd is not None and cmd.call(
-                        lambda r: self._who_reply(name, r, done, False),
-                        "EVAL", _WHO_SCRIPT, 1, self._who_key(name),
-                        self._alive_key("")):
-                    return
-            done(self._local_names(name))
-            return
-        if not isinstance(reply, list):
-            if isinstance(reply, RespError):
-                self._command_error(reply)
-            done(self._local_names(name))
-            return
-        pairs = sorted(zip(reply[0::2], reply[1::2]))
-        done([n.decode("utf-8", "replace") for _, n in pairs])
-
-    def _local_names(self, name: str) -> List[str]:
-        with self._lock:
-            share = self._shares.get(name)
-        return list(share.group.names) if share is not None else []
-
-    # ---- the refresh tick ----
-
-    def _tick(self) -> None:
-        """Every presence_ttl/3: keep our incarnation alive (and notice if Redis lost
-        it), keep our groups' hashes, PING the subscriber, and declare a link dead when
-        Redis has not answered for `timeout`."""
-        now = time.monotonic()
-        dead: List[_Link] = []
-        with self._lock:
-            for link in self._links:
-                if link is not None and link.waiting and \
-                        now - link.waiting_since > self.timeout:
-                    dead.append(link)
-            cmd, sub = self._links
-            inc = self._incarnation
-            if not dead and self._state in (UP, SYNCING):
-                if cmd is not None and inc is not None:
-                    ttl_ms = int(self.presence_ttl * 1000)
-                    cmd.call(lambda r: self._alive_reply(inc, r), "PEXPIRE",
-                             self._alive_key(inc), ttl_ms)
-                    for share in self._shares.values():
-                        if share.entries:
-                            cmd.call(lambda r: self._hash_reply(inc, r),
-                                     "PEXPIRE", share.key, self._hash_ttl_ms())
-                if sub is not None and sub.ready and not sub.waiting:
-                    sub.call(None, "PING")
-        for link in dead:
-            link.Abort(f"redis did not answer for {self.timeout:g} s")
-
-    def _alive_reply(self, inc: str, reply: Any) -> None:
-        if reply == 0:
-            # Our alive key is gone (we were paused past the TTL, or Redis was flushed):
-            # WHO may have deleted our fields; register everything again.
-            self._reregister(inc, "this server's presence had expired in redis")
-
-    def _hash_reply(self, inc: str, reply: Any) -> None:
-        if reply == 0:
-            self._reregister(inc, "a group's presence had vanished from redis")
-
-    def _reregister(self, inc: str, why: str) -> None:
-        with self._lock:
-            cmd = self._links[_CMD]
-            if self._state != UP or self._incarnation != inc or cmd is None:
-                return
-            log.warning("redis backplane: %s; registering again", why)
-            old = self._incarnation
-            self._register_locked(cmd)
-            del old
-
     def stats(self) -> Dict[str, Any]:
         """Figures: state, messages published, delivered from Redis, delivered here
         while not sharing, recovered after a loss, outages, bad messages, groups."""
@@ -973,12 +557,6 @@ class RedisBackplane:
                 "bad_messages": self.bad_messages, "groups": len(self._shares),
                 "pending": len(self._pending),
             }
-
-
-def _name(group: Group) -> str:
-    name = group.name
-    assert isinstance(name, str)          # a shared group's name is (Group checks)
-    return name
 
 
 def _local_count(group: Group, exclude: Optional[Session]) -> int:
