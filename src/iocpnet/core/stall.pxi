@@ -133,6 +133,8 @@ cdef void _watch_stalls(Service service, Session s) noexcept:
             port_atomic_load32(&watch.running):
         return                            # the common case: nothing to do
     if watch is None:
+        # Under the core's lock: two first connects may race here, and an object field
+        # written by two threads at once could lose a reference without the GIL.
         with core._lock:
             watch = <_StallWatch>core._stall_watch
             if watch is None:
@@ -141,7 +143,8 @@ cdef void _watch_stalls(Service service, Session s) noexcept:
                 watch._lock = threading.Lock()
                 watch._services = _weakref.WeakSet()
                 core._stall_watch = watch
-        service._stall_watch = watch
+            if service._stall_watch is None:
+                service._stall_watch = watch
     if service._stall_timeout <= 0 or timeout < service._stall_timeout:
         service._stall_timeout = timeout
     watch.add(service, timeout)

@@ -342,7 +342,7 @@ int port_set_nodelay(port_sock_t s, int on);
  * Windows 10 1703+ the bytes sent and acknowledged (SIO_TCP_INFO).  PORT_EOPNOTSUPP
  * where the system cannot tell. */
 int port_sock_send_progress(port_sock_t s, uint64_t *mark);
-/* Read and drop what s has received and nobody read (up to 1 MiB), without waiting:
+/* Read and drop what s has received and nobody read (up to 256 KiB), without waiting:
  * before a graceful close, since a socket closed with unread input sends a reset, and
  * the peer's kernel then drops what it had not read yet of our last replies.  Returns
  * the bytes dropped or a negative PORT_E* code.  (A receive still in flight on s, being

@@ -165,7 +165,7 @@ int port_set_nodelay(port_sock_t s, int on) {
 int64_t port_sock_drain(port_sock_t s) {
     char buf[16384];
     int64_t total = 0;
-    while (total < ((int64_t)1 << 20)) {
+    while (total < ((int64_t)256 << 10)) {
         ssize_t n = recv(s, buf, sizeof(buf), MSG_DONTWAIT);
         if (n > 0) {
             total += n;

@@ -356,7 +356,7 @@ typedef struct port_tcp_info_v0 {
 int64_t port_sock_drain(port_sock_t s) {
     char buf[16384];
     int64_t total = 0;
-    while (total < ((int64_t)1 << 20)) {
+    while (total < ((int64_t)256 << 10)) {
         u_long avail = 0;
         int n;
         /* Only what is there (FIONREAD), so that recv never blocks. */
