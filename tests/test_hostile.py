@@ -533,6 +533,9 @@ def test_peer_that_sends_but_never_reads_is_cut_after_send_timeout(server):
             f"(send_timeout {SEND_TIMEOUT} s)")
         assert isinstance(ends[k], (ConnectionResetError, BrokenPipeError)), ends[k]
     assert srv.service.send_timeouts == len(peers)
+    st = srv.service.stats()
+    assert st["send_timeouts"] == len(peers)
+    assert st["disconnects"]["timeout"] == len(peers)
     for c in peers:
         c.close()
     log.check_exactly_once(srv.service)
@@ -626,12 +629,71 @@ def test_failing_session_factory_recovers_and_answers_every_later_client(
             c.close()
     assert failing[0] == 0
     assert srv.service.factory_failures == burst
+    assert srv.service.stats()["factory_failures"] == burst
     records = [r for r in caplog_iocpnet.records if "session factory" in r.getMessage()]
     with_traceback = [r for r in records if r.exc_info]
     assert len(with_traceback) == 1, [r.getMessage() for r in records]
     counted = [r for r in records if f"{burst} failures" in r.getMessage()]
     assert len(counted) == 1, [r.getMessage() for r in records]
     assert len(records) == 2, [r.getMessage() for r in records]
+    log.check_exactly_once(srv.service)
+
+
+def test_failing_session_factory_is_retried_with_a_growing_back_off(
+        server, caplog_iocpnet):
+    """A factory that keeps failing for 7 s is retried after 50 ms, then after twice
+    as long each time up to 1 s, never faster (no spinning on a broken factory) and
+    never slower (it recovers within a second of working again): its calls are
+    counted, the burst is logged once, a client waiting through it is served, and the
+    fleet goes on."""
+    log = Log()
+    echo = echo_class(log)
+    failing = threading.Event()
+    calls = []
+
+    def factory():
+        if failing.is_set():
+            calls.append(time.monotonic())
+            raise RuntimeError("the session pool is empty")
+        return echo()
+
+    # One slot, so that every call after the first is the back-off timer's (with more,
+    # each accept completing would also try the factory once for its own slot).
+    srv = server(factory, accepts=1)
+    with Fleet(srv.address):
+        failing.set()
+        # The accept that completes now re-posts its slot through the failing factory.
+        first = [connect(srv.address, timeout=15)]
+        wait_for(lambda: srv.listener.accepts_posted == 0, 10, "the slot to go empty")
+        waiting = connect(srv.address, timeout=15)   # completes in the backlog
+        waiting.sendall(b"waited through the burst")
+        time.sleep(7.0)
+        failing.clear()
+        t_fixed = time.monotonic()
+        want = b"waited through the burst"
+        assert recv_exactly(waiting, len(want)) == want
+        served_after = time.monotonic() - t_fixed
+        wait_for(lambda: srv.listener.accepts_posted == 1, 10, "the slot posted again")
+        for c in first + [waiting]:
+            c.close()
+    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    shown = [round(g, 3) for g in gaps]
+    # 50, 100, 200, 400, 800 ms, then 1 s: about 11 calls in 7 s.  A retry per
+    # failure or at a fixed 50 ms would make hundreds; none would make 1.
+    assert 8 <= len(calls) <= 16, shown
+    assert min(gaps) >= 0.045, f"retried {min(gaps) * 1000:.0f} ms apart: {shown}"
+    assert gaps[0] < 0.5, f"the first retry came after {gaps[0]:.2f} s: {shown}"
+    # Doubling without a cap would wait 1.6 s, then 3.2 s.  (A loaded machine may fire
+    # a timer late, never early.)
+    assert max(gaps) < 1.5, f"a retry waited {max(gaps):.2f} s (cap: 1 s): {shown}"
+    assert sum(0.9 <= g for g in gaps) >= 3, f"the back-off never reached 1 s: {shown}"
+    assert served_after < 2.5, f"served {served_after:.2f} s after the factory worked"
+    assert srv.service.factory_failures == len(calls)
+    assert srv.service.stats()["factory_failures"] == len(calls)
+    records = [r.getMessage() for r in caplog_iocpnet.records
+               if "session factory" in r.getMessage()]
+    assert len(records) == 2, records
+    assert f"works again after {len(calls)} failures" in records[1], records
     log.check_exactly_once(srv.service)
 
 
