@@ -17,7 +17,7 @@ import pytest
 
 import iocpnet
 
-from conftest import connect, recv_until_eof
+from conftest import connect, recv_until_eof, wait_for
 from subproc import Proc
 
 STRESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stress")
@@ -146,6 +146,52 @@ def test_stop_returns_in_time_and_names_a_stuck_hook(server, caplog_iocpnet):
             warnings
         release.set()
         assert recv_until_eof(c) == b"late reply"
+
+
+@pytest.mark.parametrize("hook", ["OnConnected", "OnDisconnected"])
+def test_stop_names_a_session_stuck_in_its_first_or_last_hook(server, caplog_iocpnet,
+                                                              hook):
+    """A session stuck in OnConnected, or in OnDisconnected (the service waits for it
+    to return: a server may be saving a player's state there): Stop(1.0) returns
+    within its timeout plus a second, and the warning names the session and that
+    hook.  Once released, the session ends."""
+    release = threading.Event()
+    entered = threading.Event()
+
+    class Stuck(iocpnet.Session):
+        def OnConnected(self):
+            if hook == "OnConnected":
+                entered.set()
+                release.wait(30)
+
+        def OnRecv(self, data):
+            self.Send(data)
+
+        def OnDisconnected(self, reason):
+            if hook == "OnDisconnected":
+                entered.set()
+                release.wait(30)
+
+    srv = server(Stuck)
+    try:
+        with connect(srv.address, timeout=20) as c:
+            port = c.getsockname()[1]
+            if hook == "OnDisconnected":
+                c.sendall(b"x")
+                assert c.recv(1) == b"x"
+                c.close()
+            assert entered.wait(10)
+            t0 = time.monotonic()
+            srv.service.Stop(1.0)
+            took = time.monotonic() - t0
+        assert took < 2.0, f"Stop(1.0) returned after {took:.2f} s"
+        warnings = [r.getMessage() for r in caplog_iocpnet.records
+                    if r.levelno == logging.WARNING]
+        assert any(f"127.0.0.1:{port}" in m and f"in {hook} for" in m
+                   for m in warnings), warnings
+    finally:
+        release.set()
+    wait_for(lambda: srv.service.session_count == 0, 10, "the session to end")
 
 
 # ---- Run and signals (in a subprocess) ----

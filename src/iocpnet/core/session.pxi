@@ -113,6 +113,7 @@ cdef enum:
     H_CONNECTED = 1
     H_RECV = 2            # OnRecv, OnRecvPacket or OnMessage (whatever _deliver calls)
     H_SEND = 3
+    H_DISCONNECTED = 4    # the service waits for it (_session_done comes after)
 
 
 cdef inline void _enter_hook(Session s, int32_t hook) noexcept:
@@ -129,6 +130,8 @@ cdef str _hook_name(Session s, int32_t hook):
         return "OnConnected"
     if hook == H_SEND:
         return "OnSend"
+    if hook == H_DISCONNECTED:
+        return "OnDisconnected"
     if s._ws is not None:
         return "OnMessage"
     return "OnRecvPacket" if s._hooks.packet_mode else "OnRecv"

@@ -132,10 +132,12 @@ cdef void _finish(Session s) noexcept:
     if s._x is not None:
         _session_ended(s)     # its timers and tasks cancelled, its groups left
     if s._hooks.on_disconnected is not None:
+        _enter_hook(s, H_DISCONNECTED)
         try:
             s._hooks.on_disconnected(s, s._reason)
         except BaseException:
             logger.exception("OnDisconnected of %s raised", repr(s))
+        _leave_hook(s)
     # Only now does the service forget the session: Stop() (and Run()) wait for
     # session_count to reach 0, and a server saving a player's state in
     # OnDisconnected must not see the process exit while it writes.
