@@ -791,8 +791,11 @@ class _MetricsServer(Protocol):
 
 class Service:
     """The original's Service: an IocpCore, a Listener, a session factory and the number
-    of accepts kept posted (``max_session_count``, which is not a cap on sessions: use
-    ``max_sessions`` for that).
+    of accepts kept posted: ``Service(core, listener, factory, 100)`` as the original's
+    main.cpp writes it, or ``accepts=100``.  That number is not a cap on sessions (each
+    completed accept is posted again at once): ``max_sessions`` is the cap.
+    ``max_session_count`` (the original's name, as a keyword or an attribute) is an
+    alias of ``accepts`` for one release; the keyword warns (DeprecationWarning).
 
     ``Start()`` binds, listens and posts the accepts; worker threads then loop
     ``service.GetIocpCore().Dispatch()``.  ``Run()`` does all of it and returns
@@ -804,13 +807,14 @@ class Service:
         core: IocpCore,
         listener: Listener,
         session_factory: Callable[[], Session],
-        max_session_count: int = 100,
+        accepts: int | None = None,
         *,
         max_sessions: int | None = None,
         max_sessions_per_address: int | None = None,
         connect_rate_per_address: float | None = None,
         connect_burst_per_address: float | None = None,
         address_table_size: int = 16384,
+        max_session_count: int | None = None,
     ) -> None:
         """``session_factory``: a Session subclass, or any callable returning a new
         Session.  ``max_sessions``: refuse connections beyond this many live sessions
@@ -829,8 +833,12 @@ class Service:
         """The Listener (a ClientService has none: there it is None)."""
 
     @property
+    def accepts(self) -> int:
+        """Accepts kept posted (the original's maxSessionCount; default 100)."""
+
+    @property
     def max_session_count(self) -> int:
-        """Accepts kept posted (the original's maxSessionCount)."""
+        """The original's name of ``accepts`` (an alias, for one release)."""
 
     @property
     def max_sessions(self) -> int | None:
@@ -952,8 +960,8 @@ class RunHandle:
         tb: TracebackType | None,
     ) -> bool: ...
 
-class ServerService(Service):
-    """A Service that accepts connections (the same as ``Service``)."""
+# The original's name for the accepting service: Service itself (an alias).
+ServerService = Service
 
 class _ReconnectPolicy(Protocol):
     """What ClientService needs of a reconnect policy (``Reconnect`` is one)."""

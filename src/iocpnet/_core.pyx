@@ -34,6 +34,7 @@ import errno as _errno
 import logging
 import os
 import threading
+import warnings
 import time as _time
 import sys as _sys
 import traceback as _traceback

@@ -11,7 +11,7 @@
 
 @cython.final
 cdef class Listener(IocpObject):
-    """Accepts connections: binds, listens, and keeps ``max_session_count`` accepts
+    """Accepts connections: binds, listens, and keeps the service's ``accepts`` accepts
     posted, each with a session made by the service's factory, re-posting each one as
     it completes (the original's AcceptEx pattern).
 
@@ -108,7 +108,7 @@ cdef class Listener(IocpObject):
         if self._ops != NULL:
             raise RuntimeError("the Listener is already started")
         if count <= 0:
-            raise ValueError("max_session_count must be positive")
+            raise ValueError("accepts (the accepts kept posted) must be positive")
         hostarg = self._address_arg[0]
         if hostarg is not None:
             hb = str(hostarg).encode("idna")

@@ -54,8 +54,11 @@ cdef str _describe_open(Session s, int64_t now):
 
 cdef class Service:
     """The original's Service: an IocpCore, a Listener, a session factory and the number
-    of accepts kept posted (``max_session_count``, which is not a cap on sessions: use
-    ``max_sessions`` for that).
+    of accepts kept posted: ``Service(core, listener, factory, 100)`` as the original's
+    main.cpp writes it, or ``accepts=100``.  That number is not a cap on sessions (each
+    completed accept is posted again at once): ``max_sessions`` is the cap.
+    ``max_session_count`` (the original's name, as a keyword or an attribute) is an
+    alias of ``accepts`` for one release; the keyword warns (DeprecationWarning).
 
     ``Start()`` binds, listens and posts the accepts; worker threads then loop
     ``service.GetIocpCore().Dispatch()``.  ``Run()`` does all of it and returns
@@ -64,7 +67,7 @@ cdef class Service:
     cdef readonly IocpCore core
     cdef readonly object listener
     cdef object _factory
-    cdef readonly int max_session_count
+    cdef readonly int accepts             # accepts kept posted (not a cap: max_sessions)
     cdef readonly object max_sessions
     cdef Py_ssize_t _cap
     cdef set _sessions
@@ -88,21 +91,31 @@ cdef class Service:
     cdef object _stall_watch                  # its core's _StallWatch, once watched
     cdef object __weakref__
 
-    def __init__(self, IocpCore core, listener, session_factory, int max_session_count=100,
+    def __init__(self, IocpCore core, listener, session_factory, accepts=None,
                  *, max_sessions=None, max_sessions_per_address=None,
                  connect_rate_per_address=None, connect_burst_per_address=None,
-                 int address_table_size=16384):
+                 int address_table_size=16384, max_session_count=None):
         if core is None:
             raise TypeError("core must be an IocpCore")
         if not callable(session_factory):
             raise TypeError("session_factory must be a Session subclass or a callable "
                             "returning a Session")
-        if max_session_count <= 0:
-            raise ValueError("max_session_count must be positive")
+        if max_session_count is not None:
+            if accepts is not None:
+                raise TypeError("give accepts= (max_session_count= is its old name), "
+                                "not both")
+            warnings.warn("Service(max_session_count=N) is now Service(accepts=N): the "
+                          "accepts kept posted, not a cap on sessions (max_sessions= is "
+                          "the cap); the old keyword goes in the next release",
+                          DeprecationWarning, stacklevel=2)
+            accepts = max_session_count
+        accepts = 100 if accepts is None else int(accepts)
+        if accepts <= 0:
+            raise ValueError("accepts (the accepts kept posted) must be positive")
         self.core = core
         self.listener = listener
         self._factory = session_factory
-        self.max_session_count = max_session_count
+        self.accepts = accepts
         self.max_sessions = max_sessions
         self._cap = -1 if max_sessions is None else int(max_sessions)
         if max_sessions is not None and self._cap < 0:
@@ -121,6 +134,11 @@ cdef class Service:
 
     def GetIocpCore(self):
         return self.core
+
+    @property
+    def max_session_count(self):
+        """The original's name of ``accepts`` (an alias, for one release)."""
+        return self.accepts
 
     @property
     def session_count(self):
@@ -227,7 +245,7 @@ cdef class Service:
         self._close_cb = self._on_core_close
         self.core._add_close_callback(self._close_cb)
         try:
-            (<Listener>self.listener)._start(self.core, self, self.max_session_count,
+            (<Listener>self.listener)._start(self.core, self, self.accepts,
                                              first)
         except BaseException:
             self.core._remove_close_callback(self._close_cb)
@@ -416,8 +434,9 @@ cdef class Service:
                            ", ".join(stuck))
 
 
-cdef class ServerService(Service):
-    """A Service that accepts connections (the same as ``Service``)."""
+# The original names the accepting service ServerService; it is Service itself (an
+# alias: same class, same repr), kept so that code written after the original reads.
+ServerService = Service
 
 
 class Reconnect:

@@ -137,6 +137,13 @@ cdef str _hook_name(Session s, int32_t hook):
     return "OnRecvPacket" if s._hooks.packet_mode else "OnRecv"
 
 
+cdef inline port_op_t *_connect_op(Session s) noexcept:
+    """The connect operation.  It borrows the receive operation's record: a session
+    receives only once it is connected, so the two are never in flight together, and
+    every session stays one port_op_t smaller."""
+    return &s._recv_op
+
+
 cdef str _describe_exc(BaseException e):
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
@@ -176,7 +183,7 @@ cdef class Session(IocpObject):
     cdef Service _service
     cdef _Hooks _hooks
     cdef port_sock_t _sock
-    cdef port_op_t _recv_op       # also the connect operation, before the connection is up
+    cdef port_op_t _recv_op       # before the connection: the connect (_connect_op)
     cdef port_op_t _send_op
     cdef port_op_t _close_op
     cdef port_strand_t _strand
@@ -489,11 +496,11 @@ cdef class Session(IocpObject):
         # step takes this lock).
         port_spin_lock(&self._lock)
         self._state = S_CONNECTING
-        port_op_init(&self._recv_op, PORT_OP_CONNECT, <void *>self, &self._strand)
+        port_op_init(_connect_op(self), PORT_OP_CONNECT, <void *>self, &self._strand)
         self._ops += 1
         _incref(<PyObject *>self)
-        rc = port_connect(self.core.port, &self._recv_op, addr)
-        self._sock = self._recv_op.sock
+        rc = port_connect(self.core.port, _connect_op(self), addr)
+        self._sock = _connect_op(self).sock
         if rc != 0:
             _decref(<PyObject *>self)
             self._ops -= 1
@@ -508,10 +515,10 @@ cdef class Session(IocpObject):
     cdef void _dispatch(self, port_cqe_t *cqe) noexcept:
         cdef port_op_t *op = cqe.op
         if op == &self._recv_op:
-            if op.type == PORT_OP_RECV:
-                _process_recv(self, cqe)
-            else:
+            if op.type == PORT_OP_CONNECT:      # _connect_op: the same record
                 self._process_connect(cqe)
+            else:
+                _process_recv(self, cqe)
         elif op == &self._send_op:
             _process_send(self, cqe)
         elif op == &self._close_op:
@@ -523,6 +530,7 @@ cdef class Session(IocpObject):
         port_spin_lock(&self._lock)
         self._ops -= 1
         port_spin_unlock(&self._lock)
+        # The record goes back to being the receive operation.
         port_op_init(&self._recv_op, PORT_OP_RECV, <void *>self, &self._strand)
         if res == 0 and self._state == S_CONNECTING:
             port_set_nodelay(self._sock, 1)

@@ -84,7 +84,9 @@ cdef void _close_locked(Session s, bint reset) noexcept:
     s._state = S_CLOSING
     if s._reason is None:
         s._reason = "disconnected"
-    if s._recv_armed or connecting:
+    if connecting:
+        port_cancel(s.core.port, _connect_op(s))
+    elif s._recv_armed:
         port_cancel(s.core.port, &s._recv_op)
     if s._send_busy:
         port_cancel(s.core.port, &s._send_op)
