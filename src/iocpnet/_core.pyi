@@ -15,6 +15,9 @@ from typing import Any, Generic, Protocol, SupportsIndex, TypedDict, TypeVar, fi
 from typing_extensions import Self, TypeVarTuple, Unpack
 
 from iocpnet.backplane import RedisBackplane
+# The control plane is plain Python (run.py); the extension imports these from it.
+from iocpnet.run import Reconnect as Reconnect
+from iocpnet.run import RunHandle as RunHandle
 
 _Ts = TypeVarTuple("_Ts")
 _T = TypeVar("_T")
@@ -925,41 +928,6 @@ class Service:
         close the core, all within ``shutdown_timeout`` seconds whatever a hook does.  A
         second SIGINT/SIGTERM stops at once.  ``workers=None``: ``default_workers()``."""
 
-class RunHandle:
-    """A started service, returned at once by ``Service.Start()``: ``.port`` (the bound
-    port, for ``Listener(0)``), ``.address``, ``.Stop()``; a context manager that stops
-    on exit.  When it started worker threads (``Start(workers=N)``) they are its own:
-    ``Stop()`` shuts down as ``Run`` does (stop the service, close the core, join the
-    workers) and raises what a worker raised, if anything.  Without workers ``Stop()``
-    stops the service only."""
-
-    service: Service
-    core: IocpCore
-    workers: int
-    def __init__(self, service: Service, workers: int) -> None: ...
-    @property
-    def port(self) -> int | None:
-        """The listening port (None for a ClientService)."""
-
-    @property
-    def address(self) -> tuple[str | None, int]:
-        """The listening (host, port), or a ClientService's server address."""
-
-    @property
-    def running(self) -> bool: ...
-    def Stop(self, timeout: float = 5.0) -> None:
-        """Graceful shutdown (idempotent, any thread): the service stops (sessions are
-        disconnected, queued data flushed); with worker threads of its own, the core is
-        closed and they are joined."""
-
-    def __enter__(self) -> RunHandle: ...
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool: ...
-
 # The original's name for the accepting service: Service itself (an alias).
 ServerService = Service
 
@@ -969,27 +937,6 @@ class _ReconnectPolicy(Protocol):
     @property
     def max_attempts(self) -> int | None: ...
     def delay(self, failures: int, /) -> float: ...
-
-class Reconnect:
-    """A ClientService's reconnect policy: when a session ends (or cannot connect), a new
-    one is opened after ``initial`` seconds, the delay growing by ``factor`` up to
-    ``max_delay`` while attempts keep failing; after ``max_attempts`` failures in a row
-    (None: no limit) the service stops trying.  A connection that came up resets it."""
-
-    initial: float
-    max_delay: float
-    factor: float
-    max_attempts: int | None
-
-    def __init__(
-        self,
-        initial: float = 0.5,
-        max_delay: float = 30.0,
-        factor: float = 2.0,
-        max_attempts: int | None = None,
-    ) -> None: ...
-    def delay(self, failures: int) -> float:
-        """Seconds to wait after `failures` failed attempts in a row (0 after a drop)."""
 
 class ClientService(Service):
     """Connects ``count`` client sessions to ``address`` (dummy clients, server to

@@ -226,3 +226,7 @@ include "core/websocket_http.pxi"
 include "core/listener.pxi"
 include "core/service.pxi"
 include "core/stall.pxi"
+
+# The control plane (Run, RunHandle, signals, Reconnect) is plain Python: run.py.  It
+# imports nothing of this module at its top, so it can be imported here.
+from iocpnet.run import Reconnect, RunHandle, run_service as _run_service

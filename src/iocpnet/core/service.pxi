@@ -1,4 +1,4 @@
-# core/service.pxi: Service, ServerService, Reconnect, ClientService.
+# core/service.pxi: Service (ServerService is its alias) and ClientService.
 # Included by _core.pyx (one extension module, one file per concern).
 #
 # Shutdown (Stop, Run's signals).  Each session is told to stop on its own strand (a
@@ -72,9 +72,9 @@ cdef class Service:
     cdef Py_ssize_t _cap
     cdef set _sessions
     cdef object _lock
-    cdef object _stop_event
-    cdef bint _started
-    cdef bint _stopping
+    cdef readonly object _stop_event    # set to make Run return (run.py waits on it)
+    cdef readonly bint _started
+    cdef readonly bint _stopping
     cdef object _close_cb
     cdef object _idle_timer
     cdef str _shutdown_reason         # what Stop() tells the sessions
@@ -251,7 +251,7 @@ cdef class Service:
             self.core._remove_close_callback(self._close_cb)
             self._started = False
             raise
-        return RunHandle(self, workers)
+        return RunHandle(self, workers)       # run.py
 
     def _on_core_close(self):
         self._begin_stop(self._shutdown_reason)
@@ -352,60 +352,15 @@ cdef class Service:
         take turns at the GIL and hand the port back and forth), one per core up to 8
         on free-threaded Python (hooks then run in parallel).  Hooks that block need
         more workers than that."""
-        import signal
-        if workers is None:
-            workers = default_workers()
-        workers = int(workers)
-        if workers <= 0:
-            raise ValueError("workers must be positive")
-        until = None if seconds is None else _time.monotonic() + float(seconds)
-        core = self.core
-        errors = []
-        threads = []
+        _run_service(self, workers, seconds=seconds, shutdown_timeout=shutdown_timeout)
 
-        def worker():
-            try:
-                core._work()
-            except BaseException as e:
-                errors.append(e)
-                logger.exception("worker thread failed")
-                self._stop_event.set()
+    def _run_ended(self):
+        """Run is returning (run.py): the core no longer stops this service on close."""
+        self.core._remove_close_callback(self._close_cb)
 
-        # The handlers first: a signal while the workers start is a graceful stop too.
-        old_handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            def on_signal(signum, frame):
-                name = signal.Signals(signum).name
-                if self._stop_event.is_set():
-                    logger.warning("%s received again; stopping at once", name)
-                    self._stop_at_once()
-                else:
-                    logger.info("%s received; shutting down (within %g s; a second "
-                                "one stops at once)", name, shutdown_timeout)
-                    self._stop_event.set()
-            for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
-                if sig is not None:
-                    old_handlers[sig] = signal.signal(sig, on_signal)
-        try:
-            if self._stopping or not self._started:
-                self.Start()
-            for i in range(workers):
-                t = threading.Thread(target=worker, name=f"iocpnet-worker-{i}",
-                                     daemon=True)
-                t.start()
-                threads.append(t)
-            while not self._stop_event.wait(
-                    0.25 if until is None else max(0.0, min(0.25, until - _time.monotonic()))):
-                if until is not None and _time.monotonic() >= until:
-                    break
-            # The signal handler stays installed until the end, for a second signal.
-            self._shut_down(threads, shutdown_timeout)
-        finally:
-            for sig, h in old_handlers.items():
-                signal.signal(sig, h)
-            self.core._remove_close_callback(self._close_cb)
-        if errors:
-            raise errors[0]
+    def _from_worker(self):
+        """Is the calling thread one of this service's core's workers (in a batch)?"""
+        return iocpnet_get_tls_core() == <void *>self.core
 
     def _shut_down(self, threads, double timeout):
         """Run's (and a RunHandle's) shutdown, with one deadline for everything: the
@@ -437,29 +392,6 @@ cdef class Service:
 # The original names the accepting service ServerService; it is Service itself (an
 # alias: same class, same repr), kept so that code written after the original reads.
 ServerService = Service
-
-
-class Reconnect:
-    """A ClientService's reconnect policy: when a session ends (or cannot connect), a new
-    one is opened after ``initial`` seconds, the delay growing by ``factor`` up to
-    ``max_delay`` while attempts keep failing; after ``max_attempts`` failures in a row
-    (None: no limit) the service stops trying.  A connection that came up resets it."""
-
-    def __init__(self, initial=0.5, max_delay=30.0, factor=2.0, max_attempts=None):
-        if initial < 0 or max_delay < 0 or factor < 1:
-            raise ValueError("initial and max_delay must be >= 0 and factor >= 1")
-        self.initial = float(initial)
-        self.max_delay = float(max_delay)
-        self.factor = float(factor)
-        self.max_attempts = max_attempts
-
-    def delay(self, failures):
-        """Seconds to wait after `failures` failed attempts in a row (0 after a drop)."""
-        return min(self.max_delay, self.initial * self.factor ** max(failures - 1, 0))
-
-    def __repr__(self):
-        return (f"Reconnect(initial={self.initial}, max_delay={self.max_delay}, "
-                f"factor={self.factor}, max_attempts={self.max_attempts})")
 
 
 cdef class ClientService(Service):
@@ -502,7 +434,7 @@ cdef class ClientService(Service):
         self._address = (str(address[0]), int(address[1]))
         self.count = count
         if reconnect is True:
-            reconnect = Reconnect()
+            reconnect = Reconnect()           # run.py
         elif reconnect is False:
             reconnect = None
         if reconnect is not None and not hasattr(reconnect, "delay"):
@@ -535,7 +467,7 @@ cdef class ClientService(Service):
         self.core._add_close_callback(self._close_cb)
         for _ in range(self.count):
             self.Connect()
-        return RunHandle(self, workers)
+        return RunHandle(self, workers)       # run.py
 
     def Connect(self, session=None):
         """Open one more connection, with `session` or a new one from the factory;
@@ -666,79 +598,3 @@ cdef bint _takes_an_argument(object factory):
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty:
             return True
     return False
-
-
-class RunHandle:
-    """A started service, returned at once by ``Service.Start()``: ``.port`` (the bound
-    port, for ``Listener(0)``), ``.address``, ``.Stop()``; a context manager that stops
-    on exit.  When it started worker threads (``Start(workers=N)``) they are its own:
-    ``Stop()`` shuts down as ``Run`` does (stop the service, close the core, join the
-    workers) and raises what a worker raised, if anything.  Without workers ``Stop()``
-    stops the service only."""
-
-    def __init__(self, service, int workers):
-        self.service = service
-        self.core = service.core
-        self.workers = workers
-        self._threads = []
-        self._errors = []
-        self._stopped = False
-        self._lock = threading.Lock()
-        for i in range(workers):
-            t = threading.Thread(target=self._worker, name=f"iocpnet-worker-{i}",
-                                 daemon=True)
-            t.start()
-            self._threads.append(t)
-
-    def _worker(self):
-        core = self.core
-        try:
-            while core.Dispatch() >= 0:
-                pass
-        except BaseException as e:
-            self._errors.append(e)
-            logger.exception("worker thread failed")
-
-    def __repr__(self):
-        state = "stopped" if self._stopped else "running"
-        return f"<RunHandle {self.service!r} workers={self.workers} {state}>"
-
-    @property
-    def port(self):
-        """The listening port (None for a ClientService)."""
-        listener = self.service.listener
-        return listener.port if listener is not None else None
-
-    @property
-    def address(self):
-        """The listening (host, port), or a ClientService's server address."""
-        listener = self.service.listener
-        if listener is not None:
-            return listener.address
-        return self.service.address
-
-    @property
-    def running(self):
-        return not self._stopped
-
-    def Stop(self, double timeout=5.0):
-        """Graceful shutdown (idempotent, any thread): the service stops (sessions are
-        disconnected, queued data flushed); with worker threads of its own, the core is
-        closed and they are joined."""
-        with self._lock:
-            if self._stopped:
-                return
-            self._stopped = True
-        if not self._threads:
-            self.service.Stop(timeout)
-            return
-        self.service._shut_down(self._threads, timeout)
-        if self._errors:
-            raise self._errors[0]
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.Stop()
-        return False

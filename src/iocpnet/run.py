@@ -1,0 +1,204 @@
+"""The control plane that is not on the hot path: Run, RunHandle, signals, Reconnect.
+
+What it owns.  How a service is *run*: ``Service.Run`` (``run_service`` here) installs
+the SIGINT/SIGTERM handlers, starts the worker threads that loop ``Dispatch``, waits
+for ``Stop()``, a signal or ``seconds``, then has the service shut down with one
+deadline; ``RunHandle`` is what ``Service.Start()`` returns (the workers it started,
+``Stop()``, a context manager); ``Reconnect`` is the policy a ClientService asks how
+long to wait before connecting again.  All of it runs a few times per process (a
+reconnect: once per lost connection), so it is plain Python: nothing here is on the
+path of a completion.  What the shutdown itself does (stop accepting, stop each
+session on its strand, wait, close the core) stays in the extension
+(core/service.pxi: ``Service._shut_down``), since it reads the sessions' C state.
+
+Signals.  Python runs a signal handler on the main thread only, so ``run_service``
+installs its handlers only there, before the workers start (a signal while they start
+is a graceful stop too), and keeps them until the shutdown has ended: the first signal
+asks for a graceful stop, a second one stops at once (``Service._stop_at_once``).
+The previous handlers are put back on the way out.
+
+Locks.  ``RunHandle._lock`` guards ``_stopped`` and the list of errors its workers
+raised; the service's stop request is a ``threading.Event`` (``Service._stop_event``),
+set from a signal handler, ``Stop()`` or a failed worker, and waited on here.  A
+``Reconnect`` is read-only once made.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from types import FrameType, TracebackType
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+
+if TYPE_CHECKING:
+    from iocpnet._core import Service
+
+__all__ = ["Reconnect", "RunHandle", "run_service"]
+
+logger = logging.getLogger("iocpnet")
+
+
+class Reconnect:
+    """A ClientService's reconnect policy: when a session ends (or cannot connect), a new
+    one is opened after ``initial`` seconds, the delay growing by ``factor`` up to
+    ``max_delay`` while attempts keep failing; after ``max_attempts`` failures in a row
+    (None: no limit) the service stops trying.  A connection that came up resets it."""
+
+    def __init__(self, initial: float = 0.5, max_delay: float = 30.0, factor: float = 2.0,
+                 max_attempts: Optional[int] = None) -> None:
+        if initial < 0 or max_delay < 0 or factor < 1:
+            raise ValueError("initial and max_delay must be >= 0 and factor >= 1")
+        self.initial = float(initial)
+        self.max_delay = float(max_delay)
+        self.factor = float(factor)
+        self.max_attempts = max_attempts
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait after `failures` failed attempts in a row (0 after a drop)."""
+        return min(self.max_delay, self.initial * self.factor ** max(failures - 1, 0))
+
+    def __repr__(self) -> str:
+        return (f"Reconnect(initial={self.initial}, max_delay={self.max_delay}, "
+                f"factor={self.factor}, max_attempts={self.max_attempts})")
+
+
+def run_service(service: Service, workers: Optional[int] = None, *,
+                seconds: Optional[float] = None, shutdown_timeout: float = 5.0) -> None:
+    """``Service.Run``: see its docstring."""
+    from iocpnet._core import default_workers
+    if workers is None:
+        workers = default_workers()
+    workers = int(workers)
+    if workers <= 0:
+        raise ValueError("workers must be positive")
+    shutdown_timeout = float(shutdown_timeout)
+    until = None if seconds is None else time.monotonic() + float(seconds)
+    svc: Any = service                    # its private side (core/service.pxi)
+    core = svc.core
+    stop_event = svc._stop_event
+    errors: List[BaseException] = []
+    threads: List[threading.Thread] = []
+
+    def worker() -> None:
+        try:
+            core._work()
+        except BaseException as e:
+            errors.append(e)
+            logger.exception("worker thread failed")
+            stop_event.set()
+
+    # The handlers first: a signal while the workers start is a graceful stop too.
+    old_handlers: Dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        def on_signal(signum: int, frame: Optional[FrameType]) -> None:
+            name = signal.Signals(signum).name
+            if stop_event.is_set():
+                logger.warning("%s received again; stopping at once", name)
+                svc._stop_at_once()
+            else:
+                logger.info("%s received; shutting down (within %g s; a second "
+                            "one stops at once)", name, shutdown_timeout)
+                stop_event.set()
+        for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
+            if sig is not None:
+                old_handlers[sig] = signal.signal(sig, on_signal)
+    try:
+        if svc._stopping or not svc._started:
+            svc.Start()
+        for i in range(workers):
+            t = threading.Thread(target=worker, name=f"iocpnet-worker-{i}", daemon=True)
+            t.start()
+            threads.append(t)
+        while not stop_event.wait(
+                0.25 if until is None else max(0.0, min(0.25, until - time.monotonic()))):
+            if until is not None and time.monotonic() >= until:
+                break
+        # The signal handler stays installed until the end, for a second signal.
+        svc._shut_down(threads, shutdown_timeout)
+    finally:
+        for sig, h in old_handlers.items():
+            signal.signal(sig, h)
+        svc._run_ended()
+    if errors:
+        raise errors[0]
+
+
+class RunHandle:
+    """A started service, returned at once by ``Service.Start()``: ``.port`` (the bound
+    port, for ``Listener(0)``), ``.address``, ``.Stop()``; a context manager that stops
+    on exit.  When it started worker threads (``Start(workers=N)``) they are its own:
+    ``Stop()`` shuts down as ``Run`` does (stop the service, close the core, join the
+    workers) and raises what a worker raised, if anything.  Without workers ``Stop()``
+    stops the service only."""
+
+    def __init__(self, service: Service, workers: int) -> None:
+        self.service = service
+        self.core = service.core
+        self.workers = int(workers)
+        self._threads: List[threading.Thread] = []
+        self._errors: List[BaseException] = []
+        self._stopped = False
+        self._lock = threading.Lock()
+        for i in range(self.workers):
+            t = threading.Thread(target=self._worker, name=f"iocpnet-worker-{i}",
+                                 daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _worker(self) -> None:
+        core = self.core
+        try:
+            while core.Dispatch() >= 0:
+                pass
+        except BaseException as e:
+            with self._lock:
+                self._errors.append(e)
+            logger.exception("worker thread failed")
+
+    def __repr__(self) -> str:
+        state = "stopped" if self._stopped else "running"
+        return f"<RunHandle {self.service!r} workers={self.workers} {state}>"
+
+    @property
+    def port(self) -> Optional[int]:
+        """The listening port (None for a ClientService)."""
+        listener = self.service.listener
+        return listener.port if listener is not None else None
+
+    @property
+    def address(self) -> Tuple[Optional[str], int]:
+        """The listening (host, port), or a ClientService's server address."""
+        listener = self.service.listener
+        if listener is not None:
+            return listener.address
+        address: Tuple[Optional[str], int] = getattr(self.service, "address")
+        return address
+
+    @property
+    def running(self) -> bool:
+        return not self._stopped
+
+    def Stop(self, timeout: float = 5.0) -> None:
+        """Graceful shutdown (idempotent, any thread): the service stops (sessions are
+        disconnected, queued data flushed); with worker threads of its own, the core is
+        closed and they are joined."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        if not self._threads:
+            self.service.Stop(timeout)
+            return
+        svc: Any = self.service
+        svc._shut_down(self._threads, float(timeout))
+        if self._errors:
+            raise self._errors[0]
+
+    def __enter__(self) -> RunHandle:
+        return self
+
+    def __exit__(self, exc_type: Optional[type], exc: Optional[BaseException],
+                 tb: Optional[TracebackType]) -> None:
+        self.Stop()
+
