@@ -308,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--port", type=int, default=11021, help="0: any free port")
     e.add_argument("--workers", type=int, default=5)
     e.add_argument("--accepts", type=int, default=100,
-                   help="accepts kept posted (the original's max_session_count)")
+                   help="accepts kept posted (Service's accepts=, the original's "
+                        "maxSessionCount)")
     e.add_argument("--processes", type=int, default=1,
                    help="run N server processes sharing the port (SO_REUSEPORT); "
                         "rooms of a server with rooms span processes through Redis: "

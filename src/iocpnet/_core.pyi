@@ -9,7 +9,6 @@ import concurrent.futures
 import logging
 import ssl as _ssl
 from collections.abc import Callable, Coroutine, Iterable, Iterator
-from types import TracebackType
 from typing import Any, Generic, Protocol, SupportsIndex, TypedDict, TypeVar, final, overload
 
 from typing_extensions import Self, TypeVarTuple, Unpack
