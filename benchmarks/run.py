@@ -30,6 +30,7 @@ import platform
 import re
 import resource
 import shutil
+import shlex
 import signal
 import socket
 import statistics
@@ -388,8 +389,13 @@ def _warn_if_stale(mod, src):
     path = getattr(mod, "__file__", None) or ""
     if not path or not os.path.isdir(src) or os.path.abspath(path).startswith(os.path.abspath(src)):
         return
-    installed = os.path.getmtime(path)
-    newest = max((os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(src) for f in fs),
+    # the built extension's time, not __init__.py's (a copy keeps the sources' times)
+    built = [os.path.join(os.path.dirname(path), f) for f in os.listdir(os.path.dirname(path))
+             if f.startswith("_core") and f.endswith((".so", ".pyd"))]
+    installed = max([os.path.getmtime(f) for f in built] or [os.path.getmtime(path)])
+    newest = max((os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(src) for f in fs
+                  if not f.endswith((".so", ".pyd", ".pyc", ".c", ".html"))
+                  or f.endswith((".c",)) and "port" in d),
                  default=0)
     if newest > installed:
         warn(f"the installed iocpnet ({path}) is older than src/iocpnet; "
@@ -574,6 +580,7 @@ DISTURBED = 0.25  # cores of "other load" above which a slice is considered dist
 # the server's threads may delay each other a little (iocpnet's workers).
 LG_DELAY_MAX, SERVER_DELAY_MAX = 0.02, 0.05
 LG_LIMIT = 0.90  # load generator busy above this: the cell does not compare servers
+SERVER_LIMIT = 0.90  # server cores at or above this: the server was the limit
 
 
 def disturbance(res):
@@ -765,55 +772,107 @@ def keys_for(case):
 
 
 def aggregate(case, record):
-    """Per server: medians over slices, CPU per round trip over all slices,
-    whether the load generator was the limit, and ratios to C io_uring
-    taken round by round (the slices closest in time), median over rounds."""
+    """Per server: medians over the undisturbed slices, CPU per round trip over
+    them, what limited the cell, and ratios to every other server taken round
+    by round (the slices closest in time), median over rounds.
+
+    A cell is DISTURBED when fewer than half of its slices were undisturbed
+    (then its medians are over all slices, and it says so); a cell whose load
+    generator was busy above LG_LIMIT measured the load generator.  Neither
+    kind of cell is used in any ratio: a ratio is only taken between two cells
+    that each measured their server."""
     rate_key, count_key = keys_for(case)
     for key, rec in record.items():
         sl = rec["slices"]
         if case.mode == "idle" or not sl:
             continue
-        cpu_total = sum(s.get("server_cpu_s", 0) for s in sl)
-        count = sum(s[count_key] for s in sl)
-        busy = [s.get("loadgen_busy", s["loadgen_cpu_s"] / s["window_s"]) for s in sl]
+        clean = [s for s in sl if not s.get("disturbed")]
+        disturbed = len(clean) * 2 < len(sl)
+        use = sl if disturbed else clean
+        cpu_total = sum(s.get("server_cpu_s", 0) for s in use)
+        count = sum(s[count_key] for s in use)
+        busy = [s.get("loadgen_busy", s["loadgen_cpu_s"] / s["window_s"]) for s in use]
         lg_busy = statistics.median(busy)
+        cores = statistics.median(s.get("server_cpu_s", 0) / s["window_s"] for s in use)
+        prev = rec.get("agg") or {}  # a saved summary keeps no latency per slice
+        if disturbed:
+            limited_by = "DISTURBED"
+        elif lg_busy > LG_LIMIT:
+            limited_by = "load generator"
+        elif cores >= SERVER_LIMIT:
+            limited_by = "server"
+        else:  # a ping-pong waits for its echo: both sides partly idle
+            limited_by = "round-trip latency"
         rec["agg"] = {
-            "rate_median": statistics.median(s[rate_key] for s in sl),
-            "rate_min": min(s[rate_key] for s in sl),
-            "rate_max": max(s[rate_key] for s in sl),
+            "rate_median": statistics.median(s[rate_key] for s in use),
+            "rate_min": min(s[rate_key] for s in use),
+            "rate_max": max(s[rate_key] for s in use),
             "per_cpu_s": count / cpu_total if cpu_total > 0 else None,
             "server_us": cpu_total / count * 1e6 if count else None,
-            "server_cores": statistics.median(s.get("server_cpu_s", 0) / s["window_s"] for s in sl),
+            "server_cores": cores,
             "loadgen_busy": lg_busy,
             "loadgen_busy_max": max(busy),
-            "loadgen_cores": statistics.median(s["loadgen_cpu_s"] / s["window_s"] for s in sl),
+            "loadgen_cores": statistics.median(s["loadgen_cpu_s"] / s["window_s"] for s in use),
             # the measure that says whether the load generator was the limit:
             # see loadgen.c; above LG_LIMIT this cell does not compare servers
             "does_not_compare_servers": lg_busy > LG_LIMIT,
-            "other_load_cores": statistics.median(s["other_load_cores"] for s in sl),
-            "disturbed_slices": sum(1 for s in sl if s.get("disturbed")),
-            "mb_per_s": statistics.median(s.get("mb_per_s", 0) for s in sl),
-            "lat_us": {p: statistics.median(s["lat_us"][p] for s in sl)
-                       for p in ("p50", "p99", "p999")},
-            "rss_kb": max(s.get("server_rss_kb", 0) for s in sl),
+            "disturbed": disturbed,
+            "limited_by": limited_by,
+            # why this cell is in no ratio (None: it is)
+            "excluded": ("DISTURBED" if disturbed else
+                         f"load generator {lg_busy:.0%} busy" if lg_busy > LG_LIMIT else None),
+            "other_load_cores": statistics.median(s["other_load_cores"] for s in use),
+            "disturbed_slices": len(sl) - len(clean),
+            "mb_per_s": (statistics.median(s["mb_per_s"] for s in use)
+                         if all("mb_per_s" in s for s in use) else prev.get("mb_per_s", 0)),
+            "lat_us": ({p: statistics.median(s["lat_us"][p] for s in use)
+                        for p in ("p50", "p99", "p999")}
+                       if all("lat_us" in s for s in use) else prev.get("lat_us")),
+            "rss_kb": max(s.get("server_rss_kb", 0) for s in sl) or prev.get("rss_kb", 0),
             "engine": sl[0].get("engine"),
             "slices": len(sl),
+            "slices_used": len(use),
         }
-    ref = record.get(REF)
-    ref_by_round = {s["round"]: s for s in ref["slices"]} if ref and ref["slices"] else {}
     for key, rec in record.items():
-        if "agg" not in rec or not ref_by_round:
+        if "agg" not in rec:
             continue
-        rr, cr = [], []
-        for s in rec["slices"]:
-            q = ref_by_round.get(s["round"])
-            if not q:
-                continue
-            rr.append(s[rate_key] / q[rate_key])
-            if s.get("server_cpu_s") and q.get("server_cpu_s"):
-                cr.append((s[count_key] / s["server_cpu_s"]) / (q[count_key] / q["server_cpu_s"]))
-        rec["agg"]["ratio"] = statistics.median(rr) if rr else None
-        rec["agg"]["cpu_ratio"] = statistics.median(cr) if cr else None
+        vs = {}
+        for peer, prec in record.items():
+            if peer != key and "agg" in prec:
+                vs[peer] = pair_ratio(rec, prec, rate_key, count_key)
+        rec["agg"]["vs"] = vs
+        if key == REF:
+            ok = rec["agg"]["excluded"] is None
+            rec["agg"]["ratio"] = rec["agg"]["cpu_ratio"] = 1.0 if ok else None
+        else:
+            r = vs.get(REF, {})
+            rec["agg"]["ratio"] = r.get("throughput")
+            rec["agg"]["cpu_ratio"] = r.get("cpu")
+
+
+def pair_ratio(rec, peer, rate_key, count_key):
+    """This server against a peer in one case: throughput (this / peer) and
+    round trips per server CPU-second (peer's CPU per round trip / this one),
+    each the median over the rounds in which both slices were undisturbed.
+    None, with the reason, when either cell is excluded from ratios."""
+    a, b = rec["agg"], peer["agg"]
+    if a["excluded"] or b["excluded"]:
+        return {"throughput": None, "cpu": None,
+                "excluded": ("this: " + a["excluded"]) if a["excluded"]
+                else ("peer: " + b["excluded"])}
+    by_round = {s["round"]: s for s in peer["slices"] if not s.get("disturbed")}
+    rr, cr = [], []
+    for s in rec["slices"]:
+        q = by_round.get(s["round"])
+        if not q or s.get("disturbed") or not q[rate_key]:
+            continue
+        rr.append(s[rate_key] / q[rate_key])
+        if s.get("server_cpu_s") and q.get("server_cpu_s") and s[count_key] and q[count_key]:
+            cr.append((s[count_key] / s["server_cpu_s"]) / (q[count_key] / q["server_cpu_s"]))
+    if not rr:
+        return {"throughput": None, "cpu": None, "excluded": "no round with both undisturbed"}
+    return {"throughput": statistics.median(rr), "cpu": statistics.median(cr) if cr else None,
+            "excluded": None, "rounds": len(rr)}
 
 
 def geomean(xs):
@@ -835,6 +894,8 @@ def cell_status(rec):
 
 
 LIMIT_MARK = "‡"
+# the peers issue 14 compares iocpnet with, in the order of the ratio tables
+PEERS = (REF, "c-epoll", "uvloop-protocol", "aiofastnet-uvloop", "asyncio-protocol")
 
 
 def markdown(meta, config, cases, results, servers, warnings):
@@ -849,7 +910,12 @@ def markdown(meta, config, cases, results, servers, warnings):
                 if m.get("iocpnet_file") and not m["iocpnet_file"].startswith(ROOT) else "")
              + (f" · {m['elapsed_s'] / 60:.1f} min" if m.get("elapsed_s") else "")
              + (f" · 1-minute load at start {m['loadavg_at_start']:.2f}"
-                if m.get("loadavg_at_start") is not None else ""))
+                if m.get("loadavg_at_start") is not None else "")
+             + (f", at end {m['loadavg_at_end']:.2f}"
+                if m.get("loadavg_at_end") is not None else ""))
+    if m.get("command"):
+        L.append("")
+        L.append(f"Command: `{m['command']}`")
     if m.get("note"):
         L.append("")
         L.append(f"**{m['note']}**")
@@ -859,93 +925,128 @@ def markdown(meta, config, cases, results, servers, warnings):
     L.append("")
     L.append(f"Settings: {config['rounds']} round(s) × {config['slice']} s slices (+{config['warmup']} s "
              f"warm-up each), all servers of a case started together and measured in rotating "
-             f"order; server on CPU {SERVER_CPU}, load generator on CPU {LOADGEN_CPU} "
-             f"(engine: {config.get('engine') or 'uring'} busy-poll for ping-pong and pipelined, "
-             f"epoll busy-poll for the storm); iocpnet workers={config['workers']}."
+             f"order; server pinned to CPU {SERVER_CPU}, load generator to CPU {LOADGEN_CPU} "
+             f"(`taskset`; engine: {config.get('engine') or 'uring'} busy-poll for ping-pong and "
+             f"pipelined, epoll busy-poll for the storm); iocpnet workers={config['workers']}."
              + (" **Quick smoke run: not representative.**" if config["quick"] else "")
              + (f" Filter: {config['only']}." if config.get("only") else ""))
     L.append("")
-    L.append("Each cell is the median over slices; in parentheses the ratio to C io_uring in the "
-             "same case and round (median over rounds; higher is better). "
-             f"{LIMIT_MARK} = the load generator was busy more than {LG_LIMIT * 100:.0f} % of the time "
-             "(it was the limit): that cell **does not compare servers**, only the server's CPU "
-             "per round trip does.")
+    L.append(f"**Limited by**, per cell: *load generator* ({LIMIT_MARK}) when it was busy more than "
+             f"{LG_LIMIT * 100:.0f} % of its core (the cell measured it, not the server); *server* "
+             f"when the server used at least {SERVER_LIMIT:.2f} of its core; *round-trip latency* "
+             "when neither (a ping-pong waits for its echo, both sides partly idle); **DISTURBED** "
+             "when more than half of its slices had another process on the server's or the load "
+             "generator's core even after re-measuring. Figures are medians over the undisturbed "
+             f"slices. A {LIMIT_MARK} or DISTURBED cell is in **no ratio** (nor in a geomean or a "
+             "target): its raw figures are shown, marked.")
     cols = list(servers)
     traffic = [c for c in cases if c.mode != "idle" and c.name in results]
-    pingpong = [c for c in traffic if c.mode == "pingpong"]
 
-    def agg(c, s):
-        return results[c.name][s.key].get("agg")
+    def agg(c, key):
+        return ((results[c.name].get(key) or {}).get("agg")) or {}
 
-    def table(title, fn, note=None, geo=None):
-        if not traffic:
-            return
+    def label_of(key):
+        return next((s.label for s in SERVERS if s.key == key), key)
+
+    # ---- iocpnet against each peer --------------------------------------
+    have = {s.key for s in cols}
+    for me in ("iocpnet-uring", "iocpnet-epoll"):
+        peers = [p for p in PEERS + ("iocpnet-epoll",) if p in have and p != me
+                 and not (me == "iocpnet-epoll" and p == "iocpnet-epoll")]
+        if me not in have or not peers or not traffic:
+            continue
         L.append("")
-        L.append(f"### {title}")
-        if note:
-            L.append("")
-            L.append(note)
+        L.append(f"### {label_of(me)} against each peer")
         L.append("")
-        L.append("| case | " + " | ".join(s.label for s in cols) + " |")
-        L.append("|---|" + "---|" * len(cols))
+        L.append("Each cell: **throughput ratio** (its round trips/s ÷ the peer's) / **CPU ratio** "
+                 "(the peer's server CPU per round trip ÷ its own, i.e. round trips per server "
+                 "CPU-second relative to the peer); above 1.00 it is ahead. Ratios are taken "
+                 "round by round between slices measured seconds apart, then the median. A cell "
+                 "without a ratio says which side was limited by the load generator "
+                 f"({LIMIT_MARK}) or disturbed.")
+        L.append("")
+        L.append("| case | " + " | ".join(f"vs {label_of(p)}" for p in peers) + " |")
+        L.append("|---|" + "---|" * len(peers))
+        geo = {p: ([], []) for p in peers}
         for c in traffic:
             row = [c.label]
-            for s in cols:
-                rec = results[c.name][s.key]
-                row.append(cell_status(rec) or fn(c, rec["agg"]))
+            mine = results[c.name].get(me) or {}
+            for p in peers:
+                st = cell_status(mine) or cell_status(results[c.name].get(p) or {"status": "n/a"})
+                if st:
+                    row.append(st)
+                    continue
+                v = agg(c, me).get("vs", {}).get(p)
+                if not v:
+                    row.append("–")
+                elif v["excluded"]:
+                    who, _, why = v["excluded"].partition(": ")
+                    whose = "own cell: " if who == "this" else f"{label_of(p)}: "
+                    if who not in ("this", "peer"):
+                        whose, why = "", v["excluded"]
+                    row.append(f"{LIMIT_MARK} {whose}{why}" if "load generator" in why
+                               else f"{whose}{why}")
+                else:
+                    t, u = v["throughput"], v["cpu"]
+                    geo[p][0].append(t)
+                    if u:
+                        geo[p][1].append(u)
+                    row.append(f"{t:.2f} / {u:.2f}" if u else f"{t:.2f} / –")
             L.append("| " + " | ".join(row) + " |")
-        if geo and len(pingpong) > 1:
-            row = [f"geomean of the {len(pingpong)} ping-pong cases"]
-            for s in cols:
-                g = geomean([(agg(c, s) or {}).get(geo) for c in pingpong])
-                n = sum(1 for c in pingpong if (agg(c, s) or {}).get(geo))
-                row.append(f"**{g:.2f}**" + ("" if n == len(pingpong) else f" ({n} cases)")
-                           if g else "–")
-            L.append("| " + " | ".join(row) + " |")
+        row = ["geomean over the cells with a ratio"]
+        for p in peers:
+            t, u = geo[p]
+            if not t:
+                row.append("–")
+                continue
+            gu = geomean(u)
+            row.append(f"**{geomean(t):.2f} / {gu:.2f}** ({len(t)} of {len(traffic)})" if gu
+                       else f"**{geomean(t):.2f}** / – ({len(t)} of {len(traffic)})")
+        L.append("| " + " | ".join(row) + " |")
 
-    def ratio(x):
-        return f" ({x:.2f})" if x is not None else ""
-
-    def mark(a):
-        return f" {LIMIT_MARK}" if a.get("does_not_compare_servers") else ""
-
-    table("Throughput (round trips/s; connect storm: connections/s)",
-          lambda c, a: f"{human(a['rate_median'])}{ratio(a.get('ratio'))}{mark(a)}",
-          geo="ratio")
-    table("Server CPU per round trip (µs; storm: per connection)",
-          lambda c, a: (f"{a['server_us']:.2f}{ratio(a.get('cpu_ratio'))}"
-                        if a.get("server_us") else "–"),
-          note="All the server's threads, user + system (loopback TCP processing included: the "
-               "kernel charges it to the task that sends). In parentheses: C io_uring's CPU per "
-               "round trip divided by this one, i.e. round trips per server CPU-second relative "
-               "to C io_uring (higher is better). This compares servers even where the load "
-               "generator was the limit.",
-          geo="cpu_ratio")
-    table("Load generator busy / server CPU (cores)",
-          lambda c, a: f"{a['loadgen_busy'] * 100:.0f} % / {a['server_cores']:.2f}",
-          note="Load generator busy: the share of its core it spent working (1 − time in polls "
-               "that found nothing / window). It busy-polls, so its CPU time is always 100 % and "
-               f"says nothing; this share does. Above {LG_LIMIT * 100:.0f} % it was the limit. A server "
-               "at 1.00 cores was the limit.")
-    table("Latency p50 / p99 / p99.9 (µs)",
-          lambda c, a: " / ".join(f"{a['lat_us'][p]:.0f}" for p in ("p50", "p99", "p999")),
-          note="From the write of a message to the arrival of its whole echo (storm: from "
-               "`connect()`). At 100 connections this is mostly queueing, not the cost of one echo.")
-    L.append("")
-    L.append("### Peak server memory per case (MiB)")
-    L.append("")
-    L.append("Peak resident set (VmHWM) of each server process over the whole case (its start-up "
-             "included; every case starts fresh servers).")
-    L.append("")
-    L.append("| case | " + " | ".join(s.label for s in cols) + " |")
-    L.append("|---|" + "---|" * len(cols))
+    # ---- every cell, raw ------------------------------------------------
+    if traffic:
+        L.append("")
+        L.append("### Every cell")
+        L.append("")
+        L.append("Round trips/s (storm: connections/s) and the server's CPU per round trip (storm: "
+                 "per connection; all its threads, user + system, loopback TCP processing of its "
+                 "sends included: the kernel charges it to the task that sends); load generator "
+                 "busy = the share of its core it spent working (it busy-polls, so its CPU time is "
+                 "always 100 % and says nothing; 1 − time in polls that found nothing ÷ window "
+                 "does); latency from the write of a message to the arrival of its whole echo "
+                 "(storm: from `connect()`; at 100 connections mostly queueing); peak RSS "
+                 "(VmHWM) of the server over the case, start-up included (fresh servers every case).")
     for c in traffic:
-        row = [c.label]
+        L.append("")
+        L.append(f"#### {c.label}")
+        L.append("")
+        unit = "connections/s" if c.mode == "connect" else "round trips/s"
+        per = "µs per connection" if c.mode == "connect" else "server µs per round trip"
+        L.append(f"| server | {unit} | {per} | server cores | load generator busy | limited by "
+                 "| latency p50 / p99 / p99.9 µs | peak RSS MiB |")
+        L.append("|---|---|---|---|---|---|---|---|")
         for s in cols:
             rec = results[c.name][s.key]
+            st = cell_status(rec)
+            if st:
+                L.append(f"| {s.label} | {st} | | | | | | |")
+                continue
+            a = rec["agg"]
+            lim = a.get("limited_by", "?")
+            if lim == "load generator":
+                lim = f"{LIMIT_MARK} load generator"
+            elif lim == "DISTURBED":
+                lim = f"**DISTURBED** ({a['disturbed_slices']} of {a['slices']} slices)"
+            elif a.get("disturbed_slices"):
+                lim += f" ({a['disturbed_slices']} of {a['slices']} slices disturbed, left out)"
             kb = rec.get("peak_rss_kb")
-            row.append(cell_status(rec) or (f"{kb / 1024:.1f}" if kb else "–"))
-        L.append("| " + " | ".join(row) + " |")
+            us = f"{a['server_us']:.2f}" if a.get("server_us") else "–"
+            lat = (" / ".join(f"{a['lat_us'][p]:.0f}" for p in ("p50", "p99", "p999"))
+                   if a.get("lat_us") else "–")
+            L.append(f"| {s.label} | {human(a['rate_median'])} | {us} | {a['server_cores']:.2f} "
+                     f"| {a['loadgen_busy'] * 100:.0f} % | {lim} | {lat} | "
+                     + (f"{kb / 1024:.1f}" if kb else "–") + " |")
 
     idle = [c for c in cases if c.mode == "idle" and c.name in results]
     for c in idle:
@@ -972,13 +1073,14 @@ def markdown(meta, config, cases, results, servers, warnings):
                      f"{x['setup_s']:.2f} s |")
     targets_md(L, cases, results, servers)
     notes = []
-    limited_ref = [c.label for c in traffic
-                   if (results[c.name].get(REF, {}).get("agg") or {}).get("does_not_compare_servers")]
-    if limited_ref:
-        notes.append("The load generator was the limit against C io_uring in: "
-                     + ", ".join(limited_ref) + ". There C io_uring's throughput is the load "
-                     "generator's ceiling, so the other servers' throughput ratios are upper "
-                     "bounds; the CPU-per-round-trip ratios still compare servers.")
+    limited = {}
+    for c in traffic:
+        for s in cols:
+            if agg(c, s.key).get("does_not_compare_servers"):
+                limited.setdefault(s.label, []).append(c.label)
+    for who, where in limited.items():
+        notes.append(f"{LIMIT_MARK} the load generator was the limit against {who} in: "
+                     + ", ".join(where) + ".")
     for s in cols:
         for c in cases:
             rec = results.get(c.name, {}).get(s.key)
@@ -1000,7 +1102,8 @@ def markdown(meta, config, cases, results, servers, warnings):
 
 
 def targets_md(L, cases, results, servers):
-    """Issue 14's targets, checked against this run (only what it measured)."""
+    """Issue 14's targets, checked against this run (only what it measured,
+    and only from cells that compare servers: see aggregate)."""
     keys = {s.key for s in servers}
     if not {"iocpnet-uring", "iocpnet-epoll"} & keys:
         return
@@ -1009,30 +1112,48 @@ def targets_md(L, cases, results, servers):
     def a(c, key):
         return (results[c.name].get(key) or {}).get("agg") or {}
 
+    def vs(c, key, peer):
+        return a(c, key).get("vs", {}).get(peer) or {}
+
     traffic = [c for c in cases if c.mode != "idle" and c.name in results]
     pp = [c for c in traffic if c.mode == "pingpong"]
     # 1. CPU per round trip: io_uring <= epoll <= uvloop, every traffic cell
+    #    (paired round by round: the CPU ratio is >= 1 where the first costs no more)
     if {"iocpnet-uring", "iocpnet-epoll", "uvloop-protocol"} <= keys and traffic:
-        bad = []
+        bad, skipped = [], []
         for c in traffic:
-            u, e, v = (a(c, k).get("server_us") for k in ("iocpnet-uring", "iocpnet-epoll",
-                                                          "uvloop-protocol"))
-            if None in (u, e, v):
-                bad.append(f"{c.label}: missing")
+            pairs = (("iocpnet-uring", "iocpnet-epoll"), ("iocpnet-uring", "uvloop-protocol"),
+                     ("iocpnet-epoll", "uvloop-protocol"))
+            rs = [vs(c, x, y).get("cpu") for x, y in pairs]
+            if None in rs:
+                skipped.append(c.label)
                 continue
-            if u > e or u > v or e > v:
+            if min(rs) < 1.0:
+                u, e, v = (a(c, k).get("server_us") for k in ("iocpnet-uring", "iocpnet-epoll",
+                                                              "uvloop-protocol"))
                 bad.append(f"{c.label}: {u:.2f} / {e:.2f} / {v:.2f}")
+        n = len(traffic) - len(skipped)
         rows.append(("server CPU per round trip: io_uring ≤ epoll ≤ uvloop, every cell",
-                     f"{len(traffic) - len(bad)} of {len(traffic)} cells"
+                     f"{n - len(bad)} of {n} comparable cells"
                      + (" (io_uring / epoll / uvloop µs where not: " + "; ".join(bad) + ")"
-                        if bad else ""), not bad))
-    # 2. geomean throughput of the ping-pong cells
+                        if bad else "")
+                     + (f"; not comparable (‡ or DISTURBED): {', '.join(skipped)}"
+                        if skipped else ""), (not bad) if n else None))
+    # 2. geomean throughput of the ping-pong cells, to C io_uring
     for key, want in (("iocpnet-uring", 0.92), ("iocpnet-epoll", 0.90)):
         if key in keys and pp:
-            g = geomean([a(c, key).get("ratio") for c in pp])
+            rs = [a(c, key).get("ratio") for c in pp]
+            got = [r for r in rs if r is not None]
+            g = geomean(got)
+            what = f"{key}: ping-pong geomean throughput ≥ {want:.2f} of C io_uring"
             if g:
-                rows.append((f"{key}: ping-pong geomean throughput ≥ {want:.2f} of C io_uring",
-                             f"{g:.3f}", g >= want))
+                rows.append((what, f"{g:.3f} over {len(got)} of {len(pp)} cells"
+                             + ("" if len(got) == len(pp) else
+                                " (the others: ‡ load generator limit or DISTURBED, no ratio)"),
+                             g >= want))
+            else:
+                rows.append((what, "no cell with a ratio (‡ load generator limit or DISTURBED)",
+                             None))
     # 3. peak RSS at 16 KiB x 100 <= uvloop
     c16 = next((c for c in traffic if c.mode == "pingpong" and c.size == 16384 and c.conns == 100),
                None)
@@ -1053,20 +1174,33 @@ def targets_md(L, cases, results, servers):
                              f"{b / 1024:.2f} KiB", b <= 1024))
     # 5. connect storm >= uvloop
     for c in (c for c in traffic if c.mode == "connect"):
-        v = a(c, "uvloop-protocol").get("rate_median")
         for key in ("iocpnet-uring", "iocpnet-epoll"):
-            x = a(c, key).get("rate_median")
-            if key in keys and x and v:
-                rows.append((f"{key}: connect storm ≥ uvloop's", f"{x / v:.2f} of uvloop", x >= v))
+            if key not in keys or "uvloop-protocol" not in keys:
+                continue
+            r = vs(c, key, "uvloop-protocol")
+            what = f"{key}: connect storm ≥ uvloop's"
+            if r.get("throughput") is not None:
+                rows.append((what, f"{r['throughput']:.2f} of uvloop", r["throughput"] >= 1.0))
+            elif r:
+                rows.append((what, f"no ratio ({r.get('excluded')})", None))
     # 6. pipelined: round trips per server CPU-second >= 0.95 of C io_uring
     for key in ("iocpnet-uring", "iocpnet-epoll"):
-        pl = [(c, a(c, key).get("cpu_ratio")) for c in traffic if c.mode == "pipeline"]
+        allpl = [c for c in traffic if c.mode == "pipeline"]
+        pl = [(c, a(c, key).get("cpu_ratio")) for c in allpl]
         pl = [(c, r) for c, r in pl if r is not None]
-        if key in keys and pl:
+        if key not in keys or not allpl:
+            continue
+        what = (f"{key}: pipelined, round trips per server CPU-second ≥ 0.95 of C io_uring, "
+                "every cell")
+        if pl:
             worst = min(r for _, r in pl)
-            rows.append((f"{key}: pipelined, round trips per server CPU-second ≥ 0.95 of "
-                         "C io_uring, every cell", ", ".join(f"{r:.2f}" for _, r in pl),
-                         worst >= 0.95))
+            rows.append((what, ", ".join(f"{r:.2f}" for _, r in pl)
+                         + f" ({len(pl)} of {len(allpl)} cells with a ratio)", worst >= 0.95))
+        else:
+            raw = "; ".join(f"{c.label}: {a(c, key).get('server_us') or 0:.2f} vs "
+                            f"{a(c, REF).get('server_us') or 0:.2f} µs" for c in allpl)
+            rows.append((what, "no cell with a ratio (‡ load generator limit or DISTURBED); "
+                         f"raw CPU per round trip, {key} vs C io_uring: {raw}", None))
     if not rows:
         return
     L.append("")
@@ -1075,7 +1209,9 @@ def targets_md(L, cases, results, servers):
     L.append("| target | this run | met? |")
     L.append("|---|---|---|")
     for what, got, ok in rows:
-        L.append(f"| {what} | {got} | {'yes' if ok else '**no**'} |")
+        verdict = "not measured" if ok is None else ("yes" if ok else "**no**")
+        L.append(f"| {what} | {got} | {verdict} |")
+
 
 
 # fixed colours, so a server looks the same in every panel and every run;
@@ -1114,11 +1250,20 @@ def chart(cases, results, servers, path):
                       for c in traffic + idle)]
     if not servers:
         return "no server produced results"
-    panels = [("Throughput, ratio to C io_uring (same case, same round); hatched: the load "
-               "generator was the limit, the bar does not compare servers", "ratio"),
+    def vs(peer, what):
+        return lambda s, a: (1.0 if s.key == peer and not a.get("excluded")
+                             else (a.get("vs", {}).get(peer) or {}).get(what))
+    gone = "no bar: this cell or the reference's was limited by the load generator or DISTURBED"
+    panels = [(f"Throughput, ratio to C io_uring (same case, same round; {gone})",
+               vs(REF, "throughput")),
               ("Round trips per server CPU-second (= 1 / CPU per round trip), ratio to "
-               "C io_uring", "cpu_ratio")]
-    nrows = (3 if traffic else 0) + (1 if idle else 0)
+               "C io_uring", vs(REF, "cpu")),
+              (f"Throughput, ratio to uvloop Protocol ({gone})", vs("uvloop-protocol", "throughput")),
+              ("Round trips per server CPU-second, ratio to uvloop Protocol",
+               vs("uvloop-protocol", "cpu"))]
+    if not any(s.key == "uvloop-protocol" for s in servers):
+        panels = panels[:2]
+    nrows = (len(panels) + 1 if traffic else 0) + (1 if idle else 0)
     if nrows == 0:
         return "nothing to draw"
     fig, axes = plt.subplots(nrows, 1, figsize=(14, 4.4 * nrows), squeeze=False)
@@ -1126,23 +1271,18 @@ def chart(cases, results, servers, path):
     width = 0.8 / max(1, len(servers))
     ai = 0
     if traffic:
-        for title, key in panels:
+        for title, get in panels:
             ax = axes[ai]
             ai += 1
             for i, s in enumerate(servers):
-                xs, ys, hatch = [], [], []
+                xs, ys = [], []
                 for j, c in enumerate(traffic):
                     a = results[c.name][s.key].get("agg", {})
-                    v = a.get(key)
+                    v = get(s, a) if a else None
                     if v is not None:
                         xs.append(j + (i - (len(servers) - 1) / 2) * width)
                         ys.append(v)
-                        hatch.append(key == "ratio" and a.get("does_not_compare_servers"))
-                bars = ax.bar(xs, ys, width, label=s.label, color=COLORS.get(s.key))
-                for b, h in zip(bars, hatch):
-                    if h:
-                        b.set_hatch("///")
-                        b.set_edgecolor("white")
+                ax.bar(xs, ys, width, label=s.label, color=COLORS.get(s.key))
             ax.axhline(1.0, color="black", linewidth=0.8)
             ax.set_xticks(range(len(traffic)))
             ax.set_xticklabels([tick_label(c.label) for c in traffic], fontsize=7)
@@ -1192,7 +1332,7 @@ def publish_docs(md, cases, results, servers):
     if cerr:
         warn(f"no chart: {cerr}")
     else:
-        body = "![ratios to C io_uring](benchmarks.png)\n\n" + md
+        body = f"![ratios to C io_uring and to uvloop]({os.path.basename(DOCS_PNG)})\n\n" + md
     write_docs(body)
     log(f"wrote {os.path.relpath(DOCS_MD, ROOT)}" + ("" if cerr else
                                                      f" and {os.path.relpath(DOCS_PNG, ROOT)}"))
@@ -1207,7 +1347,7 @@ def load_saved(path):
     results = {c["name"]: c["servers"] for c in raw["cases"]}
     for c in cases:  # a run saved before the current aggregates existed
         recs = results[c.name]
-        if c.mode != "idle" and any("agg" in r and "server_us" not in r["agg"] for r in recs.values()):
+        if c.mode != "idle" and any("agg" in r and "vs" not in r["agg"] for r in recs.values()):
             aggregate(c, recs)
     servers = [s for s in SERVERS if s.key in raw["servers"]]
     for s in servers:
@@ -1345,6 +1485,12 @@ def parse_args(argv=None):
                    help="pip install the repo first even if iocpnet already imports")
     p.add_argument("--write-docs", action="store_true",
                    help="also write docs/ and results/latest.json for a quick or filtered run")
+    p.add_argument("--docs", metavar="FILE",
+                   help="the Markdown file whose results section is rewritten (default "
+                        "docs/benchmarks.md; the chart goes next to it, same name, .png)")
+    p.add_argument("--budget", type=float, default=14.5, metavar="MINUTES",
+                   help="re-measuring disturbed slices stops when the run would pass this "
+                        "(default 14.5)")
     p.add_argument("--no-write", action="store_true", help="print only, write no result files")
     p.add_argument("--list", action="store_true", help="list servers and cases, then exit")
     a = p.parse_args(argv)
@@ -1387,6 +1533,10 @@ def select_only(spec, cases, servers):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.docs:
+        global DOCS_MD, DOCS_PNG
+        DOCS_MD = os.path.abspath(args.docs)
+        DOCS_PNG = os.path.splitext(DOCS_MD)[0] + ".png"
     if args.render:
         return render(args.render)
     if args.report:
@@ -1456,6 +1606,8 @@ def main(argv=None):
     if not runnable:
         sys.exit("no server can run")
 
+    meta["command"] = " ".join(["python3", os.path.relpath(os.path.abspath(__file__), ROOT)]
+                               + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)])
     if args.note:
         meta["note"] = args.note
     if args.wait_quiet:
@@ -1470,8 +1622,10 @@ def main(argv=None):
         f"estimated total {planned / 60:.1f} min")
     if full_run and planned > 15 * 60:
         warn("planned time exceeds 15 minutes; lower --rounds or --slice")
-    # re-measuring disturbed slices may add up to 20 % (never past 14.5 min)
-    extra = 0.0 if args.no_retry else max(0.0, min(0.2 * planned, 14.5 * 60 - planned))
+    # re-measuring disturbed slices may add up to 20 % (never past --budget)
+    extra = 0.0 if args.no_retry else max(0.0, min(0.2 * planned, args.budget * 60 - planned))
+    if planned > args.budget * 60:
+        warn(f"planned time {planned / 60:.1f} min exceeds --budget {args.budget} min")
     args.retry_budget = RetryBudget(extra)
     if extra:
         log(f"up to {extra / 60:.1f} min more if slices disturbed by other processes are re-measured")
