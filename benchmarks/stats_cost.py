@@ -204,12 +204,14 @@ def main():
         print(f"\n{args.mode} -c {args.conns} -s {args.size}"
               + (f" -d {args.depth}" if args.mode == "pipeline" else "")
               + f", {args.rounds} rounds of {args.slice} s, server on CPU 0, loadgen on CPU 1\n")
-        print(f"{'variant':8} {'round trips/s':>14} {'server ns/rt':>13} {'vs base':>9}")
-        base = statistics.median(c for _, c in results["base"]) if "base" in results else None
+        # without a baseline build, the differences are to the first variant named
+        ref = "base" if "base" in results else variants[0]
+        print(f"{'variant':8} {'round trips/s':>14} {'server ns/rt':>13} {'vs ' + ref:>12}")
+        base = statistics.median(c for _, c in results[ref])
         for v in variants:
             rate = statistics.median(x for x, _ in results[v])
             cost = statistics.median(c for _, c in results[v])
-            delta = f"{cost - base:+9.0f}" if base is not None else ""
+            delta = f"{cost - base:+12.0f}"
             print(f"{v:8} {rate:14.0f} {cost:13.0f} {delta}")
     finally:
         for proc, _ in procs.values():
