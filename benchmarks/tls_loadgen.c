@@ -184,6 +184,9 @@ int main(int argc, char **argv) {
         if (!in_window && t >= window_start) {
             in_window = 1;
             t0 = t;
+            /* the window is -d seconds from when it opens: a pass that overran the
+             * warm-up (a descheduled process, slow handshakes) cannot close it at once */
+            window_end = t0 + dur;
             cpu0 = cpu_s();
             printf("START\n");
             fflush(stdout);
