@@ -154,7 +154,7 @@ def parts(quick):
         Part("websocket", "WebSocket echo", "benchmarks/websocket/run.py",
              [["benchmarks/websocket/run.py", "--seconds", "1", "--warmup", "0.3",
                "--rounds", "3", "--out", f"{r}/websocket.json"]],
-             [["benchmarks/websocket/run.py", "--seconds", "0.3", "--warmup", "0.1",
+             [["benchmarks/websocket/run.py", "--seconds", "0.5", "--warmup", "0.3",
                "--rounds", "1", "--out", f"{r}/websocket.json"]],
              budget=120, quick_budget=60, json_name="websocket.json", table=websocket_table,
              about="iocpnet's WebSocket server (`python -m iocpnet echo --websocket`, one "
