@@ -579,8 +579,10 @@ def summary_md(s):
          + f", {s['machine']['cpu_model']} ({s['machine']['cpus']} cores), Linux "
          f"{s['machine']['kernel']}, Python {s['machine']['python']}; 1-minute load at start "
          f"{s['loadavg_at_start']:.2f}; {s['seconds'] / 60:.1f} min in all. Command: "
-         f"`{s['command']}` (iocpnet built from this commit by `scripts/devbuild.sh` and put "
-         "on `PYTHONPATH`)." + (" **Quick smoke run: not representative.**" if s["quick"] else ""),
+         f"`{s['command']}` ("
+         + ("iocpnet built from this commit by `scripts/devbuild.sh` and put on `PYTHONPATH`"
+            if s["pythonpath"].startswith(BUILD_CACHE) else f"iocpnet from `{s['pythonpath']}`")
+         + ")." + (" **Quick smoke run: not representative.**" if s["quick"] else ""),
          "", "| part | status | time | other processes (cores) |", "|---|---|---|---|"]
     for r in s["parts"]:
         t = f"{r['seconds']:.0f} s of {r['budget']:.0f} s" if "seconds" in r else "–"
