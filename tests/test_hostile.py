@@ -583,6 +583,92 @@ def test_slow_reader_that_keeps_draining_is_not_cut(server):
     log.check_exactly_once(srv.service)
 
 
+@pytest.mark.parametrize("layer", ["tls", "websocket"])
+def test_never_reading_peer_over_tls_or_websocket_is_cut_too(server, tmp_path_factory,
+                                                             layer):
+    """The same stall through the TLS filter and through WebSocket frames: the server
+    pushes 8 MiB to each peer as it connects; a peer that did the handshake (or the
+    upgrade) and never reads is cut after send_timeout with the stall's reason, while
+    a peer beside it that reads gets all 8 MiB, byte for byte, and is not cut."""
+    import ssl
+    import ws_raw
+    from tls_certs import make_pki
+
+    log = Log()
+    blob = os.urandom(8 << 20)
+    timeout = 1.0
+    attrs = {"send_queue_limit": 64 << 20, "send_timeout": timeout}
+    if layer == "tls":
+        pki = make_pki(tmp_path_factory.mktemp("pki"))
+        sctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        sctx.load_cert_chain(pki["server"], pki["server_key"])
+        cctx = ssl.create_default_context(cafile=pki["ca"])
+
+        def OnConnected(self):
+            log.connected(self)
+            self.Send(blob)
+
+        srv = server(echo_class(log, OnConnected=OnConnected, **attrs), ssl=sctx)
+
+        def peer(rcvbuf=None):
+            raw = socket.socket()
+            if rcvbuf:
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            raw.settimeout(20)
+            raw.connect(srv.address)
+            return cctx.wrap_socket(raw, server_hostname="localhost"), b""
+
+        def read_all(c, rest):
+            return recv_exactly(c, len(blob))
+    else:
+        def OnConnected(self):
+            log.connected(self)
+            for k in range(0, len(blob), 64 << 10):
+                self.Send(blob[k:k + (64 << 10)])
+
+        srv = server(echo_class(log, base=iocpnet.WebSocketSession,
+                                OnConnected=OnConnected, **attrs))
+
+        def peer(rcvbuf=None):
+            raw = socket.socket()
+            if rcvbuf:
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            raw.settimeout(20)
+            raw.connect(srv.address)
+            req, _ = ws_raw.upgrade_request()
+            raw.sendall(req)
+            status, _, rest = ws_raw.read_head(raw)
+            assert status == 101
+            return raw, rest
+
+        def read_all(c, rest):
+            client = ws_raw.RawClient.__new__(ws_raw.RawClient)
+            client.sock, client.buf = c, rest
+            got = bytearray()
+            while len(got) < len(blob):
+                fin, op, payload = client.read_frame()
+                assert op == 2, op
+                got += payload
+            return bytes(got)
+
+    stuck, _ = peer(rcvbuf=4096)
+    good, rest = peer()
+    stuck_port = stuck.getsockname()[1]
+    got = read_all(good, rest)
+    assert got == blob, "the reading peer's bytes differ"
+    wait_for(lambda: log.reasons_of(stuck_port), timeout + 15,
+             "the never-reading peer to be cut")
+    (reason,) = log.reasons_of(stuck_port)
+    assert re.fullmatch(rf"send stalled: \d+ bytes queued, nothing sent for {timeout:g} s "
+                        rf"\(the peer is not reading\)", reason), reason
+    good_port = good.getsockname()[1]
+    assert not log.reasons_of(good_port), log.reasons_of(good_port)
+    assert srv.service.send_timeouts == 1
+    stuck.close()
+    good.close()
+    log.check_exactly_once(srv.service)
+
+
 # ---------------------------------------------------------------------------------------
 # A session factory that fails for a while
 
