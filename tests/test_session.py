@@ -471,6 +471,39 @@ def test_address_and_connected(server):
     assert info == {"address": ("127.0.0.1", local[1]), "connected": True, "after": False}
 
 
+def test_address_first_asked_after_the_session_ended(server):
+    """The peer address is kept packed and the (host, port) tuple made on first use: a
+    server that only asks once the socket is closed (logging a departure) still gets
+    it, and threads asking at once all get the one tuple."""
+    ended = []
+
+    class Quiet(iocpnet.Session):
+        def OnDisconnected(self, reason):
+            ended.append(self)
+
+    srv = server(Quiet)
+    with connect(srv.address) as c:
+        local = c.getsockname()
+        wait_for(lambda: srv.service.session_count == 1, message="the session")
+    wait_for(lambda: ended, message="OnDisconnected")
+    s = ended.pop()
+    seen = []
+    barrier = threading.Barrier(8)
+
+    def ask():
+        barrier.wait()
+        seen.append(s.address)
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen[0] == ("127.0.0.1", local[1])
+    assert all(a is seen[0] for a in seen)
+    assert repr(s) == f"<Quiet 127.0.0.1:{local[1]} disconnected>"
+
+
 def test_session_factory_must_make_sessions(backend):
     core = iocpnet.IocpCore(backend)
     with pytest.raises(TypeError):

@@ -24,7 +24,7 @@ from cpython.exc cimport PyErr_CheckSignals
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
                                PyThread_acquire_lock, PyThread_release_lock, WAIT_LOCK,
                                NOWAIT_LOCK)
-from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport malloc, free, realloc
 from libc.string cimport memcpy, memmove
 
@@ -89,9 +89,10 @@ cdef extern from "port/packet.h" nogil:
 
 cdef enum:
     BATCH = 128           # completions taken per wait
-    IOV_INLINE = 4        # gather entries kept inside the session
+    IOV_INLINE = 2        # gather entries kept inside the session
     IOV_MAX = 64          # most buffers in one gather send
-    SQ_INLINE = 4         # send-queue slots kept inside the session
+    SQ_INLINE = 2         # send-queue slots kept inside the session
+    PEER_MAX = 28         # a peer address kept packed in the session: sockaddr_in6's size
 
 # Session states
 cdef enum:

@@ -51,7 +51,11 @@ cdef extern from "port/port.h" nogil:
         const char *base
         size_t len
 
+    struct sockaddr_storage:
+        pass
+
     ctypedef struct port_addr_t:
+        sockaddr_storage ss
         int len
 
     enum:

@@ -159,6 +159,15 @@ cdef void _hook_failed(Session s, str hook, BaseException e) noexcept:
     _close_now(s, f"exception in {hook}: {_describe_exc(e)}", False)
 
 
+cdef object _format_address(const port_addr_t *addr):
+    """(host, port) of a socket address, or None for a family we cannot show."""
+    cdef char host[64]
+    cdef int portnum = 0
+    if port_addr_format(addr, host, sizeof(host), &portnum) != 0:
+        return None
+    return (host.decode("ascii"), portnum)
+
+
 # ---------------------------------------------------------------------------------------
 # Session
 
@@ -180,29 +189,20 @@ cdef class Session(IocpObject):
     ``send_timeout`` (seconds a send queue may go without any progress before the peer
     is judged not to be reading; 0: never).
     """
+    # Field order keeps the small fields together (no padding between them): an idle
+    # connection is mostly this object, and 10,000 of them should fit in 10 MiB.
     cdef Service _service
     cdef _Hooks _hooks
-    cdef port_sock_t _sock
     cdef port_op_t _recv_op       # before the connection: the connect (_connect_op)
     cdef port_op_t _send_op
     cdef port_op_t _close_op
     cdef port_strand_t _strand
-    cdef volatile int32_t _lock
-    cdef int _state
-    cdef int _ops                 # operations in flight (under _lock)
-    cdef bint _recv_armed
-    cdef bint _recv_paused        # backpressure: not receiving while the peer lags
-    cdef bint _send_busy
-    cdef bint _counted_connected
-    cdef bint _was_connected
     cdef object _reason
-    cdef object _address
+    cdef object _address          # (host, port), made from _peer on first use (address)
     cdef int64_t _last_recv_ms
     cdef int64_t _send_progress_ms    # the send queue last moved (see core/stall.pxi)
     cdef uint64_t _send_mark          # the kernel's progress mark + 1 (0: not looked)
-    cdef volatile int32_t _hook       # H_* of the hook running now (service.pxi's Stop)
     cdef int64_t _hook_since_ms
-    cdef volatile int32_t _stop_requested  # the service is stopping: no new OnRecv
     # RecvBuffer: unconsumed bytes are _rbuf[_rpos:_rlen]
     cdef char *_rbuf
     cdef Py_ssize_t _rcap
@@ -219,7 +219,6 @@ cdef class Session(IocpObject):
     cdef Py_ssize_t _sq_offset
     cdef port_buf_t *_iov
     cdef port_buf_t _iov_inline[IOV_INLINE]
-    cdef int _iov_n
     cdef object _tls              # a _Tls stream filter (core/tls.pxi), or None
     cdef _RateState *_rate        # flood protection (limits.pxi); NULL until used
     cdef object _addr_key         # the host the per-address accept limits counted
@@ -227,8 +226,26 @@ cdef class Session(IocpObject):
     cdef object _ws               # a _WebSocket when it speaks WebSocket (websocket.pxi)
     # Game layer (strand.pxi, group.pxi): jobs, timers, tasks and groups; None until used.
     cdef _Owned _x
-    cdef bint _sq_above           # OnSendQueue: the queue passed the high mark (under _lock)
-    cdef bint _sq_told            # OnSendQueue: what the hook was last told (strand only)
+    cdef port_sock_t _sock
+    cdef volatile int32_t _lock
+    cdef int _state
+    cdef int _ops                 # operations in flight (under _lock)
+    cdef volatile int32_t _hook       # H_* of the hook running now (service.pxi's Stop)
+    cdef volatile int32_t _stop_requested  # the service is stopping: no new OnRecv
+    cdef int _iov_n
+    # Flags, one byte each (C bytes are separate memory locations: two threads may write
+    # neighbours under different locks)
+    cdef uint8_t _recv_armed
+    cdef uint8_t _recv_paused     # backpressure: not receiving while the peer lags
+    cdef uint8_t _send_busy
+    cdef uint8_t _counted_connected
+    cdef uint8_t _was_connected
+    cdef uint8_t _sq_above        # OnSendQueue: the queue passed the high mark (under _lock)
+    cdef uint8_t _sq_told         # OnSendQueue: what the hook was last told (strand only)
+    # The peer's socket address as the OS gave it (_peer_len bytes; 0: unknown), kept
+    # packed: the (host, port) tuple costs ~150 bytes and most servers never ask.
+    cdef uint8_t _peer_len
+    cdef unsigned char _peer[PEER_MAX]
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
@@ -319,14 +336,15 @@ cdef class Session(IocpObject):
                  S_CONNECTED: "connected", S_FLUSHING: "flushing", S_CLOSING: "closing",
                  S_DONE: "disconnected"}
         addr = ""
-        if self._address is not None:
-            addr = f" {self._address[0]}:{self._address[1]}"
+        a = self._peer_address()
+        if a is not None:
+            addr = f" {a[0]}:{a[1]}"
         return f"<{type(self).__name__}{addr} {names.get(self._state, '?')}>"
 
     @property
     def address(self):
         """The peer's (host, port), or None before the connection."""
-        return self._address
+        return self._peer_address()
 
     @property
     def connected(self):
@@ -447,14 +465,39 @@ cdef class Session(IocpObject):
         self._connected()
 
     cdef void _fill_address(self) noexcept:
-        """Remember the peer's (host, port): it is still known after the socket closes
-        (OnDisconnected may want to log it)."""
+        """Remember the peer's address: it is still known after the socket closes
+        (OnDisconnected may want to log it).  Kept packed; address makes the tuple."""
         cdef port_addr_t addr
-        cdef char host[64]
-        cdef int portnum = 0
-        if port_peername(self._sock, &addr) == 0 and \
-                port_addr_format(&addr, host, sizeof(host), &portnum) == 0:
-            self._address = (host.decode("ascii"), portnum)
+        if port_peername(self._sock, &addr) != 0 or addr.len <= 0:
+            return
+        if addr.len > PEER_MAX:        # not an IP family we pack: make the tuple now
+            self._address = _format_address(&addr)
+            return
+        port_spin_lock(&self._lock)
+        memcpy(self._peer, &addr.ss, addr.len)
+        self._peer_len = <uint8_t>addr.len
+        port_spin_unlock(&self._lock)
+
+    cdef object _peer_address(self):
+        """The peer's (host, port), made once from the packed address (any thread)."""
+        cdef port_addr_t addr
+        cdef object a = self._address
+        if a is not None:
+            return a
+        port_spin_lock(&self._lock)
+        addr.len = self._peer_len
+        memcpy(&addr.ss, self._peer, addr.len)
+        port_spin_unlock(&self._lock)
+        if addr.len == 0:
+            return None
+        a = _format_address(&addr)
+        port_spin_lock(&self._lock)     # two threads may race here: keep the first
+        if self._address is None:
+            self._address = a           # replaces None: nothing is released
+        else:
+            a = self._address
+        port_spin_unlock(&self._lock)
+        return a
 
     cdef void _connected(self) noexcept:
         cdef bint ok = True
