@@ -530,8 +530,20 @@ def main(argv=None):
         log("interrupted: the running part was stopped; sections written so far are kept")
         summary["interrupted"] = True
     summary["seconds"] = round(time.monotonic() - t_start, 1)
-    write_summary(docs, summary_md(summary))
     out = os.path.join(results_dir, "all.json")
+    if args.only:
+        # a rerun of some parts: the other parts' records from the last run stay
+        try:
+            with open(out) as f:
+                prev = {r["name"]: r for r in json.load(f).get("parts", [])}
+        except (OSError, ValueError):
+            prev = {}
+        ran = {r["name"]: r for r in summary["parts"]}
+        kept = [n for n in prev if n not in ran]
+        summary["parts"] = [ran.get(x.name) or dict(prev[x.name], kept_from_previous_run=True)
+                            for x in parts(args.quick) if x.name in ran or x.name in prev]
+        summary["kept_from_previous_run"] = kept
+    write_summary(docs, summary_md(summary))
     with open(out, "w") as f:
         json.dump(summary, f, indent=1)
         f.write("\n")
@@ -584,8 +596,13 @@ def summary_md(s):
             if s["pythonpath"].startswith(BUILD_CACHE) else f"iocpnet from `{s['pythonpath']}`")
          + ")." + (" **Quick smoke run: not representative.**" if s["quick"] else ""),
          "", "| part | status | time | other processes (cores) |", "|---|---|---|---|"]
+    if s.get("kept_from_previous_run"):
+        L[0] += (" Rows marked * are from the previous run (this one was `--only` "
+                 f"{', '.join(r['name'] for r in s['parts'] if not r.get('kept_from_previous_run'))}).")
     for r in s["parts"]:
         t = f"{r['seconds']:.0f} s of {r['budget']:.0f} s" if "seconds" in r else "–"
+        if r.get("kept_from_previous_run"):
+            t += " *"
         o = f"{r['other_load_cores']:.2f}" if "other_load_cores" in r else "–"
         L.append(f"| {r['title']} | {r['status']} | {t} | {o} |")
     return "\n".join(L)
