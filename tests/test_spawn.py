@@ -301,3 +301,47 @@ def test_close_cancels_running_tasks(backend):
     assert cancelled.is_set()
     wait_for(lambda: not any(t.name == "iocpnet-aio" for t in threading.enumerate()))
     assert iocpnet.debug_counters()["tasks"] == 0
+
+
+@pytest.mark.parametrize("exc", [SystemExit, KeyboardInterrupt])
+def test_system_exit_in_a_task_is_its_outcome_and_the_loop_goes_on(backend, exc):
+    """asyncio lets SystemExit and KeyboardInterrupt out of run_forever: raised by a
+    spawned coroutine they ended the core's loop thread, and every later Spawn was
+    reported cancelled.  The exception is that task's outcome; the loop goes on."""
+    core = iocpnet.IocpCore(backend)
+    stop = threading.Event()
+
+    def work():
+        while not stop.is_set():
+            core.Dispatch(50)
+
+    th = threading.Thread(target=work, daemon=True)
+    th.start()
+    outcomes = []
+    got = threading.Event()
+
+    def done(task):
+        outcomes.append(task)
+        got.set()
+
+    async def bad():
+        raise exc("from a task")
+
+    async def good():
+        await asyncio.sleep(0.01)
+        return 42
+
+    try:
+        core.Spawn(bad(), done)
+        assert got.wait(10), "no outcome for the task that raised"
+        assert isinstance(outcomes[0].exception(), exc)
+        got.clear()
+        core.Spawn(good(), done)
+        assert got.wait(10), "the loop thread died: a later Spawn never ended"
+        assert outcomes[1].result() == 42
+        assert any(t.name == "iocpnet-aio" for t in threading.enumerate())
+    finally:
+        stop.set()
+        th.join()
+        core.Close()
+    assert iocpnet.debug_counters()["tasks"] == 0

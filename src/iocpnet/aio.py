@@ -121,6 +121,7 @@ class Runner:
         self.shutdown_timeout = shutdown_timeout
         self._lock = threading.Lock()
         self._closing = False
+        self._stopped = False        # the shutdown asked the loop to stop (loop thread)
         self._tasks: Set[Any] = set()
         self._loop: Any = None
         self._ready = threading.Event()
@@ -144,7 +145,19 @@ class Runner:
         self._loop = loop
         self._ready.set()
         try:
-            loop.run_forever()
+            while True:
+                try:
+                    loop.run_forever()
+                    break
+                except (KeyboardInterrupt, SystemExit) as e:
+                    # asyncio lets these two out of run_forever (they stop asyncio.run);
+                    # here they would end the thread and every later Spawn with it.  The
+                    # task that raised already holds the exception: its owner gets it
+                    # as the outcome once the loop runs again.
+                    if self._stopped:
+                        break
+                    log.error("%s escaped a task on the asyncio loop thread; the loop "
+                              "goes on", type(e).__name__)
         finally:
             try:
                 loop.run_until_complete(loop.shutdown_asyncgens())
@@ -215,6 +228,7 @@ class Runner:
                 if pending:
                     log.warning("%d task(s) did not end within %.1f s of their "
                                 "cancellation", len(pending), timeout)
+            self._stopped = True
             self._loop.stop()
 
         self._loop.create_task(drain())
