@@ -182,18 +182,25 @@ class RunHandle:
     def Stop(self, timeout: float = 5.0) -> None:
         """Graceful shutdown (idempotent, any thread): the service stops (sessions are
         disconnected, queued data flushed); with worker threads of its own, the core is
-        closed and they are joined."""
+        closed and they are joined.  From a hook (a worker thread) it starts the
+        shutdown and returns; a later call from another thread still waits for all of
+        it (every call outside the workers returns only once the shutdown is done)."""
         with self._lock:
-            if self._stopped:
-                return
             self._stopped = True
         if not self._threads:
             self.service.Stop(timeout)
             return
+        # Each call runs the whole shutdown: every step of it is idempotent, and one
+        # made by a worker (which cannot wait for itself) must not let a later caller
+        # return while the sessions, the core and the workers are still ending.
         svc: Any = self.service
         svc._shut_down(self._threads, float(timeout))
-        if self._errors:
-            raise self._errors[0]
+        if svc._from_worker():
+            return
+        with self._lock:
+            errors, self._errors = self._errors, []
+        if errors:
+            raise errors[0]
 
     def __enter__(self) -> RunHandle:
         return self
