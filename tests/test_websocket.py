@@ -863,3 +863,66 @@ def test_one_frame_message_over_two_receives(ws_server, opcode, cut):
     assert c.read_frame() == (True, opcode, payload)
     assert c.read_frame() == (True, opcode, payload[:10] if opcode == 2 else b"tail")
     c.close()
+
+
+def test_our_client_gives_up_on_an_endless_response_head(backend):
+    """A server whose response head never ends: our client fails the connection at
+    max_header_size (OnConnectFailed, then OnDisconnected).  It answered the server
+    with an HTTP 431 response instead, as if it were the server, and OnConnectFailed
+    never ran."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen()
+    heard = []
+
+    def serve():
+        c, _ = lsock.accept()
+        c.settimeout(10)
+        req = b""
+        while b"\r\n\r\n" not in req:
+            req += c.recv(4096)
+        c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nX-Junk: " + b"a" * 9000)
+        data = b""
+        try:
+            while True:
+                d = c.recv(4096)
+                if not d:
+                    break
+                data += d
+        except OSError:
+            pass
+        heard.append(data)
+        c.close()
+
+    th = threading.Thread(target=serve)
+    th.start()
+    events = []
+    done = threading.Event()
+
+    class Client(iocpnet.WebSocketSession):
+        ping_interval = 0
+
+        def OnConnectFailed(self, reason):
+            events.append(("failed", reason))
+
+        def OnDisconnected(self, reason):
+            events.append(("end", reason))
+            done.set()
+
+    core = iocpnet.IocpCore(backend)
+    try:
+        svc = iocpnet.ClientService(core, f"ws://127.0.0.1:{lsock.getsockname()[1]}/",
+                                    Client, 1)
+        svc.Start()
+        deadline = time.monotonic() + 10
+        while not done.is_set() and time.monotonic() < deadline:
+            core.Dispatch(50)
+        svc.Stop(5)
+    finally:
+        core.Close(5)
+        th.join(10)
+        lsock.close()
+    why = ("WebSocket handshake failed: response head larger than max_header_size "
+           "(8192 bytes)")
+    assert events == [("failed", why), ("end", why)]
+    assert heard == [b""]          # nothing but our request was sent

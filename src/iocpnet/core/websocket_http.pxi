@@ -231,8 +231,17 @@ cdef Py_ssize_t _ws_handshake(Session s, _WebSocket ws, unsigned char *ptr,
     ws.hs_scanned = upto
     if end < 0:
         if n >= limit:
-            _ws_refuse(s, ws, 431, f"HTTP head larger than max_header_size "
-                                   f"({limit} bytes)")
+            if ws.client:
+                # A client answers no one: it gives up on the connection (an HTTP
+                # response sent to the server would be nonsense on the wire).
+                why = (f"WebSocket handshake failed: response head larger than "
+                       f"max_header_size ({limit} bytes)")
+                logger.warning("disconnecting %s: %s", repr(s), why)
+                _ws_connect_failed(s, why)
+                _close_now(s, why, False)
+            else:
+                _ws_refuse(s, ws, 431, f"HTTP head larger than max_header_size "
+                                       f"({limit} bytes)")
             return -1
         return 0
     try:
