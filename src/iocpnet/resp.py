@@ -19,7 +19,8 @@ disconnect with that reason.  tests/test_resp.py feeds it random cuts and random
 
 Cost.  A reply cut across receives is parsed again from its start when more bytes come
 (no resumable state); a bulk string waits, without re-parsing, until ``need`` says its
-bytes are all there, so a large value costs one pass.  ``Parser.messages`` is the fast
+bytes are all there (the pieces kept in a list, joined once), so a large value costs
+one pass and one copy.  ``Parser.messages`` is the fast
 path of the backplane's subscriber connection: a ``message`` push is recognised by its
 fixed prefix and its two bulk strings sliced straight out of the buffer.
 """
@@ -106,21 +107,38 @@ class Parser:
         self._buf = b""
         self._pos = 0
         self._need = 0          # do not parse again before the buffer has this many bytes
+        # Pieces received while the buffer is short of `_need` (a large bulk string on
+        # its way): kept apart and joined once, when they reach it.  Appending each to
+        # `_buf` copied everything so far per receive (the square of the size).
+        self._more: List[bytes] = []
+        self._more_len = 0
 
     @property
     def buffered(self) -> int:
         """Bytes received and not yet parsed into a reply."""
-        return len(self._buf) - self._pos
+        return len(self._buf) - self._pos + self._more_len
 
     def feed(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        chunk = bytes(data)
+        if not chunk:
+            return
+        if len(self._buf) + self._more_len + len(chunk) < self._need:
+            self._more.append(chunk)
+            self._more_len += len(chunk)
+            return
+        if self._more:
+            self._more.append(chunk)
+            chunk = b"".join(self._more)
+            self._more = []
+            self._more_len = 0
         if self._pos:
-            self._buf = self._buf[self._pos:] + bytes(data)
+            self._buf = self._buf[self._pos:] + chunk
             self._need -= self._pos
             self._pos = 0
         elif self._buf:
-            self._buf += bytes(data)
+            self._buf += chunk
         else:
-            self._buf = bytes(data)
+            self._buf = chunk
 
     def replies(self) -> List[Reply]:
         """Every whole reply received so far, in order (the rest waits for more bytes)."""
