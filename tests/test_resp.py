@@ -115,6 +115,22 @@ def test_lies_and_limits_are_refused(wire, reason):
         p.replies()
 
 
+@pytest.mark.parametrize("wire", [
+    b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$-1\r\n",
+    b"*3\r\n$7\r\nmessage\r\n$-1\r\n$1\r\nx\r\n",
+    b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n*1\r\n:1\r\n",
+    b"*3\r\n$7\r\nmessage\r\n:5\r\n$1\r\nx\r\n",
+])
+def test_a_message_push_without_two_bulk_strings_is_refused(wire):
+    """A `message` push whose channel or payload is not a bulk string (null, an array,
+    an integer) reached the backplane as None or a list: a TypeError in OnRecv, a
+    traceback per reconnect.  It is a ProtocolError like any other lie."""
+    p = Parser()
+    p.feed(wire)
+    with pytest.raises(ProtocolError, match="message push"):
+        p.messages()
+
+
 def test_an_unfinished_reply_over_the_bound_is_refused():
     """A reply that keeps growing (a huge array of small strings) stops at max_reply,
     not at the machine's memory."""

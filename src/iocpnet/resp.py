@@ -183,6 +183,8 @@ class Parser:
                 except _Incomplete as e:
                     self._need = e.need
                     break
+                if channel is None or payload is None:
+                    raise ProtocolError("a message push with a null channel or payload")
                 out.append((channel, payload))
                 pos = p
                 continue
@@ -192,6 +194,9 @@ class Parser:
                 self._need = e.need
                 break
             if isinstance(value, list) and len(value) == 3 and value[0] == b"message":
+                if not (isinstance(value[1], bytes) and isinstance(value[2], bytes)):
+                    raise ProtocolError("a message push whose channel or payload is "
+                                        "not a bulk string")
                 out.append((value[1], value[2]))      # a message the fast path missed
             else:
                 out.append((None, value))
