@@ -206,6 +206,35 @@ def test_one_order_for_every_member_of_both_servers(backend, redis_server, nodes
             c.close()
 
 
+def test_a_cancelled_who_future_is_no_fault(backend, redis_server, nodes):
+    """A Who future cancelled by whoever holds it (asyncio.wait_for over
+    asyncio.wrap_future cancels it at its timeout): the answer that came later raised
+    InvalidStateError inside the redis link's OnRecv, the link was dropped (an outage
+    for every group of the server) and the callback never ran.  The callback runs;
+    sharing goes on."""
+    r = redis_server()
+    (a,) = nodes(r.url(), n=1)
+    sharing(a)
+    m = Client(a, "m")
+    try:
+        heard = []
+        for who in (a.group.Who, lambda cb: a.bp.Who(ROOM, cb)):
+            for _ in range(50):
+                fut = who(heard.append)
+                if fut.cancel():
+                    break
+            else:
+                pytest.fail("every answer came before the cancel")
+            wait_for(lambda: len(heard) == 1, message="the callback of a cancelled Who")
+            assert heard.pop() == ["m"]
+        assert a.bp.stats()["outages"] == 0 and a.bp.sharing
+        m.send("say still one link")
+        assert m.line() == "still one link"
+        assert a.group.Who().result(10) == ["m"]
+    finally:
+        m.close()
+
+
 def test_presence_follows_joins_renames_leaves_and_closes(backend, redis_server, nodes):
     r = redis_server()
     a, b = nodes(r.url())

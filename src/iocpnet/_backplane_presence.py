@@ -196,7 +196,7 @@ class _Presence:
         fut: concurrent.futures.Future[List[str]] = concurrent.futures.Future()
 
         def done(names: List[str]) -> None:
-            fut.set_result(names)
+            _resolve(fut, names)
             if callback is not None:
                 try:
                     callback(names)
@@ -210,7 +210,7 @@ class _Presence:
         fut: concurrent.futures.Future[List[str]] = concurrent.futures.Future()
 
         def done(names: List[str]) -> None:
-            fut.set_result(names)
+            _resolve(fut, names)
             if callback is not None:
                 group.Post(callback, names)
         self._who(_name(group), done)
@@ -309,3 +309,13 @@ def _name(group: Group) -> str:
     name = group.name
     assert isinstance(name, str)          # a shared group's name is (Group checks)
     return name
+
+
+def _resolve(fut: concurrent.futures.Future[List[str]], names: List[str]) -> None:
+    """Give a Who future its answer, unless its holder cancelled it meanwhile
+    (asyncio.wait_for over asyncio.wrap_future does, at its timeout): set_result
+    would raise on the redis link's strand and drop the link."""
+    try:
+        fut.set_result(names)
+    except concurrent.futures.InvalidStateError:
+        pass
