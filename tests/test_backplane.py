@@ -4,6 +4,7 @@ client sockets.  The redis-server is the test's own (conftest.RedisServer), kill
 started again where the test says.  The chat example over two processes is in
 test_chat_redis.py."""
 import logging
+import signal
 import socket
 import threading
 import time
@@ -233,6 +234,57 @@ def test_a_cancelled_who_future_is_no_fault(backend, redis_server, nodes):
         assert a.group.Who().result(10) == ["m"]
     finally:
         m.close()
+
+
+class Touchy(Member):
+    """A member class whose own Send has a bug: the member named "t" raises on some
+    messages."""
+
+    def Send(self, data):
+        if data.startswith(b"boom") and self.node.group.NameOf(self) == "t":
+            raise RuntimeError("a bug in an overridden Send")
+        return iocpnet.Session.Send(self, data)
+
+
+class TouchyNode(Node):
+    def _member(self):
+        return Touchy(self)
+
+
+def test_a_member_send_that_raises_costs_no_outage(backend, redis_server, caplog):
+    """A member class overriding Send, and raising in it: the exception unwound from
+    the group's fan-out into the subscriber link's OnRecv, the link was dropped (an
+    outage for every shared group) and the members after it missed the message; raised
+    while the backplane delivered its own unreturned messages after a loss, it left the
+    backplane draining for good (nothing shared again, every later broadcast queued and
+    never delivered).  It is logged; the other members hear every message."""
+    r = redis_server()
+    a = TouchyNode(backend, r.url(), presence_ttl=0.3, timeout=1.0)
+    try:
+        sharing(a)
+        t, m = Client(a, "t"), Client(a, "m")
+        t.send("say boom")
+        assert m.line() == "boom"
+        m.send("say after")
+        assert m.line() == "after" and t.line() == "after"
+        assert a.bp.stats()["outages"] == 0
+        # Redis stops answering with our "boom" unreturned: the links are declared
+        # dead, and the backplane delivers it here itself.
+        r.proc.send_signal(signal.SIGSTOP)
+        t.send("say boom again")
+        assert m.line() == "boom again"
+        wait_for(lambda: a.bp.state == "down", 10, "down after the loss")
+        r.stop()
+        r.start()
+        sharing(a)
+        m.send("say shared again")
+        assert m.line() == "shared again" and t.line() == "shared again"
+        assert any("raised during a shared group's delivery" in rec.getMessage()
+                   for rec in caplog.records)
+        t.close()
+        m.close()
+    finally:
+        a.stop()
 
 
 def test_presence_follows_joins_renames_leaves_and_closes(backend, redis_server, nodes):

@@ -247,10 +247,14 @@ cdef class Group(IocpObject):
 
     def _deliver(self, bytes data not None, exclude=None, bint droppable=False):
         """The fan-out itself, for the backplane: a shared group's message, back from
-        Redis (or delivered here directly while Redis is away)."""
-        return self._fan_out(data, exclude, droppable)
+        Redis (or delivered here directly while Redis is away).  A member whose own
+        Send raises is logged and skipped: the others still hear the message, and the
+        error does not unwind into the redis link that delivers it (it dropped the
+        link, or left the backplane draining for good)."""
+        return self._fan_out(data, exclude, droppable, True)
 
-    cdef Py_ssize_t _fan_out(self, bytes b, object exclude, bint droppable) except -1:
+    cdef Py_ssize_t _fan_out(self, bytes b, object exclude, bint droppable,
+                             bint isolate=False) except -1:
         cdef Session s
         cdef Py_ssize_t n = 0
         with self._order_lock:
@@ -260,8 +264,16 @@ cdef class Group(IocpObject):
                 if droppable and _send_queue_above_high(s):
                     continue
                 if s._hooks.send_overridden:
-                    if s.Send(b):
-                        n += 1
+                    if not isolate:
+                        if s.Send(b):
+                            n += 1
+                        continue
+                    try:
+                        if s.Send(b):
+                            n += 1
+                    except Exception:
+                        logger.exception("Send of %r raised during a shared group's "
+                                         "delivery (skipped)", s)
                 elif _send_data(s, b):
                     n += 1
         return n
