@@ -51,7 +51,11 @@ class WsEchoSession(iocpnet.WebSocketSession):
 
 
 def _print(*args: object) -> None:
-    print(*args, file=sys.stderr, flush=True)
+    # One write per line, newline included: print() writes the text and the newline
+    # separately, and the processes of `--processes N` share one stderr, so two of them
+    # starting together printed "...to stopiocpnet echo server..." on one line.
+    sys.stderr.write(" ".join(map(str, args)) + "\n")
+    sys.stderr.flush()
 
 
 # ---- echo ----
