@@ -155,11 +155,7 @@ cdef class IocpCore:
 
     cdef int _dispatch(self, int timeout_ms, int max_batch, bint end_batch) except -2:
         cdef port_cqe_t batch[BATCH]
-        cdef port_cqe_t carry[2 * BATCH]
-        cdef PyObject *carry_own[2 * BATCH]
-        cdef port_cqe_t one
-        cdef PyObject *own
-        cdef int n, i, j, m, nc, ncarry = 0, wait_ms = timeout_ms
+        cdef int n, i, wait_ms = timeout_ms
         cdef int64_t t0
         cdef port_t *port = self.port
         cdef void *prev
@@ -206,34 +202,10 @@ cdef class IocpCore:
             iocpnet_set_tls_core(<void *>self)
             t0 = iocpnet_clock_ns()
             for i in range(n):
-                ncarry = _complete_carry(self, &batch[i], carry, carry_own, ncarry)
+                _complete(self, &batch[i])
                 # A reply queued on the port (not sent at once) goes to the kernel
                 # before the next hook, which may block, runs.
                 port_flush_sends(port)
-            while ncarry > 0:
-                # Strands this thread still holds with work queued (jobs posted from
-                # other threads faster than they run): before their next turn, take in
-                # what arrived meanwhile, without waiting, so that the other sessions'
-                # completions do not wait behind them for as long as the posting lasts.
-                # The carried completions are older than anything new for their strand,
-                # so they go first.
-                with nogil:
-                    m = port_wait(port, batch, max_batch, 0)
-                if m < 0:
-                    m = 0                 # closed or interrupted: finish the carried ones
-                self._now_ms = port_monotonic_ms()
-                nc = ncarry
-                ncarry = 0
-                for j in range(nc):
-                    one = carry[j]
-                    own = carry_own[j]
-                    ncarry = _complete_carry(self, &one, carry, carry_own, ncarry)
-                    _decref(own)
-                    port_flush_sends(port)
-                for i in range(m):
-                    ncarry = _complete_carry(self, &batch[i], carry, carry_own, ncarry)
-                    port_flush_sends(port)
-                n += m
             if end_batch:
                 port_batch_end(port)
             if n > 0:
@@ -455,36 +427,9 @@ cdef class IocpCore:
             self._timers.discard(t)
 
 
-cdef enum:
-    # Queued completions of one strand handled in a row before the holder lets the rest
-    # of its batch (other sessions) have a turn.
-    STRAND_BURST = 16
-
-
-cdef inline int _complete_carry(IocpCore core, port_cqe_t *cqe, port_cqe_t *carry,
-                                PyObject **carry_own, int ncarry) noexcept:
-    """_complete, with the strand's turn bounded while there is room to carry its next
-    completion (the strand stays held by this thread, its owner kept alive by a
-    reference in carry_own).  Returns the new number of carried completions."""
-    cdef PyObject *own
-    if ncarry >= 2 * BATCH:
-        _complete(core, cqe, NULL)            # no room: the strand's whole turn now
-        return ncarry
-    if _complete(core, cqe, &carry[ncarry]):
-        own = <PyObject *>carry[ncarry].op.strand.owner
-        carry_own[ncarry] = own               # _complete took this reference for us
-        return ncarry + 1
-    return ncarry
-
-
-cdef inline bint _complete(IocpCore core, port_cqe_t *cqe, port_cqe_t *carry) noexcept:
-    """Route one completion to its owner, then whatever its strand queued meanwhile: all
-    of it, or with `carry`, up to STRAND_BURST of it; then the next one is stored in
-    *carry, the strand still held, and True returned (with a reference to the strand's
-    owner, which the caller drops once it has handled *carry)."""
+cdef inline void _complete(IocpCore core, port_cqe_t *cqe) noexcept:
+    """Route one completion to its owner, then whatever its strand queued meanwhile."""
     cdef port_cqe_t nxt
-    cdef int k = 0
-    cdef bint carried = False
     cdef port_strand_t *strand = cqe.op.strand
     cdef PyObject *owner = <PyObject *>cqe.op.owner
     cdef PyObject *strand_owner = NULL
@@ -501,16 +446,9 @@ cdef inline bint _complete(IocpCore core, port_cqe_t *cqe, port_cqe_t *carry) no
         _decref(owner)            # the operation's reference
     if strand != NULL:
         while port_strand_next(core.port, strand, &nxt):
-            if carry != NULL and k == STRAND_BURST:
-                carry[0] = nxt
-                carried = True
-                break
-            k += 1
             o = <PyObject *>nxt.op.owner
             (<IocpObject>o)._dispatch(&nxt)
             if not (nxt.flags & PORT_CQE_MORE):
                 _decref(o)
-        if not carried:
-            _decref(strand_owner)         # else it goes to the caller with the carry
+        _decref(strand_owner)
     _decref(owner)
-    return carried
