@@ -32,38 +32,11 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
-MSG = 64
+from _common import MSG, cpu_seconds, free_port, serve_room
+
 
 
 # ---- the servers (run as `group_broadcast.py --serve KIND --port P`) ----
-
-def serve_iocpnet(port: int, backend: Optional[str]) -> None:
-    import iocpnet
-
-    core = iocpnet.IocpCore(backend)
-    room = iocpnet.Group(core, "room")
-
-    class Conn(iocpnet.Session):
-        role = b""
-
-        def OnRecv(self, data: memoryview) -> int:
-            if not self.role:
-                self.role = bytes(data[:1])
-                if self.role == b"M":
-                    room.Add(self)
-                self.Send(b"!")
-                return 1
-            n = len(data) - len(data) % MSG
-            for off in range(0, n, MSG):
-                room.Broadcast(bytes(data[off:off + MSG]))
-            return n
-
-    service = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", port)), Conn, 256)
-    service.Start(workers=1)       # one worker: the server has one core
-    print("ready", flush=True)
-    while True:
-        time.sleep(3600)           # until the driver terminates us
-
 
 def serve_asyncio(port: int, use_uvloop: bool) -> None:
     import asyncio
@@ -115,21 +88,9 @@ def serve_asyncio(port: int, use_uvloop: bool) -> None:
 
 # ---- the driver ----
 
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_cell(kind: str, members: int, seconds: float, window: int,
              backend: Optional[str]) -> Dict[str, Any]:
-    port = _free_port()
+    port = free_port()
     argv = ["taskset", "-c", "0", sys.executable, os.path.abspath(__file__),
             "--serve", kind, "--port", str(port)]
     if backend:
@@ -188,7 +149,7 @@ def _drive(pid: int, port: int, members: int, seconds: float,
     while True:
         now = time.perf_counter()
         if mark is None and now >= warm_until:
-            mark = {"t": now, "received": received, "cpu": _cpu_seconds(pid)}
+            mark = {"t": now, "received": received, "cpu": cpu_seconds(pid)}
             self_cpu0 = time.process_time()
         if now >= end:
             break
@@ -219,7 +180,7 @@ def _drive(pid: int, port: int, members: int, seconds: float,
                     break
     assert mark is not None
     t1 = time.perf_counter()
-    cpu = _cpu_seconds(pid) - mark["cpu"]
+    cpu = cpu_seconds(pid) - mark["cpu"]
     delivered = (received - mark["received"]) / MSG
     dt = t1 - mark["t"]
     driver_cpu = (time.process_time() - self_cpu0) / dt
@@ -251,7 +212,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--json", default=None, help="write the cells to this file")
     args = p.parse_args(argv)
     if args.serve == "iocpnet":
-        serve_iocpnet(args.port, args.backend)
+        serve_room(args.port, args.backend)
         return 0
     if args.serve in ("asyncio", "uvloop"):
         serve_asyncio(args.port, args.serve == "uvloop")

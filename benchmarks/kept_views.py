@@ -51,6 +51,8 @@ import sys
 import threading
 import time
 
+from _common import cpu_seconds, wait_echo
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -124,13 +126,6 @@ def stop_server(p):
 def rss(pid):
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * PAGE
-
-
-def cpu_seconds(pid):
-    """User + system CPU time of process pid (all its threads), in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def loadavg():
@@ -411,21 +406,6 @@ def echo_limit(r):
     if r.get("loadgen_busy", 0.0) > 0.9:
         return f"the load generator (busy {r['loadgen_busy']:.0%})"
     return f"the server (loadgen busy {r.get('loadgen_busy', 0.0):.0%})"
-
-
-def wait_echo(port, timeout=20.0):
-    """Until the server on port echoes a byte."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
-                s.sendall(b"x")
-                if s.recv(1) == b"x":
-                    return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def bench_echo(args):

@@ -39,66 +39,14 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-MSG = 64
+from _common import MSG, cpu_seconds, free_port, serve_room
+
 STAMP = struct.Struct("<Q")
 
 
-# ---- the server (run as `redis_fanout.py --serve --port P [--redis URL]`) ----
-
-def serve(port: int, backend: Optional[str], redis: Optional[str]) -> None:
-    import iocpnet
-
-    core = iocpnet.IocpCore(backend)
-    bp = None
-    if redis:
-        bp = iocpnet.RedisBackplane(core, redis)
-    room = iocpnet.Group(core, "room", backplane=bp)
-
-    class Conn(iocpnet.Session):
-        role = b""
-
-        def OnRecv(self, data: Any) -> int:
-            if not self.role:
-                self.role = bytes(data[:1])
-                if self.role == b"M":
-                    room.Add(self)
-                self.Send(b"!")
-                return 1
-            n = len(data) - len(data) % MSG
-            for off in range(0, n, MSG):
-                room.Broadcast(bytes(data[off:off + MSG]))
-            return n
-
-    service = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", port)), Conn, 256)
-    run = service.Start(workers=1)       # one worker: the servers share one core
-    if bp is not None:
-        bp.Start()
-        deadline = time.monotonic() + 10
-        while not bp.sharing:
-            if time.monotonic() > deadline:
-                raise SystemExit("not sharing through redis after 10 s")
-            time.sleep(0.01)
-    print("ready", flush=True)
-    try:
-        while True:
-            time.sleep(3600)             # until the driver terminates us
-    finally:
-        run.Stop()
-
+# The server (`redis_fanout.py --serve --port P [--redis URL]`) is _common.serve_room.
 
 # ---- the driver ----
-
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def _start(argv: List[str], ready: Optional[str] = "ready") -> "subprocess.Popen[Any]":
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -124,7 +72,7 @@ def _redis(workdir: str) -> Tuple["subprocess.Popen[Any]", int]:
     exe = shutil.which("redis-server")
     if exe is None:
         raise SystemExit("redis-server is not installed")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         ["taskset", "-c", "0", exe, "--port", str(port), "--bind", "127.0.0.1",
          "--save", "", "--appendonly", "no", "--dir", workdir],
@@ -151,7 +99,7 @@ def run_cell(kind: str, members: int, seconds: float, window: int, rate: float,
             url = f"redis://127.0.0.1:{rport}/0"
         ports = []
         for name in (["A", "B"] if kind == "redis" else ["A"]):
-            port = _free_port()
+            port = free_port()
             argv = ["taskset", "-c", "0", sys.executable, os.path.abspath(__file__),
                     "--serve", "--port", str(port)]
             if backend:
@@ -222,7 +170,7 @@ def _drive(procs: Dict[str, "subprocess.Popen[Any]"], ports: List[int], per_serv
         start_received = received
         lat: List[int] = []
         pending = b""
-        cpu0 = {name: _cpu_seconds(p.pid) for name, p in procs.items()}
+        cpu0 = {name: cpu_seconds(p.pid) for name, p in procs.items()}
         self0 = time.process_time()
         t0 = time.perf_counter()
         end = t0 + duration
@@ -272,7 +220,7 @@ def _drive(procs: Dict[str, "subprocess.Popen[Any]"], ports: List[int], per_serv
                     if n < len(buf):
                         break
         dt = time.perf_counter() - t0
-        cpu = {name: (_cpu_seconds(p.pid) - cpu0[name]) / dt for name, p in procs.items()}
+        cpu = {name: (cpu_seconds(p.pid) - cpu0[name]) / dt for name, p in procs.items()}
         cpu["driver"] = (time.process_time() - self0) / dt
         lat.sort()
         total["published"], total["received"] = published, received
@@ -320,7 +268,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--cells", default="local,redis")
     args = p.parse_args(argv)
     if args.serve:
-        serve(args.port, args.backend, args.redis)
+        serve_room(args.port, args.backend, args.redis)
         return 0
     print(f"load average: {open('/proc/loadavg').read().split()[:3]}", flush=True)
     cells: List[Dict[str, Any]] = []

@@ -35,7 +35,8 @@ import socket
 import statistics
 import subprocess
 import sys
-import time
+
+from _common import free_port, wait_echo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -58,25 +59,6 @@ def serve(variant, port):
     service = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", port)), Echo, 100)
     print("READY", flush=True)
     service.Run(workers=1)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_echo(port, timeout=20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
-                s.sendall(b"ping")
-                if s.recv(4) == b"ping":
-                    return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"the server on {port} does not echo")
 
 
 def count_instructions(variant, env, rounds):

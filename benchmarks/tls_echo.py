@@ -34,6 +34,8 @@ import sys
 import tempfile
 import time
 
+from _common import cpu_seconds, free_port
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUILD = os.path.join(HERE, "build")
 LOADGEN = os.path.join(BUILD, "tls_loadgen")
@@ -42,7 +44,6 @@ SERVERS = ("iocpnet-uring", "iocpnet-epoll", "asyncio", "uvloop", "aiofastnet")
 DOCS_MD = os.path.join(os.path.dirname(HERE), "docs", "benchmarks.md")
 BEGIN = "<!-- tls:begin (benchmarks/tls_echo.py --write-docs writes this section) -->"
 END = "<!-- tls:end -->"
-CLK = os.sysconf("SC_CLK_TCK")
 
 
 def log(*a):
@@ -67,19 +68,6 @@ def make_cert(d):
                     "subjectAltName=DNS:localhost,IP:127.0.0.1"],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return cert, key
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid):
-    """utime + stime of a process, all its threads (from /proc/PID/stat)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK
 
 
 class Server:

@@ -18,12 +18,12 @@ import re
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-TICKS = os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, str(HERE.parent))   # benchmarks/_common.py
+from _common import cpu_seconds, free_port, wait_port  # noqa: E402
 
 SERVERS = {
     "iocpnet": lambda port: [sys.executable, "-m", "iocpnet", "echo", "--websocket",
@@ -39,31 +39,6 @@ def build_loadgen(out):
     subprocess.run(["cc", "-O2", "-Wall", "-o", str(exe), str(HERE / "ws_loadgen.c")],
                    check=True)
     return exe
-
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def wait_port(port, timeout=20):
-    import socket
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
 def one_run(loadgen, name, size, conns, seconds, warmup):
