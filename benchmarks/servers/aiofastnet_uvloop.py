@@ -12,31 +12,10 @@ import asyncio
 import aiofastnet
 import uvloop
 
-from _common import BACKLOG, parse_args
-
-
-class Echo(asyncio.Protocol):
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def data_received(self, data):
-        self.transport.write(data)
-
-    def connection_lost(self, exc):
-        # The load generator closes with RST; a reset is a normal end here.
-        self.transport = None
-
-
-async def main(port):
-    loop = asyncio.get_running_loop()
-    # the loop factory patched create_server: this is aiofastnet's
-    server = await loop.create_server(Echo, "127.0.0.1", port, backlog=BACKLOG)
-    print("READY", flush=True)
-    async with server:
-        await server.serve_forever()
+from _common import Echo, parse_args, serve
 
 
 if __name__ == "__main__":
     port = parse_args(__doc__).port
     with asyncio.Runner(loop_factory=aiofastnet.loop_factory(uvloop.new_event_loop)) as runner:
-        runner.run(main(port))
+        runner.run(serve(Echo, port))  # create_server is aiofastnet's on this loop

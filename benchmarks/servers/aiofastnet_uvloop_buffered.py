@@ -12,7 +12,7 @@ import asyncio
 import aiofastnet
 import uvloop
 
-from _common import BACKLOG, parse_args
+from _common import parse_args, serve
 
 SHARED = bytearray(256 * 1024)
 VIEW = memoryview(SHARED)
@@ -32,15 +32,7 @@ class Echo(asyncio.BufferedProtocol):
         self.transport = None
 
 
-async def main(port):
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(Echo, "127.0.0.1", port, backlog=BACKLOG)
-    print("READY", flush=True)
-    async with server:
-        await server.serve_forever()
-
-
 if __name__ == "__main__":
     port = parse_args(__doc__).port
     with asyncio.Runner(loop_factory=aiofastnet.loop_factory(uvloop.new_event_loop)) as runner:
-        runner.run(main(port))
+        runner.run(serve(Echo, port))
