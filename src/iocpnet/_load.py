@@ -121,6 +121,15 @@ class Stats:
             self.hist.merge(other.hist)
 
 
+def _ended(st: Stats, who: str, reason: str, expected: Tuple[str, ...]) -> None:
+    """A load client's end: one the run did not cause (not "load finished", not a
+    mismatch the client itself already counted) is an error of the run."""
+    if st.connected and reason not in _OUR_REASONS and not reason.startswith(expected):
+        st.errors.append(f"{who} disconnected during the load: {reason}")
+    st.connected = False
+    st.ended = True
+
+
 class _Shared:
     """What a run's sessions share: the stop flag and the list of their Stats."""
 
@@ -191,13 +200,8 @@ def make_echo_client(size: int, shared: _Shared) -> Type[iocpnet.Session]:
             self.stats.errors.append(f"client {self.index}: {reason}")
 
         def OnDisconnected(self, reason: str) -> None:
-            st = self.stats
-            if st.connected and reason not in _OUR_REASONS and \
-                    not reason.startswith("echo mismatch") and reason != "unexpected bytes":
-                st.errors.append(f"client {self.index} disconnected during the load: "
-                                 f"{reason}")
-            st.connected = False
-            st.ended = True
+            _ended(self.stats, f"client {self.index}", reason,
+                   ("echo mismatch", "unexpected bytes"))
 
         def pending(self) -> Optional[str]:
             return f"message {self.counter}" if self.stats.connected else None
@@ -330,12 +334,7 @@ def make_chat_client(size: int, room_size: int,
             self.stats.errors.append(f"client {self.index}: {reason}")
 
         def OnDisconnected(self, reason: str) -> None:
-            st = self.stats
-            if st.connected and reason not in _OUR_REASONS and reason != "chat mismatch":
-                st.errors.append(f"client {self.index} ({self.nick}) disconnected during "
-                                 f"the load: {reason}")
-            st.connected = False
-            st.ended = True
+            _ended(self.stats, f"client {self.index} ({self.nick})", reason, ("chat mismatch",))
 
         def pending(self) -> Optional[str]:
             if not self.stats.connected:
@@ -466,12 +465,7 @@ def make_game_client(clients: int, room_size: int, shared: _Shared,
             self.stats.errors.append(f"bot {self.index}: {reason}")
 
         def OnDisconnected(self, reason: str) -> None:
-            st = self.stats
-            if st.connected and reason not in _OUR_REASONS and reason != "game mismatch":
-                st.errors.append(f"bot {self.index} ({self.room}) disconnected during "
-                                 f"the load: {reason}")
-            st.connected = False
-            st.ended = True
+            _ended(self.stats, f"bot {self.index} ({self.room})", reason, ("game mismatch",))
 
         def pending(self) -> Optional[str]:
             if not self.stats.connected:
