@@ -553,6 +553,29 @@ def test_send_from_other_threads_keeps_each_message_whole(ws_server):
     sessions.clear()
 
 
+def test_no_data_frame_follows_the_close_frame(ws_server):
+    """RFC 6455 5.5.1: after a Close frame, no data frame.  Threads send while another
+    closes; whatever SendMessage accepted arrives before the close frame, and nothing
+    after it (the check "closing?" and the queueing of a frame were two steps: a send
+    that passed the check could queue its frame behind the close frame)."""
+    import queue
+    sessions = queue.Queue()
+
+    class S(iocpnet.WebSocketSession):
+        ping_interval = 0
+
+        def OnConnected(self):
+            sessions.put(self)
+
+    srv = ws_server(S, workers=2)
+    for _ in range(30):
+        accepted, frames, close, trailing = ws_raw.close_race(
+            srv.address, lambda: sessions.get(timeout=10))
+        assert close == (1000, "race")
+        assert trailing == b"", f"{len(trailing)} bytes after the close frame"
+        assert frames == accepted
+
+
 # ---- our client ---------------------------------------------------------------------------
 
 class _AsyncWsServer:

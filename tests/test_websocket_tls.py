@@ -15,6 +15,7 @@ from websockets.exceptions import ConnectionClosed  # noqa: E402
 
 import iocpnet  # noqa: E402
 import packet_reference as ref  # noqa: E402
+import ws_raw  # noqa: E402
 from conftest import wait_for  # noqa: E402
 from subproc import Proc  # noqa: E402
 from tls_certs import OPENSSL, make_pki  # noqa: E402
@@ -75,6 +76,41 @@ def test_wss_server_with_a_websockets_client(backend, pki):
         with ws_connect(url, ssl=client_ctx(pki)) as ws:
             ws.send("still here")
             assert ws.recv() == "still here"
+    finally:
+        svc.Stop(5)
+        core.Close(5)
+        for t in threads:
+            t.join(5)
+
+
+def test_no_data_frame_follows_the_close_frame_over_tls(backend, pki):
+    """RFC 6455 5.5.1 over wss: threads send while another closes; whatever SendMessage
+    accepted arrives before the close frame, nothing after it.  Through TLS the race
+    was open even with a GIL: a send that had passed the "closing?" check waited for
+    the TLS filter's mutex (the GIL released), and the close frame could take the
+    mutex first."""
+    import queue
+    sessions = queue.Queue()
+
+    class S(iocpnet.WebSocketSession):
+        ping_interval = 0
+
+        def OnConnected(self):
+            sessions.put(self)
+
+    core = iocpnet.IocpCore(backend)
+    svc = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0), ssl=server_ctx(pki)),
+                          S, 8)
+    svc.Start()
+    threads = run_core(core)
+    try:
+        for _ in range(30):
+            accepted, frames, close, trailing = ws_raw.close_race(
+                ("127.0.0.1", svc.listener.port), lambda: sessions.get(timeout=10),
+                ssl=client_ctx(pki))
+            assert close == (1000, "race")
+            assert trailing == b"", f"{len(trailing)} bytes after the close frame"
+            assert frames == accepted
     finally:
         svc.Stop(5)
         core.Close(5)

@@ -7,7 +7,10 @@ import base64
 import hashlib
 import os
 import socket
+import random
 import struct
+import threading
+import time
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -66,9 +69,11 @@ def read_head(sock):
 class RawClient:
     """A socket that did the upgrade; reads unmasked frames from the server."""
 
-    def __init__(self, address, path="/", extra=(), timeout=10):
+    def __init__(self, address, path="/", extra=(), timeout=10, ssl=None):
         self.sock = socket.create_connection(address, timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ssl is not None:             # wss: an ssl.SSLContext for the server "localhost"
+            self.sock = ssl.wrap_socket(self.sock, server_hostname="localhost")
         req, key = upgrade_request(path, extra=extra)
         self.sock.sendall(req)
         self.status, self.headers, self.buf = read_head(self.sock)
@@ -107,6 +112,16 @@ class RawClient:
                     return 1005, ""
                 return struct.unpack("!H", payload[:2])[0], payload[2:].decode()
 
+    def rest_until_eof(self):
+        """Every byte the server sends from here until it closes the connection."""
+        out = bytearray(self.buf)
+        self.buf = b""
+        while True:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return bytes(out)
+            out += chunk
+
     def at_eof(self):
         """True once the server has closed the TCP connection (after its close)."""
         try:
@@ -119,3 +134,55 @@ class RawClient:
 
     def close(self):
         self.sock.close()
+
+
+def close_race(address, take_session, senders=4, ssl=None):
+    """One round of Close() racing SendMessage on a server session: `senders` threads
+    send small binary messages until SendMessage returns False while another thread
+    calls Close(1000) after a random pause; the client reads every frame, answers the
+    close frame, then reads to the end of the connection.  `take_session()` returns the
+    server session once the upgrade is done.
+
+    Returns (messages SendMessage accepted, data frames before the close frame,
+    the close frame's (code, reason), the bytes that followed the close frame)."""
+    c = RawClient(address, ssl=ssl)
+    try:
+        assert c.status == 101, c.status
+        s = take_session()
+        accepted = [0] * senders
+        start = threading.Barrier(senders + 1)
+
+        def send(i):
+            start.wait()
+            payload = bytes([65 + i]) * 8
+            for _ in range(20000):
+                if not s.SendMessage(payload):
+                    break
+                accepted[i] += 1
+
+        def close():
+            start.wait()
+            time.sleep(random.random() * 0.002)
+            s.Close(1000, "race")
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(senders)]
+        threads.append(threading.Thread(target=close))
+        for t in threads:
+            t.start()
+        frames = 0
+        while True:
+            fin, op, payload = c.read_frame()
+            if op == 8:
+                code = struct.unpack("!H", payload[:2])[0]
+                close = (code, payload[2:].decode())
+                break
+            assert fin and op == 2 and len(payload) == 8, (fin, op, payload)
+            frames += 1
+        c.send(frame(8, close_payload(1000)))
+        trailing = c.rest_until_eof()
+        for t in threads:
+            t.join(10)
+        del s
+        return sum(accepted), frames, close, trailing
+    finally:
+        c.close()

@@ -60,9 +60,7 @@ cdef object _send_data(Session s, object data):
         raise _not_bytes("Send", "data", data)
     if s._ws is not None:
         # One binary message (websocket.pxi), sent as below (through TLS if any).
-        data = _ws_wrap(s, data if type(data) is bytes else _copy_to_bytes(data))
-        if data is None:
-            return False
+        return _ws_send_binary(s, data if type(data) is bytes else _copy_to_bytes(data))
     return _send_bytes(s, data)
 
 

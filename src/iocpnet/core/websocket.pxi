@@ -26,9 +26,17 @@
 # Threads and locks.  The parser, the message being assembled and the handshake state
 # are touched only by the session's receive path, which runs on its strand (one
 # completion at a time): no lock.  Frames are sent from any thread through the session's
-# send queue (its own lock).  `_phase` (handshake, open, closing) and `_close_sent` are
-# atomics: SendMessage and Close read them from any thread, and exactly one close frame
-# goes out whoever sends it (the peer's close answered, Close(), Disconnect, an error).
+# send queue (its own lock).  `phase` (handshake, open, closing) is an atomic, read
+# anywhere; it moves from OPEN to CLOSING, and every frame after the handshake (data,
+# ping, pong, close) is queued, under `send_gate`, a lock of the WebSocket's own: the
+# check "still open?" and the queueing of the frame are one step, so no frame follows
+# the close frame (RFC 6455 5.5.1: a Send racing Close() on another thread could pass
+# the check, then queue behind the close frame), and exactly one close frame goes out
+# whoever sends it (the peer's close answered, Close(), Disconnect, an error).  The
+# gate is taken without the GIL when it must wait (the TLS filter under it releases
+# the GIL); lock order: send_gate, then the TLS mutex, then the session's _lock.  A
+# frame is built before the gate is taken, and a phase already past OPEN returns at
+# once without it (OnDisconnected, which may run inside a failed send, may Send).
 # The keepalive and handshake timers run on any worker and only read atomics, send a
 # ping, or close.
 #
@@ -229,7 +237,7 @@ cdef class _WebSocket:
     cdef ws_parser parser
     cdef bint client
     cdef volatile int32_t phase          # WS_HANDSHAKE, WS_OPEN, WS_CLOSING
-    cdef volatile int32_t close_sent
+    cdef PyThread_type_lock send_gate    # leaving WS_OPEN, and every frame sent then
     cdef volatile int64_t ping_sent_ms   # 0: no ping outstanding
     # The message being assembled from several chunks (freed once delivered): straight
     # into its bytes object when its size is known (one frame) and mostly here already,
@@ -261,6 +269,8 @@ cdef class _WebSocket:
         if self.mbuf != NULL:
             free(self.mbuf)
             self.mbuf = NULL
+        if self.send_gate != NULL:
+            PyThread_free_lock(self.send_gate)
 
     cdef int append(self, const unsigned char *d, size_t n) noexcept:
         cdef size_t cap
@@ -289,6 +299,9 @@ cdef class _WebSocket:
 cdef _WebSocket _ws_new(Session s, bint client):
     cdef _WebSocket ws = _WebSocket.__new__(_WebSocket)
     ws.hooks = _ws_hooks_for(type(s))
+    ws.send_gate = PyThread_allocate_lock()
+    if ws.send_gate == NULL:
+        raise MemoryError("allocating a WebSocket's send lock")
     ws.client = client
     ws.close_code = 1006
     ws_parser_init(&ws.parser, ws.hooks.max_message_size, 0 if client else 1)
@@ -363,34 +376,63 @@ cdef bint _ws_upgraded(Session s) noexcept:
     return port_atomic_load32(&(<_WebSocket>s._ws).phase) != WS_HANDSHAKE
 
 
-cdef object _ws_wrap(Session s, bytes b):
-    """Session.Send over WebSocket: the bytes as one binary message, or None when no
-    message may be sent (the handshake is not done, or the close has begun)."""
+cdef inline void _ws_gate_enter(_WebSocket ws) noexcept:
+    if not PyThread_acquire_lock(ws.send_gate, NOWAIT_LOCK):
+        with nogil:
+            PyThread_acquire_lock(ws.send_gate, WAIT_LOCK)
+
+
+cdef object _ws_send_frame(Session s, unsigned opcode, const unsigned char *data,
+                           Py_ssize_t n):
+    """Send one data, ping or pong frame (any thread) while the WebSocket is open, as
+    _send_bytes answers; False once the close has begun (or before the handshake).
+    The check and the queueing are one step under send_gate (see the essay)."""
     cdef _WebSocket ws = <_WebSocket>s._ws
     if port_atomic_load32(&ws.phase) != WS_OPEN:
-        return None
-    return _ws_frame(WS_OP_BINARY, <const unsigned char *>PyBytes_AS_STRING(b),
-                     PyBytes_GET_SIZE(b), ws.client)
+        return False
+    frame = _ws_frame(opcode, data, n, ws.client)
+    _ws_gate_enter(ws)
+    try:
+        if port_atomic_load32(&ws.phase) != WS_OPEN:
+            return False
+        return _send_bytes(s, frame)
+    finally:
+        PyThread_release_lock(ws.send_gate)
+
+
+cdef object _ws_send_binary(Session s, bytes b):
+    """Session.Send over WebSocket: the bytes as one binary message."""
+    return _ws_send_frame(s, WS_OP_BINARY, <const unsigned char *>PyBytes_AS_STRING(b),
+                          PyBytes_GET_SIZE(b))
 
 
 cdef bint _ws_send_close(Session s, unsigned code, str reason) noexcept:
-    """Send our one close frame (from any thread); False if one was already sent or
-    the handshake never completed."""
+    """Send our one close frame (from any thread); False if the close had already
+    begun or the handshake never completed."""
     cdef _WebSocket ws = <_WebSocket>s._ws
-    cdef bytes payload
-    if port_atomic_load32(&ws.phase) == WS_HANDSHAKE:
+    cdef bytes payload, frame
+    if port_atomic_load32(&ws.phase) != WS_OPEN:
         return False
-    if not port_atomic_cas32(&ws.close_sent, 0, 1):
-        return False
-    port_atomic_xchg32(&ws.phase, WS_CLOSING)
-    ws.sent_code = code
-    ws.sent_reason = reason
     try:
         payload = _ws_close_payload(code, reason)
-        _send_bytes(s, _ws_frame(WS_OP_CLOSE, <const unsigned char *>PyBytes_AS_STRING(payload),
-                              PyBytes_GET_SIZE(payload), ws.client))
+        frame = _ws_frame(WS_OP_CLOSE, <const unsigned char *>PyBytes_AS_STRING(payload),
+                          PyBytes_GET_SIZE(payload), ws.client)
+    except BaseException:
+        logger.exception("making a WebSocket close frame for %s failed", repr(s))
+        frame = None
+    _ws_gate_enter(ws)
+    if port_atomic_load32(&ws.phase) != WS_OPEN:
+        PyThread_release_lock(ws.send_gate)
+        return False
+    ws.sent_code = code
+    ws.sent_reason = reason
+    port_atomic_xchg32(&ws.phase, WS_CLOSING)
+    try:
+        if frame is not None:
+            _send_bytes(s, frame)
     except BaseException:
         logger.exception("sending a WebSocket close frame to %s failed", repr(s))
+    PyThread_release_lock(ws.send_gate)
     return True
 
 
@@ -467,12 +509,11 @@ cdef int _ws_event(Session s, _WebSocket ws, ws_event *ev) noexcept:
         # A ping makes us send: it counts as a message against the flood limits.
         if ws.hooks.mode != WS_MODE_RECV and not _message_counted(s, <Py_ssize_t>ev.len):
             return -1
-        if port_atomic_load32(&ws.phase) == WS_OPEN:
-            try:
-                _send_bytes(s, _ws_frame(WS_OP_PONG, ev.data, <Py_ssize_t>ev.len, ws.client))
-            except BaseException as e:
-                _hook_failed(s, "the WebSocket pong", e)
-                return -1
+        try:
+            _ws_send_frame(s, WS_OP_PONG, ev.data, <Py_ssize_t>ev.len)
+        except BaseException as e:
+            _hook_failed(s, "the WebSocket pong", e)
+            return -1
         return 0
     if ev.type == WS_EV_PONG:
         _ws_xchg64(&ws.ping_sent_ms, 0)
@@ -602,7 +643,7 @@ def _ws_keepalive(Session s):
     if now - s._last_recv_ms >= <int64_t>(ws.hooks.ping_interval * 1000) - 50:
         token = _ws_mask_key()
         _ws_xchg64(&ws.ping_sent_ms, now)
-        _send_bytes(s, _ws_frame(WS_OP_PING, <const unsigned char *>&token, 8, ws.client))
+        _ws_send_frame(s, WS_OP_PING, <const unsigned char *>&token, 8)
 
 
 # ---------------------------------------------------------------------------------------
@@ -649,7 +690,6 @@ cdef class WebSocketSession(Session):
         """Send one message (any thread): text for a ``str``, binary for bytes-like.
         Returns False if the WebSocket is not open (before the handshake, after a close),
         as Send does for a closed session."""
-        cdef _WebSocket ws = <_WebSocket>self._ws
         cdef bytes b
         cdef unsigned op = WS_OP_BINARY
         if isinstance(data, str):
@@ -657,10 +697,8 @@ cdef class WebSocketSession(Session):
             op = WS_OP_TEXT
         else:
             b = data if type(data) is bytes else _copy_to_bytes(data)
-        if port_atomic_load32(&ws.phase) != WS_OPEN:
-            return False
-        return _send_bytes(self, _ws_frame(op, <const unsigned char *>PyBytes_AS_STRING(b),
-                                        PyBytes_GET_SIZE(b), ws.client))
+        return _ws_send_frame(self, op, <const unsigned char *>PyBytes_AS_STRING(b),
+                              PyBytes_GET_SIZE(b))
 
     def Close(self, int code=1000, reason=""):
         """Start the close handshake (any thread): send a close frame with ``code`` and
