@@ -615,34 +615,53 @@ def test_peer_close_notify_is_answered(server, pki):
     assert events.wait("disconnected") == [("peer closed the connection",)]
 
 
-def test_send_queue_limit_counts_plaintext(server, pki):
-    """A peer that never reads: the session ends with the usual reason once the
-    *plaintext* it could not take exceeds send_queue_limit (64-byte messages make
-    records 35% larger than their data: a ciphertext count would stop far earlier)."""
+def test_send_queue_limit_counts_the_bytes_held(server, pki, caplog_iocpnet):
+    """A TLS peer that stops reading while the server sends 1-byte messages: each is a
+    record of 23 bytes (TLS 1.3: 5 of header, 1 of content type, 16 of tag), and
+    send_queue_limit bounds what the session holds for the peer, the records.  The
+    session is cut, the reason logged, when the records queued would pass the limit,
+    not once 23 times the limit is held (as when the limit counted plaintext)."""
     events = Events()
-    accepted = []
+    result = []
+    limit = 256 << 10
 
     class Flooder(iocpnet.Session):
-        send_queue_limit = 1 << 20
+        send_queue_limit = limit
 
         def OnConnected(self):
-            n = 0
-            msg = b"m" * 64
-            while self.Send(msg):
-                n += 64
-                if n > 64 << 20:
-                    break
-            accepted.append(n)
+            n = held = 0
+            stats = self.GetService().stats
+            while n < 2_000_000 and self.Send(b"x"):
+                n += 1
+                if n % 256 == 0:
+                    held = max(held, stats()["send_queue_bytes_max"])
+            result.append((n, held))
 
         def OnDisconnected(self, reason):
             events.add("disconnected", reason)
 
-    srv = server(Flooder, ssl=server_context(pki))
-    with tls_connect(srv.address, client_context(pki)) as c:
-        (reason,), = events.wait("disconnected")
+    srv = server(Flooder, ssl=server_context(pki, version="TLSv1.3"))
+    raw = socket.socket()
+    # A small receive buffer: what the kernels hold between us and the session stays
+    # small beside the limit, so the messages accepted tell what the session held.
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.settimeout(10)
+    raw.connect(srv.address)
+    with client_context(pki).wrap_socket(raw, server_hostname="localhost") as c:
+        (reason,), = events.wait("disconnected", timeout=30)
     assert reason.startswith("send queue limit exceeded: ") and \
-        "send_queue_limit is 1048576" in reason, reason
-    assert accepted and (1 << 20) - 64 <= accepted[0] < 64 << 20, accepted
+        f"send_queue_limit is {limit} " in reason, reason
+    queued = int(reason.split(": ")[1].split()[0])
+    assert limit < queued <= limit + 23, reason        # the Send that would pass it
+    (n, held), = result
+    assert held <= limit, (n, held)
+    # Every record accepted was held by the session or taken by the kernels: the
+    # server's socket buffer (autotuned up to tcp_wmem's maximum) and the client's.
+    with open("/proc/sys/net/ipv4/tcp_wmem") as f:
+        kernel = int(f.read().split()[2]) + (64 << 10)
+    assert n * 23 <= limit + kernel, (n, n * 23, kernel)
+    assert any(r.levelname == "WARNING" and "send queue limit exceeded" in r.getMessage()
+               for r in caplog_iocpnet.records)
 
 
 @pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])

@@ -347,8 +347,9 @@ class Session(IocpObject):
     time in ``service.stats()``.  They are read once per class.
 
     With TLS (``Listener(ssl=)``, ``ClientService(ssl=)``) the hooks see plaintext,
-    OnConnected runs once the handshake is done, ``OnSend`` and the limits count
-    plaintext, and a graceful close sends close_notify.
+    OnConnected runs once the handshake is done, ``OnSend`` counts plaintext, the send
+    queue's limits count the records queued (what the session holds for the peer), and
+    a graceful close sends close_notify.
     """
 
     def __init__(self) -> None:
@@ -445,8 +446,9 @@ class Session(IocpObject):
 
     @property
     def send_queue_bytes(self) -> int:
-        """Bytes queued by Send and not yet acknowledged by a send completion (with TLS:
-        plaintext bytes whose records are not all sent)."""
+        """Bytes queued and not yet sent: what ``send_queue_limit`` and
+        ``send_queue_high`` are compared with (with TLS: the records, overhead
+        included)."""
 
     @property
     def send_queue_high(self) -> int:

@@ -418,9 +418,10 @@ cdef class Session(IocpObject):
 
     @property
     def send_queue_bytes(self):
-        """Bytes queued by Send and not yet acknowledged by a send completion (with TLS:
-        plaintext bytes whose records are not all sent)."""
-        return self._sq_bytes if self._tls is None else (<_Tls>self._tls).plain_pending
+        """Bytes queued and not yet sent: what ``send_queue_limit`` and
+        ``send_queue_high`` are compared with (with TLS: the records, overhead
+        included)."""
+        return self._sq_bytes
 
     def Send(self, data):
         """Queue ``data`` to be sent, in order, from any thread.

@@ -138,7 +138,7 @@ cdef bint _queue_send(Session s, bytes b, bint check_limit,
     """Queue `b` and start a send if none is in flight.  With `now`, first hand it
     to the socket, as Send does, when nothing is queued and nobody waits for OnSend
     (*now: the bytes it took).  The TLS filter sends its records this way, with
-    check_limit False (it counts plaintext itself)."""
+    check_limit False (it checks the limit itself, under its mutex)."""
     cdef Py_ssize_t n = PyBytes_GET_SIZE(b), sent = 0
     cdef int64_t r
     cdef port_buf_t one
@@ -179,9 +179,10 @@ cdef bint _queue_locked(Session s, bytes b, Py_ssize_t offset,
     cdef bint tell = False
     if check_limit and queued > limit:
         port_spin_unlock(&s._lock)
-        _close_now(s,
-            f"send queue limit exceeded: {queued} bytes queued, send_queue_limit is "
-            f"{limit} (the peer is not reading)", True)
+        why = (f"send queue limit exceeded: {queued} bytes queued, send_queue_limit is "
+               f"{limit} (the peer is not reading)")
+        if _close_now(s, why, True):
+            logger.warning("disconnecting %s: %s", repr(s), why)
         return False
     if s._sq_count == s._sq_cap and _sq_grow(s) < 0:
         port_spin_unlock(&s._lock)

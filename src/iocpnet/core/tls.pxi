@@ -31,8 +31,9 @@
 # waiting.  Nothing that can run a user hook runs under it, and every entry point
 # checks the session's state before taking it (OnDisconnected calling Send or Disconnect
 # on its own session returns at once instead of waiting on itself).  The plaintext
-# accounting for OnSend and send_queue_limit (``marks``) is filled under the mutex and
-# drained on the strand's send completions: it has its own spin lock.
+# accounting for OnSend (``marks``) is filled under the mutex and drained on the
+# strand's send completions: it has its own spin lock.  send_queue_limit, backpressure
+# and send_queue_bytes count the records queued, as the session holds them.
 
 
 cdef enum:
@@ -136,7 +137,6 @@ cdef class _Tls:
     cdef Py_ssize_t mark_count
     cdef Py_ssize_t mark_cap
     cdef Py_ssize_t carry         # ciphertext sent beyond the last whole mark
-    cdef Py_ssize_t plain_pending
     # Known once the handshake is done; never changed after.
     cdef object version
     cdef object alpn
@@ -222,9 +222,12 @@ cdef class _Tls:
         return f"TLS handshake failed: {why}" if self.state == T_HANDSHAKE else why
 
     cdef object send(self, Session s, object data):
-        """Session.Send: encrypt `data` into records and queue them."""
+        """Session.Send: encrypt `data` into records and queue them.  send_queue_limit
+        counts the records (what the session holds for the peer, record overhead
+        included: 1-byte Sends make 23-byte records), so the limit is checked as they
+        are queued; past it the session is cut and its stream is of no more use."""
         cdef Py_buffer view
-        cdef Py_ssize_t n, limit, queued = 0
+        cdef Py_ssize_t n, over = 0
         cdef bint ok = False
         if type(data) is bytes:
             n = PyBytes_GET_SIZE(data)
@@ -240,16 +243,14 @@ cdef class _Tls:
             return False
         if n == 0:
             return True
-        limit = s._hooks.send_queue_limit
         err = None
         self._lock()
         try:
             if self.state == T_OPEN:
-                queued = self.plain_pending + n
-                if queued <= limit:
-                    if self._write(data) != n:   # a MemoryBIO never pushes back
-                        raise RuntimeError("TLS: SSLObject.write took part of the data")
-                    ok = self._flush(s, n)
+                if self._write(data) != n:   # a MemoryBIO never pushes back
+                    raise RuntimeError("TLS: SSLObject.write took part of the data")
+                ok = self._flush(s, n, &over)
+                if ok:
                     _cnt_add(&s._cnt.msgs_out, 1)        # stats.pxi: one Send
         except BaseException as e:
             err = e
@@ -260,10 +261,11 @@ cdef class _Tls:
                 _close_now(s, f"TLS error: {_tls_describe(err)}", False)
                 return False
             raise err
-        if queued > limit:
-            _close_now(s,
-                f"send queue limit exceeded: {queued} bytes queued, send_queue_limit is "
-                f"{limit} (the peer is not reading)", True)
+        if over > 0:
+            why = (f"send queue limit exceeded: {over} bytes queued, send_queue_limit is "
+                   f"{s._hooks.send_queue_limit} (the peer is not reading)")
+            if _close_now(s, why, True):
+                logger.warning("disconnecting %s: %s", repr(s), why)
         return ok
 
     cdef void close_notify(self, Session s) noexcept:
@@ -298,7 +300,6 @@ cdef class _Tls:
             plain += self.marks[self.mark_head].plain
             self.mark_head = (self.mark_head + 1) % self.mark_cap
             self.mark_count -= 1
-        self.plain_pending -= plain
         port_spin_unlock(&self.acct_lock)
         return plain
 
@@ -309,7 +310,6 @@ cdef class _Tls:
         self.timer = None
         if timer is not None:
             (<Timer>timer).Cancel()
-        self.plain_pending = 0
         if not self.server_side and self.version is None and \
                 s._hooks.on_connect_failed is not None and \
                 str(s._reason).startswith("TLS handshake failed"):
@@ -482,14 +482,28 @@ cdef class _Tls:
                 self.hdr_have = 0
                 self.rec_fed = 0
 
-    cdef bint _flush(self, Session s, Py_ssize_t plain) except? False:
-        """Under the mutex: queue what the SSLObject wrote, `plain` bytes of it data."""
+    cdef bint _flush(self, Session s, Py_ssize_t plain, Py_ssize_t *over=NULL) except? False:
+        """Under the mutex: queue what the SSLObject wrote, `plain` bytes of it data.
+        With `over` (a Send's records; the handshake's, alerts and close_notify are not
+        held to the limit): if they would take the queue past send_queue_limit, queue
+        nothing, set *over to that total, stop the stream (T_CLOSED) and return False:
+        the caller cuts the session once the mutex is released.  (Only this filter
+        queues on a TLS session, under this mutex: the queue can only have shrunk by
+        the time they are queued.)"""
         cdef bytes data
-        cdef Py_ssize_t now = 0
+        cdef Py_ssize_t now = 0, queued
         cdef bint ok
         if self.outgoing.pending == 0:
             return True
         data = self._out_read()
+        if over != NULL:
+            port_spin_lock(&s._lock)
+            queued = s._sq_bytes + PyBytes_GET_SIZE(data)
+            port_spin_unlock(&s._lock)
+            if queued > s._hooks.send_queue_limit:
+                over[0] = queued
+                self.state = T_CLOSED
+                return False
         self._mark(PyBytes_GET_SIZE(data), plain)
         ok = _queue_send(s, data, False, &now)
         if now > 0:
@@ -516,6 +530,5 @@ cdef class _Tls:
         self.marks[i].cipher = cipher
         self.marks[i].plain = plain
         self.mark_count += 1
-        self.plain_pending += plain
         port_spin_unlock(&self.acct_lock)
         return 0
