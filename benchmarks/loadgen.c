@@ -303,6 +303,8 @@ static struct {
     const char *host;
     int port, mode, conns, size, depth, idle_count, setup_conc, engine;
     double warmup, duration, idle_hold, setup_timeout;
+    double rate; /* -r: messages sent per second at most (0: as fast as the echoes allow) */
+    double handicap; /* -H: share of its core withheld from itself (headroom probe) */
 } o;
 
 /* ---------- message content ----------
@@ -341,6 +343,7 @@ struct conn {
     uint8_t send_busy; /* uring: a send is in flight (at most one, for order) */
     uint8_t recv_armed; /* uring: the multishot receive is armed */
     uint8_t unregistered; /* connect mode: not in the epoll set yet */
+    uint8_t waiting;   /* -r: queued in rate_wait until the bucket refills */
 };
 
 static int ep = -1;
@@ -364,7 +367,37 @@ static struct {
     uint64_t work_passes; /* passes that reaped or submitted something */
     uint64_t enters;     /* io_uring_enter / epoll_wait calls */
     uint64_t rearms, enobufs, short_sends;
+    uint64_t handicap_ns; /* -H: time withheld on purpose (neither idle nor work) */
 } busy_acct;
+
+/* ---------- headroom probe (-H) ----------
+ * A busy-poller handles each completion the moment it arrives, so when a
+ * server's replies trickle in one at a time it enters the kernel once per
+ * reply and its busy share is high, even though, with less CPU, it would
+ * simply have handled them in bigger batches at the same rate. Its busy
+ * share then overstates what it needed. The probe measures the need: in
+ * every HC_PERIOD_NS the generator withholds the share -H of its core from
+ * itself (spinning on the clock, touching nothing), so it runs on the rest.
+ * If the round-trip rate holds with, say, 20 % withheld, the generator needed
+ * at most 80 % of its core and was not the limit; if the rate falls, it was.
+ * The period is short next to a round trip of the 10/100-connection cases
+ * (hundreds of microseconds) and long next to one pass. */
+#define HC_PERIOD_NS 100000ull
+static uint64_t hc_next;
+
+/* Returns the time after the pause (t itself when there was none). */
+static uint64_t handicap_pause(uint64_t t)
+{
+    if (o.handicap <= 0 || t < hc_next)
+        return t;
+    uint64_t off = (uint64_t)(o.handicap * (double)HC_PERIOD_NS);
+    uint64_t end = t + off, t2;
+    while ((t2 = now_ns()) < end)
+        cpu_relax();
+    busy_acct.handicap_ns += t2 - t;
+    hc_next = hc_next + HC_PERIOD_NS > t2 ? hc_next + HC_PERIOD_NS : t2 + HC_PERIOD_NS - off;
+    return t2;
+}
 
 static void set_interest(struct conn *c, uint32_t ev)
 {
@@ -394,6 +427,56 @@ static void close_abort(struct conn *c)
 }
 
 static void refill_and_send(struct conn *c);
+
+/* ---------- rate cap (-r) ----------
+ * A token bucket: a message may be queued only with a token; tokens accrue
+ * at o.rate per second, at most one millisecond's worth (or one) saved up.
+ * A connection whose window is open but found no token waits in rate_wait
+ * and is served, in order, when tokens are back. The cap exists to compare
+ * the generator's own cost per round trip against different servers at the
+ * same rate (and, below saturation, to show its busy share scales with the
+ * offered load). */
+static double rate_tokens, rate_burst;
+static uint64_t rate_t;
+static struct conn **rate_wait;
+static int rate_nwait, rate_whead;
+
+static int rate_take(struct conn *c)
+{
+    if (o.rate <= 0)
+        return 1;
+    if (rate_tokens >= 1) {
+        rate_tokens -= 1;
+        return 1;
+    }
+    if (!c->waiting) {
+        c->waiting = 1;
+        rate_wait[(rate_whead + rate_nwait++) % nconns] = c;
+    }
+    return 0;
+}
+
+/* Refill the bucket; hand tokens to the waiting connections. Returns how
+ * many connections it served (they queued sends: that is work). */
+static int rate_pump(uint64_t t)
+{
+    if (o.rate <= 0)
+        return 0;
+    rate_tokens += (double)(t - rate_t) * o.rate / 1e9;
+    rate_t = t;
+    if (rate_tokens > rate_burst)
+        rate_tokens = rate_burst;
+    int served = 0;
+    while (rate_nwait && rate_tokens >= 1) {
+        struct conn *c = rate_wait[rate_whead];
+        rate_whead = (rate_whead + 1) % nconns;
+        rate_nwait--;
+        c->waiting = 0;
+        refill_and_send(c);
+        served++;
+    }
+    return served;
+}
 
 static void start_connect(struct conn *c)
 {
@@ -456,6 +539,8 @@ static void refill_and_send(struct conn *c)
     int depth = depth_for_mode();
     uint64_t t = 0;
     while (c->tx_msg - c->rx_msg < (uint64_t)depth && c->tx_msg < limit) {
+        if (c->waiting || !rate_take(c))
+            break;
         struct msgref r;
         msg_make(&r, c->id, c->tx_msg);
         uint8_t *dst = c->txbuf + c->txlen;
@@ -718,6 +803,7 @@ static struct {
     uint16_t br_tail;
     struct conn **rearm; /* connections whose multishot receive ended */
     int nrearm;
+    int fixed_files; /* the sockets are registered: SQEs name them by index */
 } U;
 
 static int u_enter(unsigned to_submit, unsigned min_complete, unsigned flags)
@@ -850,9 +936,9 @@ static void uring_arm_recv(struct conn *c)
 {
     struct io_uring_sqe *sqe = u_sqe();
     sqe->opcode = IORING_OP_RECV;
-    sqe->fd = c->fd;
+    sqe->fd = U.fixed_files ? (int)c->idx : c->fd;
     sqe->ioprio = IORING_RECV_MULTISHOT;
-    sqe->flags = IOSQE_BUFFER_SELECT;
+    sqe->flags = IOSQE_BUFFER_SELECT | (U.fixed_files ? IOSQE_FIXED_FILE : 0);
     sqe->buf_group = U_BGID;
     sqe->user_data = ((uint64_t)c->idx << 8) | OP_RECV;
     c->recv_armed = 1;
@@ -865,7 +951,8 @@ static void uring_send(struct conn *c)
 {
     struct io_uring_sqe *sqe = u_sqe();
     sqe->opcode = IORING_OP_SEND;
-    sqe->fd = c->fd;
+    sqe->fd = U.fixed_files ? (int)c->idx : c->fd;
+    sqe->flags = U.fixed_files ? IOSQE_FIXED_FILE : 0;
     sqe->addr = (uintptr_t)(c->txbuf + c->txpos);
     sqe->len = c->txlen - c->txpos;
     sqe->msg_flags = MSG_NOSIGNAL | MSG_WAITALL;
@@ -946,6 +1033,7 @@ static void uring_run(uint64_t deadline)
 {
     uint64_t t = now_ns();
     while (t < deadline) {
+        t = handicap_pause(t);
         u_publish();
         unsigned pending = u_pending();
         unsigned sqf = __atomic_load_n(U.sq_flags, __ATOMIC_ACQUIRE);
@@ -957,6 +1045,7 @@ static void uring_run(uint64_t deadline)
                 die(2, "io_uring_enter: %s", strerror(errno));
         }
         unsigned got = uring_reap();
+        got += (unsigned)rate_pump(now_ns());
         uint64_t t2 = now_ns();
         busy_acct.passes++;
         if (got || pending) {
@@ -974,8 +1063,16 @@ static void uring_run(uint64_t deadline)
 static void uring_start_traffic(void)
 {
     U.rearm = calloc((size_t)nconns, sizeof *U.rearm);
-    if (!U.rearm)
+    int *fds = calloc((size_t)nconns, sizeof *fds);
+    if (!U.rearm || !fds)
         die(2, "out of memory");
+    /* registered sockets: each send and receive skips the descriptor
+     * lookup and its reference count (fget/fput); optional */
+    for (int i = 0; i < nconns; i++)
+        fds[i] = conns[i].fd;
+    U.fixed_files = syscall(__NR_io_uring_register, U.fd, IORING_REGISTER_FILES, fds,
+                            (unsigned)nconns) == 0;
+    free(fds);
     for (int i = 0; i < nconns; i++) {
         struct conn *c = &conns[i];
         epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
@@ -1024,7 +1121,9 @@ static void print_common(const struct window *w)
     double cpu = w->lg_cpu1 - w->lg_cpu0;
     /* see the essay at the top: a busy-poller's CPU time is always ~100 %,
      * the share of its time that found work is what says it was the limit */
-    double busy = engine == E_EPOLL ? cpu / secs : 1.0 - (busy_acct.idle_ns / 1e9) / secs;
+    /* with -H, the share of the time it allowed itself that it used */
+    double avail = secs - busy_acct.handicap_ns / 1e9;
+    double busy = engine == E_EPOLL ? cpu / secs : 1.0 - (busy_acct.idle_ns / 1e9) / avail;
     if (busy < 0)
         busy = 0;
     printf("\"engine\": \"%s\", \"window_s\": %.6f, \"loadgen_cpu_s\": %.6f, "
@@ -1033,10 +1132,14 @@ static void print_common(const struct window *w)
            engine_names[engine], secs, cpu, busy, busy_acct.idle_ns / 1e9,
            (unsigned long long)busy_acct.passes, (unsigned long long)busy_acct.work_passes,
            (unsigned long long)busy_acct.enters);
+    if (o.handicap > 0)
+        printf(", \"loadgen_handicap\": %.3f, \"loadgen_withheld_s\": %.6f", o.handicap,
+               busy_acct.handicap_ns / 1e9);
     if (engine == E_URING)
         printf(", \"uring\": {\"setup_flags\": %u, \"taskrun_flag\": %d, \"registered_ring\": %d, "
+               "\"fixed_files\": %d, "
                "\"recv_rearms\": %llu, \"enobufs\": %llu, \"short_sends\": %llu}",
-               U.setup_flags, U.taskrun_flag, U.enter_flags != 0,
+               U.setup_flags, U.taskrun_flag, U.enter_flags != 0, U.fixed_files,
                (unsigned long long)busy_acct.rearms, (unsigned long long)busy_acct.enobufs,
                (unsigned long long)busy_acct.short_sends);
     if (w->lg_delay0 >= 0 && w->lg_delay1 >= 0)
@@ -1064,6 +1167,10 @@ static void print_latency(void)
 static void alloc_conns(int n, int depth)
 {
     nconns = n;
+    rate_wait = calloc((size_t)n, sizeof *rate_wait);
+    rate_burst = o.rate / 1000.0 < 1 ? 1 : o.rate / 1000.0;
+    rate_tokens = rate_burst;
+    rate_t = now_ns();
     conns = calloc((size_t)n, sizeof *conns);
     if (!conns)
         die(2, "out of memory");
@@ -1085,8 +1192,16 @@ static void run_until(uint64_t deadline)
         return;
     }
     int busy = engine == E_EPOLL_BUSY;
-    while (now_ns() < deadline)
-        poll_events(ms_until(deadline), busy);
+    while (now_ns() < deadline) {
+        /* a capped sleeping engine wakes at least every millisecond to refill */
+        int ms = ms_until(deadline);
+        if (o.rate > 0 && ms > 1)
+            ms = 1;
+        if (busy)
+            handicap_pause(now_ns());
+        poll_events(ms, busy);
+        rate_pump(now_ns());
+    }
 }
 
 /* pingpong / pipeline: connect everything, warm up, measure */
@@ -1115,8 +1230,8 @@ static void run_traffic(void)
     window_end(&w);
 
     double secs = (w.t1 - w.t0) / 1e9;
-    printf("{\"mode\": \"%s\", \"conns\": %d, \"size\": %d, \"depth\": %d, ", mode_names[o.mode],
-           o.conns, o.size, depth_for_mode());
+    printf("{\"mode\": \"%s\", \"conns\": %d, \"size\": %d, \"depth\": %d, \"rate_cap\": %.0f, ",
+           mode_names[o.mode], o.conns, o.size, depth_for_mode(), o.rate);
     printf("\"roundtrips\": %llu, \"rt_per_s\": %.1f, \"mb_per_s\": %.3f, ",
            (unsigned long long)measured_msgs, measured_msgs / secs, measured_bytes / secs / 1e6);
     print_common(&w);
@@ -1126,6 +1241,8 @@ static void run_traffic(void)
     fflush(stdout);
     if (measured_msgs == 0)
         die(2, "no round-trip completed in the measured window");
+    if (engine == E_URING && U.fixed_files) /* let close() below really close them */
+        syscall(__NR_io_uring_register, U.fd, IORING_UNREGISTER_FILES, NULL, 0);
     for (int i = 0; i < nconns; i++)
         if (conns[i].fd >= 0)
             close_abort(&conns[i]);
@@ -1147,6 +1264,8 @@ static void run_connect(void)
         }
         if (t >= t_end)
             break;
+        if (busy)
+            handicap_pause(t);
         for (int i = 0; i < nconns; i++)
             if (conns[i].state == S_FREE)
                 start_connect(&conns[i]);
@@ -1247,7 +1366,11 @@ static void usage(FILE *f)
             "  -i SECS    idle: how long to hold them (5)\n"
             "  -C N       connects in progress at once during set-up (64)\n"
             "  -T SECS    set-up timeout (60)\n"
-            "  -P PID     server pid: report its CPU time (and RSS)\n",
+            "  -P PID     server pid: report its CPU time (and RSS)\n"
+            "  -r RATE    pingpong/pipeline: send at most RATE messages per second\n"
+            "             (0, the default: as fast as the echoes come back)\n"
+            "  -H SHARE   headroom probe: withhold SHARE (0-0.9) of its core from\n"
+            "             itself (busy-polling engines; see the comment at handicap_pause)\n",
             MAX_MSG);
 }
 
@@ -1297,7 +1420,7 @@ int main(int argc, char **argv)
     o.setup_conc = 64;
     o.setup_timeout = 60;
     int opt;
-    while ((opt = getopt(argc, argv, "a:p:m:e:c:s:d:w:t:n:i:C:T:P:h")) != -1) {
+    while ((opt = getopt(argc, argv, "a:p:m:e:c:s:d:w:t:n:i:C:T:P:r:H:h")) != -1) {
         switch (opt) {
         case 'a': o.host = optarg; break;
         case 'p': o.port = (int)parse_int(optarg, 1, 65535); break;
@@ -1313,6 +1436,16 @@ int main(int argc, char **argv)
         case 'C': o.setup_conc = (int)parse_int(optarg, 1, 100000); break;
         case 'T': o.setup_timeout = parse_secs(optarg); break;
         case 'P': server_pid = (int)parse_int(optarg, 1, 1 << 30); break;
+        case 'r': o.rate = (double)parse_int(optarg, 0, 100000000); break;
+        case 'H': {
+            char *end;
+            o.handicap = strtod(optarg, &end);
+            if (*end || !(o.handicap >= 0 && o.handicap <= 0.9)) {
+                fprintf(stderr, "loadgen: -H wants a share in [0, 0.9], not '%s'\n", optarg);
+                return 1;
+            }
+            break;
+        }
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 1;
         }

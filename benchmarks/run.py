@@ -537,9 +537,11 @@ def run_loadgen(argv, timeout):
 # --------------------------------------------------------------------------
 # measuring
 
-def slice_argv(case, r, args):
+def slice_argv(case, r, args, withhold=0.0):
     argv = ["-p", str(r.port), "-m", case.mode, "-c", str(case.conns), "-s", str(case.size),
             "-w", str(args.warmup), "-t", str(args.slice), "-P", str(r.pid)]
+    if withhold:
+        argv += ["-H", str(withhold)]
     if case.mode == "pipeline":
         argv += ["-d", str(case.depth)]
     if args.engine and case.mode in ("pingpong", "pipeline"):
@@ -547,13 +549,16 @@ def slice_argv(case, r, args):
     return argv
 
 
-def run_slice(case, r, others, args):
+def run_slice(case, r, others, args, withhold=0.0):
     """One measured slice against one server, with bookkeeping of what else
-    used the CPUs meanwhile (other servers, other processes on the box)."""
+    used the CPUs meanwhile (other servers, other processes on the box).
+    withhold > 0: a headroom probe (the load generator runs on 1 - withhold
+    of its core; see PROBE_WITHHOLD)."""
     wall0, busy0, kids0 = time.monotonic(), machine_busy_s(), children_cpu_s()
     srv0 = proc_cpu_s(r.pid)
     oth0 = {o.server.key: proc_cpu_s(o.pid) for o in others}
-    res, err = run_loadgen(slice_argv(case, r, args), timeout=args.warmup + args.slice + 30)
+    res, err = run_loadgen(slice_argv(case, r, args, withhold),
+                           timeout=args.warmup + args.slice + 30)
     wall = time.monotonic() - wall0
     busy, kids = machine_busy_s() - busy0, children_cpu_s() - kids0
     srv1 = proc_cpu_s(r.pid)
@@ -581,6 +586,18 @@ DISTURBED = 0.25  # cores of "other load" above which a slice is considered dist
 LG_DELAY_MAX, SERVER_DELAY_MAX = 0.02, 0.05
 LG_LIMIT = 0.90  # load generator busy above this: the cell does not compare servers
 SERVER_LIMIT = 0.90  # server cores at or above this: the server was the limit
+# Headroom probe. The busy share of a busy-poller overstates what it needs
+# when a server's echoes trickle in: it handles each the moment it arrives,
+# one kernel entry apiece, where with less CPU it would take them in bigger
+# batches at the same rate (loadgen.c, handicap_pause). So a cell whose load
+# generator was busy above LG_LIMIT while its server ran at SERVER_LIMIT or
+# more gets PROBE_SLICES extra slices in which the load generator withholds
+# PROBE_WITHHOLD of its core from itself. If the rate holds (median of the
+# probes at least PROBE_HOLD of the cell's median rate), it needed at most
+# 1 - PROBE_WITHHOLD of its core: the server was the limit and the cell
+# compares servers. Otherwise, or when the probes could not run, the cell
+# stays "load generator". Probe slices are in no other figure.
+PROBE_WITHHOLD, PROBE_HOLD, PROBE_SLICES = 0.2, 0.97, 2
 
 
 def disturbance(res):
@@ -699,6 +716,7 @@ def run_traffic_case(case, servers, args, progress, record):
                               f"{human(rate):>7} {case.unit}  server {cpu:4.2f} cores "
                               f"{per:6.2f} µs each  loadgen busy {res['loadgen_busy']:4.0%}"
                               f"{flag}")
+        run_probes(case, running, args, progress, record)
     finally:
         for r in running:  # the peak resident set over the whole case
             if not r.failed and r.proc.poll() is None:
@@ -710,6 +728,49 @@ def run_traffic_case(case, servers, args, progress, record):
             if r.failed:
                 record[r.server.key]["status"] = "failed"
                 record[r.server.key]["error"] = r.failed
+
+
+def probe_candidates(case, running, record):
+    """Servers of this case whose load generator was busy above LG_LIMIT
+    while the server ran at SERVER_LIMIT or more (medians over the undisturbed
+    slices): the cells a headroom probe may show to compare servers."""
+    out = []
+    for r in running:
+        sl = [s for s in record[r.server.key]["slices"] if not s.get("disturbed")]
+        if r.failed or not sl:
+            continue
+        busy = statistics.median(s["loadgen_busy"] for s in sl)
+        cores = statistics.median(s.get("server_cpu_s", 0) / s["window_s"] for s in sl)
+        if busy > LG_LIMIT and cores >= SERVER_LIMIT:
+            out.append(r)
+    return out
+
+
+def run_probes(case, running, args, progress, record):
+    """PROBE_SLICES headroom-probe slices per candidate, interleaved, while
+    --budget allows (a probe that does not fit is skipped: the cell then
+    stays "load generator")."""
+    cands = probe_candidates(case, running, record)
+    cost = args.warmup + args.slice + SLICE_OVERHEAD
+    for i in range(PROBE_SLICES):
+        for r in cands:
+            if r.failed or r.proc.poll() is not None:
+                continue
+            if time.monotonic() + cost > progress.t0 + args.budget * 60:
+                progress.line(f"{case.name} {r.server.label}: no time left for a headroom probe")
+                return
+            others = [o for o in running if o is not r and not o.failed]
+            res, err = run_slice(case, r, others, args, withhold=PROBE_WITHHOLD)
+            if err or res is None:
+                progress.line(f"{case.name} probe {r.server.label}: {err}")
+                continue
+            rate_key, _ = keys_for(case)
+            record[r.server.key].setdefault("probes", []).append(res)
+            flag = "  DISTURBED" if res["disturbed"] else ""
+            progress.line(f"{case.name} probe {i + 1}/{PROBE_SLICES} {r.server.label:20} "
+                          f"{human(res[rate_key]):>7} {case.unit} with {PROBE_WITHHOLD:.0%} of "
+                          f"the load generator's core withheld (busy "
+                          f"{res['loadgen_busy']:4.0%} of the rest){flag}")
 
 
 def run_idle_case(case, servers, args, progress, record):
@@ -795,16 +856,35 @@ def aggregate(case, record):
         lg_busy = statistics.median(busy)
         cores = statistics.median(s.get("server_cpu_s", 0) / s["window_s"] for s in use)
         prev = rec.get("agg") or {}  # a saved summary keeps no latency per slice
+        rate_median = statistics.median(s[rate_key] for s in use)
+        probe = None
+        probes = [s for s in rec.get("probes", []) if not s.get("disturbed")]
+        if probes and not disturbed:
+            ratio = statistics.median(s[rate_key] for s in probes) / rate_median
+            # the share really withheld (a pass longer than the probe's period
+            # delays the next pause, so it can fall short of PROBE_WITHHOLD)
+            probe = {"withheld": statistics.median(s.get("loadgen_withheld_s", 0) / s["window_s"]
+                                                   for s in probes),
+                     "slices": len(probes), "rate_ratio": ratio,
+                     "busy_of_rest": statistics.median(s["loadgen_busy"] for s in probes),
+                     "held": False}
+            # held: the rate stayed, the server was saturated, and what it
+            # ran on (1 - withheld) is within the same LG_LIMIT rule
+            probe["held"] = (ratio >= PROBE_HOLD and cores >= SERVER_LIMIT
+                             and 1 - probe["withheld"] <= LG_LIMIT)
+        # the load generator was the limit: busy above LG_LIMIT, and no
+        # headroom probe showed it could keep the rate on less of its core
+        lg_limit = lg_busy > LG_LIMIT and not (probe and probe["held"])
         if disturbed:
             limited_by = "DISTURBED"
-        elif lg_busy > LG_LIMIT:
+        elif lg_limit:
             limited_by = "load generator"
         elif cores >= SERVER_LIMIT:
             limited_by = "server"
         else:  # a ping-pong waits for its echo: both sides partly idle
             limited_by = "round-trip latency"
         rec["agg"] = {
-            "rate_median": statistics.median(s[rate_key] for s in use),
+            "rate_median": rate_median,
             "rate_min": min(s[rate_key] for s in use),
             "rate_max": max(s[rate_key] for s in use),
             "per_cpu_s": count / cpu_total if cpu_total > 0 else None,
@@ -815,12 +895,14 @@ def aggregate(case, record):
             "loadgen_cores": statistics.median(s["loadgen_cpu_s"] / s["window_s"] for s in use),
             # the measure that says whether the load generator was the limit:
             # see loadgen.c; above LG_LIMIT this cell does not compare servers
-            "does_not_compare_servers": lg_busy > LG_LIMIT,
+            "does_not_compare_servers": lg_limit,
+            # the headroom probe, when one ran (None otherwise): see PROBE_WITHHOLD
+            "loadgen_probe": probe,
             "disturbed": disturbed,
             "limited_by": limited_by,
             # why this cell is in no ratio (None: it is)
             "excluded": ("DISTURBED" if disturbed else
-                         f"load generator {lg_busy:.0%} busy" if lg_busy > LG_LIMIT else None),
+                         f"load generator {lg_busy:.0%} busy" if lg_limit else None),
             "other_load_cores": statistics.median(s["other_load_cores"] for s in use),
             "disturbed_slices": len(sl) - len(clean),
             "mb_per_s": (statistics.median(s["mb_per_s"] for s in use)
@@ -932,7 +1014,13 @@ def markdown(meta, config, cases, results, servers, warnings):
              + (f" Filter: {config['only']}." if config.get("only") else ""))
     L.append("")
     L.append(f"**Limited by**, per cell: *load generator* ({LIMIT_MARK}) when it was busy more than "
-             f"{LG_LIMIT * 100:.0f} % of its core (the cell measured it, not the server); *server* "
+             f"{LG_LIMIT * 100:.0f} % of its core (the cell measured it, not the server) and no "
+             f"headroom probe showed otherwise (when the server was at {SERVER_LIMIT:.2f} of its "
+             f"core or more, {PROBE_SLICES} more slices ran with {PROBE_WITHHOLD:.0%} of the load "
+             f"generator's core withheld from it; if the rate held at {PROBE_HOLD:.0%} or more, it "
+             f"needed at most {1 - PROBE_WITHHOLD:.0%} of its core: a busy-poller handles each echo "
+             "the moment it comes, so a server that sends its echoes one by one keeps it busier "
+             "than it needs to be; the probe slices are in no other figure); *server* "
              f"when the server used at least {SERVER_LIMIT:.2f} of its core; *round-trip latency* "
              "when neither (a ping-pong waits for its echo, both sides partly idle); **DISTURBED** "
              "when more than half of its slices had another process on the server's or the load "
@@ -1044,8 +1132,13 @@ def markdown(meta, config, cases, results, servers, warnings):
             us = f"{a['server_us']:.2f}" if a.get("server_us") else "–"
             lat = (" / ".join(f"{a['lat_us'][p]:.0f}" for p in ("p50", "p99", "p999"))
                    if a.get("lat_us") else "–")
+            busy = f"{a['loadgen_busy'] * 100:.0f} %"
+            pr = a.get("loadgen_probe")
+            if pr:
+                busy += (f"; {pr['withheld']:.0%} withheld: {pr['rate_ratio']:.0%} of the rate, "
+                         + (f"needed ≤ {1 - pr['withheld']:.0%}" if pr["held"] else "did not hold"))
             L.append(f"| {s.label} | {human(a['rate_median'])} | {us} | {a['server_cores']:.2f} "
-                     f"| {a['loadgen_busy'] * 100:.0f} % | {lim} | {lat} | "
+                     f"| {busy} | {lim} | {lat} | "
                      + (f"{kb / 1024:.1f}" if kb else "–") + " |")
 
     idle = [c for c in cases if c.mode == "idle" and c.name in results]
@@ -1370,18 +1463,22 @@ def summarize(raw):
     out = {k: raw[k] for k in ("meta", "config", "servers", "warnings")}
     out["cases"] = []
     slim = ("round", "rt_per_s", "conn_per_s", "roundtrips", "connections", "window_s",
+            "loadgen_withheld_s",
             "server_cpu_s", "loadgen_busy", "loadgen_cpu_s", "other_load_cores", "disturbed")
     for c in raw["cases"]:
         cc = {k: v for k, v in c.items() if k != "servers"}
         cc["servers"] = {}
         for key, rec in c["servers"].items():
-            r = {k: v for k, v in rec.items() if k not in ("slices", "error")}
+            r = {k: v for k, v in rec.items() if k not in ("slices", "error", "probes")}
             if rec.get("error"):
                 r["error"] = "\n".join(rec["error"].strip().splitlines()[:3])
             if c["mode"] == "idle":
                 r["slices"] = rec["slices"]
             else:
                 r["slices"] = [{k: s[k] for k in slim if k in s} for s in rec["slices"]]
+                if rec.get("probes"):
+                    r["probes"] = [{k: s[k] for k in slim if k in s}
+                                   for s in rec["probes"]]
             cc["servers"][key] = r
         out["cases"].append(cc)
     return out
