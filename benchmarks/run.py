@@ -1141,6 +1141,8 @@ def markdown(meta, config, cases, results, servers, warnings):
                      f"| {busy} | {lim} | {lat} | "
                      + (f"{kb / 1024:.1f}" if kb else "–") + " |")
 
+    saturated_cpu_md(L, traffic, cols, results)
+
     idle = [c for c in cases if c.mode == "idle" and c.name in results]
     for c in idle:
         L.append("")
@@ -1192,6 +1194,55 @@ def markdown(meta, config, cases, results, servers, warnings):
         for n in dict.fromkeys(notes):
             L.append(f"- {n}")
     return "\n".join(L) + "\n"
+
+
+SATURATED = 0.95  # server cores at or above this: its CPU per round trip is its cost
+
+
+def saturated_cpu_md(L, traffic, cols, results):
+    """A separate table, in no ratio and no target: the server's CPU per round
+    trip in every undisturbed cell where the server ran at SATURATED of its
+    core or more, ‡ cells included. A saturated server is never waiting for
+    the load generator, so its CPU per round trip is its cost per message at
+    the batches it got; but those batches depend on the peer (a load
+    generator that was itself near its limit sends its messages in a
+    different rhythm), which is why the ‡ rule keeps these cells out of the
+    ratios."""
+    rows = []
+    for c in traffic:
+        row, any_ = [], False
+        for s in cols:
+            rec = results[c.name][s.key]
+            a = rec.get("agg") if not cell_status(rec) else None
+            if not a or a.get("disturbed") or not a.get("server_us") \
+                    or a["server_cores"] < SATURATED:
+                row.append("–")
+                continue
+            any_ = True
+            mark = f" {LIMIT_MARK}" if a.get("does_not_compare_servers") else ""
+            row.append(f"{a['server_us']:.2f}{mark}")
+        if any_:
+            rows.append(f"| {c.label} | " + " | ".join(row) + " |")
+    if not rows:
+        return
+    L.append("")
+    L.append("### Server CPU per round trip where the server was saturated (separate: in no ratio, "
+             "no geomean, no target)")
+    L.append("")
+    L.append(f"µs of server CPU per round trip (storm: per connection) in every undisturbed cell "
+             f"where the server ran at {SATURATED:.2f} of its core or more, including cells "
+             f"marked {LIMIT_MARK} (the load generator was near its limit too). A saturated server "
+             "never waited for the load generator, so this is its cost per message at the batches "
+             "it got; **but the batches depend on the peer**: a load generator near its limit "
+             "sends in a different rhythm than an idle one, and a server that gets bigger batches "
+             "pays less per message. So these figures are indicative only, are not the ratios "
+             f"above, and a {LIMIT_MARK} figure here still does not compare servers by the "
+             "project's rule. – : the server was below "
+             f"{SATURATED:.2f} of its core, disturbed, or not run.")
+    L.append("")
+    L.append("| case | " + " | ".join(s.label for s in cols) + " |")
+    L.append("|---|" + "---|" * len(cols))
+    L.extend(rows)
 
 
 def targets_md(L, cases, results, servers):
