@@ -1033,7 +1033,8 @@ static void uring_run(uint64_t deadline)
 {
     uint64_t t = now_ns();
     while (t < deadline) {
-        t = handicap_pause(t);
+        if (o.handicap > 0)
+            t = handicap_pause(t);
         u_publish();
         unsigned pending = u_pending();
         unsigned sqf = __atomic_load_n(U.sq_flags, __ATOMIC_ACQUIRE);
@@ -1045,7 +1046,8 @@ static void uring_run(uint64_t deadline)
                 die(2, "io_uring_enter: %s", strerror(errno));
         }
         unsigned got = uring_reap();
-        got += (unsigned)rate_pump(now_ns());
+        if (o.rate > 0)
+            got += (unsigned)rate_pump(now_ns());
         uint64_t t2 = now_ns();
         busy_acct.passes++;
         if (got || pending) {
