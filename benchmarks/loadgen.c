@@ -1218,7 +1218,8 @@ static void run_traffic(void)
     while (*done < o.conns) {
         while (started < o.conns && open_count - *done < o.setup_conc)
             start_connect(&conns[started++]);
-        poll_events(ms_until(setup_deadline), 0);
+        poll_events(o.rate > 0 ? 1 : ms_until(setup_deadline), 0);
+        rate_pump(now_ns()); /* epoll engines send the first messages here */
         if (now_ns() >= setup_deadline)
             die(2, "only %d of %d connections established within %.0f s", *done, o.conns,
                 o.setup_timeout);
@@ -1458,6 +1459,8 @@ int main(int argc, char **argv)
     }
     if (o.conns < 0)
         o.conns = o.mode == M_CONNECT ? 50 : 1;
+    if (o.rate > 0 && o.mode != M_PINGPONG && o.mode != M_PIPELINE)
+        die(1, "-r applies to pingpong and pipeline only");
     if (o.mode == M_PIPELINE && (uint64_t)o.depth * (uint64_t)o.size > 64u * 1024u * 1024u)
         die(1, "pipeline depth x size above 64 MiB per connection");
 
