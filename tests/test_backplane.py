@@ -507,6 +507,54 @@ def test_a_peer_that_is_not_redis_is_a_fault_not_a_crash(backend, nodes, caplog,
             c.close()
 
 
+@pytest.mark.parametrize("reply", [b"%3\r\nnot resp2\r\n", b"$99999999999\r\n"])
+def test_a_protocol_error_is_logged_once_per_outage(backend, nodes, caplog, reply):
+    """A peer that answers garbage at every reconnect: one ERROR line for the outage,
+    not one per attempt (as a refused AUTH or an unreachable Redis)."""
+    caplog.set_level(logging.INFO, logger="iocpnet")
+    srv, conns = _fake_redis(reply)
+    try:
+        (a,) = nodes(f"redis://127.0.0.1:{srv.getsockname()[1]}", n=1)
+        # Each attempt connects both links: 3 attempts, each fed garbage.
+        wait_for(lambda: len(conns) >= 6, message="three attempts")
+        wait_for(lambda: a.bp.state == "down", message="the backplane is down")
+        errors = [r.getMessage() for r in caplog.records
+                  if r.levelno >= logging.ERROR and "not RESP2" in r.getMessage()]
+        assert len(errors) == 1, errors
+        assert not [r for r in caplog.records if "unreachable" in r.getMessage()]
+    finally:
+        srv.close()
+        for c in conns:
+            c.close()
+
+
+def test_a_burst_while_redis_stalls_is_no_outage(backend, redis_server, nodes):
+    """16 MiB of broadcasts while Redis is paused (SIGSTOP) for a second: the command
+    link holds what Redis does not read yet (the links' send_queue_limit is 64 MiB,
+    not a session's 4 MiB), and when Redis resumes every message is shared, with no
+    outage."""
+    r = redis_server()
+    a, b = nodes(r.url())
+    sharing(a, b)
+    n, size = 64, 256 << 10
+    r.proc.send_signal(signal.SIGSTOP)
+    try:
+        for k in range(n):
+            a.group.Broadcast(bytes([k]) * size)
+        time.sleep(1.0)
+    finally:
+        r.proc.send_signal(signal.SIGCONT)
+    try:
+        wait_for(lambda: a.bp.stats()["delivered"] >= n and
+                 b.bp.stats()["delivered"] >= n, timeout=30, message=f"{n} messages back")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: {a.bp.stats()} {b.bp.stats()}") from None
+    for node in (a, b):
+        st = node.bp.stats()
+        assert st["outages"] == 0 and st["recovered"] == 0, st
+        assert st["delivered"] == n and st["state"] == "up", st
+
+
 def test_group_names_and_local_who_without_redis(backend, server):
     """A local group: names and Who answer from this process alone."""
     class S(iocpnet.Session):

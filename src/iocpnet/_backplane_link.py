@@ -107,6 +107,14 @@ Callback = Optional[Callable[[Any], None]]
 class _Link(Session):
     """One connection to Redis (index 0: commands; 1: subscriber)."""
 
+    # The command link carries every shared group's broadcasts of this server, not one
+    # client's replies: a burst, or Redis pausing (a fork for a save, a slow command),
+    # must not cut it at a session's 4 MiB, which would be an outage (what the other
+    # servers publish meanwhile is lost).  A Redis that stops reading for good is
+    # found by the unanswered-command `timeout` first; this bounds the memory until
+    # then.  (Receiving pauses at a quarter of it, as for any session: only replies.)
+    send_queue_limit = 64 << 20
+
     def __init__(self, bp: _LinkOwner, index: int) -> None:
         self.bp = bp
         self.index = index

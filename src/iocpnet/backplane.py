@@ -61,6 +61,7 @@ themselves.
 """
 from __future__ import annotations
 
+import logging
 import os
 import ssl as _ssl
 import struct
@@ -105,8 +106,11 @@ class RedisBackplane(_Presence):
     ``presence_ttl``: seconds after which a server that stopped (SIGKILL) is no longer
     listed.  ``timeout``: a link with a command unanswered that long is declared dead
     (default: ``max(2 * presence_ttl, 2)``); so is a subscriber that leaves
-    ``max_pending`` of our messages unreturned.  ``prefix``: keys and channels are named
-    ``<prefix>:...`` (channels also carry the db number: Redis pub/sub ignores dbs).
+    ``max_pending`` of our messages unreturned.  Until then a link holds up to 64 MiB
+    that Redis has not read yet (its ``send_queue_limit``; a session's is 4 MiB): a
+    burst of broadcasts, or Redis pausing for a moment, is no outage.  ``prefix``: keys
+    and channels are named ``<prefix>:...`` (channels also carry the db number: Redis
+    pub/sub ignores dbs).
     """
 
     def __init__(self, core: IocpCore, url: str = "redis://127.0.0.1:6379/0", *,
@@ -427,8 +431,17 @@ class RedisBackplane(_Presence):
                     share.group._deliver(data, exclude, droppable)
 
     def _protocol_error(self, link: _Link, reason: str) -> None:
-        log.error("redis backplane: %s sent what is not RESP2 on the %s connection: %s",
-                  self.address.display(), _ROLE[link.index], reason)
+        """A link received what is not RESP2 (it is aborted next): logged once per
+        outage, as the outage's line (a peer that is not Redis answers every attempt
+        so); the repeats at DEBUG."""
+        with self._lock:
+            first = "protocol error" not in self._errors_logged
+            self._errors_logged.add("protocol error")
+            if first:
+                self._outage_logged = True
+        log.log(logging.ERROR if first else logging.DEBUG,
+                "redis backplane: %s sent what is not RESP2 on the %s connection: %s",
+                self.address.display(), _ROLE[link.index], reason)
 
     def _command_error(self, err: Any) -> None:
         text = str(err)
