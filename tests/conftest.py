@@ -89,6 +89,9 @@ class Server:
             self.worker_errors.append(e)
 
     def start(self):
+        if self.workers == 1:
+            # What Run(workers=1) does: the one worker owns an io_uring ring of its own.
+            self.core._single_dispatcher()
         self.service.Start()
         for i in range(self.workers):
             t = threading.Thread(target=self._worker, name=f"test-worker-{i}", daemon=True)

@@ -96,6 +96,7 @@ cdef extern from "port/port.h" nogil:
     void port_destroy(port_t *p)
     int port_wait(port_t *p, port_cqe_t *out, int max, int timeout_ms)
     void port_batch_end(port_t *p)
+    int port_single_dispatcher(port_t *p)
     int port_strand_next(port_t *p, port_strand_t *s, port_cqe_t *out)
     void port_strand_init(port_strand_t *s, void *owner)
     void port_strand_discard(port_t *p, port_strand_t *s)

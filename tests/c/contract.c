@@ -3024,6 +3024,139 @@ typedef struct test_case {
     void (*fn)(void);
 } test_case_t;
 
+/* ---- single_dispatcher ------------------------------------------------------------------ */
+
+/* port_single_dispatcher: from then on one thread (the first to wait) dispatches; io_uring
+ * remakes its ring so that only that thread enters the kernel.  Other threads still post,
+ * receive, poll, close and shut down: their SQEs reach the kernel through the owner, a
+ * sleeping owner is woken for them, and their port_sock_close is done when it returns.
+ * Other backends refuse (nothing to change); so does a port that already submitted. */
+typedef struct sd {
+    port_t *P;
+    port_op_t posts[2];
+    port_op_t rv;
+    volatile long seen[2];
+    volatile long recv_bytes, recv_final, bad, ended;
+} sd_t;
+
+static void sd_owner(void *arg) {
+    sd_t *d = (sd_t *)arg;
+    for (;;) {
+        port_cqe_t out[16];
+        int i, n = port_wait(d->P, out, 16, -1);
+        if (n == PORT_EINTR)
+            continue;
+        if (n < 0) {
+            A_STORE(&d->ended, n);
+            return;
+        }
+        for (i = 0; i < n; i++) {
+            port_cqe_t *c = &out[i];
+            if (c->op == &d->posts[0] || c->op == &d->posts[1]) {
+                A_ADD(&d->seen[c->op - d->posts], 1);
+            } else if (c->op == &d->rv) {
+                if (c->res > 0)
+                    A_ADD(&d->recv_bytes, (long)c->res);
+                if (c->flags & PORT_CQE_BUFFER)
+                    port_recv_release(d->P, c);
+                if (!(c->flags & PORT_CQE_MORE))
+                    A_STORE(&d->recv_final, c->res == 0 ? 1 : 2);
+            } else {
+                A_ADD(&d->bad, 1);
+            }
+        }
+        port_batch_end(d->P);
+    }
+}
+
+static int sd_wait(volatile long *v, long want, int ms) {
+    double t0 = now_ms();
+    while (A_LOAD(v) != want && now_ms() - t0 < ms)
+        sleep_ms(2);
+    return A_LOAD(v) == want;
+}
+
+static void case_single_dispatcher(void) {
+    sd_t *d = (sd_t *)calloc(1, sizeof(sd_t));
+    port_addr_t bound;
+    port_sock_t l = PORT_INVALID_SOCK, cli = PORT_INVALID_SOCK, srv = PORT_INVALID_SOCK;
+    port_sock_t cli2 = PORT_INVALID_SOCK, srv2 = PORT_INVALID_SOCK;
+    port_cqe_t out[4];
+    thr_t th;
+    int rc, started = 0;
+    char ch;
+    REQUIRE(d != NULL);
+    d->P = new_port();
+    REQUIRE(d->P != NULL);
+    rc = port_single_dispatcher(d->P);
+    if (strcmp(g_backend, "io_uring") != 0) {
+        CHECK_EQ(rc, PORT_EUNAVAIL);   /* nothing to change on this backend */
+        goto done;
+    }
+    CHECK_EQ(rc, 0);
+    CHECK_EQ(port_single_dispatcher(d->P), PORT_EUNAVAIL);   /* once */
+    port_op_init(&d->posts[0], PORT_OP_POST, NULL, NULL);
+    port_op_init(&d->posts[1], PORT_OP_POST, NULL, NULL);
+    port_op_init(&d->rv, PORT_OP_RECV, NULL, NULL);
+    /* Posted before anyone waits: it waits in the ring for the owner. */
+    CHECK_EQ(port_post(d->P, &d->posts[0], 7), 0);
+    /* A poll from this thread (it becomes the owner if it waits first: so the owner
+     * starts first, and this thread is a follower from then on). */
+    REQUIRE(thr_start(&th, sd_owner, d) == 0);
+    started = 1;
+    CHECKF(sd_wait(&d->seen[0], 1, 5000), "the post made before the owner waited");
+    sleep_ms(50);                          /* the owner is asleep in the kernel */
+    CHECK_EQ(port_post(d->P, &d->posts[1], 8), 0);
+    CHECKF(sd_wait(&d->seen[1], 1, 5000), "a post from another thread woke the owner");
+    rc = port_wait(d->P, out, 4, 0);       /* a follower's poll: returns, takes nothing */
+    CHECK(rc >= 0);
+    rc = port_wait(d->P, out, 4, 30);      /* and a follower's timed wait */
+    CHECK(rc >= 0);
+    /* A receive armed from this thread while the owner sleeps. */
+    l = plain_listen(&bound);
+    REQUIRE(l != PORT_INVALID_SOCK);
+    cli = plain_connect(&bound);
+    srv = plain_accept(l, 5000);
+    REQUIRE(cli != PORT_INVALID_SOCK && srv != PORT_INVALID_SOCK);
+    CHECK_EQ(recv_post(d->P, &d->rv, srv), 0);
+    sleep_ms(20);
+    CHECK_EQ(plain_send_all(cli, "abc", 3), 0);
+    CHECKF(sd_wait(&d->recv_bytes, 3, 5000), "received %ld bytes", A_LOAD(&d->recv_bytes));
+    /* port_sock_close from this thread is done when it returns: the peer sees EOF.  The
+     * receive armed on srv ends first (cancel, then close), as the core does it. */
+    CHECK_EQ(port_cancel(d->P, &d->rv), 0);
+    CHECKF(sd_wait(&d->recv_final, 2, 5000) || A_LOAD(&d->recv_final) == 1,
+           "the cancelled receive ended (%ld)", A_LOAD(&d->recv_final));
+    CHECK_EQ(port_sock_close(d->P, srv, 0), 0);
+    srv = PORT_INVALID_SOCK;
+    CHECK_EQ(plain_recv_all(cli, &ch, 1), 0);
+    /* After shutdown (the owner leaves), a close is still done at once. */
+    cli2 = plain_connect(&bound);
+    srv2 = plain_accept(l, 5000);
+    REQUIRE(cli2 != PORT_INVALID_SOCK && srv2 != PORT_INVALID_SOCK);
+    port_shutdown(d->P);
+    thr_join(th);
+    started = 0;
+    CHECK_EQ(A_LOAD(&d->ended), PORT_ECLOSED);
+    CHECK_EQ(port_sock_close(d->P, srv2, 0), 0);
+    srv2 = PORT_INVALID_SOCK;
+    CHECK_EQ(plain_recv_all(cli2, &ch, 1), 0);
+    CHECK_EQ(A_LOAD(&d->bad), 0);
+done:
+    if (started) {
+        port_shutdown(d->P);
+        thr_join(th);
+    }
+    plain_close(srv);
+    plain_close(srv2);
+    plain_close(cli);
+    plain_close(cli2);
+    plain_close(l);
+    if (d != NULL)
+        end_port(d->P);
+    free(d);
+}
+
 static const test_case_t cases[] = {
     {"accept_several", case_accept_several},
     {"connect", case_connect},
@@ -3053,6 +3186,7 @@ static const test_case_t cases[] = {
     {"recv_waiters_in_order", case_recv_waiters_in_order},
     {"recv_detach", case_recv_detach},
     {"recv_idle_do_not_wait", case_recv_idle_do_not_wait},
+    {"single_dispatcher", case_single_dispatcher},
 };
 
 /* Is `name` one of the comma-separated names in `list`? */

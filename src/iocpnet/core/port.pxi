@@ -143,6 +143,15 @@ cdef class IocpCore:
             max_batch = BATCH
         return self._dispatch(timeout_ms, max_batch, True)
 
+    def _single_dispatcher(self):
+        """``Run`` with one worker: that worker will be the only thread dispatching this
+        core until it closes, which lets io_uring run completion work in its waits
+        (``port_single_dispatcher``; cheaper per completion).  True if the port took it
+        (io_uring, kernel 6.1+, nothing submitted yet)."""
+        if self.port == NULL or self._closed:
+            return False
+        return port_single_dispatcher(self.port) == 0
+
     def _work(self):
         """A worker thread's loop (``Run``): ``Dispatch()`` until the core closes, with
         the submissions of one batch going to the kernel together with the next wait

@@ -150,6 +150,14 @@ int port_wait(port_t *p, port_cqe_t *out, int max, int timeout_ms) {
     return p->vt->wait(p, out, max, timeout_ms);
 }
 void port_batch_end(port_t *p) { p->vt->batch_end(p); }
+int port_single_dispatcher(port_t *p) {
+#ifdef PORT_HAVE_IO_URING
+    if (p->vt == &port__io_uring_vtable)
+        return port__uring_single_dispatcher(p);
+#endif
+    PORT_UNUSED(p);
+    return PORT_EUNAVAIL;
+}
 
 void port_get_stats(port_t *p, port_stats_t *out) {
     out->submitted = (uint64_t)port_atomic_load64(&p->submitted);

@@ -39,6 +39,17 @@
 #  define IORING_SETUP_COOP_TASKRUN (1U << 8)          /* 5.19 */
 #  define IORING_SETUP_TASKRUN_FLAG (1U << 9)
 #endif
+#ifndef IORING_SETUP_DEFER_TASKRUN
+#  define IORING_SETUP_R_DISABLED (1U << 6)            /* 5.10 */
+#  define IORING_SETUP_SINGLE_ISSUER (1U << 12)        /* 6.0 */
+#  define IORING_SETUP_DEFER_TASKRUN (1U << 13)        /* 6.1 */
+#endif
+#ifndef IORING_REGISTER_ENABLE_RINGS
+#  define IORING_REGISTER_ENABLE_RINGS 12              /* 5.10 */
+#endif
+#ifndef IORING_UNREGISTER_PBUF_RING
+#  define IORING_UNREGISTER_PBUF_RING 23               /* 5.19 */
+#endif
 #ifndef IORING_SQ_TASKRUN
 #  define IORING_SQ_TASKRUN (1U << 1)                  /* 5.19 */
 #endif
@@ -157,6 +168,15 @@ typedef struct uring_port {
     int bell_fd;
     volatile int32_t bell_rung;        /* written and not yet answered */
 
+    /* One dispatcher (port_single_dispatcher): the ring was remade SINGLE_ISSUER |
+     * DEFER_TASKRUN, and only its owner enters it (io_uring.c, "One dispatcher").
+     * single: 0 any thread enters; 1 remade, disabled until the first waiter claims
+     * it; 2 enabled.  owner: that thread's id.  entering: the owner is inside
+     * io_uring_enter (a close after shutdown waits until it is out). */
+    volatile int32_t single;
+    volatile int32_t owner;
+    volatile int32_t entering;
+
     /* Leader/follower: one thread sleeps in the kernel, the others here. */
     pthread_mutex_t room;
     pthread_cond_t room_cv;
@@ -211,6 +231,9 @@ void port__uring_recv_out_of_buffers(uring_port_t *p, port_op_t *op);
 
 int port__uring_probe(char *errbuf, size_t errlen);
 int port__uring_create(port_t **out, const port_options_t *opts, char *errbuf, size_t errlen);
+/* Remake a port that never submitted anything as a SINGLE_ISSUER | DEFER_TASKRUN ring,
+ * disabled until its first waiter claims it.  0, or PORT_EUNAVAIL (kept as it is). */
+int port__uring_single_issuer(uring_port_t *p);
 /* Unmap and close everything; the port's memory too. */
 void port__uring_free(uring_port_t *p);
 

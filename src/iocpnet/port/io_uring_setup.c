@@ -16,6 +16,21 @@
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 
+/* Unmap the rings and close the ring's descriptor. */
+static void unmap_rings(uring_port_t *p) {
+    if (p->sqes)
+        munmap(p->sqes, p->sqes_sz);
+    if (p->cq_ring && p->cq_ring != p->sq_ring)
+        munmap(p->cq_ring, p->cq_ring_sz);
+    if (p->sq_ring)
+        munmap(p->sq_ring, p->sq_ring_sz);
+    if (p->ring_fd >= 0)
+        close(p->ring_fd);
+    p->sqes = NULL;
+    p->sq_ring = p->cq_ring = NULL;
+    p->ring_fd = -1;
+}
+
 void port__uring_free(uring_port_t *p) {
     if (p->buf_addr) {
         unsigned i;
@@ -25,14 +40,7 @@ void port__uring_free(uring_port_t *p) {
     }
     if (p->br)
         munmap(p->br, p->br_sz);
-    if (p->sqes)
-        munmap(p->sqes, p->sqes_sz);
-    if (p->cq_ring && p->cq_ring != p->sq_ring)
-        munmap(p->cq_ring, p->cq_ring_sz);
-    if (p->sq_ring)
-        munmap(p->sq_ring, p->sq_ring_sz);
-    if (p->ring_fd >= 0)
-        close(p->ring_fd);
+    unmap_rings(p);
     if (p->bell_fd >= 0)
         close(p->bell_fd);
     pthread_cond_destroy(&p->room_cv);
@@ -207,8 +215,16 @@ static int map_rings(uring_port_t *p, const struct io_uring_params *params, char
 
 /* The provided-buffer ring (io_uring_bufs.c): mapped, registered, and a first few
  * buffers in it. */
-static int setup_buffers(uring_port_t *p, char *errbuf, size_t errlen) {
+static int register_buffers(uring_port_t *p) {
     struct io_uring_buf_reg reg;
+    memset(&reg, 0, sizeof(reg));
+    reg.ring_addr = (uint64_t)(uintptr_t)p->br;
+    reg.ring_entries = p->br_mask + 1;
+    reg.bgid = BGID;
+    return sys_register(p->ring_fd, IORING_REGISTER_PBUF_RING, &reg, 1);
+}
+
+static int setup_buffers(uring_port_t *p, char *errbuf, size_t errlen) {
     unsigned ring_entries = 1;
     p->buf_size = p->base.opts.recv_buffer_size;
     p->buf_max = p->base.opts.recv_buffer_count;
@@ -229,11 +245,7 @@ static int setup_buffers(uring_port_t *p, char *errbuf, size_t errlen) {
         port__set_err(errbuf, errlen, "io_uring: out of memory for the buffer table");
         return PORT_ENOMEM;
     }
-    memset(&reg, 0, sizeof(reg));
-    reg.ring_addr = (uint64_t)(uintptr_t)p->br;
-    reg.ring_entries = ring_entries;
-    reg.bgid = BGID;
-    if (sys_register(p->ring_fd, IORING_REGISTER_PBUF_RING, &reg, 1) < 0) {
+    if (register_buffers(p) < 0) {
         if (errno == ENOMEM) {
             port__set_err(errbuf, errlen, "io_uring: out of memory registering buffers");
             return PORT_ENOMEM;
@@ -291,6 +303,88 @@ static int uring_create_ex(uring_port_t **out, const port_options_t *opts, char 
     port__uring_submit_now(p);
     *out = p;
     return 0;
+}
+
+/* One dispatcher (io_uring.c): the same port on a new ring made SINGLE_ISSUER |
+ * DEFER_TASKRUN | R_DISABLED.  Only a port that never submitted an operation and that no
+ * thread waits on is remade: then the old ring holds nothing but the doorbell's poll,
+ * and the kernel never took a receive buffer (the new registration starts reading the
+ * buffer ring at entry 0, where ours starts too).  A kernel that refuses the flags
+ * (before 6.1), or anything failing, leaves the port as it was. */
+int port__uring_single_issuer(uring_port_t *p) {
+    struct io_uring_params params;
+    struct io_uring_buf_reg reg;
+    char err[160];
+    int rc = PORT_EUNAVAIL, fd;
+    uint64_t count;
+    /* The old ring, to restore on failure or unmap on success. */
+    uring_port_t old;
+
+    pthread_mutex_lock(&p->room);
+    port_spin_lock(&p->cq_lock);
+    port_spin_lock(&p->sq_lock);
+    port_spin_lock(&p->br_lock);
+    if (p->single || p->leader || port_atomic_load32(&p->base.closed) ||
+        __atomic_load_n(&p->base.submitted, __ATOMIC_ACQUIRE) != 0 ||
+        LOAD_ACQ(p->sq_ktail) != LOAD_ACQ(p->sq_khead) || p->sq_tail != *p->sq_ktail)
+        goto out;
+    memset(&params, 0, sizeof(params));
+    params.flags = IORING_SETUP_CQSIZE | IORING_SETUP_SUBMIT_ALL | IORING_SETUP_SINGLE_ISSUER |
+                   IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG |
+                   IORING_SETUP_R_DISABLED;
+    params.cq_entries = p->base.opts.queue_depth * 4;
+    fd = sys_setup(p->base.opts.queue_depth, &params);
+    if (fd < 0)
+        goto out;
+    memcpy(&old, p, sizeof(old));
+    p->ring_fd = fd;
+    p->sqes = NULL;
+    p->sq_ring = p->cq_ring = NULL;
+    if (map_rings(p, &params, err, sizeof(err)) != 0 || register_buffers(p) < 0) {
+        unmap_rings(p);
+        p->ring_fd = old.ring_fd;
+        p->sq_ring = old.sq_ring;
+        p->cq_ring = old.cq_ring;
+        p->sqes = old.sqes;
+        p->sq_ring_sz = old.sq_ring_sz;
+        p->cq_ring_sz = old.cq_ring_sz;
+        p->sqes_sz = old.sqes_sz;
+        p->sq_khead = old.sq_khead;
+        p->sq_ktail = old.sq_ktail;
+        p->sq_kflags = old.sq_kflags;
+        p->sq_mask = old.sq_mask;
+        p->sq_entries = old.sq_entries;
+        p->sq_tail = old.sq_tail;
+        p->cq_khead = old.cq_khead;
+        p->cq_ktail = old.cq_ktail;
+        p->cq_mask = old.cq_mask;
+        p->cqes = old.cqes;
+        goto out;
+    }
+    /* The old ring lets go of the buffer ring, then goes (its doorbell poll with it). */
+    memset(&reg, 0, sizeof(reg));
+    reg.bgid = BGID;
+    (void)sys_register(old.ring_fd, IORING_UNREGISTER_PBUF_RING, &reg, 1);
+    unmap_rings(&old);
+    p->setup_flags = params.flags;
+    while (read(p->bell_fd, &count, sizeof(count)) > 0)
+        ;
+    port_atomic_store32(&p->bell_rung, 0);
+    port_atomic_store32(&p->owner, 0);
+    port_atomic_store32(&p->single, 1);
+    rc = 0;
+out:
+    port_spin_unlock(&p->br_lock);
+    port_spin_unlock(&p->sq_lock);
+    port_spin_unlock(&p->cq_lock);
+    pthread_mutex_unlock(&p->room);
+    if (rc == 0)
+        port__uring_arm_doorbell(p);   /* in the ring until the owner's first enter */
+    return rc;
+}
+
+int port__uring_single_dispatcher(port_t *bp) {
+    return port__uring_single_issuer((uring_port_t *)bp);
 }
 
 int port__uring_probe(char *errbuf, size_t errlen) {

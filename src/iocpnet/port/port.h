@@ -256,6 +256,13 @@ void port_destroy(port_t *p);
  * deferral early (the thread will not wait again soon). */
 int port_wait(port_t *p, port_cqe_t *out, int max, int timeout_ms);
 void port_batch_end(port_t *p);
+/* The caller promises that from now on one thread only (the next to call port_wait)
+ * dispatches this port, until it is shut down: io_uring then runs completion work in
+ * that thread's waits, which costs less CPU per completion (io_uring.c, "One
+ * dispatcher").  Other threads may still submit, close and poll (at a slower pace).
+ * Only a port that has submitted nothing yet: 0, or PORT_EUNAVAIL (another backend, a
+ * kernel before 6.1, a port already in use), when nothing changed. */
+int port_single_dispatcher(port_t *p);
 /* Hand this thread's deferred submissions to the kernel now if they include a send, so
  * that a reply written by one hook does not wait behind the next hooks of the batch. */
 void port_flush_sends(port_t *p);

@@ -165,5 +165,7 @@ int port__win_close(SOCKET s, int flags);
 extern const port_vtable_t port__io_uring_vtable;
 extern const port_vtable_t port__epoll_vtable;
 extern const port_vtable_t port__iocp_vtable;
+/* port_single_dispatcher on an io_uring port (io_uring_setup.c). */
+int port__uring_single_dispatcher(port_t *p);
 
 #endif /* IOCPNET_PORT_INT_H */
