@@ -149,6 +149,41 @@ def test_view_behaves_like_a_readonly_memoryview(server):
     }
 
 
+def test_pickle_and_copy_of_a_view_say_to_copy_its_bytes(server):
+    """A view is not data of its own (as a memoryview cannot be pickled or copied):
+    pickle.dumps, copy.copy and copy.deepcopy raise a TypeError that says how to
+    copy the bytes, and the view is untouched."""
+    import copy
+    import pickle
+    got = []
+
+    def attempt(f):
+        try:
+            f()
+        except TypeError as e:
+            return str(e)
+        return "no error"
+
+    class Inspect(iocpnet.Session):
+        def OnRecv(self, data):
+            tries = [attempt(lambda p=p: pickle.dumps(data, protocol=p))
+                     for p in range(pickle.HIGHEST_PROTOCOL + 1)]
+            tries += [attempt(lambda: copy.copy(data)), attempt(lambda: copy.deepcopy(data)),
+                      attempt(lambda: copy.deepcopy({"msg": data}))]
+            got.append((tries, bytes(data)))
+            self.Send(b"k")
+
+    srv = server(Inspect)
+    with connect(srv.address) as c:
+        c.sendall(b"hello")
+        assert recv_exactly(c, 1) == b"k"
+    tries, after = got[0]
+    assert after == b"hello"
+    for msg in tries:
+        assert msg.startswith("cannot pickle or copy a RecvView") and \
+            "bytes(view)" in msg, msg
+
+
 def test_send_of_a_view(server):
     """Send(data) of OnRecv's view (the echo), of a slice, and of a released view."""
     errors = []

@@ -9,7 +9,7 @@ import concurrent.futures
 import logging
 import ssl as _ssl
 from collections.abc import Callable, Coroutine, Iterable, Iterator
-from typing import Any, Generic, Protocol, SupportsIndex, TypedDict, TypeVar, final, overload
+from typing import Any, Generic, NoReturn, Protocol, SupportsIndex, TypedDict, TypeVar, final, overload
 
 from typing_extensions import Self, TypeVarTuple, Unpack
 
@@ -278,6 +278,11 @@ class RecvView:
         """The bytes as a list of ints."""
     def hex(self, *args: str | bytes | int) -> str:
         """The bytes as hexadecimal text (the arguments of ``bytes.hex``)."""
+    def __reduce_ex__(self, protocol: SupportsIndex, /) -> NoReturn:
+        """Refused (TypeError), as for a memoryview: copy the bytes with bytes(view)."""
+    def __reduce__(self) -> NoReturn: ...
+    def __copy__(self) -> NoReturn: ...
+    def __deepcopy__(self, memo: Any, /) -> NoReturn: ...
     def toreadonly(self) -> Self:
         """The view itself: it is read-only already."""
     def cast(self, *args: Any) -> memoryview:

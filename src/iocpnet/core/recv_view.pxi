@@ -72,6 +72,10 @@ cdef extern from *:
 cdef char _rv_empty[1]
 
 
+_RV_NO_COPY = ("cannot pickle or copy a RecvView (a view of received bytes, like a "
+               "memoryview): copy its bytes with bytes(view)")
+
+
 @cython.final
 cdef class RecvView:
     """The bytes OnRecv is given: read-only, valid for as long as you hold it.
@@ -282,6 +286,21 @@ cdef class RecvView:
     def hex(self, *args):
         """The bytes as hexadecimal text (the arguments of ``bytes.hex``)."""
         return self._to_bytes().hex(*args)
+
+    # Not data of its own, as a memoryview is not: pickling or copying one is refused
+    # with what to do instead (copy.copy returning bytes would hand back another type
+    # than it was given, and a silent copy is what a view exists to avoid).
+    def __reduce_ex__(self, protocol):
+        raise TypeError(_RV_NO_COPY)
+
+    def __reduce__(self):
+        raise TypeError(_RV_NO_COPY)
+
+    def __copy__(self):
+        raise TypeError(_RV_NO_COPY)
+
+    def __deepcopy__(self, memo):
+        raise TypeError(_RV_NO_COPY)
 
     def toreadonly(self):
         """The view itself: it is read-only already."""
