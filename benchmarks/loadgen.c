@@ -381,14 +381,27 @@ static struct {
  * If the round-trip rate holds with, say, 20 % withheld, the generator needed
  * at most 80 % of its core and was not the limit; if the rate falls, it was.
  * The period is short next to a round trip of the 10/100-connection cases
- * (hundreds of microseconds) and long next to one pass. */
+ * (hundreds of microseconds) and long next to one pass.
+ * The machine's speed drifts from second to second, so the rate with and
+ * without the handicap is compared within one run: time is cut into
+ * HC_PHASE_NS phases, the handicap applies in every other one, and the
+ * echoes completed in each kind of phase are counted apart (the report's
+ * probe_rate_ratio). A phase boundary spills about one round trip's worth of
+ * backlog into the next phase, both ways: well under 1 % of a 100 ms phase. */
 #define HC_PERIOD_NS 100000ull
-static uint64_t hc_next;
+#define HC_PHASE_NS 100000000ull
+static uint64_t hc_next, hc_origin;
+static uint64_t hc_phase_msgs[2]; /* measured echoes completed in free / withheld phases */
+
+static inline int hc_withholding(uint64_t t)
+{
+    return (int)(((t - hc_origin) / HC_PHASE_NS) & 1);
+}
 
 /* Returns the time after the pause (t itself when there was none). */
 static uint64_t handicap_pause(uint64_t t)
 {
-    if (o.handicap <= 0 || t < hc_next)
+    if (o.handicap <= 0 || t < hc_next || !hc_withholding(t))
         return t;
     uint64_t off = (uint64_t)(o.handicap * (double)HC_PERIOD_NS);
     uint64_t end = t + off, t2;
@@ -600,6 +613,8 @@ static int message_done(struct conn *c)
         hist_add(&hist, lat);
         measured_msgs++;
         measured_bytes += (uint64_t)o.size;
+        if (o.handicap > 0)
+            hc_phase_msgs[hc_withholding(t)]++;
     }
     c->rx_msg++;
     c->rx_off = 0;
@@ -1096,6 +1111,7 @@ static void window_begin(struct window *w)
 {
     measuring = 1;
     memset(&busy_acct, 0, sizeof busy_acct);
+    hc_phase_msgs[0] = hc_phase_msgs[1] = 0;
     w->t0 = now_ns();
     w->lg_cpu0 = cpu_self_s();
     w->lg_delay0 = self_delay_s();
@@ -1134,9 +1150,26 @@ static void print_common(const struct window *w)
            engine_names[engine], secs, cpu, busy, busy_acct.idle_ns / 1e9,
            (unsigned long long)busy_acct.passes, (unsigned long long)busy_acct.work_passes,
            (unsigned long long)busy_acct.enters);
-    if (o.handicap > 0)
-        printf(", \"loadgen_handicap\": %.3f, \"loadgen_withheld_s\": %.6f", o.handicap,
-               busy_acct.handicap_ns / 1e9);
+    if (o.handicap > 0) {
+        /* time of the window in free (0) and withheld (1) phases */
+        double ph[2] = {0, 0};
+        for (uint64_t a = w->t0; a < w->t1;) {
+            uint64_t slot = (a - hc_origin) / HC_PHASE_NS;
+            uint64_t b = hc_origin + (slot + 1) * HC_PHASE_NS;
+            if (b > w->t1)
+                b = w->t1;
+            ph[slot & 1] += (b - a) / 1e9;
+            a = b;
+        }
+        double r0 = ph[0] > 0 ? hc_phase_msgs[0] / ph[0] : 0;
+        double r1 = ph[1] > 0 ? hc_phase_msgs[1] / ph[1] : 0;
+        printf(", \"loadgen_handicap\": %.3f, \"loadgen_withheld_s\": %.6f, "
+               "\"probe_free_s\": %.6f, \"probe_withheld_s\": %.6f, "
+               "\"probe_free_rate\": %.1f, \"probe_withheld_rate\": %.1f, "
+               "\"probe_rate_ratio\": %.4f, \"probe_withheld_share\": %.4f",
+               o.handicap, busy_acct.handicap_ns / 1e9, ph[0], ph[1], r0, r1,
+               r0 > 0 ? r1 / r0 : 0, ph[1] > 0 ? busy_acct.handicap_ns / 1e9 / ph[1] : 0);
+    }
     if (engine == E_URING)
         printf(", \"uring\": {\"setup_flags\": %u, \"taskrun_flag\": %d, \"registered_ring\": %d, "
                "\"fixed_files\": %d, "
@@ -1373,7 +1406,8 @@ static void usage(FILE *f)
             "  -r RATE    pingpong/pipeline: send at most RATE messages per second\n"
             "             (0, the default: as fast as the echoes come back)\n"
             "  -H SHARE   headroom probe: withhold SHARE (0-0.9) of its core from\n"
-            "             itself (busy-polling engines; see the comment at handicap_pause)\n",
+            "             itself in every other 100 ms phase and report the rate in\n"
+            "             both kinds of phase (busy-polling engines; see handicap_pause)\n",
             MAX_MSG);
 }
 
@@ -1518,6 +1552,7 @@ int main(int argc, char **argv)
         }
     }
 
+    hc_origin = now_ns();
     switch (o.mode) {
     case M_PINGPONG:
     case M_PIPELINE: run_traffic(); break;

@@ -592,10 +592,13 @@ SERVER_LIMIT = 0.90  # server cores at or above this: the server was the limit
 # batches at the same rate (loadgen.c, handicap_pause). So a cell whose load
 # generator was busy above LG_LIMIT while its server ran at SERVER_LIMIT or
 # more gets PROBE_SLICES extra slices in which the load generator withholds
-# PROBE_WITHHOLD of its core from itself. If the rate holds (median of the
-# probes at least PROBE_HOLD of the cell's median rate), it needed at most
-# 1 - PROBE_WITHHOLD of its core: the server was the limit and the cell
-# compares servers. Otherwise, or when the probes could not run, the cell
+# PROBE_WITHHOLD of its core from itself in every other 100 ms phase and
+# counts the echoes of both kinds of phase apart (the rates are compared
+# within one slice: the machine's drift between slices does not enter). If
+# the rate holds (median over the probe slices of withheld-phase rate /
+# free-phase rate at least PROBE_HOLD), it needed at most 1 - the share
+# really withheld: the server was the limit and the cell compares servers.
+# Otherwise, or when the probes could not run, the cell
 # stays "load generator". Probe slices are in no other figure.
 PROBE_WITHHOLD, PROBE_HOLD, PROBE_SLICES = 0.2, 0.97, 2
 
@@ -768,9 +771,10 @@ def run_probes(case, running, args, progress, record):
             record[r.server.key].setdefault("probes", []).append(res)
             flag = "  DISTURBED" if res["disturbed"] else ""
             progress.line(f"{case.name} probe {i + 1}/{PROBE_SLICES} {r.server.label:20} "
-                          f"{human(res[rate_key]):>7} {case.unit} with {PROBE_WITHHOLD:.0%} of "
-                          f"the load generator's core withheld (busy "
-                          f"{res['loadgen_busy']:4.0%} of the rest){flag}")
+                          f"{human(res.get('probe_withheld_rate', 0)):>7} {case.unit} with "
+                          f"{res.get('probe_withheld_share', 0):.0%} of the load generator's core "
+                          f"withheld, {human(res.get('probe_free_rate', 0)):>7} without: "
+                          f"{res.get('probe_rate_ratio', 0):.1%}{flag}")
 
 
 def run_idle_case(case, servers, args, progress, record):
@@ -860,10 +864,10 @@ def aggregate(case, record):
         probe = None
         probes = [s for s in rec.get("probes", []) if not s.get("disturbed")]
         if probes and not disturbed:
-            ratio = statistics.median(s[rate_key] for s in probes) / rate_median
-            # the share really withheld (a pass longer than the probe's period
-            # delays the next pause, so it can fall short of PROBE_WITHHOLD)
-            probe = {"withheld": statistics.median(s.get("loadgen_withheld_s", 0) / s["window_s"]
+            ratio = statistics.median(s.get("probe_rate_ratio", 0) for s in probes)
+            # the share really withheld in the withheld phases (a pass longer
+            # than the pause period delays the next pause: it can fall short)
+            probe = {"withheld": statistics.median(s.get("probe_withheld_share", 0)
                                                    for s in probes),
                      "slices": len(probes), "rate_ratio": ratio,
                      "busy_of_rest": statistics.median(s["loadgen_busy"] for s in probes),
@@ -1017,7 +1021,8 @@ def markdown(meta, config, cases, results, servers, warnings):
              f"{LG_LIMIT * 100:.0f} % of its core (the cell measured it, not the server) and no "
              f"headroom probe showed otherwise (when the server was at {SERVER_LIMIT:.2f} of its "
              f"core or more, {PROBE_SLICES} more slices ran with {PROBE_WITHHOLD:.0%} of the load "
-             f"generator's core withheld from it; if the rate held at {PROBE_HOLD:.0%} or more, it "
+             f"generator's core withheld from it in every other 100 ms; if the rate in those "
+             f"phases was {PROBE_HOLD:.0%} or more of the rate in the others, it "
              f"needed at most {1 - PROBE_WITHHOLD:.0%} of its core: a busy-poller handles each echo "
              "the moment it comes, so a server that sends its echoes one by one keeps it busier "
              "than it needs to be; the probe slices are in no other figure); *server* "
@@ -1514,7 +1519,7 @@ def summarize(raw):
     out = {k: raw[k] for k in ("meta", "config", "servers", "warnings")}
     out["cases"] = []
     slim = ("round", "rt_per_s", "conn_per_s", "roundtrips", "connections", "window_s",
-            "loadgen_withheld_s",
+            "probe_rate_ratio", "probe_withheld_share", "probe_free_rate", "probe_withheld_rate",
             "server_cpu_s", "loadgen_busy", "loadgen_cpu_s", "other_load_cores", "disturbed")
     for c in raw["cases"]:
         cc = {k: v for k, v in c.items() if k != "servers"}
