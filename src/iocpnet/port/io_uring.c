@@ -52,8 +52,9 @@
  *
  * Receives use a provided-buffer ring (IORING_REGISTER_PBUF_RING): a connection holds
  * no buffer while idle, the kernel picks one only when bytes arrive.  The ring starts
- * with few buffers and grows when the kernel runs out (ENOBUFS), so the memory touched
- * follows the peak of data in flight, not the number of connections.  A receive is a
+ * with few buffers and grows by one for each receive with data waiting that finds it
+ * empty (io_uring_bufs.c), so the memory touched follows the peak of data in flight,
+ * not the number of connections.  A receive is a
  * single-shot recv, posted again by the caller once it has handled the data, so the
  * kernel never reads more than one buffer ahead of the application per connection.
  * When the previous read on an op did not fill its buffer, the next one asks the

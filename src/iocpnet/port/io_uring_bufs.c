@@ -5,8 +5,14 @@
  *
  * Each buffer is a heap block of its own (buf_addr[id]), so that one the caller keeps
  * (port_recv_detach) simply leaves the pool, which puts a fresh block under the same id.
- * The ring starts with few buffers and grows when the kernel runs out (ENOBUFS), up to
- * recv_buffer_count, so the memory touched follows the peak of data in flight.
+ * The ring starts with INITIAL_BUFFERS and grows by one buffer for each receive that has
+ * data waiting and finds it empty, up to recv_buffer_count: so it holds at most as many
+ * buffers as receives had data at once (epoll's pool makes its buffers the same way),
+ * not a size a burst of ENOBUFS reached.  Every buffer made is touched (the kernel takes
+ * them in ring order, so all of them circulate): the count made is the memory.  An
+ * ENOBUFS of a receive that did not poll first grows nothing (see Waiters).  A made
+ * buffer stays until the port closes: glibc keeps 16 KiB blocks in its heap anyway,
+ * and a ring sized to the last peak serves the next one without ENOBUFS round trips.
  *
  * Waiters.  A receive that finds the ring empty completes with ENOBUFS.  One that did
  * not poll first picks its buffer before reading, so its ENOBUFS says nothing about
@@ -103,30 +109,39 @@ void port__uring_recv_woken_done(uring_port_t *p, port_op_t *op) {
 
 void port__uring_recv_out_of_buffers(uring_port_t *p, port_op_t *op) {
     port_bufwait_t *bw = &OP_PRIV(op)->u.rv.bufwait;
-    int now = 0, mode = 0, woken;
+    int now = 0, woken;
     port_spin_lock(&p->br_lock);
     woken = port__bufwaitq_resolve(&p->waiters, bw);
-    if (port__uring_br_grow(p, p->buf_made) > 0) {
-        now = 1;           /* room again */
-    } else if (!__atomic_load_n(&OP_PRIV(op)->u.rv.polled, __ATOMIC_RELAXED)) {
+    if (!__atomic_load_n(&OP_PRIV(op)->u.rv.polled, __ATOMIC_RELAXED)) {
         /* A receive that does not poll first picks its buffer before it reads: this
-         * ENOBUFS says nothing about data.  Re-arm it to poll first: it asks for a
-         * buffer, or comes back here, only once data is there, so the queue holds
-         * receives with data waiting, and a wake never goes to a connection with
-         * nothing to read. */
+         * ENOBUFS says nothing about data, so it neither grows the ring nor waits.
+         * Re-arm it to poll first: it asks for a buffer, or comes back here, only once
+         * data is there, so the queue holds receives with data waiting, a wake never
+         * goes to a connection with nothing to read, and the ring grows only for
+         * bytes that are there. */
         now = 1;
-        mode = RECV_POLL_ALWAYS;
-    } else if ((woken || p->waiters.head == NULL) &&
-               port_atomic_load32(&p->br_free) > (int32_t)p->waiters.woken) {
-        /* A buffer came back since the kernel looked, and nobody older waits for it. */
+    } else if ((woken || p->waiters.head == NULL) && port__uring_br_grow(p, 1) > 0) {
+        /* Data is waiting and the kernel found every buffer out: one more buffer, for
+         * this receive.  So the ring grows to the most receives that had data at once
+         * (each buffer is held until its hook returns), and no further: never a
+         * doubling per ENOBUFS (a batch of them doubled it again and again, to
+         * recv_buffer_count, and since the kernel takes buffers in ring order every
+         * one of them was touched).  Taking a buffer given back since instead would
+         * keep the ring below the demand: a third of the receives then cost an ENOBUFS
+         * and a re-arm each. */
         port__bufwaitq_claim(&p->waiters, bw);
         now = 1;
-        mode = RECV_POLL_ALWAYS;
+    } else if ((woken || p->waiters.head == NULL) &&
+               port_atomic_load32(&p->br_free) > (int32_t)p->waiters.woken) {
+        /* At the limit, a buffer came back since the kernel looked, and nobody older
+         * waits for it. */
+        port__bufwaitq_claim(&p->waiters, bw);
+        now = 1;
     } else {
         /* Wait; one woken that lost its buffer to another receive stays the oldest. */
         port__bufwaitq_push(&p->waiters, bw, woken);
     }
     port_spin_unlock(&p->br_lock);
-    waiter_rearm(p, now ? op : NULL, mode, 1);
+    waiter_rearm(p, now ? op : NULL, RECV_POLL_ALWAYS, 1);
 }
 #endif /* __linux__ */
