@@ -225,11 +225,31 @@ def test_reconnect_honours_max_attempts(client_core, recorder, caplog_iocpnet):
     clients.Stop()
 
 
+def test_reconnect_keeps_trying_after_a_thousand_failures(client_core, caplog_iocpnet):
+    """Without max_attempts a client tries for as long as the server is away.  The
+    policy's delay overflowed a float at the 1025th failure in a row (factor ** n):
+    the retry was never scheduled and the client stopped trying for good (about 8.5
+    hours into an outage with the default policy)."""
+    port = free_port()
+    clients = iocpnet.ClientService(
+        client_core.core, ("127.0.0.1", port), iocpnet.Session, 1,
+        reconnect=iocpnet.Reconnect(initial=0.0, max_delay=0.0))
+    clients.Start()
+    wait_for(lambda: clients.connect_failures >= 1100, timeout=60,
+             message="1100 refused connects in a row")
+    assert not [r for r in caplog_iocpnet.records if r.levelno >= logging.ERROR]
+    clients.Stop()
+    assert clients.session_count == 0
+
+
 def test_reconnect_policy_delays():
     policy = iocpnet.Reconnect(initial=0.5, max_delay=3.0, factor=2.0)
     assert [policy.delay(n) for n in (0, 1, 2, 3, 4, 5)] == [0.5, 0.5, 1.0, 2.0, 3.0, 3.0]
+    assert policy.delay(10 ** 6) == 3.0           # no OverflowError, however long
     with pytest.raises(ValueError):
         iocpnet.Reconnect(factor=0.5)
+    with pytest.raises(ValueError):
+        iocpnet.Reconnect(initial=float("nan"))
 
 
 # ---- jobs and timers ----

@@ -47,7 +47,8 @@ class Reconnect:
 
     def __init__(self, initial: float = 0.5, max_delay: float = 30.0, factor: float = 2.0,
                  max_attempts: Optional[int] = None) -> None:
-        if initial < 0 or max_delay < 0 or factor < 1:
+        # Written so that NaN fails too (every comparison with it is false).
+        if not (initial >= 0 and max_delay >= 0 and factor >= 1):
             raise ValueError("initial and max_delay must be >= 0 and factor >= 1")
         self.initial = float(initial)
         self.max_delay = float(max_delay)
@@ -56,7 +57,11 @@ class Reconnect:
 
     def delay(self, failures: int) -> float:
         """Seconds to wait after `failures` failed attempts in a row (0 after a drop)."""
-        return min(self.max_delay, self.initial * self.factor ** max(failures - 1, 0))
+        try:
+            grown = self.initial * self.factor ** max(failures - 1, 0)
+        except OverflowError:       # factor ** n past a float, some 1000 failures on
+            grown = float("inf")
+        return min(self.max_delay, grown)
 
     def __repr__(self) -> str:
         return (f"Reconnect(initial={self.initial}, max_delay={self.max_delay}, "
