@@ -225,6 +225,50 @@ def test_reconnect_honours_max_attempts(client_core, recorder, caplog_iocpnet):
     clients.Stop()
 
 
+def test_reconnect_backs_off_from_a_server_that_accepts_and_closes(server, client_core,
+                                                                   caplog_iocpnet):
+    """A server that accepts and closes at once (overloaded, banned, a proxy with no
+    backend): each connection came up, so it reset the policy; the client reconnected
+    every `initial` seconds forever, never backing off, and max_attempts never ended
+    it.  A connection that ends before reset_after counts as a failed attempt."""
+    accepted = []
+
+    class Slam(iocpnet.Session):
+        def OnConnected(self):
+            accepted.append(1)
+            self.Disconnect("go away")
+
+    srv = server(Slam)
+    clients = iocpnet.ClientService(
+        client_core.core, srv.address, iocpnet.Session, 1,
+        reconnect=iocpnet.Reconnect(initial=0.01, max_delay=0.02, max_attempts=3,
+                                    reset_after=5.0))
+    clients.Start()
+    wait_for(lambda: any("giving up" in r.getMessage() for r in caplog_iocpnet.records),
+             message="the client gives up")
+    time.sleep(0.3)                 # many retry delays: no fourth connection comes
+    assert len(accepted) == 3
+    assert clients.session_count == 0 and clients.connect_failures == 0
+    clients.Stop()
+
+
+def test_reconnect_a_connection_that_stayed_up_resets_the_policy(server, client_core):
+    accepted = []
+
+    class Hold(iocpnet.Session):
+        def OnConnected(self):
+            accepted.append(1)
+            self.CallLater(0.4, self.Disconnect, "enough")
+
+    srv = server(Hold)
+    clients = iocpnet.ClientService(
+        client_core.core, srv.address, iocpnet.Session, 1,
+        reconnect=iocpnet.Reconnect(initial=0.01, max_attempts=1, reset_after=0.1))
+    clients.Start()
+    wait_for(lambda: len(accepted) >= 3, message="three connections (each held 0.4 s)")
+    clients.Stop()
+
+
 def test_reconnect_keeps_trying_after_a_thousand_failures(client_core, caplog_iocpnet):
     """Without max_attempts a client tries for as long as the server is away.  The
     policy's delay overflowed a float at the 1025th failure in a row (factor ** n):

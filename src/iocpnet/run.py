@@ -43,17 +43,21 @@ class Reconnect:
     """A ClientService's reconnect policy: when a session ends (or cannot connect), a new
     one is opened after ``initial`` seconds, the delay growing by ``factor`` up to
     ``max_delay`` while attempts keep failing; after ``max_attempts`` failures in a row
-    (None: no limit) the service stops trying.  A connection that came up resets it."""
+    (None: no limit) the service stops trying.  A connection that stayed up for
+    ``reset_after`` seconds resets it; one that ends sooner counts as a failed attempt
+    (a server that accepts and closes at once is backed off from like a refused one)."""
 
     def __init__(self, initial: float = 0.5, max_delay: float = 30.0, factor: float = 2.0,
-                 max_attempts: Optional[int] = None) -> None:
+                 max_attempts: Optional[int] = None, reset_after: float = 1.0) -> None:
         # Written so that NaN fails too (every comparison with it is false).
-        if not (initial >= 0 and max_delay >= 0 and factor >= 1):
-            raise ValueError("initial and max_delay must be >= 0 and factor >= 1")
+        if not (initial >= 0 and max_delay >= 0 and factor >= 1 and reset_after >= 0):
+            raise ValueError("initial, max_delay and reset_after must be >= 0 and "
+                             "factor >= 1")
         self.initial = float(initial)
         self.max_delay = float(max_delay)
         self.factor = float(factor)
         self.max_attempts = max_attempts
+        self.reset_after = float(reset_after)
 
     def delay(self, failures: int) -> float:
         """Seconds to wait after `failures` failed attempts in a row (0 after a drop)."""
@@ -65,7 +69,8 @@ class Reconnect:
 
     def __repr__(self) -> str:
         return (f"Reconnect(initial={self.initial}, max_delay={self.max_delay}, "
-                f"factor={self.factor}, max_attempts={self.max_attempts})")
+                f"factor={self.factor}, max_attempts={self.max_attempts}, "
+                f"reset_after={self.reset_after})")
 
 
 def run_service(service: Service, workers: Optional[int] = None, *,

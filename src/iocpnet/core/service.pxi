@@ -417,6 +417,7 @@ cdef class ClientService(Service):
     cdef bint _factory_takes_index    # factory(index): bot i of count
     cdef dict _indexes                # session -> its index (kept across reconnects)
     cdef int _next_index
+    cdef dict _up_since               # session -> ms it connected (the policy's reset)
 
     def __init__(self, IocpCore core, address, session_factory, int count=1, *,
                  reconnect=None, ssl=None, server_hostname=None):
@@ -446,6 +447,7 @@ cdef class ClientService(Service):
             server_hostname = self._address[0]
         self.server_hostname = server_hostname or None
         self._indexes = {}
+        self._up_since = {}
         self._factory_takes_index = _takes_an_argument(session_factory)
         host = self._address[0].encode("idna")
         rc = port_resolve(host, self._address[1], 0, &self._addr)
@@ -521,6 +523,9 @@ cdef class ClientService(Service):
         if self._stopping:
             _close_now(s, self._shutdown_reason, False)
             return False
+        if self.reconnect is not None:
+            with self._lock:
+                self._up_since[s] = port_monotonic_ms()
         if s._tls is None:
             self._session_ready()
         self._watch_idle(s)
@@ -528,25 +533,43 @@ cdef class ClientService(Service):
         return True
 
     cdef void _session_ready(self) noexcept:
-        """A connection came up (with TLS: its handshake is done): the policy resets."""
+        """A connection came up (with TLS: its handshake is done): the policy resets,
+        unless it asks for the connection to stay up reset_after seconds first (then
+        _session_done decides)."""
+        if _reset_after(self.reconnect) > 0:
+            return
         with self._lock:
             self._failures = 0
 
     cdef void _session_done(self, Session s) noexcept:
         Service._session_done(self, s)
+        cdef double reset_after
         with self._lock:
             index = self._indexes.pop(s, -1)
+            up_since = self._up_since.pop(s, None)
         if not s._was_connected:
             with self._lock:
                 self.connect_failures += 1
                 self._failures += 1
+        elif up_since is not None:
+            reset_after = _reset_after(self.reconnect)
+            if reset_after > 0:
+                # A server that accepts and closes at once must be backed off from
+                # (and max_attempts end it), not reconnected to every `initial` s.
+                with self._lock:
+                    if port_monotonic_ms() - <int64_t>up_since >= \
+                            <int64_t>(reset_after * 1000):
+                        self._failures = 0
+                    else:
+                        self._failures += 1
         if self.reconnect is not None and not self._stopping:
             self._schedule_retry(index)
 
     cdef void _schedule_retry(self, int index=-1) noexcept:
         limit = self.reconnect.max_attempts
         if limit is not None and self._failures >= limit:
-            logger.warning("giving up on %s:%d after %d failed connection attempts",
+            logger.warning("giving up on %s:%d after %d failed connection attempts "
+                           "(refused, or closed before the policy's reset_after)",
                            self._address[0], self._address[1], self._failures)
             return
         try:
@@ -585,6 +608,15 @@ cdef class ClientService(Service):
 
     def _on_core_close(self):
         self._begin_stop(self._shutdown_reason)
+
+
+cdef double _reset_after(object policy):
+    """How long a connection must stay up to reset the policy (0: as soon as it is up,
+    for a policy that does not say: the backplane's own counts failures itself)."""
+    try:
+        return max(0.0, float(getattr(policy, "reset_after", 0.0)))
+    except Exception:
+        return 0.0
 
 
 cdef bint _takes_an_argument(object factory):
