@@ -164,11 +164,19 @@ def test_dummy_client_chat_over_max_size_is_refused(capsys):
     assert "at most 8192 bytes" in capsys.readouterr().err
 
 
-def test_bad_arguments_are_refused(capsys):
+@pytest.mark.parametrize("argv, said", [
+    (["dummy-client", "--clients", "0"], "--clients must be positive"),
+    # NaN passed the check (nan <= 0 is false): `demo --seconds nan` ran forever.
+    (["demo", "--seconds", "nan"], "--seconds must be positive"),
+    (["dummy-client", "--interval", "nan"], "--interval must be positive"),
+    (["dummy-client", "--grace", "nan"], "--grace must be positive"),
+    (["echo", "--shutdown-timeout", "nan"], "--shutdown-timeout must be"),
+])
+def test_bad_arguments_are_refused(capsys, argv, said):
     with pytest.raises(SystemExit) as e:
-        cli.main(["dummy-client", "--clients", "0"])
+        cli.main(argv)
     assert e.value.code == 2
-    assert "--clients must be positive" in capsys.readouterr().err
+    assert said in capsys.readouterr().err
 
 
 # ---- echo ----

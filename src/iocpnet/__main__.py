@@ -376,8 +376,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--tls-cert and --tls-key go together")
     for name in ("clients", "seconds", "size", "workers", "interval", "room_size",
                  "processes", "accepts", "grace"):
-        if getattr(args, name, 1) <= 0:
+        # Written so that NaN is refused too (nan <= 0 is false: `--seconds nan` ran
+        # forever).
+        if not getattr(args, name, 1) > 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    if not getattr(args, "shutdown_timeout", 0) >= 0:
+        parser.error("--shutdown-timeout must be a number of seconds >= 0")
     try:
         return int(args.func(args))
     except iocpnet.BackendUnavailableError as e:
