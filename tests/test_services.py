@@ -362,6 +362,48 @@ def test_call_every_repeats_until_cancelled(server):
         srv.core.CallEvery(0, lambda: None)
 
 
+def test_timer_delays_that_are_not_a_number_of_seconds_are_refused(server):
+    """CallLater(nan) was never run and never ended; CallLater(inf) and CallLater(1e300)
+    ran at once; CallEvery(inf) ran ~500,000 times in 0.3 s, a worker busy for good
+    (the delay became milliseconds through a C cast of a float out of range: undefined
+    behaviour).  Each owner's timers (core, Session, Group) check the same way."""
+    ticks = []
+    box = {}
+
+    class Holder(iocpnet.Session):
+        def OnConnected(self):
+            box["session"] = self
+
+    srv = server(Holder)
+    c = connect(srv.address)
+    wait_for(lambda: "session" in box, message="the session")
+    group = iocpnet.Group(srv.core)
+    for owner in (srv.core, box["session"], group):
+        for bad in (float("nan"), float("inf"), -float("inf"), 1e300):
+            if bad >= 0 or bad != bad:
+                with pytest.raises(ValueError):
+                    owner.CallLater(bad, ticks.append, 1)
+            with pytest.raises(ValueError):
+                owner.CallEvery(bad, ticks.append, 1)
+        # A long but finite delay is a timer that is pending, not one that runs now.
+        far = owner.CallLater(1e9, ticks.append, 2)
+        time.sleep(0.05)
+        assert far.active and ticks == []
+        far.Cancel()
+        wait_for(lambda: not far.active, message="the cancelled timer to end")
+        # A period too small to count the missed ticks in: they were counted through
+        # the same undefined cast (2**63 skipped after a few ticks).
+        tiny_ticks = []
+        tiny = owner.CallEvery(1e-300, lambda: (tiny_ticks.append(3), time.sleep(0.002)))
+        wait_for(lambda: len(tiny_ticks) >= 3, message="3 ticks")
+        tiny.Cancel()
+        wait_for(lambda: not tiny.active, message="the tiny timer to end")
+        assert tiny.skipped <= 10 ** 18 * len(tiny_ticks), tiny.skipped
+    group.Close()
+    c.close()
+    box.clear()
+
+
 def test_call_every_keeps_a_fixed_rate(server):
     """CallEvery(0.020) with 5 ms of work in the callback ticks 50 times a second: the
     next deadline is the previous one plus the period, not the end of the callback plus

@@ -343,6 +343,12 @@ cdef class IocpCore:
         cdef Timer t = Timer.__new__(Timer)
         if not callable(func):
             raise TypeError("func must be callable")
+        # Written so that NaN fails too.  The delay becomes milliseconds through a C
+        # cast, undefined for NaN and for what does not fit (inf ran at once; as an
+        # interval, in a busy loop); 1e12 s (~31,700 years) is "never" enough.
+        if not (delay <= 1e12 and interval <= 1e12):
+            raise ValueError(f"a timer's delay and interval must be numbers of seconds "
+                             f"up to 1e12, not {interval if interval else delay!r}")
         if delay < 0:
             delay = 0
         t.core = self

@@ -79,7 +79,7 @@ cdef class Timer(IocpObject):
         return not done
 
     cdef void _arm(self, double delay) except *:
-        cdef uint64_t ms = <uint64_t>(delay * 1000.0 + 0.5)
+        cdef uint64_t ms = <uint64_t>(delay * 1000.0 + 0.5) if delay > 0 else 0
         _incref(<PyObject *>self)
         rc = port_timer(self.core.port, &self.op, ms)
         if rc != 0:
@@ -95,10 +95,19 @@ cdef class Timer(IocpObject):
         cdef double nxt = self._deadline_ms + period
         cdef double missed
         if nxt < now:
-            missed = <double>(<int64_t>((now - nxt) / period)) + 1.0
+            missed = (now - nxt) / period
+            if missed < 1e18:
+                missed = <double>(<int64_t>missed) + 1.0
+                nxt += missed * period
+            else:
+                # A period too small to count in (1e-300 s: the cast was undefined and
+                # the timer stopped): the next tick is now.
+                missed = 1e18
+                nxt = now
             with cython.critical_section(self):
                 self._skipped += <uint64_t>missed
-            nxt += missed * period
+            if nxt < now:           # rounding, with a tiny period
+                nxt = now
         self._deadline_ms = nxt
         return (nxt - now) / 1000.0
 
