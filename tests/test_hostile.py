@@ -935,3 +935,32 @@ def test_idle_connections_are_closed_after_idle_timeout(server):
         assert log.reasons_of(p) == [f"idle timeout: nothing received for {idle:g} s"]
     assert srv.service.idle_disconnects == 10
     log.check_exactly_once(srv.service)
+
+
+def test_timeouts_of_inf_mean_never_and_nan_is_refused(server):
+    """``idle_timeout = float("inf")`` (meaning: never) cut every session at the first
+    sweep ("idle timeout: nothing received for inf s"): the seconds became milliseconds
+    through a C cast out of range.  inf is as good as never for every timeout class
+    attribute; NaN is refused when the class is first used."""
+
+    class Never(iocpnet.Session):
+        idle_timeout = float("inf")
+        send_timeout = float("inf")
+        tls_handshake_timeout = float("inf")
+
+        def OnRecv(self, data):
+            self.Send(data)
+
+    srv = server(Never)
+    c = connect(srv.address)
+    c.sendall(b"a")
+    assert recv_exactly(c, 1) == b"a"
+    time.sleep(1.4)              # the idle sweep runs every second at most
+    c.sendall(b"b")
+    assert recv_exactly(c, 1) == b"b"
+    assert srv.service.idle_disconnects == 0 and srv.service.session_count == 1
+    c.close()
+    for attr in ("idle_timeout", "send_timeout", "flush_timeout", "tls_handshake_timeout"):
+        cls = type(f"Nan_{attr}", (iocpnet.Session,), {attr: float("nan")})
+        with pytest.raises(ValueError, match=attr):
+            cls()

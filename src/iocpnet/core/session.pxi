@@ -59,6 +59,15 @@ cdef object _overridden(type cls, str name, type base):
 cdef object _class_int(type cls, str name, default):
     v = getattr(cls, name, default)
     if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if isinstance(v, float):
+            # Timeouts become milliseconds through C casts, undefined for NaN and inf
+            # (idle_timeout = inf cut every session at once): inf is 1e12, "never".
+            if v != v:
+                raise ValueError(f"{cls.__name__}.{name} is NaN")
+            if v > 1e12:
+                return 1e12
+            if v < -1e12:
+                return -1e12
         return v
     return default
 
