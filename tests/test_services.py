@@ -225,8 +225,10 @@ def test_reconnect_honours_max_attempts(client_core, recorder, caplog_iocpnet):
     clients.Stop()
 
 
+@pytest.mark.parametrize("reset_after", [5.0, float("inf")])
 def test_reconnect_backs_off_from_a_server_that_accepts_and_closes(server, client_core,
-                                                                   caplog_iocpnet):
+                                                                   caplog_iocpnet,
+                                                                   reset_after):
     """A server that accepts and closes at once (overloaded, banned, a proxy with no
     backend): each connection came up, so it reset the policy; the client reconnected
     every `initial` seconds forever, never backing off, and max_attempts never ended
@@ -242,7 +244,7 @@ def test_reconnect_backs_off_from_a_server_that_accepts_and_closes(server, clien
     clients = iocpnet.ClientService(
         client_core.core, srv.address, iocpnet.Session, 1,
         reconnect=iocpnet.Reconnect(initial=0.01, max_delay=0.02, max_attempts=3,
-                                    reset_after=5.0))
+                                    reset_after=reset_after))
     clients.Start()
     wait_for(lambda: any("giving up" in r.getMessage() for r in caplog_iocpnet.records),
              message="the client gives up")

@@ -614,7 +614,8 @@ cdef double _reset_after(object policy):
     """How long a connection must stay up to reset the policy (0: as soon as it is up,
     for a policy that does not say: the backplane's own counts failures itself)."""
     try:
-        return max(0.0, float(getattr(policy, "reset_after", 0.0)))
+        # At most 1e12 s (inf: never reset), so that the C cast to ms stays defined.
+        return min(1e12, max(0.0, float(getattr(policy, "reset_after", 0.0))))
     except Exception:
         return 0.0
 
