@@ -321,6 +321,31 @@ def test_serve_metrics_is_closed_by_hand_too(server):
         scrape(m.port)
 
 
+def test_metrics_server_drops_connections_that_send_nothing(server, capfd):
+    """A peer that opens connections to the metrics port and sends nothing held a
+    thread per connection for good (200 connections: 200 threads).  A request has
+    request_timeout seconds to arrive; the connection is then closed, quietly, and
+    scrapes beside it are answered meanwhile."""
+    pytest.importorskip("prometheus_client")
+    from iocpnet.metrics import MetricsServer
+    srv = server(Echo)
+    before = threading.active_count()
+    with MetricsServer(srv.service, 0, request_timeout=0.5) as m:
+        idle = [socket.create_connection(("127.0.0.1", m.port)) for _ in range(20)]
+        half = socket.create_connection(("127.0.0.1", m.port))
+        half.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")    # and no more
+        assert "iocpnet_sessions{" in scrape(m.port)
+        for c in idle + [half]:
+            c.settimeout(10)
+            assert c.recv(100) == b""            # closed by the server
+            c.close()
+        wait_for(lambda: threading.active_count() <= before + 1, 10,
+                 "the metrics server's connection threads to end")
+        assert "iocpnet_sessions{" in scrape(m.port)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception" not in err, err
+
+
 def test_tls_figures(server, tmp_path_factory):
     """Over TLS a message out is still one Send (not one record), and bytes are what
     crossed the socket: the ciphertext, handshake included, more than the plaintext."""

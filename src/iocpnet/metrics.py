@@ -148,12 +148,27 @@ class ServiceCollector:
 
 
 class _QuietHandler(WSGIRequestHandler):
+    def setup(self) -> None:
+        # A connection that sends nothing held its thread for good: the request must
+        # arrive (and the answer leave) within the server's request_timeout.
+        super().setup()
+        self.connection.settimeout(getattr(self.server, "request_timeout", None))
+
     def log_message(self, format: str, *args: Any) -> None:   # no line per scrape
         pass
 
 
 class _Server(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True
+    request_timeout: float | None = None
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A peer that timed out or went away is no error of ours: no traceback on
+        # stderr per such connection (socketserver prints one by default).
+        import sys
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handle_error(request, client_address)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind asks the resolver for the host's full name (a reverse
@@ -171,15 +186,20 @@ class _Server6(_Server):
 
 class MetricsServer:
     """An HTTP server on its own thread answering every GET with the service's figures
-    in the Prometheus text format.  ``port`` 0 picks a free port (read ``.port``)."""
+    in the Prometheus text format.  ``port`` 0 picks a free port (read ``.port``).
+    A connection whose request does not arrive within ``request_timeout`` seconds is
+    closed (one thread serves each connection meanwhile)."""
 
     def __init__(self, service: Any, port: int = 0, host: str = "127.0.0.1",
-                 name: str | None = None) -> None:
+                 name: str | None = None, *, request_timeout: float = 10.0) -> None:
+        if not request_timeout > 0:
+            raise ValueError("request_timeout must be positive")
         self.registry = CollectorRegistry()
         self.registry.register(ServiceCollector(service, name))
         server_class = _Server6 if ":" in host else _Server
         self._httpd = make_server(host, port, make_wsgi_app(self.registry),
                                   server_class=server_class, handler_class=_QuietHandler)
+        self._httpd.request_timeout = float(request_timeout)
         self.host = host
         self.port: int = self._httpd.server_port
         self._lock = threading.Lock()
