@@ -12,7 +12,8 @@ import asyncio
 import aiofastnet
 import uvloop
 
-from _common import Echo, parse_args, serve
+from _asyncio_echo import Echo, serve
+from _common import parse_args
 
 
 if __name__ == "__main__":

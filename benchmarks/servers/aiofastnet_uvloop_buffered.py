@@ -12,7 +12,8 @@ import asyncio
 import aiofastnet
 import uvloop
 
-from _common import parse_args, serve
+from _asyncio_echo import serve
+from _common import parse_args
 
 SHARED = bytearray(256 * 1024)
 VIEW = memoryview(SHARED)

@@ -1,7 +1,8 @@
 """asyncio echo server, Protocol/Transport API (the fast path of asyncio)."""
 import asyncio
 
-from _common import Echo, parse_args, serve
+from _asyncio_echo import Echo, serve
+from _common import parse_args
 
 
 if __name__ == "__main__":
