@@ -137,3 +137,41 @@ def test_stop_from_a_hook_then_from_main_waits_for_all_of_it(backend):
     assert core.closed and _workers() == [] and not run.running
     c.close()
     box.clear()
+
+
+def test_timeouts_that_are_nan_are_refused(backend):
+    """Run(seconds=nan) ran forever (no comparison with NaN is true, so its end never
+    came); Stop(nan) and Close(nan) waited with no deadline whatever a hook did."""
+    nan = float("nan")
+    core = iocpnet.IocpCore(backend)
+    service = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0)), Echo, 8)
+    outcome = []
+
+    def run(**kw):
+        try:
+            service.Run(workers=1, **kw)
+            outcome.append("returned")
+        except ValueError as e:
+            outcome.append(e)
+
+    for kw in ({"seconds": nan}, {"seconds": 0.1, "shutdown_timeout": nan}):
+        t = threading.Thread(target=run, kwargs=kw)
+        t.start()
+        t.join(5)
+        if t.is_alive():
+            service.Stop()
+            t.join()
+        assert len(outcome) == 1 and isinstance(outcome[0], ValueError), (kw, outcome)
+        outcome.clear()
+    assert not core.closed
+    handle = service.Start(workers=1)
+    for stop in (service.Stop, handle.Stop, core.Close):
+        with pytest.raises(ValueError):
+            stop(nan)
+    assert handle.running and not core.closed
+    c = connect(("127.0.0.1", handle.port))
+    c.sendall(b"still here")
+    assert recv_exactly(c, 10) == b"still here"
+    handle.Stop()
+    assert core.closed
+    c.close()

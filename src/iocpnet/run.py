@@ -73,6 +73,15 @@ class Reconnect:
                 f"reset_after={self.reset_after})")
 
 
+def _seconds(value: float, name: str) -> float:
+    """A timeout as a float; NaN refused (no comparison with it is true: a deadline of
+    NaN never comes, and Run(seconds=nan) ran forever)."""
+    value = float(value)
+    if value != value:
+        raise ValueError(f"{name} must be a number of seconds, not NaN")
+    return value
+
+
 def run_service(service: Service, workers: Optional[int] = None, *,
                 seconds: Optional[float] = None, shutdown_timeout: float = 5.0) -> None:
     """``Service.Run``: see its docstring."""
@@ -82,8 +91,8 @@ def run_service(service: Service, workers: Optional[int] = None, *,
     workers = int(workers)
     if workers <= 0:
         raise ValueError("workers must be positive")
-    shutdown_timeout = float(shutdown_timeout)
-    until = None if seconds is None else time.monotonic() + float(seconds)
+    shutdown_timeout = _seconds(shutdown_timeout, "shutdown_timeout")
+    until = None if seconds is None else time.monotonic() + _seconds(seconds, "seconds")
     svc: Any = service                    # its private side (core/service.pxi)
     core = svc.core
     stop_event = svc._stop_event
@@ -200,6 +209,7 @@ class RunHandle:
         closed and they are joined.  From a hook (a worker thread) it starts the
         shutdown and returns; a later call from another thread still waits for all of
         it (every call outside the workers returns only once the shutdown is done)."""
+        timeout = _seconds(timeout, "timeout")
         with self._lock:
             self._stopped = True
         if not self._threads:

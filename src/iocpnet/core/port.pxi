@@ -243,6 +243,8 @@ cdef class IocpCore:
         """
         cdef port_stats_t st
         cdef bint in_worker = iocpnet_get_tls_core() == <void *>self
+        if timeout != timeout:      # a deadline of NaN never comes
+            raise ValueError("timeout must be a number of seconds, not NaN")
         if self.port == NULL:
             return
         with self._lock:

@@ -284,6 +284,8 @@ cdef class Service:
         seconds for them to finish, whatever a hook does; the warning then names each
         session still open and the hook it is in.  From a worker thread it does not
         wait.  Under ``Run`` it also makes ``Run`` return."""
+        if timeout != timeout:
+            raise ValueError("timeout must be a number of seconds, not NaN")
         self._begin_stop(self._shutdown_reason)
         if iocpnet_get_tls_core() == <void *>self.core:
             return
