@@ -98,6 +98,8 @@ cdef extern from "port/port.h" nogil:
     void port_batch_end(port_t *p)
     int port_single_dispatcher(port_t *p)
     int port_strand_next(port_t *p, port_strand_t *s, port_cqe_t *out)
+    int port_strand_yield(port_t *p, port_strand_t *s, const port_cqe_t *c)
+    bint port_strand_wakeup(const port_cqe_t *c)
     void port_strand_init(port_strand_t *s, void *owner)
     void port_strand_discard(port_t *p, port_strand_t *s)
     void port_get_stats(port_t *p, port_stats_t *out)

@@ -1933,6 +1933,10 @@ typedef struct st {
     volatile long done;
     volatile long wait_errors;
     volatile long per_thread[ST_THREADS];
+    int yield_after;               /* >0: hand the strand on after this many queued ones */
+    volatile long yields;          /* port_strand_yield calls that handed it on */
+    volatile long yielder;         /* 1 + the thread that last handed it on */
+    volatile long wakeups, wakeups_elsewhere;
 } st_t;
 
 static void st_dispatch(st_t *s, const port_cqe_t *c, int tid) {
@@ -1991,10 +1995,25 @@ static void st_worker_body(st_t *s, int tid) {
         for (i = 0; i < n; i++) {
             port_cqe_t c = out[i];
             port_strand_t *strand = c.op->strand;
-            st_dispatch(s, &c, tid);
+            int turn = 0;
+            if (port_strand_wakeup(&c)) {
+                /* A strand handed on: nothing of ours to dispatch, go on with its queue. */
+                A_ADD(&s->wakeups, 1);
+                if (A_LOAD(&s->yielder) != tid + 1)
+                    A_ADD(&s->wakeups_elsewhere, 1);
+            } else {
+                st_dispatch(s, &c, tid);
+            }
             if (strand != NULL) {
                 run++;
                 while (port_strand_next(s->P, strand, &c)) {
+                    if (s->yield_after > 0 && ++turn > s->yield_after) {
+                        A_STORE(&s->yielder, tid + 1);
+                        if (port_strand_yield(s->P, strand, &c) == 0) {
+                            A_ADD(&s->yields, 1);
+                            break;
+                        }
+                    }
                     st_dispatch(s, &c, tid);
                     run++;
                 }
@@ -2047,7 +2066,7 @@ static void st_peer_thread(void *arg) {
     plain_closesocket(p->s);
 }
 
-static void case_strands(void) {
+static void run_strands(int yield_after) {
     port_t *P = new_port();
     waiter_t w;
     st_t *s = (st_t *)calloc(1, sizeof(st_t));
@@ -2061,6 +2080,7 @@ static void case_strands(void) {
     REQUIRE(P != NULL && s != NULL);
     waiter_init(&w, P);
     s->P = P;
+    s->yield_after = yield_after;
     port_strand_init(&s->strand, s);
     CHECK(s->strand.owner == s);
     for (i = 0; i < ST_POSTS; i++)
@@ -2129,6 +2149,13 @@ static void case_strands(void) {
              A_LOAD(&s->per_thread[2]), s->recv_pieces);
         CHECKF(busy >= 2, "only one thread ever held the strand (the case proves nothing)");
     }
+    if (yield_after > 0) {
+        note("strand handed on %ld times; %ld wake-ups, %ld on another thread",
+             A_LOAD(&s->yields), A_LOAD(&s->wakeups), A_LOAD(&s->wakeups_elsewhere));
+        CHECKF(A_LOAD(&s->yields) > 0, "the strand was never handed on (proves nothing)");
+        CHECK_EQ(A_LOAD(&s->wakeups), A_LOAD(&s->yields));
+        CHECKF(A_LOAD(&s->wakeups_elsewhere) > 0, "no wake-up was taken by another thread");
+    }
     close_op(&w, srv, 0);
     srv = PORT_INVALID_SOCK;
 done:
@@ -2141,6 +2168,152 @@ done:
     plain_close(cli);
     if (srv != PORT_INVALID_SOCK)
         port_sock_close(P, srv, 0);
+    end_port(P);
+    free(s);
+}
+
+static void case_strands(void) { run_strands(0); }
+
+/* The same with the strand handed on (port_strand_yield) after every 3 queued
+ * completions: still in order, never two threads inside, and the wake-ups go to
+ * whichever thread reaps them. */
+static void case_strand_yield_threads(void) { run_strands(3); }
+
+/* port_strand_yield, step by step on one thread (plus one helper thread): the yielded
+ * completion comes back first, before what was queued behind it and what arrives after
+ * the yield; the wake-up is in flight (a drain waits for it, none is lost), another
+ * thread can continue the strand; once the port is shut down, yield refuses and the
+ * holder goes on itself. */
+enum { SY_POSTS = 12 };
+
+typedef struct sy {
+    port_t *P;
+    port_strand_t strand;
+    port_op_t posts[SY_POSTS];
+    long next;                 /* the next post value expected */
+    long errors;
+    int got;                   /* completions dispatched by the helper thread */
+} sy_t;
+
+static void sy_dispatch(sy_t *s, const port_cqe_t *c) {
+    long k = (long)(c->op - s->posts);
+    if (c->op->strand != &s->strand || k < 0 || k >= SY_POSTS || k != s->next ||
+        c->res != k)
+        s->errors++;
+    s->next = k + 1;
+}
+
+/* Wait for the strand's wake-up (nothing else may come) and run the strand dry. */
+static void sy_continue(void *arg) {
+    sy_t *s = (sy_t *)arg;
+    port_cqe_t out[8], c;
+    int n;
+    double t0 = now_ms();
+    do
+        n = port_wait(s->P, out, 8, 100);
+    while ((n == 0 || n == PORT_EINTR) && now_ms() - t0 < 5000);
+    if (n != 1 || !port_strand_wakeup(&out[0]) || out[0].op->strand != &s->strand) {
+        s->errors += 1000;
+        return;
+    }
+    while (port_strand_next(s->P, &s->strand, &c)) {
+        sy_dispatch(s, &c);
+        s->got++;
+    }
+    port_batch_end(s->P);
+}
+
+/* Post values a..b-1 on the strand; take the first alone (one batch holds the strand),
+ * then the rest, which another batch queues on the strand. */
+static int sy_hold_with_queue(sy_t *s, int a, int b, port_cqe_t *first) {
+    port_cqe_t out1[1], out2[8];
+    int i, n;
+    double t0;
+    for (i = a; i < b; i++)
+        if (port_post(s->P, &s->posts[i], i) != 0)
+            return 0;
+    t0 = now_ms();
+    do
+        n = port_wait(s->P, out1, 1, 100);
+    while ((n == 0 || n == PORT_EINTR) && now_ms() - t0 < 5000);
+    if (n != 1)
+        return 0;
+    *first = out1[0];
+    /* Whatever else is ready: all of it goes to the strand's queue. */
+    n = port_wait(s->P, out2, 8, 50);
+    port_batch_end(s->P);
+    return n == 0;
+}
+
+static void case_strand_yield(void) {
+    port_t *P = new_port();
+    sy_t *s = (sy_t *)calloc(1, sizeof(sy_t));
+    port_cqe_t c, out[8];
+    port_stats_t st;
+    thr_t th;
+    int i, n;
+    double t0;
+    REQUIRE(P != NULL && s != NULL);
+    s->P = P;
+    port_strand_init(&s->strand, s);
+    for (i = 0; i < SY_POSTS; i++)
+        port_op_init(&s->posts[i], PORT_OP_POST, s, &s->strand);
+
+    /* 1. Yield the second of 0..3; post 4 afterwards: 1 comes back first, then 2, 3, 4. */
+    REQUIRE(sy_hold_with_queue(s, 0, 4, &c));
+    sy_dispatch(s, &c);                                /* 0 */
+    REQUIRE(port_strand_next(P, &s->strand, &c));      /* 1: held, not dispatched */
+    CHECK_EQ(port_strand_yield(P, &s->strand, &c), 0);
+    CHECK(!port__strand_idle(&s->strand));
+    port_get_stats(P, &st);
+    CHECKF(st.in_flight == 1, "the wake-up is in flight: in_flight %lld", (long long)st.in_flight);
+    CHECK_EQ(port_post(P, &s->posts[4], 4), 0);
+    t0 = now_ms();
+    do
+        n = port_wait(P, out, 8, 100);
+    while ((n == 0 || n == PORT_EINTR) && now_ms() - t0 < 5000);
+    port_batch_end(P);
+    /* Only the wake-up: post 4 arrived after it took the strand, behind the queue. */
+    CHECK_EQ(n, 1);
+    REQUIRE(n >= 1 && port_strand_wakeup(&out[0]) && out[0].op->strand == &s->strand);
+    for (i = 1; i < n; i++)
+        CHECKF(0, "a completion beside the wake-up (op type %d)", out[i].op->type);
+    while (port_strand_next(P, &s->strand, &c))
+        sy_dispatch(s, &c);                            /* 1, 2, 3, 4 */
+    CHECK_EQ(s->next, 5);
+    CHECK(port__strand_idle(&s->strand));
+
+    /* 2. Yield, and another thread (as a worker would, this one being about to stop)
+     *    reaps the wake-up and runs the rest: nothing is lost, order is kept. */
+    REQUIRE(sy_hold_with_queue(s, 5, 9, &c));
+    sy_dispatch(s, &c);                                /* 5 */
+    REQUIRE(port_strand_next(P, &s->strand, &c));      /* 6 */
+    CHECK_EQ(port_strand_yield(P, &s->strand, &c), 0);
+    REQUIRE(thr_start(&th, sy_continue, s) == 0);
+    thr_join(th);
+    CHECK_EQ(s->got, 3);                               /* 6, 7, 8 on the other thread */
+    CHECK_EQ(s->next, 9);
+    CHECK(port__strand_idle(&s->strand));
+
+    /* 3. Once the port is shut down the wake-up cannot be posted: yield refuses, changes
+     *    nothing, and the holder goes on with the strand itself. */
+    REQUIRE(sy_hold_with_queue(s, 9, 12, &c));
+    sy_dispatch(s, &c);                                /* 9 */
+    REQUIRE(port_strand_next(P, &s->strand, &c));      /* 10 */
+    port_shutdown(P);
+    CHECK_EQ(port_strand_yield(P, &s->strand, &c), PORT_ECLOSED);
+    sy_dispatch(s, &c);                                /* 10 */
+    while (port_strand_next(P, &s->strand, &c))
+        sy_dispatch(s, &c);                            /* 11 */
+    CHECK_EQ(s->next, SY_POSTS);
+    CHECK(port__strand_idle(&s->strand));
+    /* Yielding a strand nobody holds is refused too. */
+    CHECK_EQ(port_strand_yield(P, &s->strand, &c), PORT_EINVAL);
+    CHECK(port__strand_idle(&s->strand));
+    CHECK_EQ(s->errors, 0);
+done:
+    if (s != NULL)
+        port_strand_discard(P, &s->strand);   /* a case stopped half-way */
     end_port(P);
     free(s);
 }
@@ -3173,6 +3346,8 @@ static const test_case_t cases[] = {
     {"timers", case_timers},
     {"closed_socket_ops", case_closed_socket},
     {"strands", case_strands},
+    {"strand_yield", case_strand_yield},
+    {"strand_yield_threads", case_strand_yield_threads},
     {"shutdown_wakes_waiters", case_shutdown},
     {"stats_balance", case_stats_balance},
     {"recv_pool_backpressure", case_recv_pool_backpressure},

@@ -150,7 +150,7 @@ if want epoll; then
 fi
 
 # Threaded cases skipped for io_uring under valgrind (see the top).
-VALGRIND_URING_SKIP=echo_1B_to_4MiB,gather_send_order,post_from_thread,batch_two_waiters,strands,shutdown_wakes_waiters,recv_bounded_readahead,single_dispatcher
+VALGRIND_URING_SKIP=echo_1B_to_4MiB,gather_send_order,post_from_thread,batch_two_waiters,strands,strand_yield_threads,shutdown_wakes_waiters,recv_bounded_readahead,single_dispatcher
 
 if [ ${#LINUX_BACKENDS[@]} -gt 0 ]; then
     if [ "$(uname -s)" != Linux ]; then

@@ -444,28 +444,54 @@ cdef class IocpCore:
             self._timers.discard(t)
 
 
+cdef enum:
+    # Completions a worker takes from one strand's queue in a row before it hands the
+    # strand on (port_strand_yield) and goes back to the rest of its batch.
+    STRAND_TURN = 16
+
+
 cdef inline void _complete(IocpCore core, port_cqe_t *cqe) noexcept:
-    """Route one completion to its owner, then whatever its strand queued meanwhile."""
+    """Route one completion to its owner, then whatever its strand queued meanwhile, up
+    to STRAND_TURN of it: then the strand is handed on (its wake-up is posted, and
+    whichever worker reaps it goes on from there, here or on another worker), so that
+    jobs other threads keep posting to one session do not hold back the rest of this
+    batch (other sessions' receives) for as long as the posting lasts."""
     cdef port_cqe_t nxt
+    cdef int turn = 0
     cdef port_strand_t *strand = cqe.op.strand
-    cdef PyObject *owner = <PyObject *>cqe.op.owner
+    cdef PyObject *owner = NULL
     cdef PyObject *strand_owner = NULL
     cdef PyObject *o
-    # Keep the owner (and the object holding the strand) alive until we are done with
-    # them: the operation's own reference is dropped below, and the strand lives inside
-    # its session.
-    _incref(owner)
-    if strand != NULL:
+    if port_strand_wakeup(cqe):
+        # A strand handed on (below) goes on here; the reference to the object holding
+        # it, which the wake-up kept, is now ours.
         strand_owner = <PyObject *>strand.owner
-        _incref(strand_owner)
-    (<IocpObject>owner)._dispatch(cqe)
-    if not (cqe.flags & PORT_CQE_MORE):
-        _decref(owner)            # the operation's reference
+    else:
+        owner = <PyObject *>cqe.op.owner
+        # Keep the owner (and the object holding the strand) alive until we are done
+        # with them: the operation's own reference is dropped below, and the strand
+        # lives inside its session.
+        _incref(owner)
+        if strand != NULL:
+            strand_owner = <PyObject *>strand.owner
+            _incref(strand_owner)
+        (<IocpObject>owner)._dispatch(cqe)
+        if not (cqe.flags & PORT_CQE_MORE):
+            _decref(owner)            # the operation's reference
     if strand != NULL:
         while port_strand_next(core.port, strand, &nxt):
+            turn += 1
+            if turn > STRAND_TURN and port_strand_yield(core.port, strand, &nxt) == 0:
+                # The wake-up keeps the strand's object alive until a worker reaps it
+                # (it is in flight: Close waits for it).  If it could not be posted (the
+                # port is closing) we still hold the strand and go on here.
+                strand_owner = NULL
+                break
             o = <PyObject *>nxt.op.owner
             (<IocpObject>o)._dispatch(&nxt)
             if not (nxt.flags & PORT_CQE_MORE):
                 _decref(o)
-        _decref(strand_owner)
-    _decref(owner)
+        if strand_owner != NULL:
+            _decref(strand_owner)
+    if owner != NULL:
+        _decref(owner)

@@ -31,6 +31,9 @@
  *     for a strand another thread is working through, it is queued on the strand and the
  *     thread holding the strand picks it up with port_strand_next(). This is what lets
  *     several worker threads dispatch while each session sees its events in order.
+ *     A holder that has taken enough from the queue hands the strand on with
+ *     port_strand_yield() (a posted wake-up, continued by whichever thread reaps it), so
+ *     that a strand kept busy by other threads does not hold up the rest of its batch.
  *   - Every function returns 0 (or a count, or a socket) on success and a negative
  *     PORT_E* code on failure; completion results use the same codes.
  *
@@ -201,6 +204,7 @@ typedef struct port_cqe {
 struct port_strand {
     void *owner;                  /* the caller's object the strand belongs to; opaque */
     uint64_t priv[PORT_STRAND_PRIV_WORDS];   /* the port's; do not touch */
+    port_op_t wake;               /* the port's: the wake-up port_strand_yield posts */
 };
 
 typedef struct port_options {
@@ -269,6 +273,24 @@ void port_flush_sends(port_t *p);
 /* After dispatching a completion whose op has a strand: fetch the strand's next queued
  * completion into *out and return 1, or release the strand and return 0. */
 int port_strand_next(port_t *p, port_strand_t *s, port_cqe_t *out);
+/* Hand a busy strand on instead of dispatching *c, a completion port_strand_next just
+ * handed out: c goes back to the head of the strand's queue, the strand is released, and
+ * the strand's wake-up is posted as an ordinary completion.  Whichever thread reaps the
+ * wake-up (port_strand_wakeup() is true for it; it has no operation of the caller's
+ * behind it) holds the strand, and continues it with port_strand_next(), which hands
+ * out c first: order is kept and only one thread is ever inside the strand.  So a
+ * thread whose strand other threads keep busy goes back to the rest of its batch, and
+ * the strand goes on on any thread (not only this one, which may be about to stop).
+ * The wake-up is in flight like any post: drain it before port_destroy, and the strand
+ * must outlive it.  Returns 0, or PORT_ECLOSED / PORT_ENOMEM / PORT_EINVAL (the strand
+ * not held by a completion from port_strand_next) with nothing changed: the caller
+ * still holds the strand and dispatches c itself. */
+int port_strand_yield(port_t *p, port_strand_t *s, const port_cqe_t *c);
+/* 1 when c is a strand's wake-up (see port_strand_yield), not a completion of the
+ * caller's: call port_strand_next(c->op->strand) and dispatch what it hands out. */
+static inline int port_strand_wakeup(const port_cqe_t *c) {
+    return c->op->strand != NULL && c->op == &c->op->strand->wake;
+}
 void port_strand_init(port_strand_t *s, void *owner);
 /* Free completions still queued on a strand that will never be dispatched (for an owner
  * being destroyed); receive buffers they hold go back to the port. */

@@ -15,6 +15,18 @@
  * from the holder's own batch: they must not overtake what is queued.  With a single
  * worker thread the queue is never used and nothing is allocated.
  *
+ * Yielding.  While other threads keep delivering to a strand, its holder could go on
+ * taking from its queue for as long as that lasts, and the rest of the holder's batch
+ * (other owners' completions) would wait.  port_strand_yield() lets the holder stop: the
+ * completion it was handed goes back to the head of the queue, the strand is released
+ * with its queue non-empty (the *yielded* state: held == 0, head != NULL), and the
+ * strand's own wake-up operation (embedded in port_strand_t) is posted.  In that state
+ * nothing takes the strand but the wake-up: every other completion joins the queue, so
+ * nothing overtakes what waits there.  The wake-up, reaped by any thread, takes the
+ * strand into that thread's batch; the caller continues with port_strand_next(), which
+ * hands out the queue's head.  A strand has at most one wake-up in flight (only a holder
+ * yields, and nobody holds a yielded strand until its wake-up arrives).
+ *
  * The strand's state lives in the opaque `priv` words of the caller's port_strand_t
  * (port.h), so the caller embeds a strand without allocating one and never sees its
  * lock.  Lock: the strand's spin lock guards everything below; it is taken last, after
@@ -54,6 +66,7 @@ int port__strand_idle(const port_strand_t *strand) {
 void port_strand_init(port_strand_t *s, void *owner) {
     memset(s, 0, sizeof(*s));
     s->owner = owner;
+    port_op_init(&s->wake, PORT_OP_POST, owner, s);
 }
 
 int port__deliver(port_t *p, void *token, port_cqe_t *out, int n, const port_cqe_t *c) {
@@ -66,8 +79,20 @@ int port__deliver(port_t *p, void *token, port_cqe_t *out, int n, const port_cqe
         return n + 1;
     }
     s = STATE(strand);
+    if (c->op == &strand->wake) {
+        /* The wake-up of a yielded strand: it takes the strand for this batch, and
+         * the caller's port_strand_next hands out the queue, oldest first. */
+        port_spin_lock(&s->lock);
+        s->held = 1;
+        s->token = token;
+        port_spin_unlock(&s->lock);
+        out[n] = *c;
+        return n + 1;
+    }
     port_spin_lock(&s->lock);
-    if (s->held == 0 || (s->token == token && s->head == NULL)) {
+    /* Free (and nothing yielded waits), or held by this very batch with nothing queued
+     * (a later completion must not overtake queued ones). */
+    if (s->head == NULL && (s->held == 0 || s->token == token)) {
         s->held++;
         s->token = token;
         port_spin_unlock(&s->lock);
@@ -86,7 +111,7 @@ int port__deliver(port_t *p, void *token, port_cqe_t *out, int n, const port_cqe
     node->next = NULL;
     node->cqe = *c;
     port_spin_lock(&s->lock);
-    if (s->held == 0) {
+    if (s->held == 0 && s->head == NULL) {
         /* Released while we allocated: take it for this batch after all. */
         s->held = 1;
         s->token = token;
@@ -129,6 +154,52 @@ int port_strand_next(port_t *p, port_strand_t *strand, port_cqe_t *out) {
     *out = node->cqe;
     free(node);
     return 1;
+}
+
+int port_strand_yield(port_t *p, port_strand_t *strand, const port_cqe_t *c) {
+    strand_state_t *s = STATE(strand);
+    strand_node_t *node;
+    void *token;
+    int rc;
+    if (p == NULL || c == NULL || c->op == NULL || c->op->strand != strand)
+        return PORT_EINVAL;
+    node = (strand_node_t *)malloc(sizeof(*node));
+    if (node == NULL)
+        return PORT_ENOMEM;
+    node->cqe = *c;
+    port_spin_lock(&s->lock);
+    if (s->held != 1) {
+        /* Not just handed a completion by port_strand_next (held counts this batch's
+         * completions still ahead): yielding now would let those run beside c. */
+        port_spin_unlock(&s->lock);
+        free(node);
+        return PORT_EINVAL;
+    }
+    node->next = s->head;
+    s->head = node;
+    if (s->tail == NULL)
+        s->tail = node;
+    token = s->token;
+    s->held = 0;
+    s->token = NULL;
+    port_spin_unlock(&s->lock);
+    /* Posted after the release: the wake-up, reaped at once by another thread, must
+     * find the strand free. */
+    rc = port_post(p, &strand->wake, 0);
+    if (rc == 0)
+        return 0;
+    /* Not posted (the port is shutting down): nothing took the strand meanwhile (only
+     * the wake-up takes a yielded strand) and nothing was taken from its queue, so c is
+     * still at its head: take both back. */
+    port_spin_lock(&s->lock);
+    s->head = node->next;
+    if (s->head == NULL)
+        s->tail = NULL;
+    s->held = 1;
+    s->token = token;
+    port_spin_unlock(&s->lock);
+    free(node);
+    return rc;
 }
 
 void port_strand_discard(port_t *p, port_strand_t *strand) {
