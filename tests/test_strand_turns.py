@@ -71,8 +71,8 @@ def test_a_busy_strand_does_not_hold_back_its_batch(backend):
     fix worker 1 ran A's queue for as long as that lasted and B's receive waited behind
     it (here: until the chain gave up after BOUND seconds).  Now B's OnRecv runs while
     A's chain still goes on, and A's jobs still run one at a time, in order."""
-    state = {"a": None, "b": None, "k": 0, "order": [], "inside": 0, "overlap": 0,
-             "b_ran_at": None, "chain_end": None}
+    state = {"k": 0, "order": [], "inside": 0, "overlap": 0, "b_ran_at": None,
+             "chain_end": None, "sentinels": 0}
     lock = threading.Lock()
     started = time.monotonic()
 
@@ -104,7 +104,13 @@ def test_a_busy_strand_does_not_hold_back_its_batch(backend):
                 # Wait until the other worker has reaped that job (posts complete in
                 # order): then it sits on this strand's queue behind this job.
                 reaped = threading.Event()
-                state["core"].Post(reaped.set)
+
+                def sentinel():
+                    with lock:
+                        state["sentinels"] += 1
+                    reaped.set()
+
+                state["core"].Post(sentinel)
                 reaped.wait(2)
             with lock:
                 state["inside"] -= 1
@@ -127,6 +133,8 @@ def test_a_busy_strand_does_not_hold_back_its_batch(backend):
         time.sleep(0.05)
         socks[1].sendall(b"B")
         time.sleep(0.2)
+        dispatch = lambda: service.stats()["dispatch"]["completions"]  # noqa: E731
+        before = dispatch()
         started = time.monotonic()
         workers.open(0)
         wait_for(lambda: state["order"] or state["b_ran_at"] is not None, 10,
@@ -143,6 +151,13 @@ def test_a_busy_strand_does_not_hold_back_its_batch(backend):
             f"{time.monotonic() - started:.1f} s)")
         assert order == list(range(len(order))), "A's jobs ran out of order"
         assert overlap == 0, "two of A's jobs ran at once"
+        # Every completion handled is counted, those taken from A's strand's queue
+        # included (a wake-up is none): A's jobs, the sentinels, the two receives.
+        jobs = len(order) - 1               # chain(0) ran in OnRecv
+        wait_for(lambda: state["sentinels"] == jobs, 10, "the sentinels")
+        expected = jobs + jobs + 2
+        wait_for(lambda: dispatch() - before >= expected, 5,
+                 f"dispatch.completions to count {expected} (it has {dispatch() - before})")
     finally:
         for s in socks:
             s.close()

@@ -164,7 +164,7 @@ cdef class IocpCore:
 
     cdef int _dispatch(self, int timeout_ms, int max_batch, bint end_batch) except -2:
         cdef port_cqe_t batch[BATCH]
-        cdef int n, i, wait_ms = timeout_ms
+        cdef int n, i, handled = 0, wait_ms = timeout_ms
         cdef int64_t t0
         cdef port_t *port = self.port
         cdef void *prev
@@ -211,14 +211,14 @@ cdef class IocpCore:
             iocpnet_set_tls_core(<void *>self)
             t0 = iocpnet_clock_ns()
             for i in range(n):
-                _complete(self, &batch[i])
+                handled += _complete(self, &batch[i])
                 # A reply queued on the port (not sent at once) goes to the kernel
                 # before the next hook, which may block, runs.
                 port_flush_sends(port)
             if end_batch:
                 port_batch_end(port)
             if n > 0:
-                _batch_done(self, n, t0)
+                _batch_done(self, n, handled, t0)
             return n
         finally:
             iocpnet_set_tls_core(prev)
@@ -450,14 +450,15 @@ cdef enum:
     STRAND_TURN = 16
 
 
-cdef inline void _complete(IocpCore core, port_cqe_t *cqe) noexcept:
+cdef inline int _complete(IocpCore core, port_cqe_t *cqe) noexcept:
     """Route one completion to its owner, then whatever its strand queued meanwhile, up
     to STRAND_TURN of it: then the strand is handed on (its wake-up is posted, and
     whichever worker reaps it goes on from there, here or on another worker), so that
     jobs other threads keep posting to one session do not hold back the rest of this
-    batch (other sessions' receives) for as long as the posting lasts."""
+    batch (other sessions' receives) for as long as the posting lasts.  Returns the
+    number of operations' completions dispatched (a wake-up is none)."""
     cdef port_cqe_t nxt
-    cdef int turn = 0
+    cdef int turn = 0, handled = 0
     cdef port_strand_t *strand = cqe.op.strand
     cdef PyObject *owner = NULL
     cdef PyObject *strand_owner = NULL
@@ -476,6 +477,7 @@ cdef inline void _complete(IocpCore core, port_cqe_t *cqe) noexcept:
             strand_owner = <PyObject *>strand.owner
             _incref(strand_owner)
         (<IocpObject>owner)._dispatch(cqe)
+        handled = 1
         if not (cqe.flags & PORT_CQE_MORE):
             _decref(owner)            # the operation's reference
     if strand != NULL:
@@ -489,9 +491,11 @@ cdef inline void _complete(IocpCore core, port_cqe_t *cqe) noexcept:
                 break
             o = <PyObject *>nxt.op.owner
             (<IocpObject>o)._dispatch(&nxt)
+            handled += 1
             if not (nxt.flags & PORT_CQE_MORE):
                 _decref(o)
         if strand_owner != NULL:
             _decref(strand_owner)
     if owner != NULL:
         _decref(owner)
+    return handled

@@ -28,7 +28,8 @@
 #   anything unknown counts as "closed" (the application's Disconnect or Abort).
 # - Dispatch batches: per core (all services on one core share them), counted in
 #   IocpCore.Dispatch once per batch with atomics: the batch's size (a power-of-two
-#   histogram) and the time the batch took to dispatch, i.e. the hooks and the core's
+#   histogram), the completions it handled (those its strands had queued included) and
+#   the time the batch took to dispatch, i.e. the hooks and the core's
 #   own work (two monotonic clock reads per batch, none per completion).
 # - Hook time per hook: only for a Session class that sets `measure_hooks = True`.  Its
 #   hooks are then wrapped once per class (_TimedHook): two clock reads and three
@@ -113,14 +114,16 @@ cdef struct _BatchStats:     # per core, atomics (any worker)
     int64_t sizes[BATCH_BUCKETS]
 
 
-cdef inline void _batch_done(IocpCore core, int n, int64_t t0) noexcept nogil:
-    """IocpCore.Dispatch, after each batch of n > 0 completions begun at t0."""
+cdef inline void _batch_done(IocpCore core, int n, int handled, int64_t t0) noexcept nogil:
+    """IocpCore.Dispatch, after each batch of n > 0 completions begun at t0, which
+    handled `handled` completions: its own and those its strands had queued (reaped by
+    other workers meanwhile, and in no batch of theirs)."""
     cdef int64_t dt = iocpnet_clock_ns() - t0
     cdef int k = 0
     while k < BATCH_BUCKETS - 1 and (n >> (k + 1)) > 0:
         k += 1
     _atomic_add(&core._batches.batches, 1)
-    _atomic_add(&core._batches.completions, n)
+    _atomic_add(&core._batches.completions, handled)
     _atomic_add(&core._batches.sizes[k], 1)
     _atomic_add(&core._batches.ns, dt)
     _atomic_max(&core._batches.size_max, n)
