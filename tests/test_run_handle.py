@@ -1,5 +1,6 @@
 """The run handle (Service.Start(workers=N), a context manager with .port and .Stop()),
 Run(seconds=...), and ClientService factories given the session's index."""
+import signal
 import threading
 import time
 
@@ -7,6 +8,7 @@ import pytest
 
 import iocpnet
 from conftest import connect, recv_exactly, wait_for
+from subproc import Proc
 
 
 class Echo(iocpnet.Session):
@@ -175,3 +177,53 @@ def test_timeouts_that_are_nan_are_refused(backend):
     handle.Stop()
     assert core.closed
     c.close()
+
+
+_CTRL_C_SCRIPT = """
+import sys, time
+import iocpnet
+
+class Stuck(iocpnet.Session):
+    def OnRecv(self, data):
+        print("in the hook", flush=True)
+        time.sleep(60)
+
+core = iocpnet.IocpCore(sys.argv[1])
+service = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0)), Stuck, 8)
+run = service.Start(workers=2)
+print("listening on port", run.port, flush=True)
+try:
+    with run:
+        while True:
+            time.sleep(0.05)
+except KeyboardInterrupt:
+    print("interrupted: core closed", core.closed, "running", run.running, flush=True)
+"""
+
+
+def test_ctrl_c_while_stop_waits_stops_at_once(backend):
+    """The idiom ``with service.Start(workers=2): ...`` ended by Ctrl-C: __exit__ waits
+    for the sessions; a second Ctrl-C meanwhile (a hook holds the shutdown up) raised
+    KeyboardInterrupt out of Stop() half-way: the core left open, the workers running.
+    Like Run's second signal, it now stops at once (the core closed, what is open
+    reset) and the KeyboardInterrupt goes on."""
+    with Proc.python("-c", _CTRL_C_SCRIPT, backend) as p:
+        port = p.port(r"listening on port (\d+)")
+        with connect(("127.0.0.1", port), timeout=30) as c, \
+                connect(("127.0.0.1", port), timeout=30) as idle:
+            c.sendall(b"x")
+            p.wait_for_line(r"in the hook")
+            p.signal(signal.SIGINT)          # the with block ends: a graceful Stop
+            time.sleep(0.5)
+            p.signal(signal.SIGINT)          # impatient: stop now
+            (m,) = p.wait_for_line(r"interrupted: core closed (\w+) running (\w+)")
+            assert m.groups() == ("True", "False"), p.output
+            assert closed_or_reset(idle)
+        assert p.wait(30) == 0, p.output
+
+
+def closed_or_reset(sock):
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True

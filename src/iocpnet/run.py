@@ -206,7 +206,8 @@ class RunHandle:
     def Stop(self, timeout: float = 5.0) -> None:
         """Graceful shutdown (idempotent, any thread): the service stops (sessions are
         disconnected, queued data flushed); with worker threads of its own, the core is
-        closed and they are joined.  From a hook (a worker thread) it starts the
+        closed and they are joined (a KeyboardInterrupt meanwhile stops at once, then
+        is raised).  From a hook (a worker thread) it starts the
         shutdown and returns; a later call from another thread still waits for all of
         it (every call outside the workers returns only once the shutdown is done)."""
         timeout = _seconds(timeout, "timeout")
@@ -219,7 +220,15 @@ class RunHandle:
         # made by a worker (which cannot wait for itself) must not let a later caller
         # return while the sessions, the core and the workers are still ending.
         svc: Any = self.service
-        svc._shut_down(self._threads, float(timeout))
+        try:
+            svc._shut_down(self._threads, timeout)
+        except KeyboardInterrupt:
+            # Ctrl-C while the shutdown waits (often a second one: the first is what
+            # unwinds through `with`): stop at once, as Run's second signal does, so
+            # that the core is not left open under running workers; then let it go on.
+            svc._stop_at_once()
+            svc._shut_down(self._threads, 0.0)
+            raise
         if svc._from_worker():
             return
         with self._lock:
