@@ -570,3 +570,67 @@ def test_one_wording_for_data_that_is_not_bytes(server, bad):
         c.settimeout(0.3)
         with pytest.raises(socket.timeout):       # nothing sent, still connected
             c.recv(100)
+
+
+@pytest.mark.parametrize("websocket", [False, True])
+def test_classes_made_at_run_time_are_not_kept(backend, websocket):
+    """A server that makes Session classes as it runs (one per room, per plugin...)
+    must not keep each one forever: the hooks resolved once per class live with the
+    class (a method calling super() holds its class, so a cache beside it would)."""
+    import gc
+    import sys
+    import weakref
+
+    from ws_raw import RawClient, frame
+
+    t = threading.Thread(target=lambda: None)
+    t.start()
+    t.join()
+
+    class Probe:
+        pass
+    if sys.getrefcount(Probe) > 1 << 30:
+        pytest.skip("this interpreter makes every class immortal once a thread has run "
+                    "(free-threaded 3.13): no class is ever freed")
+    refs = []
+    for k in range(3):
+        base = iocpnet.WebSocketSession if websocket else iocpnet.Session
+
+        class Made(base):
+            measure_hooks = bool(k % 2)           # the wrapped hooks too
+
+            def OnRecv(self, data):
+                super().OnRecv(data)
+                self.Send(bytes(data))
+
+            def OnMessage(self, data, binary):
+                super().OnMessage(data, binary)
+                self.SendMessage(data)
+
+        core = iocpnet.IocpCore(backend)
+        svc = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0),
+                                                     websocket=websocket), Made, 2)
+        svc.Start()
+        threads = [threading.Thread(target=lambda: [0 for _ in iter(
+            lambda: core.Dispatch() >= 0, False)], daemon=True) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            if websocket:
+                c = RawClient(("127.0.0.1", svc.listener.port))
+                c.send(frame(2, b"hi"))
+                assert c.read_frame() == (True, 2, b"hi")
+                c.close()
+            else:
+                with connect(("127.0.0.1", svc.listener.port)) as c:
+                    c.sendall(b"hi")
+                    assert recv_exactly(c, 2) == b"hi"
+        finally:
+            svc.Stop(5)
+            core.Close(5)
+            for t in threads:
+                t.join(5)
+        refs.append(weakref.ref(Made))
+        del Made, svc, core, threads, c
+    gc.collect()
+    assert [r() for r in refs] == [None] * 3

@@ -44,9 +44,23 @@ cdef class _Hooks:
     cdef double tls_handshake_timeout
     cdef _RecvLimits lim          # flood protection (limits.pxi)
     cdef double send_timeout
+    cdef Py_ssize_t owner         # id() of the class they were resolved for
 
 
-cdef dict _hooks_cache = {}
+# Where a class's _Hooks live: on the class itself (attribute _iocpnet_hooks), so that
+# a class made at run time, and its hooks, are freed together (a cache beside the
+# classes would keep each forever: a method calling super() holds its class).  Our
+# own extension types take no attributes: theirs are here (they are never freed).
+cdef dict _hooks_static = {}
+
+
+cdef void _keep_on_class(type cls, str attr, object value, dict static) except *:
+    """Store a class's resolved settings on the class, or in `static` for our own
+    extension types."""
+    try:
+        setattr(cls, attr, value)
+    except (TypeError, AttributeError):
+        static[cls] = value
 
 
 cdef object _overridden(type cls, str name, type base):
@@ -73,10 +87,16 @@ cdef object _class_int(type cls, str name, default):
 
 
 cdef _Hooks _hooks_for(type cls):
-    cdef _Hooks h = _hooks_cache.get(cls)
-    if h is not None:
-        return h
+    cdef _Hooks h
+    o = getattr(cls, "_iocpnet_hooks", None)
+    # (A subclass inherits the attribute: only the class's own will do.)
+    if type(o) is _Hooks and (<_Hooks>o).owner == <Py_ssize_t><PyObject *>cls:
+        return <_Hooks>o
+    o = _hooks_static.get(cls)
+    if o is not None:
+        return <_Hooks>o
     h = _Hooks.__new__(_Hooks)
+    h.owner = <Py_ssize_t><PyObject *>cls
     h.on_connected = _overridden(cls, "OnConnected", Session)
     h.on_recv = _overridden(cls, "OnRecv", Session)
     h.on_send = _overridden(cls, "OnSend", Session)
@@ -112,7 +132,7 @@ cdef _Hooks _hooks_for(type cls):
     if not 0 <= h.send_queue_low < h.send_queue_high <= h.send_queue_limit:
         raise ValueError(f"{cls.__name__}: need 0 <= send_queue_low < send_queue_high <= "
                          f"send_queue_limit")
-    _hooks_cache[cls] = h
+    _keep_on_class(cls, "_iocpnet_hooks", h, _hooks_static)
     return h
 
 

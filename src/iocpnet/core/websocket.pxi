@@ -180,16 +180,23 @@ cdef class _WsHooks:
     cdef tuple subprotocols
     cdef object origins
     cdef object origin
+    cdef Py_ssize_t owner        # id() of the class they were resolved for
 
 
-cdef dict _ws_hooks_cache = {}
+# On the class (_iocpnet_ws_hooks), as Session's _Hooks (session.pxi): freed with it.
+cdef dict _ws_hooks_static = {}
 
 
 cdef _WsHooks _ws_hooks_for(type cls):
-    cdef _WsHooks h = _ws_hooks_cache.get(cls)
-    if h is not None:
-        return h
+    cdef _WsHooks h
+    o = getattr(cls, "_iocpnet_ws_hooks", None)
+    if type(o) is _WsHooks and (<_WsHooks>o).owner == <Py_ssize_t><PyObject *>cls:
+        return <_WsHooks>o
+    o = _ws_hooks_static.get(cls)
+    if o is not None:
+        return <_WsHooks>o
     h = _WsHooks.__new__(_WsHooks)
+    h.owner = <Py_ssize_t><PyObject *>cls
     if issubclass(cls, WebSocketSession):
         h.mode = WS_MODE_MESSAGES
         h.on_message = getattr(cls, "OnMessage")
@@ -224,7 +231,7 @@ cdef _WsHooks _ws_hooks_for(type cls):
     h.origins = None if origins is None else frozenset(str(o) for o in origins)
     origin = getattr(cls, "origin", None)
     h.origin = origin if isinstance(origin, str) else None
-    _ws_hooks_cache[cls] = h
+    _keep_on_class(cls, "_iocpnet_ws_hooks", h, _ws_hooks_static)
     return h
 
 
