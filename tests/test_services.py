@@ -296,6 +296,13 @@ def test_reconnect_policy_delays():
         iocpnet.Reconnect(factor=0.5)
     with pytest.raises(ValueError):
         iocpnet.Reconnect(initial=float("nan"))
+    # max_attempts read from a config file as "5": the first failed attempt raised a
+    # TypeError inside the service (printed as ignored) and it never tried again.
+    with pytest.raises(TypeError):
+        iocpnet.Reconnect(max_attempts="5")
+    with pytest.raises(ValueError):
+        iocpnet.Reconnect(max_attempts=-1)
+    assert iocpnet.Reconnect(max_attempts=0).max_attempts == 0
 
 
 # ---- jobs and timers ----

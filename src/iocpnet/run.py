@@ -25,6 +25,7 @@ set from a signal handler, ``Stop()`` or a failed worker, and waited on here.  A
 from __future__ import annotations
 
 import logging
+import operator
 import signal
 import threading
 import time
@@ -56,6 +57,12 @@ class Reconnect:
         self.initial = float(initial)
         self.max_delay = float(max_delay)
         self.factor = float(factor)
+        if max_attempts is not None:
+            # An int (say, not the string a config file gives): the service compares
+            # with it inside a completion, where a TypeError would end the retrying.
+            max_attempts = operator.index(max_attempts)
+            if max_attempts < 0:
+                raise ValueError("max_attempts must be None or >= 0")
         self.max_attempts = max_attempts
         self.reset_after = float(reset_after)
 

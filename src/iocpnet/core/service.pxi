@@ -568,8 +568,13 @@ cdef class ClientService(Service):
             self._schedule_retry(index)
 
     cdef void _schedule_retry(self, int index=-1) noexcept:
-        limit = self.reconnect.max_attempts
-        if limit is not None and self._failures >= limit:
+        try:
+            limit = self.reconnect.max_attempts
+            spent = limit is not None and self._failures >= limit
+        except Exception:
+            logger.exception("the reconnect policy's max_attempts cannot be read")
+            return
+        if spent:
             logger.warning("giving up on %s:%d after %d failed connection attempts "
                            "(refused, or closed before the policy's reset_after)",
                            self._address[0], self._address[1], self._failures)
