@@ -191,9 +191,10 @@ class Stuck(iocpnet.Session):
 core = iocpnet.IocpCore(sys.argv[1])
 service = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0)), Stuck, 8)
 run = service.Start(workers=2)
-print("listening on port", run.port, flush=True)
 try:
     with run:
+        # Said inside the block: a Ctrl-C before it would not be this test's case.
+        print("listening on port", run.port, flush=True)
         while True:
             time.sleep(0.05)
 except KeyboardInterrupt:
