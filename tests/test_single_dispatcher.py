@@ -252,3 +252,52 @@ def test_refused_on_a_core_in_use_and_nothing_changes(backend):
         for t in threads:
             t.join(5)
         rec.connected.clear()
+
+
+def test_start_with_one_worker_gives_it_the_ring(backend):
+    """Service.Start(workers=1): the handle's one worker owns the ring, as with Run; a
+    user thread's Send and Disconnect work while it sleeps; Stop() ends it all."""
+    rec = _Sessions()
+    core = iocpnet.IocpCore(backend)
+    service = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0)), _echo_class(rec), 4)
+    with service.Start(workers=1) as handle:
+        assert core._single_dispatcher() is False    # taken (io_uring) or refused (epoll)
+        c = connect(handle.address)
+        c.sendall(b"abc")
+        assert recv_exactly(c, 3) == b"abc"
+        wait_for(lambda: rec.connected, 5)
+        time.sleep(0.2)
+        rec.connected[0].Send(b"from-user")
+        assert recv_exactly(c, 9) == b"from-user"
+        rec.connected[0].Disconnect("bye")
+        c.settimeout(5)
+        assert c.recv(16) == b""
+        c.close()
+    assert not handle.running
+    rec.connected.clear()
+
+
+def test_client_service_start_with_one_worker(backend):
+    """ClientService.Start(workers=1) connects from the owner ring: its sessions talk to
+    a plain server, and a Send from this thread while the worker sleeps arrives."""
+    rec = _Sessions()
+    ls = socket.create_server(("127.0.0.1", 0))
+    core = iocpnet.IocpCore(backend)
+    clients = iocpnet.ClientService(core, ls.getsockname()[:2], _echo_class(rec), 1)
+    handle = clients.Start(workers=1)
+    try:
+        ls.settimeout(5)
+        peer, _ = ls.accept()
+        peer.settimeout(5)
+        wait_for(lambda: rec.connected, 5)
+        time.sleep(0.2)
+        rec.connected[0].Send(b"hello")
+        assert recv_exactly(peer, 5) == b"hello"
+        peer.sendall(b"echo")                        # the session echoes it back
+        assert recv_exactly(peer, 4) == b"echo"
+        peer.close()
+        wait_for(lambda: rec.disconnected, 5)
+    finally:
+        handle.Stop(5)
+        ls.close()
+        rec.connected.clear()

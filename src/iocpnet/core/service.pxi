@@ -241,6 +241,10 @@ cdef class Service:
         # Before listening: a factory that cannot make a session fails Start here, with
         # its own exception, instead of leaving every accept slot empty.
         first = self._new_session()
+        if workers == 1:
+            # Its one worker dispatches the core until the handle closes it, as in
+            # Run(workers=1): io_uring gives that worker a ring of its own.
+            self.core._single_dispatcher()
         self._started = True
         self._close_cb = self._on_core_close
         self.core._add_close_callback(self._close_cb)
@@ -466,6 +470,8 @@ cdef class ClientService(Service):
         if workers < 0:
             raise ValueError("workers must be >= 0")
         self._check_startable()
+        if workers == 1:
+            self.core._single_dispatcher()     # as Service.Start(workers=1)
         self._started = True
         self._close_cb = self._on_core_close
         self.core._add_close_callback(self._close_cb)
