@@ -39,9 +39,13 @@
 #  define IORING_SETUP_COOP_TASKRUN (1U << 8)          /* 5.19 */
 #  define IORING_SETUP_TASKRUN_FLAG (1U << 9)
 #endif
-#ifndef IORING_SETUP_DEFER_TASKRUN
+#ifndef IORING_SETUP_R_DISABLED
 #  define IORING_SETUP_R_DISABLED (1U << 6)            /* 5.10 */
+#endif
+#ifndef IORING_SETUP_SINGLE_ISSUER
 #  define IORING_SETUP_SINGLE_ISSUER (1U << 12)        /* 6.0 */
+#endif
+#ifndef IORING_SETUP_DEFER_TASKRUN
 #  define IORING_SETUP_DEFER_TASKRUN (1U << 13)        /* 6.1 */
 #endif
 #ifndef IORING_REGISTER_ENABLE_RINGS
