@@ -471,14 +471,19 @@ static int rate_take(struct conn *c)
 
 /* Refill the bucket; hand tokens to the waiting connections. Returns how
  * many connections it served (they queued sends: that is work). */
-static int rate_pump(uint64_t t)
+static void rate_refill(uint64_t t)
 {
-    if (o.rate <= 0)
-        return 0;
     rate_tokens += (double)(t - rate_t) * o.rate / 1e9;
     rate_t = t;
     if (rate_tokens > rate_burst)
         rate_tokens = rate_burst;
+}
+
+static int rate_pump(uint64_t t)
+{
+    if (o.rate <= 0)
+        return 0;
+    rate_refill(t);
     int served = 0;
     while (rate_nwait && rate_tokens >= 1) {
         struct conn *c = rate_wait[rate_whead];
@@ -1302,14 +1307,24 @@ static void run_connect(void)
             break;
         if (busy)
             handicap_pause(t);
+        /* -r: a connection is started only with a token, so every server
+         * is offered the same connections per second (its CPU per
+         * connection then compares servers below the generator's limit) */
+        if (o.rate > 0)
+            rate_refill(t);
         for (int i = 0; i < nconns; i++)
-            if (conns[i].state == S_FREE)
+            if (conns[i].state == S_FREE) {
+                if (o.rate > 0 && rate_tokens < 1)
+                    break; /* its one message takes the token (rate_take) */
                 start_connect(&conns[i]);
-        poll_events(ms_until(in_window ? t_end : t_warm_end), busy);
+            }
+        poll_events(o.rate > 0 ? 0 : ms_until(in_window ? t_end : t_warm_end),
+                    busy || o.rate > 0);
     }
     window_end(&w);
     double secs = (w.t1 - w.t0) / 1e9;
-    printf("{\"mode\": \"connect\", \"conns\": %d, \"size\": %d, ", o.conns, o.size);
+    printf("{\"mode\": \"connect\", \"conns\": %d, \"size\": %d, \"rate_cap\": %.0f, ",
+           o.conns, o.size, o.rate);
     printf("\"connections\": %llu, \"conn_per_s\": %.1f, \"roundtrips\": %llu, \"rt_per_s\": %.1f, ",
            (unsigned long long)measured_conns, measured_conns / secs,
            (unsigned long long)measured_msgs, measured_msgs / secs);
@@ -1403,7 +1418,8 @@ static void usage(FILE *f)
             "  -C N       connects in progress at once during set-up (64)\n"
             "  -T SECS    set-up timeout (60)\n"
             "  -P PID     server pid: report its CPU time (and RSS)\n"
-            "  -r RATE    pingpong/pipeline: send at most RATE messages per second\n"
+            "  -r RATE    pingpong/pipeline: send at most RATE messages per second;\n"
+            "             connect: start at most RATE connections per second\n"
             "             (0, the default: as fast as the echoes come back)\n"
             "  -H SHARE   headroom probe: withhold SHARE (0-0.9) of its core from\n"
             "             itself in every other 100 ms phase and report the rate in\n"
@@ -1493,8 +1509,8 @@ int main(int argc, char **argv)
     }
     if (o.conns < 0)
         o.conns = o.mode == M_CONNECT ? 50 : 1;
-    if (o.rate > 0 && o.mode != M_PINGPONG && o.mode != M_PIPELINE)
-        die(1, "-r applies to pingpong and pipeline only");
+    if (o.rate > 0 && o.mode == M_IDLE)
+        die(1, "-r applies to pingpong, pipeline and connect only");
     if (o.mode == M_PIPELINE && (uint64_t)o.depth * (uint64_t)o.size > 64u * 1024u * 1024u)
         die(1, "pipeline depth x size above 64 MiB per connection");
 

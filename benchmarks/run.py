@@ -110,18 +110,25 @@ def fmt_size(n):
 
 
 class Case:
-    def __init__(self, name, mode, size=64, conns=1, depth=1, idle_count=0):
+    """rate: None, as fast as the server echoes; else the load generator offers
+    exactly that many messages (storm: connections) per second (loadgen -r), the
+    same to every server: an equal-rate cell, which compares what each server's
+    CPU costs per message at that load where the uncapped cell cannot (on two
+    cores a load generator is saturated by the fast servers: see LG_LIMIT)."""
+
+    def __init__(self, name, mode, size=64, conns=1, depth=1, idle_count=0, rate=None):
         self.name, self.mode, self.size, self.conns = name, mode, size, conns
-        self.depth, self.idle_count = depth, idle_count
+        self.depth, self.idle_count, self.rate = depth, idle_count, rate
 
     @property
     def label(self):
+        at = f" at {human(self.rate)}/s" if self.rate else ""
         if self.mode == "pingpong":
-            return f"ping-pong {fmt_size(self.size)} × {self.conns}"
+            return f"ping-pong {fmt_size(self.size)} × {self.conns}{at}"
         if self.mode == "pipeline":
-            return f"pipelined {self.depth} deep, {fmt_size(self.size)} × {self.conns}"
+            return f"pipelined {self.depth} deep, {fmt_size(self.size)} × {self.conns}{at}"
         if self.mode == "connect":
-            return f"connect storm, {self.conns} in flight"
+            return f"connect storm, {self.conns} in flight{at}"
         return f"{self.idle_count:,} idle connections"
 
     @property
@@ -130,7 +137,8 @@ class Case:
 
     def to_json(self):
         return dict(name=self.name, label=self.label, mode=self.mode, size=self.size,
-                    conns=self.conns, depth=self.depth, idle_count=self.idle_count)
+                    conns=self.conns, depth=self.depth, idle_count=self.idle_count,
+                    rate=self.rate)
 
 
 def full_matrix(idle_count):
@@ -142,8 +150,21 @@ def full_matrix(idle_count):
         for conns in (10, 100):
             cases.append(Case(f"pl16-{tag}-c{conns}", "pipeline", size, conns, depth=16))
     cases.append(Case("storm-c50", "connect", 64, 50))
+    cases.extend(equal_rate_cases())
     cases.append(Case(f"idle-{idle_count}", "idle", 64, idle_count=idle_count))
     return cases
+
+
+def equal_rate_cases():
+    """The cells whose uncapped form is load-generator-limited against the C
+    servers (or every server), offered at a rate every server keeps: about
+    0.6-0.7 of the slowest server's saturated rate on this 2-core machine, so
+    the load generator stays well under LG_LIMIT (figures: docs/benchmarks.md,
+    the uncapped cells' rates and busy shares)."""
+    return [Case("pp-64-c100-at100k", "pingpong", 64, 100, rate=100_000),
+            Case("pl16-64-c100-at1.2M", "pipeline", 64, 100, depth=16, rate=1_200_000),
+            Case("pl16-1k-c100-at1.2M", "pipeline", 1024, 100, depth=16, rate=1_200_000),
+            Case("storm-c50-at12k", "connect", 64, 50, rate=12_000)]
 
 
 def quick_matrix(idle_count):
@@ -544,6 +565,8 @@ def slice_argv(case, r, args, withhold=0.0):
         argv += ["-H", str(withhold)]
     if case.mode == "pipeline":
         argv += ["-d", str(case.depth)]
+    if case.rate:
+        argv += ["-r", str(case.rate)]
     if args.engine and case.mode in ("pingpong", "pipeline"):
         argv += ["-e", args.engine]
     return argv
@@ -586,6 +609,7 @@ DISTURBED = 0.25  # cores of "other load" above which a slice is considered dist
 LG_DELAY_MAX, SERVER_DELAY_MAX = 0.02, 0.05
 LG_LIMIT = 0.90  # load generator busy above this: the cell does not compare servers
 SERVER_LIMIT = 0.90  # server cores at or above this: the server was the limit
+RATE_HOLD = 0.97  # an equal-rate cell: a server below this share of the rate fell behind
 # Headroom probe. The busy share of a busy-poller overstates what it needs
 # when a server's echoes trickle in: it handles each the moment it arrives,
 # one kernel entry apiece, where with less CPU it would take them in bigger
@@ -879,10 +903,16 @@ def aggregate(case, record):
         # the load generator was the limit: busy above LG_LIMIT, and no
         # headroom probe showed it could keep the rate on less of its core
         lg_limit = lg_busy > LG_LIMIT and not (probe and probe["held"])
+        # an equal-rate cell compares servers only where each kept the rate
+        slow = bool(case.rate) and rate_median < RATE_HOLD * case.rate
         if disturbed:
             limited_by = "DISTURBED"
         elif lg_limit:
             limited_by = "load generator"
+        elif slow:
+            limited_by = "server (below the offered rate)"
+        elif case.rate:
+            limited_by = "the offered rate"
         elif cores >= SERVER_LIMIT:
             limited_by = "server"
         else:  # a ping-pong waits for its echo: both sides partly idle
@@ -906,7 +936,9 @@ def aggregate(case, record):
             "limited_by": limited_by,
             # why this cell is in no ratio (None: it is)
             "excluded": ("DISTURBED" if disturbed else
-                         f"load generator {lg_busy:.0%} busy" if lg_limit else None),
+                         f"load generator {lg_busy:.0%} busy" if lg_limit else
+                         f"kept {rate_median / case.rate:.0%} of the offered rate" if slow
+                         else None),
             "other_load_cores": statistics.median(s["other_load_cores"] for s in use),
             "disturbed_slices": len(sl) - len(clean),
             "mb_per_s": (statistics.median(s["mb_per_s"] for s in use)
@@ -1034,6 +1066,9 @@ def markdown(meta, config, cases, results, servers, warnings):
              "target): its raw figures are shown, marked.")
     cols = list(servers)
     traffic = [c for c in cases if c.mode != "idle" and c.name in results]
+    # equal-rate cells: their throughput is the offered rate, so they are in
+    # no throughput ratio; their own table compares CPU (equal_rate_md)
+    uncapped = [c for c in traffic if not c.rate]
 
     def agg(c, key):
         return ((results[c.name].get(key) or {}).get("agg")) or {}
@@ -1046,7 +1081,7 @@ def markdown(meta, config, cases, results, servers, warnings):
     for me in ("iocpnet-uring", "iocpnet-epoll"):
         peers = [p for p in PEERS + ("iocpnet-epoll",) if p in have and p != me
                  and not (me == "iocpnet-epoll" and p == "iocpnet-epoll")]
-        if me not in have or not peers or not traffic:
+        if me not in have or not peers or not uncapped:
             continue
         L.append("")
         L.append(f"### {label_of(me)} against each peer")
@@ -1061,7 +1096,7 @@ def markdown(meta, config, cases, results, servers, warnings):
         L.append("| case | " + " | ".join(f"vs {label_of(p)}" for p in peers) + " |")
         L.append("|---|" + "---|" * len(peers))
         geo = {p: ([], []) for p in peers}
-        for c in traffic:
+        for c in uncapped:
             row = [c.label]
             mine = results[c.name].get(me) or {}
             for p in peers:
@@ -1093,8 +1128,8 @@ def markdown(meta, config, cases, results, servers, warnings):
                 row.append("–")
                 continue
             gu = geomean(u)
-            row.append(f"**{geomean(t):.2f} / {gu:.2f}** ({len(t)} of {len(traffic)})" if gu
-                       else f"**{geomean(t):.2f}** / – ({len(t)} of {len(traffic)})")
+            row.append(f"**{geomean(t):.2f} / {gu:.2f}** ({len(t)} of {len(uncapped)})" if gu
+                       else f"**{geomean(t):.2f}** / – ({len(t)} of {len(uncapped)})")
         L.append("| " + " | ".join(row) + " |")
 
     # ---- every cell, raw ------------------------------------------------
@@ -1146,7 +1181,8 @@ def markdown(meta, config, cases, results, servers, warnings):
                      f"| {busy} | {lim} | {lat} | "
                      + (f"{kb / 1024:.1f}" if kb else "–") + " |")
 
-    saturated_cpu_md(L, traffic, cols, results)
+    saturated_cpu_md(L, uncapped, cols, results)
+    equal_rate_md(L, [c for c in traffic if c.rate], cols, results)
 
     idle = [c for c in cases if c.mode == "idle" and c.name in results]
     for c in idle:
@@ -1250,6 +1286,50 @@ def saturated_cpu_md(L, traffic, cols, results):
     L.extend(rows)
 
 
+def equal_rate_md(L, capped, cols, results):
+    """The equal-rate cells: every server offered the same messages (storm:
+    connections) per second, far enough under the load generator's limit that
+    it paces them all alike; what differs is the server CPU each message costs
+    at that load, compared round by round as in the peer tables."""
+    if not capped:
+        return
+    L.append("")
+    L.append("### At an equal offered rate: server CPU per round trip")
+    L.append("")
+    L.append("The load generator offers the same rate to every server (`loadgen -r`, a token "
+             "bucket with at most 1 ms of tokens saved), chosen under the slowest server's "
+             "limit and well under the load generator's, so each cell compares what the same "
+             "load costs each server: µs of server CPU per round trip (storm: per connection), "
+             "then round trips per server CPU-second relative to C io_uring and to uvloop, "
+             "round by round as above (> 1.00: it costs less). Below saturation a server pays "
+             "for its idle wake-ups too, so these are costs at this load, not at the limit; "
+             f"{LIMIT_MARK}: the load generator was over {LG_LIMIT:.0%} busy; a server that "
+             f"kept less than {RATE_HOLD:.0%} of the rate fell behind and is in no ratio.")
+    L.append("")
+    L.append("| case | " + " | ".join(s.label for s in cols) + " |")
+    L.append("|---|" + "---|" * len(cols))
+    for c in capped:
+        row = []
+        for s in cols:
+            rec = results[c.name][s.key]
+            st = cell_status(rec)
+            a = rec.get("agg") if not st else None
+            if not a or not a.get("server_us"):
+                row.append(st or "–")
+                continue
+            if a.get("excluded"):
+                mark = LIMIT_MARK + " " if a.get("does_not_compare_servers") else ""
+                row.append(f"{a['server_us']:.2f} ({mark}{a['excluded']})")
+                continue
+            rel = []
+            for peer, name in ((REF, "C io_uring"), ("uvloop-protocol", "uvloop")):
+                v = (a.get("vs") or {}).get(peer) or {}
+                if s.key != peer and v.get("cpu"):
+                    rel.append(f"{v['cpu']:.2f} vs {name}")
+            row.append(f"**{a['server_us']:.2f}**" + (f" ({', '.join(rel)})" if rel else ""))
+        L.append(f"| {c.label} | " + " | ".join(row) + " |")
+
+
 def targets_md(L, cases, results, servers):
     """Issue 14's targets, checked against this run (only what it measured,
     and only from cells that compare servers: see aggregate)."""
@@ -1264,7 +1344,8 @@ def targets_md(L, cases, results, servers):
     def vs(c, key, peer):
         return a(c, key).get("vs", {}).get(peer) or {}
 
-    traffic = [c for c in cases if c.mode != "idle" and c.name in results]
+    traffic = [c for c in cases if c.mode != "idle" and c.name in results and not c.rate]
+    capped = [c for c in cases if c.rate and c.name in results]
     pp = [c for c in traffic if c.mode == "pingpong"]
     # 1. CPU per round trip: io_uring <= epoll <= uvloop, every traffic cell
     #    (paired round by round: the CPU ratio is >= 1 where the first costs no more)
@@ -1350,6 +1431,24 @@ def targets_md(L, cases, results, servers):
                             f"{a(c, REF).get('server_us') or 0:.2f} µs" for c in allpl)
             rows.append((what, "no cell with a ratio (‡ load generator limit or DISTURBED); "
                          f"raw CPU per round trip, {key} vs C io_uring: {raw}", None))
+    # 7. the same two targets where only an equal-rate cell compares the servers
+    for c in capped:
+        if c.mode not in ("pipeline", "connect"):
+            continue
+        peer, want = ((REF, 0.95) if c.mode == "pipeline" else ("uvloop-protocol", 1.0))
+        for key in ("iocpnet-uring", "iocpnet-epoll"):
+            if key not in keys or peer not in keys:
+                continue
+            r = vs(c, key, peer)
+            what = (f"{key}: {c.label}, round trips per server CPU-second ≥ {want:.2f} of "
+                    f"{'C io_uring' if peer == REF else 'uvloop'}" if c.mode == "pipeline" else
+                    f"{key}: {c.label}, server CPU per connection ≤ uvloop's (the storm "
+                    "target where the uncapped storm is ‡)")
+            if r.get("cpu") is not None:
+                rows.append((what, f"{r['cpu']:.2f} ({a(c, key).get('server_us') or 0:.2f} vs "
+                             f"{a(c, peer).get('server_us') or 0:.2f} µs)", r["cpu"] >= want))
+            elif r:
+                rows.append((what, f"no ratio ({r.get('excluded')})", None))
     if not rows:
         return
     L.append("")
@@ -1391,7 +1490,7 @@ def chart(cases, results, servers, path):
         import matplotlib.pyplot as plt
     except Exception as e:
         return f"matplotlib unusable: {e}"
-    traffic = [c for c in cases if c.mode != "idle" and c.name in results]
+    traffic = [c for c in cases if c.mode != "idle" and c.name in results and not c.rate]
     idle = [c for c in cases if c.mode == "idle" and c.name in results]
     # only servers that produced numbers get a bar slot and a legend entry
     servers = [s for s in servers
@@ -1491,8 +1590,8 @@ def load_saved(path):
     """A saved run (summary or full JSON) back into cases, results, servers."""
     with open(path) as f:
         raw = json.load(f)
-    keep = ("name", "mode", "size", "conns", "depth", "idle_count")
-    cases = [Case(**{k: c[k] for k in keep}) for c in raw["cases"]]
+    keep = ("name", "mode", "size", "conns", "depth", "idle_count", "rate")
+    cases = [Case(**{k: c[k] for k in keep if k in c}) for c in raw["cases"]]
     results = {c["name"]: c["servers"] for c in raw["cases"]}
     for c in cases:  # a run saved before the current aggregates existed
         recs = results[c.name]
