@@ -14,7 +14,7 @@ import pytest
 
 import iocpnet
 
-from conftest import connect, recv_exactly, wait_for
+from conftest import connect, recv_exactly, recv_until_eof, wait_for
 
 if os.environ.get("CI"):
     import prometheus_client  # noqa: F401  (the test extra must bring it: never skip in CI)
@@ -348,6 +348,36 @@ def test_metrics_server_drops_connections_that_send_nothing(server, capfd):
         wait_for(lambda: threading.active_count() <= before + 1, 10,
                  "the metrics server's connection threads to end")
         assert "iocpnet_sessions{" in scrape(m.port)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception" not in err, err
+
+
+def test_metrics_server_caps_its_connections(server, capfd):
+    """Each connection holds a thread for up to request_timeout: a peer opening
+    thousands held thousands.  Past max_connections a connection is answered 503 and
+    closed at once; the threads stay bounded and a scrape works again once the held
+    ones end."""
+    pytest.importorskip("prometheus_client")
+    from iocpnet.metrics import MetricsServer
+    srv = server(Echo)
+    before = threading.active_count()
+    with MetricsServer(srv.service, 0, request_timeout=5.0, max_connections=4) as m:
+        held = [socket.create_connection(("127.0.0.1", m.port)) for _ in range(4)]
+        wait_for(lambda: threading.active_count() >= before + 1 + 4, 10,
+                 "4 connection threads")
+        extra = [socket.create_connection(("127.0.0.1", m.port)) for _ in range(30)]
+        for c in extra:
+            c.settimeout(10)
+            assert recv_until_eof(c).startswith(b"HTTP/1.0 503"), "refused at once"
+            c.close()
+        assert threading.active_count() <= before + 1 + 4
+        for c in held:
+            c.close()
+        wait_for(lambda: threading.active_count() <= before + 1, 10,
+                 "the held connections' threads to end")
+        assert "iocpnet_sessions{" in scrape(m.port)
+    with pytest.raises(ValueError):
+        MetricsServer(srv.service, 0, max_connections=0)
     err = capfd.readouterr().err
     assert "Traceback" not in err and "Exception" not in err, err
 

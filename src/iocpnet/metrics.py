@@ -161,6 +161,33 @@ class _QuietHandler(WSGIRequestHandler):
 class _Server(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True
     request_timeout: float | None = None
+    # Each connection has a thread for up to request_timeout: past this many at once a
+    # connection is answered 503 and closed (a peer opening thousands held thousands).
+    slots: threading.BoundedSemaphore | None = None
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if self.slots is not None and not self.slots.acquire(blocking=False):
+            try:
+                request.setblocking(False)
+                request.send(b"HTTP/1.0 503 Service Unavailable\r\n"
+                             b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            if self.slots is not None:
+                self.slots.release()        # no thread was started to release it
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            if self.slots is not None:
+                self.slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A peer that timed out or went away is no error of ours: no traceback on
@@ -188,18 +215,23 @@ class MetricsServer:
     """An HTTP server on its own thread answering every GET with the service's figures
     in the Prometheus text format.  ``port`` 0 picks a free port (read ``.port``).
     A connection whose request does not arrive within ``request_timeout`` seconds is
-    closed (one thread serves each connection meanwhile)."""
+    closed (one thread serves each connection meanwhile); past ``max_connections``
+    connections at once, a new one is answered 503 and closed at once."""
 
     def __init__(self, service: Any, port: int = 0, host: str = "127.0.0.1",
-                 name: str | None = None, *, request_timeout: float = 10.0) -> None:
+                 name: str | None = None, *, request_timeout: float = 10.0,
+                 max_connections: int = 32) -> None:
         if not request_timeout > 0:
             raise ValueError("request_timeout must be positive")
+        if not (isinstance(max_connections, int) and max_connections > 0):
+            raise ValueError("max_connections must be a positive int")
         self.registry = CollectorRegistry()
         self.registry.register(ServiceCollector(service, name))
         server_class = _Server6 if ":" in host else _Server
         self._httpd = make_server(host, port, make_wsgi_app(self.registry),
                                   server_class=server_class, handler_class=_QuietHandler)
         self._httpd.request_timeout = float(request_timeout)
+        self._httpd.slots = threading.BoundedSemaphore(max_connections)
         self.host = host
         self.port: int = self._httpd.server_port
         self._lock = threading.Lock()
