@@ -352,6 +352,18 @@ def test_metrics_server_drops_connections_that_send_nothing(server, capfd):
     assert "Traceback" not in err and "Exception" not in err, err
 
 
+def test_serve_metrics_after_stop_is_refused(server):
+    """Stop() closes the metrics servers; one asked for after Stop() was never closed by
+    anything (a listening socket and a thread for good).  It is refused instead."""
+    pytest.importorskip("prometheus_client")
+    srv = server(Echo)
+    srv.service.Stop()
+    before = threading.active_count()
+    with pytest.raises(RuntimeError, match="stopped"):
+        srv.service.ServeMetrics(0)
+    assert threading.active_count() == before
+
+
 def test_metrics_server_caps_its_connections(server, capfd):
     """Each connection holds a thread for up to request_timeout: a peer opening
     thousands held thousands.  Past max_connections a connection is answered 503 and

@@ -915,7 +915,8 @@ class Service:
     def ServeMetrics(self, port: int = 0, host: str = "127.0.0.1", *,
                      name: str | None = None) -> _MetricsServer:
         """Serve stats() over HTTP for Prometheus (needs ``iocpnet[metrics]``); returns
-        the server (``.port``, ``.Close()``), closed by ``Stop()``."""
+        the server (``.port``, ``.Close()``), closed by ``Stop()``.  After ``Stop()``:
+        RuntimeError."""
 
     def Broadcast(self, data: _Bytes, sessions: Iterable[Session] | None = None) -> int:
         """Send the same bytes to every live session (or to ``sessions``), queued by

@@ -332,7 +332,8 @@ cdef class Service:
 
     def ServeMetrics(self, int port=0, str host="127.0.0.1", *, name=None):
         """Serve stats() over HTTP for Prometheus (needs ``iocpnet[metrics]``); returns
-        the server (``.port``, ``.Close()``), closed by ``Stop()``."""
+        the server (``.port``, ``.Close()``), closed by ``Stop()``.  After ``Stop()``:
+        RuntimeError."""
         return _serve_metrics(self, port, host, name)
 
     def Broadcast(self, data, sessions=None):

@@ -398,11 +398,20 @@ cdef object _serve_metrics(Service svc, int port, str host, object name):
     except ImportError as e:
         raise ImportError(f"ServeMetrics needs prometheus_client: pip install "
                           f"'iocpnet[metrics]' ({e})") from e
+    if svc._stopping:
+        raise RuntimeError("the service is stopped: Stop() closes its metrics servers, "
+                           "so it serves none any more")
     server = MetricsServer(svc, port, host, name=name)
     with svc._lock:
-        if svc._st.metrics_servers is None:
-            svc._st.metrics_servers = []
-        svc._st.metrics_servers.append(server)
+        stopping = svc._stopping        # a Stop() that ran meanwhile missed this one
+        if not stopping:
+            if svc._st.metrics_servers is None:
+                svc._st.metrics_servers = []
+            svc._st.metrics_servers.append(server)
+    if stopping:
+        server.Close()
+        raise RuntimeError("the service is stopped: Stop() closes its metrics servers, "
+                           "so it serves none any more")
     return server
 
 
