@@ -86,6 +86,29 @@ def test_start_after_stop_says_a_stopped_service_cannot_start(backend):
         core.Close(5)
 
 
+def test_a_listener_serves_one_service_and_says_why_not_another(backend):
+    """A Listener whose service stopped is closed: a new Service given it said "the
+    Listener is already started", which is not the reason.  It says it was closed and
+    what to do; one in use by a running service says so."""
+    core = iocpnet.IocpCore(backend)
+    try:
+        listener = iocpnet.Listener(("127.0.0.1", 0))
+        first = iocpnet.Service(core, listener, Echo, 4)
+        first.Start()
+        busy = iocpnet.Service(core, listener, Echo, 4)
+        with pytest.raises(RuntimeError, match="in use by another service"):
+            busy.Start()
+        first.Stop(5)
+        again = iocpnet.Service(core, listener, Echo, 4)
+        with pytest.raises(RuntimeError, match="closed.*make a new Listener"):
+            again.Start()
+        fresh = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0)), Echo, 4)
+        fresh.Start()
+        fresh.Stop(5)
+    finally:
+        core.Close(5)
+
+
 # ---- Stop with a hook running ----
 
 def test_stop_lets_a_running_hook_finish_and_flushes_its_reply(server):

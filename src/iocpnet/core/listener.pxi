@@ -105,8 +105,13 @@ cdef class Listener(IocpObject):
         cdef char host[64]
         cdef int portnum = 0, rc, flags = 0, i
         cdef const char *chost = NULL
+        if self._closing:
+            raise RuntimeError("this Listener was closed (the service that used it "
+                               "stopped): a Listener listens for one service; make a "
+                               "new Listener for a new one")
         if self._ops != NULL:
-            raise RuntimeError("the Listener is already started")
+            raise RuntimeError("the Listener is already started (in use by another "
+                               "service)")
         if count <= 0:
             raise ValueError("accepts (the accepts kept posted) must be positive")
         hostarg = self._address_arg[0]
