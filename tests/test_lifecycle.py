@@ -109,6 +109,31 @@ def test_a_listener_serves_one_service_and_says_why_not_another(backend):
         core.Close(5)
 
 
+def test_a_factory_that_hands_out_a_used_session_is_a_failing_factory(server,
+                                                                     caplog_iocpnet):
+    """A factory returning a session already in use (one shared object, or a pool
+    handing back a session that ended) gave several connections one session: their
+    bytes crossed, and Stop waited for good.  Such a session is refused, as a factory
+    that raises: logged with the reason, the slot retried; the one connection it
+    serves is not disturbed."""
+    import socket
+    one = Echo()
+    srv = server(lambda: one, accepts=4)
+    with connect(srv.address) as a:
+        a.sendall(b"first")
+        assert a.recv(100) == b"first"
+        with connect(srv.address) as b:
+            b.sendall(b"second")
+            a.settimeout(0.3)
+            with pytest.raises(socket.timeout):
+                a.recv(100)           # never the other connection's bytes
+    assert any("a session serves one connection" in r.getMessage() or
+               (r.exc_info and "a session serves one connection" in str(r.exc_info[1]))
+               for r in caplog_iocpnet.records), caplog_iocpnet.text
+    wait_for(lambda: srv.service.session_count == 0, 10, "the one session to end")
+    one = None
+
+
 # ---- Stop with a hook running ----
 
 def test_stop_lets_a_running_hook_finish_and_flushes_its_reply(server):

@@ -3,6 +3,7 @@ port, a restarting server), jobs posted from any thread, timers, the live-sessio
 the idle timeout, and IPv6."""
 import logging
 import socket
+import sys
 import threading
 import time
 
@@ -177,6 +178,61 @@ def test_client_service_against_a_closed_port(client_core, recorder):
     assert count(recorder, "connected") == 0
     assert clients.connect_failures == 3
     clients.Stop()
+
+
+def test_one_new_session_connected_from_two_threads_at_once_connects_once(
+        server, client_core, recorder):
+    """Connect(session) from two threads at once with the same new session: exactly
+    one connects it, the other gets the "already used" RuntimeError (both could pass
+    the check and start two connects on one session's one connect record)."""
+    srv = server(Echo)
+    Pinger = pinging_client(recorder)
+    clients = iocpnet.ClientService(client_core.core, srv.address, Pinger, 0)
+    clients.Start()
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    rounds = 60
+    # stats() holds the service's lock, which Connect takes between its check and the
+    # connect: the window both threads fell through (on 3.13t: 149 of 500 rounds).
+    done = threading.Event()
+
+    def read_stats():
+        while not done.is_set():
+            clients.stats()
+
+    reader = threading.Thread(target=read_stats)
+    reader.start()
+    try:
+        for _ in range(rounds):
+            session = Pinger()
+            barrier = threading.Barrier(2)
+            outcome = []
+
+            def connect_it():
+                barrier.wait()
+                try:
+                    clients.Connect(session)
+                    outcome.append("connected")
+                except RuntimeError as e:
+                    outcome.append(str(e))
+
+            threads = [threading.Thread(target=connect_it) for _ in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+            assert len(outcome) == 2 and outcome.count("connected") == 1, outcome
+            assert any("already used" in o for o in outcome), outcome
+            session = None
+        wait_for(lambda: count(recorder, "echo") == rounds, message=f"{rounds} echoes")
+    finally:
+        done.set()
+        reader.join(10)
+        sys.setswitchinterval(old)
+        clients.Stop(10)
+    recorder.wait_disconnects(rounds)
+    assert count(recorder, "connected") == rounds
+    clients = srv = None
 
 
 def test_reconnect_after_the_server_restarts_on_the_same_port(backend, client_core,

@@ -9,6 +9,16 @@
 # _backoff_lock; _burst is also read without it (atomic), on the path that posts.
 
 
+cdef int _check_unused(Session s) except -1:
+    """A factory must make a new session each call: one that returned a session in use
+    (or ended) had several connections share it, their bytes crossing."""
+    if s._state != S_NEW or s._service is not None:
+        raise RuntimeError(f"the session factory returned {s!r}, which is in use or was "
+                           f"used: a session serves one connection, so the factory must "
+                           f"make a new one each call")
+    return 0
+
+
 @cython.final
 cdef class Listener(IocpObject):
     """Accepts connections: binds, listens, and keeps the service's ``accepts`` accepts
@@ -155,7 +165,7 @@ cdef class Listener(IocpObject):
             return
         if session is None:
             self._pending[i] = None
-            session = self._feed([i])
+            session = self._feed([i])       # claimed for this slot (S_ACCEPTING)
             if session is None:
                 return
         session._state = S_ACCEPTING
@@ -245,6 +255,10 @@ cdef class Listener(IocpObject):
         cdef int delay_ms = 0, n
         try:
             s = self._service._new_session()
+            if not (<Session>s)._claim_for_accept():
+                _check_unused(<Session>s)         # raises: another slot took it
+                raise RuntimeError(f"the session factory returned {s!r} to two accept "
+                                   f"slots at once")
         except BaseException as e:
             now = port_monotonic_ms()
             with self._backoff_lock:

@@ -159,6 +159,7 @@ cdef class Service:
         if not isinstance(s, Session):
             raise TypeError(f"the session factory returned {type(s).__name__}, "
                             f"not a Session")
+        _check_unused(<Session>s)
         return <Session>s
 
     cdef bint _admit(self, port_sock_t sock, Session s) noexcept:
@@ -508,22 +509,23 @@ cdef class ClientService(Service):
             s = session
             index = -1
         s._attach(self.core, self)
-        if self.ssl is not None:
-            s._tls = _Tls.create(self.ssl, False, self.server_hostname)
-        if self._ws_target is not None or s._ws is not None:
-            target = self._ws_target or _ws_default_target(self._address)
-            _ws_enable(s, True, target[0], target[1])
-        with self._lock:
-            self._sessions.add(s)
-            self.total_sessions += 1
-            if index >= 0:
-                self._indexes[s] = index
         try:
+            if self.ssl is not None:
+                s._tls = _Tls.create(self.ssl, False, self.server_hostname)
+            if self._ws_target is not None or s._ws is not None:
+                target = self._ws_target or _ws_default_target(self._address)
+                _ws_enable(s, True, target[0], target[1])
+            with self._lock:
+                self._sessions.add(s)
+                self.total_sessions += 1
+                if index >= 0:
+                    self._indexes[s] = index
             s._start_connect(&self._addr)
         except BaseException:
             with self._lock:
                 self._sessions.discard(s)
                 self._indexes.pop(s, None)
+            s._detach()
             raise
         return s
 

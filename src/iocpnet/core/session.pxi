@@ -477,11 +477,35 @@ cdef class Session(IocpObject):
     # ---- internals: connection set-up ----
 
     cdef int _attach(self, IocpCore core, Service service) except -1:
-        if self._state != S_NEW:
+        cdef bint free
+        # Check and claim in one step, under the lock: two threads connecting the same
+        # new session could both see S_NEW and start two connects on its one record.
+        port_spin_lock(&self._lock)
+        free = self._state == S_NEW and self._service is None
+        if free:
+            self._service = service
+            self.core = core
+        port_spin_unlock(&self._lock)
+        if not free:
             raise RuntimeError(f"{self!r} was already used; a session serves one connection")
-        self.core = core
-        self._service = service
         return 0
+
+    cdef bint _claim_for_accept(self) noexcept:
+        """An accept slot takes this new session (atomic: a factory handing the same
+        object to two slots at once gives it to one of them)."""
+        cdef bint free
+        port_spin_lock(&self._lock)
+        free = self._state == S_NEW and self._service is None
+        if free:
+            self._state = S_ACCEPTING
+        port_spin_unlock(&self._lock)
+        return free
+
+    cdef void _detach(self) noexcept:
+        """Its connect could not start: the session may be connected again."""
+        port_spin_lock(&self._lock)
+        self._service = None
+        port_spin_unlock(&self._lock)
 
     cdef void _attach_accepted(self, IocpCore core, Service service) noexcept:
         self.core = core
