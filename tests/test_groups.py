@@ -2,6 +2,7 @@
 session and group jobs and timers on their strands, their cancellation when the owner
 ends, and OnSendQueue.  Real sockets, every backend, counters balanced (conftest)."""
 import logging
+import queue
 import selectors
 import socket
 import struct
@@ -387,6 +388,68 @@ def test_session_timers_and_jobs_cancelled_when_it_ends(server, recorder):
     assert iocpnet.debug_counters()["strand_timers"] == 0
     c.close()
     del s, t
+
+
+def test_post_is_bounded_and_stop_ends_while_threads_post(server, recorder):
+    """Threads posting to a session faster than its strand runs the jobs grew its
+    queue without limit (millions of jobs in 0.5 s), its own receive waited behind
+    them, and Stop could not end it while they posted.  Past ``post_queue_limit`` Post
+    raises queue.Full; the session goes on (its receive is served); Stop ends it while
+    the threads still post, and Post then returns False."""
+    holder = []
+
+    class S(iocpnet.Session):
+        post_queue_limit = 50
+
+        def OnConnected(self):
+            holder.append(self)
+            self.Send(b"R")
+
+        def job(self):
+            time.sleep(0.001)             # slower than the posters
+
+        def OnRecv(self, data):
+            self.Send(data)
+
+        def OnDisconnected(self, reason):
+            recorder.on_disconnected(self, reason)
+
+    srv = server(S, workers=2)
+    c = connect(srv.address)
+    assert recv_exactly(c, 1) == b"R"
+    s = holder.pop()
+    refused = []
+    ended = []
+    stop = threading.Event()
+
+    def poster():
+        while not stop.is_set():
+            try:
+                if not s.Post(s.job):
+                    ended.append(True)    # the session ended: Post says so
+                    return
+            except queue.Full as e:
+                refused.append(str(e))
+
+    posters = [threading.Thread(target=poster) for _ in range(2)]
+    for t in posters:
+        t.start()
+    try:
+        wait_for(lambda: refused, message="a Post refused past post_queue_limit")
+        assert "post_queue_limit" in refused[0]
+        assert iocpnet.debug_counters()["strand_jobs"] <= 50 + 10
+        c.sendall(b"ping")
+        assert recv_exactly(c, 4) == b"ping"
+        srv.service.Stop(5)
+        recorder.wait_disconnects(1)
+        assert srv.service.session_count == 0
+        wait_for(lambda: len(ended) == 2, message="both posters told the session ended")
+    finally:
+        stop.set()
+        for t in posters:
+            t.join(10)
+    c.close()
+    s = None
 
 
 def test_session_job_that_raises_disconnects_it(server, recorder, caplog):

@@ -212,7 +212,12 @@ class _Presence:
         def done(names: List[str]) -> None:
             _resolve(fut, names)
             if callback is not None:
-                group.Post(callback, names)
+                try:
+                    group.Post(callback, names)
+                except Exception:
+                    # queue.Full (the group's strand is flooded): this runs in the
+                    # Redis link's reply handler, which must not fail for it.
+                    log.exception("a Who callback could not be posted to %r", group)
         self._who(_name(group), done)
         return fut
 

@@ -46,6 +46,8 @@ DEFAULT_MAX_MESSAGE_SIZE: int
 """1 MiB: ``WebSocketSession.max_message_size`` unless a subclass sets it."""
 DEFAULT_SEND_QUEUE_HIGH: int
 """64 KiB: ``Session.send_queue_high`` (or a quarter of ``send_queue_limit`` if less)."""
+DEFAULT_POST_QUEUE_LIMIT: int
+"""10000: ``Session.post_queue_limit`` unless a subclass sets it; a Group's bound."""
 
 class BackendUnavailableError(RuntimeError):
     """The requested completion-port backend cannot run on this machine."""
@@ -493,7 +495,10 @@ class Session(IocpObject):
     def Post(self, func: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]) -> bool:
         """Run ``func(*args)`` on this session's strand: never at the same time as its
         hooks, after what the strand already has (any thread may post).  Returns False
-        if the session has ended; a job still queued when it ends is dropped."""
+        if the session has ended; a job still queued when it ends is dropped.  At most
+        ``post_queue_limit`` (class attribute, 10000) jobs wait at once: past it Post
+        raises ``queue.Full`` (posting faster than the strand runs them grew its queue,
+        and delayed its own receives and its end, without limit)."""
 
     def CallLater(
         self, delay: float, func: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]
@@ -615,7 +620,8 @@ class Group(IocpObject):
 
     def Post(self, func: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]) -> bool:
         """Run ``func(*args)`` on the group's strand (any thread may post).  Returns False
-        if the group is closed (or the core is)."""
+        if the group is closed (or the core is).  At most ``DEFAULT_POST_QUEUE_LIMIT``
+        (10000) jobs wait at once: past it Post raises ``queue.Full``."""
 
     def CallLater(
         self, delay: float, func: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]

@@ -33,6 +33,7 @@ from iocpnet._port cimport *
 import errno as _errno
 import logging
 import os
+import queue as _queue
 import threading
 import warnings
 import time as _time
@@ -111,6 +112,7 @@ cdef enum:
 PACKET_HEADER_SIZE = PKT_HEADER
 PACKET_SIZE_MAX = PKT_MAX
 DEFAULT_SEND_QUEUE_LIMIT = 4 * 1024 * 1024
+DEFAULT_POST_QUEUE_LIMIT = 10000      # jobs Post()ed on one owner's strand, not yet run
 DEFAULT_RECV_BUFFER_LIMIT = 256 * 1024
 DEFAULT_FLUSH_TIMEOUT = 5.0
 DEFAULT_SEND_TIMEOUT = 10.0

@@ -282,7 +282,8 @@ cdef class Group(IocpObject):
 
     def Post(self, func, *args):
         """Run ``func(*args)`` on the group's strand (any thread may post).  Returns False
-        if the group is closed (or the core is)."""
+        if the group is closed (or the core is).  At most ``DEFAULT_POST_QUEUE_LIMIT``
+        (10000) jobs wait at once: past it Post raises ``queue.Full``."""
         self._core()
         return _post_to(self, JOB_CALL, func, args)
 

@@ -39,6 +39,7 @@ cdef class _Hooks:
     cdef Py_ssize_t max_packet_size
     cdef Py_ssize_t send_queue_limit
     cdef Py_ssize_t recv_buffer_limit
+    cdef Py_ssize_t post_queue_limit  # jobs Post()ed and not yet run (strand.pxi)
     cdef double flush_timeout
     cdef double idle_timeout
     cdef double tls_handshake_timeout
@@ -115,9 +116,10 @@ cdef _Hooks _hooks_for(type cls):
     h.tls_handshake_timeout = _class_int(cls, "tls_handshake_timeout",
                                          DEFAULT_TLS_HANDSHAKE_TIMEOUT)
     h.send_timeout = _class_int(cls, "send_timeout", DEFAULT_SEND_TIMEOUT)
-    if h.send_queue_limit <= 0 or h.recv_buffer_limit <= 0:
-        raise ValueError(f"{cls.__name__}: send_queue_limit and recv_buffer_limit must be "
-                         f"positive")
+    h.post_queue_limit = _class_int(cls, "post_queue_limit", DEFAULT_POST_QUEUE_LIMIT)
+    if h.send_queue_limit <= 0 or h.recv_buffer_limit <= 0 or h.post_queue_limit <= 0:
+        raise ValueError(f"{cls.__name__}: send_queue_limit, recv_buffer_limit and "
+                         f"post_queue_limit must be positive")
     if not PKT_HEADER <= h.max_packet_size <= PKT_MAX:
         raise ValueError(f"{cls.__name__}: max_packet_size must be between "
                          f"{PKT_HEADER} and {PKT_MAX}")
@@ -651,7 +653,10 @@ cdef class Session(IocpObject):
     def Post(self, func, *args):
         """Run ``func(*args)`` on this session's strand: never at the same time as its
         hooks, after what the strand already has (any thread may post).  Returns False
-        if the session has ended; a job still queued when it ends is dropped."""
+        if the session has ended; a job still queued when it ends is dropped.  At most
+        ``post_queue_limit`` (class attribute, 10000) jobs wait at once: past it Post
+        raises ``queue.Full`` (posting faster than the strand runs them grew its queue,
+        and delayed its own receives and its end, without limit)."""
         return _post_to(self, JOB_CALL, func, args)
 
     def CallLater(self, double delay, func, *args):

@@ -42,6 +42,7 @@ cdef class _Owned:
     cdef bint ended
     cdef set children          # pending Timers and Tasks: cancelled at the owner's end
     cdef list groups           # a session's groups, left at its end (None: none yet)
+    cdef volatile int64_t jobs # Post()ed and not yet dispatched (atomic; the bound)
 
     def __cinit__(self):
         self.lock = threading.Lock()
@@ -177,6 +178,7 @@ cdef class _StrandJob(IocpObject):
     cdef object func
     cdef tuple args
     cdef int kind
+    cdef _Owned counted        # a Post()ed job: counted in its owner's record
 
     cdef void _dispatch(self, port_cqe_t *cqe) noexcept:
         cdef IocpObject owner = self.owner
@@ -185,6 +187,9 @@ cdef class _StrandJob(IocpObject):
         self.owner = None
         self.func = None
         self.args = None
+        if self.counted is not None:
+            port_atomic_add64(&self.counted.jobs, -1)
+            self.counted = None
         port_atomic_add64(&_strand_jobs, -1)
         if _owner_ended(owner):
             return              # the owner ended after the job was posted: dropped
@@ -202,6 +207,8 @@ cdef bint _post_to(IocpObject owner, int kind, object func, tuple args) except -
     cdef _StrandJob job
     cdef IocpCore core = owner.core
     cdef int rc
+    cdef _Owned x
+    cdef Py_ssize_t limit
     if kind == JOB_CALL and not callable(func):
         raise TypeError("func must be callable")
     if core is None:
@@ -209,6 +216,17 @@ cdef bint _post_to(IocpObject owner, int kind, object func, tuple args) except -
     if _owner_ended(owner) or core._closed:
         return False
     job = _StrandJob.__new__(_StrandJob)
+    if kind == JOB_CALL:
+        # Bounded: threads posting faster than the strand runs jobs grew its queue (and
+        # what waits behind it: the owner's receives, its end at Stop) without limit.
+        x = _owned_of(owner)
+        limit = (<Session>owner)._hooks.post_queue_limit if isinstance(owner, Session) \
+            else DEFAULT_POST_QUEUE_LIMIT
+        if port_atomic_add64(&x.jobs, 1) > limit:
+            port_atomic_add64(&x.jobs, -1)
+            raise _queue.Full(f"{owner!r} has {limit} jobs waiting on its strand "
+                              f"(post_queue_limit): posted faster than they run")
+        job.counted = x
     job.core = core
     job.owner = owner
     job.func = func
@@ -223,6 +241,9 @@ cdef bint _post_to(IocpObject owner, int kind, object func, tuple args) except -
         job.owner = None
         job.func = None
         job.args = None
+        if job.counted is not None:
+            port_atomic_add64(&job.counted.jobs, -1)
+            job.counted = None
         port_atomic_add64(&_strand_jobs, -1)
         return False
     return True
