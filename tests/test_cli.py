@@ -192,6 +192,23 @@ def test_echo_command_stops_cleanly_on_sigterm(backend):
         assert re.search(r"pid \d+: stopped after 1 sessions", p.output), p.output
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_echo_with_a_bad_certificate_fails_once_with_a_clear_error(backend, tmp_path,
+                                                                   processes):
+    """A --tls-cert that cannot be loaded: one clear line naming the file and exit 2.
+    Under --processes N each child failed the same way and was restarted until "too
+    many restarts in 10 s" (and the line said only "[SSL] PEM lib")."""
+    if processes > 1 and not hasattr(socket, "SO_REUSEPORT"):
+        pytest.skip("no SO_REUSEPORT here")
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    p = iocpnet_cli(backend, "echo", "--host", "127.0.0.1", "--port", 0,
+                    "--processes", processes, "--tls-cert", str(bad), "--tls-key", str(bad))
+    assert p.wait(60) == 2, p.output
+    assert f"cannot load the TLS certificate {bad}" in p.output, p.output
+    assert "restarted" not in p.output and "Traceback" not in p.output, p.output
+
+
 @pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="no SO_REUSEPORT here")
 def test_echo_processes_share_the_port(backend):
     """``echo --processes 2``: a child that dies is restarted; then both processes

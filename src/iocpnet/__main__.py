@@ -108,7 +108,11 @@ def _server_tls(args: argparse.Namespace) -> Optional[ssl.SSLContext]:
     if not args.tls_cert:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    try:
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as e:     # SSLError is an OSError: one line, exit 2
+        raise OSError(f"cannot load the TLS certificate {args.tls_cert} with the key "
+                      f"{args.tls_key}: {e}") from e
     return ctx
 
 
@@ -153,6 +157,11 @@ def _supervise(args: argparse.Namespace) -> int:
         _print(f"iocpnet: cannot use port {args.port} on {args.host}: {e}")
         return 2
     port = reserved.getsockname()[1]
+    try:
+        _server_tls(args)       # a bad certificate fails here once, not in each child
+    except OSError:
+        reserved.close()
+        raise
     child_argv = [sys.executable, "-m", "iocpnet"]
     if args.backend:
         child_argv += ["--backend", args.backend]
@@ -193,6 +202,14 @@ def _supervise(args: argparse.Namespace) -> int:
                 code = child.poll()
                 if code is None:
                     continue
+                if code == 2:
+                    # The child refused its arguments or setup (it said why): a restart
+                    # would only fail again.
+                    _print(f"iocpnet echo: process {child.pid} exited (2); not "
+                           f"restarting, stopping")
+                    status = 2
+                    stop.set()
+                    break
                 now = time.monotonic()
                 restarts[:] = [t for t in restarts if now - t < 10.0]
                 if len(restarts) >= 5:
