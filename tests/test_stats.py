@@ -394,6 +394,38 @@ def test_metrics_server_caps_its_connections(server, capfd):
     assert "Traceback" not in err and "Exception" not in err, err
 
 
+def test_metrics_server_cuts_a_request_that_trickles_in(server, capfd):
+    """request_timeout bounded each read, not the request: a peer sending a byte now
+    and then held its connection (and, max_connections of them, every slot: scrapes
+    refused) for as long as it liked.  The whole request has request_timeout."""
+    pytest.importorskip("prometheus_client")
+    from iocpnet.metrics import MetricsServer
+    srv = server(Echo)
+    with MetricsServer(srv.service, 0, request_timeout=1.0) as m:
+        c = socket.create_connection(("127.0.0.1", m.port))
+        c.sendall(b"GET /metrics HTTP/1.1\r\n")
+        start = time.monotonic()
+        closed = False
+        while time.monotonic() - start < 5:
+            try:
+                c.sendall(b"X")           # a header that never ends, a byte at a time
+            except OSError:
+                closed = True
+                break
+            c.settimeout(0.05)
+            try:
+                if c.recv(100) == b"":
+                    closed = True
+                    break
+            except socket.timeout:
+                pass
+        c.close()
+        assert closed, "a trickling request kept its connection for 5 s"
+        assert "iocpnet_sessions{" in scrape(m.port)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception" not in err, err
+
+
 def test_tls_figures(server, tmp_path_factory):
     """Over TLS a message out is still one Send (not one record), and bytes are what
     crossed the socket: the ciphertext, handshake included, more than the plaintext."""

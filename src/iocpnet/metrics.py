@@ -42,6 +42,7 @@ from __future__ import annotations
 import socket
 import socketserver
 import threading
+import time
 import weakref
 from typing import Any, Iterator
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -165,7 +166,33 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
     # connection is answered 503 and closed (a peer opening thousands held thousands).
     slots: threading.BoundedSemaphore | None = None
 
+    # Each connection's whole request has request_timeout (the socket timeout bounds
+    # one read only: a peer trickling a byte now and then held its slot for good).
+    # serve_forever's loop (service_actions, every poll_interval) cuts the late ones.
+    _deadlines: dict[Any, float] | None = None
+    _deadlines_lock = threading.Lock()
+
+    def service_actions(self) -> None:
+        super().service_actions()
+        if not self._deadlines:
+            return
+        now = time.monotonic()
+        with self._deadlines_lock:
+            late = [r for r, t in self._deadlines.items() if t <= now]
+            for r in late:
+                del self._deadlines[r]
+        for r in late:
+            try:
+                r.shutdown(socket.SHUT_RDWR)     # its handler's read ends: EOF
+            except OSError:
+                pass
+
     def process_request(self, request: Any, client_address: Any) -> None:
+        if self.request_timeout is not None:
+            with self._deadlines_lock:
+                if self._deadlines is None:
+                    self._deadlines = {}
+                self._deadlines[request] = time.monotonic() + self.request_timeout
         if self.slots is not None and not self.slots.acquire(blocking=False):
             try:
                 request.setblocking(False)
@@ -188,6 +215,12 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
         finally:
             if self.slots is not None:
                 self.slots.release()
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._deadlines_lock:
+            if self._deadlines is not None:
+                self._deadlines.pop(request, None)
+        super().shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A peer that timed out or went away is no error of ours: no traceback on
@@ -214,8 +247,8 @@ class _Server6(_Server):
 class MetricsServer:
     """An HTTP server on its own thread answering every GET with the service's figures
     in the Prometheus text format.  ``port`` 0 picks a free port (read ``.port``).
-    A connection whose request does not arrive within ``request_timeout`` seconds is
-    closed (one thread serves each connection meanwhile); past ``max_connections``
+    A connection whose request has not arrived whole within ``request_timeout`` seconds
+    is closed (one thread serves each connection meanwhile); past ``max_connections``
     connections at once, a new one is answered 503 and closed at once."""
 
     def __init__(self, service: Any, port: int = 0, host: str = "127.0.0.1",
