@@ -91,8 +91,9 @@ cdef class Group(IocpObject):
             self.backplane = backplane
 
     def __dealloc__(self):
-        if self.core is not None and self.core.port != NULL:
-            port_strand_discard(self.core.port, &self._strand)
+        # Always (the port may be gone): it also frees the strand's wake-up record.
+        port_strand_discard(self.core.port if self.core is not None else NULL,
+                            &self._strand)
         port_atomic_add64(&_groups_alive, -1)
 
     def __repr__(self):

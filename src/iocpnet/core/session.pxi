@@ -301,8 +301,9 @@ cdef class Session(IocpObject):
             # in flight, or we would not be here.
             port_sock_close(self.core.port, self._sock, 0)
             self._sock = PORT_INVALID_SOCK
-        if self.core is not None and self.core.port != NULL:
-            port_strand_discard(self.core.port, &self._strand)
+        # Always (the port may be gone): it also frees the strand's wake-up record.
+        port_strand_discard(self.core.port if self.core is not None else NULL,
+                            &self._strand)
         self._release_buffers()
         _rate_free(self)
         if self._counted_connected:

@@ -197,14 +197,17 @@ typedef struct port_cqe {
 } port_cqe_t;
 
 /* Strand: serialises the completions of one owner across threads (see the top).  Embed
- * one per session; initialise before the first operation that uses it.  Only `owner` is
- * the caller's; the rest is the port's (its layout is in strand.c, which checks at
- * compile time that it fits here). */
+ * one per session; initialise before the first operation that uses it, and discard it
+ * (port_strand_discard) when its owner ends.  Only `owner` is the caller's; the rest is
+ * the port's (its layout is in strand.c, which checks at compile time that it fits
+ * here).  The wake-up record is made at the strand's first yield and kept until the
+ * discard: an idle session carries a pointer, not an operation (~100 bytes each). */
 #define PORT_STRAND_PRIV_WORDS 4
 struct port_strand {
     void *owner;                  /* the caller's object the strand belongs to; opaque */
     uint64_t priv[PORT_STRAND_PRIV_WORDS];   /* the port's; do not touch */
-    port_op_t wake;               /* the port's: the wake-up port_strand_yield posts */
+    port_op_t *wake;              /* the port's: the wake-up port_strand_yield posts, or
+                                     NULL before the first yield */
 };
 
 typedef struct port_options {
@@ -289,11 +292,15 @@ int port_strand_yield(port_t *p, port_strand_t *s, const port_cqe_t *c);
 /* 1 when c is a strand's wake-up (see port_strand_yield), not a completion of the
  * caller's: call port_strand_next(c->op->strand) and dispatch what it hands out. */
 static inline int port_strand_wakeup(const port_cqe_t *c) {
-    return c->op->strand != NULL && c->op == &c->op->strand->wake;
+    /* Read by the strand's holder only (this completion's batch holds the strand), and
+     * written only by a holder, under the strand's lock: no race. */
+    return c->op->strand != NULL && c->op == c->op->strand->wake;
 }
 void port_strand_init(port_strand_t *s, void *owner);
-/* Free completions still queued on a strand that will never be dispatched (for an owner
- * being destroyed); receive buffers they hold go back to the port. */
+/* The owner is being destroyed (no wake-up of its strand in flight): free completions
+ * still queued on the strand, which will never be dispatched (receive buffers they hold
+ * go back to the port; p may be NULL once the port is gone), and the strand's wake-up
+ * record.  Call it for every strand initialised, or the record of one that yielded leaks. */
 void port_strand_discard(port_t *p, port_strand_t *s);
 
 void port_get_stats(port_t *p, port_stats_t *out);

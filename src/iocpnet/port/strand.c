@@ -20,12 +20,20 @@
  * (other owners' completions) would wait.  port_strand_yield() lets the holder stop: the
  * completion it was handed goes back to the head of the queue, the strand is released
  * with its queue non-empty (the *yielded* state: held == 0, head != NULL), and the
- * strand's own wake-up operation (embedded in port_strand_t) is posted.  In that state
+ * strand's own wake-up operation is posted.  In that state
  * nothing takes the strand but the wake-up: every other completion joins the queue, so
  * nothing overtakes what waits there.  The wake-up, reaped by any thread, takes the
  * strand into that thread's batch; the caller continues with port_strand_next(), which
  * hands out the queue's head.  A strand has at most one wake-up in flight (only a holder
  * yields, and nobody holds a yielded strand until its wake-up arrives).
+ *
+ * The wake-up record is made at the strand's first yield, not embedded: most strands
+ * (every idle session's) never yield, and an operation is ~100 bytes.  It is kept until
+ * port_strand_discard, so a strand that yielded once does not allocate again.  Making it
+ * can fail like making the queue node a yield needs: the yield then returns PORT_ENOMEM
+ * with nothing changed and the holder goes on itself, as a strand that never yields.
+ * Only a holder writes `wake`, under the strand's lock; port__deliver reads it under the
+ * lock, and port_strand_wakeup() only for a completion whose batch holds the strand.
  *
  * The strand's state lives in the opaque `priv` words of the caller's port_strand_t
  * (port.h), so the caller embeds a strand without allocating one and never sees its
@@ -66,7 +74,6 @@ int port__strand_idle(const port_strand_t *strand) {
 void port_strand_init(port_strand_t *s, void *owner) {
     memset(s, 0, sizeof(*s));
     s->owner = owner;
-    port_op_init(&s->wake, PORT_OP_POST, owner, s);
 }
 
 int port__deliver(port_t *p, void *token, port_cqe_t *out, int n, const port_cqe_t *c) {
@@ -79,17 +86,16 @@ int port__deliver(port_t *p, void *token, port_cqe_t *out, int n, const port_cqe
         return n + 1;
     }
     s = STATE(strand);
-    if (c->op == &strand->wake) {
+    port_spin_lock(&s->lock);
+    if (c->op == strand->wake) {
         /* The wake-up of a yielded strand: it takes the strand for this batch, and
          * the caller's port_strand_next hands out the queue, oldest first. */
-        port_spin_lock(&s->lock);
         s->held = 1;
         s->token = token;
         port_spin_unlock(&s->lock);
         out[n] = *c;
         return n + 1;
     }
-    port_spin_lock(&s->lock);
     /* Free (and nothing yielded waits), or held by this very batch with nothing queued
      * (a later completion must not overtake queued ones). */
     if (s->head == NULL && (s->held == 0 || s->token == token)) {
@@ -159,6 +165,7 @@ int port_strand_next(port_t *p, port_strand_t *strand, port_cqe_t *out) {
 int port_strand_yield(port_t *p, port_strand_t *strand, const port_cqe_t *c) {
     strand_state_t *s = STATE(strand);
     strand_node_t *node;
+    port_op_t *wake = NULL, *post;
     void *token;
     int rc;
     if (p == NULL || c == NULL || c->op == NULL || c->op->strand != strand)
@@ -175,6 +182,29 @@ int port_strand_yield(port_t *p, port_strand_t *strand, const port_cqe_t *c) {
         free(node);
         return PORT_EINVAL;
     }
+    if (strand->wake == NULL) {
+        /* The first yield: make the wake-up record, outside the lock (nothing is
+         * allocated under a spin lock), then check again that we still hold the strand
+         * as a completion from port_strand_next. */
+        port_spin_unlock(&s->lock);
+        wake = (port_op_t *)malloc(sizeof(*wake));
+        if (wake == NULL) {
+            free(node);
+            return PORT_ENOMEM;
+        }
+        port_op_init(wake, PORT_OP_POST, strand->owner, strand);
+        port_spin_lock(&s->lock);
+        if (s->held != 1) {
+            port_spin_unlock(&s->lock);
+            free(wake);
+            free(node);
+            return PORT_EINVAL;
+        }
+        if (strand->wake == NULL) {
+            strand->wake = wake;
+            wake = NULL;
+        }
+    }
     node->next = s->head;
     s->head = node;
     if (s->tail == NULL)
@@ -182,10 +212,12 @@ int port_strand_yield(port_t *p, port_strand_t *strand, const port_cqe_t *c) {
     token = s->token;
     s->held = 0;
     s->token = NULL;
+    post = strand->wake;
     port_spin_unlock(&s->lock);
+    free(wake);   /* NULL unless another yield made the record first (a misuse) */
     /* Posted after the release: the wake-up, reaped at once by another thread, must
      * find the strand free. */
-    rc = port_post(p, &strand->wake, 0);
+    rc = port_post(p, post, 0);
     if (rc == 0)
         return 0;
     /* Not posted (the port is shutting down): nothing took the strand meanwhile (only
@@ -205,12 +237,16 @@ int port_strand_yield(port_t *p, port_strand_t *strand, const port_cqe_t *c) {
 void port_strand_discard(port_t *p, port_strand_t *strand) {
     strand_state_t *s = STATE(strand);
     strand_node_t *node, *next;
+    port_op_t *wake;
     port_spin_lock(&s->lock);
     node = s->head;
     s->head = s->tail = NULL;
     s->held = 0;
     s->token = NULL;
+    wake = strand->wake;
+    strand->wake = NULL;
     port_spin_unlock(&s->lock);
+    free(wake);
     for (; node != NULL; node = next) {
         next = node->next;
         if (p != NULL)
