@@ -49,6 +49,45 @@ def test_200_concurrent_clients(server):
     assert srv.service.total_sessions == 200
 
 
+def test_live_sessions_follow_connects_and_disconnects(server):
+    """Service.sessions / session_count are the connected sessions, whatever order they
+    come and go in (the live list is threaded through the sessions), and a session that
+    ended is released by it: nothing keeps it alive."""
+    import gc
+    import weakref
+
+    made = []
+
+    class Tracked(Echo):
+        def OnConnected(self):
+            made.append(weakref.ref(self))
+
+    srv = server(Tracked, workers=2, accepts=16)
+    clients = [connect(srv.address) for _ in range(30)]
+    try:
+        for c in clients:              # one round trip each: connected on the server
+            c.sendall(b"x")
+            assert recv_exactly(c, 1) == b"x"
+        wait_for(lambda: srv.service.session_count == 30)
+        live = srv.service.sessions
+        assert len(live) == 30 and len(set(map(id, live))) == 30
+        assert {id(r()) for r in made} == set(map(id, live))
+        del live
+        # Close the middle, the first and the last ones the list holds, then the rest.
+        for i in (15, 0, 29, 7, 8, 22):
+            clients[i].close()
+        wait_for(lambda: srv.service.session_count == 24)
+        assert len(srv.service.sessions) == 24
+        assert sum(r() is not None and r() in srv.service.sessions for r in made) == 24
+    finally:
+        for c in clients:
+            c.close()
+    wait_for(lambda: srv.service.session_count == 0, message="all sessions to end")
+    assert srv.service.sessions == []
+    gc.collect()
+    wait_for(lambda: all(r() is None for r in made), message="every session to be freed")
+
+
 @pytest.mark.parametrize("size", [1, 1000, 64 * 1024 + 3, 1024 * 1024, 4 * 1024 * 1024])
 def test_message_sizes(server, size):
     """From 1 byte to 4 MiB: receives arrive in pieces, sends complete partially."""

@@ -52,6 +52,70 @@ cdef str _describe_open(Session s, int64_t now):
     return repr(s)
 
 
+@cython.final
+cdef class _SessionList:
+    """A service's live sessions: a circular doubly-linked list threaded through the
+    sessions themselves (Session._snext/_sprev, NULL when not listed), each listed
+    session holding one reference.  It replaces a Python set, whose table cost ~52 bytes
+    per session at 10,000 (the links cost 16, inside the session).  Lock: the service's
+    _lock guards every add, discard and walk (iteration is a snapshot taken under it);
+    len() is an atomic read, fine without it.  The list's references are invisible to the
+    cycle collector, as a listed session is live anyway: it leaves the list when it ends
+    (Service._session_done)."""
+    cdef PyObject *_head
+    cdef volatile int64_t _n
+
+    cdef void add(self, Session s) noexcept:
+        cdef Session h
+        if s._snext != NULL:
+            return
+        _incref(<PyObject *>s)
+        if self._head == NULL:
+            s._snext = s._sprev = <PyObject *>s
+            self._head = <PyObject *>s
+        else:                                   # at the tail: before the head
+            h = <Session>self._head
+            s._snext = self._head
+            s._sprev = h._sprev
+            (<Session>h._sprev)._snext = <PyObject *>s
+            h._sprev = <PyObject *>s
+        port_atomic_add64(&self._n, 1)
+
+    cdef void discard(self, Session s) noexcept:
+        if s._snext == NULL:
+            return
+        if s._snext == <PyObject *>s:
+            self._head = NULL
+        else:
+            (<Session>s._sprev)._snext = s._snext
+            (<Session>s._snext)._sprev = s._sprev
+            if self._head == <PyObject *>s:
+                self._head = s._snext
+        s._snext = s._sprev = NULL
+        port_atomic_add64(&self._n, -1)
+        _decref(<PyObject *>s)
+
+    cdef list snapshot(self):
+        cdef list out = []
+        cdef PyObject *p = self._head
+        while p != NULL:
+            out.append(<object>p)
+            p = (<Session>p)._snext
+            if p == self._head:
+                break
+        return out
+
+    def __len__(self):
+        return port_atomic_load64(&self._n)
+
+    def __iter__(self):
+        return iter(self.snapshot())
+
+    def __dealloc__(self):
+        while self._head != NULL:
+            self.discard(<Session>self._head)
+
+
 cdef class Service:
     """The original's Service: an IocpCore, a Listener, a session factory and the number
     of accepts kept posted: ``Service(core, listener, factory, 100)`` as the original's
@@ -70,7 +134,7 @@ cdef class Service:
     cdef readonly int accepts             # accepts kept posted (not a cap: max_sessions)
     cdef readonly object max_sessions
     cdef Py_ssize_t _cap
-    cdef set _sessions
+    cdef _SessionList _sessions       # the live sessions
     cdef object _lock
     cdef readonly object _stop_event    # set to make Run return (run.py waits on it)
     cdef readonly bint _started
@@ -123,7 +187,7 @@ cdef class Service:
         self._lim = _ServiceLimits(max_sessions_per_address, connect_rate_per_address,
                                    connect_burst_per_address, address_table_size)
         self._st = _ServiceStats()
-        self._sessions = set()
+        self._sessions = _SessionList()
         self._lock = threading.Lock()
         self._stop_event = threading.Event()
         self._shutdown_reason = "server shutdown"

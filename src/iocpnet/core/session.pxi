@@ -257,6 +257,9 @@ cdef class Session(IocpObject):
     cdef object _ws               # a _WebSocket when it speaks WebSocket (websocket.pxi)
     # Game layer (strand.pxi, group.pxi): jobs, timers, tasks and groups; None until used.
     cdef _Owned _x
+    # The service's list of live sessions (service.pxi, _SessionList): under its _lock
+    cdef PyObject *_snext
+    cdef PyObject *_sprev
     cdef port_sock_t _sock
     cdef volatile int32_t _lock
     cdef int _state
