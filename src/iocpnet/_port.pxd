@@ -145,5 +145,6 @@ cdef extern from "port/port_sync.h" nogil:
     int64_t port_atomic_add64(volatile int64_t *p, int64_t v)
     int64_t port_atomic_load64(volatile int64_t *p)
     void port_spin_lock(volatile int32_t *l)
+    void port_thread_yield()
     void port_spin_unlock(volatile int32_t *l)
     int64_t port_monotonic_ms()

@@ -226,7 +226,7 @@ cdef class Session(IocpObject):
     cdef _Hooks _hooks
     cdef port_op_t _recv_op       # before the connection: the connect (_connect_op)
     cdef port_op_t _send_op
-    cdef port_op_t _close_op
+    cdef port_op_t *_close_op     # made by the first close (session_close.pxi): NULL idle
     cdef port_strand_t _strand
     cdef object _reason
     cdef object _address          # (host, port), made from _peer on first use (address)
@@ -295,7 +295,6 @@ cdef class Session(IocpObject):
         port_strand_init(&self._strand, <void *>self)
         port_op_init(&self._recv_op, PORT_OP_RECV, <void *>self, &self._strand)
         port_op_init(&self._send_op, PORT_OP_SEND, <void *>self, &self._strand)
-        port_op_init(&self._close_op, PORT_OP_CLOSE, <void *>self, &self._strand)
 
     def __dealloc__(self):
         cdef Py_ssize_t i
@@ -308,6 +307,7 @@ cdef class Session(IocpObject):
         port_strand_discard(self.core.port if self.core is not None else NULL,
                             &self._strand)
         self._release_buffers()
+        free(self._close_op)          # not in flight: it would hold a reference to us
         _rate_free(self)
         if self._counted_connected:
             port_atomic_add64(&_sessions_connected, -1)
@@ -624,7 +624,7 @@ cdef class Session(IocpObject):
                 _process_recv(self, cqe)
         elif op == &self._send_op:
             _process_send(self, cqe)
-        elif op == &self._close_op:
+        elif op == self._close_op:
             _process_close(self, cqe)
 
     cdef void _process_connect(self, port_cqe_t *cqe) noexcept:

@@ -5,7 +5,8 @@
 # queued (FLUSHING, bounded by flush_timeout, still reading and dropping input: unread
 # input would turn our FIN into a reset that loses the end of the flush), then closes;
 # _close_now closes at once (errors, limits, Abort, the flush deadline).  Closing
-# cancels what is in flight and submits the close operation (_close_op); once the
+# cancels what is in flight and submits the close operation (_close_op, a record made
+# by the first close: an idle session carries a pointer, not ~100 bytes); once the
 # last operation has completed (_ops == 0) the session is DONE: its buffers are freed,
 # its layers told (WebSocket, TLS, the game layer's timers and groups), then
 # OnDisconnected runs exactly once, and only after it returned does the service forget
@@ -95,7 +96,7 @@ cdef void _close_locked(Session s, bint reset) noexcept:
         # the end of what we sent it (a reply flushed at shutdown, say).
         port_sock_drain(s._sock)
     _incref(<PyObject *>s)
-    rc = port_close(s.core.port, &s._close_op, s._sock, flags)
+    rc = port_close(s.core.port, _close_record(s), s._sock, flags)
     if rc == 0:
         s._ops += 1
     else:
@@ -105,6 +106,21 @@ cdef void _close_locked(Session s, bint reset) noexcept:
         port_sock_close(s.core.port, s._sock, flags)
         s._ops = 0
     s._sock = PORT_INVALID_SOCK
+
+
+cdef port_op_t *_close_record(Session s) noexcept:
+    """The session's close record, made the first time (under _lock).  Memory is waited
+    for, as the port does for a completion it must queue: a session that could not
+    close would never end (nor would Stop)."""
+    cdef port_op_t *op = s._close_op
+    if op == NULL:
+        op = <port_op_t *>malloc(sizeof(port_op_t))
+        while op == NULL:
+            port_thread_yield()
+            op = <port_op_t *>malloc(sizeof(port_op_t))
+        port_op_init(op, PORT_OP_CLOSE, <void *>s, &s._strand)
+        s._close_op = op
+    return op
 
 
 cdef void _maybe_finish(Session s) noexcept:
