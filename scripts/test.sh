@@ -21,10 +21,15 @@
 #
 # Environment: PYTHON (default python3), IOCPNET_TEST_DIR (work directory, default
 # .ci/out), IOCPNET_QUICK=1 (steps 3 and 5 only), IOCPNET_SKIP=<list> (any of contract,
-# fuzz, dist, types, sanitize, freethreaded).
+# fuzz, dist, types, sanitize, freethreaded), IOCPNET_PARALLEL=1 (the same steps with
+# steps 4-6, 7 and 8 side by side and each suite over pytest-xdist workers: see
+# scripts/test_parallel.sh; not yet the default).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [ -n "${IOCPNET_PARALLEL:-}" ]; then
+    exec bash "$root/scripts/test_parallel.sh" "$@"
+fi
 py=${PYTHON:-python3}
 work=${IOCPNET_TEST_DIR:-$root/.ci/out}
 venv="$work/venv-$(basename "$py")"

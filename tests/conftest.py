@@ -28,6 +28,12 @@ if os.environ.get("CI"):
         f"CI must test the installed package, but iocpnet comes from {iocpnet.__file__}")
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "machine_state: changes the whole machine's state (io_uring switched off "
+        "in the kernel); scripts/test_parallel.sh runs these alone, beside no other suite")
+
+
 def pytest_report_header(config):
     return (f"iocpnet {iocpnet.__version__} from {os.path.dirname(iocpnet.__file__)}; "
             f"backends: {', '.join(BACKENDS)}")
