@@ -40,7 +40,11 @@
  *   - Short reads.  A recv that fills less than the buffer means the socket's queue was
  *     empty at that moment, and anything arriving later raises a new edge, so we drop
  *     `readable` without paying for a second recv that would return EAGAIN: one recv per
- *     message.  The exception is a peer that has shut down or errored (RDHUP/HUP/ERR
+ *     message.  A read that fills the buffer cannot tell: the first one on a socket
+ *     turns TCP_INQ on, and from then on every read of that socket (recvmsg) also says
+ *     how many bytes are still queued, so a message that exactly fills the buffer (16
+ *     KiB echoed in 16 KiB buffers) does not cost a second recv that returns EAGAIN
+ *     either.  The exception is a peer that has shut down or errored (RDHUP/HUP/ERR
  *     seen, which is sticky): its EOF raises no further edge, so we read on until recv
  *     returns 0 or an error.
  *
@@ -109,11 +113,21 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
 #include <unistd.h>
+
+#ifndef TCP_INQ               /* Linux 4.18; older headers */
+#  define TCP_INQ 36
+#endif
+#ifndef TCP_CM_INQ
+#  define TCP_CM_INQ TCP_INQ
+#endif
 
 #define EV_WAKE (~(uint64_t)0)   /* epoll data of the eventfd; no descriptor looks like it */
 #define EV_BATCH 128             /* most events taken from one epoll_wait */
@@ -264,6 +278,46 @@ static void ep_recv_release(port_t *bp, uint32_t id, char *fresh) {
 
 /* ---- performing parked operations (wait path, f->lock held) --------------------------- */
 
+/* One read into buf.  *left: the bytes still queued after it (TCP_INQ's answer, EOF
+ * counting as one), or -1 when unknown.  A read that fills the buffer turns TCP_INQ on
+ * for the socket's later reads (one setsockopt per socket that ever does). */
+static ssize_t read_some(ep_fd_t *f, char *buf, size_t len, int *left) {
+    ssize_t got;
+    *left = -1;
+    if (f->inq == EP_INQ_ON) {
+        struct iovec v;
+        struct msghdr m;
+        union {
+            struct cmsghdr h;
+            char b[CMSG_SPACE(sizeof(int))];
+        } ctl;
+        struct cmsghdr *c;
+        v.iov_base = buf;
+        v.iov_len = len;
+        memset(&m, 0, sizeof(m));
+        m.msg_iov = &v;
+        m.msg_iovlen = 1;
+        m.msg_control = ctl.b;
+        m.msg_controllen = sizeof(ctl.b);
+        got = recvmsg(f->fd, &m, MSG_DONTWAIT);
+        if (got >= 0) {
+            for (c = CMSG_FIRSTHDR(&m); c != NULL; c = CMSG_NXTHDR(&m, c))
+                if (c->cmsg_level == IPPROTO_TCP && c->cmsg_type == TCP_CM_INQ &&
+                    c->cmsg_len >= CMSG_LEN(sizeof(int)))
+                    memcpy(left, CMSG_DATA(c), sizeof(int));
+        }
+        return got;
+    }
+    got = recv(f->fd, buf, len, MSG_DONTWAIT);
+    if (got > 0 && (size_t)got == len && f->inq == EP_INQ_UNTRIED) {
+        int one = 1, e = errno;
+        f->inq = setsockopt(f->fd, IPPROTO_TCP, TCP_INQ, &one, sizeof(one)) == 0
+                     ? EP_INQ_ON : EP_INQ_OFF;
+        errno = e;
+    }
+    return got;
+}
+
 static int run_reads(ep_port_t *p, ep_fd_t *f, port_cqe_t *out, int n, int max, int *more) {
     int budget = READ_BUDGET;
     while (f->readable && f->rhead != NULL) {
@@ -307,7 +361,7 @@ static int run_reads(ep_port_t *p, ep_fd_t *f, port_cqe_t *out, int n, int max, 
         } else {
             uint32_t id;
             ssize_t got;
-            int e;
+            int e, left;
             char *buf;
             if (budget == 0) {
                 *more = 1;   /* fairness: come back on a later visit */
@@ -321,7 +375,7 @@ static int run_reads(ep_port_t *p, ep_fd_t *f, port_cqe_t *out, int n, int max, 
                 n = port__deliver_final(&p->base, out, n, op, PORT_ENOMEM);
                 continue;
             }
-            got = recv(f->fd, buf, p->pool.size, MSG_DONTWAIT);
+            got = read_some(f, buf, p->pool.size, &left);
             e = errno;   /* pool_put below may write the eventfd */
             if (got > 0) {
                 port_cqe_t c;
@@ -331,8 +385,10 @@ static int run_reads(ep_port_t *p, ep_fd_t *f, port_cqe_t *out, int n, int max, 
                 c.buf_id = id;
                 c.buf = buf;
                 budget--;
-                if ((size_t)got < p->pool.size && !f->hup)
-                    f->readable = 0;   /* drained; later data raises a new edge */
+                /* Drained (a short read, or TCP_INQ says nothing is left): later data
+                 * raises a new edge. */
+                if (!f->hup && (left == 0 || (left < 0 && (size_t)got < p->pool.size)))
+                    f->readable = 0;
                 port_atomic_add64(&p->base.recv_buffers_out, 1);
                 if (p->recv_armed) {
                     c.flags |= PORT_CQE_MORE;

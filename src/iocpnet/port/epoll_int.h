@@ -21,6 +21,13 @@
 #define FD_CHUNK_SHIFT 8
 #define FD_CHUNK (1u << FD_CHUNK_SHIFT)
 
+/* ep_fd_t.inq: a read that fills its buffer cannot tell whether more is queued, so the
+ * first one on a socket turns TCP_INQ on; from then on each read says how much is left
+ * (epoll.c, "Short reads"). */
+#define EP_INQ_UNTRIED 0
+#define EP_INQ_ON 1
+#define EP_INQ_OFF 2  /* refused (not TCP): full reads read on until EAGAIN */
+
 /* op state (ep_op_t.state) */
 #define EP_IDLE 0    /* not parked or queued: running, or being delivered */
 #define EP_PARKED 1  /* on its descriptor's read or write list */
@@ -63,6 +70,8 @@ struct ep_fd {
     port_op_t *whead, *wtail; /* parked connect / sends, FIFO */
     /* under the port's rq_lock */
     uint8_t in_ready;
+    /* under `lock` (placed here, in in_ready's padding, to keep the record small) */
+    uint8_t inq;              /* EP_INQ_*: does recv tell how much is left (TCP_INQ)? */
     ep_fd_t *ready_next;
     /* under the pool's lock: waiting for a receive buffer (bufpool.h) */
     port_bufwait_t bufwait;

@@ -106,6 +106,7 @@ static int fd_reset(ep_port_t *p, ep_fd_t *f) {
     f->readable = 0;
     f->write_blocked = 0;
     f->hup = 0;
+    f->inq = EP_INQ_UNTRIED;
     return k;
 }
 

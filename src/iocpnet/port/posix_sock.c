@@ -120,6 +120,14 @@ int port__posix_close(int fd, int flags) {
 long port__posix_sendmsg(int fd, const port_buf_t *bufs, int nbufs) {
     struct msghdr m;
     ssize_t r;
+    if (nbufs == 1) {
+        /* A reply is one buffer: send(2) spares the kernel copying in a msghdr and an
+         * iovec array for it. */
+        do
+            r = send(fd, bufs[0].base, bufs[0].len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        while (r < 0 && errno == EINTR);
+        return (long)r;
+    }
     memset(&m, 0, sizeof(m));
     m.msg_iov = (struct iovec *)(void *)bufs;
     /* Past IOV_MAX the kernel refuses the whole call; sending the first IOV_MAX buffers
