@@ -2,6 +2,20 @@
 # Included by _core.pyx (one extension module, one file per concern).
 
 
+cdef extern from *:
+    """
+    /* IocpCore._now_ms from a reading of iocpnet_clock_ns (stats.pxi), so that a batch
+     * reads the clock once at its start: on POSIX both are CLOCK_MONOTONIC, and this is
+     * exactly port_monotonic_ms(); Windows' tick count is another clock. */
+    #ifdef _WIN32
+    #  define iocpnet_ms_of_clock(ns) port_monotonic_ms()
+    #else
+    #  define iocpnet_ms_of_clock(ns) ((ns) / 1000000)
+    #endif
+    """
+    int64_t _ms_of_clock "iocpnet_ms_of_clock"(int64_t ns) nogil
+
+
 cdef class IocpObject:
     """An owner of port operations: the Listener, a Session, a job or a timer.
 
@@ -207,9 +221,9 @@ cdef class IocpCore:
                 if n == PORT_ECLOSED:
                     return -1
                 raise port_error(n, "waiting for completions")
-            self._now_ms = port_monotonic_ms()
-            iocpnet_set_tls_core(<void *>self)
             t0 = iocpnet_clock_ns()
+            self._now_ms = _ms_of_clock(t0)
+            iocpnet_set_tls_core(<void *>self)
             for i in range(n):
                 handled += _complete(self, &batch[i])
                 # A reply queued on the port (not sent at once) goes to the kernel

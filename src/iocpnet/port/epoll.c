@@ -177,14 +177,23 @@ void port__ep_wake(ep_port_t *p) {
     wake_now(p);
 }
 
+/* The clock, read once per look at the queues: *now is 0 until this wait reads it.  A
+ * reading a few microseconds old is as good (timers have millisecond resolution), and
+ * it saves a clock read per round trip or two. */
+static int64_t clock_once(int64_t *now) {
+    if (*now == 0)
+        *now = port__now_ns();
+    return *now;
+}
+
 /* Something a waiter should act on without waiting for epoll (a sleeper's re-check). */
-static int work_pending(ep_port_t *p) {
+static int work_pending(ep_port_t *p, int64_t *now) {
     int64_t d;
     if (__atomic_load_n(&p->cq_head, __ATOMIC_SEQ_CST) != NULL ||
         __atomic_load_n(&p->rq_head, __ATOMIC_SEQ_CST) != NULL)
         return 1;
     d = port__timers_next(&p->timers);
-    return d != PORT_NO_DEADLINE && d <= port__now_ns();
+    return d != PORT_NO_DEADLINE && d <= clock_once(now);
 }
 
 /* ---- completion queue ----------------------------------------------------------------- */
@@ -514,11 +523,11 @@ static int run_ready(ep_port_t *p, port_cqe_t *out, int n, int max) {
 /* ---- timers --------------------------------------------------------------------------- */
 
 /* Deliver expired timers, earliest first, under the timers' lock (which orders them). */
-static int run_timers(ep_port_t *p, port_cqe_t *out, int n, int max) {
+static int run_timers(ep_port_t *p, port_cqe_t *out, int n, int max, int64_t *now) {
     int64_t d = port__timers_next(&p->timers);
     if (d == PORT_NO_DEADLINE || n >= max)
         return n;
-    return port__timers_run(&p->timers, &p->base, port__now_ns(), out, n, max);
+    return port__timers_run(&p->timers, &p->base, clock_once(now), out, n, max);
 }
 
 /* ---- waiting -------------------------------------------------------------------------- */
@@ -531,8 +540,9 @@ static int run_timers(ep_port_t *p, port_cqe_t *out, int n, int max) {
  * (sends completed at once, posts; descriptors re-queued for fairness), and the other
  * must not wait for that to end.  Their order is free: one operation's completions all
  * come from one of them, and an operation cancelled from one leaves the other. */
-static int collect(ep_port_t *p, port_cqe_t *out, int n, int max, int with_ready) {
-    n = run_timers(p, out, n, max);
+static int collect(ep_port_t *p, port_cqe_t *out, int n, int max, int with_ready,
+                   int64_t *now) {
+    n = run_timers(p, out, n, max, now);
     if (with_ready && tls_ready_first == p) {
         tls_ready_first = NULL;
         n = run_ready(p, out, n, max);
@@ -561,10 +571,11 @@ static int ep_wait(port_t *bp, port_cqe_t *out, int max, int timeout_ms) {
         return PORT_EINVAL;
     for (;;) {
         int tmo, k, i, room, sleeping = 0;
+        int64_t now = 0;   /* read at most once before epoll_wait, once after */
 
         if (port_atomic_load32(&p->base.closed))
             break;
-        n = collect(p, out, n, max, 1);
+        n = collect(p, out, n, max, 1, &now);
         /* Queued work is ready: return it without a system call, unless this thread's
          * previous batch already skipped epoll.  Then poll too, even when the queues
          * alone filled the batch: under load they can fill every batch (descriptors
@@ -575,18 +586,17 @@ static int ep_wait(port_t *bp, port_cqe_t *out, int max, int timeout_ms) {
         if (n > 0 || timeout_ms == 0) {
             tmo = 0;
         } else {
-            int64_t now, d;
+            int64_t d;
             /* Announce the sleep, then look once more (see wake_now). */
             __atomic_add_fetch(&p->sleepers, 1, __ATOMIC_SEQ_CST);
             sleeping = 1;
-            if (work_pending(p)) {
+            if (work_pending(p, &now)) {
                 __atomic_sub_fetch(&p->sleepers, 1, __ATOMIC_SEQ_CST);
                 continue;
             }
-            now = port__now_ns();
             tmo = -1;
             if (timeout_ms > 0) {
-                tmo = ms_until(deadline, now);
+                tmo = ms_until(deadline, clock_once(&now));
                 if (tmo == 0) {
                     __atomic_sub_fetch(&p->sleepers, 1, __ATOMIC_SEQ_CST);
                     break;
@@ -594,7 +604,7 @@ static int ep_wait(port_t *bp, port_cqe_t *out, int max, int timeout_ms) {
             }
             d = port__timers_next(&p->timers);
             if (d != PORT_NO_DEADLINE) {
-                int t = ms_until(d, now);
+                int t = ms_until(d, clock_once(&now));
                 if (tmo < 0 || t < tmo)
                     tmo = t;
             }
@@ -622,7 +632,8 @@ static int ep_wait(port_t *bp, port_cqe_t *out, int max, int timeout_ms) {
             n = on_event(p, evs[i].data.u64, evs[i].events, out, n, max);
         }
         if (n > 0 || timeout_ms == 0) {
-            n = collect(p, out, n, max, 0);
+            now = 0;   /* epoll_wait may have slept */
+            n = collect(p, out, n, max, 0, &now);
             break;
         }
     }
