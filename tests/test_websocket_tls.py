@@ -1,8 +1,18 @@
 """wss: WebSocket over the TLS stream filter, server and client, against the
 `websockets` library's client and server (code nobody here wrote), on every backend;
-the chat packets over wss beside native TLS clients; ``echo --websocket --tls-cert``."""
+the chat packets over wss beside native TLS clients; ``echo --websocket --tls-cert``.
+
+The `websockets` client here is its asyncio one, never its threaded one
+(websockets.sync): that one reads its TLS socket in a thread while the caller's thread
+writes it, one SSL object used by two threads at once, which OpenSSL does not support.
+On free-threaded CPython 3.13 its upgrade request was then sometimes lost inside the
+client ("timed out while waiting for handshake response": its socket's bytes_sent
+stopped at the 597 bytes of its TLS handshake; websockets' own server saw the same from
+it), and once the process crashed in ssl.send.  The asyncio client drives each
+connection from one thread."""
 import asyncio
 import os
+import socket
 import ssl
 import threading
 import time
@@ -10,28 +20,24 @@ import time
 import pytest
 
 websockets = pytest.importorskip("websockets")
-from websockets.sync.client import connect as ws_connect  # noqa: E402
-from websockets.exceptions import ConnectionClosed  # noqa: E402
+from websockets.asyncio.client import connect as ws_connect  # noqa: E402
 
 import iocpnet  # noqa: E402
 import packet_reference as ref  # noqa: E402
-import sysconfig  # noqa: E402
-
-# Open bug, free-threaded builds only: a WebSocket upgrade over TLS sometimes gets no
-# answer ("timed out while waiting for handshake response"; 2 of 5 runs of this file on
-# 3.13t at 816ee48, before this stop's changes, 1 of 3 at 202e766, 3 of 4 at bb46650).
-# Every test here runs on the GIL build (CI steps 5 and 7); the closing note of
-# 2026-12-06 has the figures.  Remove this mark with the fix.
-_open_bug_on_free_threaded = pytest.mark.skipif(
-    bool(sysconfig.get_config_var("Py_GIL_DISABLED")),
-    reason="open bug on free-threaded builds: WebSocket upgrade over TLS sometimes unanswered")
 import ws_raw  # noqa: E402
 from conftest import wait_for  # noqa: E402
 from subproc import Proc  # noqa: E402
 from tls_certs import OPENSSL, make_pki  # noqa: E402
 
-pytestmark = [pytest.mark.skipif(OPENSSL is None, reason="the openssl command is missing"),
-              _open_bug_on_free_threaded]
+pytestmark = [pytest.mark.skipif(OPENSSL is None, reason="the openssl command is missing")]
+
+
+async def until(predicate, timeout=10.0):
+    """Poll without blocking the event loop (the websockets client runs on it)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -68,25 +74,93 @@ def test_wss_server_with_a_websockets_client(backend, pki):
                           Echo, 8)
     svc.Start()
     threads = run_core(core)
-    try:
+    async def scenario():
         url = f"wss://localhost:{svc.listener.port}/secure"
-        with ws_connect(url, ssl=client_ctx(pki), max_size=None) as ws:
-            ws.send("über TLS ✓")
-            assert ws.recv() == "über TLS ✓"
+        async with ws_connect(url, ssl=client_ctx(pki), max_size=None) as ws:
+            await ws.send("über TLS ✓")
+            assert await ws.recv() == "über TLS ✓"
             big = os.urandom(1 << 20)
-            ws.send(big)
-            assert ws.recv() == big
-            ws.send([b"frag", b"mented"])
-            assert ws.recv() == b"fragmented"
-            assert ws.ping(b"x").wait(5)
-            ws.close(4001, "done")
+            await ws.send(big)
+            assert await ws.recv() == big
+            await ws.send([b"frag", b"mented"])
+            assert await ws.recv() == b"fragmented"
+            await asyncio.wait_for(await ws.ping(b"x"), 5)
+            await ws.close(4001, "done")
         # Plain ws:// to the wss port is refused by TLS, and the server goes on.
         with pytest.raises(Exception):
-            with ws_connect(f"ws://127.0.0.1:{svc.listener.port}/", open_timeout=5):
+            async with ws_connect(f"ws://127.0.0.1:{svc.listener.port}/", open_timeout=5):
                 pass
-        with ws_connect(url, ssl=client_ctx(pki)) as ws:
-            ws.send("still here")
-            assert ws.recv() == "still here"
+        async with ws_connect(url, ssl=client_ctx(pki)) as ws:
+            await ws.send("still here")
+            assert await ws.recv() == "still here"
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        svc.Stop(5)
+        core.Close(5)
+        for t in threads:
+            t.join(5)
+
+
+class _BioClient:
+    """A TLS client over memory BIOs on a plain socket, one thread: it decides which
+    records share a write (what a hurried client or a proxy does)."""
+
+    def __init__(self, address, ctx):
+        self.sock = socket.create_connection(address, timeout=10)
+        self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = ctx.wrap_bio(self.inc, self.out, server_hostname="localhost")
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if self.out.pending:
+                    self.sock.sendall(self.out.read())
+                self._more()
+        # The client's Finished stays in self.out: the caller's first write takes it.
+
+    def _more(self):
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed by the server")
+        self.inc.write(data)
+
+    def write(self, data):
+        self.tls.write(data)
+        self.sock.sendall(self.out.read())
+
+    def read_until(self, marker, have=b""):
+        while marker not in have:
+            try:
+                have += self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                self._more()
+        return have
+
+
+def test_upgrade_request_and_a_frame_in_the_write_that_ends_the_tls_handshake(backend, pki):
+    """The client's last handshake records, its upgrade request and a first frame
+    arrive in one segment: the handshake completes, the request is answered, the
+    frame echoed (the plaintext that came with the handshake is not left behind)."""
+    core = iocpnet.IocpCore(backend)
+    svc = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0), ssl=server_ctx(pki)),
+                          Echo, 8)
+    svc.Start()
+    threads = run_core(core)
+    try:
+        for _ in range(5):
+            c = _BioClient(("127.0.0.1", svc.listener.port), client_ctx(pki))
+            req, key = ws_raw.upgrade_request("/x")
+            c.write(req + ws_raw.frame(0x1, b"first"))
+            got = c.read_until(b"\r\n\r\n")
+            head, _, rest = got.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101 "), head
+            assert f"Sec-WebSocket-Accept: {ws_raw.accept_key(key)}".encode() in head
+            rest = c.read_until(b"first", rest)
+            assert rest == ws_raw.frame(0x1, b"first", mask=False)
+            c.sock.close()
     finally:
         svc.Stop(5)
         core.Close(5)
@@ -240,17 +314,21 @@ def test_packets_over_wss_beside_native_tls_clients(backend, pki):
             got.append((packet_id, payload))
             self.Disconnect("done")
 
-    try:
-        with ws_connect(f"wss://localhost:{web.listener.port}/", ssl=client_ctx(pki)) as ws:
-            ws.send(ref.encode(1, b"browser"))
-            assert ws.recv(timeout=5) == ref.encode(1, b"browser")
-            bots = iocpnet.ClientService(core, f"wss://localhost:{web.listener.port}/", Bot,
-                                         1, ssl=client_ctx(pki))
+    async def scenario():
+        url = f"wss://localhost:{web.listener.port}/"
+        async with ws_connect(url, ssl=client_ctx(pki)) as ws:
+            await ws.send(ref.encode(1, b"browser"))
+            assert await asyncio.wait_for(ws.recv(), 5) == ref.encode(1, b"browser")
+            bots = iocpnet.ClientService(core, url, Bot, 1, ssl=client_ctx(pki))
             bots.Start()
-            assert ws.recv(timeout=5) == ref.encode(3, b"from a bot over wss")
-            wait_for(lambda: got and bots.session_count == 0)
+            assert await asyncio.wait_for(ws.recv(), 5) == \
+                ref.encode(3, b"from a bot over wss")
+            await until(lambda: got and bots.session_count == 0)
             assert got == [(3, b"from a bot over wss")]
             bots.Stop(5)
+
+    try:
+        asyncio.run(scenario())
     finally:
         web.Stop(5)
         core.Close(5)
@@ -263,9 +341,12 @@ def test_echo_command_wss(backend, pki):
                      "--port", 0, "--websocket", "--tls-cert", pki["server"],
                      "--tls-key", pki["server_key"], "--workers", 2) as p:
         port = p.port(r"WebSocket echo server \(wss\) on 127\.0\.0\.1:(\d+)")
-        with ws_connect(f"wss://localhost:{port}/", ssl=client_ctx(pki)) as ws:
-            ws.send("secure echo")
-            assert ws.recv() == "secure echo"
+        async def echo_once():
+            async with ws_connect(f"wss://localhost:{port}/", ssl=client_ctx(pki)) as ws:
+                await ws.send("secure echo")
+                assert await ws.recv() == "secure echo"
+
+        asyncio.run(echo_once())
         d = Proc.python("-m", "iocpnet", "--backend", backend, "dummy-client", "--port", port,
                         "--host", "localhost", "--websocket", "--tls", "--tls-ca", pki["ca"],
                         "--clients", 4, "--seconds", 1, "--interval", 0.5)
