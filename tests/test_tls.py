@@ -9,6 +9,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import sys
 import threading
 import time
 
@@ -553,6 +554,45 @@ def test_disconnect_flushes_then_sends_close_notify(server, pki):
         with pytest.raises((ssl.SSLEOFError, ConnectionResetError, ssl.SSLError)):
             c.recv(100)
     assert sorted(r for (r,) in events.wait("disconnected", 2)) == ["aborted", "done"]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="__buffer__ in a class: 3.12+")
+def test_send_of_an_object_whose_buffer_export_sends_too(server, pki):
+    """Send(obj) where obj is a Python class whose __buffer__ itself calls Send on the
+    same session (user code, run whenever the buffer is asked for).  The TLS filter
+    asks for it once, before taking its lock: the inner Send goes first, then obj's
+    bytes, and no thread waits on a lock it holds (it asked again under the lock: the
+    inner Send waited on that lock forever)."""
+    got = []
+
+    class Exporter:
+        def __init__(self, session):
+            self.session = session
+
+        def __buffer__(self, flags):
+            got.append(self.session.Send(b"inner,"))
+            return memoryview(b"outer")
+
+    sessions = []
+
+    class S(iocpnet.Session):
+        def OnConnected(self):
+            sessions.append(self)
+
+    srv = server(S, ssl=server_context(pki))
+    try:
+        with tls_connect(srv.address, client_context(pki)) as c:
+            wait_for(lambda: sessions)
+            t = threading.Thread(
+                target=lambda: got.append(sessions[0].Send(Exporter(sessions[0]))),
+                daemon=True)
+            t.start()
+            t.join(5)
+            assert not t.is_alive(), "Send waits on itself"
+            assert recv_all(c, len(b"inner,outer")) == b"inner,outer"
+            assert got == [True, True]
+    finally:
+        sessions.clear()      # (on 3.13t the class, which refers to the list, is immortal)
 
 
 def test_flush_timeout_bounds_a_disconnect_to_a_peer_that_never_reads(server, pki):

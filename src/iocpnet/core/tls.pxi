@@ -28,9 +28,12 @@
 # BIOs, and the queueing of the records it produced, happens under ``mutex`` (so records
 # reach the send queue in the order their sequence numbers were given).  The ssl module
 # releases the GIL inside OpenSSL, so the mutex is taken without holding the GIL while
-# waiting.  Nothing that can run a user hook runs under it, and every entry point
-# checks the session's state before taking it (OnDisconnected calling Send or Disconnect
-# on its own session returns at once instead of waiting on itself).  The plaintext
+# waiting.  Nothing that can run user code runs under it (a hook, a log record, the
+# export of a buffer given to Send: done before or after), with one exception left
+# open: once a forced IocpCore.Close has shut the port, a send that fails finishes the
+# session inline (_close_now cannot submit a close), OnDisconnected included.  Every
+# entry point checks the session's state before taking it (OnDisconnected calling Send
+# or Disconnect on its own session returns at once instead of waiting on itself).  The plaintext
 # accounting for OnSend (``marks``) is filled under the mutex and drained on the
 # strand's send completions: it has its own spin lock.  send_queue_limit, backpressure
 # and send_queue_bytes count the records queued, as the session holds them.
@@ -226,36 +229,44 @@ cdef class _Tls:
         counts the records (what the session holds for the peer, record overhead
         included: 1-byte Sends make 23-byte records), so the limit is checked as they
         are queued; past it the session is cut and its stream is of no more use."""
-        cdef Py_buffer view
         cdef Py_ssize_t n, over = 0
         cdef bint ok = False
+        mv = None
         if type(data) is bytes:
             n = PyBytes_GET_SIZE(data)
         else:
-            try:
-                PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-            except BufferError:
-                data = _copy_to_bytes(data)      # not contiguous: gather it
-                PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-            n = view.len
-            PyBuffer_Release(&view)
-        if s._state != S_CONNECTED or self.state != T_OPEN:
-            return False
-        if n == 0:
-            return True
-        err = None
-        self._lock()
+            # The caller's buffer is exported once, here, and the SSLObject is given
+            # that export: asked for it under the mutex, a class's __buffer__ (user
+            # code) ran there, and one that Sends on this session waited on itself.
+            mv = memoryview(data)
+            if not mv.c_contiguous:
+                mv.release()
+                mv = memoryview(_copy_to_bytes(data))    # not contiguous: gather it
+            elif mv.itemsize != 1 or mv.ndim != 1:
+                mv = mv.cast("B")
+            data = mv
+            n = mv.nbytes
         try:
-            if self.state == T_OPEN:
-                if self._write(data) != n:   # a MemoryBIO never pushes back
-                    raise RuntimeError("TLS: SSLObject.write took part of the data")
-                ok = self._flush(s, n, &over)
-                if ok:
-                    _cnt_add(&s._cnt.msgs_out, 1)        # stats.pxi: one Send
-        except BaseException as e:
-            err = e
+            if s._state != S_CONNECTED or self.state != T_OPEN:
+                return False
+            if n == 0:
+                return True
+            err = None
+            self._lock()
+            try:
+                if self.state == T_OPEN:
+                    if self._write(data) != n:   # a MemoryBIO never pushes back
+                        raise RuntimeError("TLS: SSLObject.write took part of the data")
+                    ok = self._flush(s, n, &over)
+                    if ok:
+                        _cnt_add(&s._cnt.msgs_out, 1)        # stats.pxi: one Send
+            except BaseException as e:
+                err = e
+            finally:
+                self._unlock()
         finally:
-            self._unlock()
+            if mv is not None:
+                mv.release()
         if err is not None:
             if isinstance(err, _ssl_mod.SSLError):
                 _close_now(s, f"TLS error: {_tls_describe(err)}", False)
@@ -273,6 +284,7 @@ cdef class _Tls:
         flushes and closes).  A handshake in progress is simply abandoned."""
         if s._state != S_CONNECTED or self.mutex == NULL:
             return
+        err = None
         self._lock()
         try:
             if self.state == T_OPEN:
@@ -284,10 +296,12 @@ cdef class _Tls:
                 self._flush(s, 0)
             self.state = T_CLOSED
         except BaseException as e:
-            logger.debug("sending close_notify to %s failed: %s", repr(s),
-                         _tls_describe(e))
+            err = e
         finally:
             self._unlock()
+        if err is not None:           # logged outside the mutex (handlers are user code)
+            logger.debug("sending close_notify to %s failed: %s", repr(s),
+                         _tls_describe(err))
 
     cdef Py_ssize_t acked(self, Py_ssize_t sent) noexcept:
         """`sent` ciphertext bytes went out (in queue order): the plaintext bytes of the

@@ -434,12 +434,16 @@ cdef bint _ws_send_close(Session s, unsigned code, str reason) noexcept:
     ws.sent_code = code
     ws.sent_reason = reason
     port_atomic_xchg32(&ws.phase, WS_CLOSING)
+    err = None
     try:
         if frame is not None:
             _send_bytes(s, frame)
-    except BaseException:
-        logger.exception("sending a WebSocket close frame to %s failed", repr(s))
+    except BaseException as e:
+        err = e
     PyThread_release_lock(ws.send_gate)
+    if err is not None:           # logged outside the gate (handlers are user code)
+        logger.error("sending a WebSocket close frame to %s failed", repr(s),
+                     exc_info=(type(err), err, err.__traceback__))
     return True
 
 
