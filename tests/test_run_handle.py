@@ -1,6 +1,7 @@
 """The run handle (Service.Start(workers=N), a context manager with .port and .Stop()),
 Run(seconds=...), and ClientService factories given the session's index."""
 import signal
+import socket
 import threading
 import time
 
@@ -215,12 +216,23 @@ def test_ctrl_c_while_stop_waits_stops_at_once(backend):
             c.sendall(b"x")
             p.wait_for_line(r"in the hook")
             p.signal(signal.SIGINT)          # the with block ends: a graceful Stop
-            time.sleep(0.5)
+            # Sent before the child ran its handler, the second SIGINT would merge with
+            # the first (a fixed 0.5 s was too short under load): wait until Stop has
+            # begun, which closes the listener first.
+            wait_for(lambda: refuses(port), 30, "the graceful Stop to close the listener")
             p.signal(signal.SIGINT)          # impatient: stop now
             (m,) = p.wait_for_line(r"interrupted: core closed (\w+) running (\w+)")
             assert m.groups() == ("True", "False"), p.output
             assert closed_or_reset(idle)
         assert p.wait(30) == 0, p.output
+
+
+def refuses(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
 
 
 def closed_or_reset(sock):
