@@ -696,6 +696,30 @@ def test_stop_returns_after_every_on_disconnected_has_returned(server):
             c.close()
 
 
+def test_core_close_returns_after_every_on_disconnected_has_returned(server):
+    """IocpCore.Close() called directly (no Stop first) stops the services on it, and
+    returns only once every session's OnDisconnected has returned, as Stop() does: its
+    caller may then save, exit or reuse the state the hooks wrote."""
+    saved = []
+
+    class Saver(iocpnet.Session):
+        def OnDisconnected(self, reason):
+            time.sleep(0.3)                  # writing the player's state somewhere
+            saved.append(reason)
+
+    srv = server(Saver)
+    clients = [connect(srv.address) for _ in range(3)]
+    wait_for(lambda: srv.service.session_count == 3, message="3 sessions")
+    try:
+        srv.core.Close(10)
+        assert saved == ["server shutdown"] * 3, \
+            f"Close() returned with {3 - len(saved)} OnDisconnected still running"
+        assert srv.core.closed and srv.service.session_count == 0
+    finally:
+        for c in clients:
+            c.close()
+
+
 def test_session_count_reaches_zero_only_after_on_disconnected(server):
     saved = []
 

@@ -44,6 +44,12 @@ cdef class IocpCore:
     cdef volatile int32_t _abandon     # Close stops waiting at once (Run's second signal)
     cdef volatile int32_t _dispatchers
     cdef volatile int32_t _batches_waiting   # workers holding completions, waiting for the GIL
+    cdef volatile int32_t _in_batch    # batches being dispatched (hooks running)
+    # Close's deadline passed with a hook still running: the port stays open so that the
+    # workers drain what that hook's session and the rest left (see _maybe_shutdown).
+    cdef volatile int32_t _draining
+    cdef volatile int32_t _drain_lock  # a spin lock guarding _drain_until
+    cdef int64_t _drain_until          # ms: the drain gives up if nothing ran since
     cdef int64_t _now_ms
     cdef _BatchStats _batches         # stats.pxi
     cdef bint _recv_multishot
@@ -178,7 +184,7 @@ cdef class IocpCore:
 
     cdef int _dispatch(self, int timeout_ms, int max_batch, bint end_batch) except -2:
         cdef port_cqe_t batch[BATCH]
-        cdef int n, i, handled = 0, wait_ms = timeout_ms
+        cdef int n = 0, i, handled = 0, wait_ms = timeout_ms
         cdef int64_t t0
         cdef port_t *port = self.port
         cdef void *prev
@@ -199,12 +205,22 @@ cdef class IocpCore:
             if port_atomic_load32(&self._batches_waiting) > 0:
                 with nogil:
                     iocpnet_let_batch_in(&self._batches_waiting)
+            if port_atomic_load32(&self._draining):
+                if port_atomic_add32(&self._in_batch, 0) > 0:
+                    # A hook still runs past Close's deadline: the worker running it
+                    # drains what is left once it returns; the others leave now.
+                    if not end_batch:
+                        port_batch_end(port)
+                    return -1
+                if not 0 <= wait_ms <= 100:
+                    wait_ms = 100    # the drain's deadline is checked between waits
             while True:
                 with nogil:
                     n = port_wait(port, batch, max_batch, wait_ms)
                     if n > 0:
                         port_atomic_add32(&self._batches_waiting, 1)
                 if n > 0:
+                    port_atomic_add32(&self._in_batch, 1)
                     port_atomic_add32(&self._batches_waiting, -1)
                 if n == PORT_EINTR:
                     PyErr_CheckSignals()     # Ctrl-C on the main thread ends up here
@@ -236,26 +252,74 @@ cdef class IocpCore:
             return n
         finally:
             iocpnet_set_tls_core(prev)
+            if n > 0:
+                port_atomic_add32(&self._in_batch, -1)
+                if port_atomic_load32(&self._draining):
+                    self._drain_progress()
             port_atomic_add32(&self._dispatchers, -1)
             if self._closing and not self._closed:
                 self._maybe_shutdown()
 
+    cdef void _drain_progress(self) noexcept:
+        """A batch ended while draining: the drain goes on for DRAIN_IDLE_MS more."""
+        port_spin_lock(&self._drain_lock)
+        self._drain_until = port_monotonic_ms() + DRAIN_IDLE_MS
+        port_spin_unlock(&self._drain_lock)
+
     cdef void _maybe_shutdown(self) noexcept:
+        """Shut the port once nothing is in flight and no batch is being dispatched
+        (Close called from a worker, or a drain after Close's deadline; see Close).  A
+        drain also ends when no hook runs and nothing was dispatched for DRAIN_IDLE_MS:
+        what is left then never completes, and is abandoned as Close would have."""
         cdef port_stats_t st
+        cdef int64_t until
         port_get_stats(self.port, &st)
-        if st.in_flight <= 0 and not self._closed:
-            self._closed = 1
+        if self._closed or port_atomic_add32(&self._in_batch, 0) > 0:
+            return      # a batch still being dispatched may submit more: its end decides
+        if st.in_flight > 0:
+            if not port_atomic_load32(&self._draining):
+                return
+            port_spin_lock(&self._drain_lock)
+            until = self._drain_until
+            port_spin_unlock(&self._drain_lock)
+            if port_monotonic_ms() < until:
+                return
+        if port_atomic_xchg32(&self._closed, 1) == 0:
             port_shutdown(self.port)
+            if st.in_flight > 0:
+                logger.warning("%d operation(s) still in flight %.1f s after the last hook "
+                               "returned; closing the port anyway (their owners are "
+                               "abandoned)", st.in_flight, DRAIN_IDLE_MS / 1000.0)
+            self._release_after_shutdown()
+
+    cdef void _release_after_shutdown(self) noexcept:
+        # Nothing can complete any more: drop what still refers to sessions.
+        with self._lock:
+            self._flush_watch.clear()
+            self._housekeeping = None
+            self._stall_watch = None
+            self._close_callbacks = []
 
     def Close(self, double timeout=5.0):
         """Stop: disconnect the services using this core, cancel timers, wait (up to
-        ``timeout`` seconds) for every operation in flight to complete, then wake every
-        thread in ``Dispatch`` (they return -1).  Idempotent, any thread.
+        ``timeout`` seconds) for every operation in flight to complete and be
+        dispatched (the sessions' ``OnDisconnected`` included), then wake every thread
+        in ``Dispatch`` (they return -1) and wait, within the same ``timeout``, for
+        them to leave it.  Idempotent, any thread.
+
+        If a hook still runs at the deadline (or after Run's second signal), Close
+        returns then, the workers not in a hook leave ``Dispatch`` (-1), and the core
+        closes by itself once the last such hook has returned: its worker goes on
+        dispatching what is left (that session's end, the accepts cancelled
+        meanwhile), so that everything is released, and shuts the port when nothing
+        is in flight, or when nothing was dispatched for 5 s (the rest is then
+        abandoned, and warned about).  ``closed`` says when it is shut.
 
         Called from a worker thread (inside a hook or job) it does not wait: the last
         completion ends the port.
         """
         cdef port_stats_t st
+        cdef bint drain = False
         cdef bint in_worker = iocpnet_get_tls_core() == <void *>self
         if timeout != timeout:      # a deadline of NaN never comes
             raise ValueError("timeout must be a number of seconds, not NaN")
@@ -285,27 +349,52 @@ cdef class IocpCore:
         deadline = _time.monotonic() + timeout
         while not self._closed:
             port_get_stats(self.port, &st)
-            if st.in_flight <= 0:
+            # Reaped is not dispatched: a batch still running may yet call
+            # OnDisconnected, or submit more.
+            if st.in_flight <= 0 and port_atomic_add32(&self._in_batch, 0) == 0:
                 break
             PyErr_CheckSignals()         # Run's second signal, if this is the main thread
             if _time.monotonic() >= deadline or port_atomic_load32(&self._abandon):
-                logger.warning("%d operation(s) still in flight after %.1f s; "
-                               "closing the port anyway (their owners are abandoned)",
-                               st.in_flight, timeout)
+                if port_atomic_add32(&self._in_batch, 0) > 0 or \
+                        (st.in_flight > 0 and self._dispatchers > 0):
+                    # A hook still runs (its session's end may be queued behind it,
+                    # with nothing in flight), or a worker may yet reap the rest: the
+                    # workers drain what is left once it returns (_maybe_shutdown).
+                    drain = True
+                elif st.in_flight > 0:
+                    logger.warning("%d operation(s) still in flight after %.1f s; "
+                                   "closing the port anyway (their owners are "
+                                   "abandoned)", st.in_flight, timeout)
                 break
             if self._dispatchers > 0:
                 _time.sleep(0.002)       # the workers drain it
             else:
                 self.Dispatch(20)        # nobody else is dispatching: drain it here
-        with self._lock:
-            if not self._closed:
-                self._closed = 1
-                port_shutdown(self.port)
-            # Nothing can complete any more: drop what still refers to sessions.
-            self._flush_watch.clear()
-            self._housekeeping = None
-            self._stall_watch = None
-            self._close_callbacks = []
+        if drain and not self._closed:
+            logger.warning("%d operation(s) in flight and a hook still running after "
+                           "%.1f s; returning, and the core closes once the hooks have "
+                           "returned and the rest has completed",
+                           st.in_flight, timeout)
+            self._drain_progress()
+            port_atomic_store32(&self._draining, 1)
+            # Wake the workers waiting for completions: while a hook runs they leave,
+            # and the one left drains with waits of 100 ms at most, to check its
+            # deadline.
+            try:
+                for _ in range(max(1, self._dispatchers)):
+                    self.Post(_drain_wakeup)
+            except Exception:
+                pass
+            if port_atomic_add32(&self._in_batch, 0) == 0:
+                self._maybe_shutdown()
+            return
+        if port_atomic_xchg32(&self._closed, 1) == 0:
+            port_shutdown(self.port)
+        self._release_after_shutdown()
+        # Threads in Dispatch leave it now; one still dispatching its last batch (an
+        # OnDisconnected) finishes it first.
+        while self._dispatchers > 0 and _time.monotonic() < deadline:
+            _time.sleep(0.002)
 
     def stats(self):
         """Counters of the port: submitted, completed, in_flight, waits, receive buffers."""
@@ -457,6 +546,15 @@ cdef class IocpCore:
         with self._lock:
             self._timers.discard(t)
 
+
+def _drain_wakeup():
+    """Posted by Close when it leaves the rest to a drain (see Close)."""
+
+
+cdef enum:
+    # After Close's deadline with a hook running: how long the workers go on draining
+    # once no hook runs and nothing is dispatched any more.
+    DRAIN_IDLE_MS = 5000
 
 cdef enum:
     # Completions a worker takes from one strand's queue in a row before it hands the

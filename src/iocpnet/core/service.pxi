@@ -457,8 +457,9 @@ cdef class Service:
                 t.join(0.05)
         stuck = [t.name for t in threads if t is not me and t.is_alive()]
         if stuck:
-            logger.warning("returning with worker thread(s) %s still busy (in a hook)",
-                           ", ".join(stuck))
+            logger.warning("returning with worker thread(s) %s still busy (in a hook); they "
+                           "end, and the core closes, once it has returned and what it "
+                           "left has completed", ", ".join(stuck))
 
 
 # The original names the accepting service ServerService; it is Service itself (an
