@@ -2,6 +2,7 @@
 port, a restarting server), jobs posted from any thread, timers, the live-session cap,
 the idle timeout, and IPv6."""
 import logging
+import queue
 import socket
 import sys
 import threading
@@ -388,6 +389,47 @@ def test_post_from_many_threads_runs_each_job_once_on_a_worker(server):
     assert {name for _, _, name in ran} <= {t.name for t in srv.threads}
     # Each poster's jobs were posted in order; one worker takes them from the port in
     # that order, but several workers run them in parallel, so no order is asserted.
+
+
+def test_core_post_is_bounded(server):
+    """Threads posting core jobs faster than workers ran them grew the port's queue
+    without limit (3.5 million jobs in 1 s), and every completion queued behind them: an
+    echo took 10 s, Stop could not end a session within its timeout.  Past the core's
+    ``post_queue_limit`` jobs waiting, Post raises queue.Full."""
+    srv = server(Echo, workers=2)
+    assert srv.core.post_queue_limit == 100000
+    srv.core.post_queue_limit = 100
+    with pytest.raises(ValueError):
+        srv.core.post_queue_limit = 0
+    c = connect(srv.address)
+    refused = []
+    stop = threading.Event()
+
+    def job():
+        time.sleep(0.0005)              # slower than the posters
+
+    def poster():
+        while not stop.is_set():
+            try:
+                srv.core.Post(job)
+            except queue.Full as e:
+                refused.append(str(e))
+
+    posters = [threading.Thread(target=poster) for _ in range(2)]
+    for t in posters:
+        t.start()
+    try:
+        wait_for(lambda: refused, message="a core Post refused past post_queue_limit")
+        assert "post_queue_limit" in refused[0]
+        c.sendall(b"ping")
+        assert recv_exactly(c, 4) == b"ping"
+        srv.service.Stop(5)
+        assert srv.service.session_count == 0
+    finally:
+        stop.set()
+        for t in posters:
+            t.join(10)
+        c.close()
 
 
 def test_call_later_runs_roughly_by_deadline(server):

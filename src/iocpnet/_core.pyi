@@ -48,6 +48,8 @@ DEFAULT_SEND_QUEUE_HIGH: int
 """64 KiB: ``Session.send_queue_high`` (or a quarter of ``send_queue_limit`` if less)."""
 DEFAULT_POST_QUEUE_LIMIT: int
 """10000: ``Session.post_queue_limit`` unless a subclass sets it; a Group's bound."""
+DEFAULT_CORE_POST_QUEUE_LIMIT: int
+"""100000: ``IocpCore.post_queue_limit`` unless set."""
 
 class BackendUnavailableError(RuntimeError):
     """The requested completion-port backend cannot run on this machine."""
@@ -164,7 +166,14 @@ class IocpCore:
 
     def Post(self, func: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]) -> None:
         """Run ``func(*args)`` on a worker thread (any thread may post).  Exceptions are
-        logged; workers go on."""
+        logged; workers go on.  At most ``post_queue_limit`` jobs wait at once: past it
+        Post raises ``queue.Full``."""
+
+    @property
+    def post_queue_limit(self) -> int:
+        """Jobs ``Post`` may have waiting at once (default 100000; settable)."""
+    @post_queue_limit.setter
+    def post_queue_limit(self, n: int) -> None: ...
 
     def CallLater(
         self, delay: float, func: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]

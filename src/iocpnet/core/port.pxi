@@ -61,6 +61,8 @@ cdef class IocpCore:
     cdef object _housekeeping
     cdef object _stall_watch      # the send_timeout sweep (core/stall.pxi), made on demand
     cdef object _aio              # the asyncio loop thread of Spawn (iocpnet.aio), or None
+    cdef volatile int64_t _jobs   # Post()ed and not yet run (atomic; timers.pxi)
+    cdef Py_ssize_t _post_limit
     cdef object __weakref__
 
     def __cinit__(self, backend=None, *, int recv_buffer_size=0, int recv_buffer_count=0,
@@ -71,6 +73,7 @@ cdef class IocpCore:
         cdef const char *cname = NULL
         err[0] = 0
         self.port = NULL
+        self._post_limit = DEFAULT_CORE_POST_QUEUE_LIMIT
         if backend is None:
             backend = os.environ.get("IOCPNET_BACKEND") or None
         if backend is not None:
@@ -417,8 +420,15 @@ cdef class IocpCore:
 
     def Post(self, func, *args):
         """Run ``func(*args)`` on a worker thread (any thread may post).  Exceptions are
-        logged; workers go on."""
+        logged; workers go on.  At most ``post_queue_limit`` jobs wait at once: past it
+        Post raises ``queue.Full``."""
         cdef _Job job = _Job.__new__(_Job)
+        # Bounded: threads posting faster than the workers run jobs grew the port's
+        # queue without limit, and every completion waited behind it.
+        if port_atomic_add64(&self._jobs, 1) > self._post_limit:
+            port_atomic_add64(&self._jobs, -1)
+            raise _queue.Full(f"{self._post_limit} jobs are waiting for the core's "
+                              f"workers (post_queue_limit): posted faster than they run")
         job.core = self
         job.func = func
         job.args = args
@@ -427,7 +437,19 @@ cdef class IocpCore:
         rc = port_post(self.port, &job.op, 0)
         if rc != 0:
             _decref(<PyObject *>job)
+            port_atomic_add64(&self._jobs, -1)
             raise port_error(rc, "Post")
+
+    @property
+    def post_queue_limit(self):
+        """Jobs ``Post`` may have waiting at once (default 100000; settable)."""
+        return self._post_limit
+
+    @post_queue_limit.setter
+    def post_queue_limit(self, Py_ssize_t n):
+        if n <= 0:
+            raise ValueError("post_queue_limit must be positive")
+        self._post_limit = n
 
     def CallLater(self, double delay, func, *args):
         """Run ``func(*args)`` on a worker thread after ``delay`` seconds; returns a

@@ -20,6 +20,7 @@ cdef class _Job(IocpObject):
         args = self.args
         self.func = None
         self.args = None
+        port_atomic_add64(&self.core._jobs, -1)
         try:
             func(*args)
         except BaseException:
