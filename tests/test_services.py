@@ -432,6 +432,22 @@ def test_core_post_is_bounded(server):
         c.close()
 
 
+def test_a_host_with_a_nul_character_is_refused(backend, client_core):
+    """The C resolver reads a host name up to its first NUL: "127.0.0.1\\0evil"
+    listened on 127.0.0.1, and a client given "evil.example\\0.trusted.example" (a
+    name that passes a check on its end) connected to evil.example.  Python's socket
+    refuses such a name; so do we, before resolving anything."""
+    core = iocpnet.IocpCore(backend)
+    try:
+        service = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1\0evil", 0)), Echo, 2)
+        with pytest.raises(ValueError, match="NUL"):
+            service.Start()
+    finally:
+        core.Close(5)
+    with pytest.raises(ValueError, match="NUL"):
+        iocpnet.ClientService(client_core.core, ("127.0.0.1\0.example.com", 9), Echo, 1)
+
+
 def test_call_later_runs_roughly_by_deadline(server):
     srv = server(Echo)
     fired = []

@@ -9,6 +9,15 @@
 # _backoff_lock; _burst is also read without it (atomic), on the path that posts.
 
 
+cdef bytes _host_bytes(object host):
+    """A host name for the C resolver, which stops at the first NUL: a name with one
+    ("evil.example\\0.trusted.example") would silently become another name."""
+    h = str(host)
+    if "\0" in h:
+        raise ValueError(f"host {h!r} contains a NUL character")
+    return h.encode("idna")
+
+
 cdef int _check_unused(Session s) except -1:
     """A factory must make a new session each call: one that returned a session in use
     (or ended) had several connections share it, their bytes crossing."""
@@ -126,7 +135,7 @@ cdef class Listener(IocpObject):
             raise ValueError("accepts (the accepts kept posted) must be positive")
         hostarg = self._address_arg[0]
         if hostarg is not None:
-            hb = str(hostarg).encode("idna")
+            hb = _host_bytes(hostarg)
             chost = hb
         rc = port_resolve(chost, self._address_arg[1], 1, &addr)
         if rc != 0:

@@ -522,7 +522,7 @@ cdef class ClientService(Service):
         self._indexes = {}
         self._up_since = {}
         self._factory_takes_index = _takes_an_argument(session_factory)
-        host = self._address[0].encode("idna")
+        host = _host_bytes(self._address[0])
         rc = port_resolve(host, self._address[1], 0, &self._addr)
         if rc != 0:
             raise port_error(rc, f"resolving {self._address[0]!r}")
