@@ -310,3 +310,23 @@ def test_a_second_signal_stops_at_once(backend):
             assert took < 2.0, f"Run returned {took:.2f} s after the second SIGINT\n" \
                                f"{p.output}"
         p.wait(30)
+
+
+def test_iocp_core_is_a_context_manager(backend):
+    """``with IocpCore() as core:`` closes the core at the end of the block, the
+    sessions' OnDisconnected included, also when the block raises."""
+    ended = []
+
+    class Note(iocpnet.Session):
+        def OnDisconnected(self, reason):
+            ended.append(reason)
+
+    with pytest.raises(KeyError):
+        with iocpnet.IocpCore(backend) as core:
+            service = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0)), Note, 4)
+            service.Start(workers=1)
+            c = connect(("127.0.0.1", service.listener.port))
+            wait_for(lambda: service.session_count == 1, message="the session")
+            raise KeyError("the block's own error goes on")
+    assert core.closed and ended == ["server shutdown"]
+    c.close()

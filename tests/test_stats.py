@@ -367,6 +367,32 @@ def test_serve_metrics_after_stop_is_refused(server):
     assert threading.active_count() == before
 
 
+def test_serve_metrics_passes_the_metrics_server_limits(server):
+    """ServeMetrics() takes MetricsServer's request_timeout and max_connections (it
+    took neither: a service's own metrics server could not be tightened)."""
+    pytest.importorskip("prometheus_client")
+    srv = server(Echo)
+    m = srv.service.ServeMetrics(0, request_timeout=0.5, max_connections=1)
+    held = socket.create_connection(("127.0.0.1", m.port))
+    try:
+        wait_for(lambda: _refused_503(m.port), 10, "the second connection to be refused")
+        held.settimeout(10)
+        assert held.recv(100) == b""        # closed at request_timeout, not 10 s
+    finally:
+        held.close()
+    with pytest.raises(ValueError):
+        srv.service.ServeMetrics(0, max_connections=0)
+    srv.service.Stop()
+
+
+def _refused_503(port):
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        c.settimeout(5)
+        c.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        status = c.recv(100).split(b"\r\n")[0]
+        return status.startswith(b"HTTP/1.") and b" 503 " in status
+
+
 def test_metrics_server_caps_its_connections(server, capfd):
     """Each connection holds a thread for up to request_timeout: a peer opening
     thousands held thousands.  Past max_connections a connection is answered 503 and

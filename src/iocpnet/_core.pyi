@@ -152,12 +152,22 @@ class IocpCore:
 
     def Close(self, timeout: float = 5.0) -> None:
         """Stop: disconnect the services using this core, cancel timers, wait (up to
-        ``timeout`` seconds) for every operation in flight to complete, then wake every
-        thread in ``Dispatch`` (they return -1).  Idempotent, any thread.
+        ``timeout`` seconds) for every operation in flight to complete and be
+        dispatched (the sessions' ``OnDisconnected`` included), then wake every thread
+        in ``Dispatch`` (they return -1) and wait, within the same ``timeout``, for
+        them to leave it.  Idempotent, any thread.
 
-        Called from a worker thread (inside a hook or job) it does not wait: the last
+        If a hook still runs at the deadline, Close returns then and the core closes by
+        itself once the last such hook has returned (``closed`` says when).  Called
+        from a worker thread (inside a hook or job) it does not wait: the last
         completion ends the port.
         """
+
+    def __enter__(self) -> Self:
+        """``with IocpCore() as core:`` closes the core at the end of the block."""
+
+    def __exit__(self, *exc_info: object) -> None:
+        """``Close()`` with its default timeout; an exception of the block goes on."""
 
     def stats(self) -> dict[str, int]:
         """Counters of the port: submitted, completed, in_flight, waits, receive buffers
@@ -928,10 +938,12 @@ class Service:
         seconds, not per message."""
 
     def ServeMetrics(self, port: int = 0, host: str = "127.0.0.1", *,
-                     name: str | None = None) -> _MetricsServer:
+                     name: str | None = None, request_timeout: float | None = None,
+                     max_connections: int | None = None) -> _MetricsServer:
         """Serve stats() over HTTP for Prometheus (needs ``iocpnet[metrics]``); returns
         the server (``.port``, ``.Close()``), closed by ``Stop()``.  After ``Stop()``:
-        RuntimeError."""
+        RuntimeError.  ``request_timeout`` and ``max_connections`` go to
+        ``MetricsServer`` (None: its defaults, 10 s and 32)."""
 
     def Broadcast(self, data: _Bytes, sessions: Iterable[Session] | None = None) -> int:
         """Send the same bytes to every live session (or to ``sessions``), queued by

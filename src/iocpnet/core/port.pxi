@@ -303,6 +303,14 @@ cdef class IocpCore:
             self._stall_watch = None
             self._close_callbacks = []
 
+    def __enter__(self):
+        """``with IocpCore() as core:`` closes the core at the end of the block."""
+        return self
+
+    def __exit__(self, *exc_info):
+        """``Close()`` with its default timeout; an exception of the block goes on."""
+        self.Close()
+
     def Close(self, double timeout=5.0):
         """Stop: disconnect the services using this core, cancel timers, wait (up to
         ``timeout`` seconds) for every operation in flight to complete and be

@@ -395,11 +395,18 @@ cdef class Service:
         """The service's figures as a dict (see the README's Metrics section)."""
         return _service_stats(self)
 
-    def ServeMetrics(self, int port=0, str host="127.0.0.1", *, name=None):
+    def ServeMetrics(self, int port=0, str host="127.0.0.1", *, name=None,
+                     request_timeout=None, max_connections=None):
         """Serve stats() over HTTP for Prometheus (needs ``iocpnet[metrics]``); returns
         the server (``.port``, ``.Close()``), closed by ``Stop()``.  After ``Stop()``:
-        RuntimeError."""
-        return _serve_metrics(self, port, host, name)
+        RuntimeError.  ``request_timeout`` and ``max_connections`` go to
+        ``MetricsServer`` (None: its defaults, 10 s and 32)."""
+        options = {}
+        if request_timeout is not None:
+            options["request_timeout"] = request_timeout
+        if max_connections is not None:
+            options["max_connections"] = max_connections
+        return _serve_metrics(self, port, host, name, options)
 
     def Broadcast(self, data, sessions=None):
         """Send the same bytes to every live session (or to ``sessions``), queued by

@@ -392,7 +392,7 @@ cdef dict _service_stats(Service svc):
     return out
 
 
-cdef object _serve_metrics(Service svc, int port, str host, object name):
+cdef object _serve_metrics(Service svc, int port, str host, object name, dict options):
     try:
         from iocpnet.metrics import MetricsServer
     except ImportError as e:
@@ -401,7 +401,7 @@ cdef object _serve_metrics(Service svc, int port, str host, object name):
     if svc._stopping:
         raise RuntimeError("the service is stopped: Stop() closes its metrics servers, "
                            "so it serves none any more")
-    server = MetricsServer(svc, port, host, name=name)
+    server = MetricsServer(svc, port, host, name=name, **options)
     with svc._lock:
         stopping = svc._stopping        # a Stop() that ran meanwhile missed this one
         if not stopping:
