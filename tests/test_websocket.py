@@ -949,3 +949,32 @@ def test_our_client_gives_up_on_an_endless_response_head(backend):
            "(8192 bytes)")
     assert events == [("failed", why), ("end", why)]
     assert heard == [b""]          # nothing but our request was sent
+
+
+@pytest.mark.parametrize("setting", [{"origin": "http://a.example\r\nX-Injected: 1"},
+                                     {"subprotocols": ("chat\r\nX-Injected: 1",)},
+                                     {"subprotocols": ("a b",)}])
+def test_our_client_refuses_a_header_injection_in_its_settings(backend, setting):
+    """A client's origin and subprotocols are written into its upgrade request: a CR LF
+    in one added headers of its own (X-Injected reached the server).  Refused with a
+    ValueError when the client is made, before anything is sent."""
+    seen = []
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.5)
+    Client = type("Client", (iocpnet.WebSocketSession,), dict(setting))
+    core = iocpnet.IocpCore(backend)
+    try:
+        svc = iocpnet.ClientService(core, f"ws://127.0.0.1:{listener.getsockname()[1]}/",
+                                    Client, 0)
+        svc.Start(workers=1)
+        with pytest.raises(ValueError, match="origin|subprotocol"):
+            svc.Connect()
+        with contextlib.suppress(socket.timeout):
+            c, _ = listener.accept()
+            c.settimeout(0.5)
+            with contextlib.suppress(OSError), c:
+                seen.append(c.recv(4096))
+        assert not any(b"X-Injected" in x for x in seen), seen
+    finally:
+        core.Close()
+        listener.close()

@@ -225,18 +225,30 @@ cdef _WsHooks _ws_hooks_for(type cls):
     if isinstance(subs, str):
         subs = (subs,)
     h.subprotocols = tuple(str(s) for s in subs or ())
+    for sub in h.subprotocols:
+        # RFC 6455 4.1: each is a token; a client writes them into its request, so a
+        # CR LF here would add headers of its own
+        if not sub or not _TOKEN_CHARS.issuperset(sub):
+            raise ValueError(f"{cls.__name__}: subprotocol {sub!r} is not an HTTP token")
     origins = getattr(cls, "origins", None)
     if isinstance(origins, str):
         origins = (origins,)
     h.origins = None if origins is None else frozenset(str(o) for o in origins)
     origin = getattr(cls, "origin", None)
     h.origin = origin if isinstance(origin, str) else None
+    if h.origin is not None and any(c < " " or c == "\x7f" for c in h.origin):
+        raise ValueError(f"{cls.__name__}: control character in origin {h.origin!r}")
     _keep_on_class(cls, "_iocpnet_ws_hooks", h, _ws_hooks_static)
     return h
 
 
 # ---------------------------------------------------------------------------------------
 # The per-session state
+
+# RFC 7230 3.2.6 tchar
+_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789"
+                         "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
 
 @cython.final
 cdef class _WebSocket:
