@@ -26,6 +26,10 @@ def load_example(name):
     return module
 
 
+_RESTORE_SIGINT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                   "os.execvp(sys.argv[1], sys.argv[1:])")
+
+
 class Proc:
     """A child whose stdout and stderr lines (merged) are collected by a thread."""
 
@@ -35,7 +39,14 @@ class Proc:
             env["IOCPNET_BACKEND"] = backend
         env["PYTHONUNBUFFERED"] = "1"
         self.argv = [str(a) for a in argv]
-        self.p = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
+        argv = self.argv
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            # An ignored SIGINT is inherited across exec, and a Python started with it
+            # ignored never raises KeyboardInterrupt: under pytest-xdist (its workers
+            # ignore SIGINT) a child would not see the Ctrl-C a test sends it.  Start
+            # the program through a shim that restores the default first, as a shell does.
+            argv = [sys.executable, "-c", _RESTORE_SIGINT, *argv]
+        self.p = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   env=env, text=True, **kw)
         self.lines = []
