@@ -96,6 +96,11 @@ lane() {                  # lane NAME COMMAND...: COMMAND in the background
     shift
     step_end
     (
+        # A background job of a shell without job control may start with SIGINT and
+        # SIGQUIT ignored (bash does so for this subshell, with its EXIT trap), and a
+        # Python started so keeps ignoring them: the tests that send Ctrl-C to a child
+        # need the default, as in a foreground step.
+        trap - INT QUIT
         trap 'step_end " (FAILED)"' EXIT
         "$@"
         trap - EXIT
