@@ -105,6 +105,10 @@ def session_class(state):
 
     class Racer(iocpnet.Session):
         flush_timeout = 60.0       # a loaded 2-core machine must not cut a flush short
+        # Nor a peer: one thread reads all 200, and under load it fell 10 s (the default)
+        # behind one of them: "send stalled", the round failed.  The peers' own deadline
+        # (60 s past the chaos) still catches a send that never progresses.
+        send_timeout = 60.0
         busy = None
         connected_calls = 0
         disconnected_calls = 0
