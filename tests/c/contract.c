@@ -1663,6 +1663,7 @@ static void bw_thread(void *arg) {
     bw_arg_t *a = (bw_arg_t *)arg;
     bw_t *b = a->b;
     double t0 = now_ms();
+    int held = 0;
     while (!A_LOAD(&b->go))
         sleep_ms(1);
     while (A_LOAD(&b->total) < BW_N && now_ms() - t0 < 20000) {
@@ -1687,8 +1688,20 @@ static void bw_thread(void *arg) {
             A_ADD(&b->per_thread[a->idx], 1);
             A_ADD(&b->total, 1);
         }
-        /* "Dispatching" takes a while, so the other waiter gets its turn. */
-        sleep_ms(1);
+        /* "Dispatching" takes a while, so the other waiter gets its turn.  The first
+         * batch is held until the other waiter has had one: on a loaded machine its
+         * thread could otherwise be scheduled only once this one had taken everything
+         * (2000 / 0, a case that proved nothing).  The hold ends at the event; 10 s
+         * without it is a port that gives nothing to a second waiter while the first
+         * dispatches: the split check fails. */
+        if (!held) {
+            double h0 = now_ms();
+            held = 1;
+            while (A_LOAD(&b->per_thread[1 - a->idx]) == 0 && now_ms() - h0 < 10000)
+                sleep_ms(1);
+        } else {
+            sleep_ms(1);
+        }
     }
     port_batch_end(b->P);
 }
