@@ -4,7 +4,7 @@
 # with apt-get when root: mingw-w64 and Wine, valgrind, clang, openssl, the free-threaded
 # interpreter's build dependencies).
 #
-#   bash scripts/test.sh [pytest args for the main suite...]
+#   bash scripts/test.sh [pytest args...]
 #
 #  1. the C contract test of the port layer: io_uring and epoll natively, with ASan +
 #     UBSan and under valgrind; IOCP cross-compiled with mingw-w64, run under Wine
@@ -16,48 +16,147 @@
 #  6. types: mypy --strict on the examples and a typed tour of the API; stubtest
 #  7. the whole suite against an ASan + UBSan build of the extension (io_uring backend;
 #     epoll's C is covered under ASan by step 1)
-#  8. the whole suite on free-threaded CPython 3.13t, both backends (the interpreter is
-#     built once, ~4 minutes, in the background while steps 3-7 run, at low priority)
+#  8. the whole suite on free-threaded CPython 3.13t, both backends (8a: the interpreter,
+#     built once, ~4 minutes, in the background from step 3 on; reused in a second after)
+#  9. (IOCPNET_PARALLEL=1 only) the tests that change the machine's state (marked
+#     machine_state: io_uring switched off in the kernel), alone, on the builds of 5, 7, 8
+#
+# Two modes, one list of steps.  By default the steps run one after another and the
+# script stops at the first failure; the pytest args go to step 5.  IOCPNET_PARALLEL=1
+# runs the three "lanes" side by side (the suites mostly wait on sockets, not on the
+# CPU): "wheel" (steps 4, 5, 6), "sanitize" (7) and "freethreaded" (8a, 8; it starts right
+# after step 2, from its own directory so that its venv and hypothesis database are apart
+# from step 5's).  Each lane writes its own log, printed whole when it ends; a failing
+# lane does not stop the others; each suite is spread over IOCPNET_TEST_WORKERS
+# pytest-xdist processes (default 2; 0: pytest's own process), whole modules to a worker,
+# and gets the pytest args.  A test that switches io_uring off for the whole machine would
+# break the other lanes' io_uring tests, so the lanes leave the machine_state tests out
+# and step 9 runs them once nothing else runs.  Either way the table at the end gives each
+# step's wall time, the CPU time of its processes and when it started.
 #
 # Environment: PYTHON (default python3), IOCPNET_TEST_DIR (work directory, default
-# .ci/out), IOCPNET_QUICK=1 (steps 3 and 5 only), IOCPNET_SKIP=<list> (any of contract,
-# fuzz, dist, types, sanitize, freethreaded), IOCPNET_PARALLEL=1 (the same steps with
-# steps 4-6, 7 and 8 side by side and each suite over pytest-xdist workers: see
-# scripts/test_parallel.sh; not yet the default).
+# .ci/out), IOCPNET_PARALLEL (1: the lanes side by side; 0 or unset: one after another),
+# IOCPNET_TEST_WORKERS, IOCPNET_QUICK=1 (steps 3, 5 and 9 only), IOCPNET_SKIP=<list> (any
+# of contract, fuzz, dist, types, sanitize, freethreaded, machine_state).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-if [ -n "${IOCPNET_PARALLEL:-}" ]; then
-    exec bash "$root/scripts/test_parallel.sh" "$@"
-fi
 py=${PYTHON:-python3}
 work=${IOCPNET_TEST_DIR:-$root/.ci/out}
 venv="$work/venv-$(basename "$py")"
+parallel=
+case ${IOCPNET_PARALLEL:-0} in 0 | "") ;; *) parallel=1 ;; esac
 skip=" ${IOCPNET_SKIP:-} "
 [ -n "${IOCPNET_QUICK:-}" ] && skip=" contract fuzz dist types sanitize freethreaded "
 mkdir -p "$work"
+# Private scratch space outside the tree, so that two runs on one machine do not share it.
+scratch=$(mktemp -d "${TMPDIR:-/tmp}/iocpnet-ci.XXXXXX")
 
-timings=()
-step_start=-1   # SECONDS is 0 when the first step starts
+# Step 5's pytest args, and the other suites' (7, 8): the same in parallel mode.
+if [ -n "$parallel" ]; then
+    suite_args=(-m "not machine_state" -n "${IOCPNET_TEST_WORKERS:-2}" --dist loadfile "$@")
+    main_args=("${suite_args[@]}")
+else
+    suite_args=()
+    main_args=("$@")
+fi
+
+# ---- steps and their times ----
+# Every shell that runs steps (this one and each lane) appends one line per step to
+# $timings: start (s from the beginning), wall s, CPU s (user + sys of the step's
+# processes, from the shell's own and its children's counters), name.
+t0=$(date +%s)
+hz=$(getconf CLK_TCK)
+timings="$work/timings"
+: >"$timings"
+step_name=
+cpu_ticks() {              # sets ticks (not $(...): that would read a subshell's own)
+    local f
+    read -ra f <"/proc/$BASHPID/stat"      # (comm is "(bash)": no space in it)
+    ticks=$((f[13] + f[14] + f[15] + f[16]))
+}
+step_end() {
+    [ -n "$step_name" ] || return 0
+    cpu_ticks
+    printf '%d %d %d %s%s\n' $((step_t - t0)) $(($(date +%s) - step_t)) \
+        $(((ticks - step_cpu) / hz)) "$step_name" "${1:-}" >>"$timings"
+    step_name=
+}
 step() {
-    [ "$step_start" = -1 ] || timings+=("$(printf '%4d s  %s' $((SECONDS - step_start)) "$step_name")")
+    step_end
     step_name=$*
-    step_start=$SECONDS
+    step_t=$(date +%s)
+    cpu_ticks
+    step_cpu=$ticks
     printf '\n== %s\n' "$*" >&2
 }
 skipped() { case "$skip" in *" $1 "*) return 0 ;; esac; return 1; }
 summary() {
-    [ "$step_start" = -1 ] || timings+=("$(printf '%4d s  %s' $((SECONDS - step_start)) "$step_name")")
-    printf '\n== time per step\n' >&2
-    printf '  %s\n' "${timings[@]}" >&2
-    printf '  %4d s  in all\n' "$SECONDS" >&2
+    step_end "${1:-}"
+    printf '\n== time per step (wall; CPU of its processes; start, from the beginning)\n' >&2
+    sort -n "$timings" | while read -r start wall cpu name; do
+        printf '  %4d s  %5d s cpu  at %4d s  %s\n' "$wall" "$cpu" "$start" "$name"
+    done >&2
+    printf '  %4d s  in all\n' $(($(date +%s) - t0)) >&2
+    summarised=1
 }
-ft_pid=
-cleanup() { [ -z "$ft_pid" ] || kill "$ft_pid" 2>/dev/null || true; }
+
+# ---- lanes: in parallel mode, steps that run side by side, each with its own log ----
+declare -A lanes=()       # pid -> lane name
+lane() {                  # lane NAME FUNCTION: parallel mode: in the background; else now
+    local name=$1
+    shift
+    step_end
+    if [ -z "$parallel" ]; then
+        "$@"
+        step_end
+        return
+    fi
+    (
+        # A background job of a shell without job control may start with SIGINT and
+        # SIGQUIT ignored (bash does so for this subshell, with its EXIT trap), and a
+        # Python started so keeps ignoring them: the tests that send Ctrl-C to a child
+        # need the default, as in a foreground step.
+        trap - INT QUIT
+        trap 'step_end " (FAILED)"' EXIT
+        "$@"
+        trap - EXIT
+        step_end
+    ) >"$work/lane-$name.log" 2>&1 &
+    lanes[$!]=$name
+    echo "(lane $name started: $work/lane-$name.log, printed when it ends)" >&2
+}
+failed=()
+wait_lanes() {            # print each lane's log as it ends; note the failures
+    local pid rc name
+    while [ ${#lanes[@]} -gt 0 ]; do
+        rc=0
+        wait -n -p pid "${!lanes[@]}" || rc=$?
+        name=${lanes[$pid]}
+        unset "lanes[$pid]"
+        printf '\n######## lane %s: %s (%s)\n' "$name" \
+            "$([ $rc = 0 ] && echo passed || echo "FAILED, exit status $rc")" \
+            "$work/lane-$name.log" >&2
+        cat "$work/lane-$name.log" >&2
+        [ $rc = 0 ] || failed+=("$name")
+    done
+}
+kill_tree() {             # a process and everything it started (pytest, servers...)
+    local child
+    for child in $(ps -o pid= --ppid "$1" 2>/dev/null); do kill_tree "$child"; done
+    kill "$1" 2>/dev/null || true
+}
+ft_pid=                   # sequential mode: the interpreter build in the background
+summarised=
+cleanup() {               # also on a failure: the lanes end, the table shows
+    local rc=$? pid
+    for pid in "${!lanes[@]}" $ft_pid; do kill_tree "$pid"; done
+    [ -n "$summarised" ] || summary "$([ $rc = 0 ] || echo " (FAILED)")"
+}
 trap cleanup EXIT
 
-# Steps 1 and 2 come first: they may install Debian packages, and apt must not run
-# at the same time as the interpreter build's own (which starts after them).
+# Debian packages first, then steps 1 and 2 (which may install more): apt must not run
+# at the same time as the free-threaded interpreter's build (which then starts).
 # redis-server: tests/test_spawn.py awaits a real one (Spawn with redis.asyncio), and
 # tests/test_backplane.py and test_chat_redis.py share groups through one (with TLS too:
 # Debian's package serves it).
@@ -79,6 +178,7 @@ if ! skipped fuzz; then
     step "2. libFuzzer on the packet framing and the WebSocket frame parser"
     IOCPNET_FUZZ_OUT="$work/fuzz" bash "$root/tests/fuzz/run.sh" "${IOCPNET_FUZZ_SECONDS:-20}"
 fi
+step_end
 
 # The openssl command: the TLS tests make their certificates with it and talk to the
 # server with its s_client.  Installed here, before the interpreter build's own apt use.
@@ -97,12 +197,31 @@ if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get 
         >"$work/apt-chromium.log" 2>&1 || echo "apt-get chromium failed (see $work/apt-chromium.log)" >&2
 fi
 
+# Lane "freethreaded": the interpreter (built once; the script lowers its own priority
+# when it compiles), then step 8, from its own directory.
+ft_lane() {
+    step "8a. the free-threaded interpreter (scripts/build_freethreaded_python.sh)"
+    if [ -n "$ft_pid" ]; then
+        if ! wait "$ft_pid"; then
+            ft_pid=
+            tail -n 40 "$work/ft-interpreter.log" >&2
+            echo "building the free-threaded interpreter failed (log: $work/ft-interpreter.log)" >&2
+            return 1
+        fi
+        ft_pid=
+    else
+        bash "$root/scripts/build_freethreaded_python.sh" >&2
+    fi
+    step "8. the suite on free-threaded CPython 3.13t (both backends)"
+    IOCPNET_TEST_DIR="$work/ft" bash "$root/scripts/test_freethreaded.sh" "${suite_args[@]}"
+}
 if ! skipped freethreaded; then
-    # The interpreter build is CPU-bound and the test steps mostly wait on sockets:
-    # at the lowest priority it takes the idle time without slowing the suites.
-    nice -n 19 bash "$root/scripts/build_freethreaded_python.sh" \
-        >"$work/ft-interpreter.log" 2>&1 &
-    ft_pid=$!
+    if [ -n "$parallel" ]; then
+        lane freethreaded ft_lane
+    else
+        bash "$root/scripts/build_freethreaded_python.sh" >"$work/ft-interpreter.log" 2>&1 &
+        ft_pid=$!
+    fi
 fi
 
 step "3. the sdist and a wheel built from it; a fresh venv with the wheel ($venv)"
@@ -119,29 +238,10 @@ mkdir -p "$work/src"
 "$vpy" -m build -q --outdir "$work/dist" "$work/src" >&2
 wheel=$(ls "$work"/dist/iocpnet-*.whl)
 "$vpy" -m pip install -q --disable-pip-version-check "${wheel}[test]"
-
-if ! skipped dist; then
-    step "4. what we ship: sdist contents, auditwheel, the wheel's smoke test"
-    # (Its work directory must be outside the tree it copies.)
-    CHECK_DIST_DIR="${TMPDIR:-/tmp}/iocpnet-ci-check-dist" PYTHON="$py" \
-        bash "$root/scripts/check_dist.sh" --dist "$work/dist"
-fi
-
-step "5. pytest against the installed package"
-# From the work directory: nothing from the source tree can be imported.
-(cd "$work" && CI="${CI:-}" "$vpy" -m pytest "$root/tests" -p no:cacheprovider \
-    --rootdir "$root" -q "$@")
-
-if ! skipped types; then
-    step "6. types: mypy --strict, stubtest"
-    CHECK_TYPES_DIR="${TMPDIR:-/tmp}/iocpnet-ci-check-types" \
-        bash "$root/scripts/check_types.sh" --venv "$vpy"
-fi
-
 if ! skipped sanitize; then
-    step "7. the suite against an ASan + UBSan build (io_uring)"
-    # The build requirements exactly as pyproject.toml states them: a venv's bundled
-    # setuptools may predate the SPDX `license` string and refuse the file.
+    # Step 7's build requirements exactly as pyproject.toml states them (a venv's bundled
+    # setuptools may predate the SPDX `license` string and refuse the file); here, before
+    # the lanes share the venv.
     build_reqs=$("$vpy" - "$root/pyproject.toml" <<'PYEOF'
 import re, sys
 text = open(sys.argv[1]).read()
@@ -151,21 +251,75 @@ PYEOF
 )
     mapfile -t build_reqs <<<"$build_reqs"
     "$vpy" -m pip install -q --disable-pip-version-check --upgrade "${build_reqs[@]}"
+fi
+step_end
+
+# Lane "wheel": steps 4, 5 and 6 on the wheel of step 3.
+wheel_lane() {
+    if ! skipped dist; then
+        step "4. what we ship: sdist contents, auditwheel, the wheel's smoke test"
+        # (Its work directory must be outside the tree it copies.)
+        CHECK_DIST_DIR="$scratch/check-dist" PYTHON="$py" \
+            bash "$root/scripts/check_dist.sh" --dist "$work/dist"
+    fi
+    step "5. pytest against the installed package"
+    # From the work directory: nothing from the source tree can be imported.
+    (cd "$work" && CI="${CI:-}" "$vpy" -m pytest "$root/tests" -p no:cacheprovider \
+        --rootdir "$root" -q "${main_args[@]}")
+    if ! skipped types; then
+        step "6. types: mypy --strict, stubtest"
+        CHECK_TYPES_DIR="$scratch/check-types" bash "$root/scripts/check_types.sh" --venv "$vpy"
+    fi
+}
+lane wheel wheel_lane
+
+# Lane "sanitize": step 7, with its own build of the extension.
+sanitize_lane() {
+    step "7. the suite against an ASan + UBSan build (io_uring)"
     IOCPNET_TEST_BACKENDS=io_uring IOCPNET_RACES_SECONDS=${IOCPNET_RACES_SECONDS:-8} \
-        PYTHON="$vpy" IOCPNET_SANITIZE_DIR="$work/sanitize" bash "$root/scripts/sanitize.sh"
+        PYTHON="$vpy" IOCPNET_SANITIZE_DIR="$work/sanitize" bash "$root/scripts/sanitize.sh" \
+        "${suite_args[@]}"
+}
+if ! skipped sanitize; then
+    lane sanitize sanitize_lane
 fi
 
-if ! skipped freethreaded; then
-    step "8. the suite on free-threaded CPython 3.13t (both backends)"
-    if ! wait "$ft_pid"; then
-        ft_pid=
-        tail -n 40 "$work/ft-interpreter.log" >&2
-        echo "building the free-threaded interpreter failed (log: $work/ft-interpreter.log)" >&2
-        exit 1
+if [ -z "$parallel" ] && ! skipped freethreaded; then
+    lane freethreaded ft_lane
+fi
+wait_lanes
+
+# Step 9: each build's machine_state tests, now that nothing else runs (in sequential
+# mode each suite ran its own).
+machine_state_step() {
+    (cd "$work" && CI="${CI:-}" "$vpy" -m pytest "$root/tests" -p no:cacheprovider \
+        --rootdir "$root" -q -m machine_state) || failed+=("9 (step 5's build)")
+    if ! skipped sanitize; then
+        IOCPNET_TEST_BACKENDS=io_uring PYTHON="$vpy" IOCPNET_SANITIZE_DIR="$work/sanitize" \
+            bash "$root/scripts/sanitize.sh" --no-build -m machine_state ||
+            failed+=("9 (step 7's build)")
     fi
-    ft_pid=
-    IOCPNET_TEST_DIR="$work" bash "$root/scripts/test_freethreaded.sh"
+    if ! skipped freethreaded; then
+        local ftpy
+        ftpy=$(ls "$work"/ft/venv-ft-*/bin/python 2>/dev/null | head -n 1)
+        if [ -z "$ftpy" ]; then
+            failed+=("9 (step 8's build: no venv)")
+            return
+        fi
+        (cd "$work/ft" && CI="${CI:-}" env -u PYTHON_GIL "$ftpy" -m pytest "$root/tests" \
+            -p no:cacheprovider --rootdir "$root" -q -m machine_state) ||
+            failed+=("9 (step 8's build)")
+    fi
+}
+if [ -n "$parallel" ] && ! skipped machine_state; then
+    step "9. the tests that change the machine's state, alone, on the builds of steps 5, 7, 8"
+    machine_state_step
 fi
 
 summary
+if [ ${#failed[@]} -gt 0 ]; then
+    printf '\nFAILED: %s\n' "${failed[*]}" >&2
+    exit 1
+fi
+rm -rf "$scratch"
 printf '\nall tests passed\n' >&2

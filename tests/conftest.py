@@ -31,7 +31,8 @@ if os.environ.get("CI"):
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "machine_state: changes the whole machine's state (io_uring switched off "
-        "in the kernel); scripts/test_parallel.sh runs these alone, beside no other suite")
+        "in the kernel); IOCPNET_PARALLEL=1 bash scripts/test.sh runs these alone, beside no "
+        "other suite")
 
 
 def pytest_report_header(config):

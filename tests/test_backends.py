@@ -110,7 +110,7 @@ def io_uring_disabled():
         assert open(path).read().strip() == old
 
 
-@pytest.mark.machine_state     # switches io_uring off machine-wide: run alone (test_parallel.sh)
+@pytest.mark.machine_state     # switches io_uring off machine-wide: run alone (scripts/test.sh step 9)
 def test_fallback_to_epoll_when_io_uring_is_disabled(caplog):
     """The real thing: io_uring switched off in the kernel, as on RHEL 9 or under a
     container's seccomp profile; a new IocpCore must pick epoll, say why, and work."""
