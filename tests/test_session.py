@@ -180,6 +180,26 @@ def test_server_side_disconnect(server, recorder):
     assert recorder.disconnected == [("Quitter", "client asked to quit")]
 
 
+def test_disconnect_with_unread_input_still_ends_with_a_fin(server):
+    """Input the server never read is dropped before the close: a socket closed with
+    unread input sends a reset, and the peer's kernel would report it instead of the
+    end of the stream (the close skips that only once the peer's FIN or reset came)."""
+    sent = threading.Event()
+
+    class Bye(iocpnet.Session):
+        def OnConnected(self):
+            sent.wait(10)           # the client's bytes are in the socket, unread
+            time.sleep(0.05)
+            self.Send(b"bye")
+            self.Disconnect("done")
+
+    srv = server(Bye)
+    with connect(srv.address) as c:
+        c.sendall(b"never read")
+        sent.set()
+        assert recv_until_eof(c) == b"bye"       # a FIN, not ECONNRESET
+
+
 def test_disconnect_from_another_thread(server, recorder):
     sessions = []
 

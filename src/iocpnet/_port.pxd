@@ -129,6 +129,7 @@ cdef extern from "port/port.h" nogil:
     int port_listen(port_t *p, const port_addr_t *addr, int backlog, int flags, port_sock_t *out)
     int port_sockname(port_sock_t s, port_addr_t *out)
     int port_peername(port_sock_t s, port_addr_t *out)
+    int port_accept_peer(port_t *p, const port_op_t *op, port_addr_t *out)
     int port_addr_format(const port_addr_t *addr, char *host, size_t hostlen, int *portnum)
     int port_set_nodelay(port_sock_t s, int on)
     int port_sock_send_progress(port_sock_t s, uint64_t *mark)

@@ -667,6 +667,10 @@ static void case_accept_several(void) {
     }
     /* A record carries one operation at a time. */
     CHECK_EQ(port_accept(P, &acc[0], ls), PORT_EINVAL);
+    {
+        port_addr_t ap;      /* no address before the accept has completed */
+        CHECK_EQ(port_accept_peer(P, &acc[0], &ap), PORT_EOPNOTSUPP);
+    }
     for (i = 0; i < N; i++) {
         cli[i] = plain_connect(&bound);
         CHECK(cli[i] != PORT_INVALID_SOCK);
@@ -697,6 +701,26 @@ static void case_accept_several(void) {
         CHECK_EQ(port_peername(srv[i], &peer), 0);
         CHECK_EQ(port_addr_format(&peer, host, sizeof(host), &pn), 0);
         CHECKF(strcmp(host, "127.0.0.1") == 0, "peer host %s", host);
+        {
+            /* The accept reported the same peer (where the backend keeps it), and the
+             * socket has TCP_NODELAY (port.h). */
+            port_addr_t ap;
+            char ahost[64];
+            int apn = 0, nd = 0, rc;
+            sock_len_t ndlen = sizeof(nd);
+            rc = port_accept_peer(P, &acc[i], &ap);
+            CHECKF(rc == 0 || rc == PORT_EOPNOTSUPP, "port_accept_peer: %s", port_errname(rc));
+#ifndef _WIN32
+            CHECKF(rc == 0, "port_accept_peer: %s (POSIX backends keep it)", port_errname(rc));
+#endif
+            if (rc == 0) {
+                CHECK_EQ(port_addr_format(&ap, ahost, sizeof(ahost), &apn), 0);
+                CHECKF(strcmp(ahost, host) == 0 && apn == pn, "accept's peer %s:%d, "
+                       "getpeername's %s:%d", ahost, apn, host, pn);
+            }
+            CHECK(getsockopt(srv[i], IPPROTO_TCP, TCP_NODELAY, (char *)&nd, &ndlen) == 0);
+            CHECKF(nd != 0, "accepted socket %d without TCP_NODELAY", i);
+        }
         CHECK_EQ(port_sockname(srv[i], &local), 0);
         CHECK_EQ(addr_port(&local), addr_port(&bound));
         for (j = 0; j < N; j++) {

@@ -227,13 +227,22 @@ cdef void _rate_free(Session s) noexcept:
 # ---------------------------------------------------------------------------------------
 # At accept: per remote address
 
-cdef str _peer_host(port_sock_t sock):
-    """The peer's host as text, or None (the peer may already be gone: not limited)."""
+cdef str _peer_host(Session s):
+    """The accepted peer's host as text (from the address the accept reported, kept
+    by Listener._dispatch: known even when the peer has already reset), or None when
+    the OS gave no address we can show (not limited).  The (host, port) tuple is not
+    made: a session that never asks for its address does not carry one."""
     cdef port_addr_t addr
     cdef char host[64]
     cdef int portnum = 0
-    if port_peername(sock, &addr) == 0 and \
-            port_addr_format(&addr, host, sizeof(host), &portnum) == 0:
+    a = s._address
+    if a is not None:
+        return a[0]
+    port_spin_lock(&s._lock)
+    addr.len = s._peer_len
+    memcpy(&addr.ss, s._peer, addr.len)
+    port_spin_unlock(&s._lock)
+    if addr.len > 0 and port_addr_format(&addr, host, sizeof(host), &portnum) == 0:
         return host.decode("ascii")
     return None
 
@@ -391,7 +400,7 @@ cdef bint _admit_connection(Service svc, port_sock_t sock, Session s) noexcept:
     cdef bint start_tick = False
     try:
         if lim.per_address:
-            host = _peer_host(sock)
+            host = _peer_host(s)
         with svc._lock:
             if svc._stopping:
                 why = REFUSED_SHUTDOWN

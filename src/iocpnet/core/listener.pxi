@@ -203,6 +203,8 @@ cdef class Listener(IocpObject):
         if res >= 0:
             port_atomic_add64(&self._accepted, 1)
             self._backoff_ms = 0
+            # Before the slot is posted again: the address is in the accept's record.
+            session._take_peer(self.core.port, cqe.op, <port_sock_t>res)
             if self._closing:
                 port_sock_close(self.core.port, <port_sock_t>res, 0)
                 session._state = S_NEW

@@ -276,6 +276,7 @@ cdef class Session(IocpObject):
     cdef uint8_t _was_connected
     cdef uint8_t _sq_above        # OnSendQueue: the queue passed the high mark (under _lock)
     cdef uint8_t _sq_told         # OnSendQueue: what the hook was last told (strand only)
+    cdef uint8_t _rx_ended        # the peer's FIN or reset came: the close drains nothing
     # The peer's socket address as the OS gave it (_peer_len bytes; 0: unknown), kept
     # packed: the (host, port) tuple costs ~150 bytes and most servers never ask.
     cdef uint8_t _peer_len
@@ -518,24 +519,43 @@ cdef class Session(IocpObject):
         self._service = service
 
     cdef void _on_accepted(self, port_sock_t sock) noexcept:
-        """The Listener accepted a connection for us (we hold our strand)."""
+        """The Listener accepted a connection for us (we hold our strand).  The port
+        set it up (TCP_NODELAY) and the Listener took its address (_take_peer)."""
         self._sock = sock
-        port_set_nodelay(sock, 1)
-        self._fill_address()
         self._connected()
+
+    cdef void _take_peer(self, port_t *port, const port_op_t *op,
+                         port_sock_t sock) noexcept:
+        """The Listener's accept `op` completed with `sock` for us: keep the peer's
+        address as the accept reported it (no system call, and known even if the peer
+        has already reset), or ask the socket where the backend does not keep it.  A
+        session refused over a limit is posted again: its old address goes."""
+        cdef port_addr_t addr
+        if port_accept_peer(port, op, &addr) != 0 and port_peername(sock, &addr) != 0:
+            addr.len = 0
+        if self._address is not None:
+            self._address = None
+        self._keep_address(&addr)
 
     cdef void _fill_address(self) noexcept:
         """Remember the peer's address: it is still known after the socket closes
-        (OnDisconnected may want to log it).  Kept packed; address makes the tuple."""
+        (OnDisconnected may want to log it)."""
         cdef port_addr_t addr
-        if port_peername(self._sock, &addr) != 0 or addr.len <= 0:
+        if port_peername(self._sock, &addr) != 0:
             return
+        self._keep_address(&addr)
+
+    cdef void _keep_address(self, const port_addr_t *addr) noexcept:
+        """Kept packed (address makes the tuple on first use); len 0: unknown."""
         if addr.len > PEER_MAX:        # not an IP family we pack: make the tuple now
-            self._address = _format_address(&addr)
+            self._address = _format_address(addr)
             return
         port_spin_lock(&self._lock)
-        memcpy(self._peer, &addr.ss, addr.len)
-        self._peer_len = <uint8_t>addr.len
+        if addr.len > 0:
+            memcpy(self._peer, &addr.ss, addr.len)
+            self._peer_len = <uint8_t>addr.len
+        else:
+            self._peer_len = 0
         port_spin_unlock(&self._lock)
 
     cdef object _peer_address(self):

@@ -91,9 +91,10 @@ cdef void _close_locked(Session s, bint reset) noexcept:
         port_cancel(s.core.port, &s._recv_op)
     if s._send_busy:
         port_cancel(s.core.port, &s._send_op)
-    if not reset and not connecting:
+    if not reset and not connecting and not s._rx_ended:
         # Unread input would turn our FIN into a reset, and the peer would lose
-        # the end of what we sent it (a reply flushed at shutdown, say).
+        # the end of what we sent it (a reply flushed at shutdown, say).  Once the
+        # peer's FIN (or reset) was received nothing can be left: no system call.
         port_sock_drain(s._sock)
     _incref(<PyObject *>s)
     rc = port_close(s.core.port, _close_record(s), s._sock, flags)

@@ -61,6 +61,8 @@ cdef void _process_recv(Session s, port_cqe_t *cqe) noexcept:
             port_recv_release(s.core.port, cqe)
     if cqe.flags & PORT_CQE_MORE:
         return
+    if res == 0 or res == PORT_ECONNRESET:
+        s._rx_ended = True        # nothing more to read: the close skips its drain
     rc = 0
     port_spin_lock(&s._lock)
     s._recv_armed = False

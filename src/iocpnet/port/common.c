@@ -195,6 +195,12 @@ int port_accept(port_t *p, port_op_t *op, port_sock_t listener) {
     int rc = check_op(p, op, PORT_OP_ACCEPT);
     return rc ? rc : p->vt->accept(p, op, listener);
 }
+int port_accept_peer(port_t *p, const port_op_t *op, port_addr_t *out) {
+    if (op == NULL || op->type != PORT_OP_ACCEPT || op->in_flight ||
+        p->vt->accept_peer == NULL)
+        return PORT_EOPNOTSUPP;
+    return p->vt->accept_peer(op, out);
+}
 int port_connect(port_t *p, port_op_t *op, const port_addr_t *addr) {
     int rc = check_op(p, op, PORT_OP_CONNECT);
     if (rc == 0 && (addr == NULL || addr->len <= 0))

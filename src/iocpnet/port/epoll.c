@@ -336,7 +336,13 @@ static int run_reads(ep_port_t *p, ep_fd_t *f, port_cqe_t *out, int n, int max, 
             break;
         }
         if (op->type == PORT_OP_ACCEPT) {
-            int e, cancelled = 0, fd = accept4(f->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+            /* The peer's address comes with it (port_accept_peer): no getpeername. */
+            port__peer_t *pa = &OP_PRIV(op)->u.acc;
+            socklen_t alen = sizeof(pa->sa);
+            int e, cancelled = 0,
+                fd = accept4(f->fd, (struct sockaddr *)&pa->sa, &alen,
+                             SOCK_NONBLOCK | SOCK_CLOEXEC);
+            pa->len = fd >= 0 ? (uint32_t)alen : 0;
             if (fd >= 0) {
                 /* Registered before the completion is seen, as port.h promises. */
                 int rc = port__ep_fd_adopt(p, fd, &cancelled);
@@ -775,6 +781,10 @@ static void ep_destroy(port_t *bp) {
     ep_free(p);
 }
 
+static int ep_accept_peer(const port_op_t *op, port_addr_t *out) {
+    return port__peer_get(&OP_PRIV(op)->u.acc, out);
+}
+
 const port_vtable_t port__epoll_vtable = {
     "epoll",
     ep_probe,
@@ -796,6 +806,7 @@ const port_vtable_t port__epoll_vtable = {
     port__ep_sock_close,
     port__ep_send_now,
     NULL,
+    ep_accept_peer,
 };
 #endif /* __linux__ */
 

@@ -44,6 +44,7 @@ typedef struct ep_op {
             int32_t nbufs;
         } send;
         port_tnode_t timer;           /* timer: its place in the heap (deadline in ns) */
+        port__peer_t acc;             /* accept: the peer's address, from accept4 */
     } u;
     uint8_t state;            /* EP_* */
 } ep_op_t;

@@ -324,11 +324,23 @@ static void prep_recv(uring_port_t *p, struct io_uring_sqe *sqe, port_op_t *op, 
     sqe->user_data = (uint64_t)(uintptr_t)op;
 }
 
+/* The peer's address comes with the accept (port_accept_peer): a getpeername per
+ * connection saved, and the address known even for a peer already gone. */
 static void prep_accept(struct io_uring_sqe *sqe, port_op_t *op) {
+    port__peer_t *pa = &OP_PRIV(op)->u.acc;
+    memset(&pa->sa, 0, sizeof(pa->sa));   /* defined for memcheck, which cannot see the
+                                           * kernel write it */
+    pa->len = sizeof(pa->sa);
     sqe->opcode = IORING_OP_ACCEPT;
     sqe->fd = op->sock;
+    sqe->addr = (uint64_t)(uintptr_t)&pa->sa;
+    sqe->addr2 = (uint64_t)(uintptr_t)&pa->len;
     sqe->accept_flags = SOCK_NONBLOCK | SOCK_CLOEXEC;
     sqe->user_data = (uint64_t)(uintptr_t)op;
+}
+
+static int uring_accept_peer(const port_op_t *op, port_addr_t *out) {
+    return port__peer_get(&OP_PRIV(op)->u.acc, out);
 }
 
 static void prep_send(struct io_uring_sqe *sqe, port_op_t *op) {
@@ -1047,5 +1059,6 @@ const port_vtable_t port__io_uring_vtable = {
     uring_sock_close,
     uring_send_now,
     uring_flush_sends,
+    uring_accept_peer,
 };
 #endif /* __linux__ */

@@ -555,6 +555,10 @@ static int handle_entry(iocp_port_t *p, const OVERLAPPED_ENTRY *ent, port_cqe_t 
         if (rc == 0)
             rc = port__win_nonblock(as);
         if (rc == 0) {
+            /* port.h: accepted sockets have TCP_NODELAY (set here: Windows does not document
+             * passing it on from the listener). */
+            BOOL one = TRUE;
+            (void)setsockopt(as, IPPROTO_TCP, TCP_NODELAY, (const char *)&one, sizeof(one));
             res = (int64_t)as;
         } else {
             closesocket(as);

@@ -313,8 +313,16 @@ uint32_t port_recv_buffer_size(const port_t *p);
 void port_op_init(port_op_t *op, port_op_type type, void *owner, port_strand_t *strand);
 
 /* Accept one connection on a listening socket: res = the new socket (non-blocking,
- * close-on-exec, associated with this port). */
+ * close-on-exec, TCP_NODELAY, associated with this port).  The set-up costs no system
+ * call of its own where the OS lets the socket inherit it from the listener (Linux),
+ * and the peer's address comes with the accept (port_accept_peer). */
 int port_accept(port_t *p, port_op_t *op, port_sock_t listener);
+/* After op's accept completed with a socket, and before op is submitted again: the
+ * peer's address as the accept itself reported it (no system call, and known even when
+ * the peer has already reset the connection, when port_peername says ENOTCONN).  0, or
+ * PORT_EOPNOTSUPP where the backend does not keep it (IOCP; an address too long to
+ * keep): then ask port_peername. */
+int port_accept_peer(port_t *p, const port_op_t *op, port_addr_t *out);
 /* Create a socket for addr's family, associate it, and connect: op->sock is set before
  * this returns (so the caller can close it); res = 0 once connected.  addr is copied. */
 int port_connect(port_t *p, port_op_t *op, const port_addr_t *addr);

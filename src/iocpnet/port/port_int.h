@@ -66,7 +66,28 @@ typedef struct port_vtable {
     /* Optional (NULL: port_send_now sends nothing, port_flush_sends does nothing). */
     int64_t (*send_now)(port_t *p, port_sock_t sock, const port_buf_t *bufs, int n);
     void (*flush_sends)(port_t *p);
+    /* Optional (NULL: port_accept_peer says PORT_EOPNOTSUPP). */
+    int (*accept_peer)(const port_op_t *op, port_addr_t *out);
 } port_vtable_t;
+
+#ifndef _WIN32
+/* Where a POSIX accept op has the kernel write the peer's address (io_uring's
+ * IORING_OP_ACCEPT, epoll's accept4), inside the op's private state: a TCP peer's
+ * address is at most a sockaddr_in6.  len is what the kernel reported (it may exceed
+ * sizeof(sa) for a longer address, which it then cut: not kept). */
+typedef struct port__peer {
+    struct sockaddr_in6 sa;
+    uint32_t len;
+} port__peer_t;
+
+static inline int port__peer_get(const port__peer_t *pa, port_addr_t *out) {
+    if (pa->len == 0 || pa->len > sizeof(pa->sa))
+        return PORT_EOPNOTSUPP;
+    memcpy(&out->ss, &pa->sa, pa->len);
+    out->len = (int)pa->len;
+    return 0;
+}
+#endif
 
 struct port {
     const port_vtable_t *vt;

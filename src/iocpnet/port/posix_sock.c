@@ -89,6 +89,10 @@ int port__posix_listen_socket(const port_addr_t *addr, int backlog, int flags, i
         if (setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof(v6only)) < 0)
             goto fail;
     }
+    /* Accepted sockets inherit it (Linux, the BSDs): port.h's TCP_NODELAY on every
+     * accepted socket without a setsockopt per connection. */
+    if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) < 0)
+        goto fail;
     if (bind(fd, (const struct sockaddr *)&addr->ss, (socklen_t)addr->len) < 0)
         goto fail;
     if (listen(fd, backlog) < 0)
