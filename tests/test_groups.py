@@ -2,7 +2,6 @@
 session and group jobs and timers on their strands, their cancellation when the owner
 ends, and OnSendQueue.  Real sockets, every backend, counters balanced (conftest)."""
 import logging
-import queue
 import selectors
 import socket
 import struct
@@ -13,6 +12,7 @@ import pytest
 
 import iocpnet
 from conftest import connect, recv_exactly, wait_for
+from flood import PostFlood
 from test_tls import pki  # noqa: F401  (the fixture)
 
 FRAME = struct.Struct("<II")          # (sender, seq): 8 bytes
@@ -418,36 +418,18 @@ def test_post_is_bounded_and_stop_ends_while_threads_post(server, recorder):
     c = connect(srv.address)
     assert recv_exactly(c, 1) == b"R"
     s = holder.pop()
-    refused = []
-    ended = []
-    stop = threading.Event()
-
-    def poster():
-        while not stop.is_set():
-            try:
-                if not s.Post(s.job):
-                    ended.append(True)    # the session ended: Post says so
-                    return
-            except queue.Full as e:
-                refused.append(str(e))
-
-    posters = [threading.Thread(target=poster) for _ in range(2)]
-    for t in posters:
-        t.start()
-    try:
-        wait_for(lambda: refused, message="a Post refused past post_queue_limit")
-        assert "post_queue_limit" in refused[0]
+    with PostFlood(lambda: s.Post(s.job)) as flood:
+        wait_for(lambda: flood.refused, message="a Post refused past post_queue_limit")
+        assert "post_queue_limit" in flood.refused[0]
         assert iocpnet.debug_counters()["strand_jobs"] <= 50 + 10
         c.sendall(b"ping")
         assert recv_exactly(c, 4) == b"ping"
         srv.service.Stop(5)
         recorder.wait_disconnects(1)
         assert srv.service.session_count == 0
-        wait_for(lambda: len(ended) == 2, message="both posters told the session ended")
-    finally:
-        stop.set()
-        for t in posters:
-            t.join(10)
+        # the session ended: Post says so (False), and each poster stops
+        wait_for(lambda: len(flood.ended) == 2,
+                 message="both posters told the session ended")
     c.close()
     s = None
 

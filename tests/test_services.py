@@ -2,7 +2,6 @@
 port, a restarting server), jobs posted from any thread, timers, the live-session cap,
 the idle timeout, and IPv6."""
 import logging
-import queue
 import socket
 import sys
 import threading
@@ -13,6 +12,7 @@ import pytest
 import iocpnet
 
 from conftest import Server, connect, recv_exactly, wait_for
+from flood import PostFlood
 
 
 class Echo(iocpnet.Session):
@@ -402,33 +402,20 @@ def test_core_post_is_bounded(server):
     with pytest.raises(ValueError):
         srv.core.post_queue_limit = 0
     c = connect(srv.address)
-    refused = []
-    stop = threading.Event()
 
     def job():
         time.sleep(0.0005)              # slower than the posters
 
-    def poster():
-        while not stop.is_set():
-            try:
-                srv.core.Post(job)
-            except queue.Full as e:
-                refused.append(str(e))
-
-    posters = [threading.Thread(target=poster) for _ in range(2)]
-    for t in posters:
-        t.start()
     try:
-        wait_for(lambda: refused, message="a core Post refused past post_queue_limit")
-        assert "post_queue_limit" in refused[0]
-        c.sendall(b"ping")
-        assert recv_exactly(c, 4) == b"ping"
-        srv.service.Stop(5)
-        assert srv.service.session_count == 0
+        with PostFlood(lambda: srv.core.Post(job)) as flood:
+            wait_for(lambda: flood.refused,
+                     message="a core Post refused past post_queue_limit")
+            assert "post_queue_limit" in flood.refused[0]
+            c.sendall(b"ping")
+            assert recv_exactly(c, 4) == b"ping"
+            srv.service.Stop(5)
+            assert srv.service.session_count == 0
     finally:
-        stop.set()
-        for t in posters:
-            t.join(10)
         c.close()
 
 
@@ -760,34 +747,13 @@ def test_ipv6_connect_refused(client_core, recorder):
     clients.Stop()
 
 
-def test_stop_returns_after_every_on_disconnected_has_returned(server):
+@pytest.mark.parametrize("how", ["Stop", "Close"])
+def test_shutdown_returns_after_every_on_disconnected_has_returned(server, how):
     """A server saves a player's state in OnDisconnected: Stop() (and so Run()) must not
     return while one still runs, or the process exits with the save half done; and
-    session_count must not reach 0 before the hooks have returned."""
-    saved = []
-    started = threading.Event()
-
-    class Saver(iocpnet.Session):
-        def OnDisconnected(self, reason):
-            started.set()
-            time.sleep(0.3)                  # writing the player's state somewhere
-            saved.append(reason)
-
-    srv = server(Saver)
-    clients = [connect(srv.address) for _ in range(3)]
-    wait_for(lambda: srv.service.session_count == 3, message="3 sessions")
-    try:
-        srv.service.Stop(10)
-        assert len(saved) == 3, f"Stop() returned with {3 - len(saved)} OnDisconnected still running"
-    finally:
-        for c in clients:
-            c.close()
-
-
-def test_core_close_returns_after_every_on_disconnected_has_returned(server):
-    """IocpCore.Close() called directly (no Stop first) stops the services on it, and
-    returns only once every session's OnDisconnected has returned, as Stop() does: its
-    caller may then save, exit or reuse the state the hooks wrote."""
+    session_count must not reach 0 before the hooks have returned.  IocpCore.Close()
+    called directly (no Stop first) stops the services on it and waits the same way:
+    its caller may then save, exit or reuse the state the hooks wrote."""
     saved = []
 
     class Saver(iocpnet.Session):
@@ -799,10 +765,14 @@ def test_core_close_returns_after_every_on_disconnected_has_returned(server):
     clients = [connect(srv.address) for _ in range(3)]
     wait_for(lambda: srv.service.session_count == 3, message="3 sessions")
     try:
-        srv.core.Close(10)
+        if how == "Stop":
+            srv.service.Stop(10)
+        else:
+            srv.core.Close(10)
         assert saved == ["server shutdown"] * 3, \
-            f"Close() returned with {3 - len(saved)} OnDisconnected still running"
-        assert srv.core.closed and srv.service.session_count == 0
+            f"{how}() returned with {3 - len(saved)} OnDisconnected still running"
+        assert srv.service.session_count == 0
+        assert srv.core.closed == (how == "Close")
     finally:
         for c in clients:
             c.close()

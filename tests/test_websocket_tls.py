@@ -11,6 +11,7 @@ stopped at the 597 bytes of its TLS handshake; websockets' own server saw the sa
 it), and once the process crashed in ssl.send.  The asyncio client drives each
 connection from one thread."""
 import asyncio
+import contextlib
 import os
 import socket
 import ssl
@@ -68,13 +69,32 @@ def run_core(core, n=2):
     return threads
 
 
-def test_wss_server_with_a_websockets_client(backend, pki):
+@contextlib.contextmanager
+def wss_server(backend, pki, session_cls, accepts=8, websocket=False):
+    """A Service of `session_cls` on a TLS Listener (``websocket``: the Listener's
+    flag, for a session class that is not a WebSocketSession) of a new core with 2
+    worker threads: yields (core, service); on exit the service is stopped, the core
+    closed and the workers joined."""
     core = iocpnet.IocpCore(backend)
-    svc = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0), ssl=server_ctx(pki)),
-                          Echo, 8)
-    svc.Start()
-    threads = run_core(core)
-    async def scenario():
+    svc = None
+    threads = []
+    try:
+        svc = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0), ssl=server_ctx(pki),
+                                                     websocket=websocket),
+                              session_cls, accepts)
+        svc.Start()
+        threads = run_core(core)
+        yield core, svc
+    finally:
+        if svc is not None:
+            svc.Stop(5)
+        core.Close(5)
+        for t in threads:
+            t.join(5)
+
+
+def test_wss_server_with_a_websockets_client(backend, pki):
+    async def scenario(svc):
         url = f"wss://localhost:{svc.listener.port}/secure"
         async with ws_connect(url, ssl=client_ctx(pki), max_size=None) as ws:
             await ws.send("über TLS ✓")
@@ -94,13 +114,8 @@ def test_wss_server_with_a_websockets_client(backend, pki):
             await ws.send("still here")
             assert await ws.recv() == "still here"
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        svc.Stop(5)
-        core.Close(5)
-        for t in threads:
-            t.join(5)
+    with wss_server(backend, pki, Echo) as (core, svc):
+        asyncio.run(scenario(svc))
 
 
 class _BioClient:
@@ -144,12 +159,7 @@ def test_upgrade_request_and_a_frame_in_the_write_that_ends_the_tls_handshake(ba
     """The client's last handshake records, its upgrade request and a first frame
     arrive in one segment: the handshake completes, the request is answered, the
     frame echoed (the plaintext that came with the handshake is not left behind)."""
-    core = iocpnet.IocpCore(backend)
-    svc = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0), ssl=server_ctx(pki)),
-                          Echo, 8)
-    svc.Start()
-    threads = run_core(core)
-    try:
+    with wss_server(backend, pki, Echo) as (core, svc):
         for _ in range(5):
             c = _BioClient(("127.0.0.1", svc.listener.port), client_ctx(pki))
             req, key = ws_raw.upgrade_request("/x")
@@ -161,11 +171,6 @@ def test_upgrade_request_and_a_frame_in_the_write_that_ends_the_tls_handshake(ba
             rest = c.read_until(b"first", rest)
             assert rest == ws_raw.frame(0x1, b"first", mask=False)
             c.sock.close()
-    finally:
-        svc.Stop(5)
-        core.Close(5)
-        for t in threads:
-            t.join(5)
 
 
 def test_no_data_frame_follows_the_close_frame_over_tls(backend, pki):
@@ -183,12 +188,7 @@ def test_no_data_frame_follows_the_close_frame_over_tls(backend, pki):
         def OnConnected(self):
             sessions.put(self)
 
-    core = iocpnet.IocpCore(backend)
-    svc = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0), ssl=server_ctx(pki)),
-                          S, 8)
-    svc.Start()
-    threads = run_core(core)
-    try:
+    with wss_server(backend, pki, S) as (core, svc):
         for _ in range(30):
             accepted, frames, close, trailing = ws_raw.close_race(
                 ("127.0.0.1", svc.listener.port), lambda: sessions.get(timeout=10),
@@ -196,11 +196,6 @@ def test_no_data_frame_follows_the_close_frame_over_tls(backend, pki):
             assert close == (1000, "race")
             assert trailing == b"", f"{len(trailing)} bytes after the close frame"
             assert frames == accepted
-    finally:
-        svc.Stop(5)
-        core.Close(5)
-        for t in threads:
-            t.join(5)
 
 
 def test_our_wss_client_against_a_websockets_server(backend, pki):
@@ -268,18 +263,13 @@ def test_our_wss_client_against_a_websockets_server(backend, pki):
 def test_wss_url_without_ssl_uses_the_default_context_and_refuses_an_unknown_ca(backend, pki):
     """wss:// with no ssl= verifies against the system's CAs: our test CA is unknown,
     so the handshake fails with a reason, as a browser would refuse it."""
-    core = iocpnet.IocpCore(backend)
-    server = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0), ssl=server_ctx(pki)),
-                             Echo, 4)
-    server.Start()
-    threads = run_core(core)
     failed = []
 
     class Client(iocpnet.WebSocketSession):
         def OnConnectFailed(self, reason):
             failed.append(reason)
 
-    try:
+    with wss_server(backend, pki, Echo, 4) as (core, server):
         svc = iocpnet.ClientService(core, f"wss://localhost:{server.listener.port}/",
                                     Client, 1)
         assert svc.ssl is not None
@@ -287,11 +277,6 @@ def test_wss_url_without_ssl_uses_the_default_context_and_refuses_an_unknown_ca(
         wait_for(lambda: failed)
         assert failed[0].startswith("TLS handshake failed"), failed
         svc.Stop(5)
-    finally:
-        server.Stop(5)
-        core.Close(5)
-        for t in threads:
-            t.join(5)
 
 
 def test_packets_over_wss_beside_native_tls_clients(backend, pki):
@@ -299,11 +284,6 @@ def test_packets_over_wss_beside_native_tls_clients(backend, pki):
         def OnRecvPacket(self, packet_id, payload):
             self.service.Broadcast(iocpnet.make_packet(packet_id, payload))
 
-    core = iocpnet.IocpCore(backend)
-    web = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0), ssl=server_ctx(pki),
-                                                 websocket=True), Room, 8)
-    web.Start()
-    threads = run_core(core)
     got = []
 
     class Bot(iocpnet.PacketSession):
@@ -314,7 +294,7 @@ def test_packets_over_wss_beside_native_tls_clients(backend, pki):
             got.append((packet_id, payload))
             self.Disconnect("done")
 
-    async def scenario():
+    async def scenario(core, web):
         url = f"wss://localhost:{web.listener.port}/"
         async with ws_connect(url, ssl=client_ctx(pki)) as ws:
             await ws.send(ref.encode(1, b"browser"))
@@ -327,13 +307,8 @@ def test_packets_over_wss_beside_native_tls_clients(backend, pki):
             assert got == [(3, b"from a bot over wss")]
             bots.Stop(5)
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        web.Stop(5)
-        core.Close(5)
-        for t in threads:
-            t.join(5)
+    with wss_server(backend, pki, Room, websocket=True) as (core, web):
+        asyncio.run(scenario(core, web))
 
 
 def test_echo_command_wss(backend, pki):
