@@ -50,6 +50,7 @@ cdef class IocpCore:
     cdef volatile int32_t _draining
     cdef volatile int32_t _drain_lock  # a spin lock guarding _drain_until
     cdef int64_t _drain_until          # ms: the drain gives up if nothing ran since
+    cdef volatile int32_t _closers     # Close calls waiting for the port to be quiet
     cdef int64_t _now_ms
     cdef _BatchStats _batches         # stats.pxi
     cdef bint _recv_multishot
@@ -263,6 +264,12 @@ cdef class IocpCore:
             if self._closing and not self._closed:
                 self._maybe_shutdown()
 
+    cdef bint _batch_held(self) noexcept:
+        """A worker holds completions it reaped: waiting for the GIL, or dispatching
+        them (its hooks may yet run, and submit more)."""
+        return port_atomic_load32(&self._batches_waiting) > 0 or \
+            port_atomic_add32(&self._in_batch, 0) > 0
+
     cdef void _drain_progress(self) noexcept:
         """A batch ended while draining: the drain goes on for DRAIN_IDLE_MS more."""
         port_spin_lock(&self._drain_lock)
@@ -276,8 +283,10 @@ cdef class IocpCore:
         what is left then never completes, and is abandoned as Close would have."""
         cdef port_stats_t st
         cdef int64_t until
+        if not port_atomic_load32(&self._draining) and port_atomic_load32(&self._closers):
+            return      # a Close waiting in another thread shuts it (see Close)
         port_get_stats(self.port, &st)
-        if self._closed or port_atomic_add32(&self._in_batch, 0) > 0:
+        if self._closed or self._batch_held():
             return      # a batch still being dispatched may submit more: its end decides
         if st.in_flight > 0:
             if not port_atomic_load32(&self._draining):
@@ -331,6 +340,7 @@ cdef class IocpCore:
         """
         cdef port_stats_t st
         cdef bint drain = False
+        cdef uint64_t quiet_at = 0       # completions counted when last seen quiet, + 1
         cdef bint in_worker = iocpnet_get_tls_core() == <void *>self
         if timeout != timeout:      # a deadline of NaN never comes
             raise ValueError("timeout must be a number of seconds, not NaN")
@@ -358,29 +368,42 @@ cdef class IocpCore:
         if in_worker:
             return
         deadline = _time.monotonic() + timeout
-        while not self._closed:
-            port_get_stats(self.port, &st)
-            # Reaped is not dispatched: a batch still running may yet call
-            # OnDisconnected, or submit more.
-            if st.in_flight <= 0 and port_atomic_add32(&self._in_batch, 0) == 0:
-                break
-            PyErr_CheckSignals()         # Run's second signal, if this is the main thread
-            if _time.monotonic() >= deadline or port_atomic_load32(&self._abandon):
-                if port_atomic_add32(&self._in_batch, 0) > 0 or \
-                        (st.in_flight > 0 and self._dispatchers > 0):
-                    # A hook still runs (its session's end may be queued behind it,
-                    # with nothing in flight), or a worker may yet reap the rest: the
-                    # workers drain what is left once it returns (_maybe_shutdown).
-                    drain = True
-                elif st.in_flight > 0:
-                    logger.warning("%d operation(s) still in flight after %.1f s; "
-                                   "closing the port anyway (their owners are "
-                                   "abandoned)", st.in_flight, timeout)
-                break
-            if self._dispatchers > 0:
-                _time.sleep(0.002)       # the workers drain it
-            else:
-                self.Dispatch(20)        # nobody else is dispatching: drain it here
+        # While a Close waits here, it is the one to shut the port: a worker ending its
+        # batch (_maybe_shutdown) could not see another that had just reaped.
+        port_atomic_add32(&self._closers, 1)
+        try:
+            while not self._closed:
+                port_get_stats(self.port, &st)
+                # Reaped is not dispatched: a batch still running may yet call
+                # OnDisconnected, or submit more.  And a worker that has just reaped
+                # shows it only once its wait returns (completed counts it before): so
+                # quiet twice, a poll apart, with nothing completed in between; with no
+                # other thread dispatching, this one does, and it knows.
+                if st.in_flight <= 0 and not self._batch_held():
+                    if quiet_at == st.completed + 1 or self._dispatchers == 0:
+                        break
+                    quiet_at = st.completed + 1
+                else:
+                    quiet_at = 0
+                PyErr_CheckSignals()      # Run's second signal, if this is the main thread
+                if _time.monotonic() >= deadline or port_atomic_load32(&self._abandon):
+                    if self._batch_held() or (st.in_flight > 0 and self._dispatchers > 0):
+                        # A hook still runs (its session's end may be queued behind it,
+                        # with nothing in flight), or a worker may yet reap the rest:
+                        # the workers drain what is left once it returns
+                        # (_maybe_shutdown).
+                        drain = True
+                    elif st.in_flight > 0:
+                        logger.warning("%d operation(s) still in flight after %.1f s; "
+                                       "closing the port anyway (their owners are "
+                                       "abandoned)", st.in_flight, timeout)
+                    break
+                if self._dispatchers > 0:
+                    _time.sleep(0.002)       # the workers drain it
+                else:
+                    self.Dispatch(20)        # nobody else is dispatching: drain it here
+        finally:
+            port_atomic_add32(&self._closers, -1)
         if drain and not self._closed:
             logger.warning("%d operation(s) in flight and a hook still running after "
                            "%.1f s; returning, and the core closes once the hooks have "
