@@ -330,3 +330,57 @@ def test_iocp_core_is_a_context_manager(backend):
             raise KeyError("the block's own error goes on")
     assert core.closed and ended == ["server shutdown"]
     c.close()
+
+
+@pytest.mark.parametrize("how", ["Close", "Stop"])
+def test_shutdown_from_a_signal_handler_while_this_thread_dispatches(backend, how,
+                                                                     caplog_iocpnet):
+    """A program that dispatches on its main thread (a game loop) and shuts down from a
+    signal handler of its own: the handler runs inside Dispatch's wait (the wait returns
+    for signals), and Close() or Stop() there waited for the workers to end the session,
+    this very thread being the only one: it sat in the handler until the timeout, then
+    warned and left the rest to a drain.  Called there they do not wait, as from a hook:
+    the session ends on this thread's next dispatches, then the core closes (Close)."""
+    ended = []
+
+    class Note(iocpnet.Session):
+        def OnDisconnected(self, reason):
+            ended.append(reason)
+
+    core = iocpnet.IocpCore(backend)
+    service = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0)), Note, 2)
+    returned = []
+
+    def on_signal(signum, frame):
+        if how == "Close":
+            core.Close(3)
+        else:
+            service.Stop(3)
+        returned.append(True)
+
+    old = signal.signal(signal.SIGUSR1, on_signal)
+    c = None
+    try:
+        service.Start()
+        c = connect(("127.0.0.1", service.listener.port))
+        deadline = time.monotonic() + 20
+        while service.session_count < 1 and time.monotonic() < deadline:
+            core.Dispatch(50)
+        assert service.session_count == 1
+        # Sent while this thread waits in Dispatch (nothing else happens meanwhile).
+        threading.Timer(0.2, signal.pthread_kill,
+                        (threading.main_thread().ident, signal.SIGUSR1)).start()
+        while not (returned and ended and (how == "Stop" or core.closed)) and \
+                time.monotonic() < deadline:
+            if core.Dispatch(1000) < 0:
+                break
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+        if c is not None:
+            c.close()
+        core.Close(5)
+    assert returned and ended == ["server shutdown"]
+    warnings = [r.getMessage() for r in caplog_iocpnet.records
+                if r.levelno >= logging.WARNING]
+    assert not warnings, warnings
+

@@ -159,8 +159,9 @@ class IocpCore:
 
         If a hook still runs at the deadline, Close returns then and the core closes by
         itself once the last such hook has returned (``closed`` says when).  Called
-        from a worker thread (inside a hook or job) it does not wait: the last
-        completion ends the port.
+        from a worker thread (inside a hook or job, or a signal handler that ran while
+        its thread waited in ``Dispatch``) it does not wait: the last completion ends
+        the port.
         """
 
     def __enter__(self) -> Self:

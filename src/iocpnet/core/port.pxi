@@ -227,7 +227,17 @@ cdef class IocpCore:
                     port_atomic_add32(&self._in_batch, 1)
                     port_atomic_add32(&self._batches_waiting, -1)
                 if n == PORT_EINTR:
-                    PyErr_CheckSignals()     # Ctrl-C on the main thread ends up here
+                    # Ctrl-C on the main thread ends up here, and so do the program's
+                    # own signal handlers: one that calls Close or Stop runs on a
+                    # thread in Dispatch, which must not wait for the workers to drain
+                    # (this one would wait for itself): marked as a worker, as in a hook.
+                    iocpnet_set_tls_core(<void *>self)
+                    try:
+                        PyErr_CheckSignals()
+                    finally:
+                        iocpnet_set_tls_core(prev)
+                    if self._closing and not self._closed:
+                        self._maybe_shutdown()    # a Close with nothing left in flight
                     if timeout_ms > 0:
                         wait_ms = <int>(deadline - port_monotonic_ms())
                         if wait_ms <= 0:
@@ -335,8 +345,9 @@ cdef class IocpCore:
         is in flight, or when nothing was dispatched for 5 s (the rest is then
         abandoned, and warned about).  ``closed`` says when it is shut.
 
-        Called from a worker thread (inside a hook or job) it does not wait: the last
-        completion ends the port.
+        Called from a worker thread (inside a hook or job, or a signal handler that ran
+        while its thread waited in ``Dispatch``) it does not wait: the last completion
+        ends the port.
         """
         cdef port_stats_t st
         cdef bint drain = False
