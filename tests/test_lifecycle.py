@@ -384,3 +384,39 @@ def test_shutdown_from_a_signal_handler_while_this_thread_dispatches(backend, ho
                 if r.levelno >= logging.WARNING]
     assert not warnings, warnings
 
+
+@pytest.mark.parametrize("owner", ["core", "group"])
+def test_a_job_that_posts_itself_forever_does_not_keep_a_closed_core_open(backend, owner):
+    """A job that posts itself again (a careless game loop) kept Close's drain going for
+    good: each batch counted as progress, so the core never closed and its workers spun
+    on after Close had returned.  Past Close's deadline a posted job is dropped (said
+    once, in a warning), and the core closes."""
+    core = iocpnet.IocpCore(backend)
+    target = core if owner == "core" else iocpnet.Group(core)
+    runs = [0]
+    stop = []
+
+    def job():
+        runs[0] += 1
+        if not stop:
+            target.Post(job)
+        time.sleep(0.001)       # a tick's work: the next one is posted already
+
+    threads = [threading.Thread(target=lambda: [0 for _ in iter(
+        lambda: core.Dispatch() >= 0, False)], daemon=True) for _ in range(2)]
+    try:
+        target.Post(job)
+        for t in threads:
+            t.start()
+        wait_for(lambda: runs[0] > 20, message="the job to run again and again")
+        core.Close(0.5)
+        wait_for(lambda: core.closed, timeout=15, message="the core to close")
+        for t in threads:
+            t.join(5)
+        assert not any(t.is_alive() for t in threads)
+        ran = runs[0]
+        time.sleep(0.05)
+        assert runs[0] == ran, "a job ran after the core closed"
+    finally:
+        stop.append(True)         # a failed run must not leave it spinning
+        core.Close(5)

@@ -158,10 +158,11 @@ class IocpCore:
         them to leave it.  Idempotent, any thread.
 
         If a hook still runs at the deadline, Close returns then and the core closes by
-        itself once the last such hook has returned (``closed`` says when).  Called
-        from a worker thread (inside a hook or job, or a signal handler that ran while
-        its thread waited in ``Dispatch``) it does not wait: the last completion ends
-        the port.
+        itself once the last such hook has returned (``closed`` says when); jobs posted
+        (core or group ``Post``) that run after the deadline are dropped, with a
+        warning.  Called from a worker thread (inside a hook or job, or a signal
+        handler that ran while its thread waited in ``Dispatch``) it does not wait: the
+        last completion ends the port.
         """
 
     def __enter__(self) -> Self:

@@ -50,6 +50,7 @@ cdef class IocpCore:
     cdef volatile int32_t _draining
     cdef volatile int32_t _drain_lock  # a spin lock guarding _drain_until
     cdef int64_t _drain_until          # ms: the drain gives up if nothing ran since
+    cdef volatile int32_t _dropped_told   # the drain's first dropped job was warned about
     cdef volatile int32_t _closers     # Close calls waiting for the port to be quiet
     cdef int64_t _now_ms
     cdef _BatchStats _batches         # stats.pxi
@@ -314,6 +315,17 @@ cdef class IocpCore:
                                "abandoned)", st.in_flight, DRAIN_IDLE_MS / 1000.0)
             self._release_after_shutdown()
 
+    cdef bint _drops_job(self, object func) noexcept:
+        """Past Close's deadline (draining) a posted job is dropped, not run: one that
+        posts itself again made every batch progress, so the drain, and the core, never
+        ended.  The first one dropped is warned about."""
+        if not port_atomic_load32(&self._draining):
+            return False
+        if func is not _drain_wakeup and port_atomic_xchg32(&self._dropped_told, 1) == 0:
+            logger.warning("a job posted to the core or a group after Close's deadline is "
+                           "dropped, not run (%r; so are any after it)", func)
+        return True
+
     cdef void _release_after_shutdown(self) noexcept:
         # Nothing can complete any more: drop what still refers to sessions.
         with self._lock:
@@ -343,7 +355,9 @@ cdef class IocpCore:
         dispatching what is left (that session's end, the accepts cancelled
         meanwhile), so that everything is released, and shuts the port when nothing
         is in flight, or when nothing was dispatched for 5 s (the rest is then
-        abandoned, and warned about).  ``closed`` says when it is shut.
+        abandoned, and warned about).  ``closed`` says when it is shut.  Jobs posted
+        (core or group ``Post``) that run after the deadline are dropped, with a
+        warning: one that posts itself again would keep the core open for good.
 
         Called from a worker thread (inside a hook or job, or a signal handler that ran
         while its thread waited in ``Dispatch``) it does not wait: the last completion

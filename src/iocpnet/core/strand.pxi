@@ -193,6 +193,8 @@ cdef class _StrandJob(IocpObject):
         port_atomic_add64(&_strand_jobs, -1)
         if _owner_ended(owner):
             return              # the owner ended after the job was posted: dropped
+        if self.kind == JOB_CALL and self.core._drops_job(func):
+            return
         if self.kind == JOB_SEND_QUEUE:
             _tell_send_queue(<Session>owner)
             return

@@ -21,6 +21,8 @@ cdef class _Job(IocpObject):
         self.func = None
         self.args = None
         port_atomic_add64(&self.core._jobs, -1)
+        if self.core._drops_job(func):
+            return
         try:
             func(*args)
         except BaseException:
