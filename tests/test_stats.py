@@ -385,6 +385,29 @@ def test_serve_metrics_passes_the_metrics_server_limits(server):
     srv.service.Stop()
 
 
+@pytest.mark.parametrize("bad", [{"request_timeout": 1e10},
+                                 {"request_timeout": float("inf")},
+                                 {"request_timeout": True},
+                                 {"max_connections": True},
+                                 {"max_connections": 2.0}])
+def test_serve_metrics_refuses_settings_it_cannot_serve_with(server, bad):
+    """A request_timeout past what a socket timeout can hold (inf, 1e10 s) was taken,
+    and every scrape then failed in its handler thread (OverflowError, a traceback on
+    stderr per connection, no answer); True was taken as 1 s and as 1 connection.
+    Refused with a ValueError when the server is made."""
+    pytest.importorskip("prometheus_client")
+    srv = server(Echo)
+    before = threading.active_count()
+    with pytest.raises(ValueError, match="request_timeout|max_connections"):
+        srv.service.ServeMetrics(0, **bad)
+    assert threading.active_count() == before       # no server left serving
+    m = srv.service.ServeMetrics(0, request_timeout=1e9)       # long, and it works
+    with socket.create_connection(("127.0.0.1", m.port), timeout=10) as c:
+        c.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        assert recv_exactly(c, 12) == b"HTTP/1.0 200"
+    srv.service.Stop()
+
+
 def _refused_503(port):
     with socket.create_connection(("127.0.0.1", port)) as c:
         c.settimeout(5)

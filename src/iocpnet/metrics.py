@@ -254,10 +254,16 @@ class MetricsServer:
     def __init__(self, service: Any, port: int = 0, host: str = "127.0.0.1",
                  name: str | None = None, *, request_timeout: float = 10.0,
                  max_connections: int = 32) -> None:
-        if not request_timeout > 0:
-            raise ValueError("request_timeout must be positive")
-        if not (isinstance(max_connections, int) and max_connections > 0):
-            raise ValueError("max_connections must be a positive int")
+        # Each connection's socket takes request_timeout as its timeout: past ~9e9 s (inf
+        # too) that raised OverflowError in every handler thread, so every scrape failed
+        # after the server was made.  A bool is no number of seconds or connections.
+        if isinstance(request_timeout, bool) or not 0 < request_timeout <= 1e9:
+            raise ValueError(f"request_timeout must be a number of seconds in (0, 1e9], "
+                             f"not {request_timeout!r}")
+        if isinstance(max_connections, bool) or not (isinstance(max_connections, int)
+                                                     and max_connections > 0):
+            raise ValueError(f"max_connections must be a positive int, not "
+                             f"{max_connections!r}")
         self.registry = CollectorRegistry()
         self.registry.register(ServiceCollector(service, name))
         server_class = _Server6 if ":" in host else _Server
