@@ -953,7 +953,8 @@ def test_our_client_gives_up_on_an_endless_response_head(backend):
 
 @pytest.mark.parametrize("setting", [{"origin": "http://a.example\r\nX-Injected: 1"},
                                      {"subprotocols": ("chat\r\nX-Injected: 1",)},
-                                     {"subprotocols": ("a b",)}])
+                                     {"subprotocols": ("a b",)},
+                                     {"origin": "http://例え.example"}])
 def test_our_client_refuses_a_header_injection_in_its_settings(backend, setting):
     """A client's origin and subprotocols are written into its upgrade request: a CR LF
     in one added headers of its own (X-Injected reached the server).  Refused with a
@@ -978,3 +979,44 @@ def test_our_client_refuses_a_header_injection_in_its_settings(backend, setting)
     finally:
         core.Close()
         listener.close()
+
+
+def test_our_client_percent_encodes_a_url_path_that_is_not_ascii(ws_server):
+    """A ws:// URL's path and query went into the request line as given: a space split
+    it (our server answered 400, "not an HTTP/1.1 request"), a character past Latin-1
+    failed the handshake with a UnicodeEncodeError.  They are percent-encoded as UTF-8,
+    as a browser does; what is encoded already stays so."""
+    paths = []
+
+    class S(iocpnet.WebSocketSession):
+        def OnUpgrade(self, request):
+            paths.append((request.path, request.host))
+            return None
+
+    srv = ws_server(S, workers=1)
+    events = []
+    connected = threading.Event()
+
+    class Client(iocpnet.WebSocketSession):
+        def OnConnected(self):
+            events.append("connected")
+            connected.set()
+
+        def OnConnectFailed(self, reason):
+            events.append(reason)
+            connected.set()
+
+    svc = iocpnet.ClientService(srv.core, srv.url + "/a b/ünï/例?q=x y&r=%41#frag",
+                                Client, 1)
+    svc.Start()
+    try:
+        assert connected.wait(10)
+        assert events == ["connected"]
+        assert paths == [("/a%20b/%C3%BCn%C3%AF/%E4%BE%8B?q=x%20y&r=%41",
+                          f"127.0.0.1:{srv.listener.port}")]
+    finally:
+        svc.Stop(5)
+    # The Host header of a name that is not ASCII is its IDNA form (what was resolved).
+    _, (host, path), _ = iocpnet._core._ws_parse_url("ws://bücher.example:81/")
+    assert (host, path) == ("xn--bcher-kva.example:81", "/")
+

@@ -236,8 +236,11 @@ cdef _WsHooks _ws_hooks_for(type cls):
     h.origins = None if origins is None else frozenset(str(o) for o in origins)
     origin = getattr(cls, "origin", None)
     h.origin = origin if isinstance(origin, str) else None
-    if h.origin is not None and any(c < " " or c == "\x7f" for c in h.origin):
-        raise ValueError(f"{cls.__name__}: control character in origin {h.origin!r}")
+    if h.origin is not None and any(c < " " or c >= "\x7f" for c in h.origin):
+        # A control character would end the header line; past ASCII the request could
+        # not be encoded (an origin names its host in its ASCII, IDNA, form).
+        raise ValueError(f"{cls.__name__}: origin {h.origin!r} is not printable ASCII "
+                         f"(a control character, or a host name not in its IDNA form)")
     _keep_on_class(cls, "_iocpnet_ws_hooks", h, _ws_hooks_static)
     return h
 

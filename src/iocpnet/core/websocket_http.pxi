@@ -403,7 +403,7 @@ cdef int _ws_accepting(Session s) noexcept:
 def _ws_parse_url(str url, ssl_context=None):
     """ws[s]://host[:port][/path][?query] -> ((host, port), (Host header, path), the
     SSLContext to use: None for ws://, the one given or a default one for wss://)."""
-    from urllib.parse import urlsplit
+    from urllib.parse import quote, urlsplit
     u = urlsplit(url)
     if u.scheme not in ("ws", "wss"):
         raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
@@ -417,11 +417,19 @@ def _ws_parse_url(str url, ssl_context=None):
         import ssl as _ssl_module
         ssl_context = _ssl_module.create_default_context()
     port = u.port or (443 if u.scheme == "wss" else 80)
-    path = u.path or "/"
+    # Into the request line: a space split it, a character past Latin-1 failed the
+    # handshake.  Percent-encoded as UTF-8 (as a browser does); %XX already there stays.
+    path = quote(u.path, safe="/%:@!$&'()*+,;=") or "/"
     if u.query:
-        path += "?" + u.query
+        path += "?" + quote(u.query, safe="/?%:@!$&'()*+,;=")
     host = u.hostname
-    host_header = f"[{host}]" if ":" in host else host
+    try:
+        # The Host header names what was resolved: a name that is not ASCII, in its
+        # IDNA form (as written it could not even be encoded into the request).
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError as e:
+        raise ValueError(f"bad host {host!r} in {url!r}: {e}") from None
+    host_header = f"[{ascii_host}]" if ":" in ascii_host else ascii_host
     if u.port is not None:
         host_header += f":{port}"
     return (host, port), (host_header, path), ssl_context
