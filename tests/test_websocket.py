@@ -1020,3 +1020,32 @@ def test_our_client_percent_encodes_a_url_path_that_is_not_ascii(ws_server):
     _, (host, path), _ = iocpnet._core._ws_parse_url("ws://bücher.example:81/")
     assert (host, path) == ("xn--bcher-kva.example:81", "/")
 
+
+def test_an_http_response_header_with_a_line_break_is_refused(ws_server):
+    """OnUpgrade redirecting to a URL it decoded from the request (?next=...%0D%0A...):
+    a CR LF in a header value went onto the wire, a header of the peer's choosing in
+    our answer (response splitting: here a Set-Cookie).  HttpResponse refuses a
+    control character in a value or the content type, and a name that is not a token
+    (ValueError): the hook raised, so the client gets a 500."""
+    from urllib.parse import unquote
+
+    class S(iocpnet.WebSocketSession):
+        def OnUpgrade(self, request):
+            _, _, target = request.path.partition("?next=")
+            return iocpnet.HttpResponse(302, headers={"Location": unquote(target)})
+
+    srv = ws_server(S)
+    s = connect(srv.address)
+    s.sendall(b"GET /login?next=/home%0D%0ASet-Cookie:%20session=evil HTTP/1.1\r\n"
+              b"Host: x\r\n\r\n")
+    status, headers, _ = ws_raw.read_head(s)
+    s.close()
+    assert status == 500 and "set-cookie" not in headers, (status, headers)
+    for bad in ({"X": "a\nb"}, {"X": "a\rb"}, {"X\r\nY": "1"}, {"Bad Name": "1"},
+                {"": "1"}):
+        with pytest.raises(ValueError):
+            iocpnet.HttpResponse(200, headers=bad)
+    with pytest.raises(ValueError):
+        iocpnet.HttpResponse(200, content_type="text/html\r\nX-Injected: 1")
+    ok = iocpnet.HttpResponse(200, headers={"X-Tab": "a\tb", "Cache-Control": "no-store"})
+    assert b"X-Tab: a\tb\r\n" in ok._encode()

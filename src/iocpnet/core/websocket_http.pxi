@@ -51,10 +51,19 @@ class HttpResponse:
             raise ValueError(f"HTTP status {status} out of range 200..599")
         if isinstance(body, str):
             body = body.encode("utf-8")
+        headers = {str(k): str(v) for k, v in dict(headers or {}).items()}
+        # A line break in a value (say, a redirect to a URL decoded from the request)
+        # would end the header there and start one of the peer's choosing.
+        for k, v in [("Content-Type", content_type), *headers.items()]:
+            if not k or not all(ord(c) in _WS_TOKEN for c in k):
+                raise ValueError(f"HTTP header name {k!r} is not a token")
+            for c in v:
+                if (c < " " and c != "\t") or c == "\x7f":
+                    raise ValueError(f"control character in HTTP header {k}: {v!r}")
         self.status = status
         self.body = bytes(body)
         self.content_type = content_type
-        self.headers = dict(headers or {})
+        self.headers = headers
 
     def __repr__(self):
         return f"HttpResponse({self.status}, {len(self.body)} bytes)"
