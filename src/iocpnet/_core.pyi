@@ -124,8 +124,9 @@ class IocpCore:
         (io_uring submission entries, default 4096): 0 keeps the default.
         ``recv_multishot``: keep each receive armed instead of posting one per message
         (None: on for io_uring, where each arming reads at most 64 KiB ahead on kernels
-        that can bound it, 6.16+, and receives stay one-shot on older ones; off for
-        epoll, whose emulation has no bound)."""
+        that can bound it, 6.16+, and receives stay one-shot on older ones; on for
+        epoll, where an arming ends after 4 buffers' worth, 64 reads, or the read after
+        one that had to wait for a busy hook of its session; off for IOCP)."""
 
     @property
     def backend(self) -> str:

@@ -87,19 +87,14 @@ cdef class IocpCore:
         opts.recv_buffer_size = recv_buffer_size if recv_buffer_size > 0 else 0
         opts.recv_buffer_count = recv_buffer_count if recv_buffer_count > 0 else 0
         opts.queue_depth = queue_depth if queue_depth > 0 else 0
+        if recv_multishot is None:
+            # Receives stay armed by default on Linux: one submission per arming instead
+            # of one per message.  Both backends bound an arming's read-ahead (io_uring:
+            # 64 KiB on 6.16+, one-shot on older kernels; epoll: 4 buffers' worth, 64
+            # reads, or one read queued behind a busy strand).  IOCP's are one-shot.
+            recv_multishot = _sys.platform.startswith("linux")
         opts.flags = PORT_OPT_RECV_MULTISHOT if recv_multishot else 0
-        rc = PORT_EUNAVAIL
-        if recv_multishot is None and (backend is None or backend == "io_uring"):
-            # io_uring keeps receives armed by default (bounded multishot: one submission
-            # per 64 KiB read instead of one per message); the epoll backend's
-            # emulation is not bounded, so it stays one-shot unless asked.
-            opts.flags = PORT_OPT_RECV_MULTISHOT
-            rc = port_create(&self.port, b"io_uring", &opts, err, sizeof(err))
-            if rc != 0:
-                opts.flags = 0
-                err[0] = 0
-        if rc != 0:
-            rc = port_create(&self.port, cname, &opts, err, sizeof(err))
+        rc = port_create(&self.port, cname, &opts, err, sizeof(err))
         reason = err.decode("utf-8", "replace")
         if rc != 0:
             self.port = NULL

@@ -27,7 +27,15 @@
  *   - Receives.  A receive completes once, like a WSARecv (data, EOF or an error), and
  *     the caller posts the next one when it has dealt with it; with
  *     PORT_OPT_RECV_MULTISHOT it stays armed instead, as io_uring's multishot recv does,
- *     completing with PORT_CQE_MORE until a final completion.  Either way all reads of a
+ *     completing with PORT_CQE_MORE until a final completion, which saves the caller a
+ *     submission (and its locks) per message.  An arming is bounded so that the port
+ *     never reads far ahead of a caller that is not keeping up: its read that brings it
+ *     to EP_ARM_BUFFERS buffers' worth of bytes or to EP_ARM_READS reads is final (data
+ *     and all), and so is the read after one that had to be queued behind the thread
+ *     holding the op's strand (that thread is still busy with earlier completions, say a
+ *     hook that blocks: at most two buffers wait for it, where an unbounded arming would
+ *     lend one per segment the peer sends).  The caller posts the next arming once it
+ *     has dealt with the final one.  Either way all reads of a
  *     descriptor happen in the wait path under the descriptor's lock, and
  *     port__deliver() is called right there, so the order in which completions enter
  *     batches and strands is the order of the bytes.  Posting a receive never reads: if
@@ -327,6 +335,16 @@ static ssize_t read_some(ep_fd_t *f, char *buf, size_t len, int *left) {
     return got;
 }
 
+/* A read of `got` bytes by a receive kept armed: does the arming go on after it (1), or
+ * is this its final completion (0)?  See "Receives" at the top. */
+static int arm_goes_on(ep_op_t *e, size_t got) {
+    if (e->u.recv.behind || e->u.recv.reads <= 1 || got >= e->u.recv.bytes)
+        return 0;
+    e->u.recv.reads--;
+    e->u.recv.bytes -= (uint32_t)got;
+    return 1;
+}
+
 static int run_reads(ep_port_t *p, ep_fd_t *f, port_cqe_t *out, int n, int max, int *more) {
     int budget = READ_BUDGET;
     while (f->readable && f->rhead != NULL) {
@@ -405,12 +423,16 @@ static int run_reads(ep_port_t *p, ep_fd_t *f, port_cqe_t *out, int n, int max, 
                 if (!f->hup && (left == 0 || (left < 0 && (size_t)got < p->pool.size)))
                     f->readable = 0;
                 port_atomic_add64(&p->base.recv_buffers_out, 1);
-                if (p->recv_armed) {
+                if (p->recv_armed && arm_goes_on(OP_PRIV(op), (size_t)got)) {
+                    int before = n;
                     c.flags |= PORT_CQE_MORE;
-                } else {
-                    list_unlink(&f->rhead, &f->rtail, op);
-                    port__completed(&p->base, op);
+                    n = port__deliver(&p->base, out, out, n, &c);
+                    if (n == before)
+                        OP_PRIV(op)->u.recv.behind = 1;   /* queued on its strand */
+                    continue;
                 }
+                list_unlink(&f->rhead, &f->rtail, op);
+                port__completed(&p->base, op);
                 n = port__deliver(&p->base, out, out, n, &c);
                 continue;
             }
@@ -740,6 +762,8 @@ static int ep_create(port_t **out, const port_options_t *opts, char *errbuf, siz
         goto fail;
     }
     p->recv_armed = (p->base.opts.flags & PORT_OPT_RECV_MULTISHOT) != 0;
+    p->arm_bytes = p->base.opts.recv_buffer_size > UINT32_MAX / EP_ARM_BUFFERS
+                       ? UINT32_MAX : p->base.opts.recv_buffer_size * EP_ARM_BUFFERS;
     rc = port__bufpool_init(&p->pool, &p->base, "epoll", errbuf, errlen);
     if (rc != 0)
         goto fail;

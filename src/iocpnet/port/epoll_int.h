@@ -28,6 +28,12 @@
 #define EP_INQ_ON 1
 #define EP_INQ_OFF 2  /* refused (not TCP): full reads read on until EAGAIN */
 
+/* A receive kept armed ends (its completion is final, data and all) after this many
+ * buffers' worth of bytes, after this many reads, or at the read after one that had to
+ * wait behind its strand's holder (epoll.c, "Receives"). */
+#define EP_ARM_BUFFERS 4u
+#define EP_ARM_READS 64u
+
 /* op state (ep_op_t.state) */
 #define EP_IDLE 0    /* not parked or queued: running, or being delivered */
 #define EP_PARKED 1  /* on its descriptor's read or write list */
@@ -45,6 +51,12 @@ typedef struct ep_op {
         } send;
         port_tnode_t timer;           /* timer: its place in the heap (deadline in ns) */
         port__peer_t acc;             /* accept: the peer's address, from accept4 */
+        struct {                      /* receive kept armed: what this arming may still do
+                                         (epoll.c, "Receives") */
+            uint32_t bytes;           /* bytes it may still read */
+            uint16_t reads;           /* reads it may still make */
+            uint8_t behind;           /* a read of it was queued behind its strand's holder */
+        } recv;
     } u;
     uint8_t state;            /* EP_* */
 } ep_op_t;
@@ -109,6 +121,7 @@ typedef struct ep_port {
     port_bufpool_t pool;              /* receive buffers; waiters are descriptors */
 
     int recv_armed;                   /* receives stay armed (PORT_OPT_RECV_MULTISHOT) */
+    uint32_t arm_bytes;               /* ... each arming reading at most this much */
 
     /* wakeups */
     volatile int32_t sleepers;        /* threads in (or entering) a blocking epoll_wait */

@@ -164,6 +164,12 @@ static int arm_read(ep_port_t *p, port_op_t *op, port_sock_t sock) {
     int rc, ready;
     ep_fd_t *f;
     op->sock = sock;
+    if (op->type == PORT_OP_RECV) {
+        /* A fresh arming's allowance (used only while receives stay armed). */
+        OP_PRIV(op)->u.recv.bytes = p->arm_bytes;
+        OP_PRIV(op)->u.recv.reads = EP_ARM_READS;
+        OP_PRIV(op)->u.recv.behind = 0;
+    }
     port__submitted(&p->base, op);
     f = fd_get(p, sock);
     if (f == NULL)

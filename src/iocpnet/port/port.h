@@ -18,8 +18,9 @@
  *     than one buffer per connection, and a session applies backpressure to a peer that
  *     sends faster than it reads simply by not posting.  (Receives can be kept armed,
  *     PORT_OPT_RECV_MULTISHOT: completions then carry PORT_CQE_MORE while the receive
- *     stays armed, until a final one without it, which may carry data: io_uring ends
- *     each arming after a bounded amount of data, and the caller posts the next.)
+ *     stays armed, until a final one without it, which may carry data: io_uring and
+ *     epoll end each arming after a bounded amount of data, and the caller posts the
+ *     next.)
  *     Data lives in a buffer owned by the port (io_uring's provided-buffer ring, or the
  *     epoll/IOCP backends' pool), so an idle connection pins no receive buffer; the
  *     caller hands each buffer back with port_recv_release() once it has consumed or
