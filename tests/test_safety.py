@@ -644,6 +644,61 @@ def test_a_blocked_hook_is_lent_few_receive_buffers(server, backend, armed, requ
         gate.set()
 
 
+def test_views_of_a_run_worker_stay_exact(backend):
+    """Under Run (the workers' own loop) a view nobody kept is reused for the next
+    OnRecv of that thread: views that were kept (as they are, through memoryview(),
+    through .obj), released (`with data:`) or sent must never be one of those.  Every
+    kept view reads back its own message, every echo is exact."""
+    kept = []
+    n = 300
+
+    class Mixed(iocpnet.Session):
+        def OnRecv(self, data):
+            i = int(bytes(data[:4]))
+            if i % 5 == 0:
+                kept.append((i, data))
+            elif i % 5 == 1:
+                kept.append((i, memoryview(data)))
+            elif i % 5 == 2:
+                kept.append((i, data.obj))
+            elif i % 5 == 3:
+                with data:
+                    self.Send(bytes(data))
+                return None
+            self.Send(data)
+
+    core = iocpnet.IocpCore(backend)
+    service = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0)), Mixed, 4)
+    msgs = [b"%04d" % i + bytes([i & 0xFF]) * (i % 37) for i in range(n)]
+    errors = []
+
+    def client():
+        try:
+            wait_for(lambda: service.listener.port, message="the listener")
+            with connect(("127.0.0.1", service.listener.port)) as c:
+                for m in msgs:
+                    c.sendall(m)
+                    assert recv_exactly(c, len(m)) == m
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            service.Stop(5)
+
+    t = threading.Thread(target=client)
+    t.start()
+    try:
+        service.Run(workers=2, shutdown_timeout=5)
+    finally:
+        t.join(20)
+    assert not errors, errors
+    try:
+        assert [i for i, _ in kept] == [i for i in range(n) if i % 5 < 3]
+        for i, v in kept:
+            assert bytes(v) == msgs[i], f"kept view {i} changed"
+    finally:
+        kept.clear()
+
+
 # ---- 6. fields two threads touch -----------------------------------------------------------
 
 def test_timer_read_while_it_fires(backend):

@@ -179,8 +179,11 @@ cdef class IocpCore:
         not wait again soon."""
         if self.port == NULL:
             return
-        while self._dispatch(-1, BATCH, False) >= 0:
-            pass
+        try:
+            while self._dispatch(-1, BATCH, False) >= 0:
+                pass
+        finally:
+            _drop_spare_view()      # recv_view.pxi: the worker's spare OnRecv view
 
     cdef int _dispatch(self, int timeout_ms, int max_batch, bint end_batch) except -2:
         cdef port_cqe_t batch[BATCH]
@@ -262,6 +265,8 @@ cdef class IocpCore:
             return n
         finally:
             iocpnet_set_tls_core(prev)
+            if end_batch:
+                _drop_spare_view()  # Dispatch's caller may not dispatch again
             if n > 0:
                 port_atomic_add32(&self._in_batch, -1)
                 if port_atomic_load32(&self._draining):

@@ -31,9 +31,14 @@
 # thus proportional to the bytes kept, within a factor of two, and freed with the view.
 #
 # Costs: the object is small (no Python-object fields, so it is not tracked by the
-# garbage collector: 64 bytes with a GIL, 16 of them the inline copy), made and freed
-# once per OnRecv call, which costs less than the call itself.  Session.Send(view)
-# reads the pointer directly.
+# garbage collector: 64 bytes with a GIL, 16 of them the inline copy).  Session.Send(view)
+# reads the pointer directly.  A view nobody kept after its hook (its reference count is
+# back to the worker's one) is not freed but kept as the thread's spare, and the next
+# OnRecv on that thread is given it, pointed at the new bytes: nothing else can refer to
+# it, so nobody can see it change (a view kept, exported or in a traceback has more
+# references and is settled as above, never reused).  One spare per thread, in C
+# thread-local storage (no lock, free-threaded included); dropped when Dispatch returns
+# and when a Run worker's loop ends, so a thread that stops dispatching holds none.
 #
 # Threads: a hook may hand the view to other threads, which may read it while the worker
 # settles it.  Every access to the pointer, the length, the state and the export count
@@ -70,6 +75,22 @@ cdef extern from *:
         iocpnet_rv_ptrs p
 
 cdef char _rv_empty[1]
+
+cdef extern from *:
+    """
+    /* This thread's spare RecvView (an owned reference, or NULL): see the top. */
+    static PORT_THREAD_LOCAL PyObject *iocpnet_tls_view = 0;
+    static PyObject *iocpnet_view_take(void) {
+        PyObject *v = iocpnet_tls_view;
+        iocpnet_tls_view = 0;
+        return v;
+    }
+    static int iocpnet_view_slot_free(void) { return iocpnet_tls_view == 0; }
+    static void iocpnet_view_put(PyObject *v) { iocpnet_tls_view = v; }
+    """
+    PyObject *_view_take "iocpnet_view_take"() nogil
+    bint _view_slot_free "iocpnet_view_slot_free"() nogil
+    void _view_put "iocpnet_view_put"(PyObject *v) nogil
 
 
 _RV_NO_COPY = ("cannot pickle or copy a RecvView (a view of received bytes, like a "
@@ -458,3 +479,37 @@ cdef class RecvView:
         with cython.critical_section(self):
             released = self._state == RV_RELEASED
         return released
+
+
+cdef inline RecvView _view_for_hook(char *ptr, Py_ssize_t n):
+    """A view of ptr[0:n] for OnRecv: this thread's spare, or a new one."""
+    cdef RecvView view
+    cdef PyObject *spare = _view_take()
+    if spare != NULL:
+        view = <RecvView>spare
+        _decref(spare)         # `view` holds it now
+    else:
+        view = RecvView.__new__(RecvView)
+    view._ptr = ptr
+    view._len = n
+    view._state = RV_BORROWED
+    return view
+
+
+cdef inline void _view_after_hook(RecvView view) noexcept:
+    """The hook returned and nobody else holds `view` (the caller's is its only
+    reference): it becomes this thread's spare if the thread has none."""
+    view._state = RV_RELEASED
+    view._ptr = _rv_empty
+    view._len = 0
+    view._exports = 0
+    if _view_slot_free():
+        _incref(<PyObject *>view)
+        _view_put(<PyObject *>view)
+
+
+cdef inline void _drop_spare_view() noexcept:
+    """Dispatch returns (or a worker's loop ends): free this thread's spare view."""
+    cdef PyObject *spare = _view_take()
+    if spare != NULL:
+        _decref(spare)

@@ -211,13 +211,10 @@ cdef Py_ssize_t _call_recv(Session s, char *ptr, Py_ssize_t n) noexcept:
     if s._hooks.on_recv is None:
         return n
     try:
-        view = RecvView.__new__(RecvView)
+        view = _view_for_hook(ptr, n)
     except BaseException as e:
         _hook_failed(s, "OnRecv", e)
         return -1
-    view._ptr = ptr
-    view._len = n
-    view._state = RV_BORROWED
     try:
         r = s._hooks.on_recv(s, view)
         if r is not None:
@@ -229,6 +226,8 @@ cdef Py_ssize_t _call_recv(Session s, char *ptr, Py_ssize_t n) noexcept:
         used = -1
     if Py_REFCNT(view) > 1:
         s._kept_view = view
+    else:
+        _view_after_hook(view)      # nobody else holds it: reused by the next call
     return used
 
 
