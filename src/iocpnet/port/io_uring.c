@@ -63,9 +63,12 @@
  * for) saves that submission and its poll arming per message: each arming is bounded
  * to MSHOT_BUFFERS buffers' worth of bytes (sqe->optlen, 6.16+), after which its last
  * completion is final and the caller posts the next receive once it has dealt with the
- * data, so read-ahead stays bounded as with one-shot receives.  A kernel that cannot
- * bound it (or lacks multishot) rejects the SQE with EINVAL: receives are then one-shot
- * for good.
+ * data, so read-ahead stays bounded as with one-shot receives.  That next arming polls
+ * first unless the final completion said more bytes were queued
+ * (IORING_CQE_F_SOCK_NONEMPTY): a read tried at once would find the socket empty (16 KiB
+ * ping-pong, an arming ending every 4 messages: 1.25 socket reads per message).  A
+ * kernel that cannot bound it (or lacks multishot) rejects the SQE with EINVAL:
+ * receives are then one-shot for good.
  *
  * When every buffer is out, the receives that found the ring empty wait on a FIFO and
  * each buffer given back re-arms one of them, the oldest (io_uring_bufs.c).  A
@@ -313,6 +316,10 @@ static void prep_recv(uring_port_t *p, struct io_uring_sqe *sqe, port_op_t *op, 
         polled = 1;
     } else if (LOAD_ACQ(&p->multishot) != 0) {
         sqe->ioprio = IORING_RECV_MULTISHOT;
+        /* The arming before this one left the socket empty: poll before the first
+         * read, which would otherwise only say EAGAIN (see the top). */
+        if (poll_first)
+            sqe->ioprio |= IORING_RECVSEND_POLL_FIRST;
         /* sqe->optlen (6.16+; the file_index field of older headers): the arming ends,
          * with a final completion carrying data, after this many bytes. */
         sqe->file_index = LOAD_ACQ(&p->mshot_limit);
@@ -503,7 +510,12 @@ static int handle_cqe(uring_port_t *p, port_cqe_t *out, int n, uint64_t ud, int3
             port__uring_recv_woken_done(p, op);
         if (res > 0) {
             c.res = res;
-            OP_PRIV(op)->u.rv.short_read = (uint32_t)res < p->buf_size;
+            /* Did this read leave the socket empty?  The kernel says so with
+             * multishot receives (6.0+); a one-shot read that did not fill its
+             * buffer most likely did. */
+            OP_PRIV(op)->u.rv.short_read =
+                p->multishot != 0 ? !(flags & IORING_CQE_F_SOCK_NONEMPTY)
+                                  : (uint32_t)res < p->buf_size;
             if (p->multishot == 0 || !(flags & IORING_CQE_F_MORE)) {
                 /* A one-shot receive, or an arming that ended with data (its bound
                  * reached): final.  The caller posts the next receive once it has

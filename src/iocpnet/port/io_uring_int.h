@@ -39,6 +39,9 @@
 #  define IORING_SETUP_COOP_TASKRUN (1U << 8)          /* 5.19 */
 #  define IORING_SETUP_TASKRUN_FLAG (1U << 9)
 #endif
+#ifndef IORING_CQE_F_SOCK_NONEMPTY
+#  define IORING_CQE_F_SOCK_NONEMPTY (1U << 2)          /* 5.19 */
+#endif
 #ifndef IORING_SETUP_R_DISABLED
 #  define IORING_SETUP_R_DISABLED (1U << 6)            /* 5.10 */
 #endif
@@ -115,7 +118,7 @@ typedef struct uring_op {
         struct sockaddr_in6 sa;      /* connect: a copy, so the caller's may go away */
         port__peer_t acc;            /* accept: the kernel writes the peer's address */
         struct {
-            uint32_t short_read;     /* the last read did not fill its buffer */
+            uint32_t short_read;     /* the last read left the socket empty: poll first */
             uint32_t polled;         /* armed to poll first: an ENOBUFS means data waits */
             port_bufwait_t bufwait;  /* waiting for a receive buffer (bufpool.h) */
         } rv;                        /* recv */
