@@ -107,7 +107,8 @@
  * other thread only writes SQEs and rings the doorbell (the owner's next enter submits
  * them: a sleeping owner is woken by the doorbell's poll); its port_wait takes what is
  * in the completion ring and otherwise waits on the room's condition variable in slices,
- * never in the kernel.  Its port_sock_close cannot hand the ring to the kernel itself,
+ * never in the kernel (the owner, the only thread entering, takes no leader's place).
+ * Its port_sock_close cannot hand the ring to the kernel itself,
  * and must not wait for the owner (the owner may be waiting for the GIL this thread
  * holds): it closes at once when no SQE still in the ring names the descriptor (what the
  * kernel took holds its own reference), else it queues an IORING_OP_CLOSE behind them.
@@ -643,6 +644,13 @@ static void leave_leader(uring_port_t *p) {
     pthread_mutex_unlock(&p->room);
 }
 
+/* One dispatcher: a non-owner waiting in follower_wait looks at the ring now. */
+static void wake_follower(uring_port_t *p) {
+    pthread_mutex_lock(&p->room);
+    pthread_cond_signal(&p->room_cv);
+    pthread_mutex_unlock(&p->room);
+}
+
 /* One dispatcher: the first thread to wait owns the ring and enables it.  0, or an
  * error code if the kernel would not enable it. */
 static int claim_ring(uring_port_t *p) {
@@ -687,15 +695,18 @@ static int follower_wait(uring_port_t *p, port_cqe_t *out, int max, int timeout_
         ts.tv_sec = until / 1000000000;
         ts.tv_nsec = until % 1000000000;
         pthread_mutex_lock(&p->room);
-        if (!port_atomic_load32(&p->base.closed))
+        if (!port_atomic_load32(&p->base.closed)) {
+            port_atomic_add32(&p->followers, 1);
             (void)pthread_cond_timedwait(&p->room_cv, &p->room, &ts);
+            port_atomic_add32(&p->followers, -1);
+        }
         pthread_mutex_unlock(&p->room);
     }
 }
 
 static int uring_wait(port_t *bp, port_cqe_t *out, int max, int timeout_ms) {
     uring_port_t *p = (uring_port_t *)bp;
-    int n = 0, err = 0, rc;
+    int n = 0, err = 0, rc, owner = 0;
     int64_t deadline = timeout_ms > 0 ? port__now_ns() + (int64_t)timeout_ms * 1000000 : 0;
 
     tls_batch = NULL;
@@ -706,6 +717,7 @@ static int uring_wait(port_t *bp, port_cqe_t *out, int max, int timeout_ms) {
             return rc;
         if (!may_enter(p))
             return follower_wait(p, out, max, timeout_ms, deadline);
+        owner = 1;
     }
     /* Completions already in the ring: take them at once.  Nothing flushed this
      * thread's deferred submissions then, so do it here. */
@@ -730,9 +742,11 @@ static int uring_wait(port_t *bp, port_cqe_t *out, int max, int timeout_ms) {
      * deferred SQEs go with its own wait, in one call: a receive re-armed during the
      * batch (at 16 KiB, each multishot arming ends after 4 messages) cost a second
      * io_uring_enter per re-arm, 0.25 system calls per round trip.  Otherwise what it
-     * deferred must not wait for the next leader: it submits now, then queues. */
+     * deferred must not wait for the next leader: it submits now, then queues.  One
+     * dispatcher's owner is the only thread that enters: it needs no place (the other
+     * threads never take one, and ring the doorbell whether a leader is set or not). */
     tls_send_deferred = 0;
-    if (!try_leader(p)) {
+    if (!owner && !try_leader(p)) {
         if (sq_pending(p))
             port__uring_submit_now(p);
         rc = become_leader(p, deadline);
@@ -780,7 +794,10 @@ static int uring_wait(port_t *bp, port_cqe_t *out, int max, int timeout_ms) {
      * ring, and goes before the batch is dispatched, as it always has. */
     if (sq_pending(p))
         port__uring_submit_now(p);
-    leave_leader(p);    /* before dispatching: the next thread waits meanwhile */
+    if (!owner)
+        leave_leader(p);    /* before dispatching: the next thread waits meanwhile */
+    else if (port_atomic_load32(&p->followers) > 0)
+        wake_follower(p);   /* one may take what this batch left in the ring */
     if (tls_waiter_rearmed == p) {
         tls_waiter_rearmed = NULL;
         port__uring_submit_now(p);

@@ -184,6 +184,7 @@ typedef struct uring_port {
     volatile int32_t single;
     volatile int32_t owner;
     volatile int32_t entering;
+    volatile int32_t followers;        /* non-owners waiting on room_cv (under room) */
 
     /* Leader/follower: one thread sleeps in the kernel, the others here. */
     pthread_mutex_t room;
