@@ -107,7 +107,10 @@ struct io_uring_buf_reg {
 #define UD_TAG_MASK 7u
 
 #define BGID 0                /* our single buffer group */
-#define INITIAL_BUFFERS 64u
+/* Buffers made at start (the ring grows by one per receive with data that finds it
+ * empty, io_uring_bufs.c).  Few: the ring is FIFO, so one busy connection cycles through
+ * every buffer made where epoll's pool reuses one (64 x 16 KiB: 1 MiB, a whole L2). */
+#define INITIAL_BUFFERS 8u
 #define MSHOT_BUFFERS 4u      /* read-ahead of one multishot arming, in buffers' worth */
 
 /* What an op keeps while in flight, inside port_op_t.priv. */
