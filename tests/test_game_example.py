@@ -116,6 +116,11 @@ def test_game_login_moves_and_chat(game, redis_port):
 def test_game_server_cuts_a_flooder_and_the_room_goes_on(game):
     good, pg, _ = login(game, "gus", "r3")
     bad, pb, _ = login(game, "fay", "r3")
+    # The welcome comes before the room has taken the player in (a job posted to the
+    # room's strand): a flooder cut before that never was in the room, and no one hears
+    # it leave.  Flood once `good` has heard it join.
+    while proto.parse_joined(read_until(good, proto.S_JOINED)) != (pb, "fay"):
+        pass
     flood = iocpnet.make_packet(proto.C_MOVE, proto.move(1, 0, 0)) * 2000
     try:
         bad.sendall(flood)
