@@ -693,3 +693,28 @@ def test_classes_made_at_run_time_are_not_kept(backend, websocket):
         del Made, svc, core, threads, c
     gc.collect()
     assert [r() for r in refs] == [None] * 3
+
+
+def test_a_count_written_as_a_float_is_taken_or_named(server):
+    """``send_queue_limit = 1e6`` (how Python writes a million) failed every session
+    made with "'float' object cannot be interpreted as an integer", naming no attribute:
+    the listener logged a failing factory per connection and served none.  A whole float
+    is the int it is; 2.5 is a TypeError that names the class and the attribute."""
+    class Big(iocpnet.Session):
+        send_queue_limit = 1e6
+        post_queue_limit = 1e3
+
+        def OnRecv(self, data):
+            self.Send(data)
+
+    srv = server(Big)
+    c = connect(srv.address)
+    c.sendall(b"ping")
+    assert recv_exactly(c, 4) == b"ping"
+    c.close()
+
+    class Half(iocpnet.Session):
+        post_queue_limit = 2.5
+
+    with pytest.raises(TypeError, match=r"Half\.post_queue_limit must be a whole number"):
+        Half()

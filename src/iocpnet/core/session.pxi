@@ -87,6 +87,18 @@ cdef object _class_int(type cls, str name, default):
     return default
 
 
+cdef object _class_count(type cls, str name, default):
+    """_class_int for a count (bytes, jobs, headers): a whole float (1e6) is taken as
+    the int it is; 1.5 is a TypeError naming the attribute (a C conversion said only
+    "'float' object cannot be interpreted as an integer", at each session made)."""
+    v = _class_int(cls, name, default)
+    if isinstance(v, float):
+        if not v.is_integer():
+            raise TypeError(f"{cls.__name__}.{name} must be a whole number, not {v!r}")
+        v = int(v)
+    return v
+
+
 cdef _Hooks _hooks_for(type cls):
     cdef _Hooks h
     o = getattr(cls, "_iocpnet_hooks", None)
@@ -108,15 +120,15 @@ cdef _Hooks _hooks_for(type cls):
     h.on_task_done = _overridden(cls, "OnTaskDone", Session)
     h.send_overridden = _overridden(cls, "Send", Session) is not None
     h.packet_mode = issubclass(cls, PacketSession) and h.on_recv is None
-    h.max_packet_size = _class_int(cls, "max_packet_size", PKT_MAX)
-    h.send_queue_limit = _class_int(cls, "send_queue_limit", DEFAULT_SEND_QUEUE_LIMIT)
-    h.recv_buffer_limit = _class_int(cls, "recv_buffer_limit", DEFAULT_RECV_BUFFER_LIMIT)
+    h.max_packet_size = _class_count(cls, "max_packet_size", PKT_MAX)
+    h.send_queue_limit = _class_count(cls, "send_queue_limit", DEFAULT_SEND_QUEUE_LIMIT)
+    h.recv_buffer_limit = _class_count(cls, "recv_buffer_limit", DEFAULT_RECV_BUFFER_LIMIT)
     h.flush_timeout = _class_int(cls, "flush_timeout", DEFAULT_FLUSH_TIMEOUT)
     h.idle_timeout = _class_int(cls, "idle_timeout", 0)
     h.tls_handshake_timeout = _class_int(cls, "tls_handshake_timeout",
                                          DEFAULT_TLS_HANDSHAKE_TIMEOUT)
     h.send_timeout = _class_int(cls, "send_timeout", DEFAULT_SEND_TIMEOUT)
-    h.post_queue_limit = _class_int(cls, "post_queue_limit", DEFAULT_POST_QUEUE_LIMIT)
+    h.post_queue_limit = _class_count(cls, "post_queue_limit", DEFAULT_POST_QUEUE_LIMIT)
     if h.send_queue_limit <= 0 or h.recv_buffer_limit <= 0 or h.post_queue_limit <= 0:
         raise ValueError(f"{cls.__name__}: send_queue_limit, recv_buffer_limit and "
                          f"post_queue_limit must be positive")
@@ -128,9 +140,9 @@ cdef _Hooks _hooks_for(type cls):
                          f"send_timeout must be >= 0 (0: none)")
     h.lim = _recv_limits_for(cls, h.packet_mode)
     _hooks_measure(cls, h)
-    h.send_queue_high = _class_int(cls, "send_queue_high",
-                                   min(DEFAULT_SEND_QUEUE_HIGH, h.send_queue_limit // 4))
-    h.send_queue_low = _class_int(cls, "send_queue_low", h.send_queue_high // 4)
+    h.send_queue_high = _class_count(cls, "send_queue_high",
+                                     min(DEFAULT_SEND_QUEUE_HIGH, h.send_queue_limit // 4))
+    h.send_queue_low = _class_count(cls, "send_queue_low", h.send_queue_high // 4)
     if not 0 <= h.send_queue_low < h.send_queue_high <= h.send_queue_limit:
         raise ValueError(f"{cls.__name__}: need 0 <= send_queue_low < send_queue_high <= "
                          f"send_queue_limit")

@@ -206,7 +206,7 @@ cdef _WsHooks _ws_hooks_for(type cls):
         h.mode = WS_MODE_RECV
         h.on_recv = _overridden(cls, "OnRecv", Session)
     h.on_upgrade = getattr(cls, "OnUpgrade", None) or _default_on_upgrade
-    size = _class_int(cls, "max_message_size", DEFAULT_MAX_MESSAGE_SIZE)
+    size = _class_count(cls, "max_message_size", DEFAULT_MAX_MESSAGE_SIZE)
     if size <= 0:
         raise ValueError(f"{cls.__name__}: max_message_size must be positive")
     h.max_message_size = size
@@ -214,8 +214,8 @@ cdef _WsHooks _ws_hooks_for(type cls):
     h.ping_timeout = _class_int(cls, "ping_timeout", 20.0)
     h.close_timeout = _class_int(cls, "close_timeout", 5.0)
     h.handshake_timeout = _class_int(cls, "handshake_timeout", 10.0)
-    h.max_header_size = _class_int(cls, "max_header_size", 8192)
-    h.max_headers = _class_int(cls, "max_headers", 64)
+    h.max_header_size = _class_count(cls, "max_header_size", 8192)
+    h.max_headers = _class_count(cls, "max_headers", 64)
     if h.ping_interval < 0 or h.ping_timeout < 0 or h.close_timeout <= 0 or \
             h.handshake_timeout <= 0 or h.max_header_size < 64 or h.max_headers < 1:
         raise ValueError(f"{cls.__name__}: bad WebSocket settings (ping_interval and "
