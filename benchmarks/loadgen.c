@@ -1431,7 +1431,7 @@ static double parse_secs(const char *s)
 {
     char *end;
     double v = strtod(s, &end);
-    if (*end || v < 0 || v > 3600) {
+    if (end == s || *end || !(v >= 0 && v <= 3600)) {   /* "" is no 0 (nor is nan) */
         fprintf(stderr, "loadgen: bad duration '%s'\n", s);
         exit(1);
     }
@@ -1442,7 +1442,7 @@ static long parse_int(const char *s, long lo, long hi)
 {
     char *end;
     long v = strtol(s, &end, 10);
-    if (*end || v < lo || v > hi) {
+    if (end == s || *end || v < lo || v > hi) {   /* "" is no 0: -r "" meant no cap */
         fprintf(stderr, "loadgen: '%s' is not a number in [%ld, %ld]\n", s, lo, hi);
         exit(1);
     }
