@@ -785,25 +785,26 @@ def test_core_close_waits_for_the_jobs_on_disconnected_posts(backend):
     so the hook then ran after the port was shut, its Post raised "completion port is
     closed" and the save never ran (30 of 200 rounds on epoll, 2 of 200 on io_uring).
     Close now returns after the jobs too."""
+    saved = []
+
+    class Saver(iocpnet.Session):
+        def OnDisconnected(self, reason):
+            self._core_of_test.Post(saved.append, reason)
+
     for _ in range(40):
-        saved = []
-        core = iocpnet.IocpCore(backend)
-
-        class Saver(iocpnet.Session):
-            def OnDisconnected(self, reason):
-                core.Post(saved.append, reason)
-
-        service = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0)), Saver, 4)
-        handle = service.Start(workers=2)
-        clients = [connect(("127.0.0.1", handle.port)) for _ in range(4)]
+        saved.clear()
+        srv = Server(Saver, backend, workers=2).start()
+        Saver._core_of_test = srv.core
+        clients = [connect(srv.address) for _ in range(4)]
         try:
-            wait_for(lambda: service.session_count == 4, message="4 sessions")
-            core.Close(10)
+            wait_for(lambda: srv.service.session_count == 4, message="4 sessions")
+            srv.core.Close(10)
             assert saved == ["server shutdown"] * 4
         finally:
             for c in clients:
                 c.close()
-            handle.Stop()
+            srv.stop()
+    del Saver._core_of_test
 
 
 def test_session_count_reaches_zero_only_after_on_disconnected(server):
