@@ -24,8 +24,13 @@ def _server_side_socket(client):
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         try:
-            s = socket.socket(fileno=os.dup(fd))
+            dup = os.dup(fd)
         except OSError:
+            continue
+        try:
+            s = socket.socket(fileno=dup)
+        except OSError:
+            os.close(dup)     # not a socket: its duplicate must not stay open
             continue
         try:
             if s.type == socket.SOCK_STREAM and s.getpeername() == want:
