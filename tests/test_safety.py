@@ -609,10 +609,6 @@ def test_a_blocked_hook_is_lent_few_receive_buffers(server, backend, armed, requ
     segment (a peer trickling bytes at a session whose hook is slow drained the shared
     pool that way: epoll's receives kept armed had no bound).  Once the hook returns,
     every byte reaches OnRecv, in order."""
-    if backend == "io_uring":
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="io_uring bounds an arming by bytes only (64 KiB): one "
-            "buffer per segment waits behind the hook (open: io_uring.c)"))
     gate, blocked = threading.Event(), threading.Event()
     got = bytearray()
 

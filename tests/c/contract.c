@@ -2021,6 +2021,11 @@ static void st_dispatch(st_t *s, const port_cqe_t *c, int tid) {
             /* One-shot: the next receive is posted from inside the strand. */
             if (!(c->flags & PORT_CQE_MORE) && recv_post(s->P, &s->rv, s->srv) != 0)
                 s->recv_errors++;
+        } else if (c->res == PORT_ECANCELED) {
+            /* Nobody cancelled it: the port ended a kept-armed receive whose
+             * completions waited behind this strand (port.h); post it again. */
+            if (recv_post(s->P, &s->rv, s->srv) != 0)
+                s->recv_errors++;
         } else {
             s->recv_final_res = c->res;
             A_STORE(&s->recv_final, 1);    /* the main thread polls these two */

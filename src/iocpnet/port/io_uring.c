@@ -477,6 +477,7 @@ static int resubmit_orphan(uring_port_t *p, port_op_t *op) {
 static int handle_cqe(uring_port_t *p, port_cqe_t *out, int n, uint64_t ud, int32_t res,
                       uint32_t flags) {
     port_cqe_t c;
+    int before;
     port_op_t *op = (port_op_t *)(uintptr_t)(ud & ~(uint64_t)UD_TAG_MASK);
 
     c.op = op;
@@ -491,7 +492,8 @@ static int handle_cqe(uring_port_t *p, port_cqe_t *out, int n, uint64_t ud, int3
         goto final;
     }
 
-    if (res == -ECANCELED && !LOAD_ACQ(&op->cancel_requested) && resubmit_orphan(p, op))
+    if (res == -ECANCELED && !LOAD_ACQ(&op->cancel_requested) &&
+        !(op->type == PORT_OP_RECV && OP_PRIV(op)->u.rv.paused) && resubmit_orphan(p, op))
         return n;      /* its submitter exited; it runs again, now owned by this thread */
 
     switch (op->type) {
@@ -526,7 +528,25 @@ static int handle_cqe(uring_port_t *p, port_cqe_t *out, int n, uint64_t ud, int3
             if (p->multishot < 0)
                 port_atomic_store32(&p->multishot, 1);
             c.flags |= PORT_CQE_MORE;
-            return port__deliver(&p->base, out, out, n, &c);
+            before = n;
+            n = port__deliver(&p->base, out, out, n, &c);
+            if (n == before && !OP_PRIV(op)->u.rv.paused) {
+                /* Queued behind the thread holding the session's strand (a hook that
+                 * blocks): end the arming now, or a peer sending small segments is
+                 * lent one buffer per segment until the 64 KiB bound.  Its final
+                 * completion (ECANCELED, delivered in order) makes the caller post
+                 * the next receive once the hook has had the data, as a bound does. */
+                struct io_uring_sqe *sqe;
+                OP_PRIV(op)->u.rv.paused = 1;
+                port_spin_lock(&p->sq_lock);
+                sqe = sqe_get(p);
+                sqe->opcode = IORING_OP_ASYNC_CANCEL;
+                sqe->addr = (uint64_t)(uintptr_t)op;
+                sqe->user_data = UD_IGNORE;
+                sqe_commit(p);
+                port_spin_unlock(&p->sq_lock);
+            }
+            return n;
         }
         if (res == -EINVAL && p->multishot < 0) {
             /* A kernel without multishot recv rejects the flag, one without the bound
@@ -546,6 +566,8 @@ static int handle_cqe(uring_port_t *p, port_cqe_t *out, int n, uint64_t ud, int3
     }
 
 final:
+    if (op->type == PORT_OP_RECV)
+        OP_PRIV(op)->u.rv.paused = 0;   /* a stale cancel then looks like an orphan's */
     port__completed(&p->base, op);
     return port__deliver(&p->base, out, out, n, &c);
 }

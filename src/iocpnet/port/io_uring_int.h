@@ -123,6 +123,7 @@ typedef struct uring_op {
         struct {
             uint32_t short_read;     /* the last read left the socket empty: poll first */
             uint32_t polled;         /* armed to poll first: an ENOBUFS means data waits */
+            uint32_t paused;         /* this arming was cancelled by the port (behind) */
             port_bufwait_t bufwait;  /* waiting for a receive buffer (bufpool.h) */
         } rv;                        /* recv */
     } u;

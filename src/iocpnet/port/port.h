@@ -19,8 +19,10 @@
  *     sends faster than it reads simply by not posting.  (Receives can be kept armed,
  *     PORT_OPT_RECV_MULTISHOT: completions then carry PORT_CQE_MORE while the receive
  *     stays armed, until a final one without it, which may carry data: io_uring and
- *     epoll end each arming after a bounded amount of data, and the caller posts the
- *     next.)
+ *     epoll end each arming after a bounded amount of data, or once one of its
+ *     completions had to wait behind a busy strand, and the caller posts the next.
+ *     io_uring ends the latter with a final PORT_ECANCELED nobody asked for: the
+ *     caller posts the next receive after it as after any other final completion.)
  *     Data lives in a buffer owned by the port (io_uring's provided-buffer ring, or the
  *     epoll/IOCP backends' pool), so an idle connection pins no receive buffer; the
  *     caller hands each buffer back with port_recv_release() once it has consumed or
@@ -220,7 +222,9 @@ typedef struct port_options {
 
 /* Keep receives armed instead of posting one per completion.  io_uring: multishot recv,
  * each arming ending after 4 buffers' worth of data (kernel 6.16+; one-shot receives on
- * older kernels), so read-ahead stays bounded.  epoll: emulated, without a bound. */
+ * older kernels) or when a completion of it waits behind a busy strand (a final
+ * PORT_ECANCELED), so read-ahead stays bounded.  epoll: emulated, with the same bounds
+ * (and at most 64 reads). */
 #define PORT_OPT_RECV_MULTISHOT 0x1u
 
 typedef struct port_stats {
