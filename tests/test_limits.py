@@ -315,8 +315,11 @@ def test_connect_flood_from_one_address_is_refused_and_counted(server, caplog_io
     t0 = time.monotonic()
     flood = [connect_from("127.0.0.2", srv.address) for _ in range(60)]
     others = [connect_from(f"127.0.0.{3 + i}", srv.address) for i in range(10)]
-    elapsed = time.monotonic() - t0
     served = [greeted(s) for s in flood]
+    # The bucket refills while the server works through the accepts, not only while the
+    # client connects (the kernel completes every handshake at once): the refill is
+    # bounded by the time until the server had decided the last flood connection.
+    elapsed = time.monotonic() - t0
     assert all(greeted(s) for s in others)
     n_served = sum(served)
     assert 5 <= n_served <= 5 + 5 * elapsed + 1, (n_served, elapsed)
