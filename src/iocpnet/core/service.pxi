@@ -664,16 +664,22 @@ cdef class ClientService(Service):
             delay = float(self.reconnect.delay(self._failures))
             holder = []
             t = self.core.CallLater(delay, self._retry, holder, index)
-            holder.append(t)
             with self._lock:
-                self._retry_timers.add(t)
+                # A short delay may have run _retry on another worker already (3.13t,
+                # or this thread preempted here): then it left a mark and t is spent.
+                if not holder:
+                    holder.append(t)
+                    self._retry_timers.add(t)
         except Exception:
             if not self.core._closing:
                 logger.exception("cannot schedule a reconnect")
 
     def _retry(self, holder, int index=-1):
         with self._lock:
-            self._retry_timers.discard(holder[0])
+            if holder:
+                self._retry_timers.discard(holder[0])
+            else:
+                holder.append(None)     # ran before _schedule_retry registered it
         if self._stopping:
             return
         try:
