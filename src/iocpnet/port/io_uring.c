@@ -267,6 +267,18 @@ static void sqe_commit(uring_port_t *p) {
 }
 
 
+/* Ask the kernel to cancel `op` (its CQE comes with op's own; the cancel's is dropped). */
+static void queue_cancel(uring_port_t *p, const port_op_t *op) {
+    struct io_uring_sqe *sqe;
+    port_spin_lock(&p->sq_lock);
+    sqe = sqe_get(p);
+    sqe->opcode = IORING_OP_ASYNC_CANCEL;
+    sqe->addr = (uint64_t)(uintptr_t)op;
+    sqe->user_data = UD_IGNORE;
+    sqe_commit(p);
+    port_spin_unlock(&p->sq_lock);
+}
+
 /* Wake the leader so that it submits what other threads wrote (see the top). */
 static void ring_doorbell(uring_port_t *p) {
     if (port_atomic_xchg32(&p->bell_rung, 1) == 0) {
@@ -536,15 +548,8 @@ static int handle_cqe(uring_port_t *p, port_cqe_t *out, int n, uint64_t ud, int3
                  * lent one buffer per segment until the 64 KiB bound.  Its final
                  * completion (ECANCELED, delivered in order) makes the caller post
                  * the next receive once the hook has had the data, as a bound does. */
-                struct io_uring_sqe *sqe;
                 OP_PRIV(op)->u.rv.paused = 1;
-                port_spin_lock(&p->sq_lock);
-                sqe = sqe_get(p);
-                sqe->opcode = IORING_OP_ASYNC_CANCEL;
-                sqe->addr = (uint64_t)(uintptr_t)op;
-                sqe->user_data = UD_IGNORE;
-                sqe_commit(p);
-                port_spin_unlock(&p->sq_lock);
+                queue_cancel(p, op);
             }
             return n;
         }
@@ -971,7 +976,6 @@ static int uring_close(port_t *bp, port_op_t *op, port_sock_t sock, int flags) {
 
 static int uring_cancel(port_t *bp, port_op_t *target) {
     uring_port_t *p = (uring_port_t *)bp;
-    struct io_uring_sqe *sqe;
     int parked;
 
     /* A receive parked for buffers is not in the kernel: finish it here. */
@@ -985,13 +989,7 @@ static int uring_cancel(port_t *bp, port_op_t *target) {
             return 0;
         }
     }
-    port_spin_lock(&p->sq_lock);
-    sqe = sqe_get(p);
-    sqe->opcode = IORING_OP_ASYNC_CANCEL;
-    sqe->addr = (uint64_t)(uintptr_t)target;
-    sqe->user_data = UD_IGNORE;
-    sqe_commit(p);
-    port_spin_unlock(&p->sq_lock);
+    queue_cancel(p, target);
     after_submit(p);
     return 0;
 }
