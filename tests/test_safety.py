@@ -640,6 +640,41 @@ def test_a_blocked_hook_is_lent_few_receive_buffers(server, backend, armed, requ
         gate.set()
 
 
+def test_a_peer_that_sends_and_leaves_while_the_hook_blocks_loses_nothing(server, backend):
+    """The arming paused behind a blocked hook (see above) must not lose what follows:
+    the peer sends 30 segments and closes while the hook is stuck; once it returns,
+    every byte reaches OnRecv in order, then the session ends as the peer closed it."""
+    gate, blocked, ended = threading.Event(), threading.Event(), threading.Event()
+    got, reasons = bytearray(), []
+
+    class Slow(iocpnet.Session):
+        def OnRecv(self, data):
+            if not blocked.is_set():
+                blocked.set()
+                gate.wait(20)
+            got.extend(data)
+
+        def OnDisconnected(self, reason):
+            reasons.append(reason)
+            ended.set()
+
+    srv = server(Slow, workers=2)
+    msgs = [b"%03d" % i + b"x" * 61 for i in range(30)]
+    try:
+        with connect(srv.address) as c:
+            c.sendall(b"first")
+            assert blocked.wait(10)
+            _send_spaced(c, msgs, 0.004)
+            c.shutdown(socket.SHUT_WR)
+            time.sleep(0.05)                 # the other worker has seen the FIN too
+            gate.set()
+            assert ended.wait(10), "the session never ended"
+        assert bytes(got) == b"first" + b"".join(msgs)
+        assert reasons == ["peer closed the connection"]
+    finally:
+        gate.set()
+
+
 def test_views_of_a_run_worker_stay_exact(backend):
     """Under Run (the workers' own loop) a view nobody kept is reused for the next
     OnRecv of that thread: views that were kept (as they are, through memoryview(),
