@@ -67,6 +67,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -344,6 +345,8 @@ struct conn {
     uint8_t recv_armed; /* uring: the multishot receive is armed */
     uint8_t unregistered; /* connect mode: not in the epoll set yet */
     uint8_t waiting;   /* -r: queued in rate_wait until the bucket refills */
+    uint8_t prepaid;   /* -r: rate_pump took the token of its next message */
+    uint64_t t_wait;   /* -r: when it began to wait for a token (connect: slot freed) */
 };
 
 static int ep = -1;
@@ -436,34 +439,103 @@ static void close_abort(struct conn *c)
     close(c->fd);
     c->fd = -1;
     c->state = S_FREE;
+    c->t_wait = now_ns(); /* connect mode -r: the free slot waits for a token from now */
     open_count--;
 }
 
 static void refill_and_send(struct conn *c);
 
 /* ---------- rate cap (-r) ----------
- * A token bucket: a message may be queued only with a token; tokens accrue
- * at o.rate per second, at most one millisecond's worth (or one) saved up.
- * A connection whose window is open but found no token waits in rate_wait
- * and is served, in order, when tokens are back. The cap exists to compare
- * the generator's own cost per round trip against different servers at the
- * same rate (and, below saturation, to show its busy share scales with the
- * offered load). */
+ * A token bucket: a message (connect mode: a connection) may start only with
+ * a token; tokens accrue at o.rate per second, at most one millisecond's
+ * worth (or one) saved up. A connection whose window is open but found no
+ * token waits in rate_wait and is served, in order, when tokens are back
+ * (connect mode: a free slot waits for a token, and run_connect takes one per
+ * connect itself). The cap makes an equal-rate cell: every server is offered
+ * the same load, and what differs is the server CPU it costs.
+ *
+ * Whether the generator HELD that schedule is measured, not assumed (its
+ * busy share cannot say: at a high capped rate nearly every pass finds an
+ * echo to handle, so it is near 100 % even with time to spare):
+ *   sched_lag   for each start that had to wait for its token, how long
+ *               after the later of (the token falling due, the sender being
+ *               ready) it really started: the generator's own lateness;
+ *   lost_late   tokens the full bucket dropped while a sender was waiting:
+ *               the generator was more than the burst (1 ms) behind;
+ *   lost_full   tokens dropped while no sender was waiting: every window was
+ *               full (connect: every slot in flight), i.e. the echoes (the
+ *               server) set the pace, not the schedule.
+ * A cell whose achieved rate is the offered one and whose generator was
+ * rarely late compares servers whatever its busy share (benchmarks/run.py,
+ * CAPPED rule). */
 static double rate_tokens, rate_burst;
 static uint64_t rate_t;
 static struct conn **rate_wait;
 static int rate_nwait, rate_whead;
+#define SCHED_LATE_NS 100000ull /* a start later than this is "late" */
+static struct {
+    uint64_t starts;      /* starts that took a token (in the window) */
+    uint64_t waited;      /* of which had waited for it */
+    uint64_t late;        /* of those, started more than SCHED_LATE_NS late */
+    double lag_ns;        /* sum of the lateness of the waited starts */
+    double lost_late, lost_full; /* tokens dropped by the full bucket */
+} sched;
+
+/* Refill the bucket at time t. wanted: a sender was waiting for a token
+ * (then a token the full bucket drops is the generator's lateness). */
+static void rate_refill_w(uint64_t t, int wanted)
+{
+    rate_tokens += (double)(t - rate_t) * o.rate / 1e9;
+    rate_t = t;
+    if (rate_tokens > rate_burst) {
+        if (measuring) {
+            if (wanted)
+                sched.lost_late += rate_tokens - rate_burst;
+            else
+                sched.lost_full += rate_tokens - rate_burst;
+        }
+        rate_tokens = rate_burst;
+    }
+}
+
+static void rate_refill(uint64_t t) { rate_refill_w(t, rate_nwait > 0); }
+
+/* Take a token at time t for a sender ready since `ready` (0: it did not
+ * wait, e.g. an echo just opened its window and a token was there). The
+ * oldest token goes first: it fell due (tokens - 1) / rate ago. */
+static void rate_spend(uint64_t t, uint64_t ready)
+{
+    double age_ns = (rate_tokens - 1) * 1e9 / o.rate;
+    rate_tokens -= 1;
+    if (!measuring)
+        return;
+    sched.starts++;
+    if (!ready)
+        return;
+    double lag = (double)(t - ready);
+    if (age_ns < lag)
+        lag = age_ns;
+    if (lag < 0)
+        lag = 0;
+    sched.waited++;
+    sched.lag_ns += lag;
+    if (lag > (double)SCHED_LATE_NS)
+        sched.late++;
+}
 
 static int rate_take(struct conn *c)
 {
-    if (o.rate <= 0)
+    /* connect mode: run_connect took this connection's token before it
+     * started it; its one message needs no second one */
+    if (o.rate <= 0 || o.mode == M_CONNECT)
         return 1;
     if (rate_tokens >= 1) {
-        rate_tokens -= 1;
+        rate_spend(0, 0);
         return 1;
     }
     if (!c->waiting) {
         c->waiting = 1;
+        c->t_wait = now_ns();
         rate_wait[(rate_whead + rate_nwait++) % nconns] = c;
     }
     return 0;
@@ -471,14 +543,6 @@ static int rate_take(struct conn *c)
 
 /* Refill the bucket; hand tokens to the waiting connections. Returns how
  * many connections it served (they queued sends: that is work). */
-static void rate_refill(uint64_t t)
-{
-    rate_tokens += (double)(t - rate_t) * o.rate / 1e9;
-    rate_t = t;
-    if (rate_tokens > rate_burst)
-        rate_tokens = rate_burst;
-}
-
 static int rate_pump(uint64_t t)
 {
     if (o.rate <= 0)
@@ -490,10 +554,25 @@ static int rate_pump(uint64_t t)
         rate_whead = (rate_whead + 1) % nconns;
         rate_nwait--;
         c->waiting = 0;
+        rate_spend(t, c->t_wait);
+        c->prepaid = 1;
         refill_and_send(c);
         served++;
     }
     return served;
+}
+
+static void print_sched(double secs)
+{
+    if (o.rate <= 0)
+        return;
+    printf(", \"sched\": {\"offered\": %.1f, \"starts\": %llu, \"waited\": %llu, "
+           "\"late\": %llu, \"late_over_us\": %.0f, \"lag_us_mean\": %.3f, "
+           "\"lost_late\": %.1f, \"lost_full\": %.1f}",
+           o.rate * secs, (unsigned long long)sched.starts, (unsigned long long)sched.waited,
+           (unsigned long long)sched.late, SCHED_LATE_NS / 1e3,
+           sched.waited ? sched.lag_ns / sched.waited / 1e3 : 0.0, sched.lost_late,
+           sched.lost_full);
 }
 
 static void start_connect(struct conn *c)
@@ -557,7 +636,9 @@ static void refill_and_send(struct conn *c)
     int depth = depth_for_mode();
     uint64_t t = 0;
     while (c->tx_msg - c->rx_msg < (uint64_t)depth && c->tx_msg < limit) {
-        if (c->waiting || !rate_take(c))
+        if (c->prepaid)
+            c->prepaid = 0;
+        else if (c->waiting || !rate_take(c))
             break;
         struct msgref r;
         msg_make(&r, c->id, c->tx_msg);
@@ -1117,6 +1198,7 @@ static void window_begin(struct window *w)
     measuring = 1;
     memset(&busy_acct, 0, sizeof busy_acct);
     hc_phase_msgs[0] = hc_phase_msgs[1] = 0;
+    memset(&sched, 0, sizeof sched);
     w->t0 = now_ns();
     w->lg_cpu0 = cpu_self_s();
     w->lg_delay0 = self_delay_s();
@@ -1276,6 +1358,7 @@ static void run_traffic(void)
     printf("\"roundtrips\": %llu, \"rt_per_s\": %.1f, \"mb_per_s\": %.3f, ",
            (unsigned long long)measured_msgs, measured_msgs / secs, measured_bytes / secs / 1e6);
     print_common(&w);
+    print_sched(secs);
     printf(", ");
     print_latency();
     printf(", \"errors\": 0}\n");
@@ -1289,6 +1372,32 @@ static void run_traffic(void)
             close_abort(&conns[i]);
 }
 
+/* Connect mode with -r: sleep in epoll until the next token falls due or an
+ * event comes (epoll_pwait2: a nanosecond timeout; the timer slack is set to
+ * 1 ns for it), so that the generator's CPU time is what the offered rate
+ * costs it (engine "epoll": busy = CPU time / window) instead of a spin. */
+static void poll_events_until(uint64_t deadline)
+{
+    static struct epoll_event evs[1024];
+    uint64_t t = now_ns();
+    uint64_t d = deadline > t ? deadline - t : 0;
+    struct timespec ts = {.tv_sec = (time_t)(d / 1000000000ull), .tv_nsec = (long)(d % 1000000000ull)};
+    int n = (int)syscall(SYS_epoll_pwait2, ep, evs, 1024, &ts, NULL, (size_t)8);
+    if (n < 0 && errno == ENOSYS)
+        n = epoll_wait(ep, evs, 1024, (int)((d + 999999) / 1000000));
+    busy_acct.enters++;
+    busy_acct.passes++;
+    if (n < 0) {
+        if (errno == EINTR)
+            return;
+        die(2, "epoll_wait: %s", strerror(errno));
+    }
+    if (n > 0)
+        busy_acct.work_passes++;
+    for (int i = 0; i < n; i++)
+        handle_event(&evs[i]);
+}
+
 static void run_connect(void)
 {
     alloc_conns(o.conns, 1);
@@ -1297,6 +1406,8 @@ static void run_connect(void)
     uint64_t t_end = t_warm_end + (uint64_t)(o.duration * 1e9);
     struct window w;
     int in_window = 0;
+    for (int i = 0; i < nconns; i++)
+        conns[i].t_wait = now_ns(); /* a free slot waits for its token from now */
     for (;;) {
         uint64_t t = now_ns();
         if (!in_window && t >= t_warm_end) {
@@ -1307,19 +1418,30 @@ static void run_connect(void)
             break;
         if (busy)
             handicap_pause(t);
-        /* -r: a connection is started only with a token, so every server
-         * is offered the same connections per second (its CPU per
-         * connection then compares servers below the generator's limit) */
-        if (o.rate > 0)
-            rate_refill(t);
-        for (int i = 0; i < nconns; i++)
-            if (conns[i].state == S_FREE) {
-                if (o.rate > 0 && rate_tokens < 1)
-                    break; /* its one message takes the token (rate_take) */
-                start_connect(&conns[i]);
+        uint64_t wake = in_window ? t_end : t_warm_end;
+        if (o.rate > 0) {
+            /* -r: every connection takes one token here, before it starts
+             * (its one message takes none: rate_take), so the cap counts
+             * connections and every server is offered the same number per
+             * second; a free slot is a sender waiting for its token */
+            rate_refill_w(t, open_count < nconns);
+            for (int i = 0; i < nconns && rate_tokens >= 1; i++)
+                if (conns[i].state == S_FREE) {
+                    rate_spend(t, conns[i].t_wait);
+                    start_connect(&conns[i]);
+                }
+            if (open_count < nconns) { /* sleep until the next token falls due */
+                uint64_t due = t + (uint64_t)((1 - rate_tokens) * 1e9 / o.rate) + 1;
+                if (due < wake)
+                    wake = due;
             }
-        poll_events(o.rate > 0 ? 0 : ms_until(in_window ? t_end : t_warm_end),
-                    busy || o.rate > 0);
+            poll_events_until(wake);
+            continue;
+        }
+        for (int i = 0; i < nconns; i++)
+            if (conns[i].state == S_FREE)
+                start_connect(&conns[i]);
+        poll_events(ms_until(wake), busy);
     }
     window_end(&w);
     double secs = (w.t1 - w.t0) / 1e9;
@@ -1329,6 +1451,7 @@ static void run_connect(void)
            (unsigned long long)measured_conns, measured_conns / secs,
            (unsigned long long)measured_msgs, measured_msgs / secs);
     print_common(&w);
+    print_sched(secs);
     printf(", ");
     print_latency();
     printf(", \"errors\": 0}\n");
@@ -1419,7 +1542,8 @@ static void usage(FILE *f)
             "  -T SECS    set-up timeout (60)\n"
             "  -P PID     server pid: report its CPU time (and RSS)\n"
             "  -r RATE    pingpong/pipeline: send at most RATE messages per second;\n"
-            "             connect: start at most RATE connections per second\n"
+            "             connect: start at most RATE connections per second, sleeping\n"
+            "             between tokens (engine epoll: busy = its CPU time)\n"
             "             (0, the default: as fast as the echoes come back)\n"
             "  -H SHARE   headroom probe: withhold SHARE (0-0.9) of its core from\n"
             "             itself in every other 100 ms phase and report the rate in\n"
@@ -1560,6 +1684,12 @@ int main(int argc, char **argv)
         engine = traffic ? E_URING : (o.mode == M_CONNECT ? E_EPOLL_BUSY : E_EPOLL);
     if (engine == E_URING && !traffic)
         engine = o.mode == M_CONNECT ? E_EPOLL_BUSY : E_EPOLL;
+    if (o.mode == M_CONNECT && o.rate > 0) {
+        /* a capped storm sleeps between its tokens (run_connect): its busy
+         * share is then its CPU time, the measure of the sleeping engine */
+        engine = E_EPOLL;
+        prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
+    }
     if (engine == E_URING) {
         const char *why = uring_init();
         if (why) {
