@@ -6,8 +6,13 @@ server, so this runs the load generator against deliberately broken servers
 (corrupting, replaying stale data, dropping the connection) and expects the
 documented exit codes: 0 ok, 2 connection error, 3 data mismatch.
 
-usage: python benchmarks/selftest.py      (about 20 seconds; builds loadgen if needed)
+It also checks the rate cap's bookkeeping (loadgen -r: a capped storm counts
+connections, sleeps between its tokens and reports its schedule) and runs
+the unit tests of the report's rules (benchmarks/test_rules.py).
+
+usage: python benchmarks/selftest.py      (about 25 seconds; builds loadgen if needed)
 """
+import json
 import os
 import socket
 import subprocess
@@ -71,6 +76,39 @@ def loadgen(port, *args):
     return p.returncode, p.stderr.strip()
 
 
+def capped_checks():
+    """loadgen -r against a correct server: (what, ok, detail) per check."""
+    out = []
+    srv = BadServer("none")
+    srv.start()
+    try:
+        # a capped storm: one token per connection, the sleeping engine
+        p = subprocess.run([run.LOADGEN, "-p", str(srv.port), "-m", "connect", "-c", "8",
+                            "-r", "500", "-w", "0.2", "-t", "1"],
+                           capture_output=True, text=True, timeout=30)
+        d = json.loads(p.stdout) if p.returncode == 0 else {}
+        sch = d.get("sched") or {}
+        # at most the offered connections plus the bucket's one-token burst
+        ok = (p.returncode == 0 and d.get("engine") == "epoll" and sch.get("offered")
+              and d["connections"] <= sch["offered"] + 2 and d["connections"] == sch["starts"])
+        out.append(("connect -r 500: sleeping engine, one token per connection", ok,
+                    f"exit {p.returncode}, engine {d.get('engine')}, {d.get('connections')} "
+                    f"connections, offered {sch.get('offered')}, starts {sch.get('starts')}"))
+        # a capped ping-pong reports its schedule; its starts are its round trips
+        p = subprocess.run([run.LOADGEN, "-p", str(srv.port), "-m", "pingpong", "-c", "2",
+                            "-r", "1000", "-w", "0.2", "-t", "0.5"],
+                           capture_output=True, text=True, timeout=30)
+        d = json.loads(p.stdout) if p.returncode == 0 else {}
+        sch = d.get("sched") or {}
+        ok = (p.returncode == 0 and sch.get("offered") and d["roundtrips"] <= sch["offered"] + 3
+              and all(k in sch for k in ("late", "lost_late", "lost_full", "lag_us_mean")))
+        out.append(("pingpong -r 1000: schedule reported, cap held", ok,
+                    f"exit {p.returncode}, {d.get('roundtrips')} round trips, sched {sch}"))
+    finally:
+        srv.sock.close()
+    return out
+
+
 def main():
     if run.build_c().get("loadgen"):
         sys.exit("cannot build loadgen")
@@ -108,7 +146,19 @@ def main():
     ok = rc == 1
     failed += not ok
     print(f"{'ok ' if ok else 'BAD'} non-loopback address refused (exit {rc})")
-    print(f"{len(cases) + 1 - failed} passed, {failed} failed")
+    checks = len(cases) + 1
+    for what, ok, detail in capped_checks():
+        checks += 1
+        failed += not ok
+        print(f"{'ok ' if ok else 'BAD'} {what} ({detail})")
+    # the report's rules, on synthetic slices
+    r = subprocess.run([sys.executable, "-m", "pytest", os.path.join(HERE, "test_rules.py"), "-q",
+                        "-p", "no:cacheprovider"], capture_output=True, text=True, timeout=120)
+    checks += 1
+    failed += r.returncode != 0
+    last = (r.stdout.strip().splitlines() or ["?"])[-1]
+    print(f"{'ok ' if r.returncode == 0 else 'BAD'} report rules (test_rules.py): {last}")
+    print(f"{checks - failed} passed, {failed} failed")
     return 1 if failed else 0
 
 
