@@ -32,8 +32,8 @@ Design notes (the why):
   e.g. 16 KiB x 1 at 13-15 µs for every server, 22-26 µs in six consecutive
   slices); steal time does not show it. So one-connection cells run twice
   the rounds at half the slice length (pairs closer in time, more of them),
-  a slice whose load generator spent over 1.3x the cell's median per round
-  trip is left out (mark_slow_machine), and the report prints companions
+  a slice whose load generator spent over 1.3x its median against the same
+  server per round trip is left out (mark_slow_machine), and the report prints companions
   that do not depend on the machine's speed (the server's CPU in units of
   the generator's, its context switches per round trip, steal).
 - Every process this script starts gets its own process group and is killed
@@ -737,7 +737,7 @@ SCHED_MISS_MAX, CAPPED_SATURATED = 0.02, 0.95
 # is within the noise, whatever the median says.
 SIGN_ALPHA = 1 / 16
 # A one-connection slice whose load generator spent more than SLOW_MACHINE
-# times the cell's median (all servers) of its own CPU per round trip ran in
+# times its median against the same server of its own CPU per round trip ran in
 # one of this VM's slow periods (both cores slow together for seconds; see
 # aggregate): it is marked disturbed and is in no pair.
 SLOW_MACHINE = 1.3
@@ -1167,19 +1167,22 @@ def aggregate(case, record):
 
 def mark_slow_machine(record):
     """One-connection cells: a slice whose load generator's own CPU per round
-    trip was above SLOW_MACHINE x the cell's median (over every server's
-    slices) ran in a slow period of the machine, and is marked disturbed (it
-    would pair a slow slice with a normal one)."""
-    sl = [s for rec in record.values() for s in rec["slices"] if "window_s" in s]
-    speeds = [x for x in (loadgen_us_per_rt(s) for s in sl) if x]
-    if len(speeds) < 3:
-        return
-    med = statistics.median(speeds)
-    for s in sl:
-        x = loadgen_us_per_rt(s)
-        if x and x > SLOW_MACHINE * med and not s.get("disturbed"):
-            s["disturbed"] = (f"machine slow: the load generator's own CPU per round trip "
-                              f"was {x / med:.2f}x the cell's median")
+    trip was above SLOW_MACHINE x the median of the same server's slices ran
+    in a slow period of the machine, and is marked disturbed (it would pair a
+    slow slice with a normal one). Per server, so that a server which really
+    makes the generator work more (more, smaller echoes) is not taken for a
+    slow machine: only a change over time within one server's rounds is."""
+    for rec in record.values():
+        sl = [s for s in rec["slices"] if "window_s" in s]
+        speeds = [x for x in (loadgen_us_per_rt(s) for s in sl) if x]
+        if len(speeds) < 3:
+            continue
+        med = statistics.median(speeds)
+        for s in sl:
+            x = loadgen_us_per_rt(s)
+            if x and x > SLOW_MACHINE * med and not s.get("disturbed"):
+                s["disturbed"] = (f"machine slow: the load generator's own CPU per round trip "
+                                  f"was {x / med:.2f}x its median against this server")
 
 
 def pair_ratio(rec, peer, rate_key, count_key):
@@ -1504,8 +1507,8 @@ def one_connection_md(L, cells, cols, results):
              "part) / the server's voluntary context switches per round trip (its wake-ups: "
              "independent of the machine's speed) / the largest share of the two CPUs stolen by "
              "the hypervisor in any slice. Slices whose speed index was above "
-             f"{SLOW_MACHINE}x the cell's median ran in a slow period of the machine and are "
-             "left out as disturbed.")
+             f"{SLOW_MACHINE}x its median against the same server ran in a slow period of the "
+             "machine and are left out as disturbed.")
     L.append("")
     L.append("| case | " + " | ".join(s.label for s in cols) + " |")
     L.append("|---|" + "---|" * len(cols))

@@ -208,6 +208,15 @@ def test_one_connection_slice_in_a_slow_period_of_the_machine_is_left_out():
     assert abs(v["norm_cpu"] - 15.0 / 14.0 * 14.0 / 14.2) < 1e-6
 
 
+def test_a_server_that_makes_the_generator_work_more_is_not_a_slow_machine():
+    case = run.Case("pp-16k-c1", "pingpong", 16384, 1)
+    x = [sl(r, 33_000, 14.0, lg_us=14.0) for r in range(4)]
+    y = [sl(r, 25_000, 20.0, lg_us=20.0) for r in range(4)]  # 1.4x, in every round
+    rec = agg_of(case, {"x": x, "y": y})
+    assert not any(s["disturbed"] for r in rec.values() for s in r["slices"])
+    assert rec["x"]["agg"]["vs"]["y"]["cpu_verdict"]["verdict"] == "ahead"
+
+
 def test_uncapped_multi_connection_cells_are_not_filtered_for_slow_periods():
     case = run.Case("pp-64-c10", "pingpong", 64, 10)
     x = [sl(r, 100_000, 7.0, lg_us=7.0) for r in range(3)] + [sl(3, 50_000, 14.0, lg_us=14.0)]
