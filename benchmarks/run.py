@@ -22,7 +22,8 @@ Design notes (the why):
   busy share cannot answer it (at a capped 1M messages/s nearly every pass
   finds an echo). The cell compares servers when at most 2 % of the offered
   starts came more than 100 µs late or were dropped while a sender waited,
-  the server kept 97 % of the rate, and it ran below 0.95 of its core.
+  the server kept 97 % of the rate (below it with the generator over 90 %
+  busy: ‡, either side), and it ran below 0.95 of its core.
 - Noise: a difference is a win or a miss only when the paired rounds agree on
   its side (sign_verdict: one-sided binomial p <= 1/16); otherwise the report
   says it is within the noise (≈), whatever the median.
@@ -724,7 +725,8 @@ PROBE_WITHHOLD, PROBE_HOLD, PROBE_SLICES = 0.2, 0.97, 2
 # share of the offered starts, that is its schedule miss. A capped cell
 # compares servers when (a) the schedule miss is at most SCHED_MISS_MAX (else
 # ‡ load generator), (b) the server kept RATE_HOLD of the offered rate (else
-# "server (below the offered rate)"), and (c) the server ran below
+# "server (below the offered rate)"; ‡ if the generator was busy above
+# LG_LIMIT: it may have been slow to take the echoes), and (c) the server ran below
 # CAPPED_SATURATED of its core (else "server (saturated at the offered
 # rate)": its queue, not the schedule, set its batches, and its CPU per
 # round trip is a lower bound of what the rate costs it). Then its server
@@ -770,7 +772,7 @@ def loadgen_us_per_rt(s, count_key="roundtrips"):
     return busy * s["window_s"] / n * 1e6 if n and busy else None
 
 
-def capped_verdict(case, slices, rate_median, cores):
+def capped_verdict(case, slices, rate_median, cores, lg_busy=0.0):
     """The CAPPED rule (see SCHED_MISS_MAX) for an equal-rate cell: returns
     (limited_by, excluded or None, schedule summary or None). None as
     limited_by when the slices carry no schedule figures (a run saved before
@@ -786,6 +788,13 @@ def capped_verdict(case, slices, rate_median, cores):
         return ("load generator",
                 f"load generator behind its schedule ({miss:.1%} of the starts late)", summary)
     if rate_median < RATE_HOLD * case.rate:
+        # the echoes set the pace (every window full); but a generator that
+        # was busy above LG_LIMIT may have been slow to take them: then
+        # either side may have held the rate down, and the cell is ‡
+        if lg_busy > LG_LIMIT:
+            return ("load generator",
+                    f"kept {rate_median / case.rate:.0%} of the offered rate with the load "
+                    f"generator {lg_busy:.0%} busy (either side)", summary)
         return ("server (below the offered rate)",
                 f"kept {rate_median / case.rate:.0%} of the offered rate", summary)
     if cores >= CAPPED_SATURATED:
@@ -1076,7 +1085,7 @@ def aggregate(case, record):
         # an equal-rate cell compares servers only where each kept the rate
         slow = bool(case.rate) and rate_median < RATE_HOLD * case.rate
         capped_why = None
-        capped = (capped_verdict(case, use, rate_median, cores) if case.rate
+        capped = (capped_verdict(case, use, rate_median, cores, lg_busy) if case.rate
                   else (None, None, None))
         sched = capped[2]  # shown for a DISTURBED cell too
         if disturbed:
@@ -1641,7 +1650,8 @@ def equal_rate_md(L, capped, cols, results):
              "near 100 % with time to spare): a cell compares servers when the generator "
              f"**held its schedule** (at most {SCHED_MISS_MAX:.0%} of the offered starts more "
              "than 100 µs late or dropped while a sender waited; else "
-             f"{LIMIT_MARK}), the server kept {RATE_HOLD:.0%} of the offered rate, and the "
+             f"{LIMIT_MARK}), the server kept {RATE_HOLD:.0%} of the offered rate (below it "
+             f"with the generator over {LG_LIMIT:.0%} busy: {LIMIT_MARK}, either side), and the "
              f"server ran below {CAPPED_SATURATED:.2f} of its core (a saturated server's "
              "batches are set by its own queue; its figure is a lower bound and in no ratio). "
              "≈: the rounds do not resolve the side of 1.00 (within the noise).")

@@ -79,10 +79,17 @@ def test_capped_schedule_miss_at_the_threshold_still_compares():
 
 
 def test_capped_cell_below_the_offered_rate_is_the_servers_limit():
-    a = agg_of(CAPPED, {"x": capped_slices(rate=900_000, cpu_us=0.9)})["x"]["agg"]
+    a = agg_of(CAPPED, {"x": capped_slices(rate=900_000, cpu_us=0.9, busy=0.8)})["x"]["agg"]
     assert a["limited_by"] == "server (below the offered rate)"
     assert a["does_not_compare_servers"] is False
     assert a["excluded"] == "kept 90% of the offered rate"
+
+
+def test_capped_cell_below_the_rate_with_a_busy_generator_blames_neither_and_is_marked():
+    a = agg_of(CAPPED, {"x": capped_slices(rate=900_000, cpu_us=0.9, busy=0.99)})["x"]["agg"]
+    assert a["limited_by"] == "load generator"
+    assert a["does_not_compare_servers"] is True
+    assert "either side" in a["excluded"]
 
 
 def test_capped_cell_with_a_saturated_server_is_in_no_ratio():
