@@ -915,6 +915,10 @@ def run_traffic_case(case, servers, args, progress, record):
                 cpu = res.get("server_cpu_s", 0) / res["window_s"]
                 per = res.get("server_cpu_s", 0) / count * 1e6 if count else 0.0
                 flag = "  DISTURBED" if res["disturbed"] else ""
+                sch = res.get("sched")
+                if sch and sch.get("offered"):
+                    flag = (f"  schedule miss "
+                            f"{(sch['late'] + sch['lost_late']) / sch['offered']:.1%}" + flag)
                 progress.line(f"{case.name} round {rnd + 1}/{case_rounds(case, args)} {r.server.label:20} "
                               f"{human(rate):>7} {case.unit}  server {cpu:4.2f} cores "
                               f"{per:6.2f} µs each  loadgen busy {res['loadgen_busy']:4.0%}"
@@ -1288,7 +1292,8 @@ def markdown(meta, config, cases, results, servers, warnings):
              f"warm-up each), all servers of a case started together and measured in rotating "
              f"order; server pinned to CPU {SERVER_CPU}, load generator to CPU {LOADGEN_CPU} "
              f"(`taskset`; engine: {config.get('engine') or 'uring'} busy-poll for ping-pong and "
-             f"pipelined, epoll busy-poll for the storm); iocpnet workers={config['workers']}."
+             f"pipelined, epoll busy-poll for the storm, sleeping epoll for the capped storm); "
+             f"iocpnet workers={config['workers']}."
              + (" **Quick smoke run: not representative.**" if config["quick"] else "")
              + (f" Filter: {config['only']}." if config.get("only") else ""))
     L.append("")
