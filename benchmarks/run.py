@@ -27,18 +27,19 @@ Design notes (the why):
 - Noise: a difference is a win or a miss only when the paired rounds agree on
   its side (sign_verdict: one-sided binomial p <= 1/16); otherwise the report
   says it is within the noise (≈), whatever the median.
-- One connection: this VM has slow periods of seconds in which a round trip
-  costs BOTH cores up to twice as much (the load generator's own CPU per
-  round trip rises with the server's: measured in the quiet run of b3c172d,
-  e.g. 16 KiB x 1 at 13-15 µs for every server, 22-26 µs in six consecutive
-  slices); steal time does not show it. So one-connection cells run twice
-  the rounds at half the slice length (pairs closer in time, more of them),
-  a slice whose load generator spent over 1.3x its median against the same
-  server per round trip is left out (mark_slow_machine), and the report prints companions
-  that do not depend on the machine's speed (the server's CPU in units of
+- One connection: this VM switches every few seconds between speed states
+  1.3-2x apart that slow BOTH cores (the load generator's own CPU per round
+  trip moves with the server's, in every server's slices: quiet run of
+  b3c172d, e.g. 16 KiB x 1 at 13-15 µs for every server, 22-26 µs in six
+  consecutive slices); per-slice steal is recorded to see whether the
+  hypervisor accounts it. Pairing a slice with one
+  of the other state is what made the rounds disagree. So one-connection
+  cells run twice the rounds at half the slice length, a slice whose
+  generator spent over 1.2x its least per round trip against the same server
+  is left out as slow (mark_slow_machine), the servers are compared on their
+  fast-state slices unpaired (mann_whitney_verdict), and the report prints
+  companions that do not move with the state (the server's CPU in units of
   the generator's, its context switches per round trip, steal).
-- Every process this script starts gets its own process group and is killed
-  at the end, on error and on Ctrl-C alike.
 """
 import argparse
 import datetime
@@ -739,10 +740,11 @@ SCHED_MISS_MAX, CAPPED_SATURATED = 0.02, 0.95
 # is within the noise, whatever the median says.
 SIGN_ALPHA = 1 / 16
 # A one-connection slice whose load generator spent more than SLOW_MACHINE
-# times its median against the same server of its own CPU per round trip ran in
-# one of this VM's slow periods (both cores slow together for seconds; see
-# aggregate): it is marked disturbed and is in no pair.
-SLOW_MACHINE = 1.3
+# times its least CPU per round trip against the same server ran in one of
+# this VM's slow states (both cores slower together for seconds, by 1.3-2x:
+# see one_connection_md): it is in no median and no pair of that cell, and
+# the servers are compared on the slices of the fast state only.
+SLOW_MACHINE = 1.2
 
 
 def sign_verdict(rounds, threshold=1.0):
@@ -1054,6 +1056,8 @@ def aggregate(case, record):
     rate_key, count_key = keys_for(case)
     if is_c1(case):
         mark_slow_machine(record)
+        for rec in record.values():
+            rec["c1"] = True
     for key, rec in record.items():
         sl = rec["slices"]
         if case.mode == "idle" or not sl:
@@ -1061,6 +1065,10 @@ def aggregate(case, record):
         clean = [s for s in sl if not s.get("disturbed")]
         disturbed = len(clean) * 2 < len(sl)
         use = sl if disturbed else clean
+        # one connection: the slices of the machine's fast state (mark_slow_machine)
+        fast = [s for s in use if not s.get("slow_machine")]
+        slow_left_out = len(use) - len(fast) if fast else 0
+        use = fast or use
         cpu_total = sum(s.get("server_cpu_s", 0) for s in use)
         count = sum(s[count_key] for s in use)
         busy = [s.get("loadgen_busy", s["loadgen_cpu_s"] / s["window_s"]) for s in use]
@@ -1151,6 +1159,7 @@ def aggregate(case, record):
             "steal_share": max(steal) if steal else None,
             "other_load_cores": statistics.median(s["other_load_cores"] for s in use),
             "disturbed_slices": len(sl) - len(clean),
+            "slow_machine_slices": slow_left_out,
             "mb_per_s": (statistics.median(s["mb_per_s"] for s in use)
                          if all("mb_per_s" in s for s in use) else prev.get("mb_per_s", 0)),
             "lat_us": ({p: statistics.median(s["lat_us"][p] for s in use)
@@ -1179,23 +1188,54 @@ def aggregate(case, record):
 
 
 def mark_slow_machine(record):
-    """One-connection cells: a slice whose load generator's own CPU per round
-    trip was above SLOW_MACHINE x the median of the same server's slices ran
-    in a slow period of the machine, and is marked disturbed (it would pair a
-    slow slice with a normal one). Per server, so that a server which really
-    makes the generator work more (more, smaller echoes) is not taken for a
-    slow machine: only a change over time within one server's rounds is."""
+    """One-connection cells: mark the slices that ran in a slow state of the
+    machine, s["slow_machine"]: the load generator's own CPU per round trip
+    above SLOW_MACHINE x its least against the same server. Per server, so
+    that a server which really makes the generator work more in every round is
+    not taken for a slow machine: only a change within one server's slices is.
+    If the machine was slow throughout, nothing is marked."""
     for rec in record.values():
-        sl = [s for s in rec["slices"] if "window_s" in s]
+        sl = [s for s in rec["slices"] if "window_s" in s and not s.get("disturbed")]
         speeds = [x for x in (loadgen_us_per_rt(s) for s in sl) if x]
-        if len(speeds) < 3:
+        if len(speeds) < 2:
             continue
-        med = statistics.median(speeds)
+        fast = min(speeds)
         for s in sl:
             x = loadgen_us_per_rt(s)
-            if x and x > SLOW_MACHINE * med and not s.get("disturbed"):
-                s["disturbed"] = (f"machine slow: the load generator's own CPU per round trip "
-                                  f"was {x / med:.2f}x its median against this server")
+            if x and x > SLOW_MACHINE * fast:
+                s["slow_machine"] = round(x / fast, 3)
+            else:
+                s.pop("slow_machine", None)
+
+
+def mann_whitney_verdict(a, b):
+    """Unpaired comparison of two samples (CPU per round trip of two servers
+    in the machine's fast state): 'ahead' when a's values are below b's beyond
+    chance (exact one-sided Mann-Whitney p <= SIGN_ALPHA), 'behind' the other
+    way, else 'noise'. Ties count half."""
+    m, n = len(a), len(b)
+    if not m or not n:
+        return {"verdict": "noise", "u": 0, "pairs": 0, "p": 1.0}
+    u = sum(1.0 if x < y else 0.5 if x == y else 0.0 for x in a for y in b)
+    # number of orderings of m+n values with U <= k, by the usual recursion
+    from functools import lru_cache
+
+    @lru_cache(maxsize=None)
+    def ways(i, j, k):  # arrangements of i a's and j b's with U exactly k
+        if k < 0:
+            return 0
+        if i == 0 or j == 0:
+            return 1 if k == 0 else 0
+        return ways(i - 1, j, k - j) + ways(i, j - 1, k)
+    total = math.comb(m + n, m)
+
+    def p_at_least(k):  # P(U >= k) under no difference (k rounded down to ints)
+        kk = math.ceil(k)
+        return sum(ways(m, n, t) for t in range(kk, m * n + 1)) / total
+    pa, pb = p_at_least(u), p_at_least(m * n - u)
+    v = "ahead" if pa <= SIGN_ALPHA and u > m * n / 2 else \
+        "behind" if pb <= SIGN_ALPHA and u < m * n / 2 else "noise"
+    return {"verdict": v, "u": u, "pairs": m * n, "p": round(min(pa, pb), 4), "n": [m, n]}
 
 
 def pair_ratio(rec, peer, rate_key, count_key):
@@ -1208,11 +1248,12 @@ def pair_ratio(rec, peer, rate_key, count_key):
         return {"throughput": None, "cpu": None,
                 "excluded": ("this: " + a["excluded"]) if a["excluded"]
                 else ("peer: " + b["excluded"])}
-    by_round = {s["round"]: s for s in peer["slices"] if not s.get("disturbed")}
+    by_round = {s["round"]: s for s in peer["slices"]
+                if not s.get("disturbed") and not s.get("slow_machine")}
     rr, cr, nr = [], [], []
     for s in rec["slices"]:
         q = by_round.get(s["round"])
-        if not q or s.get("disturbed") or not q[rate_key]:
+        if not q or s.get("disturbed") or s.get("slow_machine") or not q[rate_key]:
             continue
         rr.append(s[rate_key] / q[rate_key])
         if s.get("server_cpu_s") and q.get("server_cpu_s") and s[count_key] and q[count_key]:
@@ -1220,8 +1261,19 @@ def pair_ratio(rec, peer, rate_key, count_key):
             ls, lq = loadgen_us_per_rt(s, count_key), loadgen_us_per_rt(q, count_key)
             if ls and lq:  # the same ratio, each side in units of its slice's speed index
                 nr.append(cr[-1] * ls / lq)
+    # one connection: both servers' slices of the machine's fast state,
+    # compared unpaired (the state, not the time between two slices, is what
+    # moves their cost: see one_connection_md)
+    def fast_cpu(r):
+        return [x["server_cpu_s"] / x[count_key] for x in r["slices"]
+                if not x.get("disturbed") and not x.get("slow_machine") and x.get(count_key)
+                and x.get("server_cpu_s")]
+    mw = None
+    if rec.get("c1"):
+        mw = mann_whitney_verdict(fast_cpu(rec), fast_cpu(peer))
     if not rr:
-        return {"throughput": None, "cpu": None, "excluded": "no round with both undisturbed"}
+        return {"throughput": None, "cpu": None, "excluded": "no round with both undisturbed",
+                "fast_state_verdict": mw}
     return {"throughput": statistics.median(rr), "cpu": statistics.median(cr) if cr else None,
             "excluded": None, "rounds": len(rr),
             # every round's CPU ratio: whether the rounds agree on a side of 1.00
@@ -1229,7 +1281,9 @@ def pair_ratio(rec, peer, rate_key, count_key):
             "throughput_verdict": sign_verdict(rr), "cpu_verdict": sign_verdict(cr),
             # the drift-corrected companion (see loadgen_us_per_rt)
             "norm_cpu": statistics.median(nr) if nr else None,
-            "norm_verdict": sign_verdict(nr) if nr else None}
+            "norm_verdict": sign_verdict(nr) if nr else None,
+            # one connection: the unpaired verdict over the fast-state slices
+            "fast_state_verdict": mw}
 
 
 def geomean(xs):
@@ -1378,7 +1432,7 @@ def markdown(meta, config, cases, results, servers, warnings):
                     if u:
                         geo[p][1].append(u)
                     tn = "≈" if (v.get("throughput_verdict") or {}).get("verdict") == "noise" else ""
-                    un = "≈" if (v.get("cpu_verdict") or {}).get("verdict") == "noise" else ""
+                    un = "≈" if cpu_target_verdict(v) == "noise" else ""
                     row.append(f"{tn}{t:.2f} / {un}{u:.2f}" if u else f"{tn}{t:.2f} / –")
             L.append("| " + " | ".join(row) + " |")
         row = ["geomean over the cells with a ratio"]
@@ -1502,13 +1556,16 @@ def markdown(meta, config, cases, results, servers, warnings):
 
 
 def one_connection_md(L, cells, cols, results):
-    """The one-connection cells' companions: why their rounds disagree and
-    which orderings the rounds resolve. At one connection both sides sleep
-    and wake for every message, and this VM has slow periods of seconds in
-    which every round trip costs both cores up to twice as much (the load
-    generator's own CPU per round trip rises with the server's: see
-    loadgen_us_per_rt); the paired ratios of slices that land in different
-    periods disagree."""
+    """The one-connection cells' companions and verdicts. Why their rounds
+    disagreed (run of b3c172d, a quiet machine): this VM switches, every few
+    seconds, between speed states 1.3-2x apart that slow BOTH cores at once
+    (the load generator's own CPU per round trip moves with the server's, in
+    every server's slices; whether steal shows it is now recorded; host placement of the
+    two vCPUs or frequency: not visible from inside). A slice paired with one
+    in the other state gives a ratio off by that factor. So the servers are
+    compared on the slices of the fast state only (mark_slow_machine), unpaired
+    (mann_whitney_verdict), and the companions that do not move with the
+    state are printed beside."""
     if not cells:
         return
     L.append("")
@@ -1520,9 +1577,12 @@ def one_connection_md(L, cells, cols, results):
              "of that index (drift-corrected; biased by the generator's small server-dependent "
              "part) / the server's voluntary context switches per round trip (its wake-ups: "
              "independent of the machine's speed) / the largest share of the two CPUs stolen by "
-             "the hypervisor in any slice. Slices whose speed index was above "
-             f"{SLOW_MACHINE}x its median against the same server ran in a slow period of the "
-             "machine and are left out as disturbed.")
+             "the hypervisor in any slice / slices in the machine's slow state, left out. This "
+             "VM switches every few seconds between speed states 1.3-2x apart that slow both "
+             "cores at once (the load generator's own CPU per round trip moves with the "
+             "server's): a slice whose speed index was above "
+             f"{SLOW_MACHINE}x the least against the same server ran in a slow state and is in "
+             "no median and no comparison.")
     L.append("")
     L.append("| case | " + " | ".join(s.label for s in cols) + " |")
     L.append("|---|" + "---|" * len(cols))
@@ -1540,6 +1600,7 @@ def one_connection_md(L, cells, cols, results):
             parts.append(f"{a['ctx_per_rt']:.2f} cs" if a.get("ctx_per_rt") is not None else "–")
             parts.append(f"steal {a['steal_share']:.1%}" if a.get("steal_share") is not None
                          else "–")
+            parts.append(f"{a.get('slow_machine_slices', 0)} of {a['slices']} slow")
             row.append(" / ".join(parts))
         L.append(f"| {c.label} | " + " | ".join(row) + " |")
     pairs = [(x, y) for x, y in (("iocpnet-uring", "iocpnet-epoll"),
@@ -1550,10 +1611,12 @@ def one_connection_md(L, cells, cols, results):
     if not pairs:
         return
     L.append("")
-    L.append("Server CPU ratio per pair (the second's CPU per round trip ÷ the first's; > 1.00: "
-             "the first costs less), median of the paired rounds, then how many rounds say "
-             "ahead / behind and the verdict of the sign test (within the noise unless the "
-             "rounds agree); then the same for the drift-corrected figure.")
+    L.append("Per pair: **the verdict**, from the two servers' slices of the fast state (their "
+             "server CPU per round trip compared unpaired, exact one-sided Mann-Whitney test, "
+             "p ≤ 1/16; else within the noise); then the CPU ratio (the second's CPU per round "
+             "trip ÷ the first's; > 1.00: the first costs less), median of the rounds in which "
+             "both slices were fast, with how many say ahead / behind; then the drift-corrected "
+             "ratio (each side in units of its slice's speed index).")
     L.append("")
     L.append("| case | " + " | ".join(f"{label_of_key(x)} vs {label_of_key(y)}"
                                       for x, y in pairs) + " |")
@@ -1566,7 +1629,13 @@ def one_connection_md(L, cells, cols, results):
             if not v or v.get("excluded") or v.get("cpu") is None:
                 row.append(f"– ({v['excluded']})" if v and v.get("excluded") else "–")
                 continue
-            row.append(f"{v['cpu']:.2f} ({verdict_text(v.get('cpu_verdict'))})"
+            fs = v.get("fast_state_verdict")
+            head = ""
+            if fs:
+                head = (f"**{VERDICT_WORDS[fs['verdict']]}** (fast-state slices "
+                        f"{fs['n'][0]} and {fs['n'][1]}, p {fs['p']:.3f}); ") if fs.get("n") \
+                    else f"**{VERDICT_WORDS[fs['verdict']]}**; "
+            row.append(head + f"{v['cpu']:.2f} ({verdict_text(v.get('cpu_verdict'))})"
                        + (f"; corrected {v['norm_cpu']:.2f} ({verdict_text(v['norm_verdict'])})"
                           if v.get("norm_cpu") else ""))
         L.append(f"| {c.label} | " + " | ".join(row) + " |")
@@ -1576,12 +1645,13 @@ def label_of_key(key):
     return next((s.label for s in SERVERS if s.key == key), key)
 
 
+VERDICT_WORDS = {"ahead": "costs less", "behind": "costs more", "noise": "within the noise"}
+
+
 def verdict_text(vd):
     if not vd:
         return "?"
-    word = {"ahead": "resolved: costs less", "behind": "resolved: costs more",
-            "noise": "within the noise"}[vd["verdict"]]
-    return f"{vd['above']}↑ {vd['below']}↓ of {vd['rounds']}: {word}"
+    return f"{vd['above']}↑ {vd['below']}↓ of {vd['rounds']}: {VERDICT_WORDS[vd['verdict']]}"
 
 
 SATURATED = 0.95  # server cores at or above this: its CPU per round trip is its cost
@@ -1687,9 +1757,12 @@ def equal_rate_md(L, capped, cols, results):
 
 
 def cpu_target_verdict(v):
-    """A 'costs no more than' target on one pair's paired rounds: 'ahead'
-    (resolved: costs less), 'behind' (resolved: costs more), or 'noise'. A
-    median of exactly 1.00 whose rounds do not resolve is noise too."""
+    """A 'costs no more than' target on one pair: 'ahead' (resolved: costs
+    less), 'behind' (resolved: costs more), or 'noise'. One connection: the
+    fast-state comparison (mann_whitney_verdict); else the paired rounds'
+    sign test. A median of exactly 1.00 whose rounds do not resolve is noise."""
+    if v.get("fast_state_verdict"):
+        return v["fast_state_verdict"]["verdict"]
     vd = v.get("cpu_verdict")
     if vd is None:  # a run saved before the sign test: every round must agree
         rounds = v.get("cpu_rounds") or []

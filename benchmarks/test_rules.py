@@ -199,20 +199,54 @@ def test_one_connection_cells_run_twice_the_rounds_of_half_the_length():
     assert not run.is_c1(run.Case("x", "pingpong", 64, 1, rate=20_000))
 
 
-def test_one_connection_slice_in_a_slow_period_of_the_machine_is_left_out():
+def test_one_connection_slice_in_a_slow_state_of_the_machine_is_left_out():
     case = run.Case("pp-16k-c1", "pingpong", 16384, 1)
     # the load generator's own µs per round trip doubles with the server's
     x = [sl(r, 33_000, 14.0, lg_us=14.0) for r in range(3)] + [sl(3, 17_000, 25.0, lg_us=25.5)]
     y = [sl(r, 33_000, 15.0, lg_us=14.2) for r in range(4)]
     rec = agg_of(case, {"x": x, "y": y})
-    assert "machine slow" in rec["x"]["slices"][3]["disturbed"]
-    assert not any(s["disturbed"] for s in rec["y"]["slices"])
+    assert rec["x"]["slices"][3]["slow_machine"] > run.SLOW_MACHINE
+    assert not any(s.get("slow_machine") for s in rec["y"]["slices"])
     a = rec["x"]["agg"]
     assert abs(a["server_us"] - 14.0) < 1e-9 and a["slices_used"] == 3
+    assert a["slow_machine_slices"] == 1 and not a["disturbed"]
     assert abs(a["loadgen_us"] - 14.0) < 1e-6
     v = a["vs"]["y"]
     assert v["rounds"] == 3  # the slow round is in no pair
     assert abs(v["norm_cpu"] - 15.0 / 14.0 * 14.0 / 14.2) < 1e-6
+    # 3 fast slices against 4, all lower: exact p = 1/35
+    assert v["fast_state_verdict"]["verdict"] == "ahead"
+    assert abs(v["fast_state_verdict"]["p"] - 1 / 35) < 1e-4
+
+
+def test_bimodal_machine_states_mixed_rounds_are_compared_within_the_fast_state():
+    # the quiet run's 64 B x 1 pattern: two states ~1.4x apart, landing on
+    # different rounds for different servers; io_uring 5 % cheaper in each state
+    case = run.Case("pp-64-c1", "pingpong", 64, 1)
+    state = {"u": [0, 0, 1, 1, 0, 1, 0, 1], "e": [0, 1, 1, 1, 0, 0, 1, 0]}
+    u = [sl(r, 40_000, 8.5 * (1.4 if st else 1), lg_us=7.3 * (1.4 if st else 1))
+         for r, st in enumerate(state["u"])]
+    e = [sl(r, 40_000, 8.95 * (1.4 if st else 1), lg_us=7.4 * (1.4 if st else 1))
+         for r, st in enumerate(state["e"])]
+    rec = agg_of(case, {"iocpnet-uring": u, "iocpnet-epoll": e})
+    v = rec["iocpnet-uring"]["agg"]["vs"]["iocpnet-epoll"]
+    raw = [x.get("cpu") for x in [v]]
+    assert raw and v["fast_state_verdict"]["verdict"] == "ahead"
+    assert run.cpu_target_verdict(v) == "ahead"
+    # without the state split, the paired rounds of all 8 rounds would disagree
+    allr = [(e_["server_cpu_s"] / e_["roundtrips"]) / (u_["server_cpu_s"] / u_["roundtrips"])
+            for u_, e_ in zip(u, e)]
+    assert run.sign_verdict(allr)["verdict"] == "noise"
+
+
+def test_mann_whitney_verdict():
+    mw = run.mann_whitney_verdict
+    assert mw([1, 2, 3, 4], [5, 6, 7, 8])["verdict"] == "ahead"     # p = 1/70
+    assert mw([5, 6, 7, 8], [1, 2, 3, 4])["verdict"] == "behind"
+    assert mw([1, 2], [3, 4])["verdict"] == "noise"                 # p = 1/6
+    assert mw([1, 3, 5, 7], [2, 4, 6, 8])["verdict"] == "noise"
+    assert mw([], [1])["verdict"] == "noise"
+    assert abs(mw([1, 2, 3], [4, 5, 6, 7])["p"] - 1 / 35) < 1e-4
 
 
 def test_a_server_that_makes_the_generator_work_more_is_not_a_slow_machine():
