@@ -448,7 +448,7 @@ static void refill_and_send(struct conn *c);
 /* ---------- rate cap (-r) ----------
  * A token bucket: a message (connect mode: a connection) may start only with
  * a token; tokens accrue at o.rate per second, at most one millisecond's
- * worth (or one) saved up. A connection whose window is open but found no
+ * worth (at least 2) saved up. A connection whose window is open but found no
  * token waits in rate_wait and is served, in order, when tokens are back
  * (connect mode: a free slot waits for a token, and run_connect takes one per
  * connect itself). The cap makes an equal-rate cell: every server is offered
@@ -1290,7 +1290,10 @@ static void alloc_conns(int n, int depth)
 {
     nconns = n;
     rate_wait = calloc((size_t)n, sizeof *rate_wait);
-    rate_burst = o.rate / 1000.0 < 1 ? 1 : o.rate / 1000.0;
+    /* at least 2: with room for one token only, the part of the next token
+     * accrued between its falling due and the pass that spends it would be
+     * dropped (a 2 % schedule loss at 1000/s for a 20 us late pass) */
+    rate_burst = o.rate / 1000.0 < 2 ? 2 : o.rate / 1000.0;
     rate_tokens = rate_burst;
     rate_t = now_ns();
     conns = calloc((size_t)n, sizeof *conns);
