@@ -137,9 +137,10 @@ def parts(quick):
     docs = os.path.relpath(DOCS if not quick else os.path.join(QUICK_DIR, "benchmarks.md"), ROOT)
     return [
         Part("echo", "Echo matrix", "benchmarks/run.py",
-             # --budget: 12.6 min planned (9.8 + 2.8 for the four equal-rate
-             # cells), then re-measured slices and the headroom probes (about
-             # 1.2 min when ~26 cells need one) share the rest
+             # --budget: 13.0 min planned (9.8 + 2.8 for the four equal-rate
+             # cells + 0.4 for the one-connection cells' extra warm-ups), then
+             # re-measured slices and the headroom probes (uncapped cells
+             # only; about 1 min when ~20 cells need one) share the rest
              [["benchmarks/run.py", "--rounds", "4", "--budget", "15.5", "--write-docs",
                "--docs", docs, "--out", "latest"]],
              [["benchmarks/run.py", "--quick", "--budget", "1.5", "--write-docs",
