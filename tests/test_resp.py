@@ -142,6 +142,65 @@ def test_an_unfinished_reply_over_the_bound_is_refused():
             p.replies()
 
 
+def test_a_long_reply_arriving_in_pieces_is_parsed_once():
+    """A reply of many small elements arriving a few bytes at a time (a slow or hostile
+    Redis) costs its size, not its size squared: the arrays not yet whole are kept, and
+    only the element that was cut is parsed again.  Parsing from the reply's start per
+    receive made 1000 elements (4001 lines) 6.9 million line parses, and a million
+    elements would spin a subscriber's strand for days; counted, not timed."""
+    n = 1000
+    value = [[b"abc", i, "ok"] for i in range(n)]
+    wire = enc(value)
+    p = Parser()
+    lines = 0
+    original = p._line
+
+    def counting(*a):
+        nonlocal lines
+        lines += 1
+        return original(*a)
+    p._line = counting
+    got = []
+    for i in range(0, len(wire), 7):
+        p.feed(wire[i:i + 7])
+        got += p.replies()
+        assert not got or i + 7 >= len(wire)
+    assert got == [value] and p.buffered == 0
+    # Each element's line is parsed once, again when a cut fell inside the element.
+    assert lines <= 2 * (4 * n + 1), lines
+
+
+def test_a_nested_reply_fed_byte_by_byte_and_its_bounds():
+    """Byte by byte through nested arrays (each cut resumes inside the innermost
+    array); the bytes of the arrays kept aside still count toward max_reply."""
+    value = [[b"a", [1, [], None, [RespError("ERR x"), "s"]]], b"", [[[b"deep"]]]]
+    wire = enc(value) + b":7\r\n"
+    p = Parser()
+    got = []
+    for i in range(len(wire)):
+        p.feed(wire[i:i + 1])
+        got += p.replies()
+        done = sum(len(enc(v)) for v in got)
+        assert p.buffered == i + 1 - done
+    assert [norm(v) for v in got] == [norm(value), 7] and p.buffered == 0
+    p = Parser(max_reply=100)
+    p.feed(b"*1000\r\n")
+    with pytest.raises(ProtocolError, match="over 100"):
+        for _ in range(100):      # every piece ends where an element does
+            p.feed(b":1\r\n")
+            p.replies()
+    p = Parser(max_depth=3)
+    p.feed(b"*1\r\n*1\r\n*1\r\n")
+    assert p.replies() == []
+    p.feed(b":1\r\n")
+    assert p.replies() == [[[[1]]]]
+    p.feed(b"*1\r\n*1\r\n")
+    p.replies()
+    p.feed(b"*1\r\n*1\r\n")
+    with pytest.raises(ProtocolError, match="deeper than 3"):
+        p.replies()
+
+
 def test_a_large_bulk_is_not_parsed_again_per_receive():
     """A 1 MiB value arriving in 16 KiB pieces: each piece before the last costs a
     length check, not a parse (the parser waits for `need` bytes)."""
@@ -149,13 +208,13 @@ def test_a_large_bulk_is_not_parsed_again_per_receive():
     wire = enc(value)
     p = Parser()
     calls = 0
-    original = p._value
+    original = p._next
 
     def counting(*a):
         nonlocal calls
         calls += 1
         return original(*a)
-    p._value = counting
+    p._next = counting
     got = []
     for i in range(0, len(wire), 16384):
         p.feed(wire[i:i + 16384])

@@ -17,10 +17,14 @@ that is not a plain decimal is refused, a bulk string must end with CRLF where i
 length says, and anything else is a ``ProtocolError`` that the connection turns into a
 disconnect with that reason.  tests/test_resp.py feeds it random cuts and random bytes.
 
-Cost.  A reply cut across receives is parsed again from its start when more bytes come
-(no resumable state); a bulk string waits, without re-parsing, until ``need`` says its
-bytes are all there (the pieces kept in a list, joined once), so a large value costs
-one pass and one copy.  ``Parser.messages`` is the fast
+Cost.  A reply cut across receives resumes where it stopped: the arrays not yet whole
+are kept (``_stack``, each with the elements parsed so far) and their bytes dropped from
+the buffer, so only the element that was cut is parsed again.  A reply of a million
+small elements arriving a few at a time costs its size, not its size squared (parsing
+it again from its start per receive made a slow or hostile Redis spin the subscriber's
+strand).  A bulk string waits, without re-parsing, until ``need`` says its bytes are
+all there (the pieces kept in a list, joined once), so a large value costs one pass and
+one copy.  ``Parser.messages`` is the fast
 path of the backplane's subscriber connection: a ``message`` push is recognised by its
 fixed prefix and its two bulk strings sliced straight out of the buffer.
 """
@@ -82,10 +86,12 @@ def encode_command(*args: object) -> bytes:
 
 
 class _Incomplete(Exception):
-    """Not enough bytes yet; ``need``: the buffer length at which to try again."""
+    """Not enough bytes yet; ``need``: the buffer length at which to try again; ``at``
+    (set by ``Parser._next``): where the element that was cut starts."""
 
     def __init__(self, need: int) -> None:
         self.need = need
+        self.at = -1
 
 
 # A pub/sub push: *3 $7 message $<channel> $<payload>.
@@ -112,11 +118,16 @@ class Parser:
         # `_buf` copied everything so far per receive (the square of the size).
         self._more: List[bytes] = []
         self._more_len = 0
+        # The arrays of the reply being received that are not whole yet, outermost
+        # first: [elements so far, elements announced].  Their bytes have left `_buf`;
+        # `_partial` counts them (for `max_reply` and `buffered`).
+        self._stack: List[Tuple[List[Any], int]] = []
+        self._partial = 0
 
     @property
     def buffered(self) -> int:
         """Bytes received and not yet parsed into a reply."""
-        return len(self._buf) - self._pos + self._more_len
+        return len(self._buf) - self._pos + self._more_len + self._partial
 
     def feed(self, data: Union[bytes, bytearray, memoryview]) -> None:
         chunk = bytes(data)
@@ -150,12 +161,12 @@ class Parser:
         pos = self._pos
         while pos < n:
             try:
-                value, pos2 = self._value(buf, pos, 0)
+                value, pos = self._next(buf, pos)
             except _Incomplete as e:
                 self._need = e.need
+                pos = e.at
                 break
             out.append(value)
-            pos = pos2
         self._done(pos)
         return out
 
@@ -171,7 +182,7 @@ class Parser:
         pos = self._pos
         mlen = len(_MESSAGE)
         while pos < n:
-            if buf.startswith(_MESSAGE, pos):
+            if not self._stack and buf.startswith(_MESSAGE, pos):
                 # The fast path: two bulk strings at known places.
                 try:
                     channel, p = self._bulk_at(buf, pos + mlen - 1)
@@ -189,9 +200,10 @@ class Parser:
                 pos = p
                 continue
             try:
-                value, pos2 = self._value(buf, pos, 0)
+                value, pos = self._next(buf, pos)
             except _Incomplete as e:
                 self._need = e.need
+                pos = e.at
                 break
             if isinstance(value, list) and len(value) == 3 and value[0] == b"message":
                 if not (isinstance(value[1], bytes) and isinstance(value[2], bytes)):
@@ -200,16 +212,15 @@ class Parser:
                 out.append((value[1], value[2]))      # a message the fast path missed
             else:
                 out.append((None, value))
-            pos = pos2
         self._done(pos)
         return out
 
     def _done(self, pos: int) -> None:
         if pos >= len(self._buf):
             self._buf, self._pos, self._need = b"", 0, 0
-            return
-        self._pos = pos
-        if len(self._buf) - pos > self.max_reply:
+        else:
+            self._pos = pos
+        if len(self._buf) - self._pos + self._partial > self.max_reply:
             # What is left is one reply, unfinished, and already over the bound.
             raise ProtocolError(f"a reply over {self.max_reply} bytes")
 
@@ -244,27 +255,58 @@ class Parser:
             raise ProtocolError("a bulk string not ended by CRLF where its length says")
         return buf[p:stop], stop + 2
 
-    def _value(self, buf: bytes, pos: int, depth: int) -> Tuple[Reply, int]:
-        if pos >= len(buf):
-            raise _Incomplete(pos + 1)
-        t = buf[pos]
+    def _next(self, buf: bytes, pos: int) -> Tuple[Reply, int]:
+        """The next whole reply from `pos`, resuming the arrays left in `_stack`, and
+        the position after it.  When the bytes end inside it: the arrays so far stay
+        in `_stack`, their bytes counted in `_partial`, and the `_Incomplete` raised
+        says (``at``) where the element that was cut starts."""
+        stack = self._stack
+        start = pos
+        try:
+            while True:
+                if pos >= len(buf):
+                    raise _Incomplete(pos + 1)
+                t = buf[pos]
+                if t == 42:                           # '*' array
+                    line, p = self._line(buf, pos)
+                    n = self._length(line, "array")
+                    if n == -1:
+                        value: Reply = None
+                    else:
+                        if n < 0 or n > self.max_elements:
+                            raise ProtocolError(f"an array of {n} elements "
+                                                f"(limit {self.max_elements})")
+                        if len(stack) >= self.max_depth:
+                            raise ProtocolError(f"arrays nested deeper than "
+                                                f"{self.max_depth}")
+                        if n:
+                            stack.append(([], n))
+                            pos = p
+                            continue
+                        value = []
+                else:
+                    value, p = self._scalar(buf, pos, t)
+                pos = p
+                # The value ends the arrays it fills; the innermost one still short
+                # of its count takes the next element.
+                while stack:
+                    items, n = stack[-1]
+                    items.append(value)
+                    if len(items) < n:
+                        break
+                    stack.pop()
+                    value = items
+                else:
+                    self._partial = 0
+                    return value, pos
+        except _Incomplete as e:
+            self._partial += pos - start
+            e.at = pos
+            raise
+
+    def _scalar(self, buf: bytes, pos: int, t: int) -> Tuple[Reply, int]:
         if t == 36:                                   # '$' bulk string
             return self._bulk_at(buf, pos)
-        if t == 42:                                   # '*' array
-            line, p = self._line(buf, pos)
-            n = self._length(line, "array")
-            if n == -1:
-                return None, p
-            if n < 0 or n > self.max_elements:
-                raise ProtocolError(f"an array of {n} elements "
-                                    f"(limit {self.max_elements})")
-            if depth >= self.max_depth:
-                raise ProtocolError(f"arrays nested deeper than {self.max_depth}")
-            items: List[Any] = []
-            for _ in range(n):
-                v, p = self._value(buf, p, depth + 1)
-                items.append(v)
-            return items, p
         if t == 58:                                   # ':' integer
             line, p = self._line(buf, pos)
             return self._length(line, "integer"), p
