@@ -332,6 +332,24 @@ def test_iocp_core_is_a_context_manager(backend):
     c.close()
 
 
+def test_with_on_a_closed_core_is_refused(backend):
+    """``with core:`` on a core already closed (a core reused after its with block, or
+    closed by hand) raised nothing: the block ran and each call in it failed later on
+    the shut port.  It is refused at the ``with``, and the block does not run."""
+    ran = []
+    core = iocpnet.IocpCore(backend)
+    with core:
+        ran.append(1)
+    assert core.closed and ran == [1]
+    other = iocpnet.IocpCore(backend)
+    other.Close()
+    for closed in (core, other):
+        with pytest.raises(RuntimeError, match="IocpCore is closed"):
+            with closed:
+                ran.append(2)
+    assert ran == [1]
+
+
 @pytest.mark.parametrize("how", ["Close", "Stop"])
 def test_shutdown_from_a_signal_handler_while_this_thread_dispatches(backend, how,
                                                                      caplog_iocpnet):

@@ -167,7 +167,8 @@ class IocpCore:
         """
 
     def __enter__(self) -> Self:
-        """``with IocpCore() as core:`` closes the core at the end of the block."""
+        """``with IocpCore() as core:`` closes the core at the end of the block; a core
+        already closed raises RuntimeError."""
 
     def __exit__(self, *exc_info: object) -> None:
         """``Close()`` with its default timeout; an exception of the block goes on."""

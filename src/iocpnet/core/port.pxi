@@ -335,7 +335,12 @@ cdef class IocpCore:
             self._close_callbacks = []
 
     def __enter__(self):
-        """``with IocpCore() as core:`` closes the core at the end of the block."""
+        """``with IocpCore() as core:`` closes the core at the end of the block.  A core
+        already closed (or closing) refuses the block: everything in it would fail
+        later, one call at a time, on the shut port."""
+        if self.port == NULL or self._closing or self._closed:
+            raise RuntimeError("the IocpCore is closed: a with block needs an open core "
+                               "(make a new IocpCore)")
         return self
 
     def __exit__(self, *exc_info):
