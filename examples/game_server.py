@@ -81,6 +81,7 @@ class Room(iocpnet.Group):
 
     def __init__(self, core: iocpnet.IocpCore, name: str) -> None:
         super().__init__(core, name)
+        self.room_name = name
         self.tick = 0
         self.positions: Dict[int, List[int]] = {}      # player id -> [x, y]
         self.pending: List[Tuple[int, int, int, int]] = []
@@ -88,10 +89,16 @@ class Room(iocpnet.Group):
 
     # Everything below runs on the room's strand, one at a time.
 
-    def on_join(self, player: Player) -> None:
+    def on_join(self, player: Player, level: int) -> None:
         if not self.Add(player):
-            return                          # it disconnected meanwhile
+            return                          # cut before its welcome: no one hears of it
         self.positions[player.player_id] = [0, 0]
+        # The welcome comes from here, once the player is in: a player that was
+        # welcomed is heard joining, and its leave (posted by OnDisconnected, so run
+        # after this) is heard too.  Sent before the join, a player cut in between
+        # had been welcomed yet was never in the room, and no one heard it leave.
+        player.Send(iocpnet.make_packet(proto.S_WELCOME, proto.welcome(
+            player.player_id, level, TICK_HZ, self.room_name)))
         player.Send(iocpnet.make_packet(proto.S_ROSTER, proto.roster(
             [pid for pid in self.positions if pid != player.player_id])))
         self.Broadcast(iocpnet.make_packet(proto.S_JOINED,
@@ -197,9 +204,7 @@ class Player(iocpnet.PacketSession):
         level = task.result()               # a lookup that failed ends the session
         self.player_id = next(self.world.ids)
         room = self.room = self.world.room(room_name)
-        self.Send(iocpnet.make_packet(proto.S_WELCOME, proto.welcome(
-            self.player_id, level, TICK_HZ, room_name)))
-        room.Post(room.on_join, self)
+        room.Post(room.on_join, self, level)    # the room welcomes it
 
     def need_room(self) -> Room:
         if self.room is None:

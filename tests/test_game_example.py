@@ -4,6 +4,9 @@ then its rules in-process: an awaited login against a real redis-server, moves e
 at the tick, chat to the room, a protocol error."""
 import re
 import signal
+import socket
+import struct
+import threading
 import types
 
 import pytest
@@ -60,10 +63,11 @@ def game(redis_port, backend):
     service = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0)),
                               lambda: mod.Player(world), 16)
     run = service.Start(workers=2)
-    view = types.SimpleNamespace(port=run.port)
+    view = types.SimpleNamespace(port=run.port, world=world, service=service)
     yield view
     world.close()
     run.Stop()
+    del view.world, view.service        # pytest keeps `view` past the leak check
 
 
 def login(run, name, room):
@@ -116,9 +120,7 @@ def test_game_login_moves_and_chat(game, redis_port):
 def test_game_server_cuts_a_flooder_and_the_room_goes_on(game):
     good, pg, _ = login(game, "gus", "r3")
     bad, pb, _ = login(game, "fay", "r3")
-    # The welcome comes before the room has taken the player in (a job posted to the
-    # room's strand): a flooder cut before that never was in the room, and no one hears
-    # it leave.  Flood once `good` has heard it join.
+    # Flood once `good` has heard it join (read_until below skips it otherwise).
     while proto.parse_joined(read_until(good, proto.S_JOINED)) != (pb, "fay"):
         pass
     flood = iocpnet.make_packet(proto.C_MOVE, proto.move(1, 0, 0)) * 2000
@@ -140,3 +142,37 @@ def test_game_server_cuts_a_flooder_and_the_room_goes_on(game):
     assert proto.parse_chat_heard(read_until(good, proto.S_CHAT)) == (pg, 1, "still here")
     good.close()
     bad.close()
+
+
+def test_a_player_cut_right_after_its_welcome_is_heard_joining_and_leaving(game):
+    """The welcome was sent before the room took the player in (a job on the room's
+    strand): a player cut in between had been welcomed, yet was never in the room and
+    no one heard it leave.  The room's strand is held busy so that the cut surely
+    falls there; a welcomed player must be heard joining, then leaving."""
+    a, pa, _ = login(game, "amy", "r4")
+    assert proto.parse_joined(read_until(a, proto.S_JOINED)) == (pa, "amy")
+    gate = threading.Event()
+    game.world.room("r4").Post(gate.wait, 10)
+    b = connect(("127.0.0.1", game.port))
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    try:
+        b.sendall(iocpnet.make_packet(proto.C_LOGIN, proto.login("ben", "r4")))
+        b.settimeout(0.5)       # the lookup takes milliseconds
+        try:
+            welcome = read_until(b, proto.S_WELCOME)
+        except socket.timeout:
+            welcome = None      # no welcome while the room cannot take the player in
+        if welcome is not None:
+            b.close()           # reset, and the server has dropped it, before the join
+            wait_for(lambda: game.service.session_count == 1, message="ben dropped")
+    finally:
+        gate.set()
+    if welcome is None:
+        b.settimeout(10)
+        welcome = read_until(b, proto.S_WELCOME)
+        b.close()
+    pb = proto.parse_welcome(welcome)[0]
+    # Ticks come 20 a second: 100 packets is 5 s of waiting for a join never heard.
+    assert proto.parse_joined(read_until(a, proto.S_JOINED, limit=100)) == (pb, "ben")
+    assert read_until(a, proto.S_LEFT, limit=100) == proto.left(pb)
+    a.close()
