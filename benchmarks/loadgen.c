@@ -1343,8 +1343,8 @@ static void run_traffic(void)
             start_connect(&conns[started++]);
         poll_events(o.rate > 0 ? 1 : ms_until(setup_deadline), 0);
         rate_pump(now_ns()); /* epoll engines send the first messages here */
-        if (now_ns() >= setup_deadline)
-            die(2, "only %d of %d connections established within %.0f s", *done, o.conns,
+        if (*done < o.conns && now_ns() >= setup_deadline)
+            die(2, "only %d of %d connections established within %g s", *done, o.conns,
                 o.setup_timeout);
     }
     if (engine == E_URING)
@@ -1479,8 +1479,8 @@ static void run_idle(void)
         while (started < o.idle_count && open_count - established < o.setup_conc)
             start_connect(&conns[started++]);
         poll_events(ms_until(setup_deadline), busy);
-        if (now_ns() >= setup_deadline)
-            die(2, "only %d of %d idle connections established within %.0f s", established,
+        if (established < o.idle_count && now_ns() >= setup_deadline)
+            die(2, "only %d of %d idle connections established within %g s", established,
                 o.idle_count, o.setup_timeout);
     }
     measuring = 0;
@@ -1620,7 +1620,7 @@ int main(int argc, char **argv)
         case 'H': {
             char *end;
             o.handicap = strtod(optarg, &end);
-            if (*end || !(o.handicap >= 0 && o.handicap <= 0.9)) {
+            if (end == optarg || *end || !(o.handicap >= 0 && o.handicap <= 0.9)) {
                 fprintf(stderr, "loadgen: -H wants a share in [0, 0.9], not '%s'\n", optarg);
                 return 1;
             }
@@ -1636,6 +1636,12 @@ int main(int argc, char **argv)
     }
     if (o.conns < 0)
         o.conns = o.mode == M_CONNECT ? 50 : 1;
+    /* A window of 0 s measures nothing (it connected, then failed on zero round
+     * trips); a set-up timeout of 0 s gives up before the first connect. */
+    if (o.duration <= 0 && o.mode != M_IDLE)
+        die(1, "-t: the measured window must be longer than 0 s");
+    if (o.setup_timeout <= 0)
+        die(1, "-T: the set-up timeout must be longer than 0 s");
     if (o.rate > 0 && o.mode == M_IDLE)
         die(1, "-r applies to pingpong, pipeline and connect only");
     if (o.mode == M_PIPELINE && (uint64_t)o.depth * (uint64_t)o.size > 64u * 1024u * 1024u)

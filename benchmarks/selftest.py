@@ -129,6 +129,11 @@ def main():
         ("none", ["-m", "connect", "-c", "8"], 0),
         ("none", ["-m", "idle", "-n", "50", "-i", "0.2"], 0),
         ("corrupt", ["-m", "connect", "-c", "8", "-s", "2000"], 3),
+        # arguments that measure nothing are refused before connecting (exit 1)
+        ("none", ["-m", "pingpong", "-t", "0"], 1),
+        ("none", ["-m", "connect", "-t", "0"], 1),
+        ("none", ["-m", "pingpong", "-c", "3", "-T", "0"], 1),
+        ("none", ["-m", "pingpong", "-H", ""], 1),
     ]
     failed = 0
     for defect, args, want in cases:
