@@ -36,7 +36,9 @@ Design notes (the why):
   of the other state is what made the rounds disagree. So one-connection
   cells run twice the rounds at half the slice length, a slice whose
   generator spent over 1.2x its least per round trip against the same server
-  is left out as slow (mark_slow_machine), the servers are compared on their
+  is left out as slow (mark_slow_machine; so is one whose speed probe,
+  benchmarks/speedprobe.c on the server's core just before and after it, was
+  over 1.2x the cell's least), the servers are compared on their
   fast-state slices unpaired (mann_whitney_verdict), and the report prints
   companions that do not move with the state (the server's CPU in units of
   the generator's, its context switches per round trip, steal).
@@ -78,6 +80,7 @@ C_PROGRAMS = {
     "loadgen": "loadgen.c",
     "c_uring_echo": "servers/c_uring_echo.c",
     "c_epoll_echo": "servers/c_epoll_echo.c",
+    "speedprobe": "speedprobe.c",
 }
 
 
@@ -653,11 +656,37 @@ def slice_argv(case, r, args, withhold=0.0):
     return argv
 
 
+SPEEDPROBE_MS = 30  # each core's speed probe around a one-connection slice
+
+
+def core_speeds():
+    """µs of CPU time one unit of register-only work took on each CPU, both
+    probed at once (benchmarks/speedprobe.c): a server-independent index of
+    the machine's speed state at that moment, {"0": µs, "1": µs}, or {}."""
+    exe = os.path.join(BUILD, "speedprobe")
+    if not os.path.exists(exe):
+        return {}
+    procs = {cpu: subprocess.Popen(pin(cpu, [exe, str(SPEEDPROBE_MS)]), stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL, text=True,
+                                   preexec_fn=_die_with_parent)
+             for cpu in (SERVER_CPU, LOADGEN_CPU)}
+    out = {}
+    for cpu, p in procs.items():
+        try:
+            o, _ = p.communicate(timeout=10)
+            out[cpu] = json.loads(o)["unit_us_median"]
+        except (subprocess.TimeoutExpired, ValueError, KeyError):
+            p.kill()
+            p.wait()
+    return out
+
+
 def run_slice(case, r, others, args, withhold=0.0):
     """One measured slice against one server, with bookkeeping of what else
     used the CPUs meanwhile (other servers, other processes on the box).
     withhold > 0: a headroom probe (the load generator runs on 1 - withhold
     of its core; see PROBE_WITHHOLD)."""
+    speed0 = core_speeds() if is_c1(case) else None
     wall0, busy0, kids0 = time.monotonic(), machine_busy_s(), children_cpu_s()
     steal0, ctx0 = cpu_steal_s(), proc_ctx_switches(r.pid)
     srv0 = proc_cpu_s(r.pid)
@@ -673,6 +702,8 @@ def run_slice(case, r, others, args, withhold=0.0):
         c1 = proc_cpu_s(o.pid)
         if c1 is not None and oth0.get(o.server.key) is not None:
             per[o.server.key] = c1 - oth0[o.server.key]
+    # after every figure of the slice was read: the probes are in none of them
+    speed1 = core_speeds() if is_c1(case) else None
     bystanders = sum(per.values())
     if res is not None:
         srv = (srv1 - srv0) if (srv1 is not None and srv0 is not None) else 0.0
@@ -686,6 +717,8 @@ def run_slice(case, r, others, args, withhold=0.0):
         res["steal_s"] = {cpu: round(steal1.get(cpu, 0) - steal0.get(cpu, 0), 4)
                           for cpu in (SERVER_CPU, LOADGEN_CPU) if cpu in steal0}
         res["wall_s"] = wall
+        if speed0 and speed1:
+            res["core_speed"] = {"before": speed0, "after": speed1}
         if ctx0 and ctx1:
             res["server_ctx_switches"] = [ctx1[0] - ctx0[0], ctx1[1] - ctx0[1]]
         res["disturbed"] = disturbance(res)
@@ -1156,6 +1189,8 @@ def aggregate(case, record):
                 for s in use if loadgen_us_per_rt(s, count_key) and s[count_key])
                 if lg_us else None),
             "ctx_per_rt": statistics.median(ctx) if ctx else None,
+            "core_us": (statistics.median(x for x in map(core_index, use) if x)
+                        if any(map(core_index, use)) else None),
             "steal_share": max(steal) if steal else None,
             "other_load_cores": statistics.median(s["other_load_cores"] for s in use),
             "disturbed_slices": len(sl) - len(clean),
@@ -1187,23 +1222,39 @@ def aggregate(case, record):
             rec["agg"]["cpu_ratio"] = r.get("cpu")
 
 
+def core_index(s, cpu=None):
+    """A slice's speed-probe figure (benchmarks/speedprobe.c) for the
+    server's CPU: the lesser of the probes just before and just after it
+    (both must say slow for the slice to be slow), or None."""
+    cs = s.get("core_speed") or {}
+    cpu = cpu or SERVER_CPU
+    xs = [cs.get(k, {}).get(cpu) for k in ("before", "after")]
+    return min(xs) if all(xs) else None
+
+
 def mark_slow_machine(record):
     """One-connection cells: mark the slices that ran in a slow state of the
-    machine, s["slow_machine"]: the load generator's own CPU per round trip
-    above SLOW_MACHINE x its least against the same server. Per server, so
-    that a server which really makes the generator work more in every round is
-    not taken for a slow machine: only a change within one server's slices is.
-    If the machine was slow throughout, nothing is marked."""
+    machine, s["slow_machine"] = how much slower. Two signs, either suffices:
+    the load generator's own CPU per round trip above SLOW_MACHINE x its least
+    against the same server (per server, so that a server which really makes
+    the generator work more in every round is not taken for a slow machine),
+    or the speed probe of the server's core, before and after the slice, above
+    SLOW_MACHINE x the cell's least (server-independent). If the machine was
+    slow throughout, nothing is marked."""
+    cores = [x for rec in record.values() for s in rec["slices"]
+             for x in [core_index(s)] if x and not s.get("disturbed")]
+    least_core = min(cores) if cores else None
     for rec in record.values():
         sl = [s for s in rec["slices"] if "window_s" in s and not s.get("disturbed")]
         speeds = [x for x in (loadgen_us_per_rt(s) for s in sl) if x]
-        if len(speeds) < 2:
-            continue
-        fast = min(speeds)
+        fast = min(speeds) if len(speeds) >= 2 else None
         for s in sl:
-            x = loadgen_us_per_rt(s)
-            if x and x > SLOW_MACHINE * fast:
-                s["slow_machine"] = round(x / fast, 3)
+            x, c = loadgen_us_per_rt(s), core_index(s)
+            slow = [r for r in ((x / fast) if x and fast else 0,
+                                (c / least_core) if c and least_core else 0)
+                    if r > SLOW_MACHINE]
+            if slow:
+                s["slow_machine"] = round(max(slow), 3)
             else:
                 s.pop("slow_machine", None)
 
@@ -1576,13 +1627,17 @@ def one_connection_md(L, cells, cols, results):
              "trip whatever the server, within about 5 %) / server CPU per round trip in units "
              "of that index (drift-corrected; biased by the generator's small server-dependent "
              "part) / the server's voluntary context switches per round trip (its wake-ups: "
-             "independent of the machine's speed) / the largest share of the two CPUs stolen by "
-             "the hypervisor in any slice / slices in the machine's slow state, left out. This "
+             "independent of the machine's speed) / the speed probe of the server's core around "
+             "its slices (µs of CPU time for a fixed unit of register-only work, "
+             "`benchmarks/speedprobe.c`: server-independent) / the largest share of the two CPUs "
+             "stolen by the hypervisor in any slice / slices in the machine's slow state, left "
+             "out. This "
              "VM switches every few seconds between speed states 1.3-2x apart that slow both "
              "cores at once (the load generator's own CPU per round trip moves with the "
              "server's): a slice whose speed index was above "
-             f"{SLOW_MACHINE}x the least against the same server ran in a slow state and is in "
-             "no median and no comparison.")
+             f"{SLOW_MACHINE}x the least against the same server, or whose speed probe before "
+             f"and after it was above {SLOW_MACHINE}x the cell's least, ran in a slow state and "
+             "is in no median and no comparison.")
     L.append("")
     L.append("| case | " + " | ".join(s.label for s in cols) + " |")
     L.append("|---|" + "---|" * len(cols))
@@ -1598,6 +1653,7 @@ def one_connection_md(L, cells, cols, results):
             parts.append(f"{a['loadgen_us']:.2f}" if a.get("loadgen_us") else "–")
             parts.append(f"{a['server_per_loadgen']:.3f}" if a.get("server_per_loadgen") else "–")
             parts.append(f"{a['ctx_per_rt']:.2f} cs" if a.get("ctx_per_rt") is not None else "–")
+            parts.append(f"probe {a['core_us']:.1f}" if a.get("core_us") else "–")
             parts.append(f"steal {a['steal_share']:.1%}" if a.get("steal_share") is not None
                          else "–")
             parts.append(f"{a.get('slow_machine_slices', 0)} of {a['slices']} slow")
@@ -2080,7 +2136,7 @@ def summarize(raw):
     slim = ("round", "rt_per_s", "conn_per_s", "roundtrips", "connections", "window_s",
             "probe_rate_ratio", "probe_withheld_share", "probe_free_rate", "probe_withheld_rate",
             "server_cpu_s", "loadgen_busy", "loadgen_cpu_s", "other_load_cores", "disturbed",
-            "sched", "steal_s", "wall_s", "server_ctx_switches")
+            "sched", "steal_s", "wall_s", "server_ctx_switches", "core_speed", "slow_machine")
     for c in raw["cases"]:
         cc = {k: v for k, v in c.items() if k != "servers"}
         cc["servers"] = {}
@@ -2134,8 +2190,10 @@ def plan_seconds(cases, servers, args):
             setup = c.idle_count / 8000  # slowest (asyncio streams) sets up ~8k conn/s
             total += n * (IDLE_OVERHEAD + setup + args.idle_hold)
         else:
+            # one connection: the two speed probes around each slice
+            probes = 2 * (SPEEDPROBE_MS / 1000 + 0.02) if is_c1(c) else 0.0
             total += CASE_STARTUP + case_rounds(c, args) * n * (
-                args.warmup + case_slice(c, args) + SLICE_OVERHEAD)
+                args.warmup + case_slice(c, args) + SLICE_OVERHEAD + probes)
     return total
 
 

@@ -239,6 +239,17 @@ def test_bimodal_machine_states_mixed_rounds_are_compared_within_the_fast_state(
     assert run.sign_verdict(allr)["verdict"] == "noise"
 
 
+def test_one_connection_slice_whose_speed_probe_says_slow_is_left_out():
+    case = run.Case("pp-64-c1", "pingpong", 64, 1)
+    x = [sl(r, 40_000, 8.5, lg_us=7.3) for r in range(4)]
+    for r, (b, a) in enumerate(((23.0, 23.1), (23.0, 33.0), (33.0, 32.9), (23.2, 23.0))):
+        x[r]["core_speed"] = {"before": {"0": b, "1": 23.0}, "after": {"0": a, "1": 23.0}}
+    rec = agg_of(case, {"x": x})
+    # only the slice with both probes slow is (the one with one slow probe is not)
+    assert [s.get("slow_machine") for s in rec["x"]["slices"]] == [None, None, 1.43, None]
+    assert rec["x"]["agg"]["core_us"] == 23.0
+
+
 def test_mann_whitney_verdict():
     mw = run.mann_whitney_verdict
     assert mw([1, 2, 3, 4], [5, 6, 7, 8])["verdict"] == "ahead"     # p = 1/70
