@@ -1315,26 +1315,38 @@ def pair_ratio(rec, peer, rate_key, count_key):
     # one connection: both servers' slices of the machine's fast state,
     # compared unpaired (the state, not the time between two slices, is what
     # moves their cost: see one_connection_md)
-    def fast_cpu(r):
-        return [x["server_cpu_s"] / x[count_key] for x in r["slices"]
+    def fast(r):
+        return [x for x in r["slices"]
                 if not x.get("disturbed") and not x.get("slow_machine") and x.get(count_key)
-                and x.get("server_cpu_s")]
+                and x.get("server_cpu_s") and "window_s" in x]
     mw = None
+    out = {"fast_state_verdict": None}
     if rec.get("c1"):
-        mw = mann_whitney_verdict(fast_cpu(rec), fast_cpu(peer))
-    if not rr:
-        return {"throughput": None, "cpu": None, "excluded": "no round with both undisturbed",
-                "fast_state_verdict": mw}
-    return {"throughput": statistics.median(rr), "cpu": statistics.median(cr) if cr else None,
-            "excluded": None, "rounds": len(rr),
-            # every round's CPU ratio: whether the rounds agree on a side of 1.00
-            "cpu_rounds": [round(x, 4) for x in cr],
-            "throughput_verdict": sign_verdict(rr), "cpu_verdict": sign_verdict(cr),
-            # the drift-corrected companion (see loadgen_us_per_rt)
-            "norm_cpu": statistics.median(nr) if nr else None,
-            "norm_verdict": sign_verdict(nr) if nr else None,
-            # one connection: the unpaired verdict over the fast-state slices
-            "fast_state_verdict": mw}
+        fa, fb = fast(rec), fast(peer)
+        mw = mann_whitney_verdict([x["server_cpu_s"] / x[count_key] for x in fa],
+                                  [x["server_cpu_s"] / x[count_key] for x in fb])
+        out["fast_state_verdict"] = mw
+        if fa and fb:
+            # the ratios shown at one connection: of the fast-state medians
+            # (unpaired, as the verdict; the paired rounds are kept beside)
+            out["fast_cpu"] = (statistics.median(x["server_cpu_s"] / x[count_key] for x in fb)
+                               / statistics.median(x["server_cpu_s"] / x[count_key] for x in fa))
+            out["fast_throughput"] = (statistics.median(x[rate_key] for x in fa)
+                                      / statistics.median(x[rate_key] for x in fb))
+    if not rr and "fast_cpu" not in out:
+        return dict(out, throughput=None, cpu=None, excluded="no round with both undisturbed")
+    paired = {"paired_throughput": statistics.median(rr) if rr else None,
+              "paired_cpu": statistics.median(cr) if cr else None}
+    return dict(out, **paired,
+                throughput=out.get("fast_throughput", paired["paired_throughput"]),
+                cpu=out.get("fast_cpu", paired["paired_cpu"]),
+                excluded=None, rounds=len(rr),
+                # every round's CPU ratio: whether the rounds agree on a side of 1.00
+                cpu_rounds=[round(x, 4) for x in cr],
+                throughput_verdict=sign_verdict(rr), cpu_verdict=sign_verdict(cr),
+                # the drift-corrected companion (see loadgen_us_per_rt)
+                norm_cpu=statistics.median(nr) if nr else None,
+                norm_verdict=sign_verdict(nr) if nr else None)
 
 
 def geomean(xs):
@@ -1669,10 +1681,11 @@ def one_connection_md(L, cells, cols, results):
     L.append("")
     L.append("Per pair: **the verdict**, from the two servers' slices of the fast state (their "
              "server CPU per round trip compared unpaired, exact one-sided Mann-Whitney test, "
-             "p ≤ 1/16; else within the noise); then the CPU ratio (the second's CPU per round "
-             "trip ÷ the first's; > 1.00: the first costs less), median of the rounds in which "
-             "both slices were fast, with how many say ahead / behind; then the drift-corrected "
-             "ratio (each side in units of its slice's speed index).")
+             "p ≤ 1/16; else within the noise); the CPU ratio of their fast-state medians (the "
+             "second's CPU per round trip ÷ the first's; > 1.00: the first costs less; this is "
+             "the ratio the peer tables show at one connection); the paired ratio, median of the "
+             "rounds in which both slices were fast, with how many say ahead / behind; the "
+             "drift-corrected paired ratio (each side in units of its slice's speed index).")
     L.append("")
     L.append("| case | " + " | ".join(f"{label_of_key(x)} vs {label_of_key(y)}"
                                       for x, y in pairs) + " |")
@@ -1691,7 +1704,10 @@ def one_connection_md(L, cells, cols, results):
                 head = (f"**{VERDICT_WORDS[fs['verdict']]}** (fast-state slices "
                         f"{fs['n'][0]} and {fs['n'][1]}, p {fs['p']:.3f}); ") if fs.get("n") \
                     else f"**{VERDICT_WORDS[fs['verdict']]}**; "
-            row.append(head + f"{v['cpu']:.2f} ({verdict_text(v.get('cpu_verdict'))})"
+            pc = v.get("paired_cpu")
+            row.append(head + f"ratio of the fast-state medians {v['cpu']:.2f}; paired "
+                       + (f"{pc:.2f} ({verdict_text(v.get('cpu_verdict'))})" if pc else
+                          "– (no round with both fast)")
                        + (f"; corrected {v['norm_cpu']:.2f} ({verdict_text(v['norm_verdict'])})"
                           if v.get("norm_cpu") else ""))
         L.append(f"| {c.label} | " + " | ".join(row) + " |")

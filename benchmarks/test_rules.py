@@ -239,6 +239,22 @@ def test_bimodal_machine_states_mixed_rounds_are_compared_within_the_fast_state(
     assert run.sign_verdict(allr)["verdict"] == "noise"
 
 
+def test_one_connection_servers_fast_in_different_rounds_are_still_compared():
+    # the states alternate so that no round has both servers' slices fast
+    case = run.Case("pp-1k-c1", "pingpong", 1024, 1)
+    u = [sl(r, 40_000, 8.5 * (1.4 if r % 2 else 1), lg_us=7.2 * (1.4 if r % 2 else 1))
+         for r in range(8)]
+    e = [sl(r, 40_000, 9.2 * (1.4 if r % 2 == 0 else 1), lg_us=7.5 * (1.4 if r % 2 == 0 else 1))
+         for r in range(8)]
+    rec = agg_of(case, {"iocpnet-uring": u, "iocpnet-epoll": e})
+    v = rec["iocpnet-uring"]["agg"]["vs"]["iocpnet-epoll"]
+    assert v["rounds"] == 0 and v["paired_cpu"] is None and v["excluded"] is None
+    assert abs(v["cpu"] - 9.2 / 8.5) < 1e-9
+    assert v["fast_state_verdict"]["verdict"] == "ahead"  # 4 v 4 apart: p = 1/70
+    assert rec["iocpnet-epoll"]["agg"]["vs"]["iocpnet-uring"]["fast_state_verdict"][
+        "verdict"] == "behind"
+
+
 def test_one_connection_slice_whose_speed_probe_says_slow_is_left_out():
     case = run.Case("pp-64-c1", "pingpong", 64, 1)
     x = [sl(r, 40_000, 8.5, lg_us=7.3) for r in range(4)]
