@@ -656,7 +656,8 @@ def slice_argv(case, r, args, withhold=0.0):
     return argv
 
 
-SPEEDPROBE_MS = 30  # each core's speed probe around a one-connection slice
+SPEEDPROBE_MS = 30  # each core's speed probe around a slice
+_last_speeds = [0.0, {}]  # (monotonic time, core_speeds()) of the last probe
 
 
 def core_speeds():
@@ -686,7 +687,12 @@ def run_slice(case, r, others, args, withhold=0.0):
     used the CPUs meanwhile (other servers, other processes on the box).
     withhold > 0: a headroom probe (the load generator runs on 1 - withhold
     of its core; see PROBE_WITHHOLD)."""
-    speed0 = core_speeds() if is_c1(case) else None
+    # the cores' speed state around every traffic slice (used to leave out
+    # slices at one connection; shown for every case: speed_states_md)
+    # the previous slice's "after" probe is this one's "before" when it was
+    # just taken (consecutive slices): one probe per slice, not two
+    speed0 = (_last_speeds[1] if time.monotonic() - _last_speeds[0] < 0.5 else None) \
+        or core_speeds()
     wall0, busy0, kids0 = time.monotonic(), machine_busy_s(), children_cpu_s()
     steal0, ctx0 = cpu_steal_s(), proc_ctx_switches(r.pid)
     srv0 = proc_cpu_s(r.pid)
@@ -703,7 +709,8 @@ def run_slice(case, r, others, args, withhold=0.0):
         if c1 is not None and oth0.get(o.server.key) is not None:
             per[o.server.key] = c1 - oth0[o.server.key]
     # after every figure of the slice was read: the probes are in none of them
-    speed1 = core_speeds() if is_c1(case) else None
+    speed1 = core_speeds()
+    _last_speeds[:] = [time.monotonic(), speed1]
     bystanders = sum(per.values())
     if res is not None:
         srv = (srv1 - srv0) if (srv1 is not None and srv0 is not None) else 0.0
@@ -1562,6 +1569,7 @@ def markdown(meta, config, cases, results, servers, warnings):
                      + (f"{kb / 1024:.1f}" if kb else "–") + " |")
 
     one_connection_md(L, [c for c in uncapped if is_c1(c)], cols, results)
+    speed_states_md(L, traffic, cols, results)
     saturated_cpu_md(L, uncapped, cols, results)
     equal_rate_md(L, [c for c in traffic if c.rate], cols, results)
 
@@ -1711,6 +1719,42 @@ def one_connection_md(L, cells, cols, results):
                        + (f"; corrected {v['norm_cpu']:.2f} ({verdict_text(v['norm_verdict'])})"
                           if v.get("norm_cpu") else ""))
         L.append(f"| {c.label} | " + " | ".join(row) + " |")
+
+
+def speed_states_md(L, traffic, cols, results):
+    """How often the cores were in a slow state around the slices, per case:
+    the speed probe (benchmarks/speedprobe.c) of the server's core before and
+    after each slice, against the least of the whole run. The evidence that
+    the machine, not a server, moved a cell's figures between rounds."""
+    per_case = {}
+    for c in traffic:
+        xs = [(s, core_index(s)) for key in results[c.name]
+              for s in (results[c.name][key].get("slices") or []) if core_index(s)]
+        if xs:
+            per_case[c.name] = xs
+    if not per_case:
+        return
+    least = min(x for xs in per_case.values() for _, x in xs)
+    L.append("")
+    L.append("### Machine speed around the slices")
+    L.append("")
+    L.append("The speed probe of the server's core (µs of CPU time for a fixed unit of "
+             "register-only work, `benchmarks/speedprobe.c`, 30 ms on both cores just before and "
+             "just after each slice; the lesser of the two) against the least of this run "
+             f"({least:.1f} µs): slices whose probes both said over {SLOW_MACHINE}x ran while "
+             "the cores were slow. Only the one-connection cells leave such slices out; "
+             "elsewhere a cell with many of them has rounds that disagree (≈).")
+    L.append("")
+    L.append("| case | probe least / median / most µs | slices in a slow state |")
+    L.append("|---|---|---|")
+    for c in traffic:
+        xs = per_case.get(c.name)
+        if not xs:
+            continue
+        v = sorted(x for _, x in xs)
+        slow = sum(1 for x in v if x > SLOW_MACHINE * least)
+        L.append(f"| {c.label} | {v[0]:.1f} / {statistics.median(v):.1f} / {v[-1]:.1f} | "
+                 f"{slow} of {len(v)} |")
 
 
 def label_of_key(key):
@@ -2206,8 +2250,8 @@ def plan_seconds(cases, servers, args):
             setup = c.idle_count / 8000  # slowest (asyncio streams) sets up ~8k conn/s
             total += n * (IDLE_OVERHEAD + setup + args.idle_hold)
         else:
-            # one connection: the two speed probes around each slice
-            probes = 2 * (SPEEDPROBE_MS / 1000 + 0.02) if is_c1(c) else 0.0
+            # the speed probe after each slice (the next one's before)
+            probes = SPEEDPROBE_MS / 1000 + 0.02
             total += CASE_STARTUP + case_rounds(c, args) * n * (
                 args.warmup + case_slice(c, args) + SLICE_OVERHEAD + probes)
     return total

@@ -266,6 +266,18 @@ def test_one_connection_slice_whose_speed_probe_says_slow_is_left_out():
     assert rec["x"]["agg"]["core_us"] == 23.0
 
 
+def test_speed_states_table_counts_slices_whose_probes_both_say_slow():
+    c10 = run.Case("pp-64-c10", "pingpong", 64, 10)
+    x = [sl(r, 100_000, 7.0) for r in range(4)]
+    for r, (b, a) in enumerate(((23.0, 23.0), (32.5, 32.4), (23.1, 32.5), (32.6, 32.5))):
+        x[r]["core_speed"] = {"before": {"0": b, "1": b}, "after": {"0": a, "1": a}}
+    rec = agg_of(c10, {"x": x})
+    L = []
+    run.speed_states_md(L, [c10], [s for s in run.SERVERS if s.key == "x"] or [], {c10.name: rec})
+    row = next(x for x in L if x.startswith("| ping-pong 64 B × 10 |"))
+    assert row == "| ping-pong 64 B × 10 | 23.0 / 27.8 / 32.5 | 2 of 4 |"
+
+
 def test_mann_whitney_verdict():
     mw = run.mann_whitney_verdict
     assert mw([1, 2, 3, 4], [5, 6, 7, 8])["verdict"] == "ahead"     # p = 1/70
