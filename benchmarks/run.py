@@ -2448,7 +2448,8 @@ def main(argv=None):
         # saved run, or its tables would mix runs
         try:
             with open(args.merge) as f:
-                saved_servers = set(json.load(f)["servers"])
+                merge_base = json.load(f)  # read now: the run may write files of its own
+            saved_servers = set(merge_base["servers"])
         except (OSError, ValueError, KeyError) as e:
             sys.exit(f"--merge {args.merge}: not a saved run ({e})")
         if saved_servers != {s.key for s in servers}:
@@ -2542,7 +2543,7 @@ def main(argv=None):
     if args.no_write:
         return 0
     publish = full_run or args.write_docs
-    name = args.out or ("latest" if publish else ("quick" if args.quick else "partial"))
+    name = summary_name(args, publish)
     # everything, every slice: kept out of git (benchmarks/build/ is ignored)
     os.makedirs(os.path.join(BUILD, "results"), exist_ok=True)
     full_json = os.path.join(BUILD, "results", f"{name}.full.json")
@@ -2558,9 +2559,7 @@ def main(argv=None):
     log(f"results: {os.path.relpath(out_json, ROOT)} ({os.path.getsize(out_json) // 1024} KiB; "
         f"every slice in {os.path.relpath(full_json, ROOT)})")
     if args.merge:
-        with open(args.merge) as f:
-            saved = json.load(f)
-        merged = merge_runs(saved, summarize(raw))
+        merged = merge_runs(merge_base, summarize(raw))
         with open(args.merge, "w") as f:
             json.dump(merged, f, indent=None, separators=(",", ":"))
             f.write("\n")
@@ -2578,6 +2577,17 @@ def main(argv=None):
     else:
         log("quick/filtered run: docs/ left alone (use --write-docs)")
     return 0
+
+
+def summary_name(args, publish):
+    """NAME of benchmarks/results/NAME.json for this run's own summary. With
+    --merge it is never the file merged into (a partial run's summary written
+    over latest.json before the merge would lose every other case)."""
+    name = args.out or ("latest" if publish else ("quick" if args.quick else "partial"))
+    if args.merge and (not args.out or os.path.abspath(os.path.join(RESULTS, f"{name}.json"))
+                       == os.path.abspath(args.merge)):
+        name = "partial"
+    return name
 
 
 def merge_runs(saved, new):

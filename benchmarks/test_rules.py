@@ -324,6 +324,18 @@ def test_merge_replaces_the_remeasured_cases_whole_and_says_so():
     assert saved["meta"].get("remeasured") is None  # the saved run itself is not modified
 
 
+def test_a_merging_run_never_writes_its_own_summary_over_the_run_it_merges_into():
+    latest = os.path.join(run.RESULTS, "latest.json")
+    a = run.parse_args(["--only", "pp-64-c1", "--merge", latest, "--write-docs"])
+    assert run.summary_name(a, publish=True) == "partial"
+    a = run.parse_args(["--only", "pp-64-c1", "--merge", latest, "--out", "latest"])
+    assert run.summary_name(a, publish=False) == "partial"
+    a = run.parse_args(["--only", "pp-64-c1", "--merge", latest, "--out", "c1-again"])
+    assert run.summary_name(a, publish=False) == "c1-again"
+    a = run.parse_args(["--write-docs", "--only", "pp-64-c1"])  # no merge: as before
+    assert run.summary_name(a, publish=True) == "latest"
+
+
 if __name__ == "__main__":
     import pytest
     sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"]))
