@@ -1552,6 +1552,9 @@ def markdown(meta, config, cases, results, servers, warnings):
                 lim = f"**DISTURBED** ({a['disturbed_slices']} of {a['slices']} slices)"
             elif a.get("disturbed_slices"):
                 lim += f" ({a['disturbed_slices']} of {a['slices']} slices disturbed, left out)"
+            if a.get("slow_machine_slices") and not a.get("disturbed"):
+                lim += (f" ({a['slow_machine_slices']} of {a['slices']} slices in a slow state "
+                        "of the machine, left out)")
             kb = rec.get("peak_rss_kb")
             us = f"{a['server_us']:.2f}" if a.get("server_us") else "–"
             lat = (" / ".join(f"{a['lat_us'][p]:.0f}" for p in ("p50", "p99", "p999"))
