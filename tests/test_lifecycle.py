@@ -332,6 +332,44 @@ def test_iocp_core_is_a_context_manager(backend):
     c.close()
 
 
+_ABANDON_SCRIPT = """
+import sys, threading, time
+import iocpnet
+from socket import create_connection
+
+ended = []
+
+class Note(iocpnet.Session):
+    def OnDisconnected(self, reason):
+        ended.append((reason, threading.get_ident() == threading.main_thread().ident))
+
+core = iocpnet.IocpCore(sys.argv[1])
+service = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0)), Note, 4)
+service.Start()
+c = create_connection(("127.0.0.1", service.listener.port))
+deadline = time.monotonic() + 10
+while service.session_count < 1 and time.monotonic() < deadline:
+    core.Dispatch(10)
+session = service.sessions[0]
+core.Close(0)
+print("after Close:", core.closed, ended, session.connected, service.session_count)
+print("a later Send:", session.Send(b"late"), len(ended))
+"""
+
+
+def test_close_past_its_deadline_ends_the_sessions_it_abandons(backend):
+    """Close(0) with nobody dispatching shuts the port with the sessions still open.
+    They stayed 'connected' and OnDisconnected ran only when something touched them,
+    inside that call: a Send from any thread, under a TLS or WebSocket session's send
+    lock (and the service counted them for good).  Close ends them itself, on its own
+    thread, with the shutdown's reason.  (A child process: the operations the forced
+    shutdown abandons still hold their references, as documented.)"""
+    with Proc.python("-c", _ABANDON_SCRIPT, backend) as p:
+        assert p.wait(30) == 0, p.output
+    assert "after Close: True [('server shutdown', True)] False 0" in p.output, p.output
+    assert "a later Send: False 1" in p.output, p.output
+
+
 def test_with_on_a_closed_core_is_refused(backend):
     """``with core:`` on a core already closed (a core reused after its with block, or
     closed by hand) raised nothing: the block ran and each call in it failed later on

@@ -329,10 +329,23 @@ cdef class IocpCore:
     cdef void _release_after_shutdown(self) noexcept:
         # Nothing can complete any more: drop what still refers to sessions.
         with self._lock:
+            callbacks = self._close_callbacks
             self._flush_watch.clear()
             self._housekeeping = None
             self._stall_watch = None
             self._close_callbacks = []
+        # Sessions still open here were abandoned (Close's deadline passed, or a drain
+        # ended, with nobody dispatching them): end them now, on this thread, with no
+        # lock held.  Left open, their sockets stayed open and the first call that
+        # touched one (a Send from any thread, under a TLS or WebSocket send lock) ran
+        # its OnDisconnected inside it.
+        for cb in callbacks:
+            end = getattr(getattr(cb, "__self__", None), "_end_abandoned", None)
+            if end is not None:
+                try:
+                    end()
+                except BaseException:
+                    logger.exception("ending the sessions of %r failed", cb.__self__)
 
     def __enter__(self):
         """``with IocpCore() as core:`` closes the core at the end of the block.  A core

@@ -325,6 +325,14 @@ cdef class Service:
     def _on_core_close(self):
         self._begin_stop(self._shutdown_reason)
 
+    def _end_abandoned(self):
+        """The core's port was shut with sessions of this service still open (see
+        IocpCore._release_after_shutdown): nothing completes for them any more, so each
+        ends here (socket reset, OnDisconnected with the shutdown's reason)."""
+        cdef Session s
+        for s in self.sessions:
+            _close_now(s, self._shutdown_reason, True)
+
     cdef void _begin_stop(self, str reason) noexcept:
         with self._lock:
             if self._stopping:
