@@ -16,7 +16,7 @@ import time
 
 import iocpnet
 
-from conftest import connect, wait_for
+from conftest import connect, recv_exactly, wait_for
 
 THREADS = 8
 RECORD = struct.Struct("<BBIH")        # magic, thread, seq, payload length
@@ -225,3 +225,42 @@ def test_send_disconnect_abort_race_with_an_immediate_peer_close(server):
     for serial, reasons in ev.disconnects.items():
         assert len(reasons) == 1, f"session {serial}: OnDisconnected {len(reasons)} times"
     assert not any(late_sends), "Send returned True on a session that had ended"
+
+
+def test_a_hook_that_blocks_does_not_stall_sessions_already_served(server):
+    """Workers - 1 hooks block, one after another, each on whichever worker took it;
+    a session served before they blocked (its receive armed by a worker that is now
+    stuck, on io_uring the leader that keeps its place while it dispatches) goes on
+    being served by the worker left, while they are all still blocked."""
+    for workers in (2, 3):
+        gate, inside = threading.Event(), threading.Semaphore(0)
+
+        class Echo(iocpnet.Session):
+            def OnRecv(self, data):
+                d = bytes(data)
+                if d == b"block":
+                    inside.release()
+                    gate.wait(30)
+                self.Send(d)
+
+        srv = server(Echo, workers=workers)
+        try:
+            blockers = [connect(srv.address) for _ in range(workers - 1)]
+            other = connect(srv.address)
+            for c in blockers + [other]:
+                for _ in range(10):
+                    c.sendall(b"warm")
+                    assert recv_exactly(c, 4) == b"warm"
+            for i, c in enumerate(blockers):
+                c.sendall(b"block")
+                assert inside.acquire(timeout=10), f"hook {i} of {workers - 1} never ran"
+            for i in range(20):
+                other.sendall(b"ping%02d" % i)
+                assert recv_exactly(other, 6) == b"ping%02d" % i
+            assert not gate.is_set()
+        finally:
+            gate.set()
+        for c in blockers:
+            assert recv_exactly(c, 5) == b"block"
+            c.close()
+        other.close()
