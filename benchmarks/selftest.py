@@ -149,13 +149,22 @@ def main():
         failed += not ok
         print(f"{'ok ' if ok else 'BAD'} defect={defect:8} {' '.join(args):45} exit {rc} "
               f"(want {want}) {err.splitlines()[-1] if err else ''}")
+    # speedprobe: a time that is not a number is refused; a tiny one still measures
+    sp = os.path.join(run.BUILD, "speedprobe")
+    probes = (("5abc", 1), ("", 1), ("1e-7", 0))
+    for arg, want in probes:
+        p = subprocess.run([sp, arg], capture_output=True, text=True, timeout=30)
+        ok = p.returncode == want and (want or '"units": 1' in p.stdout)
+        failed += not ok
+        print(f"{'ok ' if ok else 'BAD'} speedprobe {arg!r}: exit {p.returncode} (want {want}) "
+              f"{(p.stdout or p.stderr).strip()}")
     # the safety guard: never load anything but loopback
     rc, err = subprocess.run([run.LOADGEN, "-a", "10.0.0.1", "-p", "9"], capture_output=True,
                              text=True).returncode, ""
     ok = rc == 1
     failed += not ok
     print(f"{'ok ' if ok else 'BAD'} non-loopback address refused (exit {rc})")
-    checks = len(cases) + 1
+    checks = len(cases) + len(probes) + 1
     for what, ok, detail in capped_checks():
         checks += 1
         failed += not ok
