@@ -11,6 +11,7 @@ which would look like a leak to the no_leaks fixture).
 import asyncio
 import collections
 import itertools
+import logging
 import os
 import random
 import re
@@ -797,6 +798,49 @@ def test_failing_session_factory_is_retried_with_a_growing_back_off(
     assert len(records) == 2, records
     assert f"works again after {len(calls)} failures" in records[1], records
     log.check_exactly_once(srv.service)
+
+
+def test_a_slow_log_handler_does_not_delay_the_factory_retry(server, caplog_iocpnet):
+    """The factory's first retry comes 50 ms after its failure even when writing the
+    burst's log line (with its traceback) takes a second: a slow handler (a remote log,
+    a full disk) or a loaded machine formatting the traceback.  The log line used to be
+    written before the retry's timer was armed, which moved the whole back-off; CI saw
+    a first retry 0.57 s late on 3.13t while a probe timer on that core lagged 0.01 s."""
+    slow = 1.0
+    failing = threading.Event()
+    calls = []
+
+    def factory():
+        if failing.is_set():
+            calls.append(time.monotonic())
+            raise RuntimeError("the session pool is empty")
+        return iocpnet.Session()
+
+    class SlowHandler(logging.Handler):
+        def emit(self, record):
+            if "session factory failed" in record.getMessage():
+                time.sleep(slow)
+
+    handler = SlowHandler()
+    logging.getLogger("iocpnet").addHandler(handler)
+    try:
+        srv = server(factory, accepts=1)    # two workers: the retry runs on the other
+        ticks = []
+        probe = srv.core.CallEvery(0.05, lambda: ticks.append(time.monotonic()))
+        failing.set()
+        c = connect(srv.address, timeout=15)      # its accept re-posts through the factory
+        wait_for(lambda: len(calls) >= 2, 30, "the factory's first retry")
+        failing.clear()
+        wait_for(lambda: srv.listener.accepts_posted == 1, 10, "the slot posted again")
+        c.close()
+        probe.Cancel()
+    finally:
+        logging.getLogger("iocpnet").removeHandler(handler)
+    lag = max([b - a - 0.05 for a, b in zip(ticks, ticks[1:])] or [0.0])
+    first = calls[1] - calls[0]
+    assert 0.045 <= first < slow - 0.1 + lag, \
+        f"first retry {first:.3f} s after the failure (the handler took {slow} s; the " \
+        f"probe timer lagged up to {lag:.2f} s)"
 
 
 # ---------------------------------------------------------------------------------------

@@ -244,8 +244,8 @@ cdef class Listener(IocpObject):
                     self._backoff_timer = True       # claimed; made below
                 delay_ms = self._backoff_ms
             if start:
-                logger.warning("accept failed on %s: %s; pausing accepts for %d ms",
-                               self.address, port_reason(<int>res), delay_ms)
+                # The timer first, the log line after: a slow log handler must not
+                # lengthen the pause.
                 try:
                     t = self.core.CallLater(delay_ms / 1000.0, self._resume)
                 except Exception:
@@ -253,6 +253,8 @@ cdef class Listener(IocpObject):
                     t = None
                 with self._backoff_lock:
                     self._backoff_timer = t
+                logger.warning("accept failed on %s: %s; pausing accepts for %d ms",
+                               self.address, port_reason(<int>res), delay_ms)
             return
         logger.warning("accept failed on %s: %s", self.address,
                        port_reason(<int>res))
@@ -288,6 +290,18 @@ cdef class Listener(IocpObject):
                                                    1000)
                     self._factory_timer = True       # claimed; made below
                     delay_ms = self._factory_backoff_ms
+            # The retry is timed from the failure: its timer is armed before the log
+            # line below, whose traceback can take a loaded machine's thread half a
+            # second to format (a slow handler longer), which would lengthen the wait.
+            if start:
+                try:
+                    t = self.core.CallLater(delay_ms / 1000.0, self._retry_factory)
+                except Exception:
+                    if not self.core._closing:
+                        logger.exception("cannot schedule the session factory's retry")
+                    t = None
+                with self._backoff_lock:
+                    self._factory_timer = t
             # One line when a burst of failures starts (with the traceback), one when
             # it ends (with the count), and a reminder a minute while it lasts: never a
             # traceback per slot.
@@ -300,15 +314,6 @@ cdef class Listener(IocpObject):
                 logger.error("the session factory is still failing: %d failures in a "
                              "row over %.0f s (the last: %s)", n,
                              (now - self._burst_start_ms) / 1000.0, _describe_exc(e))
-            if start:
-                try:
-                    t = self.core.CallLater(delay_ms / 1000.0, self._retry_factory)
-                except Exception:
-                    if not self.core._closing:
-                        logger.exception("cannot schedule the session factory's retry")
-                    t = None
-                with self._backoff_lock:
-                    self._factory_timer = t
             return None
         if port_atomic_load32(&self._burst) > 0:
             self._factory_recovered()
