@@ -241,7 +241,8 @@ cdef class Listener(IocpObject):
                 start = self._backoff_timer is None
                 if start:
                     self._backoff_ms = min(max(self._backoff_ms * 2, 50), 1000)
-                    self._backoff_timer = True       # claimed; made below
+                    claim = object()
+                    self._backoff_timer = claim      # claimed; made below
                 delay_ms = self._backoff_ms
             if start:
                 # The timer first, the log line after: a slow log handler must not
@@ -252,7 +253,10 @@ cdef class Listener(IocpObject):
                     logger.exception("cannot schedule the accept back-off")
                     t = None
                 with self._backoff_lock:
-                    self._backoff_timer = t
+                    # Unless _resume ran first (this thread preempted past the delay):
+                    # then t is spent, and the field is None or a newer claim.
+                    if self._backoff_timer is claim:
+                        self._backoff_timer = t
                 logger.warning("accept failed on %s: %s; pausing accepts for %d ms",
                                self.address, port_reason(<int>res), delay_ms)
             return
@@ -288,7 +292,8 @@ cdef class Listener(IocpObject):
                 if start:
                     self._factory_backoff_ms = min(max(self._factory_backoff_ms * 2, 50),
                                                    1000)
-                    self._factory_timer = True       # claimed; made below
+                    claim = object()
+                    self._factory_timer = claim      # claimed; made below
                     delay_ms = self._factory_backoff_ms
             # The retry is timed from the failure: its timer is armed before the log
             # line below, whose traceback can take a loaded machine's thread half a
@@ -301,7 +306,10 @@ cdef class Listener(IocpObject):
                         logger.exception("cannot schedule the session factory's retry")
                     t = None
                 with self._backoff_lock:
-                    self._factory_timer = t
+                    # Unless the retry ran first (this thread preempted past the
+                    # delay): a spent timer kept here would stop every retry after.
+                    if self._factory_timer is claim:
+                        self._factory_timer = t
             # One line when a burst of failures starts (with the traceback), one when
             # it ends (with the count), and a reminder a minute while it lasts: never a
             # traceback per slot.
