@@ -71,8 +71,11 @@ class Proc:
         with self.cond:
             return "\n".join(self.lines)
 
-    def wait_for_line(self, pattern, timeout=15, count=1):
-        """Wait until `count` lines match the regex; returns the match objects."""
+    def wait_for_line(self, pattern, timeout=60, count=1):
+        """Wait until `count` lines match the regex; returns the match objects.  A child
+        that exits ends the wait at once, so the bound only meets a child that hangs:
+        it is generous (60 s) because a loaded machine once kept 3.13t children from
+        printing their first line for over 15 s, four tests in a row."""
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
         with self.cond:
@@ -90,7 +93,7 @@ class Proc:
     def output_locked(self):
         return "\n".join(self.lines)
 
-    def port(self, pattern=r":(\d+)\b", timeout=15):
+    def port(self, pattern=r":(\d+)\b", timeout=60):
         return int(self.wait_for_line(pattern, timeout)[0].group(1))
 
     def signal(self, sig=signal.SIGINT):
