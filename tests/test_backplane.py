@@ -384,8 +384,12 @@ def test_no_own_message_lost_or_doubled_across_an_outage(backend, redis_server, 
         r.start()
         sharing(a, timeout=10)
         resumed = a.bp.stats()["published"]
-        wait_for(lambda: a.bp.stats()["published"] > resumed + 200,
-                 message="publishing again")
+        try:
+            wait_for(lambda: a.bp.stats()["published"] > resumed + 200, 30,
+                     "publishing again")
+        except AssertionError as e:
+            raise AssertionError(f"{e}: {a.bp.stats()}, {len(sent)} sent, talker "
+                                 f"{'running' if t.is_alive() else 'done'}") from None
         stop.set()
         t.join(10)
         total = len(sent)
