@@ -275,10 +275,13 @@ cdef class Session(IocpObject):
     cdef port_sock_t _sock
     cdef volatile int32_t _lock
     cdef int _state
-    cdef int _ops                 # operations in flight (under _lock)
     cdef volatile int32_t _hook       # H_* of the hook running now (service.pxi's Stop)
     cdef volatile int32_t _stop_requested  # the service is stopping: no new OnRecv
     cdef int _iov_n
+    # Operations in flight (under _lock): a receive, a send, a connect or the close, so
+    # 16 bits, next to the flags: an int here pushed them across an 8-byte boundary
+    # (+8 bytes a session)
+    cdef int16_t _ops
     # Flags, one byte each (C bytes are separate memory locations: two threads may write
     # neighbours under different locks)
     cdef uint8_t _recv_armed
