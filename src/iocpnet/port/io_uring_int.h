@@ -39,6 +39,9 @@
 #  define IORING_SETUP_COOP_TASKRUN (1U << 8)          /* 5.19 */
 #  define IORING_SETUP_TASKRUN_FLAG (1U << 9)
 #endif
+#ifndef IORING_ACCEPT_POLL_FIRST
+#  define IORING_ACCEPT_POLL_FIRST (1U << 2)            /* 6.10 */
+#endif
 #ifndef IORING_CQE_F_SOCK_NONEMPTY
 #  define IORING_CQE_F_SOCK_NONEMPTY (1U << 2)          /* 5.19 */
 #endif
@@ -175,6 +178,7 @@ typedef struct uring_port {
     volatile int32_t br_free;          /* buffers in the ring not yet seen taken */
     volatile int32_t multishot;        /* 1 works, -1 not known yet, 0 off */
     volatile uint32_t mshot_limit;     /* bytes one multishot arming may read; 0: no bound */
+    volatile int32_t accept_pf;        /* IORING_ACCEPT_POLL_FIRST: 1 works, -1 not known, 0 off */
 
     /* The doorbell: other threads' SQEs wait for a worker to submit them. */
     int bell_fd;

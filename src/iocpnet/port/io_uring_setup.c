@@ -277,6 +277,7 @@ static int uring_create_ex(uring_port_t **out, const port_options_t *opts, char 
     /* Multishot receives when asked for, each arming bounded (see io_uring.c). */
     p->multishot = (p->base.opts.flags & PORT_OPT_RECV_MULTISHOT) ? -1 : 0;
     p->mshot_limit = MSHOT_BUFFERS * p->base.opts.recv_buffer_size;
+    p->accept_pf = -1;          /* accepts poll first once the kernel is seen to take it */
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);   /* deadlines use it */
     pthread_cond_init(&p->room_cv, &ca);
