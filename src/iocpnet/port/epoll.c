@@ -123,6 +123,7 @@
 #include <limits.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -345,6 +346,19 @@ static int arm_goes_on(ep_op_t *e, size_t got) {
     return 1;
 }
 
+/* After an accept, is another connection already waiting?  Asked before the next
+ * parked accept tries: an accept4 on an empty backlog fails only after the kernel made
+ * and freed a socket inode, a file and a dentry for it (~3 us, against ~0.3 for this
+ * poll), and in a connect storm most wake-ups bring one connection.  A connection that
+ * comes after the answer raises a new edge, as after an EAGAIN. */
+static int backlog_empty(int fd) {
+    struct pollfd pfd;
+    pfd.fd = fd;
+    pfd.events = POLLIN;
+    pfd.revents = 0;
+    return poll(&pfd, 1, 0) == 0;
+}
+
 static int run_reads(ep_port_t *p, ep_fd_t *f, port_cqe_t *out, int n, int max, int *more) {
     int budget = READ_BUDGET;
     while (f->readable && f->rhead != NULL) {
@@ -372,6 +386,10 @@ static int run_reads(ep_port_t *p, ep_fd_t *f, port_cqe_t *out, int n, int max, 
                     n = port__deliver_final(&p->base, out, n, op, rc);
                 } else {
                     n = port__deliver_final(&p->base, out, n, op, fd);
+                }
+                if (f->rhead != NULL && backlog_empty(f->fd)) {
+                    f->readable = 0;
+                    break;
                 }
                 continue;
             }
