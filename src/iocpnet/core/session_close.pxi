@@ -142,7 +142,12 @@ cdef void _finish(Session s) noexcept:
     s._release_buffers()
     if s._ws is not None:
         _ws_finish(s)
-    s.core._unwatch_flush(s)
+    # Only a session that flushed was ever watched, and in a connect storm none does: no
+    # lock for the others.  Unlocked, the emptiness can be stale only for a watch being
+    # added now by a Disconnect that lost the race to this end; the sweep drops that
+    # entry anyway (its state is not FLUSHING), as it would if the lock were taken.
+    if len(s.core._flush_watch) != 0:
+        s.core._unwatch_flush(s)
     if s._counted_connected:
         s._counted_connected = False
         port_atomic_add64(&_sessions_connected, -1)
