@@ -391,6 +391,23 @@ def test_post_from_many_threads_runs_each_job_once_on_a_worker(server):
     # that order, but several workers run them in parallel, so no order is asserted.
 
 
+def test_posting_something_not_callable_is_refused_at_the_call(backend):
+    """``core.Post(42)`` was taken, and failed later on a worker ("job 42 raised ...
+    'int' object is not callable" in the log, far from the mistake), where Group.Post,
+    Session.Post and every CallLater/CallEvery refuse it at once."""
+    core = iocpnet.IocpCore(backend)
+    try:
+        group = iocpnet.Group(core)
+        for post in (core.Post, group.Post):
+            with pytest.raises(TypeError, match="callable"):
+                post(42)
+            with pytest.raises(TypeError, match="callable"):
+                post(None, 1)
+        assert core.Dispatch(50) == 0      # nothing was queued
+    finally:
+        core.Close()
+
+
 def test_core_post_is_bounded(server):
     """Threads posting core jobs faster than workers ran them grew the port's queue
     without limit (3.5 million jobs in 1 s), and every completion queued behind them: an

@@ -496,7 +496,10 @@ cdef class IocpCore:
         """Run ``func(*args)`` on a worker thread (any thread may post).  Exceptions are
         logged; workers go on.  At most ``post_queue_limit`` jobs wait at once: past it
         Post raises ``queue.Full``."""
-        cdef _Job job = _Job.__new__(_Job)
+        cdef _Job job
+        if not callable(func):      # here, not later in a worker's log (as Group.Post)
+            raise TypeError("func must be callable")
+        job = _Job.__new__(_Job)
         # Bounded: threads posting faster than the workers run jobs grew the port's
         # queue without limit, and every completion waited behind it.
         if port_atomic_add64(&self._jobs, 1) > self._post_limit:
