@@ -29,10 +29,11 @@
  *     reported: the operation is submitted again by the thread that reaped it.
  *   - Several threads may wait, but the kernel wakes *every* thread sleeping in
  *     io_uring_enter for each completion (measured: 4 sleepers, 100 posts, 400
- *     wake-ups).  So only one thread, the leader, sleeps in the kernel; the others wait
- *     on a condition variable and the leader hands its place to one of them as soon as
- *     it has reaped a batch, before dispatching it.  Completions already in the ring
- *     are taken by any thread without waiting for its turn.
+ *     wake-ups).  So only one thread, the leader, sleeps in the kernel, and keeps its
+ *     place while it dispatches; one standby thread watches that it comes back, and
+ *     takes its place when a hook holds it (see "waiting with several workers"); the
+ *     others wait on a condition variable.  Completions already in the ring are taken
+ *     by any thread without waiting for its turn.
  *
  * Completion work.  Without COOP_TASKRUN the kernel interrupts a submitter that is
  * running (an IPI, a VM exit on a virtual machine) for every completion it must finish:
@@ -142,6 +143,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <linux/futex.h>
 
 /* The port whose batch this thread is dispatching: its submissions are deferred. */
 static PORT_THREAD_LOCAL uring_port_t *tls_batch;
@@ -293,10 +295,18 @@ static void ring_doorbell(uring_port_t *p) {
 /* After an SQE was committed: a dispatching thread's goes with its next wait; any
  * other thread's is submitted by the leader, woken by the doorbell, or at once if no
  * worker is waiting (see the top). */
+/* Does the leader wait in the kernel, to answer the doorbell?  Only while it is inside
+ * io_uring_enter: its enter submits what was written before it looked (the fence pairs
+ * with its seq_cst update of lead_in before it reads the ring's tail). */
+static int bell_answered(uring_port_t *p) {
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return __atomic_load_n(&p->lead_in, __ATOMIC_SEQ_CST) > 0;
+}
+
 static void after_submit(uring_port_t *p) {
     if (tls_batch == p)
         return;
-    if (__atomic_load_n(&p->leader, __ATOMIC_ACQUIRE))
+    if (bell_answered(p))
         ring_doorbell(p);
     else
         port__uring_submit_now(p);
@@ -310,7 +320,7 @@ static void after_submit(uring_port_t *p) {
 void port__uring_waiter_submit(uring_port_t *p, int reaping) {
     if (reaping)
         tls_waiter_rearmed = p;
-    else if (__atomic_load_n(&p->leader, __ATOMIC_ACQUIRE))
+    else if (bell_answered(p))
         ring_doorbell(p);
     else
         port__uring_submit_now(p);
@@ -635,63 +645,6 @@ static int reap(uring_port_t *p, port_cqe_t *out, int max) {
 
 static int is_main_thread(void) { return (pid_t)syscall(SYS_gettid) == getpid(); }
 
-/* Wait for the leader's place.  Returns 0 once this thread is the leader, 1 when the
- * deadline passed, PORT_EINTR when the main thread should look at its signals (Python
- * only runs signal handlers there; a follower would otherwise sleep through Ctrl-C),
- * PORT_ECLOSED after shutdown. */
-static int become_leader(uring_port_t *p, int64_t deadline) {
-    int rc = 0, main_thread = -1;
-    pthread_mutex_lock(&p->room);
-    while (p->leader) {
-        struct timespec ts;
-        int64_t until = deadline;
-        if (port_atomic_load32(&p->base.closed)) {
-            rc = PORT_ECLOSED;
-            break;
-        }
-        if (main_thread < 0)
-            main_thread = is_main_thread();
-        if (main_thread) {
-            int64_t slice = port__now_ns() + 100 * 1000000LL;
-            if (until == 0 || slice < until)
-                until = slice;
-        }
-        if (until == 0) {
-            pthread_cond_wait(&p->room_cv, &p->room);
-            continue;
-        }
-        ts.tv_sec = until / 1000000000;
-        ts.tv_nsec = until % 1000000000;
-        if (pthread_cond_timedwait(&p->room_cv, &p->room, &ts) == ETIMEDOUT && p->leader) {
-            rc = (deadline != 0 && port__now_ns() >= deadline) ? 1 : PORT_EINTR;
-            break;
-        }
-    }
-    if (rc == 0)
-        __atomic_store_n(&p->leader, 1, __ATOMIC_RELEASE);
-    pthread_mutex_unlock(&p->room);
-    return rc;
-}
-
-/* Take the leader's place if nobody holds it; 1 if taken.  Never waits. */
-static int try_leader(uring_port_t *p) {
-    int took = 0;
-    pthread_mutex_lock(&p->room);
-    if (!p->leader && !port_atomic_load32(&p->base.closed)) {
-        __atomic_store_n(&p->leader, 1, __ATOMIC_RELEASE);
-        took = 1;
-    }
-    pthread_mutex_unlock(&p->room);
-    return took;
-}
-
-static void leave_leader(uring_port_t *p) {
-    pthread_mutex_lock(&p->room);
-    __atomic_store_n(&p->leader, 0, __ATOMIC_RELEASE);
-    pthread_cond_signal(&p->room_cv);
-    pthread_mutex_unlock(&p->room);
-}
-
 /* One dispatcher: a non-owner waiting in follower_wait looks at the ring now. */
 static void wake_follower(uring_port_t *p) {
     pthread_mutex_lock(&p->room);
@@ -752,9 +705,313 @@ static int follower_wait(uring_port_t *p, port_cqe_t *out, int max, int timeout_
     }
 }
 
+/* ---- waiting with several workers: a kept leader and a standby -------------------------
+ *
+ * Handing the leader's place over at every batch costs a condition signal, a wake-up and
+ * a sleep per batch: at one connection with two workers, 4.6 futex calls and 4.3 context
+ * switches per round trip, where epoll's workers make none and one.  (And a receive's
+ * completion work runs in the thread that submitted it, which the kernel wakes wherever
+ * it sleeps: with places changing hands, often the other thread.)  So the leader keeps
+ * its place while it dispatches (`lead`): its next wait enters at once, as one worker's
+ * does.  What a hook that blocks must not stall is watched by one standby thread, which
+ * never sleeps in the kernel's completion wait (it would be woken for every completion,
+ * and a waiter the kernel does not wake ends the kernel's walk of its wait queue: a
+ * leader queued behind it is not woken at all).  It looks every STANDBY_SLICE_NS: if the
+ * leader has not entered io_uring_enter since its previous look and is not in it now
+ * (`lead_epoch`, `lead_in`) while completions wait in the ring, the leader is stuck in a
+ * hook, and the standby takes its place and those completions: a hook that blocks delays
+ * another session's completions by about two slices, and a leader that stopped
+ * dispatching (its thread left) is replaced as quickly.  A look that finds the leader sleeping in
+ * the kernel since the previous one (an idle port) puts the standby to sleep until the
+ * leader leaves the kernel (`sb_deep`: the leader's wake-up, one futex call after an
+ * idle spell; while busy the leader only reads the flag).  Further threads wait on the
+ * room's condition variable until a place is free.  Either place is only an efficiency:
+ * two threads that both think they lead (a takeover racing a return) both wait for one
+ * completion, and the one that finds `lead` is not its own takes the standby's place
+ * at its next wait. */
+#define STANDBY_SLICE_NS (1000 * 1000LL)
+
+static long sys_futex(volatile int32_t *addr, int op, int32_t val, const struct timespec *ts) {
+    return syscall(SYS_futex, addr, op, val, ts, NULL, 0);
+}
+
+/* The leader left the kernel (or its place): a standby asleep since the idle spell looks. */
+static void wake_standby(uring_port_t *p) {
+    if (__atomic_load_n(&p->sb_deep, __ATOMIC_SEQ_CST) != 0 &&
+        __atomic_exchange_n(&p->sb_deep, 0, __ATOMIC_SEQ_CST) != 0)
+        (void)sys_futex(&p->sb_deep, FUTEX_WAKE_PRIVATE, 1, NULL);
+}
+
+/* A place (leader or standby) became free: a thread waiting for one takes it. */
+static void place_freed(uring_port_t *p) {
+    if (__atomic_load_n(&p->followers, __ATOMIC_SEQ_CST) > 0)
+        wake_follower(p);
+}
+
+/* Wait for a free place: 0 when one is, 1 at the deadline, PORT_EINTR (the main thread,
+ * every 100 ms: Python runs signal handlers only there), PORT_ECLOSED. */
+static int wait_for_place(uring_port_t *p, int64_t deadline) {
+    int rc = 0, main_thread = is_main_thread();
+    pthread_mutex_lock(&p->room);
+    for (;;) {
+        struct timespec ts;
+        int64_t until = deadline;
+        if (port_atomic_load32(&p->base.closed)) {
+            rc = PORT_ECLOSED;
+            break;
+        }
+        /* Counted before the look: a thread freeing a place reads the count after it
+         * (seq_cst on both sides), so it either sees us or we see the place. */
+        __atomic_add_fetch(&p->followers, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&p->lead, __ATOMIC_SEQ_CST) == 0 ||
+            __atomic_load_n(&p->standby, __ATOMIC_SEQ_CST) == 0) {
+            __atomic_add_fetch(&p->followers, -1, __ATOMIC_SEQ_CST);
+            break;
+        }
+        if (main_thread) {
+            int64_t slice = port__now_ns() + 100 * 1000000LL;
+            if (until == 0 || slice < until)
+                until = slice;
+        }
+        if (until == 0) {
+            pthread_cond_wait(&p->room_cv, &p->room);
+        } else {
+            ts.tv_sec = until / 1000000000;
+            ts.tv_nsec = until % 1000000000;
+            (void)pthread_cond_timedwait(&p->room_cv, &p->room, &ts);
+        }
+        __atomic_add_fetch(&p->followers, -1, __ATOMIC_SEQ_CST);
+        if (until != 0 && port__now_ns() >= until) {
+            rc = (deadline != 0 && port__now_ns() >= deadline) ? 1 : PORT_EINTR;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&p->room);
+    return rc;
+}
+
+/* Submissions this thread wrote and will not hand over with a wait of its own. */
+static void submit_or_ring(uring_port_t *p) {
+    if (sq_pending(p) == 0)
+        return;
+    if (bell_answered(p))
+        ring_doorbell(p);
+    else
+        port__uring_submit_now(p);
+}
+
+/* Reap, else flush the submission ring and wait in the kernel, in one call; until a
+ * batch, the deadline, a signal or shutdown.  me: the kept leader (its place may be
+ * taken meanwhile: *lost), or 0 for one dispatcher's owner. */
+static int enter_wait(uring_port_t *p, port_cqe_t *out, int max, int timeout_ms,
+                      int64_t deadline, int32_t me, int *err, int *lost) {
+    int n = 0, rc;
+    for (;;) {
+        struct io_uring_getevents_arg arg;
+        struct __kernel_timespec ts;
+        unsigned flags = IORING_ENTER_GETEVENTS;
+        void *argp = NULL;
+        size_t argsz = 0;
+
+        if (port_atomic_load32(&p->base.closed))
+            break;
+        n = reap(p, out, max);
+        if (n > 0)
+            break;
+        if (timeout_ms > 0) {
+            int64_t left = deadline - port__now_ns();
+            if (left <= 0)
+                break;
+            ts.tv_sec = left / 1000000000;
+            ts.tv_nsec = left % 1000000000;
+            memset(&arg, 0, sizeof(arg));
+            arg.sigmask_sz = _NSIG / 8;
+            arg.ts = (uint64_t)(uintptr_t)&ts;
+            flags |= IORING_ENTER_EXT_ARG;
+            argp = &arg;
+            argsz = sizeof(arg);
+        }
+        if (me != 0) {
+            __atomic_add_fetch(&p->lead_in, 1, __ATOMIC_SEQ_CST);
+            if (__atomic_load_n(&p->lead, __ATOMIC_SEQ_CST) != me) {
+                /* The standby took the place while this thread dispatched. */
+                __atomic_add_fetch(&p->lead_in, -1, __ATOMIC_SEQ_CST);
+                *lost = 1;
+                break;
+            }
+            __atomic_add_fetch(&p->lead_epoch, 1, __ATOMIC_SEQ_CST);
+        }
+        rc = ring_enter(p, sq_pending(p), 1, flags, argp, argsz);
+        if (me != 0) {
+            __atomic_add_fetch(&p->lead_in, -1, __ATOMIC_SEQ_CST);
+            wake_standby(p);
+        }
+        port_atomic_add64(&p->base.waits, 1);
+        if (rc < 0 && errno == EINTR) {
+            *err = PORT_EINTR;
+            break;
+        }
+        if (rc < 0 && errno != ETIME && errno != EAGAIN && errno != EBUSY) {
+            *err = port_err_from_os(errno);
+            break;
+        }
+    }
+    /* Completions came before this thread entered: what it deferred is still in the
+     * ring, and goes before the batch is dispatched, as it always has. */
+    if (sq_pending(p))
+        port__uring_submit_now(p);
+    return n;
+}
+
+/* The kept leader's wait. */
+static int kept_lead_wait(uring_port_t *p, port_cqe_t *out, int max, int timeout_ms,
+                          int64_t deadline, int32_t me, int *lost) {
+    int err = 0;
+    int n = enter_wait(p, out, max, timeout_ms, deadline, me, &err, lost);
+    if (n > 0)
+        return n;
+    if (!*lost) {
+        /* Leaving without a batch (deadline, signal, shutdown): the place is free. */
+        __atomic_compare_exchange_n(&p->lead, &me, 0, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+        wake_standby(p);
+        place_freed(p);
+    }
+    if (port_atomic_load32(&p->base.closed))
+        return PORT_ECLOSED;
+    return err;
+}
+
+/* The standby's watch (see above): a batch, 0 at the deadline (with *took_lead set:
+ * this thread has the leader's place now, and waits as the leader), or an error. */
+static int kept_standby_wait(uring_port_t *p, port_cqe_t *out, int max, int64_t deadline,
+                             int32_t me, int *took_lead) {
+    uint32_t seen = 0;
+    int ret, deep = 0, armed = 0;    /* armed: the last sleep was a whole slice */
+    for (;;) {
+        struct timespec ts;
+        int64_t left = STANDBY_SLICE_NS;
+        int32_t lead, in;
+        uint32_t epoch;
+        long rc;
+
+        if (port_atomic_load32(&p->base.closed)) {
+            ret = PORT_ECLOSED;
+            break;
+        }
+        lead = __atomic_load_n(&p->lead, __ATOMIC_SEQ_CST);
+        epoch = __atomic_load_n(&p->lead_epoch, __ATOMIC_SEQ_CST);
+        in = __atomic_load_n(&p->lead_in, __ATOMIC_SEQ_CST);
+        if (lead == 0 || (armed && epoch == seen && in == 0 &&
+                          LOAD_ACQ(p->cq_ktail) != LOAD_ACQ(p->cq_khead))) {
+            /* No leader, or one out of the kernel for a whole slice with completions
+             * waiting: take its place (a place changing hands for nothing costs, as
+             * the receives it re-arms wake it for their completion work). */
+            if (__atomic_compare_exchange_n(&p->lead, &lead, me, 0, __ATOMIC_SEQ_CST,
+                                            __ATOMIC_SEQ_CST)) {
+                int n = reap(p, out, max);
+                if (n > 0 && sq_pending(p))
+                    port__uring_submit_now(p);   /* what reaping wrote */
+                *took_lead = n == 0;
+                ret = n;
+                break;
+            }
+            continue;
+        }
+        submit_or_ring(p);
+        if (armed && epoch == seen && in > 0) {
+            /* The leader slept in the kernel for the whole slice: sleep until it leaves
+             * (it reads sb_deep after clearing lead_in; we read lead_in after setting
+             * sb_deep). */
+            __atomic_store_n(&p->sb_deep, 1, __ATOMIC_SEQ_CST);
+            if (__atomic_load_n(&p->lead_in, __ATOMIC_SEQ_CST) > 0 &&
+                __atomic_load_n(&p->lead_epoch, __ATOMIC_SEQ_CST) == epoch &&
+                !port_atomic_load32(&p->base.closed)) {
+                deep = 1;
+                left = 1000 * 1000000LL;     /* a look now and then all the same */
+            } else {
+                __atomic_store_n(&p->sb_deep, 0, __ATOMIC_SEQ_CST);
+            }
+        }
+        seen = epoch;
+        if (deadline != 0) {
+            int64_t until = deadline - port__now_ns();
+            if (until <= 0) {
+                ret = 0;
+                break;
+            }
+            if (until < left)
+                left = until;
+        }
+        ts.tv_sec = left / 1000000000;
+        ts.tv_nsec = left % 1000000000;
+        rc = sys_futex(&p->sb_deep, FUTEX_WAIT_PRIVATE, deep, &ts);
+        if (rc < 0 && errno == EINTR) {
+            ret = PORT_EINTR;
+            break;
+        }
+        if (deep) {
+            /* The leader left the kernel (or a second passed): a whole slice from now
+             * before the next verdict. */
+            __atomic_store_n(&p->sb_deep, 0, __ATOMIC_SEQ_CST);
+            deep = 0;
+            armed = 0;
+        } else {
+            armed = 1;
+        }
+    }
+    if (deep)
+        __atomic_store_n(&p->sb_deep, 0, __ATOMIC_SEQ_CST);
+    __atomic_compare_exchange_n(&p->standby, &me, 0, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    place_freed(p);
+    return ret;
+}
+
+/* Several workers: leader, standby or waiting for a place. */
+static int kept_wait(uring_port_t *p, port_cqe_t *out, int max, int timeout_ms,
+                     int64_t deadline) {
+    int32_t me = my_tid();
+    int n, rc;
+    for (;;) {
+        int32_t seat;
+        int lost = 0;
+        if (port_atomic_load32(&p->base.closed))
+            return PORT_ECLOSED;
+        seat = __atomic_load_n(&p->lead, __ATOMIC_SEQ_CST);
+        if (seat == me || (seat == 0 && __atomic_compare_exchange_n(
+                                            &p->lead, &seat, me, 0, __ATOMIC_SEQ_CST,
+                                            __ATOMIC_SEQ_CST))) {
+            n = kept_lead_wait(p, out, max, timeout_ms, deadline, me, &lost);
+            if (lost && n == 0)
+                continue;
+            break;
+        }
+        seat = 0;
+        if (__atomic_compare_exchange_n(&p->standby, &seat, me, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_SEQ_CST)) {
+            int took_lead = 0;
+            n = kept_standby_wait(p, out, max, deadline, me, &took_lead);
+            if (took_lead)
+                continue;
+            break;
+        }
+        /* Both places taken: what this thread deferred must not wait for them. */
+        submit_or_ring(p);
+        rc = wait_for_place(p, deadline);
+        if (rc != 0)
+            return rc == 1 ? 0 : rc;
+    }
+    if (tls_waiter_rearmed == p) {
+        tls_waiter_rearmed = NULL;
+        port__uring_submit_now(p);
+    }
+    if (n > 0)
+        tls_batch = p;
+    return n;
+}
+
 static int uring_wait(port_t *bp, port_cqe_t *out, int max, int timeout_ms) {
     uring_port_t *p = (uring_port_t *)bp;
-    int n = 0, err = 0, rc, owner = 0;
+    int n = 0, err = 0, rc, owner = 0, lost = 0;
     int64_t deadline = timeout_ms > 0 ? port__now_ns() + (int64_t)timeout_ms * 1000000 : 0;
 
     tls_batch = NULL;
@@ -785,66 +1042,14 @@ static int uring_wait(port_t *bp, port_cqe_t *out, int max, int timeout_ms) {
             tls_batch = p;
         return n;
     }
-    /* The leader's enter submits whatever is in the ring when it starts.  With the
-     * leader's place free (one worker: always) this thread takes it at once and its
-     * deferred SQEs go with its own wait, in one call: a receive re-armed during the
-     * batch (at 16 KiB, each multishot arming ends after 4 messages) cost a second
-     * io_uring_enter per re-arm, 0.25 system calls per round trip.  Otherwise what it
-     * deferred must not wait for the next leader: it submits now, then queues.  One
-     * dispatcher's owner is the only thread that enters: it needs no place (the other
-     * threads never take one, and ring the doorbell whether a leader is set or not). */
+    /* Several workers: the leader's place, kept (see "waiting with several workers").
+     * One dispatcher's owner is the only thread that enters: it needs no place (the
+     * other threads never take one, and ring the doorbell). */
     tls_send_deferred = 0;
-    if (!owner && !try_leader(p)) {
-        if (sq_pending(p))
-            port__uring_submit_now(p);
-        rc = become_leader(p, deadline);
-        if (rc != 0)
-            return rc == 1 ? 0 : rc;
-    }
-    for (;;) {
-        struct io_uring_getevents_arg arg;
-        struct __kernel_timespec ts;
-        unsigned flags = IORING_ENTER_GETEVENTS;
-        void *argp = NULL;
-        size_t argsz = 0;
-
-        if (port_atomic_load32(&p->base.closed))
-            break;
-        n = reap(p, out, max);
-        if (n > 0)
-            break;
-        if (timeout_ms > 0) {
-            int64_t left = deadline - port__now_ns();
-            if (left <= 0)
-                break;
-            ts.tv_sec = left / 1000000000;
-            ts.tv_nsec = left % 1000000000;
-            memset(&arg, 0, sizeof(arg));
-            arg.sigmask_sz = _NSIG / 8;
-            arg.ts = (uint64_t)(uintptr_t)&ts;
-            flags |= IORING_ENTER_EXT_ARG;
-            argp = &arg;
-            argsz = sizeof(arg);
-        }
-        /* Flush what is in the submission ring and wait, in one call. */
-        rc = ring_enter(p, sq_pending(p), 1, flags, argp, argsz);
-        port_atomic_add64(&p->base.waits, 1);
-        if (rc < 0 && errno == EINTR) {
-            err = PORT_EINTR;
-            break;
-        }
-        if (rc < 0 && errno != ETIME && errno != EAGAIN && errno != EBUSY) {
-            err = port_err_from_os(errno);
-            break;
-        }
-    }
-    /* Completions came before this thread entered: what it deferred is still in the
-     * ring, and goes before the batch is dispatched, as it always has. */
-    if (sq_pending(p))
-        port__uring_submit_now(p);
     if (!owner)
-        leave_leader(p);    /* before dispatching: the next thread waits meanwhile */
-    else if (port_atomic_load32(&p->followers) > 0)
+        return kept_wait(p, out, max, timeout_ms, deadline);
+    n = enter_wait(p, out, max, timeout_ms, deadline, 0, &err, &lost);
+    if (port_atomic_load32(&p->followers) > 0)
         wake_follower(p);   /* one may take what this batch left in the ring */
     if (tls_waiter_rearmed == p) {
         tls_waiter_rearmed = NULL;
@@ -1095,6 +1300,7 @@ static void uring_shutdown(port_t *bp) {
     if (port_atomic_xchg32(&p->base.closed, 1))
         return;
     post_wake(p);      /* the leader, in the kernel */
+    wake_standby(p);   /* a standby asleep until the leader leaves the kernel */
     pthread_mutex_lock(&p->room);
     pthread_cond_broadcast(&p->room_cv);   /* the followers */
     pthread_mutex_unlock(&p->room);

@@ -7,7 +7,7 @@
  *
  * Locks (lock order: cq_lock, then sq_lock or br_lock; strand locks last): sq_lock
  * guards claiming and filling SQE slots, cq_lock reaping, br_lock the buffer ring's
- * tail, the id table's entries and the wait queue; `room` the leader's place.
+ * tail, the id table's entries and the wait queue; `room` the waiting for a place.
  */
 #ifndef IOCPNET_IO_URING_INT_H
 #define IOCPNET_IO_URING_INT_H
@@ -194,10 +194,17 @@ typedef struct uring_port {
     volatile int32_t entering;
     volatile int32_t followers;        /* non-owners waiting on room_cv (under room) */
 
-    /* Leader/follower: one thread sleeps in the kernel, the others here. */
+    /* Threads waiting for a place (leader or standby; one dispatcher's non-owners). */
     pthread_mutex_t room;
     pthread_cond_t room_cv;
-    int leader;                        /* written under room; read by after_submit */
+
+    /* Kept leader and standby (io_uring.c, "waiting with several workers").  lead: the
+     * leader's thread id (0: none), kept while it dispatches; lead_in: it is inside
+     * io_uring_enter; lead_epoch: counts its enters; standby: the thread id of the one
+     * thread that watches the leader in slices (0: none); sb_deep: the standby sleeps
+     * until the leader leaves the kernel (a futex word).  All atomics, seq_cst. */
+    volatile int32_t lead, lead_in, standby, sb_deep;
+    volatile uint32_t lead_epoch;
 } uring_port_t;
 
 static inline int sys_setup(unsigned entries, struct io_uring_params *p) {

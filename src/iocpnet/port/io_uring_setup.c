@@ -325,7 +325,7 @@ int port__uring_single_issuer(uring_port_t *p) {
     port_spin_lock(&p->cq_lock);
     port_spin_lock(&p->sq_lock);
     port_spin_lock(&p->br_lock);
-    if (p->single || p->leader || port_atomic_load32(&p->base.closed) ||
+    if (p->single || p->lead || p->standby || port_atomic_load32(&p->base.closed) ||
         __atomic_load_n(&p->base.submitted, __ATOMIC_ACQUIRE) != 0 ||
         LOAD_ACQ(p->sq_ktail) != LOAD_ACQ(p->sq_khead) || p->sq_tail != *p->sq_ktail)
         goto out;
