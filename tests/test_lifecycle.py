@@ -476,3 +476,32 @@ def test_a_job_that_posts_itself_forever_does_not_keep_a_closed_core_open(backen
     finally:
         stop.append(True)         # a failed run must not leave it spinning
         core.Close(5)
+
+
+def test_a_thread_that_stopped_dispatching_does_not_hold_back_another(backend):
+    """One thread dispatches a batch and never calls Dispatch again (a loop that ended);
+    another thread's Dispatch must still get the next completion.  On io_uring the first
+    thread kept the leader's place when it left with its batch: the second one waits as
+    the standby and must take the place when a completion comes, not wait for a leader
+    that will never enter the kernel again."""
+    with iocpnet.IocpCore(backend) as core:
+        got = []
+        first = threading.Thread(target=core.Dispatch, args=(5000,))
+        first.start()
+        time.sleep(0.05)     # the first thread waits in the kernel, as the leader
+        core.Post(got.append, 1)
+        first.join()
+        assert got == [1]
+        results = []
+
+        def second():
+            results.append(core.Dispatch(10000))
+
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.05)     # waiting before the post: the completion wakes nobody at once
+        core.Post(got.append, 2)
+        t.join(20)
+        assert not t.is_alive(), "the second thread's Dispatch never returned"
+        assert got == [1, 2], f"the post did not run: {got}"
+        assert results == [1], f"Dispatch returned {results}, not the one completion"
