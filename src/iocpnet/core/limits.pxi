@@ -401,7 +401,8 @@ cdef bint _admit_connection(Service svc, port_sock_t sock, Session s) noexcept:
     try:
         if lim.per_address:
             host = _peer_host(s)
-        with svc._lock:
+        svc._lock_acquire()        # `with svc._lock:`, without binding two methods
+        try:
             if svc._stopping:
                 why = REFUSED_SHUTDOWN
             elif host is not None:
@@ -419,6 +420,8 @@ cdef bint _admit_connection(Service svc, port_sock_t sock, Session s) noexcept:
             svc._st.refused[why] += 1
             if why != REFUSED_SHUTDOWN:
                 start_tick = lim.note_refusal(why, host, port_monotonic_ms())
+        finally:
+            svc._lock_release()
         if start_tick:
             _start_refusal_tick(svc)
         return False

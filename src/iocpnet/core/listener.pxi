@@ -174,7 +174,7 @@ cdef class Listener(IocpObject):
             return
         if session is None:
             self._pending[i] = None
-            session = self._feed([i])       # claimed for this slot (S_ACCEPTING)
+            session = self._feed(i, None)   # claimed for this slot (S_ACCEPTING)
             if session is None:
                 return
         session._state = S_ACCEPTING
@@ -264,9 +264,9 @@ cdef class Listener(IocpObject):
                        port_reason(<int>res))
         self._post(i, session)
 
-    cdef Session _feed(self, list slots):
-        """A session from the factory for slots[0], or None: then every slot in `slots`
-        waits in _unfed for the factory's back-off timer."""
+    cdef Session _feed(self, int slot, list more):
+        """A session from the factory for `slot`, or None: then `slot` and the slots in
+        `more` (None: no others) wait in _unfed for the factory's back-off timer."""
         cdef int64_t now
         cdef bint first, remind, start
         cdef int delay_ms = 0, n
@@ -279,7 +279,9 @@ cdef class Listener(IocpObject):
         except BaseException as e:
             now = port_monotonic_ms()
             with self._backoff_lock:
-                self._unfed.extend(slots)
+                self._unfed.append(slot)
+                if more is not None:
+                    self._unfed.extend(more)
                 n = port_atomic_add32(&self._burst, 1)
                 self._service.factory_failures += 1
                 first = n == 1
@@ -357,7 +359,7 @@ cdef class Listener(IocpObject):
         for k in range(len(unfed)):
             if self._closing:
                 return
-            s = self._feed(unfed[k:])
+            s = self._feed(unfed[k], unfed[k + 1:])
             if s is None:
                 return              # still failing: the rest wait for the next retry
             self._post(unfed[k], s)

@@ -136,6 +136,11 @@ cdef class Service:
     cdef Py_ssize_t _cap
     cdef _SessionList _sessions       # the live sessions
     cdef object _lock
+    # _lock's acquire and release, bound once: `with self._lock:` looks up and binds
+    # __enter__ and __exit__ on every use, and every connection takes the lock three
+    # times (_admit_connection, _session_connected, _session_done)
+    cdef object _lock_acquire
+    cdef object _lock_release
     cdef readonly object _stop_event    # set to make Run return (run.py waits on it)
     cdef readonly bint _started
     cdef readonly bint _stopping
@@ -189,6 +194,8 @@ cdef class Service:
         self._st = _ServiceStats()
         self._sessions = _SessionList()
         self._lock = threading.Lock()
+        self._lock_acquire = self._lock.acquire
+        self._lock_release = self._lock.release
         self._stop_event = threading.Event()
         self._shutdown_reason = "server shutdown"
 
@@ -231,12 +238,16 @@ cdef class Service:
         return _admit_connection(self, sock, s)
 
     cdef bint _session_connected(self, Session s) noexcept:
-        with self._lock:
+        cdef bint stopping
+        self._lock_acquire()
+        try:
             self._sessions.add(s)
             if self._admitting > 0:
                 self._admitting -= 1
             self.total_sessions += 1
             stopping = self._stopping
+        finally:
+            self._lock_release()
         if stopping:
             _close_now(s, self._shutdown_reason, False)
             return False
@@ -275,10 +286,14 @@ cdef class Service:
                     self.idle_disconnects += 1
 
     cdef void _session_done(self, Session s) noexcept:
-        with self._lock:
+        cdef bint empty
+        self._lock_acquire()
+        try:
             self._sessions.discard(s)
             _stats_session_done(self, s)
-            empty = not self._sessions
+            empty = port_atomic_load64(&self._sessions._n) == 0
+        finally:
+            self._lock_release()
         if empty and self._stall_watch is not None:
             _unwatch_stalls(self)
 
