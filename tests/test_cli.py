@@ -65,7 +65,9 @@ def test_dummy_client_against_an_echo_server(server, backend):
     assert 1 <= len(ticks) <= 3, out
     assert elapsed[0] >= 0.5 and elapsed == sorted(elapsed), out
     assert len(ticks) == len(re.findall(r"^\[", out, re.M)), out     # every line well-formed
-    assert int(ticks[0][1]) == 20
+    # Clients connected at each mark: all 20 by the end (the summary), not necessarily
+    # by 0.5 s on a loaded machine (13 once).
+    assert all(1 <= int(n) <= 20 for _, n in ticks), out
     wait_for(lambda: srv.service.session_count == 0, message="the load to leave")
     assert srv.service.total_sessions == 20
 
