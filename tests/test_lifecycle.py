@@ -354,6 +354,13 @@ session = service.sessions[0]
 core.Close(0)
 print("after Close:", core.closed, ended, session.connected, service.session_count)
 print("a later Send:", session.Send(b"late"), len(ended))
+c.settimeout(5)
+try:
+    print("the peer reads:", c.recv(16))
+except ConnectionResetError:
+    print("the peer reads: a reset")
+except OSError as e:
+    print("the peer reads:", e)
 """
 
 
@@ -368,6 +375,9 @@ def test_close_past_its_deadline_ends_the_sessions_it_abandons(backend):
         assert p.wait(30) == 0, p.output
     assert "after Close: True [('server shutdown', True)] False 0" in p.output, p.output
     assert "a later Send: False 1" in p.output, p.output
+    # Its peer learns it at once (not when the process exits): a kernel operation
+    # still holding the socket must not keep the connection up.
+    assert "the peer reads: a reset" in p.output or "the peer reads: b''" in p.output, p.output
 
 
 def test_with_on_a_closed_core_is_refused(backend):

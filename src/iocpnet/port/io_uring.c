@@ -144,6 +144,7 @@
 #include <string.h>
 #include <time.h>
 #include <linux/futex.h>
+#include <sys/socket.h>
 
 /* The port whose batch this thread is dispatching: its submissions are deferred. */
 static PORT_THREAD_LOCAL uring_port_t *tls_batch;
@@ -1273,8 +1274,25 @@ static int close_behind_ring(uring_port_t *p, port_sock_t s, int flags) {
     return named;
 }
 
+/* The ring is shut: the cancels queued for s never run, so a receive the kernel still
+ * holds keeps the socket open past close(2), and the peer would hear nothing until the
+ * process exits.  End the connection itself, whoever holds the socket: a reset is a
+ * connect to AF_UNSPEC (TCP's disconnect), a graceful close shutdown(2). */
+static void end_connection_of_shut_ring(port_sock_t s, int flags) {
+    if (flags & PORT_CLOSE_RESET) {
+        struct sockaddr sa;
+        memset(&sa, 0, sizeof(sa));
+        sa.sa_family = AF_UNSPEC;
+        if (connect(s, &sa, sizeof(sa)) == 0)
+            return;
+    }
+    (void)shutdown(s, SHUT_RDWR);   /* ENOTCONN for a listener or a dead socket: fine */
+}
+
 static int uring_sock_close(port_t *bp, port_sock_t s, int flags) {
     uring_port_t *p = (uring_port_t *)bp;
+    if (__atomic_load_n(&p->base.closed, __ATOMIC_SEQ_CST))
+        end_connection_of_shut_ring(s, flags);
     if (port_atomic_load32(&p->single)) {
         if (__atomic_load_n(&p->base.closed, __ATOMIC_SEQ_CST)) {
             /* Nothing is entered any more: what the ring still holds never runs. */
