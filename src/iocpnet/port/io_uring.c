@@ -363,7 +363,7 @@ static void prep_recv(uring_port_t *p, struct io_uring_sqe *sqe, port_op_t *op, 
  * (~3 us; in a connect storm one per connection).  A kernel without the flag rejects
  * it with EINVAL: accepts then try at once for good (see the completion). */
 static void prep_accept(uring_port_t *p, struct io_uring_sqe *sqe, port_op_t *op) {
-    port__peer_t *pa = &OP_PRIV(op)->u.acc;
+    port__peer_t *pa = &OP_PRIV(op)->u.acc.peer;
     memset(&pa->sa, 0, sizeof(pa->sa));   /* defined for memcheck, which cannot see the
                                            * kernel write it */
     pa->len = sizeof(pa->sa);
@@ -372,13 +372,14 @@ static void prep_accept(uring_port_t *p, struct io_uring_sqe *sqe, port_op_t *op
     sqe->addr = (uint64_t)(uintptr_t)&pa->sa;
     sqe->addr2 = (uint64_t)(uintptr_t)&pa->len;
     sqe->accept_flags = SOCK_NONBLOCK | SOCK_CLOEXEC;
-    if (LOAD_ACQ(&p->accept_pf) != 0)
+    OP_PRIV(op)->u.acc.poll_first = LOAD_ACQ(&p->accept_pf) != 0;
+    if (OP_PRIV(op)->u.acc.poll_first)
         sqe->ioprio = IORING_ACCEPT_POLL_FIRST;
     sqe->user_data = (uint64_t)(uintptr_t)op;
 }
 
 static int uring_accept_peer(const port_op_t *op, port_addr_t *out) {
-    return port__peer_get(&OP_PRIV(op)->u.acc, out);
+    return port__peer_get(&OP_PRIV(op)->u.acc.peer, out);
 }
 
 static void prep_send(struct io_uring_sqe *sqe, port_op_t *op) {
@@ -581,17 +582,18 @@ static int handle_cqe(uring_port_t *p, port_cqe_t *out, int n, uint64_t ud, int3
         c.res = res == 0 ? 0 : (res == -ENOBUFS ? PORT_ECANCELED : port_err_from_os(-res));
         goto final;
     case PORT_OP_ACCEPT:
-        if (LOAD_ACQ(&p->accept_pf) < 0) {
-            if (res == -EINVAL && !LOAD_ACQ(&op->cancel_requested)) {
-                /* Before 6.10 the flag is unknown (EINVAL; so is an accept on a socket
-                 * that does not listen, which then fails the same way once more). */
-                port_atomic_store32(&p->accept_pf, 0);
-                resubmit_orphan(p, op);
-                return n;
-            }
-            if (res >= 0)
-                port_atomic_store32(&p->accept_pf, 1);
+        if (res == -EINVAL && OP_PRIV(op)->u.acc.poll_first
+                && LOAD_ACQ(&p->accept_pf) <= 0 && !LOAD_ACQ(&op->cancel_requested)) {
+            /* Before 6.10 the flag is unknown (EINVAL; so is an accept on a socket that
+             * does not listen, which then fails the same way once more, without it).
+             * Every accept sent before the first answer carries the flag: each one that
+             * comes back so is sent again, not only the first. */
+            port_atomic_store32(&p->accept_pf, 0);
+            resubmit_orphan(p, op);
+            return n;
         }
+        if (res >= 0 && LOAD_ACQ(&p->accept_pf) < 0)
+            port_atomic_store32(&p->accept_pf, 1);
         c.res = res >= 0 ? res : port_err_from_os(-res);
         goto final;
     case PORT_OP_TIMER:

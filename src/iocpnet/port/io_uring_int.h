@@ -122,7 +122,10 @@ typedef struct uring_op {
         struct msghdr msg;           /* sendmsg: the kernel reads it until completion */
         struct __kernel_timespec ts; /* timer */
         struct sockaddr_in6 sa;      /* connect: a copy, so the caller's may go away */
-        port__peer_t acc;            /* accept: the kernel writes the peer's address */
+        struct {
+            port__peer_t peer;       /* accept: the kernel writes the peer's address */
+            uint32_t poll_first;     /* sent with IORING_ACCEPT_POLL_FIRST */
+        } acc;
         struct {
             uint32_t short_read;     /* the last read left the socket empty: poll first */
             uint32_t polled;         /* armed to poll first: an ENOBUFS means data waits */
