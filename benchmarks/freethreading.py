@@ -188,10 +188,13 @@ def build_iocpnet(python, tag):
         r = run([python, "-m", "venv", venv])
         if r.returncode != 0:
             sys.exit(f"venv for {python} failed:\n{r.stderr}")
-    if run([vpy, "-c", "import setuptools, Cython"]).returncode != 0:
+    # setuptools 77 reads pyproject.toml's SPDX license string; a venv made before
+    # that (an older run's) has an older one and fails the build.
+    if run([vpy, "-c", "import setuptools, Cython; "
+            "assert int(setuptools.__version__.split('.')[0]) >= 77"]).returncode != 0:
         # --prefer-binary: the newest release of a tool may have no wheel for 3.13t yet.
         r = run([vpy, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                 "--prefer-binary", "setuptools", "cython>=3.1"])
+                 "--prefer-binary", "setuptools>=77", "cython>=3.1"])
         if r.returncode != 0:
             sys.exit(f"pip install setuptools cython for {tag} failed:\n{r.stderr[-2000:]}")
     log(f"building iocpnet for {tag} (scripts/devbuild.sh)")
