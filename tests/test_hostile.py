@@ -678,6 +678,20 @@ def test_never_reading_peer_over_tls_or_websocket_is_cut_too(server, tmp_path_fa
 # ---------------------------------------------------------------------------------------
 # A session factory that fails for a while
 
+def failing_factory(make):
+    """A session factory that raises while the returned event is set (noting the time
+    of each such call in the returned list) and otherwise returns make()."""
+    failing = threading.Event()
+    calls = []
+
+    def factory():
+        if failing.is_set():
+            calls.append(time.monotonic())
+            raise RuntimeError("the session pool is empty")
+        return make()
+    return factory, failing, calls
+
+
 def test_failing_session_factory_recovers_and_answers_every_later_client(
         server, caplog_iocpnet):
     """The session factory fails 12 times in a row (raising, or returning a
@@ -743,15 +757,7 @@ def test_failing_session_factory_is_retried_with_a_growing_back_off(
     upper bounds allow what a probe timer on the same core was seen to lag (nothing on
     a quiet machine), and the lower bounds are exact."""
     log = Log()
-    echo = echo_class(log)
-    failing = threading.Event()
-    calls = []
-
-    def factory():
-        if failing.is_set():
-            calls.append(time.monotonic())
-            raise RuntimeError("the session pool is empty")
-        return echo()
+    factory, failing, calls = failing_factory(echo_class(log))
 
     def gaps():
         return [b - a for a, b in zip(calls, calls[1:])]
@@ -807,14 +813,7 @@ def test_a_slow_log_handler_does_not_delay_the_factory_retry(server, caplog_iocp
     written before the retry's timer was armed, which moved the whole back-off; CI saw
     a first retry 0.57 s late on 3.13t while a probe timer on that core lagged 0.01 s."""
     slow = 1.0
-    failing = threading.Event()
-    calls = []
-
-    def factory():
-        if failing.is_set():
-            calls.append(time.monotonic())
-            raise RuntimeError("the session pool is empty")
-        return iocpnet.Session()
+    factory, failing, calls = failing_factory(iocpnet.Session)
 
     logged = threading.Event()
 

@@ -142,6 +142,19 @@ def test_an_unfinished_reply_over_the_bound_is_refused():
             p.replies()
 
 
+def count_calls(parser, method):
+    """Count the calls of one of the parser's steps (work counted, not timed): the
+    returned list's one item grows with each call."""
+    calls = [0]
+    original = getattr(parser, method)
+
+    def counting(*a):
+        calls[0] += 1
+        return original(*a)
+    setattr(parser, method, counting)
+    return calls
+
+
 def test_a_long_reply_arriving_in_pieces_is_parsed_once():
     """A reply of many small elements arriving a few bytes at a time (a slow or hostile
     Redis) costs its size, not its size squared: the arrays not yet whole are kept, and
@@ -152,14 +165,7 @@ def test_a_long_reply_arriving_in_pieces_is_parsed_once():
     value = [[b"abc", i, "ok"] for i in range(n)]
     wire = enc(value)
     p = Parser()
-    lines = 0
-    original = p._line
-
-    def counting(*a):
-        nonlocal lines
-        lines += 1
-        return original(*a)
-    p._line = counting
+    lines = count_calls(p, "_line")
     got = []
     for i in range(0, len(wire), 7):
         p.feed(wire[i:i + 7])
@@ -167,7 +173,7 @@ def test_a_long_reply_arriving_in_pieces_is_parsed_once():
         assert not got or i + 7 >= len(wire)
     assert got == [value] and p.buffered == 0
     # Each element's line is parsed once, again when a cut fell inside the element.
-    assert lines <= 2 * (4 * n + 1), lines
+    assert 4 * n + 1 <= lines[0] <= 2 * (4 * n + 1), lines
 
 
 def test_a_nested_reply_fed_byte_by_byte_and_its_bounds():
@@ -207,19 +213,12 @@ def test_a_large_bulk_is_not_parsed_again_per_receive():
     value = bytes(range(256)) * 4096
     wire = enc(value)
     p = Parser()
-    calls = 0
-    original = p._next
-
-    def counting(*a):
-        nonlocal calls
-        calls += 1
-        return original(*a)
-    p._next = counting
+    calls = count_calls(p, "_next")
     got = []
     for i in range(0, len(wire), 16384):
         p.feed(wire[i:i + 16384])
         got += p.replies()
-    assert got == [value] and calls == 2
+    assert got == [value] and calls[0] == 2
 
 
 def test_a_large_bulk_costs_its_size_not_its_size_squared():
