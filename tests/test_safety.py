@@ -594,6 +594,20 @@ def test_receive_buffers_follow_the_data_in_flight(server):
             c.close()
 
 
+def _hook_that_blocks_first():
+    """A Session class whose first OnRecv sets `blocked` and waits for `gate` (20 s at
+    most); every OnRecv's bytes are appended to `got`."""
+    gate, blocked, got = threading.Event(), threading.Event(), bytearray()
+
+    class Slow(iocpnet.Session):
+        def OnRecv(self, data):
+            if not blocked.is_set():
+                blocked.set()
+                gate.wait(20)
+            got.extend(data)
+    return Slow, gate, blocked, got
+
+
 def _send_spaced(sock, msgs, gap):
     """Send each message on its own, `gap` seconds apart (one segment each)."""
     for m in msgs:
@@ -609,16 +623,7 @@ def test_a_blocked_hook_is_lent_few_receive_buffers(server, backend, armed, requ
     segment (a peer trickling bytes at a session whose hook is slow drained the shared
     pool that way: epoll's receives kept armed had no bound).  Once the hook returns,
     every byte reaches OnRecv, in order."""
-    gate, blocked = threading.Event(), threading.Event()
-    got = bytearray()
-
-    class Slow(iocpnet.Session):
-        def OnRecv(self, data):
-            if not blocked.is_set():
-                blocked.set()
-                gate.wait(20)
-            got.extend(data)
-
+    Slow, gate, blocked, got = _hook_that_blocks_first()
     kw = {} if armed is None else {"recv_multishot": armed}
     srv = server(Slow, workers=2, core_kw=kw)
     msgs = [b"%03d" % i + b"m" * 97 for i in range(40)]
@@ -644,16 +649,10 @@ def test_a_peer_that_sends_and_leaves_while_the_hook_blocks_loses_nothing(server
     """The arming paused behind a blocked hook (see above) must not lose what follows:
     the peer sends 30 segments and closes while the hook is stuck; once it returns,
     every byte reaches OnRecv in order, then the session ends as the peer closed it."""
-    gate, blocked, ended = threading.Event(), threading.Event(), threading.Event()
-    got, reasons = bytearray(), []
+    Blocking, gate, blocked, got = _hook_that_blocks_first()
+    ended, reasons = threading.Event(), []
 
-    class Slow(iocpnet.Session):
-        def OnRecv(self, data):
-            if not blocked.is_set():
-                blocked.set()
-                gate.wait(20)
-            got.extend(data)
-
+    class Slow(Blocking):
         def OnDisconnected(self, reason):
             reasons.append(reason)
             ended.set()
