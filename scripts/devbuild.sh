@@ -11,6 +11,34 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out=${1:-/tmp/iocpnet-dev}
 py=${PYTHON:-python3}
+# setup.py runs with this interpreter's own setuptools and Cython, not pip's isolated
+# build environment: check them against pyproject's [build-system] requires (an older
+# setuptools fails on the SPDX license string with a schema dump) and install what is
+# missing, saying so.
+need=$("$py" - "$root/pyproject.toml" <<'PYEOF'
+import re, sys
+from importlib.metadata import version, PackageNotFoundError
+text = open(sys.argv[1]).read()
+reqs = re.search(r'^requires\s*=\s*\[(.*?)\]', text, re.M | re.S).group(1)
+for req in re.findall(r'"([^"]+)"', reqs):
+    name, _, low = req.partition(">=")
+    try:
+        have = tuple(int(x) for x in re.findall(r"\d+", version(name))[:3])
+    except PackageNotFoundError:
+        have = ()
+    if low and have < tuple(int(x) for x in low.split(".")):
+        print(req)
+PYEOF
+)
+need=$(echo $need)   # one line
+if [ -n "$need" ]; then
+    echo "devbuild: installing the build requirements this interpreter lacks: $need" >&2
+    # shellcheck disable=SC2086
+    "$py" -m pip install -q $need >&2 || {
+        echo "devbuild: could not install $need for $py (pyproject's build-system requires)" >&2
+        exit 1
+    }
+fi
 mkdir -p "$out/tree"
 # Copy only what the build reads; keep the previous build/ directory for speed.
 cp "$root/setup.py" "$root/pyproject.toml" "$root/README.md" "$out/tree/"
