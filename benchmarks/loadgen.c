@@ -305,6 +305,7 @@ static struct {
     int port, mode, conns, size, depth, idle_count, setup_conc, engine;
     double warmup, duration, idle_hold, setup_timeout;
     double rate; /* -r: messages sent per second at most (0: as fast as the echoes allow) */
+    uint64_t burst_ns; /* -b: with -r, the rate is offered in ticks this far apart (0: evenly) */
     double handicap; /* -H: share of its core withheld from itself (headroom probe) */
 } o;
 
@@ -347,6 +348,8 @@ struct conn {
     uint8_t waiting;   /* -r: queued in rate_wait until the bucket refills */
     uint8_t prepaid;   /* -r: rate_pump took the token of its next message */
     uint64_t t_wait;   /* -r: when it began to wait for a token (connect: slot freed) */
+    uint32_t credit;   /* -b: messages due at past ticks and not sent yet */
+    uint64_t t_credit; /* -b: the tick the oldest of them fell due at */
 };
 
 static int ep = -1;
@@ -479,6 +482,7 @@ static struct {
     uint64_t late;        /* of those, started more than SCHED_LATE_NS late */
     double lag_ns;        /* sum of the lateness of the waited starts */
     double lost_late, lost_full; /* tokens dropped by the full bucket */
+    uint64_t deferred;    /* -b: starts sent after their tick, when an echo let them */
 } sched;
 
 /* Refill the bucket at time t. wanted: a sender was waiting for a token
@@ -541,12 +545,17 @@ static int rate_take(struct conn *c)
     return 0;
 }
 
-/* Refill the bucket; hand tokens to the waiting connections. Returns how
- * many connections it served (they queued sends: that is work). */
+static int burst_pump(uint64_t t);
+
+/* Refill the bucket; hand tokens to the waiting connections (-b: hand out
+ * the ticks due). Returns how many connections it served (they queued
+ * sends: that is work). */
 static int rate_pump(uint64_t t)
 {
     if (o.rate <= 0)
         return 0;
+    if (o.burst_ns)
+        return burst_pump(t);
     rate_refill(t);
     int served = 0;
     while (rate_nwait && rate_tokens >= 1) {
@@ -562,17 +571,113 @@ static int rate_pump(uint64_t t)
     return served;
 }
 
+/* Completion time of the messages in the current receive batch: one clock
+ * read per batch instead of per message keeps the generator's own cost down
+ * in pipelined runs; the error is the time to check one batch (microseconds). */
+static uint64_t t_batch;
+
+/* ---------- bursts (-b, with -r) ----------
+ * The token bucket spaces the messages evenly: at a capped rate every server
+ * then wakes for nearly every message and its CPU follows the wall clock,
+ * not the messages (at 1M/s, 64 B x 100, every Python server sat at 0.98 of
+ * its core and C io_uring cost twice its pipelined figure at 500k/s). With
+ * -b the same rate is offered in ticks burst_ns apart, on a fixed clock
+ * (tick k falls due at burst_origin + k * burst_ns, whatever the server):
+ * at each tick every connection is credited its share of the tick's
+ * messages (burst_q, fractions carried so that the total is exact) and
+ * writes what its window allows in ONE send. So every server is offered the
+ * same bursts at the same times, in batches as in the uncapped pipelined
+ * case. Accounting (sched):
+ *   starts sent in the tick's pass: late when that pass came more than
+ *     SCHED_LATE_NS after the tick fell due (a burst that starts late is
+ *     late, every message of it);
+ *   deferred: credit the window (or the send in flight) held back at its
+ *     tick, sent when an echo let it: the server was over a tick behind, so
+ *     it was not offered the schedule (run.py's CAPPED rule counts it);
+ *     its lag is from the later of its tick and the echo;
+ *   lost_full: credit over one window (-d) that a still-full window could
+ *     not take: the echoes set the pace (the rate falls below the offer);
+ *     lost_late when the pass was late: ticks it missed pile up (they are
+ *     handed out together, every message late). */
+static int depth_for_mode(void);
+static double burst_q;          /* messages per connection per tick */
+static uint64_t burst_origin, burst_k;
+static uint64_t burst_tick_due; /* the due time of the tick being handed out, 0 outside */
+
+static void burst_spend(struct conn *c, uint32_t n)
+{
+    if (!measuring)
+        return;
+    uint64_t t = now_ns();
+    uint64_t ready = burst_tick_due;
+    if (!ready) { /* out of a tick: sent because an echo (or a send) completed */
+        ready = t_batch > c->t_credit ? t_batch : c->t_credit;
+        sched.deferred += n;
+    }
+    double lag = t > ready ? (double)(t - ready) : 0;
+    sched.starts += n;
+    sched.waited += n;
+    sched.lag_ns += lag * n;
+    if (lag > (double)SCHED_LATE_NS)
+        sched.late += n;
+}
+
+static int burst_pump(uint64_t t)
+{
+    if (!burst_origin)
+        burst_origin = t;
+    uint64_t due = burst_origin + burst_k * o.burst_ns;
+    if (t < due)
+        return 0;
+    /* every tick due by now, in one hand-out (a pass more than a tick late
+     * sends them together, all late from the oldest); cumulative, so that a
+     * fractional share is paid in full over the ticks */
+    uint64_t k1 = (t - burst_origin) / o.burst_ns + 1;
+    uint32_t n = (uint32_t)((uint64_t)((double)k1 * burst_q) -
+                            (uint64_t)((double)burst_k * burst_q));
+    burst_k = k1;
+    int late = t - due > SCHED_LATE_NS, served = 0;
+    uint32_t depth = (uint32_t)depth_for_mode();
+    burst_tick_due = due;
+    for (int i = 0; n && i < nconns; i++) {
+        struct conn *c = &conns[i];
+        if (c->state != S_ACTIVE)
+            continue;
+        if (!c->credit)
+            c->t_credit = due;
+        c->credit += n;
+        uint64_t before = c->tx_msg;
+        refill_and_send(c);
+        served += c->tx_msg != before;
+        if (c->credit > depth) { /* over a window: the echoes' pace, or ours if late */
+            if (measuring) {
+                if (late)
+                    sched.lost_late += c->credit - depth;
+                else
+                    sched.lost_full += c->credit - depth;
+            }
+            c->credit = depth;
+        }
+    }
+    burst_tick_due = 0;
+    return served;
+}
+
 static void print_sched(double secs)
 {
     if (o.rate <= 0)
         return;
     printf(", \"sched\": {\"offered\": %.1f, \"starts\": %llu, \"waited\": %llu, "
            "\"late\": %llu, \"late_over_us\": %.0f, \"lag_us_mean\": %.3f, "
-           "\"lost_late\": %.1f, \"lost_full\": %.1f}",
+           "\"lost_late\": %.1f, \"lost_full\": %.1f",
            o.rate * secs, (unsigned long long)sched.starts, (unsigned long long)sched.waited,
            (unsigned long long)sched.late, SCHED_LATE_NS / 1e3,
            sched.waited ? sched.lag_ns / sched.waited / 1e3 : 0.0, sched.lost_late,
            sched.lost_full);
+    if (o.burst_ns)
+        printf(", \"burst_us\": %.1f, \"deferred\": %llu", o.burst_ns / 1e3,
+               (unsigned long long)sched.deferred);
+    printf("}");
 }
 
 static void start_connect(struct conn *c)
@@ -635,8 +740,13 @@ static void refill_and_send(struct conn *c)
     uint64_t limit = (o.mode == M_PINGPONG || o.mode == M_PIPELINE) ? UINT64_MAX : 1;
     int depth = depth_for_mode();
     uint64_t t = 0;
+    uint32_t from_credit = 0;
     while (c->tx_msg - c->rx_msg < (uint64_t)depth && c->tx_msg < limit) {
-        if (c->prepaid)
+        if (o.burst_ns) {
+            if (from_credit == c->credit)
+                break;
+            from_credit++;
+        } else if (c->prepaid)
             c->prepaid = 0;
         else if (c->waiting || !rate_take(c))
             break;
@@ -650,6 +760,10 @@ static void refill_and_send(struct conn *c)
         c->sent_ns[c->tx_msg % depth] = t;
         c->txlen += o.size;
         c->tx_msg++;
+    }
+    if (from_credit) {
+        c->credit -= from_credit;
+        burst_spend(c, from_credit);
     }
     if (!c->txlen)
         return;
@@ -682,11 +796,6 @@ static uint32_t verify_chunk(struct conn *c, const uint8_t *p, uint32_t n)
     }
     return k;
 }
-
-/* Completion time of the messages in the current receive batch: one clock
- * read per batch instead of per message keeps the generator's own cost down
- * in pipelined runs; the error is the time to check one batch (microseconds). */
-static uint64_t t_batch;
 
 /* returns 1 if the connection was closed here (connect mode) */
 static int message_done(struct conn *c)
@@ -1548,6 +1657,9 @@ static void usage(FILE *f)
             "             connect: start at most RATE connections per second, sleeping\n"
             "             between tokens (engine epoll: busy = its CPU time)\n"
             "             (0, the default: as fast as the echoes come back)\n"
+            "  -b USEC    with -r (pingpong/pipeline): offer the rate in ticks USEC\n"
+            "             apart, each connection writing its share of a tick in one\n"
+            "             send (0, the default: every message on its own token)\n"
             "  -H SHARE   headroom probe: withhold SHARE (0-0.9) of its core from\n"
             "             itself in every other 100 ms phase and report the rate in\n"
             "             both kinds of phase (busy-polling engines; see handicap_pause)\n",
@@ -1600,7 +1712,7 @@ int main(int argc, char **argv)
     o.setup_conc = 64;
     o.setup_timeout = 60;
     int opt;
-    while ((opt = getopt(argc, argv, "a:p:m:e:c:s:d:w:t:n:i:C:T:P:r:H:h")) != -1) {
+    while ((opt = getopt(argc, argv, "a:p:m:e:c:s:d:w:t:n:i:C:T:P:r:b:H:h")) != -1) {
         switch (opt) {
         case 'a': o.host = optarg; break;
         case 'p': o.port = (int)parse_int(optarg, 1, 65535); break;
@@ -1617,6 +1729,7 @@ int main(int argc, char **argv)
         case 'T': o.setup_timeout = parse_secs(optarg); break;
         case 'P': server_pid = (int)parse_int(optarg, 1, 1 << 30); break;
         case 'r': o.rate = (double)parse_int(optarg, 0, 100000000); break;
+        case 'b': o.burst_ns = (uint64_t)parse_int(optarg, 0, 1000000) * 1000u; break;
         case 'H': {
             char *end;
             o.handicap = strtod(optarg, &end);
@@ -1644,6 +1757,10 @@ int main(int argc, char **argv)
         die(1, "-T: the set-up timeout must be longer than 0 s");
     if (o.rate > 0 && o.mode == M_IDLE)
         die(1, "-r applies to pingpong, pipeline and connect only");
+    if (o.burst_ns && (o.rate <= 0 || o.mode == M_CONNECT || o.mode == M_IDLE))
+        die(1, "-b applies with -r to pingpong and pipeline only");
+    if (o.burst_ns)
+        burst_q = o.rate * (o.burst_ns / 1e9) / o.conns;
     if (o.mode == M_PIPELINE && (uint64_t)o.depth * (uint64_t)o.size > 64u * 1024u * 1024u)
         die(1, "pipeline depth x size above 64 MiB per connection");
 

@@ -23,7 +23,13 @@ Design notes (the why):
   finds an echo). The cell compares servers when at most 2 % of the offered
   starts came more than 100 µs late or were dropped while a sender waited,
   the server kept 97 % of the rate (below it with the generator over 90 %
-  busy: ‡, either side), and it ran below 0.95 of its core.
+  busy: ‡, either side), and it ran below 0.95 of its core. The pipelined
+  equal-rate cells offer their rate in bursts (loadgen -b: on a fixed 1 ms
+  clock each connection writes its share of the tick in one send), so that
+  a server's CPU follows the messages, not the wall clock: evenly spaced,
+  every server woke for nearly every message (all at 0.9-0.99 of a core);
+  a server that let over 2 % of the messages go out after their tick (its
+  window still full) was not offered the schedule and is in no ratio.
 - Noise: a difference is a win or a miss only when the paired rounds agree on
   its side (sign_verdict: one-sided binomial p <= 1/16); otherwise the report
   says it is within the noise (≈), whatever the median.
@@ -139,15 +145,22 @@ class Case:
     exactly that many messages (storm: connections) per second (loadgen -r), the
     same to every server: an equal-rate cell, which compares what each server's
     CPU costs per message at that load where the uncapped cell cannot (on two
-    cores a load generator is saturated by the fast servers: see LG_LIMIT)."""
+    cores a load generator is saturated by the fast servers: see LG_LIMIT).
+    burst_us: with a rate, offer it in ticks that far apart (loadgen -b), each
+    connection writing its share of a tick in one send, so that every server
+    gets its messages in batches as in the uncapped pipelined case."""
 
-    def __init__(self, name, mode, size=64, conns=1, depth=1, idle_count=0, rate=None):
+    def __init__(self, name, mode, size=64, conns=1, depth=1, idle_count=0, rate=None,
+                 burst_us=None):
         self.name, self.mode, self.size, self.conns = name, mode, size, conns
         self.depth, self.idle_count, self.rate = depth, idle_count, rate
+        self.burst_us = burst_us
 
     @property
     def label(self):
         at = f" at {human(self.rate)}/s" if self.rate else ""
+        if self.rate and self.burst_us:
+            at += f" in {self.burst_us / 1000:g} ms bursts"
         if self.mode == "pingpong":
             return f"ping-pong {fmt_size(self.size)} × {self.conns}{at}"
         if self.mode == "pipeline":
@@ -163,7 +176,7 @@ class Case:
     def to_json(self):
         return dict(name=self.name, label=self.label, mode=self.mode, size=self.size,
                     conns=self.conns, depth=self.depth, idle_count=self.idle_count,
-                    rate=self.rate)
+                    rate=self.rate, burst_us=self.burst_us)
 
 
 def full_matrix(idle_count):
@@ -180,6 +193,9 @@ def full_matrix(idle_count):
     return cases
 
 
+BURST_US = 1000  # the pipelined equal-rate cells' tick: 8-10 messages per connection
+
+
 def equal_rate_cases():
     """The cells whose uncapped form is load-generator-limited against the C
     servers (or every server), offered at a rate every server keeps: about
@@ -187,10 +203,17 @@ def equal_rate_cases():
     the load generator stays under LG_LIMIT (figures: docs/benchmarks.md,
     the uncapped cells' rates and busy shares)."""
     return [Case("pp-64-c100-at100k", "pingpong", 64, 100, rate=100_000),
-            # 64 B at 1.2M kept the load generator 99.6 % busy against the C servers
-            # (no probe could clear it: they sat at 0.85 of a core), so 1M
-            Case("pl16-64-c100-at1M", "pipeline", 64, 100, depth=16, rate=1_000_000),
-            Case("pl16-1k-c100-at1.2M", "pipeline", 1024, 100, depth=16, rate=1_200_000),
+            # pipelined: in 1 ms bursts (loadgen -b), so that every server gets
+            # its messages in batches; evenly spaced, every server woke for
+            # nearly every message and sat at 0.9-0.99 of its core (Case). In
+            # bursts asyncio, the costliest, took ~0.5 µs per round trip at
+            # 64 B and ~0.6-0.66 at 1 KiB (run of 20:36, machine loaded): at
+            # 1M and 800k/s it stays under 0.7 of a core even in one of the
+            # VM's slow states (1.4x), C io_uring at ~0.3 and ~0.4
+            Case("pl16-64-c100-at1M", "pipeline", 64, 100, depth=16, rate=1_000_000,
+                 burst_us=BURST_US),
+            Case("pl16-1k-c100-at800k", "pipeline", 1024, 100, depth=16, rate=800_000,
+                 burst_us=BURST_US),
             Case("storm-c50-at12k", "connect", 64, 50, rate=12_000)]
 
 
@@ -651,6 +674,8 @@ def slice_argv(case, r, args, withhold=0.0):
         argv += ["-d", str(case.depth)]
     if case.rate:
         argv += ["-r", str(case.rate)]
+        if case.burst_us:
+            argv += ["-b", str(case.burst_us)]
     if args.engine and case.mode in ("pingpong", "pipeline"):
         argv += ["-e", args.engine]
     return argv
@@ -767,11 +792,17 @@ PROBE_WITHHOLD, PROBE_HOLD, PROBE_SLICES = 0.2, 0.97, 2
 # compares servers when (a) the schedule miss is at most SCHED_MISS_MAX (else
 # ‡ load generator), (b) the server kept RATE_HOLD of the offered rate (else
 # "server (below the offered rate)"; ‡ if the generator was busy above
-# LG_LIMIT: it may have been slow to take the echoes), and (c) the server ran below
+# LG_LIMIT: it may have been slow to take the echoes), (c) offered in
+# bursts (loadgen -b), at most SCHED_MISS_MAX of the messages went out after
+# their tick because the window was still full (else "server (behind the
+# bursts)": it was offered smaller batches at its echoes' times, not its
+# peers' schedule; ‡ with the generator above LG_LIMIT), and (d) the server ran below
 # CAPPED_SATURATED of its core (else "server (saturated at the offered
 # rate)": its queue, not the schedule, set its batches, and its CPU per
 # round trip is a lower bound of what the rate costs it). Then its server
 # CPU per round trip compares servers whatever the generator's busy share.
+# A burst's messages count late, all of them, when the pass that hands
+# out its tick comes more than 100 µs after the tick fell due.
 # Uncapped cells keep LG_LIMIT and the headroom probe.
 SCHED_MISS_MAX, CAPPED_SATURATED = 0.02, 0.95
 # A difference is resolved only when the rounds agree on its side: a sign
@@ -826,6 +857,8 @@ def capped_verdict(case, slices, rate_median, cores, lg_busy=0.0):
                              for x in sch)
     summary = {"miss": miss, "lag_us": statistics.median(x.get("lag_us_mean", 0) for x in sch),
                "lost_full": statistics.median(x.get("lost_full", 0) / x["offered"] for x in sch)}
+    if any("burst_us" in x for x in sch):
+        summary["deferred"] = statistics.median(x.get("deferred", 0) / x["offered"] for x in sch)
     if miss > SCHED_MISS_MAX:
         return ("load generator",
                 f"load generator behind its schedule ({miss:.1%} of the starts late)", summary)
@@ -839,6 +872,15 @@ def capped_verdict(case, slices, rate_median, cores, lg_busy=0.0):
                     f"generator {lg_busy:.0%} busy (either side)", summary)
         return ("server (below the offered rate)",
                 f"kept {rate_median / case.rate:.0%} of the offered rate", summary)
+    if summary.get("deferred", 0) > SCHED_MISS_MAX:
+        # bursts: a window still full at its tick, sent when the echoes let
+        # it: this server was over a tick behind, so it was offered another
+        # schedule (smaller batches, at the echoes' times) than its peers
+        why = f"{summary['deferred']:.1%} of the messages sent after their burst"
+        if lg_busy > LG_LIMIT:
+            return ("load generator", f"{why}, with the load generator {lg_busy:.0%} busy "
+                    "(either side)", summary)
+        return "server (behind the bursts)", why, summary
     if cores >= CAPPED_SATURATED:
         return ("server (saturated at the offered rate)",
                 f"server saturated at the offered rate ({cores:.2f} cores)", summary)
@@ -1563,6 +1605,8 @@ def markdown(meta, config, cases, results, servers, warnings):
             sch = a.get("schedule")
             if sch:
                 busy += f"; schedule miss {sch['miss']:.1%}"
+                if "deferred" in sch:
+                    busy += f", after their burst {sch['deferred']:.1%}"
             pr = a.get("loadgen_probe")
             if pr:
                 busy += (f"; {pr['withheld']:.0%} withheld: {pr['rate_ratio']:.0%} of the rate, "
@@ -1833,7 +1877,14 @@ def equal_rate_md(L, capped, cols, results):
     L.append("### At an equal offered rate: server CPU per round trip")
     L.append("")
     L.append("The load generator offers the same rate to every server (`loadgen -r`, a token "
-             "bucket with at most 1 ms of tokens saved), chosen under the slowest server's "
+             "bucket with at most 1 ms of tokens saved; the pipelined cells **in bursts**, "
+             "`loadgen -b`: on a fixed clock, every 1 ms from the start whatever the server, "
+             "each connection is handed its share of the tick's messages and writes what its "
+             "window allows in one send, so every server is offered the same bursts at the same "
+             "times and gets its messages in batches, the point of pipelining; spaced evenly, "
+             "every server woke for nearly every message and its CPU followed the wall clock, "
+             "0.9-0.99 of a core for every one of them at 500k-1M/s, C io_uring too), "
+             "chosen under the slowest server's "
              "limit and well under the load generator's, so each cell compares what the same "
              "load costs each server: µs of server CPU per round trip (storm: per connection), "
              "then round trips per server CPU-second relative to C io_uring and to uvloop, "
@@ -1843,9 +1894,15 @@ def equal_rate_md(L, capped, cols, results):
              "messages per second nearly every pass of a busy-poller finds an echo, so it is "
              "near 100 % with time to spare): a cell compares servers when the generator "
              f"**held its schedule** (at most {SCHED_MISS_MAX:.0%} of the offered starts more "
-             "than 100 µs late or dropped while a sender waited; else "
+             "than 100 µs late or dropped while a sender waited; a burst handed out more than "
+             "100 µs after its tick is late, every message of it; else "
              f"{LIMIT_MARK}), the server kept {RATE_HOLD:.0%} of the offered rate (below it "
-             f"with the generator over {LG_LIMIT:.0%} busy: {LIMIT_MARK}, either side), and the "
+             f"with the generator over {LG_LIMIT:.0%} busy: {LIMIT_MARK}, either side), "
+             f"in bursts at most {SCHED_MISS_MAX:.0%} of the messages went out after their tick "
+             "because the server had not echoed enough of the earlier ones to open the window "
+             "(else *server (behind the bursts)*: it got smaller batches at its own echoes' "
+             f"times, not its peers' schedule; {LIMIT_MARK} with the generator over "
+             f"{LG_LIMIT:.0%} busy), and the "
              f"server ran below {CAPPED_SATURATED:.2f} of its core (a saturated server's "
              "batches are set by its own queue; its figure is a lower bound and in no ratio). "
              "≈: the rounds do not resolve the side of 1.00 (within the noise).")
@@ -2165,7 +2222,7 @@ def load_saved(path):
     """A saved run (summary or full JSON) back into cases, results, servers."""
     with open(path) as f:
         raw = json.load(f)
-    keep = ("name", "mode", "size", "conns", "depth", "idle_count", "rate")
+    keep = ("name", "mode", "size", "conns", "depth", "idle_count", "rate", "burst_us")
     cases = [Case(**{k: c[k] for k in keep if k in c}) for c in raw["cases"]]
     results = {c["name"]: c["servers"] for c in raw["cases"]}
     for c in cases:  # a run saved before the current aggregates existed

@@ -17,7 +17,9 @@ import os
 import socket
 import subprocess
 import sys
+import statistics
 import threading
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -35,6 +37,7 @@ class BadServer(threading.Thread):
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(128)
         self.port = self.sock.getsockname()[1]
+        self.chunks = []  # the size of every receive (how the load arrived)
 
     def run(self):
         while True:
@@ -51,6 +54,9 @@ class BadServer(threading.Thread):
                 d = c.recv(65536)
                 if not d:
                     return
+                self.chunks.append(len(d))
+                if self.defect == "slow":  # over two ticks of loadgen -b 8000 behind
+                    time.sleep(0.02)
                 out = d
                 if self.defect == "corrupt" and total <= 1000 < total + len(d):
                     i = 1000 - total
@@ -110,6 +116,38 @@ def capped_checks():
                     f"exit {p.returncode}, {d.get('roundtrips')} round trips, sched {sch}"))
     finally:
         srv.sock.close()
+    # bursts (-b): each connection writes its share of a tick (2000/s x 8 ms
+    # / 4 connections = 4 messages) in ONE send, so the server reads whole
+    # bursts, where the token bucket alone sends them one by one (64 B)
+    for defect, burst in (("none", ["-b", "8000"]), ("none", []), ("slow", ["-b", "8000"])):
+        srv = BadServer(defect)
+        srv.start()
+        try:
+            p = subprocess.run([run.LOADGEN, "-p", str(srv.port), "-m", "pipeline", "-c", "4",
+                                "-d", "16", "-s", "64", "-r", "2000", *burst, "-w", "0.2",
+                                "-t", "0.5"], capture_output=True, text=True, timeout=30)
+        finally:
+            srv.sock.close()
+        d = json.loads(p.stdout) if p.returncode == 0 else {}
+        sch = d.get("sched") or {}
+        chunk = statistics.median(srv.chunks) if srv.chunks else 0
+        if defect == "slow":
+            # a server over a tick behind: its window is full at the ticks, the
+            # credit goes out when echoes let it (deferred) or is dropped
+            ok = (p.returncode == 0 and sch.get("deferred", 0) > 0.05 * sch.get("offered", 1)
+                  and sch.get("lost_full", 0) > 0 and d["roundtrips"] < 0.9 * sch["offered"])
+            what = "pipeline -r 2000 -b 8000 against a server 20 ms behind: deferred, dropped"
+        elif burst:
+            # one tick (16 messages) may straddle either end of the window
+            ok = (p.returncode == 0 and sch.get("burst_us") == 8000 and "deferred" in sch
+                  and sch["starts"] <= sch["offered"] + 16
+                  and d["roundtrips"] >= 0.9 * sch["offered"] and chunk >= 4 * 64)
+            what = "pipeline -r 2000 -b 8000: each connection's tick in one send"
+        else:
+            ok = p.returncode == 0 and "burst_us" not in sch and chunk < 4 * 64
+            what = "pipeline -r 2000 without -b: one message at a time"
+        out.append((what, ok, f"exit {p.returncode}, {d.get('roundtrips')} round trips, median "
+                              f"receive {chunk:g} B, sched {sch}"))
     return out
 
 
@@ -138,6 +176,9 @@ def main():
         ("none", ["-m", "connect", "-t", "0"], 1),
         ("none", ["-m", "pingpong", "-c", "3", "-T", "0"], 1),
         ("none", ["-m", "pingpong", "-H", ""], 1),
+        # bursts need a rate, and a traffic mode
+        ("none", ["-m", "pipeline", "-b", "1000"], 1),
+        ("none", ["-m", "connect", "-r", "500", "-b", "1000"], 1),
     ]
     failed = 0
     for defect, args, want in cases:

@@ -31,10 +31,13 @@ def sl(rnd, rate, cpu_us, busy=0.5, window=1.0, sched=None, disturbed=None, lg_u
     return s
 
 
-def sched(offered, late=0, lost_late=0.0, lost_full=0.0):
-    return {"offered": offered, "starts": offered, "waited": offered // 2, "late": late,
-            "late_over_us": 100, "lag_us_mean": 5.0, "lost_late": lost_late,
-            "lost_full": lost_full}
+def sched(offered, late=0, lost_late=0.0, lost_full=0.0, deferred=None):
+    s = {"offered": offered, "starts": offered, "waited": offered // 2, "late": late,
+         "late_over_us": 100, "lag_us_mean": 5.0, "lost_late": lost_late,
+         "lost_full": lost_full}
+    if deferred is not None:  # offered in bursts (loadgen -b)
+        s.update(burst_us=1000.0, deferred=deferred)
+    return s
 
 
 def agg_of(case, slices_by_server):
@@ -47,10 +50,11 @@ def agg_of(case, slices_by_server):
 CAPPED = run.Case("pl-at1M", "pipeline", 64, 100, depth=16, rate=1_000_000)
 
 
-def capped_slices(rate=995_000, cpu_us=0.8, busy=1.0, late=0, lost_late=0.0, with_sched=True):
+def capped_slices(rate=995_000, cpu_us=0.8, busy=1.0, late=0, lost_late=0.0, with_sched=True,
+                  deferred=None):
     cores_cpu = cpu_us
     return [sl(r, rate, cores_cpu, busy=busy,
-               sched=sched(1_000_000, late, lost_late) if with_sched else None)
+               sched=sched(1_000_000, late, lost_late, deferred=deferred) if with_sched else None)
             for r in range(4)]
 
 
@@ -114,6 +118,45 @@ def test_capped_pair_ratio_exists_only_between_cells_that_compare():
     assert abs(v["y"]["cpu"] - 1.1) < 1e-9
     assert v["y"]["cpu_verdict"]["verdict"] == "ahead"
     assert v["z"]["cpu"] is None and v["z"]["excluded"].startswith("peer: load generator")
+
+
+# ---- capped cells offered in bursts (loadgen -b) ----
+
+BURST = run.Case("pl-at1M-b", "pipeline", 64, 100, depth=16, rate=1_000_000, burst_us=1000)
+
+
+def test_burst_cell_passes_its_tick_to_the_load_generator_and_says_so():
+    r = type("R", (), {"port": 1, "pid": 2})()
+    args = type("A", (), {"warmup": 1, "slice": 2, "engine": None})()
+    argv = run.slice_argv(BURST, r, args)
+    assert argv[argv.index("-r") + 1] == "1000000" and argv[argv.index("-b") + 1] == "1000"
+    assert "-b" not in run.slice_argv(CAPPED, r, args)
+    assert BURST.label.endswith("at 1M/s in 1 ms bursts")
+    assert run.Case(**{k: v for k, v in BURST.to_json().items() if k != "label"}).burst_us == 1000
+
+
+def test_burst_cell_that_kept_its_bursts_compares_and_reports_the_deferred_share():
+    a = agg_of(BURST, {"x": capped_slices(deferred=20_000)})["x"]["agg"]
+    assert a["schedule"]["deferred"] == run.SCHED_MISS_MAX
+    assert a["limited_by"] == "the offered rate" and a["excluded"] is None
+
+
+def test_burst_cell_whose_server_fell_a_tick_behind_is_in_no_ratio():
+    # 3 % of the messages went out after their tick (the window still full):
+    # that server got smaller batches at its echoes' times, not the schedule
+    rec = agg_of(BURST, {"x": capped_slices(deferred=30_000, busy=0.6),
+                         "y": capped_slices(deferred=0, busy=0.6)})
+    a = rec["x"]["agg"]
+    assert a["limited_by"] == "server (behind the bursts)"
+    assert a["does_not_compare_servers"] is False
+    assert a["excluded"] == "3.0% of the messages sent after their burst"
+    assert rec["y"]["agg"]["vs"]["x"]["cpu"] is None
+
+
+def test_burst_cell_behind_its_bursts_with_a_busy_generator_is_marked():
+    a = agg_of(BURST, {"x": capped_slices(deferred=30_000, busy=0.99)})["x"]["agg"]
+    assert a["limited_by"] == "load generator" and a["does_not_compare_servers"] is True
+    assert "either side" in a["excluded"]
 
 
 # ---- uncapped cells keep the 90 % rule ----
