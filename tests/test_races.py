@@ -693,6 +693,69 @@ def _start_from_exiting_thread(backend):
         srv.stop(timeout=5)
 
 
+def test_connect_from_a_thread_that_exits_still_connects(backend):
+    """ClientService.Start() from a launcher thread that ends while the connect is still
+    under way (a remote server's handshake takes a round trip; here a listener whose
+    accept queue is full drops the SYN until it accepts).  The connect must go on and
+    succeed: on io_uring the request belonged to the thread that submitted it, and the
+    kernel ended it with ECANCELED when that thread exited ('connect cancelled')."""
+    failure = failure_of(_connect_from_exiting_thread, backend)
+    assert failure is None, failure
+
+
+def _connect_from_exiting_thread(backend):
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(0)
+    filler = socket.create_connection(lsock.getsockname())   # the queue is full now
+    core = iocpnet.IocpCore(backend)
+    ends, up = [], threading.Event()
+
+    class Client(iocpnet.Session):
+        def OnConnected(self):
+            up.set()
+
+        def OnDisconnected(self, reason):
+            ends.append(reason)
+
+    clients = iocpnet.ClientService(core, lsock.getsockname(), Client, 1)
+    workers, accepted = [], []
+    stop = threading.Event()
+
+    def accept_all():        # empties the queue: the client's next SYN gets in
+        lsock.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                accepted.append(lsock.accept()[0])
+            except socket.timeout:
+                pass
+
+    try:
+        starter = threading.Thread(target=clients.Start)
+        starter.start()
+        starter.join()          # it submitted the connect, and is gone
+        for _ in range(2):
+            t = threading.Thread(target=lambda: [None for _ in iter(
+                lambda: core.Dispatch() >= 0, False)])
+            t.start()
+            workers.append(t)
+        acceptor = threading.Thread(target=accept_all)
+        acceptor.start()
+        workers.append(acceptor)
+        # The kernel sends the SYN again 1 s after the first (then 3 s later).
+        wait_for(lambda: up.is_set() or ends, timeout=8, message="the connect's outcome")
+        assert up.is_set(), f"the client never connected; it ended: {ends}"
+    finally:
+        clients.Stop()
+        clients = None
+        core.Close()
+        stop.set()
+        for t in workers:
+            t.join(10)
+        for s in accepted + [filler, lsock]:
+            s.close()
+
+
 class Echo(iocpnet.Session):
     def OnRecv(self, data):
         self.Send(data)

@@ -470,10 +470,12 @@ static void post_wake(uring_port_t *p) {
 
 /* ---- completions ---------------------------------------------------------------------- */
 
-/* An operation ended with -ECANCELED that nobody asked for: the worker that submitted
- * it exited while it waited (see the top).  Submit it again from this thread if it can
- * simply be repeated; returns 1 if so.  A connect cannot (the attempt may have gone on
- * in the kernel): it is reported. */
+/* An operation ended with -ECANCELED that nobody asked for: the thread that submitted
+ * it exited while it waited (see the top).  Submit it again from this thread; returns 1
+ * if so.  A connect is not repeated (the handshake goes on in the kernel, and a second
+ * connect would say EALREADY): a poll for its end takes its place, and SO_ERROR then
+ * says how it went, as on epoll (a ClientService started by a launcher thread that
+ * ended failed with 'connect cancelled'). */
 static int resubmit_orphan(uring_port_t *p, port_op_t *op) {
     struct io_uring_sqe *sqe;
     switch (op->type) {
@@ -483,6 +485,7 @@ static int resubmit_orphan(uring_port_t *p, port_op_t *op) {
     case PORT_OP_ACCEPT:
     case PORT_OP_SEND:
     case PORT_OP_TIMER:
+    case PORT_OP_CONNECT:
         break;
     default:
         return 0;
@@ -496,6 +499,12 @@ static int resubmit_orphan(uring_port_t *p, port_op_t *op) {
         prep_accept(p, sqe, op);
     } else if (op->type == PORT_OP_SEND) {
         prep_send(sqe, op);
+    } else if (op->type == PORT_OP_CONNECT) {
+        OP_PRIV(op)->u.con.polled = 1;
+        sqe->opcode = IORING_OP_POLL_ADD;
+        sqe->fd = op->sock;
+        sqe->poll32_events = POLLOUT;
+        sqe->user_data = (uint64_t)(uintptr_t)op;
     } else {
         prep_timer(sqe, op);
     }
@@ -598,6 +607,18 @@ static int handle_cqe(uring_port_t *p, port_cqe_t *out, int n, uint64_t ud, int3
         goto final;
     case PORT_OP_TIMER:
         c.res = (res == -ETIME || res >= 0) ? 0 : port_err_from_os(-res);
+        goto final;
+    case PORT_OP_CONNECT:
+        if (OP_PRIV(op)->u.con.polled && res >= 0) {
+            /* The poll that took an orphaned connect's place: the handshake is over. */
+            int err = 0;
+            socklen_t len = sizeof(err);
+            if (getsockopt(op->sock, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+                err = errno;
+            c.res = err ? port_err_from_os(err) : 0;
+        } else {
+            c.res = res >= 0 ? res : port_err_from_os(-res);
+        }
         goto final;
     default:
         c.res = res >= 0 ? res : port_err_from_os(-res);
@@ -1118,17 +1139,18 @@ static int uring_connect(port_t *bp, port_op_t *op, const port_addr_t *addr) {
         after_submit(p);
         return 0;
     }
-    if ((size_t)addr->len > sizeof(OP_PRIV(op)->u.sa)) {
+    if ((size_t)addr->len > sizeof(OP_PRIV(op)->u.con.sa)) {
         submit_imm(p, op, PORT_EAFNOSUPPORT);
         after_submit(p);
         return 0;
     }
-    memcpy(&OP_PRIV(op)->u.sa, &addr->ss, (size_t)addr->len);
+    memcpy(&OP_PRIV(op)->u.con.sa, &addr->ss, (size_t)addr->len);
+    OP_PRIV(op)->u.con.polled = 0;
     port_spin_lock(&p->sq_lock);
     sqe = sqe_get(p);
     sqe->opcode = IORING_OP_CONNECT;
     sqe->fd = fd;
-    sqe->addr = (uint64_t)(uintptr_t)&OP_PRIV(op)->u.sa;
+    sqe->addr = (uint64_t)(uintptr_t)&OP_PRIV(op)->u.con.sa;
     sqe->off = (uint64_t)addr->len;
     sqe->user_data = (uint64_t)(uintptr_t)op;
     sqe_commit(p);

@@ -121,7 +121,10 @@ typedef struct uring_op {
     union {
         struct msghdr msg;           /* sendmsg: the kernel reads it until completion */
         struct __kernel_timespec ts; /* timer */
-        struct sockaddr_in6 sa;      /* connect: a copy, so the caller's may go away */
+        struct {
+            struct sockaddr_in6 sa;  /* a copy, so the caller's may go away */
+            uint32_t polled;         /* orphaned: now a POLLOUT poll (resubmit_orphan) */
+        } con;                       /* connect */
         struct {
             port__peer_t peer;       /* accept: the kernel writes the peer's address */
             uint32_t poll_first;     /* sent with IORING_ACCEPT_POLL_FIRST */
