@@ -685,17 +685,21 @@ SPEEDPROBE_MS = 30  # each core's speed probe around a slice
 _last_speeds = [0.0, {}]  # (monotonic time, core_speeds()) of the last probe
 
 
-def core_speeds():
-    """µs of CPU time one unit of register-only work took on each CPU, both
-    probed at once (benchmarks/speedprobe.c): a server-independent index of
-    the machine's speed state at that moment, {"0": µs, "1": µs}, or {}."""
+WITNESS_MS = 20  # speedprobe mem and wake around one-connection slices (see core_speeds)
+
+
+def _speedprobe(kind, ms, cpus):
+    """benchmarks/speedprobe.c KIND on each of cpus at once (None: not pinned,
+    the probe pins its own threads): {cpu: unit_us_median}, what answered."""
     exe = os.path.join(BUILD, "speedprobe")
     if not os.path.exists(exe):
         return {}
-    procs = {cpu: subprocess.Popen(pin(cpu, [exe, str(SPEEDPROBE_MS)]), stdout=subprocess.PIPE,
-                                   stderr=subprocess.DEVNULL, text=True,
-                                   preexec_fn=_die_with_parent)
-             for cpu in (SERVER_CPU, LOADGEN_CPU)}
+    procs = {}
+    for cpu in cpus:
+        argv = [exe, str(ms), kind]
+        procs[cpu] = subprocess.Popen(pin(cpu, argv) if cpu else argv, stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL, text=True,
+                                      preexec_fn=_die_with_parent)
     out = {}
     for cpu, p in procs.items():
         try:
@@ -704,6 +708,24 @@ def core_speeds():
         except (subprocess.TimeoutExpired, ValueError, KeyError):
             p.kill()
             p.wait()
+    return out
+
+
+def core_speeds(witnesses=False):
+    """µs of CPU time one unit of register-only work took on each CPU, both
+    probed at once (benchmarks/speedprobe.c): a server-independent index of
+    the machine's speed state at that moment, {"0": µs, "1": µs}, or {}.
+    witnesses: also the two other server-independent probes, to find out
+    which of them moves with the one-connection slow state that the
+    register-only unit does not see (speedprobe.c): "mem0"/"mem1", a
+    pointer chase on each CPU (µs per 1024 dependent loads), and "wake",
+    a byte passed between threads sleeping on CPU 0 and CPU 1 (µs per round
+    trip). Recorded and reported (witness_summary), in no filter yet."""
+    out = _speedprobe("alu", SPEEDPROBE_MS, (SERVER_CPU, LOADGEN_CPU))
+    if witnesses and out:
+        out.update({f"mem{cpu}": v for cpu, v in
+                    _speedprobe("mem", WITNESS_MS, (SERVER_CPU, LOADGEN_CPU)).items()})
+        out.update({"wake": v for v in _speedprobe("wake", WITNESS_MS, (None,)).values()})
     return out
 
 
@@ -716,8 +738,10 @@ def run_slice(case, r, others, args, withhold=0.0):
     # slices at one connection; shown for every case: speed_states_md)
     # the previous slice's "after" probe is this one's "before" when it was
     # just taken (consecutive slices): one probe per slice, not two
-    speed0 = (_last_speeds[1] if time.monotonic() - _last_speeds[0] < 0.5 else None) \
-        or core_speeds()
+    witnesses = is_c1(case)
+    speed0 = (_last_speeds[1] if time.monotonic() - _last_speeds[0] < 0.5
+              and (not witnesses or "wake" in _last_speeds[1]) else None) \
+        or core_speeds(witnesses)
     wall0, busy0, kids0 = time.monotonic(), machine_busy_s(), children_cpu_s()
     steal0, ctx0 = cpu_steal_s(), proc_ctx_switches(r.pid)
     srv0 = proc_cpu_s(r.pid)
@@ -734,7 +758,7 @@ def run_slice(case, r, others, args, withhold=0.0):
         if c1 is not None and oth0.get(o.server.key) is not None:
             per[o.server.key] = c1 - oth0[o.server.key]
     # after every figure of the slice was read: the probes are in none of them
-    speed1 = core_speeds()
+    speed1 = core_speeds(witnesses)
     _last_speeds[:] = [time.monotonic(), speed1]
     bystanders = sum(per.values())
     if res is not None:
@@ -1768,6 +1792,63 @@ def one_connection_md(L, cells, cols, results):
         L.append(f"| {c.label} | " + " | ".join(row) + " |")
 
 
+WITNESSES = (("mem0", "pointer chase on the server's CPU, µs per 1024 loads"),
+             ("mem1", "pointer chase on the load generator's CPU"),
+             ("wake", "wake-up across the two CPUs, µs per round trip"))
+
+
+def witness_summary(slices):
+    """One-connection slices: each witness probe (core_speeds(witnesses=True),
+    the lesser of before and after the slice) in the slices marked slow
+    (slow_machine) against the others, undisturbed ones only: {key: {"fast":
+    median, "slow": median, "n_fast": n, "n_slow": n}}. A witness of the slow
+    state is one whose slow median stands clear of its fast one, by about the
+    generator's own 1.3-2x; one that stays flat (as the register-only unit
+    did) does not see it."""
+    out = {}
+    for key, _ in WITNESSES:
+        groups = {"fast": [], "slow": []}
+        for s in slices:
+            cs = s.get("core_speed") or {}
+            xs = [cs.get(k, {}).get(key) for k in ("before", "after")]
+            if not s.get("disturbed") and all(xs):
+                groups["slow" if s.get("slow_machine") else "fast"].append(min(xs))
+        if groups["fast"] or groups["slow"]:
+            out[key] = {g: statistics.median(v) if v else None for g, v in groups.items()}
+            out[key].update(n_fast=len(groups["fast"]), n_slow=len(groups["slow"]))
+    return out
+
+
+def witnesses_md(L, traffic, results):
+    """The witness probes against the slow slices, per one-connection case."""
+    rows = []
+    for c in (c for c in traffic if is_c1(c)):
+        w = witness_summary([s for rec in results[c.name].values()
+                             for s in rec.get("slices") or []])
+        if not w:
+            continue
+        n = next(iter(w.values()))
+        cells = []
+        for key, _ in WITNESSES:
+            x = w.get(key)
+            cells.append(" / ".join("–" if not x or x[g] is None else f"{x[g]:.1f}"
+                                    for g in ("fast", "slow")))
+        rows.append(f"| {c.label} | {n['n_fast']} / {n['n_slow']} | " + " | ".join(cells) + " |")
+    if not rows:
+        return
+    L.append("")
+    L.append("Two more server-independent probes ran around the one-connection slices "
+             "(`speedprobe.c mem` and `wake`), to find one that moves with the slow state the "
+             "register-only unit does not see; median over the fast and the slow slices (as "
+             "marked above); recorded, in no filter yet: "
+             + "; ".join(f"{k}: {what}" for k, what in WITNESSES) + ".")
+    L.append("")
+    L.append("| case | slices fast / slow | " + " | ".join(k + " fast / slow" for k, _ in WITNESSES)
+             + " |")
+    L.append("|---|---|" + "---|" * len(WITNESSES))
+    L.extend(rows)
+
+
 def speed_states_md(L, traffic, cols, results):
     """How often the cores were in a slow state around the slices, per case:
     the speed probe (benchmarks/speedprobe.c) of the server's core before and
@@ -1802,6 +1883,7 @@ def speed_states_md(L, traffic, cols, results):
         slow = sum(1 for x in v if x > SLOW_MACHINE * least)
         L.append(f"| {c.label} | {v[0]:.1f} / {statistics.median(v):.1f} / {v[-1]:.1f} | "
                  f"{slow} of {len(v)} |")
+    witnesses_md(L, traffic, results)
 
 
 def label_of_key(key):
@@ -2312,6 +2394,8 @@ def plan_seconds(cases, servers, args):
         else:
             # the speed probe after each slice (the next one's before)
             probes = SPEEDPROBE_MS / 1000 + 0.02
+            if is_c1(c):  # and the witnesses (mem: its 8 MiB chain built first)
+                probes += 2 * WITNESS_MS / 1000 + 0.05
             total += CASE_STARTUP + case_rounds(c, args) * n * (
                 args.warmup + case_slice(c, args) + SLICE_OVERHEAD + probes)
     return total

@@ -321,6 +321,26 @@ def test_speed_states_table_counts_slices_whose_probes_both_say_slow():
     assert row == "| ping-pong 64 B × 10 | 23.0 / 27.8 / 32.5 | 2 of 4 |"
 
 
+def test_witness_probes_are_reported_against_the_slow_slices_they_should_track():
+    # the generator's own cost marks rounds 2-3 slow (2x); the mem probe moves
+    # with them, the wake probe does not; a disturbed slice counts for neither
+    c1 = run.Case("pp-64-c1", "pingpong", 64, 1)
+    x = [sl(r, 20_000, 15.0, lg_us=10.0 if r in (0, 1, 4) else 20.0) for r in range(5)]
+    for r, s in enumerate(x):
+        mem = 90.0 if r in (0, 1, 4) else 150.0
+        s["core_speed"] = {k: {"0": 33.0, "1": 33.0, "mem0": mem + d, "mem1": mem, "wake": 40.0}
+                           for k, d in (("before", 1.0), ("after", 0.0))}
+    x[4]["disturbed"] = "other processes used 0.40 cores"
+    rec = agg_of(c1, {"x": x})
+    assert [bool(s.get("slow_machine")) for s in x[:4]] == [False, False, True, True]
+    w = run.witness_summary(rec["x"]["slices"])
+    assert w["mem0"] == {"fast": 90.0, "slow": 150.0, "n_fast": 2, "n_slow": 2}
+    assert w["wake"]["fast"] == w["wake"]["slow"] == 40.0
+    L = []
+    run.witnesses_md(L, [c1], {c1.name: rec})
+    assert "| ping-pong 64 B × 1 | 2 / 2 | 90.0 / 150.0 | 90.0 / 150.0 | 40.0 / 40.0 |" in L
+
+
 def test_mann_whitney_verdict():
     mw = run.mann_whitney_verdict
     assert mw([1, 2, 3, 4], [5, 6, 7, 8])["verdict"] == "ahead"     # p = 1/70
