@@ -1475,8 +1475,24 @@ static void run_traffic(void)
     print_latency();
     printf(", \"errors\": 0}\n");
     fflush(stdout);
-    if (measured_msgs == 0)
-        die(2, "no round-trip completed in the measured window");
+    if (measured_msgs == 0) {
+        /* say where it stood, so that a stall can be told from starvation */
+        uint64_t inflight = 0, credit = 0;
+        int sending = 0, armed = 0;
+        for (int i = 0; i < nconns; i++) {
+            inflight += conns[i].tx_msg - conns[i].rx_msg;
+            credit += conns[i].credit;
+            sending += conns[i].send_busy;
+            armed += conns[i].recv_armed;
+        }
+        die(2, "no round-trip completed in the measured window (%.3f s: %d connections, "
+            "%llu messages in flight, %d sends in flight, %d receives armed, %llu credit; "
+            "%llu passes, %llu with work; it waited %.3f s for its core; server CPU %.3f s)",
+            secs, nconns, (unsigned long long)inflight, sending, armed,
+            (unsigned long long)credit, (unsigned long long)busy_acct.passes,
+            (unsigned long long)busy_acct.work_passes, w.lg_delay1 - w.lg_delay0,
+            server_pid ? w.sv1.run_s - w.sv0.run_s : -1.0);
+    }
     if (engine == E_URING && U.fixed_files) /* let close() below really close them */
         syscall(__NR_io_uring_register, U.fd, IORING_UNREGISTER_FILES, NULL, 0);
     for (int i = 0; i < nconns; i++)

@@ -55,6 +55,8 @@ class BadServer(threading.Thread):
                 if not d:
                     return
                 self.chunks.append(len(d))
+                if self.defect == "mute":  # reads, never answers
+                    continue
                 if self.defect == "slow":  # over two ticks of loadgen -b 8000 behind
                     time.sleep(0.02)
                 out = d
@@ -193,6 +195,16 @@ def main():
         failed += not ok
         print(f"{'ok ' if ok else 'BAD'} defect={defect:8} {' '.join(args):45} exit {rc} "
               f"(want {want}) {err.splitlines()[-1] if err else ''}")
+    # a server that never answers: no round trip, and the error says where the
+    # generator stood (messages in flight, its run delay), to tell a stall from
+    # starvation
+    srv = BadServer("mute")
+    srv.start()
+    rc, err = loadgen(srv.port, "-m", "pipeline", "-c", "2", "-d", "4", "-P", str(os.getpid()))
+    srv.sock.close()
+    ok = rc == 2 and "8 messages in flight" in err and "waited" in err
+    failed += not ok
+    print(f"{'ok ' if ok else 'BAD'} a mute server: exit {rc} (want 2) {err.splitlines()[-1]}")
     # speedprobe: a time that is not a number is refused; a tiny one still measures
     sp = os.path.join(run.BUILD, "speedprobe")
     probes = (("5abc", 1), ("", 1), ("1e-7", 0), ("1e-7 mem", 0), ("1e-7 wake", 0),
@@ -210,7 +222,7 @@ def main():
     ok = rc == 1
     failed += not ok
     print(f"{'ok ' if ok else 'BAD'} non-loopback address refused (exit {rc})")
-    checks = len(cases) + len(probes) + 1
+    checks = len(cases) + len(probes) + 2  # + the mute server, the non-loopback guard
     for what, ok, detail in capped_checks():
         checks += 1
         failed += not ok
