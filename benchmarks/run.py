@@ -27,7 +27,9 @@ Design notes (the why):
   equal-rate cells offer their rate in bursts (loadgen -b: on a fixed 1 ms
   clock each connection writes its share of the tick in one send), so that
   a server's CPU follows the messages, not the wall clock: evenly spaced,
-  every server woke for nearly every message (all at 0.9-0.99 of a core);
+  every server woke for nearly every message (every Python server at
+  0.98-0.99 of a core at 1M/s, every server, C io_uring too, at 0.90-0.99
+  at 500k-600k/s);
   a server that let over 2 % of the messages go out after their tick (its
   window still full) was not offered the schedule and is in no ratio.
 - Noise: a difference is a win or a miss only when the paired rounds agree on
@@ -205,7 +207,7 @@ def equal_rate_cases():
     return [Case("pp-64-c100-at100k", "pingpong", 64, 100, rate=100_000),
             # pipelined: in 1 ms bursts (loadgen -b), so that every server gets
             # its messages in batches; evenly spaced, every server woke for
-            # nearly every message and sat at 0.9-0.99 of its core (Case). In
+            # nearly every message and sat at 0.90-0.99 of its core (Case). In
             # bursts asyncio, the costliest, took ~0.5 µs per round trip at
             # 64 B and ~0.6-0.66 at 1 KiB (run of 20:36, machine loaded): at
             # 1M and 800k/s it stays under 0.7 of a core even in one of the
@@ -1965,7 +1967,8 @@ def equal_rate_md(L, capped, cols, results):
              "window allows in one send, so every server is offered the same bursts at the same "
              "times and gets its messages in batches, the point of pipelining; spaced evenly, "
              "every server woke for nearly every message and its CPU followed the wall clock, "
-             "0.9-0.99 of a core for every one of them at 500k-1M/s, C io_uring too), "
+             "every Python server at 0.98-0.99 of a core at 1M/s, every server, C io_uring too, "
+             "at 0.90-0.99 at 500k-600k/s), "
              "chosen under the slowest server's "
              "limit and well under the load generator's, so each cell compares what the same "
              "load costs each server: µs of server CPU per round trip (storm: per connection), "
