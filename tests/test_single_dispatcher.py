@@ -52,13 +52,15 @@ class _OneWorker:
     """A core made single-dispatcher before Start (as Run(workers=1) does), started on
     the calling thread, dispatched by one worker thread of its own."""
 
-    def __init__(self, backend, session_cls):
+    def __init__(self, backend, session_cls, before_worker=None):
         self.core = iocpnet.IocpCore(backend)
         self.service = iocpnet.Service(self.core, iocpnet.Listener(("127.0.0.1", 0)),
                                        session_cls, 4)
         self.single = self.core._single_dispatcher()
         self.service.Start()
         self.errors = []
+        if before_worker is not None:
+            before_worker(self.core)
         self.worker = threading.Thread(target=self._work, daemon=True)
         self.worker.start()
 
@@ -166,6 +168,36 @@ def test_dispatch_poll_from_a_thread_that_is_not_the_owner(backend):
         for c in clients:
             c.close()
         wait_for(lambda: len(rec.disconnected) == 4, 5)
+    finally:
+        srv.stop()
+        rec.connected.clear()           # the sessions (and through them the core) go
+
+
+def test_polls_before_the_worker_starts_do_not_take_the_ring(backend):
+    """Run(workers=1) starts its worker after Start(): a thread that polls Dispatch(0) or
+    waits with a timeout before the worker's first wait (a frame loop, Stop's own drain)
+    must not become the one dispatcher.  It did: the worker then waited as a follower,
+    nobody entered the ring once the poller stopped, and nothing was ever accepted
+    (test_dispatch_poll_from_a_thread_that_is_not_the_owner hung so under load, its
+    poller thread starting first)."""
+    def polls(core):
+        def poll():
+            assert core.Dispatch(0) == 0
+            assert core.Dispatch(20) == 0
+        t = threading.Thread(target=poll)       # a thread that then ends, as the poller
+        t.start()
+        t.join(5)
+        assert core.Dispatch(0) == 0            # and this one, which then sleeps in recv
+
+    rec = _Sessions()
+    srv = _OneWorker(backend, _echo_class(rec), before_worker=polls)
+    try:
+        _expect_single(backend, srv.single)
+        with connect(srv.address, timeout=5) as c:
+            for i in range(3):
+                c.sendall(b"after%d" % i)
+                assert recv_exactly(c, 6) == b"after%d" % i
+        wait_for(lambda: rec.disconnected, 5)
     finally:
         srv.stop()
         rec.connected.clear()           # the sessions (and through them the core) go

@@ -3273,7 +3273,8 @@ typedef struct test_case {
 
 /* ---- single_dispatcher ------------------------------------------------------------------ */
 
-/* port_single_dispatcher: from then on one thread (the first to wait) dispatches; io_uring
+/* port_single_dispatcher: from then on one thread (the first to wait without a timeout)
+ * dispatches; io_uring
  * remakes its ring so that only that thread enters the kernel.  Other threads still post,
  * receive, poll, close and shut down: their SQEs reach the kernel through the owner, a
  * sleeping owner is woken for them, and their port_sock_close is done when it returns.
@@ -3347,8 +3348,11 @@ static void case_single_dispatcher(void) {
     port_op_init(&d->rv, PORT_OP_RECV, NULL, NULL);
     /* Posted before anyone waits: it waits in the ring for the owner. */
     CHECK_EQ(port_post(d->P, &d->posts[0], 7), 0);
-    /* A poll from this thread (it becomes the owner if it waits first: so the owner
-     * starts first, and this thread is a follower from then on). */
+    /* A poll and a timed wait from this thread before the owner's first wait do not
+     * take the ring (they did: the owner then never entered the kernel): they find
+     * nothing, and the post stays for the owner. */
+    CHECK_EQ(port_wait(d->P, out, 4, 0), 0);
+    CHECK_EQ(port_wait(d->P, out, 4, 20), 0);
     REQUIRE(thr_start(&th, sd_owner, d) == 0);
     started = 1;
     CHECKF(sd_wait(&d->seen[0], 1, 5000), "the post made before the owner waited");

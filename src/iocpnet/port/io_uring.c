@@ -103,8 +103,9 @@
  * wait, and it cannot be handed over.  So a port is remade that way only when its user
  * says that one thread will dispatch it for the rest of its life (port_single_dispatcher:
  * Run with one worker, which closes the core when it ends) and before it submitted
- * anything.  The owner is the first thread to wait; it enables the ring (R_DISABLED
- * until then, so that Start() on another thread does not become the issuer).  Every
+ * anything.  The owner is the first thread to wait without a timeout (a dispatch loop:
+ * a poll from elsewhere may come first); it enables the ring (R_DISABLED until then, so
+ * that Start() on another thread does not become the issuer).  Every
  * other thread only writes SQEs and rings the doorbell (the owner's next enter submits
  * them: a sleeping owner is woken by the doorbell's poll); its port_wait takes what is
  * in the completion ring and otherwise waits on the room's condition variable in slices,
@@ -676,8 +677,11 @@ static void wake_follower(uring_port_t *p) {
     pthread_mutex_unlock(&p->room);
 }
 
-/* One dispatcher: the first thread to wait owns the ring and enables it.  0, or an
- * error code if the kernel would not enable it. */
+/* One dispatcher: the first thread to wait without a timeout (a dispatch loop) owns the
+ * ring and enables it.  A poll or a timed wait is not one: a frame loop's Dispatch(0),
+ * or Stop's drain, that came before the worker's first wait took the ring, and once it
+ * stopped polling nobody entered the kernel again (the worker waited as a follower).
+ * 0, or an error code if the kernel would not enable it. */
 static int claim_ring(uring_port_t *p) {
     if (port_atomic_load32(&p->single) == 1 && port_atomic_cas32(&p->owner, 0, my_tid())) {
         if (sys_register(p->ring_fd, IORING_REGISTER_ENABLE_RINGS, NULL, 0) < 0)
@@ -1042,7 +1046,7 @@ static int uring_wait(port_t *bp, port_cqe_t *out, int max, int timeout_ms) {
     if (port_atomic_load32(&p->base.closed))
         return PORT_ECLOSED;
     if (port_atomic_load32(&p->single)) {
-        if ((rc = claim_ring(p)) != 0)
+        if (timeout_ms < 0 && (rc = claim_ring(p)) != 0)
             return rc;
         if (!may_enter(p))
             return follower_wait(p, out, max, timeout_ms, deadline);

@@ -268,7 +268,8 @@ void port_destroy(port_t *p);
  * deferral early (the thread will not wait again soon). */
 int port_wait(port_t *p, port_cqe_t *out, int max, int timeout_ms);
 void port_batch_end(port_t *p);
-/* The caller promises that from now on one thread only (the next to call port_wait)
+/* The caller promises that from now on one thread only (the next to call port_wait
+ * with timeout_ms -1; polls and timed waits from other threads may come before it)
  * dispatches this port, until it is shut down: io_uring then runs completion work in
  * that thread's waits, which costs less CPU per completion (io_uring.c, "One
  * dispatcher").  Other threads may still submit, close and poll (at a slower pace).
