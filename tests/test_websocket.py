@@ -1049,3 +1049,67 @@ def test_an_http_response_header_with_a_line_break_is_refused(ws_server):
         iocpnet.HttpResponse(200, content_type="text/html\r\nX-Injected: 1")
     ok = iocpnet.HttpResponse(200, headers={"X-Tab": "a\tb", "Cache-Control": "no-store"})
     assert b"X-Tab: a\tb\r\n" in ok._encode()
+
+
+
+def test_a_connection_refused_for_a_bad_websocket_class_frees_its_place(
+        backend, caplog_iocpnet):
+    """A websocket Listener refuses (logged) a connection whose session class has bad
+    WebSocket settings.  Such a refusal must not keep a place under max_sessions: each
+    one kept a place, so after max_sessions of them every later connection was refused
+    as 'max_sessions', whatever its class (a factory that makes several classes)."""
+    failure = _bad_websocket_class_refusals(backend)
+    assert failure is None, failure
+    refusals = [r for r in caplog_iocpnet.records
+                if "cannot make" in r.getMessage() and "WebSocket" in r.getMessage()]
+    assert len(refusals) == 3
+
+
+def _bad_websocket_class_refusals(backend):
+    """The test's body: why it failed, or None (a traceback through these frames would
+    keep the core alive past the test)."""
+    class Bad(iocpnet.Session):
+        max_message_size = 0
+
+    class Good(iocpnet.Session):
+        def OnRecv(self, data):
+            self.Send(data)
+
+    made = []
+
+    def factory():            # the first three sessions are Bad, the rest Good
+        made.append(1)
+        return Bad() if len(made) <= 3 else Good()
+
+    core = iocpnet.IocpCore(backend)
+    listener = iocpnet.Listener(("127.0.0.1", 0), websocket=True)
+    service = iocpnet.Service(core, listener, factory, 1, max_sessions=2)
+    service.Start()
+    workers = [threading.Thread(target=lambda: [None for _ in iter(
+        lambda: core.Dispatch() >= 0, False)]) for _ in range(2)]
+    for t in workers:
+        t.start()
+    try:
+        for i in range(3):
+            try:           # refused with a reset, maybe before connect() returned
+                with connect(listener.address, timeout=5) as c:
+                    got = c.recv(16)
+            except ConnectionResetError:
+                got = b""
+            if got != b"":
+                return f"refused connection {i} got {got!r}"
+        try:
+            with ws_connect(f"ws://127.0.0.1:{listener.port}", open_timeout=5) as ws:
+                ws.send(b"still served")
+                got = ws.recv(timeout=5)
+        except Exception as e:
+            got = repr(e)
+        if got != b"still served":
+            return (f"a good session after three refusals: {got}; refused "
+                    f"{service.stats()['refused']}")
+        return None
+    finally:
+        service.Stop(5)
+        core.Close(5)
+        for t in workers:
+            t.join(10)

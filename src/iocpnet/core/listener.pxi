@@ -209,6 +209,13 @@ cdef class Listener(IocpObject):
                 port_sock_close(self.core.port, <port_sock_t>res, 0)
                 session._state = S_NEW
                 return
+            if self.websocket and _ws_accepting(session) < 0:
+                # Before _admit: a refusal here must not keep a place under the
+                # service's limits (it kept one, and max_sessions of them refused all).
+                port_sock_close(self.core.port, <port_sock_t>res, PORT_CLOSE_RESET)
+                session._state = S_NEW
+                self._post(i, None)
+                return
             if not service._admit(<port_sock_t>res, session):
                 # Over the live-session cap: refuse this one at once, keep accepting.
                 port_sock_close(self.core.port, <port_sock_t>res, PORT_CLOSE_RESET)
@@ -219,9 +226,6 @@ cdef class Listener(IocpObject):
             if self.ssl is not None:
                 session._tls = _Tls.create(self.ssl, True, None)
             session._attach_accepted(self.core, service)
-            if self.websocket and _ws_accepting(session) < 0:
-                port_sock_close(self.core.port, <port_sock_t>res, PORT_CLOSE_RESET)
-                return
             session._on_accepted(<port_sock_t>res)
             return
         session._state = S_NEW
