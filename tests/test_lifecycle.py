@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -105,6 +106,37 @@ def test_a_listener_serves_one_service_and_says_why_not_another(backend):
         fresh = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0)), Echo, 4)
         fresh.Start()
         fresh.Stop(5)
+    finally:
+        core.Close(5)
+
+
+def test_a_service_given_an_address_listens_there_and_anything_else_is_refused(backend):
+    """The original's ServerService takes a NetAddress where we take a Listener.  An
+    address (a port or a (host, port) tuple) in the listener's place was cast to a
+    Listener unchecked at Start: the tuple's memory was read as a Listener's ("the
+    Listener is already started", or worse).  An address now makes a Listener for it;
+    anything else is a TypeError at the constructor, before anything listens."""
+    core = iocpnet.IocpCore(backend)
+    try:
+        service = iocpnet.Service(core, ("127.0.0.1", 0), Echo, 4)
+        assert isinstance(service.listener, iocpnet.Listener)
+        handle = service.Start()
+        with connect(("127.0.0.1", handle.port)) as c:
+            c.sendall(b"hello")
+            deadline = time.monotonic() + 5
+            got = b""
+            while len(got) < 5 and time.monotonic() < deadline:
+                core.Dispatch(50)
+                c.settimeout(0.01)
+                try:
+                    got += c.recv(100)
+                except socket.timeout:
+                    pass
+            assert got == b"hello"
+        service.Stop(5)
+        for bad in ("127.0.0.1:0", object(), 3.5, ("127.0.0.1",)):
+            with pytest.raises(TypeError, match="Listener"):
+                iocpnet.Service(core, bad, Echo, 4)
     finally:
         core.Close(5)
 

@@ -832,6 +832,8 @@ class Service:
     of accepts kept posted: ``Service(core, listener, factory, 100)`` as the original's
     main.cpp writes it, or ``accepts=100``.  That number is not a cap on sessions (each
     completed accept is posted again at once): ``max_sessions`` is the cap.
+    ``listener`` may also be the address itself (a port or a ``(host, port)`` tuple,
+    as the original passes a NetAddress): the service makes a ``Listener`` for it.
     ``max_session_count`` (the original's name, as a keyword or an attribute) is an
     alias of ``accepts`` for one release; the keyword warns (DeprecationWarning).
 
@@ -843,7 +845,7 @@ class Service:
     def __init__(
         self,
         core: IocpCore,
-        listener: Listener,
+        listener: Listener | int | tuple[str | None, int],
         session_factory: Callable[[], Session],
         accepts: int | None = None,
         *,

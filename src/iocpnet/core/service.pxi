@@ -121,6 +121,8 @@ cdef class Service:
     of accepts kept posted: ``Service(core, listener, factory, 100)`` as the original's
     main.cpp writes it, or ``accepts=100``.  That number is not a cap on sessions (each
     completed accept is posted again at once): ``max_sessions`` is the cap.
+    ``listener`` may also be the address itself (a port or a ``(host, port)`` tuple,
+    as the original passes a NetAddress): the service makes a ``Listener`` for it.
     ``max_session_count`` (the original's name, as a keyword or an attribute) is an
     alias of ``accepts`` for one release; the keyword warns (DeprecationWarning).
 
@@ -181,6 +183,16 @@ cdef class Service:
         accepts = 100 if accepts is None else int(accepts)
         if accepts <= 0:
             raise ValueError("accepts (the accepts kept posted) must be positive")
+        if listener is not None and not isinstance(listener, Listener):
+            # The original's ServerService takes a NetAddress: an address makes its
+            # Listener.  Anything else is refused here: Start casts to a Listener.
+            if isinstance(listener, int) or (isinstance(listener, (tuple, list)) and
+                                             len(listener) == 2):
+                listener = Listener(listener)
+            else:
+                raise TypeError("listener must be a Listener, or the address to listen "
+                                "on (a port or a (host, port) tuple), not "
+                                f"{listener!r}")
         self.core = core
         self.listener = listener
         self._factory = session_factory
