@@ -119,6 +119,7 @@ cdef extern from "port/port.h" nogil:
         PORT_CLOSE_RESET
     int port_close(port_t *p, port_op_t *op, port_sock_t sock, int flags)
     int port_cancel(port_t *p, port_op_t *target)
+    int port_stop_accepts(port_t *p, port_op_t *ops, int n, port_sock_t s)
     int port_post(port_t *p, port_op_t *op, int64_t value)
     int port_timer(port_t *p, port_op_t *op, uint64_t ms)
 

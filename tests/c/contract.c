@@ -757,6 +757,49 @@ done:
     end_port(P);
 }
 
+/* port_stop_accepts: the accepts a closing Listener holds, ended together: each
+ * completes once, cancelled; none stays in flight; nothing more completes. */
+static void case_cancel_accepts(void) {
+    enum { N = 64 };
+    port_t *P = new_port();
+    waiter_t w;
+    port_addr_t a, bound;
+    port_sock_t ls = PORT_INVALID_SOCK;
+    static port_op_t acc[N];
+    int got[N];
+    int i, k;
+    REQUIRE(P != NULL);
+    waiter_init(&w, P);
+    REQUIRE(loopback(&a) == 0);
+    REQUIRE(port_listen(P, &a, 16, 0, &ls) == 0);
+    REQUIRE(port_sockname(ls, &bound) == 0);
+    for (i = 0; i < N; i++) {
+        port_op_init(&acc[i], PORT_OP_ACCEPT, &acc[i], NULL);
+        CHECK_EQ(port_accept(P, &acc[i], ls), 0);
+        got[i] = 0;
+    }
+    CHECK_EQ(port_stop_accepts(P, acc, N, ls), 0);
+    for (k = 0; k < N; k++) {
+        port_cqe_t c;
+        int rc = next_cqe(&w, &c, 5000);
+        REQUIREF(rc == 1, "cancelled accept %d of %d: rc %d", k, N, rc);
+        i = (int)(c.op - acc);
+        REQUIREF(i >= 0 && i < N, "completion for an unknown op");
+        CHECKF(!got[i], "accept op %d completed twice", i);
+        got[i] = 1;
+        CHECKF(c.res == PORT_ECANCELED, "accept %d: res %lld %s", i, (long long)c.res,
+               port_errname((int)c.res));
+        CHECK(!acc[i].in_flight);
+    }
+    /* Nothing in flight: a no-op. */
+    CHECK_EQ(port_stop_accepts(P, acc, N, ls), 0);
+    expect_quiet(&w, 50, "after the cancelled accepts");
+done:
+    if (ls != PORT_INVALID_SOCK)
+        port_sock_close(P, ls, 0);
+    end_port(P);
+}
+
 /* port_connect: a socket made and connected by the port; data both ways; refused. */
 static void case_connect(void) {
     port_t *P = new_port();
@@ -3410,6 +3453,7 @@ done:
 
 static const test_case_t cases[] = {
     {"accept_several", case_accept_several},
+    {"cancel_accepts", case_cancel_accepts},
     {"connect", case_connect},
     {"echo_1B_to_4MiB", case_echo},
     {"gather_send_order", case_gather_send},

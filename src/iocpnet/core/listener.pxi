@@ -394,9 +394,7 @@ cdef class Listener(IocpObject):
         if isinstance(factory_timer, Timer):
             factory_timer.Cancel()
         if self._ops != NULL:
-            for i in range(self._count):
-                if self._ops[i].in_flight:
-                    port_cancel(self.core.port, &self._ops[i])
+            port_stop_accepts(self.core.port, self._ops, self._count, self._sock)
         if self._sock != PORT_INVALID_SOCK and self.core is not None:
             port_sock_close(self.core.port, self._sock, 0)
             self._sock = PORT_INVALID_SOCK

@@ -258,6 +258,24 @@ int port_cancel(port_t *p, port_op_t *target) {
     port_atomic_store32(&target->cancel_requested, 1);
     return p->vt->cancel(p, target);
 }
+int port_stop_accepts(port_t *p, port_op_t *ops, int n, port_sock_t s) {
+    int i, live = 0;
+    if (port_atomic_load32(&p->closed))
+        return PORT_ECLOSED;
+    /* Every flag first: a backend that re-arms an accept by itself reads it. */
+    for (i = 0; i < n; i++) {
+        if (ops[i].in_flight && ops[i].type == PORT_OP_ACCEPT) {
+            port_atomic_store32(&ops[i].cancel_requested, 1);
+            live++;
+        }
+    }
+    if (live > 1 && p->vt->stop_listener != NULL)
+        return p->vt->stop_listener(p, s);
+    for (i = 0; i < n; i++)
+        if (ops[i].in_flight && ops[i].type == PORT_OP_ACCEPT)
+            p->vt->cancel(p, &ops[i]);
+    return 0;
+}
 int port_post(port_t *p, port_op_t *op, int64_t value) {
     int rc = check_op(p, op, PORT_OP_POST);
     if (rc == 0 && value < 0)

@@ -849,6 +849,7 @@ const port_vtable_t port__epoll_vtable = {
     port__ep_send_now,
     NULL,
     ep_accept_peer,
+    NULL,   /* stop_listener: a cancel finds a parked accept at once */
 };
 #endif /* __linux__ */
 

@@ -792,5 +792,7 @@ const port_vtable_t port__iocp_vtable = {
     iocp_sock_close,
     NULL,   /* send_now: every send is an overlapped WSASend here */
     NULL,   /* flush_sends: nothing is deferred */
+    NULL,   /* accept_peer */
+    NULL,   /* stop_listener: CancelIoEx names its overlapped */
 };
 #endif /* _WIN32 */

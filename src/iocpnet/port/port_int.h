@@ -68,6 +68,9 @@ typedef struct port_vtable {
     void (*flush_sends)(port_t *p);
     /* Optional (NULL: port_accept_peer says PORT_EOPNOTSUPP). */
     int (*accept_peer)(const port_op_t *op, port_addr_t *out);
+    /* Optional (NULL: port_stop_accepts cancels each op): end every accept on
+     * listener s at once, each op's cancel flag already set. */
+    int (*stop_listener)(port_t *p, port_sock_t s);
 } port_vtable_t;
 
 #ifndef _WIN32
