@@ -317,7 +317,7 @@ static ssize_t read_some(ep_fd_t *f, char *buf, size_t len, int *left) {
         m.msg_iovlen = 1;
         m.msg_control = ctl.b;
         m.msg_controllen = sizeof(ctl.b);
-        got = recvmsg(f->fd, &m, MSG_DONTWAIT);
+        got = port__sys_recvmsg(f->fd, &m, MSG_DONTWAIT);
         if (got >= 0) {
             for (c = CMSG_FIRSTHDR(&m); c != NULL; c = CMSG_NXTHDR(&m, c))
                 if (c->cmsg_level == IPPROTO_TCP && c->cmsg_type == TCP_CM_INQ &&
@@ -326,7 +326,7 @@ static ssize_t read_some(ep_fd_t *f, char *buf, size_t len, int *left) {
         }
         return got;
     }
-    got = recv(f->fd, buf, len, MSG_DONTWAIT);
+    got = port__sys_recv(f->fd, buf, len, MSG_DONTWAIT);
     if (got > 0 && (size_t)got == len && f->inq == EP_INQ_UNTRIED) {
         int one = 1, e = errno;
         f->inq = setsockopt(f->fd, IPPROTO_TCP, TCP_INQ, &one, sizeof(one)) == 0

@@ -128,7 +128,7 @@ long port__posix_sendmsg(int fd, const port_buf_t *bufs, int nbufs) {
         /* A reply is one buffer: send(2) spares the kernel copying in a msghdr and an
          * iovec array for it. */
         do
-            r = send(fd, bufs[0].base, bufs[0].len, MSG_NOSIGNAL | MSG_DONTWAIT);
+            r = port__sys_send(fd, bufs[0].base, bufs[0].len, MSG_NOSIGNAL | MSG_DONTWAIT);
         while (r < 0 && errno == EINTR);
         return (long)r;
     }
@@ -138,7 +138,7 @@ long port__posix_sendmsg(int fd, const port_buf_t *bufs, int nbufs) {
      * is a partial send, which port.h allows (the caller continues from there). */
     m.msg_iovlen = (size_t)(nbufs > IOV_MAX ? IOV_MAX : nbufs);
     do
-        r = sendmsg(fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+        r = port__sys_sendmsg(fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
     while (r < 0 && errno == EINTR);
     return (long)r;
 }
