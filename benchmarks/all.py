@@ -137,9 +137,10 @@ def parts(quick):
     docs = os.path.relpath(DOCS if not quick else os.path.join(QUICK_DIR, "benchmarks.md"), ROOT)
     return [
         Part("echo", "Echo matrix", "benchmarks/run.py",
-             # --budget: 13.6 min planned (9.8 + 2.8 for the four equal-rate
-             # cells + 1.0 for the one-connection cells' extra warm-ups and
-             # the speed probes after every slice), then
+             # --budget: 13.7 min planned (9.8 + 2.8 for the four equal-rate
+             # cells + 1.1 for the one-connection cells' extra warm-ups, the
+             # speed probes after every slice and the witness probes around
+             # the one-connection ones), then
              # re-measured slices and the headroom probes (uncapped cells
              # only; about 1 min when ~20 cells need one) share the rest
              [["benchmarks/run.py", "--rounds", "4", "--budget", "15.5", "--write-docs",
