@@ -61,6 +61,10 @@ cdef extern from *:
     static PORT_THREAD_LOCAL void *iocpnet_tls_core = 0;
     static void *iocpnet_get_tls_core(void) { return iocpnet_tls_core; }
     static void iocpnet_set_tls_core(void *c) { iocpnet_tls_core = c; }
+    /* Batches this thread took in a row without giving up the GIL (IocpCore._dispatch). */
+    static PORT_THREAD_LOCAL int iocpnet_tls_held = 0;
+    static int iocpnet_held_batches(void) { return iocpnet_tls_held; }
+    static void iocpnet_held_batch(int held) { iocpnet_tls_held = held ? iocpnet_tls_held + 1 : 0; }
 
     /* Let a worker that holds reaped completions and waits for the GIL take it first
      * (see IocpCore.Dispatch).  Returns at once on free-threaded builds. */
@@ -75,6 +79,8 @@ cdef extern from *:
     }
     """
     void *iocpnet_get_tls_core() nogil
+    int _held_batches "iocpnet_held_batches"() nogil
+    void _held_batch "iocpnet_held_batch"(int held) nogil
     void iocpnet_set_tls_core(void *c) nogil
     void iocpnet_let_batch_in(volatile int32_t *waiting) nogil
 
@@ -90,6 +96,7 @@ cdef extern from "port/packet.h" nogil:
 
 cdef enum:
     BATCH = 128           # completions taken per wait
+    HELD_BATCHES_MAX = 8  # batches in a row taken without giving up the GIL
     IOV_INLINE = 2        # gather entries kept inside the session
     IOV_MAX = 64          # most buffers in one gather send
     SQ_INLINE = 2         # send-queue slots kept inside the session

@@ -115,6 +115,7 @@ cdef extern from "port/port.h" nogil:
     int port_send(port_t *p, port_op_t *op, port_sock_t sock, const port_buf_t *bufs, int nbufs)
     int64_t port_send_now(port_t *p, port_sock_t sock, const port_buf_t *bufs, int nbufs)
     void port_flush_sends(port_t *p)
+    int port_work_waiting(port_t *p)
     enum:
         PORT_CLOSE_RESET
     int port_close(port_t *p, port_op_t *op, port_sock_t sock, int flags)

@@ -242,6 +242,10 @@ int64_t port_send_now(port_t *p, port_sock_t sock, const port_buf_t *bufs, int n
         return PORT_ECLOSED;
     return p->vt->send_now != NULL ? p->vt->send_now(p, sock, bufs, nbufs) : 0;
 }
+int port_work_waiting(port_t *p) {
+    return p->vt->work_waiting != NULL && p->vt->work_waiting(p);
+}
+
 void port_flush_sends(port_t *p) {
     if (p->vt->flush_sends != NULL)
         p->vt->flush_sends(p);

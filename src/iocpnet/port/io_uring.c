@@ -1113,6 +1113,16 @@ static void uring_flush_sends(port_t *bp) {
     }
 }
 
+/* One dispatcher's owner only: the kernel queues the completion work of its ring for
+ * its next enter (DEFER_TASKRUN) and says so in the SQ ring's flags (TASKRUN_FLAG).
+ * Any other thread waits as before. */
+static int uring_work_waiting(port_t *bp) {
+    uring_port_t *p = (uring_port_t *)bp;
+    if (!port_atomic_load32(&p->single) || port_atomic_load32(&p->owner) != my_tid())
+        return 0;
+    return LOAD_ACQ(p->cq_ktail) != LOAD_ACQ(p->cq_khead) || taskrun_pending(p);
+}
+
 static int64_t uring_send_now(port_t *bp, port_sock_t sock, const port_buf_t *bufs, int nbufs) {
     PORT_UNUSED(bp);
     return port__posix_send_now(sock, bufs, nbufs);
@@ -1396,5 +1406,6 @@ const port_vtable_t port__io_uring_vtable = {
     uring_flush_sends,
     uring_accept_peer,
     uring_stop_listener,
+    uring_work_waiting,
 };
 #endif /* __linux__ */

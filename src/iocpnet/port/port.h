@@ -279,6 +279,12 @@ int port_single_dispatcher(port_t *p);
 /* Hand this thread's deferred submissions to the kernel now if they include a send, so
  * that a reply written by one hook does not wait behind the next hooks of the batch. */
 void port_flush_sends(port_t *p);
+/* Would port_wait return a batch at once?  1 when completions, or completion work the
+ * kernel keeps for this thread, are already waiting (a port_wait with timeout 0 then
+ * takes them); 0 when not, or when the backend cannot tell cheaply.  No system call and
+ * no lock: the core asks it before each wait, and then polls without handing the GIL
+ * over and back (io_uring with one dispatcher only; 0 everywhere else). */
+int port_work_waiting(port_t *p);
 /* After dispatching a completion whose op has a strand: fetch the strand's next queued
  * completion into *out and return 1, or release the strand and return 0. */
 int port_strand_next(port_t *p, port_strand_t *s, port_cqe_t *out);

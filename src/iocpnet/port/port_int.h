@@ -71,6 +71,8 @@ typedef struct port_vtable {
     /* Optional (NULL: port_stop_accepts cancels each op): end every accept on
      * listener s at once, each op's cancel flag already set. */
     int (*stop_listener)(port_t *p, port_sock_t s);
+    /* Optional (NULL: port_work_waiting says 0). */
+    int (*work_waiting)(port_t *p);
 } port_vtable_t;
 
 #ifndef _WIN32
