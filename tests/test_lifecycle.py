@@ -501,7 +501,7 @@ def test_a_job_that_posts_itself_forever_does_not_keep_a_closed_core_open(backen
         time.sleep(0.001)       # a tick's work: the next one is posted already
 
     threads = [threading.Thread(target=lambda: [0 for _ in iter(
-        lambda: core.Dispatch() >= 0, False)], daemon=True) for _ in range(2)]
+        lambda: core.Dispatch() >= 0, False)], daemon=True) for _ in range(4)]
     try:
         target.Post(job)
         for t in threads:
@@ -547,3 +547,62 @@ def test_a_thread_that_stopped_dispatching_does_not_hold_back_another(backend):
         assert not t.is_alive(), "the second thread's Dispatch never returned"
         assert got == [1, 2], f"the post did not run: {got}"
         assert results == [1], f"Dispatch returned {results}, not the one completion"
+
+
+def test_a_hook_that_dispatches_until_close_lets_the_core_close(backend):
+    """A hook that runs a Dispatch loop of its own (a nested event loop, `while
+    core.Dispatch() >= 0`) until the core closes.  Close's deadline finds that hook
+    running, so it leaves the rest to a drain and posts a wake-up for each thread in
+    Dispatch; one idle worker could reap them all in one batch (epoll), and the hook's
+    own Dispatch, waiting without a timeout, was never woken: the hook never returned,
+    the core never closed and its worker never ended."""
+    failure = _nested_dispatch_until_close(backend)
+    assert failure is None, failure
+
+
+def _nested_dispatch_until_close(backend):
+    """The test's body: why it failed, or None (a traceback through these frames would
+    keep the core alive past the test)."""
+    core = iocpnet.IocpCore(backend)
+    nested = []
+
+    class Loop(iocpnet.Session):
+        def OnRecv(self, data):
+            self.Send(data)
+            if bytes(data) == b"loop":
+                while core.Dispatch() >= 0:
+                    nested.append(1)
+                nested.append("left")
+
+    listener = iocpnet.Listener(("127.0.0.1", 0))
+    service = iocpnet.Service(core, listener, Loop, 4)
+    service.Start()
+    workers = [threading.Thread(target=lambda: [None for _ in iter(
+        lambda: core.Dispatch() >= 0, False)], daemon=True) for _ in range(4)]
+    for t in workers:
+        t.start()
+    try:
+        with connect(("127.0.0.1", listener.port)) as a, \
+                connect(("127.0.0.1", listener.port)) as b:
+            a.sendall(b"loop")
+            if a.recv(16) != b"loop":
+                return "the looping session's echo did not come"
+            for i in range(20):      # served meanwhile (the other worker, or the loop)
+                b.sendall(b"x%d" % i)
+                if b.recv(16) != b"x%d" % i:
+                    return f"the other session's echo {i} did not come"
+            core.Close(0.5)
+            deadline = time.monotonic() + 10
+            while not (core.closed and "left" in nested) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if "left" not in nested:
+                return "the hook's Dispatch loop never saw the core close"
+            if not core.closed:
+                return "the core never closed"
+        for t in workers:
+            t.join(10)
+        if any(t.is_alive() for t in workers):
+            return "a worker is still in Dispatch"
+        return None
+    finally:
+        core.Close(0)

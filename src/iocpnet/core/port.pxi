@@ -217,6 +217,11 @@ cdef class IocpCore:
                     return -1
                 if not 0 <= wait_ms <= 100:
                     wait_ms = 100    # the drain's deadline is checked between waits
+            elif prev == <void *>self and not 0 <= wait_ms <= 100:
+                # Called from a hook of this core (a nested loop): waits in slices, to
+                # leave once Close hands the rest to a drain.  Close's wake-ups are
+                # completions like any other: an idle worker may reap them all.
+                wait_ms = 100
             while True:
                 n = 0
                 if _held_batches() < HELD_BATCHES_MAX and port_work_waiting(port):
@@ -255,6 +260,17 @@ cdef class IocpCore:
                         if wait_ms <= 0:
                             n = 0
                             break
+                    continue
+                if n == 0 and wait_ms != timeout_ms and prev == <void *>self:
+                    # A slice of a nested wait (above) ended.
+                    if port_atomic_load32(&self._draining):
+                        n = PORT_ECLOSED
+                        break
+                    if timeout_ms > 0:
+                        wait_ms = <int>(deadline - port_monotonic_ms())
+                        if wait_ms <= 0:
+                            break
+                        wait_ms = min(wait_ms, 100)
                     continue
                 break
             if n <= 0 and not end_batch:
