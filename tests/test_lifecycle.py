@@ -563,19 +563,10 @@ def test_a_hook_that_dispatches_until_close_lets_the_core_close(backend):
 def _nested_dispatch_until_close(backend):
     """The test's body: why it failed, or None (a traceback through these frames would
     keep the core alive past the test)."""
-    core = iocpnet.IocpCore(backend)
-    nested = []
-
-    class Loop(iocpnet.Session):
-        def OnRecv(self, data):
-            self.Send(data)
-            if bytes(data) == b"loop":
-                while core.Dispatch() >= 0:
-                    nested.append(1)
-                nested.append("left")
-
+    core = _NestedLoop.core = iocpnet.IocpCore(backend)
+    nested = _NestedLoop.nested = []
     listener = iocpnet.Listener(("127.0.0.1", 0))
-    service = iocpnet.Service(core, listener, Loop, 4)
+    service = iocpnet.Service(core, listener, _NestedLoop, 4)
     service.Start()
     workers = [threading.Thread(target=lambda: [None for _ in iter(
         lambda: core.Dispatch() >= 0, False)], daemon=True) for _ in range(4)]
@@ -606,3 +597,18 @@ def _nested_dispatch_until_close(backend):
         return None
     finally:
         core.Close(0)
+        _NestedLoop.core = _NestedLoop.nested = None
+
+
+class _NestedLoop(iocpnet.Session):
+    """Loops on Dispatch in its hook until the core closes.  At module level, reaching
+    the core through a class attribute: on 3.13t a class made inside the test would be
+    immortal, and a closure over the core would keep it alive."""
+    core = nested = None
+
+    def OnRecv(self, data):
+        self.Send(data)
+        if bytes(data) == b"loop":
+            while self.core.Dispatch() >= 0:
+                self.nested.append(1)
+            self.nested.append("left")
