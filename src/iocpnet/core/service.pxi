@@ -299,10 +299,11 @@ cdef class Service:
 
     cdef void _session_done(self, Session s) noexcept:
         cdef bint empty
+        cdef int kind = _session_disconnect_kind(self, s)     # not under the lock: why there
         self._lock_acquire()
         try:
             self._sessions.discard(s)
-            _stats_session_done(self, s)
+            _stats_session_done(self, s, kind)
             empty = port_atomic_load64(&self._sessions._n) == 0
         finally:
             self._lock_release()
