@@ -209,18 +209,14 @@ cdef class Listener(IocpObject):
                 port_sock_close(self.core.port, <port_sock_t>res, 0)
                 session._state = S_NEW
                 return
-            if self.websocket and _ws_accepting(session) < 0:
-                # Before _admit: a refusal here must not keep a place under the
-                # service's limits (it kept one, and max_sessions of them refused all).
+            # A session class with bad WebSocket settings is refused before _admit (a
+            # refusal must not keep a place under the service's limits), and its slot
+            # gets a new session; one over a limit is refused at once, its session kept.
+            bad_ws = self.websocket and _ws_accepting(session) < 0
+            if bad_ws or not service._admit(<port_sock_t>res, session):
                 port_sock_close(self.core.port, <port_sock_t>res, PORT_CLOSE_RESET)
                 session._state = S_NEW
-                self._post(i, None)
-                return
-            if not service._admit(<port_sock_t>res, session):
-                # Over the live-session cap: refuse this one at once, keep accepting.
-                port_sock_close(self.core.port, <port_sock_t>res, PORT_CLOSE_RESET)
-                session._state = S_NEW
-                self._post(i, session)
+                self._post(i, None if bad_ws else session)
                 return
             self._post(i, None)       # keep accepting while this one starts
             if self.ssl is not None:

@@ -185,14 +185,13 @@ cdef class Service:
             raise ValueError("accepts (the accepts kept posted) must be positive")
         if listener is not None and not isinstance(listener, Listener):
             # The original's ServerService takes a NetAddress: an address makes its
-            # Listener.  Anything else is refused here: Start casts to a Listener.
-            if isinstance(listener, int) or (isinstance(listener, (tuple, list)) and
-                                             len(listener) == 2):
+            # Listener (which checks it).  Anything else is refused here: Start casts.
+            try:
                 listener = Listener(listener)
-            else:
+            except TypeError:
                 raise TypeError("listener must be a Listener, or the address to listen "
                                 "on (a port or a (host, port) tuple), not "
-                                f"{listener!r}")
+                                f"{listener!r}") from None
         self.core = core
         self.listener = listener
         self._factory = session_factory

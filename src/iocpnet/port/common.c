@@ -273,7 +273,7 @@ int port_stop_accepts(port_t *p, port_op_t *ops, int n, port_sock_t s) {
             live++;
         }
     }
-    if (live > 1 && p->vt->stop_listener != NULL)
+    if (live > 0 && p->vt->stop_listener != NULL)
         return p->vt->stop_listener(p, s);
     for (i = 0; i < n; i++)
         if (ops[i].in_flight && ops[i].type == PORT_OP_ACCEPT)
