@@ -134,9 +134,13 @@ def test_a_service_given_an_address_listens_there_and_anything_else_is_refused(b
                     pass
             assert got == b"hello"
         service.Stop(5)
-        for bad in ("127.0.0.1:0", object(), 3.5, ("127.0.0.1",)):
+        # True is an int to Python: it listened on port 1 (False: any free port).
+        for bad in ("127.0.0.1:0", object(), 3.5, ("127.0.0.1",), True, False,
+                    ("127.0.0.1", True)):
             with pytest.raises(TypeError, match="Listener"):
                 iocpnet.Service(core, bad, Echo, 4)
+            with pytest.raises(TypeError, match="port number"):
+                iocpnet.Listener(bad)
     finally:
         core.Close(5)
 

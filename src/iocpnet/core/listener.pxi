@@ -71,9 +71,11 @@ cdef class Listener(IocpObject):
 
     def __init__(self, address, *, int backlog=1024, bint reuse_port=False,
                  bint ipv6_only=False, ssl=None, bint websocket=False):
-        if isinstance(address, int):
+        # A bool is an int to Python: True listened on port 1.
+        if isinstance(address, int) and not isinstance(address, bool):
             address = (None, address)
-        elif isinstance(address, (tuple, list)) and len(address) == 2:
+        elif isinstance(address, (tuple, list)) and len(address) == 2 and \
+                not isinstance(address[1], bool):
             address = (address[0] or None, int(address[1]))
         else:
             raise TypeError("address must be a port number or a (host, port) tuple")
