@@ -547,6 +547,23 @@ static void expect_quiet(waiter_t *w, int ms, const char *what) {
 
 static int loopback(port_addr_t *a) { return port_resolve("127.0.0.1", 0, 1, a); }
 
+/* A listener on loopback (*ls, its address *bound) with n accepts posted on it, as the
+ * Listener keeps them.  0, or -1 if the listener could not be made. */
+static int listen_with_accepts(port_t *P, port_op_t *acc, int n, port_sock_t *ls,
+                               port_addr_t *bound) {
+    port_addr_t a;
+    int i;
+    if (loopback(&a) != 0 || port_listen(P, &a, 16, 0, ls) != 0 ||
+            port_sockname(*ls, bound) != 0)
+        return -1;
+    for (i = 0; i < n; i++) {
+        port_op_init(&acc[i], PORT_OP_ACCEPT, &acc[i], NULL);
+        CHECK_EQ(port_accept(P, &acc[i], *ls), 0);
+        CHECK(acc[i].in_flight);
+    }
+    return 0;
+}
+
 /* A connected pair: *srv accepted through the port, *cli a plain socket. */
 static int make_pair(waiter_t *w, port_sock_t *srv, port_sock_t *cli) {
     port_addr_t a, bound;
@@ -647,24 +664,16 @@ static void case_accept_several(void) {
     enum { N = 4 };
     port_t *P = new_port();
     waiter_t w;
-    port_addr_t a, bound;
+    port_addr_t bound;
     port_sock_t ls = PORT_INVALID_SOCK, cli[N + 1], srv[N + 1];
     port_op_t acc[N];
-    int got[N], matched[N + 1];
+    int got[N] = {0}, matched[N + 1];
     int i, k;
     for (i = 0; i <= N; i++)
         cli[i] = srv[i] = PORT_INVALID_SOCK;
     REQUIRE(P != NULL);
     waiter_init(&w, P);
-    REQUIRE(loopback(&a) == 0);
-    REQUIRE(port_listen(P, &a, 16, 0, &ls) == 0);
-    REQUIRE(port_sockname(ls, &bound) == 0);
-    for (i = 0; i < N; i++) {
-        port_op_init(&acc[i], PORT_OP_ACCEPT, &acc[i], NULL);
-        CHECK_EQ(port_accept(P, &acc[i], ls), 0);
-        CHECK(acc[i].in_flight);
-        got[i] = 0;
-    }
+    REQUIRE(listen_with_accepts(P, acc, N, &ls, &bound) == 0);
     /* A record carries one operation at a time. */
     CHECK_EQ(port_accept(P, &acc[0], ls), PORT_EINVAL);
     {
@@ -763,21 +772,14 @@ static void case_cancel_accepts(void) {
     enum { N = 64 };
     port_t *P = new_port();
     waiter_t w;
-    port_addr_t a, bound;
+    port_addr_t bound;
     port_sock_t ls = PORT_INVALID_SOCK;
     static port_op_t acc[N];
-    int got[N];
+    int got[N] = {0};
     int i, k;
     REQUIRE(P != NULL);
     waiter_init(&w, P);
-    REQUIRE(loopback(&a) == 0);
-    REQUIRE(port_listen(P, &a, 16, 0, &ls) == 0);
-    REQUIRE(port_sockname(ls, &bound) == 0);
-    for (i = 0; i < N; i++) {
-        port_op_init(&acc[i], PORT_OP_ACCEPT, &acc[i], NULL);
-        CHECK_EQ(port_accept(P, &acc[i], ls), 0);
-        got[i] = 0;
-    }
+    REQUIRE(listen_with_accepts(P, acc, N, &ls, &bound) == 0);
     CHECK_EQ(port_stop_accepts(P, acc, N, ls), 0);
     for (k = 0; k < N; k++) {
         port_cqe_t c;
