@@ -850,6 +850,7 @@ const port_vtable_t port__epoll_vtable = {
     NULL,
     ep_accept_peer,
     NULL,   /* stop_listener: a cancel finds a parked accept at once */
+    NULL,   /* work_waiting: no cheap look without a system call */
 };
 #endif /* __linux__ */
 

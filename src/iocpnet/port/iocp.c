@@ -794,5 +794,6 @@ const port_vtable_t port__iocp_vtable = {
     NULL,   /* flush_sends: nothing is deferred */
     NULL,   /* accept_peer */
     NULL,   /* stop_listener: CancelIoEx names its overlapped */
+    NULL,   /* work_waiting */
 };
 #endif /* _WIN32 */
