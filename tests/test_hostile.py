@@ -27,6 +27,7 @@ import iocpnet
 
 import packet_reference as ref
 from conftest import connect, recv_exactly, wait_for
+from factories import failing_factory
 
 FLEET_SIZE = 50
 # A round trip of the fleet may take this long at most.  Generous on purpose: the
@@ -677,20 +678,6 @@ def test_never_reading_peer_over_tls_or_websocket_is_cut_too(server, tmp_path_fa
 
 # ---------------------------------------------------------------------------------------
 # A session factory that fails for a while
-
-def failing_factory(make):
-    """A session factory that raises while the returned event is set (noting the time
-    of each such call in the returned list) and otherwise returns make()."""
-    failing = threading.Event()
-    calls = []
-
-    def factory():
-        if failing.is_set():
-            calls.append(time.monotonic())
-            raise RuntimeError("the session pool is empty")
-        return make()
-    return factory, failing, calls
-
 
 def test_failing_session_factory_recovers_and_answers_every_later_client(
         server, caplog_iocpnet):

@@ -28,6 +28,8 @@ import time
 import iocpnet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))     # tests/: the shared factories
+from factories import failing_factory  # noqa: E402
 
 
 def start(backend, factory, slots, workers=2):
@@ -221,15 +223,7 @@ def factory_back_off(backend, seconds):
         def OnRecv(self, data):
             self.Send(data)
 
-    failing = threading.Event()
-    calls = []
-
-    def factory():
-        if failing.is_set():
-            calls.append(time.monotonic())
-            raise RuntimeError("the session pool is empty")
-        return Echo()
-
+    factory, failing, calls = failing_factory(Echo)
     core, service, address = start(backend, factory, 1)
     failing.set()
     first = socket.create_connection(address)
