@@ -307,6 +307,26 @@ def test_onrecv_bad_return_value_disconnects(server, recorder):
     assert "OnRecv returned 8, but it was given 3 bytes" in recorder.disconnected[0][1]
 
 
+def test_onrecv_returning_a_bool_disconnects_with_a_clear_reason(server, recorder):
+    # "return True" (meaning "handled") is an int to Python: it consumed one byte and left
+    # the rest waiting for bytes that never come, with no word in the log.
+    class Handled(Echo):
+        def OnRecv(self, data):
+            self.Send(bytes(data))
+            return True
+
+        def OnDisconnected(self, reason):
+            recorder.on_disconnected(self, reason)
+
+    srv = server(Handled)
+    with connect(srv.address) as c:
+        c.sendall(b"abcd")
+        assert recv_until_eof(c) == b"abcd"
+    recorder.wait_disconnects(1)
+    reason = recorder.disconnected[0][1]
+    assert "OnRecv returned True" in reason and "None" in reason, reason
+
+
 def test_send_queue_limit_disconnects_a_peer_that_does_not_read(server, recorder):
     class Flood(iocpnet.Session):
         send_queue_limit = 256 * 1024

@@ -218,6 +218,10 @@ cdef Py_ssize_t _call_recv(Session s, char *ptr, Py_ssize_t n) noexcept:
     try:
         r = s._hooks.on_recv(s, view)
         if r is not None:
+            if r is True or r is False:
+                # an int to Python: True would consume one byte and strand the rest
+                raise TypeError(f"OnRecv returned {r}: return the number of bytes "
+                                "consumed (an int), or None for all of them")
             used = r
             if used < 0 or used > n:
                 raise ValueError(f"OnRecv returned {r}, but it was given {n} bytes")
