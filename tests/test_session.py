@@ -746,3 +746,40 @@ def test_a_count_written_as_a_float_is_taken_or_named(server):
 
     with pytest.raises(TypeError, match=r"Half\.post_queue_limit must be a whole number"):
         Half()
+
+
+@pytest.mark.parametrize("name, value", [
+    ("send_timeout", "30"), ("flush_timeout", True), ("send_queue_limit", None),
+    ("idle_timeout", [30]), ("recv_buffer_limit", "64k")])
+def test_a_setting_that_is_not_a_number_is_named_not_ignored(name, value):
+    """``send_timeout = "30"`` (read from a config file) or ``flush_timeout = True`` was
+    silently replaced by the default: the session ran with a limit its author never set."""
+    cls = type("Typo", (iocpnet.Session,), {name: value})
+    with pytest.raises(TypeError, match=rf"Typo\.{name} must be a number"):
+        cls()
+
+
+def test_none_is_off_where_zero_is_and_a_negative_flush_timeout_is_refused():
+    """None where 0 means "none" (the idiom of ``websockets``: ``ping_interval=None``) was
+    the default instead: ``send_timeout = None`` ended a slow reader after 10 s.  A negative
+    ``flush_timeout`` dropped every close's queued data at once, without a word."""
+    class Off(iocpnet.Session):
+        send_timeout = None
+        idle_timeout = None
+        tls_handshake_timeout = None
+
+    s = Off()
+    # (the class attribute hides Session's property: ask the property what is in force)
+    def in_force(name):
+        return getattr(iocpnet.Session, name).__get__(s, Off)
+    assert in_force("send_timeout") == 0 and in_force("flush_timeout") == 5
+    del s
+
+    class Hasty(iocpnet.Session):
+        flush_timeout = -1
+
+    with pytest.raises(ValueError, match="flush_timeout"):
+        Hasty()
+    with pytest.raises(TypeError, match=r"Forever\.flush_timeout must be a number"):
+        type("Forever", (iocpnet.Session,), {"flush_timeout": None})()
+

@@ -71,7 +71,11 @@ cdef object _overridden(type cls, str name, type base):
     return f
 
 
-cdef object _class_int(type cls, str name, default):
+cdef object _class_int(type cls, str name, default, bint none_is_zero=False):
+    """A class attribute that is a number; the default where only our own classes
+    define the name (as a property).  Anything else is a TypeError naming it: a string
+    from a config file or a bool was silently the default.  none_is_zero: None is 0,
+    for the settings where 0 means "none" (``ping_interval = None``, as in websockets)."""
     v = getattr(cls, name, default)
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         if isinstance(v, float):
@@ -84,7 +88,15 @@ cdef object _class_int(type cls, str name, default):
             if v < -1e12:
                 return -1e12
         return v
-    return default
+    if v is None and none_is_zero:
+        return 0
+    for k in cls.__mro__:
+        if name in k.__dict__:
+            if (k.__module__ or "").startswith("iocpnet."):
+                return default
+            break
+    raise TypeError(f"{cls.__name__}.{name} must be a number"
+                    f"{' (None or 0: none)' if none_is_zero else ''}, not {v!r}")
 
 
 cdef object _class_count(type cls, str name, default):
@@ -124,10 +136,10 @@ cdef _Hooks _hooks_for(type cls):
     h.send_queue_limit = _class_count(cls, "send_queue_limit", DEFAULT_SEND_QUEUE_LIMIT)
     h.recv_buffer_limit = _class_count(cls, "recv_buffer_limit", DEFAULT_RECV_BUFFER_LIMIT)
     h.flush_timeout = _class_int(cls, "flush_timeout", DEFAULT_FLUSH_TIMEOUT)
-    h.idle_timeout = _class_int(cls, "idle_timeout", 0)
+    h.idle_timeout = _class_int(cls, "idle_timeout", 0, True)
     h.tls_handshake_timeout = _class_int(cls, "tls_handshake_timeout",
-                                         DEFAULT_TLS_HANDSHAKE_TIMEOUT)
-    h.send_timeout = _class_int(cls, "send_timeout", DEFAULT_SEND_TIMEOUT)
+                                         DEFAULT_TLS_HANDSHAKE_TIMEOUT, True)
+    h.send_timeout = _class_int(cls, "send_timeout", DEFAULT_SEND_TIMEOUT, True)
     h.post_queue_limit = _class_count(cls, "post_queue_limit", DEFAULT_POST_QUEUE_LIMIT)
     if h.send_queue_limit <= 0 or h.recv_buffer_limit <= 0 or h.post_queue_limit <= 0:
         raise ValueError(f"{cls.__name__}: send_queue_limit, recv_buffer_limit and "
@@ -138,6 +150,9 @@ cdef _Hooks _hooks_for(type cls):
     if h.idle_timeout < 0 or h.tls_handshake_timeout < 0 or h.send_timeout < 0:
         raise ValueError(f"{cls.__name__}: idle_timeout, tls_handshake_timeout and "
                          f"send_timeout must be >= 0 (0: none)")
+    if h.flush_timeout < 0:
+        raise ValueError(f"{cls.__name__}: flush_timeout must be >= 0 (0: queued data "
+                         f"is dropped at once)")
     h.lim = _recv_limits_for(cls, h.packet_mode)
     _hooks_measure(cls, h)
     h.send_queue_high = _class_count(cls, "send_queue_high",

@@ -210,8 +210,8 @@ cdef _WsHooks _ws_hooks_for(type cls):
     if size <= 0:
         raise ValueError(f"{cls.__name__}: max_message_size must be positive")
     h.max_message_size = size
-    h.ping_interval = _class_int(cls, "ping_interval", 20.0)
-    h.ping_timeout = _class_int(cls, "ping_timeout", 20.0)
+    h.ping_interval = _class_int(cls, "ping_interval", 20.0, True)
+    h.ping_timeout = _class_int(cls, "ping_timeout", 20.0, True)
     h.close_timeout = _class_int(cls, "close_timeout", 5.0)
     h.handshake_timeout = _class_int(cls, "handshake_timeout", 10.0)
     h.max_header_size = _class_count(cls, "max_header_size", 8192)
