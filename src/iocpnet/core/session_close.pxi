@@ -25,6 +25,14 @@ cdef void _process_close(Session s, port_cqe_t *cqe) noexcept:
     _maybe_finish(s)
 
 
+cdef str _io_reason(Session s, int res):
+    """The reason of a receive or send that failed with `res`: during a TLS handshake,
+    it failed the handshake (what a user greps the log for), whichever side saw it."""
+    if s._tls is None:
+        return port_reason(res)
+    return (<_Tls>s._tls).reason(port_reason(res))
+
+
 cdef bint _begin_disconnect(Session s, str reason, bint flush) noexcept:
     """Graceful: stop receiving, flush the send queue (bounded), then close."""
     cdef IocpCore core

@@ -84,8 +84,7 @@ cdef void _process_recv(Session s, port_cqe_t *cqe) noexcept:
         else:
             _begin_disconnect(s, "peer closed the connection", True)
     elif res < 0 and res != PORT_ECANCELED:
-        _close_now(s, port_reason(<int>res) if s._tls is None else
-                        (<_Tls>s._tls).reason(port_reason(<int>res)), False)
+        _close_now(s, _io_reason(s, <int>res), False)
     elif rc != 0:
         _close_now(s, f"cannot receive: {port_reason(rc)}", False)
     _maybe_finish(s)

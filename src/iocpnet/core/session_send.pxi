@@ -112,7 +112,7 @@ cdef object _send_bytes(Session s, object data):
             r = port_send_now(s.core.port, s._sock, &one, 1)
             if r < 0:
                 port_spin_unlock(&s._lock)
-                _close_now(s, port_reason(<int>r), False)
+                _close_now(s, _io_reason(s, <int>r), False)
                 _maybe_finish(s)
                 return False
             sent = <Py_ssize_t>r
@@ -155,7 +155,7 @@ cdef bint _queue_send(Session s, bytes b, bint check_limit,
         r = port_send_now(s.core.port, s._sock, &one, 1)
         if r < 0:
             port_spin_unlock(&s._lock)
-            _close_now(s, port_reason(<int>r), False)
+            _close_now(s, _io_reason(s, <int>r), False)
             _maybe_finish(s)
             return False
         sent = <Py_ssize_t>r
@@ -291,7 +291,7 @@ cdef void _process_send(Session s, port_cqe_t *cqe) noexcept:
         _tell_send_queue(s)
     if cqe.res < 0:
         if cqe.res != PORT_ECANCELED:
-            _close_now(s, port_reason(<int>cqe.res), False)
+            _close_now(s, _io_reason(s, <int>cqe.res), False)
     elif not busy and s._state == S_FLUSHING:
         _close_if_flushed(s)
     _maybe_finish(s)
