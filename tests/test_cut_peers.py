@@ -51,3 +51,44 @@ def _dispatching(srv):
     t = threading.Thread(target=srv._worker, daemon=True)
     t.start()
     return t
+
+
+_ABANDON_BROADCAST = """
+import sys, time
+import iocpnet
+from socket import create_connection
+
+ended = []
+
+class Chatty(iocpnet.Session):
+    def OnConnected(self):
+        room.Add(self)
+
+    def OnDisconnected(self, reason):
+        ended.append(reason)
+        room.Broadcast(b"bye")            # to the others, abandoned with it
+
+core = iocpnet.IocpCore(sys.argv[1])
+room = iocpnet.Group(core)
+service = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0)), Chatty, 4)
+service.Start()
+peers = [create_connection(("127.0.0.1", service.listener.port)) for _ in range(3)]
+deadline = time.monotonic() + 10
+while len(room) < 3 and time.monotonic() < deadline:
+    core.Dispatch(10)
+core.Close(0)
+print("ended:", sorted(ended))
+"""
+
+
+def test_a_broadcast_from_an_abandoned_session_ends_no_other_with_a_port_error(backend):
+    # Close(0) with nobody dispatching ends the sessions it abandons itself, one after
+    # another; the first one's OnDisconnected broadcast to the others, still open, and
+    # their send found the port shut: they ended 'completion port is closed' instead of
+    # 'server shutdown'.  (A child process: the abandoned operations keep their
+    # references, as documented.)
+    with Proc.python("-c", _ABANDON_BROADCAST, backend) as p:
+        assert p.wait(30) == 0, p.output
+    assert "ended: ['server shutdown', 'server shutdown', 'server shutdown']" in p.output, \
+        p.output
+

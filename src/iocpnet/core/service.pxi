@@ -355,10 +355,16 @@ cdef class Service:
     def _end_abandoned(self):
         """The core's port was shut with sessions of this service still open (see
         IocpCore._release_after_shutdown): nothing completes for them any more, so each
-        ends here (socket reset, OnDisconnected with the shutdown's reason)."""
+        ends here (socket reset, OnDisconnected with the shutdown's reason).  All are
+        closed before any OnDisconnected runs: one that Sends or Broadcasts to another
+        finds it closed, not open on the shut port (which ended it with the port's
+        error in place of the shutdown's reason)."""
         cdef Session s
-        for s in self.sessions:
-            _close_now(s, self._shutdown_reason, True)
+        sessions = self.sessions
+        for s in sessions:
+            _close_unfinished(s, self._shutdown_reason, True)
+        for s in sessions:
+            _maybe_finish(s)
 
     cdef void _begin_stop(self, str reason) noexcept:
         with self._lock:

@@ -63,6 +63,17 @@ cdef bint _close_now(Session s, str reason, bint reset) noexcept:
     """Close at once (errors, limits, Abort, the flush deadline): queued data is
     dropped.  The first reason is kept, except that a graceful close in progress
     reports what interrupted it."""
+    if not _close_unfinished(s, reason, reset):
+        return False
+    _maybe_finish(s)
+    return True
+
+
+cdef inline bint _close_unfinished(Session s, str reason, bint reset) noexcept:
+    """_close_now without the end: the session is CLOSING (Sends to it refused), and
+    whoever calls _maybe_finish next runs OnDisconnected.  Service._end_abandoned
+    closes every abandoned session first, so that none's OnDisconnected can reach
+    another still open on a shut port."""
     port_spin_lock(&s._lock)
     if s._state < S_CONNECTING or s._state >= S_CLOSING:
         port_spin_unlock(&s._lock)
@@ -71,7 +82,6 @@ cdef bint _close_now(Session s, str reason, bint reset) noexcept:
         s._reason = reason
     _close_locked(s, reset)
     port_spin_unlock(&s._lock)
-    _maybe_finish(s)
     return True
 
 
