@@ -92,3 +92,37 @@ def test_a_broadcast_from_an_abandoned_session_ends_no_other_with_a_port_error(b
     assert "ended: ['server shutdown', 'server shutdown', 'server shutdown']" in p.output, \
         p.output
 
+
+def test_a_misconfigured_websocket_class_logs_its_traceback_once(backend, caplog_iocpnet):
+    # Every connection a websocket Listener refuses for its session class's bad
+    # settings logged the whole traceback: a client retrying in a loop filled the log.
+    # One line per refusal that says why; the traceback once per class.
+    class Bad(iocpnet.Session):
+        max_message_size = 0
+
+    core = iocpnet.IocpCore(backend)
+    listener = iocpnet.Listener(("127.0.0.1", 0), websocket=True)
+    service = iocpnet.Service(core, listener, Bad, 1)
+    service.Start()
+    worker = threading.Thread(target=lambda: [None for _ in iter(
+        lambda: core.Dispatch() >= 0, False)])
+    worker.start()
+    try:
+        for _ in range(4):
+            try:           # refused with a reset, maybe before connect() returned
+                with connect(listener.address, timeout=5) as c:
+                    assert c.recv(16) == b""
+            except ConnectionResetError:
+                pass
+        wait_for(lambda: sum("cannot make" in r.getMessage()
+                             for r in caplog_iocpnet.records) >= 4, 10, "4 refusals logged")
+    finally:
+        service.Stop(5)
+        core.Close(5)
+        worker.join(5)
+        del core, listener, service     # a failure's traceback must not keep them
+    refusals = [r for r in caplog_iocpnet.records if "cannot make" in r.getMessage()]
+    assert len(refusals) == 4, [r.getMessage() for r in refusals]
+    for r in refusals:
+        assert "max_message_size must be positive" in r.getMessage(), r.getMessage()
+    assert [r.exc_info is not None for r in refusals] == [True, False, False, False]

@@ -68,6 +68,7 @@ cdef class Listener(IocpObject):
     cdef int64_t _burst_start_ms
     cdef int64_t _burst_logged_ms
     cdef readonly bint websocket  # sessions accepted here speak WebSocket (websocket.pxi)
+    cdef set _ws_refused          # classes refused with a traceback logged (once each)
 
     def __init__(self, address, *, int backlog=1024, bint reuse_port=False,
                  bint ipv6_only=False, ssl=None, bint websocket=False):
@@ -92,6 +93,7 @@ cdef class Listener(IocpObject):
         self._backoff_lock = threading.Lock()
         self.ssl = _tls_context(ssl)
         self._unfed = []
+        self._ws_refused = set()
 
     def __cinit__(self, *args, **kwargs):
         self._ops = NULL
@@ -214,7 +216,7 @@ cdef class Listener(IocpObject):
             # A session class with bad WebSocket settings is refused before _admit (a
             # refusal must not keep a place under the service's limits), and its slot
             # gets a new session; one over a limit is refused at once, its session kept.
-            bad_ws = self.websocket and _ws_accepting(session) < 0
+            bad_ws = self.websocket and _ws_accepting(session, self._ws_refused) < 0
             if bad_ws or not service._admit(<port_sock_t>res, session):
                 port_sock_close(self.core.port, <port_sock_t>res, PORT_CLOSE_RESET)
                 session._state = S_NEW

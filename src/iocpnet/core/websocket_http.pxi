@@ -397,14 +397,19 @@ cdef bint _ws_client_response(Session s, _WebSocket ws, bytes head) except? -1:
     return True
 
 
-cdef int _ws_accepting(Session s) noexcept:
+cdef int _ws_accepting(Session s, set told) noexcept:
     """A session accepted on a websocket Listener: make it a WebSocket server session.
-    -1 (logged) if its class's settings are wrong: the connection is then refused."""
+    -1 (logged) if its class's settings are wrong: the connection is then refused.
+    Each refusal is one line that says why; the traceback comes with the first of each
+    class only (`told`: the listener's), or a client retrying filled the log."""
     try:
         _ws_enable(s, False)
-    except BaseException:
-        logger.exception("cannot make %s a WebSocket session; refusing the connection",
-                         repr(s))
+    except BaseException as e:
+        first = type(s) not in told
+        told.add(type(s))
+        logger.error("cannot make %s a WebSocket session (%s); refusing the connection",
+                     repr(s), _describe_exc(e),
+                     exc_info=(type(e), e, e.__traceback__) if first else None)
         return -1
     return 0
 
