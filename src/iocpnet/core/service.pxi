@@ -297,17 +297,13 @@ cdef class Service:
                     self.idle_disconnects += 1
 
     cdef void _session_done(self, Session s) noexcept:
-        cdef bint empty
         cdef int kind = _session_disconnect_kind(self, s)     # not under the lock: why there
         self._lock_acquire()
         try:
             self._sessions.discard(s)
             _stats_session_done(self, s, kind)
-            empty = port_atomic_load64(&self._sessions._n) == 0
         finally:
             self._lock_release()
-        if empty and self._stall_watch is not None:
-            _unwatch_stalls(self)
 
     cdef int _check_startable(self) except -1:
         if self._stopping:

@@ -20,9 +20,10 @@
 # that have a session with a send_timeout (weakly: a service dropped by the user goes),
 # and one repeating timer looks at their sessions every send_timeout / 4 (between 50 ms
 # and 500 ms), so a stalled session is ended within send_timeout plus that period.  The
-# sweep runs only while those services have sessions: it stops when the last one ends
-# and the next connect starts it.  The watch's lock guards its service set, its timer
-# and `running`'s changes; each session is looked at under its own lock.
+# sweep runs only while those services have sessions: the first sweep that finds none
+# stops it (at most a period after the last one ended), and the next connect starts it.
+# The watch's lock guards its service set, its timer and `running`'s changes; each
+# session is looked at under its own lock.
 
 
 @cython.final
@@ -59,23 +60,24 @@ cdef class _StallWatch:
             if t is None:
                 port_atomic_store32(&self.running, 0)
 
-    cdef void maybe_stop(self) noexcept:
-        """A watched service lost its last session: with no session left anywhere, stop
-        the sweep (an idle server keeps nothing but its accepts in flight); the next
-        connect starts it again.  `running` is cleared before looking, and a connect
-        adds its session before reading it, so one of the two always sees the other."""
+    cdef bint stop_if_idle(self) noexcept:
+        """From the sweep: with no session left in any watched service, stop the sweep
+        (an idle server keeps nothing but its accepts in flight) and say so; the next
+        connect starts it again.  `running` is cleared before looking, and a connect adds
+        its session before reading it, so one of the two always sees the other."""
         cdef Service service
         with self._lock:
             if not isinstance(self._timer, Timer):
-                return
+                return False
             port_atomic_store32(&self.running, 0)
             for service in list(self._services):
                 if service.sessions:
                     port_atomic_store32(&self.running, 1)
-                    return
+                    return False
             t = self._timer
             self._timer = None
         (<Timer>t).Cancel()
+        return True
 
     def _sweep(self):
         cdef Service service
@@ -89,6 +91,11 @@ cdef class _StallWatch:
             for s in service.sessions:
                 if s._send_busy:            # a first look without the lock
                     _check_stall(service, s, now, period_ms)
+        # Stopped here, a period after the last session ended, not when it ended: a
+        # server that empties between connections (a capped connect storm: one
+        # connection in flight at a time) restarted the sweep for each, a timer armed
+        # and cancelled per connection (on io_uring two submissions and two completions).
+        self.stop_if_idle()
 
 
 cdef void _check_stall(Service service, Session s, int64_t now,
@@ -149,9 +156,3 @@ cdef void _watch_stalls(Service service, Session s) noexcept:
         service._stall_timeout = timeout
     watch.add(service, timeout)
 
-
-cdef void _unwatch_stalls(Service service) noexcept:
-    """A service's last session ended."""
-    cdef _StallWatch watch = <_StallWatch>service._stall_watch
-    if watch is not None:
-        watch.maybe_stop()
