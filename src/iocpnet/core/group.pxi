@@ -233,7 +233,8 @@ cdef class Group(IocpObject):
         ``droppable=True`` (a state update the next one replaces) skips members whose
         send queue is above their ``send_queue_high`` mark, so a slow reader misses
         updates instead of reaching its ``send_queue_limit``.  Returns how many members
-        took it (a member closing, or over its send-queue limit, does not).
+        took it (a member closing, or over its send-queue limit, does not; nor does one
+        whose overridden Send raised: that is logged, and the others still hear it).
 
         A shared group (``backplane=``) publishes the message to Redis and delivers it
         to the members here when it comes back on the group's channel, so that every
@@ -248,14 +249,15 @@ cdef class Group(IocpObject):
 
     def _deliver(self, bytes data not None, exclude=None, bint droppable=False):
         """The fan-out itself, for the backplane: a shared group's message, back from
-        Redis (or delivered here directly while Redis is away).  A member whose own
-        Send raises is logged and skipped: the others still hear the message, and the
-        error does not unwind into the redis link that delivers it (it dropped the
-        link, or left the backplane draining for good)."""
-        return self._fan_out(data, exclude, droppable, True)
+        Redis (or delivered here directly while Redis is away)."""
+        return self._fan_out(data, exclude, droppable)
 
-    cdef Py_ssize_t _fan_out(self, bytes b, object exclude, bint droppable,
-                             bint isolate=False) except -1:
+    cdef Py_ssize_t _fan_out(self, bytes b, object exclude, bint droppable) except -1:
+        """A member whose own Send raises is logged and skipped: the others still hear
+        the message, and the error does not unwind into whoever broadcast (a hook of
+        another session, which was disconnected for it; or the redis link delivering a
+        shared group's message, which was dropped, or left the backplane draining for
+        good)."""
         cdef Session s
         cdef Py_ssize_t n = 0
         with self._order_lock:
@@ -265,16 +267,14 @@ cdef class Group(IocpObject):
                 if droppable and _send_queue_above_high(s):
                     continue
                 if s._hooks.send_overridden:
-                    if not isolate:
-                        if s.Send(b):
-                            n += 1
-                        continue
                     try:
                         if s.Send(b):
                             n += 1
                     except Exception:
-                        logger.exception("Send of %r raised during a shared group's "
-                                         "delivery (skipped)", s)
+                        logger.exception("Send of %r raised during %s (skipped)", s,
+                                         "a shared group's delivery"
+                                         if self.backplane is not None else
+                                         f"a Broadcast to {self!r}")
                 elif _send_data(s, b):
                     n += 1
         return n
