@@ -481,19 +481,22 @@ cdef class RecvView:
         return released
 
 
-cdef inline RecvView _view_for_hook(char *ptr, Py_ssize_t n):
-    """A view of ptr[0:n] for OnRecv: this thread's spare, or a new one."""
-    cdef RecvView view
+cdef inline RecvView _spare_view() noexcept:
+    """This thread's spare view for OnRecv (see _view_after_hook), or None: the caller
+    makes one then (which may fail: only that path needs a try block)."""
+    cdef RecvView view = None
     cdef PyObject *spare = _view_take()
     if spare != NULL:
         view = <RecvView>spare
         _decref(spare)         # `view` holds it now
-    else:
-        view = RecvView.__new__(RecvView)
+    return view
+
+
+cdef inline void _view_lend(RecvView view, char *ptr, Py_ssize_t n) noexcept:
+    """Point `view` at ptr[0:n] for the length of a hook."""
     view._ptr = ptr
     view._len = n
     view._state = RV_BORROWED
-    return view
 
 
 cdef inline void _view_after_hook(RecvView view) noexcept:

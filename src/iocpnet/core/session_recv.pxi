@@ -203,35 +203,66 @@ cdef Py_ssize_t _call_recv(Session s, char *ptr, Py_ssize_t n) noexcept:
     taken what it needs from ptr (recv_view.pxi)."""
     cdef RecvView view
     cdef Py_ssize_t used = n
+    cdef PyObject *hook
+    cdef PyObject *r
     if s._ws is not None:
         return _ws_recv(s, <unsigned char *>ptr, n)
     if s._hooks.packet_mode:
         return _parse_packets(s, <const unsigned char *>ptr, n)
     if s._hooks.on_recv is None:
         return n
-    try:
-        view = _view_for_hook(ptr, n)
-    except BaseException as e:
-        _hook_failed(s, "OnRecv", e)
-        return -1
-    try:
-        r = s._hooks.on_recv(s, view)
-        if r is not None:
-            if r is True or r is False:
-                # an int to Python: True would consume one byte and strand the rest
-                raise TypeError(f"OnRecv returned {r}: return the number of bytes "
-                                "consumed (an int), or None for all of them")
-            used = r
-            if used < 0 or used > n:
-                raise ValueError(f"OnRecv returned {r}, but it was given {n} bytes")
-    except BaseException as e:
-        _hook_failed(s, "OnRecv", e)
-        used = -1
+    # No try block on the common path (each saves and restores the thread's handled
+    # exception), and the hook called through its own vectorcall entry, not Cython's
+    # generic call: only a new view, a hook that raised and one that returned a count
+    # take the slow paths.
+    view = _spare_view()
+    if view is None:
+        try:
+            view = RecvView.__new__(RecvView)
+        except BaseException as e:
+            _hook_failed(s, "OnRecv", e)
+            return -1
+    _view_lend(view, ptr, n)
+    hook = <PyObject *>s._hooks.on_recv
+    _incref(hook)           # the session's class may be changed by the hook itself
+    r = _call2(hook, <PyObject *>s, <PyObject *>view)
+    _decref(hook)
+    if r != <PyObject *>None:
+        used = _recv_result(s, r, n)
+    if r != NULL:
+        _decref(r)
     if Py_REFCNT(view) > 1:
         s._kept_view = view
     else:
         _view_after_hook(view)      # nobody else holds it: reused by the next call
     return used
+
+
+cdef int _raise_set() except -1:
+    """Propagate the exception a C call left set (as `raise` would)."""
+    return -1
+
+
+cdef Py_ssize_t _recv_result(Session s, PyObject *r, Py_ssize_t n) noexcept:
+    """OnRecv raised (r is NULL, the exception set) or returned a count: the bytes it
+    consumed, or -1 once the failure is logged and the session closing."""
+    cdef Py_ssize_t used
+    cdef object res
+    try:
+        if r == NULL:
+            _raise_set()
+        res = <object>r
+        if res is True or res is False:
+            # an int to Python: True would consume one byte and strand the rest
+            raise TypeError(f"OnRecv returned {res}: return the number of bytes "
+                            "consumed (an int), or None for all of them")
+        used = res
+        if used < 0 or used > n:
+            raise ValueError(f"OnRecv returned {res}, but it was given {n} bytes")
+        return used
+    except BaseException as e:
+        _hook_failed(s, "OnRecv", e)
+        return -1
 
 
 cdef Py_ssize_t _parse_packets(Session s, const unsigned char *ptr, Py_ssize_t n) noexcept:
