@@ -96,7 +96,9 @@ def test_a_broadcast_from_an_abandoned_session_ends_no_other_with_a_port_error(b
 def test_a_misconfigured_websocket_class_logs_its_traceback_once(backend, caplog_iocpnet):
     # Every connection a websocket Listener refuses for its session class's bad
     # settings logged the whole traceback: a client retrying in a loop filled the log.
-    # One line per refusal that says why; the traceback once per class.
+    # One line per refusal that says why; the traceback once per class.  And the
+    # figures balance: such a refusal was an accept counted nowhere else (not a
+    # session, not a refusal).
     class Bad(iocpnet.Session):
         max_message_size = 0
 
@@ -116,6 +118,7 @@ def test_a_misconfigured_websocket_class_logs_its_traceback_once(backend, caplog
                 pass
         wait_for(lambda: sum("cannot make" in r.getMessage()
                              for r in caplog_iocpnet.records) >= 4, 10, "4 refusals logged")
+        st = service.stats()
     finally:
         service.Stop(5)
         core.Close(5)
@@ -126,3 +129,5 @@ def test_a_misconfigured_websocket_class_logs_its_traceback_once(backend, caplog
     for r in refusals:
         assert "max_message_size must be positive" in r.getMessage(), r.getMessage()
     assert [r.exc_info is not None for r in refusals] == [True, False, False, False]
+    assert st["accepts"] == 4 and st["sessions"]["total"] == 0, st
+    assert st["refused"].get("bad_session_class") == 4, st["refused"]

@@ -326,7 +326,8 @@ def test_connect_flood_from_one_address_is_refused_and_counted(server, caplog_io
     wait_for(lambda: srv.service.stats()["accepts"] == 70, 10, "70 accepts")
     st = srv.service.stats()
     assert st["refused"] == {"max_sessions": 0, "max_sessions_per_address": 0,
-                             "connect_rate_per_address": 60 - n_served, "shutdown": 0}
+                             "connect_rate_per_address": 60 - n_served, "shutdown": 0,
+                             "bad_session_class": 0}
     assert st["sessions"]["total"] == n_served + 10
     with log.lock:
         hosts = collections.Counter(log.host.values())

@@ -63,7 +63,7 @@ def test_figures_match_what_the_clients_did(server):
     assert st["send_queue_bytes"] == st["send_queue_bytes_max"] == 0
     assert st["refused"] == dict.fromkeys(
         ["max_sessions", "max_sessions_per_address", "connect_rate_per_address",
-         "shutdown"], 0)
+         "shutdown", "bad_session_class"], 0)
     assert st["disconnects"]["peer_closed"] == CLIENTS
     assert sum(st["disconnects"].values()) == CLIENTS
     hooks = st["hooks"]

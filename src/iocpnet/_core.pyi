@@ -768,6 +768,7 @@ class _RefusedFigures(TypedDict):
     max_sessions_per_address: int
     connect_rate_per_address: int
     shutdown: int
+    bad_session_class: int
 
 class _DisconnectFigures(TypedDict):
     closed: int

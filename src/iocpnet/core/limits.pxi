@@ -85,10 +85,11 @@ cdef enum:
     REFUSED_PER_ADDRESS = 2
     REFUSED_RATE = 3
     REFUSED_SHUTDOWN = 4
-    N_REFUSED = 5
+    REFUSED_SESSION_CLASS = 5     # its class's settings are wrong (websocket.pxi)
+    N_REFUSED = 6
 
 _REFUSED_NAMES = ("", "max_sessions", "max_sessions_per_address",
-                  "connect_rate_per_address", "shutdown")
+                  "connect_rate_per_address", "shutdown", "bad_session_class")
 cdef enum:
     BURST_HOSTS = 16          # addresses named in one burst's log line (the rest counted)
 

@@ -217,6 +217,9 @@ cdef class Listener(IocpObject):
             # refusal must not keep a place under the service's limits), and its slot
             # gets a new session; one over a limit is refused at once, its session kept.
             bad_ws = self.websocket and _ws_accepting(session, self._ws_refused) < 0
+            if bad_ws:
+                with service._lock:
+                    service._st.refused[REFUSED_SESSION_CLASS] += 1
             if bad_ws or not service._admit(<port_sock_t>res, session):
                 port_sock_close(self.core.port, <port_sock_t>res, PORT_CLOSE_RESET)
                 session._state = S_NEW
