@@ -77,10 +77,15 @@ class Database:
 
 
 class Room(iocpnet.Group):
-    """A room: members (the Group), positions and pending moves (on its strand only)."""
+    """A room: members (the Group), positions and pending moves (on its strand only).
+    It lives while someone is in it or on the way in (``arriving``, under the world's
+    lock): a client logging into made-up room names must not leave a ticking room
+    behind each."""
 
-    def __init__(self, core: iocpnet.IocpCore, name: str) -> None:
-        super().__init__(core, name)
+    def __init__(self, world: World, name: str) -> None:
+        super().__init__(world.core, name)
+        self.world = world
+        self.arriving = 0                   # logins given this room, not yet joined
         self.room_name = name
         self.tick = 0
         self.positions: Dict[int, List[int]] = {}      # player id -> [x, y]
@@ -90,6 +95,7 @@ class Room(iocpnet.Group):
     # Everything below runs on the room's strand, one at a time.
 
     def on_join(self, player: Player, level: int) -> None:
+        self.world.arrived(self)
         if not self.Add(player):
             return                          # cut before its welcome: no one hears of it
         self.positions[player.player_id] = [0, 0]
@@ -107,6 +113,8 @@ class Room(iocpnet.Group):
     def on_leave(self, player_id: int) -> None:
         if self.positions.pop(player_id, None) is not None:
             self.Broadcast(iocpnet.make_packet(proto.S_LEFT, proto.left(player_id)))
+        if not self.positions:
+            self.world.forget_if_empty(self)
 
     def on_move(self, player_id: int, seq: int, dx: int, dy: int) -> None:
         self.pending.append((player_id, seq, dx, dy))
@@ -142,11 +150,27 @@ class World:
         self.ids = itertools.count(1)
 
     def room(self, name: str) -> Room:
+        """The room a login is heading for (counted as arriving until it joins)."""
         with self.lock:
             room = self.rooms.get(name)
             if room is None:
-                room = self.rooms[name] = Room(self.core, name)
+                room = self.rooms[name] = Room(self, name)
+            room.arriving += 1
             return room
+
+    def arrived(self, room: Room) -> None:
+        with self.lock:
+            room.arriving -= 1
+
+    def forget_if_empty(self, room: Room) -> None:
+        """On the room's strand, once it is empty: closed (its tick stops) unless a
+        login is on its way in.  Every player given the room has its leave posted
+        after its join, so the last one's leave finds it empty."""
+        with self.lock:
+            if room.arriving or self.rooms.get(room.room_name) is not room:
+                return
+            del self.rooms[room.room_name]
+        room.Close()
 
     def close(self) -> None:
         with self.lock:
