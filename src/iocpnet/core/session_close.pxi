@@ -18,6 +18,18 @@
 # outside the lock, on whichever thread ended the last operation.
 
 
+cdef extern from *:
+    """
+    /* The session whose receive just ended, set by its own completion on this thread
+     * (so this thread holds its strand): its close may be done at once (_close_locked). */
+    static PORT_THREAD_LOCAL void *iocpnet_tls_ending = 0;
+    static void *iocpnet_ending_session(void) { return iocpnet_tls_ending; }
+    static void iocpnet_set_ending_session(void *s) { iocpnet_tls_ending = s; }
+    """
+    void *iocpnet_ending_session() noexcept nogil
+    void iocpnet_set_ending_session(void *s) noexcept nogil
+
+
 cdef void _process_close(Session s, port_cqe_t *cqe) noexcept:
     port_spin_lock(&s._lock)
     s._ops -= 1
@@ -114,6 +126,15 @@ cdef void _close_locked(Session s, bint reset) noexcept:
         # the end of what we sent it (a reply flushed at shutdown, say).  Once the
         # peer's FIN (or reset) was received nothing can be left: no system call.
         port_sock_drain(s._sock)
+    if s._ops == 0 and iocpnet_ending_session() == <void *>s:
+        # Nothing of ours in flight on the socket (the peer's FIN or reset ended the
+        # receive; no send), and this is the session's own completion, on its strand,
+        # where OnDisconnected may run: close here, one system call and nothing to
+        # dispatch, as epoll and C servers do.  port_close cost io_uring a submission,
+        # a completion and, with one connection at a time, a wait and a batch more.
+        port_sock_close(s.core.port, s._sock, flags)
+        s._sock = PORT_INVALID_SOCK
+        return
     _incref(<PyObject *>s)
     rc = port_close(s.core.port, _close_record(s), s._sock, flags)
     if rc == 0:

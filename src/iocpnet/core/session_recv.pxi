@@ -74,6 +74,7 @@ cdef void _process_recv(Session s, port_cqe_t *cqe) noexcept:
         # drains.  (ECANCELED here: a multishot receive paused, maybe resumed since.)
         rc = _arm_recv_locked(s)
     port_spin_unlock(&s._lock)
+    iocpnet_set_ending_session(<void *>s)      # a close now is done at once (_close_locked)
     if res == 0:
         if s._tls is not None and (<_Tls>s._tls).eof(s):
             pass                    # the handshake was cut: the filter closed us
@@ -87,6 +88,7 @@ cdef void _process_recv(Session s, port_cqe_t *cqe) noexcept:
         _close_now(s, _io_reason(s, <int>res), False)
     elif rc != 0:
         _close_now(s, f"cannot receive: {port_reason(rc)}", False)
+    iocpnet_set_ending_session(NULL)
     _maybe_finish(s)
 
 

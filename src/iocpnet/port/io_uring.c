@@ -92,8 +92,10 @@
  * for them to finish (for a send to a peer that does not read: forever); registered
  * descriptors remove the question but move the descriptor table into the ring, a larger
  * change left for when a profile asks for direct descriptors.  port_sock_close, which
- * is synchronous (and rare: listeners, refused connections), hands the ring to the
- * kernel first, then calls close(2).
+ * is synchronous (listeners, refused connections, and a session's close when nothing of
+ * it is in flight: the peer's FIN or reset ended its receive), calls close(2) at once
+ * when no SQE still in the ring names the descriptor (what the kernel took holds its own
+ * reference), and otherwise hands the ring to the kernel first.
  *
  * One dispatcher.  Completion work run inside the waiting io_uring_enter, in one batch
  * (DEFER_TASKRUN), costs less than COOP_TASKRUN's, which runs at the exit of each
@@ -1302,27 +1304,39 @@ static int uring_listen(port_t *bp, const port_addr_t *addr, int backlog, int fl
     return port__posix_listen_socket(addr, backlog, flags, out);
 }
 
-/* One dispatcher, not the owner (see the top): does an SQE still in the ring name s?
- * If so, an IORING_OP_CLOSE is queued behind it and 1 returned.  Under sq_lock, so no
- * SQE on s comes after the look (a receive re-armed by the port reads its cancel flag,
- * set before this call, under the same lock). */
-static int close_behind_ring(uring_port_t *p, port_sock_t s, int flags) {
-    unsigned i, tail;
-    int named = 0;
+/* Does an SQE still in the submission ring (written, not yet taken by the kernel) name
+ * s?  Under sq_lock.  What the kernel took holds its own reference to the socket. */
+static int ring_names_locked(uring_port_t *p, port_sock_t s) {
+    unsigned i, tail = p->sq_tail;
+    for (i = LOAD_ACQ(p->sq_khead); i != tail; i++)
+        if (p->sqes[i & p->sq_mask].fd == s)
+            return 1;
+    return 0;
+}
+
+/* Close s at once if no SQE still in the ring names it (return 1; res: close(2)'s);
+ * else, with `behind`, queue an IORING_OP_CLOSE behind those SQEs (return 1, res 0), or
+ * leave it to the caller (return 0).  The look is under sq_lock, so no SQE on s comes
+ * after it (a receive or accept the port re-arms reads its cancel flag, set before this
+ * call, under the same lock). */
+static int close_unless_named(uring_port_t *p, port_sock_t s, int flags, int behind,
+                              int *res) {
+    int named;
     port_spin_lock(&p->sq_lock);
-    tail = p->sq_tail;
-    for (i = LOAD_ACQ(p->sq_khead); i != tail; i++) {
-        if (p->sqes[i & p->sq_mask].fd == s) {
-            named = 1;
-            break;
-        }
-    }
-    if (named)
+    named = ring_names_locked(p, s);
+    if (named && behind)
         prep_close_locked(p, s, flags, NULL);   /* UD_IGNORE: nobody waits for it */
     port_spin_unlock(&p->sq_lock);
-    if (named)
+    if (!named) {
+        *res = port__posix_close(s, flags);
+        return 1;
+    }
+    if (behind) {
         ring_doorbell(p);
-    return named;
+        *res = 0;
+        return 1;
+    }
+    return 0;
 }
 
 /* The ring is shut: the cancels queued for s never run, so a receive the kernel still
@@ -1342,6 +1356,7 @@ static void end_connection_of_shut_ring(port_sock_t s, int flags) {
 
 static int uring_sock_close(port_t *bp, port_sock_t s, int flags) {
     uring_port_t *p = (uring_port_t *)bp;
+    int res;
     if (__atomic_load_n(&p->base.closed, __ATOMIC_SEQ_CST))
         end_connection_of_shut_ring(s, flags);
     if (port_atomic_load32(&p->single)) {
@@ -1351,13 +1366,18 @@ static int uring_sock_close(port_t *bp, port_sock_t s, int flags) {
                 port_thread_yield();
             return port__posix_close(s, flags);
         }
-        if (!may_enter(p))
-            return close_behind_ring(p, s, flags) ? 0 : port__posix_close(s, flags);
+        if (!may_enter(p)) {
+            close_unless_named(p, s, flags, 1, &res);
+            return res;
+        }
     }
-    /* Done when this returns, with close(2)'s own result: so hand what the ring holds
-     * (operations on s among them) to the kernel first.  Nothing on s can be written
-     * after that: the caller submits nothing more on it, and a receive or accept that
-     * this port re-arms by itself reads its cancel flag first. */
+    /* Done when this returns, with close(2)'s own result.  Mostly nothing in the ring
+     * names s (a session closes so only with nothing in flight): close at once, no
+     * system call to submit first.  Else hand what the ring holds to the kernel first.
+     * Nothing on s can be written after that: the caller submits nothing more on it,
+     * and a receive or accept that this port re-arms by itself reads its cancel flag. */
+    if (close_unless_named(p, s, flags, 0, &res))
+        return res;
     if (!submit_all(p))
         return PORT_EBUSY;   /* the ring cannot be submitted: better a leak than a cross */
     return port__posix_close(s, flags);
