@@ -11,10 +11,10 @@ Several servers, one set of rooms (through Redis):
     (or the same --port with --reuse-port in each, as `python -m iocpnet echo
     --processes N` does for the echo server)
 
-Clients take a nick, join and leave rooms, say things in them, and ask for the room
-list or who is in a room.  The protocol (packet ids and payloads) is defined and
-documented in one module, ``iocpnet.chat_protocol``, shared by this server, the client
-and ``python -m iocpnet dummy-client --protocol chat``.
+Clients take a nick, join and leave rooms (64 at once at most), say things in them,
+and ask for the room list or who is in a room.  The protocol (packet ids and payloads)
+is defined and documented in one module, ``iocpnet.chat_protocol``, shared by this
+server, the client and ``python -m iocpnet dummy-client --protocol chat``.
 
 What to look at:
 
@@ -51,6 +51,10 @@ from iocpnet import chat_protocol as proto
 log = logging.getLogger("chat_server")
 
 handler = iocpnet.PacketHandler()
+
+# Rooms one client may be in at once: each is a Group (about 1.3 KiB, and a Redis
+# subscription when shared) that one client joining made-up names would make without end.
+MAX_ROOMS_PER_SESSION = 64
 
 # The browser client, served on the --web-port listener.
 PAGE = (Path(__file__).resolve().parent / "chat_page.html").read_bytes()
@@ -128,6 +132,9 @@ class ChatServer:
         with self.lock:
             if name in session.rooms:
                 return f"you are already in {name}"
+            if len(session.rooms) >= MAX_ROOMS_PER_SESSION:
+                return (f"you are in {MAX_ROOMS_PER_SESSION} rooms already: leave one "
+                        f"first")
             room = self.rooms.get(name)
             if room is None:
                 service = session.service
