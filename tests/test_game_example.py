@@ -2,6 +2,7 @@
 ``python -m iocpnet dummy-client --protocol game``, which checks what every bot sees;
 then its rules in-process: an awaited login against a real redis-server, moves echoed
 at the tick, chat to the room, a protocol error."""
+import contextlib
 import re
 import signal
 import socket
@@ -54,20 +55,30 @@ def test_game_server_under_the_game_dummy_client(backend):
     assert "stopped after 12 sessions" in srv.output
 
 
-@pytest.fixture
-def game(redis_port, backend):
-    """The example's server in-process, looking players up in our redis-server."""
+@contextlib.contextmanager
+def running_game(backend, redis_address=None):
+    """The example's server in-process, looking players up in the redis-server at
+    `redis_address` (else in the example's stand-in database)."""
     mod = load_example("game_server")
     core = iocpnet.IocpCore(backend)
-    world = mod.World(core, mod.Database(("127.0.0.1", redis_port)))
+    world = mod.World(core, mod.Database(redis_address))
     service = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0)),
                               lambda: mod.Player(world), 16)
     run = service.Start(workers=2)
     view = types.SimpleNamespace(port=run.port, world=world, service=service)
-    yield view
-    world.close()
-    run.Stop()
-    del view.world, view.service        # pytest keeps `view` past the leak check
+    try:
+        yield view
+    finally:
+        world.close()
+        run.Stop()
+        del view.world, view.service    # pytest keeps `view` past the leak check
+
+
+@pytest.fixture
+def game(redis_port, backend):
+    """The example's server in-process, looking players up in our redis-server."""
+    with running_game(backend, ("127.0.0.1", redis_port)) as view:
+        yield view
 
 
 def login(run, name, room):

@@ -1,9 +1,17 @@
 """The game example's rooms under a careless or hostile client (attack round, session
 9): a room lives while someone is in it or on the way in."""
-import iocpnet
+import pytest
+
 from iocpnet import game_protocol as proto
 from conftest import wait_for
-from test_game_example import game, login, read_until  # noqa: F401 (game: a fixture)
+from test_game_example import login, read_until, running_game
+
+
+@pytest.fixture
+def game(backend):
+    """The example's server in-process, with its stand-in database (no Redis)."""
+    with running_game(backend) as view:
+        yield view
 
 
 def test_an_empty_room_is_closed_and_a_login_racing_its_close_is_welcomed(game):
