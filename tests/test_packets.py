@@ -254,6 +254,36 @@ def test_unknown_id_default_disconnects_with_reason(server, recorder, caplog_ioc
                for r in caplog_iocpnet.records)
 
 
+def test_onrecvpacket_that_raises_disconnects_with_its_traceback(server, recorder,
+                                                                  caplog_iocpnet):
+    """A hook that raises on one packet of a chunk ends the session with the exception
+    as its reason, logged with its traceback; what it sent before still goes out, and no
+    later packet of the chunk reaches it."""
+    handled = []
+
+    class Fragile(iocpnet.PacketSession):
+        def OnRecvPacket(self, packet_id, payload):
+            if packet_id == 300:         # past CPython's cached small ints
+                raise ValueError(f"cannot handle {bytes(payload)!r}")
+            handled.append((packet_id, payload))
+            self.SendPacket(packet_id, payload)
+
+        def OnDisconnected(self, reason):
+            recorder.on_disconnected(self, reason)
+
+    srv = server(Fragile)
+    with connect(srv.address) as c:
+        c.sendall(ref.encode(1, b"a") + ref.encode(300, b"bad") + ref.encode(2, b"b"))
+        assert recv_until_eof(c) == ref.encode(1, b"a")
+    recorder.wait_disconnects(1)
+    assert handled == [(1, b"a")]
+    assert recorder.disconnected == [
+        ("Fragile", "exception in OnRecvPacket: ValueError: cannot handle b'bad'")]
+    logged = [r for r in caplog_iocpnet.records if "OnRecvPacket of" in r.getMessage()]
+    assert logged and logged[0].exc_info[0] is ValueError, caplog_iocpnet.records
+
+
+
 @pytest.mark.parametrize("how", ["handler-subclass", "unknown-argument", "session-hook"])
 def test_unknown_id_overridden_goes_to_one_place(server, recorder, how):
     """Overriding the one unknown place (PacketHandler.on_unknown, the ``unknown=``

@@ -96,8 +96,19 @@ cdef extern from *:
         args[1] = b;
         return vc != NULL ? vc(f, args, 2, NULL) : PyObject_Vectorcall(f, args, 2, NULL);
     }
+    /* f(a, b, c), the same way. */
+    static inline PyObject *iocpnet_call3(PyObject *f, PyObject *a, PyObject *b, PyObject *c) {
+        PyObject *args[3];
+        vectorcallfunc vc = PyVectorcall_Function(f);
+        args[0] = a;
+        args[1] = b;
+        args[2] = c;
+        return vc != NULL ? vc(f, args, 3, NULL) : PyObject_Vectorcall(f, args, 3, NULL);
+    }
     """
     PyObject *_call2 "iocpnet_call2"(PyObject *f, PyObject *a, PyObject *b)
+    PyObject *_call3 "iocpnet_call3"(PyObject *f, PyObject *a, PyObject *b, PyObject *c)
+    PyObject *_long_from_u "PyLong_FromUnsignedLong"(unsigned long v)
 
 cdef extern from "port/packet.h" nogil:
     ctypedef enum packet_status:

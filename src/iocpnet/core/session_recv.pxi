@@ -245,14 +245,24 @@ cdef int _raise_set() except -1:
     return -1
 
 
+cdef void _hook_raised(Session s, str hook) noexcept:
+    """A hook called through _call2/_call3 raised (it returned NULL): logged, and the
+    session closing, as a try block around the call would."""
+    try:
+        _raise_set()
+    except BaseException as e:
+        _hook_failed(s, hook, e)
+
+
 cdef Py_ssize_t _recv_result(Session s, PyObject *r, Py_ssize_t n) noexcept:
     """OnRecv raised (r is NULL, the exception set) or returned a count: the bytes it
     consumed, or -1 once the failure is logged and the session closing."""
     cdef Py_ssize_t used
     cdef object res
+    if r == NULL:
+        _hook_raised(s, "OnRecv")
+        return -1
     try:
-        if r == NULL:
-            _raise_set()
         res = <object>r
         if res is True or res is False:
             # an int to Python: True would consume one byte and strand the rest
@@ -276,6 +286,8 @@ cdef Py_ssize_t _parse_packets(Session s, const unsigned char *ptr, Py_ssize_t n
     cdef unsigned int pid = 0
     cdef packet_status st
     cdef object hook = s._hooks.on_recv_packet
+    cdef PyObject *ident
+    cdef PyObject *r
     while True:
         st = packet_scan(ptr + pos, <size_t>(n - pos), limit, &size, &pid)
         if st == PACKET_PARTIAL:
@@ -290,11 +302,17 @@ cdef Py_ssize_t _parse_packets(Session s, const unsigned char *ptr, Py_ssize_t n
         payload = PyBytes_FromStringAndSize(<char *>ptr + pos + PKT_HEADER,
                                             <Py_ssize_t>size - PKT_HEADER)
         pos += size
-        try:
-            hook(s, pid, payload)
-        except BaseException as e:
-            _hook_failed(s, "OnRecvPacket", e)
+        # Called as _call_recv calls OnRecv: no try block per packet (_hook_raised is
+        # the slow path), the hook's own vectorcall entry.
+        ident = _long_from_u(pid)       # ids up to 256 are CPython's cached ints
+        r = NULL
+        if ident != NULL:
+            r = _call3(<PyObject *>hook, <PyObject *>s, ident, <PyObject *>payload)
+            _decref(ident)
+        if r == NULL:
+            _hook_raised(s, "OnRecvPacket")
             return -1
+        _decref(r)
         if s._state != S_CONNECTED:
             break            # the hook disconnected us: leave the rest
     return pos
