@@ -259,24 +259,19 @@ def test_onrecvpacket_that_raises_disconnects_with_its_traceback(server, recorde
     """A hook that raises on one packet of a chunk ends the session with the exception
     as its reason, logged with its traceback; what it sent before still goes out, and no
     later packet of the chunk reaches it."""
-    handled = []
+    received = []
 
-    class Fragile(iocpnet.PacketSession):
+    class Fragile(recording_packet_session(received, recorder)):
         def OnRecvPacket(self, packet_id, payload):
             if packet_id == 300:         # past CPython's cached small ints
                 raise ValueError(f"cannot handle {bytes(payload)!r}")
-            handled.append((packet_id, payload))
-            self.SendPacket(packet_id, payload)
+            super().OnRecvPacket(packet_id, payload)
 
-        def OnDisconnected(self, reason):
-            recorder.on_disconnected(self, reason)
-
-    srv = server(Fragile)
-    with connect(srv.address) as c:
-        c.sendall(ref.encode(1, b"a") + ref.encode(300, b"bad") + ref.encode(2, b"b"))
-        assert recv_until_eof(c) == ref.encode(1, b"a")
+    with connect(server(Fragile).address) as c:
+        c.sendall(ref.encode(SYNC, b"a") + ref.encode(300, b"bad") + ref.encode(2, b"b"))
+        assert recv_until_eof(c) == ref.encode(SYNC, b"a")
     recorder.wait_disconnects(1)
-    assert handled == [(1, b"a")]
+    assert received == [(SYNC, b"a")]
     assert recorder.disconnected == [
         ("Fragile", "exception in OnRecvPacket: ValueError: cannot handle b'bad'")]
     logged = [r for r in caplog_iocpnet.records if "OnRecvPacket of" in r.getMessage()]
