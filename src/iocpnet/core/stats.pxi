@@ -242,22 +242,53 @@ _DISCONNECT_TIMEOUTS = ("(its queued data was not flushed in time)",
                         "the peer did not answer within")
 
 
-cdef dict _port_error_kinds():
-    """The port's error texts (a session closed by a socket error has one as reason)."""
-    cdef int code
-    kinds = {}
+# The port's error texts (a session closed by a socket error has one as reason) and
+# their buckets, found by the text's hash in a C table, then compared.  Not a dict: on
+# free-threaded Python a dict read on another thread than the one that made its keys
+# takes the dict's lock whenever the probe meets a key (the lock-free read must take a
+# reference to it, and a key only its maker holds refuses one), so every session end
+# whose reason's hash probed such a slot (PYTHONHASHSEED decides) queued both workers
+# on that lock: 10-17 us a lookup instead of 0.3, 41 sched_yield each, and under a CPU
+# hog sessions that took seconds to end (test_200_concurrent_clients hung on 3.13t).
+# Reading a tuple item and a C array takes no lock.
+cdef int _n_port_errors = 0
+cdef Py_hash_t _port_error_hash[64]
+cdef int _port_error_kind[64]
+cdef tuple _PORT_ERROR_TEXTS
+
+
+cdef tuple _port_error_kinds():
+    global _n_port_errors
+    cdef int code, i
+    texts = []
     for code in range(-1, -64, -1):
         name = port_errname(code).decode("ascii")
         text = port_strerror(code).decode("ascii")
-        if name in ("ECONNRESET", "EPIPE", "ECONNABORTED"):
-            kinds[text] = DK_RESET
-        elif name == "ETIMEDOUT":
-            kinds[text] = DK_TIMEOUT
+        if text in texts:               # a text several codes share ("unknown error")
+            i = texts.index(text)
         else:
-            kinds.setdefault(text, DK_ERROR)
-    return kinds
+            i = len(texts)
+            texts.append(text)
+            _port_error_hash[i] = hash(text)
+            _port_error_kind[i] = DK_ERROR
+        if name in ("ECONNRESET", "EPIPE", "ECONNABORTED"):
+            _port_error_kind[i] = DK_RESET
+        elif name == "ETIMEDOUT":
+            _port_error_kind[i] = DK_TIMEOUT
+    _n_port_errors = len(texts)
+    return tuple(texts)
 
-_PORT_ERROR_KINDS = _port_error_kinds()
+_PORT_ERROR_TEXTS = _port_error_kinds()
+
+
+cdef int _port_error_kind_of(str reason) except -2:
+    """The bucket of a port error text, or -1 (no lock taken: see above)."""
+    cdef Py_hash_t h = hash(reason)           # cached in the str
+    cdef int i
+    for i in range(_n_port_errors):
+        if _port_error_hash[i] == h and reason == _PORT_ERROR_TEXTS[i]:
+            return _port_error_kind[i]
+    return -1
 
 
 cdef int _disconnect_kind(object reason, bint was_connected, str shutdown_reason):
@@ -270,8 +301,8 @@ cdef int _disconnect_kind(object reason, bint was_connected, str shutdown_reason
             return DK_TIMEOUT
     if reason == shutdown_reason:
         return DK_SHUTDOWN
-    k = _PORT_ERROR_KINDS.get(reason)
-    if k is not None:
+    k = _port_error_kind_of(reason)
+    if k >= 0:
         return k
     for prefix, kind in _DISCONNECT_PREFIXES:
         if reason.startswith(prefix):
@@ -305,10 +336,9 @@ cdef class _ServiceStats:
 
 cdef int _session_disconnect_kind(Service svc, Session s) noexcept:
     """The bucket `s`'s end counts in.  Service._session_done asks before it takes the
-    service's _lock: on free-threaded Python the lookups here lock the dicts they read
-    (_PORT_ERROR_KINDS' keys belong to the importing thread), and a worker that waited
-    for one while holding the service's lock held every other ending session behind it
-    (under load, 3.13t: one batch of session ends took 4-9 s)."""
+    service's _lock (and the lookup itself takes none: see _port_error_kind_of): under
+    load, 3.13t, a worker that waited for a lock here while holding the service's lock
+    held every other ending session behind it (one batch of session ends took 4-9 s)."""
     try:
         return _disconnect_kind(s._get_reason(), s._was_connected, svc._shutdown_reason)
     except BaseException:
