@@ -98,9 +98,11 @@ class RedisBackplane(_Presence):
     ``Start()``.  Groups made with ``Group(core, name, backplane=bp)`` are shared:
     ``Broadcast`` reaches the members of every server on the same Redis in one order,
     and ``Who`` lists them.  While Redis is away every server goes on serving its own
-    members (delivery here at once), logs the outage once, reconnects with back-off
-    (``reconnect``: a ``Reconnect`` policy; default 0.1 s growing to 2 s), subscribes
-    again and resumes; what other servers published meanwhile is lost.
+    members (delivery here at once), logs the outage once (the connection lost; then,
+    if Redis does not answer, that it is unreachable: Redis also drops a subscriber
+    that falls behind, and is back at once), reconnects with back-off (``reconnect``: a
+    ``Reconnect`` policy; default 0.1 s growing to 2 s), subscribes again and resumes;
+    what other servers published meanwhile is lost.
 
     ``ssl``: the ``ssl.SSLContext`` for ``rediss://`` (default: a verifying one).
     ``presence_ttl``: seconds after which a server that stopped (SIGKILL) is no longer
@@ -159,7 +161,8 @@ class RedisBackplane(_Presence):
         self._incarnation: Optional[str] = None      # registered presence, if any
         self._sync_waiting = 0            # SUBSCRIBE confirmations the sync waits for
         self._down_since: Optional[float] = time.monotonic()
-        self._outage_logged = False
+        self._outage_logged = False       # this outage's line was logged
+        self._loss_logged = False         # "lost the ... connection" was logged
         self._errors_logged: Set[str] = set()
         self._tick_timer: Any = None
         self._service: Optional[ClientService] = None
@@ -347,8 +350,8 @@ class RedisBackplane(_Presence):
         self._errors_logged.clear()
         down = self._down_since
         self._down_since = None
-        logged = self._outage_logged
-        self._outage_logged = False
+        logged = self._outage_logged or self._loss_logged
+        self._outage_logged = self._loss_logged = False
         if logged and down is not None:
             log.warning("redis backplane: sharing again through %s (after %.1f s)",
                         self.address.display(), time.monotonic() - down)
@@ -367,6 +370,20 @@ class RedisBackplane(_Presence):
             self._outage_logged = True
         log.warning("redis backplane: %s is unreachable (%s); each server delivers to "
                     "its own members until it is back", self.address.display(), reason)
+
+    def _log_loss(self, link: _Link, reason: str) -> None:
+        """A link that was up ended.  Not "unreachable": Redis may well be up (it drops
+        a subscriber that falls behind); if it is not, the next attempt says so."""
+        with self._lock:
+            if self._outage_logged or self._loss_logged or self._state == CLOSED:
+                return
+            self._loss_logged = True
+        why = (": Redis stopped, or dropped a subscriber that fell behind (its "
+               "client-output-buffer-limit for pubsub: are the workers too busy to "
+               "read?)" if link.index == _SUB else "")
+        log.warning("redis backplane: lost the %s connection to %s (%s)%s; this server "
+                    "delivers to its own members until sharing is back", _ROLE[link.index],
+                    self.address.display(), reason, why)
 
     def _link_down(self, link: _Link, reason: str) -> None:
         """A link ended (OnDisconnected): give up sharing, deliver what did not come
@@ -398,7 +415,11 @@ class RedisBackplane(_Presence):
         stopping = closing or reason in ("client shutdown", "not needed")
         if other is not None:
             other.Abort("the other redis connection was lost")
-        if not stopping:
+        if stopping:
+            pass
+        elif was_ready:
+            self._log_loss(link, reason)
+        else:
             self._log_outage(reason)
         if flush:
             self._flush_lost()
