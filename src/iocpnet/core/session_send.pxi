@@ -56,7 +56,10 @@ cdef bytes _bytes_arg(object data, str where, str arg):
 cdef object _send_data(Session s, object data):
     """What Send does (Group.Broadcast calls it directly when the class does not
     override Send): a WebSocket session's data becomes one binary message."""
-    if type(data) is not bytes and not PyObject_CheckBuffer(data):
+    # bytes and OnRecv's view (an echo) first: PyObject_CheckBuffer is a call into
+    # libpython (~12 instructions per Send).
+    if type(data) is not bytes and type(data) is not RecvView and \
+            not PyObject_CheckBuffer(data):
         raise _not_bytes("Send", "data", data)
     if s._ws is not None:
         # One binary message (websocket.pxi), sent as below (through TLS if any).
