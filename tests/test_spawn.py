@@ -119,7 +119,7 @@ def test_a_login_awaiting_a_lookup_blocks_no_worker(backend, redis_port):
         a, b = connect(("127.0.0.1", run.port)), connect(("127.0.0.1", run.port))
         t0 = time.monotonic()
         a.sendall(b"slow")
-        time.sleep(0.05)
+        time.sleep(0.05)                # the slow login first (ordering only)
         for _ in range(20):
             b.sendall(b"ping")
             assert recv_exactly(b, 4) == b"ping"
@@ -167,7 +167,7 @@ def test_spawn_cancelled_when_the_session_ends(backend, redis_port):
         c.close()
         assert cancelled.wait(10), "the coroutine was not cancelled"
         wait_for(lambda: iocpnet.debug_counters()["tasks"] == 0)
-        time.sleep(0.05)
+        time.sleep(0.05)            # a late delivery's chance to come: none must
         assert delivered == []
 
 
@@ -261,8 +261,10 @@ def test_spawn_on_a_group_and_on_the_core(backend, redis_port):
         assert core_done.wait(10)
         # A group's pending task is cancelled by Close.
         cancelled = threading.Event()
+        started = threading.Event()
 
         async def forever():
+            started.set()
             try:
                 await asyncio.sleep(60)
             except asyncio.CancelledError:
@@ -270,7 +272,9 @@ def test_spawn_on_a_group_and_on_the_core(backend, redis_port):
                 raise
 
         room.Spawn(forever())
-        time.sleep(0.05)
+        # Running, not only queued: a task cancelled before its first step never
+        # enters the try block (a fixed 50 ms was not enough for a loaded machine).
+        assert started.wait(10)
         room.Close()
         assert cancelled.wait(10)
         assert room.Spawn(forever()).cancelled()       # closed: never starts
@@ -285,8 +289,10 @@ def test_spawn_on_a_group_and_on_the_core(backend, redis_port):
 def test_close_cancels_running_tasks(backend):
     """Closing the core cancels what still runs on its loop; the loop thread ends."""
     cancelled = threading.Event()
+    started = threading.Event()
 
     async def forever():
+        started.set()
         try:
             await asyncio.sleep(60)
         except asyncio.CancelledError:
@@ -295,7 +301,7 @@ def test_close_cancels_running_tasks(backend):
 
     core = iocpnet.IocpCore(backend)
     core.Spawn(forever())
-    time.sleep(0.05)
+    assert started.wait(10)         # running: one cancelled before it started never ran
     assert any(t.name == "iocpnet-aio" for t in threading.enumerate())
     core.Close()
     assert cancelled.is_set()
