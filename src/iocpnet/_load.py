@@ -470,6 +470,8 @@ def make_game_client(clients: int, room_size: int, shared: _Shared,
         def pending(self) -> Optional[str]:
             if not self.stats.connected:
                 return None
+            if not self.pid:
+                return "login"                  # not even welcomed
             if not self.started:
                 return "waiting for its room to fill"
             if self.move_seq:
