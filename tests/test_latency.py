@@ -26,6 +26,7 @@ def _session_class(rec, gate, with_on_send):
             if msg == b"gate":
                 # Holds the only worker until the test has sent both messages, so that
                 # they complete into one batch, the fast one first.
+                rec.add("gate", msg, time.monotonic())
                 gate.wait(5)
                 return None
             rec.add("hook", msg, time.monotonic())
@@ -69,9 +70,10 @@ def test_reply_not_held_back_by_a_slow_hook_later_in_the_batch(server, with_on_s
         reader.start()
         try:
             g.sendall(b"gate")
-            time.sleep(0.1)                  # the worker is now inside the gate hook
+            wait_for(lambda: any(e[0] == "gate" for e in rec.events), 5,
+                     "the worker inside the gate hook")
             fast.sendall(b"fast")
-            time.sleep(0.02)
+            time.sleep(0.02)                 # fast first (an attempt out of order is retried)
             slow.sendall(b"slow")
             time.sleep(0.05)                 # both arrived while the worker is held
             gate.set()
