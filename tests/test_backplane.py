@@ -377,10 +377,10 @@ def test_no_own_message_lost_or_doubled_across_an_outage(backend, redis_server, 
     t = threading.Thread(target=talk)
     try:
         t.start()
-        time.sleep(0.3)
+        time.sleep(0.3)                      # a window of traffic before the outage
         r.stop()
         wait_for(lambda: not a.bp.sharing, message="outage seen")
-        time.sleep(0.2)
+        time.sleep(0.2)                      # a window of traffic during it
         r.start()
         sharing(a, timeout=10)
         resumed = a.bp.stats()["published"]
@@ -426,7 +426,9 @@ def test_auth_with_a_password_and_with_a_user(backend, redis_server, nodes, capl
     (bad,) = nodes(r.url(password="wrong"), n=1)
     m = Client(bad, "m")
     try:
-        time.sleep(1.0)
+        time.sleep(1.0)                      # a few refused reconnects: said once
+        wait_for(lambda: any("refused AUTH" in rec.getMessage() for rec in caplog.records),
+                 message="the refused AUTH said")
         assert bad.bp.state == "down"
         m.send("say alone")
         assert m.line() == "alone"
@@ -548,7 +550,7 @@ def test_a_burst_while_redis_stalls_is_no_outage(backend, redis_server, nodes):
     try:
         for k in range(n):
             a.group.Broadcast(bytes([k]) * size)
-        time.sleep(1.0)
+        time.sleep(1.0)                      # a window with Redis not reading
     finally:
         r.proc.send_signal(signal.SIGCONT)
     try:
