@@ -235,7 +235,7 @@ def test_peer_close_gives_one_ondisconnected(server, recorder):
             c.sendall(b"x")
             assert recv_exactly(c, 1) == b"x"
     recorder.wait_disconnects(3)
-    time.sleep(0.1)
+    time.sleep(0.1)                 # a second OnDisconnected's chance to come: none must
     assert [r for _, r in recorder.disconnected] == ["peer closed the connection"] * 3
 
 
@@ -247,7 +247,7 @@ def test_peer_reset_gives_one_ondisconnected(server, recorder):
     c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     c.close()                                  # RST
     recorder.wait_disconnects(1)
-    time.sleep(0.1)
+    time.sleep(0.1)                 # a second OnDisconnected's chance to come: none must
     assert len(recorder.disconnected) == 1
     assert recorder.disconnected[0][1] == "connection reset by peer"
 
@@ -519,7 +519,7 @@ def test_stop_with_io_in_flight_ends_workers(backend, recorder):
     for t in threads:
         t.start()
     wait_for(lambda: srv.service.session_count == 20, message="20 sessions")
-    time.sleep(0.2)
+    time.sleep(0.2)                # traffic flowing: Stop meets I/O in flight
     srv.stop()                     # asserts workers ended, nothing in flight
     stop.set()
     for c in clients:
