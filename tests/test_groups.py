@@ -369,7 +369,7 @@ def test_session_timers_and_jobs_cancelled_when_it_ends(server, recorder):
     srv = server(S, workers=2)
     c = connect(srv.address)
     assert recv_exactly(c, 1) == b"R"
-    time.sleep(0.05)
+    time.sleep(0.05)                # the tick runs a few times: still two timers
     counters = iocpnet.debug_counters()
     assert counters["strand_timers"] == 2
     c.sendall(b"go")
@@ -377,7 +377,7 @@ def test_session_timers_and_jobs_cancelled_when_it_ends(server, recorder):
     s = holder.pop("s")
     wait_for(lambda: not s.tick_timer.active and not s.late.active,
              message="both timers ended")
-    time.sleep(0.05)
+    time.sleep(0.05)                # a late tick or job's chance to run: none must
     assert ran_after == []
     assert s.tick_timer.cancelled and s.late.cancelled
     # After its end a session takes no more work.
@@ -498,7 +498,7 @@ def test_group_strand_serialises_posts_and_ticks_and_close_cancels(backend, serv
     room.Close()
     wait_for(lambda: not timer.active, message="Close cancelled the tick")
     n = len(ticks)
-    time.sleep(0.05)
+    time.sleep(0.05)                # a tick after Close would show now: none must
     assert len(ticks) == n
     assert room.Post(job, 9, 9) is False
     assert not room.CallLater(0.01, tick).active
