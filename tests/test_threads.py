@@ -153,7 +153,7 @@ def test_send_and_disconnect_from_8_threads_while_peers_close(server):
     assert not any(r.is_alive() for r in readers), "a peer never saw the end of its stream"
     del sessions, by_port
     wait_for(lambda: len(ev.disconnects) == len(modes), 10, "every OnDisconnected")
-    time.sleep(0.1)
+    time.sleep(0.1)                 # a second OnDisconnected's chance to come (checked below)
     with ev.lock:
         serials = {s.address[1]: s.serial for s in ev.sessions}
         ev.sessions.clear()
@@ -220,7 +220,7 @@ def test_send_disconnect_abort_race_with_an_immediate_peer_close(server):
         del s
     with ev.lock:
         ev.sessions.clear()
-    time.sleep(0.1)
+    time.sleep(0.1)                 # a second OnDisconnected's chance to come: none must
     assert len(ev.disconnects) == rounds
     for serial, reasons in ev.disconnects.items():
         assert len(reasons) == 1, f"session {serial}: OnDisconnected {len(reasons)} times"
