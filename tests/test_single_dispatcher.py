@@ -121,7 +121,7 @@ def test_disconnect_from_a_user_thread_while_the_only_worker_sleeps(backend):
         _expect_single(backend, srv.single)
         c = connect(srv.address)
         wait_for(lambda: rec.connected, 5)
-        time.sleep(0.2)
+        time.sleep(0.2)                 # the worker asleep in the kernel again (unobservable)
         rec.connected[0].Disconnect("from the test thread")
         c.settimeout(5)
         assert c.recv(16) == b""        # the close reached the kernel without a worker poll
@@ -211,7 +211,7 @@ def test_stop_closes_the_listener_from_another_thread_while_the_owner_sleeps(bac
         _expect_single(backend, srv.single)
         c = connect(srv.address)
         assert c.sendall(b"x") is None and recv_exactly(c, 1) == b"x"
-        time.sleep(0.2)
+        time.sleep(0.2)                 # the worker asleep in the kernel again (unobservable)
         srv.service.Stop(5)             # this thread closes the listener and the session
         c.settimeout(5)
         assert c.recv(16) == b""
@@ -298,7 +298,7 @@ def test_start_with_one_worker_gives_it_the_ring(backend):
         c.sendall(b"abc")
         assert recv_exactly(c, 3) == b"abc"
         wait_for(lambda: rec.connected, 5)
-        time.sleep(0.2)
+        time.sleep(0.2)                 # the worker asleep in the kernel again (unobservable)
         rec.connected[0].Send(b"from-user")
         assert recv_exactly(c, 9) == b"from-user"
         rec.connected[0].Disconnect("bye")
@@ -322,7 +322,7 @@ def test_client_service_start_with_one_worker(backend):
         peer, _ = ls.accept()
         peer.settimeout(5)
         wait_for(lambda: rec.connected, 5)
-        time.sleep(0.2)
+        time.sleep(0.2)                 # the worker asleep in the kernel again (unobservable)
         rec.connected[0].Send(b"hello")
         assert recv_exactly(peer, 5) == b"hello"
         peer.sendall(b"echo")                        # the session echoes it back
