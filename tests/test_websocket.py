@@ -486,7 +486,7 @@ def test_keepalive_pings_and_ends_a_silent_peer(ws_server, recorder):
     srv = ws_server(echo_class(recorder, ping_interval=0.2, ping_timeout=0.3))
     with ws_connect(srv.url) as ws:              # answers pings: stays
         silent = RawClient(srv.address)          # never answers
-        time.sleep(1.5)
+        time.sleep(1.5)                          # pings both ways: the answering one stays
         ws.send("alive")
         assert ws.recv() == "alive"
         recorder.wait_disconnects(1)
