@@ -403,6 +403,58 @@ def test_send_timeout_zero_turns_the_stall_check_off(server, recorder):
         Negative()
 
 
+def test_a_stricter_send_timeout_keeps_its_sweep_when_a_looser_service_restarts_it(server):
+    """Two services on one core, send_timeout 10 s and 0.2 s: the sweep runs every 50 ms
+    (the shorter's quarter).  Once every session ended it stops; when a session of the
+    looser service started it again it ran every 500 ms, and a peer of the stricter one
+    that never reads was cut 0.5-1.0 s after its stall instead of within ~0.25 s (the
+    stricter service's connects see the sweep running and ask nothing)."""
+    ended = []
+
+    class Loose(iocpnet.Session):
+        send_timeout = 10
+
+    class Strict(iocpnet.Session):
+        send_timeout = 0.2
+        send_queue_limit = 16 << 20
+
+        def OnRecv(self, data):
+            self.Send(b"p" * (8 << 20))
+
+        def OnDisconnected(self, reason):
+            ended.append((time.monotonic(), reason))
+
+    srv = server(Strict)
+    listener = iocpnet.Listener(("127.0.0.1", 0))
+    loose = iocpnet.Service(srv.core, listener, Loose, 2)
+    loose.Start()
+    try:
+        connect(srv.address).close()               # starts the sweep at 50 ms
+        wait_for(lambda: ended, message="the first strict session ended")
+        time.sleep(0.3)                            # the sweep found nobody: stopped
+        keep = connect(("127.0.0.1", listener.port))   # starts it again
+        wait_for(lambda: loose.session_count == 1, message="the loose session")
+        ticks = []                 # how late this core's timers run (the sweep is one)
+        probe = srv.core.CallEvery(0.05, lambda: ticks.append(time.monotonic()))
+        c = socket.socket()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        c.connect(srv.address)
+        c.sendall(b"go")
+        t0 = time.monotonic()
+        wait_for(lambda: len(ended) == 2, 5, "the peer that never reads cut")
+        probe.Cancel()
+        late = ended[1][0] - t0
+        lag = max([b - a - 0.05 for a, b in zip(ticks, ticks[1:])] or [0.0])
+        assert ended[1][1].startswith("send stalled: "), ended[1][1]
+        # 0.2 s and a 50 ms period: 0.25 s; the 500 ms period cut at 0.5 s at the soonest
+        assert late < 0.45 + lag, (f"cut {late:.2f} s after the stall (send_timeout 0.2 s; "
+                                   f"the core's timers lagged up to {lag:.2f} s)")
+        c.close()
+        keep.close()
+    finally:
+        loose.Stop(5)
+
+
 def test_recv_buffer_limit_disconnects_a_hook_that_never_consumes(server, recorder):
     class Hoarder(iocpnet.Session):
         recv_buffer_limit = 8192

@@ -26,6 +26,10 @@
 # session is looked at under its own lock.
 
 
+cdef inline double _sweep_period(double timeout) noexcept:
+    return max(0.05, min(0.5, timeout / 4.0))
+
+
 @cython.final
 cdef class _StallWatch:
     cdef IocpCore core
@@ -37,9 +41,19 @@ cdef class _StallWatch:
 
     cdef void add(self, Service service, double timeout) noexcept:
         """Watch `service`; start the sweep, or make it shorter for a shorter timeout."""
-        cdef double period = max(0.05, min(0.5, timeout / 4.0))
+        cdef double period = _sweep_period(timeout)
+        cdef Service other
         with self._lock:
             self._services.add(service)
+            if self._timer is None:
+                # Started again after it stopped (no session anywhere): as short as the
+                # shortest timeout of every watched service, not only this one's.  A
+                # stricter service's next connect sees `running` and asks nothing: a
+                # looser service's connect restarting it made the stricter's stalls
+                # wait its period (0.3 s send_timeout cut after 1.0 s, not 0.375).
+                for other in self._services:
+                    if other._stall_timeout > 0:
+                        period = min(period, _sweep_period(other._stall_timeout))
             if self._timer is True or (self._timer is not None and period >= self._period):
                 return
             old = self._timer
