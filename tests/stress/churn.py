@@ -12,8 +12,8 @@ each cycle checking its echo byte for byte.  Checks, after the run:
   measured with the service idle, after gc);
 - every session that connected got exactly one OnDisconnected, and every cycle was one
   session;
-- while the service still runs, the only operations in flight are its posted accepts,
-  and no receive buffer is out; after Stop and Close, core.stats() in_flight is 0 and
+- while the service still runs, the only operations in flight are its posted accepts
+  (once the send_timeout sweep stopped, within 2 s), and no receive buffer is out; after Stop and Close, core.stats() in_flight is 0 and
   every debug counter is back to 0;
 - no object of a Session subclass is left (gc).
 
@@ -158,6 +158,11 @@ def main():
     total = args.warmup + args.cycles
     settle(total)
     rss_after = rss_bytes()
+    # The send_timeout sweep stops at its first tick with no session: at most one
+    # period (500 ms at the default send_timeout) after the last one ended.
+    deadline = time.monotonic() + 2.0
+    while core.stats()["in_flight"] > args.accepts and time.monotonic() < deadline:
+        time.sleep(0.01)
     running_stats = core.stats()
     live_sessions = service.session_count
 
