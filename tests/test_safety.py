@@ -445,6 +445,93 @@ def test_kick_during_connect_storm(server, how):
     assert crossed == [], f"{len(crossed)} of {served[0]} clients got another's bytes: {crossed[:3]}"
 
 
+def test_peers_that_end_first_never_see_another_connections_bytes(server):
+    """Short connections ended by the peer (FIN at once, FIN after the first echo, or a
+    reset), while two other threads Send to every live session and each session's
+    OnDisconnected Sends too: a session whose receive the peer ended, with nothing else
+    in flight, closes its socket at once in that completion, and the storm's accepts
+    take the number straight away.  Each client sends its own byte value and must get
+    back nothing else, whoever sent it and whenever its number was reused."""
+    live, lock, foreign = {}, threading.Lock(), []
+
+    class Mirror(iocpnet.Session):
+        v = None
+
+        def OnConnected(self):
+            with lock:
+                live[id(self)] = self
+
+        def OnRecv(self, data):
+            if self.v is None:
+                self.v = data[0]
+            if data.tobytes().strip(bytes([self.v])):
+                foreign.append(("server", self.v, data.tobytes()[:16]))
+            self.Send(data)
+
+        def OnDisconnected(self, reason):
+            with lock:
+                live.pop(id(self), None)
+            if self.v is not None:
+                self.Send(bytes([self.v]) * 3)        # refused: nothing may reach a reuse
+
+    srv = server(Mirror, workers=2, accepts=64)
+    stop = time.monotonic() + 20.0              # a bound only a stall reaches
+    served, echoed = [0], [0]
+
+    def spray():
+        while time.monotonic() < stop and served[0] < 600:
+            with lock:
+                sessions = list(live.values())
+            for s in sessions:
+                if s.v is not None:
+                    s.Send(bytes([s.v]) * 32)
+            time.sleep(0)
+
+    def client(k):
+        v = k
+        while time.monotonic() < stop and served[0] < 600:
+            v = (v + 7) % 251
+            try:
+                c = connect(srv.address, timeout=5)
+            except OSError:
+                continue
+            got = bytearray()
+            with c:
+                try:
+                    c.sendall(bytes([v]) * (1 + v))
+                    if v % 5 == 0:
+                        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                     struct.pack("ii", 1, 0))
+                        continue                  # closed with a reset
+                    if v % 2:
+                        c.shutdown(socket.SHUT_WR)
+                    while True:
+                        chunk = c.recv(65536)
+                        if not chunk:
+                            break
+                        if not got:
+                            c.shutdown(socket.SHUT_WR)   # idempotent after the first
+                        got += chunk
+                except OSError:
+                    pass
+            if got.strip(bytes([v])):
+                foreign.append(("client", v, bytes(got[:16])))
+            with lock:
+                served[0] += 1
+                echoed[0] += len(got) > v        # its own bytes came back, at least
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(6)]
+    threads += [threading.Thread(target=spray) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert served[0] >= 600, f"only {served[0]} connections in 20 s"
+    assert foreign == [], f"{len(foreign)} crossed: {foreign[:3]}"
+    assert echoed[0] >= 300, f"only {echoed[0]} of {served[0]} connections were echoed"
+    wait_for(lambda: srv.service.session_count == 0, message="every session ended")
+
+
 # ---- 3. .obj never shows another message ---------------------------------------------------
 
 def test_view_obj_shows_only_this_message(server):
