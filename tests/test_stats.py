@@ -227,6 +227,12 @@ def test_disconnects_are_bucketed(server):
 ])
 def test_reason_buckets(reason, bucket):
     assert iocpnet._core._disconnect_bucket(reason) == bucket
+    # A str subclass (an object's __str__ may return one to Disconnect) the same.
+    assert iocpnet._core._disconnect_bucket(_Reason(reason)) == bucket
+
+
+class _Reason(str):
+    pass
 
 
 def test_client_service_figures(server, backend):

@@ -281,8 +281,10 @@ cdef tuple _port_error_kinds():
 _PORT_ERROR_TEXTS = _port_error_kinds()
 
 
-cdef int _port_error_kind_of(str reason) except -2:
-    """The bucket of a port error text, or -1 (no lock taken: see above)."""
+cdef int _port_error_kind_of(object reason) except -2:
+    """The bucket of a port error text, or -1 (no lock taken: see above).  Any str:
+    typed `str`, a subclass (a __str__ may hand Disconnect one) was a TypeError, and
+    its session counted "closed" whatever its text said."""
     cdef Py_hash_t h = hash(reason)           # cached in the str
     cdef int i
     for i in range(_n_port_errors):
