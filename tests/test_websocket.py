@@ -1065,6 +1065,31 @@ def test_a_connection_refused_for_a_bad_websocket_class_frees_its_place(
     assert len(refusals) == 3
 
 
+def test_a_plain_session_with_onmessage_is_warned_once(ws_server, caplog_iocpnet):
+    """A plain Session (not a WebSocketSession) that defines OnMessage, on a websocket
+    Listener: its messages go to OnRecv, which it lacks, so they are dropped; the
+    OnMessage written for them is never called.  That was silent: one warning per class
+    now says so (it still connects: the class may serve TCP listeners too)."""
+    got = []
+
+    class Chat(iocpnet.Session):
+        def OnMessage(self, data, binary):
+            got.append(bytes(data))
+
+    srv = ws_server(Chat, websocket_listener=True)
+    for _ in range(2):
+        c = RawClient(srv.address)
+        assert c.status == 101
+        c.send(frame(2, b"hello"))
+        c.close()
+    wait_for(lambda: srv.service.total_sessions == 2 and srv.service.session_count == 0,
+             message="both sessions ended")
+    warned = [r.getMessage() for r in caplog_iocpnet.records
+              if "defines OnMessage but is not a WebSocketSession" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("Chat "), warned
+    assert got == []
+
+
 def _bad_websocket_class_refusals(backend):
     """The test's body: why it failed, or None (a traceback through these frames would
     keep the core alive past the test)."""

@@ -205,6 +205,13 @@ cdef _WsHooks _ws_hooks_for(type cls):
     else:
         h.mode = WS_MODE_RECV
         h.on_recv = _overridden(cls, "OnRecv", Session)
+        if h.on_recv is None and getattr(cls, "OnMessage", None) is not None:
+            # Once per class (the hooks are kept on it): its messages were dropped in
+            # silence, the OnMessage written for them never called.
+            logger.warning("%s defines OnMessage but is not a WebSocketSession: over "
+                           "WebSocket its messages go to OnRecv, which it does not "
+                           "define, and are dropped (derive from WebSocketSession)",
+                           cls.__name__)
     h.on_upgrade = getattr(cls, "OnUpgrade", None) or _default_on_upgrade
     size = _class_count(cls, "max_message_size", DEFAULT_MAX_MESSAGE_SIZE)
     if size <= 0:
