@@ -811,6 +811,39 @@ def test_a_setting_that_is_not_a_number_is_named_not_ignored(name, value):
         cls()
 
 
+class _Count:
+    """An integer type of another library (numpy's int64 is one): not an int subclass,
+    an int through __index__."""
+    def __init__(self, n):
+        self.n = n
+
+    def __index__(self):
+        return self.n
+
+
+def test_a_setting_of_another_numeric_type_is_taken_for_its_value():
+    """``send_queue_limit = np.int64(...)`` (read through numpy or pandas),
+    ``send_timeout = Fraction(1, 2)`` or ``Decimal("30")`` are numbers: they were refused
+    with "must be a number" (and before that, silently the default)."""
+    import decimal
+    import fractions
+
+    class Typed(iocpnet.Session):
+        send_queue_limit = _Count(1 << 20)
+        send_timeout = fractions.Fraction(1, 2)
+        flush_timeout = decimal.Decimal("30")
+
+    s = Typed()
+
+    def in_force(name):
+        return getattr(iocpnet.Session, name).__get__(s, Typed)
+    assert (in_force("send_queue_limit"), in_force("send_timeout"),
+            in_force("flush_timeout")) == (1 << 20, 0.5, 30)
+    del s
+    with pytest.raises(TypeError, match=r"Imaginary\.send_timeout must be a number"):
+        type("Imaginary", (iocpnet.Session,), {"send_timeout": 1j})()
+
+
 def test_none_is_off_where_zero_is_and_a_negative_flush_timeout_is_refused():
     """None where 0 means "none" (the idiom of ``websockets``: ``ping_interval=None``) was
     the default instead: ``send_timeout = None`` ended a slow reader after 10 s.  A negative

@@ -31,6 +31,8 @@ from libc.string cimport memcpy, memmove
 from iocpnet._port cimport *
 
 import errno as _errno
+import numbers as _numbers
+import operator as _operator
 import logging
 import os
 import queue as _queue

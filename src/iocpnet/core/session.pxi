@@ -77,6 +77,14 @@ cdef object _class_int(type cls, str name, default, bint none_is_zero=False):
     from a config file or a bool was silently the default.  none_is_zero: None is 0,
     for the settings where 0 means "none" (``ping_interval = None``, as in websockets)."""
     v = getattr(cls, name, default)
+    if type(v) is not bool and not isinstance(v, (int, float, str, bytes)) and \
+            v is not None:
+        # another library's number (numpy's int64, Fraction, Decimal): its value
+        if hasattr(type(v), "__index__"):
+            v = _operator.index(v)
+        elif isinstance(v, _numbers.Real) or (isinstance(v, _numbers.Number) and
+                                               not isinstance(v, _numbers.Complex)):
+            v = float(v)
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         if isinstance(v, float):
             # Timeouts become milliseconds through C casts, undefined for NaN and inf
