@@ -35,6 +35,11 @@ def test_a_subscriber_redis_drops_for_falling_behind_is_not_called_unreachable(
         release.set()
         wait_for(lambda: node.bp.stats()["outages"] == 1, 10, "the outage")
         sharing(node, timeout=10)
+        # The state turns UP before the "sharing again" line is logged (both under the
+        # backplane's lock, on a worker): a test thread that sees sharing can be ahead
+        # of the record.
+        wait_for(lambda: [r for r in caplog.records if "sharing again" in r.getMessage()],
+                 10, "the 'sharing again' line")
         lines = [rec.getMessage() for rec in caplog.records]
         assert not [ln for ln in lines if "unreachable" in ln], lines
         lost = [ln for ln in lines if "lost the subscriber connection" in ln]
