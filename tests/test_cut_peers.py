@@ -1,5 +1,6 @@
 """Peers that go away at the worst moment (attack round, session 9): what the user reads
 in OnDisconnected and the log must name what failed, and the server goes on."""
+import logging
 import socket
 import struct
 import threading
@@ -131,3 +132,42 @@ def test_a_misconfigured_websocket_class_logs_its_traceback_once(backend, caplog
     assert [r.exc_info is not None for r in refusals] == [True, False, False, False]
     assert st["accepts"] == 4 and st["sessions"]["total"] == 0, st
     assert st["refused"].get("bad_session_class") == 4, st["refused"]
+
+
+def _handshake_lines(caplog, reason):
+    return [r for r in caplog.records if r.name == "iocpnet" and reason in r.getMessage()]
+
+
+@pytest.mark.parametrize("how", ["half-hello-reset", "hello-reset-before-reply",
+                                 "reset-without-a-byte"])
+def test_a_handshake_cut_by_an_io_error_is_logged_once(backend, pki, caplog_iocpnet, how):
+    # A handshake ended by a reset (seen by the receive) or by the failed send of our
+    # flight set 'TLS handshake failed: ...' as the reason but wrote no log line, while
+    # a FIN or a bad record did: an operator grepping the log saw nothing.  One line,
+    # at WARNING once the peer sent something, INFO for a bare connect-and-reset.
+    events = Events()
+    srv = Server(echo_session(events), backend, workers=0, ssl=server_context(pki)).start()
+    try:
+        bad = connect(srv.address)
+        hello = client_hello()
+        if how == "half-hello-reset":
+            bad.sendall(hello[:len(hello) // 2])
+            for _ in range(4):           # the server reads the half (nothing to answer)
+                srv.core.Dispatch(20)
+        elif how == "hello-reset-before-reply":
+            bad.sendall(hello)           # read and answered after the reset below
+        reset(bad)
+        for _ in range(200):
+            if events.of("disconnected"):
+                break
+            srv.core.Dispatch(50)
+        (reason,), = events.of("disconnected")
+        assert reason.startswith("TLS handshake failed: "), reason
+        srv.threads.append(_dispatching(srv))
+        assert_good_client_works(srv.address, pki)
+    finally:
+        srv.stop()
+    lines = _handshake_lines(caplog_iocpnet, reason)
+    assert len(lines) == 1, [r.getMessage() for r in caplog_iocpnet.records]
+    want = logging.INFO if how == "reset-without-a-byte" else logging.WARNING
+    assert lines[0].levelno == want, lines[0]

@@ -324,6 +324,14 @@ cdef class _Tls:
         self.timer = None
         if timer is not None:
             (<Timer>timer).Cancel()
+        if self.state == T_HANDSHAKE and str(s._reason).startswith("TLS handshake failed"):
+            # A reset or a failed send cut the handshake (_io_reason named it): logged
+            # here, outside the mutex a failed send-now holds, as _fail logs the others.
+            self.state = T_CLOSED
+            if self.fed:
+                logger.warning("%s: %s", repr(s), s._reason)
+            else:
+                logger.info("%s: %s", repr(s), s._reason)
         if not self.server_side and self.version is None and \
                 s._hooks.on_connect_failed is not None and \
                 str(s._reason).startswith("TLS handshake failed"):
