@@ -1,9 +1,11 @@
 """Peers that go away at the worst moment (attack round, session 9): what the user reads
 in OnDisconnected and the log must name what failed, and the server goes on."""
+import gc
 import logging
 import socket
 import struct
 import threading
+import weakref
 
 import pytest
 
@@ -171,3 +173,42 @@ def test_a_handshake_cut_by_an_io_error_is_logged_once(backend, pki, caplog_iocp
     assert len(lines) == 1, [r.getMessage() for r in caplog_iocpnet.records]
     want = logging.INFO if how == "reset-without-a-byte" else logging.WARNING
     assert lines[0].levelno == want, lines[0]
+
+
+def test_a_refused_websocket_class_is_not_kept_by_the_listener(backend):
+    # The listener remembers which refused classes had their traceback logged: held
+    # strongly, a factory (or a plugin reload) making a new class per connection kept
+    # every class, and all it references, for the listener's lifetime.
+    made = []
+
+    def factory():
+        class Bad(iocpnet.Session):
+            max_message_size = 0
+        made.append(weakref.ref(Bad))
+        return Bad()
+
+    core = iocpnet.IocpCore(backend)
+    listener = iocpnet.Listener(("127.0.0.1", 0), websocket=True)
+    service = iocpnet.Service(core, listener, factory, 1)
+    service.Start()
+    worker = threading.Thread(target=lambda: [None for _ in iter(
+        lambda: core.Dispatch() >= 0, False)])
+    worker.start()
+    try:
+        for _ in range(3):
+            try:
+                with connect(listener.address, timeout=5) as c:
+                    assert c.recv(16) == b""
+            except ConnectionResetError:
+                pass
+        wait_for(lambda: service.stats()["refused"].get("bad_session_class") == 3, 10,
+                 "3 refusals")
+        gc.collect()
+        # The last class made sits in the slot re-posted after the third refusal.
+        alive = [r for r in made[:3] if r() is not None]
+        assert not alive, f"{len(alive)} of 3 refused classes still alive: {alive}"
+    finally:
+        service.Stop(5)
+        core.Close(5)
+        worker.join(5)
+        del core, listener, service

@@ -68,7 +68,9 @@ cdef class Listener(IocpObject):
     cdef int64_t _burst_start_ms
     cdef int64_t _burst_logged_ms
     cdef readonly bint websocket  # sessions accepted here speak WebSocket (websocket.pxi)
-    cdef set _ws_refused          # classes refused with a traceback logged (once each)
+    # Classes refused with a traceback logged (once each); weak: a factory may make a
+    # class per connection, and a refused class serves nothing after.
+    cdef object _ws_refused
 
     def __init__(self, address, *, int backlog=1024, bint reuse_port=False,
                  bint ipv6_only=False, ssl=None, bint websocket=False):
@@ -93,7 +95,7 @@ cdef class Listener(IocpObject):
         self._backoff_lock = threading.Lock()
         self.ssl = _tls_context(ssl)
         self._unfed = []
-        self._ws_refused = set()
+        self._ws_refused = _weakref.WeakSet()
 
     def __cinit__(self, *args, **kwargs):
         self._ops = NULL

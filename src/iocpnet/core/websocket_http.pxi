@@ -397,7 +397,7 @@ cdef bint _ws_client_response(Session s, _WebSocket ws, bytes head) except? -1:
     return True
 
 
-cdef int _ws_accepting(Session s, set told) noexcept:
+cdef int _ws_accepting(Session s, object told) noexcept:
     """A session accepted on a websocket Listener: make it a WebSocket server session.
     -1 (logged) if its class's settings are wrong: the connection is then refused.
     Each refusal is one line that says why; the traceback comes with the first of each
