@@ -856,3 +856,34 @@ def test_none_is_off_where_zero_is_and_a_negative_flush_timeout_is_refused():
     with pytest.raises(TypeError, match=r"Forever\.flush_timeout must be a number"):
         type("Forever", (iocpnet.Session,), {"flush_timeout": None})()
 
+
+
+async def _async_hook(self, *args):
+    self.Send(b"never sent")
+
+
+async def _async_gen_hook(self, *args):
+    yield
+
+
+def _gen_hook(self, *args):
+    self.Send(b"never sent")
+    yield
+
+
+@pytest.mark.parametrize("hook", ["OnConnected", "OnRecv", "OnSend", "OnDisconnected",
+                                  "OnRecvPacket", "OnMessage", "OnTaskDone"])
+@pytest.mark.parametrize("body, kind", [(_async_hook, "an async def"),
+                                        (_async_gen_hook, "an async generator"),
+                                        (_gen_hook, "a generator")])
+def test_a_hook_written_as_a_coroutine_or_generator_is_refused(hook, body, kind):
+    """``async def OnConnected(self): self.Send(b"welcome")`` (an asyncio habit): the hook
+    returned a coroutine nobody awaited, so its body never ran: no welcome, only a
+    RuntimeWarning at garbage collection.  OnRecv as a coroutine disconnected the client
+    with "'coroutine' object cannot be interpreted as an integer".  A generator's body
+    never ran either.  The class is refused when its first session is made, naming the
+    hook and the way out."""
+    base = iocpnet.WebSocketSession if hook == "OnMessage" else iocpnet.Session
+    cls = type("Eager", (base,), {hook: body})
+    with pytest.raises(TypeError, match=rf"Eager\.{hook} is {kind}: .*Spawn"):
+        cls()

@@ -31,6 +31,7 @@ from libc.string cimport memcpy, memmove
 from iocpnet._port cimport *
 
 import errno as _errno
+import inspect as _inspect
 import numbers as _numbers
 import operator as _operator
 import logging

@@ -119,6 +119,34 @@ cdef object _class_count(type cls, str name, default):
     return v
 
 
+# Every hook the library calls and uses the return value of, or runs for its effect.
+_HOOK_NAMES = ("OnConnected", "OnRecv", "OnSend", "OnDisconnected", "OnConnectFailed",
+               "OnRecvPacket", "OnSendQueue", "OnTaskDone", "OnMessage", "OnUpgrade",
+               "OnUnknownPacket")
+
+
+cdef _refuse_deferred_hooks(type cls):
+    """A hook written as ``async def`` (an asyncio habit) or as a generator returns an
+    object nobody runs: its body never ran (a welcome never sent, a login never checked)
+    and the only trace was a RuntimeWarning at garbage collection."""
+    for name in _HOOK_NAMES:
+        f = getattr(cls, name, None)
+        if f is None:
+            continue
+        if _inspect.iscoroutinefunction(f):
+            kind = "an async def"
+        elif _inspect.isasyncgenfunction(f):
+            kind = "an async generator"
+        elif _inspect.isgeneratorfunction(f):
+            kind = "a generator"
+        else:
+            continue
+        raise TypeError(f"{cls.__name__}.{name} is {kind}: hooks are called on a worker "
+                        f"thread and must do their work before they return (nothing "
+                        f"would run its body); write a plain def and hand what must be "
+                        f"awaited to self.Spawn(awaitable, callback)")
+
+
 cdef _Hooks _hooks_for(type cls):
     cdef _Hooks h
     o = getattr(cls, "_iocpnet_hooks", None)
@@ -128,6 +156,7 @@ cdef _Hooks _hooks_for(type cls):
     o = _hooks_static.get(cls)
     if o is not None:
         return <_Hooks>o
+    _refuse_deferred_hooks(cls)
     h = _Hooks.__new__(_Hooks)
     h.owner = <Py_ssize_t><PyObject *>cls
     h.on_connected = _overridden(cls, "OnConnected", Session)
