@@ -11,10 +11,11 @@ Several servers, one set of rooms (through Redis):
     (or the same --port with --reuse-port in each, as `python -m iocpnet echo
     --processes N` does for the echo server)
 
-Clients take a nick, join and leave rooms (64 at once at most), say things in them,
-and ask for the room list or who is in a room.  The protocol (packet ids and payloads)
-is defined and documented in one module, ``iocpnet.chat_protocol``, shared by this
-server, the client and ``python -m iocpnet dummy-client --protocol chat``.
+Clients take a nick, join and leave rooms (64 at once at most), say things in them (5
+a second, 20 at once: --say-rate), and ask for the room list or who is in a room.  The
+protocol (packet ids and payloads) is defined and documented in one module,
+``iocpnet.chat_protocol``, shared by this server, the client and
+``python -m iocpnet dummy-client --protocol chat``.
 
 What to look at:
 
@@ -42,6 +43,7 @@ import itertools
 import logging
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Dict, Iterable, Optional, Sequence, Set
 
@@ -56,6 +58,15 @@ handler = iocpnet.PacketHandler()
 # subscription when shared) that one client joining made-up names would make without end.
 MAX_ROOMS_PER_SESSION = 64
 
+# What one client may say: each SAY goes to every member of the room, so a client saying
+# 300 things at once made 300 deliveries per member, and the members that read slowly
+# were the ones cut (by their send queue limit).  A token bucket per client: SAY_BURST
+# at once, then SAY_RATE a second (--say-rate; 0: no limit, for load tests).  A SAY over
+# it is refused with an error and still costs a token; a client that ignores a whole
+# burst of refusals is disconnected.
+SAY_RATE = 5.0
+SAY_BURST = 20
+
 # The browser client, served on the --web-port listener.
 PAGE = (Path(__file__).resolve().parent / "chat_page.html").read_bytes()
 
@@ -69,7 +80,8 @@ class ChatServer:
     WHO lists the members of all of them.
     """
 
-    def __init__(self, backplane: Optional[iocpnet.RedisBackplane] = None) -> None:
+    def __init__(self, backplane: Optional[iocpnet.RedisBackplane] = None, *,
+                 say_rate: float = SAY_RATE, say_burst: int = SAY_BURST) -> None:
         # Guards `rooms` and `nicks`.  Held around joins, leaves and nick changes (a
         # room is made and closed under it); saying something takes no lock at all:
         # Group.Broadcast keeps each room's order by itself.
@@ -81,6 +93,8 @@ class ChatServer:
         # With Redis, nicks are unique per server only: guests get this server's tag,
         # so that two servers never hand out the same guest name.
         self._tag = f"-{backplane.server_id[:4]}" if backplane is not None else ""
+        self.say_rate = say_rate
+        self.say_burst = say_burst
 
     def session_factory(self) -> ChatSession:
         return ChatSession(self)
@@ -180,6 +194,8 @@ class ChatServer:
         return None
 
     def say(self, session: ChatSession, name: str, message: str) -> Optional[str]:
+        if self.say_rate > 0 and not self._say_allowed(session):
+            return None
         room = self.rooms.get(name)
         if room is None or name not in session.rooms:
             return f"you are not in {name}"
@@ -187,6 +203,28 @@ class ChatServer:
             return f"message too long (at most {proto.MAX_TEXT_BYTES} bytes)"
         room.Broadcast(proto.said(name, session.nick, message))    # built once
         return None
+
+    def _say_allowed(self, session: ChatSession) -> bool:
+        """Take a token from the session's bucket (on its strand: no lock).  A SAY
+        over the limit is answered with an error; one a burst past that, the client
+        is cut."""
+        now = time.monotonic()
+        burst = self.say_burst
+        tokens = min(float(burst), session.say_tokens + (now - session.say_stamp) *
+                     self.say_rate)
+        session.say_stamp = now
+        session.say_tokens = tokens - 1.0
+        if tokens >= 1.0:
+            return True
+        if tokens - 1.0 <= -burst:
+            why = (f"flooding: {burst} messages refused in a row (at most "
+                   f"{self.say_rate:g} a second, {burst} at once)")
+            log.warning("%s disconnected: %s", session.nick, why)
+            session.Disconnect(why)
+        else:
+            session.Send(proto.error(f"too fast: at most {self.say_rate:g} messages a "
+                                     f"second ({burst} at once); message dropped"))
+        return False
 
     def room_list(self) -> bytes:
         """The rooms with members on this server (and how many here)."""
@@ -221,6 +259,8 @@ class ChatSession(iocpnet.PacketSession):
         self.server = server
         self.nick = ""
         self.rooms: Set[str] = set()
+        self.say_tokens = float(server.say_burst)     # ChatServer._say_allowed
+        self.say_stamp = time.monotonic()
 
     def OnUpgrade(self, request: iocpnet.WebSocketRequest) -> Optional[iocpnet.HttpResponse]:
         """The --web-port listener: an upgrade (the page uses /ws) is the chat over
@@ -309,6 +349,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "(redis://[[user]:password@]host:port/db, or rediss://)")
     p.add_argument("--reuse-port", action="store_true",
                    help="SO_REUSEPORT: several server processes share --port")
+    p.add_argument("--say-rate", type=float, default=SAY_RATE,
+                   help=f"messages a second one client may say, {SAY_BURST} at once "
+                        f"(default {SAY_RATE:g}; 0: no limit, as a load test needs)")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
@@ -317,7 +360,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     backplane = None
     if args.redis:
         backplane = iocpnet.RedisBackplane(core, args.redis)
-    server = ChatServer(backplane)
+    server = ChatServer(backplane, say_rate=args.say_rate)
     listener = iocpnet.Listener((args.host, args.port), reuse_port=args.reuse_port)
     service = iocpnet.Service(core, listener, server.session_factory, 100,
                               max_sessions=args.max_sessions)

@@ -23,3 +23,42 @@ def test_one_client_cannot_make_rooms_without_end(chat):
         read_packets(a, 1)                                  # left room-0
         assert [p[0] for p in read_packets(a, 2)] == [proto.S_JOINED, proto.S_WHO]
     wait_for(lambda: chat.service.session_count == 0, message="the session to end")
+
+
+def test_a_client_flooding_a_room_is_slowed_then_cut(chat):
+    # Each SAY is sent to every member of the room: one client saying 300 things at
+    # once made 300 deliveries per member (x the room's size in all), and members that
+    # read slowly were the ones cut, by their send queue limit.  Past a burst a SAY is
+    # refused with an error; a client that keeps on regardless is disconnected.
+    mod = load_example("chat_server")
+    burst = getattr(mod, "SAY_BURST", 20)
+    (a, nick_a), (b, _) = chat_connect(chat), chat_connect(chat)
+    with a, b:
+        a.sendall(proto.join("lobby"))
+        read_packets(a, 2)
+        b.sendall(proto.join("lobby"))
+        read_packets(b, 2)
+        read_packets(a, 1)                                  # b joined
+        a.sendall(b"".join(proto.say("lobby", f"spam {k}") for k in range(300)))
+        # a is cut: its socket ends (the server may reset it, with our sends unread).
+        got = []
+        try:
+            while True:
+                got += read_packets(a, 1)
+        except (ConnectionError, AssertionError, EOFError, OSError):
+            pass
+        errors = [p for i, p in got if i == proto.S_ERROR]
+        assert errors and b"too fast" in errors[0], got[-3:]
+        said = sum(i == proto.S_SAID for i, _ in got)
+        assert said <= burst + 1, f"{said} of 300 said (burst {burst})"
+        b.sendall(proto.say("lobby", "still here"))
+        heard = []
+        while not heard or heard[-1] != "still here":
+            (pid, payload), = read_packets(b, 1)
+            if pid == proto.S_SAID:
+                r = proto.Reader(payload)
+                r.str8()
+                r.str8()
+                heard.append(r.text())
+        assert len(heard) <= burst + 2, len(heard)           # the burst, then b's own
+    wait_for(lambda: chat.service.session_count == 0, message="the sessions to end")

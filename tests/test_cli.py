@@ -76,7 +76,7 @@ def test_dummy_client_against_an_echo_server(server, backend):
 
 
 def test_dummy_client_against_the_chat_server(server, backend):
-    state = load_example("chat_server").ChatServer()
+    state = load_example("chat_server").ChatServer(say_rate=0)
     srv = server(state.session_factory, accepts=32)
     rc, out = dummy_client(backend, srv.port, "--protocol", "chat", "--clients", 12,
                            "--room-size", 4, "--seconds", 1.5, "--interval", 0.5)

@@ -81,11 +81,9 @@ def test_chat_example_three_clients_see_each_other_in_order(backend):
 
 # ---- the chat server's rules, in-process ----
 
-@pytest.fixture
-def chat(server):
-    """A running chat server (``.address``, ``.service``)."""
+def _running_chat(server, **kw):
     mod = load_example("chat_server")
-    state = mod.ChatServer()
+    state = mod.ChatServer(**kw)
     srv = server(state.session_factory)
     view = types.SimpleNamespace(address=srv.address, service=srv.service)
     del srv, state
@@ -93,6 +91,18 @@ def chat(server):
     # pytest keeps fixture values until after the leak check: let go of the service
     # (and through it the core).
     view.service = None
+
+
+@pytest.fixture
+def chat(server):
+    """A running chat server (``.address``, ``.service``)."""
+    yield from _running_chat(server)
+
+
+@pytest.fixture
+def chat_unlimited(server):
+    """The same with no limit on what a client says (a test saying faster than people)."""
+    yield from _running_chat(server, say_rate=0)
 
 
 def chat_connect(srv):
@@ -162,11 +172,11 @@ def test_chat_server_drops_a_client_that_breaks_the_protocol(chat, caplog_iocpne
     assert any("unknown packet id 999" in r.getMessage() for r in caplog_iocpnet.records)
 
 
-def test_chat_room_order_is_the_same_for_every_member(chat):
+def test_chat_room_order_is_the_same_for_every_member(chat_unlimited):
     """Four members talk at once from four sockets: each member hears the room's
     messages in one and the same order (broadcast under the room's lock), and each
     sender's messages in the order it sent them."""
-    members = [chat_connect(chat) for _ in range(4)]
+    members = [chat_connect(chat_unlimited) for _ in range(4)]
     try:
         for i, (c, _) in enumerate(members):
             c.sendall(proto.join("race"))

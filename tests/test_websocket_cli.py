@@ -49,7 +49,7 @@ def test_echo_websocket_command(backend):
 def test_dummy_client_websocket_chat_against_a_websocket_listener(backend):
     """The chat server's own PacketSession on a websocket Listener: the chat load
     client, unchanged, sends its packets in binary messages."""
-    state = load_example("chat_server").ChatServer()
+    state = load_example("chat_server").ChatServer(say_rate=0)
     core = iocpnet.IocpCore(backend)
     svc = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0), websocket=True),
                           state.session_factory, 32)

@@ -362,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seconds", type=float, default=5.0)
     c.add_argument("--size", type=int, default=64, help="message size in bytes")
     c.add_argument("--protocol", choices=PROTOCOLS, default="echo",
-                   help="echo: any echo server; chat: examples/chat_server.py; "
+                   help="echo: any echo server; chat: examples/chat_server.py "
+                        "(with --say-rate 0: it limits what a client says); "
                         "game: examples/game_server.py")
     c.add_argument("--room-size", type=int, default=10,
                    help="chat and game: clients per room")
