@@ -887,3 +887,76 @@ def test_a_hook_written_as_a_coroutine_or_generator_is_refused(hook, body, kind)
     cls = type("Eager", (base,), {hook: body})
     with pytest.raises(TypeError, match=rf"Eager\.{hook} is {kind}: .*Spawn"):
         cls()
+
+
+async def _async_job(ran):
+    ran.append("ran")
+
+
+def _gen_job(ran):
+    ran.append("ran")
+    yield
+
+
+@pytest.mark.parametrize("call", ["Post", "CallLater", "CallEvery", "Spawn"])
+@pytest.mark.parametrize("body, kind", [(_async_job, "a coroutine"),
+                                        (_gen_job, "a generator")])
+def test_a_session_job_written_as_a_coroutine_fails_as_a_job_that_raised(
+        server, call, body, kind):
+    """``self.Post(self.save_async)``: the hooks are refused as ``async def``
+    (caf144f), but a job or timer callback that is one returned a coroutine nobody
+    awaited, so its body never ran, in silence (a RuntimeWarning at collection at
+    most); so did a Spawn callback.  It fails as a job that raised does: the session is
+    disconnected with the reason, which names the job and Spawn."""
+    ran = []
+    ended = []
+    done = threading.Event()
+
+    class Poster(iocpnet.Session):
+        def OnConnected(self):
+            if call == "Post":
+                self.Post(body, ran)
+            elif call == "CallLater":
+                self.CallLater(0.01, body, ran)
+            elif call == "CallEvery":
+                self.CallEvery(0.01, body, ran)
+            else:
+                self.Spawn(asyncio.sleep(0), body)       # body(task): the callback
+
+        def OnDisconnected(self, reason):
+            ended.append(reason)
+            done.set()
+
+    srv = server(Poster)
+    c = connect(srv.address)
+    try:
+        assert done.wait(5), f"the session was not disconnected; bodies run: {ran}"
+    finally:
+        c.close()
+    assert ran == []
+    assert ended[0].startswith("exception in "), ended
+    assert f"{body.__name__} returned {kind}" in ended[0] and "Spawn" in ended[0], ended
+
+
+@pytest.mark.parametrize("call", ["Post", "CallLater"])
+def test_a_core_job_written_as_a_coroutine_is_logged(backend, caplog_iocpnet, call):
+    """The same on the core: IocpCore.Post(async_fn) is logged as a failed job, naming it
+    and Spawn, instead of dropping its coroutine in silence."""
+    ran = []
+    core = iocpnet.IocpCore(backend)
+    try:
+        if call == "Post":
+            core.Post(_async_job, ran)
+        else:
+            core.CallLater(0.0, _async_job, ran)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not any(
+                "_async_job returned a coroutine" in r.getMessage() + str(r.exc_info)
+                for r in caplog_iocpnet.records):
+            core.Dispatch(50)
+    finally:
+        core.Close(5)
+    assert ran == []
+    msgs = [r.getMessage() + " " + str(r.exc_info and r.exc_info[1])
+            for r in caplog_iocpnet.records if r.levelno >= logging.ERROR]
+    assert any("_async_job returned a coroutine" in m and "Spawn" in m for m in msgs), msgs

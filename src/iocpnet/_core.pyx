@@ -42,6 +42,8 @@ import warnings
 import time as _time
 import sys as _sys
 import traceback as _traceback
+from types import (AsyncGeneratorType as _AsyncGeneratorType, CoroutineType as _CoroutineType,
+                   GeneratorType as _GeneratorType)
 import weakref as _weakref
 
 logger = logging.getLogger("iocpnet")

@@ -24,7 +24,9 @@ cdef class _Job(IocpObject):
         if self.core._drops_job(func):
             return
         try:
-            func(*args)
+            r = func(*args)
+            if r is not None:
+                _check_ran(func, r)       # strand.pxi: an async def's body never ran
         except BaseException:
             logger.exception("job %s raised", repr(func))
 
@@ -128,10 +130,12 @@ cdef class Timer(IocpObject):
                 func = self.func
                 args = self.args
             try:
-                func(*args)
+                r = func(*args)
+                if r is not None:
+                    _check_ran(func, r)
             except BaseException as e:
                 _callback_failed(self._owner, "timer callback", func, e)
-            func = args = None
+            func = args = r = None
             if self.interval > 0 and not port_atomic_load32(&self._cancelled) and \
                     not _owner_ended(self._owner) and \
                     (self._internal or not self.core._closing) and not self.core._closed:
