@@ -120,16 +120,16 @@ cdef object _class_count(type cls, str name, default):
 
 
 # Every hook the library calls and uses the return value of, or runs for its effect.
-_HOOK_NAMES = ("OnConnected", "OnRecv", "OnSend", "OnDisconnected", "OnConnectFailed",
-               "OnRecvPacket", "OnSendQueue", "OnTaskDone", "OnMessage", "OnUpgrade",
-               "OnUnknownPacket")
+_DEFERRABLE_HOOKS = ("OnConnected", "OnRecv", "OnSend", "OnDisconnected", "OnConnectFailed",
+                     "OnRecvPacket", "OnSendQueue", "OnTaskDone", "OnMessage", "OnUpgrade",
+                     "OnUnknownPacket")
 
 
 cdef _refuse_deferred_hooks(type cls):
     """A hook written as ``async def`` (an asyncio habit) or as a generator returns an
     object nobody runs: its body never ran (a welcome never sent, a login never checked)
     and the only trace was a RuntimeWarning at garbage collection."""
-    for name in _HOOK_NAMES:
+    for name in _DEFERRABLE_HOOKS:
         f = getattr(cls, name, None)
         if f is None:
             continue
