@@ -165,7 +165,9 @@ void port_get_stats(port_t *p, port_stats_t *out) {
     out->in_flight = (int64_t)(out->submitted - out->completed);
     out->waits = (uint64_t)port_atomic_load64(&p->waits);
     out->recv_buffers = (uint64_t)port_atomic_load64(&p->recv_buffers);
-    out->recv_buffers_out = (uint64_t)port_atomic_load64(&p->recv_buffers_out);
+    out->recv_buffers_out = p->vt->buffers_out != NULL
+                                ? p->vt->buffers_out(p)
+                                : (uint64_t)port_atomic_load64(&p->recv_buffers_out);
     out->recv_buffers_detached = (uint64_t)port_atomic_load64(&p->recv_buffers_detached);
     out->recv_waiting = (uint64_t)port_atomic_load64(&p->recv_waiting);
 }
@@ -213,7 +215,8 @@ int port_recv(port_t *p, port_op_t *op, port_sock_t sock) {
 }
 void port_recv_release(port_t *p, const port_cqe_t *cqe) {
     if (cqe->flags & PORT_CQE_BUFFER) {
-        port_atomic_add64(&p->recv_buffers_out, -1);
+        if (p->vt->buffers_out == NULL)
+            port_atomic_add64(&p->recv_buffers_out, -1);
         p->vt->recv_release(p, cqe->buf_id, NULL);
     }
 }
@@ -224,7 +227,8 @@ int port_recv_detach(port_t *p, const port_cqe_t *cqe) {
     fresh = port__buf_alloc(p->opts.recv_buffer_size);
     if (fresh == NULL)
         return PORT_ENOMEM;
-    port_atomic_add64(&p->recv_buffers_out, -1);
+    if (p->vt->buffers_out == NULL)
+        port_atomic_add64(&p->recv_buffers_out, -1);
     port_atomic_add64(&p->recv_buffers_detached, 1);
     p->vt->recv_release(p, cqe->buf_id, fresh);
     return 0;

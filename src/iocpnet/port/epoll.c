@@ -851,6 +851,7 @@ const port_vtable_t port__epoll_vtable = {
     ep_accept_peer,
     NULL,   /* stop_listener: a cancel finds a parked accept at once */
     NULL,   /* work_waiting: no cheap look without a system call */
+    NULL,   /* buffers_out: counted */
 };
 #endif /* __linux__ */
 

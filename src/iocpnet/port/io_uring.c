@@ -545,8 +545,7 @@ static int handle_cqe(uring_port_t *p, port_cqe_t *out, int n, uint64_t ud, int3
             c.buf_id = flags >> IORING_CQE_BUFFER_SHIFT;
             c.buf = LOAD_ACQ(&p->buf_addr[c.buf_id]);
             c.flags |= PORT_CQE_BUFFER;
-            port_atomic_add32(&p->br_free, -1);
-            port_atomic_add64(&p->base.recv_buffers_out, 1);
+            port_atomic_add32(&p->br_free, -1);     /* (recv_buffers_out: see its stats) */
         }
         if (res == -ENOBUFS && !LOAD_ACQ(&op->cancel_requested)) {
             port__uring_recv_out_of_buffers(p, op);
@@ -1427,5 +1426,6 @@ const port_vtable_t port__io_uring_vtable = {
     uring_accept_peer,
     uring_stop_listener,
     uring_work_waiting,
+    port__uring_buffers_out,
 };
 #endif /* __linux__ */

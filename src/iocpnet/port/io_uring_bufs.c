@@ -71,6 +71,21 @@ unsigned port__uring_br_grow(uring_port_t *p, unsigned count) {
     return made;
 }
 
+/* recv_buffers_out, without an atomic add per buffer lent and given back: every buffer
+ * made is in the ring (br_free) or lent out.  br_free drops when a reaped completion
+ * took a buffer and rises when it comes back (a kept block's replacement included), so
+ * the difference is the buffers lent out, exactly; read under br_lock, which every
+ * change to either count but the reap's decrement holds. */
+uint64_t port__uring_buffers_out(port_t *bp) {
+    uring_port_t *p = (uring_port_t *)bp;
+    int64_t made, free_now;
+    port_spin_lock(&p->br_lock);
+    made = port_atomic_load64(&p->base.recv_buffers);
+    free_now = port_atomic_load32(&p->br_free);
+    port_spin_unlock(&p->br_lock);
+    return made > free_now ? (uint64_t)(made - free_now) : 0;
+}
+
 /* The oldest waiter, if a buffer is free for it (under br_lock); the caller re-arms it. */
 static port_op_t *waiter_wake(uring_port_t *p) {
     port_bufwait_t *w = port__bufwaitq_wake(&p->waiters, port_atomic_load32(&p->br_free));

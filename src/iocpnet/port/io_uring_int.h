@@ -252,6 +252,7 @@ void port__uring_waiter_submit(uring_port_t *p, int reaping);
 /* Make up to `count` more buffers (under br_lock, or before the port is shared). */
 unsigned port__uring_br_grow(uring_port_t *p, unsigned count);
 void port__uring_recv_release(port_t *bp, uint32_t bid, char *fresh);
+uint64_t port__uring_buffers_out(port_t *bp);
 /* A receive woken for a buffer completed without ENOBUFS (called while reaping). */
 void port__uring_recv_woken_done(uring_port_t *p, port_op_t *op);
 /* The kernel ran out of buffers for op's receive (called while reaping). */

@@ -795,5 +795,6 @@ const port_vtable_t port__iocp_vtable = {
     NULL,   /* accept_peer */
     NULL,   /* stop_listener: CancelIoEx names its overlapped */
     NULL,   /* work_waiting */
+    NULL,   /* buffers_out: counted */
 };
 #endif /* _WIN32 */

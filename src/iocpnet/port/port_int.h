@@ -73,6 +73,10 @@ typedef struct port_vtable {
     int (*stop_listener)(port_t *p, port_sock_t s);
     /* Optional (NULL: port_work_waiting says 0). */
     int (*work_waiting)(port_t *p);
+    /* Optional (NULL: recv_buffers_out is counted, an atomic add per buffer lent and
+     * per buffer given back): the buffers lent out, worked out from what the backend
+     * counts anyway. */
+    uint64_t (*buffers_out)(port_t *p);
 } port_vtable_t;
 
 #ifndef _WIN32
