@@ -4,6 +4,7 @@ that the test starts (scripts/test.sh installs it; the `redis` package is in the
 extra)."""
 import asyncio
 import os
+import re
 import threading
 import time
 
@@ -11,6 +12,7 @@ import pytest
 
 import iocpnet
 from conftest import connect, recv_exactly, wait_for
+from subproc import Proc
 from test_groups import InHook
 
 redis_asyncio = pytest.importorskip("redis.asyncio") if not os.environ.get("CI") else \
@@ -351,3 +353,39 @@ def test_system_exit_in_a_task_is_its_outcome_and_the_loop_goes_on(backend, exc)
         th.join()
         core.Close()
     assert iocpnet.debug_counters()["tasks"] == 0
+
+
+_STUBBORN_TASK = """
+import asyncio, logging, sys, threading, time
+import iocpnet
+
+logging.basicConfig(level=logging.WARNING)
+started = threading.Event()
+
+async def stubborn():
+    started.set()
+    while True:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            pass                  # a clean-up that never ends: the cancellation ignored
+
+core = iocpnet.IocpCore(sys.argv[1])
+core.Spawn(stubborn())
+assert started.wait(10)
+t = time.monotonic()
+core.Close(0.5)
+print(f"Close(0.5) returned after {time.monotonic() - t:.2f} s", flush=True)
+"""
+
+
+def test_close_returns_within_its_timeout_when_a_task_ignores_its_cancellation(backend):
+    # Close(timeout) (and so Run's shutdown_timeout and a RunHandle's Stop(timeout))
+    # waited for the tasks of the asyncio loop their own 5 s, whatever the timeout
+    # said: "within shutdown_timeout whatever a hook does" did not hold for a task.
+    # (A child process: the abandoned task is left behind, as documented.)
+    with Proc.python("-c", _STUBBORN_TASK, backend) as p:
+        assert p.wait(30) == 0, p.output
+    took = float(re.search(r"returned after ([\d.]+) s", p.output).group(1))
+    assert took < 2.5, p.output
+    assert "did not end within 0.5 s" in p.output, p.output

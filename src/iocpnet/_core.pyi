@@ -152,7 +152,8 @@ class IocpCore:
         """
 
     def Close(self, timeout: float = 5.0) -> None:
-        """Stop: disconnect the services using this core, cancel timers, wait (up to
+        """Stop: disconnect the services using this core, cancel timers and the tasks of
+        ``Spawn`` (waited for within ``timeout``), wait (up to the same
         ``timeout`` seconds) for every operation in flight to complete and be
         dispatched (the sessions' ``OnDisconnected`` included), then wake every thread
         in ``Dispatch`` (they return -1) and wait, within the same ``timeout``, for

@@ -390,7 +390,8 @@ cdef class IocpCore:
         self.Close()
 
     def Close(self, double timeout=5.0):
-        """Stop: disconnect the services using this core, cancel timers, wait (up to
+        """Stop: disconnect the services using this core, cancel timers and the tasks of
+        ``Spawn`` (waited for within ``timeout``), wait (up to the same
         ``timeout`` seconds) for every operation in flight to complete and be
         dispatched (the sessions' ``OnDisconnected`` included), then wake every thread
         in ``Dispatch`` (they return -1) and wait, within the same ``timeout``, for
@@ -426,12 +427,22 @@ cdef class IocpCore:
                 first = True
             callbacks = list(self._close_callbacks)
             timers = list(self._timers)
+            runner = self._aio
+        deadline = _time.monotonic() + timeout
         if first:
             for cb in callbacks:
                 try:
                     cb()
                 except Exception:
                     logger.exception("a close callback raised")
+            if runner is not None:
+                # Its tasks cancelled and waited for within this Close's timeout, not
+                # the runner's own 5 s (a task ignoring its cancellation held Run's
+                # shutdown_timeout of 0.5 s to 5 s).
+                try:
+                    runner.close(max(0.0, deadline - _time.monotonic()))
+                except Exception:
+                    logger.exception("closing the asyncio loop thread failed")
             for t in timers:
                 # The user's timers stop; the core's own (the flush deadline sweep) go
                 # on, so that sessions still flushing are closed at their deadline.
@@ -439,7 +450,6 @@ cdef class IocpCore:
                     (<Timer>t).Cancel()
         if in_worker:
             return
-        deadline = _time.monotonic() + timeout
         # While a Close waits here, it is the one to shut the port: a worker ending its
         # batch (_maybe_shutdown) could not see another that had just reaped.
         port_atomic_add32(&self._closers, 1)

@@ -478,8 +478,7 @@ cdef object _runner_of(IocpCore core):
         r = core._aio
         if r is None:
             r = _aio().Runner()
+            # Read by Close under this lock with _closing set: closed whenever Close
+            # comes, within its timeout.
             core._aio = r
-            # Close's callbacks are read under this lock with _closing set: this one
-            # runs (first among the later ones) whenever Close comes.
-            core._close_callbacks.append(r.close)
     return r
