@@ -965,6 +965,7 @@ typedef struct echo_srv {
     port_t *P;
     port_sock_t s;
     port_op_t rv, sd, cl;
+    port_buf_t b;             /* the send's buffer: port_send reads it until its completion */
     char *out;
     size_t len, cap, sent, asked;
     int sending, eof, closing, closed;
@@ -973,13 +974,12 @@ typedef struct echo_srv {
 } echo_srv_t;
 
 static void echo_kick(echo_srv_t *e) {
-    port_buf_t b;
     if (e->sending || e->sent == e->len)
         return;
-    b.base = e->out + e->sent;
-    b.len = e->len - e->sent;
-    e->asked = b.len;
-    if (port_send(e->P, &e->sd, e->s, &b, 1) == 0)
+    e->b.base = e->out + e->sent;
+    e->b.len = e->len - e->sent;
+    e->asked = e->b.len;
+    if (port_send(e->P, &e->sd, e->s, &e->b, 1) == 0)
         e->sending = 1;
     else
         CHECKF(0, "echo: port_send refused");
