@@ -24,8 +24,13 @@
  * flags on kernels that lack them.
  *
  * usage: c_uring_echo PORT     (listens on 127.0.0.1:PORT, prints READY)
+ *
+ * py_floor.c includes this file with C_URING_ECHO_RING defined: the ring, the buffers and
+ * the submission helpers, not the echo (CONN_EXTRA: fields it adds to a connection).
  */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <arpa/inet.h>
 #include <errno.h>
 #include <linux/io_uring.h>
@@ -58,6 +63,9 @@ struct conn {
     uint8_t recv_armed, send_busy, closing, wants_rearm;
     uint16_t q_head, q_tail; /* buffers waiting to be echoed (bids), in order */
     struct conn *rearm_next;
+#ifdef CONN_EXTRA
+    CONN_EXTRA
+#endif
 } __attribute__((aligned(8)));
 
 static struct {
@@ -235,6 +243,30 @@ static void arm_recv(struct conn *c)
     c->recv_armed = 1;
 }
 
+/* Out of buffers: armed again once some have come back (after the pass). */
+static void wait_for_buffers(struct conn *c)
+{
+    if (!c->wants_rearm) {
+        c->wants_rearm = 1;
+        c->rearm_next = rearm_list;
+        rearm_list = c;
+    }
+}
+
+/* The listening socket on 127.0.0.1:port, or -1. */
+static int listen_loopback(int port)
+{
+    int one = 1;
+    listen_fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    setsockopt(listen_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+    if (bind(listen_fd, (struct sockaddr *)&a, sizeof a) < 0 || listen(listen_fd, 1024) < 0)
+        return -1;
+    return listen_fd;
+}
+
+#ifndef C_URING_ECHO_RING
 static void send_head(struct conn *c)
 {
     uint16_t bid = c->q_head;
@@ -334,12 +366,7 @@ static void handle_cqe(uint64_t ud, int res, unsigned flags)
         return;
     }
     if (res == -ENOBUFS && !c->closing) {
-        /* out of buffers: armed again when some have come back */
-        if (!c->wants_rearm) {
-            c->wants_rearm = 1;
-            c->rearm_next = rearm_list;
-            rearm_list = c;
-        }
+        wait_for_buffers(c);
         return;
     }
     /* 0 = orderly close, <0 = reset: echo what is queued is pointless */
@@ -358,12 +385,7 @@ int main(int argc, char **argv)
         rl.rlim_cur = rl.rlim_max;
         setrlimit(RLIMIT_NOFILE, &rl);
     }
-    listen_fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    int one = 1;
-    setsockopt(listen_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)atoi(argv[1]))};
-    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
-    if (bind(listen_fd, (struct sockaddr *)&a, sizeof a) < 0 || listen(listen_fd, 1024) < 0) {
+    if (listen_loopback(atoi(argv[1])) < 0) {
         perror("bind/listen");
         return 1;
     }
@@ -412,3 +434,4 @@ int main(int argc, char **argv)
         }
     }
 }
+#endif /* C_URING_ECHO_RING */
