@@ -50,7 +50,9 @@
 #define SQ_ENTRIES 4096
 #define CQ_ENTRIES 16384
 #define BGID 1
+#ifndef NBUF
 #define NBUF 512u /* power of two; 512 x 16 KiB = 8 MiB, touched as used */
+#endif
 #define BUFSZ (16u * 1024u)
 #define NO_BUF 0xffffu
 

@@ -19,6 +19,11 @@
 /* c_uring_echo's ring, buffers and submission helpers, its connections carrying the
  * Python session and its OnRecv */
 #define C_URING_ECHO_RING
+/* As many buffers as iocpnet's ring holds in the 100-connection cells (it grows by one per
+ * receive that finds it empty: ~100, one per connection of a burst), not c_uring_echo's 512:
+ * the kernel hands them out in ring order, so all of them circulate, and 512 make every
+ * receive's copy colder (c_uring_echo pays for that in the kernel; a library need not). */
+#define NBUF 128u
 #define CONN_EXTRA PyObject *sess, *on_recv;
 #include "c_uring_echo.c"
 
