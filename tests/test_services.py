@@ -845,3 +845,38 @@ def test_session_count_reaches_zero_only_after_on_disconnected(server):
     c.close()
     wait_for(lambda: srv.service.session_count == 0, message="the session to end")
     assert saved, "session_count was 0 while OnDisconnected still ran"
+
+
+_CALLS = {
+    "Start": lambda svc: svc.Start(),
+    "Run": lambda svc: svc.Run(seconds=0.1),
+    "Stop": lambda svc: svc.Stop(0.1),
+    "stats": lambda svc: svc.stats(),
+    "Broadcast": lambda svc: svc.Broadcast(b"x"),
+    "sessions": lambda svc: svc.sessions,
+    "session_count": lambda svc: svc.session_count,
+    "CreateSession": lambda svc: svc.CreateSession(),
+    "Connect": lambda svc: svc.Connect(),
+}
+
+
+@pytest.mark.parametrize("base, call", [
+    (base, call) for base in (iocpnet.Service, iocpnet.ClientService) for call in _CALLS
+    if call != "Connect" or base is iocpnet.ClientService])
+def test_a_service_subclass_that_forgot_super_init_says_so(backend, base, call):
+    # A subclass whose __init__ forgot super().__init__(...) failed far from the cause:
+    # Start said "this service has no Listener", stats() "AttributeError: __exit__",
+    # Stop "object of type 'NoneType' has no len()" (after an "Exception ignored"), and
+    # so did its repr.  Each now names the missing call; the repr still works.
+    class GameService(base):
+        def __init__(self, core):
+            self.rooms = {}
+
+    core = iocpnet.IocpCore(backend)
+    try:
+        svc = GameService(core)
+        assert "GameService" in repr(svc)
+        with pytest.raises(RuntimeError, match=r"GameService\.__init__ was not called"):
+            _CALLS[call](svc)
+    finally:
+        core.Close(1)

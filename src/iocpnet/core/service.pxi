@@ -211,6 +211,8 @@ cdef class Service:
         self._shutdown_reason = "server shutdown"
 
     def __repr__(self):
+        if self._sessions is None:
+            return f"<{type(self).__name__} (__init__ not called)>"
         return (f"<{type(self).__name__} {self.listener!r} sessions={len(self._sessions)} "
                 f"backend={self.core.backend}>")
 
@@ -225,15 +227,18 @@ cdef class Service:
     @property
     def session_count(self):
         """Live sessions (connected, or closing and not yet disconnected)."""
+        self._check_init()
         return len(self._sessions)
 
     @property
     def sessions(self):
         """A snapshot of the live sessions."""
+        self._check_init()
         with self._lock:
             return list(self._sessions)
 
     def CreateSession(self):
+        self._check_init()
         return self._new_session()
 
     cdef Session _new_session(self):
@@ -305,7 +310,17 @@ cdef class Service:
         finally:
             self._lock_release()
 
+    cdef int _check_init(self) except -1:
+        """A subclass whose __init__ forgot super().__init__(...) has nothing set up:
+        said here, not as a None met deep inside (Start's "no Listener", stats()'s
+        "__exit__", a len() of None)."""
+        if self._sessions is None:
+            raise RuntimeError(f"{type(self).__name__}.__init__ was not called (a "
+                               f"subclass's __init__ must call super().__init__(...))")
+        return 0
+
     cdef int _check_startable(self) except -1:
+        self._check_init()
         if self._stopping:
             raise RuntimeError("this service was stopped, and a stopped service cannot "
                                "start again: make a new one")
@@ -392,6 +407,7 @@ cdef class Service:
         wait.  Under ``Run`` it also makes ``Run`` return."""
         if timeout != timeout:
             raise ValueError("timeout must be a number of seconds, not NaN")
+        self._check_init()
         self._begin_stop(self._shutdown_reason)
         if iocpnet_get_tls_core() == <void *>self.core:
             return
@@ -430,6 +446,7 @@ cdef class Service:
 
     def stats(self):
         """The service's figures as a dict (see the README's Metrics section)."""
+        self._check_init()
         return _service_stats(self)
 
     def ServeMetrics(self, int port=0, str host="127.0.0.1", *, name=None,
@@ -448,6 +465,7 @@ cdef class Service:
     def Broadcast(self, data, sessions=None):
         """Send the same bytes to every live session (or to ``sessions``), queued by
         reference: the packet is built once.  Returns how many sessions took it."""
+        self._check_init()
         data = _bytes_arg(data, "Broadcast", "data")
         targets = self.sessions if sessions is None else sessions
         n = 0
@@ -468,6 +486,7 @@ cdef class Service:
         take turns at the GIL and hand the port back and forth), one per core up to 8
         on free-threaded Python (hooks then run in parallel).  Hooks that block need
         more workers than that."""
+        self._check_init()
         _run_service(self, workers, seconds=seconds, shutdown_timeout=shutdown_timeout)
 
     def _run_ended(self):
@@ -595,6 +614,7 @@ cdef class ClientService(Service):
         returns the session (connecting).  A factory that takes one argument is given
         the session's index: 0 to count-1 for the first ones, the next numbers after;
         a reconnect keeps the index of the session it replaces."""
+        self._check_init()
         return self._connect(session, -1)
 
     cdef Session _connect(self, object session, int index):
