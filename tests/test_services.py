@@ -281,11 +281,14 @@ def test_reconnect_honours_max_attempts(client_core, recorder, caplog_iocpnet):
         reconnect=iocpnet.Reconnect(initial=0.01, max_delay=0.02, max_attempts=3))
     clients.Start()
     recorder.wait_disconnects(3)
+    # The service counts a failure, and gives up, once its OnDisconnected has returned
+    # (on the worker): the line comes last.
+    wait_for(lambda: any("giving up" in r.getMessage() for r in caplog_iocpnet.records),
+             10, "the policy giving up")
     time.sleep(0.3)                 # several retry delays: no fourth attempt comes
     assert clients.connect_failures == 3
     assert count(recorder, "connect failed") == 3
     assert clients.session_count == 0
-    assert any("giving up" in r.getMessage() for r in caplog_iocpnet.records)
     clients.Stop()
 
 
@@ -767,7 +770,8 @@ def test_ipv6_connect_refused(client_core, recorder):
     clients.Start()
     recorder.wait_disconnects(1)
     assert "connection refused" in recorder.disconnected[0][1]
-    assert clients.connect_failures == 1
+    # Counted once OnDisconnected has returned, on the worker.
+    wait_for(lambda: clients.connect_failures == 1, 10, "the failure counted")
     clients.Stop()
 
 
