@@ -683,10 +683,33 @@ def test_receive_buffers_follow_the_data_in_flight(server):
             c.close()
 
 
+class _Received:
+    """Bytes a hook appends on a worker while the test's thread reads them: a lock
+    between the two.  On 3.13t a bytearray read by another thread (bytes(b) exports
+    it for the copy) makes an extend at that moment raise BufferError: the hook
+    raised, its session ended and the bytes after never came (3.13t CI)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._b = bytearray()
+
+    def extend(self, data):
+        with self._lock:
+            self._b.extend(data)
+
+    def __bytes__(self):
+        with self._lock:
+            return bytes(self._b)
+
+    def __len__(self):
+        with self._lock:
+            return len(self._b)
+
+
 def _hook_that_blocks_first():
     """A Session class whose first OnRecv sets `blocked` and waits for `gate` (20 s at
     most); every OnRecv's bytes are appended to `got`."""
-    gate, blocked, got = threading.Event(), threading.Event(), bytearray()
+    gate, blocked, got = threading.Event(), threading.Event(), _Received()
 
     class Slow(iocpnet.Session):
         def OnRecv(self, data):
