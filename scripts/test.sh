@@ -27,7 +27,9 @@
 # CPU): "wheel" (steps 4, 5, 6), "sanitize" (7) and "freethreaded" (8a, 8; it starts right
 # after step 2, from its own directory so that its venv and hypothesis database are apart
 # from step 5's).  Each lane writes its own log, printed whole when it ends; a failing
-# lane does not stop the others; each suite is spread over IOCPNET_TEST_WORKERS
+# lane does not stop the others, and the end of its log (pytest's short summary) is
+# printed again once every lane has ended, just above the table, so that the end of the
+# output says what failed; each suite is spread over IOCPNET_TEST_WORKERS
 # pytest-xdist processes (default 2; 0: pytest's own process), whole modules to a worker,
 # and gets the pytest args.  A test that switches io_uring off for the whole machine would
 # break the other lanes' io_uring tests, so the lanes leave the machine_state tests out
@@ -139,6 +141,22 @@ wait_lanes() {            # print each lane's log as it ends; note the failures
             "$work/lane-$name.log" >&2
         cat "$work/lane-$name.log" >&2
         [ $rc = 0 ] || failed+=("$name")
+    done
+}
+lane_ends() {             # again, the end of each failed lane's log: what CI shows last
+    local name log
+    for name in "$@"; do
+        case $name in 9*) continue ;; esac         # step 9 printed its own just above
+        log="$work/lane-$name.log"
+        printf '\n######## lane %s FAILED: the end of its log (all of it above, and in %s)\n' \
+            "$name" "$log" >&2
+        # pytest's short summary (the failures and errors, a line each), else the last
+        # lines; long lines cut, so that every lane's end fits what CI shows.
+        if grep -q '=* short test summary info =*' "$log"; then
+            sed -n '/=* short test summary info =*/,$p' "$log"
+        else
+            cat "$log"
+        fi | tail -n 40 | cut -c 1-400 >&2
     done
 }
 kill_tree() {             # a process and everything it started (pytest, servers...)
@@ -316,6 +334,7 @@ if [ -n "$parallel" ] && ! skipped machine_state; then
     machine_state_step
 fi
 
+[ ${#failed[@]} -eq 0 ] || lane_ends "${failed[@]}"
 summary
 if [ ${#failed[@]} -gt 0 ]; then
     printf '\nFAILED: %s\n' "${failed[*]}" >&2
