@@ -861,6 +861,7 @@ _CALLS = {
     "session_count": lambda svc: svc.session_count,
     "CreateSession": lambda svc: svc.CreateSession(),
     "Connect": lambda svc: svc.Connect(),
+    "ServeMetrics": lambda svc: svc.ServeMetrics(),
 }
 
 

@@ -455,6 +455,7 @@ cdef class Service:
         the server (``.port``, ``.Close()``), closed by ``Stop()``.  After ``Stop()``:
         RuntimeError.  ``request_timeout`` and ``max_connections`` go to
         ``MetricsServer`` (None: its defaults, 10 s and 32)."""
+        self._check_init()
         options = {}
         if request_timeout is not None:
             options["request_timeout"] = request_timeout
