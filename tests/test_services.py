@@ -730,6 +730,41 @@ def test_idle_timeout_closes_a_silent_client_only(server, recorder):
     assert srv.service.idle_disconnects == 1
 
 
+
+def test_a_slow_hook_is_not_the_peer_being_idle(server, recorder):
+    # A hook that blocks longer than idle_timeout (a slow lookup) had the session cut
+    # "idle timeout: nothing received for 0.5 s" while its peer sent a byte every
+    # 0.1 s: the clock ran on the server's own time in the hook, whose peer's bytes
+    # wait behind it on the strand.  Idle time is counted outside the session's hooks.
+    slow_once = threading.Event()
+
+    class Slow(Echo):
+        idle_timeout = 0.5
+
+        def OnRecv(self, data):
+            if not slow_once.is_set():
+                slow_once.set()
+                time.sleep(1.5)
+            self.Send(data)
+
+        def OnDisconnected(self, reason):
+            recorder.on_disconnected(self, reason)
+
+    srv = server(Slow)
+    with connect(srv.address) as c:
+        for _ in range(25):                   # 2.5 s, a byte each 0.1 s
+            try:
+                c.sendall(b"x")
+            except OSError as e:
+                raise AssertionError(f"cut while talking ({e}): "
+                                     f"{recorder.disconnected}") from None
+            time.sleep(0.1)
+        assert recv_exactly(c, 25) == b"x" * 25
+        assert not recorder.disconnected, recorder.disconnected
+    recorder.wait_disconnects(1)
+    assert recorder.disconnected[0][1] == "peer closed the connection", recorder.disconnected
+    assert srv.service.idle_disconnects == 0
+
 # ---- IPv6 ----
 
 needs_ipv6 = pytest.mark.skipif(not has_ipv6_loopback(),

@@ -148,6 +148,7 @@ cdef class Service:
     cdef readonly bint _stopping
     cdef object _close_cb
     cdef object _idle_timer
+    cdef dict _idle_busy              # session -> when the idle sweep last saw it in a hook
     cdef str _shutdown_reason         # what Stop() tells the sessions
     cdef bint _force                  # Run's second signal: stop at once
     cdef Py_ssize_t _admitting        # accepted, admitted, not yet in _sessions
@@ -289,17 +290,35 @@ cdef class Service:
             self._idle_timer = t
 
     def _sweep_idle(self):
-        """Disconnect sessions that received nothing for their idle_timeout."""
+        """Disconnect sessions that received nothing for their idle_timeout.  Time spent
+        in the session's own hooks is ours, not the peer's: what it sent meanwhile
+        waits behind the hook on its strand (a hook blocking 1.5 s had a peer talking
+        every 0.1 s cut "nothing received for 0.5 s").  A session seen in a hook is
+        counted idle from the last sweep that saw it there (this sweep's own record:
+        no field, no cost on the receive path)."""
         cdef Session s
-        cdef int64_t now = port_monotonic_ms()
+        cdef int64_t now = port_monotonic_ms(), since
         cdef double idle
+        busy = self._idle_busy
+        seen = None
         for s in self.sessions:
             idle = s._hooks.idle_timeout
-            if idle > 0 and s._state == S_CONNECTED and \
-                    now - s._last_recv_ms >= <int64_t>(idle * 1000):
+            if idle <= 0 or s._state != S_CONNECTED:
+                continue
+            since = s._last_recv_ms
+            if port_atomic_load32(&s._hook) != H_NONE:
+                since = now
+            elif busy is not None:
+                since = max(since, <int64_t>busy.get(s, since))
+            if since > s._last_recv_ms:
+                if seen is None:
+                    seen = {}
+                seen[s] = since
+            if now - since >= <int64_t>(idle * 1000):
                 if _begin_disconnect(s, f"idle timeout: nothing received for {idle:g} s",
                                        True):
                     self.idle_disconnects += 1
+        self._idle_busy = seen
 
     cdef void _session_done(self, Session s) noexcept:
         cdef int kind = _session_disconnect_kind(self, s)     # not under the lock: why there
