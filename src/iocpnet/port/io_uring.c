@@ -516,9 +516,19 @@ static int resubmit_orphan(uring_port_t *p, port_op_t *op) {
     return 1;
 }
 
+/* The buffers this reap pass's completions took, subtracted from br_free once per pass
+ * rather than with a locked subtract per completion (br_free may run ahead of the ring
+ * anyway: io_uring_bufs.c); applied before anything in the pass reads br_free. */
+static void br_taken_flush(uring_port_t *p, int32_t *taken) {
+    if (*taken != 0) {
+        port_atomic_add32(&p->br_free, -*taken);
+        *taken = 0;
+    }
+}
+
 /* Turn one CQE into at most one port completion; returns the new batch size. */
 static int handle_cqe(uring_port_t *p, port_cqe_t *out, int n, uint64_t ud, int32_t res,
-                      uint32_t flags) {
+                      uint32_t flags, int32_t *taken) {
     port_cqe_t c;
     int before;
     port_op_t *op = (port_op_t *)(uintptr_t)(ud & ~(uint64_t)UD_TAG_MASK);
@@ -530,8 +540,10 @@ static int handle_cqe(uring_port_t *p, port_cqe_t *out, int n, uint64_t ud, int3
 
     if (ud & UD_TAG_IMM) {
         c.res = OP_PRIV(op)->imm_res;
-        if (op->type == PORT_OP_RECV && port__bufwait_woken(&OP_PRIV(op)->u.rv.bufwait))
+        if (op->type == PORT_OP_RECV && port__bufwait_woken(&OP_PRIV(op)->u.rv.bufwait)) {
+            br_taken_flush(p, taken);
             port__uring_recv_woken_done(p, op);   /* cancelled before it took its buffer */
+        }
         goto final;
     }
 
@@ -545,14 +557,17 @@ static int handle_cqe(uring_port_t *p, port_cqe_t *out, int n, uint64_t ud, int3
             c.buf_id = flags >> IORING_CQE_BUFFER_SHIFT;
             c.buf = LOAD_ACQ(&p->buf_addr[c.buf_id]);
             c.flags |= PORT_CQE_BUFFER;
-            port_atomic_add32(&p->br_free, -1);     /* (recv_buffers_out: see its stats) */
+            (*taken)++;     /* br_free, at the pass's end (recv_buffers_out: its stats) */
         }
         if (res == -ENOBUFS && !LOAD_ACQ(&op->cancel_requested)) {
+            br_taken_flush(p, taken);
             port__uring_recv_out_of_buffers(p, op);
             return n;
         }
-        if (port__bufwait_woken(&OP_PRIV(op)->u.rv.bufwait))
+        if (port__bufwait_woken(&OP_PRIV(op)->u.rv.bufwait)) {
+            br_taken_flush(p, taken);
             port__uring_recv_woken_done(p, op);
+        }
         if (res > 0) {
             c.res = res;
             /* Did this read leave the socket empty?  The kernel says so with
@@ -639,6 +654,7 @@ final:
 static int reap(uring_port_t *p, port_cqe_t *out, int max) {
     unsigned head, tail;
     int n = 0;
+    int32_t taken = 0;
     if (LOAD_ACQ(p->cq_ktail) == LOAD_ACQ(p->cq_khead))
         return 0;
     port_spin_lock(&p->cq_lock);
@@ -664,8 +680,9 @@ static int reap(uring_port_t *p, port_cqe_t *out, int max) {
                 port__uring_arm_doorbell(p);     /* ended (its submitter exited, say): re-arm */
             continue;
         }
-        n = handle_cqe(p, out, n, ud, res, flags);
+        n = handle_cqe(p, out, n, ud, res, flags, &taken);
     }
+    br_taken_flush(p, &taken);
     STORE_REL(p->cq_khead, head);
     port_spin_unlock(&p->cq_lock);
     return n;

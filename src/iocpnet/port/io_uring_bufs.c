@@ -25,8 +25,9 @@
  * SQE and one ENOBUFS completion per waiter per release, and the newest would win;
  * waking an idle connection would strand the buffer).  So recv_waiting counts receives
  * with data waiting.  br_free counts the buffers in the ring that no
- * reaped completion has taken yet, and is what the queue compares its woken waiters
- * with.  A woken receive that completes without taking a buffer (cancelled, the peer
+ * reaped completion has taken yet (a reap pass subtracts what its completions took once,
+ * at its end, or before it reads br_free itself), and is what the queue compares its
+ * woken waiters with.  A woken receive that completes without taking a buffer (cancelled, the peer
  * closed) passes the wake on; one that lost its buffer to another receive goes back to
  * the head of the queue.  br_free may run ahead of the ring for as long as a completion
  * that took a buffer is not reaped, which at worst re-arms a receive that then waits
@@ -72,10 +73,10 @@ unsigned port__uring_br_grow(uring_port_t *p, unsigned count) {
 }
 
 /* recv_buffers_out, without an atomic add per buffer lent and given back: every buffer
- * made is in the ring (br_free) or lent out.  br_free drops when a reaped completion
- * took a buffer and rises when it comes back (a kept block's replacement included), so
- * the difference is the buffers lent out, exactly; read under br_lock, which every
- * change to either count but the reap's decrement holds. */
+ * made is in the ring (br_free) or lent out.  br_free drops by the buffers a reap pass's
+ * completions took and rises when one comes back (a kept block's replacement included),
+ * so the difference is the buffers lent out, exactly once no pass is under way; read
+ * under br_lock, which every change to either count but the reap's decrement holds. */
 uint64_t port__uring_buffers_out(port_t *bp) {
     uring_port_t *p = (uring_port_t *)bp;
     int64_t made, free_now;
