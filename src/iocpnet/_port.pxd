@@ -19,6 +19,7 @@ cdef extern from "port/port.h" nogil:
         PORT_EUNAVAIL
         PORT_EINTR
         PORT_ECONNABORTED
+        PORT_EOPNOTSUPP
 
     const char *port_strerror(int err)
     const char *port_errname(int err)
@@ -101,12 +102,14 @@ cdef extern from "port/port.h" nogil:
     int port_strand_yield(port_t *p, port_strand_t *s, const port_cqe_t *c)
     bint port_strand_wakeup(const port_cqe_t *c)
     void port_strand_init(port_strand_t *s, void *owner)
+    int port_strand_claim(port_strand_t *s)
     void port_strand_discard(port_t *p, port_strand_t *s)
     void port_get_stats(port_t *p, port_stats_t *out)
     uint32_t port_recv_buffer_size(const port_t *p)
 
     void port_op_init(port_op_t *op, port_op_type type, void *owner, port_strand_t *strand)
     int port_accept(port_t *p, port_op_t *op, port_sock_t listener)
+    int port_accept_multishot(port_t *p, port_op_t *op, port_sock_t listener)
     int port_connect(port_t *p, port_op_t *op, const port_addr_t *addr)
     int port_recv(port_t *p, port_op_t *op, port_sock_t sock)
     void port_recv_release(port_t *p, const port_cqe_t *cqe)

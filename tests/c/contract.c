@@ -658,6 +658,19 @@ static unsigned char pattern(size_t msg, size_t j) {
 /* Cases                                                                                  */
 /* ====================================================================================== */
 
+/* The end of an accept case: the clients, the sockets accepted for them, the listener. */
+static void close_accepted(port_t *P, port_sock_t *cli, port_sock_t *srv, int n,
+                           port_sock_t ls) {
+    int i;
+    for (i = 0; i < n; i++) {
+        plain_close(cli[i]);
+        if (srv[i] != PORT_INVALID_SOCK)
+            port_sock_close(P, srv[i], 0);
+    }
+    if (ls != PORT_INVALID_SOCK)
+        port_sock_close(P, ls, 0);
+}
+
 /* Several accepts posted up front (as the Listener does), each completing with its own
  * socket; the op record is reusable after its completion. */
 static void case_accept_several(void) {
@@ -756,13 +769,7 @@ static void case_accept_several(void) {
     }
     expect_quiet(&w, 20, "after accepts");
 done:
-    for (i = 0; i <= N; i++) {
-        plain_close(cli[i]);
-        if (srv[i] != PORT_INVALID_SOCK)
-            port_sock_close(P, srv[i], 0);
-    }
-    if (ls != PORT_INVALID_SOCK)
-        port_sock_close(P, ls, 0);
+    close_accepted(P, cli, srv, N + 1, ls);
     end_port(P);
 }
 
@@ -799,6 +806,152 @@ static void case_cancel_accepts(void) {
 done:
     if (ls != PORT_INVALID_SOCK)
         port_sock_close(P, ls, 0);
+    end_port(P);
+}
+
+/* port_accept_multishot: one operation accepts every connection, each completion with
+ * PORT_CQE_MORE while it stays armed, and port_stop_accepts ends it with one final
+ * PORT_ECANCELED.  No address comes with it: port_peername gives it, also for a peer
+ * that reset before its connection was looked at.  A backend without it says
+ * PORT_EOPNOTSUPP and submits nothing (the caller posts port_accept instead); an op
+ * with a strand is refused everywhere (its completions go to several threads). */
+static void case_accept_multishot(void) {
+    enum { N = 4 };
+    port_t *P = new_port();
+    waiter_t w;
+    port_addr_t a, bound;
+    port_sock_t ls = PORT_INVALID_SOCK, cli[N + 1], srv[N + 1];
+    port_op_t m;
+    port_strand_t st;
+    port_cqe_t c;
+    int i, j, rc;
+    for (i = 0; i <= N; i++)
+        cli[i] = srv[i] = PORT_INVALID_SOCK;
+    REQUIRE(P != NULL);
+    waiter_init(&w, P);
+    REQUIRE(loopback(&a) == 0 && port_listen(P, &a, 16, 0, &ls) == 0 &&
+            port_sockname(ls, &bound) == 0);
+    port_strand_init(&st, NULL);
+    port_op_init(&m, PORT_OP_ACCEPT, &m, &st);
+    CHECK_EQ(port_accept_multishot(P, &m, ls), PORT_EINVAL);
+    CHECK(!m.in_flight);
+    port_op_init(&m, PORT_OP_ACCEPT, &m, NULL);
+    rc = port_accept_multishot(P, &m, ls);
+    if (strcmp(port_backend(P), "io_uring") != 0) {
+        CHECKF(rc == PORT_EOPNOTSUPP, "%s: port_accept_multishot %s", port_backend(P),
+               port_errname(rc));
+    } else {
+        CHECKF(rc == 0 || rc == PORT_EOPNOTSUPP, "port_accept_multishot %s",
+               port_errname(rc));
+    }
+    if (rc != 0) {
+        CHECK(!m.in_flight);
+        expect_quiet(&w, 20, "a multishot accept the backend does not have");
+        goto done;
+    }
+    CHECK(m.in_flight);
+    CHECK_EQ(port_accept_multishot(P, &m, ls), PORT_EINVAL);   /* armed already */
+    for (i = 0; i < N; i++) {
+        cli[i] = plain_connect(&bound);
+        CHECK(cli[i] != PORT_INVALID_SOCK);
+    }
+    for (i = 0; i < N; i++) {
+        port_addr_t peer, ap;
+        if (!expect_cqe(&w, &m, &c, 5000, "a multishot accept's connection"))
+            goto done;
+        CHECKF(c.res >= 0, "accept res %lld %s", (long long)c.res, port_errname((int)c.res));
+        CHECK(c.flags & PORT_CQE_MORE);
+        CHECK(m.in_flight);
+        if (c.res < 0)
+            continue;
+        srv[i] = (port_sock_t)c.res;
+        CHECK_EQ(port_accept_peer(P, &m, &ap), PORT_EOPNOTSUPP);
+        CHECK_EQ(port_peername(srv[i], &peer), 0);
+        for (j = 0; j < N; j++) {       /* one of the clients */
+            port_addr_t cl;
+            if (cli[j] != PORT_INVALID_SOCK && port_sockname(cli[j], &cl) == 0 &&
+                    addr_port(&cl) == addr_port(&peer))
+                break;
+        }
+        CHECKF(j < N, "accepted socket %d has no client (peer port %d)", i,
+               addr_port(&peer));
+    }
+    /* A peer gone before its connection is looked at: its address is still known. */
+    cli[N] = plain_connect(&bound);
+    CHECK(cli[N] != PORT_INVALID_SOCK);
+    if (expect_cqe(&w, &m, &c, 5000, "the connection of a peer that resets")) {
+        port_addr_t cl;
+        CHECK(c.flags & PORT_CQE_MORE);
+        CHECK(c.res >= 0);
+        if (c.res >= 0) {
+            srv[N] = (port_sock_t)c.res;
+            CHECK_EQ(port_sockname(cli[N], &cl), 0);
+            plain_reset_close(cli[N]);
+            cli[N] = PORT_INVALID_SOCK;
+            sleep_ms(50);
+#ifndef _WIN32
+            {
+                port_addr_t peer;
+                CHECK_EQ(port_peername(srv[N], &peer), 0);
+                CHECK_EQ(addr_port(&peer), addr_port(&cl));
+            }
+#endif
+        }
+    }
+    expect_quiet(&w, 20, "an armed multishot accept with no connection");
+    CHECK_EQ(port_stop_accepts(P, &m, 1, ls), 0);
+    if (expect_cqe(&w, &m, &c, 5000, "the stopped multishot accept")) {
+        CHECKF(c.res == PORT_ECANCELED, "res %lld %s", (long long)c.res,
+               port_errname((int)c.res));
+        CHECK(!(c.flags & PORT_CQE_MORE));
+        CHECK(!m.in_flight);
+    }
+    expect_quiet(&w, 50, "after the stopped multishot accept");
+done:
+    close_accepted(P, cli, srv, N + 1, ls);
+    end_port(P);
+}
+
+/* port_strand_claim: a strand held without a completion of its own (a multishot
+ * accept's new session): what completes on it meanwhile waits for the claimer's
+ * port_strand_next, in order; a strand held or with a queue cannot be claimed. */
+static void case_strand_claim(void) {
+    enum { N = 3 };
+    port_t *P = new_port();
+    waiter_t w;
+    port_strand_t st;
+    port_op_t post[N];
+    port_cqe_t c;
+    int i;
+    REQUIRE(P != NULL);
+    waiter_init(&w, P);
+    port_strand_init(&st, &st);
+    CHECK_EQ(port_strand_claim(&st), 0);
+    CHECK_EQ(port_strand_claim(&st), PORT_EBUSY);
+    for (i = 0; i < N; i++) {
+        port_op_init(&post[i], PORT_OP_POST, &post[i], &st);
+        CHECK_EQ(port_post(P, &post[i], i), 0);
+    }
+    expect_quiet(&w, 50, "posts to a claimed strand");
+    for (i = 0; i < N; i++) {
+        CHECKF(port_strand_next(P, &st, &c) == 1, "queued post %d", i);
+        CHECK(c.op == &post[i] && c.res == i);
+    }
+    CHECK_EQ(port_strand_next(P, &st, &c), 0);     /* released */
+    CHECK(port__strand_idle(&st));
+    /* Free again: claimed and released with nothing queued. */
+    CHECK_EQ(port_strand_claim(&st), 0);
+    CHECK_EQ(port_strand_next(P, &st, &c), 0);
+    CHECK(port__strand_idle(&st));
+    /* A free strand's completion is handed out by port_wait, which holds it: no claim. */
+    CHECK_EQ(port_post(P, &post[0], 7), 0);
+    if (expect_cqe(&w, &post[0], &c, 5000, "a post to a free strand")) {
+        CHECK_EQ(port_strand_claim(&st), PORT_EBUSY);
+        CHECK_EQ(port_strand_next(P, &st, &c), 0);
+    }
+    CHECK(port__strand_idle(&st));
+    port_strand_discard(P, &st);
+done:
     end_port(P);
 }
 
@@ -3456,6 +3609,8 @@ done:
 static const test_case_t cases[] = {
     {"accept_several", case_accept_several},
     {"cancel_accepts", case_cancel_accepts},
+    {"accept_multishot", case_accept_multishot},
+    {"strand_claim", case_strand_claim},
     {"connect", case_connect},
     {"echo_1B_to_4MiB", case_echo},
     {"gather_send_order", case_gather_send},

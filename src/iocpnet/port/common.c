@@ -197,6 +197,12 @@ int port_accept(port_t *p, port_op_t *op, port_sock_t listener) {
     int rc = check_op(p, op, PORT_OP_ACCEPT);
     return rc ? rc : p->vt->accept(p, op, listener);
 }
+int port_accept_multishot(port_t *p, port_op_t *op, port_sock_t listener) {
+    int rc = check_op(p, op, PORT_OP_ACCEPT);
+    if (rc == 0 && (p->vt->accept_multishot == NULL || op->strand != NULL))
+        rc = op->strand != NULL ? PORT_EINVAL : PORT_EOPNOTSUPP;
+    return rc ? rc : p->vt->accept_multishot(p, op, listener);
+}
 int port_accept_peer(port_t *p, const port_op_t *op, port_addr_t *out) {
     if (op == NULL || op->type != PORT_OP_ACCEPT || op->in_flight ||
         p->vt->accept_peer == NULL)

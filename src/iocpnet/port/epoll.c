@@ -852,6 +852,8 @@ const port_vtable_t port__epoll_vtable = {
     NULL,   /* stop_listener: a cancel finds a parked accept at once */
     NULL,   /* work_waiting: no cheap look without a system call */
     NULL,   /* buffers_out: counted */
+    NULL,   /* accept_multishot: each parked accept completes once (the Listener posts
+             * one per slot) */
 };
 #endif /* __linux__ */
 

@@ -369,15 +369,22 @@ static void prep_accept(uring_port_t *p, struct io_uring_sqe *sqe, port_op_t *op
     port__peer_t *pa = &OP_PRIV(op)->u.acc.peer;
     memset(&pa->sa, 0, sizeof(pa->sa));   /* defined for memcheck, which cannot see the
                                            * kernel write it */
-    pa->len = sizeof(pa->sa);
     sqe->opcode = IORING_OP_ACCEPT;
     sqe->fd = op->sock;
-    sqe->addr = (uint64_t)(uintptr_t)&pa->sa;
-    sqe->addr2 = (uint64_t)(uintptr_t)&pa->len;
+    if (OP_PRIV(op)->u.acc.multishot) {
+        /* One address field for every connection of the arming, each overwriting the
+         * last before we read it: none asked for (port_accept_peer says so). */
+        pa->len = 0;
+        sqe->ioprio = IORING_ACCEPT_MULTISHOT;
+    } else {
+        pa->len = sizeof(pa->sa);
+        sqe->addr = (uint64_t)(uintptr_t)&pa->sa;
+        sqe->addr2 = (uint64_t)(uintptr_t)&pa->len;
+    }
     sqe->accept_flags = SOCK_NONBLOCK | SOCK_CLOEXEC;
     OP_PRIV(op)->u.acc.poll_first = LOAD_ACQ(&p->accept_pf) != 0;
     if (OP_PRIV(op)->u.acc.poll_first)
-        sqe->ioprio = IORING_ACCEPT_POLL_FIRST;
+        sqe->ioprio |= IORING_ACCEPT_POLL_FIRST;
     sqe->user_data = (uint64_t)(uintptr_t)op;
 }
 
@@ -620,6 +627,12 @@ static int handle_cqe(uring_port_t *p, port_cqe_t *out, int n, uint64_t ud, int3
         }
         if (res >= 0 && LOAD_ACQ(&p->accept_pf) < 0)
             port_atomic_store32(&p->accept_pf, 1);
+        if (flags & IORING_CQE_F_MORE) {
+            /* A multishot arming's connection; it stays armed. */
+            c.res = res >= 0 ? res : port_err_from_os(-res);
+            c.flags |= PORT_CQE_MORE;
+            return port__deliver(&p->base, out, out, n, &c);
+        }
         /* An accept of a listener stopped by port_stop_accepts fails (EINVAL). */
         c.res = res >= 0 ? res : LOAD_ACQ(&op->cancel_requested) ? PORT_ECANCELED
                                                                    : port_err_from_os(-res);
@@ -1148,10 +1161,11 @@ static int64_t uring_send_now(port_t *bp, port_sock_t sock, const port_buf_t *bu
 
 /* ---- operations ----------------------------------------------------------------------- */
 
-static int uring_accept(port_t *bp, port_op_t *op, port_sock_t listener) {
+static int submit_accept(port_t *bp, port_op_t *op, port_sock_t listener, int multishot) {
     uring_port_t *p = (uring_port_t *)bp;
     struct io_uring_sqe *sqe;
     op->sock = listener;
+    OP_PRIV(op)->u.acc.multishot = (uint32_t)multishot;
     port__submitted(bp, op);
     port_spin_lock(&p->sq_lock);
     sqe = sqe_get(p);
@@ -1160,6 +1174,20 @@ static int uring_accept(port_t *bp, port_op_t *op, port_sock_t listener) {
     port_spin_unlock(&p->sq_lock);
     after_submit(p);
     return 0;
+}
+
+static int uring_accept(port_t *bp, port_op_t *op, port_sock_t listener) {
+    return submit_accept(bp, op, listener, 0);
+}
+
+/* One arming accepts every connection until it ends (an error, a cancel, or the kernel
+ * unable to post a completion): an accept posted again per connection armed a poll on
+ * the listener and tore it down each time (a connect storm: two poll arms per
+ * connection, one with this). */
+static int uring_accept_multishot(port_t *bp, port_op_t *op, port_sock_t listener) {
+    if (!((uring_port_t *)bp)->accept_ms)
+        return PORT_EOPNOTSUPP;
+    return submit_accept(bp, op, listener, 1);
 }
 
 static int uring_connect(port_t *bp, port_op_t *op, const port_addr_t *addr) {
@@ -1444,5 +1472,6 @@ const port_vtable_t port__io_uring_vtable = {
     uring_stop_listener,
     uring_work_waiting,
     port__uring_buffers_out,
+    uring_accept_multishot,
 };
 #endif /* __linux__ */

@@ -42,6 +42,12 @@
 #ifndef IORING_ACCEPT_POLL_FIRST
 #  define IORING_ACCEPT_POLL_FIRST (1U << 2)            /* 6.10 */
 #endif
+#ifndef IORING_ACCEPT_MULTISHOT
+#  define IORING_ACCEPT_MULTISHOT (1U << 0)             /* 5.19 */
+#endif
+/* The opcode that came with multishot accepts (an enum value: no #ifndef for it); the
+ * probe's answer for it is the kernel's answer for them (no flag bit can be probed). */
+#define PORT_URING_OP_SOCKET 45                        /* 5.19 */
 #ifndef IORING_CQE_F_SOCK_NONEMPTY
 #  define IORING_CQE_F_SOCK_NONEMPTY (1U << 2)          /* 5.19 */
 #endif
@@ -128,6 +134,7 @@ typedef struct uring_op {
         struct {
             port__peer_t peer;       /* accept: the kernel writes the peer's address */
             uint32_t poll_first;     /* sent with IORING_ACCEPT_POLL_FIRST */
+            uint32_t multishot;      /* armed by port_accept_multishot */
         } acc;
         struct {
             uint32_t short_read;     /* the last read left the socket empty: poll first */
@@ -185,6 +192,7 @@ typedef struct uring_port {
     volatile int32_t multishot;        /* 1 works, -1 not known yet, 0 off */
     volatile uint32_t mshot_limit;     /* bytes one multishot arming may read; 0: no bound */
     volatile int32_t accept_pf;        /* IORING_ACCEPT_POLL_FIRST: 1 works, -1 not known, 0 off */
+    int accept_ms;                     /* IORING_ACCEPT_MULTISHOT: the kernel has it (probe) */
 
     /* The doorbell: other threads' SQEs wait for a worker to submit them. */
     int bell_fd;

@@ -92,7 +92,7 @@ static const struct {
     {IORING_OP_POLL_ADD, "POLL_ADD"}, {IORING_OP_CLOSE, "CLOSE"},
 };
 
-static int check_ops(int fd, char *errbuf, size_t errlen) {
+static int check_ops(uring_port_t *p, int fd, char *errbuf, size_t errlen) {
     size_t sz = sizeof(struct io_uring_probe) + 256 * sizeof(struct io_uring_probe_op);
     struct io_uring_probe *probe = (struct io_uring_probe *)calloc(1, sz);
     size_t i;
@@ -113,6 +113,8 @@ static int check_ops(int fd, char *errbuf, size_t errlen) {
             break;
         }
     }
+    p->accept_ms = PORT_URING_OP_SOCKET <= probe->last_op &&
+                   (probe->ops[PORT_URING_OP_SOCKET].flags & IO_URING_OP_SUPPORTED);
     free(probe);
     return rc;
 }
@@ -152,7 +154,7 @@ static int setup_ring(uring_port_t *p, struct io_uring_params *params, char *err
                       "io_uring: the kernel lacks EXT_ARG waits or NODROP (needs 5.11+)");
         return PORT_EUNAVAIL;
     }
-    return check_ops(p->ring_fd, errbuf, errlen);
+    return check_ops(p, p->ring_fd, errbuf, errlen);
 }
 
 static int mmap_error(int e, const char *what, char *errbuf, size_t errlen) {

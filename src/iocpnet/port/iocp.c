@@ -796,5 +796,6 @@ const port_vtable_t port__iocp_vtable = {
     NULL,   /* stop_listener: CancelIoEx names its overlapped */
     NULL,   /* work_waiting */
     NULL,   /* buffers_out: counted */
+    NULL,   /* accept_multishot: AcceptEx takes one socket made ahead per call */
 };
 #endif /* _WIN32 */

@@ -309,6 +309,13 @@ static inline int port_strand_wakeup(const port_cqe_t *c) {
     return c->op->strand != NULL && c->op == c->op->strand->wake;
 }
 void port_strand_init(port_strand_t *s, void *owner);
+/* Hold s as port_wait holds the strand of a completion it hands out, for an owner made
+ * while another owner's completion is dispatched (the session of a multishot accept's
+ * connection): completions of the operations it submits meanwhile wait on s until the
+ * caller ends the hold with port_strand_next (as after a completion of s), which hands
+ * them out in order.  Only a strand nobody holds and nothing waits on: 0, else
+ * PORT_EBUSY with nothing changed. */
+int port_strand_claim(port_strand_t *s);
 /* The owner is being destroyed (no wake-up of its strand in flight): free completions
  * still queued on the strand, which will never be dispatched (receive buffers they hold
  * go back to the port; p may be NULL once the port is gone), and the strand's wake-up
@@ -329,6 +336,17 @@ void port_op_init(port_op_t *op, port_op_type type, void *owner, port_strand_t *
  * call of its own where the OS lets the socket inherit it from the listener (Linux),
  * and the peer's address comes with the accept (port_accept_peer). */
 int port_accept(port_t *p, port_op_t *op, port_sock_t listener);
+/* Keep accepting on a listening socket with one operation: each connection completes
+ * op with res = its socket (set up as port_accept's) and PORT_CQE_MORE while op stays
+ * armed, until a final completion without it: an error (out of descriptors: the caller
+ * backs off before it arms op again), PORT_ECANCELED after port_cancel or
+ * port_stop_accepts, or one last socket (res >= 0) that ended the arming (the caller
+ * arms op again).  Completions of op may be handed to several threads at once: op has
+ * no strand (port_op_init with NULL).  The peer's address does not come with it
+ * (port_accept_peer says PORT_EOPNOTSUPP): ask port_peername.  Where the backend cannot
+ * (epoll, IOCP, io_uring before 5.19): PORT_EOPNOTSUPP, nothing submitted; post
+ * port_accept operations instead. */
+int port_accept_multishot(port_t *p, port_op_t *op, port_sock_t listener);
 /* After op's accept completed with a socket, and before op is submitted again: the
  * peer's address as the accept itself reported it (no system call, and known even when
  * the peer has already reset the connection, when port_peername says ENOTCONN).  0, or

@@ -77,6 +77,9 @@ typedef struct port_vtable {
      * per buffer given back): the buffers lent out, worked out from what the backend
      * counts anyway. */
     uint64_t (*buffers_out)(port_t *p);
+    /* Optional (NULL: port_accept_multishot says PORT_EOPNOTSUPP, or when it returns
+     * that: nothing submitted). */
+    int (*accept_multishot)(port_t *p, port_op_t *op, port_sock_t listener);
 } port_vtable_t;
 
 #ifndef _WIN32

@@ -162,10 +162,33 @@ int port_sockname(port_sock_t s, port_addr_t *out) {
 
 int port_peername(port_sock_t s, port_addr_t *out) {
     socklen_t len = sizeof(out->ss);
-    if (getpeername(s, (struct sockaddr *)&out->ss, &len) < 0)
-        return port_err_from_os(errno);
-    out->len = (int)len;
-    return 0;
+    int err;
+    if (getpeername(s, (struct sockaddr *)&out->ss, &len) == 0) {
+        out->len = (int)len;
+        return 0;
+    }
+    err = errno;
+#if defined(__linux__) && defined(SO_PEERNAME)
+    /* A TCP peer that has reset: getpeername says ENOTCONN, but the socket still holds
+     * the address, and SO_PEERNAME reads it in any state (a connection accepted with no
+     * address, a multishot accept's, is told apart by it: the per-address limits).  It
+     * wants the address's own length, no more: IPv6 first, then IPv4. */
+    if (err == ENOTCONN) {
+        static const socklen_t lens[] = {sizeof(struct sockaddr_in6),
+                                         sizeof(struct sockaddr_in)};
+        size_t k;
+        for (k = 0; k < sizeof(lens) / sizeof(lens[0]); k++) {
+            len = lens[k];
+            if (getsockopt(s, SOL_SOCKET, SO_PEERNAME, &out->ss, &len) == 0 &&
+                    len == lens[k] && ((struct sockaddr *)&out->ss)->sa_family ==
+                    (k == 0 ? AF_INET6 : AF_INET)) {
+                out->len = (int)len;
+                return 0;
+            }
+        }
+    }
+#endif
+    return port_err_from_os(err);
 }
 
 int port_set_nodelay(port_sock_t s, int on) {

@@ -76,6 +76,21 @@ void port_strand_init(port_strand_t *s, void *owner) {
     s->owner = owner;
 }
 
+int port_strand_claim(port_strand_t *strand) {
+    strand_state_t *s = STATE(strand);
+    int rc = PORT_EBUSY;
+    port_spin_lock(&s->lock);
+    if (s->held == 0 && s->head == NULL) {
+        /* The token is the strand itself, which no batch is: whatever is delivered to
+         * it from now on queues for the claimer's port_strand_next. */
+        s->held = 1;
+        s->token = strand;
+        rc = 0;
+    }
+    port_spin_unlock(&s->lock);
+    return rc;
+}
+
 int port__deliver(port_t *p, void *token, port_cqe_t *out, int n, const port_cqe_t *c) {
     port_strand_t *strand = c->op->strand;
     strand_state_t *s;
