@@ -793,6 +793,34 @@ def test_failing_session_factory_is_retried_with_a_growing_back_off(
     log.check_exactly_once(srv.service)
 
 
+def test_a_client_connecting_after_a_factory_burst_is_served(server, caplog_iocpnet):
+    """One slot; its session taken by a connection while the factory fails, so no
+    session is ready for the next one.  Where one accept serves every connection
+    (io_uring's multishot accept) it is cancelled then, so that later connections wait
+    in the backlog rather than be accepted with nothing to serve them; once the factory
+    works again the accept must be armed again, or every later client connects (the
+    backlog takes it) and is never served.  Clients before, during and after the burst
+    are served, on every backend."""
+    log = Log()
+    factory, failing, calls = failing_factory(echo_class(log))
+    srv = server(factory, accepts=1)
+    failing.set()
+    before = connect(srv.address, timeout=15)       # takes the slot; its refill fails
+    wait_for(lambda: len(calls) >= 2, 30, "the factory's first retry")
+    during = connect(srv.address, timeout=15)       # waits for a session
+    failing.clear()
+    wait_for(lambda: srv.listener.accepts_posted == 1, 10, "the slot filled again")
+    after = [connect(srv.address, timeout=15) for _ in range(3)]
+    for i, c in enumerate([before, during] + after):
+        c.sendall(b"client %d" % i)
+        want = b"client %d" % i
+        assert recv_exactly(c, len(want)) == want, f"client {i} not served"
+    for c in [before, during] + after:
+        c.close()
+    wait_for(lambda: srv.service.session_count == 0, 10, "every session ended")
+    log.check_exactly_once(srv.service)
+
+
 def test_a_slow_log_handler_does_not_delay_the_factory_retry(server, caplog_iocpnet):
     """The factory's first retry comes 50 ms after its failure even when writing the
     burst's log line (with its traceback) takes a second: a slow handler (a remote log,

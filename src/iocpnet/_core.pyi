@@ -755,7 +755,13 @@ class Listener(IocpObject):
 
     @property
     def accepts_posted(self) -> int:
-        """Accepts in flight."""
+        """Accept slots ready: accepts in flight, or with ``multishot`` the sessions
+        made ahead for the next connections."""
+
+    @property
+    def multishot(self) -> bool:
+        """One accept operation serves every connection (io_uring on Linux 5.19+),
+        instead of one posted per slot."""
 
     def Close(self) -> None:
         """Stop accepting: cancel the posted accepts and close the listening socket."""

@@ -1,6 +1,16 @@
 # core/listener.pxi: the Listener: posted accepts, back-off, the session cap.
 # Included by _core.pyx (one extension module, one file per concern).
 #
+# Two ways to accept.  Where the port keeps one accept armed for every connection
+# (io_uring's multishot accept: port_accept_multishot), a slot is a session made ahead
+# for the next connection: _ready lists the slots holding one, the accept completes
+# with no strand (on any worker), takes a ready slot's session, holds its strand
+# (port_strand_claim) while it starts it, and fills the slot again.  A connection that
+# finds no slot ready (the factory failing) waits in _parked, accepted, until a slot is
+# filled; the arming is cancelled meanwhile, so later ones wait in the backlog.
+# Elsewhere (epoll, IOCP, older kernels) each slot posts an accept of its own with its
+# session (the original's AcceptEx pattern), completed on that session's strand.
+#
 # Two back-offs keep an accept slot from being lost or spinning.  Out of descriptors or
 # memory, a failed accept waits in _starved for _resume.  A session factory that raises
 # (or returns a non-Session) leaves its slot in _unfed: one timer retries the factory
@@ -71,6 +81,18 @@ cdef class Listener(IocpObject):
     # Classes refused with a traceback logged (once each); weak: a factory may make a
     # class per connection, and a refused class serves nothing after.
     cdef object _ws_refused
+    # Multishot accept (see the top); all under _slot_lock, a spin lock (never held
+    # over Python code).  _inflight counts the ready slots in this mode.
+    cdef bint _multishot          # one accept armed for every connection (else per slot)
+    cdef port_op_t *_mop          # its operation: _ops[_count]
+    cdef volatile int32_t _slot_lock
+    cdef int *_ready              # slots holding a session for the next connection
+    cdef int _nready
+    cdef port_sock_t *_parked     # connections accepted when no slot was ready, oldest first
+    cdef int _nparked
+    cdef int _parked_cap
+    cdef bint _armed              # _mop in flight (or being armed)
+    cdef bint _paused             # out of descriptors: armed again by _resume
 
     def __init__(self, address, *, int backlog=1024, bint reuse_port=False,
                  bint ipv6_only=False, ssl=None, bint websocket=False):
@@ -99,6 +121,8 @@ cdef class Listener(IocpObject):
 
     def __cinit__(self, *args, **kwargs):
         self._ops = NULL
+        self._ready = NULL
+        self._parked = NULL
         self._sock = PORT_INVALID_SOCK
 
     def __dealloc__(self):
@@ -107,6 +131,10 @@ cdef class Listener(IocpObject):
         if self._ops != NULL:
             free(self._ops)
             self._ops = NULL
+        free(self._ready)
+        self._ready = NULL
+        free(self._parked)       # closed by Close (a listener is closed before it goes)
+        self._parked = NULL
 
     def __repr__(self):
         return f"<Listener {self.address}>"
@@ -160,19 +188,37 @@ cdef class Listener(IocpObject):
             self._port = portnum
         self.core = core
         self._service = service
-        self._ops = <port_op_t *>malloc(count * sizeof(port_op_t))
-        if self._ops == NULL:
+        # One operation per slot, and the multishot accept's after them.
+        self._ops = <port_op_t *>malloc((count + 1) * sizeof(port_op_t))
+        self._ready = <int *>malloc(count * sizeof(int))
+        if self._ops == NULL or self._ready == NULL:
             raise MemoryError()
         self._count = count
         self._pending = [None] * count
-        for i in range(count):
+        for i in range(count + 1):
             port_op_init(&self._ops[i], PORT_OP_ACCEPT, <void *>self, NULL)
+        self._mop = &self._ops[count]
+        # Multishot until the port says it cannot (_arm): the slots are filled first,
+        # with the arming held off (_armed) until they are.
+        self._multishot = True
+        self._armed = True
         self._post(0, first)
         for i in range(1, count):
             self._post(i, None)
+        port_spin_lock(&self._slot_lock)
+        self._armed = False
+        port_spin_unlock(&self._slot_lock)
+        self._rearm()
         return 0
 
     cdef void _post(self, int i, Session session) noexcept:
+        """Fill accept slot i with `session`, or a new one from the factory."""
+        if self._multishot:
+            self._fill(i, session)
+        else:
+            self._post_one(i, session)
+
+    cdef void _post_one(self, int i, Session session) noexcept:
         """(Re)post accept slot i with `session`, or a new one from the factory."""
         cdef int rc
         if self._closing:
@@ -199,8 +245,250 @@ cdef class Listener(IocpObject):
             if rc != PORT_ECLOSED:
                 logger.error("posting an accept failed: %s", port_reason(rc))
 
+    # ---- multishot accept ----------------------------------------------------------
+
+    cdef void _fill(self, int i, Session session) noexcept:
+        """Slot i holds `session` (or a new one from the factory) for the next
+        connection; a connection already waiting for one (_parked) takes it at once."""
+        cdef port_sock_t fd
+        cdef bint arm, oneshot, closing
+        while True:
+            if self._closing:
+                self._pending[i] = None
+                return
+            if session is None:
+                self._pending[i] = None
+                session = self._feed(i, None)
+                if session is None:
+                    # No session for later connections: let them wait in the backlog
+                    # (the arming ends; the slots filled again arm it again).
+                    if self._nready == 0:
+                        port_cancel(self.core.port, self._mop)
+                    return
+            session._state = S_ACCEPTING
+            self._pending[i] = session
+            fd = PORT_INVALID_SOCK
+            arm = False
+            port_spin_lock(&self._slot_lock)
+            oneshot = not self._multishot
+            closing = self._closing      # Close drops the ready slots after it set this
+            if oneshot or closing:
+                pass
+            elif self._nparked > 0:
+                fd = self._parked[0]
+                self._nparked -= 1
+                memmove(self._parked, self._parked + 1,
+                        self._nparked * sizeof(port_sock_t))
+            else:
+                self._ready[self._nready] = i
+                self._nready += 1
+                port_atomic_add32(&self._inflight, 1)
+                arm = not self._armed and not self._paused and not self._closing
+                if arm:
+                    self._armed = True
+            port_spin_unlock(&self._slot_lock)
+            if closing:
+                self._pending[i] = None
+                session._state = S_NEW
+                return
+            if oneshot:
+                self._post_one(i, session)     # the port said no while this one filled
+                return
+            if fd == PORT_INVALID_SOCK:
+                if arm:
+                    self._arm()
+                return
+            session = self._serve(i, fd)
+
+    cdef void _rearm(self) noexcept:
+        """Arm the multishot accept if a slot is ready and nothing holds it off."""
+        cdef bint arm
+        port_spin_lock(&self._slot_lock)
+        arm = self._multishot and not self._armed and not self._paused and \
+            not self._closing and self._nready > 0
+        if arm:
+            self._armed = True
+        port_spin_unlock(&self._slot_lock)
+        if arm:
+            self._arm()
+
+    cdef void _arm(self) noexcept:
+        """Submit the multishot accept (_armed already set by the caller); where the
+        port cannot, every ready slot posts an accept of its own from now on."""
+        cdef int rc, n, k
+        cdef int *slots
+        cdef bint closing
+        port_op_init(self._mop, PORT_OP_ACCEPT, <void *>self, NULL)
+        _incref(<PyObject *>self)
+        rc = port_accept_multishot(self.core.port, self._mop, self._sock)
+        if rc == 0:
+            port_spin_lock(&self._slot_lock)
+            closing = self._closing
+            port_spin_unlock(&self._slot_lock)
+            if closing:
+                # Close came before it was in flight (port_stop_accepts did not see it).
+                port_cancel(self.core.port, self._mop)
+            return
+        _decref(<PyObject *>self)
+        if rc != PORT_EOPNOTSUPP:
+            port_spin_lock(&self._slot_lock)
+            self._armed = False
+            port_spin_unlock(&self._slot_lock)
+            if rc != PORT_ECLOSED:
+                logger.error("posting an accept failed: %s", port_reason(rc))
+            return
+        slots = <int *>malloc(self._count * sizeof(int))
+        while slots == NULL:             # once per listener, a few bytes a slot
+            port_thread_yield()
+            slots = <int *>malloc(self._count * sizeof(int))
+        port_spin_lock(&self._slot_lock)
+        self._multishot = False
+        self._armed = False
+        n = self._nready
+        memcpy(slots, self._ready, n * sizeof(int))
+        self._nready = 0
+        port_atomic_add32(&self._inflight, -n)
+        port_spin_unlock(&self._slot_lock)
+        for k in range(n):
+            self._post_one(slots[k], <Session>self._pending[slots[k]])
+        free(slots)
+
+    cdef int _take(self, port_sock_t fd) noexcept:
+        """A ready slot for connection fd, or -1: fd waits in _parked for one."""
+        cdef int i = -1
+        cdef port_sock_t *grown
+        port_spin_lock(&self._slot_lock)
+        if self._nready > 0:
+            self._nready -= 1
+            i = self._ready[self._nready]
+            port_atomic_add32(&self._inflight, -1)
+            port_spin_unlock(&self._slot_lock)
+            return i
+        while self._nparked == self._parked_cap:
+            port_spin_unlock(&self._slot_lock)
+            grown = <port_sock_t *>malloc((self._parked_cap * 2 + 8) * sizeof(port_sock_t))
+            if grown == NULL:
+                port_thread_yield()      # a connection is never dropped: wait for memory
+            port_spin_lock(&self._slot_lock)
+            if grown != NULL and self._nparked == self._parked_cap:
+                memcpy(grown, self._parked, self._nparked * sizeof(port_sock_t))
+                free(self._parked)
+                self._parked = grown
+                self._parked_cap = self._parked_cap * 2 + 8
+            elif grown != NULL:
+                free(grown)
+        self._parked[self._nparked] = fd
+        self._nparked += 1
+        port_spin_unlock(&self._slot_lock)
+        return -1
+
+    cdef Session _serve(self, int i, port_sock_t fd):
+        """Start connection fd with slot i's session, holding the session's strand
+        meanwhile (the accept had none), as a completion on it would.  Returns the
+        session when the service refused the connection over a limit (the slot keeps
+        it), else None (the slot needs a new one)."""
+        cdef Session session = <Session>self._pending[i]
+        cdef Service service = self._service
+        cdef Session keep = None
+        cdef bint refused, claimed
+        self._pending[i] = None
+        _incref(<PyObject *>session)
+        # A new session: nothing holds its strand, nothing is queued on it.
+        claimed = port_strand_claim(&session._strand) == 0
+        # No address came with it (and _mop may be armed again by now): ask the socket.
+        session._take_peer(self.core.port, NULL, fd)
+        if self._closing:
+            port_sock_close(self.core.port, fd, 0)
+            session._state = S_NEW
+        else:
+            bad_ws = self.websocket and _ws_accepting(session, self._ws_refused) < 0
+            if bad_ws:
+                with service._lock:
+                    service._st.refused[REFUSED_SESSION_CLASS] += 1
+            refused = bad_ws or not service._admit(fd, session)
+            if refused:
+                port_sock_close(self.core.port, fd, PORT_CLOSE_RESET)
+                session._state = S_NEW
+                if not bad_ws:
+                    keep = session
+            else:
+                if self.ssl is not None:
+                    session._tls = _Tls.create(self.ssl, True, None)
+                session._attach_accepted(self.core, service)
+                session._on_accepted(fd)
+        if claimed:
+            _strand_release(self.core, &session._strand, <PyObject *>session)
+        else:
+            _decref(<PyObject *>session)
+        return keep
+
+    cdef void _multishot_done(self, port_cqe_t *cqe) noexcept:
+        cdef int64_t res = cqe.res
+        cdef int i
+        cdef bint closing
+        if res >= 0:
+            port_atomic_add64(&self._accepted, 1)
+            self._backoff_ms = 0
+            if self._closing:
+                port_sock_close(self.core.port, <port_sock_t>res, 0)
+            else:
+                i = self._take(<port_sock_t>res)
+                if i >= 0:
+                    self._fill(i, self._serve(i, <port_sock_t>res))
+                elif port_atomic_load32(&self._burst) > 0:
+                    port_cancel(self.core.port, self._mop)   # still no session coming
+        elif cqe.flags & PORT_CQE_MORE:
+            port_atomic_add64(&self._accept_errors, 1)
+            logger.warning("accept failed on %s: %s", self.address,
+                           port_reason(<int>res))
+        if cqe.flags & PORT_CQE_MORE:
+            return
+        # The arming ended.
+        port_spin_lock(&self._slot_lock)
+        self._armed = False
+        closing = self._closing
+        port_spin_unlock(&self._slot_lock)
+        if closing:
+            self._drop_ready()
+            return
+        if res >= 0 or res == PORT_ECANCELED:
+            # One last connection, or our cancel (no slot was ready): armed again
+            # once a slot is.
+            self._rearm()
+            return
+        port_atomic_add64(&self._accept_errors, 1)
+        if res == PORT_EMFILE or res == PORT_ENFILE or res == PORT_ENOBUFS or \
+                res == PORT_ENOMEM:
+            port_spin_lock(&self._slot_lock)
+            self._paused = True
+            port_spin_unlock(&self._slot_lock)
+            self._back_off(<int>res, None)
+            return
+        logger.warning("accept failed on %s: %s", self.address, port_reason(<int>res))
+        self._rearm()
+
+    cdef void _drop_ready(self) noexcept:
+        """Closing, the multishot accept ended: the ready slots' sessions go."""
+        cdef int n, k
+        cdef list gone = []
+        port_spin_lock(&self._slot_lock)
+        n = self._nready
+        self._nready = 0
+        port_spin_unlock(&self._slot_lock)
+        for k in range(n):
+            # Filled after Close began: _fill, under the lock, saw it open.
+            gone.append(self._pending[self._ready[k]])
+        for k in range(n):
+            self._pending[self._ready[k]] = None
+        port_atomic_add32(&self._inflight, -n)
+        for s in gone:
+            (<Session>s)._state = S_NEW
+
     cdef void _dispatch(self, port_cqe_t *cqe) noexcept:
         cdef int i = <int>(cqe.op - self._ops)
+        if cqe.op == self._mop:
+            self._multishot_done(cqe)
+            return
         cdef Session session = <Session>self._pending[i]
         cdef int64_t res = cqe.res
         cdef Service service = self._service
@@ -243,35 +531,42 @@ cdef class Listener(IocpObject):
         port_atomic_add64(&self._accept_errors, 1)
         if res == PORT_EMFILE or res == PORT_ENFILE or res == PORT_ENOBUFS or \
                 res == PORT_ENOMEM:
-            # Out of descriptors or memory: retrying at once would spin a core on a
-            # listener that stays readable.  Back off, then try again.
-            with self._backoff_lock:
-                self._starved.append((i, session))
-                start = self._backoff_timer is None
-                if start:
-                    self._backoff_ms = min(max(self._backoff_ms * 2, 50), 1000)
-                    claim = object()
-                    self._backoff_timer = claim      # claimed; made below
-                delay_ms = self._backoff_ms
-            if start:
-                # The timer first, the log line after: a slow log handler must not
-                # lengthen the pause.
-                try:
-                    t = self.core.CallLater(delay_ms / 1000.0, self._resume)
-                except Exception:
-                    logger.exception("cannot schedule the accept back-off")
-                    t = None
-                with self._backoff_lock:
-                    # Unless _resume ran first (this thread preempted past the delay):
-                    # then t is spent, and the field is None or a newer claim.
-                    if self._backoff_timer is claim:
-                        self._backoff_timer = t
-                logger.warning("accept failed on %s: %s; pausing accepts for %d ms",
-                               self.address, port_reason(<int>res), delay_ms)
+            self._back_off(<int>res, (i, session))
             return
         logger.warning("accept failed on %s: %s", self.address,
                        port_reason(<int>res))
         self._post(i, session)
+
+    cdef void _back_off(self, int res, object starved) noexcept:
+        """Out of descriptors or memory: retrying at once would spin a core on a
+        listener that stays readable.  Back off (`starved`, a one-shot slot, waits for
+        _resume; a multishot accept is armed again by it), then try again."""
+        cdef bint start
+        cdef int delay_ms = 0
+        with self._backoff_lock:
+            if starved is not None:
+                self._starved.append(starved)
+            start = self._backoff_timer is None
+            if start:
+                self._backoff_ms = min(max(self._backoff_ms * 2, 50), 1000)
+                claim = object()
+                self._backoff_timer = claim      # claimed; made below
+            delay_ms = self._backoff_ms
+        if start:
+            # The timer first, the log line after: a slow log handler must not
+            # lengthen the pause.
+            try:
+                t = self.core.CallLater(delay_ms / 1000.0, self._resume)
+            except Exception:
+                logger.exception("cannot schedule the accept back-off")
+                t = None
+            with self._backoff_lock:
+                # Unless _resume ran first (this thread preempted past the delay):
+                # then t is spent, and the field is None or a newer claim.
+                if self._backoff_timer is claim:
+                    self._backoff_timer = t
+            logger.warning("accept failed on %s: %s; pausing accepts for %d ms",
+                           self.address, port_reason(res), delay_ms)
 
     cdef Session _feed(self, int slot, list more):
         """A session from the factory for `slot`, or None: then `slot` and the slots in
@@ -380,6 +675,10 @@ cdef class Listener(IocpObject):
             self._backoff_timer = None
         for i, session in starved:
             self._post(i, session)
+        port_spin_lock(&self._slot_lock)
+        self._paused = False
+        port_spin_unlock(&self._slot_lock)
+        self._rearm()
 
     def Close(self):
         """Stop accepting: cancel the posted accepts and close the listening socket."""
@@ -398,16 +697,34 @@ cdef class Listener(IocpObject):
             timer.Cancel()
         if isinstance(factory_timer, Timer):
             factory_timer.Cancel()
+        armed = False
+        port_spin_lock(&self._slot_lock)      # _closing is read under it
+        armed = self._armed
+        parked = self._nparked
+        self._nparked = 0
+        port_spin_unlock(&self._slot_lock)
         if self._ops != NULL:
-            port_stop_accepts(self.core.port, self._ops, self._count, self._sock)
+            # The slots' operations and the multishot accept's.
+            port_stop_accepts(self.core.port, self._ops, self._count + 1, self._sock)
+        if not armed:
+            self._drop_ready()      # else when its final completion comes
+        for i in range(parked):
+            port_sock_close(self.core.port, self._parked[i], PORT_CLOSE_RESET)
         if self._sock != PORT_INVALID_SOCK and self.core is not None:
             port_sock_close(self.core.port, self._sock, 0)
             self._sock = PORT_INVALID_SOCK
 
     @property
     def accepts_posted(self):
-        """Accepts posted and not completed yet."""
+        """Accept slots ready: accepts posted and not completed yet, or with
+        `multishot` the sessions made ahead for the next connections."""
         return port_atomic_load32(&self._inflight)
+
+    @property
+    def multishot(self):
+        """One accept operation serves every connection (io_uring on Linux 5.19+),
+        instead of one posted per slot."""
+        return self._multishot and self._ops != NULL
 
     @property
     def accepted(self):

@@ -707,12 +707,10 @@ cdef inline int _complete(IocpCore core, port_cqe_t *cqe) noexcept:
     jobs other threads keep posting to one session do not hold back the rest of this
     batch (other sessions' receives) for as long as the posting lasts.  Returns the
     number of operations' completions dispatched (a wake-up is none)."""
-    cdef port_cqe_t nxt
-    cdef int turn = 0, handled = 0
+    cdef int handled = 0
     cdef port_strand_t *strand = cqe.op.strand
     cdef PyObject *owner = NULL
     cdef PyObject *strand_owner = NULL
-    cdef PyObject *o
     if port_strand_wakeup(cqe):
         # A strand handed on (below) goes on here; the reference to the object holding
         # it, which the wake-up kept, is now ours.
@@ -731,21 +729,34 @@ cdef inline int _complete(IocpCore core, port_cqe_t *cqe) noexcept:
         if not (cqe.flags & PORT_CQE_MORE):
             _decref(owner)            # the operation's reference
     if strand != NULL:
-        while port_strand_next(core.port, strand, &nxt):
-            turn += 1
-            if turn > STRAND_TURN and port_strand_yield(core.port, strand, &nxt) == 0:
-                # The wake-up keeps the strand's object alive until a worker reaps it
-                # (it is in flight: Close waits for it).  If it could not be posted (the
-                # port is closing) we still hold the strand and go on here.
-                strand_owner = NULL
-                break
-            o = <PyObject *>nxt.op.owner
-            (<IocpObject>o)._dispatch(&nxt)
-            handled += 1
-            if not (nxt.flags & PORT_CQE_MORE):
-                _decref(o)
-        if strand_owner != NULL:
-            _decref(strand_owner)
+        handled += _strand_release(core, strand, strand_owner)
     if owner != NULL:
         _decref(owner)
+    return handled
+
+
+cdef inline int _strand_release(IocpCore core, port_strand_t *strand,
+                                PyObject *strand_owner) noexcept:
+    """End this thread's hold on `strand`: dispatch what it queued meanwhile, up to
+    STRAND_TURN of it, then hand it on.  Drops the reference to `strand_owner` (the
+    object holding the strand) the caller took, or gives it to the wake-up.  Returns
+    the completions dispatched."""
+    cdef port_cqe_t nxt
+    cdef int turn = 0, handled = 0
+    cdef PyObject *o
+    while port_strand_next(core.port, strand, &nxt):
+        turn += 1
+        if turn > STRAND_TURN and port_strand_yield(core.port, strand, &nxt) == 0:
+            # The wake-up keeps the strand's object alive until a worker reaps it
+            # (it is in flight: Close waits for it).  If it could not be posted (the
+            # port is closing) we still hold the strand and go on here.
+            strand_owner = NULL
+            break
+        o = <PyObject *>nxt.op.owner
+        (<IocpObject>o)._dispatch(&nxt)
+        handled += 1
+        if not (nxt.flags & PORT_CQE_MORE):
+            _decref(o)
+    if strand_owner != NULL:
+        _decref(strand_owner)
     return handled

@@ -595,8 +595,9 @@ cdef class Session(IocpObject):
                          port_sock_t sock) noexcept:
         """The Listener's accept `op` completed with `sock` for us: keep the peer's
         address as the accept reported it (no system call, and known even if the peer
-        has already reset), or ask the socket where the backend does not keep it.  A
-        session refused over a limit is posted again: its old address goes."""
+        has already reset), or ask the socket where the backend does not keep it (or
+        op is NULL: a multishot accept reports none).  A session refused over a limit
+        is posted again: its old address goes."""
         cdef port_addr_t addr
         if port_accept_peer(port, op, &addr) != 0 and port_peername(sock, &addr) != 0:
             addr.len = 0
