@@ -12,8 +12,8 @@ import pytest
 import iocpnet
 from conftest import Server, connect, wait_for
 from subproc import Proc
-from test_tls import (Events, assert_good_client_works, client_hello, echo_session, pki,
-                      server_context)
+from test_tls import (Events, assert_good_client_works, client_context, client_hello,
+                      echo_session, pki, server_context, tls_connect)
 from tls_certs import OPENSSL
 
 __all__ = ["pki"]       # the session-scoped fixture, shared with test_tls
@@ -212,3 +212,43 @@ def test_a_refused_websocket_class_is_not_kept_by_the_listener(backend):
         core.Close(5)
         worker.join(5)
         del core, listener, service
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+def test_one_send_larger_than_the_send_queue_limit_is_not_blamed_on_the_peer(
+        backend, pki, tls):
+    # One Send of 16 MiB with send_queue_limit 64 KiB (a map or a file sent whole) cut
+    # the session "(the peer is not reading)": a peer reading as fast as it could was
+    # blamed for the sender's one oversized message.  The cut stays (the limit is a
+    # hard limit), with a reason that names the Send.
+    events = Events()
+    blob = bytes(16 << 20)
+
+    class Big(iocpnet.Session):
+        send_queue_limit = 64 * 1024
+
+        def OnConnected(self):
+            events.add("sent", self.Send(blob))
+
+        def OnDisconnected(self, reason):
+            events.add("disconnected", reason)
+
+    srv = Server(Big, backend, ssl=server_context(pki) if tls else None).start()
+    try:
+        if tls:
+            with tls_connect(srv.address, client_context(pki)) as c:
+                events.wait("disconnected")
+        else:
+            c = socket.socket()
+            try:
+                c.connect(srv.address)
+            except ConnectionResetError:
+                pass              # the server's reset can beat connect() back to us
+            with c:
+                events.wait("disconnected")
+    finally:
+        srv.stop()
+    assert events.of("sent") == [(False,)]
+    (reason,), = events.of("disconnected")
+    assert reason.startswith("send queue limit exceeded: "), reason
+    assert "one Send of 16777216 bytes" in reason and "not reading" not in reason, reason

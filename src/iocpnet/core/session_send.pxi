@@ -170,6 +170,18 @@ cdef bint _queue_send(Session s, bytes b, bint check_limit,
     return _queue_locked(s, b, sent, check_limit)
 
 
+cdef str _over_limit_reason(Py_ssize_t queued, Py_ssize_t limit, Py_ssize_t size,
+                            Py_ssize_t left):
+    """Why the send queue limit cut a session.  A Send whose own bytes still to queue
+    (`left` of its `size`) exceed the whole limit is the sender's doing: the peer,
+    however fast it reads, is not to blame."""
+    why = f"send queue limit exceeded: {queued} bytes queued, send_queue_limit is {limit}"
+    if left > limit:
+        return (f"{why} (one Send of {size} bytes, larger than the limit: send it in "
+                f"pieces, or raise send_queue_limit)")
+    return f"{why} (the peer is not reading)"
+
+
 cdef bint _queue_locked(Session s, bytes b, Py_ssize_t offset,
                         bint check_limit) except? False:
     """Queue b[offset:] (called under _lock, which it releases; the socket already
@@ -182,8 +194,7 @@ cdef bint _queue_locked(Session s, bytes b, Py_ssize_t offset,
     cdef bint tell = False
     if check_limit and queued > limit:
         port_spin_unlock(&s._lock)
-        why = (f"send queue limit exceeded: {queued} bytes queued, send_queue_limit is "
-               f"{limit} (the peer is not reading)")
+        why = _over_limit_reason(queued, limit, PyBytes_GET_SIZE(b), n)
         if _close_now(s, why, True):
             logger.warning("disconnecting %s: %s", repr(s), why)
         return False

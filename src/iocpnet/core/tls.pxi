@@ -273,8 +273,7 @@ cdef class _Tls:
                 return False
             raise err
         if over > 0:
-            why = (f"send queue limit exceeded: {over} bytes queued, send_queue_limit is "
-                   f"{s._hooks.send_queue_limit} (the peer is not reading)")
+            why = _over_limit_reason(over, s._hooks.send_queue_limit, n, n)
             if _close_now(s, why, True):
                 logger.warning("disconnecting %s: %s", repr(s), why)
         return ok
