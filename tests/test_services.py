@@ -1,6 +1,7 @@
 """Services and the core's jobs and timers: ClientService (against a server, a closed
 port, a restarting server), jobs posted from any thread, timers, the live-session cap,
 the idle timeout, and IPv6."""
+import asyncio
 import logging
 import socket
 import sys
@@ -731,12 +732,17 @@ def test_idle_timeout_closes_a_silent_client_only(server, recorder):
 
 
 
-def test_a_slow_hook_is_not_the_peer_being_idle(server, recorder):
+@pytest.mark.parametrize("where", ["OnRecv", "Post", "CallLater", "Spawn callback"])
+def test_a_slow_hook_is_not_the_peer_being_idle(server, recorder, where):
     # A hook that blocks longer than idle_timeout (a slow lookup) had the session cut
     # "idle timeout: nothing received for 0.5 s" while its peer sent a byte every
     # 0.1 s: the clock ran on the server's own time in the hook, whose peer's bytes
-    # wait behind it on the strand.  Idle time is counted outside the session's hooks.
+    # wait behind it on the strand.  Idle time is counted outside the session's hooks,
+    # and outside what else runs on its strand: a job, a timer, a task's callback.
     slow_once = threading.Event()
+
+    def block(*args):
+        time.sleep(1.5)
 
     class Slow(Echo):
         idle_timeout = 0.5
@@ -744,7 +750,14 @@ def test_a_slow_hook_is_not_the_peer_being_idle(server, recorder):
         def OnRecv(self, data):
             if not slow_once.is_set():
                 slow_once.set()
-                time.sleep(1.5)
+                if where == "OnRecv":
+                    block()
+                elif where == "Post":
+                    self.Post(block)
+                elif where == "CallLater":
+                    self.CallLater(0.01, block)
+                else:
+                    self.Spawn(asyncio.sleep(0), block)
             self.Send(data)
 
         def OnDisconnected(self, reason):

@@ -209,6 +209,7 @@ cdef enum:
     H_RECV = 2            # OnRecv, OnRecvPacket or OnMessage (whatever _deliver calls)
     H_SEND = 3
     H_DISCONNECTED = 4    # the service waits for it (_session_done comes after)
+    H_JOB = 5             # a job, timer or task callback on its strand (strand.pxi)
 
 
 cdef inline void _enter_hook(Session s, int32_t hook) noexcept:
@@ -227,6 +228,8 @@ cdef str _hook_name(Session s, int32_t hook):
         return "OnSend"
     if hook == H_DISCONNECTED:
         return "OnDisconnected"
+    if hook == H_JOB:
+        return "a job, timer or task callback"
     if s._ws is not None:
         return "OnMessage"
     return "OnRecvPacket" if s._hooks.packet_mode else "OnRecv"

@@ -217,15 +217,30 @@ cdef class _StrandJob(IocpObject):
             return              # the owner ended after the job was posted: dropped
         if self.kind == JOB_CALL and self.core._drops_job(func):
             return
+        _enter_job(owner)
         if self.kind == JOB_SEND_QUEUE:
             _tell_send_queue(<Session>owner)
-            return
-        try:
-            r = func(*args)
-            if r is not None:
-                _check_ran(func, r)
-        except BaseException as e:
-            _callback_failed(owner, "job", func, e)
+        else:
+            try:
+                r = func(*args)
+                if r is not None:
+                    _check_ran(func, r)
+            except BaseException as e:
+                _callback_failed(owner, "job", func, e)
+        _leave_job(owner)
+
+
+cdef inline void _enter_job(IocpObject owner) noexcept:
+    """A job, timer or task callback of a session starts on its strand: its time is the
+    session's own, as a hook's (the idle sweep does not count it as the peer's silence:
+    what the peer sends waits behind it; Stop's warning names it)."""
+    if isinstance(owner, Session):
+        _enter_hook(<Session>owner, H_JOB)
+
+
+cdef inline void _leave_job(IocpObject owner) noexcept:
+    if isinstance(owner, Session):
+        _leave_hook(<Session>owner)
 
 
 cdef bint _post_to(IocpObject owner, int kind, object func, tuple args) except -1:
@@ -401,6 +416,7 @@ cdef class Task(IocpObject):
             as_hook = True
         elif owner is not None:
             cb = getattr(owner, "OnTaskDone", None)
+        _enter_job(owner)
         try:
             if cb is not None:
                 try:
@@ -416,6 +432,7 @@ cdef class Task(IocpObject):
             elif self._state == T_FAILED:
                 _callback_failed(owner, f"task {self._what}", None, self._exception)
         finally:
+            _leave_job(owner)
             self._finalize()
 
     cdef void _finalize(self) noexcept:

@@ -129,12 +129,14 @@ cdef class Timer(IocpObject):
             with cython.critical_section(self):
                 func = self.func
                 args = self.args
+            _enter_job(self._owner)       # strand.pxi: the session's own time
             try:
                 r = func(*args)
                 if r is not None:
                     _check_ran(func, r)
             except BaseException as e:
                 _callback_failed(self._owner, "timer callback", func, e)
+            _leave_job(self._owner)
             func = args = r = None
             if self.interval > 0 and not port_atomic_load32(&self._cancelled) and \
                     not _owner_ended(self._owner) and \
