@@ -345,7 +345,8 @@ cdef class Listener(IocpObject):
         self._multishot = False
         self._armed = False
         n = self._nready
-        memcpy(slots, self._ready, n * sizeof(int))
+        if n > 0:
+            memcpy(slots, self._ready, n * sizeof(int))
         self._nready = 0
         port_atomic_add32(&self._inflight, -n)
         port_spin_unlock(&self._slot_lock)
@@ -371,7 +372,8 @@ cdef class Listener(IocpObject):
                 port_thread_yield()      # a connection is never dropped: wait for memory
             port_spin_lock(&self._slot_lock)
             if grown != NULL and self._nparked == self._parked_cap:
-                memcpy(grown, self._parked, self._nparked * sizeof(port_sock_t))
+                if self._nparked > 0:    # (the first time _parked is NULL: memcpy's UB)
+                    memcpy(grown, self._parked, self._nparked * sizeof(port_sock_t))
                 free(self._parked)
                 self._parked = grown
                 self._parked_cap = self._parked_cap * 2 + 8
