@@ -236,7 +236,17 @@ cdef class Listener(IocpObject):
         port_op_init(&self._ops[i], PORT_OP_ACCEPT, <void *>self, &session._strand)
         port_atomic_add32(&self._inflight, 1)
         _incref(<PyObject *>self)
-        rc = port_accept(self.core.port, &self._ops[i], self._sock)
+        # Close sets _closing, then takes _slot_lock before it stops the accepts and
+        # closes the socket: an accept is posted before that (and stopped) or not at all.
+        # Checked without the lock only, a Close in between left it posted on a closed
+        # descriptor, which the client sockets of the same process reuse at once: in
+        # flight for ever (3.13t CI, test_races' stop during a connect storm, epoll).
+        port_spin_lock(&self._slot_lock)
+        if self._closing:
+            rc = PORT_ECLOSED
+        else:
+            rc = port_accept(self.core.port, &self._ops[i], self._sock)
+        port_spin_unlock(&self._slot_lock)
         if rc != 0:
             _decref(<PyObject *>self)
             port_atomic_add32(&self._inflight, -1)
