@@ -238,6 +238,7 @@ KEEP_FORMS = {
     "cast": lambda d: d.cast("B"),
     "obj": lambda d: d.obj,
     "slice": lambda d: d[1:],
+    "mv_slice": lambda d: memoryview(d)[1:],    # a slice of an export: pins it too
 }
 
 
@@ -248,11 +249,11 @@ def _kept_bytes(form, kept):
 @pytest.mark.parametrize("form", sorted(KEEP_FORMS))
 def test_kept_views_stay_exact(server, form):
     """Each way of keeping what OnRecv gave (the view, memoryview(view), a cast, .obj, a
-    slice), for small and large messages, shown straight from a receive buffer or from
-    the RecvBuffer (bytes left over from an earlier call), on a core with 4 receive
-    buffers: every kept object reads back exactly what was sent, while later messages
-    arrive, after the session ended and after the server stopped, and the pool never
-    runs dry."""
+    slice, a slice of memoryview(view)), for small and large messages, shown straight
+    from a receive buffer or from the RecvBuffer (bytes left over from an earlier
+    call), on a core with 4 receive buffers: every kept object reads back exactly what
+    was sent, while later messages arrive, after the session ended and after the
+    server stopped, and the pool never runs dry."""
     kept = []
     partial = []
     msgs = []
@@ -286,7 +287,7 @@ def test_kept_views_stay_exact(server, form):
                 else:
                     c.sendall(frame)
                 assert recv_exactly(c, 1) == b"k"
-        want = [f if form != "slice" else f[1:] for f in frames]
+        want = [f if "slice" not in form else f[1:] for f in frames]
 
         def check(when):
             got = [_kept_bytes(form, k) for k in kept]
@@ -298,7 +299,7 @@ def test_kept_views_stay_exact(server, form):
         check("after the session ended")
         stats = srv.core.stats()
         assert stats["recv_buffers"] <= 4
-        if form in ("memoryview", "cast"):
+        if form in ("memoryview", "cast", "mv_slice"):
             assert stats["recv_buffers_detached"] > 0      # exports pin the pointer
         srv.stop()
         check("after the server stopped")
@@ -890,3 +891,259 @@ def test_timer_read_while_it_fires(backend):
             t.join(10)
         timers.clear()
 
+
+
+# ---- 7. the hot path: what per-completion speed work must keep ----------------------------
+#
+# Written before the receive and send paths were rewritten for speed (session 11): each
+# case passes on the code before that work and is where a cut corner would show.
+
+_SRC = struct.Struct("<BBIi")       # magic, source, seq, payload length
+_SRC_MAGIC = 0xA7
+_SRC_PATTERN = bytes(range(251)) * 3200          # a prime period: a shifted copy never matches
+# 14 MB in all, more than the kernel's buffers hold while the peer pauses: the large
+# ones leave partly and queue the rest, the small ones queue behind them.
+_SRC_SIZES = (9, 3000, 800000, 40, 200000, 1)
+
+
+def _src_record(src, seq):
+    n = _SRC_SIZES[(seq + src) % len(_SRC_SIZES)]
+    k = (seq * 31 + src * 17) % 251
+    return _SRC.pack(_SRC_MAGIC, src, seq, n) + _SRC_PATTERN[k:k + n]
+
+
+def _src_parse(stream, want):
+    """Check a stream of records against `want` records per source: each whole, each
+    source's in order; the first problem, or None."""
+    nxt, pos = {}, 0
+    while pos < len(stream):
+        magic, src, seq, n = _SRC.unpack_from(stream, pos)
+        if magic != _SRC_MAGIC:
+            return f"bad magic at byte {pos} (two Sends' bytes interleaved?)"
+        if seq != nxt.get(src, 0):
+            return f"source {src}: record {seq} where {nxt.get(src, 0)} was due"
+        rec = _src_record(src, seq)
+        if stream[pos:pos + len(rec)] != rec:
+            return f"source {src} record {seq}: bytes differ (interleaved?)"
+        nxt[src] = seq + 1
+        pos += len(rec)
+    if nxt != {s: want for s in range(5)}:
+        return f"records per source {nxt}, {want} each expected"
+    return None
+
+
+def test_sends_from_every_source_stay_whole_and_in_order(server):
+    """One session sends from five places at once: its OnRecv (a record per byte the
+    peer sends), a user thread, jobs posted to the session (Post), its timers
+    (CallLater) and core jobs (IocpCore.Post, which run on any worker, beside the
+    session's own hooks).  Records are up to 800 KB, to a peer that reads nothing for
+    the first 0.3 s, then slowly: Sends go out partly and queue the rest while other
+    threads Send, and the socket has room now and then while the queue is not empty.
+    Each source's records must arrive whole (no two Sends' bytes interleaved) and in
+    the order its Sends were called (each source calls Send under a lock of its own)."""
+    per_source = 24
+    up = threading.Event()
+    box = {}
+
+    class Talker(iocpnet.Session):
+        send_queue_limit = 1 << 30         # the peer pauses on purpose
+        send_queue_high = 1 << 30
+
+        def OnConnected(self):
+            self.seq = {0: 0, 2: 0, 3: 0}  # the strand's own sources
+            box["s"] = self
+            up.set()
+
+        def _next(self, src):
+            seq = self.seq[src]
+            self.seq[src] = seq + 1
+            self.Send(_src_record(src, seq))
+
+        def OnRecv(self, data):
+            for _ in range(len(data)):
+                self._next(0)
+
+    srv = server(Talker, workers=2)
+    total = sum(len(_src_record(src, i)) for src in range(5) for i in range(per_source))
+    with connect(srv.address, timeout=30) as c:
+        assert up.wait(10)
+        s = box.pop("s")
+        core_lock, core_seq = threading.Lock(), [0]
+
+        def core_job():
+            with core_lock:                 # core jobs run on either worker
+                seq = core_seq[0]
+                core_seq[0] += 1
+                s.Send(_src_record(4, seq))
+
+        def drive():
+            for i in range(per_source):
+                s.Send(_src_record(1, i))
+                assert s.Post(s._next, 2)
+                s.CallLater(0, s._next, 3)
+                srv.core.Post(core_job)
+                c.sendall(b"x")
+                time.sleep(0.02)
+
+        t = threading.Thread(target=drive)
+        t.start()
+        time.sleep(0.3)                     # the server's sends back up meanwhile
+        got = bytearray()
+        try:
+            # Then slowly, while the sources still Send: the socket takes a little
+            # now and then while the queue is not empty.
+            while len(got) < total:
+                chunk = c.recv(min(32768, total - len(got)))
+                if not chunk:
+                    break
+                got += chunk
+                time.sleep(0.001)
+        finally:
+            t.join(30)
+        del s
+    srv = None               # a failure's traceback must not keep the core alive
+    problem = _src_parse(got, per_source)
+    assert problem is None, problem
+
+
+@pytest.mark.parametrize("with_on_send", [False, True], ids=["inline", "on_send"])
+def test_views_sent_back_to_a_peer_not_reading_stay_exact(server, with_on_send):
+    """OnRecv sends its own view back (an echo) to a peer that reads nothing for a while:
+    most of those Sends queue, on a core with 4 receive buffers that another connection
+    keeps cycling with other bytes.  What was queued is the view's bytes at Send time:
+    a queue that held on to the receive buffer itself would send whatever the pool put
+    there next."""
+    class Echo(iocpnet.Session):
+        send_queue_limit = 1 << 30
+        send_queue_high = 1 << 30
+
+        def OnRecv(self, data):
+            self.Send(data)
+
+    if with_on_send:
+        class Echo(Echo):                  # every Send becomes a send operation
+            def OnSend(self, num_bytes):
+                pass
+
+    srv = server(Echo, workers=2, core_kw={"recv_buffer_count": 4})
+    n = 12 * 2**20                         # more than the kernel's buffers hold
+    mine = (bytes(range(251)) * (n // 251 + 1))[:n]
+    with connect(srv.address, timeout=30) as slow, connect(srv.address, timeout=30) as busy:
+        sender = threading.Thread(target=slow.sendall, args=(mine,))
+        sender.start()
+        try:
+            noise = b"\xee" * 8000
+            deadline = time.monotonic() + 0.5   # the slow peer reads nothing meanwhile
+            while time.monotonic() < deadline:
+                busy.sendall(noise)
+                assert recv_exactly(busy, len(noise)) == noise
+            got = recv_exactly(slow, n)
+        finally:
+            sender.join(30)
+    srv = None               # a failure's traceback must not keep the core alive
+    if got != mine:
+        at = next(i for i in range(n) if got[i] != mine[i])
+        pytest.fail(f"the echo differs from byte {at} on: {got[at:at + 16]!r}")
+
+
+_PIPE_MSG = 64
+_PIPE_DEPTH = 16
+_PIPE_KINDS = ("echo",) * 6 + ("keep", "raise", "quit", "echo")
+
+
+def _pipe_msg(conn, rnd, i):
+    head = struct.pack("<HHH", conn, rnd, i)
+    return head + bytes([(conn * 7 + rnd * 13 + i) & 0xFF]) * (_PIPE_MSG - len(head))
+
+
+def test_a_small_receive_pool_under_pipelined_load_from_50_connections(server):
+    """50 connections each send 16 messages of 64 B at once, for 10 rounds, to a core
+    with 4 receive buffers and 2 workers.  Most sessions echo message by message (a
+    Send per message, of a slice of the view); some keep every view they get; one in
+    ten raises in round 3, one in ten sends 'bye', Disconnects, then Sends again (which
+    must be refused).  Every echo is exact, each ending session's peer sees exactly
+    what its session sent before it ended, the kept views read back their bytes, and
+    the pool is whole at the end."""
+    conns, rounds = 50, 10
+    kept, late = [], []
+    lock = threading.Lock()
+
+    class Pipe(iocpnet.Session):
+        kind = None
+
+        def OnRecv(self, data):
+            whole = len(data) // _PIPE_MSG * _PIPE_MSG
+            if whole == 0:
+                return 0
+            if self.kind is None:
+                self.kind = _PIPE_KINDS[struct.unpack_from("<H", data, 0)[0] % 10]
+            if self.kind == "keep":
+                with lock:
+                    kept.append((bytes(data[:whole]), data))
+            for at in range(0, whole, _PIPE_MSG):
+                conn, rnd, i = struct.unpack_from("<HHH", data, at)
+                if rnd == 2 and i == 5 and self.kind == "raise":
+                    raise ValueError("round 2, message 5")
+                if rnd == 2 and i == 5 and self.kind == "quit":
+                    self.Send(b"B" * _PIPE_MSG)
+                    self.Disconnect("quit")
+                    with lock:
+                        late.append(self.Send(data[at:at + _PIPE_MSG]))
+                    return None
+                self.Send(data[at:at + _PIPE_MSG])
+            return whole
+
+    srv = server(Pipe, workers=2, accepts=64, core_kw={"recv_buffer_count": 4})
+    socks = [connect(srv.address, timeout=30) for _ in range(conns)]
+    got = {c: bytearray() for c in socks}
+    ended = set()
+    try:
+        deadline = time.monotonic() + 60
+        for rnd in range(rounds):
+            live = [c for c in socks if c not in ended]
+            for k, c in enumerate(socks):
+                if c in live:
+                    c.sendall(b"".join(_pipe_msg(k, rnd, i) for i in range(_PIPE_DEPTH)))
+            want = (rnd + 1) * _PIPE_DEPTH * _PIPE_MSG
+            while live:
+                assert time.monotonic() < deadline, f"round {rnd}: {len(live)} still waiting"
+                ready, _, _ = select.select(live, [], [], 1)
+                for c in ready:
+                    try:
+                        chunk = c.recv(65536)
+                    except ConnectionError:
+                        chunk = b""
+                    got[c] += chunk
+                    if not chunk:
+                        ended.add(c)
+                    if not chunk or len(got[c]) >= want:
+                        live.remove(c)
+        problems = []
+        for k, c in enumerate(socks):
+            kind = _PIPE_KINDS[k % 10]
+            echo = b"".join(_pipe_msg(k, r, i) for r in range(rounds)
+                            for i in range(_PIPE_DEPTH))
+            mine = bytes(got[c])
+            if kind == "quit":
+                ok = c in ended and mine == echo[:(2 * _PIPE_DEPTH + 5) * _PIPE_MSG] + \
+                    b"B" * _PIPE_MSG
+            elif kind == "raise":
+                ok = c in ended and echo.startswith(mine) and \
+                    len(mine) >= 2 * _PIPE_DEPTH * _PIPE_MSG
+            else:
+                ok = c not in ended and mine == echo
+            if not ok:
+                problems.append(f"connection {k} ({kind}): {len(mine)} bytes, "
+                                f"{'ended' if c in ended else 'open'}, not what it sent")
+        if late != [False] * 5:
+            problems.append(f"Send after Disconnect returned {late}")
+        if any(bytes(view[:len(want)]) != want for want, view in kept):
+            problems.append("a kept view changed")
+        if srv.core.stats()["recv_buffers"] > 4:
+            problems.append(f"the pool grew: {srv.core.stats()}")
+    finally:
+        for c in socks:
+            c.close()
+        kept.clear()
+    srv = None               # a failure's traceback must not keep the core alive
+    assert not problems, problems[:5]
