@@ -36,10 +36,20 @@
 # and step 9 runs them once nothing else runs.  Either way the table at the end gives each
 # step's wall time, the CPU time of its processes and when it started.
 #
+# Nothing may hang CI: every step that runs tests or servers has a wall-clock bound, and
+# in parallel mode so has each lane.  A step or lane over its bound gets SIGTERM (the
+# whole process group: pytest, its xdist workers, its servers), SIGKILL 30 s later, and a
+# line "test.sh: step 5 exceeded 2400 s: killed" (or "lane sanitize ...") says so; the
+# step fails.  The bounds are about 3 times the longest time measured on a loaded 2-core
+# machine (bound_s below).  A dead xdist worker fails its suite (--max-worker-restart=0):
+# xdist's loadfile scheduler hangs for ever when it replaces a crashed worker
+# (pytest-xdist 3.8; its issue 784).
+#
 # Environment: PYTHON (default python3), IOCPNET_TEST_DIR (work directory, default
 # .ci/out), IOCPNET_PARALLEL (1: the lanes side by side; 0 or unset: one after another),
 # IOCPNET_TEST_WORKERS, IOCPNET_QUICK=1 (steps 3, 5 and 9 only), IOCPNET_SKIP=<list> (any
-# of contract, fuzz, dist, types, sanitize, freethreaded, machine_state).
+# of contract, fuzz, dist, types, sanitize, freethreaded, machine_state),
+# IOCPNET_BOUND_PERCENT (every bound scaled, default 100: for a slower machine).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -56,7 +66,8 @@ scratch=$(mktemp -d "${TMPDIR:-/tmp}/iocpnet-ci.XXXXXX")
 
 # Step 5's pytest args, and the other suites' (7, 8): the same in parallel mode.
 if [ -n "$parallel" ]; then
-    suite_args=(-m "not machine_state" -n "${IOCPNET_TEST_WORKERS:-2}" --dist loadfile "$@")
+    suite_args=(-m "not machine_state" -n "${IOCPNET_TEST_WORKERS:-2}" --dist loadfile
+                --max-worker-restart=0 "$@")
     main_args=("${suite_args[@]}")
 else
     suite_args=()
@@ -103,8 +114,47 @@ summary() {
     summarised=1
 }
 
+# ---- wall-clock bounds (s): ~3 x the longest measured (sequential on a quiet machine /
+# parallel at load 7-11, s10-s11), so that only a hang reaches them ----
+declare -A bound_s=(
+    [1]=900        # contract: 62 / 157 s
+    [2]=300        # libFuzzer: 44 / 48 s
+    [4]=600        # check_dist: 12 / 53 s
+    [5]=2400       # pytest: 462 / 704 s
+    [6]=600        # types: 5 / 38 s
+    [7]=3600       # sanitized build + pytest: 447 / 1607 s
+    [8a]=2400      # the interpreter's build: ~240 s quiet
+    [8]=3600       # wheel + pytest on 3.13t: 765 / 1410 s
+    [9]=600        # each build's machine_state tests: 20 s for the three
+    [lane]=4500    # a whole lane (CI's own limit is 90 min)
+)
+scaled_bound() { echo $((bound_s[$1] * ${IOCPNET_BOUND_PERCENT:-100} / 100 + 1)); }
+bound() {                 # bound KEY WHAT COMMAND...: COMMAND with bound_s[KEY]
+    local secs what=$2 rc=0 pid start=$SECONDS
+    secs=$(scaled_bound "$1")
+    shift 2
+    # timeout makes a process group of its own and signals all of it.  Run in the
+    # background and waited for, so that a Ctrl-C (which reaches only this shell's
+    # group) is passed on by the trap: wait returns at once for a trapped signal, a
+    # foreground command would be waited for first.
+    timeout --signal=TERM --kill-after=30 "$secs" "$@" &
+    pid=$!
+    trap 'kill -INT $pid 2>/dev/null' INT
+    while :; do
+        rc=0
+        wait $pid || rc=$?
+        kill -0 $pid 2>/dev/null || break       # (else: wait interrupted by the trap)
+    done
+    trap - INT
+    if [ $rc != 0 ] && [ $((SECONDS - start)) -ge "$secs" ]; then
+        printf '\ntest.sh: %s exceeded %d s: killed\n' "$what" "$secs" >&2
+    fi
+    return $rc
+}
+
 # ---- lanes: in parallel mode, steps that run side by side, each with its own log ----
 declare -A lanes=()       # pid -> lane name
+declare -A dog_of=()     # lane name -> pid of the process that enforces its bound
 lane() {                  # lane NAME FUNCTION: parallel mode: in the background; else now
     local name=$1
     shift
@@ -114,6 +164,7 @@ lane() {                  # lane NAME FUNCTION: parallel mode: in the background
         step_end
         return
     fi
+    local dog lane_pid
     (
         # A background job of a shell without job control may start with SIGINT and
         # SIGQUIT ignored (bash does so for this subshell, with its EXIT trap), and a
@@ -125,7 +176,21 @@ lane() {                  # lane NAME FUNCTION: parallel mode: in the background
         trap - EXIT
         step_end
     ) >"$work/lane-$name.log" 2>&1 &
-    lanes[$!]=$name
+    lane_pid=$!
+    lanes[$lane_pid]=$name
+    dog=$(scaled_bound lane)
+    # The lane's bound: its log says why it ended, and wait_lanes prints the log.
+    (
+        trap 'kill $sleeper 2>/dev/null; exit 0' TERM
+        sleep "$dog" & sleeper=$!
+        wait $sleeper
+        printf '\ntest.sh: lane %s exceeded %d s: killed\n' "$name" "$dog" |
+            tee -a "$work/lane-$name.log" >&2
+        kill_tree "$lane_pid" TERM
+        sleep 30
+        kill_tree "$lane_pid" KILL
+    ) &
+    dog_of[$name]=$!
     echo "(lane $name started: $work/lane-$name.log, printed when it ends)" >&2
 }
 failed=()
@@ -136,6 +201,7 @@ wait_lanes() {            # print each lane's log as it ends; note the failures
         wait -n -p pid "${!lanes[@]}" || rc=$?
         name=${lanes[$pid]}
         unset "lanes[$pid]"
+        kill "${dog_of[$name]}" 2>/dev/null || true
         printf '\n######## lane %s: %s (%s)\n' "$name" \
             "$([ $rc = 0 ] && echo passed || echo "FAILED, exit status $rc")" \
             "$work/lane-$name.log" >&2
@@ -159,16 +225,16 @@ lane_ends() {             # again, the end of each failed lane's log: what CI sh
         fi | tail -n 40 | cut -c 1-400 >&2
     done
 }
-kill_tree() {             # a process and everything it started (pytest, servers...)
+kill_tree() {             # kill_tree PID [SIGNAL]: it and all it started (pytest, servers...)
     local child
-    for child in $(ps -o pid= --ppid "$1" 2>/dev/null); do kill_tree "$child"; done
-    kill "$1" 2>/dev/null || true
+    for child in $(ps -o pid= --ppid "$1" 2>/dev/null); do kill_tree "$child" "${2:-TERM}"; done
+    kill -"${2:-TERM}" "$1" 2>/dev/null || true
 }
 ft_pid=                   # sequential mode: the interpreter build in the background
 summarised=
 cleanup() {               # also on a failure: the lanes end, the table shows
     local rc=$? pid
-    for pid in "${!lanes[@]}" $ft_pid; do kill_tree "$pid"; done
+    for pid in "${!lanes[@]}" "${dog_of[@]}" $ft_pid; do kill_tree "$pid"; done
     [ -n "$summarised" ] || summary "$([ $rc = 0 ] || echo " (FAILED)")"
 }
 trap cleanup EXIT
@@ -190,11 +256,12 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 if ! skipped contract; then
     step "1. C contract test of the port layer (every backend)"
-    bash "$root/tests/c/run_contract.sh"
+    bound 1 "step 1" bash "$root/tests/c/run_contract.sh"
 fi
 if ! skipped fuzz; then
     step "2. libFuzzer on the packet framing and the WebSocket frame parser"
-    IOCPNET_FUZZ_OUT="$work/fuzz" bash "$root/tests/fuzz/run.sh" "${IOCPNET_FUZZ_SECONDS:-20}"
+    IOCPNET_FUZZ_OUT="$work/fuzz" bound 2 "step 2" bash "$root/tests/fuzz/run.sh" \
+        "${IOCPNET_FUZZ_SECONDS:-20}"
 fi
 step_end
 
@@ -228,16 +295,18 @@ ft_lane() {
         fi
         ft_pid=
     else
-        bash "$root/scripts/build_freethreaded_python.sh" >&2
+        bound 8a "step 8a" bash "$root/scripts/build_freethreaded_python.sh" >&2
     fi
     step "8. the suite on free-threaded CPython 3.13t (both backends)"
-    IOCPNET_TEST_DIR="$work/ft" bash "$root/scripts/test_freethreaded.sh" "${suite_args[@]}"
+    IOCPNET_TEST_DIR="$work/ft" bound 8 "step 8" bash "$root/scripts/test_freethreaded.sh" \
+        "${suite_args[@]}"
 }
 if ! skipped freethreaded; then
     if [ -n "$parallel" ]; then
         lane freethreaded ft_lane
     else
-        bash "$root/scripts/build_freethreaded_python.sh" >"$work/ft-interpreter.log" 2>&1 &
+        bound 8a "step 8a" bash "$root/scripts/build_freethreaded_python.sh" \
+            >"$work/ft-interpreter.log" 2>&1 &
         ft_pid=$!
     fi
 fi
@@ -278,15 +347,16 @@ wheel_lane() {
         step "4. what we ship: sdist contents, auditwheel, the wheel's smoke test"
         # (Its work directory must be outside the tree it copies.)
         CHECK_DIST_DIR="$scratch/check-dist" PYTHON="$py" \
-            bash "$root/scripts/check_dist.sh" --dist "$work/dist"
+            bound 4 "step 4" bash "$root/scripts/check_dist.sh" --dist "$work/dist"
     fi
     step "5. pytest against the installed package"
     # From the work directory: nothing from the source tree can be imported.
-    (cd "$work" && CI="${CI:-}" "$vpy" -m pytest "$root/tests" -p no:cacheprovider \
-        --rootdir "$root" -q "${main_args[@]}")
+    (cd "$work" && CI="${CI:-}" bound 5 "step 5" "$vpy" -m pytest "$root/tests" \
+        -p no:cacheprovider --rootdir "$root" -q "${main_args[@]}")
     if ! skipped types; then
         step "6. types: mypy --strict, stubtest"
-        CHECK_TYPES_DIR="$scratch/check-types" bash "$root/scripts/check_types.sh" --venv "$vpy"
+        CHECK_TYPES_DIR="$scratch/check-types" bound 6 "step 6" \
+            bash "$root/scripts/check_types.sh" --venv "$vpy"
     fi
 }
 lane wheel wheel_lane
@@ -295,8 +365,8 @@ lane wheel wheel_lane
 sanitize_lane() {
     step "7. the suite against an ASan + UBSan build (io_uring)"
     IOCPNET_TEST_BACKENDS=io_uring IOCPNET_RACES_SECONDS=${IOCPNET_RACES_SECONDS:-8} \
-        PYTHON="$vpy" IOCPNET_SANITIZE_DIR="$work/sanitize" bash "$root/scripts/sanitize.sh" \
-        "${suite_args[@]}"
+        PYTHON="$vpy" IOCPNET_SANITIZE_DIR="$work/sanitize" \
+        bound 7 "step 7" bash "$root/scripts/sanitize.sh" "${suite_args[@]}"
 }
 if ! skipped sanitize; then
     lane sanitize sanitize_lane
@@ -310,11 +380,13 @@ wait_lanes
 # Step 9: each build's machine_state tests, now that nothing else runs (in sequential
 # mode each suite ran its own).
 machine_state_step() {
-    (cd "$work" && CI="${CI:-}" "$vpy" -m pytest "$root/tests" -p no:cacheprovider \
-        --rootdir "$root" -q -m machine_state) || failed+=("9 (step 5's build)")
+    (cd "$work" && CI="${CI:-}" bound 9 "step 9 (step 5's build)" "$vpy" -m pytest \
+        "$root/tests" -p no:cacheprovider --rootdir "$root" -q -m machine_state) ||
+        failed+=("9 (step 5's build)")
     if ! skipped sanitize; then
         IOCPNET_TEST_BACKENDS=io_uring PYTHON="$vpy" IOCPNET_SANITIZE_DIR="$work/sanitize" \
-            bash "$root/scripts/sanitize.sh" --no-build -m machine_state ||
+            bound 9 "step 9 (step 7's build)" bash "$root/scripts/sanitize.sh" --no-build \
+            -m machine_state ||
             failed+=("9 (step 7's build)")
     fi
     if ! skipped freethreaded; then
@@ -324,8 +396,9 @@ machine_state_step() {
             failed+=("9 (step 8's build: no venv)")
             return
         fi
-        (cd "$work/ft" && CI="${CI:-}" env -u PYTHON_GIL "$ftpy" -m pytest "$root/tests" \
-            -p no:cacheprovider --rootdir "$root" -q -m machine_state) ||
+        (cd "$work/ft" && CI="${CI:-}" bound 9 "step 9 (step 8's build)" \
+            env -u PYTHON_GIL "$ftpy" -m pytest "$root/tests" -p no:cacheprovider \
+            --rootdir "$root" -q -m machine_state) ||
             failed+=("9 (step 8's build)")
     fi
 }
