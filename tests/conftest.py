@@ -206,6 +206,17 @@ def caplog_iocpnet(caplog):
 
 # ---- a real redis-server (tests of Spawn and the game example) ----
 
+# A redis-server must not outlive the pytest that started it (a killed or crashed run
+# left them behind, holding ports and memory): setpriv (util-linux) gives it SIGKILL as
+# its parent-death signal.  The kernel sends it when the *thread* that started it ends:
+# every test starts its servers from pytest's main thread, which lives as long as pytest.
+_SETPRIV = shutil.which("setpriv")
+
+
+def _redis_argv(exe, *args):
+    return [*([_SETPRIV, "--pdeathsig", "KILL"] if _SETPRIV else []), exe, *args]
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -223,8 +234,8 @@ def redis_port(tmp_path_factory):
     for _ in range(5):
         port = _free_port()
         proc = subprocess.Popen(
-            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("redis"))],
+            _redis_argv(exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                        "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("redis"))),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and proc.poll() is None:
@@ -267,8 +278,8 @@ class RedisServer:
                    self.tls[0], "--tls-key-file", self.tls[1], "--tls-auth-clients", "no"]
                   if self.tls else ["--port", str(self.port)])
         self.proc = subprocess.Popen(
-            [self.exe, *listen, "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.workdir, *self.args],
+            _redis_argv(self.exe, *listen, "--bind", "127.0.0.1", "--save", "",
+                        "--appendonly", "no", "--dir", self.workdir, *self.args),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while True:

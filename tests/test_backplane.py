@@ -4,8 +4,12 @@ client sockets.  The redis-server is the test's own (conftest.RedisServer), kill
 started again where the test says.  The chat example over two processes is in
 test_chat_redis.py."""
 import logging
+import os
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -633,3 +637,42 @@ def test_sharing_rules(backend, server):
 def connect_recv(sock):
     sock.settimeout(10)
     return sock.recv(100)
+
+
+def test_a_redis_server_of_the_fixtures_dies_with_the_process_that_started_it(tmp_path):
+    """The fixtures start redis-server with a parent-death signal: a pytest killed with -9
+    (CI's bound, a crash) leaves none behind, holding a port (several were found after
+    killed runs)."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not installed (scripts/test.sh installs it)")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    starter = subprocess.Popen(
+        [sys.executable, "-c",
+         "import subprocess, sys, time; sys.path.insert(0, sys.argv[1]); import conftest; "
+         "p = subprocess.Popen(conftest._redis_argv(sys.argv[2], '--port', str(conftest._free_port()),"
+         " '--bind', '127.0.0.1', '--save', '', '--dir', sys.argv[3]), stdout=subprocess.DEVNULL); print(p.pid, flush=True); "
+         "time.sleep(60)", tests, exe, str(tmp_path)],
+        stdout=subprocess.PIPE, text=True)
+    pid = int(starter.stdout.readline())
+
+    def comm():
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+
+    def gone():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        except FileNotFoundError:
+            return True
+    try:
+        # setpriv sets the signal, then execs redis-server: not before that
+        wait_for(lambda: comm() == "redis-server", 10, "redis-server to start")
+        starter.kill()
+        starter.wait(10)
+        wait_for(gone, 10, "the redis-server to die with its parent")
+    finally:
+        if not gone():
+            os.kill(pid, signal.SIGKILL)
+        starter.stdout.close()
