@@ -1,6 +1,7 @@
 """Peers that go away at the worst moment (attack round, session 9): what the user reads
 in OnDisconnected and the log must name what failed, and the server goes on."""
 import gc
+import re
 import logging
 import socket
 import struct
@@ -256,3 +257,44 @@ def test_one_send_larger_than_the_send_queue_limit_is_not_blamed_on_the_peer(
     (reason,), = events.of("disconnected")
     assert reason.startswith("send queue limit exceeded: "), reason
     assert "one Send of 16777216 bytes" in reason and "not reading" not in reason, reason
+
+
+FLOOD_LINE = re.compile(r"\.\.\. and (\d+) more TLS handshake failures in the last "
+                        r"[\d.]+ s \(the last: .*TLS handshake failed: ")
+
+
+def test_a_flood_of_failed_tls_handshakes_is_logged_once_per_burst(backend, pki,
+                                                                     caplog_iocpnet):
+    # Each failed handshake wrote its line: a peer opening connections that speak
+    # anything but TLS (or connect and reset) wrote one line each to the log, as fast
+    # as it could connect.  A burst logs its first few lines, then one line counting
+    # the rest, once the burst is quiet (every failure still in the stats).
+    events = Events()
+    srv = Server(echo_session(events), backend, ssl=server_context(pki)).start()
+    n = 120
+    try:
+        for i in range(n):
+            bad = connect(srv.address)
+            if i % 3 == 2:
+                reset(bad)                                  # bare connect and reset
+                continue
+            bad.sendall(b"GET / HTTP/1.0\r\n\r\n" if i % 3 == 0 else
+                        client_hello()[:40] + b"\x00" * 600)    # not TLS / a bad hello
+            try:
+                bad.recv(4096)
+            except OSError:
+                pass
+            bad.close()
+        wait_for(lambda: len(events.of("disconnected")) == n, 30, f"{n} sessions ended")
+        wait_for(lambda: any(FLOOD_LINE.match(r.getMessage())
+                             for r in caplog_iocpnet.records), 10, "the burst's count")
+        assert_good_client_works(srv.address, pki)
+    finally:
+        srv.stop()
+    lines = _handshake_lines(caplog_iocpnet, "TLS handshake failed")
+    counts = [FLOOD_LINE.match(r.getMessage()) for r in lines]
+    full = [r for r, m in zip(lines, counts) if m is None]
+    counted = sum(int(m.group(1)) for m in counts if m is not None)
+    assert len(full) + counted == n, [r.getMessage() for r in lines]
+    assert len(full) <= 5 and len(lines) - len(full) <= 2, [r.getMessage() for r in lines]
+    assert srv.service.stats()["sessions"]["total"] == n + 1

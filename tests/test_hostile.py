@@ -793,6 +793,50 @@ def test_failing_session_factory_is_retried_with_a_growing_back_off(
     log.check_exactly_once(srv.service)
 
 
+def test_a_factory_failing_every_other_call_is_logged_once_per_burst(
+        server, caplog_iocpnet):
+    """A factory failing every other call (a pool that is empty now and then): each
+    success ended the burst that bounds the logging, so every failure wrote a traceback
+    and a "works again" line (review6: ~12k tracebacks in 4 s).  Now the first run of
+    failures is logged as before and the later ones are counted, in one line once the
+    failures stop for a second: every failure is in the log's figures, the tracebacks
+    are one."""
+    log = Log()
+    echo = echo_class(log)
+    calls = itertools.count()
+    lock = threading.Lock()
+
+    def factory():
+        with lock:
+            i = next(calls)
+        if i % 2:
+            raise RuntimeError(f"the pool is empty (call {i})")
+        return echo()
+
+    srv = server(factory, accepts=4)
+    for i in range(100):
+        with connect(srv.address, timeout=15) as c:
+            want = b"client %d" % i
+            c.sendall(want)
+            assert recv_exactly(c, len(want)) == want
+    counted = re.compile(r"\.\.\. and (\d+) more session factory failures in the last "
+                         r"[\d.]+ s \(the last: RuntimeError: the pool is empty")
+    wait_for(lambda: any(counted.match(r.getMessage()) for r in caplog_iocpnet.records),
+             10, "the count of the failures not logged")
+    srv.listener.Close()         # no more calls: the figures below stay put
+    failures = srv.service.factory_failures
+    assert failures >= 40, failures
+    records = [r for r in caplog_iocpnet.records if "session factory" in r.getMessage()]
+    messages = [r.getMessage() for r in records]
+    assert sum(r.exc_info is not None for r in records) == 1, messages
+    assert len(records) <= 4, messages
+    in_full = sum(int(m.group(1)) for m in
+                  (re.search(r"works again after (\d+) failures", t) for t in messages) if m)
+    in_count = sum(int(m.group(1)) for m in map(counted.match, messages) if m)
+    assert in_full + in_count == failures, messages
+    log.check_exactly_once(srv.service)
+
+
 def test_a_client_connecting_after_a_factory_burst_is_served(server, caplog_iocpnet):
     """One slot; its session taken by a connection while the factory fails, so no
     session is ready for the next one.  Where one accept serves every connection

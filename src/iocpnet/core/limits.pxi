@@ -487,3 +487,122 @@ cdef void _limits_stopping(Service svc) noexcept:
             logger.warning("%s", line)
     except BaseException:
         logger.exception("logging the refused connections failed")
+
+
+# ---- one line per burst of a repeated failure ----
+#
+# A failure a peer can repeat at will (a failed TLS handshake: connect, send anything but
+# TLS, again) or a session factory failing every other call wrote a line (a traceback)
+# each time: thousands a second, the log flooded and the lines that matter buried.  A
+# _LogBurst lets the first few of a burst through in full and counts the rest, written
+# once the burst has been quiet for a second (and once a minute while it lasts) as
+#
+#     ... and 412 more TLS handshake failures in the last 2.3 s (the last: <...>)
+#
+# at the highest level among them.  A burst that follows a quiet second logs in full
+# again.  Failures only: nothing here runs on a path that works.
+
+cdef int _logging_INFO = logging.INFO
+cdef int _logging_WARNING = logging.WARNING
+cdef int _logging_ERROR = logging.ERROR
+
+cdef enum:
+    _LOG_BURST_QUIET_MS = 1000       # a burst ends after this long without an event
+    _LOG_BURST_REMIND_MS = 60000     # the count while it lasts
+
+
+@cython.final
+cdef class _LogBurst:
+    """One kind of log line, bounded per burst (see above).  Any thread."""
+    cdef object core             # IocpCore: its timer writes the count
+    cdef str what                # "TLS handshake failures"
+    cdef int lines               # logged in full per burst
+    cdef object lock
+    cdef int logged              # lines logged in full in this burst
+    cdef int64_t more            # counted since the last count line
+    cdef int level               # the highest level among them
+    cdef str last                # the last of them
+    cdef int64_t from_ms         # the first of them
+    cdef int64_t last_ms         # the burst's last event, counted or not
+    cdef bint tick_pending
+
+    def __cinit__(self, core, str what, int lines):
+        self.core = core
+        self.what = what
+        self.lines = lines
+        self.lock = threading.Lock()
+
+    cdef bint note(self, int level, str text) except -1:
+        """An event: True if it is one of the burst's first lines, to be logged in full
+        by the caller; else it is counted (`text`, what that line would have said)."""
+        cdef int64_t now = port_monotonic_ms()
+        cdef bint full, start
+        with self.lock:
+            self.last_ms = now
+            full = self.logged < self.lines
+            if full:
+                self.logged += 1
+            else:
+                if self.more == 0:
+                    self.from_ms = now
+                    self.level = level
+                self.more += 1
+                self.level = max(self.level, level)
+                self.last = text
+            start = not self.tick_pending
+            self.tick_pending = True
+        if start:
+            self._start_tick()
+        return full
+
+    cdef void flush(self) noexcept:
+        """Write the count now (the service stops, the listener closes): the tick may
+        never run once the core closes."""
+        try:
+            with self.lock:
+                level, line = self._count_line(port_monotonic_ms())
+            if line is not None:
+                logger.log(level, "%s", line)
+        except BaseException:
+            logger.exception("logging the count of %s failed", self.what)
+
+    cdef tuple _count_line(self, int64_t now):
+        """(under lock) The count line (None if nothing was counted), and a fresh count."""
+        if self.more == 0:
+            return 0, None
+        line = (f"... and {self.more} more {self.what} in the last "
+                f"{max(now - self.from_ms, 0) / 1000.0:.1f} s (the last: {self.last})")
+        self.more = 0
+        self.last = None
+        return self.level, line
+
+    def _tick(self):
+        """The burst's timer: the count once it is quiet (then the next burst logs in
+        full again), or once a minute while it lasts."""
+        cdef int64_t now = port_monotonic_ms()
+        with self.lock:
+            quiet = now - self.last_ms >= _LOG_BURST_QUIET_MS
+            level, line = 0, None
+            if quiet or now - self.from_ms >= _LOG_BURST_REMIND_MS:
+                level, line = self._count_line(now)
+            if quiet:
+                self.logged = 0
+            self.tick_pending = not quiet
+        if line is not None:
+            logger.log(level, "%s", line)
+        if not quiet:
+            self._start_tick()
+
+    cdef void _start_tick(self) noexcept:
+        try:
+            # Internal: a count can still be written while the core closes.
+            (<IocpCore>self.core)._start_timer(_LOG_BURST_QUIET_MS / 1000.0, 0.0,
+                                               self._tick, (), True)
+            return
+        except BaseException:
+            pass
+        # The core is closed (no timer can start): the count is written now.
+        with self.lock:
+            self.tick_pending = False
+            self.logged = 0
+        self.flush()

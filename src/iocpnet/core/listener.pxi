@@ -77,6 +77,11 @@ cdef class Listener(IocpObject):
     cdef volatile int32_t _burst      # factory failures in a row
     cdef int64_t _burst_start_ms
     cdef int64_t _burst_logged_ms
+    # A run of failures is logged in full (its traceback, its end) only if it is the
+    # first of a burst of runs: a factory failing every other call is one burst of
+    # one-failure runs, the later ones counted by _factory_log (limits.pxi).
+    cdef bint _run_logged
+    cdef _LogBurst _factory_log
     cdef readonly bint websocket  # sessions accepted here speak WebSocket (websocket.pxi)
     # Classes refused with a traceback logged (once each); weak: a factory may make a
     # class per connection, and a refused class serves nothing after.
@@ -188,6 +193,7 @@ cdef class Listener(IocpObject):
             self._port = portnum
         self.core = core
         self._service = service
+        self._factory_log = _LogBurst(core, "session factory failures", 1)
         # One operation per slot, and the multishot accept's after them.
         self._ops = <port_op_t *>malloc((count + 1) * sizeof(port_op_t))
         self._ready = <int *>malloc(count * sizeof(int))
@@ -584,7 +590,7 @@ cdef class Listener(IocpObject):
         """A session from the factory for `slot`, or None: then `slot` and the slots in
         `more` (None: no others) wait in _unfed for the factory's back-off timer."""
         cdef int64_t now
-        cdef bint first, remind, start
+        cdef bint first, remind, start, full = False
         cdef int delay_ms = 0, n
         try:
             s = self._service._new_session()
@@ -603,7 +609,14 @@ cdef class Listener(IocpObject):
                 first = n == 1
                 if first:
                     self._burst_start_ms = self._burst_logged_ms = now
-                remind = not first and now - self._burst_logged_ms >= 60000
+                    # Decided here, under the lock, so that a failure of the same
+                    # run on another worker reads it settled.
+                    self._run_logged = full = self._factory_log.note(
+                        _logging_ERROR, _describe_exc(e))
+                elif not self._run_logged:
+                    self._factory_log.note(_logging_ERROR, _describe_exc(e))
+                remind = self._run_logged and not first and \
+                    now - self._burst_logged_ms >= 60000
                 if remind:
                     self._burst_logged_ms = now
                 start = self._factory_timer is None and not self._closing
@@ -628,10 +641,12 @@ cdef class Listener(IocpObject):
                     # delay): a spent timer kept here would stop every retry after.
                     if self._factory_timer is claim:
                         self._factory_timer = t
-            # One line when a burst of failures starts (with the traceback), one when
+            # One line when a run of failures starts (with the traceback), one when
             # it ends (with the count), and a reminder a minute while it lasts: never a
-            # traceback per slot.
-            if first:
+            # traceback per slot.  A run that follows another within a second is
+            # counted instead (_factory_log), or a factory failing every other call
+            # would log a traceback per failure.
+            if full:
                 logger.error("the session factory failed; accept slots wait for it, "
                              "retried with a growing back-off (50 ms up to 1 s)",
                              exc_info=(type(e), e, e.__traceback__))
@@ -653,14 +668,16 @@ cdef class Listener(IocpObject):
             n = port_atomic_xchg32(&self._burst, 0)
             if n == 0:
                 return
+            logged = self._run_logged
             self._factory_backoff_ms = 0
             unfed = self._unfed
             self._unfed = []
             timer = self._factory_timer
             if isinstance(timer, Timer):
                 self._factory_timer = None
-        logger.warning("the session factory works again after %d failures in %.1f s",
-                       n, (now - self._burst_start_ms) / 1000.0)
+        if logged:
+            logger.warning("the session factory works again after %d failures in %.1f s",
+                           n, (now - self._burst_start_ms) / 1000.0)
         if isinstance(timer, Timer):
             timer.Cancel()
         for i in unfed:
@@ -709,6 +726,8 @@ cdef class Listener(IocpObject):
             timer.Cancel()
         if isinstance(factory_timer, Timer):
             factory_timer.Cancel()
+        if self._factory_log is not None:
+            self._factory_log.flush()
         armed = False
         port_spin_lock(&self._slot_lock)      # _closing is read under it
         armed = self._armed

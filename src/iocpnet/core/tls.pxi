@@ -68,6 +68,18 @@ cdef object _tls_context(object context):
     return context
 
 
+cdef void _log_handshake_failure(Session s, int level, str reason) noexcept:
+    """A failed handshake's line.  A peer can fail handshakes as fast as it can connect
+    (anything but TLS, or connect and reset): its service logs a burst's first lines and
+    counts the rest (_LogBurst, limits.pxi); the stats count every one."""
+    try:
+        text = f"{repr(s)}: {reason}"
+        if s._service is None or s._service._tls_log.note(level, text):
+            logger.log(level, "%s", text)
+    except BaseException:
+        logger.exception("logging a failed TLS handshake failed")
+
+
 cdef str _tls_describe(BaseException e):
     if _ssl_mod is not None and isinstance(e, _ssl_mod.SSLError):
         return _ssl_tail.sub("", str(e)) or type(e).__name__
@@ -327,10 +339,8 @@ cdef class _Tls:
             # A reset or a failed send cut the handshake (_io_reason named it): logged
             # here, outside the mutex a failed send-now holds, as _fail logs the others.
             self.state = T_CLOSED
-            if self.fed:
-                logger.warning("%s: %s", repr(s), s._reason)
-            else:
-                logger.info("%s: %s", repr(s), s._reason)
+            _log_handshake_failure(s, _logging_WARNING if self.fed else _logging_INFO,
+                                   s._reason)
         if not self.server_side and self.version is None and \
                 s._hooks.on_connect_failed is not None and \
                 str(s._reason).startswith("TLS handshake failed"):
@@ -357,10 +367,7 @@ cdef class _Tls:
         if not first:
             return
         reason = f"TLS handshake failed: {why}"
-        if quiet:
-            logger.info("%s: %s", repr(s), reason)
-        else:
-            logger.warning("%s: %s", repr(s), reason)
+        _log_handshake_failure(s, _logging_INFO if quiet else _logging_WARNING, reason)
         _close_now(s, reason, True)
 
     cdef void _step(self, Session s, port_cqe_t *cqe) noexcept:
@@ -399,9 +406,10 @@ cdef class _Tls:
         if err is not None:
             if handshaking and not st.opened:
                 reason = f"TLS handshake failed: {_tls_describe(err)}"
+                _log_handshake_failure(s, _logging_WARNING, reason)
             else:
                 reason = f"TLS error: {_tls_describe(err)}"
-            logger.warning("%s: %s", repr(s), reason)
+                logger.warning("%s: %s", repr(s), reason)
             _begin_disconnect(s, reason, True)
         if st.opened:
             timer = self.timer
