@@ -932,7 +932,8 @@ def _src_parse(stream, want):
     return None
 
 
-def test_sends_from_every_source_stay_whole_and_in_order(server):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sends_from_every_source_stay_whole_and_in_order(server, workers):
     """One session sends from five places at once: its OnRecv (a record per byte the
     peer sends), a user thread, jobs posted to the session (Post), its timers
     (CallLater) and core jobs (IocpCore.Post, which run on any worker, beside the
@@ -940,7 +941,8 @@ def test_sends_from_every_source_stay_whole_and_in_order(server):
     the first 0.3 s, then slowly: Sends go out partly and queue the rest while other
     threads Send, and the socket has room now and then while the queue is not empty.
     Each source's records must arrive whole (no two Sends' bytes interleaved) and in
-    the order its Sends were called (each source calls Send under a lock of its own)."""
+    the order its Sends were called (each source calls Send under a lock of its own).
+    With one worker (it owns the io_uring ring) or two."""
     per_source = 24
     up = threading.Event()
     box = {}
@@ -963,7 +965,7 @@ def test_sends_from_every_source_stay_whole_and_in_order(server):
             for _ in range(len(data)):
                 self._next(0)
 
-    srv = server(Talker, workers=2)
+    srv = server(Talker, workers=workers)
     total = sum(len(_src_record(src, i)) for src in range(5) for i in range(per_source))
     with connect(srv.address, timeout=30) as c:
         assert up.wait(10)
@@ -1056,9 +1058,10 @@ def _pipe_msg(conn, rnd, i):
     return head + bytes([(conn * 7 + rnd * 13 + i) & 0xFF]) * (_PIPE_MSG - len(head))
 
 
-def test_a_small_receive_pool_under_pipelined_load_from_50_connections(server):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_small_receive_pool_under_pipelined_load_from_50_connections(server, workers):
     """50 connections each send 16 messages of 64 B at once, for 10 rounds, to a core
-    with 4 receive buffers and 2 workers.  Most sessions echo message by message (a
+    with 4 receive buffers and one worker (which owns the io_uring ring) or two.  Most sessions echo message by message (a
     Send per message, of a slice of the view); some keep every view they get; one in
     ten raises in round 3, one in ten sends 'bye', Disconnects, then Sends again (which
     must be refused).  Every echo is exact, each ending session's peer sees exactly
@@ -1093,7 +1096,7 @@ def test_a_small_receive_pool_under_pipelined_load_from_50_connections(server):
                 self.Send(data[at:at + _PIPE_MSG])
             return whole
 
-    srv = server(Pipe, workers=2, accepts=64, core_kw={"recv_buffer_count": 4})
+    srv = server(Pipe, workers=workers, accepts=64, core_kw={"recv_buffer_count": 4})
     socks = [connect(srv.address, timeout=30) for _ in range(conns)]
     got = {c: bytearray() for c in socks}
     ended = set()
