@@ -300,8 +300,10 @@ def test_prometheus_scrape(server):
     metrics = srv.service.ServeMetrics(0, name="game")
     run_echo_clients(srv.address)
     wait_for(lambda: srv.service.session_count == 0, 10, "every session to end")
-    got = samples(scrape(metrics.port))
+    # stats() first: a worker may still dispatch a batch (an accept re-armed...) after
+    # the last session ended, so only a scrape taken after it is sure to count as many.
     st = srv.service.stats()
+    got = samples(scrape(metrics.port))
     lab = (("backend", srv.core.backend), ("service", "game"))
     assert got[("iocpnet_sessions", lab)] == 0
     assert got[("iocpnet_sessions_started_total", lab)] == CLIENTS
