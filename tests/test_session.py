@@ -180,6 +180,49 @@ def test_server_side_disconnect(server, recorder):
     assert recorder.disconnected == [("Quitter", "client asked to quit")]
 
 
+class _StrRaises:
+    def __str__(self):
+        raise RuntimeError("no text for you")
+
+
+# (call, its argument, the reason OnDisconnected gets)
+_REASONS = [
+    ("Disconnect", None, "disconnected"),          # was "None"
+    ("Abort", None, "aborted"),                    # was "None"
+    ("Disconnect", "", "disconnected"),            # was ""
+    ("Disconnect", 42, "42"),
+    ("Disconnect", ValueError("bad move"), "bad move"),
+    ("Abort", ValueError(), "ValueError"),         # was ""
+    ("Disconnect", _StrRaises(), "_StrRaises"),    # raised in the hook
+]
+
+
+def test_a_careless_disconnect_reason_still_reads(server, recorder, caplog_iocpnet):
+    # Disconnect(None) ended the session with the reason "None", an empty reason or
+    # an exception without a message gave "", and a reason whose str() raised made
+    # the hook that called Disconnect raise instead of ending the session.
+    class Careless(iocpnet.Session):
+        def OnRecv(self, data):
+            call, arg, _ = _REASONS[bytes(data)[0]]
+            assert getattr(self, call)(arg)
+
+        def OnDisconnected(self, reason):
+            recorder.on_disconnected(self, reason)
+
+    srv = server(Careless)
+    for i in range(len(_REASONS)):
+        with connect(srv.address) as c:
+            c.sendall(bytes([i]))
+            try:
+                recv_until_eof(c)
+            except ConnectionResetError:
+                pass                                   # Abort
+            recorder.wait_disconnects(i + 1)
+    assert [r for _, r in recorder.disconnected] == [want for _, _, want in _REASONS]
+    raised = [r.getMessage() for r in caplog_iocpnet.records if "raised" in r.getMessage()]
+    assert not raised, raised
+
+
 def test_disconnect_with_unread_input_still_ends_with_a_fin(server):
     """Input the server never read is dropped before the close: a socket closed with
     unread input sends a reset, and the peer's kernel would report it instead of the

@@ -506,12 +506,13 @@ class Session(IocpObject):
         be reading: the session is disconnected and False returned.
         """
 
-    def Disconnect(self, reason: str = "disconnected") -> bool:
+    def Disconnect(self, reason: object = "disconnected") -> bool:
         """End the session (idempotent, any thread): no more OnRecv; what Send already
         queued is still sent (up to ``flush_timeout`` seconds), then the socket closes
-        and OnDisconnected(reason) runs.  Returns True if this call started it."""
+        and OnDisconnected(reason) runs.  Returns True if this call started it.
+        ``reason``: any object, shown as its str (None or "": "disconnected")."""
 
-    def Abort(self, reason: str = "aborted") -> bool:
+    def Abort(self, reason: object = "aborted") -> bool:
         """End the session at once: queued data is dropped and the peer sees a reset."""
 
     # ---- the session's strand ----

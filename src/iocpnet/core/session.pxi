@@ -242,6 +242,24 @@ cdef inline port_op_t *_connect_op(Session s) noexcept:
     return &s._recv_op
 
 
+cdef str _reason_text(object reason, str default):
+    """Disconnect's or Abort's reason as OnDisconnected and the log show it: None or an
+    empty text is the call's default (not "None", not ""), anything else its str (an
+    exception's type when its message is empty, an object's type when its str raises:
+    the careless call still ends the session instead of raising in the hook)."""
+    if type(reason) is not str:
+        if reason is None:
+            return default
+        try:
+            text = str(reason)
+        except Exception:
+            return type(reason).__name__
+        if not text and isinstance(reason, BaseException):
+            return type(reason).__name__
+        reason = text
+    return reason if reason else default
+
+
 cdef str _describe_exc(BaseException e):
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
@@ -544,12 +562,13 @@ cdef class Session(IocpObject):
     def Disconnect(self, reason="disconnected"):
         """End the session (idempotent, any thread): no more OnRecv; what Send already
         queued is still sent (up to ``flush_timeout`` seconds), then the socket closes
-        and OnDisconnected(reason) runs.  Returns True if this call started it."""
-        return _begin_disconnect(self, str(reason), True)
+        and OnDisconnected(reason) runs.  Returns True if this call started it.
+        ``reason``: any object, shown as its str (None or "": "disconnected")."""
+        return _begin_disconnect(self, _reason_text(reason, "disconnected"), True)
 
     def Abort(self, reason="aborted"):
         """End the session at once: queued data is dropped and the peer sees a reset."""
-        return _close_now(self, str(reason), True)
+        return _close_now(self, _reason_text(reason, "aborted"), True)
 
     # ---- internals: connection set-up ----
 
