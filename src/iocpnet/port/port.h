@@ -118,7 +118,15 @@ extern "C" {
     XX(-29, EINTR, "interrupted")                                                   \
     XX(-30, EMSGSIZE, "message too long")                                           \
     XX(-31, EOPNOTSUPP, "operation not supported")                                  \
-    XX(-32, EUNKNOWN, "unknown error")
+    XX(-32, EUNKNOWN, "unknown error")                                              \
+    XX(-33, EFAULT, "bad address")                                                  \
+    XX(-34, EISCONN, "socket is already connected")                                 \
+    XX(-35, EALREADY, "operation already in progress")                              \
+    XX(-36, EINPROGRESS, "operation now in progress")                               \
+    XX(-37, EDESTADDRREQ, "destination address required")                           \
+    XX(-38, EPROTONOSUPPORT, "protocol not supported")                              \
+    XX(-39, EPROTOTYPE, "protocol wrong type for socket")                           \
+    XX(-40, ENOPROTOOPT, "protocol not available")
 
 enum port_err {
     PORT_OK = 0,

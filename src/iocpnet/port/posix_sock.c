@@ -56,10 +56,25 @@ int port_err_from_os(int e) {
     case EINTR: return PORT_EINTR;
     case EMSGSIZE: return PORT_EMSGSIZE;
     case EOPNOTSUPP: return PORT_EOPNOTSUPP;
+    case EFAULT: return PORT_EFAULT;
+    case EISCONN: return PORT_EISCONN;
+    case EALREADY: return PORT_EALREADY;
+    case EINPROGRESS: return PORT_EINPROGRESS;
+    case EDESTADDRREQ: return PORT_EDESTADDRREQ;
+    case EPROTONOSUPPORT: case ESOCKTNOSUPPORT: return PORT_EPROTONOSUPPORT;
+    case EPROTOTYPE: return PORT_EPROTOTYPE;
+    case ENOPROTOOPT: return PORT_ENOPROTOOPT;
     /* The kernel reports a peer that vanished mid-connect or a dead route this way. */
     case EHOSTDOWN: return PORT_EHOSTUNREACH;
     case ENONET: return PORT_ENETUNREACH;
     case EPROTO: return PORT_ECONNABORTED;
+    /* As Winsock's twins read (win_sock.c): keep-alive found the connection dead; a
+     * send after shutdown; io_uring's own timeout code. */
+    case ENETRESET: return PORT_ECONNRESET;
+    case ESHUTDOWN: return PORT_EPIPE;
+#ifdef ETIME
+    case ETIME: return PORT_ETIMEDOUT;
+#endif
     }
     return PORT_EUNKNOWN;
 }

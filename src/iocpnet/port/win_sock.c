@@ -95,8 +95,18 @@ int port_err_from_os(int e) {
         return PORT_ENOMEM;
     case WSAEINVAL:
     case ERROR_INVALID_PARAMETER:   /* == WSA_INVALID_PARAMETER */
-    case WSAEFAULT:
         return PORT_EINVAL;
+    case WSAEFAULT:
+    case ERROR_NOACCESS:            /* from STATUS_ACCESS_VIOLATION: a bad buffer */
+        return PORT_EFAULT;
+    case WSAEISCONN:
+        return PORT_EISCONN;
+    case WSAEDESTADDRREQ:
+        return PORT_EDESTADDRREQ;
+    case WSAEPROTOTYPE:
+        return PORT_EPROTOTYPE;
+    case WSAENOPROTOOPT:
+        return PORT_ENOPROTOOPT;
     /* Not a socket (closed, or never one): what EBADF / ENOTSOCK are on Linux. */
     case WSAENOTSOCK:
     case WSAEBADF:
@@ -112,18 +122,21 @@ int port_err_from_os(int e) {
     case WSASYSCALLFAILURE:
         return PORT_ENOSYS;
     case ERROR_BUSY:
-    case WSAEINPROGRESS:
-    case WSAEALREADY:
         return PORT_EBUSY;
+    case WSAEINPROGRESS:
+        return PORT_EINPROGRESS;
+    case WSAEALREADY:
+        return PORT_EALREADY;
     case ERROR_IO_DEVICE:
         return PORT_EIO;
     case WSAEMSGSIZE:
         return PORT_EMSGSIZE;
     case WSAEOPNOTSUPP:
     case ERROR_NOT_SUPPORTED:
+        return PORT_EOPNOTSUPP;
     case WSAEPROTONOSUPPORT:
     case WSAESOCKTNOSUPPORT:
-        return PORT_EOPNOTSUPP;
+        return PORT_EPROTONOSUPPORT;
     case WSAHOST_NOT_FOUND:
     case WSANO_DATA:
         return PORT_ENONAME;
