@@ -12,8 +12,8 @@ Several servers, one set of rooms (through Redis):
     --processes N` does for the echo server)
 
 Clients take a nick, join and leave rooms (64 at once at most), say things in them (5
-a second, 20 at once: --say-rate), and ask for the room list or who is in a room.  The
-protocol (packet ids and payloads) is defined and documented in one module,
+a second, 20 at once: --say-rate), and ask for the room list or who is in a room (as
+often: --query-rate).  The protocol (packet ids and payloads) is defined and documented in one module,
 ``iocpnet.chat_protocol``, shared by this server, the client and
 ``python -m iocpnet dummy-client --protocol chat``.
 
@@ -45,7 +45,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Sequence, Set
+from typing import Dict, Iterable, List, Optional, Sequence, Set
 
 import iocpnet
 from iocpnet import chat_protocol as proto
@@ -66,9 +66,48 @@ MAX_ROOMS_PER_SESSION = 64
 # burst of refusals is disconnected.
 SAY_RATE = 5.0
 SAY_BURST = 20
+# What one client may ask (WHO, ROOMS): each answer lists a whole room, or every room,
+# built and sent per request.  A bucket of their own, the same rules (--query-rate).
+QUERY_RATE = 5.0
+QUERY_BURST = 20
 
 # The browser client, served on the --web-port listener.
 PAGE = (Path(__file__).resolve().parent / "chat_page.html").read_bytes()
+
+
+class RateLimit:
+    """One kind of request's limit per client: a token bucket holding `burst` tokens,
+    refilled at `rate` a second (0: no limit).  The bucket is the session's (a
+    [tokens, stamp] list) and is used on its strand: no lock."""
+
+    def __init__(self, what: str, rate: float, burst: int) -> None:
+        self.what = what                  # "messages", "questions"
+        self.rate = rate
+        self.burst = burst
+
+    def bucket(self) -> List[float]:
+        return [float(self.burst), time.monotonic()]
+
+    def allowed(self, session: ChatSession, bucket: List[float]) -> bool:
+        """Take a token.  A request over the limit is answered with an error (and
+        still costs a token); one a burst past that, the client is cut."""
+        if self.rate <= 0:
+            return True
+        now = time.monotonic()
+        burst = self.burst
+        tokens = min(float(burst), bucket[0] + (now - bucket[1]) * self.rate)
+        bucket[0], bucket[1] = tokens - 1.0, now
+        if tokens >= 1.0:
+            return True
+        if tokens - 1.0 <= -burst:
+            why = (f"flooding: {burst} {self.what} refused in a row (at most "
+                   f"{self.rate:g} a second, {burst} at once)")
+            log.warning("%s disconnected: %s", session.nick, why)
+            session.Disconnect(why)
+        else:
+            session.Send(proto.error(f"too fast: at most {self.rate:g} {self.what} a "
+                                     f"second ({burst} at once); dropped"))
+        return False
 
 
 class ChatServer:
@@ -81,7 +120,8 @@ class ChatServer:
     """
 
     def __init__(self, backplane: Optional[iocpnet.RedisBackplane] = None, *,
-                 say_rate: float = SAY_RATE, say_burst: int = SAY_BURST) -> None:
+                 say_rate: float = SAY_RATE, say_burst: int = SAY_BURST,
+                 query_rate: float = QUERY_RATE, query_burst: int = QUERY_BURST) -> None:
         # Guards `rooms` and `nicks`.  Held around joins, leaves and nick changes (a
         # room is made and closed under it); saying something takes no lock at all:
         # Group.Broadcast keeps each room's order by itself.
@@ -93,8 +133,8 @@ class ChatServer:
         # With Redis, nicks are unique per server only: guests get this server's tag,
         # so that two servers never hand out the same guest name.
         self._tag = f"-{backplane.server_id[:4]}" if backplane is not None else ""
-        self.say_rate = say_rate
-        self.say_burst = say_burst
+        self.say_limit = RateLimit("messages", say_rate, say_burst)
+        self.query_limit = RateLimit("questions", query_rate, query_burst)
 
     def session_factory(self) -> ChatSession:
         return ChatSession(self)
@@ -194,7 +234,7 @@ class ChatServer:
         return None
 
     def say(self, session: ChatSession, name: str, message: str) -> Optional[str]:
-        if self.say_rate > 0 and not self._say_allowed(session):
+        if not self.say_limit.allowed(session, session.say_bucket):
             return None
         room = self.rooms.get(name)
         if room is None or name not in session.rooms:
@@ -204,36 +244,19 @@ class ChatServer:
         room.Broadcast(proto.said(name, session.nick, message))    # built once
         return None
 
-    def _say_allowed(self, session: ChatSession) -> bool:
-        """Take a token from the session's bucket (on its strand: no lock).  A SAY
-        over the limit is answered with an error; one a burst past that, the client
-        is cut."""
-        now = time.monotonic()
-        burst = self.say_burst
-        tokens = min(float(burst), session.say_tokens + (now - session.say_stamp) *
-                     self.say_rate)
-        session.say_stamp = now
-        session.say_tokens = tokens - 1.0
-        if tokens >= 1.0:
-            return True
-        if tokens - 1.0 <= -burst:
-            why = (f"flooding: {burst} messages refused in a row (at most "
-                   f"{self.say_rate:g} a second, {burst} at once)")
-            log.warning("%s disconnected: %s", session.nick, why)
-            session.Disconnect(why)
-        else:
-            session.Send(proto.error(f"too fast: at most {self.say_rate:g} messages a "
-                                     f"second ({burst} at once); message dropped"))
-        return False
-
-    def room_list(self) -> bytes:
-        """The rooms with members on this server (and how many here)."""
+    def rooms_list(self, session: ChatSession) -> None:
+        """Answer `session` with the rooms with members on this server (and how many
+        here)."""
+        if not self.query_limit.allowed(session, session.query_bucket):
+            return
         with self.lock:
             entries = [(name, len(r)) for name, r in self.rooms.items()]
-        return proto.room_list(sorted(entries))
+        session.Send(proto.room_list(sorted(entries)))
 
     def who(self, session: ChatSession, name: str) -> None:
         """Answer `session` with who is in `name` (every server's members, with Redis)."""
+        if not self.query_limit.allowed(session, session.query_bucket):
+            return
         if self.backplane is not None:
             self.backplane.Who(name, lambda names: session.Send(proto.who_list(name, names)))
             return
@@ -259,8 +282,8 @@ class ChatSession(iocpnet.PacketSession):
         self.server = server
         self.nick = ""
         self.rooms: Set[str] = set()
-        self.say_tokens = float(server.say_burst)     # ChatServer._say_allowed
-        self.say_stamp = time.monotonic()
+        self.say_bucket = server.say_limit.bucket()
+        self.query_bucket = server.query_limit.bucket()
 
     def OnUpgrade(self, request: iocpnet.WebSocketRequest) -> Optional[iocpnet.HttpResponse]:
         """The --web-port listener: an upgrade (the page uses /ws) is the chat over
@@ -326,7 +349,7 @@ def on_say(session: ChatSession, payload: bytes) -> None:
 @handler.route(proto.C_ROOMS)
 def on_rooms(session: ChatSession, payload: bytes) -> None:
     proto.Reader(payload).end()
-    session.Send(session.server.room_list())
+    session.server.rooms_list(session)
 
 
 @handler.route(proto.C_WHO)
@@ -352,6 +375,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--say-rate", type=float, default=SAY_RATE,
                    help=f"messages a second one client may say, {SAY_BURST} at once "
                         f"(default {SAY_RATE:g}; 0: no limit, as a load test needs)")
+    p.add_argument("--query-rate", type=float, default=QUERY_RATE,
+                   help=f"WHO and ROOMS a second one client may ask, {QUERY_BURST} at "
+                        f"once (default {QUERY_RATE:g}; 0: no limit)")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
@@ -360,7 +386,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     backplane = None
     if args.redis:
         backplane = iocpnet.RedisBackplane(core, args.redis)
-    server = ChatServer(backplane, say_rate=args.say_rate)
+    server = ChatServer(backplane, say_rate=args.say_rate, query_rate=args.query_rate)
     listener = iocpnet.Listener((args.host, args.port), reuse_port=args.reuse_port)
     service = iocpnet.Service(core, listener, server.session_factory, 100,
                               max_sessions=args.max_sessions)

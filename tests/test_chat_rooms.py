@@ -1,4 +1,6 @@
 """The chat example's rooms under a hostile client (attack round, session 9)."""
+import pytest
+
 from iocpnet import chat_protocol as proto
 from conftest import wait_for
 from test_examples import chat, chat_connect, read_packets  # noqa: F401 (chat: a fixture)
@@ -61,4 +63,34 @@ def test_a_client_flooding_a_room_is_slowed_then_cut(chat):
                 r.str8()
                 heard.append(r.text())
         assert len(heard) <= burst + 2, len(heard)           # the burst, then b's own
+    wait_for(lambda: chat.service.session_count == 0, message="the sessions to end")
+
+
+@pytest.mark.parametrize("ask", ["who", "rooms"])
+def test_a_client_asking_who_or_rooms_without_end_is_slowed_then_cut(chat, ask):
+    # SAY is limited, WHO and ROOMS were not: each answer lists a whole room (or every
+    # room), so a client asking again and again made the server build and send that
+    # list as fast as the client could ask.  They share a bucket of their own, with the
+    # SAY limit's behaviour: past a burst an error, and past a burst of errors the cut.
+    mod = load_example("chat_server")
+    burst = getattr(mod, "QUERY_BURST", 20)
+    (a, _), (b, _) = chat_connect(chat), chat_connect(chat)
+    with a, b:
+        a.sendall(proto.join("lobby"))
+        read_packets(a, 2)
+        request = proto.who("lobby") if ask == "who" else proto.rooms()
+        answer = proto.S_WHO if ask == "who" else proto.S_ROOMS
+        a.sendall(request * 300)
+        got = []
+        try:
+            while True:
+                got += read_packets(a, 1)
+        except (ConnectionError, AssertionError, EOFError, OSError):
+            pass
+        errors = [p for i, p in got if i == proto.S_ERROR]
+        assert errors and b"too fast" in errors[0], got[-3:]
+        answered = sum(i == answer for i, _ in got)
+        assert answered <= burst + 1, f"{answered} of 300 answered (burst {burst})"
+        b.sendall(request)                                  # b is not limited by a
+        assert [p[0] for p in read_packets(b, 1)] == [answer]
     wait_for(lambda: chat.service.session_count == 0, message="the sessions to end")
