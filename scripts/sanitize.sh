@@ -22,7 +22,8 @@
 # - Every report fails the run: halt_on_error=1 for both (the process aborts at the
 #   first report, which fails its test or the whole pytest run), and each report is
 #   also written to $OUT/logs/{asan,ubsan}.PID, which are checked at the end (a report
-#   from a child process whose exit nobody checks still fails the run).
+#   from a child process whose exit nobody checks still fails the run).  UBSan ignores
+#   its log_path beside ASan: scripts/sanitize_site/sitecustomize.py sets it (why: there).
 # - Leaks: detect_leaks=0 for the Python run.  CPython does not free everything at
 #   exit, and with PYTHONMALLOC=malloc every such object is a "leak": thousands of
 #   reports that are not ours, and a suppression matching Python's frames would also
@@ -81,7 +82,8 @@ export LD_PRELOAD="$(readlink -f "$asan"):$(readlink -f "$ubsan")${LD_PRELOAD:+:
 export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:strict_init_order=1:detect_stack_use_after_return=0:log_path=$logs/asan"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:log_path=$logs/ubsan"
 export PYTHONMALLOC=malloc
-export PYTHONPATH="$srcdir${PYTHONPATH:+:$PYTHONPATH}"
+export IOCPNET_UBSAN_LOG=$logs/ubsan IOCPNET_UBSAN_LIB=$(readlink -f "$ubsan")
+export PYTHONPATH="$srcdir:$root/scripts/sanitize_site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONFAULTHANDLER=1
 
 step "pytest under ASan + UBSan (reports: $logs)"
