@@ -1061,12 +1061,12 @@ def _pipe_msg(conn, rnd, i):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_small_receive_pool_under_pipelined_load_from_50_connections(server, workers):
     """50 connections each send 16 messages of 64 B at once, for 10 rounds, to a core
-    with 4 receive buffers and one worker (which owns the io_uring ring) or two.  Most sessions echo message by message (a
-    Send per message, of a slice of the view); some keep every view they get; one in
-    ten raises in round 3, one in ten sends 'bye', Disconnects, then Sends again (which
-    must be refused).  Every echo is exact, each ending session's peer sees exactly
-    what its session sent before it ended, the kept views read back their bytes, and
-    the pool is whole at the end."""
+    with 4 receive buffers and one worker (which owns the io_uring ring) or two.  Most
+    sessions echo message by message (a Send per message, of a slice of the view); some
+    keep every view they get; one in ten raises in round 3, one in ten sends 'bye',
+    Disconnects, then Sends again (which must be refused).  Every echo is exact, each
+    ending session's peer sees exactly what its session sent before it ended, the kept
+    views read back their bytes, and the pool is whole at the end."""
     conns, rounds = 50, 10
     kept, late = [], []
     lock = threading.Lock()
@@ -1150,3 +1150,58 @@ def test_a_small_receive_pool_under_pipelined_load_from_50_connections(server, w
         kept.clear()
     srv = None               # a failure's traceback must not keep the core alive
     assert not problems, problems[:5]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_view_stays_exact_across_a_nested_dispatch(server, workers):
+    """OnRecv runs a Dispatch loop of its own (a nested event loop, supported since
+    test_lifecycle's case) while another connection's 20 messages are served, inside
+    that loop when there is one worker, on a core with 2 receive buffers: the other
+    hooks' views (a spare view per thread) and buffers come and go, and the outer
+    hook's view, and a memoryview of it, still read its own bytes afterwards."""
+    entered, inner_done = threading.Event(), threading.Event()
+    results = []
+    outer = b"\xaa" + bytes((i * 7) & 0xFF for i in range(3999))
+    inner = [b"\xbb" + bytes([i]) * (1000 + i) for i in range(20)]
+
+    class Nest(iocpnet.Session):
+        loop = None                      # the core (a Session does not expose it)
+
+        def OnRecv(self, data):
+            if data[0] != 0xAA:
+                self.Send(data)
+                return None
+            if len(data) < len(outer):
+                return 0
+            before = bytes(data)
+            m = memoryview(data)
+            entered.set()
+            deadline = time.monotonic() + 10
+            while not inner_done.is_set() and time.monotonic() < deadline:
+                if self.loop.Dispatch(20) < 0:
+                    break
+            results.append((before == outer, bytes(data) == outer, m.tobytes() == outer))
+            m.release()
+            self.Send(b"outer-done")
+            return None
+
+    srv = server(Nest, workers=workers, core_kw={"recv_buffer_count": 2})
+    Nest.loop, address = srv.core, srv.address
+    srv = None               # a failure's traceback must not keep the core alive
+    try:
+        with connect(address) as a, connect(address) as b:
+            for c in (a, b, a):          # the worker(s) have a spare view
+                c.sendall(b"warm")
+                assert recv_exactly(c, 4) == b"warm"
+            a.sendall(outer)
+            assert entered.wait(10), "the outer hook never ran"
+            try:
+                for msg in inner:
+                    b.sendall(msg)
+                    assert recv_exactly(b, len(msg)) == msg
+            finally:
+                inner_done.set()
+            assert recv_exactly(a, 10) == b"outer-done"
+    finally:
+        Nest.loop = None     # on 3.13t the class outlives the test
+    assert results == [(True, True, True)], results
