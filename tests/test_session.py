@@ -486,6 +486,40 @@ def test_a_stricter_send_timeout_keeps_its_sweep_when_a_looser_service_restarts_
         loose.Stop(5)
 
 
+def test_the_send_timeout_sweep_slows_down_once_the_short_timeouts_have_gone(server):
+    """A session with send_timeout 0.2 s makes the sweep run every 50 ms.  Once it had
+    gone, the sweep kept that period for as long as any session stayed (here one with
+    send_timeout 10 s, idle): 20 wake-ups a second, each looking at every session, where
+    the sessions left want 2.  Counted as the core's completions while nothing else
+    happens (timers run late on a loaded machine, never early: a count only falls)."""
+    class Loose(iocpnet.Session):
+        send_timeout = 10
+
+    class Strict(iocpnet.Session):
+        send_timeout = 0.2
+
+    srv = server(Loose)
+    listener = iocpnet.Listener(("127.0.0.1", 0))
+    strict = iocpnet.Service(srv.core, listener, Strict, 2)
+    strict.Start()
+    try:
+        keep = connect(srv.address)
+        wait_for(lambda: srv.service.session_count == 1, message="the loose session")
+        c = connect(("127.0.0.1", listener.port))
+        wait_for(lambda: strict.session_count == 1, message="the strict session")
+        time.sleep(0.2)                            # swept at 50 ms meanwhile
+        c.close()
+        wait_for(lambda: strict.session_count == 0, message="the strict session's end")
+        time.sleep(1.2)                            # a sweep or two finds it gone
+        before = srv.core.stats()["completed"]
+        time.sleep(2.0)
+        per_second = (srv.core.stats()["completed"] - before) / 2.0
+        assert per_second < 5, f"{per_second:.1f} completions a second on an idle server"
+        keep.close()
+    finally:
+        strict.Stop(5)
+
+
 def test_recv_buffer_limit_disconnects_a_hook_that_never_consumes(server, recorder):
     class Hoarder(iocpnet.Session):
         recv_buffer_limit = 8192

@@ -22,6 +22,12 @@
 # and 500 ms), so a stalled session is ended within send_timeout plus that period.  The
 # sweep runs only while those services have sessions: the first sweep that finds none
 # stops it (at most a period after the last one ended), and the next connect starts it.
+# The period follows the sessions alive: a connect with a shorter send_timeout shortens
+# it at once, and a sweep that finds the shortest ones gone lengthens it again (a burst
+# of 0.2 s sessions had left a server with only 10 s ones sweeping every 50 ms, all its
+# sessions each time, for as long as any stayed: 20 wake-ups a second instead of 2).
+# Each service's _stall_timeout is the shortest send_timeout of its sessions as the last
+# sweep saw them (0: none): a connect below it (or with none) asks the watch.
 # The watch's lock guards its service set, its timer and `running`'s changes; each
 # session is looked at under its own lock.
 
@@ -90,6 +96,8 @@ cdef class _StallWatch:
                     return False
             t = self._timer
             self._timer = None
+            for service in self._services:
+                service._stall_timeout = 0      # no session: the next connect asks
         (<Timer>t).Cancel()
         return True
 
@@ -98,18 +106,69 @@ cdef class _StallWatch:
         cdef Session s
         cdef int64_t now = port_monotonic_ms()
         cdef int64_t period_ms
+        cdef double period, shortest = 0.0, t
         with self._lock:
             services = list(self._services)
-            period_ms = <int64_t>(self._period * 1000)
+            period = self._period
+            timer = self._timer
+        period_ms = <int64_t>(period * 1000)
         for service in services:
             for s in service.sessions:
+                t = s._hooks.send_timeout
+                if t > 0 and (shortest == 0 or t < shortest):
+                    shortest = t
                 if s._send_busy:            # a first look without the lock
                     _check_stall(service, s, now, period_ms)
         # Stopped here, a period after the last session ended, not when it ended: a
         # server that empties between connections (a capped connect storm: one
         # connection in flight at a time) restarted the sweep for each, a timer armed
         # and cancelled per connection (on io_uring two submissions and two completions).
-        self.stop_if_idle()
+        if not self.stop_if_idle() and shortest > 0 and _sweep_period(shortest) > period:
+            self._lengthen(services, timer, period)
+
+    cdef void _lengthen(self, list services, object timer, double period) noexcept:
+        """The sessions that wanted `period` have gone: sweep as often as the shortest
+        send_timeout alive asks.  Each service's mark is raised first and the sessions
+        looked at again: a connect between the two sees either the raised mark (and
+        asks the watch, which shortens the period) or its session here."""
+        cdef Service service
+        cdef double shortest
+        for service in services:
+            service._stall_timeout = _shortest_send_timeout([service])
+        shortest = _shortest_send_timeout(services)
+        if shortest == 0:
+            return                          # the next sweep stops
+        with self._lock:
+            # Unless a connect shortened it meanwhile (a new timer), or it stopped.
+            if self._timer is not timer or _sweep_period(shortest) <= period:
+                return
+            self._timer = True              # claimed; made below, outside the lock
+            self._period = period = _sweep_period(shortest)
+        (<Timer>timer).Cancel()
+        try:
+            t = self.core.CallEvery(period, self._sweep)
+        except Exception:
+            if not self.core._closing:
+                logger.exception("cannot start the send_timeout sweep")
+            t = None
+        with self._lock:
+            self._timer = t
+            if t is None:
+                port_atomic_store32(&self.running, 0)
+
+
+cdef double _shortest_send_timeout(list services) except? -1.0:
+    """The shortest send_timeout among the services' sessions (0: none has one).  Read
+    from the sessions' class settings: no lock."""
+    cdef Service service
+    cdef Session s
+    cdef double shortest = 0.0, t
+    for service in services:
+        for s in service.sessions:
+            t = s._hooks.send_timeout
+            if t > 0 and (shortest == 0 or t < shortest):
+                shortest = t
+    return shortest
 
 
 cdef void _check_stall(Service service, Session s, int64_t now,
@@ -150,7 +209,7 @@ cdef void _watch_stalls(Service service, Session s) noexcept:
     cdef _StallWatch watch = <_StallWatch>service._stall_watch
     if timeout <= 0:
         return
-    if watch is not None and timeout >= service._stall_timeout and \
+    if watch is not None and 0 < service._stall_timeout <= timeout and \
             port_atomic_load32(&watch.running):
         return                            # the common case: nothing to do
     if watch is None:
