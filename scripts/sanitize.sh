@@ -91,7 +91,11 @@ cd "$out"              # nothing from the source tree on sys.path but the tests
 status=0
 # Not as CI: under CI=true the suite insists on an installed wheel with its metadata,
 # and this run deliberately tests the private sanitized build instead.
-env -u CI "$py" -m pytest "$root/tests" -p no:cacheprovider --rootdir "$root" -q "$@" || status=$?
+# tests/test_resp.py is left out: the RESP codec is pure Python, sans-I/O, so none of the
+# extension's code runs there (nothing for the sanitizers to see), and its property tests
+# were 69 s of the suite's 744 s under ASan (ci7, s11); steps 5 and 8 run it.
+env -u CI "$py" -m pytest "$root/tests" -p no:cacheprovider --rootdir "$root" -q \
+    --ignore="$root/tests/test_resp.py" "$@" || status=$?
 
 reports=$(find "$logs" -type f -size +0 | sort)
 if [ -n "$reports" ]; then
