@@ -708,15 +708,31 @@ cdef inline int _complete(IocpCore core, port_cqe_t *cqe) noexcept:
     batch (other sessions' receives) for as long as the posting lasts.  Returns the
     number of operations' completions dispatched (a wake-up is none)."""
     cdef int handled = 0
-    cdef port_strand_t *strand = cqe.op.strand
+    cdef port_op_t *op = cqe.op
+    cdef port_strand_t *strand = op.strand
     cdef PyObject *owner = NULL
     cdef PyObject *strand_owner = NULL
+    cdef port_cqe_t nxt
+    if op.type == PORT_OP_RECV and (cqe.flags & PORT_CQE_MORE):
+        # The usual completion of a busy server: bytes for a session whose receive
+        # stays armed.  Only a Session receives, on its own strand.  The operation
+        # stays in flight, and its reference keeps the session alive while this thread
+        # holds the strand (the final completion, which drops it, is ordered after this
+        # one on that strand): no reference of our own, no virtual call.
+        _process_recv(<Session>op.owner, cqe)
+        if not port_strand_next(core.port, strand, &nxt):
+            return 1
+        # More was queued on the strand meanwhile (the final completion may be among
+        # it): from here on the session needs a reference of ours, as below.
+        strand_owner = <PyObject *>strand.owner
+        _incref(strand_owner)
+        return 1 + _strand_turn(core, strand, strand_owner, &nxt)
     if port_strand_wakeup(cqe):
         # A strand handed on (below) goes on here; the reference to the object holding
         # it, which the wake-up kept, is now ours.
         strand_owner = <PyObject *>strand.owner
     else:
-        owner = <PyObject *>cqe.op.owner
+        owner = <PyObject *>op.owner
         # Keep the owner (and the object holding the strand) alive until we are done
         # with them: the operation's own reference is dropped below, and the strand
         # lives inside its session.
@@ -742,21 +758,34 @@ cdef inline int _strand_release(IocpCore core, port_strand_t *strand,
     object holding the strand) the caller took, or gives it to the wake-up.  Returns
     the completions dispatched."""
     cdef port_cqe_t nxt
+    if port_strand_next(core.port, strand, &nxt):
+        return _strand_turn(core, strand, strand_owner, &nxt)
+    if strand_owner != NULL:
+        _decref(strand_owner)
+    return 0
+
+
+cdef int _strand_turn(IocpCore core, port_strand_t *strand, PyObject *strand_owner,
+                      port_cqe_t *nxt) noexcept:
+    """_strand_release once the strand has queued something: `nxt` is the first of it,
+    which port_strand_next has just handed out (out of line: rarely needed)."""
     cdef int turn = 0, handled = 0
     cdef PyObject *o
-    while port_strand_next(core.port, strand, &nxt):
+    while True:
         turn += 1
-        if turn > STRAND_TURN and port_strand_yield(core.port, strand, &nxt) == 0:
+        if turn > STRAND_TURN and port_strand_yield(core.port, strand, nxt) == 0:
             # The wake-up keeps the strand's object alive until a worker reaps it
             # (it is in flight: Close waits for it).  If it could not be posted (the
             # port is closing) we still hold the strand and go on here.
             strand_owner = NULL
             break
         o = <PyObject *>nxt.op.owner
-        (<IocpObject>o)._dispatch(&nxt)
+        (<IocpObject>o)._dispatch(nxt)
         handled += 1
         if not (nxt.flags & PORT_CQE_MORE):
             _decref(o)
+        if not port_strand_next(core.port, strand, nxt):
+            break
     if strand_owner != NULL:
         _decref(strand_owner)
     return handled

@@ -481,15 +481,12 @@ cdef class RecvView:
         return released
 
 
-cdef inline RecvView _spare_view() noexcept:
-    """This thread's spare view for OnRecv (see _view_after_hook), or None: the caller
-    makes one then (which may fail: only that path needs a try block)."""
-    cdef RecvView view = None
-    cdef PyObject *spare = _view_take()
-    if spare != NULL:
-        view = <RecvView>spare
-        _decref(spare)         # `view` holds it now
-    return view
+cdef inline PyObject *_spare_view() noexcept:
+    """This thread's spare view for OnRecv (see _view_after_hook), its reference now the
+    caller's, or NULL: the caller makes one then (which may fail: only that path needs a
+    try block).  Taken out of the slot for the hook's time: a Dispatch nested in the
+    hook cannot lend it again.  A PyObject *: no reference counting on the way."""
+    return _view_take()
 
 
 cdef inline void _view_lend(RecvView view, char *ptr, Py_ssize_t n) noexcept:
@@ -499,16 +496,18 @@ cdef inline void _view_lend(RecvView view, char *ptr, Py_ssize_t n) noexcept:
     view._state = RV_BORROWED
 
 
-cdef inline void _view_after_hook(RecvView view) noexcept:
-    """The hook returned and nobody else holds `view` (the caller's is its only
-    reference): it becomes this thread's spare if the thread has none."""
-    view._state = RV_RELEASED
-    view._ptr = _rv_empty
-    view._len = 0
-    view._exports = 0
+cdef inline void _view_after_hook(PyObject *view) noexcept:
+    """The hook returned and nobody else holds `view` (the caller's reference is its
+    only one, and it passes here): it becomes this thread's spare if the thread has
+    none, else it goes."""
+    (<RecvView>view)._state = RV_RELEASED
+    (<RecvView>view)._ptr = _rv_empty
+    (<RecvView>view)._len = 0
+    (<RecvView>view)._exports = 0
     if _view_slot_free():
-        _incref(<PyObject *>view)
-        _view_put(<PyObject *>view)
+        _view_put(view)
+    else:
+        _decref(view)
 
 
 cdef inline void _drop_spare_view() noexcept:

@@ -45,9 +45,10 @@ cdef int _arm_recv_locked(Session s) noexcept:
     return rc
 
 
-cdef void _process_recv(Session s, port_cqe_t *cqe) noexcept:
+cdef inline void _process_recv(Session s, port_cqe_t *cqe) noexcept:
+    # Inlined into _complete, which calls it for every receive kept armed (the
+    # common completion): the end of an arming is out of line (_recv_ended).
     cdef int64_t res = cqe.res
-    cdef int rc
     if cqe.flags & PORT_CQE_BUFFER:
         # Once the service is stopping no new OnRecv starts (what a running hook
         # sends still goes out: the disconnect waits for it on our strand).
@@ -59,8 +60,14 @@ cdef void _process_recv(Session s, port_cqe_t *cqe) noexcept:
             _leave_hook(s)
         else:
             port_recv_release(s.core.port, cqe)
-    if cqe.flags & PORT_CQE_MORE:
-        return
+    if not (cqe.flags & PORT_CQE_MORE):
+        _recv_ended(s, res)
+
+
+cdef void _recv_ended(Session s, int64_t res) noexcept:
+    """The receive operation's final completion (`res`: its result): post the next
+    one, or end the session as the result says."""
+    cdef int rc
     if res == 0 or res == PORT_ECONNRESET:
         s._rx_ended = True        # nothing more to read: the close skips its drain
     rc = 0
@@ -92,31 +99,47 @@ cdef void _process_recv(Session s, port_cqe_t *cqe) noexcept:
     _maybe_finish(s)
 
 
-cdef void _deliver(Session s, port_cqe_t *cqe) noexcept:
+cdef inline void _deliver(Session s, port_cqe_t *cqe) noexcept:
     """Show received bytes to the hook; keep what it did not consume."""
-    cdef Py_ssize_t n = cqe.res
     cdef Py_ssize_t used
+    if s._tls is None and s._rlen == s._rpos:
+        # Nothing pending: show the port's buffer itself (no copy).
+        used = _call_recv(s, cqe.buf, cqe.res)
+        if used == cqe.res and s._kept_view is None and s._rbuf == NULL:
+            # All consumed, the view not kept, no RecvBuffer (so _rlen == _rpos == 0):
+            # the usual case, inlined into _complete; the rest is out of line.
+            port_recv_release(s.core.port, cqe)
+        else:
+            _settle_chunk(s, cqe, used)
+    else:
+        _deliver_pending(s, cqe)
+
+
+cdef void _settle_chunk(Session s, port_cqe_t *cqe, Py_ssize_t used) noexcept:
+    """_deliver after OnRecv saw the port's buffer itself and consumed `used` bytes
+    (-1: it failed): keep the rest, settle a kept view, give the buffer back."""
+    cdef Py_ssize_t n = cqe.res
     cdef RecvView view
+    if used >= 0 and used < n and s._state == S_CONNECTED:
+        if _rbuf_append(s, cqe.buf + used, n - used) < 0:
+            _close_now(s, "out of memory for the receive buffer", True)
+    view = s._kept_view
+    if view is not None:
+        # The hook kept its view: the buffer goes back unless the view takes it.
+        s._kept_view = None
+        if view._settle_port(s.core, cqe):
+            cqe = NULL
+    if cqe != NULL:
+        port_recv_release(s.core.port, cqe)
+    _recv_kept(s)
+
+
+cdef void _deliver_pending(Session s, port_cqe_t *cqe) noexcept:
+    """_deliver with TLS, or with bytes left in the RecvBuffer: the new ones join them."""
     if s._tls is not None:
         (<_Tls>s._tls).feed(s, cqe)    # plaintext into the RecvBuffer, then shown
         return
-    if s._rlen == s._rpos:
-        # Nothing pending: show the port's buffer itself (no copy).
-        used = _call_recv(s, cqe.buf, n)
-        if used >= 0 and used < n and s._state == S_CONNECTED:
-            if _rbuf_append(s, cqe.buf + used, n - used) < 0:
-                _close_now(s, "out of memory for the receive buffer", True)
-        view = s._kept_view
-        if view is not None:
-            # The hook kept its view: the buffer goes back unless the view takes it.
-            s._kept_view = None
-            if view._settle_port(s.core, cqe):
-                cqe = NULL
-        if cqe != NULL:
-            port_recv_release(s.core.port, cqe)
-        _recv_kept(s)
-        return
-    if _rbuf_append(s, cqe.buf, n) < 0:
+    if _rbuf_append(s, cqe.buf, cqe.res) < 0:
         _close_now(s, "out of memory for the receive buffer", True)
         port_recv_release(s.core.port, cqe)
         return
@@ -203,7 +226,7 @@ cdef Py_ssize_t _call_recv(Session s, char *ptr, Py_ssize_t n) noexcept:
     an error (the session is closing).  If the hook kept the view (anyone holds it
     after the call), it is left in _kept_view: the caller settles it once it has
     taken what it needs from ptr (recv_view.pxi)."""
-    cdef RecvView view
+    cdef PyObject *view
     cdef Py_ssize_t used = n
     cdef PyObject *hook
     cdef PyObject *r
@@ -214,30 +237,43 @@ cdef Py_ssize_t _call_recv(Session s, char *ptr, Py_ssize_t n) noexcept:
     if s._hooks.on_recv is None:
         return n
     # No try block on the common path (each saves and restores the thread's handled
-    # exception), and the hook called through its own vectorcall entry, not Cython's
-    # generic call: only a new view, a hook that raised and one that returned a count
-    # take the slow paths.
+    # exception), the hook called through its own vectorcall entry, not Cython's
+    # generic call, and the view held by a plain pointer (one reference, the spare's,
+    # handed from the slot and back): only a new view, a hook that raised and one that
+    # returned a count or kept the view take the slow paths.
     view = _spare_view()
-    if view is None:
-        try:
-            view = RecvView.__new__(RecvView)
-        except BaseException as e:
-            _hook_failed(s, "OnRecv", e)
+    if view == NULL:
+        view = _new_view(s)
+        if view == NULL:
             return -1
-    _view_lend(view, ptr, n)
+    _view_lend(<RecvView>view, ptr, n)
     hook = <PyObject *>s._hooks.on_recv
     _incref(hook)           # the session's class may be changed by the hook itself
-    r = _call2(hook, <PyObject *>s, <PyObject *>view)
+    r = _call2(hook, <PyObject *>s, view)
     _decref(hook)
     if r != <PyObject *>None:
         used = _recv_result(s, r, n)
     if r != NULL:
         _decref(r)
-    if Py_REFCNT(view) > 1:
-        s._kept_view = view
+    if Py_REFCNT(<object>view) > 1:
+        s._kept_view = <RecvView>view
+        _decref(view)
     else:
         _view_after_hook(view)      # nobody else holds it: reused by the next call
     return used
+
+
+cdef PyObject *_new_view(Session s) noexcept:
+    """A view for OnRecv where this thread has no spare (out of line: its try block
+    saves and restores the thread's handled exception): a new reference, or NULL once
+    the failure is logged and the session closing."""
+    try:
+        v = RecvView.__new__(RecvView)
+    except BaseException as e:
+        _hook_failed(s, "OnRecv", e)
+        return NULL
+    _incref(<PyObject *>v)
+    return <PyObject *>v
 
 
 cdef int _raise_set() except -1:

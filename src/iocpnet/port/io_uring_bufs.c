@@ -40,7 +40,7 @@
 #if defined(__linux__)
 #include "io_uring_int.h"
 
-static void br_add(uring_port_t *p, unsigned bid) {
+static inline void br_add(uring_port_t *p, unsigned bid) {
     /* Write the fields one by one: the ring's tail lives in the `resv` field of entry 0. */
     struct io_uring_buf *b = &p->br->bufs[p->br_tail & p->br_mask];
     b->addr = (uint64_t)(uintptr_t)LOAD_ACQ(&p->buf_addr[bid]);
@@ -88,7 +88,7 @@ uint64_t port__uring_buffers_out(port_t *bp) {
 }
 
 /* The oldest waiter, if a buffer is free for it (under br_lock); the caller re-arms it. */
-static port_op_t *waiter_wake(uring_port_t *p) {
+static inline port_op_t *waiter_wake(uring_port_t *p) {
     port_bufwait_t *w = port__bufwaitq_wake(&p->waiters, port_atomic_load32(&p->br_free));
     return w != NULL ? OP_OF_BUFWAIT(w) : NULL;
 }

@@ -83,20 +83,31 @@ static inline void port_thread_yield(void) {
 #endif
 }
 
+#if defined(_MSC_VER)
+#  define PORT_COLD __declspec(noinline)
+#else
+#  define PORT_COLD __attribute__((noinline, cold, unused))
+#endif
+
 /* A spin lock for the tiny critical sections of the hot path (a strand's queue, the
  * receive-buffer ring's tail).  It yields after a short spin, because on a 2-core machine
  * running 5+ workers the holder is often preempted, and spinning then only burns the
- * core the holder needs. */
-static inline void port_spin_lock(volatile int32_t *l) {
+ * core the holder needs.  The wait is out of line: inlined, its call to yield made every
+ * caller save and restore registers around the uncontended take too. */
+static PORT_COLD void port__spin_wait(volatile int32_t *l) {
     int spins = 0;
-    while (port_atomic_xchg32(l, 1) != 0) {
+    do {
         while (port_atomic_load32(l) != 0) {
             if (++spins < 64)
                 port_cpu_relax();
             else
                 port_thread_yield();
         }
-    }
+    } while (port_atomic_xchg32(l, 1) != 0);
+}
+static inline void port_spin_lock(volatile int32_t *l) {
+    if (port_atomic_xchg32(l, 1) != 0)
+        port__spin_wait(l);
 }
 static inline void port_spin_unlock(volatile int32_t *l) { port_atomic_store32(l, 0); }
 

@@ -91,30 +91,16 @@ int port_strand_claim(port_strand_t *strand) {
     return rc;
 }
 
-int port__deliver(port_t *p, void *token, port_cqe_t *out, int n, const port_cqe_t *c) {
-    port_strand_t *strand = c->op->strand;
-    strand_state_t *s;
+/* port__deliver's other cases, with the strand's lock held (out of line: the common
+ * case keeps a small frame). */
+static PORT_COLD int deliver_locked(void *token, port_cqe_t *out, int n, const port_cqe_t *c,
+                                    port_strand_t *strand) {
+    strand_state_t *s = STATE(strand);
     strand_node_t *node;
-    PORT_UNUSED(p);
-    if (strand == NULL) {
-        out[n] = *c;
-        return n + 1;
-    }
-    s = STATE(strand);
-    port_spin_lock(&s->lock);
     if (c->op == strand->wake) {
         /* The wake-up of a yielded strand: it takes the strand for this batch, and
          * the caller's port_strand_next hands out the queue, oldest first. */
         s->held = 1;
-        s->token = token;
-        port_spin_unlock(&s->lock);
-        out[n] = *c;
-        return n + 1;
-    }
-    /* Free (and nothing yielded waits), or held by this very batch with nothing queued
-     * (a later completion must not overtake queued ones). */
-    if (s->head == NULL && (s->held == 0 || s->token == token)) {
-        s->held++;
         s->token = token;
         port_spin_unlock(&s->lock);
         out[n] = *c;
@@ -150,9 +136,41 @@ int port__deliver(port_t *p, void *token, port_cqe_t *out, int n, const port_cqe
     return n;
 }
 
+int port__deliver(port_t *p, void *token, port_cqe_t *out, int n, const port_cqe_t *c) {
+    port_strand_t *strand = c->op->strand;
+    strand_state_t *s;
+    PORT_UNUSED(p);
+    if (strand != NULL) {
+        s = STATE(strand);
+        port_spin_lock(&s->lock);
+        /* Free (and nothing yielded waits), or held by this very batch with nothing
+         * queued (a later completion must not overtake queued ones); not a wake-up. */
+        if (!(s->head == NULL && (s->held == 0 || s->token == token)) || c->op == strand->wake)
+            return deliver_locked(token, out, n, c, strand);
+        s->held++;
+        s->token = token;
+        port_spin_unlock(&s->lock);
+    }
+    out[n] = *c;
+    return n + 1;
+}
+
+/* port_strand_next once the batch's last hold ends with completions queued (under the
+ * strand's lock, which it releases; out of line). */
+static PORT_COLD int next_queued(strand_state_t *s, port_cqe_t *out) {
+    strand_node_t *node = s->head;
+    s->head = node->next;
+    if (s->head == NULL)
+        s->tail = NULL;
+    s->held = 1;
+    port_spin_unlock(&s->lock);
+    *out = node->cqe;
+    free(node);
+    return 1;
+}
+
 int port_strand_next(port_t *p, port_strand_t *strand, port_cqe_t *out) {
     strand_state_t *s = STATE(strand);
-    strand_node_t *node = NULL;
     PORT_UNUSED(p);
     port_spin_lock(&s->lock);
     if (--s->held > 0) {
@@ -160,21 +178,11 @@ int port_strand_next(port_t *p, port_strand_t *strand, port_cqe_t *out) {
         port_spin_unlock(&s->lock);
         return 0;
     }
-    node = s->head;
-    if (node != NULL) {
-        s->head = node->next;
-        if (s->head == NULL)
-            s->tail = NULL;
-        s->held = 1;
-    } else {
-        s->token = NULL;
-    }
+    if (s->head != NULL)
+        return next_queued(s, out);
+    s->token = NULL;
     port_spin_unlock(&s->lock);
-    if (node == NULL)
-        return 0;
-    *out = node->cqe;
-    free(node);
-    return 1;
+    return 0;
 }
 
 int port_strand_yield(port_t *p, port_strand_t *strand, const port_cqe_t *c) {
