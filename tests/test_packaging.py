@@ -105,3 +105,58 @@ def test_stub_declares_every_public_name_of_the_extension():
         own = {n for n in vars(cls) if not n.startswith("_")}
         missing = own - members.get(name, set())
         assert not missing, f"{name}: {sorted(missing)} missing from _core.pyi"
+
+
+# What a plain TCP server must not load: OpenSSL (ssl, hashlib: libcrypto's pages and
+# its start-up, ~5 MiB resident) and inspect (ast, dis, tokenize: ~0.7 MiB). They belong
+# to TLS, WebSocket handshakes, RedisBackplane and the checks of unusual hooks, which
+# load them when used. Issue 14's peak-RSS cell is a plain echo server like this one.
+_PLAIN_SERVER = r"""
+import socket, sys, threading
+import iocpnet
+
+class Echo(iocpnet.Session):
+    def OnConnected(self):
+        pass
+    def OnRecv(self, data):
+        self.Send(data)
+    def OnDisconnected(self, reason):
+        pass
+
+core = iocpnet.IocpCore(sys.argv[1])
+listener = iocpnet.Listener(("127.0.0.1", 0))
+service = iocpnet.Service(core, listener, Echo, 4)
+service.Start()
+def work():
+    while core.Dispatch() >= 0:
+        pass
+t = threading.Thread(target=work)
+t.start()
+with socket.create_connection(("127.0.0.1", listener.port), timeout=5) as c:
+    c.sendall(b"ping")
+    got = b""
+    while len(got) < 4:
+        got += c.recv(4)
+assert got == b"ping", got
+service.Stop(5)
+core.Close(5)
+t.join(5)
+print(" ".join(sorted(m for m in ("ssl", "_ssl", "hashlib", "_hashlib", "inspect")
+                      if m in sys.modules)))
+"""
+
+
+def test_a_plain_server_loads_no_openssl_and_no_inspect(backend):
+    r = subprocess.run([sys.executable, "-c", _PLAIN_SERVER, backend], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "", f"loaded by import, Start and one echo: {r.stdout.strip()}"
+
+
+def test_redis_backplane_is_still_a_name_of_the_package():
+    from iocpnet import RedisBackplane
+    from iocpnet.backplane import RedisBackplane as the_class
+    assert RedisBackplane is the_class is iocpnet.RedisBackplane
+    assert "RedisBackplane" in dir(iocpnet)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        iocpnet.no_such_name  # noqa: B018

@@ -1,5 +1,6 @@
 """Session semantics: hooks, Send, Disconnect, limits, errors, threads."""
 import asyncio
+import inspect
 import logging
 import socket
 import struct
@@ -963,6 +964,18 @@ def test_a_hook_written_as_a_coroutine_or_generator_is_refused(hook, body, kind)
     base = iocpnet.WebSocketSession if hook == "OnMessage" else iocpnet.Session
     cls = type("Eager", (base,), {hook: body})
     with pytest.raises(TypeError, match=rf"Eager\.{hook} is {kind}: .*Spawn"):
+        cls()
+
+
+@pytest.mark.skipif(not hasattr(inspect, "markcoroutinefunction"),
+                    reason="inspect.markcoroutinefunction is Python 3.12+")
+def test_a_hook_marked_as_a_coroutine_function_is_refused():
+    """A plain def marked with inspect.markcoroutinefunction (what asyncio takes for an
+    async def): the class check reads the flags of plain functions itself, without
+    inspect, and must still see the mark (an attribute)."""
+    cls = type("Marked", (iocpnet.Session,),
+               {"OnRecv": inspect.markcoroutinefunction(lambda self, data: None)})
+    with pytest.raises(TypeError, match=r"Marked\.OnRecv is an async def"):
         cls()
 
 

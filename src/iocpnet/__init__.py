@@ -15,6 +15,7 @@ and ``OnDisconnected``::
     service.Run()
 """
 import logging as _logging
+import typing as _typing
 
 from iocpnet._core import (
     BackendUnavailableError,
@@ -44,7 +45,6 @@ from iocpnet._core import (
     parse_websocket_frames,
     websocket_accept_key,
 )
-from iocpnet.backplane import RedisBackplane
 from iocpnet.packet import (PACKET_HEADER_SIZE, PACKET_SIZE_MAX, PacketHandler, make_packet,
                             scan_packets)
 
@@ -85,6 +85,23 @@ __all__ = [
     "websocket_accept_key",
     "__version__",
 ]
+
+if _typing.TYPE_CHECKING:
+    from iocpnet.backplane import RedisBackplane
+else:
+    # RedisBackplane is loaded when first named: it imports ssl and hashlib (OpenSSL,
+    # ~5 MiB resident), which a server that never uses Redis should not carry.  Hidden
+    # from type checkers, which would take any misspelt name for one served here.
+    def __getattr__(name: str) -> type:
+        if name == "RedisBackplane":
+            from iocpnet.backplane import RedisBackplane
+            globals()[name] = RedisBackplane
+            return RedisBackplane
+        raise AttributeError(f"module 'iocpnet' has no attribute {name!r}")
+
+    def __dir__() -> list[str]:
+        return sorted(set(globals()) | {"RedisBackplane"})
+
 
 # A library logs; the application decides where it goes.
 _logging.getLogger("iocpnet").addHandler(_logging.NullHandler())

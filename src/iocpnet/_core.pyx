@@ -31,7 +31,6 @@ from libc.string cimport memcpy, memmove
 from iocpnet._port cimport *
 
 import errno as _errno
-import inspect as _inspect
 import numbers as _numbers
 import operator as _operator
 import logging
@@ -43,7 +42,7 @@ import time as _time
 import sys as _sys
 import traceback as _traceback
 from types import (AsyncGeneratorType as _AsyncGeneratorType, CoroutineType as _CoroutineType,
-                   GeneratorType as _GeneratorType)
+                   FunctionType as _FunctionType, GeneratorType as _GeneratorType)
 import weakref as _weakref
 
 logger = logging.getLogger("iocpnet")

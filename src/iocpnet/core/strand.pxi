@@ -153,7 +153,8 @@ cdef void _check_ran(object func, object r) except *:
     t = type(r)
     if t is _CoroutineType:
         kind = "a coroutine"
-        if _inspect.getcoroutinestate(r) == _inspect.CORO_CREATED:
+        import inspect    # here only: see _maybe_deferred
+        if inspect.getcoroutinestate(r) == inspect.CORO_CREATED:
             r.close()         # reported here: no "never awaited" warning at collection
     elif t is _AsyncGeneratorType:
         kind = "an async generator"

@@ -44,7 +44,6 @@
 # them is answered without them, as the RFC allows.
 
 import base64 as _base64
-import hashlib as _hashlib
 
 cdef extern from "port/ws_frame.h" nogil:
     ctypedef enum ws_event_type:

@@ -35,9 +35,12 @@ _HTTP_REASONS = {101: "Switching Protocols", 200: "OK", 400: "Bad Request",
 
 def websocket_accept_key(key):
     """The Sec-WebSocket-Accept value for a Sec-WebSocket-Key (RFC 6455 4.2.2)."""
+    # imported here: hashlib loads OpenSSL's libcrypto (~3.7 MiB resident), which a
+    # server without WebSocket (or TLS) never needs
+    import hashlib
     if isinstance(key, str):
         key = key.encode("ascii")
-    return _base64.b64encode(_hashlib.sha1(bytes(key) + _WS_GUID).digest()).decode("ascii")
+    return _base64.b64encode(hashlib.sha1(bytes(key) + _WS_GUID).digest()).decode("ascii")
 
 
 class HttpResponse:
