@@ -333,3 +333,58 @@ def test_client_service_start_with_one_worker(backend):
         handle.Stop(5)
         ls.close()
         rec.connected.clear()
+
+
+def test_receive_buffers_given_back_by_a_batch_come_back_at_its_end(backend):
+    """The one worker holds back the receive buffers a batch gives back and returns them
+    to the ring together when the batch ends (io_uring; DEFER_TASKRUN: the kernel takes
+    none before that worker's next wait).  On a pool of 4 buffers, 20 pipelining clients
+    need every buffer back after each batch: each echo exact, views kept by some
+    sessions exact, and once idle none is out and the pool never grew."""
+    kept = []
+
+    class Echo(iocpnet.Session):
+        def OnRecv(self, data):
+            self.Send(bytes(data))
+            if data[0] == ord("k"):
+                kept.append((bytes(data), data))     # a view kept past its hook
+
+    core = iocpnet.IocpCore(backend, recv_buffer_count=4)
+    service = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0)), Echo, 20)
+    _expect_single(backend, core._single_dispatcher())
+    service.Start()
+    errors = []
+
+    def work():
+        try:
+            core._work()    # Run's worker loop: a batch ends with the next wait
+        except BaseException as e:
+            errors.append(e)
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    clients = [connect(("127.0.0.1", service.listener.port)) for _ in range(20)]
+    try:
+        for rnd in range(5):
+            want = []
+            for i, c in enumerate(clients):
+                tag = b"k" if (i + rnd) % 5 == 0 else b"m"
+                msgs = b"".join(tag + b"%03d-%02d-%02d" % (rnd, i, j) + b"." * 52
+                                for j in range(16))
+                want.append(msgs)
+                c.sendall(msgs)
+            for c, msgs in zip(clients, want):
+                assert recv_exactly(c, len(msgs)) == msgs, f"round {rnd}"
+        assert kept and all(bytes(v) == b for b, v in kept)
+        wait_for(lambda: core.stats()["recv_buffers_out"] == 0, 5)
+        assert core.stats()["recv_buffers"] <= 4, core.stats()
+    finally:
+        for c in clients:
+            c.close()
+        service.Stop(5)
+        core.Close(5)
+        worker.join(5)
+    assert not worker.is_alive() and not errors, errors
+    st = core.stats()
+    assert st["in_flight"] == 0 and st["recv_buffers_out"] == 0, st
+    kept.clear()      # (free-threaded 3.13 never frees the class, nor what it refers to)

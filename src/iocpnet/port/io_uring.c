@@ -156,6 +156,9 @@ static PORT_THREAD_LOCAL int tls_send_deferred;
 /* This thread re-armed a receive waiting for a buffer while reaping: submit before the
  * batch is dispatched (see port__uring_waiter_submit). */
 static PORT_THREAD_LOCAL uring_port_t *tls_waiter_rearmed;
+/* The one dispatcher's owner, in a batch of this port: the receive buffers it gives
+ * back wait in the port until the batch ends (uring_recv_release). */
+static PORT_THREAD_LOCAL uring_port_t *tls_release_held;
 /* This thread's id (0: not asked yet), for the one-dispatcher owner check. */
 static PORT_THREAD_LOCAL int32_t tls_tid;
 
@@ -1076,6 +1079,10 @@ static int uring_wait(port_t *bp, port_cqe_t *out, int max, int timeout_ms) {
     int64_t deadline = timeout_ms > 0 ? port__now_ns() + (int64_t)timeout_ms * 1000000 : 0;
 
     tls_batch = NULL;
+    if (tls_release_held == p) {
+        tls_release_held = NULL;
+        port__uring_release_flush(p);     /* before the kernel may take buffers again */
+    }
     if (port_atomic_load32(&p->base.closed))
         return PORT_ECLOSED;
     if (port_atomic_load32(&p->single)) {
@@ -1099,8 +1106,11 @@ static int uring_wait(port_t *bp, port_cqe_t *out, int max, int timeout_ms) {
         tls_send_deferred = 0;
         if (n == 0)
             n = reap(p, out, max);
-        if (n > 0)
+        if (n > 0) {
             tls_batch = p;
+            if (owner)
+                tls_release_held = p;
+        }
         return n;
     }
     /* Several workers: the leader's place, kept (see "waiting with several workers").
@@ -1118,6 +1128,7 @@ static int uring_wait(port_t *bp, port_cqe_t *out, int max, int timeout_ms) {
     }
     if (n > 0) {
         tls_batch = p;
+        tls_release_held = p;     /* the owner: no other thread gets here */
         return n;
     }
     if (port_atomic_load32(&p->base.closed))
@@ -1129,6 +1140,10 @@ static void uring_batch_end(port_t *bp) {
     uring_port_t *p = (uring_port_t *)bp;
     tls_batch = NULL;
     tls_send_deferred = 0;
+    if (tls_release_held == p) {
+        tls_release_held = NULL;
+        port__uring_release_flush(p);
+    }
     /* This thread will not wait again soon (a game loop polling once per frame): what
      * its batch submitted must not wait for the next frame. */
     if (sq_pending(p))
@@ -1139,6 +1154,8 @@ static void uring_flush_sends(port_t *bp) {
     uring_port_t *p = (uring_port_t *)bp;
     if (tls_send_deferred && tls_batch == p) {
         tls_send_deferred = 0;
+        if (tls_release_held == p)
+            port__uring_release_flush(p);   /* what it submits may want buffers */
         if (sq_pending(p))
             port__uring_submit_now(p);
     }
@@ -1152,6 +1169,21 @@ static int uring_work_waiting(port_t *bp) {
     if (!port_atomic_load32(&p->single) || port_atomic_load32(&p->owner) != my_tid())
         return 0;
     return LOAD_ACQ(p->cq_ktail) != LOAD_ACQ(p->cq_khead) || taskrun_pending(p);
+}
+
+/* A receive buffer given back.  The one dispatcher's owner, in its batch, holds it
+ * back for the batch's end (the kernel takes buffers only in the owner's waits, with
+ * DEFER_TASKRUN), so a batch gives its buffers back under one lock instead of one each.
+ * A kept block's replacement (fresh) goes at once. */
+static void uring_recv_release(port_t *bp, uint32_t bid, char *fresh) {
+    uring_port_t *p = (uring_port_t *)bp;
+    if (fresh == NULL && tls_release_held == p) {
+        p->rel_bid[p->rel_n++] = (uint16_t)bid;
+        if (p->rel_n == URING_RELEASE_MAX)
+            port__uring_release_flush(p);
+        return;
+    }
+    port__uring_recv_release(bp, bid, fresh);
 }
 
 static int64_t uring_send_now(port_t *bp, port_sock_t sock, const port_buf_t *bufs, int nbufs) {
@@ -1444,6 +1476,8 @@ static void uring_destroy(port_t *bp) {
     port_atomic_store32(&p->base.closed, 1);
     if (tls_batch == p)
         tls_batch = NULL;
+    if (tls_release_held == p)
+        tls_release_held = NULL;
     port__uring_free(p);
 }
 
@@ -1458,7 +1492,7 @@ const port_vtable_t port__io_uring_vtable = {
     uring_accept,
     uring_connect,
     uring_recv,
-    port__uring_recv_release,
+    uring_recv_release,
     uring_send,
     uring_close,
     uring_cancel,

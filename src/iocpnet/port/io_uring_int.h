@@ -157,6 +157,9 @@ PORT_STATIC_ASSERT(offsetof(port_buf_t, len) == offsetof(struct iovec, iov_len),
     ((port_op_t *)(void *)((char *)(w) - offsetof(port_op_t, priv) -                   \
                            offsetof(uring_op_t, u.rv.bufwait)))
 
+/* Buffers the one dispatcher's owner may hold back for the end of its batch. */
+#define URING_RELEASE_MAX 128
+
 typedef struct uring_port {
     port_t base;
     int ring_fd;
@@ -189,6 +192,11 @@ typedef struct uring_port {
     volatile int32_t br_lock;
     port_bufwaitq_t waiters;           /* receives waiting for a buffer; under br_lock */
     volatile int32_t br_free;          /* buffers in the ring not yet seen taken */
+    /* Buffers the one dispatcher's owner gave back during its batch, put in the ring
+     * together when the batch ends (port__uring_release_flush): the kernel takes none
+     * before the owner's next wait (DEFER_TASKRUN).  Only the owner touches them. */
+    uint16_t rel_bid[URING_RELEASE_MAX];
+    int rel_n;
     volatile int32_t multishot;        /* 1 works, -1 not known yet, 0 off */
     volatile uint32_t mshot_limit;     /* bytes one multishot arming may read; 0: no bound */
     volatile int32_t accept_pf;        /* IORING_ACCEPT_POLL_FIRST: 1 works, -1 not known, 0 off */
@@ -260,6 +268,7 @@ void port__uring_waiter_submit(uring_port_t *p, int reaping);
 /* Make up to `count` more buffers (under br_lock, or before the port is shared). */
 unsigned port__uring_br_grow(uring_port_t *p, unsigned count);
 void port__uring_recv_release(port_t *bp, uint32_t bid, char *fresh);
+void port__uring_release_flush(uring_port_t *p);
 uint64_t port__uring_buffers_out(port_t *bp);
 /* A receive woken for a buffer completed without ENOBUFS (called while reaping). */
 void port__uring_recv_woken_done(uring_port_t *p, port_op_t *op);
