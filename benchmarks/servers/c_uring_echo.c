@@ -375,6 +375,26 @@ static void handle_cqe(uint64_t ud, int res, unsigned flags)
     start_close(c);
 }
 
+#ifndef IORING_REGISTER_PBUF_STATUS /* Linux 6.8; older uapi headers lack it */
+#define IORING_REGISTER_PBUF_STATUS 26
+struct io_uring_buf_status {
+    uint32_t buf_group, head, resv[8];
+};
+#endif
+
+/* Does the ring hold buffers the kernel has not taken? Asked only when receives wait
+ * for buffers and the pass gave none back from a send: where task work may run at any
+ * return to user space (the COOP_TASKRUN and plain fallbacks), an ENOBUFS can be posted
+ * after the pass that gave the last buffers back, and with no send left in flight no
+ * later pass would give any, so those receives would wait for ever. */
+__attribute__((noinline, cold)) static int ring_has_buffers(void)
+{
+    struct io_uring_buf_status st = {.buf_group = BGID};
+    if (syscall(__NR_io_uring_register, R.fd, IORING_REGISTER_PBUF_STATUS, &st, 1) != 0)
+        return 1; /* kernel before 6.8: re-arm; at worst the receive ends again */
+    return (uint16_t)st.head != R.br_tail;
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 2) {
@@ -421,7 +441,7 @@ int main(int argc, char **argv)
                 tail = __atomic_load_n(R.cq_tail, __ATOMIC_ACQUIRE);
         }
         buf_publish();
-        if (returned && rearm_list) {
+        if (rearm_list && (returned || ring_has_buffers())) {
             struct conn *c = rearm_list;
             rearm_list = NULL;
             while (c) {
