@@ -46,6 +46,15 @@ def backend(request):
     return request.param
 
 
+def pytest_collection_finish(session):
+    # What is alive once the suite is collected (modules, test functions, hypothesis
+    # strategies) lives to the end: frozen, it is left out of the full collections
+    # no_leaks makes around every test, which then scan only what tests made (3.11,
+    # whole suite collected: 44 ms of CPU per gc.collect() -> under 0.1 ms; two per test).
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.fixture(autouse=True)
 def no_leaks(caplog):
     """After each test: no session, core or kept receive view left alive."""
