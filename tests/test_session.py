@@ -777,6 +777,20 @@ def test_one_wording_for_data_that_is_not_bytes(server, bad):
             c.recv(100)
 
 
+def test_send_takes_its_data_positionally(server):
+    """Send(data): one positional argument (a METH_O call, the cheapest CPython makes
+    to a Cython method); a keyword is refused loudly and sends nothing."""
+    srv = server(iocpnet.Session)
+    with connect(srv.address) as c:
+        wait_for(lambda: srv.service.session_count == 1, message="the session")
+        (s,) = srv.service.sessions
+        with pytest.raises(TypeError):
+            s.Send(data=b"kw")
+        assert s.Send(b"ok")
+        del s
+        assert recv_exactly(c, 2) == b"ok"
+
+
 @pytest.mark.parametrize("websocket", [False, True])
 def test_classes_made_at_run_time_are_not_kept(backend, websocket):
     """A server that makes Session classes as it runs (one per room, per plugin...)

@@ -497,7 +497,7 @@ class Session(IocpObject):
 
     # ---- actions ----
 
-    def Send(self, data: _Bytes) -> bool:
+    def Send(self, data: _Bytes, /) -> bool:
         """Queue ``data`` to be sent, in order, from any thread.
 
         ``bytes`` are queued by reference (a packet broadcast to many sessions is built

@@ -286,7 +286,8 @@ cdef class IocpCore:
                 handled += _complete(self, &batch[i])
                 # A reply queued on the port (not sent at once) goes to the kernel
                 # before the next hook, which may block, runs.
-                port_flush_sends(port)
+                if _take_sent():
+                    port_flush_sends(port)
             if end_batch:
                 port_batch_end(port)
             if n > 0:

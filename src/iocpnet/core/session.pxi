@@ -568,7 +568,11 @@ cdef class Session(IocpObject):
         included)."""
         return self._sq_bytes
 
-    def Send(self, data):
+    # Positional only: one argument, no keywords to parse (METH_O: ~20 instructions
+    # fewer per Send than a keyword-capable wrapper).  Kept a Cython function object:
+    # CPython's specialized call of a plain C method wants the exact class, never a
+    # user's subclass (measured: ~55 instructions more).
+    def Send(self, data, /):
         """Queue ``data`` to be sent, in order, from any thread.
 
         When nothing is queued the bytes go to the socket at once, straight from

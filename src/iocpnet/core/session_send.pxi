@@ -53,11 +53,46 @@ cdef bytes _bytes_arg(object data, str where, str arg):
     return _copy_to_bytes(data)
 
 
-cdef object _send_data(Session s, object data):
+cdef extern from *:
+    """
+    #ifdef Py_GIL_DISABLED
+    #  define IOCPNET_GIL_BUILD 0
+    #else
+    #  define IOCPNET_GIL_BUILD 1
+    #endif
+    """
+    const bint _GIL_BUILD "IOCPNET_GIL_BUILD"
+
+
+cdef enum:
+    SEND_NOT_TRIED = -0x40000000    # _send_rest_locked's r: below every PORT_E* code
+
+
+cdef inline object _send_data(Session s, object data):
     """What Send does (Group.Broadcast calls it directly when the class does not
     override Send): a WebSocket session's data becomes one binary message."""
-    # bytes and OnRecv's view (an echo) first: PyObject_CheckBuffer is a call into
-    # libpython (~12 instructions per Send).
+    cdef const char *ptr
+    cdef Py_ssize_t n
+    if s._ws is not None or s._tls is not None:
+        return _send_other(s, data)
+    # The common reply first, inlined into Send: bytes, or OnRecv's view echoed.  With
+    # a GIL the view needs no pin: nothing can release or repoint it while _send_ptr
+    # reads its bytes (no Python code runs there).
+    if type(data) is bytes:
+        ptr = PyBytes_AS_STRING(data)
+        n = PyBytes_GET_SIZE(data)
+    elif _GIL_BUILD and type(data) is RecvView and \
+            (<RecvView>data)._state != RV_RELEASED:
+        ptr = (<RecvView>data)._ptr
+        n = (<RecvView>data)._len
+    else:
+        return _send_other(s, data)
+    return _send_ptr(s, ptr, n, data) != 0
+
+
+cdef object _send_other(Session s, object data):
+    """_send_data past its common case: any buffer, WebSocket, TLS, a released view."""
+    # PyObject_CheckBuffer is a call into libpython: after the two types above.
     if type(data) is not bytes and type(data) is not RecvView and \
             not PyObject_CheckBuffer(data):
         raise _not_bytes("Send", "data", data)
@@ -70,70 +105,87 @@ cdef object _send_data(Session s, object data):
 cdef object _send_bytes(Session s, object data):
     """Send's body, below the WebSocket layer (which sends its own frames and the
     HTTP upgrade through here too)."""
-    cdef bytes b = None
     cdef Py_buffer buf
     cdef const char *ptr
-    cdef Py_ssize_t n, sent = 0
-    cdef int64_t r
-    cdef port_buf_t one
-    cdef bint have_buf = False, pinned = False
+    cdef Py_ssize_t n
+    cdef bytes b
     if s._tls is not None:
         return (<_Tls>s._tls).send(s, data)
     if type(data) is bytes:
-        b = <bytes>data
-        ptr = PyBytes_AS_STRING(b)
-        n = PyBytes_GET_SIZE(b)
-    elif type(data) is RecvView:
-        # OnRecv's view (the echo): its pointer, read directly, pinned meanwhile.
+        return _send_ptr(s, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), data) != 0
+    if type(data) is RecvView:
+        # OnRecv's view: its pointer, read directly, pinned meanwhile (another thread
+        # may hold it on a free-threaded build).
         (<RecvView>data)._pin(&ptr, &n)
-        pinned = True
-    else:
         try:
-            PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
-        except BufferError:
-            b = _copy_to_bytes(data)      # not contiguous: gather it first
-            ptr = PyBytes_AS_STRING(b)
-            n = PyBytes_GET_SIZE(b)
-        else:
-            have_buf = True
-            ptr = <const char *>buf.buf
-            n = buf.len
+            return _send_ptr(s, ptr, n, data) != 0
+        finally:
+            (<RecvView>data)._unpin()
     try:
-        if n == 0:
-            return s._state == S_CONNECTED
-        port_spin_lock(&s._lock)
+        PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
+    except BufferError:
+        b = _copy_to_bytes(data)      # not contiguous: gather it first
+        return _send_ptr(s, PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b), b) != 0
+    try:
+        return _send_ptr(s, <const char *>buf.buf, buf.len, data) != 0
+    finally:
+        PyBuffer_Release(&buf)
+
+
+cdef inline int _send_ptr(Session s, const char *ptr, Py_ssize_t n,
+                          object data) except -1:
+    """Send ptr[:n], data's bytes (held by the caller until this returns): 1 sent or
+    queued, 0 refused (not connected, or the session ended here).  ptr is read only
+    under _lock, where no Python code runs."""
+    cdef int64_t r
+    cdef port_buf_t one
+    if n == 0:
+        return s._state == S_CONNECTED
+    port_spin_lock(&s._lock)
+    if s._state == S_CONNECTED and not s._send_busy and s._sq_count == 0 and \
+            s._hooks.on_send is None:
+        # Nothing ahead of these bytes: hand them to the socket now.  No completion
+        # follows (nobody waits for OnSend), so a reply costs one system call and
+        # leaves before any other hook runs.  Under the lock: the socket cannot be
+        # closed meanwhile.
+        one.base = ptr
+        one.len = <size_t>n
+        r = port_send_now(s.core.port, s._sock, &one, 1)
+        if r == n:
+            _cnt_add(&s._cnt.bytes_out, n)        # stats.pxi
+            _cnt_add(&s._cnt.msgs_out, 1)
+            port_spin_unlock(&s._lock)
+            return 1
+        return _send_rest_locked(s, ptr, n, data, r)
+    return _send_rest_locked(s, ptr, n, data, SEND_NOT_TRIED)
+
+
+cdef int _send_rest_locked(Session s, const char *ptr, Py_ssize_t n, object data,
+                           int64_t r) except -1:
+    """_send_ptr past a whole send (under _lock, which it releases): r is what the
+    socket said (bytes taken, or a PORT_E* error), or SEND_NOT_TRIED.  What is left is
+    queued: bytes by reference, anything else copied."""
+    cdef Py_ssize_t sent = 0
+    cdef bytes b
+    if r == SEND_NOT_TRIED:
         if s._state != S_CONNECTED:
             port_spin_unlock(&s._lock)
-            return False
-        if not s._send_busy and s._sq_count == 0 and s._hooks.on_send is None:
-            # Nothing ahead of these bytes: hand them to the socket now.  No
-            # completion follows (nobody waits for OnSend), so a reply costs one
-            # system call and leaves before any other hook runs.  Under the lock:
-            # the socket cannot be closed meanwhile.
-            one.base = ptr
-            one.len = <size_t>n
-            r = port_send_now(s.core.port, s._sock, &one, 1)
-            if r < 0:
-                port_spin_unlock(&s._lock)
-                _close_now(s, _io_reason(s, <int>r), False)
-                _maybe_finish(s)
-                return False
-            sent = <Py_ssize_t>r
-            _cnt_add(&s._cnt.bytes_out, sent)     # stats.pxi
-            if sent == n:
-                _cnt_add(&s._cnt.msgs_out, 1)
-                port_spin_unlock(&s._lock)
-                return True
-        if b is None:
-            # A copy of what is left (a bytes allocation runs no Python code).
-            b = PyBytes_FromStringAndSize(ptr + sent, n - sent)
-            sent = 0
-        return _queue_locked(s, b, sent, True)
-    finally:
-        if have_buf:
-            PyBuffer_Release(&buf)
-        if pinned:
-            (<RecvView>data)._unpin()
+            return 0
+    elif r < 0:
+        port_spin_unlock(&s._lock)
+        _close_now(s, _io_reason(s, <int>r), False)
+        _maybe_finish(s)
+        return 0
+    else:
+        sent = <Py_ssize_t>r
+        _cnt_add(&s._cnt.bytes_out, sent)
+    if type(data) is bytes:
+        b = <bytes>data
+    else:
+        # A copy of what is left (a bytes allocation runs no Python code).
+        b = PyBytes_FromStringAndSize(ptr + sent, n - sent)
+        sent = 0
+    return _queue_locked(s, b, sent, True)
 
 
 cdef bint _queue_send(Session s, bytes b, bint check_limit,
@@ -348,6 +400,25 @@ cdef void _build_iov(Session s) noexcept:
     s._iov_n = <int>cnt
 
 
+cdef extern from *:
+    """
+    #include "port/port_sync.h"
+    /* This thread submitted a port_send since its dispatch loop last asked: only then
+     * may the backend hold a send for port_flush_sends (one test per completion, not
+     * a call through the port). */
+    static PORT_THREAD_LOCAL int iocpnet_tls_sent = 0;
+    static inline void iocpnet_mark_sent(void) { iocpnet_tls_sent = 1; }
+    static inline int iocpnet_take_sent(void) {
+        if (!iocpnet_tls_sent)
+            return 0;
+        iocpnet_tls_sent = 0;
+        return 1;
+    }
+    """
+    void _mark_sent "iocpnet_mark_sent"() nogil
+    bint _take_sent "iocpnet_take_sent"() nogil
+
+
 cdef int _submit_send_locked(Session s) noexcept:
     """Submit the gather list (under _lock, with _send_busy set and counted).  On
     failure the send is undone and the error returned for the caller to close."""
@@ -358,6 +429,8 @@ cdef int _submit_send_locked(Session s) noexcept:
         _decref(<PyObject *>s)
         s._send_busy = False
         s._ops -= 1
+    else:
+        _mark_sent()
     return rc
 
 

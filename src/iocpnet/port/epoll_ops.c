@@ -277,10 +277,10 @@ int64_t port__ep_send_now(port_t *bp, port_sock_t sock, const port_buf_t *bufs, 
     ep_fd_t *f = fd_find(p, sock);
     int64_t res = 0;
     if (f == NULL)
-        return port__posix_send_now(sock, bufs, nbufs);
+        return port__posix_send_now_inline(sock, bufs, nbufs);
     port_spin_lock(&f->lock);
     if (f->whead == NULL && !f->write_blocked)
-        res = port__posix_send_now(f->fd, bufs, nbufs);
+        res = port__posix_send_now_inline(f->fd, bufs, nbufs);
     port_spin_unlock(&f->lock);
     return res;
 }

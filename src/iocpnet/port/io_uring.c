@@ -1186,11 +1186,6 @@ static void uring_recv_release(port_t *bp, uint32_t bid, char *fresh) {
     port__uring_recv_release(bp, bid, fresh);
 }
 
-static int64_t uring_send_now(port_t *bp, port_sock_t sock, const port_buf_t *bufs, int nbufs) {
-    PORT_UNUSED(bp);
-    return port__posix_send_now(sock, bufs, nbufs);
-}
-
 /* ---- operations ----------------------------------------------------------------------- */
 
 static int submit_accept(port_t *bp, port_op_t *op, port_sock_t listener, int multishot) {
@@ -1500,7 +1495,7 @@ const port_vtable_t port__io_uring_vtable = {
     uring_timer,
     uring_listen,
     uring_sock_close,
-    uring_send_now,
+    port__posix_port_send_now,  /* a socket is a plain descriptor: send(2) at once */
     uring_flush_sends,
     uring_accept_peer,
     uring_stop_listener,

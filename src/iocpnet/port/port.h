@@ -285,7 +285,9 @@ void port_batch_end(port_t *p);
  * kernel before 6.1, a port already in use), when nothing changed. */
 int port_single_dispatcher(port_t *p);
 /* Hand this thread's deferred submissions to the kernel now if they include a send, so
- * that a reply written by one hook does not wait behind the next hooks of the batch. */
+ * that a reply written by one hook does not wait behind the next hooks of the batch.
+ * Only this thread's own port_send can have been deferred: a caller that made none
+ * since its last call may skip it (the core does, per completion). */
 void port_flush_sends(port_t *p);
 /* Would port_wait return a batch at once?  1 when completions, or completion work the
  * kernel keeps for this thread, are already waiting (a port_wait with timeout 0 then

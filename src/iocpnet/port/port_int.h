@@ -166,6 +166,7 @@ void port__set_err(char *errbuf, size_t errlen, const char *fmt, ...);
 
 /* POSIX socket helpers shared by the Linux backends (posix_sock.c). */
 #ifndef _WIN32
+#  include <errno.h>
 #  include <sys/socket.h>
 #  include <sys/syscall.h>
 #  include <sys/types.h>
@@ -202,11 +203,56 @@ int port__posix_close(int fd, int flags);
 #  define port__sys_sendmsg sendmsg
 #  define port__sys_recvmsg recvmsg
 #endif
+/* send(2) of one buffer as the instruction itself on x86-64 (as liburing's nolibc
+ * build does): no call through syscall(2), and the error comes back as -errno, without
+ * errno.  Elsewhere, and in sanitizer builds, port__sys_send. */
+#if defined(__linux__) && defined(__x86_64__) && !defined(PORT_LIBC_SOCKET_CALLS) && \
+    defined(SYS_sendto) && (defined(__GNUC__) || defined(__clang__))
+#  define PORT_RAW_SEND 1
+static inline long port__raw_send(int fd, const void *buf, size_t len, int flags) {
+    long ret;
+    register long r10 __asm__("r10") = (long)flags;
+    register long r8 __asm__("r8") = 0;
+    register long r9 __asm__("r9") = 0;
+    __asm__ volatile("syscall"
+                     : "=a"(ret)
+                     : "0"((long)SYS_sendto), "D"((long)fd), "S"(buf), "d"(len), "r"(r10),
+                       "r"(r8), "r"(r9)
+                     : "rcx", "r11", "memory");
+    return ret;
+}
+#endif
 /* One non-blocking sendmsg of up to IOV_MAX buffers, retried on EINTR: sendmsg's own
  * result, errno set on failure. */
 long port__posix_sendmsg(int fd, const port_buf_t *bufs, int nbufs);
-/* The same as port_send_now: bytes sent, 0 if the socket is full, or a PORT_E* error. */
-int64_t port__posix_send_now(int fd, const port_buf_t *bufs, int nbufs);
+/* port__posix_port_send_now's body, inlined into epoll's send_now too: with
+ * PORT_RAW_SEND one buffer (a reply) goes from the port's entry straight to the
+ * kernel, no call layers between. */
+static inline int64_t port__posix_send_now_inline(int fd, const port_buf_t *bufs, int nbufs) {
+    long r;
+#ifdef PORT_RAW_SEND
+    if (nbufs == 1) {
+        do
+            r = port__raw_send(fd, bufs[0].base, bufs[0].len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        while (r == -EINTR);
+        if (r >= 0)
+            return (int64_t)r;
+        if (r == -EAGAIN || r == -EWOULDBLOCK || r == -ENOBUFS)
+            return 0;
+        return port_err_from_os((int)-r);
+    }
+#endif
+    r = port__posix_sendmsg(fd, bufs, nbufs);
+    if (r >= 0)
+        return (int64_t)r;
+    if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS)
+        return 0;
+    return port_err_from_os(errno);
+}
+/* port_send_now on a plain descriptor (io_uring's send_now): bytes sent, 0 if the
+ * socket is full, or a PORT_E* error. */
+int64_t port__posix_port_send_now(port_t *p, port_sock_t sock, const port_buf_t *bufs,
+                                  int nbufs);
 /* CLOCK_MONOTONIC in nanoseconds (deadlines of waits and timers). */
 static inline int64_t port__now_ns(void) {
     struct timespec ts;

@@ -158,13 +158,10 @@ long port__posix_sendmsg(int fd, const port_buf_t *bufs, int nbufs) {
     return (long)r;
 }
 
-int64_t port__posix_send_now(int fd, const port_buf_t *bufs, int nbufs) {
-    long r = port__posix_sendmsg(fd, bufs, nbufs);
-    if (r >= 0)
-        return (int64_t)r;
-    if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS)
-        return 0;
-    return port_err_from_os(errno);
+int64_t port__posix_port_send_now(port_t *p, port_sock_t sock, const port_buf_t *bufs,
+                                  int nbufs) {
+    PORT_UNUSED(p);
+    return port__posix_send_now_inline(sock, bufs, nbufs);
 }
 
 int port_sockname(port_sock_t s, port_addr_t *out) {
