@@ -606,3 +606,13 @@ cdef class _LogBurst:
             self.tick_pending = False
             self.logged = 0
         self.flush()
+
+
+cdef void _log_in_burst(_LogBurst burst, int level, str text) noexcept:
+    """Log a line a peer can make us repeat at will: in full while `burst` lets it
+    through (always without one), else counted in its burst's line."""
+    try:
+        if burst is None or burst.note(level, text):
+            logger.log(level, "%s", text)
+    except BaseException:
+        logger.exception("logging %r failed", text)

@@ -162,6 +162,7 @@ cdef class Service:
     cdef double _stall_timeout                # the shortest send_timeout watched, or 0
     cdef object _stall_watch                  # its core's _StallWatch, once watched
     cdef _LogBurst _tls_log                   # failed TLS handshakes (tls.pxi)
+    cdef _LogBurst _ws_log                    # refused WebSocket upgrades (websocket_http.pxi)
     cdef object __weakref__
 
     def __init__(self, IocpCore core, listener, session_factory, accepts=None,
@@ -206,6 +207,7 @@ cdef class Service:
                                    connect_burst_per_address, address_table_size)
         self._st = _ServiceStats()
         self._tls_log = _LogBurst(core, "TLS handshake failures", 5)
+        self._ws_log = _LogBurst(core, "refused WebSocket upgrades", 5)
         self._sessions = _SessionList()
         self._lock = threading.Lock()
         self._lock_acquire = self._lock.acquire
@@ -411,6 +413,7 @@ cdef class Service:
         _limits_stopping(self)
         _stats_stopping(self)
         self._tls_log.flush()
+        self._ws_log.flush()
         if self.listener is not None:
             try:
                 self.listener.Close()

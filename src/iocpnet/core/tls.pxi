@@ -72,12 +72,8 @@ cdef void _log_handshake_failure(Session s, int level, str reason) noexcept:
     """A failed handshake's line.  A peer can fail handshakes as fast as it can connect
     (anything but TLS, or connect and reset): its service logs a burst's first lines and
     counts the rest (_LogBurst, limits.pxi); the stats count every one."""
-    try:
-        text = f"{repr(s)}: {reason}"
-        if s._service is None or s._service._tls_log.note(level, text):
-            logger.log(level, "%s", text)
-    except BaseException:
-        logger.exception("logging a failed TLS handshake failed")
+    _log_in_burst(None if s._service is None else s._service._tls_log, level,
+                  f"{repr(s)}: {reason}")
 
 
 cdef str _tls_describe(BaseException e):

@@ -312,7 +312,9 @@ cdef void _ws_refuse(Session s, _WebSocket ws, int status, str reason,
         logger.debug("%s: %s", repr(s), why)
     else:
         why = f"WebSocket upgrade refused: {status} {reason}"
-        logger.warning("disconnecting %s: %s", repr(s), why)
+        # A peer can send garbage on connection after connection: bounded per burst.
+        _log_in_burst(None if s._service is None else s._service._ws_log,
+                      _logging_WARNING, f"disconnecting {repr(s)}: {why}")
     _begin_disconnect(s, why, True)
 
 
