@@ -27,6 +27,20 @@ def test_one_client_cannot_make_rooms_without_end(chat):
     wait_for(lambda: chat.service.session_count == 0, message="the session to end")
 
 
+def _read_until_cut(sock):
+    """Every packet a flooding client gets until the server cuts it (its socket ends:
+    the server may reset it, with our sends unread); the first error says 'too fast'."""
+    got = []
+    try:
+        while True:
+            got += read_packets(sock, 1)
+    except (ConnectionError, AssertionError, EOFError, OSError):
+        pass
+    errors = [p for i, p in got if i == proto.S_ERROR]
+    assert errors and b"too fast" in errors[0], got[-3:]
+    return got
+
+
 def test_a_client_flooding_a_room_is_slowed_then_cut(chat):
     # Each SAY is sent to every member of the room: one client saying 300 things at
     # once made 300 deliveries per member (x the room's size in all), and members that
@@ -43,14 +57,7 @@ def test_a_client_flooding_a_room_is_slowed_then_cut(chat):
         read_packets(a, 1)                                  # b joined
         a.sendall(b"".join(proto.say("lobby", f"spam {k}") for k in range(300)))
         # a is cut: its socket ends (the server may reset it, with our sends unread).
-        got = []
-        try:
-            while True:
-                got += read_packets(a, 1)
-        except (ConnectionError, AssertionError, EOFError, OSError):
-            pass
-        errors = [p for i, p in got if i == proto.S_ERROR]
-        assert errors and b"too fast" in errors[0], got[-3:]
+        got = _read_until_cut(a)
         said = sum(i == proto.S_SAID for i, _ in got)
         assert said <= burst + 1, f"{said} of 300 said (burst {burst})"
         b.sendall(proto.say("lobby", "still here"))
@@ -81,14 +88,7 @@ def test_a_client_asking_who_or_rooms_without_end_is_slowed_then_cut(chat, ask):
         request = proto.who("lobby") if ask == "who" else proto.rooms()
         answer = proto.S_WHO if ask == "who" else proto.S_ROOMS
         a.sendall(request * 300)
-        got = []
-        try:
-            while True:
-                got += read_packets(a, 1)
-        except (ConnectionError, AssertionError, EOFError, OSError):
-            pass
-        errors = [p for i, p in got if i == proto.S_ERROR]
-        assert errors and b"too fast" in errors[0], got[-3:]
+        got = _read_until_cut(a)
         answered = sum(i == answer for i, _ in got)
         assert answered <= burst + 1, f"{answered} of 300 answered (burst {burst})"
         b.sendall(request)                                  # b is not limited by a
