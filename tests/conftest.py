@@ -14,7 +14,12 @@ import pytest
 
 import iocpnet
 
-BACKENDS = iocpnet.available_backends()
+import machine_lock
+
+# Under the guard: while a machine_state test (in any process) has io_uring switched
+# off, this would leave io_uring out of the whole run, silently.
+with machine_lock.shared():
+    BACKENDS = iocpnet.available_backends()
 # IOCPNET_TEST_BACKENDS=io_uring (comma-separated) runs the suite for those only: the
 # sanitizer run uses it (the C contract test covers every backend under ASan anyway).
 if os.environ.get("IOCPNET_TEST_BACKENDS"):
@@ -38,6 +43,16 @@ def pytest_configure(config):
 def pytest_report_header(config):
     return (f"iocpnet {iocpnet.__version__} from {os.path.dirname(iocpnet.__file__)}; "
             f"backends: {', '.join(BACKENDS)}")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    # Every test, setup to teardown (its module's fixtures too), holds the machine-wide
+    # guard shared; a machine_state test takes it exclusive in its fixture instead.
+    if item.get_closest_marker("machine_state"):
+        return (yield)
+    with machine_lock.shared():
+        return (yield)
 
 
 @pytest.fixture(params=BACKENDS)
