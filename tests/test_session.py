@@ -983,6 +983,29 @@ def test_a_hook_written_as_a_coroutine_or_generator_is_refused(hook, body, kind)
         cls()
 
 
+def _eq_by_player(self, other):
+    return getattr(other, "player_id", None) == self.player_id
+
+
+@pytest.mark.parametrize("attrs, what", [
+    ({"__eq__": _eq_by_player}, "__eq__"),                # __hash__ becomes None
+    ({"__eq__": _eq_by_player, "__hash__": lambda self: hash(self.player_id)}, "__eq__"),
+    ({"__hash__": None}, "__hash__"),
+])
+def test_a_session_class_with_its_own_equality_is_refused(attrs, what):
+    """``__eq__`` comparing player ids (and a ``__hash__`` to match): a player who
+    reconnected had two equal sessions, and the library's tables, keyed by session,
+    took one for the other: in a room, the old session's end dropped the new one's name
+    (Group.names went from ['alice', 'alice'] to ['']: the old one's name had been
+    overwritten, then the entry popped), and presence in Redis the same way.  With
+    ``__eq__`` alone (no hash) Group.Add raised after adding the member.  The class is
+    refused when its first session is made, naming what it defines and the way out."""
+    cls = type("Player", (iocpnet.PacketSession,), dict(attrs, player_id="alice"))
+    with pytest.raises(TypeError, match=rf"Player defines {what}: sessions are compared "
+                                        rf"by identity.*a\.player_id == b\.player_id"):
+        cls()
+
+
 @pytest.mark.skipif(not hasattr(inspect, "markcoroutinefunction"),
                     reason="inspect.markcoroutinefunction is Python 3.12+")
 def test_a_hook_marked_as_a_coroutine_function_is_refused():

@@ -168,6 +168,20 @@ cdef _refuse_deferred_hooks(type cls):
                         f"awaited to self.Spawn(awaitable, callback)")
 
 
+cdef _refuse_equality(type cls):
+    """A session is one connection: the library's tables (a group's names, presence in
+    Redis, the flush and idle watches, a client's reconnect slots) key it by itself.
+    ``__eq__`` comparing player ids made a reconnected player's new session collide
+    with its old one there (the old one's end took the new one's name and presence);
+    ``__eq__`` alone (``__hash__`` becomes None) made Group.Add raise half done."""
+    if cls.__eq__ is not object.__eq__ or cls.__hash__ is not object.__hash__:
+        what = "__eq__" if cls.__eq__ is not object.__eq__ else "__hash__"
+        raise TypeError(f"{cls.__name__} defines {what}: sessions are compared by "
+                        f"identity (the library keys its tables by session, and two "
+                        f"sessions of one player must stay two); compare a field "
+                        f"instead (a.player_id == b.player_id)")
+
+
 cdef _Hooks _hooks_for(type cls):
     cdef _Hooks h
     o = getattr(cls, "_iocpnet_hooks", None)
@@ -178,6 +192,7 @@ cdef _Hooks _hooks_for(type cls):
     if o is not None:
         return <_Hooks>o
     _refuse_deferred_hooks(cls)
+    _refuse_equality(cls)
     h = _Hooks.__new__(_Hooks)
     h.owner = <Py_ssize_t><PyObject *>cls
     h.on_connected = _overridden(cls, "OnConnected", Session)
