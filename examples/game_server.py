@@ -130,9 +130,11 @@ class Room(iocpnet.Group):
             pos[1] = (pos[1] + dy + WORLD) % (2 * WORLD) - WORLD
             applied.append((pid, seq, pos[0], pos[1]))
         self.pending = []
-        if applied:
-            self.Broadcast(iocpnet.make_packet(proto.S_MOVES,
-                                               proto.moves(self.tick, applied)))
+        # Six players' bursts (800 moves each, within the flood limit) fill more than
+        # one packet: in pieces, in order.
+        for i in range(0, len(applied), proto.MOVES_PER_PACKET):
+            self.Broadcast(iocpnet.make_packet(proto.S_MOVES, proto.moves(
+                self.tick, applied[i:i + proto.MOVES_PER_PACKET])))
         self.Broadcast(iocpnet.make_packet(proto.S_STATE, proto.state(
             self.tick, [(pid, x, y) for pid, (x, y) in self.positions.items()])),
             droppable=True)

@@ -2,6 +2,7 @@
 9): a room lives while someone is in it or on the way in."""
 import pytest
 
+import iocpnet
 from iocpnet import game_protocol as proto
 from conftest import wait_for
 from test_game_example import login, read_until, running_game
@@ -31,3 +32,39 @@ def test_an_empty_room_is_closed_and_a_login_racing_its_close_is_welcomed(game):
         assert proto.parse_joined(read_until(b, proto.S_JOINED)) == (pb, "second")
         b.close()
     wait_for(lambda: not game.world.rooms, 10, "the last room closed")
+
+
+def test_a_tick_with_more_moves_than_one_packet_holds_loses_none(game):
+    """A tick's S_MOVES carries 16 bytes per move, so at most 4095 moves fit one packet
+    (65535 bytes).  Six players each sending a burst of 700 moves (under the flood
+    limit: 800 at once) made one tick's 4200: make_packet raised in the room's tick,
+    after it had taken the pending moves, so every player's moves of that tick were
+    lost (none echoed, positions moved nevertheless), the "never dropped" of S_MOVES.
+    Every move must come back, in order, each once."""
+    vic, pv, _ = login(game, "vic", "crowd")
+    movers = [login(game, f"m{i}", "crowd") for i in range(6)]
+    room = game.world.room("crowd")
+    game.world.arrived(room)                # room() counted us as arriving: undo
+    # The room ticks by hand here, once every move is pending, so that they surely
+    # fall in one tick.
+    room.ticker.Cancel()
+    burst = b"".join(iocpnet.make_packet(proto.C_MOVE, proto.move(seq, 1, 0))
+                     for seq in range(1, 701))
+    for c, _, _ in movers:
+        c.sendall(burst)
+    vic.sendall(iocpnet.make_packet(proto.C_MOVE, proto.move(1, 0, 1)))
+    expected = 6 * 700 + 1
+    wait_for(lambda: len(room.pending) == expected, 10, "every move pending")
+    room.Post(room.on_tick)
+    seen = {}
+    vic.settimeout(10)
+    while sum(len(v) for v in seen.values()) < expected:
+        _, applied = proto.parse_moves(read_until(vic, proto.S_MOVES, limit=1000))
+        for pid, seq, _, _ in applied:
+            seen.setdefault(pid, []).append(seq)
+    assert seen[pv] == [1]
+    assert sorted(len(v) for v in seen.values()) == [1] + [700] * 6
+    assert all(v == list(range(1, 701)) for pid, v in seen.items() if pid != pv)
+    vic.close()
+    for c, _, _ in movers:
+        c.close()

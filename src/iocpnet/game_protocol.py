@@ -18,7 +18,8 @@ Server to client:
 - ``S_ROSTER``  ``u16 n, n x u32 player_id``: who was in the room when you joined.
 - ``S_JOINED``  ``u32 player_id, str8 name`` / ``S_LEFT`` ``u32 player_id``
 - ``S_MOVES``   ``u32 tick, u16 n, n x (u32 player_id, u32 seq, i32 x, i32 y)``: the
-  moves applied at that tick, in order (never dropped).
+  moves applied at that tick, in order (never dropped); a tick with more than
+  ``MOVES_PER_PACKET`` (4095) sends several, in order, each with the tick's number.
 - ``S_STATE``   ``u32 tick, u16 n, n x (u32 player_id, i32 x, i32 y)``: positions, each
   tick; droppable (a slow reader misses some rather than fall behind).
 - ``S_CHAT``    ``u32 player_id, u32 seq, text``
@@ -44,6 +45,9 @@ _TICK = struct.Struct("<IH")
 _MOVED = struct.Struct("<IIii")
 _POS = struct.Struct("<Iii")
 _CHAT = struct.Struct("<II")
+
+# What one S_MOVES holds: a packet is at most 65535 bytes, its 4-byte header included.
+MOVES_PER_PACKET = (0xFFFF - 4 - _TICK.size) // _MOVED.size
 
 
 class ProtocolError(ValueError):
