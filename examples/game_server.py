@@ -80,7 +80,12 @@ class Room(iocpnet.Group):
     """A room: members (the Group), positions and pending moves (on its strand only).
     It lives while someone is in it or on the way in (``arriving``, under the world's
     lock): a client logging into made-up room names must not leave a ticking room
-    behind each."""
+    behind each.  It holds ``max_players``: each tick sends every member every
+    position, so its cost grows with the square of the room (bots crowding one room
+    made it quadratic), and past 5460 players S_STATE no longer fits a packet (the
+    tick failed at each turn, for everyone)."""
+
+    max_players = 1000
 
     def __init__(self, world: World, name: str) -> None:
         super().__init__(world.core, name)
@@ -96,6 +101,9 @@ class Room(iocpnet.Group):
 
     def on_join(self, player: Player, level: int) -> None:
         self.world.arrived(self)
+        if len(self.positions) >= self.max_players:
+            player.refuse("room full")
+            return
         if not self.Add(player):
             return                          # cut before its welcome: no one hears of it
         self.positions[player.player_id] = [0, 0]

@@ -4,7 +4,7 @@ import pytest
 
 import iocpnet
 from iocpnet import game_protocol as proto
-from conftest import wait_for
+from conftest import connect, wait_for
 from test_game_example import login, read_until, running_game
 
 
@@ -68,3 +68,30 @@ def test_a_tick_with_more_moves_than_one_packet_holds_loses_none(game):
     vic.close()
     for c, _, _ in movers:
         c.close()
+
+
+def test_a_full_room_refuses_a_login_and_its_tick_fits_a_packet(game):
+    """A room took any number of players: each tick sends every member every position
+    (12 bytes each), so bots crowding one room made its cost grow with the square of
+    its size, and from 5461 players on S_STATE no longer fit a packet: make_packet
+    raised in the tick, every tick, and nobody in the room heard a position again.  A
+    room holds max_players (a login past it hears "room full" and is cut), and that
+    many positions fit one S_STATE, and their ids one S_ROSTER."""
+    room_cls = type(game.world.room("full"))
+    game.world.arrived(game.world.room("full"))      # room() counted us twice: undo
+    game.world.arrived(game.world.room("full"))
+    limit = room_cls.max_players
+    assert 0 < limit and 4 + 6 + 12 * limit <= 0xFFFF and 4 + 2 + 4 * limit <= 0xFFFF
+    room = game.world.rooms["full"]
+    room.max_players = 2
+    a, pa, _ = login(game, "ann", "full")
+    b, pb, _ = login(game, "bob", "full")
+    c = connect(("127.0.0.1", game.port))
+    c.sendall(iocpnet.make_packet(proto.C_LOGIN, proto.login("cal", "full")))
+    assert read_until(c, proto.S_ERROR) == b"room full"
+    c.settimeout(10)
+    assert c.recv(1) == b""
+    tick, positions = proto.parse_state(read_until(a, proto.S_STATE))
+    assert sorted(pid for pid, _, _ in positions) == sorted([pa, pb])
+    for s in (a, b, c):
+        s.close()

@@ -23,7 +23,8 @@ Server to client:
 - ``S_STATE``   ``u32 tick, u16 n, n x (u32 player_id, i32 x, i32 y)``: positions, each
   tick; droppable (a slow reader misses some rather than fall behind).
 - ``S_CHAT``    ``u32 player_id, u32 seq, text``
-- ``S_ERROR``   ``text``: the server refuses a request (then disconnects).
+- ``S_ERROR``   ``text``: the server refuses a request (then disconnects): a bad
+  packet, a second login, a full room (``room full``).
 """
 from __future__ import annotations
 
