@@ -18,8 +18,6 @@
 #     epoll's C is covered under ASan by step 1)
 #  8. the whole suite on free-threaded CPython 3.13t, both backends (8a: the interpreter,
 #     built once, ~4 minutes, in the background from step 3 on; reused in a second after)
-#  9. (IOCPNET_PARALLEL=1 only) the tests that change the machine's state (marked
-#     machine_state: io_uring switched off in the kernel), alone, on the builds of 5, 7, 8
 #
 # Two modes, one list of steps.  By default the steps run one after another and the
 # script stops at the first failure; the pytest args go to step 5.  IOCPNET_PARALLEL=1
@@ -29,12 +27,13 @@
 # from step 5's).  Each lane writes its own log, printed whole when it ends; a failing
 # lane does not stop the others, and the end of its log (pytest's short summary) is
 # printed again once every lane has ended, just above the table, so that the end of the
-# output says what failed; each suite is spread over IOCPNET_TEST_WORKERS
-# pytest-xdist processes (default 2; 0: pytest's own process), whole modules to a worker,
-# and gets the pytest args.  A test that switches io_uring off for the whole machine would
-# break the other lanes' io_uring tests, so the lanes leave the machine_state tests out
-# and step 9 runs them once nothing else runs.  Either way the table at the end gives each
-# step's wall time, the CPU time of its processes and when it started.
+# output says what failed; each suite gets the pytest args.  In both modes each suite
+# (5, 7, 8) is spread over IOCPNET_TEST_WORKERS pytest-xdist processes (default 2; 0:
+# pytest's own process), whole modules to a worker.  The tests that switch io_uring off
+# for the whole machine (marked machine_state) run inside each suite: they wait for every
+# other test on the machine to end, and keep new ones waiting (tests/machine_lock.py),
+# whichever worker, lane or CI run those belong to.  Either way the table at the end gives
+# each step's wall time, the CPU time of its processes and when it started.
 #
 # Nothing may hang CI: every step that runs tests or servers has a wall-clock bound, and
 # in parallel mode so has each lane.  A step or lane over its bound gets SIGTERM (the
@@ -47,7 +46,7 @@
 #
 # Environment: PYTHON (default python3), IOCPNET_TEST_DIR (work directory, default
 # .ci/out), IOCPNET_PARALLEL (1: the lanes side by side; 0 or unset: one after another),
-# IOCPNET_TEST_WORKERS, IOCPNET_QUICK=1 (steps 3, 5 and 9 only), IOCPNET_SKIP=<list> (any
+# IOCPNET_TEST_WORKERS, IOCPNET_QUICK=1 (steps 3 and 5 only), IOCPNET_SKIP=<list> (any
 # of contract, fuzz, dist, types, sanitize, freethreaded, machine_state),
 # IOCPNET_BOUND_PERCENT (every bound scaled, default 100: for a slower machine).
 set -euo pipefail
@@ -64,15 +63,18 @@ mkdir -p "$work"
 # Private scratch space outside the tree, so that two runs on one machine do not share it.
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/iocpnet-ci.XXXXXX")
 
-# Step 5's pytest args, and the other suites' (7, 8): the same in parallel mode.
-if [ -n "$parallel" ]; then
-    suite_args=(-m "not machine_state" -n "${IOCPNET_TEST_WORKERS:-2}" --dist loadfile
-                --max-worker-restart=0 "$@")
-    main_args=("${suite_args[@]}")
-else
-    suite_args=()
-    main_args=("$@")
+# Step 5's pytest args, and the other suites' (7, 8); in parallel mode all get the
+# script's args.
+suite_args=()
+if [ "${IOCPNET_TEST_WORKERS:-2}" != 0 ]; then
+    suite_args=(-n "${IOCPNET_TEST_WORKERS:-2}" --dist loadfile --max-worker-restart=0)
 fi
+skipped() { case "$skip" in *" $1 "*) return 0 ;; esac; return 1; }
+if skipped machine_state; then
+    suite_args+=(-m "not machine_state")
+fi
+main_args=("${suite_args[@]}" "$@")
+[ -z "$parallel" ] || suite_args=("${main_args[@]}")
 
 # ---- steps and their times ----
 # Every shell that runs steps (this one and each lane) appends one line per step to
@@ -103,7 +105,6 @@ step() {
     step_cpu=$ticks
     printf '\n== %s\n' "$*" >&2
 }
-skipped() { case "$skip" in *" $1 "*) return 0 ;; esac; return 1; }
 summary() {
     step_end "${1:-}"
     printf '\n== time per step (wall; CPU of its processes; start, from the beginning)\n' >&2
@@ -126,7 +127,6 @@ declare -A bound_s=(
     [7]=4800       # sanitized build + pytest: 447 / 2044 s (1300 of them the build)
     [8a]=2400      # the interpreter's build: ~240 s quiet
     [8]=4800       # wheel + pytest on 3.13t: 765 / 3915 s (load 13-17)
-    [9]=600        # each build's machine_state tests: 20 s for the three
     [lane]=5000    # a whole lane: they start 3-8 min in; CI's own limit is 90 min
 )
 scaled_bound() { echo $((bound_s[$1] * ${IOCPNET_BOUND_PERCENT:-100} / 100 + 1)); }
@@ -213,7 +213,6 @@ wait_lanes() {            # print each lane's log as it ends; note the failures
 lane_ends() {             # again, the end of each failed lane's log: what CI shows last
     local name log
     for name in "$@"; do
-        case $name in 9*) continue ;; esac         # step 9 printed its own just above
         log="$work/lane-$name.log"
         printf '\n######## lane %s FAILED: the end of its log (all of it above, and in %s)\n' \
             "$name" "$log" >&2
@@ -377,36 +376,6 @@ if [ -z "$parallel" ] && ! skipped freethreaded; then
     lane freethreaded ft_lane
 fi
 wait_lanes
-
-# Step 9: each build's machine_state tests, now that nothing else runs (in sequential
-# mode each suite ran its own).
-machine_state_step() {
-    (cd "$work" && CI="${CI:-}" bound 9 "step 9 (step 5's build)" "$vpy" -m pytest \
-        "$root/tests" -p no:cacheprovider --rootdir "$root" -q -m machine_state) ||
-        failed+=("9 (step 5's build)")
-    if ! skipped sanitize; then
-        IOCPNET_TEST_BACKENDS=io_uring PYTHON="$vpy" IOCPNET_SANITIZE_DIR="$work/sanitize" \
-            bound 9 "step 9 (step 7's build)" bash "$root/scripts/sanitize.sh" --no-build \
-            -m machine_state ||
-            failed+=("9 (step 7's build)")
-    fi
-    if ! skipped freethreaded; then
-        local ftpy
-        ftpy=$(ls "$work"/ft/venv-ft-*/bin/python 2>/dev/null | head -n 1)
-        if [ -z "$ftpy" ]; then
-            failed+=("9 (step 8's build: no venv)")
-            return
-        fi
-        (cd "$work/ft" && CI="${CI:-}" bound 9 "step 9 (step 8's build)" \
-            env -u PYTHON_GIL "$ftpy" -m pytest "$root/tests" -p no:cacheprovider \
-            --rootdir "$root" -q -m machine_state) ||
-            failed+=("9 (step 8's build)")
-    fi
-}
-if [ -n "$parallel" ] && ! skipped machine_state; then
-    step "9. the tests that change the machine's state, alone, on the builds of steps 5, 7, 8"
-    machine_state_step
-fi
 
 [ ${#failed[@]} -eq 0 ] || lane_ends "${failed[@]}"
 summary
