@@ -540,6 +540,81 @@ def test_a_protocol_error_is_logged_once_per_outage(backend, nodes, caplog, repl
             c.close()
 
 
+def _scripted_redis(who_reply):
+    """A peer that speaks enough RESP2 to let a backplane share (handshake, SUBSCRIBE,
+    MULTI/EXEC, PEXPIRE) and answers WHO's script with `who_reply`: what a broken or
+    hostile Redis-alike may send."""
+    from iocpnet.resp import Parser
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    conns = []
+
+    def answer(cmd):
+        name = cmd[0].upper()
+        if name == b"SUBSCRIBE":
+            return b"*3\r\n$9\r\nsubscribe\r\n$%d\r\n%s\r\n:1\r\n" % (len(cmd[1]), cmd[1])
+        if name == b"EXEC":
+            return b"*0\r\n"
+        if name in (b"PEXPIRE", b"PUBLISH"):
+            return b":1\r\n"
+        if name in (b"EVALSHA", b"EVAL"):
+            return who_reply
+        return b"+PONG\r\n" if name == b"PING" else b"+OK\r\n"
+
+    def serve(c):
+        p = Parser()
+        try:
+            while True:
+                data = c.recv(65536)
+                if not data:
+                    return
+                p.feed(data)
+                c.sendall(b"".join(answer(cmd) for cmd in p.replies()))
+        except OSError:
+            pass
+
+    def accept():
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            conns.append(c)
+            threading.Thread(target=serve, args=(c,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return srv, conns
+
+
+@pytest.mark.parametrize("reply", [b"*2\r\n:1\r\n:2\r\n", b"*2\r\n$1\r\nf\r\n$-1\r\n",
+                                   b"*1\r\n$1\r\nf\r\n", b"*2\r\n*0\r\n$1\r\nx\r\n"])
+def test_a_malformed_who_reply_answers_with_this_servers_members(backend, nodes, caplog,
+                                                                 reply):
+    """WHO's script returns field, name pairs of bulk strings.  Integers, a null, an odd
+    count or an array in their place raised in the reply's callback (bytes.decode of an
+    int): the command link was dropped as a failed hook, an outage, and the Who future
+    was never answered (a member asking WHO waited for ever).  Such a reply is a failed
+    command: logged, answered with this server's members, the link kept."""
+    caplog.set_level(logging.INFO, logger="iocpnet")
+    srv, conns = _scripted_redis(reply)
+    try:
+        (a,) = nodes(f"redis://127.0.0.1:{srv.getsockname()[1]}", n=1)
+        sharing(a)
+        m = Client(a, "mia")
+        try:
+            assert m.who() == ["mia"]
+            assert a.bp.sharing and a.bp.stats()["outages"] == 0
+            assert any("WHO" in r.getMessage() and r.levelno == logging.ERROR
+                       for r in caplog.records)
+        finally:
+            m.close()
+    finally:
+        srv.close()
+        for c in conns:
+            c.close()
+
+
 def test_a_burst_while_redis_stalls_is_no_outage(backend, redis_server, nodes):
     """16 MiB of broadcasts while Redis is paused (SIGSTOP) for a second: the command
     link holds what Redis does not read yet (the links' send_queue_limit is 64 MiB,

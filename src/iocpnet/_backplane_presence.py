@@ -247,9 +247,16 @@ class _Presence:
                     return
             done(self._local_names(name))
             return
-        if not isinstance(reply, list):
-            if isinstance(reply, RespError):
-                self._command_error(reply)
+        if isinstance(reply, _LinkDown):
+            done(self._local_names(name))
+            return
+        if not isinstance(reply, list) or len(reply) % 2 or \
+                not all(type(x) is bytes for x in reply):
+            # A broken or hostile peer's pairs: decoding them raised in this callback,
+            # which dropped the link and left the Who unanswered.
+            self._command_error(reply if isinstance(reply, RespError) else
+                                f"WHO: not field, name pairs of bulk strings: "
+                                f"{reply!r:.80}")
             done(self._local_names(name))
             return
         pairs = sorted(zip(reply[0::2], reply[1::2]))
