@@ -651,6 +651,24 @@ def test_job_and_timer_exceptions_are_logged_and_workers_go_on(server, caplog_io
         assert recv_exactly(c, 5) == b"alive"
 
 
+def test_a_record_logged_while_the_server_stops_is_not_taken_for_a_leak(server, request):
+    """A worker's exception record that arrives after the test's body (the tick of a
+    repeating timer that was running when the test cancelled it, on a loaded machine)
+    holds the worker's frames, and through them the core, for as long as pytest keeps
+    the record: the leak check must drop it too, not report 'cores_alive 1'.  Here the
+    job raises once the test's teardown has begun (the finalizer runs before the
+    server's), so its record lands among the teardown's records."""
+    srv = server(Echo)
+    go = threading.Event()
+
+    def raises_in_teardown():
+        go.wait(10)
+        raise RuntimeError("logged while the server stops")
+
+    srv.core.Post(raises_in_teardown)
+    request.addfinalizer(go.set)
+
+
 # ---- limits ----
 
 def test_max_sessions_refuses_extras_and_counts_them(server, recorder):
