@@ -129,29 +129,8 @@ declare -A bound_s=(
     [8]=4800       # wheel + pytest on 3.13t: 765 / 3915 s (load 13-17)
     [lane]=5000    # a whole lane: they start 3-8 min in; CI's own limit is 90 min
 )
-scaled_bound() { echo $((bound_s[$1] * ${IOCPNET_BOUND_PERCENT:-100} / 100 + 1)); }
-bound() {                 # bound KEY WHAT COMMAND...: COMMAND with bound_s[KEY]
-    local secs what=$2 rc=0 pid start=$SECONDS
-    secs=$(scaled_bound "$1")
-    shift 2
-    # timeout makes a process group of its own and signals all of it.  Run in the
-    # background and waited for, so that a Ctrl-C (which reaches only this shell's
-    # group) is passed on by the trap: wait returns at once for a trapped signal, a
-    # foreground command would be waited for first.
-    timeout --signal=TERM --kill-after=30 "$secs" "$@" &
-    pid=$!
-    trap 'kill -INT $pid 2>/dev/null' INT
-    while :; do
-        rc=0
-        wait $pid || rc=$?
-        kill -0 $pid 2>/dev/null || break       # (else: wait interrupted by the trap)
-    done
-    trap - INT
-    if [ $rc != 0 ] && [ $((SECONDS - start)) -ge "$secs" ]; then
-        printf '\ntest.sh: %s exceeded %d s: killed\n' "$what" "$secs" >&2
-    fi
-    return $rc
-}
+# scaled_bound, bound, watchdog, kill_tree (tests/test_ci_bounds.py runs them alone)
+source "$root/scripts/ci_bound.sh"
 
 # ---- lanes: in parallel mode, steps that run side by side, each with its own log ----
 declare -A lanes=()       # pid -> lane name
@@ -181,16 +160,7 @@ lane() {                  # lane NAME FUNCTION: parallel mode: in the background
     lanes[$lane_pid]=$name
     dog=$(scaled_bound lane)
     # The lane's bound: its log says why it ended, and wait_lanes prints the log.
-    (
-        trap 'kill $sleeper 2>/dev/null; exit 0' TERM
-        sleep "$dog" & sleeper=$!
-        wait $sleeper
-        printf '\ntest.sh: lane %s exceeded %d s: killed\n' "$name" "$dog" |
-            tee -a "$work/lane-$name.log" >&2
-        kill_tree "$lane_pid" TERM
-        sleep 30
-        kill_tree "$lane_pid" KILL
-    ) &
+    watchdog "$dog" "lane $name" "$lane_pid" "$work/lane-$name.log" &
     dog_of[$name]=$!
     echo "(lane $name started: $work/lane-$name.log, printed when it ends)" >&2
 }
@@ -224,11 +194,6 @@ lane_ends() {             # again, the end of each failed lane's log: what CI sh
             cat "$log"
         fi | tail -n 40 | cut -c 1-400 >&2
     done
-}
-kill_tree() {             # kill_tree PID [SIGNAL]: it and all it started (pytest, servers...)
-    local child
-    for child in $(ps -o pid= --ppid "$1" 2>/dev/null); do kill_tree "$child" "${2:-TERM}"; done
-    kill -"${2:-TERM}" "$1" 2>/dev/null || true
 }
 ft_pid=                   # sequential mode: the interpreter build in the background
 summarised=
