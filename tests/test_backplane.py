@@ -360,6 +360,39 @@ def test_redis_outage_local_chat_goes_on_and_sharing_resumes(backend, redis_serv
             c.close()
 
 
+def test_a_member_name_redis_cannot_carry_is_refused_before_it_joins(
+        backend, redis_server, nodes):
+    """A name with a lone surrogate (what a name read with errors="surrogateescape"
+    holds) cannot be encoded for Redis.  Group.Add raised UnicodeEncodeError after the
+    member had joined, and every later registration of the group's names raised too:
+    after an outage the backplane never shared again (each resync failed in its
+    callback, the link dropped, again and again).  Add and Rename refuse such a name
+    first (ValueError), and sharing resumes after an outage."""
+    r = redis_server()
+    (a,) = nodes(r.url(), n=1, presence_ttl=1.0)
+    sharing(a)
+    m = Client(a, "mia")
+    extra = connect(a.address)
+    try:
+        wait_for(lambda: a.service.session_count == 2)
+        (s,) = [x for x in a.service.sessions if x not in a.group]
+        (member,) = [x for x in a.service.sessions if x in a.group]
+        with pytest.raises(ValueError, match="cannot be encoded as UTF-8"):
+            a.group.Add(s, name="bad\udc80")
+        assert s not in a.group
+        with pytest.raises(ValueError, match="cannot be encoded as UTF-8"):
+            a.group.Rename(member, "bad\udc80")
+        assert a.group.NameOf(member) == "mia"
+        r.stop()
+        wait_for(lambda: not a.bp.sharing, message="outage seen")
+        r.start()
+        sharing(a, timeout=10)
+        assert m.who() == ["mia"]
+    finally:
+        m.close()
+        extra.close()
+
+
 def test_no_own_message_lost_or_doubled_across_an_outage(backend, redis_server, nodes):
     """A server broadcasts numbered messages without pause while Redis is killed and
     started again: its own members hear every one exactly once, in order (the ones

@@ -167,6 +167,8 @@ cdef class Group(IocpObject):
             name = f"{addr[0]}:{addr[1]}" if addr else ""
         elif not isinstance(name, str):
             raise TypeError(f"name must be a str, not {type(name).__name__}")
+        else:
+            _check_member_name(name)
         if session.core is not self.core:
             raise ValueError(f"{session!r} runs on another IocpCore than {self!r}")
         x = _owned_of(session)
@@ -193,6 +195,7 @@ cdef class Group(IocpObject):
     def Rename(self, Session session not None, str name not None):
         """Change the name `session` is listed under (any thread).  Returns False if it
         is not a member."""
+        _check_member_name(name)
         with self._lock:
             if session not in self._names:
                 return False
@@ -339,6 +342,18 @@ cdef class Group(IocpObject):
         _end_owned(self._x)
         if self.backplane is not None:
             self.backplane._unshare(self)
+
+
+cdef _check_member_name(str name):
+    """Presence carries names to Redis as UTF-8.  A lone surrogate (a name read with
+    errors="surrogateescape") failed there after the member had joined: Add raised half
+    done, and every later registration of the group's names raised too, so after an
+    outage the backplane never shared again."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"name {name!r} cannot be encoded as UTF-8 (a lone "
+                         f"surrogate): member names are text") from None
 
 
 cdef void _forget_group(Session session, Group g) noexcept:
