@@ -48,6 +48,7 @@ log = logging.getLogger("game_server")
 
 TICK_HZ = 20
 WORLD = 10_000                 # positions wrap at +-WORLD
+BURST = 800                    # packets a player may send at once (its flood limit)
 
 
 class Database:
@@ -86,6 +87,10 @@ class Room(iocpnet.Group):
     tick failed at each turn, for everyone)."""
 
     max_players = 1000
+    # Every move is a job on the room's strand, and the bound on jobs waiting there is
+    # the room's, shared: it holds every player's burst, so that players flooding a busy
+    # room meet their own flood limit, and a quiet player never meets queue.Full.
+    post_queue_limit = max_players * BURST
 
     def __init__(self, world: World, name: str) -> None:
         super().__init__(world.core, name)
@@ -197,7 +202,7 @@ class Player(iocpnet.PacketSession):
     idle_timeout = 60.0
     # A player sends a few dozen packets a second; ten times that is a flood.
     recv_messages_per_second = 400
-    recv_messages_burst = 800
+    recv_messages_burst = BURST
     recv_bytes_per_second = 64 * 1024
     recv_bytes_burst = 128 * 1024
 

@@ -1,5 +1,7 @@
 """The game example's rooms under a careless or hostile client (attack round, session
 9): a room lives while someone is in it or on the way in."""
+import threading
+
 import pytest
 
 import iocpnet
@@ -95,3 +97,42 @@ def test_a_full_room_refuses_a_login_and_its_tick_fits_a_packet(game):
     assert sorted(pid for pid, _, _ in positions) == sorted([pa, pb])
     for s in (a, b, c):
         s.close()
+
+
+def test_players_flooding_a_busy_room_do_not_cut_the_others(game):
+    """Every move is a job Post()ed to the room, and a room's strand held at most 10000
+    waiting jobs, shared by every player: thirteen players each sending a burst of 780
+    moves (within the flood limit, 800 at once) while the room was busy (a long tick)
+    filled it, and Post raised queue.Full in the OnRecvPacket of whoever moved next,
+    a quiet player too, who was cut ("OnRecvPacket raised").  The room's bound now holds
+    every player's burst.  The room's strand is held while the moves arrive."""
+    vic, pv, _ = login(game, "vic", "busy")
+    movers = [login(game, f"m{i}", "busy") for i in range(13)]
+    room = game.world.room("busy")
+    game.world.arrived(room)                # room() counted us as arriving: undo
+    gate = threading.Event()
+    room.Post(gate.wait, 20)
+    burst = b"".join(iocpnet.make_packet(proto.C_MOVE, proto.move(seq, 1, 0))
+                     for seq in range(1, 781))
+    try:
+        before = game.service.stats()["messages_in"]
+        for c, _, _ in movers:
+            c.sendall(burst)
+        expected = 13 * 780
+        wait_for(lambda: game.service.stats()["messages_in"] - before >= expected or
+                 game.service.session_count < 14, 15, "the bursts received")
+        assert game.service.session_count == 14, "a player was cut"
+        vic.sendall(iocpnet.make_packet(proto.C_MOVE, proto.move(1, 0, 1)))
+        wait_for(lambda: game.service.stats()["messages_in"] - before > expected, 10,
+                 "the quiet player's move received")
+    finally:
+        gate.set()
+    vic.settimeout(20)
+    while True:
+        _, applied = proto.parse_moves(read_until(vic, proto.S_MOVES, limit=10_000))
+        if (pv, 1) in [(pid, seq) for pid, seq, _, _ in applied]:
+            break
+    assert game.service.session_count == 14
+    vic.close()
+    for c, _, _ in movers:
+        c.close()

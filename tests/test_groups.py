@@ -2,6 +2,7 @@
 session and group jobs and timers on their strands, their cancellation when the owner
 ends, and OnSendQueue.  Real sockets, every backend, counters balanced (conftest)."""
 import logging
+import queue
 import selectors
 import socket
 import struct
@@ -432,6 +433,32 @@ def test_post_is_bounded_and_stop_ends_while_threads_post(server, recorder):
                  message="both posters told the session ended")
     c.close()
     s = None
+
+
+def test_a_group_class_sets_its_post_queue_limit(backend):
+    """A Group's bound on jobs waiting on its strand was fixed at 10000, shared by all
+    who post there (a room's players): a class attribute now, as a Session's is, checked
+    when the group is made."""
+    core = iocpnet.IocpCore(backend)
+    try:
+        class Small(iocpnet.Group):
+            post_queue_limit = 3
+
+        g = Small(core, "small")
+        gate = threading.Event()
+        assert g.Post(gate.wait, 10)              # no worker yet: every job waits
+        assert g.Post(len, "") and g.Post(len, "")
+        with pytest.raises(queue.Full, match="3 jobs waiting"):
+            g.Post(len, "")
+        for bad, error in ((0, ValueError), (-1, ValueError), ("many", TypeError),
+                           (1.5, TypeError)):
+            cls = type("Bad", (iocpnet.Group,), {"post_queue_limit": bad})
+            with pytest.raises(error, match="post_queue_limit"):
+                cls(core, "bad")
+        gate.set()
+        g.Close()
+    finally:
+        core.Close(5)
 
 
 def test_session_job_that_raises_disconnects_it(server, recorder, caplog):

@@ -47,7 +47,8 @@ DEFAULT_MAX_MESSAGE_SIZE: int
 DEFAULT_SEND_QUEUE_HIGH: int
 """64 KiB: ``Session.send_queue_high`` (or a quarter of ``send_queue_limit`` if less)."""
 DEFAULT_POST_QUEUE_LIMIT: int
-"""10000: ``Session.post_queue_limit`` unless a subclass sets it; a Group's bound."""
+"""10000: ``Session.post_queue_limit`` and ``Group.post_queue_limit`` unless a subclass
+sets it."""
 DEFAULT_CORE_POST_QUEUE_LIMIT: int
 """100000: ``IocpCore.post_queue_limit`` unless set."""
 
@@ -645,8 +646,10 @@ class Group(IocpObject):
 
     def Post(self, func: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]) -> bool:
         """Run ``func(*args)`` on the group's strand (any thread may post).  Returns False
-        if the group is closed (or the core is).  At most ``DEFAULT_POST_QUEUE_LIMIT``
-        (10000) jobs wait at once: past it Post raises ``queue.Full``."""
+        if the group is closed (or the core is).  At most ``post_queue_limit`` jobs wait
+        at once (a class attribute, default 10000): past it Post raises ``queue.Full``.
+        A room whose players each post their moves needs room for every player's burst:
+        the bound is shared, and the one who posts when it is full gets the error."""
 
     def CallLater(
         self, delay: float, func: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]

@@ -63,6 +63,7 @@ cdef class Group(IocpObject):
     cdef dict _names              # member -> the name Add gave it (presence)
     cdef bint _closed
     cdef _Owned _x
+    cdef Py_ssize_t _post_limit   # the class's post_queue_limit
     cdef readonly object name
     cdef readonly object backplane    # a RedisBackplane when shared, else None
     cdef object __weakref__
@@ -74,9 +75,14 @@ cdef class Group(IocpObject):
         self._lock = threading.Lock()
         self._order_lock = threading.RLock()
         self._x = _Owned.__new__(_Owned)
+        self._post_limit = DEFAULT_POST_QUEUE_LIMIT
         port_atomic_add64(&_groups_alive, 1)
 
     def __init__(self, core, name=None, *, backplane=None):
+        limit = _class_count(type(self), "post_queue_limit", DEFAULT_POST_QUEUE_LIMIT)
+        if limit <= 0:
+            raise ValueError(f"{type(self).__name__}: post_queue_limit must be positive")
+        self._post_limit = limit
         if isinstance(core, Service):
             core = (<Service>core).core
         if not isinstance(core, IocpCore):
@@ -286,8 +292,10 @@ cdef class Group(IocpObject):
 
     def Post(self, func, *args):
         """Run ``func(*args)`` on the group's strand (any thread may post).  Returns False
-        if the group is closed (or the core is).  At most ``DEFAULT_POST_QUEUE_LIMIT``
-        (10000) jobs wait at once: past it Post raises ``queue.Full``."""
+        if the group is closed (or the core is).  At most ``post_queue_limit`` jobs wait
+        at once (a class attribute, default 10000): past it Post raises ``queue.Full``.
+        A room whose players each post their moves needs room for every player's burst:
+        the bound is shared, and the one who posts when it is full gets the error."""
         self._core()
         return _post_to(self, JOB_CALL, func, args)
 

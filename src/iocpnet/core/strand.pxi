@@ -263,7 +263,7 @@ cdef bint _post_to(IocpObject owner, int kind, object func, tuple args) except -
         # what waits behind it: the owner's receives, its end at Stop) without limit.
         x = _owned_of(owner)
         limit = (<Session>owner)._hooks.post_queue_limit if isinstance(owner, Session) \
-            else DEFAULT_POST_QUEUE_LIMIT
+            else (<Group>owner)._post_limit
         if port_atomic_add64(&x.jobs, 1) > limit:
             port_atomic_add64(&x.jobs, -1)
             raise _queue.Full(f"{owner!r} has {limit} jobs waiting on its strand "
