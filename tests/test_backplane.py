@@ -3,6 +3,7 @@
 client sockets.  The redis-server is the test's own (conftest.RedisServer), killed and
 started again where the test says.  The chat example over two processes is in
 test_chat_redis.py."""
+import contextlib
 import logging
 import os
 import shutil
@@ -496,29 +497,45 @@ def test_rediss_through_the_core_tls(backend, redis_server, nodes, tmp_path):
         y.close()
 
 
-def _fake_redis(reply):
-    """A listener that answers every connection with `reply` (or nothing: None)."""
+@contextlib.contextmanager
+def _peer(handle):
+    """A listener on 127.0.0.1 that hands each connection to `handle(conn)`, on a
+    thread of its own: (the listening socket, the connections so far), all closed at
+    the end of the block."""
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(16)
     conns = []
 
-    def serve():
+    def accept():
         while True:
             try:
                 c, _ = srv.accept()
             except OSError:
                 return
             conns.append(c)
-            if reply is not None:
-                try:
-                    c.recv(65536)
-                    c.sendall(reply)
-                except OSError:
-                    pass
+            threading.Thread(target=handle, args=(c,), daemon=True).start()
 
-    threading.Thread(target=serve, daemon=True).start()
-    return srv, conns
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield srv, conns
+    finally:
+        srv.close()
+        for c in conns:
+            c.close()
+
+
+def _fake_redis(reply):
+    """A listener that answers every connection with `reply` (or nothing: None)."""
+    def answer(c):
+        if reply is not None:
+            try:
+                c.recv(65536)
+                c.sendall(reply)
+            except OSError:
+                pass
+
+    return _peer(answer)
 
 
 @pytest.mark.parametrize("reply", [b"%3\r\nnot resp2\r\n", b"$99999999999\r\n",
@@ -527,8 +544,7 @@ def test_a_peer_that_is_not_redis_is_a_fault_not_a_crash(backend, nodes, caplog,
     """Garbage, a huge length, replies nobody asked for, or silence: the link is
     dropped with a reason and tried again; the server serves its own members."""
     caplog.set_level(logging.INFO, logger="iocpnet")
-    srv, conns = _fake_redis(reply)
-    try:
+    with _fake_redis(reply) as (srv, conns):
         (a,) = nodes(f"redis://127.0.0.1:{srv.getsockname()[1]}", n=1, presence_ttl=0.3,
                      timeout=0.5)
         m = Client(a, "m")
@@ -546,10 +562,6 @@ def test_a_peer_that_is_not_redis_is_a_fault_not_a_crash(backend, nodes, caplog,
             wait_for(lambda: a.bp.state == "down", message="the backplane is down")
         finally:
             m.close()
-    finally:
-        srv.close()
-        for c in conns:
-            c.close()
 
 
 @pytest.mark.parametrize("reply", [b"%3\r\nnot resp2\r\n", b"$99999999999\r\n"])
@@ -557,8 +569,7 @@ def test_a_protocol_error_is_logged_once_per_outage(backend, nodes, caplog, repl
     """A peer that answers garbage at every reconnect: one ERROR line for the outage,
     not one per attempt (as a refused AUTH or an unreachable Redis)."""
     caplog.set_level(logging.INFO, logger="iocpnet")
-    srv, conns = _fake_redis(reply)
-    try:
+    with _fake_redis(reply) as (srv, conns):
         (a,) = nodes(f"redis://127.0.0.1:{srv.getsockname()[1]}", n=1)
         # Each attempt connects both links: 3 attempts, each fed garbage.
         wait_for(lambda: len(conns) >= 6, message="three attempts")
@@ -567,10 +578,6 @@ def test_a_protocol_error_is_logged_once_per_outage(backend, nodes, caplog, repl
                   if r.levelno >= logging.ERROR and "not RESP2" in r.getMessage()]
         assert len(errors) == 1, errors
         assert not [r for r in caplog.records if "unreachable" in r.getMessage()]
-    finally:
-        srv.close()
-        for c in conns:
-            c.close()
 
 
 def _scripted_redis(who_reply):
@@ -578,10 +585,6 @@ def _scripted_redis(who_reply):
     MULTI/EXEC, PEXPIRE) and answers WHO's script with `who_reply`: what a broken or
     hostile Redis-alike may send."""
     from iocpnet.resp import Parser
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(16)
-    conns = []
 
     def answer(cmd):
         name = cmd[0].upper()
@@ -607,17 +610,7 @@ def _scripted_redis(who_reply):
         except OSError:
             pass
 
-    def accept():
-        while True:
-            try:
-                c, _ = srv.accept()
-            except OSError:
-                return
-            conns.append(c)
-            threading.Thread(target=serve, args=(c,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    return srv, conns
+    return _peer(serve)
 
 
 @pytest.mark.parametrize("reply", [b"*2\r\n:1\r\n:2\r\n", b"*2\r\n$1\r\nf\r\n$-1\r\n",
@@ -630,8 +623,7 @@ def test_a_malformed_who_reply_answers_with_this_servers_members(backend, nodes,
     was never answered (a member asking WHO waited for ever).  Such a reply is a failed
     command: logged, answered with this server's members, the link kept."""
     caplog.set_level(logging.INFO, logger="iocpnet")
-    srv, conns = _scripted_redis(reply)
-    try:
+    with _scripted_redis(reply) as (srv, conns):
         (a,) = nodes(f"redis://127.0.0.1:{srv.getsockname()[1]}", n=1)
         sharing(a)
         m = Client(a, "mia")
@@ -642,10 +634,6 @@ def test_a_malformed_who_reply_answers_with_this_servers_members(backend, nodes,
                        for r in caplog.records)
         finally:
             m.close()
-    finally:
-        srv.close()
-        for c in conns:
-            c.close()
 
 
 def test_a_burst_while_redis_stalls_is_no_outage(backend, redis_server, nodes):
