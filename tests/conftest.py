@@ -70,26 +70,35 @@ def pytest_collection_finish(session):
     gc.freeze()
 
 
+def _drop_records(caplog):
+    """Let go of what the test's log records refer to.  A logged exception keeps its
+    traceback, and through the frames' f_back the worker's frame and everything it
+    refers to; a record's args may be a session.  pytest keeps the test's records until
+    the test ends, in caplog's lists and, for the running phase (teardown: a worker's
+    record may come late, while the server stops), in its report handler too, already
+    formatted for the report: the records lose their traceback and args, then the
+    lists are cleared.  A function, so that no loop variable keeps the last one."""
+    for when in ("setup", "call", "teardown"):
+        records = caplog.get_records(when)
+        for record in records:
+            try:
+                record.msg = record.getMessage()
+            except Exception:       # a bad format: already reported when it was logged
+                pass
+            record.args = None
+            record.exc_info = None
+        records.clear()
+
+
 @pytest.fixture(autouse=True)
 def no_leaks(caplog):
     """After each test: no session, core or kept receive view left alive."""
     gc.collect()
     before = iocpnet.debug_counters()
     yield
-    # A logged exception keeps its traceback, and through the frames' f_back the
-    # worker's frame and everything it refers to, for as long as the record lives;
-    # pytest keeps the test's records until the test ends.  Drop them first.  The
-    # teardown's too: a worker's record may come late, while the server stops (a
-    # timer's tick still running when the test cancelled it), and pytest's report
-    # handler holds the teardown's records as well (already formatted, for the report):
-    # their tracebacks go.  Again at each look: a thread no fixture joined may log.
     deadline = time.monotonic() + 5
     while True:
-        for when in ("setup", "call", "teardown"):
-            records = caplog.get_records(when)
-            for record in records:
-                record.exc_info = None
-            records.clear()
+        _drop_records(caplog)       # again at each look: a thread no fixture joined may log
         gc.collect()
         after = iocpnet.debug_counters()
         if after == before or time.monotonic() > deadline:
