@@ -269,3 +269,30 @@ def test_close_ends_a_session_still_flushing_at_its_flush_timeout(backend):
     assert not any(result["debug_counters"].values()), result
     assert result["close_seconds"] < 4.5, result
     assert p.returncode == 0, p.stderr[-3000:]
+
+
+def test_send_out_of_memory_copying_its_rest_leaves_the_session_unlocked(backend):
+    """Send(a bytearray) to a peer that does not read: the socket takes part, the rest is
+    copied to be queued, and with the address space capped the copy fails.  Send raises
+    MemoryError (the caller's error), the session's lock is not left held (a Disconnect
+    from another thread returns: it spun for ever, holding the GIL), and the session ends
+    with a reason that says why: part of the message went, the stream is broken."""
+    p = subprocess.Popen([sys.executable, os.path.join(STRESS, "send_copy_oom.py"),
+                          "--backend", backend],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = p.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate()
+        raise AssertionError(f"hung after the failed Send (a lock left held?): {out!r}")
+    lines = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
+    assert lines, err[-3000:]
+    assert lines[0]["send"].startswith("MemoryError"), lines
+    assert len(lines) == 2, f"hung after the failed Send (a lock left held?): {lines}"
+    result = lines[-1]
+    assert result["disconnect_returned"] and result["ended"], result
+    assert "out of memory" in result["reason"], result
+    assert "the stream is broken" in result["reason"], result
+    assert result["send_after"] == "False", result
+    assert p.returncode == 0, err[-3000:]

@@ -182,10 +182,29 @@ cdef int _send_rest_locked(Session s, const char *ptr, Py_ssize_t n, object data
     if type(data) is bytes:
         b = <bytes>data
     else:
-        # A copy of what is left (a bytes allocation runs no Python code).
-        b = PyBytes_FromStringAndSize(ptr + sent, n - sent)
+        # A copy of what is left (a bytes allocation runs no Python code, but it can
+        # fail: the lock goes first).
+        try:
+            b = PyBytes_FromStringAndSize(ptr + sent, n - sent)
+        except BaseException:
+            port_spin_unlock(&s._lock)
+            _send_lost(s, n, sent)
+            raise
         sent = 0
     return _queue_locked(s, b, sent, True)
+
+
+cdef void _send_lost(Session s, Py_ssize_t n, Py_ssize_t sent) noexcept:
+    """A Send of n bytes could not queue what the socket did not take (no memory; the
+    caller gets the error).  Nothing of it went: the stream is whole and the session
+    goes on.  Part of it went: the peer would take what follows for the rest of that
+    message, so the session ends (at once: queued data is of no use now)."""
+    if sent == 0:
+        return
+    why = (f"out of memory queueing a Send of {n} bytes after {sent} of them were sent "
+           f"(the stream is broken)")
+    if _close_now(s, why, True):
+        logger.warning("disconnecting %s: %s", repr(s), why)
 
 
 cdef bint _queue_send(Session s, bytes b, bint check_limit,
