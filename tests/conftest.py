@@ -6,6 +6,7 @@ import subprocess
 import gc
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -207,6 +208,21 @@ def wait_for(predicate, timeout=10, message="condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {message}")
         time.sleep(0.005)
+
+
+def logged_per_burst(caplog, what, line, timeout=10):
+    """A flood a service logs per burst (a _LogBurst: its first lines in full, then
+    "... and K more <what> in the last T s (the last: ...)"): wait for the count line,
+    then return (the lines logged in full that contain `line`, the count lines, the
+    events they stand for: one per line in full plus each count's K)."""
+    counted = re.compile(rf"\.\.\. and (\d+) more {re.escape(what)} in the last [\d.]+ s "
+                         rf"\(the last: .*{line}")
+    wait_for(lambda: any(counted.match(r.getMessage()) for r in caplog.records),
+             timeout, f"the count of the burst of {what}")
+    messages = [r.getMessage() for r in caplog.records]
+    counts = [m for m in map(counted.match, messages) if m]
+    full = [m for m in messages if re.search(line, m) and not counted.match(m)]
+    return full, counts, len(full) + sum(int(m.group(1)) for m in counts)
 
 
 class Recorder:

@@ -11,7 +11,10 @@ import pytest
 import iocpnet
 import packet_reference as ref
 
-from conftest import connect, recv_exactly, recv_until_eof
+from conftest import connect, logged_per_burst, recv_exactly, recv_until_eof
+
+# The line of a session cut for a bad packet (a bad size or an unknown id).
+BAD_PACKET_LINE = r"disconnecting .*: (bad packet: size|unknown packet id)"
 
 SYNC = 0xFFFE           # the tests' "tell me you got everything so far" packet
 
@@ -252,6 +255,50 @@ def test_unknown_id_default_disconnects_with_reason(server, recorder, caplog_ioc
     assert recorder.disconnected == [("Strict", "unknown packet id 99")]
     assert any("unknown packet id 99" in r.getMessage() and r.levelno == logging.WARNING
                for r in caplog_iocpnet.records)
+
+
+@pytest.mark.parametrize("overridden", [False, True])
+def test_a_flood_of_bad_packets_is_logged_once_per_burst(server, recorder, caplog_iocpnet,
+                                                         overridden):
+    """A peer sending garbage (a bad size, an unknown id), connection after connection:
+    each session still ends with its own reason, but the log has a burst's first lines
+    and one line counting the rest (as failed TLS handshakes and refused WebSocket
+    upgrades do), every failure in its figures.  An OnUnknownPacket of the user's own
+    is still called for every unknown id."""
+    h = iocpnet.PacketHandler()
+    h.route(1)(lambda session, payload: None)
+    seen = []
+
+    class Strict(iocpnet.PacketSession):
+        handler = h
+        max_packet_size = 1024
+
+        def OnDisconnected(self, reason):
+            recorder.on_disconnected(self, reason)
+
+    if overridden:
+        def OnUnknownPacket(self, packet_id, payload):
+            seen.append(packet_id)
+            iocpnet.PacketSession.OnUnknownPacket(self, packet_id, payload)
+        Strict.OnUnknownPacket = OnUnknownPacket
+
+    srv = server(Strict)
+    garbage = [b"\x02\x00\x01\x00",                    # size 2: below the header
+               b"\xff\xff\x01\x00" + b"x" * 16,        # 65535 > max_packet_size
+               ref.encode(1, b"fine") + ref.encode(7, b"??")]   # an unknown id
+    n = 60
+    for i in range(n):
+        with connect(srv.address) as c:
+            c.sendall(garbage[i % 3])
+            assert closed_by_server(c)
+    recorder.wait_disconnects(n)
+    reasons = [r for _, r in recorder.disconnected]
+    assert sum(r.startswith("bad packet: size") for r in reasons) == 40, reasons
+    assert reasons.count("unknown packet id 7") == 20, reasons
+    if overridden:
+        assert seen == [7] * 20
+    full, counts, total = logged_per_burst(caplog_iocpnet, "bad packets", BAD_PACKET_LINE)
+    assert total == n and len(full) <= 5 and len(counts) <= 2, (full, counts)
 
 
 def test_onrecvpacket_that_raises_disconnects_with_its_traceback(server, recorder,

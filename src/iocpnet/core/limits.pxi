@@ -608,10 +608,23 @@ cdef class _LogBurst:
         self.flush()
 
 
-cdef void _log_in_burst(_LogBurst burst, int level, str text) noexcept:
-    """Log a line a peer can make us repeat at will: in full while `burst` lets it
-    through (always without one), else counted in its burst's line."""
+# The kinds of line a peer can make a service repeat at will, one _LogBurst each
+# (Service._log_bursts, in this order).
+cdef enum:
+    LOG_TLS = 0          # failed TLS handshakes (tls.pxi)
+    LOG_WS = 1           # refused WebSocket upgrades (websocket_http.pxi)
+    LOG_PACKETS = 2      # bad packet sizes, unknown packet ids (session_recv.pxi, packets.pxi)
+_LOG_BURST_WHAT = ("TLS handshake failures", "refused WebSocket upgrades", "bad packets")
+
+
+cdef void _log_in_burst(Session s, int kind, int level, str text) noexcept:
+    """Log a line a peer can make `s`'s service repeat at will: in full while the
+    service's burst of that kind lets it through (always without a service), else
+    counted in the burst's line."""
+    cdef _LogBurst burst = None
     try:
+        if s._service is not None:
+            burst = <_LogBurst>s._service._log_bursts[kind]
         if burst is None or burst.note(level, text):
             logger.log(level, "%s", text)
     except BaseException:

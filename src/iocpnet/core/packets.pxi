@@ -92,7 +92,10 @@ cdef class PacketSession(Session):
         self.OnUnknownPacket(packet_id, payload)
 
     def OnUnknownPacket(self, packet_id, payload):
-        """A packet nobody handles: logged, and the session is disconnected."""
-        logger.warning("disconnecting %s: unknown packet id %d (%d-byte payload)",
-                       repr(self), packet_id, len(payload))
+        """A packet nobody handles: logged, and the session is disconnected.  (A peer
+        sending unknown ids connection after connection: its service logs a burst's
+        first lines and counts the rest, as for bad sizes.)"""
+        _log_in_burst(self, LOG_PACKETS, _logging_WARNING,
+                      f"disconnecting {repr(self)}: unknown packet id {packet_id} "
+                      f"({len(payload)}-byte payload)")
         self.Disconnect(f"unknown packet id {packet_id}")

@@ -330,7 +330,8 @@ cdef Py_ssize_t _parse_packets(Session s, const unsigned char *ptr, Py_ssize_t n
             break
         if st != PACKET_OK:
             why = _bad_packet_reason(st, size, pid, limit)
-            logger.warning("disconnecting %s: %s", repr(s), why)
+            # A peer can send garbage on connection after connection: bounded per burst.
+            _log_in_burst(s, LOG_PACKETS, _logging_WARNING, f"disconnecting {repr(s)}: {why}")
             _close_now(s, why, True)
             return -1
         if not _message_counted(s, size):

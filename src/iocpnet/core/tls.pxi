@@ -72,8 +72,7 @@ cdef void _log_handshake_failure(Session s, int level, str reason) noexcept:
     """A failed handshake's line.  A peer can fail handshakes as fast as it can connect
     (anything but TLS, or connect and reset): its service logs a burst's first lines and
     counts the rest (_LogBurst, limits.pxi); the stats count every one."""
-    _log_in_burst(None if s._service is None else s._service._tls_log, level,
-                  f"{repr(s)}: {reason}")
+    _log_in_burst(s, LOG_TLS, level, f"{repr(s)}: {reason}")
 
 
 cdef str _tls_describe(BaseException e):

@@ -313,8 +313,7 @@ cdef void _ws_refuse(Session s, _WebSocket ws, int status, str reason,
     else:
         why = f"WebSocket upgrade refused: {status} {reason}"
         # A peer can send garbage on connection after connection: bounded per burst.
-        _log_in_burst(None if s._service is None else s._service._ws_log,
-                      _logging_WARNING, f"disconnecting {repr(s)}: {why}")
+        _log_in_burst(s, LOG_WS, _logging_WARNING, f"disconnecting {repr(s)}: {why}")
     _begin_disconnect(s, why, True)
 
 
