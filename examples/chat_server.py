@@ -13,7 +13,7 @@ Several servers, one set of rooms (through Redis):
 
 Clients take a nick, join and leave rooms (64 at once at most), say things in them (5
 a second, 20 at once: --say-rate), and ask for the room list or who is in a room (as
-often: --query-rate).  The protocol (packet ids and payloads) is defined and documented in one module,
+often: --query-rate).  Joins are limited too (--join-rate).  The protocol (packet ids and payloads) is defined and documented in one module,
 ``iocpnet.chat_protocol``, shared by this server, the client and
 ``python -m iocpnet dummy-client --protocol chat``.
 
@@ -70,6 +70,13 @@ SAY_BURST = 20
 # built and sent per request.  A bucket of their own, the same rules (--query-rate).
 QUERY_RATE = 5.0
 QUERY_BURST = 20
+# A join tells every member of the room and answers with its member list (as does the
+# leave that follows it): a client joining and leaving a big room in a loop made the
+# server do that as fast as it could ask.  A bucket of its own (--join-rate), wide
+# enough to fill every room at once, leave them all and fill them again; a join refused
+# for another reason (already in, too many rooms) tells nobody and costs no token.
+JOIN_RATE = 5.0
+JOIN_BURST = 2 * MAX_ROOMS_PER_SESSION
 
 # The browser client, served on the --web-port listener.
 PAGE = (Path(__file__).resolve().parent / "chat_page.html").read_bytes()
@@ -81,7 +88,7 @@ class RateLimit:
     [tokens, stamp] list) and is used on its strand: no lock."""
 
     def __init__(self, what: str, rate: float, burst: int) -> None:
-        self.what = what                  # "messages", "questions"
+        self.what = what                  # "messages", "questions", "joins"
         self.rate = rate
         self.burst = burst
 
@@ -121,7 +128,8 @@ class ChatServer:
 
     def __init__(self, backplane: Optional[iocpnet.RedisBackplane] = None, *,
                  say_rate: float = SAY_RATE, say_burst: int = SAY_BURST,
-                 query_rate: float = QUERY_RATE, query_burst: int = QUERY_BURST) -> None:
+                 query_rate: float = QUERY_RATE, query_burst: int = QUERY_BURST,
+                 join_rate: float = JOIN_RATE, join_burst: int = JOIN_BURST) -> None:
         # Guards `rooms` and `nicks`.  Held around joins, leaves and nick changes (a
         # room is made and closed under it); saying something takes no lock at all:
         # Group.Broadcast keeps each room's order by itself.
@@ -135,6 +143,7 @@ class ChatServer:
         self._tag = f"-{backplane.server_id[:4]}" if backplane is not None else ""
         self.say_limit = RateLimit("messages", say_rate, say_burst)
         self.query_limit = RateLimit("questions", query_rate, query_burst)
+        self.join_limit = RateLimit("joins", join_rate, join_burst)
 
     def session_factory(self) -> ChatSession:
         return ChatSession(self)
@@ -183,12 +192,15 @@ class ChatServer:
     def join(self, session: ChatSession, name: str) -> Optional[str]:
         if not proto.valid_name(name):
             return f"invalid room name {name!r} (1 to {proto.MAX_NAME_BYTES} bytes, no spaces)"
+        # session.rooms changes on the session's strand only (here, in leave and gone):
+        # read without the lock.
+        if name in session.rooms:
+            return f"you are already in {name}"
+        if len(session.rooms) >= MAX_ROOMS_PER_SESSION:
+            return f"you are in {MAX_ROOMS_PER_SESSION} rooms already: leave one first"
+        if not self.join_limit.allowed(session, session.join_bucket):
+            return None
         with self.lock:
-            if name in session.rooms:
-                return f"you are already in {name}"
-            if len(session.rooms) >= MAX_ROOMS_PER_SESSION:
-                return (f"you are in {MAX_ROOMS_PER_SESSION} rooms already: leave one "
-                        f"first")
             room = self.rooms.get(name)
             if room is None:
                 service = session.service
@@ -284,6 +296,7 @@ class ChatSession(iocpnet.PacketSession):
         self.rooms: Set[str] = set()
         self.say_bucket = server.say_limit.bucket()
         self.query_bucket = server.query_limit.bucket()
+        self.join_bucket = server.join_limit.bucket()
 
     def OnUpgrade(self, request: iocpnet.WebSocketRequest) -> Optional[iocpnet.HttpResponse]:
         """The --web-port listener: an upgrade (the page uses /ws) is the chat over
@@ -378,6 +391,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--query-rate", type=float, default=QUERY_RATE,
                    help=f"WHO and ROOMS a second one client may ask, {QUERY_BURST} at "
                         f"once (default {QUERY_RATE:g}; 0: no limit)")
+    p.add_argument("--join-rate", type=float, default=JOIN_RATE,
+                   help=f"rooms a second one client may join, {JOIN_BURST} at once "
+                        f"(default {JOIN_RATE:g}; 0: no limit)")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
@@ -386,7 +402,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     backplane = None
     if args.redis:
         backplane = iocpnet.RedisBackplane(core, args.redis)
-    server = ChatServer(backplane, say_rate=args.say_rate, query_rate=args.query_rate)
+    server = ChatServer(backplane, say_rate=args.say_rate, query_rate=args.query_rate,
+                        join_rate=args.join_rate)
     listener = iocpnet.Listener((args.host, args.port), reuse_port=args.reuse_port)
     service = iocpnet.Service(core, listener, server.session_factory, 100,
                               max_sessions=args.max_sessions)

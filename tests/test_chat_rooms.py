@@ -41,6 +41,14 @@ def _read_until_cut(sock):
     return got
 
 
+def _flood_is_cut(sock, flood, answer, burst):
+    """Send a flood of requests at once: the server does at most its burst of them
+    (`answer` packets), then refuses and cuts the client (_read_until_cut)."""
+    sock.sendall(flood)
+    done = sum(i == answer for i, _ in _read_until_cut(sock))
+    assert done <= burst, f"{done} requests done (burst {burst})"
+
+
 def test_a_client_flooding_a_room_is_slowed_then_cut(chat_burst_only):
     # Each SAY is sent to every member of the room: one client saying 300 things at
     # once made 300 deliveries per member (x the room's size in all), and members that
@@ -57,11 +65,8 @@ def test_a_client_flooding_a_room_is_slowed_then_cut(chat_burst_only):
         b.sendall(proto.join("lobby"))
         read_packets(b, 2)
         read_packets(a, 1)                                  # b joined
-        a.sendall(b"".join(proto.say("lobby", f"spam {k}") for k in range(300)))
-        # a is cut: its socket ends (the server may reset it, with our sends unread).
-        got = _read_until_cut(a)
-        said = sum(i == proto.S_SAID for i, _ in got)
-        assert said <= burst, f"{said} of 300 said (burst {burst})"
+        _flood_is_cut(a, b"".join(proto.say("lobby", f"spam {k}") for k in range(300)),
+                      proto.S_SAID, burst)
         b.sendall(proto.say("lobby", "still here"))
         heard = []
         while not heard or heard[-1] != "still here":
@@ -90,10 +95,32 @@ def test_a_client_asking_who_or_rooms_without_end_is_slowed_then_cut(chat_burst_
         read_packets(a, 2)
         request = proto.who("lobby") if ask == "who" else proto.rooms()
         answer = proto.S_WHO if ask == "who" else proto.S_ROOMS
-        a.sendall(request * 300)
-        got = _read_until_cut(a)
-        answered = sum(i == answer for i, _ in got)
-        assert answered <= burst, f"{answered} of 300 answered (burst {burst})"
+        _flood_is_cut(a, request * 300, answer, burst)
         b.sendall(request)                                  # b is not limited by a
         assert [p[0] for p in read_packets(b, 1)] == [answer]
+    wait_for(lambda: chat.service.session_count == 0, message="the sessions to end")
+
+
+def test_a_client_joining_and_leaving_without_end_is_slowed_then_cut(chat_burst_only):
+    # A join tells every member of the room and answers with the member list, and the
+    # leave after it tells them again: a client joining and leaving a big room in a loop
+    # made the server do that as fast as it could ask (the members' sockets flooded).
+    # JOIN has a bucket of its own, with the SAY limit's behaviour: past a burst an
+    # error, past a burst of errors the cut.  A member hears at most the burst.
+    # (Normal use: a client filling its 64 rooms at once, test_one_client_cannot_make_
+    # rooms_without_end, on the default limits, is within the burst.)
+    chat = chat_burst_only
+    burst = getattr(load_example("chat_server"), "JOIN_BURST", 128)
+    (a, _), (b, _) = chat_connect(chat), chat_connect(chat)
+    with a, b:
+        b.sendall(proto.join("lobby"))
+        read_packets(b, 2)
+        _flood_is_cut(a, (proto.join("lobby") + proto.leave("lobby")) * 300, proto.S_JOINED,
+                      burst)
+        # b heard a's joins and leaves (the burst's), then hears its own: not cut.
+        b.sendall(proto.leave("lobby") + proto.join("lobby"))
+        heard = []
+        while heard[-2:] != [proto.S_JOINED, proto.S_WHO]:
+            heard += [pid for pid, _ in read_packets(b, 1)]
+        assert heard.count(proto.S_JOINED) <= burst + 1, len(heard)
     wait_for(lambda: chat.service.session_count == 0, message="the sessions to end")

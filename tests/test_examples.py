@@ -110,7 +110,7 @@ def chat_burst_only(server):
     """The same with limits that refill too slowly to count in a test (one request in
     1000 s): what a flood gets through is the burst, however late a loaded machine
     serves it (at 5 a second, a server 50 ms late per request let 26 of 300 through)."""
-    yield from _running_chat(server, say_rate=0.001, query_rate=0.001)
+    yield from _running_chat(server, say_rate=0.001, query_rate=0.001, join_rate=0.001)
 
 
 def chat_connect(srv):
