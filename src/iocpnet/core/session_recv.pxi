@@ -221,11 +221,12 @@ cdef int _rbuf_reserve(Session s, Py_ssize_t n) noexcept:
     return 0
 
 
-cdef Py_ssize_t _call_recv(Session s, char *ptr, Py_ssize_t n) noexcept:
+cdef inline Py_ssize_t _call_recv(Session s, char *ptr, Py_ssize_t n) noexcept:
     """Call OnRecv with a RecvView of ptr[0:n]; returns the bytes consumed, or -1 after
     an error (the session is closing).  If the hook kept the view (anyone holds it
     after the call), it is left in _kept_view: the caller settles it once it has
-    taken what it needs from ptr (recv_view.pxi)."""
+    taken what it needs from ptr (recv_view.pxi).  Inline: inside _process_recv (the
+    usual receive) its frame and the call were ~23 instructions a completion."""
     cdef PyObject *view
     cdef Py_ssize_t used = n
     cdef PyObject *hook
