@@ -272,11 +272,12 @@ def test_close_ends_a_session_still_flushing_at_its_flush_timeout(backend):
 
 
 def test_send_out_of_memory_copying_its_rest_leaves_the_session_unlocked(backend):
-    """Send(a bytearray) to a peer that does not read: the socket takes part, the rest is
-    copied to be queued, and with the address space capped the copy fails.  Send raises
-    MemoryError (the caller's error), the session's lock is not left held (a Disconnect
-    from another thread returns: it spun for ever, holding the GIL), and the session ends
-    with a reason that says why: part of the message went, the stream is broken."""
+    """Send(a buffer that is not bytes) to a peer that does not read: the socket takes
+    part, the rest is copied to be queued, and with the address space capped the copy
+    fails. Send raises MemoryError (the caller's error), the session's lock is not left
+    held (a Disconnect from another thread returns: it spun for ever, holding the GIL),
+    and the session ends with a reason that says why: part of the message went, the
+    stream is broken."""
     p = subprocess.Popen([sys.executable, os.path.join(STRESS, "send_copy_oom.py"),
                           "--backend", backend],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

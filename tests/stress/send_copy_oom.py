@@ -2,18 +2,20 @@
 
     python tests/stress/send_copy_oom.py --backend epoll
 
-A session's peer never reads.  Send(bytearray of 64 MiB) hands what the socket takes to
-it at once; the rest of a buffer that is not ``bytes`` must be copied to be queued, and
-with the address space capped (RLIMIT_AS, set after everything else is allocated) that
-copy fails.  What must hold: Send raises MemoryError, the session is not left locked (a
-Disconnect from another thread returns), and it ends with a reason that says why (part
-of the message went, so the stream is broken).  Prints a JSON line after the Send and
-another once the session has ended.  (In a
-subprocess: the address-space cap and a session locked for ever, if it comes to that,
-must not reach the test process.)
+A session's peer never reads. Send(2 GiB of anonymous mmap: its pages are never made,
+reading them maps the zero page) hands what the socket takes to it at once; the rest of
+a buffer that is not ``bytes`` must be copied to be queued, and with the address space
+capped (RLIMIT_AS, set after everything else is allocated; 2 GiB is beyond what an
+allocator keeps reserved, mimalloc's arenas on 3.13t included) that copy fails. What
+must hold: Send raises MemoryError, the session is not left locked (a Disconnect from
+another thread returns), and it ends with a reason that says why (part of the message
+went, so the stream is broken). Prints a JSON line after the Send and another once the
+session has ended. (In a subprocess: the address-space cap and a session locked for
+ever, if it comes to that, must not reach the test process.)
 """
 import argparse
 import json
+import mmap
 import os
 import resource
 import socket
@@ -22,7 +24,7 @@ import time
 
 import iocpnet
 
-SIZE = 64 << 20
+SIZE = 2 << 30
 
 
 def vm_size():
@@ -67,7 +69,7 @@ def main():
     while not sessions and time.monotonic() < deadline:
         time.sleep(0.01)
     session = sessions[0]
-    data = bytearray(SIZE)
+    data = mmap.mmap(-1, SIZE)       # not bytes: what the socket does not take is copied
     # The threads the checks below use exist before the cap (their stacks are mapped).
     disconnect_done = threading.Event()
     go = threading.Event()
