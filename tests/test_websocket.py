@@ -24,7 +24,7 @@ import packet_reference as ref  # noqa: E402
 import ws_raw  # noqa: E402
 from ws_raw import RawClient, close_payload, frame  # noqa: E402
 
-from conftest import connect, recv_exactly, wait_for  # noqa: E402
+from conftest import connect, logged_per_burst, recv_exactly, wait_for  # noqa: E402
 
 
 class WsServer:
@@ -349,6 +349,28 @@ def test_a_flood_of_bad_upgrades_is_logged_once_per_burst(ws_server, recorder,
     in_count = [int(m.group(1)) for m in map(counted.match, lines) if m]
     assert len(lines) - len(in_count) + sum(in_count) == n, lines
     assert len(lines) - len(in_count) <= 5 and len(in_count) <= 2, lines
+
+
+def test_a_flood_of_bad_frames_is_logged_once_per_burst(ws_server, recorder,
+                                                       caplog_iocpnet):
+    # A peer that completes the upgrade and then sends a bad frame (or a text message to
+    # a binary endpoint), connection after connection, wrote a WARNING per connection.
+    # As for refused upgrades: a burst's first lines, then one line counting the rest.
+    srv = ws_server(echo_class(recorder))
+    bad = [frame(1, b"hi", mask=False), frame(2, b"hi", rsv=4), frame(3, b"")]
+    n = 60
+    for i in range(n):
+        c = RawClient(srv.address)
+        try:
+            assert c.status == 101
+            c.send(bad[i % 3])
+            assert c.read_close()[0] == 1002
+        finally:
+            c.close()
+    recorder.wait_disconnects(n)
+    full, counts, total = logged_per_burst(caplog_iocpnet, "WebSocket protocol errors",
+                                           r"disconnecting .*: WebSocket error 1002")
+    assert total == n and len(full) <= 5 and len(counts) <= 2, (full, counts)
 
 
 def test_connected_only_after_the_upgrade(ws_server):

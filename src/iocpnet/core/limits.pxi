@@ -614,7 +614,9 @@ cdef enum:
     LOG_TLS = 0          # failed TLS handshakes (tls.pxi)
     LOG_WS = 1           # refused WebSocket upgrades (websocket_http.pxi)
     LOG_PACKETS = 2      # bad packet sizes, unknown packet ids (session_recv.pxi, packets.pxi)
-_LOG_BURST_WHAT = ("TLS handshake failures", "refused WebSocket upgrades", "bad packets")
+    LOG_WS_FRAMES = 3    # bad frames after the upgrade (websocket.pxi)
+_LOG_BURST_WHAT = ("TLS handshake failures", "refused WebSocket upgrades", "bad packets",
+                   "WebSocket protocol errors")
 
 
 cdef void _log_in_burst(Session s, int kind, int level, str text) noexcept:

@@ -564,10 +564,16 @@ cdef int _ws_event(Session s, _WebSocket ws, ws_event *ev) noexcept:
         return -1
     # WS_EV_ERROR
     why = _ws_error_reason(ws, ev)
-    logger.warning("disconnecting %s: %s", repr(s), why)
+    _log_ws_error(s, why)
     _ws_send_close(s, ev.code, why.split(": ", 1)[1])
     _begin_disconnect(s, why, True)
     return -1
+
+
+cdef void _log_ws_error(Session s, str why) noexcept:
+    """A peer broke the protocol after the upgrade: it can do so on connection after
+    connection, so the line is bounded per burst (limits.pxi)."""
+    _log_in_burst(s, LOG_WS_FRAMES, _logging_WARNING, f"disconnecting {repr(s)}: {why}")
 
 
 cdef str _ws_error_reason(_WebSocket ws, ws_event *ev):
@@ -620,7 +626,7 @@ cdef int _ws_deliver(Session s, _WebSocket ws, const unsigned char *d, Py_ssize_
     if text:
         why = ("WebSocket error 1003: text message refused (this endpoint takes binary "
                "messages)")
-        logger.warning("disconnecting %s: %s", repr(s), why)
+        _log_ws_error(s, why)
         _ws_send_close(s, 1003, "binary messages only")
         _begin_disconnect(s, why, True)
         return -1
@@ -631,7 +637,7 @@ cdef int _ws_deliver(Session s, _WebSocket ws, const unsigned char *d, Py_ssize_
         if used != n and s._state == S_CONNECTED:
             why = (f"WebSocket error 1008: a binary message must hold whole packets "
                    f"({n - used} bytes of an unfinished packet at its end)")
-            logger.warning("disconnecting %s: %s", repr(s), why)
+            _log_ws_error(s, why)
             _ws_send_close(s, 1008, "a message must hold whole packets")
             _begin_disconnect(s, why, True)
             return -1
