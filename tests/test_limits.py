@@ -18,7 +18,7 @@ import pytest
 
 import iocpnet
 
-from conftest import connect, recv_exactly, wait_for
+from conftest import connect, logged_per_burst, recv_exactly, wait_for
 
 GOOD_CLIENTS = 20
 
@@ -120,6 +120,44 @@ def rate_warnings(caplog):
 
 # ---------------------------------------------------------------------------------------
 # Per session
+
+def test_a_flood_of_rate_limit_cuts_is_logged_once_per_burst(server, recorder,
+                                                             caplog_iocpnet):
+    # A peer over a session's rate, connection after connection, wrote a WARNING per
+    # connection ("disconnecting ...: rate limit: ..."): each is cut as before, and the
+    # log has a burst's first lines and one line counting the rest, as for bad packets.
+    class Limited(iocpnet.Session):
+        recv_bytes_per_second = 100
+        recv_bytes_burst = 100
+
+        def OnDisconnected(self, reason):
+            recorder.on_disconnected(self, reason)
+
+    srv = server(Limited)
+    n = 60
+    for _ in range(n):
+        with connect(srv.address) as c:
+            # Chunks of 10 times the burst until cut (the first passes from the full
+            # bucket and leaves it in debt; the next one received is refused).
+            c.settimeout(0.01)
+            deadline = time.monotonic() + 10
+            try:
+                while time.monotonic() < deadline:
+                    c.sendall(b"x" * 1000)
+                    try:
+                        if not c.recv(1):
+                            break
+                    except socket.timeout:
+                        pass
+            except (ConnectionResetError, BrokenPipeError):
+                pass
+    recorder.wait_disconnects(n)
+    assert all(r.startswith("rate limit: ") for _, r in recorder.disconnected), \
+        recorder.disconnected
+    full, counts, total = logged_per_burst(caplog_iocpnet, "rate limit disconnects",
+                                           r"disconnecting .*: rate limit: ")
+    assert total == n and len(full) <= 5 and len(counts) <= 2, (full, counts)
+
 
 def test_packet_flooder_is_cut_by_its_message_rate(server, caplog_iocpnet):
     """A PacketSession counts packets: a peer sending 5000 packets at once is cut after

@@ -15,7 +15,8 @@
 # any t seconds a peer gets at most burst + rate * t through.  A chunk larger than the
 # whole byte burst (a 16 KiB receive against a 4 KiB burst) passes only from a full
 # bucket and leaves it in debt, which the next chunks wait out.  A peer over a limit is
-# disconnected at once with a reset, the reason logged once at WARNING:
+# disconnected at once with a reset, the reason logged at WARNING (per burst: a peer can
+# be cut on connection after connection, see _LogBurst below):
 #
 #     rate limit: 1250 messages/s over recv_messages_per_second 1000
 #         (5000 messages in 4.000 s, burst 1000)
@@ -215,7 +216,8 @@ cdef void _rate_exceeded(Session s, _Bucket *b, str unit, str attr, int64_t now)
     reason = (f"rate limit: {b.taken / secs:.0f} {unit}/s over {attr} {b.rate:g} "
               f"({b.taken:.0f} {unit} in {secs:.3f} s, burst {b.burst:g})")
     if s._state == S_CONNECTED:
-        logger.warning("disconnecting %s: %s", repr(s), reason)
+        # A peer can do this on connection after connection: bounded per burst.
+        _log_in_burst(s, LOG_RATE, _logging_WARNING, f"disconnecting {repr(s)}: {reason}")
     _close_now(s, reason, True)
 
 
@@ -615,8 +617,9 @@ cdef enum:
     LOG_WS = 1           # refused WebSocket upgrades (websocket_http.pxi)
     LOG_PACKETS = 2      # bad packet sizes, unknown packet ids (session_recv.pxi, packets.pxi)
     LOG_WS_FRAMES = 3    # bad frames after the upgrade (websocket.pxi)
+    LOG_RATE = 4         # sessions cut over their receive rate (_rate_exceeded)
 _LOG_BURST_WHAT = ("TLS handshake failures", "refused WebSocket upgrades", "bad packets",
-                   "WebSocket protocol errors")
+                   "WebSocket protocol errors", "rate limit disconnects")
 
 
 cdef void _log_in_burst(Session s, int kind, int level, str text) noexcept:
