@@ -114,8 +114,16 @@ def test_players_flooding_a_busy_room_do_not_cut_the_others(game):
     movers = [login(game, f"m{i}", "busy") for i in range(13)]
     room = game.world.room("busy")
     game.world.arrived(room)                # room() counted us as arriving: undo
-    gate = threading.Event()
-    room.Post(gate.wait, 20)
+    gate, held = threading.Event(), threading.Event()
+
+    def hold():
+        held.set()
+        gate.wait(20)
+
+    # Sent once the hold runs: a completion that came in the same batch as the hold
+    # waits with it (its worker is blocked), and the bursts must not be among them.
+    room.Post(hold)
+    assert held.wait(10), "the room's strand held"
     burst = b"".join(iocpnet.make_packet(proto.C_MOVE, proto.move(seq, 1, 0))
                      for seq in range(1, 781))
     try:
