@@ -159,6 +159,38 @@ def test_a_flood_of_rate_limit_cuts_is_logged_once_per_burst(server, recorder,
     assert total == n and len(full) <= 5 and len(counts) <= 2, (full, counts)
 
 
+def test_a_flood_of_peers_that_do_not_read_is_logged_once_per_burst(server, recorder,
+                                                                    caplog_iocpnet):
+    # A peer that connects and never reads while the server sends, connection after
+    # connection, wrote a WARNING per connection ("disconnecting ...: send queue limit
+    # exceeded ... (the peer is not reading)"): each is cut as before, the log has a
+    # burst's first lines and one line counting the rest.
+    class Pusher(iocpnet.Session):
+        send_queue_limit = 64 * 1024
+
+        def OnConnected(self):
+            for _ in range(4000):               # 64 MiB at most: far past the buffers
+                if not self.Send(b"x" * 16384):
+                    break
+
+        def OnDisconnected(self, reason):
+            recorder.on_disconnected(self, reason)
+
+    srv = server(Pusher)
+    n = 60
+    for i in range(n):
+        c = socket.socket()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        c.connect(srv.address)                  # and never read
+        recorder.wait_disconnects(i + 1)
+        c.close()
+    assert all("(the peer is not reading)" in r for _, r in recorder.disconnected), \
+        recorder.disconnected
+    full, counts, total = logged_per_burst(caplog_iocpnet, "send queue limit disconnects",
+                                           r"disconnecting .*: send queue limit exceeded")
+    assert total == n and len(full) <= 5 and len(counts) <= 2, (full, counts)
+
+
 def test_packet_flooder_is_cut_by_its_message_rate(server, caplog_iocpnet):
     """A PacketSession counts packets: a peer sending 5000 packets at once is cut after
     its burst (400) plus what the rate refilled meanwhile; 20 good clients sending 100

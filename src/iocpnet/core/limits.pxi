@@ -618,8 +618,10 @@ cdef enum:
     LOG_PACKETS = 2      # bad packet sizes, unknown packet ids (session_recv.pxi, packets.pxi)
     LOG_WS_FRAMES = 3    # bad frames after the upgrade (websocket.pxi)
     LOG_RATE = 4         # sessions cut over their receive rate (_rate_exceeded)
+    LOG_SEND_LIMIT = 5   # sessions cut over send_queue_limit (session_send.pxi, tls.pxi)
 _LOG_BURST_WHAT = ("TLS handshake failures", "refused WebSocket upgrades", "bad packets",
-                   "WebSocket protocol errors", "rate limit disconnects")
+                   "WebSocket protocol errors", "rate limit disconnects",
+                   "send queue limit disconnects")
 
 
 cdef void _log_in_burst(Session s, int kind, int level, str text) noexcept:

@@ -241,6 +241,16 @@ cdef bint _queue_send(Session s, bytes b, bint check_limit,
     return _queue_locked(s, b, sent, check_limit)
 
 
+cdef void _cut_over_limit(Session s, Py_ssize_t queued, Py_ssize_t size,
+                          Py_ssize_t left) noexcept:
+    """End a session whose send queue went past send_queue_limit, logged: per burst (a
+    peer that connects and never reads can make us do this on connection after
+    connection)."""
+    why = _over_limit_reason(queued, s._hooks.send_queue_limit, size, left)
+    if _close_now(s, why, True):
+        _log_in_burst(s, LOG_SEND_LIMIT, _logging_WARNING, f"disconnecting {repr(s)}: {why}")
+
+
 cdef str _over_limit_reason(Py_ssize_t queued, Py_ssize_t limit, Py_ssize_t size,
                             Py_ssize_t left):
     """Why the send queue limit cut a session.  A Send whose own bytes still to queue
@@ -265,9 +275,7 @@ cdef bint _queue_locked(Session s, bytes b, Py_ssize_t offset,
     cdef bint tell = False
     if check_limit and queued > limit:
         port_spin_unlock(&s._lock)
-        why = _over_limit_reason(queued, limit, PyBytes_GET_SIZE(b), n)
-        if _close_now(s, why, True):
-            logger.warning("disconnecting %s: %s", repr(s), why)
+        _cut_over_limit(s, queued, PyBytes_GET_SIZE(b), n)
         return False
     if s._sq_count == s._sq_cap and _sq_grow(s) < 0:
         port_spin_unlock(&s._lock)

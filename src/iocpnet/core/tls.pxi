@@ -280,9 +280,7 @@ cdef class _Tls:
                 return False
             raise err
         if over > 0:
-            why = _over_limit_reason(over, s._hooks.send_queue_limit, n, n)
-            if _close_now(s, why, True):
-                logger.warning("disconnecting %s: %s", repr(s), why)
+            _cut_over_limit(s, over, n, n)
         return ok
 
     cdef void close_notify(self, Session s) noexcept:
