@@ -181,7 +181,10 @@ def test_a_flood_of_peers_that_do_not_read_is_logged_once_per_burst(server, reco
     for i in range(n):
         c = socket.socket()
         c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        c.connect(srv.address)                  # and never read
+        try:
+            c.connect(srv.address)              # and never read
+        except ConnectionResetError:
+            pass    # cut (a reset) before connect returned: the server was that quick
         recorder.wait_disconnects(i + 1)
         c.close()
     assert all("(the peer is not reading)" in r for _, r in recorder.disconnected), \
