@@ -79,7 +79,9 @@ echo "runtimes:  $asan $ubsan" >&2
 rm -rf "$logs"
 mkdir -p "$logs"
 export LD_PRELOAD="$(readlink -f "$asan"):$(readlink -f "$ubsan")${LD_PRELOAD:+:$LD_PRELOAD}"
-export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:strict_init_order=1:detect_stack_use_after_return=0:log_path=$logs/asan"
+# allocator_may_return_null: a malloc too large fails as it does without ASan (NULL, then
+# MemoryError), for the tests of running out of memory (test_resources).
+export ASAN_OPTIONS="allocator_may_return_null=1:detect_leaks=0:halt_on_error=1:abort_on_error=1:strict_init_order=1:detect_stack_use_after_return=0:log_path=$logs/asan"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:log_path=$logs/ubsan"
 export PYTHONMALLOC=malloc
 export IOCPNET_UBSAN_LOG=$logs/ubsan IOCPNET_UBSAN_LIB=$(readlink -f "$ubsan")

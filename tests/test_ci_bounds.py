@@ -20,11 +20,14 @@ TREE = "bash -c 'sleep 60 & echo $! > child; wait'"
 def run(tmp_path, body):
     """body in bash with ci_bound.sh sourced and bound_s[t]=1; a session of its own, all
     of it killed if it hangs."""
+    # Without the sanitizer runtimes the ASan run preloads (scripts/sanitize.sh): under
+    # them ps fails, and kill_tree finds no children.
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     proc = subprocess.Popen(
         ["bash", "-c", f"set -euo pipefail; source {SCRIPT}; declare -A bound_s=([t]=1)\n"
                        + body],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
+        start_new_session=True, env=env)
     try:
         out, err = proc.communicate(timeout=60)
     finally:
