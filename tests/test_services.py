@@ -546,26 +546,48 @@ def test_call_every_keeps_a_fixed_rate(server):
     """CallEvery(0.020) with 5 ms of work in the callback ticks 50 times a second: the
     next deadline is the previous one plus the period, not the end of the callback plus
     the period.  Ticks the workers could not run in time (a loaded machine) are skipped
-    and counted, so runs plus skipped ticks always account for the elapsed periods."""
+    and counted, so runs plus skipped ticks always account for the elapsed periods.
+
+    Checked without assuming the machine is quiet: the k-th deadline is the timer's start
+    plus k periods; the last run's deadline came at or before that run started, and after
+    the run before it ended (a re-arm picks the first deadline not yet past).  So runs +
+    skipped (that deadline's number) lies between those two times counted in periods;
+    drifting by the callback's 5 ms would put it at 0.8 of them.  And a tick is skipped
+    only when its deadline passed while the run before it went on: between two runs'
+    ends and the next run's start, a period per tick skipped and one more."""
     srv = server(Echo)
-    runs = []
+    runs = []                   # (start, end, skipped when it started)
+    box = {}
 
     def tick():
-        runs.append(time.monotonic())
+        start = time.monotonic()
+        skipped = box["timer"].skipped
         time.sleep(0.005)
+        if start - t0 >= 1.0:
+            box["timer"].Cancel()           # this run is the last: no re-arm after it
+        runs.append((start, time.monotonic(), skipped))
 
-    timer = srv.core.CallEvery(0.020, tick)
-    t0 = time.monotonic()
-    time.sleep(1.0)
-    timer.Cancel()
-    wait_for(lambda: not timer.active, message="the timer to end")
-    elapsed = runs[-1] - t0
-    periods = round(elapsed / 0.020)
-    # Drifting by the callback's 5 ms would give 40 runs in 1 s, not 50.
-    assert abs(len(runs) + timer.skipped - periods) <= 2, (
-        f"{len(runs)} runs + {timer.skipped} skipped in {elapsed:.2f} s: "
-        f"{periods} periods of 20 ms")
-    assert len(runs) >= periods // 2, (len(runs), timer.skipped, periods)
+    before = time.monotonic()
+    t0 = before
+    box["timer"] = timer = srv.core.CallEvery(0.020, tick)
+    after = time.monotonic()
+    wait_for(lambda: not timer.active, 30, "the timer to cancel itself after 1 s")
+    assert len(runs) >= 2, runs
+    last_start, prev_end = runs[-1][0], runs[-2][1]
+    total = len(runs) + timer.skipped
+    lo = (prev_end - after) / 0.020 - 1     # 1: the port's clock counts whole ms
+    hi = (last_start - before) / 0.020 + 1
+    assert lo <= total <= hi, (
+        f"{len(runs)} runs + {timer.skipped} skipped: the last run's deadline is number "
+        f"{total}, but it came between {lo:.1f} and {hi:.1f} periods of 20 ms after the start")
+    # Run b's deadline came after run a ended; run c's is b's plus one period per tick
+    # skipped between them plus one, and c cannot start before it (3 ms: whole ms).
+    for (_, end_a, _), (_, _, skipped_b), (start_c, _, skipped_c) in zip(runs, runs[1:],
+                                                                        runs[2:]):
+        k = skipped_c - skipped_b
+        assert start_c - end_a + 0.003 >= 0.020 * (k + 1), (
+            f"{k} ticks skipped, yet the run after them started "
+            f"{(start_c - end_a) * 1000:.1f} ms after the end of the run two before")
 
 
 def test_call_every_skips_the_ticks_a_slow_callback_misses(server):
