@@ -93,7 +93,8 @@ C_PROGRAMS = {
 }
 # C built as an extension module of the Python running this script (a Python hook on a C
 # io_uring loop: servers/py_floor.c)
-PY_EXTENSIONS = {"_py_floor": "servers/py_floor.c"}
+PY_EXTENSIONS = {"_py_floor": ("servers/py_floor.c",),
+                 "_py_floor_ring": ("servers/py_floor.c", "-DPY_FLOOR_RING_SEND")}
 
 
 # --------------------------------------------------------------------------
@@ -143,6 +144,10 @@ SERVERS = [
     # nothing else: the best a library with a Python hook per completion can reach
     Server("py-floor", "Python hook on C io_uring, no library", _py("py_floor_echo.py"),
            c_binary="_py_floor", default=False),
+    # the same with its replies queued on the ring and sent after the batch, as c-uring
+    # sends: what giving up "a reply before the next hook" would be worth
+    Server("py-floor-ring", "Python hook on C io_uring, replies after the batch",
+           _py("py_floor_echo.py", "--ring-send"), c_binary="_py_floor_ring", default=False),
 ]
 
 
@@ -389,28 +394,33 @@ def _die_with_parent():
 # --------------------------------------------------------------------------
 # build and dependencies
 
+def _source_mtime(path):
+    """The newest of a C file and the local files it #includes ("x.c": py_floor.c builds
+    on c_uring_echo.c), so that a change to either rebuilds."""
+    newest = os.path.getmtime(path)
+    with open(path) as f:
+        for inc in re.findall(r'^#include "([^"]+)"', f.read(), re.M):
+            dep = os.path.join(os.path.dirname(path), inc)
+            if os.path.exists(dep):
+                newest = max(newest, _source_mtime(dep))
+    return newest
+
+
 def build_c():
     """gcc -O2 each C program into benchmarks/build/ when its source is newer."""
     os.makedirs(BUILD, exist_ok=True)
+    builds = [(name, os.path.join(HERE, src), os.path.join(BUILD, name), [])
+              for name, src in C_PROGRAMS.items()]
+    ext = sysconfig.get_config_var("EXT_SUFFIX")
+    builds += [(name, os.path.join(HERE, src), os.path.join(BUILD, name + ext),
+                ["-shared", "-fPIC", *defines, "-I" + sysconfig.get_paths()["include"]])
+               for name, (src, *defines) in PY_EXTENSIONS.items()]
     failed = {}
-    for name, src in C_PROGRAMS.items():
-        src_path, out = os.path.join(HERE, src), os.path.join(BUILD, name)
-        if os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(src_path):
+    for name, src_path, out, flags in builds:
+        if os.path.exists(out) and os.path.getmtime(out) >= _source_mtime(src_path):
             continue
         log(f"building {os.path.relpath(out, ROOT)}")
-        r = subprocess.run(["gcc", "-O2", "-Wall", "-o", out, src_path],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            failed[name] = r.stderr.strip()[-2000:]
-            print(r.stderr, file=sys.stderr)
-    for name, src in PY_EXTENSIONS.items():
-        src_path = os.path.join(HERE, src)
-        out = os.path.join(BUILD, name + sysconfig.get_config_var("EXT_SUFFIX"))
-        if os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(src_path):
-            continue
-        log(f"building {os.path.relpath(out, ROOT)}")
-        r = subprocess.run(["gcc", "-O2", "-Wall", "-shared", "-fPIC",
-                            "-I" + sysconfig.get_paths()["include"], "-o", out, src_path],
+        r = subprocess.run(["gcc", "-O2", "-Wall", *flags, "-o", out, src_path],
                            capture_output=True, text=True)
         if r.returncode != 0:
             failed[name] = r.stderr.strip()[-2000:]

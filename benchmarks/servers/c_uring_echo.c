@@ -268,7 +268,6 @@ static int listen_loopback(int port)
     return listen_fd;
 }
 
-#ifndef C_URING_ECHO_RING
 static void send_head(struct conn *c)
 {
     uint16_t bid = c->q_head;
@@ -295,6 +294,7 @@ static void enqueue(struct conn *c, uint16_t bid, unsigned len)
         send_head(c);
 }
 
+#ifndef C_URING_ECHO_RING
 /* Frees the connection once nothing of it is in flight any more. */
 static void maybe_free(struct conn *c)
 {

@@ -41,6 +41,19 @@ typedef struct {
 
 static long slow_sends, kept_views, completions, batches;
 
+#ifdef PY_FLOOR_RING_SEND
+/* The variant that sends as c-uring does: an echo of the completion's own view is queued
+ * as a send SQE from that buffer and goes in with the pass's io_uring_enter (after every
+ * hook of the batch has run: the reply rule is given up). Other data is sent at once. */
+static PyObject *cur_view;
+static int cur_view_sent;
+#define MODULE_NAME "_py_floor_ring"
+#define MODULE_INIT PyInit__py_floor_ring
+#else
+#define MODULE_NAME "_py_floor"
+#define MODULE_INIT PyInit__py_floor
+#endif
+
 static int view_getbuffer(PyObject *o, Py_buffer *b, int flags)
 {
     ViewObject *v = (ViewObject *)o;
@@ -65,6 +78,12 @@ static PyObject *session_send(PyObject *self, PyObject *data)
     Py_ssize_t len;
     Py_buffer b;
     int have = 0;
+#ifdef PY_FLOOR_RING_SEND
+    if (data == cur_view && !cur_view_sent) {
+        cur_view_sent = 1;
+        Py_RETURN_TRUE;
+    }
+#endif
     if (Py_IS_TYPE(data, &ViewType)) {
         ptr = ((ViewObject *)data)->ptr;
         len = ((ViewObject *)data)->len;
@@ -118,6 +137,13 @@ static ViewObject *spare;
 
 static void conn_free(struct conn *c)
 {
+    if (c->recv_armed || c->send_busy || c->wants_rearm)
+        return; /* freed when the last of them completes */
+    while (c->q_head != NO_BUF) {
+        uint16_t bid = c->q_head;
+        c->q_head = R.buf_next[bid];
+        buf_give(bid);
+    }
     close(c->fd);
     Py_XDECREF(c->on_recv);
     Py_XDECREF(c->sess);
@@ -142,6 +168,7 @@ static void handle(PyObject *cls, uint64_t ud, int res, unsigned flags)
             } else {
                 ((SessionObject *)s)->fd = res;
                 c->fd = res;
+                c->q_head = c->q_tail = NO_BUF;
                 c->sess = s;
                 c->on_recv = h;
                 arm_recv(c);
@@ -152,6 +179,23 @@ static void handle(PyObject *cls, uint64_t ud, int res, unsigned flags)
         return;
     }
     struct conn *c = (struct conn *)(uintptr_t)(ud & ~OP_MASK);
+    if (op == OP_SEND) {
+        c->send_busy = 0;
+        uint16_t bid = c->q_head;
+        c->q_head = R.buf_next[bid];
+        buf_give(bid);
+        if (res < 0 || (unsigned)res < R.buf_len[bid]) {
+            if (!c->closing) {
+                c->closing = 1;
+                shutdown(c->fd, SHUT_RDWR);
+            }
+        } else if (c->q_head != NO_BUF && !c->closing) {
+            send_head(c);
+        }
+        if (c->closing)
+            conn_free(c);
+        return;
+    }
     if (!(flags & IORING_CQE_F_MORE))
         c->recv_armed = 0;
     if (res > 0) {
@@ -169,7 +213,14 @@ static void handle(PyObject *cls, uint64_t ud, int res, unsigned flags)
         v->ptr = (const char *)(R.bufs + (size_t)bid * BUFSZ);
         v->len = res;
         PyObject *args[2] = {c->sess, (PyObject *)v};
+#ifdef PY_FLOOR_RING_SEND
+        cur_view = (PyObject *)v;
+        cur_view_sent = 0;
+#endif
         PyObject *r = PyObject_Vectorcall(c->on_recv, args, 2, NULL);
+#ifdef PY_FLOOR_RING_SEND
+        cur_view = NULL;
+#endif
         if (r == NULL) {
             PyErr_Print();
             c->closing = 1;
@@ -183,7 +234,12 @@ static void handle(PyObject *cls, uint64_t ud, int res, unsigned flags)
             v->len = 0;         /* (the echo never keeps it) */
             Py_DECREF(v);
         }
-        buf_give(bid);
+#ifdef PY_FLOOR_RING_SEND
+        if (cur_view_sent && !c->closing)
+            enqueue(c, bid, (unsigned)res);
+        else
+#endif
+            buf_give(bid);
         if (!c->recv_armed && !c->closing)
             arm_recv(c);
         else if (!c->recv_armed)
@@ -194,12 +250,11 @@ static void handle(PyObject *cls, uint64_t ud, int res, unsigned flags)
         wait_for_buffers(c);
         return;
     }
+    c->closing = 1;
     if (!c->recv_armed)
         conn_free(c);
-    else {
-        c->closing = 1;
+    else
         shutdown(c->fd, SHUT_RDWR);
-    }
 }
 
 static PyObject *floor_serve(PyObject *mod, PyObject *args)
@@ -268,6 +323,8 @@ static PyObject *floor_serve(PyObject *mod, PyObject *args)
                 c->wants_rearm = 0;
                 if (!c->recv_armed && !c->closing)
                     arm_recv(c);
+                else if (c->closing)
+                    conn_free(c);
                 c = next;
             }
         }
@@ -289,10 +346,10 @@ static PyMethodDef floor_methods[] = {
     {"serve", floor_serve, METH_VARARGS, "serve(port, session_class)"},
     {NULL, NULL, 0, NULL},
 };
-static struct PyModuleDef floor_module = {PyModuleDef_HEAD_INIT, "_py_floor", NULL, -1,
+static struct PyModuleDef floor_module = {PyModuleDef_HEAD_INIT, MODULE_NAME, NULL, -1,
                                           floor_methods};
 
-PyMODINIT_FUNC PyInit__py_floor(void)
+PyMODINIT_FUNC MODULE_INIT(void)
 {
     if (PyType_Ready(&ViewType) < 0 || PyType_Ready(&SessionType) < 0)
         return NULL;

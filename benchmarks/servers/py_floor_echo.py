@@ -9,16 +9,21 @@ from _common import parse_args
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "build"))
-import _py_floor  # noqa: E402
-
-
-class EchoSession(_py_floor.Session):
-    def OnRecv(self, data):
-        self.Send(data)
 
 
 def main():
-    args = parse_args(__doc__)
+    args = parse_args(__doc__, lambda p: p.add_argument(
+        "--ring-send", action="store_true",
+        help="the variant that queues each reply on the ring, sent after the batch"))
+    if args.ring_send:
+        import _py_floor_ring as _py_floor
+    else:
+        import _py_floor
+
+    class EchoSession(_py_floor.Session):
+        def OnRecv(self, data):
+            self.Send(data)
+
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
     print("READY", flush=True)
     _py_floor.serve(args.port, EchoSession)
