@@ -237,6 +237,44 @@ def test_one_new_session_connected_from_two_threads_at_once_connects_once(
     clients = srv = None
 
 
+ATTACH_AGAIN = r"""
+import gc, sys, weakref, iocpnet
+session = iocpnet.Session()
+said = []
+def first_try():
+    core = iocpnet.IocpCore(backend=sys.argv[1])
+    service = iocpnet.ClientService(core, ("127.0.0.1", 9), iocpnet.Session, 0)
+    core.Close()
+    # the user's finalizer of the first core uses the session
+    weakref.finalize(core, lambda: said.append(session.Send(b"x")))
+    try:
+        service.Connect(session)
+    except OSError as e:
+        said.append(str(e))
+first_try()
+gc.collect()
+core = iocpnet.IocpCore(backend=sys.argv[1])
+service = iocpnet.ClientService(core, ("127.0.0.1", 9), iocpnet.Session, 0)
+service.Connect(session)
+session.Abort()
+service.Stop(5)
+core.Close()
+print(said)
+"""
+
+
+def test_a_session_whose_connect_could_not_start_connects_again_on_another_core(backend):
+    """The session kept the first core; connecting it again replaces that core, whose
+    last reference then goes.  It went under the session's spin lock: a finalizer of the
+    core that used the session (Send takes that lock) spun for ever, holding the GIL."""
+    import subprocess
+    p = subprocess.run([sys.executable, "-c", ATTACH_AGAIN, backend], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.splitlines()[-1] == "['connect: completion port is closed', False]", \
+        p.stdout
+
+
 def test_reconnect_after_the_server_restarts_on_the_same_port(backend, client_core,
                                                               recorder):
     first = Server(Echo, backend).start()

@@ -614,11 +614,16 @@ cdef class Session(IocpObject):
 
     cdef int _attach(self, IocpCore core, Service service) except -1:
         cdef bint free
+        # The core of a connect that could not start, replaced here: held until the lock
+        # is released, since its last reference may go with it (a finalizer of the core
+        # runs Python code, which may use this session and so take its lock).
+        cdef object old_core = None
         # Check and claim in one step, under the lock: two threads connecting the same
         # new session could both see S_NEW and start two connects on its one record.
         port_spin_lock(&self._lock)
         free = self._state == S_NEW and self._service is None
         if free:
+            old_core = self.core
             self._service = service
             self.core = core
         port_spin_unlock(&self._lock)
@@ -639,6 +644,7 @@ cdef class Session(IocpObject):
 
     cdef void _detach(self) noexcept:
         """Its connect could not start: the session may be connected again."""
+        cdef object service = self._service    # released after the lock, as in _attach
         port_spin_lock(&self._lock)
         self._service = None
         port_spin_unlock(&self._lock)
