@@ -194,6 +194,45 @@ def test_a_flood_of_peers_that_do_not_read_is_logged_once_per_burst(server, reco
     assert total == n and len(full) <= 5 and len(counts) <= 2, (full, counts)
 
 
+def test_a_flood_of_stalled_sends_is_logged_once_per_burst(server, recorder,
+                                                          caplog_iocpnet):
+    # Peers that connect and never read while the server sends less than its
+    # send_queue_limit: the queue stalls and send_timeout cuts each.  That wrote a WARNING
+    # per connection ("disconnecting ...: send stalled: ..."); each is still cut, with
+    # its reason and counted, and the log has a burst's first lines and a count.
+    payload = b"s" * (8 << 20)                  # more than the kernel's buffers take
+
+    class Stuck(iocpnet.Session):
+        send_queue_limit = 16 << 20
+        send_timeout = 0.2
+
+        def OnConnected(self):
+            self.Send(payload)                  # one object, queued by reference
+
+        def OnDisconnected(self, reason):
+            recorder.on_disconnected(self, reason)
+
+    srv = server(Stuck)
+    n = 40
+    peers = []
+    try:
+        for _ in range(n):
+            c = socket.socket()
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            c.connect(srv.address)              # and never read
+            peers.append(c)
+        recorder.wait_disconnects(n, timeout=30)
+    finally:
+        for c in peers:
+            c.close()
+    assert all(r.startswith("send stalled: ") for _, r in recorder.disconnected), \
+        recorder.disconnected
+    assert srv.service.send_timeouts == n
+    full, counts, total = logged_per_burst(caplog_iocpnet, "send stalled disconnects",
+                                           r"disconnecting .*: send stalled: ")
+    assert total == n and len(full) <= 5 and len(counts) <= 2, (full, counts)
+
+
 def test_packet_flooder_is_cut_by_its_message_rate(server, caplog_iocpnet):
     """A PacketSession counts packets: a peer sending 5000 packets at once is cut after
     its burst (400) plus what the rate refilled meanwhile; 20 good clients sending 100

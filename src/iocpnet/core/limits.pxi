@@ -619,9 +619,10 @@ cdef enum:
     LOG_WS_FRAMES = 3    # bad frames after the upgrade (websocket.pxi)
     LOG_RATE = 4         # sessions cut over their receive rate (_rate_exceeded)
     LOG_SEND_LIMIT = 5   # sessions cut over send_queue_limit (session_send.pxi, tls.pxi)
+    LOG_STALL = 6        # sessions cut by send_timeout (stall.pxi)
 _LOG_BURST_WHAT = ("TLS handshake failures", "refused WebSocket upgrades", "bad packets",
                    "WebSocket protocol errors", "rate limit disconnects",
-                   "send queue limit disconnects")
+                   "send queue limit disconnects", "send stalled disconnects")
 
 
 cdef void _log_in_burst(Session s, int kind, int level, str text) noexcept:

@@ -193,12 +193,13 @@ cdef void _check_stall(Service service, Session s, int64_t now,
     port_spin_unlock(&s._lock)
     if not stalled:
         return
-    if _close_now(s, f"send stalled: {queued} bytes queued, nothing sent for {timeout:g} s "
-                    f"(the peer is not reading)", True):
+    why = (f"send stalled: {queued} bytes queued, nothing sent for {timeout:g} s "
+           f"(the peer is not reading)")
+    if _close_now(s, why, True):
         with service._lock:
             service.send_timeouts += 1
-        logger.warning("disconnecting %s: send stalled: %d bytes queued, nothing sent for "
-                       "%g s (the peer is not reading)", repr(s), queued, timeout)
+        # Per burst: a peer can open connection after connection and never read.
+        _log_in_burst(s, LOG_STALL, _logging_WARNING, f"disconnecting {repr(s)}: {why}")
 
 
 cdef void _watch_stalls(Service service, Session s) noexcept:
