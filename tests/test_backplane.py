@@ -292,6 +292,36 @@ def test_a_member_send_that_raises_costs_no_outage(backend, redis_server, caplog
         a.stop()
 
 
+def test_a_reply_callback_that_raises_costs_no_outage(backend, redis_server, nodes,
+                                                     caplog):
+    """A callback of a command's reply that raises (a bug; here the presence refresh's):
+    it unwound into the command link's OnRecv, which dropped the link as a failed hook,
+    an outage for every shared group at each refresh, and the replies parsed after it
+    in that receive were lost.  It is logged; the link and the sharing go on."""
+    caplog.set_level(logging.INFO, logger="iocpnet")
+    r = redis_server()
+    (a,) = nodes(r.url(), n=1, presence_ttl=0.3)
+    sharing(a)
+    calls = []
+
+    def broken(inc, reply):
+        calls.append(reply)
+        raise RuntimeError("a bug in a reply callback")
+
+    a.bp._alive_reply = broken            # called by the refresh tick's PEXPIRE reply
+    wait_for(lambda: len(calls) >= 3, 10, "three presence refreshes")
+    m = Client(a, "m")
+    try:
+        m.send("say still shared")
+        assert m.line() == "still shared"
+        assert m.who() == ["m"]
+        st = a.bp.stats()
+        assert st["outages"] == 0 and st["state"] == "up", st
+        assert any("a redis callback raised" in rec.getMessage() for rec in caplog.records)
+    finally:
+        m.close()
+
+
 def test_presence_follows_joins_renames_leaves_and_closes(backend, redis_server, nodes):
     r = redis_server()
     a, b = nodes(r.url())

@@ -169,7 +169,7 @@ class _Link(Session):
             cb = self.waiting.popleft()
             self.waiting_since = time.monotonic()
         if cb is not None:
-            cb(value)
+            _run_callback(cb, value)
         elif isinstance(value, RespError):
             self.bp._command_error(value)
 
@@ -180,16 +180,23 @@ class _Link(Session):
         err = _LinkDown("the connection to redis was lost")
         for cb in callbacks:
             if cb is not None:
-                try:
-                    cb(err)
-                except Exception:
-                    log.exception("a redis callback raised")
+                _run_callback(cb, err)
 
     def OnConnectFailed(self, reason: str) -> None:
         self.bp._link_failed(self, reason)
 
     def OnDisconnected(self, reason: str) -> None:
         self.bp._link_down(self, reason)
+
+
+def _run_callback(cb: Callable[[Any], None], value: Any) -> None:
+    """A command's callback, contained: one that raises (a bug) is logged.  Raised into
+    OnRecv it dropped the link as a failed hook (an outage for every shared group) and
+    lost the replies parsed after it."""
+    try:
+        cb(value)
+    except Exception:
+        log.exception("a redis callback raised")
 
 
 class _Backoff:
