@@ -322,6 +322,39 @@ def test_a_reply_callback_that_raises_costs_no_outage(backend, redis_server, nod
         m.close()
 
 
+def test_broadcasts_held_for_a_subscribe_are_bounded_by_max_pending(backend, redis_server,
+                                                                    nodes, caplog):
+    """A group shared while UP holds its broadcasts until Redis confirms its SUBSCRIBE
+    (published before, they would not come back to our members).  With Redis stalled
+    (SIGSTOP) the confirmation never comes, and the held broadcasts grew without bound
+    until `timeout` (here 30 s) declared the link dead.  Our messages held count with
+    those published and not back: at max_pending the subscriber is started again and
+    they are delivered here, in order, while Redis is still stalled."""
+    caplog.set_level(logging.INFO, logger="iocpnet")
+    r = redis_server()
+    (a,) = nodes(r.url(), n=1, timeout=30.0, max_pending=50)
+    sharing(a)
+    m = Client(a, "m")
+    (session,) = list(a.service.sessions)
+    late = iocpnet.Group(a.core, "late", backplane=a.bp)
+    r.proc.send_signal(signal.SIGSTOP)
+    try:
+        assert late.Add(session, name="m")
+        n = 200
+        for k in range(n):
+            late.Broadcast(f"late {k}\n".encode())
+        assert m.lines(n, timeout=10) == [f"late {k}" for k in range(n)]
+        st = a.bp.stats()
+        assert st["recovered"] == n and st["outages"] == 1, st
+        assert any("50 of our messages not back" in rec.getMessage()
+                   for rec in caplog.records)
+    finally:
+        r.proc.send_signal(signal.SIGCONT)
+        del session
+        late.Close()
+        m.close()
+
+
 def test_presence_follows_joins_renames_leaves_and_closes(backend, redis_server, nodes):
     r = redis_server()
     a, b = nodes(r.url())

@@ -42,7 +42,8 @@ States (``_state``, under ``_lock``):
   until it comes back on the channel (it then knows which local session to exclude).
   A group shared while UP holds its broadcasts (``_Share.held``) until its own
   SUBSCRIBE is confirmed, then publishes them: published before we listen, a message
-  would never come back to our own members.
+  would never come back to our own members.  Held and pending count together against
+  ``max_pending``.
 - ``DRAINING``: a link was lost while UP or SYNCING.  The other is aborted; until the
   subscriber has ended (no more deliveries can come from it), new broadcasts queue
   behind ``_pending``.  Then every message of ours that did not come back (held or
@@ -108,7 +109,8 @@ class RedisBackplane(_Presence):
     ``presence_ttl``: seconds after which a server that stopped (SIGKILL) is no longer
     listed.  ``timeout``: a link with a command unanswered that long is declared dead
     (default: ``max(2 * presence_ttl, 2)``); so is a subscriber that leaves
-    ``max_pending`` of our messages unreturned.  Until then a link holds up to 64 MiB
+    ``max_pending`` of our messages unreturned (published, or held for a group's
+    SUBSCRIBE not yet confirmed).  Until then a link holds up to 64 MiB
     that Redis has not read yet (its ``send_queue_limit``; a session's is 4 MiB): a
     burst of broadcasts, or Redis pausing for a moment, is no outage.  ``prefix``: keys
     and channels are named ``<prefix>:...`` (channels also carry the db number: Redis
@@ -155,6 +157,7 @@ class RedisBackplane(_Presence):
         self._shares: Dict[str, _Share] = {}
         self._by_channel: Dict[bytes, _Share] = {}
         self._pending: Deque[_Pending] = deque()
+        self._held = 0                    # broadcasts in every share's `held`
         self._seq = 0
         self._entry_seq = 0
         self._epoch = 0
@@ -335,6 +338,7 @@ class RedisBackplane(_Presence):
                     self._sync_step_locked()
                 elif self._state == UP:
                     held, share.held = share.held, []
+                    self._held -= len(held)
                     cmd = self._links[_CMD]
                     if cmd is not None:
                         for data, exclude, droppable in held:
@@ -437,6 +441,7 @@ class RedisBackplane(_Presence):
                         batch.append((share, data, exclude, droppable))
                     share.held = []
                     share.subscribed = False
+                self._held = 0
                 for _, share, data, exclude, droppable in self._pending:
                     batch.append((share, data, exclude, droppable))
                 self._pending.clear()
@@ -504,6 +509,7 @@ class RedisBackplane(_Presence):
             del self._shares[share.name]
             self._by_channel.pop(share.channel, None)
             held, share.held = share.held, []
+            self._held -= len(held)
             sub, cmd = self._links[_SUB], self._links[_CMD]
             if sub is not None and self._state in (SYNCING, UP):
                 if self._state == SYNCING and not share.subscribed:
@@ -529,6 +535,8 @@ class RedisBackplane(_Presence):
                             return _local_count(group, exclude)
                     else:
                         share.held.append((data, exclude, droppable))
+                        self._held += 1
+                        self._check_backlog_locked()
                         return _local_count(group, exclude)
                 elif state == DRAINING:
                     self._pending.append((0, share, data, exclude, droppable))
@@ -544,15 +552,22 @@ class RedisBackplane(_Presence):
         if cmd.call(None, "PUBLISH", share.channel, head + data):
             self._pending.append((seq, share, data, exclude, droppable))
             self.published += 1
-            if len(self._pending) == self.max_pending:
-                # Our messages are not coming back (the subscriber stalled): memory
-                # stays bounded; the links are started again, these delivered here.
-                sub = self._links[_SUB]
-                if sub is not None:
-                    sub.Abort(f"{self.max_pending} messages published and not back")
+            self._check_backlog_locked()
         else:
             # The link is closing: it will end and flush; this one goes with them.
             self._pending.append((0, share, data, exclude, droppable))
+
+    def _check_backlog_locked(self) -> None:
+        """Our messages not back yet, published or held for a SUBSCRIBE, reached
+        max_pending: the subscriber stalled (or Redis did).  Memory stays bounded: the
+        links are started again and these are delivered here.  (Held ones alone were
+        bounded only by `timeout`, however fast they came.)"""
+        if self._held + len(self._pending) < self.max_pending:
+            return
+        sub = self._links[_SUB]
+        if sub is not None:
+            sub.Abort(f"{self.max_pending} of our messages not back ({self._held} of them "
+                      f"held for a SUBSCRIBE not confirmed)")
 
     def _on_message(self, channel: bytes, payload: bytes) -> None:
         """A message on a shared group's channel (the subscriber's strand)."""
