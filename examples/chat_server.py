@@ -269,6 +269,10 @@ class ChatServer:
         """Answer `session` with who is in `name` (every server's members, with Redis)."""
         if not self.query_limit.allowed(session, session.query_bucket):
             return
+        if not proto.valid_name(name):
+            # No room has it; and one over a str8's 255 bytes made the answer raise.
+            session.Send(proto.error(f"invalid room name {name!r:.80}"))
+            return
         if self.backplane is not None:
             self.backplane.Who(name, lambda names: session.Send(proto.who_list(name, names)))
             return

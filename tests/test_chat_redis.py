@@ -229,3 +229,27 @@ def test_a_password_in_the_url(backend, redis_server, servers):
     finally:
         x.close()
         y.close()
+
+
+def test_who_leaves_out_a_name_the_protocol_cannot_carry(backend, redis_server, servers):
+    """WHO lists every server's members as Redis has them, and Redis may hold a name
+    longer than a str8's 255 bytes: another application on the same Redis, or a server
+    whose Group.Add took a long name.  proto.who_list raised in the Who callback
+    (logged), and the asker was never answered.  Such a name is left out (the list's
+    count says how many are listed); the others are answered."""
+    r = redis_server()
+    ((a, pa),) = servers(r.url(), n=1)
+    x = Chatter(pa)
+    try:
+        x.join()
+        # Another server's presence, written as the backplane writes it: a live
+        # incarnation (its alive key) and its fields in the room's hash.
+        assert r.command("SET", "iocpnet:alive:other.1", "1", "PX", 60000) == "OK"
+        assert r.command("HSET", f"iocpnet:who:{ROOM}", "other.1|00000001", "\u00e9" * 200,
+                         "other.1|00000002", "ok-name") == 2
+        assert x.who() == sorted([x.nick, "ok-name"])
+        # A room name no room can have, as long: an error, not a raise.
+        x.sock.sendall(proto.who("r" * 300))
+        assert proto.Reader(x.until(proto.S_ERROR)).text().startswith("invalid room name")
+    finally:
+        x.close()

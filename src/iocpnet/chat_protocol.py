@@ -214,12 +214,17 @@ def room_list(entries: List[Tuple[str, int]]) -> bytes:
 
 
 def who_list(room: str, names: List[str]) -> bytes:
-    """S_WHO; a list too long for one packet is cut (n says how many are listed)."""
+    """S_WHO; a list too long for one packet is cut (n says how many are listed).  A
+    name longer than a str8 carries is left out: with Redis the names are every
+    server's, whatever their Group.Add took (or another application on that Redis)."""
     head = pack_str8(room)
     parts: List[bytes] = []
     size = len(head) + 2
     for n in names:
-        part = pack_str8(n)
+        try:
+            part = pack_str8(n)
+        except ValueError:
+            continue
         if size + len(part) > _ROOM_FOR_LISTS:
             break
         parts.append(part)
