@@ -373,6 +373,87 @@ def test_a_flood_of_bad_frames_is_logged_once_per_burst(ws_server, recorder,
     assert total == n and len(full) <= 5 and len(counts) <= 2, (full, counts)
 
 
+def test_a_flood_of_silent_peers_is_logged_once_per_burst(ws_server, recorder,
+                                                         caplog_iocpnet):
+    # Peers that connect to a WebSocket listener and never send the upgrade request:
+    # each is cut at handshake_timeout, which wrote a line per connection.  Each is
+    # still cut, with its reason; the log has a burst's first lines and a count.
+    srv = ws_server(echo_class(recorder, handshake_timeout=0.2))
+    n = 40
+    peers = []
+    try:
+        for _ in range(n):
+            peers.append(connect(srv.address))
+        recorder.wait_disconnects(n)
+    finally:
+        for c in peers:
+            c.close()
+    assert all(r == "WebSocket handshake timed out after 0.2 s"
+               for _, r in recorder.disconnected), recorder.disconnected
+    full, counts, total = logged_per_burst(caplog_iocpnet, "failed WebSocket handshakes",
+                                           r"disconnecting .*: WebSocket handshake timed out")
+    assert total == n and len(full) <= 5 and len(counts) <= 2, (full, counts)
+
+
+def test_a_flood_of_refused_client_handshakes_is_logged_once_per_burst(backend,
+                                                                       caplog_iocpnet):
+    # Our client against a server that refuses every upgrade (or answers garbage): each
+    # failed connection wrote a WARNING, and a client that connects many sessions, or
+    # reconnects, to such a server wrote one per attempt.  Each still fails with its
+    # reason (OnConnectFailed); the log has a burst's first lines and a count.
+    lsock = socket.create_server(("127.0.0.1", 0))
+    lsock.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                c, _ = lsock.accept()
+            except socket.timeout:
+                continue
+            with c:
+                try:
+                    c.settimeout(5)
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        d = c.recv(4096)
+                        if not d:
+                            break
+                        data += d
+                    c.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+                except OSError:
+                    pass
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    failed = []
+    lock = threading.Lock()
+
+    class Client(iocpnet.WebSocketSession):
+        def OnConnectFailed(self, reason):
+            with lock:
+                failed.append(reason)
+
+    n = 40
+    core = iocpnet.IocpCore(backend)
+    try:
+        svc = iocpnet.ClientService(core, f"ws://127.0.0.1:{lsock.getsockname()[1]}/",
+                                    Client, n)
+        svc.Start(workers=2)
+        wait_for(lambda: len(failed) == n, 20, f"{n} refused handshakes")
+        assert set(failed) == {"WebSocket handshake refused: HTTP 403 Forbidden"}
+        full, counts, total = logged_per_burst(
+            caplog_iocpnet, "failed WebSocket handshakes",
+            r"disconnecting .*: WebSocket handshake refused: HTTP 403")
+        assert total == n and len(full) <= 5 and len(counts) <= 2, (full, counts)
+        svc.Stop(5)
+    finally:
+        core.Close(5)
+        stop.set()
+        th.join(10)
+        lsock.close()
+
+
 def test_connected_only_after_the_upgrade(ws_server):
     seen = []
 

@@ -620,9 +620,11 @@ cdef enum:
     LOG_RATE = 4         # sessions cut over their receive rate (_rate_exceeded)
     LOG_SEND_LIMIT = 5   # sessions cut over send_queue_limit (session_send.pxi, tls.pxi)
     LOG_STALL = 6        # sessions cut by send_timeout (stall.pxi)
+    LOG_WS_HANDSHAKE = 7 # WebSocket handshake timeouts, our client's failed handshakes
 _LOG_BURST_WHAT = ("TLS handshake failures", "refused WebSocket upgrades", "bad packets",
                    "WebSocket protocol errors", "rate limit disconnects",
-                   "send queue limit disconnects", "send stalled disconnects")
+                   "send queue limit disconnects", "send stalled disconnects",
+                   "failed WebSocket handshakes")
 
 
 cdef void _log_in_burst(Session s, int kind, int level, str text) noexcept:

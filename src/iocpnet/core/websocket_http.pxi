@@ -224,7 +224,9 @@ def _ws_handshake_deadline(Session s):
     cdef _WebSocket ws = <_WebSocket>s._ws
     if port_atomic_load32(&ws.phase) == WS_HANDSHAKE and s._state == S_CONNECTED:
         reason = (f"WebSocket handshake timed out after {ws.hooks.handshake_timeout:g} s")
-        logger.info("disconnecting %s: %s", repr(s), reason)
+        # Per burst: a peer can open connection after connection and send nothing.
+        _log_in_burst(s, LOG_WS_HANDSHAKE, _logging_INFO,
+                      f"disconnecting {repr(s)}: {reason}")
         if ws.client:
             _ws_connect_failed(s, reason)
         _close_now(s, reason, False)
@@ -246,11 +248,8 @@ cdef Py_ssize_t _ws_handshake(Session s, _WebSocket ws, unsigned char *ptr,
             if ws.client:
                 # A client answers no one: it gives up on the connection (an HTTP
                 # response sent to the server would be nonsense on the wire).
-                why = (f"WebSocket handshake failed: response head larger than "
-                       f"max_header_size ({limit} bytes)")
-                logger.warning("disconnecting %s: %s", repr(s), why)
-                _ws_connect_failed(s, why)
-                _close_now(s, why, False)
+                _ws_client_failed(s, f"WebSocket handshake failed: response head larger "
+                                     f"than max_header_size ({limit} bytes)")
             else:
                 _ws_refuse(s, ws, 431, f"HTTP head larger than max_header_size "
                                        f"({limit} bytes)")
@@ -394,11 +393,18 @@ cdef bint _ws_client_response(Session s, _WebSocket ws, bytes head) except? -1:
                 why = f"WebSocket handshake failed: subprotocol {sub!r} was not offered"
             ws.subprotocol = sub
     if why is not None:
-        logger.warning("disconnecting %s: %s", repr(s), why)
-        _ws_connect_failed(s, why)
-        _close_now(s, why, False)
+        _ws_client_failed(s, why)
         return False
     return True
+
+
+cdef void _ws_client_failed(Session s, str why) noexcept:
+    """Our client's handshake failed: logged per burst (a server can refuse every
+    attempt of a client that connects many sessions, or reconnects), OnConnectFailed,
+    closed."""
+    _log_in_burst(s, LOG_WS_HANDSHAKE, _logging_WARNING, f"disconnecting {repr(s)}: {why}")
+    _ws_connect_failed(s, why)
+    _close_now(s, why, False)
 
 
 cdef int _ws_accepting(Session s, object told) noexcept:
