@@ -86,10 +86,19 @@ hz=$(getconf CLK_TCK)
 timings="$work/timings"
 : >"$timings"
 step_name=
+declare -A bg_pid=()      # sequential mode: background build (key) -> pid
+declare -A bg_reaped=()   # its CPU ticks, once this shell has reaped it
 cpu_ticks() {              # sets ticks (not $(...): that would read a subshell's own)
-    local f
+    local f key
+    # A background build's CPU reaches this shell's counters when bash reaps it, inside
+    # whichever step runs then: it has its own line in the table instead.
+    for key in "${!bg_pid[@]}"; do
+        [ -z "${bg_reaped[$key]:-}" ] && ! [ -e "/proc/${bg_pid[$key]}" ] &&
+            bg_reaped[$key]=$(cat "$work/bg-$key.ticks" 2>/dev/null || echo 0)
+    done
     read -ra f <"/proc/$BASHPID/stat"      # (comm is "(bash)": no space in it)
     ticks=$((f[13] + f[14] + f[15] + f[16]))
+    for key in "${!bg_reaped[@]}"; do ticks=$((ticks - bg_reaped[$key])); done
 }
 step_end() {
     [ -n "$step_name" ] || return 0
@@ -196,12 +205,58 @@ lane_ends() {             # again, the end of each failed lane's log: what CI sh
         fi | tail -n 40 | cut -c 1-400 >&2
     done
 }
-ft_pid=                   # sequential mode: the interpreter build in the background
-asan_pid=                 # sequential mode: step 7's build in the background
+# Sequential mode: a build that a later step needs runs in the background at the lowest
+# priority while the steps before it run (their suites mostly wait on sockets); the step
+# raises its priority and waits for it (wait_build).  Its own line in the table.
+declare -A bg_what=()     # key -> what it builds (the key: the step that waits, bound_s's)
+background() {            # background KEY WHAT COMMAND...: log in $work/bg-KEY.log
+    local key=$1
+    bg_what[$key]=$2
+    shift 2
+    rm -f "$work/bg-$key".{ticks,pgid}
+    (
+        trap - EXIT
+        bg_pid=()
+        bg_reaped=()
+        renice -n 19 -p $BASHPID >/dev/null 2>&1 || true
+        step_name="$key. (in the background) ${bg_what[$key]}"
+        step_t=$(date +%s)
+        cpu_ticks
+        step_cpu=$ticks
+        rc=0
+        # timeout leads a process group of its own: wait_build renices all of it.
+        timeout --signal=TERM --kill-after=30 "$(scaled_bound "$key")" "$@" &
+        echo $! >"$work/bg-$key.pgid"
+        wait $! || rc=$?
+        step_end "$([ $rc = 0 ] || echo " (FAILED)")"
+        cpu_ticks                  # what this adds to the counters of the shell that reaps it
+        echo "$ticks" >"$work/bg-$key.ticks"
+        exit $rc
+    ) >"$work/bg-$key.log" 2>&1 &
+    bg_pid[$key]=$!
+}
+no_build=()
+wait_build() {            # wait_build KEY: its background build, if any, at priority 0, waited
+    no_build=()           # for; then no_build=(--no-build); on its failure, its log's end
+    [ -n "${bg_pid[$1]:-}" ] || return 0
+    local pgid rc=0
+    pgid=$(cat "$work/bg-$1.pgid" 2>/dev/null) && renice -n 0 -g "$pgid" >/dev/null 2>&1 || true
+    wait "${bg_pid[$1]}" || rc=$?
+    if [ $rc != 0 ]; then
+        tail -n 40 "$work/bg-$1.log" >&2
+        echo "test.sh: ${bg_what[$1]} failed (log: $work/bg-$1.log)" >&2
+        return 1
+    fi
+    no_build=(--no-build)
+}
 summarised=
 cleanup() {               # also on a failure: the lanes end, the table shows
-    local rc=$? pid
-    for pid in "${!lanes[@]}" "${dog_of[@]}" $ft_pid $asan_pid; do kill_tree "$pid"; done
+    local rc=$? pid key
+    for pid in "${!lanes[@]}" "${dog_of[@]}"; do kill_tree "$pid"; done
+    cpu_ticks             # (notes which background builds were reaped: never kill those pids)
+    for key in "${!bg_pid[@]}"; do
+        [ -n "${bg_reaped[$key]:-}" ] || kill_tree "${bg_pid[$key]}"
+    done
     [ -n "$summarised" ] || summary "$([ $rc = 0 ] || echo " (FAILED)")"
 }
 trap cleanup EXIT
@@ -253,14 +308,8 @@ fi
 # when it compiles), then step 8, from its own directory.
 ft_lane() {
     step "8a. the free-threaded interpreter (scripts/build_freethreaded_python.sh)"
-    if [ -n "$ft_pid" ]; then
-        if ! wait "$ft_pid"; then
-            ft_pid=
-            tail -n 40 "$work/ft-interpreter.log" >&2
-            echo "building the free-threaded interpreter failed (log: $work/ft-interpreter.log)" >&2
-            return 1
-        fi
-        ft_pid=
+    if [ -n "${bg_pid[8a]:-}" ]; then
+        wait_build 8a || return 1
     else
         bound 8a "step 8a" bash "$root/scripts/build_freethreaded_python.sh" >&2
     fi
@@ -272,9 +321,8 @@ if ! skipped freethreaded; then
     if [ -n "$parallel" ]; then
         lane freethreaded ft_lane
     else
-        bound 8a "step 8a" bash "$root/scripts/build_freethreaded_python.sh" \
-            >"$work/ft-interpreter.log" 2>&1 &
-        ft_pid=$!
+        background 8a "the free-threaded interpreter" \
+            bash "$root/scripts/build_freethreaded_python.sh"
     fi
 fi
 
@@ -313,11 +361,8 @@ step_end
 # 157 s of CPU in 357 s); step 7 raises its priority and waits for it.  The build took
 # ~330 s of step 7's 554 at load 8-10 (ci8, s12).
 if [ -z "$parallel" ] && ! skipped sanitize; then
-    (renice -n 19 -p $BASHPID >/dev/null 2>&1 || true
-     exec timeout --signal=TERM --kill-after=30 "$(scaled_bound 7)" \
-         env IOCPNET_SANITIZE=1 PYTHON="$vpy" bash "$root/scripts/devbuild.sh" "$work/sanitize"
-    ) >"$work/sanitize-build.log" 2>&1 &
-    asan_pid=$!
+    background 7 "the ASan + UBSan build" \
+        env IOCPNET_SANITIZE=1 PYTHON="$vpy" bash "$root/scripts/devbuild.sh" "$work/sanitize"
 fi
 
 # Lane "wheel": steps 4, 5 and 6 on the wheel of step 3.
@@ -343,19 +388,7 @@ lane wheel wheel_lane
 # Lane "sanitize": step 7, with its own build of the extension.
 sanitize_lane() {
     step "7. the suite against an ASan + UBSan build (io_uring)"
-    local no_build=()
-    if [ -n "$asan_pid" ]; then
-        # timeout leads a process group of its own: the whole build back to priority 0.
-        renice -n 0 -g "$asan_pid" >/dev/null 2>&1 || true
-        if ! wait "$asan_pid"; then
-            asan_pid=
-            tail -n 40 "$work/sanitize-build.log" >&2
-            echo "step 7's build failed (log: $work/sanitize-build.log)" >&2
-            return 1
-        fi
-        asan_pid=
-        no_build=(--no-build)
-    fi
+    wait_build 7 || return 1
     IOCPNET_TEST_BACKENDS=io_uring IOCPNET_RACES_SECONDS=${IOCPNET_RACES_SECONDS:-8} \
         PYTHON="$vpy" IOCPNET_SANITIZE_DIR="$work/sanitize" \
         bound 7 "step 7" bash "$root/scripts/sanitize.sh" "${no_build[@]}" "${suite_args[@]}"

@@ -1,0 +1,86 @@
+"""scripts/test.sh itself, run with a stand-in for python (it records how it is called,
+builds nothing, and its pytest or build fails when told): what reaches pytest, what a
+failed background build says, what a run leaves behind.  Seconds, not the real CI."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "test.sh")
+if not os.path.exists(SCRIPT) or not os.path.isdir(os.path.join(ROOT, ".git")) \
+        and not os.path.isfile(os.path.join(ROOT, ".git")):
+    pytest.skip("not a git checkout with scripts/test.sh", allow_module_level=True)
+
+STUB = f"""#!{sys.executable}
+# A stand-in for python in scripts/test.sh.
+import json, os, sys
+args = sys.argv[1:]
+with open(os.environ["STUB_LOG"], "a") as f:
+    f.write(json.dumps({{"cwd": os.getcwd(), "args": args}}) + "\\n")
+if args[:1] == ["-"]:                       # a script on stdin: the real interpreter
+    os.execv({sys.executable!r}, [{sys.executable!r}] + args)
+if args[:2] == ["-m", "venv"]:
+    os.makedirs(os.path.join(args[2], "bin"))
+    os.symlink(os.path.abspath(__file__), os.path.join(args[2], "bin", "python"))
+elif args[:2] == ["-m", "build"]:
+    out = args[args.index("--outdir") + 1]
+    os.makedirs(out, exist_ok=True)
+    open(os.path.join(out, "iocpnet-0-py3-none-any.whl"), "w").close()
+elif args[:2] == ["-m", "pytest"]:
+    if os.environ.get("STUB_SCRATCH_LOG"):  # a log that a failing step left in scratch
+        scratch = [d for d in os.listdir(os.environ["TMPDIR"]) if d.startswith("iocpnet-ci.")]
+        os.makedirs(os.path.join(os.environ["TMPDIR"], scratch[0], "step"))
+        with open(os.path.join(os.environ["TMPDIR"], scratch[0], "step", "what.log"), "w") as f:
+            f.write("why it failed\\n")
+    sys.exit(int(os.environ.get("STUB_PYTEST_RC", "0")))
+elif args[:1] == ["setup.py"]:              # scripts/devbuild.sh's build
+    print("the build failed here", file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+def run_test_sh(tmp_path, *pytest_args, skip, **env):
+    """test.sh in sequential mode with the stand-in python; the steps in `skip` skipped
+    (3 and 5 always run).  Returns (the finished process, the stand-in's calls)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "python3"
+    stub.write_text(STUB)
+    stub.chmod(0o755)
+    # The tools test.sh would install with apt-get when missing (as root): present.
+    for tool in ("redis-server", "openssl", "chromium"):
+        (bin_dir / tool).write_text("#!/bin/sh\nexit 0\n")
+        (bin_dir / tool).chmod(0o755)
+    (tmp_path / "tmp").mkdir()
+    log = tmp_path / "calls.jsonl"
+    environ = {k: v for k, v in os.environ.items()
+               if not k.startswith("IOCPNET_") and k != "LD_PRELOAD"}
+    environ.update(PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(stub),
+                   TMPDIR=str(tmp_path / "tmp"), IOCPNET_TEST_DIR=str(tmp_path / "out"),
+                   IOCPNET_SKIP=skip, STUB_LOG=str(log), **env)
+    proc = subprocess.run(["bash", SCRIPT, *pytest_args], env=environ, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    calls = [json.loads(line)["args"] for line in log.read_text().splitlines()]
+    return proc, calls
+
+
+def pytest_calls(calls):
+    return [c for c in calls if c[:2] == ["-m", "pytest"]]
+
+
+def test_a_failed_background_build_fails_its_step_with_its_log_and_has_its_own_line(tmp_path):
+    """Step 7's build runs in the background from step 3 on; it failed: step 7 says so
+    with the end of the build's log, the run fails, and the table gives the build a line
+    of its own (its CPU is not charged to whichever step ran when it ended)."""
+    proc, calls = run_test_sh(tmp_path, skip="contract fuzz dist types freethreaded")
+    assert proc.returncode == 1, proc.stderr
+    assert "the build failed here" in proc.stderr, proc.stderr
+    log = tmp_path / "out" / "bg-7.log"
+    assert f"test.sh: the ASan + UBSan build failed (log: {log})" in proc.stderr, proc.stderr
+    table = proc.stderr.split("== time per step")[1]
+    assert "7. (in the background) the ASan + UBSan build (FAILED)" in table, table
+    assert "7. the suite against an ASan + UBSan build (io_uring) (FAILED)" in table, table
+    assert len(pytest_calls(calls)) == 1, calls          # step 5's: step 7 never ran pytest
