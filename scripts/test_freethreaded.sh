@@ -4,8 +4,10 @@
 # test extras into a fresh venv, run pytest against the *installed* package, once per
 # backend this machine can run (the suite parametrises itself over them).
 #
-#   bash scripts/test_freethreaded.sh [pytest args...]
+#   bash scripts/test_freethreaded.sh [--build-only | --no-build] [pytest args...]
 #
+# --build-only stops once the wheel is installed; --no-build runs the suite in the venv
+# that it left (scripts/test.sh builds in the background while other steps run).
 # The interpreter comes from scripts/build_freethreaded_python.sh: built once (about 4
 # minutes on 2 cores) under /opt/iocpnet-py313t, reused in well under a second after.
 # Before the suite, the script checks that importing iocpnet leaves the GIL off; a
@@ -22,6 +24,13 @@ work=${IOCPNET_TEST_DIR:-$root/.ci/out}
 
 step() { printf '\n== %s\n' "$*" >&2; }
 
+build=1
+tests=1
+case "${1:-}" in
+    --build-only) tests=0; shift ;;
+    --no-build) build=0; shift ;;
+esac
+
 # PYTHON_GIL=1 in the environment would turn the GIL back on and hide exactly what
 # this run is for; the suite itself also checks the GIL state in a clean subprocess.
 unset PYTHON_GIL
@@ -34,24 +43,31 @@ py=$(bash "$root/scripts/build_freethreaded_python.sh" | tail -n1)
 [ -x "$py" ] || { echo "no free-threaded interpreter: got '$py'" >&2; exit 1; }
 
 venv="$work/venv-ft-$(basename "$py")"
-dist="$work/dist-ft"
-step "building the wheel and installing it into a fresh venv ($venv)"
-rm -rf "$venv" "$dist"
-mkdir -p "$work"
-"$py" -m venv "$venv"
 vpy="$venv/bin/python"
-"$vpy" -m pip install -q --upgrade pip build
-# As scripts/test.sh does: build from a copy of the tree (a shared work tree never gets
-# build outputs), through the sdist, so the wheel under test is built from what we ship.
-src="$work/src-ft"
-rm -rf "$src"
-mkdir -p "$src"
-(cd "$root" && git ls-files -z --cached --others --exclude-standard |
-    while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done |
-    xargs -0 cp --parents -t "$src")
-"$vpy" -m build -q --outdir "$dist" "$src" >&2
-wheel=$(ls "$dist"/iocpnet-*.whl)
-"$vpy" -m pip install -q "${wheel}[test]"
+dist="$work/dist-ft"
+if [ $build = 1 ]; then
+    step "building the wheel and installing it into a fresh venv ($venv)"
+    rm -rf "$venv" "$dist"
+    mkdir -p "$work"
+    "$py" -m venv "$venv"
+    "$vpy" -m pip install -q --upgrade pip build
+    # As scripts/test.sh does: build from a copy of the tree (a shared work tree never
+    # gets build outputs), through the sdist: the wheel under test is built from what we
+    # ship.
+    src="$work/src-ft"
+    rm -rf "$src"
+    mkdir -p "$src"
+    (cd "$root" && git ls-files -z --cached --others --exclude-standard |
+        while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done |
+        xargs -0 cp --parents -t "$src")
+    "$vpy" -m build -q --outdir "$dist" "$src" >&2
+    wheel=$(ls "$dist"/iocpnet-*.whl)
+    "$vpy" -m pip install -q "${wheel}[test]"
+elif ! [ -x "$vpy" ]; then
+    echo "test_freethreaded.sh --no-build: no venv at $venv (run --build-only first)" >&2
+    exit 1
+fi
+[ $tests = 1 ] || exit 0
 
 step "the GIL stays off once iocpnet is imported"
 cd "$work"
