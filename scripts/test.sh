@@ -72,10 +72,32 @@ if [ "${IOCPNET_TEST_WORKERS:-2}" != 0 ]; then
     suite_args=(-n "${IOCPNET_TEST_WORKERS:-2}" --dist loadfile --max-worker-restart=0)
 fi
 skipped() { case "$skip" in *" $1 "*) return 0 ;; esac; return 1; }
-if skipped machine_state; then
-    suite_args+=(-m "not machine_state")
-fi
+# pytest keeps only the last -m: a user's own would drop "not machine_state".
+and_marker() {            # and_marker EXPR ARGS...: marked=(ARGS) with each -m E made
+    local extra=$1 a value= found=    # -m "(E) and EXPR"; -m EXPR added if none was given
+    shift
+    marked=()
+    for a in "$@"; do
+        if [ -n "$value" ]; then
+            marked+=("($a) and $extra")
+            value=
+            continue
+        fi
+        case $a in
+            -m) value=1 found=1 ;;
+            -m?*) a="-m(${a#-m}) and $extra" found=1 ;;
+        esac
+        marked+=("$a")
+    done
+    [ -n "$found" ] || marked+=(-m "$extra")
+}
 main_args=("${suite_args[@]}" "$@")
+if skipped machine_state; then
+    and_marker "not machine_state" "${suite_args[@]}"
+    suite_args=("${marked[@]}")
+    and_marker "not machine_state" "${main_args[@]}"
+    main_args=("${marked[@]}")
+fi
 [ -z "$parallel" ] || suite_args=("${main_args[@]}")
 
 # ---- steps and their times ----

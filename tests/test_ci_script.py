@@ -71,6 +71,17 @@ def pytest_calls(calls):
     return [c for c in calls if c[:2] == ["-m", "pytest"]]
 
 
+def marker_expression(args):
+    """The -m expression pytest applies (the last one given), or None."""
+    expr = None
+    for i, a in enumerate(args):
+        if a == "-m":
+            expr = args[i + 1]
+        elif a.startswith("-m") and not a.startswith("--"):
+            expr = a[2:]
+    return expr
+
+
 def test_a_failed_background_build_fails_its_step_with_its_log_and_has_its_own_line(tmp_path):
     """Step 7's build runs in the background from step 3 on; it failed: step 7 says so
     with the end of the build's log, the run fails, and the table gives the build a line
@@ -84,3 +95,24 @@ def test_a_failed_background_build_fails_its_step_with_its_log_and_has_its_own_l
     assert "7. (in the background) the ASan + UBSan build (FAILED)" in table, table
     assert "7. the suite against an ASan + UBSan build (io_uring) (FAILED)" in table, table
     assert len(pytest_calls(calls)) == 1, calls          # step 5's: step 7 never ran pytest
+
+
+@pytest.mark.parametrize("given", [["-m", "slow or fast"], ["-mslow or fast"]])
+def test_a_users_marker_expression_is_combined_with_the_skipped_machine_state(tmp_path, given):
+    """IOCPNET_SKIP=machine_state adds -m "not machine_state"; a user's own -m (pytest
+    keeps the last) used to replace it, and the machine_state tests ran after all."""
+    proc, calls = run_test_sh(tmp_path, "-x", *given,
+                              skip="contract fuzz dist types sanitize freethreaded machine_state")
+    assert proc.returncode == 0, proc.stderr
+    (step5,) = pytest_calls(calls)
+    assert marker_expression(step5) == "(slow or fast) and not machine_state", step5
+    assert "-x" in step5, step5
+
+
+def test_without_a_users_marker_the_skipped_machine_state_is_the_expression(tmp_path):
+    proc, calls = run_test_sh(tmp_path, "-x",
+                              skip="contract fuzz dist types sanitize freethreaded machine_state")
+    assert proc.returncode == 0, proc.stderr
+    (step5,) = pytest_calls(calls)
+    assert marker_expression(step5) == "not machine_state", step5
+    assert step5[2:].count("-m") == 1, step5          # (after "-m pytest")
