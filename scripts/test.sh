@@ -273,14 +273,21 @@ wait_build() {            # wait_build KEY: its background build, if any, at pri
     no_build=(--no-build)
 }
 summarised=
-cleanup() {               # also on a failure: the lanes end, the table shows
-    local rc=$? pid key
-    for pid in "${!lanes[@]}" "${dog_of[@]}"; do kill_tree "$pid"; done
-    cpu_ticks             # (notes which background builds were reaped: never kill those pids)
-    for key in "${!bg_pid[@]}"; do
-        [ -n "${bg_reaped[$key]:-}" ] || kill_tree "${bg_pid[$key]}"
-    done
+cleanup() {               # on any exit, a failure too: all ends, the table shows, scratch goes
+    local rc=$? pid
+    # What this shell started and has not reaped (so no pid of another process): the
+    # lanes and their watchdogs, the background builds.
+    for pid in $(ps -o pid= --ppid $BASHPID); do kill_tree "$pid"; done
     [ -n "$summarised" ] || summary "$([ $rc = 0 ] || echo " (FAILED)")"
+    # A failed step may have named its log in scratch (check_dist.sh's): kept.
+    if [ $rc != 0 ] && [ -n "$(find "$scratch" -name '*.log' -print -quit)" ]; then
+        rm -rf "$work/scratch-logs"
+        mkdir -p "$work/scratch-logs"
+        (cd "$scratch" && find . -name '*.log' -exec cp --parents -t "$work/scratch-logs" {} +)
+        printf 'test.sh: %s is removed; its logs (named above) are kept in %s\n' \
+            "$scratch" "$work/scratch-logs" >&2
+    fi
+    rm -rf "$scratch"
 }
 trap cleanup EXIT
 
@@ -433,5 +440,4 @@ if [ ${#failed[@]} -gt 0 ]; then
     printf '\nFAILED: %s\n' "${failed[*]}" >&2
     exit 1
 fi
-rm -rf "$scratch"
 printf '\nall tests passed\n' >&2

@@ -116,3 +116,21 @@ def test_without_a_users_marker_the_skipped_machine_state_is_the_expression(tmp_
     (step5,) = pytest_calls(calls)
     assert marker_expression(step5) == "not machine_state", step5
     assert step5[2:].count("-m") == 1, step5          # (after "-m pytest")
+
+
+def scratch_dirs(tmp_path):
+    return [p.name for p in (tmp_path / "tmp").iterdir() if p.name.startswith("iocpnet-ci.")]
+
+
+def test_a_failed_run_leaves_no_scratch_directory_but_keeps_its_logs(tmp_path):
+    """A failed step (step 5 here) that left a log in the scratch directory: the
+    directory is removed, the log is kept in the work directory and the output says
+    where (check_dist.sh names its logs there)."""
+    proc, _ = run_test_sh(tmp_path, skip="contract fuzz dist types sanitize freethreaded",
+                          STUB_PYTEST_RC="1", STUB_SCRATCH_LOG="1")
+    assert proc.returncode == 1, proc.stderr
+    assert scratch_dirs(tmp_path) == [], proc.stderr
+    kept = tmp_path / "out" / "scratch-logs"
+    assert (kept / "step" / "what.log").read_text() == "why it failed\n"
+    assert f"its logs (named above) are kept in {kept}" in proc.stderr, proc.stderr
+
