@@ -177,9 +177,12 @@ def test_stop_under_load_with_timers_and_jobs_pending(backend):
     n_clients = 200
     results = []
     started = threading.Event()
+    # What a failure to get going says: how far the clients got (which leg stalled).
+    progress = {"connected": 0, "echoed to": 0, "bytes sent": 0, "bytes echoed": 0}
 
     async def client(i, up):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        progress["connected"] += 1
         chunk = bytes((i + k) & 0xFF for k in range(256)) * 64         # 16 KiB
         sent = bytearray()
         got = bytearray()
@@ -190,6 +193,7 @@ def test_stop_under_load_with_timers_and_jobs_pending(backend):
                     writer.write(chunk)
                     sent.extend(chunk)
                     await writer.drain()
+                    progress["bytes sent"] += len(chunk)
             except (ConnectionError, OSError):
                 pass
 
@@ -200,6 +204,8 @@ def test_stop_under_load_with_timers_and_jobs_pending(backend):
                 data = await reader.read(65536)
                 if not data:
                     break
+                progress["echoed to"] += not got
+                progress["bytes echoed"] += len(data)
                 got += data
                 if len(got) >= 16384:
                     up()
@@ -233,8 +239,16 @@ def test_stop_under_load_with_timers_and_jobs_pending(backend):
     t = threading.Thread(target=run_clients, daemon=True)
     try:
         t.start()
-        assert started.wait(60), (f"only {len(flowing)} of the {n_clients} clients got "
-                                  f"data flowing within 60 s; results so far: {results[:5]}")
+        if not started.wait(60):
+            alive = srv.p.poll() is None
+            if alive:
+                srv.p.kill()
+            err = srv.p.communicate(timeout=30)[1]
+            raise AssertionError(
+                f"only {len(flowing)} of the {n_clients} clients got data flowing within "
+                f"60 s: {progress}; ended so far: {results[:5]}; the server "
+                f"{'was running' if alive else f'had exited ({srv.p.returncode})'}, "
+                f"its stderr: {err[-3000:]!r}")
         time.sleep(0.3)
         rc, final, err = srv.stop(timeout=30)
         t.join(30)
