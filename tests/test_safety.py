@@ -14,6 +14,7 @@ crossed bytes between connections or froze other sessions before the fix:
   waiter woken by a hook's release waited for the end of that hook's batch.
 - Fields that two threads touch (a Timer's callable, read by ``repr`` while it fires).
 """
+import os
 import queue
 import select
 import socket
@@ -1256,3 +1257,69 @@ def test_views_relayed_by_another_thread_reach_the_other_peer_exact(server):
     if got != want:
         at = next(i for i in range(len(want)) if got[i] != want[i])
         pytest.fail(f"the relayed stream differs from byte {at} on")
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_child_forked_in_a_hook_leaves_the_parents_sessions_alone(server):
+    """A hook forks, and the child does not _exit at once: its hook raises (the error
+    path closes that session, in the child), and the child's thread, the worker that
+    forked, goes on with the rest of its batch and back into Dispatch, on the io_uring
+    ring or epoll set that fork shares with the parent.  The parent's other sessions
+    must still get their own bytes back, exact, while the child lives and after; the
+    forking session too; and the child's worker must leave its loop (the child ends)."""
+    forked = queue.Queue()
+
+    class Forker(iocpnet.Session):
+        def OnRecv(self, data):
+            msg = bytes(data)
+            if msg == b"fork":
+                pid = os.fork()
+                if pid == 0:
+                    raise RuntimeError("the child's hook fails")
+                forked.put(pid)
+                self.Send(b"forked")
+                return None
+            self.Send(msg)
+            return None
+
+    srv = server(Forker, workers=2)
+    others = [connect(srv.address) for _ in range(8)]
+
+    def echo_round(r):
+        for i, o in enumerate(others):
+            o.sendall(b"%d:%d:" % (i, r) + b"." * 90)
+        for i, o in enumerate(others):
+            want = b"%d:%d:" % (i, r) + b"." * 90
+            got = recv_exactly(o, len(want))
+            assert got == want, f"round {r}: session {i} got {got!r}"
+
+    echo_round(0)
+    f = connect(srv.address)
+    f.sendall(b"fork")
+    pid = forked.get(timeout=10)
+    status = None
+    try:
+        assert recv_exactly(f, 6) == b"forked"
+        deadline = time.monotonic() + 10
+        r = 1
+        while status is None:
+            echo_round(r)            # while the child lives
+            r += 1
+            done, st = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = st
+            elif time.monotonic() > deadline:
+                break
+            else:
+                time.sleep(0.05)
+        echo_round(r)                # and after
+        f.sendall(b"still here")
+        assert recv_exactly(f, 10) == b"still here"
+        assert status is not None, "the child still runs 10 s after the fork"
+    finally:
+        if status is None:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+    f.close()
+    for o in others:
+        o.close()

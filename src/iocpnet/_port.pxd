@@ -95,6 +95,7 @@ cdef extern from "port/port.h" nogil:
     const char *port_backend(const port_t *p)
     void port_shutdown(port_t *p)
     void port_destroy(port_t *p)
+    void port_forsake(port_t *p)
     int port_wait(port_t *p, port_cqe_t *out, int max, int timeout_ms)
     void port_batch_end(port_t *p)
     int port_single_dispatcher(port_t *p)

@@ -3681,6 +3681,73 @@ done:
     free(d);
 }
 
+#ifndef _WIN32
+#  include <sys/wait.h>
+/* A child made by fork() lets go of the port it inherited (port_forsake) and leaves the
+ * parent's alone: its wait reaps nothing of the parent's (the data waiting stays for the
+ * parent's receive), its submissions say PORT_ECLOSED, and closing its copy of a socket,
+ * even with a reset asked for, neither resets nor unregisters the parent's. */
+static void case_forsake_after_fork(void) {
+    port_t *P = new_port();
+    waiter_t w;
+    port_sock_t srv = PORT_INVALID_SOCK, cli = PORT_INVALID_SOCK;
+    port_op_t rv;
+    port_cqe_t c;
+    port_buf_t b;
+    char got[8];
+    int status = -1;
+    pid_t pid;
+    port_op_init(&rv, PORT_OP_RECV, NULL, NULL);
+    REQUIRE(P != NULL);
+    waiter_init(&w, P);
+    REQUIRE(make_pair(&w, &srv, &cli));
+    CHECK_EQ(recv_post(P, &rv, srv), 0);
+    CHECK(plain_send_all(cli, "hello", 5) == 0);
+    sleep_ms(50);           /* the receive's completion waits in the port */
+    pid = fork();
+    if (pid == 0) {
+        port_op_t post;
+        port_cqe_t q[8];
+        int bad = 0;
+        port_forsake(P);
+        port_op_init(&post, PORT_OP_POST, NULL, NULL);
+        bad |= port_wait(P, q, 8, 200) != PORT_ECLOSED;
+        bad |= (port_post(P, &post, 1) != PORT_ECLOSED) << 1;
+        b.base = "x";
+        b.len = 1;
+        bad |= (port_send_now(P, srv, &b, 1) != PORT_ECLOSED) << 2;
+        bad |= (port_sock_close(P, srv, PORT_CLOSE_RESET) != 0) << 3;
+        port_destroy(P);
+        _exit(bad);
+    }
+    REQUIRE(pid > 0);
+    CHECK_EQ(waitpid(pid, &status, 0), pid);
+    CHECKF(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+           "the child's checks failed: status %#x (exit bits: 1 wait, 2 post, 4 send_now, "
+           "8 sock_close)", status);
+    if (recv_next(&w, &rv, srv, &c, 5000, "the parent's receive after the child")) {
+        check_data_cqe(&c);
+        CHECK(c.res == 5 && memcmp(c.buf, "hello", 5) == 0);
+        port_recv_release(P, &c);
+    }
+    b.base = "back";
+    b.len = 4;
+    CHECK_EQ(port_send_now(P, srv, &b, 1), 4);
+    plain_set_timeout(cli, 5000);
+    CHECK_EQ(plain_recv_all(cli, got, 4), 4);
+    CHECK(memcmp(got, "back", 4) == 0);
+    cancel_recv(&w, &rv);
+    close_op(&w, srv, 0);
+    srv = PORT_INVALID_SOCK;
+done:
+    cancel_recv(&w, &rv);
+    plain_close(cli);
+    if (srv != PORT_INVALID_SOCK)
+        port_sock_close(P, srv, 0);
+    end_port(P);
+}
+#endif
+
 static const test_case_t cases[] = {
     {"accept_several", case_accept_several},
     {"cancel_accepts", case_cancel_accepts},
@@ -3717,6 +3784,9 @@ static const test_case_t cases[] = {
     {"recv_detach", case_recv_detach},
     {"recv_idle_do_not_wait", case_recv_idle_do_not_wait},
     {"single_dispatcher", case_single_dispatcher},
+#ifndef _WIN32
+    {"forsake_after_fork", case_forsake_after_fork},
+#endif
 };
 
 /* Is `name` one of the comma-separated names in `list`? */

@@ -28,6 +28,20 @@ cdef class IocpObject:
         pass
 
 
+# The cores of this process (weakly): a child made by fork lets go of every one of them
+# (IocpCore._forsake), since it shares their kernel objects with its parent.
+_cores_to_forsake = _weakref.WeakSet()
+
+
+def _forsake_inherited_cores():
+    for core in list(_cores_to_forsake):
+        (<IocpCore>core)._forsake()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forsake_inherited_cores)
+
+
 @cython.final
 cdef class IocpCore:
     """The completion port: worker threads call ``Dispatch`` to wait for completions and
@@ -65,6 +79,7 @@ cdef class IocpCore:
     cdef object _aio              # the asyncio loop thread of Spawn (iocpnet.aio), or None
     cdef volatile int64_t _jobs   # Post()ed and not yet run (atomic; timers.pxi)
     cdef Py_ssize_t _post_limit
+    cdef bint _forsaken           # inherited by a forked child: closed, the port let go
     cdef object __weakref__
 
     def __cinit__(self, backend=None, *, int recv_buffer_size=0, int recv_buffer_count=0,
@@ -112,6 +127,7 @@ cdef class IocpCore:
         self._recv_multishot = (opts.flags & PORT_OPT_RECV_MULTISHOT) != 0
         self._recv_buffer_size = port_recv_buffer_size(self.port)
         port_atomic_add64(&_cores_alive, 1)
+        _cores_to_forsake.add(self)
         self._lock = threading.Lock()
         self._close_callbacks = []
         self._timers = set()
@@ -128,6 +144,18 @@ cdef class IocpCore:
                             compiled_backends()[0], reason, self.backend)
             else:
                 logger.info("using the %s backend", self.backend)
+
+    cdef void _forsake(self) noexcept:
+        """In a child made by fork: this core is the parent's.  Its port lets go of the
+        kernel objects it shares with the parent (port_forsake), and the core is closed:
+        Dispatch returns -1 (a worker that forked leaves its batch and its loop), Close
+        returns at once, nothing is submitted.  The child makes an IocpCore of its own."""
+        if self.port == NULL or self._forsaken:
+            return
+        port_forsake(self.port)
+        self._forsaken = True
+        self._closing = 1
+        self._closed = 1
 
     def __dealloc__(self):
         if self.port != NULL:
@@ -283,6 +311,8 @@ cdef class IocpCore:
             self._now_ms = _ms_of_clock(t0)
             iocpnet_set_tls_core(<void *>self)
             for i in range(n):
+                if self._forsaken:
+                    break       # a hook forked, and this is the child: the rest is the parent's
                 handled += _complete(self, &batch[i])
                 # A reply queued on the port (not sent at once) goes to the kernel
                 # before the next hook, which may block, runs.
@@ -418,7 +448,7 @@ cdef class IocpCore:
         cdef bint in_worker = iocpnet_get_tls_core() == <void *>self
         if timeout != timeout:      # a deadline of NaN never comes
             raise ValueError("timeout must be a number of seconds, not NaN")
-        if self.port == NULL:
+        if self.port == NULL or self._forsaken:
             return
         with self._lock:
             if self._closing:

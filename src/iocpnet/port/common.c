@@ -91,7 +91,7 @@ static const port_vtable_t *find_backend(const char *name) {
 
 void port__init_common(port_t *p, const port_vtable_t *vt, const port_options_t *opts) {
     memset(p, 0, sizeof(*p));
-    p->vt = vt;
+    p->vt = p->own = vt;
     p->opts.recv_buffer_size = 16 * 1024;
     p->opts.recv_buffer_count = 4096;
     p->opts.queue_depth = 4096;
@@ -144,6 +144,106 @@ void port_shutdown(port_t *p) { p->vt->shutdown(p); }
 void port_destroy(port_t *p) {
     if (p != NULL)
         p->vt->destroy(p);
+}
+
+/* ---- a port inherited through fork() ---------------------------------------------------
+ * fork() gives the child the parent's io_uring rings (shared memory: the child would reap
+ * the parent's completions and hand its receive buffers back twice), its epoll set (an
+ * EPOLL_CTL_DEL in the child unregisters the parent's socket) and the sockets' open files
+ * (a shutdown(2) or SO_LINGER in the child ends the parent's connection).  A forsaken port
+ * touches none of them: its table does nothing, or closes the child's descriptor only.
+ * The checks in the calls below (closed) keep every submission from reaching it; its
+ * entries say PORT_ECLOSED all the same. */
+
+static void forsaken_nothing(port_t *p) { PORT_UNUSED(p); }
+/* Unmapping and closing the child's copies, and freeing its memory, is what each
+ * backend's destroy does: nothing there reaches the shared kernel objects. */
+static void forsaken_destroy(port_t *p) { p->own->destroy(p); }
+static int forsaken_wait(port_t *p, port_cqe_t *out, int max, int timeout_ms) {
+    PORT_UNUSED(p); PORT_UNUSED(out); PORT_UNUSED(max); PORT_UNUSED(timeout_ms);
+    return PORT_ECLOSED;
+}
+static int forsaken_op(port_t *p, port_op_t *op, port_sock_t s) {
+    PORT_UNUSED(p); PORT_UNUSED(op); PORT_UNUSED(s);
+    return PORT_ECLOSED;
+}
+static int forsaken_connect(port_t *p, port_op_t *op, const port_addr_t *addr) {
+    PORT_UNUSED(p); PORT_UNUSED(op); PORT_UNUSED(addr);
+    return PORT_ECLOSED;
+}
+/* A buffer handed back stays where it is (the parent owns the ring); `fresh` is never
+ * given (port_recv_detach refuses first). */
+static void forsaken_recv_release(port_t *p, uint32_t buf_id, char *fresh) {
+    PORT_UNUSED(p); PORT_UNUSED(buf_id); PORT_UNUSED(fresh);
+}
+static int forsaken_send(port_t *p, port_op_t *op, port_sock_t s, const port_buf_t *bufs,
+                         int n) {
+    PORT_UNUSED(bufs); PORT_UNUSED(n);
+    return forsaken_op(p, op, s);
+}
+static int forsaken_close(port_t *p, port_op_t *op, port_sock_t s, int flags) {
+    PORT_UNUSED(flags);
+    return forsaken_op(p, op, s);
+}
+static int forsaken_cancel(port_t *p, port_op_t *target) {
+    return forsaken_op(p, target, PORT_INVALID_SOCK);
+}
+static int forsaken_post(port_t *p, port_op_t *op, int64_t value) {
+    PORT_UNUSED(value);
+    return forsaken_op(p, op, PORT_INVALID_SOCK);
+}
+static int forsaken_timer(port_t *p, port_op_t *op, uint64_t ms) {
+    PORT_UNUSED(ms);
+    return forsaken_op(p, op, PORT_INVALID_SOCK);
+}
+static int forsaken_listen(port_t *p, const port_addr_t *addr, int backlog, int flags,
+                           port_sock_t *out) {
+    PORT_UNUSED(p); PORT_UNUSED(addr); PORT_UNUSED(backlog); PORT_UNUSED(flags);
+    PORT_UNUSED(out);
+    return PORT_ECLOSED;
+}
+/* The child's descriptor only: no linger (a reset would end the parent's connection),
+ * no shutdown, no EPOLL_CTL_DEL. */
+static int forsaken_sock_close(port_t *p, port_sock_t s, int flags) {
+    PORT_UNUSED(p); PORT_UNUSED(flags);
+#ifdef _WIN32
+    return port__win_close(s, 0);     /* (no fork there: for completeness) */
+#else
+    return port__posix_close(s, 0);
+#endif
+}
+
+static const port_vtable_t forsaken_vtable = {
+    "forsaken",
+    NULL,
+    NULL,
+    forsaken_nothing,       /* shutdown: closed already */
+    forsaken_destroy,
+    forsaken_wait,
+    forsaken_nothing,       /* batch_end */
+    forsaken_op,            /* accept */
+    forsaken_connect,
+    forsaken_op,            /* recv */
+    forsaken_recv_release,
+    forsaken_send,
+    forsaken_close,
+    forsaken_cancel,
+    forsaken_post,
+    forsaken_timer,
+    forsaken_listen,
+    forsaken_sock_close,
+    NULL,                   /* send_now: port_send_now says PORT_ECLOSED first */
+    NULL,                   /* flush_sends: nothing */
+    NULL,
+    NULL,
+    NULL,
+    NULL,
+    NULL,
+};
+
+void port_forsake(port_t *p) {
+    port_atomic_store32(&p->closed, 1);
+    p->vt = &forsaken_vtable;
 }
 
 int port_wait(port_t *p, port_cqe_t *out, int max, int timeout_ms) {
@@ -230,6 +330,8 @@ int port_recv_detach(port_t *p, const port_cqe_t *cqe) {
     char *fresh;
     if (!(cqe->flags & PORT_CQE_BUFFER))
         return PORT_EINVAL;
+    if (p->vt == &forsaken_vtable)
+        return PORT_ECLOSED;   /* no replacement into the parent's pool: the caller copies */
     fresh = port__buf_alloc(p->opts.recv_buffer_size);
     if (fresh == NULL)
         return PORT_ENOMEM;

@@ -266,6 +266,14 @@ void port_shutdown(port_t *p);
 /* Free the port.  No thread may be inside any port call.  Operations still in flight are
  * abandoned (their completions never come); drain them first. */
 void port_destroy(port_t *p);
+/* In a child made by fork(): let go of a port inherited from the parent, without
+ * touching anything the child shares with it (io_uring's rings and provided buffers,
+ * the epoll set, the sockets' open files).  From then on port_wait and every submission
+ * say PORT_ECLOSED, a receive buffer given back is forgotten, port_flush_sends does
+ * nothing and port_sock_close only closes the child's descriptor; port_destroy frees the
+ * child's copy of the memory.  Call it with no other thread in the port (after fork
+ * there is none). */
+void port_forsake(port_t *p);
 
 /* Wait up to timeout_ms (-1: forever, 0: poll) for completions and return how many were
  * stored in out[0..max-1]: 0 on timeout, PORT_ECLOSED after port_shutdown, PORT_EINTR

@@ -103,6 +103,7 @@ static inline int port__peer_get(const port__peer_t *pa, port_addr_t *out) {
 
 struct port {
     const port_vtable_t *vt;
+    const port_vtable_t *own;   /* the backend's table, kept when port_forsake swaps vt */
     volatile int32_t closed;
     volatile int64_t submitted;
     volatile int64_t completed;
