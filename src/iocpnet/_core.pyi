@@ -116,6 +116,7 @@ class IocpCore:
         recv_buffer_count: int = 0,
         queue_depth: int = 0,
         recv_multishot: bool | None = None,
+        recv_pool_window: float = 5.0,
     ) -> IocpCore:
         """Create the port.  Raises BackendUnavailableError when the requested backend
         (or, with none requested, every backend) cannot run here.
@@ -127,7 +128,10 @@ class IocpCore:
         (None: on for io_uring, where each arming reads at most 64 KiB ahead on kernels
         that can bound it, 6.16+, and receives stay one-shot on older ones; on for
         epoll, where an arming ends after 4 buffers' worth, 64 reads, or the read after
-        one that had to wait for a busy hook of its session; off for IOCP)."""
+        one that had to wait for a busy hook of its session; off for IOCP).
+        ``recv_pool_window`` (seconds, 0.001 to 86400): the receive pool keeps what a
+        spike made for one to two windows after the last time it was needed, then gives
+        back all but that need (plus a quarter, at least 8 buffers)."""
 
     @property
     def backend(self) -> str:
@@ -177,8 +181,10 @@ class IocpCore:
 
     def stats(self) -> dict[str, int]:
         """Counters of the port: submitted, completed, in_flight, waits, receive buffers
-        (``recv_buffers``, ``recv_buffers_out``, ``recv_buffers_detached``) and receives
-        waiting for one (``recv_waiting``).  Empty once the port is gone."""
+        (``recv_buffers`` held now and ``recv_buffer_bytes`` their memory,
+        ``recv_buffers_out``, ``recv_buffers_detached``, ``recv_buffers_trimmed`` given
+        back so far, ``recv_buffers_peak`` the most lent at once in the pool's window)
+        and receives waiting for one (``recv_waiting``).  Empty once the port is gone."""
 
     def Post(self, func: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]) -> None:
         """Run ``func(*args)`` on a worker thread (any thread may post).  Exceptions are

@@ -75,6 +75,7 @@ cdef extern from "port/port.h" nogil:
         uint32_t recv_buffer_count
         uint32_t queue_depth
         uint32_t flags
+        uint32_t recv_pool_window_ms
     enum:
         PORT_OPT_RECV_MULTISHOT
 
@@ -87,6 +88,8 @@ cdef extern from "port/port.h" nogil:
         uint64_t recv_buffers_out
         uint64_t recv_buffers_detached
         uint64_t recv_waiting
+        uint64_t recv_buffers_trimmed
+        uint64_t recv_buffers_peak
 
     int port_create(port_t **out, const char *backend, const port_options_t *opts,
                     char *errbuf, size_t errlen)
@@ -116,6 +119,8 @@ cdef extern from "port/port.h" nogil:
     void port_recv_release(port_t *p, const port_cqe_t *cqe)
     int port_recv_detach(port_t *p, const port_cqe_t *cqe)
     void port_buf_free(void *buf)
+    int64_t port_recv_pool_trim(port_t *p)
+    int64_t port_recv_pool_grew(port_t *p)
     int port_send(port_t *p, port_op_t *op, port_sock_t sock, const port_buf_t *bufs, int nbufs)
     int64_t port_send_now(port_t *p, port_sock_t sock, const port_buf_t *bufs, int nbufs)
     void port_flush_sends(port_t *p)

@@ -2719,6 +2719,38 @@ done:
 
 /* ---- the receive pool under pressure ------------------------------------------------------ */
 
+/* Connection i sends msg[i]; its receive takes one buffer of the pool, which is held
+ * (held[i]) and checked.  Returns how many were received (n unless a check failed). */
+static int hold_one_each(waiter_t *w, port_op_t *rv, const port_sock_t *srv,
+                         const port_sock_t *cli, char (*msg)[32], int n, port_cqe_t *held,
+                         const char *what) {
+    int i;
+    for (i = 0; i < n; i++) {
+        CHECK(plain_send_all(cli[i], msg[i], strlen(msg[i])) == 0);
+        if (!recv_next(w, &rv[i], srv[i], &held[i], 5000, what))
+            break;
+        check_data_cqe(&held[i]);
+        CHECK(held[i].res == (int64_t)strlen(msg[i]) &&
+              memcmp(held[i].buf, msg[i], strlen(msg[i])) == 0);
+    }
+    return i;
+}
+
+/* The end of a pool case: what is held goes back, the receives end, the sockets close. */
+static void end_pool_case(waiter_t *w, port_cqe_t *held, int nheld, port_op_t *rv,
+                          port_sock_t *srv, port_sock_t *cli, int nconn) {
+    int i;
+    while (nheld > 0)
+        port_recv_release(w->p, &held[--nheld]);
+    for (i = 0; i < nconn; i++) {
+        cancel_recv(w, &rv[i]);
+        plain_close(cli[i]);
+        if (srv[i] != PORT_INVALID_SOCK)
+            port_sock_close(w->p, srv[i], 0);
+    }
+    end_port(w->p);
+}
+
 /* Buffers held by the caller are not reused; when all are out, a receive with data
  * waiting completes only after a release (no data lost, no error).  NBUF connections
  * each hold one buffer; one more connection's receive must wait for a release. */
@@ -2746,15 +2778,7 @@ static void case_recv_pool_backpressure(void) {
     for (nconn = 0; nconn < NCONN; nconn++)
         REQUIRE(make_pair(&w, &srv[nconn], &cli[nconn]));
     /* Each of the first NBUF connections takes one buffer, which we hold. */
-    for (i = 0; i < NBUF; i++) {
-        CHECK(plain_send_all(cli[i], msg[i], strlen(msg[i])) == 0);
-        if (!recv_next(&w, &rv[i], srv[i], &held[nheld], 5000, "recv into the pool"))
-            break;
-        check_data_cqe(&held[nheld]);
-        CHECK(held[nheld].res == (int64_t)strlen(msg[i]) &&
-              memcmp(held[nheld].buf, msg[i], strlen(msg[i])) == 0);
-        nheld++;
-    }
+    nheld = hold_one_each(&w, rv, srv, cli, msg, NBUF, held, "recv into the pool");
     REQUIRE(nheld == NBUF);
     for (i = 0; i < NBUF; i++)
         for (j = i + 1; j < NBUF; j++)
@@ -2777,15 +2801,82 @@ static void case_recv_pool_backpressure(void) {
                (unsigned long long)st.recv_buffers, NBUF);
     }
 done:
-    while (nheld > 0)
-        port_recv_release(P, &held[--nheld]);
-    for (i = 0; i < nconn; i++) {
-        cancel_recv(&w, &rv[i]);
-        plain_close(cli[i]);
-        if (srv[i] != PORT_INVALID_SOCK)
-            port_sock_close(P, srv[i], 0);
+    end_pool_case(&w, held, nheld, rv, srv, cli, nconn);
+}
+
+/* The pool gives back what a spike made (port_recv_pool_trim): NCONN receives held at
+ * once grow it past its floor; once they are back and a window or two has passed with
+ * nothing lent, the trims take it back to the floor, a buffer the caller kept
+ * (detached) stays the caller's and intact, and the pool still serves receives.  On
+ * io_uring the buffers come back out of the ring through the port's own receives, so
+ * the port is waited on meanwhile (nothing may complete for the caller). */
+static void case_recv_pool_trim(void) {
+    enum { NCONN = 24, BUFSZ = 1024, WINDOW_MS = 100 };
+    port_options_t o;
+    port_t *P;
+    waiter_t w;
+    port_sock_t srv[NCONN], cli[NCONN];
+    port_op_t rv[NCONN];
+    port_cqe_t held[NCONN];
+    port_stats_t st;
+    char msg[NCONN][32], *kept = NULL;
+    int nheld = 0, i, nconn = 0, tries;
+    int64_t ms, grew;
+    uint64_t spike;
+    memset(&o, 0, sizeof(o));
+    o.recv_buffer_count = 64;
+    o.recv_buffer_size = BUFSZ;
+    o.recv_pool_window_ms = WINDOW_MS;
+    for (i = 0; i < NCONN; i++) {
+        srv[i] = cli[i] = PORT_INVALID_SOCK;
+        port_op_init(&rv[i], PORT_OP_RECV, NULL, NULL);
+        snprintf(msg[i], sizeof(msg[i]), "spike message %d", i);
     }
-    end_port(P);
+    P = new_port_opts(&o);
+    REQUIRE(P != NULL);
+    waiter_init(&w, P);
+    for (nconn = 0; nconn < NCONN; nconn++)
+        REQUIRE(make_pair(&w, &srv[nconn], &cli[nconn]));
+    nheld = hold_one_each(&w, rv, srv, cli, msg, NCONN, held, "recv of the spike");
+    REQUIRE(nheld == NCONN);
+    port_get_stats(P, &st);
+    spike = st.recv_buffers;
+    CHECKF(spike >= NCONN, "the pool holds %llu buffers with %d lent",
+           (unsigned long long)spike, NCONN);
+    grew = port_recv_pool_grew(P);
+    CHECKF(grew == WINDOW_MS, "port_recv_pool_grew said %lld", (long long)grew);
+    CHECK_EQ(port_recv_pool_grew(P), 0);          /* once */
+    /* Keep one (the caller's for good), give the rest back. */
+    CHECK_EQ(port_recv_detach(P, &held[0]), 0);
+    kept = held[0].buf;
+    for (i = 1; i < nheld; i++)
+        port_recv_release(P, &held[i]);
+    nheld = 0;
+    /* Trim as the core's timer does, waiting on the port between calls. */
+    ms = grew;
+    for (tries = 0; tries < 200 && ms > 0; tries++) {
+        expect_quiet(&w, ms < 50 ? (int)ms : 50, "trimming");
+        ms = port_recv_pool_trim(P);
+    }
+    CHECKF(ms == 0, "the trims went on: %lld ms after %d calls", (long long)ms, tries);
+    port_get_stats(P, &st);
+    CHECKF(st.recv_buffers <= 8, "the pool holds %llu buffers after the spike (%llu then)",
+           (unsigned long long)st.recv_buffers, (unsigned long long)spike);
+    CHECKF(st.recv_buffers_trimmed + st.recv_buffers >= spike,
+           "%llu given back, %llu held, %llu after the spike",
+           (unsigned long long)st.recv_buffers_trimmed, (unsigned long long)st.recv_buffers,
+           (unsigned long long)spike);
+    CHECK(st.recv_buffers_trimmed > 0);
+    CHECK_EQ(st.recv_buffers_out, 0);
+    CHECK(memcmp(kept, msg[0], strlen(msg[0])) == 0);
+    /* The pool serves receives again, and grows again. */
+    nheld = hold_one_each(&w, rv, srv, cli, msg, NCONN, held, "recv after the trim");
+    port_get_stats(P, &st);
+    CHECK(st.recv_buffers >= (uint64_t)nheld);
+    CHECK(port_recv_pool_grew(P) > 0);
+done:
+    end_pool_case(&w, held, nheld, rv, srv, cli, nconn);
+    port_buf_free(kept);      /* after the port: the caller's memory outlives it */
 }
 
 /* A receive waiting for a pool buffer is cancelled like any other. */
@@ -3772,6 +3863,7 @@ static const test_case_t cases[] = {
     {"shutdown_wakes_waiters", case_shutdown},
     {"stats_balance", case_stats_balance},
     {"recv_pool_backpressure", case_recv_pool_backpressure},
+    {"recv_pool_trim", case_recv_pool_trim},
     {"recv_parked_cancel", case_recv_parked_cancel},
     {"recv_not_starved", case_recv_not_starved},
     {"os_errors", case_os_errors},

@@ -83,7 +83,7 @@ cdef class IocpCore:
     cdef object __weakref__
 
     def __cinit__(self, backend=None, *, int recv_buffer_size=0, int recv_buffer_count=0,
-                  int queue_depth=0, recv_multishot=None):
+                  int queue_depth=0, recv_multishot=None, double recv_pool_window=5.0):
         cdef port_options_t opts
         cdef char err[512]
         cdef int rc
@@ -102,6 +102,11 @@ cdef class IocpCore:
         opts.recv_buffer_size = recv_buffer_size if recv_buffer_size > 0 else 0
         opts.recv_buffer_count = recv_buffer_count if recv_buffer_count > 0 else 0
         opts.queue_depth = queue_depth if queue_depth > 0 else 0
+        # What a spike made is kept this long after the last time it was needed.
+        if not (0.001 <= recv_pool_window <= 86400.0):
+            raise ValueError(f"recv_pool_window must be 0.001 to 86400 seconds, "
+                             f"not {recv_pool_window!r}")
+        opts.recv_pool_window_ms = <uint32_t>(recv_pool_window * 1000.0 + 0.5)
         if recv_multishot is None:
             # Receives stay armed by default on Linux: one submission per arming instead
             # of one per message.  Both backends bound an arming's read-ahead (io_uring:
@@ -216,7 +221,7 @@ cdef class IocpCore:
     cdef int _dispatch(self, int timeout_ms, int max_batch, bint end_batch) except -2:
         cdef port_cqe_t batch[BATCH]
         cdef int n = 0, i, handled = 0, wait_ms = timeout_ms
-        cdef int64_t t0
+        cdef int64_t t0, trim_ms
         cdef port_t *port = self.port
         cdef void *prev
         cdef int64_t deadline = port_monotonic_ms() + timeout_ms if timeout_ms > 0 else 0
@@ -322,6 +327,10 @@ cdef class IocpCore:
                 port_batch_end(port)
             if n > 0:
                 _batch_done(self, n, handled, t0)
+                # The receive pool grew above its floor: its trimmer starts.
+                trim_ms = port_recv_pool_grew(port)
+                if trim_ms > 0:
+                    self._arm_pool_trim(trim_ms)
             return n
         finally:
             iocpnet_set_tls_core(prev)
@@ -558,6 +567,9 @@ cdef class IocpCore:
             "recv_buffers_out": st.recv_buffers_out,
             "recv_buffers_detached": st.recv_buffers_detached,
             "recv_waiting": st.recv_waiting,
+            "recv_buffers_trimmed": st.recv_buffers_trimmed,
+            "recv_buffers_peak": st.recv_buffers_peak,
+            "recv_buffer_bytes": st.recv_buffers * self._recv_buffer_size,
         }
 
     # ---- jobs and timers (the PostQueuedCompletionStatus idiom) ----
@@ -699,6 +711,23 @@ cdef class IocpCore:
         for s in overdue:
             _close_now(s, f"{s._get_reason()} (its queued data was not flushed in time)",
                          True)
+
+    def _pool_trim(self):
+        """The receive pool's trimmer (port_recv_pool_trim): a timer while the pool
+        holds more than its floor, once per recv_pool_window (more often while
+        io_uring's buffers come back).  A user's kind of timer: Close cancels it."""
+        cdef int64_t ms
+        if self.port == NULL or self._closed or self._closing:
+            return
+        ms = port_recv_pool_trim(self.port)
+        if ms > 0:
+            self._arm_pool_trim(ms)
+
+    cdef void _arm_pool_trim(self, int64_t ms) noexcept:
+        try:
+            self._start_timer(ms / 1000.0, 0.0, self._pool_trim, ())
+        except BaseException:
+            pass        # closing: the pool goes with the port
 
     def _add_close_callback(self, cb):
         with self._lock:

@@ -6,12 +6,39 @@
 #include "bufpool.h"
 
 #include <stdlib.h>
+#ifndef _WIN32
+#  include <sys/mman.h>
+#  include <unistd.h>
+#endif
 
 /* calloc: a fresh block from the top of the heap costs no memset (and no memory until
  * written), and memory checkers then see the kernel's writes into it as defined.  Plain
  * heap blocks, so that one the caller keeps (port_recv_detach) outlives the port. */
 char *port__buf_alloc(size_t size) { return (char *)calloc(1, size); }
 void port_buf_free(void *buf) { free(buf); }
+
+/* free() keeps a 16 KiB block in the allocator's heap (glibc gives back only the top of
+ * a heap), so the block's whole pages are given back first: until free() they are ours,
+ * and after MADV_DONTNEED they read as zeros (the allocator's own fields lie outside
+ * them, before the block and at its end).  What stays resident is the partial pages at
+ * the block's ends: at most 8 KiB of a 16 KiB block, 4 KiB when it is page-aligned. */
+void port__buf_retire(char *buf, size_t size) {
+#ifndef _WIN32
+    static size_t page;
+    uintptr_t lo, hi;
+    if (page == 0) {
+        long ps = sysconf(_SC_PAGESIZE);
+        page = ps > 0 ? (size_t)ps : 4096;
+    }
+    lo = ((uintptr_t)buf + page - 1) & ~(uintptr_t)(page - 1);
+    hi = ((uintptr_t)buf + size) & ~(uintptr_t)(page - 1);
+    if (hi > lo)
+        (void)madvise((void *)lo, hi - lo, MADV_DONTNEED);
+#else
+    PORT_UNUSED(size);      /* (Windows: VirtualAlloc'd blocks would be needed) */
+#endif
+    free(buf);
+}
 
 int port__bufpool_init(port_bufpool_t *bp, port_t *p, const char *who, char *errbuf,
                        size_t errlen) {
@@ -56,13 +83,13 @@ static int64_t pool_free(const port_bufpool_t *bp) {
 int port__bufpool_get(port_bufpool_t *bp, port_bufwait_t *w, const volatile int32_t *cancel,
                       uint32_t *id, char **buf) {
     int got = 1, woken;
+    int64_t lent;
     port_spin_lock(&bp->lock);
     woken = port__bufwaitq_resolve(&bp->waiters, w);
     if (bp->nfree > 0) {
         *id = bp->free_ids[--bp->nfree];
     } else if (bp->made < bp->max) {
         *id = bp->made++;
-        port_atomic_add64(&bp->port->recv_buffers, 1);
     } else if (cancel != NULL && port_atomic_load32((volatile int32_t *)cancel)) {
         got = PORT_ECANCELED;
     } else {
@@ -70,8 +97,14 @@ int port__bufpool_get(port_bufpool_t *bp, port_bufwait_t *w, const volatile int3
         if (!w->queued)
             port__bufwaitq_push(&bp->waiters, w, woken);   /* a loser stays the oldest */
     }
+    lent = (int64_t)bp->made - bp->nfree;
     port_spin_unlock(&bp->lock);
-    if (got == 1 && bp->addr[*id] == NULL) {
+    if (got != 1)
+        return got;
+    /* The window's peak: ids off the stack, what decides when the pool grows (a buffer
+     * taken for a read that then finds nothing counts as much as one delivered). */
+    port__pool_note_out(bp->port, lent);
+    if (bp->addr[*id] == NULL) {
         /* Made now: allocate outside the lock; the id is ours meanwhile. */
         char *b = port__buf_alloc(bp->size);
         if (b == NULL) {
@@ -81,10 +114,10 @@ int port__bufpool_get(port_bufpool_t *bp, port_bufwait_t *w, const volatile int3
             return PORT_ENOMEM;
         }
         bp->addr[*id] = b;
+        port__pool_made(bp->port, 1);     /* a new id, or one trimmed (below) */
     }
-    if (got == 1)
-        *buf = bp->addr[*id];
-    return got;
+    *buf = bp->addr[*id];
+    return 1;
 }
 
 port_bufwait_t *port__bufpool_put(port_bufpool_t *bp, uint32_t id, char *fresh) {
@@ -115,6 +148,39 @@ port_bufwait_t *port__bufpool_pass(port_bufpool_t *bp, port_bufwait_t *w) {
         next = port__bufwaitq_wake(&bp->waiters, pool_free(bp));
     port_spin_unlock(&bp->lock);
     return next;
+}
+
+int64_t port__bufpool_trim(port_bufpool_t *bp, int64_t keep) {
+    /* The coldest free buffers go: the bottom of the LIFO stack, reused last.  Their ids
+     * stay on the stack with no memory, and are made again if the stack drains that far
+     * (port__bufpool_get).  The blocks are freed outside the lock, a few at a time. */
+    enum { CHUNK = 64 };
+    char *gone[CHUNK];
+    int64_t given = 0, excess;
+    uint32_t i = 0;
+    int n, k;
+    for (;;) {
+        n = 0;
+        port_spin_lock(&bp->lock);
+        excess = port_atomic_load64(&bp->port->recv_buffers) - keep;
+        for (; i < bp->nfree && n < excess && n < CHUNK; i++) {
+            uint32_t id = bp->free_ids[i];
+            if (bp->addr[id] != NULL) {
+                gone[n++] = bp->addr[id];
+                bp->addr[id] = NULL;
+            }
+        }
+        if (n > 0) {
+            port_atomic_add64(&bp->port->recv_buffers, -n);
+            port_atomic_add64(&bp->port->recv_buffers_trimmed, n);
+        }
+        port_spin_unlock(&bp->lock);
+        for (k = 0; k < n; k++)
+            port__buf_retire(gone[k], bp->size);
+        given += n;
+        if (n < CHUNK)
+            return given;     /* down to keep, or no free buffer left to give */
+    }
 }
 
 int port__bufpool_cancel(port_bufpool_t *bp, port_bufwait_t *w) {

@@ -9,7 +9,10 @@
  * new block under the same id, so what the application keeps never drains the pool.
  *
  * The pool (epoll, IOCP): up to `max` ids, each made the first time it is needed, and a
- * stack of free ids reused last-in first-out so that the pages touched stay few.
+ * stack of free ids reused last-in first-out so that the pages touched stay few.  After
+ * a spike, port_recv_pool_trim frees the blocks at the stack's bottom (the coldest)
+ * beyond what the window's peak needs; their ids stay on the stack and are made again
+ * if the stack ever drains that far.
  *
  * The wait queue (all three backends).  When every buffer is out, the receives with
  * data wait in arrival order, and each buffer given back wakes one of them, the oldest:
@@ -159,6 +162,9 @@ port_bufwait_t *port__bufpool_put(port_bufpool_t *bp, uint32_t id, char *fresh);
  * (returned, for the caller to re-arm), or a free buffer could sit unused while others
  * wait.  NULL when there is nobody to wake. */
 port_bufwait_t *port__bufpool_pass(port_bufpool_t *bp, port_bufwait_t *w);
+/* Give back free buffers, the coldest first, until the pool holds `keep` (or none is
+ * free); returns how many went. */
+int64_t port__bufpool_trim(port_bufpool_t *bp, int64_t keep);
 /* Take w off the queue (its receive is being cancelled): 1 if it was on it. */
 int port__bufpool_cancel(port_bufpool_t *bp, port_bufwait_t *w);
 

@@ -95,7 +95,10 @@ void port__init_common(port_t *p, const port_vtable_t *vt, const port_options_t 
     p->opts.recv_buffer_size = 16 * 1024;
     p->opts.recv_buffer_count = 4096;
     p->opts.queue_depth = 4096;
+    p->opts.recv_pool_window_ms = 5000;
     if (opts != NULL) {
+        if (opts->recv_pool_window_ms)
+            p->opts.recv_pool_window_ms = opts->recv_pool_window_ms;
         if (opts->recv_buffer_size)
             p->opts.recv_buffer_size = opts->recv_buffer_size;
         if (opts->recv_buffer_count)
@@ -239,6 +242,7 @@ static const port_vtable_t forsaken_vtable = {
     NULL,
     NULL,
     NULL,
+    NULL,                   /* pool_trim: the parent's pool, not the child's to trim */
 };
 
 void port_forsake(port_t *p) {
@@ -270,6 +274,66 @@ void port_get_stats(port_t *p, port_stats_t *out) {
                                 : (uint64_t)port_atomic_load64(&p->recv_buffers_out);
     out->recv_buffers_detached = (uint64_t)port_atomic_load64(&p->recv_buffers_detached);
     out->recv_waiting = (uint64_t)port_atomic_load64(&p->recv_waiting);
+    out->recv_buffers_trimmed = (uint64_t)port_atomic_load64(&p->recv_buffers_trimmed);
+    {
+        int64_t a = port_atomic_load64(&p->pool_peak);
+        int64_t b = port_atomic_load64(&p->pool_peak_prev);
+        out->recv_buffers_peak = (uint64_t)(a > b ? a : b);
+    }
+}
+
+int64_t port_recv_pool_grew(port_t *p) {
+    /* Once per batch (IocpCore.Dispatch): one load, in the usual case. */
+    if (!port_atomic_load32(&p->pool_grew) || p->vt->pool_trim == NULL ||
+        !port_atomic_cas32(&p->pool_grew, 1, 0))
+        return 0;
+    /* The trimmer starts: its first window ends after one window. */
+    p->pool_window_end = port_monotonic_ms() + p->opts.recv_pool_window_ms;
+    port_atomic_store32(&p->pool_trimming, 1);
+    return p->opts.recv_pool_window_ms;
+}
+
+/* The window: pool_peak is the most buffers lent at once since the window began (the
+ * backends note it where they lend: epoll at each buffer delivered, io_uring at each
+ * reap pass's end), pool_peak_prev the window before's.  Each window's end moves the
+ * peak back and starts a new one at what is lent now, so what the pool keeps covers
+ * every peak of the last one to two windows: a steady load, which reaches its peak in
+ * every window, never loses a buffer, and a spike's buffers go between one and two
+ * windows after it.  The trimmer runs once per window, more often only while io_uring's
+ * buffers come back. */
+int64_t port_recv_pool_trim(port_t *p) {
+    int64_t now = port_monotonic_ms(), keep, held, out;
+    int more = 0;
+    uint64_t lent;
+    port_stats_t st;
+    if (p->vt->pool_trim == NULL || port_atomic_load32(&p->closed))
+        return 0;
+    if (p->pool_window_end == 0) {
+        p->pool_window_end = now + p->opts.recv_pool_window_ms;
+    } else if (now >= p->pool_window_end) {
+        port_get_stats(p, &st);
+        lent = st.recv_buffers_out;
+        out = (int64_t)lent;
+        __atomic_store_n(&p->pool_peak_prev, port_atomic_load64(&p->pool_peak),
+                         __ATOMIC_RELEASE);
+        __atomic_store_n(&p->pool_peak, out, __ATOMIC_RELEASE);
+        port__pool_note_out(p, out);
+        p->pool_window_end = now + p->opts.recv_pool_window_ms;
+    }
+    keep = port__pool_keep_now(p);
+    held = port_atomic_load64(&p->recv_buffers);
+    if (held > keep)
+        p->vt->pool_trim(p, keep, &more);
+    if (more)
+        return 100;      /* on their way back (io_uring): look again soon */
+    if (port_atomic_load64(&p->recv_buffers) > PORT_POOL_FLOOR)
+        return p->pool_window_end > now ? p->pool_window_end - now : 1;
+    /* At the floor: stop until the pool grows again (a growth in between says so). */
+    p->pool_window_end = 0;
+    port_atomic_store32(&p->pool_trimming, 0);
+    if (port_atomic_load64(&p->recv_buffers) > PORT_POOL_FLOOR)
+        port_atomic_store32(&p->pool_grew, 1);
+    return 0;
 }
 
 uint32_t port_recv_buffer_size(const port_t *p) { return p->opts.recv_buffer_size; }

@@ -827,6 +827,11 @@ static int ep_accept_peer(const port_op_t *op, port_addr_t *out) {
     return port__peer_get(&OP_PRIV(op)->u.acc, out);
 }
 
+static int64_t ep_pool_trim(port_t *bp, int64_t keep, int *more) {
+    PORT_UNUSED(more);
+    return port__bufpool_trim(&((ep_port_t *)bp)->pool, keep);
+}
+
 const port_vtable_t port__epoll_vtable = {
     "epoll",
     ep_probe,
@@ -854,6 +859,7 @@ const port_vtable_t port__epoll_vtable = {
     NULL,   /* buffers_out: counted */
     NULL,   /* accept_multishot: each parked accept completes once (the Listener posts
              * one per slot) */
+    ep_pool_trim,
 };
 #endif /* __linux__ */
 

@@ -531,8 +531,10 @@ static int resubmit_orphan(uring_port_t *p, port_op_t *op) {
  * anyway: io_uring_bufs.c); applied before anything in the pass reads br_free. */
 static void br_taken_flush(uring_port_t *p, int32_t *taken) {
     if (*taken != 0) {
-        port_atomic_add32(&p->br_free, -*taken);
+        int32_t in_ring = port_atomic_add32(&p->br_free, -*taken);
         *taken = 0;
+        /* The pool's window (port_recv_pool_trim): the buffers lent now. */
+        port__pool_note_out(&p->base, port_atomic_load64(&p->base.recv_buffers) - in_ring);
     }
 }
 
@@ -694,6 +696,10 @@ static int reap(uring_port_t *p, port_cqe_t *out, int max) {
                 ;
             if (!(flags & IORING_CQE_F_MORE))
                 port__uring_arm_doorbell(p);     /* ended (its submitter exited, say): re-arm */
+            continue;
+        }
+        if (ud == UD_DRAIN) {
+            port__uring_drain_done(p, flags);
             continue;
         }
         n = handle_cqe(p, out, n, ud, res, flags, &taken);
@@ -1476,6 +1482,54 @@ static void uring_destroy(port_t *bp) {
     port__uring_free(p);
 }
 
+/* The pool after a spike (io_uring_bufs.c, "Trim"): receives of our own take up to
+ * DRAIN_MAX buffers from the ring per call; what they take is given back as their
+ * completions are reaped, so this says *more until they all are. */
+#define DRAIN_MAX 256
+static int64_t uring_pool_trim(port_t *bp, int64_t keep, int *more) {
+    static const char tokens[DRAIN_MAX];
+    uring_port_t *p = (uring_port_t *)bp;
+    int64_t k = port_atomic_load64(&p->base.recv_buffers) - keep;
+    int32_t in_ring = port_atomic_load32(&p->br_free);
+    ssize_t w, i;
+    if (port_atomic_load32(&p->drain_pending) > 0) {
+        *more = 1;      /* the last ones are not all back yet */
+        return 0;
+    }
+    if (k > in_ring)
+        k = in_ring;    /* the rest is lent: trimmed at a later tick, once back */
+    if (k > DRAIN_MAX)
+        k = DRAIN_MAX;
+    if (k <= 0)
+        return 0;
+    if (p->drain_fd[0] < 0 &&
+        socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, p->drain_fd) < 0) {
+        p->drain_fd[0] = p->drain_fd[1] = -1;
+        return 0;       /* no descriptor to spare: the pool stays as it is */
+    }
+    do
+        w = write(p->drain_fd[1], tokens, (size_t)k);
+    while (w < 0 && errno == EINTR);
+    if (w <= 0)
+        return 0;
+    port_atomic_add32(&p->drain_pending, (int32_t)w);
+    port_spin_lock(&p->sq_lock);
+    for (i = 0; i < w; i++) {
+        struct io_uring_sqe *sqe = sqe_get(p);
+        sqe->opcode = IORING_OP_RECV;
+        sqe->fd = p->drain_fd[0];
+        sqe->len = 1;
+        sqe->flags = IOSQE_BUFFER_SELECT;
+        sqe->buf_group = BGID;
+        sqe->user_data = UD_DRAIN;
+        sqe_commit(p);
+    }
+    port_spin_unlock(&p->sq_lock);
+    after_submit(p);
+    *more = 1;
+    return 0;
+}
+
 const port_vtable_t port__io_uring_vtable = {
     "io_uring",
     port__uring_probe,
@@ -1502,5 +1556,6 @@ const port_vtable_t port__io_uring_vtable = {
     uring_work_waiting,
     port__uring_buffers_out,
     uring_accept_multishot,
+    uring_pool_trim,
 };
 #endif /* __linux__ */

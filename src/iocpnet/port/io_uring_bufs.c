@@ -14,8 +14,18 @@
  * loopback echo step rotating through 64 buffers cost 0.1-0.5 us more than through 8,
  * which cost what one buffer does).  An
  * ENOBUFS of a receive that did not poll first grows nothing (see Waiters).  A made
- * buffer stays until the port closes: glibc keeps 16 KiB blocks in its heap anyway,
- * and a ring sized to the last peak serves the next one without ENOBUFS round trips.
+ * buffer stays while the pool's window (port_recv_pool_trim) says it may be needed: a
+ * ring sized to the last peak serves the next one without ENOBUFS round trips.
+ *
+ * Trim.  The kernel may take any buffer in the ring at any moment (and write into it
+ * before we see its completion), so no buffer in the ring may be freed, nor its pages
+ * dropped.  A trim asks the kernel to hand buffers back the way it hands out any:
+ * receives of our own (UD_DRAIN, one byte each, len 1 so that each takes one buffer)
+ * on a socket pair whose other end we wrote that many bytes into.  Each completes at
+ * once with a buffer from the ring's head; that block is freed and its id kept for the
+ * next growth (buf_free_ids), unless a new peak came meanwhile or a receive with data
+ * waits for a buffer (then it goes back in the ring and serves it).  A trim receive that finds the ring empty takes nothing; its byte is left
+ * for a later one.
  *
  * Waiters.  A receive that finds the ring empty completes with ENOBUFS.  One that did
  * not poll first picks its buffer before reading, so its ENOBUFS says nothing about
@@ -52,22 +62,28 @@ static inline void br_add(uring_port_t *p, unsigned bid) {
 static void br_publish(uring_port_t *p) { STORE_REL(&p->br->tail, p->br_tail); }
 
 unsigned port__uring_br_grow(uring_port_t *p, unsigned count) {
-    unsigned made = 0;
-    if (count > p->buf_max - p->buf_made)
-        count = p->buf_max - p->buf_made;
+    unsigned made = 0, room = p->buf_max - p->buf_made + p->buf_nfree_ids;
+    if (count > room)
+        count = room;
     while (made < count) {
+        /* An id given back by a trim first, else a new one. */
+        unsigned bid = p->buf_nfree_ids > 0 ? p->buf_free_ids[p->buf_nfree_ids - 1]
+                                            : p->buf_made;
         char *b = port__buf_alloc(p->buf_size);
         if (b == NULL)
             break;      /* out of memory: the pool stays smaller (receives wait) */
-        STORE_REL(&p->buf_addr[p->buf_made], b);
-        br_add(p, p->buf_made);
-        p->buf_made++;
+        if (p->buf_nfree_ids > 0)
+            p->buf_nfree_ids--;
+        else
+            p->buf_made++;
+        STORE_REL(&p->buf_addr[bid], b);
+        br_add(p, bid);
         made++;
     }
     if (made) {
         br_publish(p);
         port_atomic_add32(&p->br_free, (int32_t)made);
-        port_atomic_add64(&p->base.recv_buffers, made);
+        port__pool_made(&p->base, made);
     }
     return made;
 }
@@ -147,6 +163,37 @@ void port__uring_recv_woken_done(uring_port_t *p, port_op_t *op) {
     port__bufwaitq_resolve(&p->waiters, &OP_PRIV(op)->u.rv.bufwait);
     w = waiter_wake(p);
     port_spin_unlock(&p->br_lock);
+    waiter_rearm(p, w, RECV_POLL_ALWAYS, 1);
+}
+
+void port__uring_drain_done(uring_port_t *p, uint32_t flags) {
+    char *gone = NULL;
+    port_op_t *w = NULL;
+    unsigned bid;
+    port_atomic_add32(&p->drain_pending, -1);
+    if (!(flags & IORING_CQE_F_BUFFER))
+        return;         /* the ring was empty (ENOBUFS): nothing taken */
+    bid = flags >> IORING_CQE_BUFFER_SHIFT;
+    port_spin_lock(&p->br_lock);
+    port_atomic_add32(&p->br_free, -1);
+    if (p->waiters.head == NULL &&
+        port_atomic_load64(&p->base.recv_buffers) > port__pool_keep_now(&p->base)) {
+        gone = p->buf_addr[bid];
+        STORE_REL(&p->buf_addr[bid], NULL);
+        p->buf_free_ids[p->buf_nfree_ids++] = (uint16_t)bid;
+        port_atomic_add64(&p->base.recv_buffers, -1);
+        port_atomic_add64(&p->base.recv_buffers_trimmed, 1);
+    } else {
+        /* A new peak since the trim asked, or a receive with data waits (the trim's
+         * receives may have taken the ring's last buffers): the pool needs it. */
+        br_add(p, bid);
+        br_publish(p);
+        port_atomic_add32(&p->br_free, 1);
+        w = waiter_wake(p);
+    }
+    port_spin_unlock(&p->br_lock);
+    if (gone != NULL)
+        port__buf_retire(gone, p->buf_size);
     waiter_rearm(p, w, RECV_POLL_ALWAYS, 1);
 }
 

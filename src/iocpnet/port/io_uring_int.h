@@ -112,6 +112,7 @@ struct io_uring_buf_reg {
 #define UD_IGNORE 0u          /* internal SQEs (cancels): their CQEs are dropped */
 #define UD_WAKE 8u            /* port_shutdown's wake-ups */
 #define UD_DOORBELL 16u       /* the doorbell's multishot poll */
+#define UD_DRAIN 24u          /* the pool's own receives, taking buffers back (trim) */
 #define UD_TAG_IMM 1u         /* a NOP carrying a result stored in the op */
 #define UD_TAG_MASK 7u
 
@@ -192,6 +193,10 @@ typedef struct uring_port {
     volatile int32_t br_lock;
     port_bufwaitq_t waiters;           /* receives waiting for a buffer; under br_lock */
     volatile int32_t br_free;          /* buffers in the ring not yet seen taken */
+    uint16_t *buf_free_ids;            /* ids whose block was given back; under br_lock */
+    unsigned buf_nfree_ids;
+    int drain_fd[2];                   /* the trim's socket pair (-1: not made yet) */
+    volatile int32_t drain_pending;    /* the trim's receives not reaped yet */
     /* Buffers the one dispatcher's owner gave back during its batch, put in the ring
      * together when the batch ends (port__uring_release_flush): the kernel takes none
      * before the owner's next wait (DEFER_TASKRUN).  Only the owner touches them. */
@@ -269,6 +274,9 @@ void port__uring_waiter_submit(uring_port_t *p, int reaping);
 unsigned port__uring_br_grow(uring_port_t *p, unsigned count);
 void port__uring_recv_release(port_t *bp, uint32_t bid, char *fresh);
 void port__uring_release_flush(uring_port_t *p);
+/* A trim receive's CQE (UD_DRAIN): the buffer it took is given back, or put back in
+ * the ring if the pool needs it again; while reaping. */
+void port__uring_drain_done(uring_port_t *p, uint32_t flags);
 uint64_t port__uring_buffers_out(port_t *bp);
 /* A receive woken for a buffer completed without ENOBUFS (called while reaping). */
 void port__uring_recv_woken_done(uring_port_t *p, port_op_t *op);

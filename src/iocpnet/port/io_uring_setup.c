@@ -35,8 +35,14 @@ void port__uring_free(uring_port_t *p) {
     if (p->buf_addr) {
         unsigned i;
         for (i = 0; i < p->buf_made; i++)
-            port_buf_free(p->buf_addr[i]);   /* the pool's; kept ones were replaced */
+            port_buf_free(p->buf_addr[i]);   /* the pool's; kept ones were replaced,
+                                                trimmed ones are NULL */
         free(p->buf_addr);
+    }
+    free(p->buf_free_ids);
+    if (p->drain_fd[0] >= 0) {
+        close(p->drain_fd[0]);
+        close(p->drain_fd[1]);
     }
     if (p->br)
         munmap(p->br, p->br_sz);
@@ -243,7 +249,8 @@ static int setup_buffers(uring_port_t *p, char *errbuf, size_t errlen) {
         return mmap_error(errno, "buffer ring", errbuf, errlen);
     }
     p->buf_addr = (char **)calloc(p->buf_max, sizeof(char *));
-    if (p->buf_addr == NULL) {
+    p->buf_free_ids = (uint16_t *)malloc(p->buf_max * sizeof(uint16_t));
+    if (p->buf_addr == NULL || p->buf_free_ids == NULL) {
         port__set_err(errbuf, errlen, "io_uring: out of memory for the buffer table");
         return PORT_ENOMEM;
     }
@@ -275,6 +282,7 @@ static int uring_create_ex(uring_port_t **out, const port_options_t *opts, char 
     port__init_common(&p->base, &port__io_uring_vtable, opts);
     p->ring_fd = -1;
     p->bell_fd = -1;
+    p->drain_fd[0] = p->drain_fd[1] = -1;
     port__bufwaitq_init(&p->waiters, &p->base);
     /* Multishot receives when asked for, each arming bounded (see io_uring.c). */
     p->multishot = (p->base.opts.flags & PORT_OPT_RECV_MULTISHOT) ? -1 : 0;

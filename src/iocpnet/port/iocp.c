@@ -771,6 +771,13 @@ static void iocp_destroy(port_t *bp) {
     iocp_free(p);
 }
 
+/* A free buffer is the pool's alone (a receive takes one only once its zero-byte
+ * WSARecv says data is there), so it may go at once. */
+static int64_t iocp_pool_trim(port_t *bp, int64_t keep, int *more) {
+    PORT_UNUSED(more);
+    return port__bufpool_trim(&((iocp_port_t *)bp)->pool, keep);
+}
+
 const port_vtable_t port__iocp_vtable = {
     "iocp",
     iocp_probe,
@@ -797,5 +804,6 @@ const port_vtable_t port__iocp_vtable = {
     NULL,   /* work_waiting */
     NULL,   /* buffers_out: counted */
     NULL,   /* accept_multishot: AcceptEx takes one socket made ahead per call */
+    iocp_pool_trim,
 };
 #endif /* _WIN32 */

@@ -226,6 +226,8 @@ typedef struct port_options {
     uint32_t recv_buffer_count;   /* most receive buffers the port may use (default 4096) */
     uint32_t queue_depth;         /* io_uring submission queue entries (default 4096) */
     uint32_t flags;               /* PORT_OPT_* */
+    uint32_t recv_pool_window_ms; /* how long the pool keeps what a spike made (default
+                                     5000; see port_recv_pool_trim) */
 } port_options_t;
 
 /* Keep receives armed instead of posting one per completion.  io_uring: multishot recv,
@@ -240,10 +242,14 @@ typedef struct port_stats {
     uint64_t completed;           /* final completions reaped from the OS */
     int64_t in_flight;            /* submitted - completed */
     uint64_t waits;               /* port_wait calls that entered the kernel */
-    uint64_t recv_buffers;        /* receive buffers the pool has made so far */
+    uint64_t recv_buffers;        /* receive buffers the pool holds now (made, minus those
+                                     given back by port_recv_pool_trim) */
     uint64_t recv_buffers_out;    /* receive buffers delivered and not yet released */
     uint64_t recv_buffers_detached; /* buffers the caller kept (port_recv_detach) so far */
     uint64_t recv_waiting;        /* receives with data waiting for a buffer now */
+    uint64_t recv_buffers_trimmed;  /* buffers the pool gave back so far */
+    uint64_t recv_buffers_peak;   /* most buffers lent at once in the last one or two
+                                     windows: what the pool keeps, plus a margin */
 } port_stats_t;
 
 /* ------------------------------------------------------------------------------------ */
@@ -388,6 +394,18 @@ void port_recv_release(port_t *p, const port_cqe_t *cqe);
  * PORT_EINVAL (no buffer in this completion). */
 int port_recv_detach(port_t *p, const port_cqe_t *cqe);
 void port_buf_free(void *buf);
+/* The receive pool after a spike.  The pool grows with the buffers lent at once (a
+ * spike of data in flight) and keeps them for recv_pool_window_ms after the last time
+ * it needed them, so a steady load never loses a buffer; past that it gives back what
+ * it holds above that need plus a margin (PORT_POOL_KEEP), down to a floor.  Call
+ * port_recv_pool_trim from any thread once port_recv_pool_grew says 1, then again after
+ * the milliseconds it returns, until it returns 0 (the pool is at its floor: it says
+ * grew again when it next grows).  epoll / IOCP free pool blocks at once; io_uring
+ * takes buffers back out of its provided-buffer ring through receives of its own (the
+ * kernel may pick any buffer in the ring at any moment, so none is freed there). */
+int64_t port_recv_pool_trim(port_t *p);
+/* 0, or (once after the pool grew above its floor) the ms before the first trim. */
+int64_t port_recv_pool_grew(port_t *p);
 /* Send the buffers in order in one system call: res = bytes sent, which may be fewer than
  * asked (the caller continues from there).  bufs must stay valid until the completion. */
 int port_send(port_t *p, port_op_t *op, port_sock_t sock, const port_buf_t *bufs, int nbufs);

@@ -80,6 +80,10 @@ typedef struct port_vtable {
     /* Optional (NULL: port_accept_multishot says PORT_EOPNOTSUPP, or when it returns
      * that: nothing submitted). */
     int (*accept_multishot)(port_t *p, port_op_t *op, port_sock_t listener);
+    /* Optional (NULL: the pool never shrinks): give back free receive buffers until the
+     * pool holds `keep` (port_recv_pool_trim).  Returns how many it gave back now;
+     * *more set when some could not go yet (io_uring: on their way back). */
+    int64_t (*pool_trim)(port_t *p, int64_t keep, int *more);
 } port_vtable_t;
 
 #ifndef _WIN32
@@ -112,8 +116,60 @@ struct port {
     volatile int64_t recv_buffers_out;
     volatile int64_t recv_buffers_detached;
     volatile int64_t recv_waiting;
+    /* The receive pool's window (port_recv_pool_trim). */
+    volatile int64_t recv_buffers_trimmed;
+    volatile int64_t pool_peak;        /* most buffers lent at once in this window */
+    volatile int64_t pool_peak_prev;   /* ... in the window before it */
+    int64_t pool_window_end;           /* ms; the trimmer's (one caller at a time) */
+    volatile int32_t pool_grew;        /* grew above its floor, nobody trimming */
+    volatile int32_t pool_trimming;    /* a trimmer runs (port_recv_pool_grew said 1) */
     port_options_t opts;
 };
+
+/* The pool keeps the window's peak of buffers lent plus this margin (a quarter more,
+ * at least PORT_POOL_FLOOR), and never fewer than PORT_POOL_FLOOR. */
+#define PORT_POOL_FLOOR 8
+static inline int64_t port__pool_keep(int64_t peak) {
+    int64_t margin = peak / 4 > PORT_POOL_FLOOR ? peak / 4 : PORT_POOL_FLOOR;
+    return peak + margin;
+}
+
+/* What the pool keeps now: the last one or two windows' peak plus the margin. */
+static inline int64_t port__pool_keep_now(port_t *p) {
+    int64_t a = port_atomic_load64(&p->pool_peak), b = port_atomic_load64(&p->pool_peak_prev);
+    return port__pool_keep(a > b ? a : b);
+}
+
+/* `out` buffers are lent now: the window's peak (a compare on the hot path; the
+ * exchange only while the peak climbs). */
+static inline void port__pool_note_out(port_t *p, int64_t out) {
+#if defined(_MSC_VER)
+    int64_t peak = port_atomic_load64(&p->pool_peak);
+    while (out > peak) {
+        int64_t seen = _InterlockedCompareExchange64((volatile __int64 *)&p->pool_peak,
+                                                     out, peak);
+        if (seen == peak)
+            break;
+        peak = seen;
+    }
+#else
+    int64_t peak = __atomic_load_n(&p->pool_peak, __ATOMIC_RELAXED);
+    while (out > peak && !__atomic_compare_exchange_n(&p->pool_peak, &peak, out, 1,
+                                                      __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+        ;
+#endif
+}
+
+/* The pool made n blocks, each because every one it held was lent (or, io_uring, taken
+ * by a completion not reaped yet): that many were needed at once, a peak the reap
+ * pass's count would miss.  Once it holds more than its floor, someone must trim it. */
+static inline void port__pool_made(port_t *p, int64_t n) {
+    int64_t held = port_atomic_add64(&p->recv_buffers, n);
+    port__pool_note_out(p, held);
+    if (held > PORT_POOL_FLOOR && !port_atomic_load32(&p->pool_trimming) &&
+        !port_atomic_load32(&p->pool_grew))
+        port_atomic_store32(&p->pool_grew, 1);
+}
 
 void port__init_common(port_t *p, const port_vtable_t *vt, const port_options_t *opts);
 
@@ -161,6 +217,9 @@ static inline int port__wait_result(port_t *p, int n, int err) {
 /* Memory of receive buffers (bufpool.c): plain heap blocks, so that one the caller keeps
  * (port_recv_detach) outlives the port and is freed with port_buf_free. */
 char *port__buf_alloc(size_t size);
+/* Free a pool block and give its memory back to the system (free() alone leaves it in
+ * the allocator's heap). */
+void port__buf_retire(char *buf, size_t size);
 
 /* Errors */
 void port__set_err(char *errbuf, size_t errlen, const char *fmt, ...);
