@@ -292,16 +292,8 @@ def test_send_out_of_memory_copying_its_rest_leaves_the_session_unlocked(backend
     held (a Disconnect from another thread returns: it spun for ever, holding the GIL),
     and the session ends with a reason that says why: part of the message went, the
     stream is broken."""
-    p = subprocess.Popen([sys.executable, os.path.join(STRESS, "send_copy_oom.py"),
-                          "--backend", backend],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = p.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        out, err = p.communicate()
-        raise AssertionError(f"hung after the failed Send (a lock left held?): {out!r}")
-    lines = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
+    p, lines, err = _stress_json(["send_copy_oom.py", "--backend", backend], 30,
+                                 "hung after the failed Send (a lock left held?)")
     assert lines, err[-3000:]
     assert lines[0]["send"].startswith("MemoryError"), lines
     assert len(lines) == 2, f"hung after the failed Send (a lock left held?): {lines}"
@@ -311,3 +303,53 @@ def test_send_out_of_memory_copying_its_rest_leaves_the_session_unlocked(backend
     assert "the stream is broken" in result["reason"], result
     assert result["send_after"] == "False", result
     assert p.returncode == 0, err[-3000:]
+
+
+def _stress_json(argv, timeout, hung):
+    """Run tests/stress/argv[0] with argv[1:]: (the process, its JSON lines, its
+    stderr); killed after `timeout` s, which fails with `hung` and what it printed."""
+    p = subprocess.Popen([sys.executable, os.path.join(STRESS, argv[0])] + argv[1:],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate()
+        raise AssertionError(f"{hung}: {out!r}")
+    return p, [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")], err
+
+
+def _tls_send_oom(backend, case, tmp_path):
+    p, lines, err = _stress_json(["tls_send_oom.py", "--backend", backend, "--case", case,
+                                  str(tmp_path)], 240, f"the {case} case did not end")
+    assert lines and p.returncode == 0, err[-3000:]
+    return lines
+
+
+def test_tls_send_out_of_memory_loses_no_record(backend, tmp_path):
+    """TLS: a Send whose records cannot be accounted for or queued (no memory to grow
+    the ring of marks or the send queue) raises MemoryError before the SSLObject takes
+    its data, so the stream stays whole: the peer, reading at last, gets every other
+    message in order. (The ring used to grow after the records were taken out of the
+    BIO: that record was lost, and the peer failed the next one's MAC.)"""
+    (r,) = _tls_send_oom(backend, "marks", tmp_path)
+    assert r["send"].startswith("MemoryError"), r
+    assert r["sends"] > 1000, r
+    assert r["send_after"] == "True", r
+    assert r["peer_got_all"], r
+
+
+def test_tls_send_out_of_memory_after_encrypting_ends_the_session(backend, tmp_path):
+    """TLS: a large Send under capped memory either goes, or fails in OpenSSL (the
+    session cut, "TLS error"), or its records are made and cannot be read out of the
+    BIO: then Send raises MemoryError and the session ends, "the stream is broken"
+    (its data is in the stream the caller was told failed). Never MemoryError with the
+    session left open."""
+    for r in _tls_send_oom(backend, "big", tmp_path):
+        if r["send"].startswith("MemoryError"):
+            assert r["ended"] and "the stream is broken" in r["reason"], r
+            assert r["send_after"] == "False", r
+        elif r["send"] == "False":
+            assert r["reason"].startswith("TLS error"), r
+        else:
+            assert r["send"] == "True" and r["send_after"] == "True", r

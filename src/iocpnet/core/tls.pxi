@@ -237,7 +237,7 @@ cdef class _Tls:
         included: 1-byte Sends make 23-byte records), so the limit is checked as they
         are queued; past it the session is cut and its stream is of no more use."""
         cdef Py_ssize_t n, over = 0
-        cdef bint ok = False
+        cdef bint ok = False, written = False, broken = False
         mv = None
         if type(data) is bytes:
             n = PyBytes_GET_SIZE(data)
@@ -262,13 +262,25 @@ cdef class _Tls:
             self._lock()
             try:
                 if self.state == T_OPEN:
+                    # Room to queue the records first: once the SSLObject has taken the
+                    # data, records it made and we could not queue would be lost to the
+                    # stream (the peer fails the next record's MAC).  No room: nothing
+                    # was encrypted, the stream is whole, the caller gets MemoryError.
+                    self._reserve(s)
                     if self._write(data) != n:   # a MemoryBIO never pushes back
                         raise RuntimeError("TLS: SSLObject.write took part of the data")
+                    written = True
                     ok = self._flush(s, n, &over)
                     if ok:
                         _cnt_add(&s._cnt.msgs_out, 1)        # stats.pxi: one Send
             except BaseException as e:
                 err = e
+                if written and isinstance(e, MemoryError):
+                    # Its records (or part of them) are made and not queued (a large
+                    # Send's ciphertext could not be read out of the BIO): the stream
+                    # is broken, nothing more may follow on it.
+                    self.state = T_CLOSED
+                    broken = True
             finally:
                 self._unlock()
         finally:
@@ -278,6 +290,11 @@ cdef class _Tls:
             if isinstance(err, _ssl_mod.SSLError):
                 _close_now(s, f"TLS error: {_tls_describe(err)}", False)
                 return False
+            if broken:
+                why = (f"out of memory queueing the TLS records of a Send of {n} bytes "
+                       f"(the stream is broken)")
+                if _close_now(s, why, True):
+                    logger.warning("disconnecting %s: %s", repr(s), why)
             raise err
         if over > 0:
             _cut_over_limit(s, over, n, n)
@@ -532,22 +549,46 @@ cdef class _Tls:
             self.acked(now)       # gone already: no completion will count it
         return ok
 
-    cdef int _mark(self, Py_ssize_t cipher, Py_ssize_t plain) except -1:
-        cdef _TlsMark *ring
-        cdef Py_ssize_t cap, i
+    cdef int _reserve(self, Session s) except -1:
+        """Under the mutex, before a Send's data goes into the SSLObject: room for the
+        one mark and the one queue entry its flush takes (only this filter queues on a
+        TLS session, under this mutex, and sends only free entries meanwhile)."""
+        cdef int rc = 0
         port_spin_lock(&self.acct_lock)
         if self.mark_count == self.mark_cap:
-            cap = self.mark_cap * 2 if self.mark_cap else 8
-            ring = <_TlsMark *>malloc(cap * sizeof(_TlsMark))
-            if ring == NULL:
-                port_spin_unlock(&self.acct_lock)
-                raise MemoryError("TLS: growing the send accounting")
-            for i in range(self.mark_count):
-                ring[i] = self.marks[(self.mark_head + i) % self.mark_cap]
-            free(self.marks)
-            self.marks = ring
-            self.mark_cap = cap
-            self.mark_head = 0
+            rc = self._mark_grow()
+        port_spin_unlock(&self.acct_lock)
+        if rc < 0:
+            raise MemoryError("TLS: growing the send accounting")
+        port_spin_lock(&s._lock)
+        if s._sq_count == s._sq_cap:
+            rc = _sq_grow(s)
+        port_spin_unlock(&s._lock)
+        if rc < 0:
+            raise MemoryError("growing the send queue")
+        return 0
+
+    cdef int _mark_grow(self) noexcept:
+        """Double the ring of marks (under acct_lock); -1: no memory."""
+        cdef _TlsMark *ring
+        cdef Py_ssize_t cap = self.mark_cap * 2 if self.mark_cap else 8, i
+        ring = <_TlsMark *>malloc(cap * sizeof(_TlsMark))
+        if ring == NULL:
+            return -1
+        for i in range(self.mark_count):
+            ring[i] = self.marks[(self.mark_head + i) % self.mark_cap]
+        free(self.marks)
+        self.marks = ring
+        self.mark_cap = cap
+        self.mark_head = 0
+        return 0
+
+    cdef int _mark(self, Py_ssize_t cipher, Py_ssize_t plain) except -1:
+        cdef Py_ssize_t i
+        port_spin_lock(&self.acct_lock)
+        if self.mark_count == self.mark_cap and self._mark_grow() < 0:
+            port_spin_unlock(&self.acct_lock)
+            raise MemoryError("TLS: growing the send accounting")
         i = (self.mark_head + self.mark_count) % self.mark_cap
         self.marks[i].cipher = cipher
         self.marks[i].plain = plain
