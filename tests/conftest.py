@@ -211,7 +211,7 @@ def wait_for(predicate, timeout=10, message="condition"):
 
 
 def logged_per_burst(caplog, what, line, timeout=10):
-    """A flood a service logs per burst (a _LogBurst: its first lines in full, then
+    """A flood a service logs per burst (a LogBurst: its first lines in full, then
     "... and K more <what> in the last T s (the last: ...)"): wait for the count line,
     then return (the lines logged in full that contain `line`, the count lines, the
     events they stand for: one per line in full plus each count's K)."""

@@ -233,6 +233,42 @@ def test_a_flood_of_stalled_sends_is_logged_once_per_burst(server, recorder,
     assert total == n and len(full) <= 5 and len(counts) <= 2, (full, counts)
 
 
+def test_log_burst_for_an_application_s_own_lines(backend, caplog):
+    """iocpnet.LogBurst: an application's own line that a peer can make it repeat (a
+    malformed request, a flood of its own rules): the first `lines` of a burst in full,
+    then one count line, on the logger given; after a quiet second, in full again."""
+    app = logging.getLogger("test_limits.app")
+    caplog.set_level(logging.INFO, logger="test_limits.app")
+    core = iocpnet.IocpCore(backend)
+    worker = None
+    try:
+        with pytest.raises(TypeError):
+            iocpnet.LogBurst(None, "things")
+        with pytest.raises(ValueError):
+            iocpnet.LogBurst(core, "things", -1)
+        burst = iocpnet.LogBurst(core, "bad requests", 3, logger=app)
+        def work():
+            while core.Dispatch(100) >= 0:
+                pass
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        shown = [burst.log(logging.INFO if k % 2 else logging.WARNING, f"bad request {k}")
+                 for k in range(20)]
+        assert shown == [True] * 3 + [False] * 17
+        full, counts, total = logged_per_burst(caplog, "bad requests", r"bad request \d+")
+        assert [m for m in full] == ["bad request 0", "bad request 1", "bad request 2"]
+        assert total == 20 and len(counts) == 1
+        assert counts[0].string.endswith("(the last: bad request 19)"), counts[0].string
+        (rec,) = [r for r in caplog.records if r.getMessage().startswith("... and")]
+        assert rec.name == "test_limits.app" and rec.levelno == logging.WARNING
+        assert burst.log(logging.INFO, "bad request again")     # quiet: in full again
+    finally:
+        core.Close(5)
+        if worker is not None:
+            worker.join(10)
+
+
 def test_packet_flooder_is_cut_by_its_message_rate(server, caplog_iocpnet):
     """A PacketSession counts packets: a peer sending 5000 packets at once is cut after
     its burst (400) plus what the rate refilled meanwhile; 20 good clients sending 100

@@ -709,6 +709,24 @@ class PacketSession(Session):
         """A packet nobody handles: logged, and the session is disconnected."""
 
 @final
+class LogBurst:
+    """A log line that a peer can make a server repeat at will, bounded per burst.
+
+    ``log(level, msg)`` from any thread: the first ``lines`` of a burst are logged in
+    full; the rest are counted, and the count is written once the burst has been quiet
+    for a second (and once a minute while it lasts) as ``... and K more <what> in the
+    last T s (the last: <msg>)``, at the highest level among them.  ``what`` is plural
+    ("malformed packets").  ``logger``: default iocpnet's.  The library's own such lines
+    (failed TLS handshakes, bad packets, rate limit cuts...) go through one per service
+    and kind."""
+
+    def __init__(self, core: IocpCore, what: str, lines: int = 5,
+                 logger: logging.Logger | None = None) -> None: ...
+    def log(self, level: int, msg: str) -> bool:
+        """Log `msg` at `level`: in full while this burst lets it through (True), else
+        counted in the burst's line (False)."""
+
+@final
 class Listener(IocpObject):
     """Accepts connections: binds, listens, and keeps ``max_session_count`` accepts
     posted, each with a session made by the service's factory, re-posting each one as

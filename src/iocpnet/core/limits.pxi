@@ -16,7 +16,7 @@
 # whole byte burst (a 16 KiB receive against a 4 KiB burst) passes only from a full
 # bucket and leaves it in debt, which the next chunks wait out.  A peer over a limit is
 # disconnected at once with a reset, the reason logged at WARNING (per burst: a peer can
-# be cut on connection after connection, see _LogBurst below):
+# be cut on connection after connection, see LogBurst below):
 #
 #     rate limit: 1250 messages/s over recv_messages_per_second 1000
 #         (5000 messages in 4.000 s, burst 1000)
@@ -496,7 +496,7 @@ cdef void _limits_stopping(Service svc) noexcept:
 # A failure a peer can repeat at will (a failed TLS handshake: connect, send anything but
 # TLS, again) or a session factory failing every other call wrote a line (a traceback)
 # each time: thousands a second, the log flooded and the lines that matter buried.  A
-# _LogBurst lets the first few of a burst through in full and counts the rest, written
+# LogBurst lets the first few of a burst through in full and counts the rest, written
 # once the burst has been quiet for a second (and once a minute while it lasts) as
 #
 #     ... and 412 more TLS handshake failures in the last 2.3 s (the last: <...>)
@@ -514,11 +514,21 @@ cdef enum:
 
 
 @cython.final
-cdef class _LogBurst:
-    """One kind of log line, bounded per burst (see above).  Any thread."""
+cdef class LogBurst:
+    """A log line that a peer can make a server repeat at will, bounded per burst.
+
+    ``LogBurst(core, what, lines=5, logger=None)``, then ``log(level, msg)`` from any
+    thread: the first ``lines`` of a burst are logged in full; the rest are counted,
+    and the count is written once the burst has been quiet for a second (and once a
+    minute while it lasts) as ``... and K more <what> in the last T s (the last:
+    <msg>)``, at the highest level among them.  ``what`` is plural ("malformed
+    packets").  ``logger``: a ``logging.Logger`` (default: iocpnet's).  The library's
+    own such lines (failed TLS handshakes, bad packets, rate limit cuts...) go through
+    one per service and kind."""
     cdef object core             # IocpCore: its timer writes the count
     cdef str what                # "TLS handshake failures"
     cdef int lines               # logged in full per burst
+    cdef object _logger
     cdef object lock
     cdef int logged              # lines logged in full in this burst
     cdef int64_t more            # counted since the last count line
@@ -528,11 +538,24 @@ cdef class _LogBurst:
     cdef int64_t last_ms         # the burst's last event, counted or not
     cdef bint tick_pending
 
-    def __cinit__(self, core, str what, int lines):
+    def __init__(self, core, str what, int lines=5, logger=None):
+        if not isinstance(core, IocpCore):
+            raise TypeError("LogBurst needs an IocpCore")
+        if lines < 0:
+            raise ValueError("lines must be >= 0")
         self.core = core
         self.what = what
         self.lines = lines
+        self._logger = _logger_of(logger)
         self.lock = threading.Lock()
+
+    def log(self, int level, str msg):
+        """Log `msg` at `level`: in full while this burst lets it through (returns
+        True), else counted in the burst's line (False)."""
+        if self.note(level, msg):
+            self._logger.log(level, "%s", msg)
+            return True
+        return False
 
     cdef bint note(self, int level, str text) except -1:
         """An event: True if it is one of the burst's first lines, to be logged in full
@@ -564,7 +587,7 @@ cdef class _LogBurst:
             with self.lock:
                 level, line = self._count_line(port_monotonic_ms())
             if line is not None:
-                logger.log(level, "%s", line)
+                self._logger.log(level, "%s", line)
         except BaseException:
             logger.exception("logging the count of %s failed", self.what)
 
@@ -591,7 +614,7 @@ cdef class _LogBurst:
                 self.logged = 0
             self.tick_pending = not quiet
         if line is not None:
-            logger.log(level, "%s", line)
+            self._logger.log(level, "%s", line)
         if not quiet:
             self._start_tick()
 
@@ -610,7 +633,15 @@ cdef class _LogBurst:
         self.flush()
 
 
-# The kinds of line a peer can make a service repeat at will, one _LogBurst each
+cdef object _logger_of(object given):
+    if given is None:
+        return logger
+    if not isinstance(given, logging.Logger):
+        raise TypeError("logger must be a logging.Logger")
+    return given
+
+
+# The kinds of line a peer can make a service repeat at will, one LogBurst each
 # (Service._log_bursts, in this order).
 cdef enum:
     LOG_TLS = 0          # failed TLS handshakes (tls.pxi)
@@ -631,10 +662,10 @@ cdef void _log_in_burst(Session s, int kind, int level, str text) noexcept:
     """Log a line a peer can make `s`'s service repeat at will: in full while the
     service's burst of that kind lets it through (always without a service), else
     counted in the burst's line."""
-    cdef _LogBurst burst = None
+    cdef LogBurst burst = None
     try:
         if s._service is not None:
-            burst = <_LogBurst>s._service._log_bursts[kind]
+            burst = <LogBurst>s._service._log_bursts[kind]
         if burst is None or burst.note(level, text):
             logger.log(level, "%s", text)
     except BaseException:

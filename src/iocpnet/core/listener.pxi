@@ -81,7 +81,7 @@ cdef class Listener(IocpObject):
     # first of a burst of runs: a factory failing every other call is one burst of
     # one-failure runs, the later ones counted by _factory_log (limits.pxi).
     cdef bint _run_logged
-    cdef _LogBurst _factory_log
+    cdef LogBurst _factory_log
     cdef readonly bint websocket  # sessions accepted here speak WebSocket (websocket.pxi)
     # Classes refused with a traceback logged (once each); weak: a factory may make a
     # class per connection, and a refused class serves nothing after.
@@ -193,7 +193,7 @@ cdef class Listener(IocpObject):
             self._port = portnum
         self.core = core
         self._service = service
-        self._factory_log = _LogBurst(core, "session factory failures", 1)
+        self._factory_log = LogBurst(core, "session factory failures", 1)
         # One operation per slot, and the multishot accept's after them.
         self._ops = <port_op_t *>malloc((count + 1) * sizeof(port_op_t))
         self._ready = <int *>malloc(count * sizeof(int))

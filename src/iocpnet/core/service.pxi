@@ -161,7 +161,7 @@ cdef class Service:
     cdef readonly uint64_t send_timeouts      # sessions ended by send_timeout (stall.pxi)
     cdef double _stall_timeout                # the shortest send_timeout watched, or 0
     cdef object _stall_watch                  # its core's _StallWatch, once watched
-    cdef tuple _log_bursts                    # a _LogBurst per LOG_* kind (limits.pxi)
+    cdef tuple _log_bursts                    # a LogBurst per LOG_* kind (limits.pxi)
     cdef object __weakref__
 
     def __init__(self, IocpCore core, listener, session_factory, accepts=None,
@@ -205,7 +205,7 @@ cdef class Service:
         self._lim = _ServiceLimits(max_sessions_per_address, connect_rate_per_address,
                                    connect_burst_per_address, address_table_size)
         self._st = _ServiceStats()
-        self._log_bursts = tuple(_LogBurst(core, what, 5) for what in _LOG_BURST_WHAT)
+        self._log_bursts = tuple(LogBurst(core, what, 5) for what in _LOG_BURST_WHAT)
         self._sessions = _SessionList()
         self._lock = threading.Lock()
         self._lock_acquire = self._lock.acquire
@@ -411,7 +411,7 @@ cdef class Service:
         _limits_stopping(self)
         _stats_stopping(self)
         for burst in self._log_bursts:
-            (<_LogBurst>burst).flush()
+            (<LogBurst>burst).flush()
         if self.listener is not None:
             try:
                 self.listener.Close()

@@ -71,7 +71,7 @@ cdef object _tls_context(object context):
 cdef void _log_handshake_failure(Session s, int level, str reason) noexcept:
     """A failed handshake's line.  A peer can fail handshakes as fast as it can connect
     (anything but TLS, or connect and reset): its service logs a burst's first lines and
-    counts the rest (_LogBurst, limits.pxi); the stats count every one."""
+    counts the rest (LogBurst, limits.pxi); the stats count every one."""
     _log_in_burst(s, LOG_TLS, level, f"{repr(s)}: {reason}")
 
 
