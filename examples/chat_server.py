@@ -109,7 +109,8 @@ class RateLimit:
         if tokens - 1.0 <= -burst:
             why = (f"flooding: {burst} {self.what} refused in a row (at most "
                    f"{self.rate:g} a second, {burst} at once)")
-            log.warning("%s disconnected: %s", session.nick, why)
+            session.server.log_burst(session, "flooders cut").log(
+                logging.WARNING, f"{session.nick} disconnected: {why}")
             session.Disconnect(why)
         else:
             session.Send(proto.error(f"too fast: at most {self.rate:g} {self.what} a "
@@ -141,9 +142,25 @@ class ChatServer:
         # With Redis, nicks are unique per server only: guests get this server's tag,
         # so that two servers never hand out the same guest name.
         self._tag = f"-{backplane.server_id[:4]}" if backplane is not None else ""
+        # A line per client cut (malformed packets, floods) is one a client can make us
+        # write at will: per burst (iocpnet.LogBurst: 5 in full, then a count), one
+        # LogBurst per kind, made on first use (on the sessions' core).
+        self._log_bursts: Dict[str, iocpnet.LogBurst] = {}
         self.say_limit = RateLimit("messages", say_rate, say_burst)
         self.query_limit = RateLimit("questions", query_rate, query_burst)
         self.join_limit = RateLimit("joins", join_rate, join_burst)
+
+    def log_burst(self, session: ChatSession, what: str) -> iocpnet.LogBurst:
+        burst = self._log_bursts.get(what)
+        if burst is None:
+            service = session.service
+            assert service is not None          # a session in a hook has one
+            with self.lock:
+                burst = self._log_bursts.get(what)
+                if burst is None:
+                    burst = self._log_bursts[what] = iocpnet.LogBurst(
+                        service.core, what, logger=log)
+        return burst
 
     def session_factory(self) -> ChatSession:
         return ChatSession(self)
@@ -321,7 +338,8 @@ class ChatSession(iocpnet.PacketSession):
             handler.dispatch(self, packet_id, payload)
         except proto.ProtocolError as e:
             # A client bug, not ours: say why and drop it, without a traceback.
-            log.warning("%s sent a malformed packet %d: %s", self.nick, packet_id, e)
+            self.server.log_burst(self, "malformed packets").log(
+                logging.WARNING, f"{self.nick} sent a malformed packet {packet_id}: {e}")
             self.Disconnect(f"protocol error in packet {packet_id}: {e}")
 
     def OnDisconnected(self, reason: str) -> None:

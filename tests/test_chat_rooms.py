@@ -1,8 +1,11 @@
 """The chat example's rooms under a hostile client (attack round, session 9)."""
+import logging
+
 import pytest
 
+import iocpnet
 from iocpnet import chat_protocol as proto
-from conftest import wait_for
+from conftest import logged_per_burst, wait_for
 from test_examples import chat, chat_burst_only, chat_connect, read_packets  # noqa: F401 (fixtures)
 from subproc import load_example
 
@@ -124,3 +127,38 @@ def test_a_client_joining_and_leaving_without_end_is_slowed_then_cut(chat_burst_
             heard += [pid for pid, _ in read_packets(b, 1)]
         assert heard.count(proto.S_JOINED) <= burst + 1, len(heard)
     wait_for(lambda: chat.service.session_count == 0, message="the sessions to end")
+
+
+def test_clients_cut_for_malformed_packets_or_floods_are_logged_once_per_burst(
+        chat_burst_only, caplog):
+    # Each client cut for a malformed packet, or for a flood past its burst of
+    # refusals, wrote a WARNING: a client reconnecting to do it again made one line per
+    # connection.  Each is still cut; the log has a burst's first lines and a count.
+    caplog.set_level(logging.WARNING, logger="chat_server")   # not its INFO lines
+    chat = chat_burst_only
+    burst = getattr(load_example("chat_server"), "QUERY_BURST", 20)
+    n = 30
+    for _ in range(n):
+        a, _ = chat_connect(chat)
+        with a:
+            a.sendall(iocpnet.make_packet(proto.C_SAY, b"\x09lob"))   # str8 past the end
+            _read_to_end(a)
+        b, _ = chat_connect(chat)
+        with b:
+            b.sendall(proto.rooms() * (2 * burst + 10))
+            _read_to_end(b)
+    wait_for(lambda: chat.service.session_count == 0, message="the sessions to end")
+    full, counts, total = logged_per_burst(caplog, "malformed packets",
+                                           r"sent a malformed packet 4: ")
+    assert total == n and len(full) <= 5 and len(counts) <= 2, (full, counts)
+    full, counts, total = logged_per_burst(caplog, "flooders cut",
+                                           r"disconnected: flooding: ")
+    assert total == n and len(full) <= 5 and len(counts) <= 2, (full, counts)
+
+
+def _read_to_end(sock):
+    try:
+        while sock.recv(65536):
+            pass
+    except OSError:
+        pass
