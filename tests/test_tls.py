@@ -16,7 +16,7 @@ import time
 import pytest
 
 import iocpnet
-from conftest import connect, recv_exactly, wait_for
+from conftest import connect, logged_per_burst, recv_exactly, wait_for
 from test_services import ClientCore
 from tls_certs import OPENSSL, make_pki
 
@@ -409,6 +409,25 @@ def test_bad_records_after_the_handshake(server, pki, record, caplog_iocpnet):
             assert reason.startswith("TLS error: "), reason
         good.sendall(b"fine")
         assert recv_all(good, 4) == b"fine"
+
+
+def test_a_flood_of_bad_records_is_logged_once_per_burst(server, pki, caplog_iocpnet):
+    # A peer that completes the handshake and then sends a record that does not
+    # decrypt, connection after connection, wrote a WARNING per connection ("TLS error:
+    # ..."): each is still cut with its reason; the log has a burst's first lines and
+    # a count, as for failed handshakes.
+    events = Events()
+    srv = server(echo_session(events), ssl=server_context(pki))
+    n = 40
+    for i in range(n):
+        bad, _ = handshaken_raw(srv.address, pki)
+        with bad:
+            bad.sendall(b"\x17\x03\x03\x00\x40" + os.urandom(64))
+            events.wait("disconnected", i + 1)
+    assert all(r.startswith("TLS error: ") for r, in events.of("disconnected"))
+    full, counts, total = logged_per_burst(caplog_iocpnet, "TLS errors",
+                                           r": TLS error: ")
+    assert total == n and len(full) <= 5 and len(counts) <= 2, (full, counts)
 
 
 def test_handshake_deadline(server, pki):

@@ -652,10 +652,11 @@ cdef enum:
     LOG_SEND_LIMIT = 5   # sessions cut over send_queue_limit (session_send.pxi, tls.pxi)
     LOG_STALL = 6        # sessions cut by send_timeout (stall.pxi)
     LOG_WS_HANDSHAKE = 7 # WebSocket handshake timeouts, our client's failed handshakes
+    LOG_TLS_ERROR = 8    # TLS errors after the handshake: bad records (tls.pxi)
 _LOG_BURST_WHAT = ("TLS handshake failures", "refused WebSocket upgrades", "bad packets",
                    "WebSocket protocol errors", "rate limit disconnects",
                    "send queue limit disconnects", "send stalled disconnects",
-                   "failed WebSocket handshakes")
+                   "failed WebSocket handshakes", "TLS errors")
 
 
 cdef void _log_in_burst(Session s, int kind, int level, str text) noexcept:

@@ -419,7 +419,8 @@ cdef class _Tls:
                 _log_handshake_failure(s, _logging_WARNING, reason)
             else:
                 reason = f"TLS error: {_tls_describe(err)}"
-                logger.warning("%s: %s", repr(s), reason)
+                # Per burst: a peer can send a bad record on connection after connection.
+                _log_in_burst(s, LOG_TLS_ERROR, _logging_WARNING, f"{repr(s)}: {reason}")
             _begin_disconnect(s, reason, True)
         if st.opened:
             timer = self.timer
