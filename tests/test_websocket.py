@@ -619,6 +619,29 @@ def test_keepalive_pings_and_ends_a_silent_peer(ws_server, recorder):
         silent.close()
 
 
+def test_a_flood_of_silent_upgraded_peers_is_logged_once_per_burst(ws_server, recorder,
+                                                                  caplog_iocpnet):
+    # Peers that complete the upgrade and then never answer a ping: each is ended at
+    # ping_timeout, which wrote a line per connection (a peer holding many such
+    # connections made as many lines at once).  Each still ends with its reason; the
+    # log has a burst's first lines and a count.
+    srv = ws_server(echo_class(recorder, ping_interval=0.1, ping_timeout=0.2))
+    n = 40
+    peers = []
+    try:
+        for _ in range(n):
+            peers.append(RawClient(srv.address))         # never answers
+        recorder.wait_disconnects(n)
+    finally:
+        for c in peers:
+            c.close()
+    assert all(r == "WebSocket keepalive: no answer to a ping for 0.2 s"
+               for _, r in recorder.disconnected), recorder.disconnected
+    full, counts, total = logged_per_burst(caplog_iocpnet, "WebSocket keepalive timeouts",
+                                           r"disconnecting .*: WebSocket keepalive: ")
+    assert total == n and len(full) <= 5 and len(counts) <= 2, (full, counts)
+
+
 def test_hook_exception_closes_only_that_session(ws_server, caplog_iocpnet):
     class S(iocpnet.WebSocketSession):
         def OnMessage(self, data, binary):

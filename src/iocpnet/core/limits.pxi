@@ -653,10 +653,12 @@ cdef enum:
     LOG_STALL = 6        # sessions cut by send_timeout (stall.pxi)
     LOG_WS_HANDSHAKE = 7 # WebSocket handshake timeouts, our client's failed handshakes
     LOG_TLS_ERROR = 8    # TLS errors after the handshake: bad records (tls.pxi)
+    LOG_WS_KEEPALIVE = 9 # WebSocket peers silent past ping_timeout (websocket.pxi)
 _LOG_BURST_WHAT = ("TLS handshake failures", "refused WebSocket upgrades", "bad packets",
                    "WebSocket protocol errors", "rate limit disconnects",
                    "send queue limit disconnects", "send stalled disconnects",
-                   "failed WebSocket handshakes", "TLS errors")
+                   "failed WebSocket handshakes", "TLS errors",
+                   "WebSocket keepalive timeouts")
 
 
 cdef void _log_in_burst(Session s, int kind, int level, str text) noexcept:

@@ -672,7 +672,9 @@ def _ws_keepalive(Session s):
         elif ws.hooks.ping_timeout > 0 and now - sent >= <int64_t>(ws.hooks.ping_timeout * 1000):
             why = (f"WebSocket keepalive: no answer to a ping for "
                    f"{ws.hooks.ping_timeout:g} s")
-            logger.info("disconnecting %s: %s", repr(s), why)
+            # Per burst: a peer can hold many connections that go silent at once.
+            _log_in_burst(s, LOG_WS_KEEPALIVE, _logging_INFO,
+                          f"disconnecting {repr(s)}: {why}")
             _ws_send_close(s, 1011, "keepalive ping timeout")
             _begin_disconnect(s, why, True)
             return
