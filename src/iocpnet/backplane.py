@@ -566,8 +566,9 @@ class RedisBackplane(_Presence):
             return
         sub = self._links[_SUB]
         if sub is not None:
-            sub.Abort(f"{self.max_pending} of our messages not back ({self._held} of them "
-                      f"held for a SUBSCRIBE not confirmed)")
+            held = (f" ({self._held} of them held for a SUBSCRIBE not confirmed)"
+                    if self._held else "")
+            sub.Abort(f"{self.max_pending} of our messages not back{held}")
 
     def _on_message(self, channel: bytes, payload: bytes) -> None:
         """A message on a shared group's channel (the subscriber's strand)."""
