@@ -81,8 +81,11 @@ def test_a_spike_is_given_back_once_quiet(server, backend):
         # Each 16 KiB block gives back its whole pages (at least 12 KiB of 16 when
         # it is not page-aligned); half of it leaves room for the process's own.
         given = (grown["recv_buffers"] - st["recv_buffers"]) * 16
-        assert rss_spike - rss_quiet >= given // 2, (
-            f"VmRSS {rss_spike} -> {rss_quiet} KiB, {given} KiB of buffers given back")
+        # Not under ASan (scripts/sanitize.sh): its allocator keeps what is freed in
+        # quarantine and its own memory moves the RSS by more than this.
+        if "libasan" not in os.environ.get("LD_PRELOAD", ""):
+            assert rss_spike - rss_quiet >= given // 2, (
+                f"VmRSS {rss_spike} -> {rss_quiet} KiB, {given} KiB of buffers given back")
         # What the hooks kept is theirs, untouched by the trim.
         assert kept, "no view was kept"
         for view, copy in kept:
