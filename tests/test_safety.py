@@ -1323,3 +1323,40 @@ def test_a_child_forked_in_a_hook_leaves_the_parents_sessions_alone(server):
     f.close()
     for o in others:
         o.close()
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+@pytest.mark.parametrize("when", ["started", "not started"])
+def test_a_core_inherited_through_fork_says_so_in_the_child(backend, when):
+    """A service made (and maybe started: bound early, to report a bad port before
+    detaching) before a daemonizing fork, run in the child: the child's core is its
+    parent's, closed there, so Run must raise and say why, not wait for ever serving
+    nothing; Start likewise."""
+    core = iocpnet.IocpCore(backend)
+    svc = iocpnet.Service(core, iocpnet.Listener(("127.0.0.1", 0)), iocpnet.Session, 4)
+    if when == "started":
+        svc.Start()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            try:
+                svc.Run(workers=1, seconds=5)
+                said = "Run returned"
+            except BaseException as e:
+                said = f"{type(e).__name__}: {e}"
+            os.write(w, said.encode()[:4000])
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        ready, _, _ = select.select([r], [], [], 15)
+        said = os.read(r, 4096).decode() if ready else "(nothing within 15 s)"
+    finally:
+        os.close(r)
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        core.Close()
+    del svc, core          # a failure's frame would keep the core past the leak check
+    assert said.startswith("RuntimeError") and "fork" in said, said

@@ -162,6 +162,16 @@ cdef class IocpCore:
         self._closing = 1
         self._closed = 1
 
+    def _refuse_if_forsaken(self):
+        """RuntimeError, saying why, if this core was inherited through fork()
+        (_forsake): Start and Run in the child fail instead of serving nothing."""
+        if self._forsaken:
+            raise RuntimeError(
+                "this IocpCore was made before a fork() and this process is the child: "
+                "the core is its parent's (the kernel's io_uring ring or epoll set is "
+                "shared with it) and is closed here; make the IocpCore, its Listener and "
+                "Service after the fork (daemonize first, then start)")
+
     def __dealloc__(self):
         if self.port != NULL:
             port_destroy(self.port)
@@ -212,6 +222,7 @@ cdef class IocpCore:
         not wait again soon."""
         if self.port == NULL:
             return
+        self._refuse_if_forsaken()     # a service started before a fork, Run in the child
         try:
             while self._dispatch(-1, BATCH, False) >= 0:
                 pass

@@ -342,6 +342,7 @@ cdef class Service:
 
     cdef int _check_startable(self) except -1:
         self._check_init()
+        self.core._refuse_if_forsaken()
         if self._stopping:
             raise RuntimeError("this service was stopped, and a stopped service cannot "
                                "start again: make a new one")
