@@ -355,6 +355,32 @@ def test_broadcasts_held_for_a_subscribe_are_bounded_by_max_pending(backend, red
         m.close()
 
 
+def test_published_broadcasts_not_back_are_bounded_by_max_pending(backend, redis_server,
+                                                                  nodes, caplog):
+    """Broadcasts published while Redis is stalled (SIGSTOP) never come back on the
+    channel: each waits in `_pending` for its echo.  At max_pending the subscriber is
+    started again and they are delivered here, in order, while Redis is still
+    stalled (the links' `timeout`, 30 s here, is not what bounds them)."""
+    caplog.set_level(logging.INFO, logger="iocpnet")
+    r = redis_server()
+    (a,) = nodes(r.url(), n=1, timeout=30.0, max_pending=50)
+    sharing(a)
+    m = Client(a, "m")
+    r.proc.send_signal(signal.SIGSTOP)
+    try:
+        n = 200
+        for k in range(n):
+            a.group.Broadcast(f"stalled {k}\n".encode())
+        assert m.lines(n, timeout=10) == [f"stalled {k}" for k in range(n)]
+        st = a.bp.stats()
+        assert st["recovered"] == n and st["outages"] == 1, st
+        assert any("(50 of our messages not back)" in rec.getMessage()
+                   for rec in caplog.records)
+    finally:
+        r.proc.send_signal(signal.SIGCONT)
+        m.close()
+
+
 def test_presence_follows_joins_renames_leaves_and_closes(backend, redis_server, nodes):
     r = redis_server()
     a, b = nodes(r.url())
