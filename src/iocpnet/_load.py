@@ -7,8 +7,9 @@ Three protocols:
   byte, and sends the next one (ping-pong).  Contents change with every message (a
   counter in the first bytes), so a stale or misrouted echo is caught.
 - ``chat`` (``iocpnet.chat_protocol``, examples/chat_server.py): clients join rooms of
-  ``room_size`` and each says numbered messages, one at a time; the round trip is its
-  own message coming back in the room's broadcast.  Every message heard, its own and
+  ``room_size``, wait until their room is full, and each says numbered messages, one at
+  a time; the round trip is its own message coming back in the room's broadcast (so
+  every round trip is heard by the whole room, however late its members connected).  Every message heard, its own and
   the others', is checked for content and order (numbers from one sender go up by one).
 - ``game`` (``iocpnet.game_protocol``, examples/game_server.py): each bot logs in, joins
   room ``room-<index // room_size>``, waits until the room is full, then sends a move,
@@ -251,17 +252,23 @@ def chat_text(seq: int, size: int) -> str:
     return head + fill
 
 
-def make_chat_client(size: int, room_size: int,
+def make_chat_client(size: int, clients: int, room_size: int,
                      shared: _Shared) -> Type[iocpnet.PacketSession]:
-    """A PacketSession class that joins room ``load-<index // room_size>`` and says
-    numbered messages, each after its previous one came back, until the run stops."""
+    """A PacketSession class that joins room ``load-<index // room_size>``, waits for
+    the room to be full, and says numbered messages, each after its previous one came
+    back, until the run stops."""
     size = max(size, 11)
     stop = shared.stop
+    room_size = max(1, room_size)
 
     class ChatLoadClient(iocpnet.PacketSession):
         def __init__(self) -> None:
             self.index, self.stats = shared.register()
             self.room = f"load-{self.index // room_size}"
+            first = self.index - self.index % room_size
+            self.room_members = min(room_size, clients - first)
+            self.members: set = set()
+            self.started = False
             self.nick = ""
             self.counter = 0
             self.expect = ""
@@ -281,6 +288,17 @@ def make_chat_client(size: int, room_size: int,
 
         def OnConnected(self) -> None:
             self.stats.connected = True
+
+        def _maybe_start(self) -> None:
+            # (on this session's strand, as every hook: no lock)
+            if self.joined and not self.started and not stop.is_set() and \
+                    len(self.members) >= self.room_members:
+                self.started = True
+                self._say_next()
+
+        def idle_at_stop(self) -> bool:
+            """Never started (its room never filled): nothing to finish."""
+            return not self.started
 
         def OnRecvPacket(self, packet_id: int, payload: bytes) -> None:
             st = self.stats
@@ -323,11 +341,20 @@ def make_chat_client(size: int, room_size: int,
                 self.Send(proto.join(self.room))
             elif packet_id == proto.S_WHO:
                 if not self.joined:
-                    self.joined = True       # the answer to our join: start talking
-                    self._say_next()
+                    # the answer to our join: who is there; talk once the room is full
+                    r = proto.Reader(payload)
+                    if r.str8() == self.room:
+                        self.joined = True
+                        self.members.update(r.str8() for _ in range(r.u16()))
+                        self._maybe_start()
+            elif packet_id == proto.S_JOINED:
+                r = proto.Reader(payload)
+                if r.str8() == self.room:
+                    self.members.add(r.str8())
+                    self._maybe_start()
             elif packet_id == proto.S_ERROR:
                 self._fail(f"the server said: {proto.Reader(payload).text()}")
-            elif packet_id not in (proto.S_JOINED, proto.S_LEFT, proto.S_NICK):
+            elif packet_id not in (proto.S_LEFT, proto.S_NICK):
                 self._fail(f"unexpected packet id {packet_id}")
 
         def OnConnectFailed(self, reason: str) -> None:
@@ -339,7 +366,11 @@ def make_chat_client(size: int, room_size: int,
         def pending(self) -> Optional[str]:
             if not self.stats.connected:
                 return None
-            return f"message {self.counter}" if self.joined else "joining its room"
+            if not self.joined:
+                return "joining its room"
+            if not self.started:
+                return None if stop.is_set() else "its room to fill"
+            return f"message {self.counter}"
 
     return ChatLoadClient
 
@@ -559,7 +590,7 @@ class LoadRun:
         self.shared = _Shared()
         cls: Callable[[], iocpnet.Session]
         if protocol == "chat":
-            cls = make_chat_client(size, room_size, self.shared)
+            cls = make_chat_client(size, clients, room_size, self.shared)
         elif protocol == "game":
             cls = make_game_client(clients, room_size, self.shared, self.bots)
         elif websocket:
@@ -620,6 +651,12 @@ class LoadRun:
                     next_tick += interval
         elapsed = time.perf_counter() - start
         self.shared.stop.set()
+        # A chat client whose room never filled (a member could not connect) has no
+        # round trip to finish: it leaves now.
+        for s in self.service.sessions:
+            idle = getattr(s, "idle_at_stop", None)
+            if idle is not None and idle():
+                s.Disconnect("load finished")
         # Let every client finish the round trip it is in and leave by itself, so that
         # no answer is cut off (which a server sees as a reset); one that gets no answer
         # within the grace time is an error.  Game bots stay until all are done and the
