@@ -374,19 +374,25 @@ def test_a_flood_of_silent_peers_is_logged_once_per_burst(ws_server, recorder,
     # each is cut at handshake_timeout, which wrote a line per connection.  Each is
     # still cut, with its reason; the log has a burst's first lines and a count.
     srv = ws_server(echo_class(recorder, handshake_timeout=0.2))
-    n = 40
+    _flood_of_cut_peers(srv, recorder, caplog_iocpnet, connect,
+                        "WebSocket handshake timed out after 0.2 s",
+                        "failed WebSocket handshakes",
+                        r"disconnecting .*: WebSocket handshake timed out")
+
+
+def _flood_of_cut_peers(srv, recorder, caplog, make_peer, reason, what, line, n=40):
+    """n peers made by make_peer(address) that the server cuts by itself, each with
+    `reason`; the log has a burst's first lines and a count (conftest.logged_per_burst)."""
     peers = []
     try:
         for _ in range(n):
-            peers.append(connect(srv.address))
+            peers.append(make_peer(srv.address))
         recorder.wait_disconnects(n)
     finally:
         for c in peers:
             c.close()
-    assert all(r == "WebSocket handshake timed out after 0.2 s"
-               for _, r in recorder.disconnected), recorder.disconnected
-    full, counts, total = logged_per_burst(caplog_iocpnet, "failed WebSocket handshakes",
-                                           r"disconnecting .*: WebSocket handshake timed out")
+    assert all(r == reason for _, r in recorder.disconnected), recorder.disconnected
+    full, counts, total = logged_per_burst(caplog, what, line)
     assert_logged_per_burst(full, counts, total, n)
 
 
@@ -627,20 +633,10 @@ def test_a_flood_of_silent_upgraded_peers_is_logged_once_per_burst(ws_server, re
     # connections made as many lines at once).  Each still ends with its reason; the
     # log has a burst's first lines and a count.
     srv = ws_server(echo_class(recorder, ping_interval=0.1, ping_timeout=0.2))
-    n = 40
-    peers = []
-    try:
-        for _ in range(n):
-            peers.append(RawClient(srv.address))         # never answers
-        recorder.wait_disconnects(n)
-    finally:
-        for c in peers:
-            c.close()
-    assert all(r == "WebSocket keepalive: no answer to a ping for 0.2 s"
-               for _, r in recorder.disconnected), recorder.disconnected
-    full, counts, total = logged_per_burst(caplog_iocpnet, "WebSocket keepalive timeouts",
-                                           r"disconnecting .*: WebSocket keepalive: ")
-    assert_logged_per_burst(full, counts, total, n)
+    _flood_of_cut_peers(srv, recorder, caplog_iocpnet, RawClient,     # never answers
+                        "WebSocket keepalive: no answer to a ping for 0.2 s",
+                        "WebSocket keepalive timeouts",
+                        r"disconnecting .*: WebSocket keepalive: ")
 
 
 def test_hook_exception_closes_only_that_session(ws_server, caplog_iocpnet):
