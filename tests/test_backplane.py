@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -19,7 +20,7 @@ import pytest
 import iocpnet
 from iocpnet.backplane import RedisBackplane, parse_redis_url
 
-from conftest import connect, wait_for
+from conftest import assert_logged_per_burst, connect, logged_per_burst, wait_for
 from tls_certs import make_pki
 
 ROOM = "room"
@@ -243,11 +244,15 @@ def test_a_cancelled_who_future_is_no_fault(backend, redis_server, nodes):
 
 class Touchy(Member):
     """A member class whose own Send has a bug: the member named "t" raises on some
-    messages."""
+    messages; "x" calls sys.exit() on others (a careless user's: SystemExit is no
+    Exception, and the group's fan-out lets it through)."""
 
     def Send(self, data):
-        if data.startswith(b"boom") and self.node.group.NameOf(self) == "t":
+        name = self.node.group.NameOf(self)
+        if data.startswith(b"boom") and name == "t":
             raise RuntimeError("a bug in an overridden Send")
+        if data.startswith(b"exit") and name == "x":
+            raise SystemExit("exit in an overridden Send")
         return iocpnet.Session.Send(self, data)
 
 
@@ -319,6 +324,87 @@ def test_a_reply_callback_that_raises_costs_no_outage(backend, redis_server, nod
         assert st["outages"] == 0 and st["state"] == "up", st
         assert any("a redis callback raised" in rec.getMessage() for rec in caplog.records)
     finally:
+        m.close()
+
+
+def test_a_bad_message_on_the_subscriber_costs_no_outage(backend, redis_server, caplog):
+    """What another client of the same Redis may publish on a shared group's channel:
+    payloads without our envelope, an envelope of a version we do not know (a newer
+    iocpnet), and one in our envelope whose delivery raises (here a member's Send
+    exiting; any bug there).  The last unwound from _on_message into the subscriber
+    link's OnRecv: the link was dropped, an outage for every shared group, and the
+    messages after it in that receive were lost.  Each bad message is counted and
+    logged per burst (a peer publishing junk in a loop makes no line per message); the
+    link and every other group go on."""
+    caplog.set_level(logging.INFO, logger="iocpnet")
+    r = redis_server()
+    a = TouchyNode(backend, r.url())
+    other = iocpnet.Group(a.core, "other", backplane=a.bp)
+    try:
+        sharing(a)
+        m, x = Client(a, "m"), Client(a, "x")        # x joins after m: m hears first
+        for s in a.service.sessions:
+            other.Add(s, name="o")
+        channel = a.bp._channel(ROOM)
+        envelope = struct.Struct("<BB8sQ")
+        junk = [b"", b"not ours", b"\x01" * 17,
+                envelope.pack(2, 0, b"newer-io", 1) + b"from the future\n"]
+        n = 40
+        for k in range(n):
+            payload = junk[k % len(junk)] if k != 2 else \
+                envelope.pack(1, 0, b"elsewher", 1) + b"exit now\n"
+            assert r.command("PUBLISH", channel, payload) == 1
+        m.send("say after the junk")
+        assert m.lines(2) == ["exit now", "after the junk"]
+        assert x.line() == "after the junk"
+        other.Broadcast(b"other group\n")
+        assert sorted([m.line(), x.line()]) == ["other group"] * 2
+        st = a.bp.stats()
+        assert st["outages"] == 0 and st["state"] == "up", st
+        assert st["bad_messages"] == n, st
+        full, counts, total = logged_per_burst(caplog, "bad messages from redis",
+                                               "dropped a message on")
+        assert_logged_per_burst(full, counts, total, n)
+        assert any("envelope version 2" in line for line in full), full
+        assert any("SystemExit" in line for line in full), full
+    finally:
+        other.Close()
+        a.stop()
+
+
+def test_our_message_to_a_group_closed_on_its_way_reaches_only_that_group(
+        backend, redis_server, nodes):
+    """A room whose last member left is closed, and made again under its name when
+    someone joins (the chat example does so): a message broadcast to the old one and
+    still on its way came back on the channel the new one now holds, and was delivered
+    to the new one's members, who joined after it was said.  Our own messages go to
+    the group they were broadcast to (closed: nobody)."""
+    r = redis_server()
+    (a,) = nodes(r.url(), n=1, timeout=30.0)
+    sharing(a)
+    m = Client(a, "m")
+    (session,) = list(a.service.sessions)
+    old = iocpnet.Group(a.core, "again", backplane=a.bp)
+    new = None
+    assert old.Add(session, name="m")
+    wait_for(lambda: old.Who().result(10) == ["m"], message="the old group shared")
+    r.proc.send_signal(signal.SIGSTOP)      # its PUBLISH waits in Redis's socket
+    try:
+        old.Broadcast(b"said to the old one\n")
+        old.Close()
+        new = iocpnet.Group(a.core, "again", backplane=a.bp)
+        assert new.Add(session, name="m")
+        r.proc.send_signal(signal.SIGCONT)
+        new.Broadcast(b"said to the new one\n")
+        assert m.line() == "said to the new one"
+        assert m.quiet()
+        assert a.bp.stats()["outages"] == 0
+    finally:
+        r.proc.send_signal(signal.SIGCONT)
+        del session
+        old.Close()
+        if new is not None:
+            new.Close()
         m.close()
 
 

@@ -68,6 +68,7 @@ import ssl as _ssl
 import struct
 import threading
 import time
+import traceback
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
@@ -75,7 +76,7 @@ from iocpnet._backplane_link import (_CMD, _ROLE, _SUB, RedisAddress, _Backoff, 
                                      _LinkDown, log, parse_redis_url)
 from iocpnet._backplane_presence import (CLOSED, DOWN, DRAINING, SYNCING, UP, _name,
                                          _Presence, _Share)
-from iocpnet._core import ClientService, Group, IocpCore, Reconnect, Session
+from iocpnet._core import ClientService, Group, IocpCore, LogBurst, Reconnect, Session
 from iocpnet.resp import RespError
 
 __all__ = ["RedisBackplane", "RedisAddress", "parse_redis_url"]
@@ -176,6 +177,7 @@ class RedisBackplane(_Presence):
         self.recovered = 0                # own messages delivered here after a loss
         self.outages = 0
         self.bad_messages = 0
+        self._bad_log = LogBurst(core, "bad messages from redis")
 
     def __repr__(self) -> str:
         return (f"<RedisBackplane {self.address.display()} {self._state} "
@@ -571,30 +573,58 @@ class RedisBackplane(_Presence):
             sub.Abort(f"{self.max_pending} of our messages not back{held}")
 
     def _on_message(self, channel: bytes, payload: bytes) -> None:
-        """A message on a shared group's channel (the subscriber's strand)."""
+        """A message on a shared group's channel (the subscriber's strand), contained:
+        whatever raises here (a member's Send past what the fan-out catches: a plain
+        session's MemoryError, an override's SystemExit; a bug) drops this message,
+        not the link.  Raised into OnRecv it dropped the subscriber as a failed hook,
+        an outage for every shared group, and the messages after it in that receive."""
+        try:
+            self._take_message(channel, payload)
+        except BaseException as e:      # what the core's hooks contain, as they do
+            tb = traceback.extract_tb(e.__traceback__)
+            where = f" at {tb[-1].filename}:{tb[-1].lineno}" if tb else ""
+            self._bad_message(logging.ERROR, channel, f"its delivery raised "
+                              f"{type(e).__name__}: {e}{where}")
+
+    def _take_message(self, channel: bytes, payload: bytes) -> None:
         if len(payload) < _HEADER.size or payload[0] != _VERSION:
-            with self._lock:
-                self.bad_messages += 1
-                first = "bad envelope" not in self._errors_logged
-                self._errors_logged.add("bad envelope")
-            if first:
-                log.warning("redis backplane: a message on %r without our envelope "
-                            "(dropped; published by something else?)", channel)
+            # Another client of this Redis publishing on our channel, or a newer
+            # iocpnet (its envelope is not ours to read: dropped, as junk is).
+            self._bad_message(logging.WARNING, channel, (
+                f"envelope version {payload[0]} (a newer iocpnet on the same Redis?)"
+                if len(payload) >= _HEADER.size else
+                f"not our envelope ({len(payload)} bytes; published by something "
+                f"else?)"))
             return
         _, flags, origin, seq = _HEADER.unpack_from(payload)
         exclude: Optional[Session] = None
         droppable = bool(flags & _DROPPABLE)
         with self._lock:
-            share = self._by_channel.get(channel)
-            if origin == self._origin:
+            if origin != self._origin:
+                share = self._by_channel.get(channel)
+            else:
+                # Ours goes to the group it was broadcast to, not to whichever has the
+                # channel now (a room closed and made again under its name while it was
+                # on its way: a closed group has nobody to hear it); and only if it is
+                # still pending (after a Close or a loss it was delivered here).
+                share = None
                 pending = self._pending
                 while pending and 0 < pending[0][0] <= seq:
                     entry = pending.popleft()
                     if entry[0] == seq:
-                        exclude = entry[3]
-            self.delivered += 1
+                        share, exclude = entry[1], entry[3]
+            if share is not None:
+                self.delivered += 1
         if share is not None:
             share.group._deliver(payload[_HEADER.size:], exclude, droppable)
+
+    def _bad_message(self, level: int, channel: bytes, why: str) -> None:
+        """Counted, and logged per burst: a peer publishing junk on our channels in a
+        loop must not make a line per message."""
+        with self._lock:
+            self.bad_messages += 1
+        self._bad_log.log(level, f"redis backplane: dropped a message on {channel!r}: "
+                                 f"{why}")
 
     def stats(self) -> Dict[str, Any]:
         """Figures: state, messages published, delivered from Redis, delivered here
