@@ -480,6 +480,45 @@ def test_published_broadcasts_not_back_are_bounded_by_max_pending(backend, redis
         m.close()
 
 
+def test_nothing_is_published_past_max_pending(backend, redis_server, nodes):
+    """max_pending bounds our messages published (or held) and not back.  At the bound
+    the subscriber was aborted, but the state stayed UP until a worker handled the
+    link's end: every broadcast meanwhile was still PUBLISHed to the stalled Redis and
+    kept in `_pending` (under ASan 111 were published for max_pending 50).  Here the
+    worker is slowed where it handles the loss (a second), so the broadcasts all come
+    before it: none past the bound is published, and all are delivered here, once, in
+    order."""
+    r = redis_server()
+    (a,) = nodes(r.url(), n=1, timeout=30.0, max_pending=50)
+    sharing(a)
+    m = Client(a, "m")
+    link_down = a.bp._link_down
+
+    def slow_link_down(link, reason):
+        if link.index == 1:                  # the subscriber: its end is handled late
+            time.sleep(1.0)
+        link_down(link, reason)
+
+    a.bp._link_down = slow_link_down
+    before = a.bp.stats()
+    r.proc.send_signal(signal.SIGSTOP)
+    try:
+        n = 200
+        for k in range(n):
+            a.group.Broadcast(f"bounded {k}\n".encode())
+        st = a.bp.stats()
+        assert st["published"] - before["published"] <= 50, st
+        assert m.lines(n, timeout=10) == [f"bounded {k}" for k in range(n)]
+        assert m.quiet()
+        st = a.bp.stats()
+        assert st["published"] - before["published"] <= 50, st
+        assert_recovered_here(before, st, n, 50)
+    finally:
+        r.proc.send_signal(signal.SIGCONT)
+        del a.bp._link_down
+        m.close()
+
+
 def test_presence_follows_joins_renames_leaves_and_closes(backend, redis_server, nodes):
     r = redis_server()
     a, b = nodes(r.url())

@@ -43,11 +43,12 @@ States (``_state``, under ``_lock``):
   A group shared while UP holds its broadcasts (``_Share.held``) until its own
   SUBSCRIBE is confirmed, then publishes them: published before we listen, a message
   would never come back to our own members.  Held and pending count together against
-  ``max_pending``.
-- ``DRAINING``: a link was lost while UP or SYNCING.  The other is aborted; until the
-  subscriber has ended (no more deliveries can come from it), new broadcasts queue
-  behind ``_pending``.  Then every message of ours that did not come back (held or
-  pending) is delivered here, in order, and the state is DOWN.  So the members of this
+  ``max_pending``: at the bound the state is DRAINING at once (nothing more is
+  published) and both links are aborted.
+- ``DRAINING``: a link was lost while UP or SYNCING, or max_pending was reached.  The
+  other is aborted; until the subscriber has ended (no more deliveries can come from
+  it), new broadcasts queue behind ``_pending``.  Then every message of ours that did
+  not come back (held or pending) is delivered here, in order, and the state is DOWN.  So the members of this
   server lose none of its own messages in an outage and hear each once; what other
   servers published while the link was down is lost (Redis pub/sub keeps nothing).
 - ``CLOSED``: ``Close()`` was called; local delivery only.
@@ -111,9 +112,11 @@ class RedisBackplane(_Presence):
     listed.  ``timeout``: a link with a command unanswered that long is declared dead
     (default: ``max(2 * presence_ttl, 2)``); so is a subscriber that leaves
     ``max_pending`` of our messages unreturned (published, or held for a group's
-    SUBSCRIBE not yet confirmed).  Until then a link holds up to 64 MiB
-    that Redis has not read yet (its ``send_queue_limit``; a session's is 4 MiB): a
-    burst of broadcasts, or Redis pausing for a moment, is no outage.  ``prefix``: keys
+    SUBSCRIBE not yet confirmed): no more than that is ever published and not back,
+    and what is broadcast after it is delivered here, after them.  Until then a link
+    holds up to 64 MiB that Redis has not read yet (its ``send_queue_limit``; a
+    session's is 4 MiB): a burst of broadcasts, or Redis pausing for a moment, is no
+    outage.  ``prefix``: keys
     and channels are named ``<prefix>:...`` (channels also carry the db number: Redis
     pub/sub ignores dbs).
     """
@@ -167,6 +170,7 @@ class RedisBackplane(_Presence):
         self._down_since: Optional[float] = time.monotonic()
         self._outage_logged = False       # this outage's line was logged
         self._loss_logged = False         # "lost the ... connection" was logged
+        self._stall: Optional[str] = None  # why we ended the links at max_pending
         self._errors_logged: Set[str] = set()
         self._tick_timer: Any = None
         self._service: Optional[ClientService] = None
@@ -358,6 +362,7 @@ class RedisBackplane(_Presence):
         self._down_since = None
         logged = self._outage_logged or self._loss_logged
         self._outage_logged = self._loss_logged = False
+        self._stall = None
         if logged and down is not None:
             log.warning("redis backplane: sharing again through %s (after %.1f s)",
                         self.address.display(), time.monotonic() - down)
@@ -384,6 +389,13 @@ class RedisBackplane(_Presence):
             if self._outage_logged or self._loss_logged or self._state == CLOSED:
                 return
             self._loss_logged = True
+            stall, self._stall = self._stall, None
+        if stall is not None:
+            log.warning("redis backplane: stopped sharing through %s (%s): Redis, or "
+                        "this server's subscriber connection, stalled; both connections "
+                        "start again, and this server delivers to its own members until "
+                        "sharing is back", self.address.display(), stall)
+            return
         why = (": Redis stopped, or dropped a subscriber that fell behind (its "
                "client-output-buffer-limit for pubsub: are the workers too busy to "
                "read?)" if link.index == _SUB else "")
@@ -404,11 +416,7 @@ class RedisBackplane(_Presence):
                 self._count_failure_locked(link)
             was_ready, link.ready = link.ready, False
             if self._state in (UP, SYNCING) and was_ready:
-                if self._state == UP:
-                    self.outages += 1
-                self._state = DRAINING
-                self._incarnation = None
-                self._down_since = time.monotonic()
+                self._begin_draining_locked()
                 other = self._links[1 - link.index]
                 # Deliveries end when the subscriber has: wait for it if it is not
                 # this one.
@@ -561,16 +569,32 @@ class RedisBackplane(_Presence):
 
     def _check_backlog_locked(self) -> None:
         """Our messages not back yet, published or held for a SUBSCRIBE, reached
-        max_pending: the subscriber stalled (or Redis did).  Memory stays bounded: the
-        links are started again and these are delivered here.  (Held ones alone were
-        bounded only by `timeout`, however fast they came.)"""
+        max_pending: the subscriber stalled (or Redis did).  From this moment nothing
+        more is published (DRAINING: later broadcasts queue behind these), both links
+        are started again, and these are delivered here once the subscriber has ended.
+        (Aborted but still UP until a worker handled the end, it went on publishing
+        past the bound; held ones alone were bounded only by `timeout`.)"""
         if self._held + len(self._pending) < self.max_pending:
             return
-        sub = self._links[_SUB]
-        if sub is not None:
-            held = (f" ({self._held} of them held for a SUBSCRIBE not confirmed)"
-                    if self._held else "")
-            sub.Abort(f"{self.max_pending} of our messages not back{held}")
+        sub, cmd = self._links[_SUB], self._links[_CMD]
+        if self._state != UP or sub is None:
+            return
+        held = (f" ({self._held} of them held for a SUBSCRIBE not confirmed)"
+                if self._held else "")
+        why = f"{self.max_pending} of our messages not back{held}"
+        self._begin_draining_locked()
+        self._draining_sub = sub          # deliveries end when it has ended
+        self._stall = why
+        sub.Abort(why)
+        if cmd is not None:
+            cmd.Abort(why)
+
+    def _begin_draining_locked(self) -> None:
+        if self._state == UP:
+            self.outages += 1
+        self._state = DRAINING
+        self._incarnation = None
+        self._down_since = time.monotonic()
 
     def _on_message(self, channel: bytes, payload: bytes) -> None:
         """A message on a shared group's channel (the subscriber's strand), contained:
