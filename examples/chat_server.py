@@ -146,6 +146,8 @@ class ChatServer:
         # write at will: per burst (iocpnet.LogBurst: 5 in full, then a count), one
         # LogBurst per kind, made on first use (on the sessions' core).
         self._log_bursts: Dict[str, iocpnet.LogBurst] = {}
+        # Its own lock: a LogBurst may be wanted while `lock` is held (a join's answer).
+        self._log_bursts_lock = threading.Lock()
         self.say_limit = RateLimit("messages", say_rate, say_burst)
         self.query_limit = RateLimit("questions", query_rate, query_burst)
         self.join_limit = RateLimit("joins", join_rate, join_burst)
@@ -155,7 +157,7 @@ class ChatServer:
         if burst is None:
             service = session.service
             assert service is not None          # a session in a hook has one
-            with self.lock:
+            with self._log_bursts_lock:
                 burst = self._log_bursts.get(what)
                 if burst is None:
                     burst = self._log_bursts[what] = iocpnet.LogBurst(
@@ -232,11 +234,11 @@ class ChatServer:
             session.rooms.add(name)
             room.Broadcast(proto.joined(name, session.nick))
             if room.backplane is None:
-                session.Send(proto.who_list(name, room.names))
+                self.answer_who(session, name, room.names)
             else:
                 # Every server's members: answered when Redis has (after the S_JOINED
                 # of the members here, maybe before the echo of this one's own).
-                room.Who(lambda names: session.Send(proto.who_list(name, names)))
+                room.Who(lambda names: self.answer_who(session, name, names))
         log.info("%s joined %s", session.nick, name)
         return None
 
@@ -291,12 +293,32 @@ class ChatServer:
             session.Send(proto.error(f"invalid room name {name!r:.80}"))
             return
         if self.backplane is not None:
-            self.backplane.Who(name, lambda names: session.Send(proto.who_list(name, names)))
+            self.backplane.Who(name, lambda names: self.answer_who(session, name, names))
             return
         with self.lock:
             room = self.rooms.get(name)
             names = room.names if room is not None else []
-        session.Send(proto.who_list(name, names))
+        self.answer_who(session, name, names)
+
+    def answer_who(self, session: ChatSession, room: str, names: List[str]) -> None:
+        """S_WHO with the names the protocol allows.  Every server takes only such nicks,
+        but with Redis the list is what the shared presence holds, and anything that
+        writes there (another application, a peer writing the hash) may have put a name
+        over 32 bytes, with spaces, or with an escape sequence for the asker's terminal:
+        left out, and the asker told how many."""
+        session.Send(proto.who_list(room, names))
+        left_out = [n for n in names if not proto.valid_name(n)]
+        if left_out:
+            k = len(left_out)
+            session.Send(proto.error(
+                f"WHO {room}: {k} name{'s' if k != 1 else ''} left out (not nicks: 1 to "
+                f"{proto.MAX_NAME_BYTES} bytes, printable, no spaces)"))
+            if session.service is not None:
+                self.log_burst(session, "WHO answers leaving names out").log(
+                    logging.WARNING,
+                    f"{k} names in the shared presence that are not nicks left out of "
+                    f"a WHO of {room} (the first: {left_out[0]!r:.80}); written to Redis "
+                    f"by something other than a chat server?")
 
     def gone(self, session: ChatSession) -> None:
         """The session ended: out of every room, and its nick is free again."""

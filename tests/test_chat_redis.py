@@ -231,12 +231,15 @@ def test_a_password_in_the_url(backend, redis_server, servers):
         y.close()
 
 
-def test_who_leaves_out_a_name_the_protocol_cannot_carry(backend, redis_server, servers):
-    """WHO lists every server's members as Redis has them, and Redis may hold a name
-    longer than a str8's 255 bytes: another application on the same Redis, or a server
-    whose Group.Add took a long name.  proto.who_list raised in the Who callback
-    (logged), and the asker was never answered.  Such a name is left out (the list's
-    count says how many are listed); the others are answered."""
+def test_who_lists_only_names_the_protocol_allows(backend, redis_server, servers):
+    """WHO lists every server's members as Redis has them, and Redis may hold names no
+    chat server takes (1 to 32 bytes, printable, no spaces): another application on the
+    same Redis, or a peer writing the presence hash directly.  A name over a str8's 255
+    bytes made proto.who_list raise in the Who callback (the asker never answered),
+    then was left out silently; one of 33 to 255 bytes, with a space or an escape
+    sequence (for the asker's terminal) was listed.  Now WHO lists only the names the
+    protocol allows, and an S_ERROR says how many it left out; the server logs them
+    per burst."""
     r = redis_server()
     ((a, pa),) = servers(r.url(), n=1)
     x = Chatter(pa)
@@ -244,10 +247,16 @@ def test_who_leaves_out_a_name_the_protocol_cannot_carry(backend, redis_server, 
         x.join()
         # Another server's presence, written as the backplane writes it: a live
         # incarnation (its alive key) and its fields in the room's hash.
+        bad = ["\u00e9" * 200, "n" * 33, "two words", "\x1b[2Jcleared"]
+        fields = []
+        for k, name in enumerate(bad + ["ok-name"]):
+            fields += [f"other.1|{k:08x}", name]
         assert r.command("SET", "iocpnet:alive:other.1", "1", "PX", 60000) == "OK"
-        assert r.command("HSET", f"iocpnet:who:{ROOM}", "other.1|00000001", "\u00e9" * 200,
-                         "other.1|00000002", "ok-name") == 2
+        assert r.command("HSET", f"iocpnet:who:{ROOM}", *fields) == len(bad) + 1
         assert x.who() == sorted([x.nick, "ok-name"])
+        reason = proto.Reader(x.until(proto.S_ERROR)).text()
+        assert reason.startswith(f"WHO {ROOM}: {len(bad)} names left out"), reason
+        a.wait_for_line(r"names in the shared presence that are not nicks")
         # A room name no room can have, as long: an error, not a raise.
         x.sock.sendall(proto.who("r" * 300))
         assert proto.Reader(x.until(proto.S_ERROR)).text().startswith("invalid room name")

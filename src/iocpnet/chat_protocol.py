@@ -215,16 +215,16 @@ def room_list(entries: List[Tuple[str, int]]) -> bytes:
 
 def who_list(room: str, names: List[str]) -> bytes:
     """S_WHO; a list too long for one packet is cut (n says how many are listed).  A
-    name longer than a str8 carries is left out: with Redis the names are every
-    server's, whatever their Group.Add took (or another application on that Redis)."""
+    name that is not a nick (``valid_name``) is left out: with Redis the names are
+    every server's, whatever wrote them there (the chat server tells the asker how many
+    it left out)."""
     head = pack_str8(room)
     parts: List[bytes] = []
     size = len(head) + 2
     for n in names:
-        try:
-            part = pack_str8(n)
-        except ValueError:
+        if not valid_name(n):
             continue
+        part = pack_str8(n)
         if size + len(part) > _ROOM_FOR_LISTS:
             break
         parts.append(part)
