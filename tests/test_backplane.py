@@ -408,6 +408,38 @@ def test_our_message_to_a_group_closed_on_its_way_reaches_only_that_group(
         m.close()
 
 
+def test_a_forged_message_in_our_envelope_costs_no_message_of_ours(backend,
+                                                                   redis_server, nodes):
+    """Another client of the Redis can learn this server's id (CLIENT LIST shows the
+    links' names) and publish in its envelope.  A sequence number ahead of ours took
+    every message of ours still on its way for answered: the forged one was delivered,
+    and ours, when they came back, were no longer known as ours (delivered to their
+    sender too) or, after a loss, not delivered here at all.  A message in our envelope
+    that is not one of ours on its way is dropped, and ours stay pending."""
+    r = redis_server()
+    (a,) = nodes(r.url(), n=1, timeout=30.0)
+    sharing(a)
+    m, s = Client(a, "m"), Client(a, "s")
+    channel = a.bp._channel(ROOM)
+    envelope = struct.Struct("<BB8sQ")
+    r.proc.send_signal(signal.SIGSTOP)      # ours waits in Redis's socket
+    try:
+        s.send("sayx mine")
+        wait_for(lambda: a.bp.stats()["pending"] == 1, message="ours on its way")
+        # As the subscriber would deliver it (the subscriber is idle: Redis stopped).
+        a.bp._on_message(channel, envelope.pack(1, 0, a.bp._origin, 1 << 40) +
+                         b"forged\n")
+        assert a.bp.stats()["pending"] == 1
+        r.proc.send_signal(signal.SIGCONT)
+        assert m.line() == "mine"
+        assert m.quiet() and s.quiet()
+        assert a.bp.stats()["outages"] == 0
+    finally:
+        r.proc.send_signal(signal.SIGCONT)
+        m.close()
+        s.close()
+
+
 def assert_recovered_here(before, st, n, max_pending):
     """Every one of the n broadcasts made since `before` (figures) was delivered here,
     none through Redis: those not back when the subscriber was started again (at least

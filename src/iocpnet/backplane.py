@@ -630,13 +630,18 @@ class RedisBackplane(_Presence):
                 # Ours goes to the group it was broadcast to, not to whichever has the
                 # channel now (a room closed and made again under its name while it was
                 # on its way: a closed group has nobody to hear it); and only if it is
-                # still pending (after a Close or a loss it was delivered here).
+                # still pending (after a Close or a loss it was delivered here; or it is
+                # forged: our id is in CLIENT LIST).  Normally the first pending; one
+                # further on means those before it will not come (a PUBLISH refused).
                 share = None
                 pending = self._pending
-                while pending and 0 < pending[0][0] <= seq:
-                    entry = pending.popleft()
-                    if entry[0] == seq:
-                        share, exclude = entry[1], entry[3]
+                if seq > 0 and pending and (pending[0][0] == seq or (
+                        0 < pending[0][0] < seq and any(e[0] == seq for e in pending))):
+                    while True:
+                        entry = pending.popleft()
+                        if entry[0] == seq:
+                            share, exclude = entry[1], entry[3]
+                            break
             if share is not None:
                 self.delivered += 1
         if share is not None:
