@@ -387,7 +387,8 @@ def test_our_message_to_a_group_closed_on_its_way_reaches_only_that_group(
     old = iocpnet.Group(a.core, "again", backplane=a.bp)
     new = None
     assert old.Add(session, name="m")
-    wait_for(lambda: old.Who().result(10) == ["m"], message="the old group shared")
+    # Its SUBSCRIBE confirmed: until then its broadcasts are held, not published.
+    wait_for(lambda: a.bp._shares["again"].subscribed, message="the old group shared")
     r.proc.send_signal(signal.SIGSTOP)      # its PUBLISH waits in Redis's socket
     try:
         old.Broadcast(b"said to the old one\n")
