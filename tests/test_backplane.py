@@ -441,6 +441,38 @@ def test_a_forged_message_in_our_envelope_costs_no_message_of_ours(backend,
         s.close()
 
 
+def test_the_links_are_ended_at_max_pending_outside_the_backplanes_lock(
+        backend, redis_server, nodes):
+    """A link's Abort may run its OnDisconnected at once, in the caller (the core does
+    when nothing of the link's is in flight: its port shut down), and that takes the
+    backplane's lock: the design aborts links only outside it (the refresh tick, a lost
+    link's partner).  The abort at max_pending was made under it, from whichever
+    thread broadcast: a deadlock waiting for the moment.  Here each link's Abort looks
+    whether the lock is free."""
+    r = redis_server()
+    (a,) = nodes(r.url(), n=1, timeout=30.0, max_pending=5)
+    sharing(a)
+    m = Client(a, "m")
+    seen = []
+    for link in a.bp._links:
+        def abort(reason, link=link, real=link.Abort):
+            free = a.bp._lock.acquire(timeout=2)
+            if free:
+                a.bp._lock.release()
+            seen.append((link.index, free))
+            return real(reason)
+        link.Abort = abort
+    r.proc.send_signal(signal.SIGSTOP)
+    try:
+        for k in range(10):
+            a.group.Broadcast(f"k{k}\n".encode())
+        assert m.lines(10) == [f"k{k}" for k in range(10)]
+        assert sorted(seen) == [(0, True), (1, True)], seen
+    finally:
+        r.proc.send_signal(signal.SIGCONT)
+        m.close()
+
+
 def assert_recovered_here(before, st, n, max_pending):
     """Every one of the n broadcasts made since `before` (figures) was delivered here,
     none through Redis: those not back when the subscriber was started again (at least

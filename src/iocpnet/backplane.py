@@ -48,15 +48,17 @@ States (``_state``, under ``_lock``):
 - ``DRAINING``: a link was lost while UP or SYNCING, or max_pending was reached.  The
   other is aborted; until the subscriber has ended (no more deliveries can come from
   it), new broadcasts queue behind ``_pending``.  Then every message of ours that did
-  not come back (held or pending) is delivered here, in order, and the state is DOWN.  So the members of this
-  server lose none of its own messages in an outage and hear each once; what other
-  servers published while the link was down is lost (Redis pub/sub keeps nothing).
+  not come back (held or pending) is delivered here, in order, and the state is DOWN.
+  So the members of this server lose none of its own messages in an outage and hear
+  each once; what other servers published while the link was down is lost (Redis
+  pub/sub keeps nothing).
 - ``CLOSED``: ``Close()`` was called; local delivery only.
 
 Locks.  ``RedisBackplane._lock`` (a threading.Lock) guards the state, the links, the
 shares and their presence entries, ``_pending`` and the figures.  It is held while
 queueing commands (``_Link.call`` takes the link's lock inside it: order bp lock, then
-link lock), never while a group fans out or a user callback runs.  Group calls
+link lock), never while a group fans out or a user callback runs, nor while a link is
+aborted (its OnDisconnected may run at once, in the caller, and takes it).  Group calls
 ``_share``, ``_publish``, ``_joined``, ``_left`` and ``_unshare`` without holding any
 lock of its own.  The links' replies run on their strands; callbacks take ``_lock``
 themselves.
@@ -171,6 +173,7 @@ class RedisBackplane(_Presence):
         self._outage_logged = False       # this outage's line was logged
         self._loss_logged = False         # "lost the ... connection" was logged
         self._stall: Optional[str] = None  # why we ended the links at max_pending
+        self._aborts: List[Tuple[_Link, str]] = []   # links to end once the lock is free
         self._errors_logged: Set[str] = set()
         self._tick_timer: Any = None
         self._service: Optional[ClientService] = None
@@ -349,6 +352,8 @@ class RedisBackplane(_Presence):
                     if cmd is not None:
                         for data, exclude, droppable in held:
                             self._publish_locked(cmd, share, data, exclude, droppable)
+            if self._aborts:
+                self._end_stalled_links()
         return done
 
     def _sync_step_locked(self) -> None:
@@ -533,26 +538,31 @@ class RedisBackplane(_Presence):
 
     def _publish(self, group: Group, data: bytes, exclude: Optional[Session],
                  droppable: bool) -> int:
-        with self._lock:
-            share = self._shares.get(_name(group))
-            state = self._state
-            if share is not None and share.group is group:
-                if state == UP:
-                    if share.subscribed:
-                        cmd = self._links[_CMD]
-                        if cmd is not None:
-                            self._publish_locked(cmd, share, data, exclude, droppable)
+        try:
+            with self._lock:
+                share = self._shares.get(_name(group))
+                state = self._state
+                if share is not None and share.group is group:
+                    if state == UP:
+                        if share.subscribed:
+                            cmd = self._links[_CMD]
+                            if cmd is not None:
+                                self._publish_locked(cmd, share, data, exclude,
+                                                     droppable)
+                                return _local_count(group, exclude)
+                        else:
+                            share.held.append((data, exclude, droppable))
+                            self._held += 1
+                            self._check_backlog_locked()
                             return _local_count(group, exclude)
-                    else:
-                        share.held.append((data, exclude, droppable))
-                        self._held += 1
-                        self._check_backlog_locked()
+                    elif state == DRAINING:
+                        self._pending.append((0, share, data, exclude, droppable))
                         return _local_count(group, exclude)
-                elif state == DRAINING:
-                    self._pending.append((0, share, data, exclude, droppable))
-                    return _local_count(group, exclude)
-            self.delivered_locally += 1
-        return int(group._deliver(data, exclude, droppable))
+                self.delivered_locally += 1
+            return int(group._deliver(data, exclude, droppable))
+        finally:
+            if self._aborts:              # read without the lock: a hint, taken under it
+                self._end_stalled_links()
 
     def _publish_locked(self, cmd: _Link, share: _Share, data: bytes,
                         exclude: Optional[Session], droppable: bool) -> None:
@@ -585,9 +595,19 @@ class RedisBackplane(_Presence):
         self._begin_draining_locked()
         self._draining_sub = sub          # deliveries end when it has ended
         self._stall = why
-        sub.Abort(why)
+        self._aborts.append((sub, why))
         if cmd is not None:
-            cmd.Abort(why)
+            self._aborts.append((cmd, why))
+
+    def _end_stalled_links(self) -> None:
+        """The aborts _check_backlog_locked asked for, made once the lock is free, as
+        every Abort of a link is: it may run the link's OnDisconnected at once, in this
+        thread (the core does when nothing of the link's is in flight), and that takes
+        the lock."""
+        with self._lock:
+            aborts, self._aborts = self._aborts, []
+        for link, why in aborts:
+            link.Abort(why)
 
     def _begin_draining_locked(self) -> None:
         if self._state == UP:
