@@ -9,6 +9,7 @@ import collections
 import itertools
 import logging
 import os
+import re
 import socket
 import struct
 import threading
@@ -267,6 +268,54 @@ def test_log_burst_for_an_application_s_own_lines(backend, caplog):
         core.Close(5)
         if worker is not None:
             worker.join(10)
+
+
+def test_log_burst_flush_writes_the_count_now(backend, caplog):
+    """LogBurst.flush(): an application that shuts down its own way (or wants the count
+    now) writes what the burst holds without waiting for the core's timer (no worker
+    runs here, so the timer never fires).  Idempotent, nothing written when nothing is
+    held, and safe from several threads at once: every event is counted exactly once."""
+    app = logging.getLogger("test_limits.flush")
+    caplog.set_level(logging.INFO, logger="test_limits.flush")
+    counted = re.compile(r"\.\.\. and (\d+) more bad requests in the last [\d.]+ s "
+                         r"\(the last: bad request \S+\)$")
+
+    def counts():
+        return [int(m.group(1)) for m in map(counted.match, caplog.messages) if m]
+
+    core = iocpnet.IocpCore(backend)
+    try:
+        burst = iocpnet.LogBurst(core, "bad requests", 2, logger=app)
+        assert burst.flush() is False and caplog.messages == []    # nothing held
+        for k in range(5):
+            burst.log(logging.WARNING, f"bad request {k}")
+        assert burst.flush() is True
+        assert counts() == [3]
+        assert caplog.messages[-1].endswith("(the last: bad request 4)")
+        assert burst.flush() is False and counts() == [3]          # idempotent
+        # The burst goes on (it ends once quiet for a second): still counted.
+        assert burst.log(logging.INFO, "bad request 5") is False
+        assert burst.flush() is True and counts() == [3, 1]
+
+        n_threads, per_thread = 4, 200
+        start = threading.Barrier(n_threads)
+
+        def hammer(t):
+            start.wait(10)
+            for k in range(per_thread):
+                burst.log(logging.INFO, f"bad request {t}.{k}")
+                if k % 7 == 0:
+                    burst.flush()
+
+        threads = [threading.Thread(target=hammer, args=(t,)) for t in range(n_threads)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        burst.flush()
+        assert sum(counts()) == 3 + 1 + n_threads * per_thread, counts()
+    finally:
+        core.Close(5)
 
 
 def test_packet_flooder_is_cut_by_its_message_rate(server, caplog_iocpnet):

@@ -715,8 +715,8 @@ class LogBurst:
     ``log(level, msg)`` from any thread: the first ``lines`` of a burst are logged in
     full; the rest are counted, and the count is written once the burst has been quiet
     for a second (and once a minute while it lasts) as ``... and K more <what> in the
-    last T s (the last: <msg>)``, at the highest level among them.  ``what`` is plural
-    ("malformed packets").  ``logger``: default iocpnet's.  The library's own such lines
+    last T s (the last: <msg>)``, at the highest level among them; ``flush()`` writes
+    it at once.  ``what`` is plural ("malformed packets").  ``logger``: default iocpnet's.  The library's own such lines
     (failed TLS handshakes, bad packets, rate limit cuts...) go through one per service
     and kind."""
 
@@ -725,6 +725,12 @@ class LogBurst:
     def log(self, level: int, msg: str) -> bool:
         """Log `msg` at `level`: in full while this burst lets it through (True), else
         counted in the burst's line (False)."""
+    def flush(self) -> bool:
+        """Write the count of what this burst holds now (any thread): True if a line
+        was written, False if nothing was held (so a second flush writes nothing).
+        For an application that shuts down its own way: the core's timer may never
+        write it.  The burst goes on: later lines are still counted until it is quiet
+        for a second."""
 
 @final
 class Listener(IocpObject):

@@ -521,8 +521,8 @@ cdef class LogBurst:
     thread: the first ``lines`` of a burst are logged in full; the rest are counted,
     and the count is written once the burst has been quiet for a second (and once a
     minute while it lasts) as ``... and K more <what> in the last T s (the last:
-    <msg>)``, at the highest level among them.  ``what`` is plural ("malformed
-    packets").  ``logger``: a ``logging.Logger`` (default: iocpnet's).  The library's
+    <msg>)``, at the highest level among them; ``flush()`` writes it at once.
+    ``what`` is plural ("malformed packets").  ``logger``: a ``logging.Logger`` (default: iocpnet's).  The library's
     own such lines (failed TLS handshakes, bad packets, rate limit cuts...) go through
     one per service and kind."""
     cdef object core             # IocpCore: its timer writes the count
@@ -580,16 +580,22 @@ cdef class LogBurst:
             self._start_tick()
         return full
 
-    cdef void flush(self) noexcept:
-        """Write the count now (the service stops, the listener closes): the tick may
-        never run once the core closes."""
+    cpdef bint flush(self) noexcept:
+        """Write the count of what this burst holds now, from any thread; True if a
+        count line was written (nothing is held: nothing written, so a second flush is
+        a no-op).  For an application that shuts down its own way or wants the figure
+        now (the library's own: the service stops, the listener closes), since the
+        core's timer may never run again.  The burst itself goes on: lines keep being
+        counted until it has been quiet for a second."""
         try:
             with self.lock:
                 level, line = self._count_line(port_monotonic_ms())
             if line is not None:
                 self._logger.log(level, "%s", line)
+                return True
         except BaseException:
             logger.exception("logging the count of %s failed", self.what)
+        return False
 
     cdef tuple _count_line(self, int64_t now):
         """(under lock) The count line (None if nothing was counted), and a fresh count."""
