@@ -231,6 +231,58 @@ def test_broadcast_calls_a_subclass_send(server):
     wait_for(lambda: len(g) == 0)
 
 
+def test_two_groups_whose_members_send_into_each_other_do_not_deadlock(server):
+    """A member class whose own Send broadcasts into another group (a relay between two
+    rooms), both groups broadcasting at once from two threads: each fan-out is inside a
+    member's Send of one group when it broadcasts into the other.  A group that held an
+    order lock across its members' Sends deadlocked here (each thread waiting for the
+    lock the other holds).  Both must end, and every member still hears its group's
+    messages in one order: the relayed one after the one being fanned out."""
+    inside = threading.Barrier(2, timeout=10)
+    groups = {}
+
+    class Relay(iocpnet.Session):
+        other = None
+
+        def Send(self, data):
+            if bytes(data) == b"go|":
+                inside.wait()          # both fan-outs are now inside a member's Send
+                groups[self.other].Broadcast(b"to-" + self.other.encode() + b"|")
+            return super().Send(data)
+
+    srv = server(Relay)
+    groups["a"] = iocpnet.Group(srv.core, "a")
+    groups["b"] = iocpnet.Group(srv.core, "b")
+    socks = {name: connect(srv.address) for name in "ab"}
+    wait_for(lambda: srv.service.session_count == 2)
+    by_port = {s.address[1]: s for s in srv.service.sessions}
+    for name, sock in socks.items():
+        session = by_port[sock.getsockname()[1]]
+        session.other = "b" if name == "a" else "a"
+        assert groups[name].Add(session)
+    took = {}
+
+    def broadcast(name):
+        took[name] = groups[name].Broadcast(b"go|")
+
+    threads = [threading.Thread(target=broadcast, args=(n,), daemon=True) for n in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    stuck = [t.name for t in threads if t.is_alive()]
+    assert not stuck, "two groups broadcasting into each other deadlocked"
+    assert took == {"a": 1, "b": 1}
+    # Each member: its own group's message, then the one relayed into its group from the
+    # other's fan-out (queued while this group's fan-out was under way).
+    assert recv_exactly(socks["a"], 8) == b"go|to-a|"
+    assert recv_exactly(socks["b"], 8) == b"go|to-b|"
+    for sock in socks.values():
+        sock.close()
+    wait_for(lambda: len(groups["a"]) + len(groups["b"]) == 0)
+    groups.clear()
+
+
 # ---- strands: what runs where ------------------------------------------------------------
 
 def test_session_timers_and_jobs_never_run_beside_its_hooks(server):

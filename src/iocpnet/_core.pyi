@@ -642,7 +642,10 @@ class Group(IocpObject):
         ``droppable=True`` (a state update the next one replaces) skips members whose
         send queue is above their ``send_queue_high`` mark, so a slow reader misses
         updates instead of reaching its ``send_queue_limit``.  Returns how many members
-        took it (a member closing, or over its send-queue limit, does not).
+        took it (a member closing, or over its send-queue limit, does not).  A
+        Broadcast made from inside a fan-out (a member's own ``Send`` that broadcasts,
+        to this group or another) does not wait for it: its message goes after the one
+        under way, and it returns how many members it is meant for.
 
         A shared group (``backplane=``) publishes the message to Redis and delivers it
         to the members here when it comes back on the group's channel, so that every

@@ -8,17 +8,27 @@
 # (an `_Owned` record, strand.pxi).
 #
 # Broadcast order.  Every member hears the group's messages in one order, whichever
-# worker or thread broadcast them: `_order_lock` is held for the whole fan-out, so two
-# broadcasts never interleave, and each member's Send queues in call order.  It is a
-# re-entrant lock because a member's Send may run Python (a subclass's Send, a filter),
-# and that code may broadcast to the same group again; such a nested message reaches
-# the members not yet served before the outer one (the one case where the order is
-# that of the nesting, not of the calls).  The fan-out queues the same `bytes` object to
-# every member by reference: one message built once, whatever the room's size (a member
-# on TLS or WebSocket gets it through its own layers: Session._send, as Send does).  Why a
-# lock and not the group's strand: posting each broadcast to the strand would cost a
-# port round trip (latency) and an allocation per message, and the strand's order is no
-# better than the lock's; the lock is held only while queueing, never while sending.
+# worker or thread broadcast them: one thread at a time fans out a group's messages
+# (`_fanning`), each to every member before the next, so two broadcasts never
+# interleave and each member's Send queues in that order.  A Broadcast that finds a
+# fan-out under way queues its message behind it (`_queued`, under `_fan_lock`, a lock
+# held only around that list, never across a Send) and the thread fanning out sends it
+# next.  Nothing waits while holding the fan-out: a member's Send may run Python (a
+# subclass's Send, a filter) that broadcasts to this group or another, and an order
+# lock held across it deadlocked two groups whose members' Sends broadcast into each
+# other (each thread holding its group's lock, waiting for the other's).  So a
+# Broadcast made from inside a fan-out (this thread's, any group: `_group_fanouts`)
+# only queues its message and returns the number of members it is meant for (as a
+# shared group's does); any other caller waits until its message has gone out to every
+# member and gets how many took it, as before.  A waiter never fans out, and a thread
+# that fans out never waits, so no cycle of waits can form.  A message broadcast from
+# inside a fan-out of the same group comes after the one under way, for every member.
+# The fan-out queues the same `bytes` object to every member by reference: one message
+# built once, whatever the room's size (a member on TLS or WebSocket gets it through its
+# own layers: Session._send, as Send does).  Why not the group's strand: posting each
+# broadcast to the strand would cost a port round trip (latency) and an allocation per
+# message, and the strand's order is no better; here an uncontended Broadcast allocates
+# nothing and its caller sends at once.
 #
 # Membership.  `_lock` (a threading.Lock: held around tuple replacement only) guards
 # `_members` and `_closed`.  A session keeps the list of its groups in its `_Owned`
@@ -41,6 +51,21 @@
 
 cdef volatile int64_t _groups_alive = 0
 
+# This thread's fan-outs under way (`depth`, any group): a Broadcast made from inside
+# one queues its message and never waits for another thread's fan-out.
+_group_fanouts = threading.local()
+
+
+@cython.final
+cdef class _GroupMessage:
+    """A Broadcast queued behind the group's fan-out under way (Group._fan_out)."""
+    cdef bytes data
+    cdef object exclude
+    cdef bint droppable
+    cdef Py_ssize_t taken         # members that took it
+    cdef object error             # what its fan-out raised, raised again in the caller
+    cdef object done              # a held Lock, released once sent; None: nobody waits
+
 
 cdef class Group(IocpObject):
     """A set of sessions with a strand of its own: a room, a channel, a match.
@@ -58,7 +83,11 @@ cdef class Group(IocpObject):
     """
     cdef port_strand_t _strand
     cdef object _lock             # guards _members, _closed
-    cdef object _order_lock       # held for a whole Broadcast: one order per group
+    cdef PyThread_type_lock _fan_lock   # guards _fanning, _queued: never held across
+                                        # a Send, nor anything that can run Python
+    cdef bint _fanning            # a thread is fanning out this group's messages
+    cdef list _queued             # _GroupMessage: the broadcasts behind that fan-out
+    cdef list _spare              # an empty list for _queued (the fan-out's thread's)
     cdef tuple _members
     cdef dict _names              # member -> the name Add gave it (presence)
     cdef bint _closed
@@ -73,7 +102,11 @@ cdef class Group(IocpObject):
         self._members = ()
         self._names = {}
         self._lock = threading.Lock()
-        self._order_lock = threading.RLock()
+        self._fan_lock = PyThread_allocate_lock()
+        if self._fan_lock == NULL:
+            raise MemoryError()
+        self._queued = []
+        self._spare = []
         self._x = _Owned.__new__(_Owned)
         self._post_limit = DEFAULT_POST_QUEUE_LIMIT
         port_atomic_add64(&_groups_alive, 1)
@@ -100,6 +133,8 @@ cdef class Group(IocpObject):
         # Always (the port may be gone): it also frees the strand's wake-up record.
         port_strand_discard(self.core.port if self.core is not None else NULL,
                             &self._strand)
+        if self._fan_lock != NULL:
+            PyThread_free_lock(self._fan_lock)
         port_atomic_add64(&_groups_alive, -1)
 
     def __repr__(self):
@@ -244,6 +279,10 @@ cdef class Group(IocpObject):
         updates instead of reaching its ``send_queue_limit``.  Returns how many members
         took it (a member closing, or over its send-queue limit, does not; nor does one
         whose overridden Send raised: that is logged, and the others still hear it).
+        A Broadcast made from inside a fan-out (a member's own Send that broadcasts,
+        to this group or another) does not wait for it: its message is queued behind
+        the one under way and the return value is the number of members it is meant
+        for.
 
         A shared group (``backplane=``) publishes the message to Redis and delivers it
         to the members here when it comes back on the group's channel, so that every
@@ -262,6 +301,99 @@ cdef class Group(IocpObject):
         return self._fan_out(data, exclude, droppable)
 
     cdef Py_ssize_t _fan_out(self, bytes b, object exclude, bint droppable) except -1:
+        """Send `b` to every member, in the group's one order (see "Broadcast order"
+        above): at once if no fan-out is under way, else queued behind it."""
+        cdef _GroupMessage m = None
+        cdef Py_ssize_t n
+        cdef bint queued = False
+        depth = getattr(_group_fanouts, "depth", 0)
+        _take_lock(self._fan_lock)
+        if self._fanning:
+            # Made outside the lock: an allocation may run a collection, and so Python.
+            PyThread_release_lock(self._fan_lock)
+            m = _GroupMessage.__new__(_GroupMessage)
+            m.data = b
+            m.exclude = exclude
+            m.droppable = droppable
+            if depth == 0:
+                m.done = threading.Lock()
+                m.done.acquire()
+            _take_lock(self._fan_lock)
+            if self._fanning:
+                try:
+                    self._queued.append(m)  # may grow the list: no Python runs
+                except BaseException:
+                    PyThread_release_lock(self._fan_lock)
+                    raise
+                queued = True
+            else:
+                self._fanning = True
+        else:
+            self._fanning = True
+        PyThread_release_lock(self._fan_lock)
+        if queued:
+            if m.done is None:
+                # From inside a fan-out: waiting could close a cycle of waits.
+                return self._meant_for(exclude)
+            m.done.acquire()
+            if m.error is not None:
+                raise m.error
+            return m.taken
+        _group_fanouts.depth = depth + 1
+        try:
+            n = self._send_to_members(b, exclude, droppable)
+        finally:
+            try:
+                self._send_queued()
+            finally:
+                _group_fanouts.depth = depth
+        return n
+
+    cdef int _send_queued(self) except -1:
+        """(the thread fanning out) Send what was queued meanwhile, in order, until
+        nothing is; then let the next Broadcast fan out itself."""
+        cdef _GroupMessage m
+        cdef list batch
+        while True:
+            # An empty list for the queue's place, made outside the lock (None only
+            # after a batch that raised).
+            spare = self._spare if self._spare is not None else []
+            self._spare = None
+            _take_lock(self._fan_lock)
+            batch = self._queued
+            if batch:
+                self._queued = spare
+            else:
+                self._spare = spare
+                self._fanning = False
+            PyThread_release_lock(self._fan_lock)
+            if not batch:
+                return 0
+            for m in batch:
+                try:
+                    m.taken = self._send_to_members(m.data, m.exclude, m.droppable)
+                except BaseException as e:
+                    if m.done is None:
+                        logger.exception("a Broadcast to %r queued from inside a fan-out "
+                                         "failed", self)
+                    else:
+                        m.error = e        # raised again in the caller, who waits
+                finally:
+                    if m.done is not None:
+                        m.done.release()
+            m = None
+            batch.clear()           # outside the lock: freeing may run Python
+            self._spare = batch
+
+    cdef Py_ssize_t _meant_for(self, object exclude) except -1:
+        cdef Py_ssize_t n = 0
+        for s in self._snapshot():
+            if s is not exclude:
+                n += 1
+        return n
+
+    cdef Py_ssize_t _send_to_members(self, bytes b, object exclude,
+                                     bint droppable) except -1:
         """A member whose own Send raises is logged and skipped: the others still hear
         the message, and the error does not unwind into whoever broadcast (a hook of
         another session, which was disconnected for it; or the redis link delivering a
@@ -269,23 +401,22 @@ cdef class Group(IocpObject):
         good)."""
         cdef Session s
         cdef Py_ssize_t n = 0
-        with self._order_lock:
-            for s in self._snapshot():
-                if s is exclude:
-                    continue
-                if droppable and _send_queue_above_high(s):
-                    continue
-                if s._hooks.send_overridden:
-                    try:
-                        if s.Send(b):
-                            n += 1
-                    except Exception:
-                        logger.exception("Send of %r raised during %s (skipped)", s,
-                                         "a shared group's delivery"
-                                         if self.backplane is not None else
-                                         f"a Broadcast to {self!r}")
-                elif _send_data(s, b):
-                    n += 1
+        for s in self._snapshot():
+            if s is exclude:
+                continue
+            if droppable and _send_queue_above_high(s):
+                continue
+            if s._hooks.send_overridden:
+                try:
+                    if s.Send(b):
+                        n += 1
+                except Exception:
+                    logger.exception("Send of %r raised during %s (skipped)", s,
+                                     "a shared group's delivery"
+                                     if self.backplane is not None else
+                                     f"a Broadcast to {self!r}")
+            elif _send_data(s, b):
+                n += 1
         return n
 
     # ---- the group's strand ----
@@ -362,6 +493,15 @@ cdef _check_member_name(str name):
     except UnicodeEncodeError:
         raise ValueError(f"name {name!r} cannot be encoded as UTF-8 (a lone "
                          f"surrogate): member names are text") from None
+
+
+cdef inline void _take_lock(PyThread_type_lock lock) noexcept:
+    """A PyThread lock for a few instructions: no signal handler runs in its wait (a
+    KeyboardInterrupt cannot leave a fan-out marked as under way), and the wait lets go
+    of the GIL (the holder may need it)."""
+    if not PyThread_acquire_lock(lock, NOWAIT_LOCK):
+        with nogil:
+            PyThread_acquire_lock(lock, WAIT_LOCK)
 
 
 cdef void _forget_group(Session session, Group g) noexcept:
