@@ -94,8 +94,13 @@ class IocpObject:
     """An owner of port operations: the Listener, a Session, a job or a timer.
 
     The original's ``IocpObject::Dispatch(iocpEvent, numOfBytes)``: each completion is
-    routed to the object that submitted the operation.
+    routed to the object that submitted the operation.  It stands for native state:
+    ``copy.copy``, ``copy.deepcopy`` and pickling raise TypeError (as for an IocpCore,
+    a Service and a LogBurst).
     """
+
+    def __reduce_ex__(self, protocol: SupportsIndex, /) -> NoReturn:
+        """Refused (TypeError): a copy would share the native state."""
 
 @final
 class IocpCore:
@@ -104,9 +109,11 @@ class IocpCore:
 
     ``IocpCore(backend=None)`` picks the best backend this machine can run (io_uring,
     else epoll; IOCP on Windows); ``backend="epoll"`` or the ``IOCPNET_BACKEND``
-    environment variable forces one.
+    environment variable forces one.  Not copyable nor picklable (TypeError).
     """
 
+    def __reduce_ex__(self, protocol: SupportsIndex, /) -> NoReturn:
+        """Refused (TypeError): a copy would share the completion port."""
     # The arguments go to __cinit__, hence __new__ here.
     def __new__(
         cls,
@@ -725,6 +732,8 @@ class LogBurst:
 
     def __init__(self, core: IocpCore, what: str, lines: int = 5,
                  logger: logging.Logger | None = None) -> None: ...
+    def __reduce_ex__(self, protocol: SupportsIndex, /) -> NoReturn:
+        """Refused (TypeError): a copy would share the burst's count."""
     def log(self, level: int, msg: str) -> bool:
         """Log `msg` at `level`: in full while this burst lets it through (True), else
         counted in the burst's line (False)."""
@@ -886,6 +895,9 @@ class Service:
     ``service.GetIocpCore().Dispatch()``.  ``Run()`` does all of it and returns
     after ``Stop()``, SIGINT or SIGTERM, with a graceful shutdown.
     """
+
+    def __reduce_ex__(self, protocol: SupportsIndex, /) -> NoReturn:
+        """Refused (TypeError): a copy would share the listener and sessions."""
 
     def __init__(
         self,

@@ -549,6 +549,9 @@ cdef class LogBurst:
         self._logger = _logger_of(logger)
         self.lock = threading.Lock()
 
+    def __reduce_ex__(self, protocol):
+        _refuse_copy(self, "one burst's count, written by its core's timer")
+
     def log(self, int level, str msg):
         """Log `msg` at `level`: in full while this burst lets it through (returns
         True), else counted in the burst's line (False)."""

@@ -16,8 +16,16 @@ cdef extern from *:
     int64_t _ms_of_clock "iocpnet_ms_of_clock"(int64_t ns) nogil
 
 
+cdef object _refuse_copy(object obj, str what):
+    """copy.copy, copy.deepcopy and pickle all end in __reduce_ex__: a copy of an object
+    that stands for native state made a second one sharing it (copy.copy(service) did:
+    two services, one listener, one session set), or failed with Cython's own words."""
+    raise TypeError(f"{type(obj).__name__} cannot be copied or pickled: it stands for "
+                    f"{what}, which a copy would share; make a new one instead")
+
+
 cdef class IocpObject:
-    """An owner of port operations: the Listener, a Session, a job or a timer.
+    """An owner of port operations: the Listener, a Session, a Group, a job or a timer.
 
     The original's ``IocpObject::Dispatch(iocpEvent, numOfBytes)``: each completion is
     routed to the object that submitted the operation.
@@ -26,6 +34,10 @@ cdef class IocpObject:
 
     cdef void _dispatch(self, port_cqe_t *cqe) noexcept:
         pass
+
+    def __reduce_ex__(self, protocol):
+        _refuse_copy(self, "live native state (a socket, a strand, operations in "
+                           "flight on a completion port)")
 
 
 # The cores of this process (weakly): a child made by fork lets go of every one of them
@@ -161,6 +173,9 @@ cdef class IocpCore:
         self._forsaken = True
         self._closing = 1
         self._closed = 1
+
+    def __reduce_ex__(self, protocol):
+        _refuse_copy(self, "a completion port (a kernel object and its workers' state)")
 
     def _refuse_if_forsaken(self):
         """RuntimeError, saying why, if this core was inherited through fork()

@@ -219,6 +219,10 @@ cdef class Service:
         return (f"<{type(self).__name__} {self.listener!r} sessions={len(self._sessions)} "
                 f"backend={self.core.backend}>")
 
+    def __reduce_ex__(self, protocol):
+        _refuse_copy(self, "a service on a completion port (its listener, its "
+                           "sessions)")
+
     def GetIocpCore(self):
         return self.core
 
