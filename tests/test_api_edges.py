@@ -68,3 +68,95 @@ def test_copying_or_pickling_an_object_with_native_state_is_refused(server):
     finally:
         sock.close()
 
+
+# ---- calls after the end -------------------------------------------------------------------
+#
+# One rule per kind (guide, section 2, "After the end"):
+# - work handed to a session or a group that has ended (Send, Post, Broadcast, Add, ...)
+#   answers False / 0 / a Timer or Task already cancelled: it can end at any moment on
+#   another thread, so the caller cannot avoid the race (the C++ original's Send);
+# - starting work on a closed core or a stopped service (Start, Connect, core.Post,
+#   CallLater, Spawn) is a RuntimeError that says what is closed: the caller ended it;
+# - ending again (Close, Stop, Disconnect, Abort, Remove) does nothing.
+
+async def _nothing():
+    return None
+
+
+def _assert_owner_refuses_quietly(owner):
+    coro = _nothing()
+    try:
+        assert owner.Post(print) is False
+        for timer in (owner.CallLater(1, print), owner.CallEvery(1, print)):
+            assert timer.cancelled and not timer.active
+        task = owner.Spawn(coro)
+        assert task.cancelled()
+    finally:
+        coro.close()
+
+
+def test_an_ended_session_and_a_closed_group_answer_false(server):
+    srv = server(Member)
+    sock = connect(srv.address)
+    wait_for(lambda: srv.service.session_count == 1)
+    (session,) = srv.service.sessions
+    room = iocpnet.Group(srv.core, "room")
+    assert room.Add(session)
+    assert session.Disconnect("bye") is True
+    sock.close()
+    wait_for(lambda: srv.service.session_count == 0)
+    assert session.Send(b"x") is False
+    assert session.Disconnect() is False and session.Abort() is False
+    _assert_owner_refuses_quietly(session)
+    assert room.Add(session) is False           # ended: it joins nothing
+
+    other = connect(srv.address)
+    try:
+        wait_for(lambda: srv.service.session_count == 1)
+        (alive,) = srv.service.sessions
+        room.Close()
+        room.Close()                            # again: nothing
+        # A group closed on another thread while a player's join is under way: the
+        # join answers False, as for an ended player (it raised RuntimeError).
+        assert room.Add(alive) is False and alive not in room
+        assert room.Broadcast(b"x") == 0 and room.Remove(alive) is False
+        _assert_owner_refuses_quietly(room)
+        assert alive.Send(b"still\n") is True   # the session itself goes on
+    finally:
+        other.close()
+
+
+def test_a_closed_core_and_a_stopped_service_raise_runtime_error(backend):
+    core = iocpnet.IocpCore(backend)
+    service = iocpnet.Service(core, ("127.0.0.1", 0), Member, 1)
+    client = iocpnet.ClientService(core, ("127.0.0.1", 9), Member, 0)
+    client.Start()
+    client.Stop(5)
+    # A stopped client service connects no more (it said "the service is stopping").
+    with pytest.raises(RuntimeError, match=r"^ClientService is stopped: it makes no more "
+                                           r"connections \(make a new one\)$"):
+        client.Connect()
+    with pytest.raises(RuntimeError, match="stopped service cannot start again"):
+        client.Start()
+    client.Stop(5)                               # again: nothing
+    core.Close()
+    coro = _nothing()
+    try:
+        # Each of these was OSError('...: completion port is closed') or RuntimeError.
+        with pytest.raises(RuntimeError, match=r"^Post: the IocpCore is closed$"):
+            core.Post(print)
+        for call in (lambda: core.CallLater(1, print), lambda: core.CallEvery(1, print),
+                     lambda: core.Spawn(coro)):
+            with pytest.raises(RuntimeError, match="the IocpCore is closed"):
+                call()
+        with pytest.raises(RuntimeError, match=r"^listening on \('127.0.0.1', 0\): "
+                                               r"the IocpCore is closed$"):
+            service.Start()
+        fresh = iocpnet.ClientService(core, ("127.0.0.1", 9), Member, 0)
+        with pytest.raises(RuntimeError, match=r"^connect: the IocpCore is closed$"):
+            fresh.Connect()
+    finally:
+        coro.close()
+    assert core.Dispatch(0) == -1                # a worker's loop ends
+    core.Close()                                 # again: nothing
+    service.Stop(1)

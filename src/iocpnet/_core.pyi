@@ -196,7 +196,8 @@ class IocpCore:
     def Post(self, func: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]) -> None:
         """Run ``func(*args)`` on a worker thread (any thread may post).  Exceptions are
         logged; workers go on.  At most ``post_queue_limit`` jobs wait at once: past it
-        Post raises ``queue.Full``."""
+        Post raises ``queue.Full``.  On a closed core: RuntimeError (as ``CallLater``,
+        ``CallEvery`` and ``Spawn``)."""
 
     @property
     def post_queue_limit(self) -> int:
@@ -633,7 +634,9 @@ class Group(IocpObject):
     def __bool__(self) -> bool: ...
     def Add(self, session: Session, name: str | None = None) -> bool:
         """Make `session` a member (any thread).  Returns True if it joined, False if it
-        was already a member or is not connected (it joins nothing after it ends).
+        was already a member, is not connected (it joins nothing after it ends) or the
+        group is closed (a Close on another thread is a race the caller cannot avoid,
+        as a session's end is).
         ``name``: what presence lists it as (``names``, ``Who``); default: its
         address as ``host:port``."""
 
@@ -984,7 +987,7 @@ class Service:
         it also starts N worker threads looping ``Dispatch``; ``handle.Stop()`` (or
         leaving ``with service.Start(workers=2) as handle:``) shuts down as ``Run``
         does.  With ``workers=0`` your own threads call ``Dispatch``.  A stopped service
-        cannot start again (RuntimeError)."""
+        cannot start again, nor one on a closed core (RuntimeError)."""
 
     def Stop(self, timeout: float = 5.0) -> None:
         """Graceful shutdown (any thread): stop accepting, let the hooks running finish
@@ -1097,7 +1100,8 @@ class ClientService(Service):
         """Open one more connection, with `session` or a new one from the factory;
         returns the session (connecting).  A factory that takes one argument is given
         the session's index: 0 to count-1 for the first ones, the next numbers after;
-        a reconnect keeps the index of the session it replaces."""
+        a reconnect keeps the index of the session it replaces.  On a stopped service
+        or a closed core: RuntimeError, saying which."""
 
 def websocket_accept_key(key: str | bytes) -> str:
     """The Sec-WebSocket-Accept value for a Sec-WebSocket-Key (RFC 6455 4.2.2)."""

@@ -168,11 +168,17 @@ class BackendUnavailableError(RuntimeError):
 
 
 cdef object port_error(int code, what=None):
-    """One mapper from port codes to the right OSError subclass."""
+    """One mapper from port codes to the right OSError subclass.  A closed port is not
+    an OS error but the state the caller put the core in: RuntimeError, as every other
+    call that starts work on a closed core raises (CallLater, Spawn, ...)."""
     name = port_errname(code).decode("ascii")
     msg = port_strerror(code).decode("ascii")
+    if code == PORT_ECLOSED:
+        msg = "the IocpCore is closed"
     if what:
         msg = f"{what}: {msg}"
+    if code == PORT_ECLOSED:
+        return RuntimeError(msg)
     num = getattr(_errno, name, None)
     if num is not None:
         return OSError(num, msg)

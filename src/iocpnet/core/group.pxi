@@ -198,7 +198,9 @@ cdef class Group(IocpObject):
 
     def Add(self, Session session not None, name=None):
         """Make `session` a member (any thread).  Returns True if it joined, False if it
-        was already a member or is not connected (it joins nothing after it ends).
+        was already a member, is not connected (it joins nothing after it ends) or the
+        group is closed (a Close on another thread is a race the caller cannot avoid,
+        as a session's end is).
         ``name``: what presence lists it as (``names``, ``Who``); default: its
         address as ``host:port``."""
         cdef _Owned x
@@ -216,7 +218,7 @@ cdef class Group(IocpObject):
         fresh = [self]
         with self._lock:
             if self._closed:
-                raise RuntimeError(f"{self!r} is closed")
+                return False
             for s in self._members:
                 if s is session:
                     return False

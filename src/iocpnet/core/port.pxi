@@ -603,7 +603,7 @@ cdef class IocpCore:
     def Post(self, func, *args):
         """Run ``func(*args)`` on a worker thread (any thread may post).  Exceptions are
         logged; workers go on.  At most ``post_queue_limit`` jobs wait at once: past it
-        Post raises ``queue.Full``."""
+        Post raises ``queue.Full``.  On a closed core: RuntimeError (as CallLater)."""
         cdef _Job job
         if not callable(func):      # here, not later in a worker's log (as Group.Post)
             raise TypeError("func must be callable")

@@ -649,7 +649,8 @@ cdef class ClientService(Service):
     cdef Session _connect(self, object session, int index):
         cdef Session s
         if self._stopping:
-            raise RuntimeError("the service is stopping")
+            raise RuntimeError(f"{type(self).__name__} is stopped: it makes no more "
+                               f"connections (make a new one)")
         if session is None:
             if index < 0:
                 with self._lock:
