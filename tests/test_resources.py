@@ -352,7 +352,7 @@ def test_tls_send_out_of_memory_loses_no_record(backend, tmp_path):
     message in order. (The ring used to grow after the records were taken out of the
     BIO: that record was lost, and the peer failed the next one's MAC.)"""
     (r,) = _tls_send_oom(backend, "marks", tmp_path)
-    assert r["send"].startswith("MemoryError"), r
+    assert r.get("send", "").startswith("MemoryError"), f"no Send failed: {r}"
     assert r["sends"] > 1000, r
     assert r["send_after"] == "True", r
     assert r["peer_got_all"], r
