@@ -282,6 +282,110 @@ def test_two_groups_whose_members_send_into_each_other_do_not_deadlock(server):
     groups.clear()
 
 
+def test_each_broadcast_is_fanned_out_by_its_own_caller_in_turn(server):
+    """Two threads broadcast to one group, the second while the first's fan-out is under
+    way: the first returns once its own message is out, and the second's is fanned out
+    by the second thread when its turn comes (as an order lock did), not by the first.
+    A fan-out that also sent every message queued behind it kept one worker sending for
+    as long as others broadcast without pause, its own batch waiting meanwhile."""
+    in_first = threading.Event()
+    release_first = threading.Event()
+    senders = {}
+
+    class Slow(iocpnet.Session):
+        def Send(self, data):
+            senders.setdefault(bytes(data), threading.current_thread().name)
+            if bytes(data) == b"first|":
+                in_first.set()
+                release_first.wait(10)
+            return super().Send(data)
+
+    srv = server(Slow)
+    group = iocpnet.Group(srv.core, "room")
+    sock = connect(srv.address)
+    wait_for(lambda: srv.service.session_count == 1)
+    assert group.Add(srv.service.sessions[0])
+    took = {}
+
+    def broadcast(data):
+        took[data] = group.Broadcast(data)
+
+    first = threading.Thread(target=broadcast, args=(b"first|",), name="first")
+    second = threading.Thread(target=broadcast, args=(b"second|",), name="second")
+    first.start()
+    assert in_first.wait(10)
+    second.start()
+    # The second is queued behind the first's fan-out (it cannot be fanned out before).
+    wait_for(lambda: not second.is_alive() or group._queued_count() == 1,
+             message="the second broadcast queued")
+    release_first.set()
+    first.join(10)
+    second.join(10)
+    assert not first.is_alive() and not second.is_alive()
+    assert senders == {b"first|": "first", b"second|": "second"}, senders
+    assert took == {b"first|": 1, b"second|": 1}
+    assert recv_exactly(sock, 13) == b"first|second|"
+    sock.close()
+    wait_for(lambda: len(group) == 0)
+
+
+def test_broadcasts_from_threads_and_from_inside_fan_outs_keep_one_order(server):
+    """Four threads broadcast 150 messages each to a group of five members whose Send,
+    for each tenth message, broadcasts a reply into the same group from inside the
+    fan-out (queued behind it, sent by whichever fan-out comes to it).  Every member
+    hears the same 660 messages in one order, each thread's own in its order, each reply
+    after the message it answers; every caller's Broadcast says 5 took it."""
+    threads_n, per_thread = 4, 150
+    groups = {}
+
+    class Echoing(iocpnet.Session):
+        def Send(self, data):
+            raw = bytes(data)
+            if raw[0] == ord("m") and self is groups["first"] and raw[-2] == ord("0"):
+                groups["g"].Broadcast(b"r" + raw[1:])
+            return super().Send(data)
+
+    srv = server(Echoing)
+    group = groups["g"] = iocpnet.Group(srv.core, "room")
+    socks = [connect(srv.address) for _ in range(5)]
+    wait_for(lambda: srv.service.session_count == 5)
+    sessions = srv.service.sessions
+    groups["first"] = sessions[0]
+    for s in sessions:
+        assert group.Add(s)
+    counts = []
+    start = threading.Barrier(threads_n)
+
+    def run(t):
+        start.wait(10)
+        for k in range(per_thread):
+            counts.append(group.Broadcast(b"m%d.%03d\n" % (t, k)))
+
+    workers = [threading.Thread(target=run, args=(t,)) for t in range(threads_n)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert not any(w.is_alive() for w in workers), "a broadcast never returned"
+    assert counts == [5] * (threads_n * per_thread)
+    total = threads_n * per_thread + threads_n * per_thread // 10
+    got = read_all(socks, total * 7)
+    orders = [got[s].split(b"\n")[:-1] for s in socks]
+    assert all(order == orders[0] for order in orders[1:])
+    first = orders[0]
+    assert len(first) == total
+    for t in range(threads_n):
+        mine = [m for m in first if m.startswith(b"m%d." % t)]
+        assert mine == [b"m%d.%03d" % (t, k) for k in range(per_thread)]
+    for i, m in enumerate(first):
+        if m.startswith(b"r"):
+            assert first.index(b"m" + m[1:]) < i, m
+    for sock in socks:
+        sock.close()
+    wait_for(lambda: len(group) == 0)
+    groups.clear()
+
+
 # ---- strands: what runs where ------------------------------------------------------------
 
 def test_session_timers_and_jobs_never_run_beside_its_hooks(server):

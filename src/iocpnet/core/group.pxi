@@ -12,17 +12,19 @@
 # (`_fanning`), each to every member before the next, so two broadcasts never
 # interleave and each member's Send queues in that order.  A Broadcast that finds a
 # fan-out under way queues its message behind it (`_queued`, under `_fan_lock`, a lock
-# held only around that list, never across a Send) and the thread fanning out sends it
-# next.  Nothing waits while holding the fan-out: a member's Send may run Python (a
-# subclass's Send, a filter) that broadcasts to this group or another, and an order
-# lock held across it deadlocked two groups whose members' Sends broadcast into each
-# other (each thread holding its group's lock, waiting for the other's).  So a
-# Broadcast made from inside a fan-out (this thread's, any group: `_group_fanouts`)
-# only queues its message and returns the number of members it is meant for (as a
-# shared group's does); any other caller waits until its message has gone out to every
-# member and gets how many took it, as before.  A waiter never fans out, and a thread
-# that fans out never waits, so no cycle of waits can form.  A message broadcast from
-# inside a fan-out of the same group comes after the one under way, for every member.
+# held only around that list, never across a Send) and waits for its turn, which the
+# fan-out before it hands over when done (FIFO, as an order lock's waiters): each
+# caller fans out its own message, gets how many members took it, and one that
+# broadcasts without pause does not keep another thread sending for it.  A fan-out
+# never waits: a member's Send may run Python (a subclass's Send, a filter) that
+# broadcasts to this group or another, and an order lock held across it deadlocked two
+# groups whose members' Sends broadcast into each other (each thread holding its
+# group's lock, waiting for the other's).  So a Broadcast made from inside a fan-out
+# (this thread's, any group: `_group_fanouts`) only queues its message, which the
+# fan-out of that group sends when it comes to it, and returns the number of members it
+# is meant for (as a shared group's does).  A waiter holds no fan-out, and a fan-out
+# never waits, so no cycle of waits can form.  A message broadcast from inside a
+# fan-out of the same group comes after the one under way, for every member.
 # The fan-out queues the same `bytes` object to every member by reference: one message
 # built once, whatever the room's size (a member on TLS or WebSocket gets it through its
 # own layers: Session._send, as Send does).  Why not the group's strand: posting each
@@ -62,9 +64,13 @@ cdef class _GroupMessage:
     cdef bytes data
     cdef object exclude
     cdef bint droppable
-    cdef Py_ssize_t taken         # members that took it
-    cdef object error             # what its fan-out raised, raised again in the caller
-    cdef object done              # a held Lock, released once sent; None: nobody waits
+    # Held until its caller's turn to fan out (released by the fan-out before it); NULL
+    # for a message queued from inside a fan-out, which the group's fan-out sends.
+    cdef PyThread_type_lock turn
+
+    def __dealloc__(self):
+        if self.turn != NULL:
+            PyThread_free_lock(self.turn)
 
 
 cdef class Group(IocpObject):
@@ -87,7 +93,6 @@ cdef class Group(IocpObject):
                                         # a Send, nor anything that can run Python
     cdef bint _fanning            # a thread is fanning out this group's messages
     cdef list _queued             # _GroupMessage: the broadcasts behind that fan-out
-    cdef list _spare              # an empty list for _queued (the fan-out's thread's)
     cdef tuple _members
     cdef dict _names              # member -> the name Add gave it (presence)
     cdef bint _closed
@@ -106,7 +111,6 @@ cdef class Group(IocpObject):
         if self._fan_lock == NULL:
             raise MemoryError()
         self._queued = []
-        self._spare = []
         self._x = _Owned.__new__(_Owned)
         self._post_limit = DEFAULT_POST_QUEUE_LIMIT
         port_atomic_add64(&_groups_alive, 1)
@@ -304,7 +308,7 @@ cdef class Group(IocpObject):
 
     cdef Py_ssize_t _fan_out(self, bytes b, object exclude, bint droppable) except -1:
         """Send `b` to every member, in the group's one order (see "Broadcast order"
-        above): at once if no fan-out is under way, else queued behind it."""
+        above): at once if no fan-out is under way, else in its turn."""
         cdef _GroupMessage m = None
         cdef Py_ssize_t n
         cdef bint queued = False
@@ -318,8 +322,10 @@ cdef class Group(IocpObject):
             m.exclude = exclude
             m.droppable = droppable
             if depth == 0:
-                m.done = threading.Lock()
-                m.done.acquire()
+                m.turn = PyThread_allocate_lock()
+                if m.turn == NULL:
+                    raise MemoryError()
+                PyThread_acquire_lock(m.turn, WAIT_LOCK)      # fresh: at once
             _take_lock(self._fan_lock)
             if self._fanning:
                 try:
@@ -334,58 +340,60 @@ cdef class Group(IocpObject):
             self._fanning = True
         PyThread_release_lock(self._fan_lock)
         if queued:
-            if m.done is None:
+            if m.turn == NULL:
                 # From inside a fan-out: waiting could close a cycle of waits.
                 return self._meant_for(exclude)
-            m.done.acquire()
-            if m.error is not None:
-                raise m.error
-            return m.taken
+            # Until the fan-out before this one hands over (_fanning stays set).  Not
+            # interruptible: a caller that left would leave the group without a fan-out.
+            with nogil:
+                PyThread_acquire_lock(m.turn, WAIT_LOCK)
         _group_fanouts.depth = depth + 1
         try:
             n = self._send_to_members(b, exclude, droppable)
         finally:
             try:
-                self._send_queued()
+                self._hand_over()
             finally:
                 _group_fanouts.depth = depth
         return n
 
-    cdef int _send_queued(self) except -1:
-        """(the thread fanning out) Send what was queued meanwhile, in order, until
-        nothing is; then let the next Broadcast fan out itself."""
+    cdef int _hand_over(self) except -1:
+        """(the fan-out, its own message sent) Send the messages queued from inside a
+        fan-out, in order, up to the first one whose caller waits: that caller's turn.
+        With nothing queued, the next Broadcast fans out at once."""
         cdef _GroupMessage m
-        cdef list batch
+        interrupted = None
         while True:
-            # An empty list for the queue's place, made outside the lock (None only
-            # after a batch that raised).
-            spare = self._spare if self._spare is not None else []
-            self._spare = None
             _take_lock(self._fan_lock)
-            batch = self._queued
-            if batch:
-                self._queued = spare
-            else:
-                self._spare = spare
+            if not self._queued:
                 self._fanning = False
+                PyThread_release_lock(self._fan_lock)
+                break
+            m = self._queued.pop(0)     # no Python runs: the reference is now m's
             PyThread_release_lock(self._fan_lock)
-            if not batch:
-                return 0
-            for m in batch:
-                try:
-                    m.taken = self._send_to_members(m.data, m.exclude, m.droppable)
-                except BaseException as e:
-                    if m.done is None:
-                        logger.exception("a Broadcast to %r queued from inside a fan-out "
-                                         "failed", self)
-                    else:
-                        m.error = e        # raised again in the caller, who waits
-                finally:
-                    if m.done is not None:
-                        m.done.release()
-            m = None
-            batch.clear()           # outside the lock: freeing may run Python
-            self._spare = batch
+            if m.turn != NULL:
+                PyThread_release_lock(m.turn)     # that caller fans out, and goes on
+                break
+            try:
+                self._send_to_members(m.data, m.exclude, m.droppable)
+            except Exception:
+                logger.exception("a Broadcast to %r made from inside a fan-out failed",
+                                 self)
+            except BaseException as e:
+                # (SystemExit, KeyboardInterrupt) raised once the fan-out is handed on.
+                if interrupted is None:
+                    interrupted = e
+        if interrupted is not None:
+            raise interrupted
+        return 0
+
+    def _queued_count(self):
+        """(tests) The broadcasts waiting behind the fan-out under way."""
+        cdef Py_ssize_t n
+        _take_lock(self._fan_lock)
+        n = len(self._queued)
+        PyThread_release_lock(self._fan_lock)
+        return n
 
     cdef Py_ssize_t _meant_for(self, object exclude) except -1:
         cdef Py_ssize_t n = 0
