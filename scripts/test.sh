@@ -46,6 +46,14 @@
 # xdist's loadfile scheduler hangs for ever when it replaces a crashed worker
 # (pytest-xdist 3.8; its issue 784).
 #
+# Nothing may outlive a stopped run either.  SIGTERM (CI's kill at its own limit), SIGINT
+# (Ctrl-C) or SIGHUP is handled at once (the shell waits for every step with `wait`, which
+# a trapped signal ends: see bound): a line "test.sh: SIGTERM during step 5. ..." says what
+# ran; the process group of every step and background build (pytest, its workers, the
+# tests' servers, those whose parent is gone too) gets the signal, TERM 2 s later, KILL
+# after 5 s; the table marks the step "(stopped: SIGTERM)", the scratch directory goes
+# (its logs kept, as on any failure) and the exit status is 128 + the signal's number.
+#
 # Environment: PYTHON (default python3), IOCPNET_TEST_DIR (work directory, default
 # .ci/out), IOCPNET_PARALLEL (1: the lanes side by side; 0 or unset: one after another),
 # IOCPNET_TEST_WORKERS, IOCPNET_QUICK=1 (steps 3 and 5 only), IOCPNET_SKIP=<list> (any
@@ -64,6 +72,9 @@ skip=" ${IOCPNET_SKIP:-} "
 mkdir -p "$work"
 # Private scratch space outside the tree, so that two runs on one machine do not share it.
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/iocpnet-ci.XXXXXX")
+# The process group of each step's command ("PGID WHAT" lines; bound and background write
+# them): a step's servers may outlive its command, and a stop or a failure ends them all.
+step_groups="$scratch/step-groups"
 
 # Step 5's pytest args, and the other suites' (7, 8); in parallel mode all get the
 # script's args.
@@ -152,8 +163,10 @@ summary() {
 # measured (sequential on a quiet machine / parallel at load 7-17 on 2 cores, s10-s11),
 # and every lane ended before CI's own limit (90 min) ----
 declare -A bound_s=(
+    [apt]=1800     # an apt-get run (root, a package missing)
     [1]=900        # contract: 62 / 164 s
     [2]=300        # libFuzzer: 44 / 48 s
+    [3]=900        # each command of step 3 (sdist, wheel, venv): the step 66 / 105 s
     [4]=600        # check_dist: 12 / 171 s
     [5]=2400       # pytest: 462 / 979 s
     [6]=600        # types: 5 / 38 s
@@ -250,6 +263,7 @@ background() {            # background KEY WHAT COMMAND...: log in $work/bg-KEY.
         # timeout leads a process group of its own: wait_build renices all of it.
         timeout --signal=TERM --kill-after=30 "$(scaled_bound "$key")" "$@" &
         echo $! >"$work/bg-$key.pgid"
+        echo "$! ${bg_what[$key]}" >>"$step_groups"
         wait $! || rc=$?
         step_end "$([ $rc = 0 ] || echo " (FAILED)")"
         cpu_ticks                  # what this adds to the counters of the shell that reaps it
@@ -273,12 +287,39 @@ wait_build() {            # wait_build KEY: its background build, if any, at pri
     no_build=(--no-build)
 }
 summarised=
+stopped_by=
+running() {               # what runs now: the step, each lane's step, the background builds
+    local name key state what=
+    [ -z "$step_name" ] || what="step $step_name"
+    for name in "${lanes[@]}"; do
+        what="${what:+$what; }lane $name (at $(grep '^== [0-9]' "$work/lane-$name.log" |
+            tail -n 1 | sed 's/^== /step /'); log: $work/lane-$name.log)"
+    done
+    for key in "${!bg_pid[@]}"; do
+        state=$(ps -o stat= -p "${bg_pid[$key]}" || true)
+        [ -z "$state" ] || [[ $state == Z* ]] ||
+            what="${what:+$what; }step $key's background build (${bg_what[$key]})"
+    done
+    echo "${what:-no step (between two)}"
+}
+stop() {                  # stop SIGNAL: CI's kill at its time limit (TERM), a Ctrl-C (INT), a
+    stopped_by=$1         # hangup.  At once: this shell waits for its steps with `wait`,
+    trap '' TERM INT HUP  # which a trapped signal ends; cleanup (EXIT) ends what runs
+    printf '\ntest.sh: SIG%s during %s: ending it\n' "$1" "$(running)" >&2
+    exit $((128 + $(kill -l "$1")))
+}
 cleanup() {               # on any exit, a failure too: all ends, the table shows, scratch goes
-    local rc=$? pid
-    # What this shell started and has not reaped (so no pid of another process): the
-    # lanes and their watchdogs, the background builds.
-    for pid in $(ps -o pid= --ppid $BASHPID); do kill_tree "$pid"; done
-    [ -n "$summarised" ] || summary "$([ $rc = 0 ] || echo " (FAILED)")"
+    local rc=$? how=
+    trap '' TERM INT HUP  # (a second signal must not cut this short)
+    # What this shell started and has not reaped (lanes and their watchdogs, background
+    # builds) and every step's process group, with what outlived its command in it.
+    end_all "${stopped_by:-TERM}" "$step_groups"
+    if [ -n "$stopped_by" ]; then
+        how=" (stopped: SIG$stopped_by)"
+    elif [ $rc != 0 ]; then
+        how=" (FAILED)"
+    fi
+    [ -n "$summarised" ] || summary "$how"
     # A failed step may have named its log in scratch (check_dist.sh's): kept.
     if [ $rc != 0 ] && [ -n "$(find "$scratch" -name '*.log' -print -quit)" ]; then
         rm -rf "$work/scratch-logs"
@@ -290,6 +331,10 @@ cleanup() {               # on any exit, a failure too: all ends, the table show
     rm -rf "$scratch"
 }
 trap cleanup EXIT
+for sig in TERM INT HUP; do
+    # shellcheck disable=SC2064
+    trap "stop $sig" "$sig"
+done
 
 # Debian packages first, then steps 1 and 2 (which may install more): apt must not run
 # at the same time as the free-threaded interpreter's build (which then starts).
@@ -299,9 +344,9 @@ trap cleanup EXIT
 if ! command -v redis-server >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         printf '\n== installing redis-server (for the Spawn and backplane tests)\n' >&2
-        apt-get update -qq >&2
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            redis-server >&2
+        bound apt "apt-get" apt-get update -qq >&2
+        DEBIAN_FRONTEND=noninteractive bound apt "apt-get" apt-get install -y -qq \
+            --no-install-recommends redis-server >&2
     else
         echo "redis-server is missing and cannot be installed here (not root with apt)" >&2
     fi
@@ -320,8 +365,9 @@ step_end
 # The openssl command: the TLS tests make their certificates with it and talk to the
 # server with its s_client.  Installed here, before the interpreter build's own apt use.
 if ! command -v openssl >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    { DEBIAN_FRONTEND=noninteractive apt-get update -q &&
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssl; } >"$work/apt-openssl.log" 2>&1 ||
+    { DEBIAN_FRONTEND=noninteractive bound apt "apt-get" apt-get update -q &&
+      DEBIAN_FRONTEND=noninteractive bound apt "apt-get" apt-get install -y -q openssl; } \
+        >"$work/apt-openssl.log" 2>&1 ||
         echo "test.sh: installing openssl failed (see $work/apt-openssl.log)" >&2
 fi
 
@@ -329,8 +375,8 @@ fi
 # headless Chromium for the chat example's browser page (tests/test_chat_web.py).
 if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing chromium (log: $work/apt-chromium.log)" >&2
-    { DEBIAN_FRONTEND=noninteractive apt-get update -q &&
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } \
+    { DEBIAN_FRONTEND=noninteractive bound apt "apt-get" apt-get update -q &&
+      DEBIAN_FRONTEND=noninteractive bound apt "apt-get" apt-get install -y -q chromium; } \
         >"$work/apt-chromium.log" 2>&1 || echo "apt-get chromium failed (see $work/apt-chromium.log)" >&2
 fi
 
@@ -360,18 +406,19 @@ fi
 
 step "3. the sdist and a wheel built from it; a fresh venv with the wheel ($venv)"
 rm -rf "$venv" "$work/dist" "$work/src"
-"$py" -m venv "$venv"
+# (Each command bounded, so waited for: see bound.)
+bound 3 "step 3" "$py" -m venv "$venv"
 vpy="$venv/bin/python"
-"$vpy" -m pip install -q --disable-pip-version-check --upgrade pip build
+bound 3 "step 3" "$vpy" -m pip install -q --disable-pip-version-check --upgrade pip build
 # Build from a copy of the tree (a shared work tree never gets build outputs), and
 # through the sdist: the wheel under test is built from what we ship.
 mkdir -p "$work/src"
 (cd "$root" && git ls-files -z --cached --others --exclude-standard |
     while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done |
     xargs -0 cp --parents -t "$work/src")
-"$vpy" -m build -q --outdir "$work/dist" "$work/src" >&2
+bound 3 "step 3" "$vpy" -m build -q --outdir "$work/dist" "$work/src" >&2
 wheel=$(ls "$work"/dist/iocpnet-*.whl)
-"$vpy" -m pip install -q --disable-pip-version-check "${wheel}[test]"
+bound 3 "step 3" "$vpy" -m pip install -q --disable-pip-version-check "${wheel}[test]"
 if ! skipped sanitize; then
     # Step 7's build requirements exactly as pyproject.toml states them (a venv's bundled
     # setuptools may predate the SPDX `license` string and refuse the file); here, before
@@ -384,7 +431,8 @@ print("\n".join(re.findall(r'"([^"]+)"', block.group(1))))
 PYEOF
 )
     mapfile -t build_reqs <<<"$build_reqs"
-    "$vpy" -m pip install -q --disable-pip-version-check --upgrade "${build_reqs[@]}"
+    bound 3 "step 3" "$vpy" -m pip install -q --disable-pip-version-check --upgrade \
+        "${build_reqs[@]}"
 fi
 step_end
 
@@ -406,9 +454,10 @@ wheel_lane() {
             bound 4 "step 4" bash "$root/scripts/check_dist.sh" --dist "$work/dist"
     fi
     step "5. pytest against the installed package"
-    # From the work directory: nothing from the source tree can be imported.
-    (cd "$work" && CI="${CI:-}" bound 5 "step 5" "$vpy" -m pytest "$root/tests" \
-        -p no:cacheprovider --rootdir "$root" -q "${main_args[@]}")
+    # From the work directory: nothing from the source tree can be imported.  (env -C,
+    # not a subshell: this shell must wait for the step itself, see bound.)
+    CI="${CI:-}" bound 5 "step 5" env -C "$work" "$vpy" -m pytest "$root/tests" \
+        -p no:cacheprovider --rootdir "$root" -q "${main_args[@]}"
     if ! skipped types; then
         step "6. types: mypy --strict, stubtest"
         CHECK_TYPES_DIR="$scratch/check-types" bound 6 "step 6" \

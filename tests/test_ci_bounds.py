@@ -99,3 +99,27 @@ def test_a_watchdog_told_to_stop_ends_at_once(tmp_path):
         waited = int(out.stdout.strip().removeprefix("waited="))
         assert waited < 20, (bound, out)                  # not the 30 s grace
         wait_dead(int((tmp_path / "lane.pid").read_text()))
+
+
+def test_end_all_ends_the_listed_groups_and_the_children_and_no_stranger(tmp_path):
+    """test.sh's stop and cleanup: a listed group whose leader is gone (a server that
+    outlived its step's command) and this shell's own child end; a listed group number
+    that is another session's (the step's group emptied, its number taken since) is left
+    alone."""
+    out = run(tmp_path, """
+        timeout 60 sh -c 'sleep 60 & echo $! > orphan' & step=$!
+        wait $step
+        sleep 60 & echo $! > child
+        (setsid sleep 60 >/dev/null 2>&1 & echo $! > stranger)   # not ours
+        printf '%s step 5\\n%s step 7\\n' $step $(cat stranger) > groups
+        sleep 0.2
+        end_all TERM groups
+        echo done
+    """)
+    assert out.stdout.strip() == "done", out
+    try:
+        wait_dead(int((tmp_path / "orphan").read_text()))
+        wait_dead(int((tmp_path / "child").read_text()))
+        assert alive(int((tmp_path / "stranger").read_text()))
+    finally:
+        os.kill(int((tmp_path / "stranger").read_text()), signal.SIGKILL)

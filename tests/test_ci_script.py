@@ -3,8 +3,10 @@ builds nothing, and its pytest or build fails when told): what reaches pytest, w
 failed background build says, what a run leaves behind.  Seconds, not the real CI."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -18,6 +20,22 @@ STUB = f"""#!{sys.executable}
 # A stand-in for python in scripts/test.sh.
 import json, os, sys
 args = sys.argv[1:]
+
+
+def hang(what):
+    # A step that runs until stopped: a child, and a server that outlived the shell that
+    # started it (its parent is gone: only its process group holds it), as pytest's
+    # xdist workers and the tests' servers; then it says where it is.
+    import subprocess, time
+    subprocess.Popen(["sleep", "300"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(["sh", "-c", "sleep 300 >/dev/null 2>&1 &"])
+    ready = os.path.join(os.environ["STUB_READY"], what)
+    with open(ready + ".tmp", "w") as f:
+        f.write(str(os.getpgrp()))
+    os.rename(ready + ".tmp", ready)
+    time.sleep(300)
+
+
 with open(os.environ["STUB_LOG"], "a") as f:
     f.write(json.dumps({{"cwd": os.getcwd(), "args": args}}) + "\\n")
 if args[:1] == ["-"]:                       # a script on stdin: the real interpreter
@@ -26,10 +44,19 @@ if args[:2] == ["-m", "venv"]:
     os.makedirs(os.path.join(args[2], "bin"))
     os.symlink(os.path.abspath(__file__), os.path.join(args[2], "bin", "python"))
 elif args[:2] == ["-m", "build"]:
+    if "build" in os.environ.get("STUB_HANG", "").split():
+        hang("build")
     out = args[args.index("--outdir") + 1]
     os.makedirs(out, exist_ok=True)
     open(os.path.join(out, "iocpnet-0-py3-none-any.whl"), "w").close()
 elif args[:2] == ["-m", "pytest"]:
+    if os.environ.get("STUB_WAIT_FOR"):      # until that hanging command has started
+        import time
+        while not os.path.exists(os.path.join(os.environ["STUB_READY"],
+                                              os.environ["STUB_WAIT_FOR"])):
+            time.sleep(0.05)
+    if "pytest" in os.environ.get("STUB_HANG", "").split():
+        hang("pytest")
     if os.environ.get("STUB_SCRATCH_LOG"):  # a log that a failing step left in scratch
         scratch = [d for d in os.listdir(os.environ["TMPDIR"]) if d.startswith("iocpnet-ci.")]
         os.makedirs(os.path.join(os.environ["TMPDIR"], scratch[0], "step"))
@@ -37,14 +64,16 @@ elif args[:2] == ["-m", "pytest"]:
             f.write("why it failed\\n")
     sys.exit(int(os.environ.get("STUB_PYTEST_RC", "0")))
 elif args[:1] == ["setup.py"]:              # scripts/devbuild.sh's build
+    if "setup" in os.environ.get("STUB_HANG", "").split():
+        hang("setup")
     print("the build failed here", file=sys.stderr)
     sys.exit(1)
 """
 
 
-def run_test_sh(tmp_path, *pytest_args, skip, **env):
-    """test.sh in sequential mode with the stand-in python; the steps in `skip` skipped
-    (3 and 5 always run).  Returns (the finished process, the stand-in's calls)."""
+def env_for_test_sh(tmp_path, skip, **env):
+    """test.sh's command line and environment with the stand-in python; the steps in
+    `skip` skipped (3 and 5 always run)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     stub = bin_dir / "python3"
@@ -61,8 +90,16 @@ def run_test_sh(tmp_path, *pytest_args, skip, **env):
     environ.update(PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(stub),
                    TMPDIR=str(tmp_path / "tmp"), IOCPNET_TEST_DIR=str(tmp_path / "out"),
                    IOCPNET_SKIP=skip, STUB_LOG=str(log), **env)
+    return environ
+
+
+def run_test_sh(tmp_path, *pytest_args, skip, **env):
+    """test.sh in sequential mode with the stand-in python.  Returns (the finished
+    process, the stand-in's calls)."""
+    environ = env_for_test_sh(tmp_path, skip, **env)
     proc = subprocess.run(["bash", SCRIPT, *pytest_args], env=environ, cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
+    log = tmp_path / "calls.jsonl"
     calls = [json.loads(line)["args"] for line in log.read_text().splitlines()]
     return proc, calls
 
@@ -134,3 +171,101 @@ def test_a_failed_run_leaves_no_scratch_directory_but_keeps_its_logs(tmp_path):
     assert (kept / "step" / "what.log").read_text() == "why it failed\n"
     assert f"its logs (named above) are kept in {kept}" in proc.stderr, proc.stderr
 
+
+
+def group_members(pgid):
+    """The live processes of process group pgid (zombies are ended: not counted)."""
+    members = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(pid))
+    return members
+
+
+def end_groups(pgids):
+    for pgid in pgids:
+        for pid in group_members(pgid):
+            os.kill(pid, signal.SIGKILL)
+
+
+STEP_5 = "step 5. pytest against the installed package"
+
+
+@pytest.mark.parametrize("sig, to_group, hang, parallel, running", [
+    (signal.SIGTERM, False, "pytest setup", "0",
+     f"{STEP_5}; step 7's background build (the ASan + UBSan build)"),
+    (signal.SIGINT, True, "pytest", "0", STEP_5),
+    (signal.SIGTERM, False, "build", "0", "step 3. the sdist and a wheel built from it"),
+    (signal.SIGTERM, False, "pytest", "1", f"lane wheel (at {STEP_5}; log: "),
+], ids=["TERM-step5", "Ctrl-C-step5", "TERM-step3", "TERM-lane"])
+def test_a_signal_stops_the_running_step_and_everything_it_started(tmp_path, sig, to_group,
+                                                                   hang, parallel, running):
+    """CI's kill at its time limit (SIGTERM to test.sh) or a Ctrl-C (SIGINT to the
+    terminal's foreground process group: test.sh and what runs in its group) while a step
+    runs (and step 7's background build, in the first case; in a lane, in the last): the
+    process group of each ends at once (its child, and a server whose parent is gone), the
+    scratch directory goes, the output says what was running, and the run fails."""
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    hanging = hang.split()
+    skip = "contract fuzz dist types freethreaded" + ("" if "setup" in hanging else " sanitize")
+    environ = env_for_test_sh(tmp_path, skip, STUB_HANG=hang, STUB_READY=str(ready),
+                              IOCPNET_PARALLEL=parallel)
+    proc = subprocess.Popen(["bash", SCRIPT], env=environ, cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    pgids = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(pgids) < len(hanging):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, f"the stand-in's {hang} never started"
+            pgids = [int((ready / what).read_text()) for what in hanging
+                     if (ready / what).exists()]
+            time.sleep(0.05)
+        assert all(group_members(pgid) for pgid in pgids), "not running"
+        stopped_at = time.monotonic()
+        if to_group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        proc.wait(timeout=30)
+        took = time.monotonic() - stopped_at
+        left = [group_members(pgid) for pgid in pgids]
+        end_groups(pgids)                   # (a failed case's: they hold test.sh's output)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode != 0, err
+        assert left == [[]] * len(pgids), err
+        assert scratch_dirs(tmp_path) == [], err
+        assert f"test.sh: {sig.name} during {running}" in err, err
+        assert took < 15, (took, err)
+    finally:
+        end_groups(pgids)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)   # test.sh, or what is left of its group
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+
+
+def test_a_failed_run_ends_the_background_build_it_no_longer_needs(tmp_path):
+    """Step 5 fails while step 7's build runs in the background: the run stops there, and
+    so does the build (its whole process group)."""
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    try:
+        proc, _ = run_test_sh(tmp_path, skip="contract fuzz dist types freethreaded",
+                              STUB_PYTEST_RC="1", STUB_HANG="setup", STUB_READY=str(ready),
+                              STUB_WAIT_FOR="setup")
+        assert proc.returncode == 1, proc.stderr
+        assert group_members(int((ready / "setup").read_text())) == [], proc.stderr
+    finally:
+        if (ready / "setup").exists():
+            end_groups([int((ready / "setup").read_text())])
