@@ -27,15 +27,19 @@
 # CPU): "wheel" (steps 4, 5, 6), "sanitize" (7) and "freethreaded" (8a, 8; it starts right
 # after step 2, from its own directory so that its venv and hypothesis database are apart
 # from step 5's).  Each lane writes its own log, printed whole when it ends; a failing
-# lane does not stop the others, and the end of its log (pytest's short summary) is
-# printed again once every lane has ended, just above the table, so that the end of the
-# output says what failed; each suite gets the pytest args.  In both modes each suite
+# lane does not stop the others; each suite gets the pytest args.  In both modes each suite
 # (5, 7, 8) is spread over IOCPNET_TEST_WORKERS pytest-xdist processes (default 2; 0:
 # pytest's own process), whole modules to a worker.  The tests that switch io_uring off
 # for the whole machine (marked machine_state) run inside each suite: they wait for every
 # other test on the machine to end, and keep new ones waiting (tests/machine_lock.py),
 # whichever worker, lane or CI run those belong to.  Either way the table at the end gives
-# each step's wall time, the CPU time of its processes and when it started.
+# each step's wall time, the CPU time of its processes and when it started; below it, a
+# failed run says what failed, for a reviewer who reads only the end: the commit, each
+# failed step, the build it tested and, from each suite's JUnit report (pytest
+# --junitxml, $work/junit-N.xml; scripts/ci_failures.py reads it), pytest's counts, the
+# backends of the failures and a line per failed test, a failed test's teardown error on
+# the line below it (in parallel mode, a lane's failed step that has no report: the end
+# of the lane's log).  A green run's output is as it was.
 #
 # Nothing may hang CI: every step that runs tests or servers has a wall-clock bound, and
 # in parallel mode so has each lane.  A step or lane over its bound gets SIGTERM (the
@@ -70,6 +74,7 @@ case ${IOCPNET_PARALLEL:-0} in 0 | "") ;; *) parallel=1 ;; esac
 skip=" ${IOCPNET_SKIP:-} "
 [ -n "${IOCPNET_QUICK:-}" ] && skip=" contract fuzz dist types sanitize freethreaded "
 mkdir -p "$work"
+rm -f "$work"/junit-*.xml     # each suite's report (pytest --junitxml): what failed, at the end
 # Private scratch space outside the tree, so that two runs on one machine do not share it.
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/iocpnet-ci.XXXXXX")
 # The process group of each step's command ("PGID WHAT" lines; bound and background write
@@ -226,20 +231,9 @@ wait_lanes() {            # print each lane's log as it ends; note the failures
         [ $rc = 0 ] || failed+=("$name")
     done
 }
-lane_ends() {             # again, the end of each failed lane's log: what CI shows last
-    local name log
-    for name in "$@"; do
-        log="$work/lane-$name.log"
-        printf '\n######## lane %s FAILED: the end of its log (all of it above, and in %s)\n' \
-            "$name" "$log" >&2
-        # pytest's short summary (the failures and errors, a line each), else the last
-        # lines; long lines cut, so that every lane's end fits what CI shows.
-        if grep -q '=* short test summary info =*' "$log"; then
-            sed -n '/=* short test summary info =*/,$p' "$log"
-        else
-            cat "$log"
-        fi | tail -n 40 | cut -c 1-400 >&2
-    done
+lane_end() {              # lane_end NAME: the end of a lane's log (all of it is above)
+    printf '  the end of its log (all of it above, and in %s):\n' "$work/lane-$1.log"
+    tail -n 15 "$work/lane-$1.log" | cut -c 1-240 | sed 's/^/    /'
 }
 # Sequential mode: a build that a later step needs runs in the background at the lowest
 # priority while the steps before it run (their suites mostly wait on sockets); the step
@@ -308,27 +302,74 @@ stop() {                  # stop SIGNAL: CI's kill at its time limit (TERM), a C
     printf '\ntest.sh: SIG%s during %s: ending it\n' "$1" "$(running)" >&2
     exit $((128 + $(kill -l "$1")))
 }
+declare -A built=(        # the build each suite tests (step 5's: once step 3 made it)
+    [7]="the ASan + UBSan build of the extension in $work/sanitize (io_uring only)"
+    [8]="the 3.13t wheel of scripts/test_freethreaded.sh in $work/ft"
+)
+commit() {
+    local head
+    head=$(git -C "$root" rev-parse --short HEAD 2>/dev/null) || { echo "no git commit"; return; }
+    if [ -n "$(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null)" ]; then
+        head+=" + uncommitted changes"
+    fi
+    echo "$head"
+}
+report() {                # the end of a failed run, what CI shows last: each failed step, the
+    local start wall cpu name key reports found=   # build it tested, a line each what failed
+    printf '\n== FAILED at %s\n' "$(commit)"
+    while read -r start wall cpu name; do
+        [[ $name == *" (FAILED)" ]] || continue
+        found=1
+        name=${name% (FAILED)}
+        key=${name%%.*}
+        echo "step $name"
+        if [[ $name == *"(in the background)"* ]]; then
+            echo "  its log: $work/bg-$key.log"
+            continue
+        fi
+        [ -z "${built[$key]:-}" ] || echo "  build: ${built[$key]}"
+        reports=$(find "$work/sanitize/logs" -type f -size +0 2>/dev/null | wc -l || true)
+        if [ "$key" = 7 ] && [ "$reports" -gt 0 ]; then
+            echo "  sanitizer reports: $reports (the start of each above; $work/sanitize/logs)"
+        fi
+        if [ -s "$work/junit-$key.xml" ]; then
+            "$py" "$root/scripts/ci_failures.py" "$work/junit-$key.xml" ||
+                echo "  (its report $work/junit-$key.xml could not be read)"
+        elif [ -n "$parallel" ]; then
+            case $key in
+                4 | 5 | 6) lane_end wheel ;;
+                7) lane_end sanitize ;;
+                *) lane_end freethreaded ;;
+            esac
+        else
+            echo "  (its output is above the table)"
+        fi
+    done < <(sort -n "$timings")
+    [ -n "$found" ] || echo "(before any step: see the output above the table)"
+}
 cleanup() {               # on any exit, a failure too: all ends, the table shows, scratch goes
     local rc=$? how=
+    set +e                # all of it, whatever fails
     trap '' TERM INT HUP  # (a second signal must not cut this short)
     # What this shell started and has not reaped (lanes and their watchdogs, background
     # builds) and every step's process group, with what outlived its command in it.
     end_all "${stopped_by:-TERM}" "$step_groups"
+    # A failed step may have named its log in scratch (check_dist.sh's): kept.
+    if [ $rc != 0 ] && [ -n "$(find "$scratch" -name '*.log' -print -quit)" ]; then
+        rm -rf "$work/scratch-logs"
+        mkdir -p "$work/scratch-logs"
+        (cd "$scratch" && find . -name '*.log' -exec cp --parents -t "$work/scratch-logs" {} +)
+        printf '\ntest.sh: %s is removed; its logs (named above) are kept in %s\n' \
+            "$scratch" "$work/scratch-logs" >&2
+    fi
+    rm -rf "$scratch"
     if [ -n "$stopped_by" ]; then
         how=" (stopped: SIG$stopped_by)"
     elif [ $rc != 0 ]; then
         how=" (FAILED)"
     fi
     [ -n "$summarised" ] || summary "$how"
-    # A failed step may have named its log in scratch (check_dist.sh's): kept.
-    if [ $rc != 0 ] && [ -n "$(find "$scratch" -name '*.log' -print -quit)" ]; then
-        rm -rf "$work/scratch-logs"
-        mkdir -p "$work/scratch-logs"
-        (cd "$scratch" && find . -name '*.log' -exec cp --parents -t "$work/scratch-logs" {} +)
-        printf 'test.sh: %s is removed; its logs (named above) are kept in %s\n' \
-            "$scratch" "$work/scratch-logs" >&2
-    fi
-    rm -rf "$scratch"
+    [ $rc = 0 ] || [ -n "$stopped_by" ] || report >&2
 }
 trap cleanup EXIT
 for sig in TERM INT HUP; do
@@ -390,7 +431,7 @@ ft_lane() {
     step "8. the suite on free-threaded CPython 3.13t (both backends)"
     wait_build 8 || return 1
     IOCPNET_TEST_DIR="$work/ft" bound 8 "step 8" bash "$root/scripts/test_freethreaded.sh" \
-        "${no_build[@]}" "${suite_args[@]}"
+        "${no_build[@]}" --junitxml="$work/junit-8.xml" "${suite_args[@]}"
 }
 if ! skipped freethreaded; then
     if [ -n "$parallel" ]; then
@@ -418,6 +459,7 @@ mkdir -p "$work/src"
     xargs -0 cp --parents -t "$work/src")
 bound 3 "step 3" "$vpy" -m build -q --outdir "$work/dist" "$work/src" >&2
 wheel=$(ls "$work"/dist/iocpnet-*.whl)
+built[5]="the wheel $(basename "$wheel"), installed in $venv"
 bound 3 "step 3" "$vpy" -m pip install -q --disable-pip-version-check "${wheel}[test]"
 if ! skipped sanitize; then
     # Step 7's build requirements exactly as pyproject.toml states them (a venv's bundled
@@ -457,7 +499,7 @@ wheel_lane() {
     # From the work directory: nothing from the source tree can be imported.  (env -C,
     # not a subshell: this shell must wait for the step itself, see bound.)
     CI="${CI:-}" bound 5 "step 5" env -C "$work" "$vpy" -m pytest "$root/tests" \
-        -p no:cacheprovider --rootdir "$root" -q "${main_args[@]}"
+        -p no:cacheprovider --rootdir "$root" -q --junitxml="$work/junit-5.xml" "${main_args[@]}"
     if ! skipped types; then
         step "6. types: mypy --strict, stubtest"
         CHECK_TYPES_DIR="$scratch/check-types" bound 6 "step 6" \
@@ -472,7 +514,8 @@ sanitize_lane() {
     wait_build 7 || return 1
     IOCPNET_TEST_BACKENDS=io_uring IOCPNET_RACES_SECONDS=${IOCPNET_RACES_SECONDS:-8} \
         PYTHON="$vpy" IOCPNET_SANITIZE_DIR="$work/sanitize" \
-        bound 7 "step 7" bash "$root/scripts/sanitize.sh" "${no_build[@]}" "${suite_args[@]}"
+        bound 7 "step 7" bash "$root/scripts/sanitize.sh" "${no_build[@]}" \
+        --junitxml="$work/junit-7.xml" "${suite_args[@]}"
 }
 if ! skipped sanitize; then
     lane sanitize sanitize_lane
@@ -483,10 +526,6 @@ if [ -z "$parallel" ] && ! skipped freethreaded; then
 fi
 wait_lanes
 
-[ ${#failed[@]} -eq 0 ] || lane_ends "${failed[@]}"
 summary
-if [ ${#failed[@]} -gt 0 ]; then
-    printf '\nFAILED: %s\n' "${failed[*]}" >&2
-    exit 1
-fi
+[ ${#failed[@]} -eq 0 ] || exit 1     # (cleanup reports what failed)
 printf '\nall tests passed\n' >&2

@@ -16,10 +16,27 @@ if not os.path.exists(SCRIPT) or not os.path.isdir(os.path.join(ROOT, ".git")) \
         and not os.path.isfile(os.path.join(ROOT, ".git")):
     pytest.skip("not a git checkout with scripts/test.sh", allow_module_level=True)
 
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites name="pytest tests"><testsuite \
+name="pytest" errors="1" failures="1" skipped="1" tests="3" time="2.5">\
+<testcase classname="tests.test_cli" name="test_chat[io_uring]" time="1.2">\
+<failure message="assert 78239 &gt;= (2 * 40672)">the traceback</failure></testcase>\
+<testcase classname="tests.test_cli" name="test_chat[io_uring]" time="0.0">\
+<error message="failed on teardown with &quot;AssertionError: leaked: before the test \
+{'cores_alive': 0}, after {'cores_alive': 1}&#10;assert {'cores_alive': 1} == \
+{'cores_alive': 0}&quot;">the traceback</error></testcase>\
+<testcase classname="tests.test_cli" name="test_chat[epoll]" time="1.1" />\
+<testcase classname="tests.test_cli" name="test_other" time="0.0">\
+<skipped type="pytest.skip" message="not here">why</skipped></testcase>\
+</testsuite></testsuites>"""
+
+
 STUB = f"""#!{sys.executable}
 # A stand-in for python in scripts/test.sh.
 import json, os, sys
 args = sys.argv[1:]
+# A failed suite's report, as pytest --junitxml writes it (a failure, its teardown's
+# error, a pass, a skip).
+JUNIT = {JUNIT!r}
 
 
 def hang(what):
@@ -38,7 +55,7 @@ def hang(what):
 
 with open(os.environ["STUB_LOG"], "a") as f:
     f.write(json.dumps({{"cwd": os.getcwd(), "args": args}}) + "\\n")
-if args[:1] == ["-"]:                       # a script on stdin: the real interpreter
+if args[:1] == ["-"] or args[0].endswith("/ci_failures.py"):     # the real interpreter
     os.execv({sys.executable!r}, [{sys.executable!r}] + args)
 if args[:2] == ["-m", "venv"]:
     os.makedirs(os.path.join(args[2], "bin"))
@@ -57,6 +74,10 @@ elif args[:2] == ["-m", "pytest"]:
             time.sleep(0.05)
     if "pytest" in os.environ.get("STUB_HANG", "").split():
         hang("pytest")
+    junit = [a.split("=", 1)[1] for a in args if a.startswith("--junitxml=")]
+    if os.environ.get("STUB_PYTEST_RC", "0") != "0" and junit:
+        with open(junit[-1], "w") as f:
+            f.write(JUNIT)
     if os.environ.get("STUB_SCRATCH_LOG"):  # a log that a failing step left in scratch
         scratch = [d for d in os.listdir(os.environ["TMPDIR"]) if d.startswith("iocpnet-ci.")]
         os.makedirs(os.path.join(os.environ["TMPDIR"], scratch[0], "step"))
@@ -153,6 +174,7 @@ def test_without_a_users_marker_the_skipped_machine_state_is_the_expression(tmp_
     (step5,) = pytest_calls(calls)
     assert marker_expression(step5) == "not machine_state", step5
     assert step5[2:].count("-m") == 1, step5          # (after "-m pytest")
+    assert proc.stderr.endswith("  in all\n\nall tests passed\n"), proc.stderr  # no report
 
 
 def scratch_dirs(tmp_path):
@@ -269,3 +291,26 @@ def test_a_failed_run_ends_the_background_build_it_no_longer_needs(tmp_path):
     finally:
         if (ready / "setup").exists():
             end_groups([int((ready / "setup").read_text())])
+
+
+def test_a_failed_suite_ends_the_output_with_what_failed_where_and_on_which_build(tmp_path):
+    """What CI shows last of a failed run: below the table, the commit, the failed step,
+    the build it tested and a line per failed test (its own teardown's error beside it,
+    not as a second test), with the backends the failures were on."""
+    proc, _ = run_test_sh(tmp_path, skip="contract fuzz dist types sanitize freethreaded",
+                          STUB_PYTEST_RC="1")
+    assert proc.returncode == 1, proc.stderr
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    end = proc.stderr.split("  in all\n", 1)[1].strip().splitlines()
+    assert end and end[0].startswith(f"== FAILED at {head}"), proc.stderr
+    venv = tmp_path / "out" / "venv-python3"
+    report = tmp_path / "out" / "junit-5.xml"
+    assert end[1:] == [
+        "step 5. pytest against the installed package",
+        f"  build: the wheel iocpnet-0-py3-none-any.whl, installed in {venv}",
+        f"  pytest: 1 failed, 1 error (on io_uring); 1 passed, 1 skipped (the report: {report})",
+        "  FAILED tests/test_cli.py::test_chat[io_uring] - assert 78239 >= (2 * 40672)",
+        "      and at its teardown: AssertionError: leaked: before the test"
+        " {'cores_alive': 0}, after {'cores_alive': 1}",
+    ], proc.stderr
