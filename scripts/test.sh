@@ -270,7 +270,7 @@ no_build=()
 wait_build() {            # wait_build KEY: its background build, if any, at priority 0, waited
     no_build=()           # for; then no_build=(--no-build); on its failure, its log's end
     [ -n "${bg_pid[$1]:-}" ] || return 0
-    local pgid rc=0
+    local pgid rc=0 start=$SECONDS
     pgid=$(cat "$work/bg-$1.pgid" 2>/dev/null) && renice -n 0 -g "$pgid" >/dev/null 2>&1 || true
     wait "${bg_pid[$1]}" || rc=$?
     if [ $rc != 0 ]; then
@@ -279,6 +279,9 @@ wait_build() {            # wait_build KEY: its background build, if any, at pri
         return 1
     fi
     no_build=(--no-build)
+    # The step's line in the table says how long the build held it up (whether its nice
+    # level costs the run anything), when it did.
+    [ $((SECONDS - start)) = 0 ] || step_name+=" (waited $((SECONDS - start)) s for ${bg_what[$1]})"
 }
 summarised=
 stopped_by=

@@ -3,6 +3,7 @@ builds nothing, and its pytest or build fails when told): what reaches pytest, w
 failed background build says, what a run leaves behind.  Seconds, not the real CI."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -74,6 +75,8 @@ elif args[:2] == ["-m", "pytest"]:
             time.sleep(0.05)
     if "pytest" in os.environ.get("STUB_HANG", "").split():
         hang("pytest")
+    if os.environ.get("STUB_BUILD_AFTER_PYTEST"):
+        open(os.path.join(os.environ["STUB_READY"], "pytest"), "w").close()
     junit = [a.split("=", 1)[1] for a in args if a.startswith("--junitxml=")]
     if os.environ.get("STUB_PYTEST_RC", "0") != "0" and junit:
         with open(junit[-1], "w") as f:
@@ -87,6 +90,12 @@ elif args[:2] == ["-m", "pytest"]:
 elif args[:1] == ["setup.py"]:              # scripts/devbuild.sh's build
     if "setup" in os.environ.get("STUB_HANG", "").split():
         hang("setup")
+    if os.environ.get("STUB_BUILD_AFTER_PYTEST"):   # succeeds, 2 s after pytest started
+        import time
+        while not os.path.exists(os.path.join(os.environ["STUB_READY"], "pytest")):
+            time.sleep(0.05)
+        time.sleep(2)
+        sys.exit(0)
     print("the build failed here", file=sys.stderr)
     sys.exit(1)
 """
@@ -314,3 +323,17 @@ def test_a_failed_suite_ends_the_output_with_what_failed_where_and_on_which_buil
         "      and at its teardown: AssertionError: leaked: before the test"
         " {'cores_alive': 0}, after {'cores_alive': 1}",
     ], proc.stderr
+
+
+def test_a_step_held_up_by_its_background_build_says_how_long_in_the_table(tmp_path):
+    """Step 7 waits for its build (which ends 2 s after step 5's pytest started): its line
+    in the table says for how long, so that a run shows what the build's low priority
+    cost it."""
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    proc, _ = run_test_sh(tmp_path, skip="contract fuzz dist types freethreaded",
+                          STUB_BUILD_AFTER_PYTEST="1", STUB_READY=str(ready))
+    table = proc.stderr.split("== time per step")[1]
+    waited = re.search(r"7\. the suite against an ASan \+ UBSan build \(io_uring\) "
+                       r"\(waited (\d+) s for the ASan \+ UBSan build\)", table)
+    assert waited and int(waited.group(1)) >= 1, proc.stderr
