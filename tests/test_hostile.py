@@ -833,11 +833,13 @@ def test_a_factory_failing_every_other_call_is_logged_once_per_burst(
         return echo()
 
     srv = server(factory, accepts=4)
+    t0 = time.monotonic()
     for i in range(100):
         with connect(srv.address, timeout=15) as c:
             want = b"client %d" % i
             c.sendall(want)
             assert recv_exactly(c, len(want)) == want
+    took = time.monotonic() - t0
     counted = re.compile(r"\.\.\. and (\d+) more session factory failures in the last "
                          r"[\d.]+ s \(the last: RuntimeError: the pool is empty")
     wait_for(lambda: any(counted.match(r.getMessage()) for r in caplog_iocpnet.records),
@@ -847,8 +849,13 @@ def test_a_factory_failing_every_other_call_is_logged_once_per_burst(
     assert failures >= 40, failures
     records = [r for r in caplog_iocpnet.records if "session factory" in r.getMessage()]
     messages = [r.getMessage() for r in records]
-    assert sum(r.exc_info is not None for r in records) == 1, messages
-    assert len(records) <= 4, messages
+    # A traceback per burst; a burst after the first only follows a quiet second, which
+    # a loaded machine may give these 100 connections (the test's thread stalled 1.5 s
+    # made two): one burst where they take under a second, never one per failure.
+    # Each burst: its traceback, the run's "works again", the count of the rest.
+    bursts = sum(r.exc_info is not None for r in records)
+    assert 1 <= bursts <= 1 + took, (took, messages)
+    assert len(records) <= 3 * bursts + 1, messages
     in_full = sum(int(m.group(1)) for m in
                   (re.search(r"works again after (\d+) failures", t) for t in messages) if m)
     in_count = sum(int(m.group(1)) for m in map(counted.match, messages) if m)
