@@ -202,9 +202,16 @@ def test_stop_lets_a_running_hook_finish_and_flushes_its_reply(server):
     assert stopped_after < 10, f"Stop took {stopped_after:.1f} s"
 
 
+def stop_waited_its_timeout(took):
+    """Stop(1.0) with a hook stuck for 30 s: it waited its timeout and then returned.
+    The upper bound leaves a loaded machine (ASan, CI's two cores) 4 s of slack: a Stop
+    that waited for the hook would take 30."""
+    return 0.9 <= took < 5.0
+
+
 def test_stop_returns_in_time_and_names_a_stuck_hook(server, caplog_iocpnet):
-    """A hook that does not return: Stop(1.0) returns within its timeout plus a
-    second, and its warning names the session and the hook it is stuck in.  When the
+    """A hook that does not return: Stop(1.0) returns after its timeout, not after
+    the hook (stuck for 30 s), and its warning names the session and the hook it is stuck in.  When the
     hook returns at last, what it sends still goes out, then the session closes."""
     release = threading.Event()
     in_hook = threading.Event()
@@ -223,7 +230,7 @@ def test_stop_returns_in_time_and_names_a_stuck_hook(server, caplog_iocpnet):
         t0 = time.monotonic()
         srv.service.Stop(1.0)
         took = time.monotonic() - t0
-        assert took < 2.0, f"Stop(1.0) returned after {took:.2f} s"
+        assert stop_waited_its_timeout(took), f"Stop(1.0) returned after {took:.2f} s"
         warnings = [r.getMessage() for r in caplog_iocpnet.records
                     if r.levelno == logging.WARNING]
         assert any(f"127.0.0.1:{port}" in m and "in OnRecv" in m for m in warnings), \
@@ -237,7 +244,7 @@ def test_stop_names_a_session_stuck_in_its_first_or_last_hook(server, caplog_ioc
                                                               hook):
     """A session stuck in OnConnected, or in OnDisconnected (the service waits for it
     to return: a server may be saving a player's state there): Stop(1.0) returns
-    within its timeout plus a second, and the warning names the session and that
+    after its timeout, not after the hook, and the warning names the session and that
     hook.  Once released, the session ends."""
     release = threading.Event()
     entered = threading.Event()
@@ -268,7 +275,7 @@ def test_stop_names_a_session_stuck_in_its_first_or_last_hook(server, caplog_ioc
             t0 = time.monotonic()
             srv.service.Stop(1.0)
             took = time.monotonic() - t0
-        assert took < 2.0, f"Stop(1.0) returned after {took:.2f} s"
+        assert stop_waited_its_timeout(took), f"Stop(1.0) returned after {took:.2f} s"
         warnings = [r.getMessage() for r in caplog_iocpnet.records
                     if r.levelno == logging.WARNING]
         assert any(f"127.0.0.1:{port}" in m and f"in {hook} for" in m

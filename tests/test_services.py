@@ -819,11 +819,13 @@ def test_a_slow_hook_is_not_the_peer_being_idle(server, recorder, where):
     # and outside what else runs on its strand: a job, a timer, a task's callback.
     slow_once = threading.Event()
 
+    # idle_timeout 1 s against a byte each 0.1 s: the test's thread may stall 0.9 s on
+    # a loaded machine before the peer really is idle; the hook blocks twice as long.
     def block(*args):
-        time.sleep(1.5)
+        time.sleep(2.0)
 
     class Slow(Echo):
-        idle_timeout = 0.5
+        idle_timeout = 1.0
 
         def OnRecv(self, data):
             if not slow_once.is_set():
@@ -843,14 +845,14 @@ def test_a_slow_hook_is_not_the_peer_being_idle(server, recorder, where):
 
     srv = server(Slow)
     with connect(srv.address) as c:
-        for _ in range(25):                   # 2.5 s, a byte each 0.1 s
+        for _ in range(30):                   # 3 s, a byte each 0.1 s
             try:
                 c.sendall(b"x")
             except OSError as e:
                 raise AssertionError(f"cut while talking ({e}): "
                                      f"{recorder.disconnected}") from None
             time.sleep(0.1)
-        assert recv_exactly(c, 25) == b"x" * 25
+        assert recv_exactly(c, 30) == b"x" * 30
         assert not recorder.disconnected, recorder.disconnected
     recorder.wait_disconnects(1)
     assert recorder.disconnected[0][1] == "peer closed the connection", recorder.disconnected
