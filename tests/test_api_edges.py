@@ -160,3 +160,40 @@ def test_a_closed_core_and_a_stopped_service_raise_runtime_error(backend):
     assert core.Dispatch(0) == -1                # a worker's loop ends
     core.Close()                                 # again: nothing
     service.Stop(1)
+
+
+def test_an_owner_s_timers_and_tasks_on_a_closed_core_come_back_cancelled(backend):
+    """A session or a group ends with its core: a timer or a task it asks for then comes
+    back cancelled, as after its own end, where it raised RuntimeError('the IocpCore is
+    closed') (a group's Post answered False meanwhile).  The case a careless user meets:
+    an OnDisconnected that schedules something, run by core.Close()."""
+    got = []
+
+    class Scheduling(iocpnet.Session):
+        def OnDisconnected(self, reason):
+            coro = _nothing()
+            try:
+                got.append(self.CallLater(1, print))
+                got.append(self.Spawn(coro))
+            except Exception as e:
+                got.append(e)
+            finally:
+                coro.close()
+
+    core = iocpnet.IocpCore(backend)
+    service = iocpnet.Service(core, ("127.0.0.1", 0), Scheduling, 1)
+    service.Start()
+    sock = connect(("127.0.0.1", service.listener.port))
+    try:
+        deadline = 0
+        while service.session_count < 1 and deadline < 1000:
+            core.Dispatch(10)
+            deadline += 1
+        group = iocpnet.Group(core, "room")
+        core.Close()
+        assert len(got) == 2, got
+        assert got[0].cancelled and not got[0].active, got
+        assert got[1].cancelled(), got
+        _assert_owner_refuses_quietly(group)
+    finally:
+        sock.close()

@@ -544,7 +544,8 @@ class Session(IocpObject):
         self, delay: float, func: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]
     ) -> Timer:
         """Run ``func(*args)`` on the session's strand after ``delay`` seconds; returns a
-        ``Timer``.  Cancelled when the session ends."""
+        ``Timer``.  Cancelled when the session ends; after its end (or its core's
+        Close), the Timer comes back already cancelled."""
 
     def CallEvery(
         self, interval: float, func: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]
@@ -674,7 +675,8 @@ class Group(IocpObject):
         self, delay: float, func: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]
     ) -> Timer:
         """Run ``func(*args)`` on the group's strand after ``delay`` seconds; returns a
-        ``Timer``.  Cancelled by ``Close``."""
+        ``Timer``.  Cancelled by ``Close``; after it (or the core's Close), the Timer
+        comes back already cancelled."""
 
     def CallEvery(
         self, interval: float, func: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]

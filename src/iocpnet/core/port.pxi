@@ -672,9 +672,17 @@ cdef class IocpCore:
         # An owner's (Session, Group) timer completes on the owner's strand.
         port_op_init(&t.op, PORT_OP_TIMER, <void *>t, _owner_strand(owner))
         with self._lock:
-            if self._closed or (self._closing and not internal):
+            refused = self._closed or (self._closing and not internal)
+            if not refused:
+                self._timers.add(t)
+        if refused:
+            if owner is None:
                 raise RuntimeError("the IocpCore is closed")
-            self._timers.add(t)
+            # A session or group ends with its core: its timer comes back cancelled, as
+            # after its own end (an OnDisconnected that Close runs may ask for one).
+            t._cancelled = 1
+            t._finished()
+            return t
         if owner is not None:
             # Registered before it is armed, so that the owner's end cancels it.
             if not _own(owner, t):

@@ -462,10 +462,17 @@ cdef Task _spawn(IocpCore core, IocpObject owner, object awaitable, object callb
                         f"{type(awaitable).__name__}")
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable")
+    runner = None
     try:
         if core is None:
             raise RuntimeError(f"{owner!r} has no IocpCore yet (not connected)")
         runner = _runner_of(core)
+    except RuntimeError:
+        if owner is None or core is None:
+            aio.discard(awaitable)
+            raise
+        # A session or group ends with its core: its task comes back cancelled, as after
+        # its own end (below).
     except BaseException:
         aio.discard(awaitable)
         raise
@@ -476,9 +483,10 @@ cdef Task _spawn(IocpCore core, IocpObject owner, object awaitable, object callb
     t._what = _describe_awaitable(awaitable)
     port_op_init(&t.op, PORT_OP_POST, <void *>t, _owner_strand(owner))
     port_atomic_add64(&_tasks, 1)
-    t._handle = runner.handle()
-    if owner is not None and not _own(owner, t):
-        # The owner has ended: the awaitable never starts.
+    if runner is not None:
+        t._handle = runner.handle()
+    if runner is None or (owner is not None and not _own(owner, t)):
+        # The owner has ended (or its core is closed): the awaitable never starts.
         t._owner = None
         t._state = T_CANCELLED
         t._finalize()
