@@ -69,6 +69,10 @@ cdef extern from *:
     static PORT_THREAD_LOCAL int iocpnet_tls_held = 0;
     static int iocpnet_held_batches(void) { return iocpnet_tls_held; }
     static void iocpnet_held_batch(int held) { iocpnet_tls_held = held ? iocpnet_tls_held + 1 : 0; }
+    /* Group fan-outs under way on this thread, any group (group.pxi, "Broadcast order"). */
+    static PORT_THREAD_LOCAL int iocpnet_tls_fanouts = 0;
+    static int iocpnet_fanouts(void) { return iocpnet_tls_fanouts; }
+    static void iocpnet_set_fanouts(int n) { iocpnet_tls_fanouts = n; }
 
     /* Let a worker that holds reaped completions and waits for the GIL take it first
      * (see IocpCore.Dispatch).  Returns at once on free-threaded builds. */
@@ -85,6 +89,8 @@ cdef extern from *:
     void *iocpnet_get_tls_core() nogil
     int _held_batches "iocpnet_held_batches"() nogil
     void _held_batch "iocpnet_held_batch"(int held) nogil
+    int _fanouts "iocpnet_fanouts"() nogil
+    void _set_fanouts "iocpnet_set_fanouts"(int n) nogil
     void iocpnet_set_tls_core(void *c) nogil
     void iocpnet_let_batch_in(volatile int32_t *waiting) nogil
 

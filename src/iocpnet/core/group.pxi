@@ -20,11 +20,11 @@
 # broadcasts to this group or another, and an order lock held across it deadlocked two
 # groups whose members' Sends broadcast into each other (each thread holding its
 # group's lock, waiting for the other's).  So a Broadcast made from inside a fan-out
-# (this thread's, any group: `_group_fanouts`) only queues its message, which the
-# fan-out of that group sends when it comes to it, and returns the number of members it
-# is meant for (as a shared group's does).  A waiter holds no fan-out, and a fan-out
-# never waits, so no cycle of waits can form.  A message broadcast from inside a
-# fan-out of the same group comes after the one under way, for every member.
+# (this thread's, any group: a C thread-local, _fanouts()) only queues its message,
+# which the fan-out of that group sends when it comes to it, and returns the number of
+# members it is meant for (as a shared group's does).  A waiter holds no fan-out, and
+# a fan-out never waits, so no cycle of waits can form.  A message broadcast from
+# inside a fan-out of the same group comes after the one under way, for every member.
 # The fan-out queues the same `bytes` object to every member by reference: one message
 # built once, whatever the room's size (a member on TLS or WebSocket gets it through its
 # own layers: Session._send, as Send does).  Why not the group's strand: posting each
@@ -52,11 +52,6 @@
 
 
 cdef volatile int64_t _groups_alive = 0
-
-# This thread's fan-outs under way (`depth`, any group): a Broadcast made from inside
-# one queues its message and never waits for another thread's fan-out.
-_group_fanouts = threading.local()
-
 
 @cython.final
 cdef class _GroupMessage:
@@ -312,7 +307,7 @@ cdef class Group(IocpObject):
         cdef _GroupMessage m = None
         cdef Py_ssize_t n
         cdef bint queued = False
-        depth = getattr(_group_fanouts, "depth", 0)
+        cdef int depth = _fanouts()
         _take_lock(self._fan_lock)
         if self._fanning:
             # Made outside the lock: an allocation may run a collection, and so Python.
@@ -347,14 +342,14 @@ cdef class Group(IocpObject):
             # interruptible: a caller that left would leave the group without a fan-out.
             with nogil:
                 PyThread_acquire_lock(m.turn, WAIT_LOCK)
-        _group_fanouts.depth = depth + 1
+        _set_fanouts(depth + 1)
         try:
             n = self._send_to_members(b, exclude, droppable)
         finally:
             try:
                 self._hand_over()
             finally:
-                _group_fanouts.depth = depth
+                _set_fanouts(depth)
         return n
 
     cdef int _hand_over(self) except -1:
