@@ -230,6 +230,45 @@ def test_broadcast_calls_a_subclass_send(server):
     wait_for(lambda: len(g) == 0)
 
 
+@pytest.mark.parametrize("exc", [SystemExit, KeyboardInterrupt])
+def test_a_member_send_that_raises_systemexit_costs_the_others_nothing(server, exc):
+    """A member class whose Send raises what is not an Exception (sys.exit() in an
+    override, a Ctrl-C landing there) stopped the fan-out at that member: the members
+    after it never heard the message, so the room's members no longer heard one stream.
+    Every member hears it; the exception is raised again in the caller after the
+    fan-out (it is not swallowed)."""
+    class Member(iocpnet.Session):
+        quit = False                        # set on the second member: it raises once
+
+        def Send(self, data):
+            if self.quit:
+                self.quit = False
+                raise exc()
+            return super().Send(data)
+
+    srv = server(Member)
+    g = iocpnet.Group(srv.core, "room")
+    socks = []
+    try:
+        for k in range(3):                  # Add order: the fan-out's order
+            socks.append(connect(srv.address))
+            wait_for(lambda: srv.service.session_count == k + 1)
+            (new,) = [s for s in srv.service.sessions if s not in g]
+            new.quit = k == 1
+            assert g.Add(new)
+        with pytest.raises(exc):
+            g.Broadcast(b"hello")
+        assert recv_exactly(socks[0], 5) == b"hello"
+        assert recv_exactly(socks[2], 5) == b"hello"   # after the one that raised
+        assert g.Broadcast(b"again") == 3      # the group goes on
+        for c in socks:
+            assert recv_exactly(c, 5) == b"again"
+    finally:
+        for c in socks:
+            c.close()
+        g.Close()
+
+
 def test_two_groups_whose_members_send_into_each_other_do_not_deadlock(server):
     """A member class whose own Send broadcasts into another group (a relay between two
     rooms), both groups broadcasting at once from two threads: each fan-out is inside a

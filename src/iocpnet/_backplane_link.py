@@ -12,7 +12,8 @@ pop in order (``_Link.waiting``; ``_Link.lock`` makes "append the callback, queu
 bytes" one step, so the FIFO's order is the wire's).  Index 1, the *subscriber*
 connection, is in subscribe mode: it SUBSCRIBEs one channel per shared group and
 receives the messages, which it delivers with ``Group._deliver`` (the group's own
-fan-out under its order lock) on its strand, one at a time, in Redis's order.  A message
+fan-out, in its turn among the group's broadcasts) on its strand, one at a time, in
+Redis's order.  A message
 is an envelope (``_HEADER``: version, flags, the origin server's id, its sequence
 number) and the bytes given to ``Broadcast``, queued to the members by reference.
 

@@ -403,9 +403,13 @@ cdef class Group(IocpObject):
         the message, and the error does not unwind into whoever broadcast (a hook of
         another session, which was disconnected for it; or the redis link delivering a
         shared group's message, which was dropped, or left the backplane draining for
-        good)."""
+        good).  What is not an Exception (an override's sys.exit(), a Ctrl-C landing
+        in it) is not swallowed, but raised once every member has had the message:
+        stopping at that member left the ones after it a stream the others did not
+        hear."""
         cdef Session s
         cdef Py_ssize_t n = 0
+        interrupted = None
         for s in self._snapshot():
             if s is exclude:
                 continue
@@ -420,8 +424,13 @@ cdef class Group(IocpObject):
                                      "a shared group's delivery"
                                      if self.backplane is not None else
                                      f"a Broadcast to {self!r}")
+                except BaseException as e:
+                    if interrupted is None:
+                        interrupted = e
             elif _send_data(s, b):
                 n += 1
+        if interrupted is not None:
+            raise interrupted
         return n
 
     # ---- the group's strand ----
